@@ -1,0 +1,125 @@
+"""The original's building blocks (models/common.py), as plain eager modules.
+
+These are the reference implementations of the few block ops every backend implements:
+reflect-pad + conv (+ downsampler) + BN + activation, concat + BN, upsample, output head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dipfast.operators import lanczos_kernel
+
+PADS = ("reflection", "zero")
+DOWNSAMPLE_MODES = ("stride", "avg", "max", "lanczos2", "lanczos3")
+UPSAMPLE_MODES = ("nearest", "bilinear")
+ACTIVATIONS = ("LeakyReLU", "Swish", "ELU", "none")
+
+
+class Swish(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+def activation(name: str) -> nn.Module:
+    if name == "LeakyReLU":
+        return nn.LeakyReLU(0.2)  # the original's inplace=True changes nothing numerically
+    if name == "Swish":
+        return Swish()
+    if name == "ELU":
+        return nn.ELU()
+    if name == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown activation {name!r}; valid: {list(ACTIVATIONS)}")
+
+
+class LanczosDownsampler(nn.Module):
+    """The original's Downsampler(n_planes, factor, kernel_type, phase=0.5, preserve_size=True).
+
+    A dense C -> C conv whose weight starts as the Lanczos kernel on the diagonal and zeros
+    elsewhere; inside a generator it is an ordinary trainable layer, exactly as in the original.
+    """
+
+    def __init__(self, n_planes: int, factor: int, kernel_type: str):
+        super().__init__()
+        support = {"lanczos2": 2, "lanczos3": 3}[kernel_type]
+        kernel = torch.from_numpy(lanczos_kernel(factor, support).astype(np.float32))
+        self.pad = (kernel.shape[0] - factor) // 2
+        self.downsampler = nn.Conv2d(n_planes, n_planes, kernel.shape, stride=factor, padding=0)
+        with torch.no_grad():
+            self.downsampler.weight.zero_()
+            self.downsampler.bias.zero_()
+            for c in range(n_planes):
+                self.downsampler.weight[c, c] = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsampler(F.pad(x, (self.pad,) * 4, mode="replicate"))
+
+
+class PadConv(nn.Module):
+    """The original conv(): [ReflectionPad2d((k-1)//2)] -> Conv2d -> [downsampler].
+
+    With downsample_mode other than 'stride', a strided conv runs at stride 1 and a pool or
+    Lanczos downsampler follows. A 1x1 conv's zero-width reflection pad is skipped: it is a copy.
+    """
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, bias=True, pad="zero", downsample_mode="stride"):
+        super().__init__()
+        if pad not in PADS:
+            raise ValueError(f"unknown pad {pad!r}; valid: {list(PADS)}")
+        if downsample_mode not in DOWNSAMPLE_MODES:
+            raise ValueError(f"unknown downsample_mode {downsample_mode!r}; valid: {list(DOWNSAMPLE_MODES)}")
+        self.downsample = None
+        if stride != 1 and downsample_mode != "stride":
+            if downsample_mode == "avg":
+                self.downsample = nn.AvgPool2d(stride, stride)
+            elif downsample_mode == "max":
+                self.downsample = nn.MaxPool2d(stride, stride)
+            else:
+                self.downsample = LanczosDownsampler(out_ch, stride, downsample_mode)
+            stride = 1
+        self.reflect = (kernel_size - 1) // 2 if pad == "reflection" else 0
+        zero_pad = (kernel_size - 1) // 2 if pad == "zero" else 0
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=zero_pad, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reflect:
+            x = F.pad(x, (self.reflect,) * 4, mode="reflect")
+        x = self.conv(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class ConvBNAct(nn.Module):
+    """conv -> BatchNorm2d (always training statistics in DIP) -> activation."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, bias=True, pad="zero", downsample_mode="stride", act="LeakyReLU"):
+        super().__init__()
+        self.conv = PadConv(in_ch, out_ch, kernel_size, stride, bias, pad, downsample_mode)
+        self.bn = nn.BatchNorm2d(out_ch)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def concat_cropped(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The original Concat: crop every input to the smallest H and W at offset (size - min) // 2."""
+    h = min(t.shape[2] for t in tensors)
+    w = min(t.shape[3] for t in tensors)
+    cropped = []
+    for t in tensors:
+        dh, dw = (t.shape[2] - h) // 2, (t.shape[3] - w) // 2
+        cropped.append(t[:, :, dh : dh + h, dw : dw + w])
+    return torch.cat(cropped, dim=1)
+
+
+def upsample(mode: str) -> nn.Upsample:
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"unknown upsample_mode {mode!r}; valid: {list(UPSAMPLE_MODES)}")
+    if mode == "bilinear":
+        # The original leaves align_corners unset, which means False since PyTorch 0.4.
+        return nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+    return nn.Upsample(scale_factor=2, mode="nearest")
