@@ -1,0 +1,273 @@
+"""dipfast.restore(): normalise the inputs, build the task's problem, run the engine, hand back.
+
+Every argument is validated here, once, with an InputError (a ValueError) or InputTypeError
+that names the argument, what was expected and what came; the engine holds no checks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dipfast import engine, images, nets
+from dipfast.errors import InputError, InputTypeError
+from dipfast.metrics import psnr as psnr_metric
+from dipfast.metrics import ssim as ssim_metric
+from dipfast.operators import Identity, Lanczos2Decimation, Mask
+from dipfast.presets import SR_SCALES, TaskPreset, apply_overrides, preset_for
+
+BACKENDS = ("auto", "reference")
+PRECISIONS = ("auto", "fp32")
+
+
+@dataclass
+class Result:
+    """What restore() returns. Images come back in the input's own form (type, layout, dtype)."""
+
+    image: object  # the final output (the notebooks' "result": one more forward)
+    ema_image: object  # the exponential moving average of the outputs (0.99)
+    psnr: float | None  # of .image against target=, all pixels and channels, data range 1
+    ema_psnr: float | None
+    ssim: float | None
+    history: list[engine.HistoryRow]
+    iterations: int
+    seconds: float
+    its: float  # iterations per second of the loop
+    stop_reason: str  # 'iterations', 'callback' or 'interrupted'
+    task: str
+    settings: TaskPreset
+    backend: str
+    device: str
+    precision: str
+    seed: int
+    extras: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        quality = f", psnr={self.psnr:.2f} dB, ema_psnr={self.ema_psnr:.2f} dB" if self.psnr is not None else ""
+        return (f"Result(task={self.task!r}, iterations={self.iterations}, seconds={self.seconds:.1f}, "
+                f"its={self.its:.1f}{quality}, stop_reason={self.stop_reason!r})")
+
+
+def resolve_device(device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but this torch sees no CUDA GPU; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+    elif dev.type != "cpu":
+        raise InputError(f"unsupported device {device!r}; use 'auto', 'cpu' or 'cuda'")
+    return dev
+
+
+def _choice(name: str, value, valid) -> str:
+    if value not in valid:
+        raise InputError(f"unknown {name} {value!r}; valid: {list(valid)}")
+    return value
+
+
+def _load_mask(mask, h: int, w: int) -> torch.Tensor:
+    """Any image-like mask -> (1 or C, H, W) float {0, 1}; nonzero (after scaling) means known."""
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        mask = mask.float()
+    elif hasattr(mask, "dtype") and str(mask.dtype) == "bool":
+        mask = mask.astype("float32")
+    m, alpha, _ = images.to_tensor(mask, "mask")
+    if alpha is not None:
+        raise InputError("mask has an alpha channel; give a 1-channel (or RGB) mask, white = known pixel")
+    if m.shape[-2:] != (h, w):
+        raise InputError(f"mask is {m.shape[-2]} x {m.shape[-1]} but the image is {h} x {w}; give a mask of the image's size")
+    return (m > 0.5).float()
+
+
+def restore(
+    image,
+    task: str = "denoise",
+    *,
+    mask=None,
+    scale: int | None = None,
+    guide=None,
+    target=None,
+    iters: int | None = None,
+    preset: str | None = None,
+    seed: int = 0,
+    device="auto",
+    precision: str = "auto",
+    backend: str = "auto",
+    progress: bool = True,
+    callback: Callable[[engine.Progress], bool | None] | None = None,
+    operator: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    report_every: int = 25,
+    **overrides,
+) -> Result:
+    """Restore `image` with Deep Image Prior.
+
+    image: the corrupted observation (path, PIL, numpy (H, W[, C]) or tensor ([1,] C, H, W)).
+    task: 'denoise', 'jpeg', 'sr' (scale= 2, 4 or 8; image is the low-resolution input),
+        'inpaint' and 'restore' (mask= of the image's size, nonzero = known pixel), 'enhance',
+        'flash' (guide= the flash image; image is the no-flash one) or 'custom'.
+    mask, guide, target: image-likes; target (the ground truth) adds PSNR and SSIM.
+    iters, preset, **overrides: the preset (presets.PRESETS) and its fields, e.g. lr=0.001.
+    operator: a differentiable A; the fit minimises ||A(x) - image||^2, x of size image x scale.
+    loss: a callable of the generated image x (1, C, H, W) returning a scalar; replaces the data term.
+    callback: called with an engine.Progress every `report_every` iterations; True stops the run.
+    Ctrl-C stops the run and returns the result so far.
+
+    >>> import numpy as np, dipfast
+    >>> noisy = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    >>> r = dipfast.restore(noisy, iters=2, progress=False, net=dipfast.nets.SkipSpec(channels_down=(4, 4),
+    ...                     channels_up=(4, 4), channels_skip=(2, 2)), input_depth=4)
+    >>> r.image.shape, r.image.dtype, r.iterations
+    ((32, 32, 3), dtype('float32'), 2)
+    """
+    preset_obj = _settings(task, preset, scale, iters, overrides)
+    dev = resolve_device(device)
+    backend = _choice("backend", backend, BACKENDS)
+    precision = _choice("precision", precision, PRECISIONS)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer; got {seed!r}")
+    if not isinstance(report_every, int) or report_every <= 0:
+        raise InputError(f"report_every must be a positive integer; got {report_every!r}")
+    for name, fn in (("callback", callback), ("operator", operator), ("loss", loss)):
+        if fn is not None and not callable(fn):
+            raise InputTypeError(f"{name} must be callable; got {type(fn).__name__}")
+
+    x0, alpha, form = images.to_tensor(image, "image")
+    problem = _problem(task, preset_obj, x0, mask, guide, target, operator, loss, scale, dev)
+    out_size = problem.out_size
+    fit = engine.fit(problem, preset_obj, device=dev, seed=seed, progress=progress, callback=callback,
+                     report_every=report_every)
+
+    out, ema = fit.image[0].cpu(), fit.ema_image[0].cpu()
+    extras = {}
+    if task == "enhance":  # x0 + (x0 - coarse): the early-stopped fit is the coarse layer
+        extras["coarse"] = images.from_tensor(out, alpha, form)
+        out, ema = (2 * x0 - out).clamp(0, 1), (2 * x0 - ema).clamp(0, 1)
+    result_psnr = result_ema_psnr = result_ssim = None
+    if problem.target is not None:
+        tgt = problem.target[0].cpu()
+        result_psnr = float(psnr_metric(out, tgt))
+        result_ema_psnr = float(psnr_metric(ema, tgt))
+        if min(out_size) >= 3:
+            result_ssim = ssim_metric(out, tgt)
+    return Result(
+        image=images.from_tensor(out, alpha, form),
+        ema_image=images.from_tensor(ema, alpha, form),
+        psnr=result_psnr,
+        ema_psnr=result_ema_psnr,
+        ssim=result_ssim,
+        history=fit.history,
+        iterations=fit.iterations,
+        seconds=fit.seconds,
+        its=fit.iterations / fit.loop_seconds if fit.loop_seconds > 0 else math.nan,
+        stop_reason=fit.stop_reason,
+        task=task,
+        settings=preset_obj,
+        backend="reference",
+        device=str(dev),
+        precision="fp32",
+        seed=seed,
+        extras=extras,
+    )
+
+
+def _settings(task, preset, scale, iters, overrides) -> TaskPreset:
+    if not isinstance(task, str):
+        raise InputTypeError(f"task must be a string; got {type(task).__name__}")
+    if scale is not None and (task not in ("sr", "custom")):
+        raise InputError(f"scale= applies to task 'sr' (or 'custom'); task {task!r} takes none")
+    if task == "sr" and scale is not None and (isinstance(scale, bool) or scale not in SR_SCALES):
+        raise InputError(f"SR scale must be one of {list(SR_SCALES)}; got {scale!r}")
+    chosen = preset_for(task, preset, scale if task == "sr" else None)
+    if task == "sr" and scale is not None and chosen.scale != scale:
+        raise InputError(f"preset {preset!r} is for scale {chosen.scale}, not {scale}")
+    if iters is not None:
+        if "iterations" in overrides:
+            raise InputError("give iters= or iterations=, not both")
+        overrides = {**overrides, "iterations": iters}
+    if "iterations" in overrides:
+        n = overrides["iterations"]
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise InputError(f"iterations must be a positive integer; got {n!r}")
+    return apply_overrides(chosen, overrides)
+
+
+def _problem(task, preset: TaskPreset, x0, mask, guide, target, operator, loss, scale, device) -> engine.Problem:
+    """The observation, operator, generator input and output size of the task."""
+    c, h, w = x0.shape
+    factor = preset.scale if task == "sr" else scale if task == "custom" and scale else 1
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor <= 0:
+        raise InputError(f"scale must be a positive integer; got {scale!r}")
+    if task == "custom" and operator is None and loss is None:
+        raise InputError("task 'custom' needs operator= or loss=")
+    if operator is not None and loss is not None:
+        raise InputError("give operator= or loss=, not both")
+    out_size = (h * factor, w * factor)
+    for name, value, tasks in (("mask", mask, ("inpaint", "restore")), ("guide", guide, ("flash",))):
+        if value is not None and task not in tasks:
+            raise InputError(f"{name}= applies to task {' or '.join(map(repr, tasks))}, not {task!r}")
+
+    if task in ("inpaint", "restore"):
+        if mask is None:
+            raise InputError(f"task {task!r} needs mask= (nonzero = known pixel); dipfast.operators.bernoulli_mask makes one")
+        m = _load_mask(mask, h, w)
+        if m.shape[0] not in (1, c):
+            raise InputError(f"mask has {m.shape[0]} channels for an image of {c}; give 1 or {c}")
+        A = Mask(m.to(device))
+    elif task == "sr":
+        A = Lanczos2Decimation(factor)
+    else:
+        A = Identity()
+    if operator is not None:
+        A = operator
+
+    if preset.input == "guide":
+        if guide is None:
+            raise InputError(f"task {task!r} needs guide= (the flash image)")
+        g, _, _ = images.to_tensor(guide, "guide")
+        if g.shape[-2:] != out_size:
+            raise InputError(f"guide is {g.shape[-2]} x {g.shape[-1]} but the image is {h} x {w}; give images of one size")
+        if g.shape[0] != preset.input_depth:
+            raise InputError(f"guide has {g.shape[0]} channels; this preset takes {preset.input_depth} (input_depth)")
+
+    depth = preset.input_depth
+    if preset.input == "meshgrid" and depth != 2:
+        raise InputError(f"the meshgrid input has 2 channels; got input_depth={depth}")
+    work_h, work_w = nets.working_size(preset.net, depth, *out_size)
+    z = None  # U[0, 0.1) noise, drawn by the engine right after the network, as in the original
+    if preset.input == "guide":
+        pad_h, pad_w = work_h - out_size[0], work_w - out_size[1]
+        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        mode = "reflect" if max(pads) < min(out_size) else "replicate"
+        z = torch.nn.functional.pad(g[None], pads, mode=mode) if any(pads) else g[None]
+    elif preset.input == "meshgrid":
+        z = nets.meshgrid_input(work_h, work_w)
+
+    tgt = None
+    if target is not None:
+        t, _, _ = images.to_tensor(target, "target")
+        if t.shape != (c, *out_size):
+            raise InputError(
+                f"target is {tuple(t.shape)} (C, H, W) but the output will be {(c, *out_size)}; "
+                "give the ground truth at the output size"
+            )
+        tgt = t[None]
+    return engine.Problem(
+        input_shape=(depth, work_h, work_w),
+        z=z,
+        out_size=out_size,
+        n_channels=c,
+        y=x0[None] if loss is None else None,
+        operator=A.A if hasattr(A, "A") else A,
+        loss=loss,
+        target=tgt,
+    )

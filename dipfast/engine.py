@@ -1,0 +1,253 @@
+"""The DIP optimisation loop, reference backend: plain eager PyTorch, fp32, IEEE convolutions.
+
+One iteration, in the order of the original notebooks' closure:
+
+    z_i   = z + sigma_p * eps_i                    (eps_i ~ N(0, 1), a fresh draw; skipped when sigma_p = 0)
+    x_i   = crop(f_theta(z_i))
+    loss  = mean((A(x_i) - y)^2)                   (or the user's loss(x_i))
+    backward
+    ema   = x_0, then 0.99 * ema + 0.01 * x_i      (before backtracking: a rejected x_i still enters)
+    backtracking: on a checked iteration, loss > sqrt(10) * last accepted loss restores the
+                  last accepted parameters, otherwise they are saved
+    Adam step                                      (also after a fall-back, as in the notebook)
+
+Everything stays on the device: backtracking is torch.where over the parameters, and the loss
+and PSNRs go into a small metrics buffer that the host reads every `report_every` iterations
+for the progress bar, the history and the callback.
+
+Where it differs from the notebook: the fall-back test compares fp32 losses on the device
+instead of float64 PSNRs on the CPU (the same rule, 10 log10 of a ratio of MSEs, up to rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dipfast import nets
+from dipfast.errors import InputError
+from dipfast.metrics import psnr
+from dipfast.presets import Backtracking, TaskPreset
+
+
+@dataclass
+class Problem:
+    """One fit: minimise ||A(crop(f(z))) - y||^2, or loss(crop(f(z))) when loss is given."""
+
+    input_shape: tuple[int, int, int]  # (D, H', W'): z's shape, H' x W' the net's working size
+    z: torch.Tensor | None  # (1, D, H', W'): the fixed generator input; None draws U[0, 0.1) noise
+    out_size: tuple[int, int]  # (H, W): the generator output is centre-cropped to this
+    n_channels: int
+    y: torch.Tensor | None = None  # (1, C, h, w): the observation
+    operator: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    loss: Callable[[torch.Tensor], torch.Tensor] | None = None
+    target: torch.Tensor | None = None  # (1, C, H, W): ground truth for PSNR
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    iteration: int  # 1-based: the row after the iteration-th step
+    loss: float
+    psnr: float | None  # raw output vs target
+    ema_psnr: float | None  # EMA output vs target
+    fell_back: bool  # backtracking restored the parameters at this step
+    seconds: float  # wall time from the start of the run to the read-back that brought this row
+
+
+@dataclass
+class Progress:
+    """What a callback sees every `report_every` iterations. Return True from it to stop."""
+
+    iteration: int
+    loss: float
+    psnr: float | None
+    ema_psnr: float | None
+    seconds: float
+    image: torch.Tensor  # (1, C, H, W), the latest raw output
+    ema_image: torch.Tensor  # (1, C, H, W)
+
+
+@dataclass
+class Fit:
+    image: torch.Tensor  # (1, C, H, W): one more forward with the last perturbed input, as the notebooks
+    ema_image: torch.Tensor
+    history: list[HistoryRow] = field(default_factory=list)
+    iterations: int = 0
+    seconds: float = 0.0  # the whole run: set-up, loop and final forward
+    loop_seconds: float = 0.0
+    stop_reason: str = "iterations"
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """TF32 off for convolutions and matmuls: "fp32" on the reference path means IEEE fp32."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def _crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    h, w = size
+    dh, dw = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
+    return x[:, :, dh : dh + h, dw : dw + w]
+
+
+class ReferenceStep:
+    """The state of one fit and its step function, all on one device."""
+
+    def __init__(self, net: torch.nn.Module, z: torch.Tensor, problem: Problem, preset: TaskPreset,
+                 device: torch.device, seed: int, report_every: int):
+        self.net, self.problem, self.preset = net, problem, preset
+        self.z = z.to(device)
+        self.y = problem.y.to(device) if problem.y is not None else None
+        self.target = problem.target.to(device) if problem.target is not None else None
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=preset.lr)
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.noise = torch.empty_like(self.z)
+        self.net_input = self.z
+        self.out = None
+        self.ema = None
+        self.metrics = torch.full((report_every, 4), float("nan"), dtype=torch.float64, device=device)
+        self.backtracking = preset.backtracking
+        if self.backtracking is not None:
+            self.saved = [p.detach().clone() for p in net.parameters()]
+            self.last_loss = torch.tensor(float("inf"), device=device)
+            self.accepted = torch.zeros((), dtype=torch.int64, device=device)
+        self.checked_shapes = False
+
+    def _loss(self, out: torch.Tensor) -> torch.Tensor:
+        if self.problem.loss is not None:
+            loss = self.problem.loss(out)
+            if not self.checked_shapes and (not isinstance(loss, torch.Tensor) or loss.numel() != 1):
+                raise InputError("loss= must return a scalar tensor (one value) of the generated image")
+            return loss.reshape(())
+        pred = self.problem.operator(out)
+        if not self.checked_shapes and (not isinstance(pred, torch.Tensor) or pred.shape != self.y.shape):
+            shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
+            raise InputError(
+                f"operator maps the {tuple(out.shape)} output to {shape}, but the observed image is "
+                f"{tuple(self.y.shape)}; give an operator whose output has the image's shape"
+            )
+        return F.mse_loss(pred, self.y)
+
+    def __call__(self, row: int) -> None:
+        if self.preset.reg_noise_std > 0:
+            self.net_input = self.z + self.noise.normal_(generator=self.generator) * self.preset.reg_noise_std
+        out = _crop(self.net(self.net_input), self.problem.out_size)
+        loss = self._loss(out)
+        self.checked_shapes = True
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.out = out.detach()
+        w = self.preset.ema
+        self.ema = self.out if self.ema is None else self.ema * w + self.out * (1 - w)
+        fell_back = self._backtrack(loss.detach()) if self.backtracking is not None else torch.zeros((), device=loss.device)
+        self.optimizer.step()
+        self._record(row, loss.detach(), fell_back)
+
+    @torch.no_grad()
+    def _backtrack(self, loss: torch.Tensor) -> torch.Tensor:
+        """The notebook's rule, evaluated without a host sync (see Backtracking)."""
+        bt: Backtracking = self.backtracking
+        checked = (self.accepted % bt.period == 0) == bt.on_period
+        bad = checked & (loss > bt.factor * self.last_loss)
+        keep = checked & ~bad
+        for p, saved in zip(self.net.parameters(), self.saved):
+            saved.copy_(torch.where(keep, p, saved))
+            p.copy_(torch.where(bad, saved, p))
+        self.last_loss = torch.where(keep, loss, self.last_loss)
+        self.accepted += (~bad).long()
+        return bad
+
+    @torch.no_grad()
+    def _record(self, row: int, loss: torch.Tensor, fell_back: torch.Tensor) -> None:
+        values = [loss.double(), fell_back.double()]
+        if self.target is not None:
+            values[1:1] = [psnr(self.out, self.target), psnr(self.ema, self.target)]
+        else:
+            values[1:1] = [torch.full((), float("nan"), dtype=torch.float64, device=loss.device)] * 2
+        self.metrics[row] = torch.stack(values)
+
+    @torch.no_grad()
+    def final_output(self) -> torch.Tensor:
+        return _crop(self.net(self.net_input), self.problem.out_size)
+
+
+def _finite(v: float) -> float | None:
+    return v if v == v else None  # NaN marks "no target"
+
+
+def fit(
+    problem: Problem,
+    preset: TaskPreset,
+    *,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+    callback: Callable[[Progress], bool | None] | None = None,
+    report_every: int = 25,
+) -> Fit:
+    """Run the preset's iterations on `problem` with the reference backend."""
+    start = time.perf_counter()
+    # The network's initialisation and z come from the CPU RNG, as in the original, seeded
+    # without touching the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = nets.build(preset.net, problem.input_shape[0], problem.n_channels).to(device)
+        z = problem.z if problem.z is not None else nets.noise_input(*problem.input_shape)
+    step = ReferenceStep(net, z, problem, preset, device, seed, report_every)
+    result = Fit(image=None, ema_image=None)
+    bar = tqdm(total=preset.iterations, disable=not progress, unit="it", leave=False, dynamic_ncols=True)
+    loop_start = time.perf_counter()
+    done = read = 0
+    with ieee_fp32(), bar:
+        try:
+            for i in range(preset.iterations):
+                step(i % report_every)
+                done = i + 1
+                if done % report_every == 0 or done == preset.iterations:
+                    read = done
+                    if _read_back(step, result, done, start, bar, callback):
+                        result.stop_reason = "callback"
+                        break
+        except KeyboardInterrupt:
+            result.stop_reason = "interrupted"
+            if done > read:
+                _read_back(step, result, done, start, bar, None)
+        result.loop_seconds = time.perf_counter() - loop_start
+        if step.out is None:
+            raise KeyboardInterrupt  # interrupted before the first step finished: nothing to return
+        result.iterations = done
+        result.image = step.final_output()
+        result.ema_image = step.ema
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _read_back(step: ReferenceStep, result: Fit, done: int, start: float, bar, callback) -> bool:
+    """Copy the metrics rows since the last read to the host: the loop's only sync."""
+    n = (done - 1) % step.metrics.shape[0] + 1
+    rows = step.metrics[:n].tolist()
+    seconds = time.perf_counter() - start
+    for k, (loss, p, ema_p, fell_back) in enumerate(rows):
+        result.history.append(HistoryRow(done - n + k + 1, loss, _finite(p), _finite(ema_p), bool(fell_back), seconds))
+    last = result.history[-1]
+    bar.update(done - bar.n)
+    postfix = {"loss": f"{last.loss:.3e}"}
+    if last.psnr is not None:
+        postfix.update(psnr=f"{last.psnr:.2f}", ema=f"{last.ema_psnr:.2f}")
+    bar.set_postfix(postfix, refresh=False)
+    if callback is None:
+        return False
+    info = Progress(done, last.loss, last.psnr, last.ema_psnr, seconds, step.out, step.ema)
+    return bool(callback(info))
