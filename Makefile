@@ -1,0 +1,16 @@
+# The README's two commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install demo test
+
+# --no-build-isolation: build against the torch installed here, never a second one fetched by pip.
+install:
+	$(PIP) install -q -r requirements-ci.txt
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+demo: install
+	$(PYTHON) -m dipfast.cli demo --force
+
+test: install
+	$(PYTHON) -m pytest -q

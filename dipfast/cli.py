@@ -1,0 +1,153 @@
+"""The `dipfast` command: restore, demo, --version.
+
+Bad input ends in one line on stderr and exit status 2, never a traceback; no input file is
+ever overwritten, and an existing output only with --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dipfast.errors import InputError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from dipfast import __version__
+    from dipfast.presets import TASKS
+
+    parser = argparse.ArgumentParser(prog="dipfast", description="Deep Image Prior, fast and faithful.")
+    parser.add_argument("--version", action="version", version=f"dipfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{restore,demo}")
+
+    r = sub.add_parser("restore", help="restore one image", description="Restore one image with Deep Image Prior.")
+    r.add_argument("input", help="the corrupted image (PNG, JPEG, TIFF, ...)")
+    r.add_argument("-o", "--output", required=True, help="where to write the restored image")
+    r.add_argument("--task", default="denoise", choices=[t for t in TASKS if t != "custom"])
+    r.add_argument("--preset", help="a named preset of the task (see the README's task table)")
+    r.add_argument("--scale", type=int, help="SR factor: 2, 4 or 8")
+    r.add_argument("--mask", help="mask image for inpaint/restore (white = known pixel)")
+    r.add_argument("--guide", help="the flash image for --task flash")
+    r.add_argument("--target", help="ground truth: report PSNR and SSIM")
+    r.add_argument("--iters", type=_positive_int, help="number of iterations (default: the preset's)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--precision", default="auto")
+    r.add_argument("--backend", default="auto")
+    r.add_argument("--ema-output", help="also write the EMA of the outputs here")
+    r.add_argument("--force", action="store_true", help="overwrite existing output files")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    d = sub.add_parser("demo", help="denoise a built-in example", description=(
+        "Denoise a crop of scikit-image's astronaut with synthetic sigma = 25 noise and write the "
+        "noisy, restored and EMA images and a plot of PSNR against iterations."))
+    d.add_argument("--out", default="dipfast-demo", help="folder for the results (default: dipfast-demo)")
+    d.add_argument("--iters", type=_positive_int, default=400)
+    d.add_argument("--size", type=_positive_int, default=64, help="side of the square crop (default: 64)")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--force", action="store_true", help="overwrite existing result files")
+    d.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _check_output(path: Path, inputs: list[str | None], force: bool) -> None:
+    """Refuse to write over an input, over an existing file without --force, or where we cannot."""
+    from PIL import Image
+
+    for given in inputs:
+        if given is not None and Path(given).exists() and path.exists() and os.path.samefile(given, path):
+            raise InputError(f"output {str(path)!r} is the input file {given!r}; choose another output path")
+    if path.is_dir():
+        raise InputError(f"output {str(path)!r} is a folder; give a file name such as restored.png")
+    if path.exists() and not force:
+        raise InputError(f"output {str(path)!r} exists; pass --force to overwrite it")
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if path.suffix.lower() not in writable:
+        raise InputError(f"output {str(path)!r} has no image extension Pillow can write; use .png, .tif or .jpg")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder {str(parent)!r} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"output {str(path)!r} is not writable; check the folder's permissions")
+
+
+def _save(image, path: Path) -> None:
+    """Write through a temporary file in the same folder, so a failed write leaves no partial file."""
+    tmp = path.with_name(f".{path.name}.dipfast-tmp{path.suffix}")
+    try:
+        image.save(tmp, format=None)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"could not write {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _restore(args) -> int:
+    from dipfast import images, restore
+
+    out = Path(args.output)
+    sources = [args.input, args.mask, args.guide, args.target]
+    _check_output(out, sources, args.force)
+    if args.ema_output:
+        if Path(args.ema_output) == out:
+            raise InputError("--ema-output must differ from --output")
+        _check_output(Path(args.ema_output), sources, args.force)
+    image = images.load_image(args.input, "input")
+    result = restore(
+        image, args.task, preset=args.preset, scale=args.scale, mask=args.mask, guide=args.guide,
+        target=args.target, iters=args.iters, seed=args.seed, device=args.device,
+        precision=args.precision, backend=args.backend, progress=not args.quiet,
+    )
+    _save(result.image, out)
+    if args.ema_output:
+        _save(result.ema_image, Path(args.ema_output))
+    quality = f", PSNR {result.psnr:.2f} dB (EMA {result.ema_psnr:.2f} dB)" if result.psnr is not None else ""
+    print(f"{out}: {result.iterations} iterations in {result.seconds:.1f} s ({result.its:.1f} it/s){quality}"
+          + (" [interrupted]" if result.stop_reason == "interrupted" else ""))
+    return 0
+
+
+def _demo(args) -> int:
+    from dipfast.demo import run_demo
+
+    run_demo(Path(args.out), iters=args.iters, size=args.size, device=args.device, seed=args.seed,
+             force=args.force, progress=not args.quiet)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return _restore(args) if args.command == "restore" else _demo(args)
+    except InputError as e:
+        print(f"dipfast: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("dipfast: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
