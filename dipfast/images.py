@@ -48,6 +48,8 @@ def load_image(path, name: str = "image") -> Image.Image:
             return img.copy()
     except UnidentifiedImageError:
         raise InputError(f"{name} file {str(path)!r} is not an image Pillow can read (PNG, JPEG, TIFF, ...)") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{name} file {str(path)!r} is too large to decode safely: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{name} file {str(path)!r} could not be decoded (truncated or corrupt?): {e}") from None
 

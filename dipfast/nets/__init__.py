@@ -27,7 +27,7 @@ __all__ = [
 
 def hourglass(input_depth: int, n_channels: int = 3, **kwargs) -> Skip:
     """skip() without skip connections: channels_skip all 0."""
-    depth = len(kwargs.get("channels_down", SkipSpec.channels_down))
+    depth = len(kwargs.get("channels_down", kwargs.get("num_channels_down", SkipSpec.channels_down)))
     return skip(input_depth, n_channels, channels_skip=(0,) * depth, **kwargs)
 
 
@@ -48,14 +48,14 @@ def _meta_net(spec: NetSpec, input_depth: int) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=1024)
-def _side_fits(spec: NetSpec, input_depth: int, side: int) -> bool:
-    """Whether a side x side input runs through the net and comes out at least side x side."""
+def _fits(spec: NetSpec, input_depth: int, h: int, w: int) -> bool:
+    """Whether an h x w input runs through the net and comes out at least h x w."""
     net = _meta_net(spec, input_depth)
     try:
-        out = net(torch.empty(1, input_depth, side, side, device="meta"))
+        out = net(torch.empty(1, input_depth, h, w, device="meta"))
     except (RuntimeError, ValueError):  # a pad wider than the map, a kernel larger than it, 1-value BN
         return False
-    return out.shape[-1] >= side and out.shape[-2] >= side
+    return out.shape[-2] >= h and out.shape[-1] >= w
 
 
 def working_size(spec: NetSpec, input_depth: int, h: int, w: int) -> tuple[int, int]:
@@ -64,13 +64,20 @@ def working_size(spec: NetSpec, input_depth: int, h: int, w: int) -> tuple[int, 
     The original runs at the image size and lets Concat crop odd sizes (barbara's 514 works);
     a side too small for the depth (a reflection pad wider than the deepest map) or one the
     net would shrink (UNet with odd sizes) grows until it fits, and the output is cropped back.
-    Height and width are independent in every net here, so each side is searched alone.
+    Pads, kernels and strides act on each side alone, so each side is grown alone (a square
+    probe); norm layers also need more than one value per channel, which couples the sides
+    (a zero-padded net takes 1 x 40 but not 1 x 1), so (h, w) itself and the sizes with one
+    side kept are tried first.
     """
+    if _fits(spec, input_depth, h, w):
+        return h, w
 
     def fit(side: int) -> int:
         for candidate in range(side, side + 4096):
-            if _side_fits(spec, input_depth, candidate):
+            if _fits(spec, input_depth, candidate, candidate):
                 return candidate
         raise ValueError(f"no working size >= {side} found for this network")
 
-    return fit(h), fit(w)
+    grown = fit(h), fit(w)
+    candidates = [(h, grown[1]), (grown[0], w), grown]
+    return min((c for c in candidates if _fits(spec, input_depth, *c)), key=lambda c: (c[0] * c[1], c), default=grown)

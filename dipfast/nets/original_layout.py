@@ -9,7 +9,8 @@ The original builds nested nn.Sequentials with a monkey-patched ``add`` that nam
     C3 C4 C5   up conv, BN, act           C6 C7 C8   1x1 conv, BN, act (if need1x1_up)
     skip:      1 conv, 2 BN, 3 act
     deeper:    1 stride-2 conv, 2 BN, 3 act, 4 conv, 5 BN, 6 act, 7 next level's container, 8 upsample
-    conv():    0 ReflectionPad2d, 1 Conv2d, 2 downsampler   (pad='zero': 0 Conv2d, 1 downsampler)
+    conv():    0 ReflectionPad2d, 1 Conv2d, 2 downsampler   (pad='zero': 0 Conv2d, 1 downsampler);
+               a Lanczos Downsampler holds its conv as `downsampler_` (2.downsampler_.weight)
 
 and the head conv follows level 0's last module at the top level.
 """
@@ -29,7 +30,9 @@ def _pad_conv_keys(ours: str, theirs: str, module: PadConv, reflection: bool) ->
     keys = {f"{ours}conv.{n}": f"{theirs}{conv_index}.{n}" for n, _ in module.conv.named_parameters()}
     if module.downsample is not None:
         for n, _ in module.downsample.named_parameters():
-            keys[f"{ours}downsample.{n}"] = f"{theirs}{conv_index + 1}.{n}"
+            # the original's Downsampler keeps its conv as `downsampler_` (models/downsampler.py)
+            theirs_n = "downsampler_." + n.removeprefix("downsampler.") if n.startswith("downsampler.") else n
+            keys[f"{ours}downsample.{n}"] = f"{theirs}{conv_index + 1}.{theirs_n}"
     return keys
 
 

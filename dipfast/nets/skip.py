@@ -35,7 +35,11 @@ ORIGINAL_KEYWORDS = {
 
 @dataclass(frozen=True)
 class SkipSpec:
-    """Everything skip() takes but the input depth and output channels. Defaults: the default DIP net."""
+    """Everything skip() takes but the input depth and output channels.
+
+    Defaults: the default DIP net of get_net(32, 'skip', 'reflection', 'bilinear', 128, 128, 4, 5),
+    not the bare original skip()'s (zero padding, nearest, [16, 32, 64, 128, 128]).
+    """
 
     channels_down: tuple[int, ...] = (128,) * 5
     channels_up: tuple[int, ...] = (128,) * 5

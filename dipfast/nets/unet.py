@@ -19,10 +19,12 @@ NORMS = {"batch": nn.BatchNorm2d, "instance": nn.InstanceNorm2d, "none": None}
 
 @dataclass(frozen=True)
 class UNetSpec:
+    """Defaults: get_net(..., 'UNet', 'reflection', 'bilinear'), i.e. BatchNorm and feature_scale 4."""
+
     feature_scale: int = 4
-    upsample_mode: str = "deconv"  # 'deconv', 'bilinear' or 'nearest'
-    pad: str = "zero"
-    norm: str = "instance"  # 'batch', 'instance' or 'none'
+    upsample_mode: str = "bilinear"  # 'deconv', 'bilinear' or 'nearest'
+    pad: str = "reflection"
+    norm: str = "batch"  # 'batch', 'instance' or 'none'
     need_sigmoid: bool = True
     need_bias: bool = True
 
