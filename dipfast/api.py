@@ -7,6 +7,7 @@ that names the argument, what was expected and what came; the engine holds no ch
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,8 +77,9 @@ def _choice(name: str, value, valid) -> str:
 
 def _load_mask(mask, h: int, w: int) -> torch.Tensor:
     """Any image-like mask -> (1 or C, H, W) float {0, 1}; nonzero (after scaling) means known."""
-    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
-        mask = mask.float()
+    if isinstance(mask, torch.Tensor):
+        mask = mask.float() if mask.dtype == torch.bool else mask
+        mask = mask[None] if mask.dim() == 2 else mask  # (H, W), as operators.bernoulli_mask makes it
     elif hasattr(mask, "dtype") and str(mask.dtype) == "bool":
         mask = mask.astype("float32")
     m, alpha, _ = images.to_tensor(mask, "mask")
@@ -85,7 +87,7 @@ def _load_mask(mask, h: int, w: int) -> torch.Tensor:
         raise InputError("mask has an alpha channel; give a 1-channel (or RGB) mask, white = known pixel")
     if m.shape[-2:] != (h, w):
         raise InputError(f"mask is {m.shape[-2]} x {m.shape[-1]} but the image is {h} x {w}; give a mask of the image's size")
-    return (m > 0.5).float()
+    return (m > 0).float()
 
 
 def restore(
@@ -133,8 +135,9 @@ def restore(
     dev = resolve_device(device)
     backend = _choice("backend", backend, BACKENDS)
     precision = _choice("precision", precision, PRECISIONS)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed must be a non-negative integer; got {seed!r}")
+    seed = int(seed)
     if not isinstance(report_every, int) or report_every <= 0:
         raise InputError(f"report_every must be a positive integer; got {report_every!r}")
     for name, fn in (("callback", callback), ("operator", operator), ("loss", loss)):
@@ -196,8 +199,9 @@ def _settings(task, preset, scale, iters, overrides) -> TaskPreset:
         overrides = {**overrides, "iterations": iters}
     if "iterations" in overrides:
         n = overrides["iterations"]
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n <= 0:
             raise InputError(f"iterations must be a positive integer; got {n!r}")
+        overrides["iterations"] = int(n)
     return apply_overrides(chosen, overrides)
 
 
@@ -212,6 +216,7 @@ def _problem(task, preset: TaskPreset, x0, mask, guide, target, operator, loss, 
     if operator is not None and loss is not None:
         raise InputError("give operator= or loss=, not both")
     out_size = (h * factor, w * factor)
+    observed = x0
     for name, value, tasks in (("mask", mask, ("inpaint", "restore")), ("guide", guide, ("flash",))):
         if value is not None and task not in tasks:
             raise InputError(f"{name}= applies to task {' or '.join(map(repr, tasks))}, not {task!r}")
@@ -222,7 +227,11 @@ def _problem(task, preset: TaskPreset, x0, mask, guide, target, operator, loss, 
         m = _load_mask(mask, h, w)
         if m.shape[0] not in (1, c):
             raise InputError(f"mask has {m.shape[0]} channels for an image of {c}; give 1 or {c}")
+        if not m.any():
+            raise InputError("mask has no known pixel (all zero); white or nonzero marks the pixels to keep")
         A = Mask(m.to(device))
+        if operator is None:  # the notebooks' MSE(out * m, img * m): the holes add nothing to the loss
+            observed = x0 * m
     elif task == "sr":
         A = Lanczos2Decimation(factor)
     else:
@@ -266,7 +275,7 @@ def _problem(task, preset: TaskPreset, x0, mask, guide, target, operator, loss, 
         z=z,
         out_size=out_size,
         n_channels=c,
-        y=x0[None] if loss is None else None,
+        y=observed[None] if loss is None else None,
         operator=A.A if hasattr(A, "A") else A,
         loss=loss,
         target=tgt,

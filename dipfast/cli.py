@@ -17,21 +17,37 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _integer_from(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int, _seed = _integer_from(1), _integer_from(0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr like every other bad input (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"dipfast: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     from dipfast import __version__
     from dipfast.presets import TASKS
 
-    parser = argparse.ArgumentParser(prog="dipfast", description="Deep Image Prior, fast and faithful.")
+    parser = _Parser(prog="dipfast", description="Deep Image Prior, fast and faithful.")
     parser.add_argument("--version", action="version", version=f"dipfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{restore,demo}")
 
@@ -45,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--guide", help="the flash image for --task flash")
     r.add_argument("--target", help="ground truth: report PSNR and SSIM")
     r.add_argument("--iters", type=_positive_int, help="number of iterations (default: the preset's)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--precision", default="auto")
     r.add_argument("--backend", default="auto")
@@ -60,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--iters", type=_positive_int, default=400)
     d.add_argument("--size", type=_positive_int, default=64, help="side of the square crop (default: 64)")
     d.add_argument("--device", default="auto")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--force", action="store_true", help="overwrite existing result files")
     d.add_argument("--quiet", action="store_true")
     return parser

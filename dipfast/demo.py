@@ -36,8 +36,11 @@ def run_demo(out: Path, *, iters: int = 400, size: int = 64, device="auto", seed
     from PIL import Image
 
     from dipfast import restore
+    from dipfast.api import resolve_device
     from dipfast.metrics import psnr
 
+    resolve_device(device)  # the size and the device are checked before anything is written
+    clean, noisy = demo_images(size, seed=seed)
     if out.exists() and not out.is_dir():
         raise InputError(f"demo output {str(out)!r} is a file; give a folder")
     existing = [name for name in DEMO_FILES if (out / name).exists()]
@@ -48,7 +51,6 @@ def run_demo(out: Path, *, iters: int = 400, size: int = 64, device="auto", seed
     except OSError as e:
         raise InputError(f"cannot create the demo folder {str(out)!r}: {e.strerror or e}") from None
 
-    clean, noisy = demo_images(size, seed=seed)
     noisy_psnr = float(psnr(torch.from_numpy(noisy), torch.from_numpy(clean)))
     print(f"dipfast demo: {size}x{size} astronaut crop, sigma=25, noisy PSNR {noisy_psnr:.2f} dB, {iters} iterations")
     result = restore(noisy, "denoise", target=clean, iters=iters, seed=seed, device=device, progress=progress)
