@@ -1,4 +1,4 @@
-"""The `dipfast` command: restore, demo, --version.
+"""The `dipfast` command: restore, demo, bench, --version.
 
 Bad input ends in one line on stderr and exit status 2, never a traceback; no input file is
 ever overwritten, and an existing output only with --force.
@@ -33,7 +33,7 @@ def _integer_from(minimum: int):
     return parse
 
 
-_positive_int, _seed = _integer_from(1), _integer_from(0)
+positive_int, non_negative_int = _integer_from(1), _integer_from(0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="dipfast", description="Deep Image Prior, fast and faithful.")
     parser.add_argument("--version", action="version", version=f"dipfast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{restore,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{restore,demo,bench}")
 
     r = sub.add_parser("restore", help="restore one image", description="Restore one image with Deep Image Prior.")
     r.add_argument("input", help="the corrupted image (PNG, JPEG, TIFF, ...)")
@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--mask", help="mask image for inpaint/restore (white = known pixel)")
     r.add_argument("--guide", help="the flash image for --task flash")
     r.add_argument("--target", help="ground truth: report PSNR and SSIM")
-    r.add_argument("--iters", type=_positive_int, help="number of iterations (default: the preset's)")
-    r.add_argument("--seed", type=_seed, default=0)
+    r.add_argument("--iters", type=positive_int, help="number of iterations (default: the preset's)")
+    r.add_argument("--seed", type=non_negative_int, default=0)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--precision", default="auto")
     r.add_argument("--backend", default="auto")
@@ -69,16 +69,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="overwrite existing output files")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    d = sub.add_parser("demo", help="denoise a built-in example", description=(
-        "Denoise a crop of scikit-image's astronaut with synthetic sigma = 25 noise and write the "
-        "noisy, restored and EMA images and a plot of PSNR against iterations."))
+    d = sub.add_parser(
+        "demo",
+        help="denoise a built-in example",
+        description=(
+            "Denoise a crop of scikit-image's astronaut with synthetic sigma = 25 noise and write the "
+            "noisy, restored and EMA images and a plot of PSNR against iterations."
+        ),
+    )
     d.add_argument("--out", default="dipfast-demo", help="folder for the results (default: dipfast-demo)")
-    d.add_argument("--iters", type=_positive_int, default=400)
-    d.add_argument("--size", type=_positive_int, default=64, help="side of the square crop (default: 64)")
+    d.add_argument("--iters", type=positive_int, default=400)
+    d.add_argument("--size", type=positive_int, default=64, help="side of the square crop (default: 64)")
     d.add_argument("--device", default="auto")
-    d.add_argument("--seed", type=_seed, default=0)
+    d.add_argument("--seed", type=non_negative_int, default=0)
     d.add_argument("--force", action="store_true", help="overwrite existing result files")
     d.add_argument("--quiet", action="store_true")
+
+    from dipfast.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -128,24 +137,43 @@ def _restore(args) -> int:
         _check_output(Path(args.ema_output), sources, args.force)
     image = images.load_image(args.input, "input")
     result = restore(
-        image, args.task, preset=args.preset, scale=args.scale, mask=args.mask, guide=args.guide,
-        target=args.target, iters=args.iters, seed=args.seed, device=args.device,
-        precision=args.precision, backend=args.backend, progress=not args.quiet,
+        image,
+        args.task,
+        preset=args.preset,
+        scale=args.scale,
+        mask=args.mask,
+        guide=args.guide,
+        target=args.target,
+        iters=args.iters,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        backend=args.backend,
+        progress=not args.quiet,
     )
     _save(result.image, out)
     if args.ema_output:
         _save(result.ema_image, Path(args.ema_output))
     quality = f", PSNR {result.psnr:.2f} dB (EMA {result.ema_psnr:.2f} dB)" if result.psnr is not None else ""
-    print(f"{out}: {result.iterations} iterations in {result.seconds:.1f} s ({result.its:.1f} it/s){quality}"
-          + (" [interrupted]" if result.stop_reason == "interrupted" else ""))
+    print(
+        f"{out}: {result.iterations} iterations in {result.seconds:.1f} s ({result.its:.1f} it/s){quality}"
+        + (" [interrupted]" if result.stop_reason == "interrupted" else "")
+    )
     return 0
 
 
 def _demo(args) -> int:
     from dipfast.demo import run_demo
 
-    run_demo(Path(args.out), iters=args.iters, size=args.size, device=args.device, seed=args.seed,
-             force=args.force, progress=not args.quiet)
+    run_demo(
+        Path(args.out),
+        iters=args.iters,
+        size=args.size,
+        device=args.device,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.quiet,
+    )
     return 0
 
 
@@ -155,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
+    if args.command == "bench":
+        from dipfast.bench.cli import run_bench
+
+        try:
+            return run_bench(args)
+        except KeyboardInterrupt:
+            print("dipfast bench: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     try:
         return _restore(args) if args.command == "restore" else _demo(args)
     except InputError as e:

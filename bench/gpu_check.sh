@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The GPU check (issue 3): one prepared command for an H100/H200 machine with no network.
+#
+#   bench/gpu_check.sh DATA_DIR          DATA_DIR holds denoising/F16_GT.png (as ../shared/data/dip)
+#
+# Steps, each under its own time limit so that the whole check ends within 8 minutes:
+#   1. install the project without network (pip --no-deps --no-build-isolation -e .; PYTHONPATH as well)
+#   2. the test suite (python -m pytest -q), on CUDA when the tests pick the GPU
+#   3. the throughput table: default net, 512 x 512, every backend and precision, batch 1 and 4
+#   4. time-to-PSNR on F16 from DATA_DIR, cold and warm, every backend and the original loop
+#   5. a short table of the results, printed last
+# Results: JSON, Markdown and plots under $OUT (default ./bench-out), plus each step's log and
+# steps.tsv (step, exit status, seconds). Exit status: 0 when every step passed, else 1.
+#
+# Environment:
+#   OUT                          where results go (default ./bench-out)
+#   PYTHON                       the interpreter (default python)
+#   DIPFAST_GPU_CHECK_TINY=1     a smoke run on any machine (CPU too): tiny net, 32 px, a few iterations
+#   DIPFAST_GPU_CHECK_PYTEST     pytest arguments (default "-q"; the tiny mode's default runs no tests: "--co -q")
+#   DIPFAST_GPU_CHECK_INSTALL=0  skip the pip install (PYTHONPATH alone)
+#   DIPFAST_BENCH_COMMIT         the commit to record when the copy has no .git (else git's HEAD and dirty flag)
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 1
+DATA=${1:?usage: bench/gpu_check.sh DATA_DIR (the folder holding denoising/F16_GT.png)}
+DATA=$(cd "$DATA" && pwd) || { echo "gpu_check: no folder $1" >&2; exit 1; }
+OUT=${OUT:-./bench-out}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "${DIPFAST_GPU_CHECK_TINY:-0}" = 1 ]; then
+    PYTEST_ARGS=${DIPFAST_GPU_CHECK_PYTEST:-"--co -q"}
+    THROUGHPUT=(--size 32 --net tiny --batch 1 2 --iters 2 --repeats 2 --warmup 2)
+    TTP=(--size 32 --net tiny --iters 10 --report-every 2 --time-limit 60 --targets 10 15 20)
+    LIMITS=(60 120 120 180)
+else
+    PYTEST_ARGS=${DIPFAST_GPU_CHECK_PYTEST:-"-q"}
+    THROUGHPUT=(--size 512 --net default --batch 1 4 --iters 10 --repeats 5 --warmup 10)
+    TTP=(--iters 3000 --report-every 10 --time-limit 20 --targets 26 28 30)
+    LIMITS=(45 150 120 150)  # install, tests, throughput, time-to-psnr: 465 s at most
+fi
+
+printf 'step\tstatus\tseconds\n' > "$OUT/steps.tsv"
+FAILED=0
+step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME.log, record the status
+    local name=$1 limit=$2 start status
+    shift 2
+    start=$(date +%s)
+    echo "== $name (at most ${limit} s)"
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    status=$?
+    printf '%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - start ))" >> "$OUT/steps.tsv"
+    if [ "$status" -ne 0 ]; then
+        FAILED=1
+        echo "   $name failed (exit $status; 124 = timed out); last lines of $OUT/$name.log:"
+        tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
+    fi
+}
+
+if [ "${DIPFAST_GPU_CHECK_INSTALL:-1}" = 1 ]; then
+    step install "${LIMITS[0]}" "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
+fi
+"$PY" - > "$OUT/environment.txt" 2>&1 <<'EOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(0))
+EOF
+command -v nvidia-smi > /dev/null && nvidia-smi >> "$OUT/environment.txt" 2>&1
+# shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
+step tests "${LIMITS[1]}" "$PY" -m pytest $PYTEST_ARGS
+step throughput "${LIMITS[2]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" --out "$OUT" --quiet
+step time-to-psnr "${LIMITS[3]}" "$PY" -m dipfast.bench time-to-psnr --data "$DATA" --tasks denoise "${TTP[@]}" \
+    --out "$OUT" --quiet
+
+echo
+cat "$OUT/environment.txt" | head -n 2
+column -t "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
+grep -E "passed|failed|error|no tests ran|collected" "$OUT/tests.log" | tail -n 1
+"$PY" -m dipfast.bench summary "$OUT"
+exit $FAILED

@@ -1,0 +1,10 @@
+"""The benchmark harness (issue 3): iterations/s, time-to-PSNR and paper-protocol quality.
+
+    python -m dipfast.bench throughput|time-to-psnr|quality [--data DIR] [--backend ...] [--out DIR]
+
+One idea per module: data (the inputs), original_loop (the notebooks' loop, the baseline of
+every speed-up), runs (one fit of any method, timed), baselines (bicubic, NLM, BM3D),
+throughput, time_to_psnr, quality (the three suites), memory, machine, report (JSON, Markdown,
+plots), nvtx_ranges, worker (cold runs in a fresh process) and cli. Importing this package
+imports nothing heavy.
+"""

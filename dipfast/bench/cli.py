@@ -1,0 +1,340 @@
+"""`dipfast bench throughput|time-to-psnr|quality|summary`: the command line of the harness.
+
+add_bench_parser(subparsers) adds `bench` to the `dipfast` command; run_bench(args) runs it
+and returns the exit status (2 for bad input, with one line on stderr). `python -m dipfast.bench`
+runs the same suites without the `dipfast` command (main() below).
+
+Defaults that depend on the machine ('auto'): on CPU, small images and few iterations so that
+every suite finishes in minutes with no arguments; on CUDA, the paper's sizes and iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dipfast.cli import _Parser
+from dipfast.cli import positive_int as _positive_int
+from dipfast.errors import InputError
+
+EXIT_BAD_INPUT = 2
+SUITES = ("throughput", "time-to-psnr", "quality", "summary")
+
+# 'auto' defaults: (CPU, CUDA)
+AUTO = {
+    "throughput": {"size": ([64, 128], [512]), "iters": (10, 20), "warmup": (5, 20)},
+    "time-to-psnr": {"size": (64, None), "iters": (100, None)},
+    "quality": {"size": (64, None), "iters": (50, None)},
+}
+
+
+def _size(text: str) -> int | str:
+    return "full" if text == "full" else _positive_int(text)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        nargs="+",
+        default=["all"],
+        metavar="NAME",
+        help="DIP methods: the backends restore() accepts and 'original-loop', or 'all' (default)",
+    )
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["all"],
+        metavar="P",
+        help="precisions restore() accepts, or 'all' (default); original-loop runs fp32 only",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--out",
+        default="bench-out",
+        help="folder for the JSON, Markdown and plots (default: bench-out); "
+        "files of the same suite there are overwritten",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--nvtx", action="store_true", help="NVTX ranges around the step phases (for nsys)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _images(p: argparse.ArgumentParser, what: str) -> None:
+    from dipfast.bench.data import TASKS
+
+    p.add_argument("--data", help="the paper's image folder (e.g. ../shared/data/dip); default: scikit-image's images")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        choices=[*TASKS, "all"],
+        metavar="TASK",
+        help=f"of {list(TASKS)} or 'all' (default: {what})",
+    )
+    p.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        help="centre-crop images to at most SIZE x SIZE, or 'full' (default: 64 on CPU, full on CUDA)",
+    )
+    p.add_argument(
+        "--net", default="preset", help="'preset' (each task's own net, default), 'default', 'tiny' or a preset's name"
+    )
+    p.add_argument(
+        "--baselines",
+        nargs="+",
+        default=["all"],
+        metavar="NAME",
+        help="bicubic, nlm, bm3d, 'all' (default: those that apply) or 'none'",
+    )
+
+
+def _add_suites(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="suite", metavar="{throughput,time-to-psnr,quality,summary}")
+    t = sub.add_parser(
+        "throughput",
+        help="iterations/s and peak memory",
+        description=(
+            "Iterations per second and peak memory per method x precision x batch x size, after warm-up, "
+            "median of repeats with the spread."
+        ),
+    )
+    _common(t)
+    t.add_argument("--size", type=_positive_int, nargs="+", help="image sides (default: 64 128 on CPU, 512 on CUDA)")
+    t.add_argument(
+        "--batch",
+        type=_positive_int,
+        nargs="+",
+        default=[1],
+        help="batch sizes; N > 1 runs N sequential fits while restore() takes one image",
+    )
+    t.add_argument("--iters", type=_positive_int, help="iterations per timed repeat (default: 10 on CPU, 20 on CUDA)")
+    t.add_argument("--repeats", type=_positive_int, default=5)
+    t.add_argument("--warmup", type=_positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
+    t.add_argument("--rounds", type=_positive_int, default=1, help="interleaved rounds over all configurations")
+    t.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
+
+    p = sub.add_parser(
+        "time-to-psnr",
+        help="wall time until a target PSNR, cold and warm",
+        description=(
+            "Wall time from the restore() call until the output (and its EMA) first reaches target PSNRs, "
+            "cold (a fresh process) and warm; best PSNR and when."
+        ),
+    )
+    _common(p)
+    _images(p, "denoise")
+    p.add_argument("--iters", type=_positive_int, help="iterations per fit (default: 100 on CPU, the preset's on CUDA)")
+    p.add_argument("--report-every", type=_positive_int, default=10, help="read-back interval: the time resolution")
+    p.add_argument("--targets", type=float, nargs="+", help="target PSNRs in dB (default: input PSNR + 1, 2, 4, 6, 8)")
+    p.add_argument("--time-limit", type=float, help="stop each fit after this many seconds")
+    p.add_argument("--no-cold", action="store_true", help="skip the cold (fresh-process) runs")
+    p.add_argument("--no-warm", action="store_true", help="skip the warm runs")
+
+    q = sub.add_parser(
+        "quality",
+        help="the paper's protocols, per image and averaged",
+        description=(
+            "Denoising (sigma 25, 1 run and 2-run average, output and EMA), SR x4/x8 (Y PSNR, shave 4/5), "
+            "restoration (50% pixels), inpainting (given mask), with bicubic/NLM/BM3D baselines."
+        ),
+    )
+    _common(q)
+    _images(q, "all")
+    q.add_argument("--iters", type=_positive_int, help="iterations per fit (default: 50 on CPU, each preset's on CUDA)")
+    q.add_argument("--runs", type=_positive_int, default=2, help="denoising runs to average (default: 2, the paper's)")
+
+    s = sub.add_parser("summary", help="print the short table of the results in a folder")
+    s.add_argument("folder", nargs="?", default="bench-out")
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `bench` (with its suites) to the `dipfast` command's subparsers."""
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark harness: throughput, time-to-psnr, quality",
+        description="Measure dipfast: iterations/s, time to a target PSNR, paper-protocol quality.",
+    )
+    _add_suites(p)
+    return p
+
+
+def _pick(given: list[str], valid: list[str], what: str) -> list[str]:
+    if given == ["all"]:
+        return list(valid)
+    unknown = [g for g in given if g not in valid]
+    if unknown:
+        raise InputError(f"unknown {what} {unknown[0]!r}; valid: {valid} or 'all'")
+    return list(dict.fromkeys(given))
+
+
+def _baselines(given: list[str]) -> list[str]:
+    from dipfast.bench.baselines import BASELINES
+
+    if given == ["none"]:
+        return []
+    return _pick(given, list(BASELINES), "baseline")
+
+
+def _auto(suite: str, key: str, value, is_cuda: bool):
+    return value if value is not None else AUTO[suite][key][1 if is_cuda else 0]
+
+
+def run_bench(args) -> int:
+    try:
+        return _run(args)
+    except InputError as e:
+        print(f"dipfast bench: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _run(args) -> int:
+    if getattr(args, "suite", None) is None:
+        raise InputError("give a suite: throughput, time-to-psnr, quality or summary (see --help)")
+    if args.suite == "summary":
+        from dipfast.bench.report import summary
+
+        print(summary(Path(args.folder)))
+        return 0
+
+    import torch
+
+    from dipfast import api
+    from dipfast.bench import nvtx_ranges, report, runs
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; give a folder")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.nvtx and not nvtx_ranges.enable():
+        print("dipfast bench: the nvtx package is not installed; running without NVTX ranges", file=sys.stderr)
+    dev = api.resolve_device(args.device)
+    common = {
+        "methods": _pick(args.backend, runs.dip_methods(), "backend"),
+        "precisions": _pick(args.precision, runs.api_precisions(), "precision"),
+        "device": dev,
+        "seed": args.seed,
+        "progress": not args.quiet,
+    }
+    suite = {"throughput": _throughput, "time-to-psnr": _time_to_psnr, "quality": _quality}[args.suite]
+    rep = report.finish(suite(args, dev.type == "cuda", **common), dev)
+    markdown, plots = {
+        "throughput": (report.throughput_markdown, _throughput_plots),
+        "time-to-psnr": (report.time_to_psnr_markdown, _time_to_psnr_plots),
+        "quality": (report.quality_markdown, None),
+    }[args.suite]
+    text = markdown(rep)
+    paths = list(report.write(rep, out, text).values()) + (plots(rep, out) if plots else [])
+    print(text)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _throughput(args, cuda: bool, **common) -> dict:
+    from dipfast.bench import runs
+    from dipfast.bench.throughput import run_throughput
+
+    if args.net not in runs.NET_CHOICES or args.net == "preset":
+        raise InputError(f"unknown net {args.net!r}; valid: {[n for n in runs.NET_CHOICES if n != 'preset']}")
+    return run_throughput(
+        batches=args.batch,
+        sizes=_auto("throughput", "size", args.size, cuda),
+        net=args.net,
+        iters=_auto("throughput", "iters", args.iters, cuda),
+        repeats=args.repeats,
+        warmup=_auto("throughput", "warmup", args.warmup, cuda),
+        rounds=args.rounds,
+        **common,
+    )
+
+
+def _throughput_plots(rep: dict, out: Path) -> list[Path]:
+    from dipfast.bench import report
+
+    return [report.plot_throughput(rep, out / "throughput.png")]
+
+
+def _cases(args, cuda: bool, default_tasks: list[str]) -> tuple[list, list[str]]:
+    """The suite's cases, and the paper's images the --data folder lacks (announced on stderr)."""
+    from dipfast.bench import data, runs
+
+    if args.net not in runs.NET_CHOICES:
+        raise InputError(f"unknown net {args.net!r}; valid: {list(runs.NET_CHOICES)}")
+    tasks = default_tasks if args.tasks is None else list(data.TASKS) if "all" in args.tasks else args.tasks
+    size = _auto(args.suite, "size", args.size, cuda)
+    cases = data.load_cases(args.data, tasks, None if size == "full" else size, args.seed)
+    missing = data.missing_images(args.data, tasks) if args.data else []
+    for task, rel in missing:
+        print(f"dipfast bench: {args.data} has no {rel}: left out of {task}", file=sys.stderr)
+    return cases, [f"{task}: {rel}" for task, rel in missing]
+
+
+def _time_to_psnr(args, cuda: bool, **common) -> dict:
+    from dipfast.bench.time_to_psnr import run_time_to_psnr
+    from dipfast.presets import preset_for
+
+    if args.no_cold and args.no_warm:
+        raise InputError("--no-cold and --no-warm leave nothing to run")
+    cases, missing = _cases(args, cuda, ["denoise"])
+    iters = _auto(args.suite, "iters", args.iters, cuda)
+    if iters is None:  # CUDA default: the longest preset among the cases
+        iters = max(preset_for(c.task, c.preset, c.scale).iterations for c in cases)
+    rep = run_time_to_psnr(
+        cases,
+        iters=iters,
+        report_every=args.report_every,
+        targets=args.targets,
+        cold=not args.no_cold,
+        warm=not args.no_warm,
+        baselines=_baselines(args.baselines),
+        net=args.net,
+        time_limit=args.time_limit,
+        **common,
+    )
+    rep["settings"]["missing_images"] = missing
+    return rep
+
+
+def _time_to_psnr_plots(rep: dict, out: Path) -> list[Path]:
+    from dipfast.bench import report
+
+    return [
+        report.plot_psnr_vs_time(rep, entry, out / f"psnr_vs_time_{report.case_slug(entry['case'])}.png")
+        for entry in rep["cases"]
+    ]
+
+
+def _quality(args, cuda: bool, **common) -> dict:
+    from dipfast.bench import data
+    from dipfast.bench.quality import run_quality
+
+    cases, missing = _cases(args, cuda, list(data.TASKS))
+    rep = run_quality(
+        cases,
+        iters=_auto(args.suite, "iters", args.iters, cuda),
+        runs_denoise=args.runs,
+        baselines=_baselines(args.baselines),
+        net=args.net,
+        **common,
+    )
+    rep["settings"]["missing_images"] = missing
+    return rep
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog="python -m dipfast.bench", description=("The dipfast benchmark harness (the same as `dipfast bench`).")
+    )
+    _add_suites(parser)
+    args = parser.parse_args(argv)
+    if args.suite is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return run_bench(args)
+    except KeyboardInterrupt:
+        print("dipfast bench: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,76 @@
+"""Peak memory of a measured block, labelled with what was measured.
+
+- CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats: the peak of tensors
+  allocated by PyTorch's caching allocator on that device ("cuda max_memory_allocated").
+- CPU on Linux: the process's peak resident set size (VmHWM in /proc/self/status), reset
+  before the block by writing 5 to /proc/self/clear_refs: "cpu peak RSS". The growth is the
+  peak minus the RSS before the block; memory the allocator kept from earlier blocks is
+  reused, so the growth can understate a block's working set, never overstate it.
+- elsewhere: resource.getrusage ru_maxrss, the peak of the whole process so far, labelled so.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+MIB = 2**20
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """with PeakMemory(device) as m: ...; then m.result() -> {"kind", "peak_mib", "growth_mib"}."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.kind = None
+        self.before = self.peak = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = "cuda max_memory_allocated"
+            self.before = torch.cuda.memory_allocated(self.device)
+        elif _reset_hwm() and _status_kib("VmHWM") is not None:
+            self.kind = "cpu peak RSS (VmHWM, reset before the block)"
+            self.before = _status_kib("VmRSS") * 1024
+        else:
+            self.kind = "process peak RSS so far (ru_maxrss; not reset per block)"
+            self.before = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.before is not None:
+            self.peak = _status_kib("VmHWM") * 1024
+        else:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak = rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+        return False
+
+    def result(self) -> dict:
+        growth = None if self.before is None else max(self.peak - self.before, 0) / MIB
+        return {"kind": self.kind, "peak_mib": self.peak / MIB, "growth_mib": growth}

@@ -1,0 +1,239 @@
+"""Throughput: iterations per second and peak memory per method x precision x batch x image size.
+
+Each measurement is one fit of the denoising preset (its target given, so the reference computes
+its PSNRs on the device and the original loop its three CPU PSNRs, as the notebook) run for
+warm-up + repeats x K iterations. The clock is read at every K-th iteration, at the host
+read-back that the loop does anyway (restore(report_every=K)'s metrics sync; the original loop
+syncs every iteration), after torch.cuda.synchronize() on CUDA, with time.perf_counter. A repeat
+is the K iterations between two reads; the warm-up blocks before them (cuDNN autotune, allocator
+growth, compile for later backends) are not counted. Figures: the median over repeats (and
+rounds) with min, max and the spread, in image-iterations per second.
+
+Batch N > 1: restore() takes one image, so N fits run one after another ("sequential") and a
+repeat's time is the sum of the N fits' K-iteration blocks: image-iterations/s = N K / that sum.
+A backend that batches inside one step will be reported as "batched" once the API takes batches.
+Rounds > 1 run every configuration once per round, interleaved, so that a shared machine's drift
+hits every method alike; the samples of all rounds are pooled.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+from dipfast import api
+from dipfast.bench import nvtx_ranges, runs
+from dipfast.bench.data import Case, throughput_case
+from dipfast.bench.memory import PeakMemory
+from dipfast.errors import InputError
+from dipfast.presets import apply_overrides, preset_for
+
+TIMING = (
+    "time.perf_counter at the host read-back every K iterations (after torch.cuda.synchronize on CUDA); "
+    "median over repeats after warm-up"
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str  # a backend of dipfast.api.BACKENDS or 'original-loop'
+    precision: str
+    batch: int
+    size: int
+
+
+def batch_mode(method: str, batch: int) -> str:
+    """'single', or how a batch of N runs: restore() takes one image today, so N sequential fits."""
+    if batch == 1:
+        return "single"
+    return "batched" if getattr(api, "BATCHED_BACKENDS", ()) and method in api.BATCHED_BACKENDS else "sequential"
+
+
+def _blocks_reference(case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed) -> list[float]:
+    """Block durations (s) of one restore() fit, read at every K-th iteration's read-back."""
+    stamps = []
+
+    def callback(p) -> None:
+        runs.cuda_sync(device)
+        stamps.append(time.perf_counter())
+
+    with nvtx_ranges.reference_hooks():
+        api.restore(
+            case.observed,
+            **case.restore_kwargs(),
+            iters=(warm_blocks + repeats) * iters,
+            seed=seed,
+            device=device,
+            precision=config.precision,
+            backend=config.method,
+            progress=False,
+            callback=callback,
+            report_every=iters,
+            **runs.net_overrides(net, case.preset),
+        )
+    return [b - a for a, b in zip(stamps[warm_blocks - 1 :], stamps[warm_blocks:])]
+
+
+def _blocks_original(case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed) -> list[float]:
+    from dipfast.bench.original_loop import OriginalLoop
+
+    if config.precision != "fp32":
+        raise InputError(f"the original loop is eager fp32 only; precision {config.precision!r} does not apply")
+    preset = apply_overrides(preset_for(case.task, case.preset), runs.net_overrides(net, case.preset))
+    loop = OriginalLoop(case.task, preset, case.observed, case.target, device=device, seed=seed)
+    stamps = []
+
+    def on_step(done: int) -> bool:
+        if done % iters == 0:
+            runs.cuda_sync(device)
+            stamps.append(time.perf_counter())
+        return False
+
+    loop.run((warm_blocks + repeats) * iters, on_step)
+    loop.close()
+    return [b - a for a, b in zip(stamps[warm_blocks - 1 :], stamps[warm_blocks:])]
+
+
+def measure(
+    config: Config, case: Case, *, iters: int, repeats: int, warmup: int, net: str, device, seed: int = 0
+) -> dict:
+    """Samples (image-iterations/s, one per repeat) and the peak memory of one configuration."""
+    warm_blocks = max(1, math.ceil(warmup / iters))
+    blocks = _blocks_original if config.method == runs.ORIGINAL_LOOP else _blocks_reference
+    per_fit = []
+    with PeakMemory(device) as mem:
+        for k in range(config.batch):  # batch > 1: sequential fits (see batch_mode)
+            per_fit.append(
+                blocks(
+                    case,
+                    config,
+                    iters=iters,
+                    warm_blocks=warm_blocks,
+                    repeats=repeats,
+                    net=net,
+                    device=device,
+                    seed=seed + k,
+                )
+            )
+    samples = [config.batch * iters / sum(fit[r] for fit in per_fit) for r in range(repeats)]
+    return {"samples": samples, "memory": mem.result()}
+
+
+def _summary(samples: list[float]) -> dict:
+    med = statistics.median(samples)
+    return {
+        "its_median": med,
+        "its_min": min(samples),
+        "its_max": max(samples),
+        "spread_pct": 100 * (max(samples) - min(samples)) / med if med > 0 else math.nan,
+        "ms_per_iter": 1000 / med if med > 0 else math.nan,
+        "its_samples": samples,
+    }
+
+
+def run_throughput(
+    methods,
+    precisions,
+    batches,
+    sizes,
+    *,
+    net: str = "default",
+    iters: int = 10,
+    repeats: int = 5,
+    warmup: int = 5,
+    rounds: int = 1,
+    device="auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Measure every configuration; the report's rows hold the figures (see report.throughput_markdown)."""
+    from tqdm.auto import tqdm
+
+    dev = api.resolve_device(device)
+    configs = [Config(m, p, b, s) for s in sizes for b in batches for p in precisions for m in methods]
+    samples = {c: [] for c in configs}
+    memory = {c: None for c in configs}
+    failed: dict[Config, tuple[str, str]] = {}
+    cases = {s: throughput_case(s, seed) for s in sizes}
+    with tqdm(total=rounds * len(configs), disable=not progress, desc="throughput", unit="config") as bar:
+        for _ in range(rounds):
+            for c in configs:
+                bar.set_postfix_str(f"{c.method} {c.precision} b{c.batch} {c.size}px")
+                if c not in failed:
+                    try:
+                        m = measure(
+                            c,
+                            cases[c.size],
+                            iters=iters,
+                            repeats=repeats,
+                            warmup=warmup,
+                            net=net,
+                            device=dev,
+                            seed=seed,
+                        )
+                        samples[c] += m["samples"]
+                        if memory[c] is None or m["memory"]["peak_mib"] > memory[c]["peak_mib"]:
+                            memory[c] = m["memory"]
+                    except InputError as e:  # restore() refused the combination: a row says so
+                        failed[c] = ("unsupported", str(e))
+                    except (RuntimeError, MemoryError) as e:  # out of memory and the like: a row says so
+                        failed[c] = ("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                bar.update(1)
+
+    rows = []
+    for c in configs:
+        row = {
+            "method": c.method,
+            "precision": c.precision,
+            "batch": c.batch,
+            "size": c.size,
+            "net": net,
+            "batch_mode": batch_mode(c.method, c.batch),
+            "status": "ok",
+            "reason": None,
+        }
+        if c in failed:
+            row["status"], row["reason"] = failed[c]
+        else:
+            row.update(_summary(samples[c]))
+            mem = memory[c]
+            row.update(peak_memory_mib=mem["peak_mib"], memory_growth_mib=mem["growth_mib"], memory_kind=mem["kind"])
+        rows.append(row)
+    for row in rows:  # the headline: each method against the original loop at the same size and batch
+        base = next(
+            (
+                r
+                for r in rows
+                if r["method"] == runs.ORIGINAL_LOOP
+                and r["size"] == row["size"]
+                and r["batch"] == row["batch"]
+                and r["status"] == "ok"
+            ),
+            None,
+        )
+        ok = row["status"] == "ok" and base is not None
+        row["ratio_vs_original_loop"] = row["its_median"] / base["its_median"] if ok else None
+    return {
+        "suite": "throughput",
+        "settings": {
+            "task": "denoise",
+            "net": net,
+            "sizes": list(sizes),
+            "batches": list(batches),
+            "methods": list(methods),
+            "precisions": list(precisions),
+            "iters_per_repeat": iters,
+            "repeats": repeats,
+            "warmup_iters": max(1, math.ceil(warmup / iters)) * iters,
+            "rounds": rounds,
+            "device": str(dev),
+            "seed": seed,
+            "timing": TIMING,
+            "unit": "image-iterations per second",
+            "batch_note": "batch > 1 with batch_mode 'sequential': restore() takes one image, so N fits "
+            "run one after another and the figure is N x K / (sum of their K-iteration blocks)",
+        },
+        "rows": rows,
+    }
