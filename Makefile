@@ -13,4 +13,6 @@ demo: install
 	$(PYTHON) -m dipfast.cli demo --force
 
 test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q

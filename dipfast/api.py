@@ -48,8 +48,10 @@ class Result:
 
     def __repr__(self) -> str:
         quality = f", psnr={self.psnr:.2f} dB, ema_psnr={self.ema_psnr:.2f} dB" if self.psnr is not None else ""
-        return (f"Result(task={self.task!r}, iterations={self.iterations}, seconds={self.seconds:.1f}, "
-                f"its={self.its:.1f}{quality}, stop_reason={self.stop_reason!r})")
+        return (
+            f"Result(task={self.task!r}, iterations={self.iterations}, seconds={self.seconds:.1f}, "
+            f"its={self.its:.1f}{quality}, stop_reason={self.stop_reason!r})"
+        )
 
 
 def resolve_device(device) -> torch.device:
@@ -86,7 +88,9 @@ def _load_mask(mask, h: int, w: int) -> torch.Tensor:
     if alpha is not None:
         raise InputError("mask has an alpha channel; give a 1-channel (or RGB) mask, white = known pixel")
     if m.shape[-2:] != (h, w):
-        raise InputError(f"mask is {m.shape[-2]} x {m.shape[-1]} but the image is {h} x {w}; give a mask of the image's size")
+        raise InputError(
+            f"mask is {m.shape[-2]} x {m.shape[-1]} but the image is {h} x {w}; give a mask of the image's size"
+        )
     return (m > 0).float()
 
 
@@ -147,8 +151,9 @@ def restore(
     x0, alpha, form = images.to_tensor(image, "image")
     problem = _problem(task, preset_obj, x0, mask, guide, target, operator, loss, scale, dev)
     out_size = problem.out_size
-    fit = engine.fit(problem, preset_obj, device=dev, seed=seed, progress=progress, callback=callback,
-                     report_every=report_every)
+    fit = engine.fit(
+        problem, preset_obj, device=dev, seed=seed, progress=progress, callback=callback, report_every=report_every
+    )
 
     out, ema = fit.image[0].cpu(), fit.ema_image[0].cpu()
     extras = {}
@@ -223,7 +228,9 @@ def _problem(task, preset: TaskPreset, x0, mask, guide, target, operator, loss, 
 
     if task in ("inpaint", "restore"):
         if mask is None:
-            raise InputError(f"task {task!r} needs mask= (nonzero = known pixel); dipfast.operators.bernoulli_mask makes one")
+            raise InputError(
+                f"task {task!r} needs mask= (nonzero = known pixel); dipfast.operators.bernoulli_mask makes one"
+            )
         m = _load_mask(mask, h, w)
         if m.shape[0] not in (1, c):
             raise InputError(f"mask has {m.shape[0]} channels for an image of {c}; give 1 or {c}")
@@ -244,7 +251,9 @@ def _problem(task, preset: TaskPreset, x0, mask, guide, target, operator, loss, 
             raise InputError(f"task {task!r} needs guide= (the flash image)")
         g, _, _ = images.to_tensor(guide, "guide")
         if g.shape[-2:] != out_size:
-            raise InputError(f"guide is {g.shape[-2]} x {g.shape[-1]} but the image is {h} x {w}; give images of one size")
+            raise InputError(
+                f"guide is {g.shape[-2]} x {g.shape[-1]} but the image is {h} x {w}; give images of one size"
+            )
         if g.shape[0] != preset.input_depth:
             raise InputError(f"guide has {g.shape[0]} channels; this preset takes {preset.input_depth} (input_depth)")
 

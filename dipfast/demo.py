@@ -26,8 +26,16 @@ def demo_images(size: int = 64, sigma: float = 25 / 255, seed: int = 0) -> tuple
     return clean, noisy.astype(np.float32)
 
 
-def run_demo(out: Path, *, iters: int = 400, size: int = 64, device="auto", seed: int = 0,
-             force: bool = False, progress: bool = True) -> None:
+def run_demo(
+    out: Path,
+    *,
+    iters: int = 400,
+    size: int = 64,
+    device="auto",
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,11 +76,17 @@ def run_demo(out: Path, *, iters: int = 400, size: int = 64, device="auto", seed
     ax.plot(it, [row.psnr for row in result.history], label="output", lw=1)
     ax.plot(it, [row.ema_psnr for row in result.history], label="EMA of outputs", lw=1.5)
     ax.axhline(noisy_psnr, color="gray", ls="--", lw=1, label="noisy input")
-    ax.set(xlabel="iteration", ylabel="PSNR vs clean (dB)", title=f"DIP denoising, sigma=25, {size}x{size}, {result.device}")
+    ax.set(
+        xlabel="iteration",
+        ylabel="PSNR vs clean (dB)",
+        title=f"DIP denoising, sigma=25, {size}x{size}, {result.device}",
+    )
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "psnr.png", dpi=120)
     plt.close(fig)
-    print(f"restored: PSNR {result.psnr:.2f} dB, EMA {result.ema_psnr:.2f} dB "
-          f"({result.iterations} iterations in {result.seconds:.1f} s on {result.device}); wrote {out}/")
+    print(
+        f"restored: PSNR {result.psnr:.2f} dB, EMA {result.ema_psnr:.2f} dB "
+        f"({result.iterations} iterations in {result.seconds:.1f} s on {result.device}); wrote {out}/"
+    )

@@ -105,8 +105,16 @@ def _crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class ReferenceStep:
     """The state of one fit and its step function, all on one device."""
 
-    def __init__(self, net: torch.nn.Module, z: torch.Tensor, problem: Problem, preset: TaskPreset,
-                 device: torch.device, seed: int, report_every: int):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        z: torch.Tensor,
+        problem: Problem,
+        preset: TaskPreset,
+        device: torch.device,
+        seed: int,
+        report_every: int,
+    ):
         self.net, self.problem, self.preset = net, problem, preset
         self.z = z.to(device)
         self.y = problem.y.to(device) if problem.y is not None else None
@@ -151,7 +159,9 @@ class ReferenceStep:
         self.out = out.detach()
         w = self.preset.ema
         self.ema = self.out if self.ema is None else self.ema * w + self.out * (1 - w)
-        fell_back = self._backtrack(loss.detach()) if self.backtracking is not None else torch.zeros((), device=loss.device)
+        fell_back = (
+            self._backtrack(loss.detach()) if self.backtracking is not None else torch.zeros((), device=loss.device)
+        )
         self.optimizer.step()
         self._record(row, loss.detach(), fell_back)
 

@@ -81,9 +81,7 @@ def to_tensor(image, name: str = "image") -> tuple[torch.Tensor, torch.Tensor | 
         return _from_numpy(image, name)
     if isinstance(image, torch.Tensor):
         return _from_tensor(image, name)
-    raise InputTypeError(
-        f"{name} must be a path, PIL image, numpy array or torch tensor; got {type(image).__name__}"
-    )
+    raise InputTypeError(f"{name} must be a path, PIL image, numpy array or torch tensor; got {type(image).__name__}")
 
 
 def _scale_to_unit(values: torch.Tensor, integer_range: int | None, name: str) -> torch.Tensor:
@@ -173,8 +171,14 @@ def from_tensor(x: torch.Tensor, alpha: torch.Tensor | None, form: ImageForm):
             out = x.to(form.dtype)
         out = out[None] if form.layout == "NCHW" else out
         return out.to(form.device)
-    arr = _to_numpy(x, np.dtype(np.uint16) if form.kind == "pil" and str(form.dtype).startswith("I") else
-                    np.dtype(np.uint8) if form.kind == "pil" else np.dtype(form.dtype))
+    arr = _to_numpy(
+        x,
+        np.dtype(np.uint16)
+        if form.kind == "pil" and str(form.dtype).startswith("I")
+        else np.dtype(np.uint8)
+        if form.kind == "pil"
+        else np.dtype(form.dtype),
+    )
     if form.kind == "numpy":
         return arr[..., 0] if form.layout == "HW" else arr
     return _array_to_pil(arr)

@@ -67,7 +67,9 @@ PRESETS: dict[str, TaskPreset] = {
     # denoising.ipynb on snail.jpg: blind JPEG-artifact removal
     "jpeg": TaskPreset(
         "jpeg",
-        net=SkipSpec(channels_down=(8, 16, 32, 64, 128), channels_up=(8, 16, 32, 64, 128), channels_skip=(0, 0, 0, 4, 4)),
+        net=SkipSpec(
+            channels_down=(8, 16, 32, 64, 128), channels_up=(8, 16, 32, 64, 128), channels_skip=(0, 0, 0, 4, 4)
+        ),
         input_depth=3,
         iterations=2400,
         backtracking=NOTEBOOK_BACKTRACKING,
@@ -146,8 +148,15 @@ PRESETS: dict[str, TaskPreset] = {
     "custom": TaskPreset("custom"),
 }
 
-DEFAULT_PRESET = {"denoise": "denoise", "jpeg": "jpeg", "inpaint": "inpaint", "restore": "restore",
-                  "enhance": "enhance", "flash": "flash", "custom": "custom"}
+DEFAULT_PRESET = {
+    "denoise": "denoise",
+    "jpeg": "jpeg",
+    "inpaint": "inpaint",
+    "restore": "restore",
+    "enhance": "enhance",
+    "flash": "flash",
+    "custom": "custom",
+}
 
 
 def preset_for(task: str, preset: str | None = None, scale: int | None = None) -> TaskPreset:

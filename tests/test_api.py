@@ -128,8 +128,14 @@ def test_inpaint_mask_forms_agree(np_rng):
     x = random_image(np_rng, 9, 11, 3)
     m = random_mask(np_rng, 9, 11)
     base = dipfast.restore(x, "inpaint", mask=m, iters=2, **FAST).image
-    for form in (m.astype(np.uint8) * 255, m.astype(np.uint8), m.astype(np.float32), torch.from_numpy(m),
-                 torch.from_numpy(m).float()[None], Image.fromarray(m.astype(np.uint8) * 255)):
+    for form in (
+        m.astype(np.uint8) * 255,
+        m.astype(np.uint8),
+        m.astype(np.float32),
+        torch.from_numpy(m),
+        torch.from_numpy(m).float()[None],
+        Image.fromarray(m.astype(np.uint8) * 255),
+    ):
         np.testing.assert_array_equal(dipfast.restore(x, "inpaint", mask=form, iters=2, **FAST).image, base)
 
 
@@ -268,9 +274,16 @@ def test_output_form_equals_input_form(np_rng, form):
     assert not np.array_equal(np.asarray(r.image), np.asarray(x))
 
 
-@pytest.mark.parametrize("mode, channels, dtype", [("L", None, np.uint8), ("LA", 2, np.uint8),
-                                                   ("RGB", 3, np.uint8), ("RGBA", 4, np.uint8),
-                                                   ("I;16", None, np.uint16)])
+@pytest.mark.parametrize(
+    "mode, channels, dtype",
+    [
+        ("L", None, np.uint8),
+        ("LA", 2, np.uint8),
+        ("RGB", 3, np.uint8),
+        ("RGBA", 4, np.uint8),
+        ("I;16", None, np.uint16),
+    ],
+)
 def test_pil_in_pil_out(np_rng, mode, channels, dtype):
     img = Image.fromarray(random_image(np_rng, 9, 7, channels, dtype))
     assert img.mode == mode
@@ -486,10 +499,14 @@ BAD = {
     "mask for denoise": ({"mask": np.ones((16, 16), bool)}, "mask= applies"),
     "mask with no known pixel": ({"task": "inpaint", "mask": np.zeros((16, 16), bool)}, "no known pixel"),
     "flash without guide": ({"task": "flash", "input_depth": 3}, "needs guide="),
-    "guide of another size": ({"task": "flash", "input_depth": 3, "guide": np.zeros((8, 8, 3), np.float32)},
-                              "guide is"),
-    "gray guide": ({"task": "flash", "input_depth": 3, "guide": np.zeros((16, 16), np.float32)},
-                   "guide has 1 channels"),
+    "guide of another size": (
+        {"task": "flash", "input_depth": 3, "guide": np.zeros((8, 8, 3), np.float32)},
+        "guide is",
+    ),
+    "gray guide": (
+        {"task": "flash", "input_depth": 3, "guide": np.zeros((16, 16), np.float32)},
+        "guide has 1 channels",
+    ),
     "target of another size": ({"target": np.zeros((8, 8, 3), np.float32)}, "target is"),
     "target with other channels": ({"target": np.zeros((16, 16), np.float32)}, "target is"),
     "sr target at LR size": ({"task": "sr", "scale": 2, "target": np.zeros((16, 16, 3), np.float32)}, "target is"),
@@ -509,8 +526,10 @@ BAD = {
     "operator and loss": ({"operator": lambda x: x, "loss": lambda x: x.mean()}, "not both"),
     "operator of wrong shape": ({"operator": lambda x: x[:, :, :4]}, "operator maps"),
     "loss not a scalar": ({"task": "custom", "loss": lambda x: x}, "scalar"),
-    "meshgrid with depth 4": ({"task": "inpaint", "preset": "inpaint-meshgrid", "mask": np.ones((16, 16), bool)},
-                              "meshgrid input has 2 channels"),
+    "meshgrid with depth 4": (
+        {"task": "inpaint", "preset": "inpaint-meshgrid", "mask": np.ones((16, 16), bool)},
+        "meshgrid input has 2 channels",
+    ),
     "callback not callable": ({"callback": 3}, "callback must be callable"),
     "float image above 1": ({"image": np.full((16, 16, 3), 2.0, np.float32)}, "must lie in \\[0, 1\\]"),
     "NaN image": ({"image": np.full((16, 16), np.nan, np.float32)}, "NaN"),

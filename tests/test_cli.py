@@ -56,10 +56,20 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
 
 
 def run_process(*args, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "dipfast.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "dipfast.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def assert_one_error_line(rc, err, *fragments):
@@ -148,8 +158,22 @@ def test_every_task_runs(capsys, tmp_path, in_png, np_rng, task):
 
 def test_target_and_ema_output(capsys, tmp_path, in_png, np_rng):
     Image.fromarray(random_image(np_rng, 16, 16, 3, np.uint8)).save(tmp_path / "gt.png")
-    rc, stdout, err = run_main(capsys, "restore", in_png, "-o", tmp_path / "out.png", "--iters", "2", "--quiet",
-                               "--target", tmp_path / "gt.png", "--ema-output", tmp_path / "ema.png", "--seed", "3")
+    rc, stdout, err = run_main(
+        capsys,
+        "restore",
+        in_png,
+        "-o",
+        tmp_path / "out.png",
+        "--iters",
+        "2",
+        "--quiet",
+        "--target",
+        tmp_path / "gt.png",
+        "--ema-output",
+        tmp_path / "ema.png",
+        "--seed",
+        "3",
+    )
     assert rc == 0, err
     assert re.search(r", PSNR \d+\.\d\d dB \(EMA \d+\.\d\d dB\)$", stdout.strip()), stdout
     for name in ("out.png", "ema.png"):
@@ -163,8 +187,9 @@ def test_rgba_and_16_bit_files_keep_their_mode(capsys, tmp_path, np_rng):
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     Image.fromarray(random_image(np_rng, 12, 10, None, np.uint16)).save(tmp_path / "gray16.png")
     for name in ("rgba.png", "gray16.png"):
-        rc, _, err = run_main(capsys, "restore", tmp_path / name, "-o", tmp_path / f"out-{name}", "--iters", "1",
-                              "--quiet")
+        rc, _, err = run_main(
+            capsys, "restore", tmp_path / name, "-o", tmp_path / f"out-{name}", "--iters", "1", "--quiet"
+        )
         assert rc == 0, err
     with Image.open(tmp_path / "out-rgba.png") as img:
         assert img.mode == "RGBA"
@@ -282,8 +307,10 @@ def _bad_cases():
         return lambda tmp, inp, np_rng: (["restore", inp, "-o", tmp / "out.png", *extra], list(fragments))
 
     return {
-        "missing input": lambda tmp, inp, np_rng: (["restore", tmp / "missing.png", "-o", tmp / "out.png"],
-                                                ["does not exist"]),
+        "missing input": lambda tmp, inp, np_rng: (
+            ["restore", tmp / "missing.png", "-o", tmp / "out.png"],
+            ["does not exist"],
+        ),
         "folder as input": folder_input,
         "not an image": text_png,
         "truncated png": truncated,
@@ -291,8 +318,9 @@ def _bad_cases():
         "0 px png": zero_px,
         "mask of another size": mask_size,
         "mask with alpha": rgba_mask,
-        "missing mask file": args("--task", "inpaint", "--mask", "no-such-mask.png",
-                                  fragments=["mask file", "does not exist"]),
+        "missing mask file": args(
+            "--task", "inpaint", "--mask", "no-such-mask.png", fragments=["mask file", "does not exist"]
+        ),
         "inpaint without mask": args("--task", "inpaint", fragments=["needs mask="]),
         "flash without guide": args("--task", "flash", fragments=["needs guide="]),
         "target of another size": target_size,
@@ -323,10 +351,14 @@ def _bad_cases():
         "ema output equals output": ema_same_as_output,
         "unknown command": lambda tmp, inp, np_rng: (["bogus"], ["bogus"]),
         "demo size 4": lambda tmp, inp, np_rng: (["demo", "--size", "4", "--out", tmp / "demo"], ["demo size"]),
-        "demo unknown device": lambda tmp, inp, np_rng: (["demo", "--device", "tpu", "--out", tmp / "demo"],
-                                                      ["unknown device 'tpu'"]),
-        "demo negative seed": lambda tmp, inp, np_rng: (["demo", "--seed", "-1", "--out", tmp / "demo"],
-                                                     ["--seed", "-1"]),
+        "demo unknown device": lambda tmp, inp, np_rng: (
+            ["demo", "--device", "tpu", "--out", tmp / "demo"],
+            ["unknown device 'tpu'"],
+        ),
+        "demo negative seed": lambda tmp, inp, np_rng: (
+            ["demo", "--seed", "-1", "--out", tmp / "demo"],
+            ["--seed", "-1"],
+        ),
         "demo iters 0": lambda tmp, inp, np_rng: (["demo", "--iters", "0", "--out", tmp / "demo"], ["--iters"]),
         "demo out is a file": lambda tmp, inp, np_rng: (["demo", "--out", inp], ["is a file"]),
     }
@@ -347,8 +379,7 @@ def test_bad_input(capsys, tmp_path, in_png, np_rng, case):
 
 def _tree(root: Path) -> dict:
     """Every path under root: file contents, 'dir' for folders, the target for links."""
-    return {p: os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir"
-            for p in root.rglob("*")}
+    return {p: os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir" for p in root.rglob("*")}
 
 
 def test_demo_refuses_to_overwrite_without_force(capsys, tmp_path):
@@ -382,8 +413,10 @@ def test_unreadable_input_file(capsys, tmp_path, in_png):
     in_png.chmod(0)
     try:
         if os.access(in_png, os.R_OK):
-            pytest.skip("running as root: chmod 000 leaves the file readable (test_unreadable_input_reported "
-                        "covers the check with os.access patched, test_bad_input[folder as input] a real failure)")
+            pytest.skip(
+                "running as root: chmod 000 leaves the file readable (test_unreadable_input_reported "
+                "covers the check with os.access patched, test_bad_input[folder as input] a real failure)"
+            )
         rc, out, err = run_main(capsys, "restore", in_png, "-o", tmp_path / "out.png")
         assert_one_error_line(rc, err, "not readable")
         assert out == ""
@@ -405,8 +438,10 @@ def test_read_only_output_folder(capsys, tmp_path, in_png):
     folder.chmod(0o555)
     try:
         if os.access(folder, os.W_OK):
-            pytest.skip("running as root: a 0o555 folder stays writable (test_unwritable_output_reported covers "
-                        "the check with os.access patched, test_bad_input[output write fails] a real failure)")
+            pytest.skip(
+                "running as root: a 0o555 folder stays writable (test_unwritable_output_reported covers "
+                "the check with os.access patched, test_bad_input[output write fails] a real failure)"
+            )
         rc, out, err = run_main(capsys, "restore", in_png, "-o", folder / "out.png")
         assert_one_error_line(rc, err, "not writable")
         assert out == "" and list(folder.iterdir()) == []

@@ -34,16 +34,23 @@ def _one_thread():
 
 def _reference_step(backtracking, *, size=8, loss=None, lr=0.01, seed=0, report_every=8, ema=0.99):
     """A ReferenceStep of the tiny net on a random (1, 3, size, size) observation."""
-    preset = dataclasses.replace(PRESETS["denoise"], net=TINY_NET, input_depth=4, backtracking=backtracking,
-                                 lr=lr, ema=ema)
+    preset = dataclasses.replace(
+        PRESETS["denoise"], net=TINY_NET, input_depth=4, backtracking=backtracking, lr=lr, ema=ema
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = nets.build(TINY_NET, 4, 3)
     z = nets.noise_input(4, size, size, generator=gen)
     y = torch.rand(1, 3, size, size, generator=gen)
-    problem = engine.Problem(input_shape=(4, size, size), z=z, out_size=(size, size), n_channels=3,
-                             y=None if loss is not None else y, loss=loss)
+    problem = engine.Problem(
+        input_shape=(4, size, size),
+        z=z,
+        out_size=(size, size),
+        n_channels=3,
+        y=None if loss is not None else y,
+        loss=loss,
+    )
     return engine.ReferenceStep(net, z, problem, preset, torch.device("cpu"), seed, report_every), y
 
 
@@ -231,7 +238,7 @@ def test_ema_recomputed_from_the_outputs():
     for out in outs[1:]:
         ema = ema * 0.99 + out * 0.01
     assert torch.equal(step.ema, ema)
-    closed = 0.99 ** 9 * outs[0].double() + sum(0.01 * 0.99 ** (9 - j) * outs[j].double() for j in range(1, 10))
+    closed = 0.99**9 * outs[0].double() + sum(0.01 * 0.99 ** (9 - j) * outs[j].double() for j in range(1, 10))
     torch.testing.assert_close(step.ema.double(), closed, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(step.ema, outs[-1], atol=1e-5)  # not simply the last output
 
@@ -266,16 +273,23 @@ def test_history_psnr_is_of_each_iterations_output(np_rng):
     clean = smooth_image(np_rng, 8, 8)
     noisy = np.clip(clean + np_rng.normal(0, 0.1, clean.shape), 0, 1).astype(np.float32)
     seen = []
-    r = dipfast.restore(noisy, target=clean, iters=4, report_every=1,
-                        callback=lambda p: seen.append((p.psnr, p.ema_psnr, p.image.clone(), p.ema_image.clone())),
-                        **FAST)
+    r = dipfast.restore(
+        noisy,
+        target=clean,
+        iters=4,
+        report_every=1,
+        callback=lambda p: seen.append((p.psnr, p.ema_psnr, p.image.clone(), p.ema_image.clone())),
+        **FAST,
+    )
     ref = clean.astype(np.float64)
     for row, (p, ep, out, ema) in zip(r.history, seen, strict=True):
         assert row.psnr == p and row.ema_psnr == ep
-        assert p == pytest.approx(peak_signal_noise_ratio(ref, out[0].permute(1, 2, 0).double().numpy(),
-                                                          data_range=1), abs=1e-9)
-        assert ep == pytest.approx(peak_signal_noise_ratio(ref, ema[0].permute(1, 2, 0).double().numpy(),
-                                                           data_range=1), abs=1e-9)
+        assert p == pytest.approx(
+            peak_signal_noise_ratio(ref, out[0].permute(1, 2, 0).double().numpy(), data_range=1), abs=1e-9
+        )
+        assert ep == pytest.approx(
+            peak_signal_noise_ratio(ref, ema[0].permute(1, 2, 0).double().numpy(), data_range=1), abs=1e-9
+        )
 
 
 # ---------------------------------------------------------------------------------------------

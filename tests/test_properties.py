@@ -36,8 +36,19 @@ def restore_inputs(draw):
     mask = draw(st.sampled_from(["none", "right", "wrong"])) if task == "inpaint" else "none"
     mask_dtype = draw(st.sampled_from(["bool", "uint8", "float32"]))
     mask_hw = (h, w) if mask == "right" else (h + draw(st.integers(1, 3)), w) if mask == "wrong" else None
-    return {"h": h, "w": w, "layout": layout, "channels": channels, "dtype": dtype, "values": values,
-            "seed": seed, "task": task, "mask": mask, "mask_dtype": mask_dtype, "mask_hw": mask_hw}
+    return {
+        "h": h,
+        "w": w,
+        "layout": layout,
+        "channels": channels,
+        "dtype": dtype,
+        "values": values,
+        "seed": seed,
+        "task": task,
+        "mask": mask,
+        "mask_dtype": mask_dtype,
+        "mask_hw": mask_hw,
+    }
 
 
 def _build(case):

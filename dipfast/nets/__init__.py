@@ -19,8 +19,21 @@ from dipfast.nets.unet import UNet, UNetSpec
 NetSpec = SkipSpec | UNetSpec | ResNetSpec
 
 __all__ = [
-    "INPUT_KINDS", "NetSpec", "ResNet", "ResNetSpec", "Skip", "SkipSpec", "UNet", "UNetSpec", "build",
-    "hourglass", "load_original_state_dict", "meshgrid_input", "noise_input", "original_keys", "skip",
+    "INPUT_KINDS",
+    "NetSpec",
+    "ResNet",
+    "ResNetSpec",
+    "Skip",
+    "SkipSpec",
+    "UNet",
+    "UNetSpec",
+    "build",
+    "hourglass",
+    "load_original_state_dict",
+    "meshgrid_input",
+    "noise_input",
+    "original_keys",
+    "skip",
     "working_size",
 ]
 

@@ -7,7 +7,9 @@ import torch
 INPUT_KINDS = ("noise", "meshgrid", "guide")
 
 
-def noise_input(depth: int, h: int, w: int, generator: torch.Generator | None = None, scale: float = 0.1) -> torch.Tensor:
+def noise_input(
+    depth: int, h: int, w: int, generator: torch.Generator | None = None, scale: float = 0.1
+) -> torch.Tensor:
     """z ~ U[0, scale): the original's zeros().uniform_() * 0.1, drawn on the CPU. (1, depth, h, w)."""
     return torch.rand(1, depth, h, w, generator=generator) * scale
 

@@ -95,7 +95,9 @@ class PadConv(nn.Module):
 class ConvBNAct(nn.Module):
     """conv -> BatchNorm2d (always training statistics in DIP) -> activation."""
 
-    def __init__(self, in_ch, out_ch, kernel_size, stride=1, bias=True, pad="zero", downsample_mode="stride", act="LeakyReLU"):
+    def __init__(
+        self, in_ch, out_ch, kernel_size, stride=1, bias=True, pad="zero", downsample_mode="stride", act="LeakyReLU"
+    ):
         super().__init__()
         self.conv = PadConv(in_ch, out_ch, kernel_size, stride, bias, pad, downsample_mode)
         self.bn = nn.BatchNorm2d(out_ch)

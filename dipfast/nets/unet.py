@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dipfast.nets.layers import PadConv, UPSAMPLE_MODES
+from dipfast.nets.layers import UPSAMPLE_MODES, PadConv
 
 NORMS = {"batch": nn.BatchNorm2d, "instance": nn.InstanceNorm2d, "none": None}
 
@@ -58,7 +58,9 @@ class UNetUp(nn.Module):
         if mode == "deconv":
             self.up = nn.ConvTranspose2d(2 * out_ch, out_ch, 4, stride=2, padding=1)
         else:
-            self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), PadConv(2 * out_ch, out_ch, 3, bias=bias, pad=pad))
+            self.up = nn.Sequential(
+                nn.Upsample(scale_factor=2, mode=mode), PadConv(2 * out_ch, out_ch, 3, bias=bias, pad=pad)
+            )
         self.conv = UNetConv(2 * out_ch, out_ch, None, bias, pad)
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
