@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from dipfast import nets
 from dipfast.errors import InputError
 from dipfast.metrics import psnr
+from dipfast.nvtx_ranges import phase
 from dipfast.presets import Backtracking, TaskPreset
 
 
@@ -150,19 +151,26 @@ class ReferenceStep:
 
     def __call__(self, row: int) -> None:
         if self.preset.reg_noise_std > 0:
-            self.net_input = self.z + self.noise.normal_(generator=self.generator) * self.preset.reg_noise_std
-        out = _crop(self.net(self.net_input), self.problem.out_size)
-        loss = self._loss(out)
+            with phase("noise"):
+                self.net_input = self.z + self.noise.normal_(generator=self.generator) * self.preset.reg_noise_std
+        with phase("forward"):
+            out = _crop(self.net(self.net_input), self.problem.out_size)
+        with phase("loss"):
+            loss = self._loss(out)
         self.checked_shapes = True
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.out = out.detach()
-        w = self.preset.ema
-        self.ema = self.out if self.ema is None else self.ema * w + self.out * (1 - w)
-        fell_back = (
-            self._backtrack(loss.detach()) if self.backtracking is not None else torch.zeros((), device=loss.device)
-        )
-        self.optimizer.step()
+        with phase("backward"):
+            self.optimizer.zero_grad()
+            loss.backward()
+        with phase("backtracking"):
+            self.out = out.detach()
+            w = self.preset.ema
+            self.ema = self.out if self.ema is None else self.ema * w + self.out * (1 - w)
+            if self.backtracking is not None:
+                fell_back = self._backtrack(loss.detach())
+            else:
+                fell_back = torch.zeros((), device=loss.device)
+        with phase("optimizer"):
+            self.optimizer.step()
         self._record(row, loss.detach(), fell_back)
 
     @torch.no_grad()
@@ -247,7 +255,8 @@ def fit(
 def _read_back(step: ReferenceStep, result: Fit, done: int, start: float, bar, callback) -> bool:
     """Copy the metrics rows since the last read to the host: the loop's only sync."""
     n = (done - 1) % step.metrics.shape[0] + 1
-    rows = step.metrics[:n].tolist()
+    with phase("read-back"):
+        rows = step.metrics[:n].tolist()
     seconds = time.perf_counter() - start
     for k, (loss, p, ema_p, fell_back) in enumerate(rows):
         result.history.append(HistoryRow(done - n + k + 1, loss, _finite(p), _finite(ema_p), bool(fell_back), seconds))

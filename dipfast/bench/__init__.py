@@ -5,6 +5,6 @@
 One idea per module: data (the inputs), original_loop (the notebooks' loop, the baseline of
 every speed-up), runs (one fit of any method, timed), baselines (bicubic, NLM, BM3D),
 throughput, time_to_psnr, quality (the three suites), memory, machine, report (JSON, Markdown,
-plots), nvtx_ranges, worker (cold runs in a fresh process) and cli. Importing this package
+plots), worker (cold runs in a fresh process) and cli. NVTX ranges live in dipfast.nvtx_ranges. Importing this package
 imports nothing heavy.
 """

@@ -201,8 +201,8 @@ def _run(args) -> int:
 
     import torch
 
-    from dipfast import api
-    from dipfast.bench import nvtx_ranges, report, runs
+    from dipfast import api, nvtx_ranges
+    from dipfast.bench import report, runs
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

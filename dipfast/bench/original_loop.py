@@ -45,9 +45,9 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio
 
 from dipfast import nets
-from dipfast.bench.nvtx_ranges import phase
 from dipfast.engine import HistoryRow
 from dipfast.nets.layers import LanczosDownsampler
+from dipfast.nvtx_ranges import phase
 from dipfast.operators import Lanczos2Decimation
 from dipfast.presets import TaskPreset
 

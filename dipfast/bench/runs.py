@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dipfast import api
-from dipfast.bench import baselines, nvtx_ranges
+from dipfast.bench import baselines
 from dipfast.bench.data import Case, psnr
 from dipfast.nets import SkipSpec
 from dipfast.presets import PRESETS, apply_overrides, preset_for
@@ -145,20 +145,19 @@ def run_dip(
         offsets.append(now - p.seconds)  # restore()'s set-up before the engine's clock starts
         return time_limit is not None and now > time_limit
 
-    with nvtx_ranges.reference_hooks():
-        result = api.restore(
-            case.observed,
-            **case.restore_kwargs(),
-            iters=iters,
-            seed=seed,
-            device=device,
-            precision=precision,
-            backend=method,
-            progress=progress,
-            callback=callback,
-            report_every=report_every,
-            **overrides,
-        )
+    result = api.restore(
+        case.observed,
+        **case.restore_kwargs(),
+        iters=iters,
+        seed=seed,
+        device=device,
+        precision=precision,
+        backend=method,
+        progress=progress,
+        callback=callback,
+        report_every=report_every,
+        **overrides,
+    )
     seconds = time.perf_counter() - t0
     run = Run(
         method,

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from dipfast import api
-from dipfast.bench import nvtx_ranges, runs
+from dipfast.bench import runs
 from dipfast.bench.data import Case, throughput_case
 from dipfast.bench.memory import PeakMemory
 from dipfast.errors import InputError
@@ -59,20 +59,19 @@ def _blocks_reference(case: Case, config: Config, *, iters, warm_blocks, repeats
         runs.cuda_sync(device)
         stamps.append(time.perf_counter())
 
-    with nvtx_ranges.reference_hooks():
-        api.restore(
-            case.observed,
-            **case.restore_kwargs(),
-            iters=(warm_blocks + repeats) * iters,
-            seed=seed,
-            device=device,
-            precision=config.precision,
-            backend=config.method,
-            progress=False,
-            callback=callback,
-            report_every=iters,
-            **runs.net_overrides(net, case.preset),
-        )
+    api.restore(
+        case.observed,
+        **case.restore_kwargs(),
+        iters=(warm_blocks + repeats) * iters,
+        seed=seed,
+        device=device,
+        precision=config.precision,
+        backend=config.method,
+        progress=False,
+        callback=callback,
+        report_every=iters,
+        **runs.net_overrides(net, case.preset),
+    )
     return [b - a for a, b in zip(stamps[warm_blocks - 1 :], stamps[warm_blocks:])]
 
 

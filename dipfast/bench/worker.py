@@ -24,7 +24,7 @@ def run_cold(case: Case, method: str, precision: str, *, timeout: float | None =
     """run_dip(case, method, precision, **kwargs) in a fresh process; its Run without images."""
     import torch
 
-    from dipfast.bench import nvtx_ranges
+    from dipfast import nvtx_ranges
 
     with tempfile.TemporaryDirectory(prefix="dipfast-cold-") as tmp:
         tmp = Path(tmp)
@@ -59,7 +59,7 @@ def run_cold(case: Case, method: str, precision: str, *, timeout: float | None =
 def main(argv: list[str]) -> int:
     import torch
 
-    from dipfast.bench import nvtx_ranges
+    from dipfast import nvtx_ranges
     from dipfast.bench.runs import run_dip
 
     job = json.loads(Path(argv[0]).read_text())
