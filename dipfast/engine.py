@@ -86,12 +86,12 @@ class Fit:
 
 
 @contextlib.contextmanager
-def ieee_fp32():
+def ieee_fp32(cudnn_benchmark: bool = False):
     """TF32 off for convolutions and matmuls: "fp32" on the reference path means IEEE fp32."""
     matmul = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+        with torch.backends.cudnn.flags(enabled=True, benchmark=cudnn_benchmark, deterministic=False, allow_tf32=False):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul

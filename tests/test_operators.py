@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from _original_dip import Downsampler, get_kernel_lanczos
 
 from dipfast.operators import Identity, Lanczos2Decimation, Mask, bernoulli_mask, lanczos2_taps, lanczos_kernel
 
@@ -22,38 +22,6 @@ def _formula_taps(factor, support=2):
     d = np.abs(np.arange(1, k + 1) - (k + 1) / 2) / factor
     taps = support * np.sin(np.pi * d) * np.sin(np.pi * d / support) / (np.pi**2 * d**2)
     return taps / taps.sum()
-
-
-def _original_get_kernel(factor, support):
-    """The original get_kernel(factor, 'lanczos', phase=0.5, kernel_width=2 a f + 1, support=a), literally."""
-    kernel_width = 2 * support * factor + 1
-    kernel = np.zeros([kernel_width - 1, kernel_width - 1])
-    center = (kernel_width + 1) / 2.0
-    for i in range(1, kernel.shape[0] + 1):
-        for j in range(1, kernel.shape[1] + 1):
-            di = abs(i + 0.5 - center) / factor
-            dj = abs(j + 0.5 - center) / factor
-            val = 1
-            if di != 0:
-                val = val * support * np.sin(np.pi * di) * np.sin(np.pi * di / support)
-                val = val / (np.pi * np.pi * di * di)
-            if dj != 0:
-                val = val * support * np.sin(np.pi * dj) * np.sin(np.pi * dj / support)
-                val = val / (np.pi * np.pi * dj * dj)
-            kernel[i - 1][j - 1] = val
-    kernel /= kernel.sum()
-    return kernel
-
-
-def _dense_original(kernel64: np.ndarray, channels: int, factor: int) -> nn.Module:
-    """The original Downsampler: ReplicationPad2d((K - f) / 2), then a dense C -> C conv, weight[c, c] = kernel."""
-    k = kernel64.shape[0]
-    conv = nn.Conv2d(channels, channels, k, stride=factor, padding=0)
-    conv.weight.data[:] = 0
-    conv.bias.data[:] = 0
-    for c in range(channels):
-        conv.weight.data[c, c] = torch.from_numpy(kernel64)  # float64 copied into fp32 weights
-    return nn.Sequential(nn.ReplicationPad2d((k - factor) // 2), conv)
 
 
 def _adjoint_gap(op, x, y, **kw):
@@ -97,7 +65,7 @@ def test_kernel_is_outer_product_and_sums_to_one(factor, size):
 @pytest.mark.parametrize("support", [2, 3])
 @pytest.mark.parametrize("factor", [2, 4, 8])
 def test_kernel_matches_original_loop(factor, support):
-    ours, theirs = lanczos_kernel(factor, support), _original_get_kernel(factor, support)
+    ours, theirs = lanczos_kernel(factor, support), get_kernel_lanczos(factor, 2 * support * factor + 1, support)
     assert ours.shape == (2 * support * factor,) * 2
     np.testing.assert_array_equal(ours.astype(np.float32), theirs.astype(np.float32))  # fp32 weights bit-identical
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-16)
@@ -108,7 +76,7 @@ def test_kernel_matches_original_loop(factor, support):
 def test_decimation_kernel_and_padding(factor, size):
     op = Lanczos2Decimation(factor)
     assert op.kernel.shape == (size, size) and op.kernel.dtype == torch.float32
-    assert torch.equal(op.kernel, torch.from_numpy(_original_get_kernel(factor, 2)).float())
+    assert torch.equal(op.kernel, torch.from_numpy(get_kernel_lanczos(factor, 4 * factor + 1, 2)).float())
     assert op.pad == (size - factor) // 2 == {2: 3, 4: 6, 8: 12}[factor]  # ReplicationPad2d((K - f) / 2)
 
 
@@ -153,7 +121,7 @@ def test_constant_and_ramp(factor):
 @pytest.mark.parametrize("channels, hw", [(3, (64, 48)), (1, (37, 53)), (4, (67, 45))])
 def test_matches_original_dense_conv(factor, channels, hw, rng):
     op = Lanczos2Decimation(factor)
-    dense = _dense_original(_original_get_kernel(factor, 2), channels, factor)
+    dense = Downsampler(channels, factor, "lanczos2")  # the original: dense C -> C conv, weight[c, c] = kernel
     x = torch.rand(1, channels, *hw, generator=rng)
     with torch.no_grad():
         torch.testing.assert_close(op.A(x), dense(x), rtol=1e-5, atol=1e-6)  # fp32, different summation order

@@ -35,7 +35,6 @@ the image (the notebooks crop their images to sizes that fit).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -45,7 +44,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio
 
 from dipfast import nets
-from dipfast.engine import HistoryRow
+from dipfast.engine import HistoryRow, ieee_fp32
 from dipfast.nets.layers import LanczosDownsampler
 from dipfast.nvtx_ranges import phase
 from dipfast.operators import Lanczos2Decimation
@@ -63,18 +62,6 @@ PRINTS = {  # what each notebook prints every iteration (formatted even though i
 def compare_psnr(true: np.ndarray, test: np.ndarray) -> float:
     """skimage.measure.compare_psnr as the notebooks call it: float images, data range 1."""
     return float(peak_signal_noise_ratio(true, test, data_range=1))
-
-
-@contextlib.contextmanager
-def notebook_flags():
-    """cudnn.enabled = benchmark = True as in every notebook; IEEE fp32 (no TF32), as pytorch 0.4."""
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def _nan(x: float | None) -> float:
@@ -268,7 +255,7 @@ class OriginalLoop:
 
     def run(self, iterations: int, on_step=None) -> None:
         """`iterations` steps; on_step(done) after each, returning True stops early."""
-        with notebook_flags():
+        with ieee_fp32(cudnn_benchmark=True):  # cudnn.benchmark on, as every notebook
             for _ in range(iterations):
                 self.step()
                 if on_step is not None and on_step(self.iterations):
@@ -277,7 +264,7 @@ class OriginalLoop:
     @torch.no_grad()
     def final_output(self) -> torch.Tensor:
         """The notebooks' result: one more forward with the last perturbed input, BN in train mode."""
-        with notebook_flags():
+        with ieee_fp32(cudnn_benchmark=True):  # cudnn.benchmark on, as every notebook
             return self._crop(self.net(self.net_input))
 
     def close(self) -> None:
