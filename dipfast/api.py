@@ -137,8 +137,9 @@ def restore(
     """
     preset_obj = _settings(task, preset, scale, iters, overrides)
     dev = resolve_device(device)
-    backend = _choice("backend", backend, BACKENDS)
-    precision = _choice("precision", precision, PRECISIONS)
+    # one backend and one precision so far: 'auto' resolves to them
+    backend = "reference" if _choice("backend", backend, BACKENDS) == "auto" else backend
+    precision = "fp32" if _choice("precision", precision, PRECISIONS) == "auto" else precision
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed must be a non-negative integer; got {seed!r}")
     seed = int(seed)
@@ -180,9 +181,9 @@ def restore(
         stop_reason=fit.stop_reason,
         task=task,
         settings=preset_obj,
-        backend="reference",
+        backend=backend,
         device=str(dev),
-        precision="fp32",
+        precision=precision,
         seed=seed,
         extras=extras,
     )

@@ -189,12 +189,11 @@ class ReferenceStep:
 
     @torch.no_grad()
     def _record(self, row: int, loss: torch.Tensor, fell_back: torch.Tensor) -> None:
-        values = [loss.double(), fell_back.double()]
         if self.target is not None:
-            values[1:1] = [psnr(self.out, self.target), psnr(self.ema, self.target)]
-        else:
-            values[1:1] = [torch.full((), float("nan"), dtype=torch.float64, device=loss.device)] * 2
-        self.metrics[row] = torch.stack(values)
+            quality = [psnr(self.out, self.target), psnr(self.ema, self.target)]
+        else:  # NaN marks "no target" in the buffer
+            quality = [torch.full((), float("nan"), dtype=torch.float64, device=loss.device)] * 2
+        self.metrics[row] = torch.stack([loss.double(), *quality, fell_back.double()])
 
     @torch.no_grad()
     def final_output(self) -> torch.Tensor:
