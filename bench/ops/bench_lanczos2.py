@@ -1,10 +1,13 @@
 """The SR loss operator, Lanczos2 decimation (replicate pad + depthwise conv, stride f):
 dipfast.operators.Lanczos2Decimation.A, forward and forward + backward, and the original's
-dense C -> C conv (dipfast.nets.layers.LanczosDownsampler) beside it."""
+dense C -> C conv (dipfast.nets.layers.LanczosDownsampler) beside it; on CUDA, the fused Triton op
+(dipfast.kernels.lanczos2_downsample) against its reference twin, forward and forward + backward."""
 
 import pytest
 import torch
 
+import dipfast.kernels
+from dipfast import reference
 from dipfast.engine import ieee_fp32
 from dipfast.nets.layers import LanczosDownsampler
 from dipfast.operators import Lanczos2Decimation
@@ -43,3 +46,49 @@ def test_lanczos2_dense_original_full(benchmark, case, rng):
     with ieee_fp32():
         grads = benchmark(lambda: torch.autograd.grad(down(x), [x, *down.parameters()], g))
     assert grads[0].shape == x.shape
+
+
+# --- the Triton op against the reference twin (CUDA only) --------------------------------------------------
+
+GPU_CASES = [(4, 576, 384), (8, 576, 384)]  # (factor, H, W): the SR presets' HR sizes
+GPU_IDS = ["x4-576x384", "x8-576x384"]
+IMPLS = {"triton": dipfast.kernels.lanczos2_downsample, "reference": reference.lanczos2_downsample}
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA only: the Triton op runs on CPU only in the interpreter, not timeable"
+)
+
+
+def _synced(fn):
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
+def test_lanczos2_op_forward(benchmark, case, impl, rng):
+    f, h, w = case
+    op = IMPLS[impl]
+    x = torch.rand(1, 3, h, w, generator=rng).cuda()
+    if impl == "triton":
+        assert dipfast.kernels.lanczos2_path(x) == "triton"
+    with ieee_fp32():
+        y = benchmark(_synced(lambda: op(x, f)))
+    assert y.shape == (1, 3, h // f, w // f)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
+def test_lanczos2_op_full(benchmark, case, impl, rng):
+    f, h, w = case
+    op = IMPLS[impl]
+    x = torch.rand(1, 3, h, w, generator=rng).cuda().requires_grad_(True)
+    g = torch.randn(1, 3, h // f, w // f, generator=rng).cuda()
+    with ieee_fp32():
+        (dx,) = benchmark(_synced(lambda: torch.autograd.grad(op(x, f), x, g)))
+    assert dx.shape == x.shape

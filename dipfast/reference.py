@@ -1,0 +1,35 @@
+"""Plain-PyTorch reference twins of the fused ops in dipfast.kernels (STYLE.md, section 5.5).
+
+Each twin has the signature of its kernel op and is the oracle of tests/parity and the baseline of
+bench/ops. The Lanczos2 twins call dipfast.operators.Lanczos2Decimation, so the engine's SR operator
+and the oracle are one implementation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from dipfast.operators import Lanczos2Decimation
+
+
+@functools.lru_cache(maxsize=None)
+def _decimation(factor: int) -> Lanczos2Decimation:
+    return Lanczos2Decimation(factor)
+
+
+def lanczos2_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """x: (N, C, H, W) -> (N, C, H // f, W // f); y = S_f(h * R(x)).
+
+    R is replication padding by (K - f) / 2 (K = 4f taps), h the 2-D Lanczos2 kernel of
+    dipfast.operators.lanczos_kernel, applied per channel, S_f keeps every f-th sample.
+    Exactly Lanczos2Decimation(factor).A.
+    """
+    return _decimation(factor).A(x)
+
+
+def lanczos2_mse(x: torch.Tensor, y: torch.Tensor, factor: int) -> torch.Tensor:
+    """x: (N, C, H, W), y: (N, C, H // f, W // f) -> scalar mean((lanczos2_downsample(x) - y)^2)."""
+    return F.mse_loss(lanczos2_downsample(x, factor), y)

@@ -1,0 +1,9 @@
+"""dipfast.kernels: fused Triton ops with their backward, registered as torch ops (dipfast::*).
+
+This folder (kernels/ at the repository top) installs as the subpackage dipfast.kernels (setup.py).
+Each op falls back to its plain-PyTorch twin in dipfast.reference where Triton cannot run.
+"""
+
+from dipfast.kernels.lanczos2 import lanczos2_downsample, lanczos2_mse, lanczos2_path
+
+__all__ = ["lanczos2_downsample", "lanczos2_mse", "lanczos2_path"]
