@@ -2,7 +2,8 @@
 
 Each twin has the signature of its kernel op and is the oracle of tests/parity and the baseline of
 bench/ops. The Lanczos2 twins call dipfast.operators.Lanczos2Decimation, so the engine's SR operator
-and the oracle are one implementation.
+and the oracle are one implementation; conv_bn_lrelu computes what dipfast.nets.layers.ConvBNAct
+computes with reflection padding (tests/test_reference.py holds them equal).
 """
 
 from __future__ import annotations
@@ -33,3 +34,29 @@ def lanczos2_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
 def lanczos2_mse(x: torch.Tensor, y: torch.Tensor, factor: int) -> torch.Tensor:
     """x: (N, C, H, W), y: (N, C, H // f, W // f) -> scalar mean((lanczos2_downsample(x) - y)^2)."""
     return F.mse_loss(lanczos2_downsample(x, factor), y)
+
+
+def conv_bn_lrelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    stride: int = 1,
+    groups: int = 1,
+    eps: float = 1e-5,
+    slope: float = 0.2,
+) -> torch.Tensor:
+    """leaky_relu(batch_norm(conv2d(pad(x, reflect, (k - 1) // 2), weight, bias, stride, groups), training), slope).
+
+    x: (N, C_in, H, W); weight: (C_out, C_in / groups, k, k), k odd; bias: (C_out,) or None;
+    gamma, beta: (C_out,). BatchNorm uses the batch statistics (biased variance), as DIP always
+    does; no running statistics are kept. groups > 1 carries independent networks side by side.
+    """
+    pad = (weight.shape[-1] - 1) // 2
+    if pad:
+        x = F.pad(x, (pad,) * 4, mode="reflect")
+    y = F.conv2d(x, weight, bias, stride=stride, groups=groups)
+    y = F.batch_norm(y, None, None, gamma, beta, training=True, eps=eps)
+    return F.leaky_relu(y, slope)
