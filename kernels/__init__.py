@@ -4,6 +4,7 @@ This folder (kernels/ at the repository top) installs as the subpackage dipfast.
 Each op falls back to its plain-PyTorch twin in dipfast.reference where Triton cannot run.
 """
 
+from dipfast.kernels.conv_bn_lrelu import conv_bn_lrelu, conv_bn_lrelu_path
 from dipfast.kernels.lanczos2 import lanczos2_downsample, lanczos2_mse, lanczos2_path
 
-__all__ = ["lanczos2_downsample", "lanczos2_mse", "lanczos2_path"]
+__all__ = ["conv_bn_lrelu", "conv_bn_lrelu_path", "lanczos2_downsample", "lanczos2_mse", "lanczos2_path"]

@@ -1,10 +1,13 @@
 """The reference conv block, reflect-pad + conv + BN (training statistics) + LeakyReLU(0.2):
-dipfast.reference.conv_bn_lrelu (the twin the fused kernel will be timed against), eager fp32 with
-IEEE convolutions, forward / backward / both."""
+dipfast.reference.conv_bn_lrelu (the twin the fused kernel is timed against), eager fp32 with
+IEEE convolutions, forward / backward / both; on CUDA, the fused Triton op (dipfast.kernels.conv_bn_lrelu)
+against the twin, forward and forward + backward, groups 1 and 4."""
 
 import pytest
 import torch
 
+import dipfast.kernels
+from dipfast import reference
 from dipfast.engine import ieee_fp32
 from dipfast.reference import conv_bn_lrelu
 
@@ -68,4 +71,62 @@ def test_conv_bn_lrelu_full(benchmark, shape, rng):
 
     with ieee_fp32():
         grads = benchmark(step)
+    assert grads[0].shape == x.shape
+
+
+# --- the Triton op against the reference twin (CUDA only) --------------------------------------------------
+
+GPU_CASES = [  # (N, C_in, H, W, C_out, k, stride, groups)
+    (1, 132, 128, 128, 128, 3, 1, 1),  # level 0 of the default net, SR/denoise image size
+    (1, 128, 128, 128, 128, 3, 2, 1),  # the stride-2 down conv at level 0
+    (1, 128, 64, 64, 128, 1, 1, 1),  # the 1x1 conv after a merge, level 1
+    (1, 128, 16, 16, 128, 3, 1, 1),  # level 3: latency-bound
+    (1, 512, 64, 64, 512, 3, 1, 4),  # four networks side by side (groups 4)
+]
+GPU_IDS = ["c132-128px-k3", "c128-128px-k3-s2", "c128-64px-k1", "c128-16px-k3", "g4-c128-64px-k3"]
+IMPLS = {"triton": dipfast.kernels.conv_bn_lrelu, "reference": reference.conv_bn_lrelu}
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA only: the Triton op runs on CPU only in the interpreter, not timeable"
+)
+
+
+def _synced(fn):
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def _gpu_block(case, rng):
+    n, c_in, h, w, c_out, k, stride, groups = case
+    block = _Block(c_in // groups, c_out, k, rng)  # weight (C_out, C_in / groups, k, k)
+    params = [p.detach().cuda().requires_grad_() for p in block.parameters()]
+    x = torch.rand(n, c_in, h, w, generator=rng).cuda().requires_grad_(True)
+    grad = torch.randn(n, c_out, (h - 1) // stride + 1, (w - 1) // stride + 1, generator=rng).cuda()
+    return x, params, grad, dict(stride=stride, groups=groups)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
+def test_conv_bn_lrelu_op_forward(benchmark, case, impl, rng):
+    x, params, _, kw = _gpu_block(case, rng)
+    op = IMPLS[impl]
+    if impl == "triton":
+        assert dipfast.kernels.conv_bn_lrelu_path(x) == "triton"
+    with ieee_fp32(), torch.no_grad():
+        out = benchmark(_synced(lambda: op(x, *params, **kw)))
+    assert out.shape[1] == case[4]
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
+def test_conv_bn_lrelu_op_full(benchmark, case, impl, rng):
+    x, params, grad, kw = _gpu_block(case, rng)
+    op = IMPLS[impl]
+    with ieee_fp32():
+        grads = benchmark(_synced(lambda: torch.autograd.grad(op(x, *params, **kw), [x, *params], grad)))
     assert grads[0].shape == x.shape

@@ -1,0 +1,636 @@
+"""Fused reflect-pad + conv2d + BatchNorm (training statistics) + LeakyReLU, forward and backward, in Triton.
+
+out = leaky_relu(batch_norm(conv2d(R(x), weight, bias, stride, groups), training=True, gamma, beta, eps), slope)
+with R the reflection pad by (k - 1) // 2, k in {1, 3, 5, 7}, stride 1 or 2, groups >= 1, any channel counts
+(not only multiples of 16) and any H, W > (k - 1) // 2 (what the reflection pad allows). BatchNorm uses the
+batch statistics (biased variance) per output channel, so groups stay independent networks.
+
+Layout: every tensor NCHW contiguous, fp32 (tl.dot with input_precision="ieee"); weight (C_out, C_in / groups,
+k, k). Outputs, statistics and gradients are fp32. bf16 inputs and TF32 dots are not implemented yet: those
+take the reference path (conv_bn_lrelu_path).
+
+Forward (two launches, no atomics, deterministic):
+  1. _conv_bn_lrelu_fwd_kernel: implicit GEMM, M = N*P*Q output pixels, N = C_out / groups, groups on
+     program_id(2); the K loop runs over the k*k taps (unrolled) and C_in / groups in BLOCK_K chunks (masked,
+     so 3 or 4 channels are zero-filled up to the 16 that tl.dot needs). R is folded into the gather index
+     (i < 0 -> -i, i >= H -> 2H - 2 - i), bias added, y stored; the epilogue writes per-M-tile partial
+     statistics (sum of y and the sum of squared deviations from the tile mean) to (tiles, C_out) buffers.
+     The C-sized finalize on the host side of the op (torch) merges them with Chan's formula into mean and
+     biased var (no E[y^2] - mean^2 cancellation), then rstd = 1 / sqrt(var + eps).
+  2. _bn_lrelu_kernel: elementwise z = (y - mean) * rstd * gamma + beta, out = z > 0 ? z : slope * z.
+  Saved for backward: x, weight, y, mean, rstd, gamma, beta (xhat and z are recomputed from y).
+Backward (five launches of four kernels, no atomics, deterministic):
+  3. _bn_lrelu_bwd_kernel (APPLY=False): dz = g * leaky'(z); per-tile partials of sum(dz) (= dbeta) and
+     sum(dz * xhat) (= dgamma), summed on the host side.
+  4. _bn_lrelu_bwd_kernel (APPLY=True): dy = gamma * rstd * (dz - dbeta / M - xhat * dgamma / M), stored, with
+     per-tile partials of sum(dy) (= dbias; zero up to rounding, since the bias cancels under training BN).
+  5. _conv_wgrad_kernel: dW[co, (ci, i, j)] = sum over N*P*Q of dy * R(x) gathered with the same reflect index.
+  6. _conv_dgrad_kernel: the gradient of the padded input, a gather over taps (stride divisibility by mask),
+     written to an (N, C_in, H + 2 pad, W + 2 pad) buffer.
+  7. _reflect_fold_kernel: the adjoint of R. Each input pixel sums its <= 3 pre-images per axis (itself and
+     its mirrors in the top/left and bottom/right pads), 9 masked loads, no atomics. Skipped for k = 1.
+See ../shared/notes/kernels.md, sections 1.3 and 1.4. Tiles are fixed (_BLOCK_*), chosen for the interpreter;
+no autotuning (the Hopper tiles are still to be tuned on a GPU). So far verified only under the CPU
+interpreter. The block's output is materialised (normalise + LeakyReLU is not yet folded into the next conv's
+load), and wgrad runs its whole N*P*Q reduction in one program per tile (no split-K yet).
+
+Ops: dipfast::conv_bn_lrelu_fwd, dipfast::conv_bn_lrelu_bwd (torch.library.custom_op with register_fake and
+register_autograd, so torch.compile(fullgraph=True) traces through; no double backward). Reference twin:
+dipfast.reference.conv_bn_lrelu. Without CUDA (and without TRITON_INTERPRET=1 when this module was imported),
+without triton, or for dtypes other than fp32, the public function calls the twin; conv_bn_lrelu_path(x) says
+which path a tensor takes. On the Triton path every part (conv, statistics, normalise, BN/LeakyReLU backward,
+wgrad, dgrad, pad adjoint) is a Triton kernel; only the C-sized statistic merges run in torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dipfast import reference
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # the package always works: the public function falls back to dipfast.reference
+    _HAS_TRITON = False
+
+# Kernels are built for the interpreter or for the GPU when this module is imported (triton.jit reads
+# TRITON_INTERPRET then), so the dispatch keys on the value seen at import.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_KERNEL_DTYPES = (torch.float32,)
+KERNEL_SIZES = (1, 3, 5, 7)
+STRIDES = (1, 2)
+# Tests set this to allocate outputs filled with NaN, so an element a kernel never writes fails parity.
+POISON_OUTPUTS = False
+_BLOCK_M = 64  # GEMM rows (pixels; output channels in wgrad)
+_BLOCK_N = 16  # GEMM columns (channels; input channel-taps in wgrad)
+_BLOCK_K = 16  # reduction chunk (tl.dot needs >= 16)
+_BLOCK = 256  # elementwise and per-channel reduction kernels
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _reflect(i, size):
+        i = tl.where(i < 0, -i, i)
+        return tl.where(i >= size, 2 * size - 2 - i, i)
+
+    @triton.jit
+    def _conv_bn_lrelu_fwd_kernel(
+        x_ptr,  # (N, C_in, H, W) fp32, contiguous
+        w_ptr,  # (C_out, C_in / groups, K, K) fp32, contiguous
+        b_ptr,  # (C_out,) fp32, read only when HAS_BIAS
+        y_ptr,  # (N, C_out, P, Q) fp32: the conv output
+        psum_ptr,  # (tiles_m, C_out) fp32: per-tile sum of y
+        pm2_ptr,  # (tiles_m, C_out) fp32: per-tile sum of (y - tile mean)^2
+        n_pix,  # N * P * Q
+        c_in,
+        c_out,
+        in_h,
+        in_w,
+        p_out,
+        q_out,
+        cin_g,
+        cout_g,
+        STRIDE: tl.constexpr,
+        K: tl.constexpr,
+        PAD: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        g = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < n_pix
+        mask_n = offs_n < cout_g
+        pq = p_out * q_out
+        hw = in_h * in_w
+        nb = offs_m // pq
+        s = offs_m % pq
+        op = s // q_out
+        oq = s % q_out
+        co = g * cout_g + offs_n
+        x_base = nb * c_in * hw + g * cin_g * hw
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kh in tl.static_range(K):
+            ih = _reflect(op * STRIDE + kh - PAD, in_h)  # reflection pad folded into the index
+            for kw in tl.static_range(K):
+                iw = _reflect(oq * STRIDE + kw - PAD, in_w)
+                pix = x_base + ih * in_w + iw
+                for c0 in range(0, cin_g, BLOCK_K):
+                    offs_k = c0 + tl.arange(0, BLOCK_K)
+                    mask_k = offs_k < cin_g
+                    a = tl.load(
+                        x_ptr + pix[:, None] + offs_k[None, :] * hw, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                    )
+                    b = tl.load(
+                        w_ptr + co[None, :] * (cin_g * K * K) + offs_k[:, None] * (K * K) + (kh * K + kw),
+                        mask=mask_k[:, None] & mask_n[None, :],
+                        other=0.0,
+                    )
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + co, mask=mask_n, other=0.0)[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        tl.store(y_ptr + (nb * c_out * pq + s)[:, None] + co[None, :] * pq, acc, mask=mask)
+        count = tl.minimum(n_pix - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        tsum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
+        dev = tl.where(mask, acc - (tsum / count)[None, :], 0.0)
+        tl.store(psum_ptr + pid_m * c_out + co, tsum, mask=mask_n)
+        tl.store(pm2_ptr + pid_m * c_out + co, tl.sum(dev * dev, axis=0), mask=mask_n)
+
+    @triton.jit
+    def _bn_lrelu_kernel(
+        y_ptr,  # (N, C, P, Q) fp32 conv output
+        mean_ptr,  # (C,) fp32
+        rstd_ptr,  # (C,) fp32
+        gamma_ptr,  # (C,) fp32
+        beta_ptr,  # (C,) fp32
+        out_ptr,  # (N, C, P, Q) fp32
+        total,  # N * C * P * Q
+        channels,
+        pq,
+        slope,
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        c = (offs // pq) % channels
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+        mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
+        rstd = tl.load(rstd_ptr + c, mask=mask, other=0.0)
+        gamma = tl.load(gamma_ptr + c, mask=mask, other=0.0)
+        beta = tl.load(beta_ptr + c, mask=mask, other=0.0)
+        z = (y - mean) * rstd * gamma + beta
+        tl.store(out_ptr + offs, tl.where(z > 0, z, z * slope), mask=mask)
+
+    @triton.jit
+    def _bn_lrelu_bwd_kernel(
+        g_ptr,  # (N, C, P, Q) fp32 incoming gradient, contiguous
+        y_ptr,  # (N, C, P, Q) fp32 conv output
+        mean_ptr,  # (C,) fp32
+        rstd_ptr,  # (C,) fp32
+        gamma_ptr,  # (C,) fp32
+        beta_ptr,  # (C,) fp32
+        dbeta_ptr,  # (C,) fp32 sum(dz), read only when APPLY
+        dgamma_ptr,  # (C,) fp32 sum(dz * xhat), read only when APPLY
+        dy_ptr,  # (N, C, P, Q) fp32 gradient of the conv output, written only when APPLY
+        p1_ptr,  # (tiles, C) fp32: partial sum(dz), or sum(dy) when APPLY
+        p2_ptr,  # (tiles, C) fp32: partial sum(dz * xhat), written only when not APPLY
+        n_pix,  # N * P * Q, the BN reduction size
+        inv_m,  # 1 / n_pix
+        channels,
+        pq,
+        slope,
+        APPLY: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        c = tl.program_id(1)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_pix
+        idx = (offs // pq) * channels * pq + c * pq + offs % pq
+        mean = tl.load(mean_ptr + c)
+        rstd = tl.load(rstd_ptr + c)
+        gamma = tl.load(gamma_ptr + c)
+        xhat = (tl.load(y_ptr + idx, mask=mask, other=0.0) - mean) * rstd
+        z = xhat * gamma + tl.load(beta_ptr + c)
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0)
+        dz = tl.where(z > 0, g, g * slope)  # leaky_relu_backward: self > 0
+        if APPLY:
+            dy = gamma * rstd * (dz - tl.load(dbeta_ptr + c) * inv_m - xhat * (tl.load(dgamma_ptr + c) * inv_m))
+            tl.store(dy_ptr + idx, dy, mask=mask)
+            tl.store(p1_ptr + pid * channels + c, tl.sum(tl.where(mask, dy, 0.0), axis=0))
+        else:
+            tl.store(p1_ptr + pid * channels + c, tl.sum(tl.where(mask, dz, 0.0), axis=0))
+            tl.store(p2_ptr + pid * channels + c, tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0))
+
+    @triton.jit
+    def _conv_wgrad_kernel(
+        dy_ptr,  # (N, C_out, P, Q) fp32, contiguous
+        x_ptr,  # (N, C_in, H, W) fp32, contiguous
+        dw_ptr,  # (C_out, C_in / groups * K * K) fp32
+        n_pix,  # N * P * Q, the GEMM reduction
+        c_in,
+        c_out,
+        in_h,
+        in_w,
+        p_out,
+        q_out,
+        cin_g,
+        cout_g,
+        STRIDE: tl.constexpr,
+        K: tl.constexpr,
+        PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        g = tl.program_id(2)
+        offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (ci, kh, kw) flattened
+        mask_co = offs_co < cout_g
+        mask_r = offs_r < cin_g * K * K
+        ci = offs_r // (K * K)
+        kh = (offs_r % (K * K)) // K
+        kw = offs_r % K
+        pq = p_out * q_out
+        hw = in_h * in_w
+        co = g * cout_g + offs_co
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for m0 in range(0, n_pix, BLOCK_K):
+            offs_k = m0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < n_pix
+            nb = offs_k // pq
+            s = offs_k % pq
+            op = s // q_out
+            oq = s % q_out
+            a = tl.load(
+                dy_ptr + (nb * c_out * pq + s)[None, :] + co[:, None] * pq,
+                mask=mask_co[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            ih = _reflect(op[:, None] * STRIDE + kh[None, :] - PAD, in_h)
+            iw = _reflect(oq[:, None] * STRIDE + kw[None, :] - PAD, in_w)
+            b = tl.load(
+                x_ptr + nb[:, None] * c_in * hw + (g * cin_g + ci)[None, :] * hw + ih * in_w + iw,
+                mask=mask_k[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        tl.store(dw_ptr + co[:, None] * (cin_g * K * K) + offs_r[None, :], acc, mask=mask_co[:, None] & mask_r[None, :])
+
+    @triton.jit
+    def _conv_dgrad_kernel(
+        dy_ptr,  # (N, C_out, P, Q) fp32, contiguous
+        w_ptr,  # (C_out, C_in / groups, K, K) fp32, contiguous
+        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD) fp32: gradient of the padded input
+        n_pix,  # N * (H + 2 PAD) * (W + 2 PAD)
+        c_in,
+        c_out,
+        pad_h,
+        pad_w,
+        p_out,
+        q_out,
+        cin_g,
+        cout_g,
+        STRIDE: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        g = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < n_pix
+        mask_n = offs_n < cin_g
+        hwp = pad_h * pad_w
+        pq = p_out * q_out
+        nb = offs_m // hwp
+        s = offs_m % hwp
+        hh = s // pad_w
+        ww = s % pad_w
+        ci = g * cin_g + offs_n
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kh in tl.static_range(K):
+            ph = hh - kh
+            vh = ph >= 0
+            ph = tl.where(vh, ph, 0)
+            vh = vh & (ph % STRIDE == 0) & (ph // STRIDE < p_out)
+            for kw in tl.static_range(K):
+                pw = ww - kw
+                vw = pw >= 0
+                pw = tl.where(vw, pw, 0)
+                vw = vw & (pw % STRIDE == 0) & (pw // STRIDE < q_out)
+                valid = mask_m & vh & vw
+                row = nb * c_out * pq + (ph // STRIDE) * q_out + pw // STRIDE
+                for c0 in range(0, cout_g, BLOCK_K):
+                    offs_k = c0 + tl.arange(0, BLOCK_K)
+                    mask_k = offs_k < cout_g
+                    co = g * cout_g + offs_k
+                    a = tl.load(
+                        dy_ptr + row[:, None] + co[None, :] * pq, mask=valid[:, None] & mask_k[None, :], other=0.0
+                    )
+                    b = tl.load(
+                        w_ptr + co[:, None] * (cin_g * K * K) + offs_n[None, :] * (K * K) + (kh * K + kw),
+                        mask=mask_k[:, None] & mask_n[None, :],
+                        other=0.0,
+                    )
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+        tl.store(
+            dxp_ptr + (nb * c_in * hwp + s)[:, None] + ci[None, :] * hwp, acc, mask=mask_m[:, None] & mask_n[None, :]
+        )
+
+    @triton.jit
+    def _reflect_fold_kernel(
+        dxp_ptr,  # (N * C_in, H + 2 PAD, W + 2 PAD) fp32
+        dx_ptr,  # (N * C_in, H, W) fp32
+        total,  # N * C_in * H * W
+        in_h,
+        in_w,
+        PAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        hw = in_h * in_w
+        pw_ = in_w + 2 * PAD
+        plane = offs // hw
+        h = (offs % hw) // in_w
+        w = offs % in_w
+        base = plane * (in_h + 2 * PAD) * pw_
+        # pre-images of h in the padded axis: h + PAD itself, PAD - h (top mirror), 2H - 2 - h + PAD (bottom)
+        r0 = h + PAD
+        r1 = PAD - h
+        r2 = 2 * in_h - 2 - h + PAD
+        v1 = (h >= 1) & (h <= PAD)
+        v2 = (h >= in_h - 1 - PAD) & (h <= in_h - 2)
+        c0 = w + PAD
+        c1 = PAD - w
+        c2 = 2 * in_w - 2 - w + PAD
+        u1 = (w >= 1) & (w <= PAD)
+        u2 = (w >= in_w - 1 - PAD) & (w <= in_w - 2)
+        row0 = base + r0 * pw_
+        row1 = base + r1 * pw_
+        row2 = base + r2 * pw_
+        m1 = mask & v1
+        m2 = mask & v2
+        acc = tl.load(dxp_ptr + row0 + c0, mask=mask, other=0.0)
+        acc += tl.load(dxp_ptr + row0 + c1, mask=mask & u1, other=0.0)
+        acc += tl.load(dxp_ptr + row0 + c2, mask=mask & u2, other=0.0)
+        acc += tl.load(dxp_ptr + row1 + c0, mask=m1, other=0.0)
+        acc += tl.load(dxp_ptr + row1 + c1, mask=m1 & u1, other=0.0)
+        acc += tl.load(dxp_ptr + row1 + c2, mask=m1 & u2, other=0.0)
+        acc += tl.load(dxp_ptr + row2 + c0, mask=m2, other=0.0)
+        acc += tl.load(dxp_ptr + row2 + c1, mask=m2 & u1, other=0.0)
+        acc += tl.load(dxp_ptr + row2 + c2, mask=m2 & u2, other=0.0)
+        tl.store(dx_ptr + offs, acc, mask=mask)
+
+
+def _alloc(shape, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _out_size(size: int, stride: int) -> int:
+    return (size - 1) // stride + 1  # odd k, pad (k - 1) // 2: (size + 2 pad - k) // stride + 1
+
+
+@torch.library.custom_op("dipfast::conv_bn_lrelu_fwd", mutates_args=())
+def _conv_bn_lrelu_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    stride: int,
+    groups: int,
+    eps: float,
+    slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out, y, mean, rstd): the block's output, the conv output and the BN batch statistics."""
+    x, weight = x.contiguous(), weight.contiguous()
+    n, c_in, h, w = x.shape
+    c_out, cin_g, k = weight.shape[:3]
+    p, q = _out_size(h, stride), _out_size(w, stride)
+    n_pix = n * p * q
+    tiles = triton.cdiv(n_pix, _BLOCK_M)
+    y = _alloc((n, c_out, p, q), x.device)
+    psum = _alloc((tiles, c_out), x.device)
+    pm2 = _alloc((tiles, c_out), x.device)
+    cout_g = c_out // groups
+    _conv_bn_lrelu_fwd_kernel[(tiles, triton.cdiv(cout_g, _BLOCK_N), groups)](
+        x,
+        weight,
+        bias.contiguous() if bias is not None else weight,
+        y,
+        psum,
+        pm2,
+        n_pix,
+        c_in,
+        c_out,
+        h,
+        w,
+        p,
+        q,
+        cin_g,
+        cout_g,
+        STRIDE=stride,
+        K=k,
+        PAD=(k - 1) // 2,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_K=_BLOCK_K,
+    )
+    # Chan's merge of the per-tile (count, sum, M2): C-sized, deterministic.
+    counts = (n_pix - torch.arange(tiles, device=x.device) * _BLOCK_M).clamp(max=_BLOCK_M).float()[:, None]
+    mean = psum.sum(0) / n_pix
+    var = (pm2.sum(0) + (counts * (psum / counts - mean) ** 2).sum(0)) / n_pix
+    rstd = torch.rsqrt(var + eps)
+    out = _alloc((n, c_out, p, q), x.device)
+    _bn_lrelu_kernel[(triton.cdiv(out.numel(), _BLOCK),)](
+        y, mean, rstd, gamma.contiguous(), beta.contiguous(), out, out.numel(), c_out, p * q, slope, BLOCK=_BLOCK
+    )
+    return out, y, mean, rstd
+
+
+@_conv_bn_lrelu_fwd.register_fake
+def _(x, weight, bias, gamma, beta, stride, groups, eps, slope):
+    n, _, h, w = x.shape
+    c_out = weight.shape[0]
+    shape = (n, c_out, _out_size(h, stride), _out_size(w, stride))
+    stat = x.new_empty((c_out,), dtype=torch.float32)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32), stat, stat.clone()
+
+
+@torch.library.custom_op("dipfast::conv_bn_lrelu_bwd", mutates_args=())
+def _conv_bn_lrelu_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    stride: int,
+    groups: int,
+    slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx, dweight, dbias, dgamma, dbeta) for the incoming gradient of the block's output."""
+    grad, x, weight, y = grad.contiguous(), x.contiguous(), weight.contiguous(), y.contiguous()
+    gamma, beta = gamma.contiguous(), beta.contiguous()
+    n, c_in, h, w = x.shape
+    c_out, cin_g, k = weight.shape[:3]
+    cout_g = c_out // groups
+    p, q = y.shape[-2:]
+    n_pix = n * p * q
+    tiles = triton.cdiv(n_pix, _BLOCK)
+    dev = x.device
+    p1, p2 = _alloc((tiles, c_out), dev), _alloc((tiles, c_out), dev)
+    args = (grad, y, mean, rstd, gamma, beta)
+    _bn_lrelu_bwd_kernel[(tiles, c_out)](
+        *args, y, y, y, p1, p2, n_pix, 1.0 / n_pix, c_out, p * q, slope, APPLY=False, BLOCK=_BLOCK
+    )
+    dbeta, dgamma = p1.sum(0), p2.sum(0)
+    dy, pb = _alloc(y.shape, dev), _alloc((tiles, c_out), dev)
+    _bn_lrelu_bwd_kernel[(tiles, c_out)](
+        *args, dbeta, dgamma, dy, pb, pb, n_pix, 1.0 / n_pix, c_out, p * q, slope, APPLY=True, BLOCK=_BLOCK
+    )
+    dbias = pb.sum(0)
+    pad = (k - 1) // 2
+    dw = _alloc(weight.shape, dev)
+    _conv_wgrad_kernel[(triton.cdiv(cout_g, _BLOCK_M), triton.cdiv(cin_g * k * k, _BLOCK_N), groups)](
+        dy,
+        x,
+        dw,
+        n_pix,
+        c_in,
+        c_out,
+        h,
+        w,
+        p,
+        q,
+        cin_g,
+        cout_g,
+        STRIDE=stride,
+        K=k,
+        PAD=pad,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_K=_BLOCK_K,
+    )
+    hp, wp = h + 2 * pad, w + 2 * pad
+    dxp = _alloc((n, c_in, hp, wp), dev)
+    _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, _BLOCK_M), triton.cdiv(cin_g, _BLOCK_N), groups)](
+        dy,
+        weight,
+        dxp,
+        n * hp * wp,
+        c_in,
+        c_out,
+        hp,
+        wp,
+        p,
+        q,
+        cin_g,
+        cout_g,
+        STRIDE=stride,
+        K=k,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_K=_BLOCK_K,
+    )
+    if pad == 0:
+        dx = dxp
+    else:
+        dx = _alloc(x.shape, dev)
+        _reflect_fold_kernel[(triton.cdiv(dx.numel(), _BLOCK),)](dxp, dx, dx.numel(), h, w, PAD=pad, BLOCK=_BLOCK)
+    return dx, dw, dbias, dgamma, dbeta
+
+
+@_conv_bn_lrelu_bwd.register_fake
+def _(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope):
+    c_out = weight.shape[0]
+    return (
+        x.new_empty(x.shape, dtype=torch.float32),
+        weight.new_empty(weight.shape, dtype=torch.float32),
+        weight.new_empty((c_out,), dtype=torch.float32),
+        weight.new_empty((c_out,), dtype=torch.float32),
+        weight.new_empty((c_out,), dtype=torch.float32),
+    )
+
+
+def _fwd_setup(ctx, inputs, output):
+    x, weight, bias, gamma, beta, stride, groups, eps, slope = inputs
+    _, y, mean, rstd = output
+    ctx.save_for_backward(x, weight, y, mean, rstd, gamma, beta)
+    ctx.stride, ctx.groups, ctx.slope, ctx.has_bias = stride, groups, slope, bias is not None
+    ctx.mark_non_differentiable(y, mean, rstd)  # internals saved for the backward, not part of the block
+
+
+def _fwd_backward(ctx, grad, _grad_y, _grad_mean, _grad_rstd):
+    x, weight, y, mean, rstd, gamma, beta = ctx.saved_tensors
+    dx, dw, db, dgamma, dbeta = _conv_bn_lrelu_bwd(
+        grad.contiguous(), x, weight, y, mean, rstd, gamma, beta, ctx.stride, ctx.groups, ctx.slope
+    )
+    return dx, dw, db if ctx.has_bias else None, dgamma, dbeta, None, None, None, None
+
+
+_conv_bn_lrelu_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+def conv_bn_lrelu_path(x: torch.Tensor) -> str:
+    """'triton' or 'reference': the path conv_bn_lrelu takes for x.
+
+    Triton runs for fp32 inputs on CUDA, or on CPU when TRITON_INTERPRET=1 was set before this module was
+    imported; otherwise (no triton, CPU without the interpreter, bf16, float64) the twin.
+    """
+    if not _HAS_TRITON or x.dtype not in _KERNEL_DTYPES:
+        return "reference"
+    on_device = x.device.type == "cpu" if _INTERPRET else x.device.type == "cuda"
+    return "triton" if on_device else "reference"
+
+
+def _check(x, weight, bias, gamma, beta, stride, groups) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (N, C_in, H, W); got {tuple(x.shape)}")
+    if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] not in KERNEL_SIZES:
+        raise ValueError(
+            f"weight must be (C_out, C_in / groups, k, k) with k in {KERNEL_SIZES}; got {tuple(weight.shape)}"
+        )
+    if stride not in STRIDES:
+        raise ValueError(f"stride must be one of {STRIDES}; got {stride!r}")
+    c_out = weight.shape[0]
+    if groups < 1 or c_out % groups or weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(
+            f"groups={groups!r} does not fit x of {tuple(x.shape)} and weight of {tuple(weight.shape)}: "
+            "C_in must be weight.shape[1] * groups and C_out a multiple of groups"
+        )
+    for name, t in (("bias", bias), ("gamma", gamma), ("beta", beta)):
+        if t is not None and tuple(t.shape) != (c_out,):
+            raise ValueError(f"{name} must be ({c_out},); got {tuple(t.shape)}")
+    dtypes = {t.dtype for t in (x, weight, bias, gamma, beta) if t is not None}
+    if len(dtypes) != 1:
+        raise ValueError(f"x, weight, bias, gamma and beta must share one dtype; got {sorted(map(str, dtypes))}")
+    pad = (weight.shape[-1] - 1) // 2
+    if pad >= min(x.shape[-2:]):
+        raise ValueError(f"reflection pad {pad} needs H and W > {pad}; got {tuple(x.shape[-2:])}")
+
+
+def conv_bn_lrelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    stride: int = 1,
+    groups: int = 1,
+    eps: float = 1e-5,
+    slope: float = 0.2,
+) -> torch.Tensor:
+    """x: (N, C_in, H, W) fp32 -> (N, C_out, P, Q) fp32, P = (H - 1) // stride + 1 (Q likewise).
+
+    weight: (C_out, C_in / groups, k, k), k in {1, 3, 5, 7}; bias: (C_out,) or None; gamma, beta: (C_out,).
+    out = leaky_relu(batch_norm(conv2d(R(x), weight, bias, stride, groups), training=True), slope), R the
+    reflection pad by (k - 1) // 2, batch statistics with the biased variance. Differentiable in x, weight,
+    bias, gamma and beta. Same maths as dipfast.reference.conv_bn_lrelu, which runs instead off the Triton
+    path (conv_bn_lrelu_path).
+    """
+    _check(x, weight, bias, gamma, beta, stride, groups)
+    if conv_bn_lrelu_path(x) == "triton":
+        return _conv_bn_lrelu_fwd(x, weight, bias, gamma, beta, stride, groups, eps, slope)[0]
+    return reference.conv_bn_lrelu(x, weight, bias, gamma, beta, stride=stride, groups=groups, eps=eps, slope=slope)

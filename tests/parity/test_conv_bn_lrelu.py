@@ -1,0 +1,194 @@
+"""dipfast.kernels.conv_bn_lrelu against dipfast.reference.conv_bn_lrelu (float64 oracle): the output and every
+gradient, opcheck, torch.compile, determinism; and the fallback to the twin where Triton cannot run."""
+
+import importlib
+
+import pytest
+import torch
+
+import dipfast.kernels
+from dipfast import reference
+
+# the module, not the function: dipfast.kernels re-exports the op under the module's own name
+cbl = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
+
+pytestmark = pytest.mark.parity
+
+CASES = [  # (N, C_in, H, W, C_out, k, stride, groups, bias)
+    (2, 3, 7, 9, 4, 3, 1, 1, True),  # odd H/W, RGB in, batch 2
+    (1, 4, 5, 6, 16, 5, 2, 1, True),  # stride 2, k = 5 on a 5 x 6 input: pads of 2 on both sides of each axis
+    (1, 16, 6, 5, 3, 1, 2, 1, True),  # k = 1 (no pad, no fold), stride 2, 16 -> 3 (the output head's shape)
+    (1, 3, 7, 8, 6, 7, 1, 3, True),  # k = 7 on 7 rows (pad 3 = H - 4), groups 3: three 1 -> 2 networks
+    (2, 6, 9, 7, 6, 3, 2, 3, False),  # groups 3, stride 2, odd H/W, no bias
+    (1, 12, 5, 7, 12, 3, 1, 3, True),  # groups 3 of 4 -> 4 channels (the skip width)
+    (1, 3, 8, 9, 4, 7, 2, 1, True),  # k = 7, stride 2, odd W
+    (1, 3, 4, 5, 4, 7, 2, 1, True),  # pad 3 = H - 1: every row has a mirror pre-image in both pads
+    (1, 20, 9, 10, 20, 3, 1, 1, True),  # 20 channels: two channel tiles and two K chunks; two pixel tiles to merge
+]
+IDS = [
+    "k3-7x9-n2",
+    "k5-s2-5x6-c16",
+    "k1-s2-16to3",
+    "k7-7x8-g3",
+    "k3-s2-9x7-g3-nobias",
+    "k3-5x7-g3-c4",
+    "k7-s2-8x9",
+    "k7-s2-4x5-pad-h-1",
+    "k3-9x10-c20",
+]
+# Measured on the CPU interpreter against the float64 twin, worst over these cases and 3 seeds x 4 draws, relative
+# to the expected tensor's max: out 1.5e-6, dx 1.0e-6, dweight 2.8e-6, dgamma 2.2e-6, dbeta 2.2e-7 (dbias: see
+# below). BN divides by the batch std, which amplifies the conv's fp32 rounding, yet all stay under the fp32 row.
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(cbl, "POISON_OUTPUTS", True)  # every kernel output starts as NaN
+
+
+def _inputs(case, rng, device):
+    n, c_in, h, w, c_out, k, stride, groups, has_bias = case
+    x = torch.rand(n, c_in, h, w, generator=rng) + 0.1  # fresh random, never zero
+    weight = torch.randn(c_out, c_in // groups, k, k, generator=rng) * (c_in // groups * k * k) ** -0.5
+    bias = torch.randn(c_out, generator=rng) if has_bias else None
+    gamma = torch.rand(c_out, generator=rng) + 0.5
+    beta = torch.randn(c_out, generator=rng)
+    tensors = [t.to(device) if t is not None else None for t in (x, weight, bias, gamma, beta)]
+    return tensors, dict(stride=stride, groups=groups)
+
+
+def _leaves(tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_(True) if t is not None else None for t in tensors]
+
+
+def _grad_of_conv_output(tensors64, kw, out_grad64):
+    """dL/dy of the twin in float64, y = the conv output: the twin applied to y as a leaf through an identity 1 x 1
+    conv (exact in float64). Used to scale the bias-gradient bound."""
+    x, weight, bias, gamma, beta = (t.detach() if t is not None else None for t in tensors64)
+    y = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, (weight.shape[-1] // 2,) * 4, mode="reflect") if weight.shape[-1] > 1 else x,
+        weight,
+        bias,
+        stride=kw["stride"],
+        groups=kw["groups"],
+    ).requires_grad_(True)
+    eye = torch.eye(y.shape[1], dtype=y.dtype)[:, :, None, None]
+    (dy,) = torch.autograd.grad(reference.conv_bn_lrelu(y, eye, None, gamma, beta), y, out_grad64)
+    return dy
+
+
+def test_kernels_run_on_the_triton_path(device):
+    x = torch.rand(1, 3, 4, 4, device=device)
+    assert dipfast.kernels.conv_bn_lrelu_path(x) == "triton"
+    assert torch.isnan(cbl._alloc((3,), device)).all()  # the poison fixture is live
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_and_grads_match_float64_twin(case, rng, device, assert_parity, tol):
+    tensors, kw = _inputs(case, rng, device)
+    ins = _leaves(tensors, torch.float32)
+    out = dipfast.kernels.conv_bn_lrelu(*ins, **kw)
+    g = torch.randn(out.shape, generator=rng).to(device)
+    wrt = [t for t in ins if t is not None]
+    grads = torch.autograd.grad(out, wrt, g)
+    ins64 = _leaves(tensors, torch.float64)
+    out64 = reference.conv_bn_lrelu(*ins64, **kw)
+    grads64 = torch.autograd.grad(out64, [t for t in ins64 if t is not None], g.double())
+    assert out.dtype == torch.float32 and out.shape == out64.shape
+    assert_parity(out, out64)
+    names = ["x", "weight", "bias", "gamma", "beta"] if case[-1] else ["x", "weight", "gamma", "beta"]
+    for name, actual, expected in zip(names, grads, grads64, strict=True):
+        assert actual.shape == expected.shape and actual.dtype == torch.float32, name
+        if name != "bias":
+            assert_parity(actual, expected)
+            continue
+        # The bias cancels under training-mode BN: d(out)/d(bias) = sum over N, H, W of dL/dy is zero in exact
+        # arithmetic, so both sides are rounding noise (float64 ~1e-16, fp32 ~1e-7 of the summands) and a bound
+        # relative to the result's own size is meaningless. Bound it by the sum's condition, sum |dL/dy| per
+        # channel, at the fp32 row's atol. Measured |error| / sum|dL/dy|: <= 1.1e-6 (same draws as above).
+        assert not torch.isnan(actual).any()
+        dy64 = _grad_of_conv_output(ins64, kw, g.double())
+        scale = dy64.abs().sum((0, 2, 3))
+        assert ((actual.double() - expected).abs() <= tol[torch.float32][0] * scale).all()
+
+
+def test_repeat_runs_are_bitwise_identical(rng, device):
+    """No atomics anywhere: forward and backward are deterministic."""
+    tensors, kw = _inputs(CASES[4], rng, device)
+    g = torch.randn(2, 6, 5, 4, generator=rng).to(device)
+    runs = []
+    for _ in range(2):
+        ins = _leaves(tensors, torch.float32)
+        out = dipfast.kernels.conv_bn_lrelu(*ins, **kw)
+        runs.append([out, *torch.autograd.grad(out, [t for t in ins if t is not None], g)])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_opcheck(rng, device):
+    tensors, kw = _inputs((1, 3, 5, 6, 4, 3, 1, 1, True), rng, device)
+    x, weight, bias, gamma, beta = _leaves(tensors, torch.float32)
+    args = (x, weight, bias, gamma, beta, kw["stride"], kw["groups"], 1e-5, 0.2)
+    torch.library.opcheck(cbl._conv_bn_lrelu_fwd, args)
+    # the backward op, with its forward's saved tensors (it has no derivative of its own: no double backward)
+    with torch.no_grad():
+        out, y, mean, rstd = cbl._conv_bn_lrelu_fwd(*args)
+    g = torch.randn(out.shape, generator=rng).to(device)
+    bwd_args = (g, x.detach(), weight.detach(), y, mean, rstd, gamma.detach(), beta.detach(), 1, 1, 0.2)
+    torch.library.opcheck(cbl._conv_bn_lrelu_bwd, bwd_args)
+
+
+def test_conv_bn_lrelu_compiles(rng, device, tol):
+    tensors, kw = _inputs((1, 4, 5, 7, 3, 3, 2, 1, True), rng, device)
+    g = torch.randn(1, 3, 3, 4, generator=rng).to(device)
+
+    def step(*ins):
+        return (dipfast.kernels.conv_bn_lrelu(*ins, **kw) * g).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    ins_e, ins_c = _leaves(tensors, torch.float32), _leaves(tensors, torch.float32)
+    loss_e, loss_c = step(*ins_e), compiled(*ins_c)
+    grads_e = torch.autograd.grad(loss_e, ins_e)
+    grads_c = torch.autograd.grad(loss_c, ins_c)
+    atol, rtol = tol[torch.float32]
+    torch.testing.assert_close(loss_c, loss_e, atol=atol * loss_e.abs().item(), rtol=rtol)
+    for gc, ge in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(gc, ge, atol=atol * ge.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("why", ["no-interpreter", "no-triton", "float64"])
+def test_fallback_runs_the_twin(why, monkeypatch, rng):
+    tensors, kw = _inputs(CASES[0], rng, "cpu")
+    if why == "no-interpreter":
+        monkeypatch.setattr(cbl, "_INTERPRET", False)  # CPU tensors, kernels not built for the interpreter
+    elif why == "no-triton":
+        monkeypatch.setattr(cbl, "_HAS_TRITON", False)
+    else:
+        tensors = [t.double() for t in tensors]
+
+    def _no_kernel(*args):
+        raise AssertionError("the Triton op ran on the fallback path")
+
+    monkeypatch.setattr(cbl, "_conv_bn_lrelu_fwd", _no_kernel)
+    assert dipfast.kernels.conv_bn_lrelu_path(tensors[0]) == "reference"
+    expected = reference.conv_bn_lrelu(*tensors, **kw)
+    assert torch.equal(dipfast.kernels.conv_bn_lrelu(*tensors, **kw), expected)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, kw, match",
+    [
+        ((1, 3, 8, 8), (4, 3, 2, 2), {}, "k in"),
+        ((1, 3, 8, 8), (4, 3, 3, 3), {"stride": 3}, "stride"),
+        ((1, 3, 8, 8), (4, 1, 3, 3), {"groups": 2}, "groups"),
+        ((1, 3, 3, 8), (4, 3, 7, 7), {}, "reflection pad"),
+        ((3, 8, 8), (4, 3, 3, 3), {}, r"\(N, C_in, H, W\)"),
+    ],
+    ids=["even-k", "stride-3", "bad-groups", "pad-too-large", "not-4d"],
+)
+def test_bad_arguments_raise(x_shape, w_shape, kw, match):
+    c_out = w_shape[0]
+    with pytest.raises(ValueError, match=match):
+        dipfast.kernels.conv_bn_lrelu(
+            torch.rand(x_shape), torch.rand(w_shape), torch.rand(c_out), torch.rand(c_out), torch.rand(c_out), **kw
+        )
