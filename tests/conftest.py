@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from _helpers import make_rng, torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +15,16 @@ def _seed():
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def np_rng(request) -> np.random.Generator:
+    """A numpy Generator seeded from the test id."""
+    return make_rng(request.node.nodeid)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module (restored afterwards)."""
+    with torch_threads(1):
+        yield

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import FAST, TINY, TINY_NET, make_rng, random_image, random_mask, smooth_image, torch_threads
+from _helpers import FAST, TINY, TINY_NET, random_image, random_mask, smooth_image
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -19,17 +19,8 @@ import dipfast
 from dipfast.operators import Lanczos2Decimation, bernoulli_mask
 from dipfast.presets import PRESETS
 
-
-@pytest.fixture
-def np_rng(request):
-    """A numpy Generator seeded from the test id (conftest.py's `rng` is a torch one)."""
-    return make_rng(request.node.nodeid)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+# Tiny nets on a shared 2-core machine: one torch thread is 10-20x faster than two competing.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _steps(image, task="denoise", **kwargs):

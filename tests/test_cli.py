@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import make_rng, random_image, torch_threads
+from _helpers import random_image
 from PIL import Image
 
 import dipfast
@@ -27,16 +27,8 @@ from dipfast import cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def np_rng(request):
-    """A numpy Generator seeded from the test id (conftest.py's `rng` is a torch one)."""
-    return make_rng(request.node.nodeid)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+# Tiny nets on a shared 2-core machine: one torch thread is 10-20x faster than two competing.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import FAST, TINY_NET, make_rng, params_of, random_image, same_params, smooth_image, torch_threads
+from _helpers import FAST, TINY_NET, params_of, random_image, same_params, smooth_image
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio
 
@@ -20,16 +20,8 @@ from dipfast.presets import PRESETS, Backtracking
 SQRT10 = 10**0.5
 
 
-@pytest.fixture
-def np_rng(request):
-    """A numpy Generator seeded from the test id (conftest.py's `rng` is a torch one)."""
-    return make_rng(request.node.nodeid)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+# Tiny nets on a shared 2-core machine: one torch thread is 10-20x faster than two competing.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _reference_step(backtracking, *, size=8, loss=None, lr=0.01, seed=0, report_every=8, ema=0.99):
