@@ -3,7 +3,8 @@
 Each twin has the signature of its kernel op and is the oracle of tests/parity and the baseline of
 bench/ops. The Lanczos2 twins call dipfast.operators.Lanczos2Decimation, so the engine's SR operator
 and the oracle are one implementation; conv_bn_lrelu computes what dipfast.nets.layers.ConvBNAct
-computes with reflection padding (tests/test_reference.py holds them equal).
+computes with reflection padding, and concat_bn_conv_bn_lrelu what dipfast.nets.skip.SkipLevel's
+merge_bn then up compute (tests/test_reference.py holds them equal).
 """
 
 from __future__ import annotations
@@ -60,3 +61,28 @@ def conv_bn_lrelu(
     y = F.conv2d(x, weight, bias, stride=stride, groups=groups)
     y = F.batch_norm(y, None, None, gamma, beta, training=True, eps=eps)
     return F.leaky_relu(y, slope)
+
+
+def concat_bn_conv_bn_lrelu(
+    skip: torch.Tensor,
+    deeper: torch.Tensor,
+    merge_gamma: torch.Tensor,
+    merge_beta: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    eps: float = 1e-5,
+    slope: float = 0.2,
+) -> torch.Tensor:
+    """The merge of a skip level: conv_bn_lrelu(batch_norm(cat([skip, deeper], 1), training), ..., stride=1).
+
+    skip: (N, Cs, H, W) and deeper: (N, Cd, H, W), already cropped to one size (skip channels first);
+    merge_gamma, merge_beta: (Cs + Cd,), the affine parameters of the merge BatchNorm (batch statistics, no
+    activation); weight: (C_out, Cs + Cd, k, k) and the rest as in conv_bn_lrelu. What
+    dipfast.nets.skip.SkipLevel computes with merge_bn then up.
+    """
+    merged = torch.cat([skip, deeper], 1)
+    merged = F.batch_norm(merged, None, None, merge_gamma, merge_beta, training=True, eps=eps)
+    return conv_bn_lrelu(merged, weight, bias, gamma, beta, eps=eps, slope=slope)

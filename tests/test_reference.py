@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from dipfast.nets.layers import ConvBNAct
-from dipfast.reference import conv_bn_lrelu
+from dipfast.nets.layers import ConvBNAct, concat_cropped
+from dipfast.nets.skip import SkipLevel, SkipSpec
+from dipfast.reference import concat_bn_conv_bn_lrelu, conv_bn_lrelu
 
 
 @pytest.mark.parametrize(
@@ -34,4 +35,37 @@ def test_conv_bn_lrelu_equals_the_engine_block(n, c_in, c_out, h, w, k, stride, 
     # float64, the same ops in the same order: equal to rounding (measured 0 or a few 1e-16)
     torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
     for a, b in zip(torch.autograd.grad(ours, [x, *params], grad), torch.autograd.grad(theirs, [x, *params], grad)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "n, cs, cd, c_up, h, w, k",
+    [
+        (1, 4, 16, 8, 17, 23, 3),  # odd H/W, the default skip width
+        (2, 2, 3, 5, 7, 9, 1),  # 1x1 up conv (no pad), batch 2
+        (1, 4, 32, 16, 12, 10, 5),  # k = 5
+    ],
+)
+def test_concat_bn_conv_bn_lrelu_equals_the_skip_level_merge(n, cs, cd, c_up, h, w, k, rng):
+    """The twin equals SkipLevel's merge: concat_cropped([skip, deeper]) -> merge_bn -> up (ConvBNAct)."""
+    spec = SkipSpec(channels_down=(cd,), channels_up=(c_up,), channels_skip=(cs,), filter_size_up=k)
+    level = SkipLevel(spec, 0, 3).double()  # last level: the concat is skip (cs) + down (cd) channels
+    merge_bn, up = level.merge_bn, level.up
+    assert merge_bn.num_features == cs + cd and up.conv.conv.weight.shape == (c_up, cs + cd, k, k)
+    with torch.no_grad():  # BN affine parameters away from their (1, 0) defaults
+        for bn in (merge_bn, up.bn):
+            bn.weight.uniform_(0.5, 1.5, generator=rng)
+            bn.bias.uniform_(-0.5, 0.5, generator=rng)
+    skip = torch.rand(n, cs, h, w, dtype=torch.float64, generator=rng, requires_grad=True)
+    deeper = torch.rand(n, cd, h, w, dtype=torch.float64, generator=rng, requires_grad=True)
+    grad = torch.randn(n, c_up, h, w, dtype=torch.float64, generator=rng)
+    conv, bn = up.conv.conv, up.bn
+    params = [merge_bn.weight, merge_bn.bias, conv.weight, conv.bias, bn.weight, bn.bias]
+
+    ours = concat_bn_conv_bn_lrelu(skip, deeper, *params)
+    theirs = up(merge_bn(concat_cropped([skip, deeper])))
+    # float64, the same ops in the same order: equal to rounding
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+    wrt = [skip, deeper, *params]
+    for a, b in zip(torch.autograd.grad(ours, wrt, grad), torch.autograd.grad(theirs, wrt, grad), strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
