@@ -72,7 +72,7 @@ def _grad_of_conv_output(tensors64, kw, out_grad64):
         stride=kw["stride"],
         groups=kw["groups"],
     ).requires_grad_(True)
-    eye = torch.eye(y.shape[1], dtype=y.dtype)[:, :, None, None]
+    eye = torch.eye(y.shape[1], dtype=y.dtype, device=y.device)[:, :, None, None]
     (dy,) = torch.autograd.grad(reference.conv_bn_lrelu(y, eye, None, gamma, beta), y, out_grad64)
     return dy
 
