@@ -62,6 +62,7 @@ if _HAS_TRITON:
         _bn_lrelu_bwd_kernel,
         _bn_lrelu_kernel,
         _conv_dgrad_kernel,
+        _conv_epilogue,
         _reflect,
         _reflect_fold_kernel,
     )
@@ -195,15 +196,10 @@ if _HAS_TRITON:
                         other=0.0,
                     )
                     acc = tl.dot(a, b, acc, input_precision="ieee")
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + co, mask=mask_n, other=0.0)[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        tl.store(y_ptr + (nb * c_out * hw + s)[:, None] + co[None, :] * hw, acc, mask=mask)
-        count = tl.minimum(n_pix - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        tsum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
-        dev = tl.where(mask, acc - (tsum / count)[None, :], 0.0)
-        tl.store(psum_ptr + pid_m * c_out + co, tsum, mask=mask_n)
-        tl.store(pm2_ptr + pid_m * c_out + co, tl.sum(dev * dev, axis=0), mask=mask_n)
+        y_offs = (nb * c_out * hw + s)[:, None] + co[None, :] * hw
+        _conv_epilogue(
+            acc, b_ptr, y_ptr, y_offs, psum_ptr, pm2_ptr, co, mask_m, mask_n, pid_m, n_pix, c_out, HAS_BIAS, BLOCK_M
+        )
 
     @triton.jit
     def _merge_wgrad_kernel(

@@ -80,6 +80,34 @@ if _HAS_TRITON:
         return tl.where(i >= size, 2 * size - 2 - i, i)
 
     @triton.jit
+    def _conv_epilogue(
+        acc,
+        b_ptr,
+        y_ptr,
+        y_offs,
+        psum_ptr,
+        pm2_ptr,
+        co,
+        mask_m,
+        mask_n,
+        pid_m,
+        n_pix,
+        c_out,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        """Add the bias, store y, and write this M-tile's BN partials: sum(y), sum((y - tile mean)^2)."""
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + co, mask=mask_n, other=0.0)[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        tl.store(y_ptr + y_offs, acc, mask=mask)
+        count = tl.minimum(n_pix - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        tsum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
+        dev = tl.where(mask, acc - (tsum / count)[None, :], 0.0)
+        tl.store(psum_ptr + pid_m * c_out + co, tsum, mask=mask_n)
+        tl.store(pm2_ptr + pid_m * c_out + co, tl.sum(dev * dev, axis=0), mask=mask_n)
+
+    @triton.jit
     def _conv_bn_lrelu_fwd_kernel(
         x_ptr,  # (N, C_in, H, W) fp32, contiguous
         w_ptr,  # (C_out, C_in / groups, K, K) fp32, contiguous
@@ -137,15 +165,10 @@ if _HAS_TRITON:
                         other=0.0,
                     )
                     acc = tl.dot(a, b, acc, input_precision="ieee")
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + co, mask=mask_n, other=0.0)[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        tl.store(y_ptr + (nb * c_out * pq + s)[:, None] + co[None, :] * pq, acc, mask=mask)
-        count = tl.minimum(n_pix - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        tsum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
-        dev = tl.where(mask, acc - (tsum / count)[None, :], 0.0)
-        tl.store(psum_ptr + pid_m * c_out + co, tsum, mask=mask_n)
-        tl.store(pm2_ptr + pid_m * c_out + co, tl.sum(dev * dev, axis=0), mask=mask_n)
+        y_offs = (nb * c_out * pq + s)[:, None] + co[None, :] * pq
+        _conv_epilogue(
+            acc, b_ptr, y_ptr, y_offs, psum_ptr, pm2_ptr, co, mask_m, mask_n, pid_m, n_pix, c_out, HAS_BIAS, BLOCK_M
+        )
 
     @triton.jit
     def _bn_lrelu_kernel(
