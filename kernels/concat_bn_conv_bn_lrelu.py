@@ -312,15 +312,6 @@ def _alloc(shape, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def _chan_finalize(psum: torch.Tensor, pm2: torch.Tensor, n: int, block: int, eps: float):
-    """Chan's merge of per-tile (count, sum, M2) -> (mean, rstd), biased variance; C-sized, deterministic."""
-    tiles = psum.shape[0]
-    counts = (n - torch.arange(tiles, device=psum.device) * block).clamp(max=block).float()[:, None]
-    mean = psum.sum(0) / n
-    var = (pm2.sum(0) + (counts * (psum / counts - mean) ** 2).sum(0)) / n
-    return mean, torch.rsqrt(var + eps)
-
-
 @torch.library.custom_op("dipfast::concat_bn_conv_bn_lrelu_fwd", mutates_args=())
 def _concat_bn_conv_bn_lrelu_fwd(
     skip: torch.Tensor,
@@ -346,7 +337,7 @@ def _concat_bn_conv_bn_lrelu_fwd(
     psum, pm2 = _alloc((tiles, c_in), dev), _alloc((tiles, c_in), dev)
     for src, c_src, off in ((skip, cs, 0), (deeper, cd, cs)):
         _merge_stats_kernel[(tiles, c_src)](src, psum, pm2, n_pix, c_src, c_in, off, h * w, BLOCK=_BLOCK)
-    mmean, mrstd = _chan_finalize(psum, pm2, n_pix, _BLOCK, eps)
+    mmean, mrstd = _cbl._chan_finalize(psum, pm2, n_pix, _BLOCK, eps)
     # 2. conv with the normalise-on-load two-source gather, statistics of y in the epilogue
     tiles_m = triton.cdiv(n_pix, _BLOCK_M)
     y = _alloc((n, c_out, h, w), dev)
@@ -376,7 +367,7 @@ def _concat_bn_conv_bn_lrelu_fwd(
         BLOCK_N=_BLOCK_N,
         BLOCK_K=_BLOCK_K,
     )
-    mean, rstd = _chan_finalize(ysum, ym2, n_pix, _BLOCK_M, eps)
+    mean, rstd = _cbl._chan_finalize(ysum, ym2, n_pix, _BLOCK_M, eps)
     # 3. normalise + LeakyReLU
     out = _alloc((n, c_out, h, w), dev)
     _bn_lrelu_kernel[(triton.cdiv(out.numel(), _BLOCK),)](

@@ -406,6 +406,15 @@ def _alloc(shape, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+def _chan_finalize(psum: torch.Tensor, pm2: torch.Tensor, n: int, block: int, eps: float):
+    """Chan's merge of per-tile (count, sum, M2) -> (mean, rstd), biased variance; C-sized, deterministic."""
+    tiles = psum.shape[0]
+    counts = (n - torch.arange(tiles, device=psum.device) * block).clamp(max=block).float()[:, None]
+    mean = psum.sum(0) / n
+    var = (pm2.sum(0) + (counts * (psum / counts - mean) ** 2).sum(0)) / n
+    return mean, torch.rsqrt(var + eps)
+
+
 def _out_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1  # odd k, pad (k - 1) // 2: (size + 2 pad - k) // stride + 1
 
@@ -457,11 +466,7 @@ def _conv_bn_lrelu_fwd(
         BLOCK_N=_BLOCK_N,
         BLOCK_K=_BLOCK_K,
     )
-    # Chan's merge of the per-tile (count, sum, M2): C-sized, deterministic.
-    counts = (n_pix - torch.arange(tiles, device=x.device) * _BLOCK_M).clamp(max=_BLOCK_M).float()[:, None]
-    mean = psum.sum(0) / n_pix
-    var = (pm2.sum(0) + (counts * (psum / counts - mean) ** 2).sum(0)) / n_pix
-    rstd = torch.rsqrt(var + eps)
+    mean, rstd = _chan_finalize(psum, pm2, n_pix, _BLOCK_M, eps)
     out = _alloc((n, c_out, p, q), x.device)
     _bn_lrelu_kernel[(triton.cdiv(out.numel(), _BLOCK),)](
         y, mean, rstd, gamma.contiguous(), beta.contiguous(), out, out.numel(), c_out, p * q, slope, BLOCK=_BLOCK
