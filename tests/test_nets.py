@@ -625,3 +625,39 @@ def test_noise_input(rng):
     assert abs(z.mean().item() - 0.05) < 0.002  # 38,400 draws: std of the mean ~1.5e-4
     again = noise_input(32, 40, 30, generator=torch.Generator().manual_seed(0))
     assert torch.equal(z, again)
+
+
+def test_use_block_ops_routes_every_block_and_reference_undoes_it():
+    from dipfast.nets.blocks import REFERENCE, BlockOps, block_ops_of, use_block_ops
+
+    class Counting(BlockOps):
+        name = "counting"
+
+        def __init__(self):
+            self.calls = {"conv_bn_act": 0, "merge": 0, "upsample": 0}
+
+        def conv_bn_act(self, m, x):
+            self.calls["conv_bn_act"] += 1
+            return super().conv_bn_act(m, x)
+
+        def merge(self, level, parts):
+            self.calls["merge"] += 1
+            return super().merge(level, parts)
+
+        def upsample(self, m, x):
+            self.calls["upsample"] += 1
+            return super().upsample(m, x)
+
+    torch.manual_seed(0)
+    net = skip(4, 3, channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
+    z = torch.rand(1, 4, 16, 16)
+    expected = net(z)
+    ops = Counting()
+    assert use_block_ops(net, ops) is net and block_ops_of(net) == {"counting"}
+    torch.testing.assert_close(net(z), expected, rtol=0, atol=0)
+    # per level: skip, down, conv, up, up1x1 convs; one merge and one upsample
+    assert ops.calls == {"conv_bn_act": 10, "merge": 2, "upsample": 2}
+    use_block_ops(net, REFERENCE)
+    assert block_ops_of(net) == {"reference"}
+    with pytest.raises(TypeError, match="BlockOps"):
+        use_block_ops(net, object())

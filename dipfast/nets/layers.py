@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dipfast.nets.blocks import REFERENCE
 from dipfast.operators import lanczos_kernel
 
 PADS = ("reflection", "zero")
@@ -93,7 +94,9 @@ class PadConv(nn.Module):
 
 
 class ConvBNAct(nn.Module):
-    """conv -> BatchNorm2d (always training statistics in DIP) -> activation."""
+    """conv -> BatchNorm2d (always training statistics in DIP) -> activation, computed by block_ops."""
+
+    block_ops = REFERENCE  # dipfast.nets.blocks.use_block_ops installs a backend's
 
     def __init__(
         self, in_ch, out_ch, kernel_size, stride=1, bias=True, pad="zero", downsample_mode="stride", act="LeakyReLU"
@@ -104,7 +107,7 @@ class ConvBNAct(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        return self.block_ops.conv_bn_act(self, x)
 
 
 def concat_cropped(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from dipfast.nets.layers import ConvBNAct, PadConv, concat_cropped, upsample
+from dipfast.nets.blocks import REFERENCE
+from dipfast.nets.layers import ConvBNAct, PadConv, upsample
 
 # The original's keyword names, accepted as aliases so that notebook calls port unchanged.
 ORIGINAL_KEYWORDS = {
@@ -83,6 +84,8 @@ class SkipSpec:
 
 
 class SkipLevel(nn.Module):
+    block_ops = REFERENCE  # the merge and the upsample; dipfast.nets.blocks.use_block_ops installs a backend's
+
     def __init__(self, spec: SkipSpec, i: int, in_ch: int):
         super().__init__()
         down, up, skip = spec.channels_down[i], spec.channels_up[i], spec.channels_skip[i]
@@ -104,9 +107,9 @@ class SkipLevel(nn.Module):
         deeper = self.conv(self.down(x))
         if self.inner is not None:
             deeper = self.inner(deeper)
-        deeper = self.upsample(deeper)
-        merged = concat_cropped([self.skip(x), deeper]) if self.skip is not None else deeper
-        y = self.up(self.merge_bn(merged))
+        deeper = self.block_ops.upsample(self.upsample, deeper)
+        parts = [self.skip(x), deeper] if self.skip is not None else [deeper]
+        y = self.block_ops.merge(self, parts)
         return self.up1x1(y) if self.up1x1 is not None else y
 
 

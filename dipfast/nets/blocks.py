@@ -1,0 +1,66 @@
+"""The few block ops every backend implements (DESIGN.md, principle 1), and how a net is switched to them.
+
+A generator is described once, by its spec and the reference modules of dipfast.nets. Its modules
+do not compute their blocks themselves: they hand them to a BlockOps object, the reference one
+unless a backend installs another with ``use_block_ops``. A backend overrides only the blocks it
+makes faster and inherits the rest, so every fast path runs the same layers with the same
+parameters, and falls back per block (an unsupported kernel size, pad or activation) to the
+reference computation.
+
+    conv_bn_act(m, x)        ConvBNAct: [reflect pad] -> conv [-> downsampler] -> BatchNorm -> activation
+    merge(level, parts)      SkipLevel: concat(parts, cropped) -> BatchNorm -> level.up (a ConvBNAct)
+    upsample(m, x)           the x2 upsample between levels
+
+Fused implementations do not update BatchNorm's running statistics, which DIP never reads (it
+always normalises with the batch statistics); only the reference ops keep them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from dipfast.nets.layers import ConvBNAct
+    from dipfast.nets.skip import SkipLevel
+
+
+class BlockOps:
+    """The reference block ops: plain eager modules, the parity oracle. Subclass to replace some."""
+
+    name = "reference"
+
+    def conv_bn_act(self, m: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
+        return m.act(m.bn(m.conv(x)))
+
+    def merge(self, level: SkipLevel, parts: list[torch.Tensor]) -> torch.Tensor:
+        from dipfast.nets.layers import concat_cropped
+
+        merged = concat_cropped(parts) if len(parts) > 1 else parts[0]
+        return level.up(level.merge_bn(merged))
+
+    def upsample(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m(x)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+REFERENCE = BlockOps()
+
+
+def use_block_ops(net: nn.Module, ops: BlockOps) -> nn.Module:
+    """Route every block of `net` through `ops` (in place); returns `net`. REFERENCE undoes it."""
+    if not isinstance(ops, BlockOps):
+        raise TypeError(f"ops must be a dipfast.nets.blocks.BlockOps; got {type(ops).__name__}")
+    for module in net.modules():
+        if hasattr(module, "block_ops"):
+            module.block_ops = ops
+    return net
+
+
+def block_ops_of(net: nn.Module) -> set[str]:
+    """The names of the block ops a net's modules use (one name after use_block_ops)."""
+    return {m.block_ops.name for m in net.modules() if hasattr(m, "block_ops")}
