@@ -22,6 +22,7 @@ instead of float64 PSNRs on the CPU (the same rule, 10 log10 of a ratio of MSEs,
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,11 +31,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dipfast import nets
-from dipfast.errors import InputError
+from dipfast import fast_step
+from dipfast.backends import Plan
+from dipfast.errors import InputError, NumericalError
 from dipfast.metrics import psnr
 from dipfast.nvtx_ranges import phase
 from dipfast.presets import Backtracking, TaskPreset
+
+REFERENCE_PLAN = Plan("reference", "fp32", compile=False, cuda_graph=False)
 
 
 @dataclass
@@ -126,7 +130,7 @@ class ReferenceStep:
         self.net_input = self.z
         self.out = None
         self.ema = None
-        self.metrics = torch.full((report_every, 4), float("nan"), dtype=torch.float64, device=device)
+        self.metrics = torch.full((report_every, 1, 4), float("nan"), dtype=torch.float64, device=device)  # N = 1
         self.backtracking = preset.backtracking
         if self.backtracking is not None:
             self.saved = [p.detach().clone() for p in net.parameters()]
@@ -193,11 +197,15 @@ class ReferenceStep:
             quality = [psnr(self.out, self.target), psnr(self.ema, self.target)]
         else:  # NaN marks "no target" in the buffer
             quality = [torch.full((), float("nan"), dtype=torch.float64, device=loss.device)] * 2
-        self.metrics[row] = torch.stack([loss.double(), *quality, fell_back.double()])
+        self.metrics[row, 0] = torch.stack([loss.double(), *quality, fell_back.double()])
 
     @torch.no_grad()
     def final_output(self) -> torch.Tensor:
         return _crop(self.net(self.net_input), self.problem.out_size)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if values[0] is None else sum(values) / len(values)
 
 
 def _finite(v: float) -> float | None:
@@ -213,17 +221,56 @@ def fit(
     progress: bool = True,
     callback: Callable[[Progress], bool | None] | None = None,
     report_every: int = 25,
+    plan: Plan = REFERENCE_PLAN,
 ) -> Fit:
-    """Run the preset's iterations on `problem` with the reference backend."""
+    """Run the preset's iterations on `problem` with the backend of `plan` (the reference by default)."""
+    return fit_many(
+        [problem],
+        preset,
+        device=device,
+        seeds=[seed],
+        progress=progress,
+        callback=callback,
+        report_every=report_every,
+        plan=plan,
+    )[0]
+
+
+def fit_many(
+    problems: list[Problem],
+    preset: TaskPreset,
+    *,
+    device: torch.device,
+    seeds: list[int],
+    progress: bool = True,
+    callback: Callable[[Progress], bool | None] | None = None,
+    report_every: int = 25,
+    plan: Plan = REFERENCE_PLAN,
+) -> list[Fit]:
+    """Fit each problem with its own network and seed: one step for all of them on the fast backends
+    (same-size problems only), one after another on the reference backend (the oracle is one DIP).
+
+    With more than one problem the callback's Progress carries the mean loss and PSNRs and all
+    N images; True from it stops every fit.
+    """
+    if not plan.fast:
+        return [
+            _run([problem], preset, device, [seed], progress, callback, report_every, plan)[0]
+            for problem, seed in zip(problems, seeds)
+        ]
+    return _run(problems, preset, device, seeds, progress, callback, report_every, plan)
+
+
+def _run(problems, preset, device, seeds, progress, callback, report_every, plan: Plan) -> list[Fit]:
     start = time.perf_counter()
-    # The network's initialisation and z come from the CPU RNG, as in the original, seeded
+    # Each network's initialisation and z come from the CPU RNG, as in the original, seeded
     # without touching the caller's global RNG state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = nets.build(preset.net, problem.input_shape[0], problem.n_channels).to(device)
-        z = problem.z if problem.z is not None else nets.noise_input(*problem.input_shape)
-    step = ReferenceStep(net, z, problem, preset, device, seed, report_every)
-    result = Fit(image=None, ema_image=None)
+    built, zs = fast_step.build_nets(problems, preset, seeds)
+    if plan.fast:
+        step = fast_step.FastStep(built, zs, problems, preset, device, seeds, report_every, plan)
+    else:
+        step = ReferenceStep(built[0].to(device), zs[0], problems[0], preset, device, seeds[0], report_every)
+    results = [Fit(image=None, ema_image=None) for _ in problems]
     bar = tqdm(total=preset.iterations, disable=not progress, unit="it", leave=False, dynamic_ncols=True)
     loop_start = time.perf_counter()
     done = read = 0
@@ -234,38 +281,57 @@ def fit(
                 done = i + 1
                 if done % report_every == 0 or done == preset.iterations:
                     read = done
-                    if _read_back(step, result, done, start, bar, callback):
-                        result.stop_reason = "callback"
+                    if _read_back(step, results, done, start, bar, callback, plan):
+                        for result in results:
+                            result.stop_reason = "callback"
                         break
         except KeyboardInterrupt:
-            result.stop_reason = "interrupted"
+            for result in results:
+                result.stop_reason = "interrupted"
             if done > read:
-                _read_back(step, result, done, start, bar, None)
-        result.loop_seconds = time.perf_counter() - loop_start
-        if step.out is None:
+                _read_back(step, results, done, start, bar, None, plan)
+        loop_seconds = time.perf_counter() - loop_start
+        if done == 0:
             raise KeyboardInterrupt  # interrupted before the first step finished: nothing to return
-        result.iterations = done
-        result.image = step.final_output()
-        result.ema_image = step.ema
-    result.seconds = time.perf_counter() - start
-    return result
+        images = step.final_output()
+        for k, result in enumerate(results):
+            result.loop_seconds = loop_seconds
+            result.iterations = done
+            result.image = images[k : k + 1]
+            result.ema_image = step.ema[k : k + 1].clone()
+    seconds = time.perf_counter() - start
+    for result in results:
+        result.seconds = seconds
+    return results
 
 
-def _read_back(step: ReferenceStep, result: Fit, done: int, start: float, bar, callback) -> bool:
-    """Copy the metrics rows since the last read to the host: the loop's only sync."""
+def _read_back(step, results: list[Fit], done: int, start: float, bar, callback, plan: Plan) -> bool:
+    """Copy the metrics rows since the last read to the host: the loop's only sync.
+
+    A non-finite loss stops the run here (NumericalError): no backend hands back NaN silently.
+    """
     n = (done - 1) % step.metrics.shape[0] + 1
     with phase("read-back"):
-        rows = step.metrics[:n].tolist()
+        rows = step.metrics[:n].tolist()  # n x N x [loss, psnr, ema psnr, fell back]
     seconds = time.perf_counter() - start
-    for k, (loss, p, ema_p, fell_back) in enumerate(rows):
-        result.history.append(HistoryRow(done - n + k + 1, loss, _finite(p), _finite(ema_p), bool(fell_back), seconds))
-    last = result.history[-1]
+    for k, row in enumerate(rows):
+        iteration = done - n + k + 1
+        for j, (loss, p, ema_p, fell_back) in enumerate(row):
+            if not math.isfinite(loss):
+                image = f" (image {j + 1} of {len(row)})" if len(row) > 1 else ""
+                raise NumericalError(
+                    f"the loss became {loss} at iteration {iteration}{image} with backend={plan.backend!r}, "
+                    f"precision={plan.precision!r}; rerun with precision='fp32' or backend='reference'"
+                )
+            results[j].history.append(HistoryRow(iteration, loss, _finite(p), _finite(ema_p), bool(fell_back), seconds))
+    lasts = [result.history[-1] for result in results]
+    loss, psnr_, ema_psnr = (_mean([getattr(r, name) for r in lasts]) for name in ("loss", "psnr", "ema_psnr"))
     bar.update(done - bar.n)
-    postfix = {"loss": f"{last.loss:.3e}"}
-    if last.psnr is not None:
-        postfix.update(psnr=f"{last.psnr:.2f}", ema=f"{last.ema_psnr:.2f}")
+    postfix = {"loss": f"{loss:.3e}"}
+    if psnr_ is not None:
+        postfix.update(psnr=f"{psnr_:.2f}", ema=f"{ema_psnr:.2f}")
     bar.set_postfix(postfix, refresh=False)
     if callback is None:
         return False
-    info = Progress(done, last.loss, last.psnr, last.ema_psnr, seconds, step.out, step.ema)
+    info = Progress(done, loss, psnr_, ema_psnr, seconds, step.out, step.ema)
     return bool(callback(info))

@@ -11,3 +11,7 @@ class InputError(ValueError):
 
 class InputTypeError(InputError, TypeError):
     """An argument of the wrong type."""
+
+
+class NumericalError(RuntimeError):
+    """The fit went non-finite (NaN or inf loss): stopped, with the iteration and the settings to change."""

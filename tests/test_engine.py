@@ -158,7 +158,7 @@ def test_fall_back_inside_a_step_restores_the_saved_parameters(np_rng):
         after_steps.append(params_of(step.net))
     fell_back = [entry[0] for entry in log]
     assert fell_back == [i + 1 in spikes for i in range(12)]
-    assert step.metrics[:12, 3].tolist() == [float(b) for b in fell_back]
+    assert step.metrics[:12, 0, 3].tolist() == [float(b) for b in fell_back]
     for k, (bad, before, saved_before, after, saved_after) in enumerate(log):
         if bad:
             assert same_params(after, saved_before) and same_params(saved_after, saved_before)

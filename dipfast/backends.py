@@ -1,0 +1,101 @@
+"""Which step runs a fit: the backends, the precisions, and what 'auto' resolves to.
+
+    reference  the oracle (engine.ReferenceStep): eager modules, IEEE fp32, one network per fit
+    native     the fast step (fast_step.FastStep) in eager mode: N networks in one step, mixed
+               precision, the csrc CPU block ops where built (dipfast.native); on CUDA the whole
+               step is captured once and replayed as one CUDA graph
+    compile    the fast step with the generator under torch.compile (and the CUDA graph on CUDA)
+    triton     compile, with the generator's blocks run by the fused Triton kernels (dipfast.kernels)
+    auto       the measured choice for the device: AUTO below
+
+Precisions: fp32 (IEEE: TF32 off), tf32 (TF32 convolutions and matmuls on CUDA; a CPU has no TF32
+and computes IEEE fp32), bf16 (autocast with fp32 master weights, Adam state, BatchNorm statistics,
+loss, output head and metrics), auto (bf16 where the hardware computes it natively, else fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from dipfast.errors import InputError
+from dipfast.nets.blocks import REFERENCE, BlockOps
+
+BACKENDS = ("auto", "reference", "native", "compile", "triton")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+# What 'auto' runs, by device type: the fastest backend whose results match the reference
+# (bench/results/auto-choice.md has the measurements behind each entry).
+AUTO = {"cpu": "native", "cuda": "native"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    backend: str  # never 'auto'
+    precision: str  # never 'auto'
+    compile: bool  # the generator under torch.compile
+    cuda_graph: bool  # the whole step captured once and replayed
+
+    @property
+    def fast(self) -> bool:
+        return self.backend != "reference"
+
+    def block_ops(self) -> BlockOps:
+        if self.backend == "triton":
+            from dipfast.kernels.blocks import TritonBlocks
+
+            return TritonBlocks()
+        if self.backend == "native":
+            from dipfast.native.blocks import NativeBlocks
+
+            return NativeBlocks()
+        return REFERENCE
+
+    def autocast(self, device: torch.device):
+        """The forward's context: bf16 autocast, or the fp32 flavour's TF32 switches."""
+        if self.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        if self.precision == "tf32":
+            return _tf32()
+        return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _tf32():
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=True):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether the device computes bf16 in hardware (CPU: AVX512-BF16 or AMX; CUDA: Ampere or later)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve(backend: str, precision: str, device: torch.device) -> Plan:
+    """The plan for a (backend, precision) request on `device`; raises InputError on a bad request."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
+    if backend == "auto":
+        backend = AUTO[device.type]
+    if backend == "reference":
+        if precision not in ("auto", "fp32"):
+            raise InputError(
+                f"the reference backend is the IEEE fp32 oracle; for precision={precision!r} use backend='native'"
+            )
+        return Plan("reference", "fp32", compile=False, cuda_graph=False)
+    if precision == "auto":
+        precision = "bf16" if bf16_native(device) else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not bf16_native(device):
+        raise InputError("precision='bf16' needs an Ampere or newer GPU; use precision='fp32' or 'tf32'")
+    return Plan(backend, precision, compile=backend in ("compile", "triton"), cuda_graph=device.type == "cuda")

@@ -1,0 +1,214 @@
+"""The fast backends' step: N independent DIPs in one step, mixed precision, compiled, graph-replayed.
+
+The iteration is the reference's (engine.py's docstring), for N networks at once:
+
+- The N networks' parameters are stacked (torch.func.stack_module_state: every tensor gets a
+  leading axis of N) and the generator runs as vmap(functional_call) over them: the conv batching
+  rule makes each conv a grouped conv and each BatchNorm keeps per-network statistics, so the N
+  fits are exactly N separate DIPs (DESIGN.md, principle 4). One network (N = 1) is a plain
+  functional_call of the same module.
+- The loss is the sum of the N per-network losses, so each network's gradient is its own.
+  Adam, the EMA and the backtracking rule are elementwise or per network (a mask over the leading
+  axis), so they also act as N separate runs.
+- Everything stays on the device: the iteration counter, the metrics ring buffer (K rows of
+  N x [loss, psnr, ema psnr, fell back]), the EMA and the backtracking state. Nothing in the step
+  reads a value back, which is what lets CUDA replay the whole step as one graph.
+- precision='bf16' runs the generator under autocast; the loss, the metrics, Adam and the master
+  weights stay fp32.
+- On CUDA, the first WARMUP iterations run eagerly on a side stream (lazy initialisation,
+  compilation, cuDNN's choices), the next one is captured as one CUDA graph, and every later
+  iteration replays it (PyTorch's "whole-network capture" recipe). The noise generators are
+  registered with the graph, so each replay draws fresh noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from dipfast import nets
+from dipfast.backends import Plan
+from dipfast.errors import InputError
+from dipfast.nets.blocks import use_block_ops
+from dipfast.presets import TaskPreset
+
+WARMUP = 3  # eager iterations before a CUDA graph capture
+
+
+def _crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    h, w = size
+    dh, dw = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., dh : dh + h, dw : dw + w]
+
+
+def _per_network(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """An (N,) mask viewed to broadcast over a stacked (N, ...) tensor."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+class FastStep:
+    """N fits of one preset on same-size problems, as one step; the interface of engine.ReferenceStep."""
+
+    def __init__(self, nets_, zs, problems, preset: TaskPreset, device, seeds, report_every: int, plan: Plan):
+        self.n = len(nets_)
+        self.problems, self.preset, self.plan, self.device = problems, preset, plan, device
+        self.out_size = problems[0].out_size
+        if any(p.loss is not None for p in problems) and self.n > 1:
+            raise InputError("a custom loss= runs one image at a time; give one image, or an operator= instead")
+
+        params, buffers = stack_module_state(list(nets_))
+        self.params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
+        self.buffers = {k: v.to(device) for k, v in buffers.items()}
+        self.module = use_block_ops(nets_[0].to(device), plan.block_ops())  # the structure; weights come in
+        generate = self._generate_one if self.n == 1 else self._generate_many
+        self.generate = torch.compile(generate, dynamic=False) if plan.compile else generate
+
+        self.z = torch.stack([z.to(device) for z in zs])  # (N, 1, D, H', W')
+        self.noise = torch.empty_like(self.z)
+        self.net_input = self.z.clone()
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.y = [p.y.to(device) if p.y is not None else None for p in problems]
+        targets = [p.target for p in problems]
+        self.target = torch.cat(targets).to(device) if all(t is not None for t in targets) else None
+
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=preset.lr, foreach=True, capturable=plan.cuda_graph)
+        self.iteration = torch.zeros((), dtype=torch.int64, device=device)
+        n_out = (self.n, problems[0].n_channels, *self.out_size)
+        self.out = torch.zeros(n_out, device=device)
+        self.ema = torch.zeros(n_out, device=device)
+        self.metrics = torch.full((report_every, self.n, 4), math.nan, dtype=torch.float64, device=device)
+        self.backtracking = preset.backtracking
+        if self.backtracking is not None:
+            self.saved = [p.detach().clone() for p in self.params.values()]
+            self.last_loss = torch.full((self.n,), math.inf, device=device)
+            self.accepted = torch.zeros(self.n, dtype=torch.int64, device=device)
+        self.calls = 0
+        self.graph = None
+        self.captures = 0  # CUDA graph captures: one per fit, or something re-records
+
+    # -- the generator ---------------------------------------------------------------------------
+    def _generate_one(self, params, buffers, z):
+        one = {k: v[0] for k, v in params.items()}, {k: v[0] for k, v in buffers.items()}
+        return functional_call(self.module, one, (z[0],))[None]
+
+    def _generate_many(self, params, buffers, z):
+        return vmap(lambda p, b, x: functional_call(self.module, (p, b), (x,)))(params, buffers, z)
+
+    def _forward(self) -> torch.Tensor:
+        """(N, C, H, W) fp32: the cropped outputs for the current net_input."""
+        with self.plan.autocast(self.device):
+            out = self.generate(self.params, self.buffers, self.net_input)
+        return _crop(out[:, 0].float(), self.out_size)
+
+    # -- one iteration ---------------------------------------------------------------------------
+    def _losses(self, out: torch.Tensor) -> torch.Tensor:
+        """(N,): each network's data term (or the custom loss of the single problem)."""
+        if self.problems[0].loss is not None:
+            loss = self.problems[0].loss(out)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise InputError("loss= must return a scalar tensor (one value) of the generated image")
+            return loss.reshape(1)
+        losses = []
+        for i, (problem, y) in enumerate(zip(self.problems, self.y)):
+            pred = problem.operator(out[i : i + 1])
+            if not isinstance(pred, torch.Tensor) or pred.shape != y.shape:
+                shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
+                raise InputError(
+                    f"operator maps the {tuple(out[:1].shape)} output to {shape}, but the observed image is "
+                    f"{tuple(y.shape)}; give an operator whose output has the image's shape"
+                )
+            losses.append(F.mse_loss(pred, y))
+        return torch.stack(losses)
+
+    def _step(self) -> None:
+        if self.preset.reg_noise_std > 0:
+            for noise, generator in zip(self.noise, self.generators):
+                noise.normal_(generator=generator)
+            self.net_input.copy_(self.z + self.noise * self.preset.reg_noise_std)  # the reference's rounding
+        out = self._forward()
+        losses = self._losses(out)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        with torch.no_grad():
+            out = out.detach()
+            self.out.copy_(out)
+            w = self.preset.ema
+            self.ema.copy_(torch.where(self.iteration == 0, out, self.ema * w + out * (1 - w)))
+            fell_back = self._backtrack(losses.detach()) if self.backtracking is not None else None
+        self.optimizer.step()
+        with torch.no_grad():
+            self._record(losses.detach(), fell_back)
+            self.iteration += 1
+
+    def _backtrack(self, losses: torch.Tensor) -> torch.Tensor:
+        """engine.ReferenceStep._backtrack for each network: a mask over the stacked axis."""
+        bt = self.backtracking
+        checked = (self.accepted % bt.period == 0) == bt.on_period
+        bad = checked & (losses > bt.factor * self.last_loss)
+        keep = checked & ~bad
+        for p, saved in zip(self.params.values(), self.saved):
+            saved.copy_(torch.where(_per_network(keep, p), p, saved))
+            p.copy_(torch.where(_per_network(bad, p), saved, p))
+        self.last_loss.copy_(torch.where(keep, losses, self.last_loss))
+        self.accepted += (~bad).long()
+        return bad
+
+    def _record(self, losses: torch.Tensor, fell_back: torch.Tensor | None) -> None:
+        nan = torch.full_like(losses, math.nan, dtype=torch.float64)
+        if self.target is not None:
+            quality = [_psnr(self.out, self.target), _psnr(self.ema, self.target)]
+        else:  # NaN marks "no target" in the buffer
+            quality = [nan, nan]
+        flags = fell_back.double() if fell_back is not None else torch.zeros_like(nan)
+        row = torch.stack([losses.double(), *quality, flags], dim=1)  # (N, 4)
+        self.metrics.index_copy_(0, (self.iteration % self.metrics.shape[0]).view(1), row[None])
+
+    def __call__(self, row: int) -> None:
+        """One iteration (`row` is implied by the device counter; kept for engine.fit's loop)."""
+        self.calls += 1
+        if not self.plan.cuda_graph:
+            self._step()
+        elif self.calls <= WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+
+    def _capture(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        for generator in self.generators:
+            self.graph.register_generator_state(generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self._step()
+        self.captures += 1
+
+    @torch.no_grad()
+    def final_output(self) -> torch.Tensor:
+        return self._forward()
+
+
+def _psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(N,) float64: dipfast.metrics.psnr of each network's image."""
+    mse = (x.double() - ref.double()).square().mean(dim=(1, 2, 3))
+    return 10 * torch.log10(1.0 / mse)
+
+
+def build_nets(problems, preset: TaskPreset, seeds) -> tuple[list[nn.Module], list[torch.Tensor]]:
+    """Each fit's network and z from its own seed, exactly as engine.fit makes them for one fit."""
+    built, zs = [], []
+    for problem, seed in zip(problems, seeds):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            built.append(nets.build(preset.net, problem.input_shape[0], problem.n_channels))
+            zs.append(problem.z if problem.z is not None else nets.noise_input(*problem.input_shape))
+    return built, zs
