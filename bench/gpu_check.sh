@@ -6,8 +6,10 @@
 # Steps, each under its own time limit so that the whole check ends within 8 minutes:
 #   1. install the project without network (pip --no-deps --no-build-isolation -e .; PYTHONPATH as well)
 #   2. the test suite (python -m pytest -q), on CUDA when the tests pick the GPU
-#   3. the throughput table: default net, 512 x 512, every backend and precision, batch 1 and 4
-#   4. time-to-PSNR on F16 from DATA_DIR, cold and warm, every backend and the original loop
+#   3. the throughput tables: default net, 512 x 512, batch 1 and 4: the fp32 methods (reference,
+#      original loop, native) and the bf16 ones (native, compile, triton)
+#   4. time-to-PSNR on F16 from DATA_DIR, cold and warm: reference and original loop in fp32,
+#      native and compile in bf16
 #   5. a short table of the results, printed last
 # Results: JSON, Markdown and plots under $OUT (default ./bench-out), plus each step's log and
 # steps.tsv (step, exit status, seconds). Exit status: 0 when every step passed, else 1.
@@ -34,12 +36,15 @@ if [ "${DIPFAST_GPU_CHECK_TINY:-0}" = 1 ]; then
     PYTEST_ARGS=${DIPFAST_GPU_CHECK_PYTEST:-"--co -q"}
     THROUGHPUT=(--size 32 --net tiny --batch 1 2 --iters 2 --repeats 2 --warmup 2)
     TTP=(--size 32 --net tiny --iters 10 --report-every 2 --time-limit 60 --targets 10 15 20)
-    LIMITS=(60 120 120 180)
+    BF16_METHODS=(native)  # compile and triton take minutes to compile on a CPU: tests/test_backends.py has them
+    LIMITS=(60 120 60 60 120 60)
 else
     PYTEST_ARGS=${DIPFAST_GPU_CHECK_PYTEST:-"-q"}
     THROUGHPUT=(--size 512 --net default --batch 1 4 --iters 10 --repeats 5 --warmup 10)
     TTP=(--iters 3000 --report-every 10 --time-limit 20 --targets 26 28 30)
-    LIMITS=(45 150 120 150)  # install, tests, throughput, time-to-psnr: 465 s at most
+    BF16_METHODS=(native compile triton)
+    # install, tests, throughput fp32 and bf16, time-to-psnr fp32 and bf16: 545 s at most
+    LIMITS=(45 120 60 120 90 110)
 fi
 
 printf 'step\tstatus\tseconds\n' > "$OUT/steps.tsv"
@@ -71,13 +76,19 @@ EOF
 command -v nvidia-smi > /dev/null && nvidia-smi >> "$OUT/environment.txt" 2>&1
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
 step tests "${LIMITS[1]}" "$PY" -m pytest $PYTEST_ARGS
-step throughput "${LIMITS[2]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" --out "$OUT" --quiet
-step time-to-psnr "${LIMITS[3]}" "$PY" -m dipfast.bench time-to-psnr --data "$DATA" --tasks denoise "${TTP[@]}" \
-    --out "$OUT" --quiet
+step throughput-fp32 "${LIMITS[2]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" \
+    --backend reference original-loop native --precision fp32 --out "$OUT/fp32" --quiet
+step throughput-bf16 "${LIMITS[3]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" \
+    --backend "${BF16_METHODS[@]}" --precision bf16 --out "$OUT/bf16" --quiet
+step time-to-psnr-fp32 "${LIMITS[4]}" "$PY" -m dipfast.bench time-to-psnr --data "$DATA" --tasks denoise "${TTP[@]}" \
+    --backend reference original-loop --precision fp32 --out "$OUT/fp32" --quiet
+step time-to-psnr-bf16 "${LIMITS[5]}" "$PY" -m dipfast.bench time-to-psnr --data "$DATA" --tasks denoise "${TTP[@]}" \
+    --backend "${BF16_METHODS[@]:0:2}" --precision bf16 --out "$OUT/bf16" --quiet
 
 echo
 cat "$OUT/environment.txt" | head -n 2
 column -t "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
 grep -E "passed|failed|error|no tests ran|collected" "$OUT/tests.log" | tail -n 1
-"$PY" -m dipfast.bench summary "$OUT"
+"$PY" -m dipfast.bench summary "$OUT/fp32"
+"$PY" -m dipfast.bench summary "$OUT/bf16"
 exit $FAILED

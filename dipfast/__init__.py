@@ -1,9 +1,9 @@
 """dipfast: a fast, faithful Deep Image Prior engine (Ulyanov, Vedaldi, Lempitsky, IJCV 2020)."""
 
-from dipfast import metrics, nets, operators, presets
+from dipfast import backends, metrics, nets, operators, presets
 from dipfast.api import Result, restore
 from dipfast.errors import InputError
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "Result", "__version__", "metrics", "nets", "operators", "presets", "restore"]
+__all__ = ["InputError", "Result", "__version__", "backends", "metrics", "nets", "operators", "presets", "restore"]

@@ -13,15 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dipfast import engine, images, nets
+from dipfast import backends, engine, images, memory, nets
+from dipfast.backends import BACKENDS, BATCHED_BACKENDS, PRECISIONS  # noqa: F401  (re-exported: the harness lists them)
 from dipfast.errors import InputError, InputTypeError
 from dipfast.metrics import psnr as psnr_metric
 from dipfast.metrics import ssim as ssim_metric
 from dipfast.operators import Identity, Lanczos2Decimation, Mask
 from dipfast.presets import SR_SCALES, TaskPreset, apply_overrides, preset_for
-
-BACKENDS = ("auto", "reference")
-PRECISIONS = ("auto", "fp32")
 
 
 @dataclass
@@ -71,12 +69,6 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def _choice(name: str, value, valid) -> str:
-    if value not in valid:
-        raise InputError(f"unknown {name} {value!r}; valid: {list(valid)}")
-    return value
-
-
 def _load_mask(mask, h: int, w: int) -> torch.Tensor:
     """Any image-like mask -> (1 or C, H, W) float {0, 1}; nonzero (after scaling) means known."""
     if isinstance(mask, torch.Tensor):
@@ -113,8 +105,9 @@ def restore(
     operator: Callable[[torch.Tensor], torch.Tensor] | None = None,
     loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     report_every: int = 25,
+    restarts: int = 1,
     **overrides,
-) -> Result:
+) -> Result | list[Result]:
     """Restore `image` with Deep Image Prior.
 
     image: the corrupted observation (path, PIL, numpy (H, W[, C]) or tensor ([1,] C, H, W)).
@@ -137,27 +130,79 @@ def restore(
     """
     preset_obj = _settings(task, preset, scale, iters, overrides)
     dev = resolve_device(device)
-    # one backend and one precision so far: 'auto' resolves to them
-    backend = "reference" if _choice("backend", backend, BACKENDS) == "auto" else backend
-    precision = "fp32" if _choice("precision", precision, PRECISIONS) == "auto" else precision
+    plan = backends.resolve(backend, precision, dev)
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed must be a non-negative integer; got {seed!r}")
     seed = int(seed)
+    if not isinstance(restarts, numbers.Integral) or isinstance(restarts, bool) or restarts <= 0:
+        raise InputError(f"restarts must be a positive integer; got {restarts!r}")
     if not isinstance(report_every, int) or report_every <= 0:
         raise InputError(f"report_every must be a positive integer; got {report_every!r}")
     for name, fn in (("callback", callback), ("operator", operator), ("loss", loss)):
         if fn is not None and not callable(fn):
             raise InputTypeError(f"{name} must be callable; got {type(fn).__name__}")
 
-    x0, alpha, form = images.to_tensor(image, "image")
-    problem = _problem(task, preset_obj, x0, mask, guide, target, operator, loss, scale, dev)
-    out_size = problem.out_size
-    fit = engine.fit(
-        problem, preset_obj, device=dev, seed=seed, progress=progress, callback=callback, report_every=report_every
-    )
+    batch = isinstance(image, (list, tuple))
+    inputs = list(image) if batch else [image]
+    if not inputs:
+        raise InputError("image is an empty list; give one image or a list of images")
+    named = [("mask", mask), ("guide", guide), ("target", target)]
+    masks, guides, targets = (_per_image(name, value, len(inputs), batch) for name, value in named)
+    observed, problems = [], []
+    for k, img in enumerate(inputs):
+        x0, alpha, form = images.to_tensor(img, f"image[{k}]" if batch else "image")
+        observed.append((x0, alpha, form))
+        problems.append(_problem(task, preset_obj, x0, masks[k], guides[k], targets[k], operator, loss, scale, dev))
 
-    out, ema = fit.image[0].cpu(), fit.ema_image[0].cpu()
+    # Same-size problems share one step (fast backends); each restart is one more network.
+    buckets: dict[tuple, list[tuple[int, int]]] = {}
+    for k, problem in enumerate(problems):
+        key = (problem.input_shape, problem.out_size, problem.n_channels)
+        buckets.setdefault(key, []).extend((k, r) for r in range(restarts))
+    fits: dict[tuple[int, int], engine.Fit] = {}
+    for (input_shape, _, n_channels), members in buckets.items():
+        n_networks = len(members) if plan.fast else 1
+        memory.check_fits(preset_obj.net, input_shape[0], n_channels, input_shape[1:], n_networks, plan.precision, dev)
+        done = engine.fit_many(
+            [problems[k] for k, _ in members],
+            preset_obj,
+            device=dev,
+            seeds=[seed + r for _, r in members],
+            progress=progress,
+            callback=callback,
+            report_every=report_every,
+            plan=plan,
+        )
+        fits.update(zip(members, done))
+
+    results = [
+        _result(task, preset_obj, plan, dev, seed, observed[k], problems[k], [fits[k, r] for r in range(restarts)])
+        for k in range(len(inputs))
+    ]
+    return results if batch else results[0]
+
+
+def _per_image(name: str, value, n: int, batch: bool) -> list:
+    """One mask/guide/target per image: a list of n for a batch, or the one value for every image."""
+    if batch and isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise InputError(f"{name} is a list of {len(value)} for {n} images; give one per image, or one for all")
+        return list(value)
+    return [value] * n
+
+
+def _result(task, preset_obj, plan, dev, seed, observed, problem, fits: list[engine.Fit]) -> Result:
+    """One image's Result; restarts average their outputs (the paper's two-run average)."""
+    x0, alpha, form = observed
+    out = torch.stack([f.image[0].cpu() for f in fits]).mean(0)
+    ema = torch.stack([f.ema_image[0].cpu() for f in fits]).mean(0)
+    first = fits[0]
     extras = {}
+    if len(fits) > 1:
+        extras["restarts"] = [
+            {"seed": seed + r, "psnr": f.history[-1].psnr, "ema_psnr": f.history[-1].ema_psnr}
+            for r, f in enumerate(fits)
+        ]
     if task == "enhance":  # x0 + (x0 - coarse): the early-stopped fit is the coarse layer
         extras["coarse"] = images.from_tensor(out, alpha, form)
         out, ema = (2 * x0 - out).clamp(0, 1), (2 * x0 - ema).clamp(0, 1)
@@ -166,7 +211,7 @@ def restore(
         tgt = problem.target[0].cpu()
         result_psnr = float(psnr_metric(out, tgt))
         result_ema_psnr = float(psnr_metric(ema, tgt))
-        if min(out_size) >= 3:
+        if min(problem.out_size) >= 3:
             result_ssim = ssim_metric(out, tgt)
     return Result(
         image=images.from_tensor(out, alpha, form),
@@ -174,16 +219,16 @@ def restore(
         psnr=result_psnr,
         ema_psnr=result_ema_psnr,
         ssim=result_ssim,
-        history=fit.history,
-        iterations=fit.iterations,
-        seconds=fit.seconds,
-        its=fit.iterations / fit.loop_seconds if fit.loop_seconds > 0 else math.nan,
-        stop_reason=fit.stop_reason,
+        history=first.history,
+        iterations=first.iterations,
+        seconds=first.seconds,
+        its=first.iterations / first.loop_seconds if first.loop_seconds > 0 else math.nan,
+        stop_reason=first.stop_reason,
         task=task,
         settings=preset_obj,
-        backend=backend,
+        backend=plan.backend,
         device=str(dev),
-        precision=precision,
+        precision=plan.precision,
         seed=seed,
         extras=extras,
     )

@@ -25,6 +25,7 @@ from dipfast.nets.blocks import REFERENCE, BlockOps
 
 BACKENDS = ("auto", "reference", "native", "compile", "triton")
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+BATCHED_BACKENDS = ("native", "compile", "triton")  # N images (or restarts) in one step
 
 # What 'auto' runs, by device type: the fastest backend whose results match the reference
 # (bench/results/auto-choice.md has the measurements behind each entry).
@@ -48,8 +49,10 @@ class Plan:
 
             return TritonBlocks()
         if self.backend == "native":
-            from dipfast.native.blocks import NativeBlocks
-
+            try:  # TEMP until dipfast.native lands
+                from dipfast.native.blocks import NativeBlocks
+            except ImportError:
+                return REFERENCE
             return NativeBlocks()
         return REFERENCE
 

@@ -37,6 +37,7 @@ from dipfast.nets.blocks import use_block_ops
 from dipfast.presets import TaskPreset
 
 WARMUP = 3  # eager iterations before a CUDA graph capture
+RECOMPILE_LIMIT = 64
 
 
 def _crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -65,7 +66,12 @@ class FastStep:
         self.buffers = {k: v.to(device) for k, v in buffers.items()}
         self.module = use_block_ops(nets_[0].to(device), plan.block_ops())  # the structure; weights come in
         generate = self._generate_one if self.n == 1 else self._generate_many
-        self.generate = torch.compile(generate, dynamic=False) if plan.compile else generate
+        if plan.compile:
+            # Dynamo keys its cache on the code object, so every fit of a process (a benchmark runs
+            # dozens, with other precisions and sizes) adds variants of these two functions.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            generate = torch.compile(generate, dynamic=False)
+        self.generate = generate
 
         self.z = torch.stack([z.to(device) for z in zs])  # (N, 1, D, H', W')
         self.noise = torch.empty_like(self.z)
@@ -192,9 +198,9 @@ class FastStep:
             self._step()
         self.captures += 1
 
-    @torch.no_grad()
     def final_output(self) -> torch.Tensor:
-        return self._forward()
+        # with grad mode on, as in the step: a no_grad call would be one more compiled variant
+        return self._forward().detach()
 
 
 def _psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

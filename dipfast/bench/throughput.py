@@ -9,9 +9,9 @@ is the K iterations between two reads; the warm-up blocks before them (cuDNN aut
 growth, compile for later backends) are not counted. Figures: the median over repeats (and
 rounds) with min, max and the spread, in image-iterations per second.
 
-Batch N > 1: restore() takes one image, so N fits run one after another ("sequential") and a
-repeat's time is the sum of the N fits' K-iteration blocks: image-iterations/s = N K / that sum.
-A backend that batches inside one step will be reported as "batched" once the API takes batches.
+Batch N > 1: the backends of api.BATCHED_BACKENDS train the N networks in one step ("batched":
+restore() of a list of N images, image-iterations/s = N K / block time); the others run N fits one
+after another ("sequential": a repeat's time is the sum of the N fits' K-iteration blocks).
 Rounds > 1 run every configuration once per round, interleaved, so that a shared machine's drift
 hits every method alike; the samples of all rounds are pooled.
 """
@@ -45,14 +45,16 @@ class Config:
 
 
 def batch_mode(method: str, batch: int) -> str:
-    """'single', or how a batch of N runs: restore() takes one image today, so N sequential fits."""
+    """'single', 'batched' (N networks in one step) or 'sequential' (N fits one after another)."""
     if batch == 1:
         return "single"
-    return "batched" if getattr(api, "BATCHED_BACKENDS", ()) and method in api.BATCHED_BACKENDS else "sequential"
+    return "batched" if method in api.BATCHED_BACKENDS else "sequential"
 
 
-def _blocks_reference(case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed) -> list[float]:
-    """Block durations (s) of one restore() fit, read at every K-th iteration's read-back."""
+def _blocks_reference(
+    case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed, images: int = 1
+) -> list[float]:
+    """Block durations (s) of one restore() call (of `images` copies of the case in one step)."""
     stamps = []
 
     def callback(p) -> None:
@@ -60,7 +62,7 @@ def _blocks_reference(case: Case, config: Config, *, iters, warm_blocks, repeats
         stamps.append(time.perf_counter())
 
     api.restore(
-        case.observed,
+        case.observed if images == 1 else [case.observed] * images,
         **case.restore_kwargs(),
         iters=(warm_blocks + repeats) * iters,
         seed=seed,
@@ -102,6 +104,20 @@ def measure(
     warm_blocks = max(1, math.ceil(warmup / iters))
     blocks = _blocks_original if config.method == runs.ORIGINAL_LOOP else _blocks_reference
     per_fit = []
+    if batch_mode(config.method, config.batch) == "batched":
+        with PeakMemory(device) as mem:
+            one = _blocks_reference(
+                case,
+                config,
+                iters=iters,
+                warm_blocks=warm_blocks,
+                repeats=repeats,
+                net=net,
+                device=device,
+                seed=seed,
+                images=config.batch,
+            )
+        return {"samples": [config.batch * iters / t for t in one], "memory": mem.result()}
     with PeakMemory(device) as mem:
         for k in range(config.batch):  # batch > 1: sequential fits (see batch_mode)
             per_fit.append(

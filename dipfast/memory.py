@@ -1,0 +1,80 @@
+"""How much memory a fit will need, estimated before it starts, and the check that refuses one that won't fit.
+
+The estimate runs the generator once on the meta device (shapes only, no data, milliseconds) and
+counts what autograd saves for the backward: that, and the activations alive at the peak of the
+forward, is most of a DIP step's memory. Add per parameter: the weight, its gradient, Adam's two
+moments and the backtracking copy (5 x fp32); multiply by the number of networks; add a margin
+for allocator slack and workspaces. It is an estimate: tests/test_memory.py holds it within a
+factor of the measured peak on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from dipfast import nets
+from dipfast.errors import InputError
+
+GIB = 2**30
+MARGIN = 1.5  # allocator slack, workspaces, the final output's forward
+
+
+@functools.lru_cache(maxsize=64)
+def _activation_and_param_bytes(spec: nets.NetSpec, input_depth: int, n_channels: int, h: int, w: int):
+    with torch.device("meta"):
+        net = nets.build(spec, input_depth, n_channels)
+        z = torch.empty(1, input_depth, h, w)
+    saved = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(z)
+    params = sum(p.numel() for p in net.parameters()) * 4
+    return saved, params
+
+
+def estimate_bytes(spec, input_depth: int, n_channels: int, size: tuple[int, int], n_networks: int, precision: str):
+    """Peak bytes of a fit of `n_networks` networks at working size `size` (H', W')."""
+    activations, params = _activation_and_param_bytes(spec, input_depth, n_channels, *size)
+    if precision == "bf16":  # conv inputs and outputs saved in bf16, BatchNorm's in fp32: about 0.6
+        activations = int(activations * 0.6)
+    return int(n_networks * (activations + 5 * params) * MARGIN)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on the device: the GPU's free memory, or the host's MemAvailable (None if unknown)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(spec, input_depth, n_channels, size, n_networks: int, precision: str, device: torch.device) -> int:
+    """Raise InputError naming the estimate and the options when the fit would not fit; return the estimate."""
+    need = estimate_bytes(spec, input_depth, n_channels, size, n_networks, precision)
+    free = available_bytes(device)
+    if free is not None and need > free:
+        options = []
+        if n_networks > 1:
+            options.append("fewer images or restarts per call")
+        if precision != "bf16":
+            options.append("precision='bf16'")
+        options.append("a smaller image (or crop it in tiles)")
+        raise InputError(
+            f"this fit needs about {need / GIB:.1f} GiB ({n_networks} network(s) at {size[0]} x {size[1]}, "
+            f"{precision}) but {free / GIB:.1f} GiB are free on {device}; try {', or '.join(options)}"
+        )
+    return need
