@@ -11,10 +11,12 @@ import os
 import sys
 from pathlib import Path
 
-from dipfast.errors import InputError
+from dipfast.backends import BACKENDS, PRECISIONS
+from dipfast.errors import InputError, NumericalError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_NUMERICAL = 3  # the fit went NaN or inf (dipfast.errors.NumericalError)
 
 
 def _integer_from(minimum: int):
@@ -63,8 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--iters", type=positive_int, help="number of iterations (default: the preset's)")
     r.add_argument("--seed", type=non_negative_int, default=0)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--precision", default="auto")
-    r.add_argument("--backend", default="auto")
+    r.add_argument("--precision", default="auto", help=f"{', '.join(PRECISIONS)} (default: auto)")
+    r.add_argument(
+        "--backend", default="auto", help=f"{', '.join(BACKENDS)} (default: auto, the measured fastest for the device)"
+    )
+    r.add_argument(
+        "--restarts", type=positive_int, default=1, help="average this many fits of different seeds (the paper: 2)"
+    )
     r.add_argument("--ema-output", help="also write the EMA of the outputs here")
     r.add_argument("--force", action="store_true", help="overwrite existing output files")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -149,6 +156,7 @@ def _restore(args) -> int:
         device=args.device,
         precision=args.precision,
         backend=args.backend,
+        restarts=args.restarts,
         progress=not args.quiet,
     )
     _save(result.image, out)
@@ -196,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"dipfast: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except NumericalError as e:  # nothing is written: the output would be NaN
+        print(f"dipfast: error: {e}", file=sys.stderr)
+        return EXIT_NUMERICAL
     except KeyboardInterrupt:
         print("dipfast: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

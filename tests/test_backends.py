@@ -1,0 +1,287 @@
+"""The fast backends against the reference: plans, one step, short runs, batches, restarts, the NaN guard, memory.
+
+Tolerances (fp32 IEEE on the CPU):
+- the fast step with the reference blocks, N = 1, eager: bit for bit (same ops, same order).
+- native: the csrc BatchNorm + LeakyReLU sums in another order than ATen's: a few ulps per step;
+  after 20 iterations 0.01 dB of PSNR and 1e-3 per pixel.
+- compile: Inductor fuses and reorders the elementwise work, so a step differs by float rounding
+  (a few fp32 ulps per op); after one step the outputs agree to 1e-5, and a 20-iteration run's
+  PSNR to 0.01 dB (Adam amplifies rounding: measured 1e-4 dB).
+- a batch of N under vmap runs grouped convolutions, whose sums run in another order than the
+  single network's: measured 1.5e-6 after 30 iterations; held to 1e-4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from _helpers import FAST, TINY_NET, random_image
+
+import dipfast
+from dipfast import backends, engine, fast_step, memory
+from dipfast.backends import Plan
+from dipfast.errors import InputError, NumericalError
+from dipfast.presets import PRESETS
+
+CPU = torch.device("cpu")
+PRESET = dataclasses.replace(PRESETS["denoise"], net=TINY_NET, input_depth=4)
+
+
+def _problem(rng: torch.Generator, h=16, w=12) -> engine.Problem:
+    y, target = torch.rand(1, 3, h, w, generator=rng), torch.rand(1, 3, h, w, generator=rng)
+    return engine.Problem(input_shape=(4, h, w), z=None, out_size=(h, w), n_channels=3, y=y, target=target)
+
+
+def _plan(backend: str, precision: str = "fp32") -> Plan:
+    return backends.resolve(backend, precision, CPU)
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+
+
+def test_resolve_auto_picks_the_recorded_choice_and_native_bf16():
+    plan = backends.resolve("auto", "auto", CPU)
+    assert plan.backend == backends.AUTO["cpu"] and plan.fast
+    assert plan.precision == ("bf16" if backends.bf16_native(CPU) else "fp32")
+    assert not plan.cuda_graph and not plan.compile
+    assert backends.resolve("compile", "fp32", CPU).compile and backends.resolve("triton", "tf32", CPU).compile
+
+
+@pytest.mark.parametrize(
+    "backend, precision, message",
+    [
+        ("reference", "bf16", "reference backend is the IEEE fp32 oracle"),
+        ("fast", "fp32", "unknown backend 'fast'"),
+        ("native", "fp16", "unknown precision 'fp16'"),
+    ],
+)
+def test_resolve_refuses_with_one_line(backend, precision, message):
+    with pytest.raises(InputError, match=message) as e:
+        backends.resolve(backend, precision, CPU)
+    assert "\n" not in str(e.value) and "valid" in str(e.value) or "use backend=" in str(e.value)
+
+
+def test_restore_reports_the_plan_it_ran(np_rng):
+    r = dipfast.restore(random_image(np_rng, 12, 12), iters=2, backend="native", precision="bf16", **FAST)
+    assert (r.backend, r.precision) == ("native", "bf16")
+    assert np.isfinite(r.image).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# one step and short runs against the reference
+
+
+def _fits(plan: Plan, problems, seeds, iterations=20, report_every=7):
+    preset = dataclasses.replace(PRESET, iterations=iterations)
+    return engine.fit_many(
+        problems, preset, device=CPU, seeds=seeds, progress=False, report_every=report_every, plan=plan
+    )
+
+
+def test_fast_step_with_the_reference_blocks_is_the_reference_bit_for_bit(rng):
+    """The fast step's machinery (stacked parameters, device-side EMA, backtracking and metrics, foreach
+    Adam) changes no bit: with the reference blocks and no compile it is the reference."""
+    problem = _problem(rng)
+    ref = engine.fit(problem, dataclasses.replace(PRESET, iterations=20), device=CPU, seed=3, progress=False)
+    plain = dataclasses.replace(_plan("compile"), compile=False)  # FastStep, reference blocks, eager
+    (fast,) = _fits(plain, [problem], [3])
+    assert [h.loss for h in fast.history] == [h.loss for h in ref.history]
+    assert torch.equal(fast.image, ref.image) and torch.equal(fast.ema_image, ref.ema_image)
+
+
+def test_native_short_run_matches_the_reference(rng):
+    problem = _problem(rng)
+    ref = engine.fit(problem, dataclasses.replace(PRESET, iterations=20), device=CPU, seed=3, progress=False)
+    (fast,) = _fits(_plan("native"), [problem], [3])
+    assert fast.history[0].loss == pytest.approx(ref.history[0].loss, rel=1e-6)
+    assert fast.history[-1].psnr == pytest.approx(ref.history[-1].psnr, abs=0.01)
+    torch.testing.assert_close(fast.image, ref.image, rtol=0, atol=1e-3)
+
+
+def test_compile_step_and_short_run_match_the_reference(rng):
+    problem = _problem(rng)
+    plan = _plan("compile")
+    one_ref = engine.fit(problem, dataclasses.replace(PRESET, iterations=1), device=CPU, seed=5, progress=False)
+    (one,) = _fits(plan, [problem], [5], iterations=1)
+    torch.testing.assert_close(one.image, one_ref.image, rtol=1e-5, atol=1e-5)
+    assert one.history[0].loss == pytest.approx(one_ref.history[0].loss, rel=1e-6)
+
+    ref = engine.fit(problem, dataclasses.replace(PRESET, iterations=20), device=CPU, seed=5, progress=False)
+    (run,) = _fits(plan, [problem], [5])
+    assert run.history[-1].psnr == pytest.approx(ref.history[-1].psnr, abs=0.01)
+    assert run.history[-1].ema_psnr == pytest.approx(ref.history[-1].ema_psnr, abs=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# batches and restarts
+
+
+def test_a_batch_equals_separate_runs_with_the_same_seeds(rng):
+    problems = [_problem(rng) for _ in range(3)]
+    plan = _plan("native")
+    batch = _fits(plan, problems, [3, 4, 5], iterations=30)
+    for problem, seed, together in zip(problems, [3, 4, 5], batch):
+        (alone,) = _fits(plan, [problem], [seed], iterations=30)
+        torch.testing.assert_close(together.image, alone.image, rtol=0, atol=1e-4)
+        torch.testing.assert_close(together.ema_image, alone.ema_image, rtol=0, atol=1e-4)
+        assert together.history[-1].loss == pytest.approx(alone.history[-1].loss, rel=1e-3)
+    # the networks really are independent: different data, different results
+    assert not torch.allclose(batch[0].image, batch[1].image, atol=1e-2)
+
+
+def test_batch_backtracking_falls_back_per_network(rng):
+    """Network 0's loss jumps past sqrt(10) x its last accepted loss, network 1's does not: only
+    network 0's parameters return to its saved point, and only network 1 saves new ones."""
+    problems = [_problem(rng) for _ in range(2)]
+    built, zs = fast_step.build_nets(problems, PRESET, [1, 2])
+    step = fast_step.FastStep(built, zs, problems, PRESET, CPU, [1, 2], 4, _plan("native"))
+    with torch.no_grad():  # as in the step
+        # the denoising rule checks every step but each 100th: the first is not checked, the second saves
+        assert [step._backtrack(torch.tensor([1.0, 1.0])).tolist() for _ in range(2)] == [[False, False]] * 2
+        before = {k: v.detach().clone() for k, v in step.params.items()}
+        for p in step.params.values():
+            p.add_(1.0)  # an Adam step's worth of change, for both networks
+        assert step._backtrack(torch.tensor([100.0, 1.0])).tolist() == [True, False]
+    for name, p in step.params.items():
+        torch.testing.assert_close(p[0], before[name][0], rtol=0, atol=0)  # network 0 restored
+        torch.testing.assert_close(p[1], before[name][1] + 1, rtol=0, atol=0)  # network 1 kept its step
+    assert step.last_loss.tolist() == [1.0, 1.0] and step.accepted.tolist() == [2, 3]
+
+
+def test_restore_of_a_list_buckets_sizes_and_keeps_the_order(np_rng):
+    xs = [random_image(np_rng, 12, 12), random_image(np_rng, 10, 14), random_image(np_rng, 12, 12)]
+    rs = dipfast.restore(xs, iters=3, backend="native", precision="fp32", **FAST)
+    assert isinstance(rs, list) and [r.image.shape for r in rs] == [x.shape for x in xs]
+    alone = dipfast.restore(xs[2], iters=3, backend="native", precision="fp32", **FAST)
+    np.testing.assert_allclose(rs[2].image, alone.image, atol=1e-4)
+
+
+def test_restarts_average_the_fits_of_consecutive_seeds(np_rng):
+    x, t = random_image(np_rng, 12, 12), random_image(np_rng, 12, 12)
+    kw = dict(iters=4, target=t, backend="native", precision="fp32", **FAST)
+    both = dipfast.restore(x, restarts=2, **kw)
+    runs = [dipfast.restore(x, seed=s, **kw) for s in (0, 1)]
+    np.testing.assert_allclose(both.image, (runs[0].image + runs[1].image) / 2, atol=1e-4)
+    assert [e["seed"] for e in both.extras["restarts"]] == [0, 1]
+    assert both.extras["restarts"][1]["psnr"] == pytest.approx(runs[1].history[-1].psnr, abs=1e-3)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_restarts_must_be_a_positive_integer(np_rng, bad):
+    with pytest.raises(InputError, match="restarts must be a positive integer"):
+        dipfast.restore(random_image(np_rng, 8, 8), iters=1, restarts=bad, **FAST)
+
+
+def test_per_image_lists_must_match_the_batch(np_rng):
+    xs = [random_image(np_rng, 8, 8)] * 2
+    with pytest.raises(InputError, match="target is a list of 3 for 2 images"):
+        dipfast.restore(xs, iters=1, target=[xs[0]] * 3, **FAST)
+    with pytest.raises(InputError, match="empty list"):
+        dipfast.restore([], iters=1, **FAST)
+
+
+# ---------------------------------------------------------------------------------------------
+# the NaN guard
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_a_nan_loss_stops_the_run_with_a_clear_error(np_rng, backend):
+    calls = []
+
+    def loss(x):  # finite for four iterations, then NaN (a diverging fit, as compiled bf16 once did)
+        calls.append(1)
+        mse = (x - 0.5).square().mean()
+        return mse if len(calls) <= 4 else mse * math.nan
+
+    with pytest.raises(NumericalError, match=f"loss became nan at iteration 5 with backend='{backend}'") as e:
+        dipfast.restore(random_image(np_rng, 8, 8), "custom", loss=loss, iters=10, backend=backend,
+                        precision="fp32", report_every=2, **FAST)  # fmt: skip
+    assert "precision='fp32' or backend='reference'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_command_reports_a_numerical_error_in_one_line(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from dipfast import cli
+
+    src = tmp_path / "in.png"
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(src)
+
+    def diverge(*args, **kwargs):
+        raise NumericalError("the loss became nan at iteration 3 with backend='native', precision='bf16'")
+
+    monkeypatch.setattr(dipfast, "restore", diverge)  # what the command calls
+    assert cli.main(["restore", str(src), "-o", str(tmp_path / "out.png")]) == cli.EXIT_NUMERICAL
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dipfast: error: the loss became nan") and "\n" not in err
+    assert not (tmp_path / "out.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the memory estimate
+
+
+def test_memory_estimate_grows_with_networks_and_pixels():
+    net = PRESETS["denoise"].net
+    one = memory.estimate_bytes(net, 32, 3, (64, 64), 1, "fp32")
+    assert memory.estimate_bytes(net, 32, 3, (64, 64), 4, "fp32") == pytest.approx(4 * one, rel=1e-6)
+    big = memory.estimate_bytes(net, 32, 3, (256, 256), 1, "fp32")
+    params = 2_217_831 * 4
+    assert one > 5 * params and 8 < (big - 7.5 * params) / (one - 7.5 * params) < 17  # activations ~ pixels
+    assert memory.estimate_bytes(net, 32, 3, (256, 256), 1, "bf16") < big
+
+
+def test_memory_estimate_bounds_the_measured_peak():
+    """On the CPU the step's growth of the resident set, measured, lies below the estimate and above a
+    fifth of it (the estimate adds 50% for slack and counts every saved tensor; the allocator reuses)."""
+    from dipfast.bench.memory import PeakMemory
+
+    preset = dataclasses.replace(PRESETS["denoise"], iterations=2)
+    problem = engine.Problem(input_shape=(32, 96, 96), z=None, out_size=(96, 96), n_channels=3,
+                             y=torch.rand(1, 3, 96, 96))  # fmt: skip
+    with PeakMemory(CPU) as peak:
+        engine.fit(problem, preset, device=CPU, progress=False, plan=_plan("native"))
+    growth = peak.result()["growth_mib"]
+    if growth is None:
+        pytest.skip("no per-block peak RSS on this platform (needs Linux /proc/self/clear_refs)")
+    estimate = memory.estimate_bytes(preset.net, 32, 3, (96, 96), 1, "fp32") / 2**20
+    assert estimate / 5 < growth < estimate, (growth, estimate)
+
+
+def test_a_fit_that_cannot_fit_is_refused_before_it_starts(np_rng, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    with pytest.raises(InputError, match=r"needs about .* GiB \(2 network\(s\) at 12 x 12, fp32\)") as e:
+        dipfast.restore([random_image(np_rng, 12, 12)] * 2, iters=1, backend="native", precision="fp32", **FAST)
+    assert "fewer images" in str(e.value) and "precision='bf16'" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the captured step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the whole step as one CUDA graph")
+def test_cuda_graph_is_captured_once_and_replays_the_eager_step():
+    cuda = torch.device("cuda")
+    rng = torch.Generator().manual_seed(0)
+    problem = _problem(rng, 64, 64)
+    # no input noise: graph-replayed and eager draws need not be one stream (the rest must agree)
+    preset = dataclasses.replace(PRESET, iterations=12, reg_noise_std=0.0)
+    plan = backends.resolve("native", "fp32", cuda)
+    built, zs = fast_step.build_nets([problem], preset, [0])
+    step = fast_step.FastStep(built, zs, [problem], preset, cuda, [0], 12, plan)
+    eager_plan = dataclasses.replace(plan, cuda_graph=False)
+    built2, zs2 = fast_step.build_nets([problem], preset, [0])
+    eager = fast_step.FastStep(built2, zs2, [problem], preset, cuda, [0], 12, eager_plan)
+    with engine.ieee_fp32():
+        for i in range(12):
+            step(i)
+            eager(i)
+    torch.cuda.synchronize()
+    assert step.captures == 1 and step.graph is not None
+    torch.testing.assert_close(step.metrics[:, 0, 0], eager.metrics[:, 0, 0], rtol=1e-4, atol=0)
+    torch.testing.assert_close(step.ema, eager.ema, rtol=0, atol=1e-4)
