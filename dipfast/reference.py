@@ -73,16 +73,19 @@ def concat_bn_conv_bn_lrelu(
     gamma: torch.Tensor,
     beta: torch.Tensor,
     *,
+    groups: int = 1,
     eps: float = 1e-5,
     slope: float = 0.2,
 ) -> torch.Tensor:
-    """The merge of a skip level: conv_bn_lrelu(batch_norm(cat([skip, deeper], 1), training), ..., stride=1).
+    """The merge of a skip level: conv_bn_lrelu(batch_norm(merged, training), ..., stride=1, groups=groups).
 
-    skip: (N, Cs, H, W) and deeper: (N, Cd, H, W), already cropped to one size (skip channels first);
-    merge_gamma, merge_beta: (Cs + Cd,), the affine parameters of the merge BatchNorm (batch statistics, no
-    activation); weight: (C_out, Cs + Cd, k, k) and the rest as in conv_bn_lrelu. What
-    dipfast.nets.skip.SkipLevel computes with merge_bn then up.
+    skip: (N, G * Cs, H, W) and deeper: (N, G * Cd, H, W), already cropped to one size, G = groups; merged is their
+    concatenation per group, [skip_g, deeper_g] for each g (skip channels first; cat([skip, deeper], 1) for G = 1);
+    merge_gamma, merge_beta: (G * (Cs + Cd),), the affine parameters of the merge BatchNorm (batch statistics, no
+    activation), in merged's channel order; weight: (C_out, Cs + Cd, k, k) and the rest as in conv_bn_lrelu.
+    With G = 1, what dipfast.nets.skip.SkipLevel computes with merge_bn then up; G networks side by side otherwise.
     """
-    merged = torch.cat([skip, deeper], 1)
-    merged = F.batch_norm(merged, None, None, merge_gamma, merge_beta, training=True, eps=eps)
-    return conv_bn_lrelu(merged, weight, bias, gamma, beta, eps=eps, slope=slope)
+    n, _, h, w = skip.shape
+    merged = torch.cat([skip.reshape(n, groups, -1, h, w), deeper.reshape(n, groups, -1, h, w)], 2)
+    merged = F.batch_norm(merged.reshape(n, -1, h, w), None, None, merge_gamma, merge_beta, training=True, eps=eps)
+    return conv_bn_lrelu(merged, weight, bias, gamma, beta, groups=groups, eps=eps, slope=slope)

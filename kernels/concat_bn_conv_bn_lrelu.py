@@ -1,14 +1,17 @@
 """The merge of a skip level, concat + BatchNorm + (reflect-pad + conv + BatchNorm + LeakyReLU), in Triton.
 
-out = conv_bn_lrelu(batch_norm(cat([skip, deeper], 1), training=True, merge_gamma, merge_beta, eps),
-                    weight, bias, gamma, beta, stride=1, eps=eps, slope=slope)
-(dipfast.nets.skip.SkipLevel: merge_bn then up; ../shared/notes/reference_dip.md, section 2). skip: (N, Cs, H, W)
-and deeper: (N, Cd, H, W) are already cropped to one size (the caller runs concat_cropped's crop); Cs >= 1 and
-Cd >= 1: a level without a skip branch (Cs = 0) has no concat, and its merge BN is a plain BN that the caller
-runs with dipfast.kernels.conv_bn_lrelu on a normalised tensor, or the twins. weight: (C_out, Cs + Cd, k, k), k in
-{1, 3, 5, 7}, stride 1, groups 1 (the skip level's conv_fu); the merge BN and the output BN use the batch statistics
-with the biased variance. Layout, dtypes and dispatch as in conv_bn_lrelu: NCHW contiguous fp32, outputs and
-gradients fp32; float64, bf16, CPU without the interpreter or no triton take the twin
+out = conv_bn_lrelu(batch_norm(merged, training=True, merge_gamma, merge_beta, eps),
+                    weight, bias, gamma, beta, stride=1, groups=groups, eps=eps, slope=slope)
+merged = the concatenation of skip and deeper per group, [skip_g, deeper_g] for g < groups (cat([skip, deeper], 1)
+for groups = 1: dipfast.nets.skip.SkipLevel's merge_bn then up; ../shared/notes/reference_dip.md, section 2).
+skip: (N, G * Cs, H, W) and deeper: (N, G * Cd, H, W) are already cropped to one size (the caller runs
+concat_cropped's crop); Cs >= 1 and Cd >= 1: a level without a skip branch (Cs = 0) has no concat, and its merge BN
+is a plain BN that the caller runs with dipfast.kernels.conv_bn_lrelu on a normalised tensor, or the twins. weight:
+(C_out, Cs + Cd, k, k), k in {1, 3, 5, 7}, stride 1 (the skip level's conv_fu); merge_gamma, merge_beta:
+(G * (Cs + Cd),), group-major. Groups are independent networks side by side: the vmap rule folds vmapped networks
+into them (vmap_fold.py). The merge BN and the output BN use the batch statistics with the biased variance. Layout,
+precisions (fp32 with IEEE or TF32 dots, bf16 operands with fp32 accumulation and statistics) and dispatch as in
+conv_bn_lrelu; float64, CPU without the interpreter or no triton take the twin
 dipfast.reference.concat_bn_conv_bn_lrelu (concat_bn_conv_bn_lrelu_path says which).
 
 The op boundary, and what is fused:
@@ -28,15 +31,15 @@ The op boundary, and what is fused:
     4-5. conv_bn_lrelu's _bn_lrelu_bwd_kernel (APPLY False, True): dbeta, dgamma, dy, dbias.
     6. _merge_wgrad_kernel: conv_bn_lrelu's wgrad with the same two-source normalise-on-load gather.
     7-8. conv_bn_lrelu's _conv_dgrad_kernel and _reflect_fold_kernel (k > 1): d(merged) = the gradient of the
-       normalised merge, (N, Cs + Cd, H, W). Materialised: the merge BN's backward needs two per-channel sums of
-       it before any d(skip) element can be formed, so it is written once and read twice.
+       normalised merge, (N, G * (Cs + Cd), H, W), fp32. Materialised: the merge BN's backward needs two
+       per-channel sums of it before any d(skip) element can be formed, so it is written once and read twice.
     9-10. _merge_bn_bwd_kernel, launched once per source for each step. 9 (APPLY False): partial sums of
        d(merged) and d(merged) * xhat, i.e. d(merge_beta) and d(merge_gamma). 10 (APPLY True): d(source) =
        merge_gamma * rstd * (g - dbeta / M - xhat * dgamma / M), written straight into d(skip) and d(deeper), so
        their concatenation is never formed either.
   Saved for backward: skip, deeper, merge_gamma, merge_beta, weight, y, the two BNs' mean and rstd, gamma, beta.
-Tiles are conv_bn_lrelu's (fixed, chosen for the interpreter, Hopper tiles still to tune); verified only under the
-CPU interpreter so far.
+Tiles: configs.py's, the conv family's for the forward GEMM (as conv_bn_lrelu's); verified only under the CPU
+interpreter so far.
 
 Ops: dipfast::concat_bn_conv_bn_lrelu_fwd and dipfast::concat_bn_conv_bn_lrelu_bwd (custom_op with register_fake
 and register_autograd; torch.compile(fullgraph=True) traces through; no double backward).
@@ -49,6 +52,8 @@ import importlib
 import torch
 
 from dipfast import reference
+from dipfast.kernels.configs import pass_tiles
+from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into_rows, unfold_channels, unfold_rows
 
 # the module, not the function: dipfast.kernels re-exports the op under the module's own name
 _cbl = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
@@ -69,65 +74,81 @@ if _HAS_TRITON:
 
 # Read at import, as in conv_bn_lrelu (triton.jit reads TRITON_INTERPRET when the kernels are built).
 _INTERPRET = _cbl._INTERPRET
-_KERNEL_DTYPES = (torch.float32,)
+_KERNEL_DTYPES = _cbl._KERNEL_DTYPES
 KERNEL_SIZES = _cbl.KERNEL_SIZES
 # Tests set this to allocate outputs filled with NaN, so an element a kernel never writes fails parity.
 POISON_OUTPUTS = False
-_BLOCK_M, _BLOCK_N, _BLOCK_K, _BLOCK = _cbl._BLOCK_M, _cbl._BLOCK_N, _cbl._BLOCK_K, _cbl._BLOCK
 
 
 if _HAS_TRITON:
 
     @triton.jit
+    def _merged_channel(c, c_src, c_in, c_off):
+        """The merged channel of source channel c: group c // c_src, at c_off + c % c_src within the group."""
+        return (c // c_src) * c_in + c_off + c % c_src
+
+    @triton.jit
     def _merge_stats_kernel(
-        x_ptr,  # (N, C_src, H, W) fp32 source (skip or deeper), contiguous
-        psum_ptr,  # (tiles, C_total) fp32: per-tile sum of v
-        pm2_ptr,  # (tiles, C_total) fp32: per-tile sum of (v - tile mean)^2
+        x_ptr,  # (N, groups * C_src, H, W) compute dtype: source (skip or deeper), contiguous
+        psum_ptr,  # (tiles, groups * C_in) fp32: per-tile sum of v
+        pm2_ptr,  # (tiles, groups * C_in) fp32: per-tile sum of (v - tile mean)^2
         n_pix,  # N * H * W, the BN reduction size
-        c_src,
-        c_total,
-        c_off,  # merged channel of this source's channel 0
+        c_src,  # this source's channels per group
+        c_in,  # merged channels per group, Cs + Cd
+        c_off,  # merged channel (within a group) of this source's channel 0
+        groups,
         hw,
+        BLOCK_C: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        """A (BLOCK_C source channels) x (BLOCK pixels) tile; the partials reduce over its pixels."""
         pid = tl.program_id(0)
-        c = tl.program_id(1)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = c < groups * c_src
+        cm = _merged_channel(c, c_src, c_in, c_off)
+        c_total = groups * c_in
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_pix
-        v = tl.load(x_ptr + (offs // hw) * c_src * hw + c * hw + offs % hw, mask=mask, other=0.0)
+        mask = mask_c[:, None] & (offs < n_pix)[None, :]
+        idx = ((offs // hw) * (groups * c_src) * hw + offs % hw)[None, :] + (c * hw)[:, None]
+        v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         count = tl.minimum(n_pix - pid * BLOCK, BLOCK).to(tl.float32)
-        tsum = tl.sum(v, axis=0)
-        dev = tl.where(mask, v - tsum / count, 0.0)
-        tl.store(psum_ptr + pid * c_total + c_off + c, tsum)
-        tl.store(pm2_ptr + pid * c_total + c_off + c, tl.sum(dev * dev, axis=0))
+        tsum = tl.sum(v, axis=1)
+        dev = tl.where(mask, v - (tsum / count)[:, None], 0.0)
+        tl.store(psum_ptr + pid * c_total + cm, tsum, mask=mask_c)
+        tl.store(pm2_ptr + pid * c_total + cm, tl.sum(dev * dev, axis=1), mask=mask_c)
 
     @triton.jit
     def _load_merged(
-        s_ptr,  # (N, Cs, H, W) skip
-        d_ptr,  # (N, Cd, H, W) deeper
-        mean_ptr,  # (Cs + Cd,) merge BN statistics and affine parameters
+        s_ptr,  # (N, groups * Cs, H, W) skip
+        d_ptr,  # (N, groups * Cd, H, W) deeper
+        mean_ptr,  # (groups * (Cs + Cd),) merge BN statistics and affine parameters, group-major
         rstd_ptr,
         mg_ptr,
         mb_ptr,
         nb,  # batch index, broadcastable against ch
         pix,  # ih * W + iw, broadcastable against ch
-        ch,  # merged channel index
+        ch,  # merged channel index within group g
         mask,  # valid (pixel, channel) pairs
-        c_skip,
-        c_deep,
+        g,
+        groups,
+        c_skip,  # per group
+        c_deep,  # per group
         hw,
     ):
-        """The normalised merged tensor at (nb, ch, pix), gathered from its two sources; 0 where masked."""
+        """The normalised merged tensor at (nb, g, ch, pix), gathered from its two sources; 0 where masked."""
         in_s = ch < c_skip
-        v = tl.load(s_ptr + nb * c_skip * hw + tl.where(in_s, ch, 0) * hw + pix, mask=mask & in_s, other=0.0)
-        v += tl.load(
-            d_ptr + nb * c_deep * hw + tl.where(in_s, 0, ch - c_skip) * hw + pix, mask=mask & (ch >= c_skip), other=0.0
+        s_ch = g * c_skip + tl.where(in_s, ch, 0)
+        d_ch = g * c_deep + tl.where(in_s, 0, ch - c_skip)
+        v = tl.load(s_ptr + (nb * groups * c_skip + s_ch) * hw + pix, mask=mask & in_s, other=0.0).to(tl.float32)
+        v += tl.load(d_ptr + (nb * groups * c_deep + d_ch) * hw + pix, mask=mask & (ch >= c_skip), other=0.0).to(
+            tl.float32
         )
         cmask = ch < c_skip + c_deep
-        mean = tl.load(mean_ptr + ch, mask=cmask, other=0.0)
-        rstd = tl.load(rstd_ptr + ch, mask=cmask, other=0.0)
-        mg = tl.load(mg_ptr + ch, mask=cmask, other=0.0)
-        mb = tl.load(mb_ptr + ch, mask=cmask, other=0.0)
+        cm = g * (c_skip + c_deep) + ch
+        mean = tl.load(mean_ptr + cm, mask=cmask, other=0.0)
+        rstd = tl.load(rstd_ptr + cm, mask=cmask, other=0.0)
+        mg = tl.load(mg_ptr + cm, mask=cmask, other=0.0).to(tl.float32)
+        mb = tl.load(mb_ptr + cm, mask=cmask, other=0.0).to(tl.float32)
         return tl.where(mask, (v - mean) * rstd * mg + mb, 0.0)
 
     @triton.jit
@@ -138,15 +159,17 @@ if _HAS_TRITON:
         rstd_ptr,
         mg_ptr,
         mb_ptr,
-        w_ptr,  # (C_out, Cs + Cd, K, K) fp32, contiguous
-        b_ptr,  # (C_out,) fp32, read only when HAS_BIAS
-        y_ptr,  # (N, C_out, H, W) fp32: the conv output
+        w_ptr,  # (C_out, Cs + Cd, K, K) compute dtype, contiguous
+        b_ptr,  # (C_out,) compute dtype or fp32, read only when HAS_BIAS
+        y_ptr,  # (N, C_out, H, W) compute dtype: the conv output
         psum_ptr,  # (tiles_m, C_out) fp32: per-tile sum of y
         pm2_ptr,  # (tiles_m, C_out) fp32: per-tile sum of (y - tile mean)^2
         n_pix,  # N * H * W
-        c_skip,
-        c_deep,
+        c_skip,  # per group
+        c_deep,  # per group
         c_out,
+        cout_g,
+        groups,
         in_h,
         in_w,
         K: tl.constexpr,
@@ -155,12 +178,16 @@ if _HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,  # conv_bn_lrelu._dot_options
+        PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
+        g = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        co = g * cout_g + offs_n
         mask_m = offs_m < n_pix
-        mask_n = co < c_out
+        mask_n = offs_n < cout_g
         hw = in_h * in_w
         c_in = c_skip + c_deep
         nb = offs_m // hw
@@ -186,6 +213,8 @@ if _HAS_TRITON:
                         pix[:, None],
                         offs_k[None, :],
                         mask_m[:, None] & mask_k[None, :],
+                        g,
+                        groups,
                         c_skip,
                         c_deep,
                         hw,
@@ -195,7 +224,7 @@ if _HAS_TRITON:
                         mask=mask_k[:, None] & mask_n[None, :],
                         other=0.0,
                     )
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                    acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
         y_offs = (nb * c_out * hw + s)[:, None] + co[None, :] * hw
         _conv_epilogue(
             acc, b_ptr, y_ptr, y_offs, psum_ptr, pm2_ptr, co, mask_m, mask_n, pid_m, n_pix, c_out, HAS_BIAS, BLOCK_M
@@ -203,18 +232,20 @@ if _HAS_TRITON:
 
     @triton.jit
     def _merge_wgrad_kernel(
-        dy_ptr,  # (N, C_out, H, W) fp32, contiguous
+        dy_ptr,  # (N, C_out, H, W) compute dtype, contiguous
         s_ptr,
         d_ptr,
         mean_ptr,
         rstd_ptr,
         mg_ptr,
         mb_ptr,
-        dw_ptr,  # (C_out, (Cs + Cd) * K * K) fp32
+        dw_ptr,  # (C_out, (Cs + Cd) * K * K) compute dtype
         n_pix,  # N * H * W, the GEMM reduction
-        c_skip,
-        c_deep,
+        c_skip,  # per group
+        c_deep,  # per group
         c_out,
+        cout_g,
+        groups,
         in_h,
         in_w,
         K: tl.constexpr,
@@ -222,11 +253,15 @@ if _HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,  # conv_bn_lrelu._dot_options
+        PRECISION: tl.constexpr,
     ):
-        co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        g = tl.program_id(2)
+        offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        co = g * cout_g + offs_co
         offs_r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (ci, kh, kw) flattened
         c_in = c_skip + c_deep
-        mask_co = co < c_out
+        mask_co = offs_co < cout_g
         mask_r = offs_r < c_in * K * K
         ci = offs_r // (K * K)
         kh = (offs_r % (K * K)) // K
@@ -258,58 +293,67 @@ if _HAS_TRITON:
                 ih * in_w + iw,
                 ci[None, :],
                 mask_k[:, None] & mask_r[None, :],
+                g,
+                groups,
                 c_skip,
                 c_deep,
                 hw,
             )
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
         tl.store(dw_ptr + co[:, None] * (c_in * K * K) + offs_r[None, :], acc, mask=mask_co[:, None] & mask_r[None, :])
 
     @triton.jit
     def _merge_bn_bwd_kernel(
-        g_ptr,  # (N, C_total, H, W) fp32: gradient of the normalised merge
-        x_ptr,  # (N, C_src, H, W) fp32 source (skip or deeper)
-        mean_ptr,  # (C_total,) fp32
-        rstd_ptr,  # (C_total,) fp32
-        mg_ptr,  # (C_total,) fp32 merge_gamma
-        dbeta_ptr,  # (C_total,) fp32 sum(g), read only when APPLY
-        dgamma_ptr,  # (C_total,) fp32 sum(g * xhat), read only when APPLY
-        dx_ptr,  # (N, C_src, H, W) fp32 gradient of the source, written only when APPLY
-        p1_ptr,  # (tiles, C_total) fp32: partial sum(g), written only when not APPLY
-        p2_ptr,  # (tiles, C_total) fp32: partial sum(g * xhat), written only when not APPLY
+        g_ptr,  # (N, groups * C_in, H, W) fp32: gradient of the normalised merge, group-major
+        x_ptr,  # (N, groups * C_src, H, W) compute dtype: source (skip or deeper)
+        mean_ptr,  # (groups * C_in,) fp32
+        rstd_ptr,  # (groups * C_in,) fp32
+        mg_ptr,  # (groups * C_in,) compute dtype or fp32: merge_gamma
+        dbeta_ptr,  # (groups * C_in,) fp32 sum(g), read only when APPLY
+        dgamma_ptr,  # (groups * C_in,) fp32 sum(g * xhat), read only when APPLY
+        dx_ptr,  # (N, groups * C_src, H, W) compute dtype: gradient of the source, written only when APPLY
+        p1_ptr,  # (tiles, groups * C_in) fp32: partial sum(g), written only when not APPLY
+        p2_ptr,  # (tiles, groups * C_in) fp32: partial sum(g * xhat), written only when not APPLY
         n_pix,  # N * H * W
         inv_m,  # 1 / n_pix
-        c_src,
-        c_total,
-        c_off,  # merged channel of this source's channel 0
+        c_src,  # this source's channels per group
+        c_in,  # merged channels per group
+        c_off,  # merged channel (within a group) of this source's channel 0
+        groups,
         hw,
         APPLY: tl.constexpr,
+        BLOCK_C: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        """A (BLOCK_C source channels) x (BLOCK pixels) tile; the partials reduce over its pixels."""
         pid = tl.program_id(0)
-        c = tl.program_id(1)
-        cm = c_off + c
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = c < groups * c_src
+        cm = _merged_channel(c, c_src, c_in, c_off)
+        c_total = groups * c_in
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_pix
+        mask = mask_c[:, None] & (offs < n_pix)[None, :]
         nb = offs // hw
         s = offs % hw
-        idx = nb * c_src * hw + c * hw + s
-        rstd = tl.load(rstd_ptr + cm)
-        xhat = (tl.load(x_ptr + idx, mask=mask, other=0.0) - tl.load(mean_ptr + cm)) * rstd
-        g = tl.load(g_ptr + nb * c_total * hw + cm * hw + s, mask=mask, other=0.0)
+        idx = (nb * groups * c_src * hw + s)[None, :] + (c * hw)[:, None]
+        rstd = tl.load(rstd_ptr + cm, mask=mask_c, other=0.0)[:, None]
+        mean = tl.load(mean_ptr + cm, mask=mask_c, other=0.0)[:, None]
+        xhat = (tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        g = tl.load(g_ptr + (nb * c_total * hw + s)[None, :] + (cm * hw)[:, None], mask=mask, other=0.0)
         if APPLY:
-            db = tl.load(dbeta_ptr + cm) * inv_m
-            dg = tl.load(dgamma_ptr + cm) * inv_m
-            tl.store(dx_ptr + idx, tl.load(mg_ptr + cm) * rstd * (g - db - xhat * dg), mask=mask)
+            db = tl.load(dbeta_ptr + cm, mask=mask_c, other=0.0)[:, None] * inv_m
+            dg = tl.load(dgamma_ptr + cm, mask=mask_c, other=0.0)[:, None] * inv_m
+            mg = tl.load(mg_ptr + cm, mask=mask_c, other=0.0).to(tl.float32)[:, None]
+            tl.store(dx_ptr + idx, mg * rstd * (g - db - xhat * dg), mask=mask)
         else:
-            tl.store(p1_ptr + pid * c_total + cm, tl.sum(g, axis=0))
-            tl.store(p2_ptr + pid * c_total + cm, tl.sum(tl.where(mask, g * xhat, 0.0), axis=0))
+            tl.store(p1_ptr + pid * c_total + cm, tl.sum(g, axis=1), mask=mask_c)
+            tl.store(p2_ptr + pid * c_total + cm, tl.sum(tl.where(mask, g * xhat, 0.0), axis=1), mask=mask_c)
 
 
-def _alloc(shape, device) -> torch.Tensor:
+def _alloc(shape, device, dtype=torch.float32) -> torch.Tensor:
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-    return torch.empty(shape, dtype=torch.float32, device=device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @torch.library.custom_op("dipfast::concat_bn_conv_bn_lrelu_fwd", mutates_args=())
@@ -322,27 +366,36 @@ def _concat_bn_conv_bn_lrelu_fwd(
     bias: torch.Tensor | None,
     gamma: torch.Tensor,
     beta: torch.Tensor,
+    groups: int,
     eps: float,
     slope: float,
+    tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out, y, mean, rstd, merge_mean, merge_rstd): the output, the conv output and both BNs' statistics."""
+    """-> (out, y, mean, rstd, merge_mean, merge_rstd): the output and the conv output in skip's dtype, both BNs'
+    fp32 statistics."""
     skip, deeper, weight = skip.contiguous(), deeper.contiguous(), weight.contiguous()
     mg, mb = merge_gamma.contiguous(), merge_beta.contiguous()
-    n, cs, h, w = skip.shape
-    cd = deeper.shape[1]
+    n, h, w = skip.shape[0], *skip.shape[2:]
+    cs, cd = skip.shape[1] // groups, deeper.shape[1] // groups  # per group
     c_in, c_out, k = cs + cd, weight.shape[0], weight.shape[-1]
+    cout_g = c_out // groups
     n_pix, dev = n * h * w, skip.device
     # 1. merge BN statistics: per-tile partials over both sources, Chan's merge
-    tiles = triton.cdiv(n_pix, _BLOCK)
-    psum, pm2 = _alloc((tiles, c_in), dev), _alloc((tiles, c_in), dev)
+    tile = pass_tiles(skip.dtype)
+    tiles_p = triton.cdiv(n_pix, tile.block)
+    psum, pm2 = _alloc((tiles_p, groups * c_in), dev), _alloc((tiles_p, groups * c_in), dev)
     for src, c_src, off in ((skip, cs, 0), (deeper, cd, cs)):
-        _merge_stats_kernel[(tiles, c_src)](src, psum, pm2, n_pix, c_src, c_in, off, h * w, BLOCK=_BLOCK)
-    mmean, mrstd = _cbl._chan_finalize(psum, pm2, n_pix, _BLOCK, eps)
+        _merge_stats_kernel[(tiles_p, triton.cdiv(groups * c_src, tile.block_c))](
+            src, psum, pm2, n_pix, c_src, c_in, off, groups, h * w,
+            BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps,
+        )  # fmt: skip
+    mmean, mrstd = _cbl._chan_finalize(psum, pm2, n_pix, tile.block, eps)
     # 2. conv with the normalise-on-load two-source gather, statistics of y in the epilogue
-    tiles_m = triton.cdiv(n_pix, _BLOCK_M)
-    y = _alloc((n, c_out, h, w), dev)
+    config, launch = _cbl.gemm_launch("conv", skip.dtype, tf32, n_pix, cout_g, c_in)
+    tiles_m = triton.cdiv(n_pix, config.block_m)
+    y = _alloc((n, c_out, h, w), dev, skip.dtype)
     ysum, ym2 = _alloc((tiles_m, c_out), dev), _alloc((tiles_m, c_out), dev)
-    _merge_conv_fwd_kernel[(tiles_m, triton.cdiv(c_out, _BLOCK_N))](
+    _merge_conv_fwd_kernel[(tiles_m, triton.cdiv(cout_g, config.block_n), groups)](
         skip,
         deeper,
         mmean,
@@ -358,32 +411,33 @@ def _concat_bn_conv_bn_lrelu_fwd(
         cs,
         cd,
         c_out,
+        cout_g,
+        groups,
         h,
         w,
         K=k,
         PAD=(k - 1) // 2,
         HAS_BIAS=bias is not None,
-        BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K,
+        **launch,
     )
-    mean, rstd = _cbl._chan_finalize(ysum, ym2, n_pix, _BLOCK_M, eps)
+    mean, rstd = _cbl._chan_finalize(ysum, ym2, n_pix, config.block_m, eps)
     # 3. normalise + LeakyReLU
-    out = _alloc((n, c_out, h, w), dev)
-    _bn_lrelu_kernel[(triton.cdiv(out.numel(), _BLOCK),)](
-        y, mean, rstd, gamma.contiguous(), beta.contiguous(), out, out.numel(), c_out, h * w, slope, BLOCK=_BLOCK
-    )
+    out = _alloc((n, c_out, h, w), dev, skip.dtype)
+    _bn_lrelu_kernel[(triton.cdiv(out.numel(), tile.block),)](
+        y, mean, rstd, gamma.contiguous(), beta.contiguous(), out, out.numel(), c_out, h * w, slope,
+        BLOCK=tile.block, num_warps=tile.num_warps,
+    )  # fmt: skip
     return out, y, mean, rstd, mmean, mrstd
 
 
 @_concat_bn_conv_bn_lrelu_fwd.register_fake
-def _(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, eps, slope):
-    n, cs, h, w = skip.shape
-    c_in, c_out = cs + deeper.shape[1], weight.shape[0]
+def _(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, groups, eps, slope, tf32):
+    n, _, h, w = skip.shape
+    c_in, c_out = skip.shape[1] + deeper.shape[1], weight.shape[0]
     shape = (n, c_out, h, w)
     return (
-        skip.new_empty(shape, dtype=torch.float32),
-        skip.new_empty(shape, dtype=torch.float32),
+        skip.new_empty(shape),
+        skip.new_empty(shape),
         skip.new_empty((c_out,), dtype=torch.float32),
         skip.new_empty((c_out,), dtype=torch.float32),
         skip.new_empty((c_in,), dtype=torch.float32),
@@ -406,34 +460,40 @@ def _concat_bn_conv_bn_lrelu_bwd(
     beta: torch.Tensor,
     merge_mean: torch.Tensor,
     merge_rstd: torch.Tensor,
+    groups: int,
     slope: float,
+    tf32: bool,
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
-    """-> (dskip, ddeeper, dmerge_gamma, dmerge_beta, dweight, dbias, dgamma, dbeta)."""
+    """-> (dskip, ddeeper, dmerge_gamma, dmerge_beta, dweight, dbias, dgamma, dbeta), each in its tensor's dtype
+    (dbias fp32)."""
     grad, skip, deeper, weight, y = (t.contiguous() for t in (grad, skip, deeper, weight, y))
     mg, mb, gamma, beta = (t.contiguous() for t in (merge_gamma, merge_beta, gamma, beta))
-    n, cs, h, w = skip.shape
-    cd = deeper.shape[1]
+    n, h, w = skip.shape[0], *skip.shape[2:]
+    cs, cd = skip.shape[1] // groups, deeper.shape[1] // groups  # per group
     c_in, c_out, k = cs + cd, weight.shape[0], weight.shape[-1]
+    cout_g = c_out // groups
     pad = (k - 1) // 2
     n_pix, hw, dev = n * h * w, h * w, skip.device
-    tiles = triton.cdiv(n_pix, _BLOCK)
+    tile = pass_tiles(skip.dtype)
+    passes = dict(BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps)
+    tiles_p = triton.cdiv(n_pix, tile.block)
     # 4-5. output BN + LeakyReLU backward (conv_bn_lrelu's kernel)
-    p1, p2 = _alloc((tiles, c_out), dev), _alloc((tiles, c_out), dev)
+    p1, p2 = _alloc((tiles_p, c_out), dev), _alloc((tiles_p, c_out), dev)
     args = (grad, y, mean, rstd, gamma, beta)
-    _bn_lrelu_bwd_kernel[(tiles, c_out)](
-        *args, y, y, y, p1, p2, n_pix, 1.0 / n_pix, c_out, hw, slope, APPLY=False, BLOCK=_BLOCK
-    )
+    grid = (tiles_p, triton.cdiv(c_out, tile.block_c))
+    _bn_lrelu_bwd_kernel[grid](*args, y, y, y, p1, p2, n_pix, 1.0 / n_pix, c_out, hw, slope, APPLY=False, **passes)
     dbeta, dgamma = p1.sum(0), p2.sum(0)
-    dy, pb = _alloc(y.shape, dev), _alloc((tiles, c_out), dev)
-    _bn_lrelu_bwd_kernel[(tiles, c_out)](
-        *args, dbeta, dgamma, dy, pb, pb, n_pix, 1.0 / n_pix, c_out, hw, slope, APPLY=True, BLOCK=_BLOCK
+    dy, pb = _alloc(y.shape, dev, y.dtype), _alloc((tiles_p, c_out), dev)  # dy: an operand of the dots below
+    _bn_lrelu_bwd_kernel[grid](
+        *args, dbeta, dgamma, dy, pb, pb, n_pix, 1.0 / n_pix, c_out, hw, slope, APPLY=True, **passes
     )
     dbias = pb.sum(0)
     # 6. wgrad, normalising the merged input on load
-    dw = _alloc(weight.shape, dev)
-    _merge_wgrad_kernel[(triton.cdiv(c_out, _BLOCK_M), triton.cdiv(c_in * k * k, _BLOCK_N))](
+    dw = _alloc(weight.shape, dev, weight.dtype)
+    config, launch = _cbl.gemm_launch("wgrad", skip.dtype, tf32, cout_g, c_in * k * k, n_pix)
+    _merge_wgrad_kernel[(triton.cdiv(cout_g, config.block_m), triton.cdiv(c_in * k * k, config.block_n), groups)](
         dy,
         skip,
         deeper,
@@ -446,67 +506,70 @@ def _concat_bn_conv_bn_lrelu_bwd(
         cs,
         cd,
         c_out,
+        cout_g,
+        groups,
         h,
         w,
         K=k,
         PAD=pad,
-        BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K,
+        **launch,
     )
-    # 7-8. dgrad to the padded normalised merge, then the adjoint of the reflection pad (conv_bn_lrelu's kernels)
+    # 7-8. dgrad to the padded normalised merge (group-major channels), then the adjoint of the reflection pad
+    # (conv_bn_lrelu's kernels)
     hp, wp = h + 2 * pad, w + 2 * pad
-    dxp = _alloc((n, c_in, hp, wp), dev)
-    _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, _BLOCK_M), triton.cdiv(c_in, _BLOCK_N), 1)](
+    dxp = _alloc((n, groups * c_in, hp, wp), dev)
+    config, launch = _cbl.gemm_launch("dgrad", skip.dtype, tf32, n * hp * wp, c_in, cout_g)
+    _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(c_in, config.block_n), groups)](
         dy,
         weight,
         dxp,
         n * hp * wp,
-        c_in,
+        groups * c_in,
         c_out,
         hp,
         wp,
         h,
         w,
         c_in,
-        c_out,
+        cout_g,
         STRIDE=1,
         K=k,
-        BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K,
+        **launch,
     )
     if pad == 0:
         dmerged = dxp
     else:
-        dmerged = _alloc((n, c_in, h, w), dev)
-        _reflect_fold_kernel[(triton.cdiv(dmerged.numel(), _BLOCK),)](
-            dxp, dmerged, dmerged.numel(), h, w, PAD=pad, BLOCK=_BLOCK
+        dmerged = _alloc((n, groups * c_in, h, w), dev)
+        _reflect_fold_kernel[(triton.cdiv(dmerged.numel(), tile.block),)](
+            dxp, dmerged, dmerged.numel(), h, w, PAD=pad, BLOCK=tile.block, num_warps=tile.num_warps
         )
     # 9-10. merge BN backward, per source, straight into d(skip) and d(deeper)
-    q1, q2 = _alloc((tiles, c_in), dev), _alloc((tiles, c_in), dev)
+    q1, q2 = _alloc((tiles_p, groups * c_in), dev), _alloc((tiles_p, groups * c_in), dev)
     sources = ((skip, cs, 0), (deeper, cd, cs))
     for src, c_src, off in sources:
-        _merge_bn_bwd_kernel[(tiles, c_src)](
+        _merge_bn_bwd_kernel[(tiles_p, triton.cdiv(groups * c_src, tile.block_c))](
             dmerged, src, merge_mean, merge_rstd, mg, mg, mg, src, q1, q2,
-            n_pix, 1.0 / n_pix, c_src, c_in, off, hw, APPLY=False, BLOCK=_BLOCK,
+            n_pix, 1.0 / n_pix, c_src, c_in, off, groups, hw, APPLY=False, **passes,
         )  # fmt: skip
     dmb, dmg = q1.sum(0), q2.sum(0)
     dsrc = []
     for src, c_src, off in sources:
-        dx = _alloc(src.shape, dev)
-        _merge_bn_bwd_kernel[(tiles, c_src)](
+        dx = _alloc(src.shape, dev, src.dtype)
+        _merge_bn_bwd_kernel[(tiles_p, triton.cdiv(groups * c_src, tile.block_c))](
             dmerged, src, merge_mean, merge_rstd, mg, dmb, dmg, dx, q1, q2,
-            n_pix, 1.0 / n_pix, c_src, c_in, off, hw, APPLY=True, BLOCK=_BLOCK,
+            n_pix, 1.0 / n_pix, c_src, c_in, off, groups, hw, APPLY=True, **passes,
         )  # fmt: skip
         dsrc.append(dx)
-    return dsrc[0], dsrc[1], dmg, dmb, dw, dbias, dgamma, dbeta
+    dmg, dmb = dmg.to(merge_gamma.dtype), dmb.to(merge_beta.dtype)
+    return dsrc[0], dsrc[1], dmg, dmb, dw, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
 
 
 @_concat_bn_conv_bn_lrelu_bwd.register_fake
-def _(grad, skip, deeper, merge_gamma, merge_beta, weight, y, mean, rstd, gamma, beta, merge_mean, merge_rstd, slope):
-    def like(t):
-        return t.new_empty(t.shape, dtype=torch.float32)
+def _(
+    grad, skip, deeper, merge_gamma, merge_beta, weight, y, mean, rstd, gamma, beta, mmean, mrstd, groups, slope, tf32
+):
+    def like(t, dtype=None):
+        return t.new_empty(t.shape, dtype=dtype or t.dtype)
 
     return (
         like(skip),
@@ -514,28 +577,58 @@ def _(grad, skip, deeper, merge_gamma, merge_beta, weight, y, mean, rstd, gamma,
         like(merge_gamma),
         like(merge_beta),
         like(weight),
-        like(gamma),
+        like(gamma, torch.float32),
         like(gamma),
         like(beta),
     )
 
 
 def _fwd_setup(ctx, inputs, output):
-    skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, eps, slope = inputs
+    skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, groups, eps, slope, tf32 = inputs
     _, y, mean, rstd, mmean, mrstd = output
     ctx.save_for_backward(skip, deeper, merge_gamma, merge_beta, weight, y, mean, rstd, gamma, beta, mmean, mrstd)
-    ctx.slope, ctx.has_bias = slope, bias is not None
+    ctx.groups, ctx.slope, ctx.tf32 = groups, slope, tf32
+    ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.mark_non_differentiable(y, mean, rstd, mmean, mrstd)  # internals saved for the backward
 
 
 def _fwd_backward(ctx, grad, *_internal_grads):
     ds, dd, dmg, dmb, dw, db, dgamma, dbeta = _concat_bn_conv_bn_lrelu_bwd(
-        grad.contiguous(), *ctx.saved_tensors, ctx.slope
+        grad.contiguous(), *ctx.saved_tensors, ctx.groups, ctx.slope, ctx.tf32
     )
-    return ds, dd, dmg, dmb, dw, db if ctx.has_bias else None, dgamma, dbeta, None, None
+    db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    return ds, dd, dmg, dmb, dw, db, dgamma, dbeta, None, None, None, None
 
 
 _concat_bn_conv_bn_lrelu_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+@_concat_bn_conv_bn_lrelu_fwd.register_vmap
+def _(info, in_dims, skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, groups, eps, slope, tf32):
+    """B networks as B * groups groups (vmap_fold.py): each group concatenates its own [skip_g, deeper_g]."""
+    b = info.batch_size
+    skip, deeper = (fold_into_channels(batch_first(t, d, b)) for t, d in zip((skip, deeper), in_dims[:2], strict=True))
+    params = (merge_gamma, merge_beta, weight, bias, gamma, beta)
+    params = (fold_into_rows(batch_first(t, d, b)) for t, d in zip(params, in_dims[2:8], strict=True))
+    out, y, *stats = _concat_bn_conv_bn_lrelu_fwd(skip, deeper, *params, b * groups, eps, slope, tf32)
+    return (unfold_channels(out, b), unfold_channels(y, b), *(unfold_rows(t, b) for t in stats)), (1, 1, 0, 0, 0, 0)
+
+
+@_concat_bn_conv_bn_lrelu_bwd.register_vmap
+def _(info, in_dims, grad, skip, deeper, *rest):
+    b = info.batch_size
+    *tensors, groups, slope, tf32 = rest  # merge_gamma, merge_beta, weight, y, mean, rstd, gamma, beta, merge stats
+    grad, skip, deeper = (
+        fold_into_channels(batch_first(t, d, b)) for t, d in zip((grad, skip, deeper), in_dims[:3], strict=True)
+    )
+    y_index = 3  # y is per pixel (channels), the other saved tensors are per channel (rows)
+    tensors = [
+        fold_into_channels(batch_first(t, d, b)) if i == y_index else fold_into_rows(batch_first(t, d, b))
+        for i, (t, d) in enumerate(zip(tensors, in_dims[3:13], strict=True))
+    ]
+    dskip, ddeeper, *dparams = _concat_bn_conv_bn_lrelu_bwd(grad, skip, deeper, *tensors, b * groups, slope, tf32)
+    outputs = (unfold_channels(dskip, b), unfold_channels(ddeeper, b), *(unfold_rows(t, b) for t in dparams))
+    return outputs, (1, 1, 0, 0, 0, 0, 0, 0)
 
 
 def concat_bn_conv_bn_lrelu_path(skip: torch.Tensor) -> str:
@@ -546,7 +639,7 @@ def concat_bn_conv_bn_lrelu_path(skip: torch.Tensor) -> str:
     return "triton" if on_device else "reference"
 
 
-def _check(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta) -> None:
+def _check(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, groups) -> None:
     if skip.dim() != 4 or deeper.dim() != 4:
         raise ValueError(f"skip and deeper must be (N, C, H, W); got {tuple(skip.shape)} and {tuple(deeper.shape)}")
     if skip.shape[0] != deeper.shape[0] or skip.shape[2:] != deeper.shape[2:]:
@@ -554,7 +647,12 @@ def _check(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta) -> 
             "skip and deeper must share N, H and W (crop them first); "
             f"got {tuple(skip.shape)} and {tuple(deeper.shape)}"
         )
-    cs, cd = skip.shape[1], deeper.shape[1]
+    if not isinstance(groups, int) or groups < 1 or skip.shape[1] % groups or deeper.shape[1] % groups:
+        raise ValueError(
+            f"groups={groups!r} must be >= 1 and divide the channels of skip ({skip.shape[1]}) and deeper "
+            f"({deeper.shape[1]})"
+        )
+    cs, cd = skip.shape[1] // groups, deeper.shape[1] // groups
     if cs < 1 or cd < 1:
         raise ValueError(f"skip and deeper need >= 1 channel each (no skip branch: no concat); got {cs} and {cd}")
     c_in = cs + cd
@@ -562,18 +660,18 @@ def _check(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta) -> 
     if weight.dim() != 4 or weight.shape[-2] != k or k not in KERNEL_SIZES or weight.shape[1] != c_in:
         raise ValueError(f"weight must be (C_out, {c_in}, k, k) with k in {KERNEL_SIZES}; got {tuple(weight.shape)}")
     c_out = weight.shape[0]
+    if c_out % groups:
+        raise ValueError(f"weight's C_out ({c_out}) must be a multiple of groups={groups}")
     for name, t, size in (
-        ("merge_gamma", merge_gamma, c_in),
-        ("merge_beta", merge_beta, c_in),
+        ("merge_gamma", merge_gamma, groups * c_in),
+        ("merge_beta", merge_beta, groups * c_in),
         ("bias", bias, c_out),
         ("gamma", gamma, c_out),
         ("beta", beta, c_out),
     ):
         if t is not None and tuple(t.shape) != (size,):
             raise ValueError(f"{name} must be ({size},); got {tuple(t.shape)}")
-    dtypes = {t.dtype for t in (skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta) if t is not None}
-    if len(dtypes) != 1:
-        raise ValueError(f"all tensors must share one dtype; got {sorted(map(str, dtypes))}")
+    _cbl.check_dtypes((skip, deeper, weight), (merge_gamma, merge_beta, bias, gamma, beta))
     pad = (k - 1) // 2
     if pad >= min(skip.shape[-2:]):
         raise ValueError(f"reflection pad {pad} needs H and W > {pad}; got {tuple(skip.shape[-2:])}")
@@ -589,22 +687,26 @@ def concat_bn_conv_bn_lrelu(
     gamma: torch.Tensor,
     beta: torch.Tensor,
     *,
+    groups: int = 1,
     eps: float = 1e-5,
     slope: float = 0.2,
 ) -> torch.Tensor:
-    """skip: (N, Cs, H, W), deeper: (N, Cd, H, W) fp32, Cs, Cd >= 1 -> (N, C_out, H, W) fp32.
+    """skip: (N, G * Cs, H, W), deeper: (N, G * Cd, H, W) fp32, Cs, Cd >= 1, G = groups -> (N, C_out, H, W) fp32.
 
-    conv_bn_lrelu(batch_norm(cat([skip, deeper], 1), training=True, merge_gamma, merge_beta, eps), weight, bias,
-    gamma, beta, stride=1, eps=eps, slope=slope), without writing the concatenation or its normalised copy.
-    merge_gamma, merge_beta: (Cs + Cd,); weight: (C_out, Cs + Cd, k, k), k in {1, 3, 5, 7}; bias: (C_out,) or
-    None; gamma, beta: (C_out,). Differentiable in all eight tensors. Same maths as
+    conv_bn_lrelu(batch_norm(merged, training=True, merge_gamma, merge_beta, eps), weight, bias, gamma, beta,
+    stride=1, groups=groups, eps=eps, slope=slope), merged = the concatenation per group [skip_g, deeper_g] (for
+    groups=1, cat([skip, deeper], 1)), without writing it or its normalised copy. Groups carry independent networks
+    side by side (dipfast.kernels' vmap rule folds the vmapped axis into them). merge_gamma, merge_beta:
+    (G * (Cs + Cd),), group-major; weight: (C_out, Cs + Cd, k, k), k in {1, 3, 5, 7}, C_out a multiple of G;
+    bias: (C_out,) or None; gamma, beta: (C_out,). Differentiable in all eight tensors. Same maths as
     dipfast.reference.concat_bn_conv_bn_lrelu, which runs instead off the Triton path.
     """
-    _check(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta)
+    _check(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, groups)
     if concat_bn_conv_bn_lrelu_path(skip) == "triton":
         return _concat_bn_conv_bn_lrelu_fwd(
-            skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, eps, slope
+            skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, groups, eps, slope, _cbl.tf32_enabled()
         )[0]
+    bias = bias.to(skip.dtype) if bias is not None else None  # F.conv2d takes no fp32 bias for bf16 inputs
     return reference.concat_bn_conv_bn_lrelu(
-        skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, eps=eps, slope=slope
+        skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, groups=groups, eps=eps, slope=slope
     )

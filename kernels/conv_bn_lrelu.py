@@ -5,9 +5,16 @@ with R the reflection pad by (k - 1) // 2, k in {1, 3, 5, 7}, stride 1 or 2, gro
 (not only multiples of 16) and any H, W > (k - 1) // 2 (what the reflection pad allows). BatchNorm uses the
 batch statistics (biased variance) per output channel, so groups stay independent networks.
 
-Layout: every tensor NCHW contiguous, fp32 (tl.dot with input_precision="ieee"); weight (C_out, C_in / groups,
-k, k). Outputs, statistics and gradients are fp32. bf16 inputs and TF32 dots are not implemented yet: those
-take the reference path (conv_bn_lrelu_path).
+Layout: every tensor NCHW contiguous; weight (C_out, C_in / groups, k, k).
+Precisions (x and weight share the compute dtype; bias, gamma and beta are that dtype or fp32):
+  fp32: fp32 dots, IEEE or TF32 (tl.dot's input_precision) as torch.backends.cudnn.allow_tf32 says when the op is
+    called (tf32_enabled: the flag of the cuDNN conv this replaces; dipfast.engine.ieee_fp32 clears it).
+  bf16: bf16 dot operands with fp32 accumulation; every other load is converted to fp32 at once and all
+    elementwise maths and the BN statistics are fp32 (taken from the fp32 accumulator, not the rounded y).
+    Stored in bf16: y and the output (the op returns x's dtype, as autocast's conv + BatchNorm do), dy (an operand
+    of the backward dots), dx and dweight; in fp32: the statistics and the padded dgrad buffer the fold sums.
+    In the interpreter, whose bf16 tl.dot is wrong, the dots get the same bf16 values as fp32 (_dot_options).
+  Gradients come back in their tensors' dtypes.
 
 Forward (two launches, no atomics, deterministic):
   1. _conv_bn_lrelu_fwd_kernel: implicit GEMM, M = N*P*Q output pixels, N = C_out / groups, groups on
@@ -29,15 +36,16 @@ Backward (five launches of four kernels, no atomics, deterministic):
      written to an (N, C_in, H + 2 pad, W + 2 pad) buffer.
   7. _reflect_fold_kernel: the adjoint of R. Each input pixel sums its <= 3 pre-images per axis (itself and
      its mirrors in the top/left and bottom/right pads), 9 masked loads, no atomics. Skipped for k = 1.
-See ../shared/notes/kernels.md, sections 1.3 and 1.4. Tiles are fixed (_BLOCK_*), chosen for the interpreter;
-no autotuning (the Hopper tiles are still to be tuned on a GPU). So far verified only under the CPU
-interpreter. The block's output is materialised (normalise + LeakyReLU is not yet folded into the next conv's
-load), and wgrad runs its whole N*P*Q reduction in one program per tile (no split-K yet).
+See ../shared/notes/kernels.md, sections 1.3 and 1.4. Tiles are fixed per kernel family and precision in
+configs.py (interpreter tiles there, untuned Hopper starting points on a GPU; no autotuning). So far verified only
+under the CPU interpreter. The block's output is materialised (normalise + LeakyReLU is not yet folded into the
+next conv's load), and wgrad runs its whole N*P*Q reduction in one program per tile (no split-K yet). Under
+torch.func.vmap a rule folds the vmapped networks into groups: one launch for all of them (vmap_fold.py).
 
 Ops: dipfast::conv_bn_lrelu_fwd, dipfast::conv_bn_lrelu_bwd (torch.library.custom_op with register_fake and
 register_autograd, so torch.compile(fullgraph=True) traces through; no double backward). Reference twin:
 dipfast.reference.conv_bn_lrelu. Without CUDA (and without TRITON_INTERPRET=1 when this module was imported),
-without triton, or for dtypes other than fp32, the public function calls the twin; conv_bn_lrelu_path(x) says
+without triton, or for dtypes other than fp32 and bf16, the public function calls the twin; conv_bn_lrelu_path(x) says
 which path a tensor takes. On the Triton path every part (conv, statistics, normalise, BN/LeakyReLU backward,
 wgrad, dgrad, pad adjoint) is a Triton kernel; only the C-sized statistic merges run in torch.
 """
@@ -49,6 +57,8 @@ import os
 import torch
 
 from dipfast import reference
+from dipfast.kernels.configs import GemmTiles, fitted, pass_tiles, precision_of, tiles
+from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into_rows, unfold_channels, unfold_rows
 
 try:
     import triton
@@ -61,15 +71,11 @@ except ImportError:  # the package always works: the public function falls back 
 # Kernels are built for the interpreter or for the GPU when this module is imported (triton.jit reads
 # TRITON_INTERPRET then), so the dispatch keys on the value seen at import.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_KERNEL_DTYPES = (torch.float32,)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 KERNEL_SIZES = (1, 3, 5, 7)
 STRIDES = (1, 2)
 # Tests set this to allocate outputs filled with NaN, so an element a kernel never writes fails parity.
 POISON_OUTPUTS = False
-_BLOCK_M = 64  # GEMM rows (pixels; output channels in wgrad)
-_BLOCK_N = 16  # GEMM columns (channels; input channel-taps in wgrad)
-_BLOCK_K = 16  # reduction chunk (tl.dot needs >= 16)
-_BLOCK = 256  # elementwise and per-channel reduction kernels
 
 
 if _HAS_TRITON:
@@ -96,9 +102,10 @@ if _HAS_TRITON:
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr,
     ):
-        """Add the bias, store y, and write this M-tile's BN partials: sum(y), sum((y - tile mean)^2)."""
+        """Add the bias, store y (in y's dtype), and write this M-tile's BN partials from the fp32 accumulator:
+        sum(y), sum((y - tile mean)^2)."""
         if HAS_BIAS:
-            acc += tl.load(b_ptr + co, mask=mask_n, other=0.0)[None, :]
+            acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
         tl.store(y_ptr + y_offs, acc, mask=mask)
         count = tl.minimum(n_pix - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
@@ -109,10 +116,10 @@ if _HAS_TRITON:
 
     @triton.jit
     def _conv_bn_lrelu_fwd_kernel(
-        x_ptr,  # (N, C_in, H, W) fp32, contiguous
-        w_ptr,  # (C_out, C_in / groups, K, K) fp32, contiguous
-        b_ptr,  # (C_out,) fp32, read only when HAS_BIAS
-        y_ptr,  # (N, C_out, P, Q) fp32: the conv output
+        x_ptr,  # (N, C_in, H, W) compute dtype (fp32 or bf16), contiguous
+        w_ptr,  # (C_out, C_in / groups, K, K) compute dtype, contiguous
+        b_ptr,  # (C_out,) compute dtype or fp32, read only when HAS_BIAS
+        y_ptr,  # (N, C_out, P, Q) compute dtype: the conv output
         psum_ptr,  # (tiles_m, C_out) fp32: per-tile sum of y
         pm2_ptr,  # (tiles_m, C_out) fp32: per-tile sum of (y - tile mean)^2
         n_pix,  # N * P * Q
@@ -131,6 +138,8 @@ if _HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,  # tl.dot's operands: fp32, or bf16 on a GPU for bf16 inputs (_dot_options)
+        PRECISION: tl.constexpr,  # fp32 operands: "ieee" or "tf32"
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -164,7 +173,7 @@ if _HAS_TRITON:
                         mask=mask_k[:, None] & mask_n[None, :],
                         other=0.0,
                     )
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                    acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
         y_offs = (nb * c_out * pq + s)[:, None] + co[None, :] * pq
         _conv_epilogue(
             acc, b_ptr, y_ptr, y_offs, psum_ptr, pm2_ptr, co, mask_m, mask_n, pid_m, n_pix, c_out, HAS_BIAS, BLOCK_M
@@ -172,12 +181,12 @@ if _HAS_TRITON:
 
     @triton.jit
     def _bn_lrelu_kernel(
-        y_ptr,  # (N, C, P, Q) fp32 conv output
+        y_ptr,  # (N, C, P, Q) compute dtype: the conv output
         mean_ptr,  # (C,) fp32
         rstd_ptr,  # (C,) fp32
-        gamma_ptr,  # (C,) fp32
-        beta_ptr,  # (C,) fp32
-        out_ptr,  # (N, C, P, Q) fp32
+        gamma_ptr,  # (C,) compute dtype or fp32
+        beta_ptr,  # (C,) compute dtype or fp32
+        out_ptr,  # (N, C, P, Q) compute dtype
         total,  # N * C * P * Q
         channels,
         pq,
@@ -187,25 +196,25 @@ if _HAS_TRITON:
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < total
         c = (offs // pq) % channels
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
         rstd = tl.load(rstd_ptr + c, mask=mask, other=0.0)
-        gamma = tl.load(gamma_ptr + c, mask=mask, other=0.0)
-        beta = tl.load(beta_ptr + c, mask=mask, other=0.0)
+        gamma = tl.load(gamma_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + c, mask=mask, other=0.0).to(tl.float32)
         z = (y - mean) * rstd * gamma + beta
         tl.store(out_ptr + offs, tl.where(z > 0, z, z * slope), mask=mask)
 
     @triton.jit
     def _bn_lrelu_bwd_kernel(
-        g_ptr,  # (N, C, P, Q) fp32 incoming gradient, contiguous
-        y_ptr,  # (N, C, P, Q) fp32 conv output
+        g_ptr,  # (N, C, P, Q) compute dtype: incoming gradient, contiguous
+        y_ptr,  # (N, C, P, Q) compute dtype: the conv output
         mean_ptr,  # (C,) fp32
         rstd_ptr,  # (C,) fp32
-        gamma_ptr,  # (C,) fp32
-        beta_ptr,  # (C,) fp32
+        gamma_ptr,  # (C,) compute dtype or fp32
+        beta_ptr,  # (C,) compute dtype or fp32
         dbeta_ptr,  # (C,) fp32 sum(dz), read only when APPLY
         dgamma_ptr,  # (C,) fp32 sum(dz * xhat), read only when APPLY
-        dy_ptr,  # (N, C, P, Q) fp32 gradient of the conv output, written only when APPLY
+        dy_ptr,  # (N, C, P, Q) compute dtype: gradient of the conv output, written only when APPLY
         p1_ptr,  # (tiles, C) fp32: partial sum(dz), or sum(dy) when APPLY
         p2_ptr,  # (tiles, C) fp32: partial sum(dz * xhat), written only when not APPLY
         n_pix,  # N * P * Q, the BN reduction size
@@ -214,33 +223,38 @@ if _HAS_TRITON:
         pq,
         slope,
         APPLY: tl.constexpr,
+        BLOCK_C: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        """A (BLOCK_C channels) x (BLOCK pixels) tile; the partial sums reduce over its pixels."""
         pid = tl.program_id(0)
-        c = tl.program_id(1)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = c < channels
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_pix
-        idx = (offs // pq) * channels * pq + c * pq + offs % pq
-        mean = tl.load(mean_ptr + c)
-        rstd = tl.load(rstd_ptr + c)
-        gamma = tl.load(gamma_ptr + c)
-        xhat = (tl.load(y_ptr + idx, mask=mask, other=0.0) - mean) * rstd
-        z = xhat * gamma + tl.load(beta_ptr + c)
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0)
+        mask = mask_c[:, None] & (offs < n_pix)[None, :]
+        idx = ((offs // pq) * channels * pq + offs % pq)[None, :] + (c * pq)[:, None]
+        mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0)[:, None]
+        rstd = tl.load(rstd_ptr + c, mask=mask_c, other=0.0)[:, None]
+        gamma = tl.load(gamma_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
+        xhat = (tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        z = xhat * gamma + tl.load(beta_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         dz = tl.where(z > 0, g, g * slope)  # leaky_relu_backward: self > 0
         if APPLY:
-            dy = gamma * rstd * (dz - tl.load(dbeta_ptr + c) * inv_m - xhat * (tl.load(dgamma_ptr + c) * inv_m))
+            dbeta = tl.load(dbeta_ptr + c, mask=mask_c, other=0.0)[:, None]
+            dgamma = tl.load(dgamma_ptr + c, mask=mask_c, other=0.0)[:, None]
+            dy = gamma * rstd * (dz - dbeta * inv_m - xhat * (dgamma * inv_m))
             tl.store(dy_ptr + idx, dy, mask=mask)
-            tl.store(p1_ptr + pid * channels + c, tl.sum(tl.where(mask, dy, 0.0), axis=0))
+            tl.store(p1_ptr + pid * channels + c, tl.sum(tl.where(mask, dy, 0.0), axis=1), mask=mask_c)
         else:
-            tl.store(p1_ptr + pid * channels + c, tl.sum(tl.where(mask, dz, 0.0), axis=0))
-            tl.store(p2_ptr + pid * channels + c, tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0))
+            tl.store(p1_ptr + pid * channels + c, tl.sum(tl.where(mask, dz, 0.0), axis=1), mask=mask_c)
+            tl.store(p2_ptr + pid * channels + c, tl.sum(tl.where(mask, dz * xhat, 0.0), axis=1), mask=mask_c)
 
     @triton.jit
     def _conv_wgrad_kernel(
-        dy_ptr,  # (N, C_out, P, Q) fp32, contiguous
-        x_ptr,  # (N, C_in, H, W) fp32, contiguous
-        dw_ptr,  # (C_out, C_in / groups * K * K) fp32
+        dy_ptr,  # (N, C_out, P, Q) compute dtype, contiguous
+        x_ptr,  # (N, C_in, H, W) compute dtype, contiguous
+        dw_ptr,  # (C_out, C_in / groups * K * K) compute dtype
         n_pix,  # N * P * Q, the GEMM reduction
         c_in,
         c_out,
@@ -256,6 +270,8 @@ if _HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,  # tl.dot's operands: fp32, or bf16 on a GPU for bf16 inputs (_dot_options)
+        PRECISION: tl.constexpr,  # fp32 operands: "ieee" or "tf32"
     ):
         g = tl.program_id(2)
         offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -288,14 +304,14 @@ if _HAS_TRITON:
                 mask=mask_k[:, None] & mask_r[None, :],
                 other=0.0,
             )
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
         tl.store(dw_ptr + co[:, None] * (cin_g * K * K) + offs_r[None, :], acc, mask=mask_co[:, None] & mask_r[None, :])
 
     @triton.jit
     def _conv_dgrad_kernel(
-        dy_ptr,  # (N, C_out, P, Q) fp32, contiguous
-        w_ptr,  # (C_out, C_in / groups, K, K) fp32, contiguous
-        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD) fp32: gradient of the padded input
+        dy_ptr,  # (N, C_out, P, Q) compute dtype, contiguous
+        w_ptr,  # (C_out, C_in / groups, K, K) compute dtype, contiguous
+        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD) fp32 (compute dtype when PAD = 0): d(padded input)
         n_pix,  # N * (H + 2 PAD) * (W + 2 PAD)
         c_in,
         c_out,
@@ -310,6 +326,8 @@ if _HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,  # tl.dot's operands: fp32, or bf16 on a GPU for bf16 inputs (_dot_options)
+        PRECISION: tl.constexpr,  # fp32 operands: "ieee" or "tf32"
     ):
         pid_m = tl.program_id(0)
         g = tl.program_id(2)
@@ -349,7 +367,7 @@ if _HAS_TRITON:
                         mask=mask_k[:, None] & mask_n[None, :],
                         other=0.0,
                     )
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                    acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
         tl.store(
             dxp_ptr + (nb * c_in * hwp + s)[:, None] + ci[None, :] * hwp, acc, mask=mask_m[:, None] & mask_n[None, :]
         )
@@ -357,7 +375,7 @@ if _HAS_TRITON:
     @triton.jit
     def _reflect_fold_kernel(
         dxp_ptr,  # (N * C_in, H + 2 PAD, W + 2 PAD) fp32
-        dx_ptr,  # (N * C_in, H, W) fp32
+        dx_ptr,  # (N * C_in, H, W) compute dtype
         total,  # N * C_in * H * W
         in_h,
         in_w,
@@ -400,16 +418,35 @@ if _HAS_TRITON:
         tl.store(dx_ptr + offs, acc, mask=mask)
 
 
-def _alloc(shape, device) -> torch.Tensor:
+def _alloc(shape, device, dtype=torch.float32) -> torch.Tensor:
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-    return torch.empty(shape, dtype=torch.float32, device=device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dot_options(dtype: torch.dtype, tf32: bool) -> dict:
+    """The GEMM kernels' DOT_DTYPE and PRECISION for inputs of `dtype`.
+
+    bf16 inputs feed tl.dot bf16 operands (fp32 accumulation) on a GPU; the interpreter's bf16 tl.dot is wrong
+    (../shared/notes/kernels.md, section 3), so there the bf16 values, exact in fp32, are fed as fp32. fp32 inputs
+    use TF32 or IEEE products; the interpreter computes both in IEEE fp32.
+    """
+    dot_dtype = tl.bfloat16 if dtype == torch.bfloat16 and not _INTERPRET else tl.float32
+    return dict(DOT_DTYPE=dot_dtype, PRECISION="tf32" if tf32 and dtype == torch.float32 else "ieee")
+
+
+def gemm_launch(family: str, dtype: torch.dtype, tf32: bool, m: int, n: int, k: int) -> tuple[GemmTiles, dict]:
+    """A GEMM kernel's tiles (configs.py, fitted to its m x n x k) and its launch keywords: blocks, warps, stages
+    and the dot options."""
+    config = fitted(tiles(family, precision_of(dtype == torch.bfloat16, tf32)), m, n, k)
+    blocks = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+    return config, dict(**blocks, num_warps=config.num_warps, num_stages=config.num_stages, **_dot_options(dtype, tf32))
 
 
 def _chan_finalize(psum: torch.Tensor, pm2: torch.Tensor, n: int, block: int, eps: float):
     """Chan's merge of per-tile (count, sum, M2) -> (mean, rstd), biased variance; C-sized, deterministic."""
-    tiles = psum.shape[0]
-    counts = (n - torch.arange(tiles, device=psum.device) * block).clamp(max=block).float()[:, None]
+    n_tiles = psum.shape[0]
+    counts = (n - torch.arange(n_tiles, device=psum.device) * block).clamp(max=block).float()[:, None]
     mean = psum.sum(0) / n
     var = (pm2.sum(0) + (counts * (psum / counts - mean) ** 2).sum(0)) / n
     return mean, torch.rsqrt(var + eps)
@@ -430,19 +467,21 @@ def _conv_bn_lrelu_fwd(
     groups: int,
     eps: float,
     slope: float,
+    tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out, y, mean, rstd): the block's output, the conv output and the BN batch statistics."""
+    """-> (out, y, mean, rstd): the block's output and the conv output in x's dtype, the fp32 BN batch statistics."""
     x, weight = x.contiguous(), weight.contiguous()
     n, c_in, h, w = x.shape
     c_out, cin_g, k = weight.shape[:3]
     p, q = _out_size(h, stride), _out_size(w, stride)
     n_pix = n * p * q
-    tiles = triton.cdiv(n_pix, _BLOCK_M)
-    y = _alloc((n, c_out, p, q), x.device)
-    psum = _alloc((tiles, c_out), x.device)
-    pm2 = _alloc((tiles, c_out), x.device)
     cout_g = c_out // groups
-    _conv_bn_lrelu_fwd_kernel[(tiles, triton.cdiv(cout_g, _BLOCK_N), groups)](
+    config, launch = gemm_launch("conv", x.dtype, tf32, n_pix, cout_g, cin_g)
+    tiles_m = triton.cdiv(n_pix, config.block_m)
+    y = _alloc((n, c_out, p, q), x.device, x.dtype)
+    psum = _alloc((tiles_m, c_out), x.device)
+    pm2 = _alloc((tiles_m, c_out), x.device)
+    _conv_bn_lrelu_fwd_kernel[(tiles_m, triton.cdiv(cout_g, config.block_n), groups)](
         x,
         weight,
         bias.contiguous() if bias is not None else weight,
@@ -462,25 +501,25 @@ def _conv_bn_lrelu_fwd(
         K=k,
         PAD=(k - 1) // 2,
         HAS_BIAS=bias is not None,
-        BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K,
+        **launch,
     )
-    mean, rstd = _chan_finalize(psum, pm2, n_pix, _BLOCK_M, eps)
-    out = _alloc((n, c_out, p, q), x.device)
-    _bn_lrelu_kernel[(triton.cdiv(out.numel(), _BLOCK),)](
-        y, mean, rstd, gamma.contiguous(), beta.contiguous(), out, out.numel(), c_out, p * q, slope, BLOCK=_BLOCK
-    )
+    mean, rstd = _chan_finalize(psum, pm2, n_pix, config.block_m, eps)
+    out = _alloc((n, c_out, p, q), x.device, x.dtype)
+    tile = pass_tiles(x.dtype)
+    _bn_lrelu_kernel[(triton.cdiv(out.numel(), tile.block),)](
+        y, mean, rstd, gamma.contiguous(), beta.contiguous(), out, out.numel(), c_out, p * q, slope,
+        BLOCK=tile.block, num_warps=tile.num_warps,
+    )  # fmt: skip
     return out, y, mean, rstd
 
 
 @_conv_bn_lrelu_fwd.register_fake
-def _(x, weight, bias, gamma, beta, stride, groups, eps, slope):
+def _(x, weight, bias, gamma, beta, stride, groups, eps, slope, tf32):
     n, _, h, w = x.shape
     c_out = weight.shape[0]
     shape = (n, c_out, _out_size(h, stride), _out_size(w, stride))
     stat = x.new_empty((c_out,), dtype=torch.float32)
-    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32), stat, stat.clone()
+    return x.new_empty(shape), x.new_empty(shape), stat, stat.clone()
 
 
 @torch.library.custom_op("dipfast::conv_bn_lrelu_bwd", mutates_args=())
@@ -496,8 +535,9 @@ def _conv_bn_lrelu_bwd(
     stride: int,
     groups: int,
     slope: float,
+    tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dx, dweight, dbias, dgamma, dbeta) for the incoming gradient of the block's output."""
+    """-> (dx, dweight, dbias, dgamma, dbeta), each in its tensor's dtype (dbias fp32), for the incoming gradient."""
     grad, x, weight, y = grad.contiguous(), x.contiguous(), weight.contiguous(), y.contiguous()
     gamma, beta = gamma.contiguous(), beta.contiguous()
     n, c_in, h, w = x.shape
@@ -505,22 +545,24 @@ def _conv_bn_lrelu_bwd(
     cout_g = c_out // groups
     p, q = y.shape[-2:]
     n_pix = n * p * q
-    tiles = triton.cdiv(n_pix, _BLOCK)
     dev = x.device
-    p1, p2 = _alloc((tiles, c_out), dev), _alloc((tiles, c_out), dev)
+    tile = pass_tiles(x.dtype)
+    passes = dict(BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps)
+    tiles_p = triton.cdiv(n_pix, tile.block)
+    p1, p2 = _alloc((tiles_p, c_out), dev), _alloc((tiles_p, c_out), dev)
     args = (grad, y, mean, rstd, gamma, beta)
-    _bn_lrelu_bwd_kernel[(tiles, c_out)](
-        *args, y, y, y, p1, p2, n_pix, 1.0 / n_pix, c_out, p * q, slope, APPLY=False, BLOCK=_BLOCK
-    )
+    grid = (tiles_p, triton.cdiv(c_out, tile.block_c))
+    _bn_lrelu_bwd_kernel[grid](*args, y, y, y, p1, p2, n_pix, 1.0 / n_pix, c_out, p * q, slope, APPLY=False, **passes)
     dbeta, dgamma = p1.sum(0), p2.sum(0)
-    dy, pb = _alloc(y.shape, dev), _alloc((tiles, c_out), dev)
-    _bn_lrelu_bwd_kernel[(tiles, c_out)](
-        *args, dbeta, dgamma, dy, pb, pb, n_pix, 1.0 / n_pix, c_out, p * q, slope, APPLY=True, BLOCK=_BLOCK
+    dy, pb = _alloc(y.shape, dev, y.dtype), _alloc((tiles_p, c_out), dev)  # dy: an operand of the dots below
+    _bn_lrelu_bwd_kernel[grid](
+        *args, dbeta, dgamma, dy, pb, pb, n_pix, 1.0 / n_pix, c_out, p * q, slope, APPLY=True, **passes
     )
     dbias = pb.sum(0)
     pad = (k - 1) // 2
-    dw = _alloc(weight.shape, dev)
-    _conv_wgrad_kernel[(triton.cdiv(cout_g, _BLOCK_M), triton.cdiv(cin_g * k * k, _BLOCK_N), groups)](
+    dw = _alloc(weight.shape, dev, weight.dtype)
+    config, launch = gemm_launch("wgrad", x.dtype, tf32, cout_g, cin_g * k * k, n_pix)
+    _conv_wgrad_kernel[(triton.cdiv(cout_g, config.block_m), triton.cdiv(cin_g * k * k, config.block_n), groups)](
         dy,
         x,
         dw,
@@ -536,13 +578,12 @@ def _conv_bn_lrelu_bwd(
         STRIDE=stride,
         K=k,
         PAD=pad,
-        BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K,
+        **launch,
     )
     hp, wp = h + 2 * pad, w + 2 * pad
-    dxp = _alloc((n, c_in, hp, wp), dev)
-    _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, _BLOCK_M), triton.cdiv(cin_g, _BLOCK_N), groups)](
+    dxp = _alloc((n, c_in, hp, wp), dev, torch.float32 if pad else x.dtype)  # the fold sums in fp32
+    config, launch = gemm_launch("dgrad", x.dtype, tf32, n * hp * wp, cin_g, cout_g)
+    _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(cin_g, config.block_n), groups)](
         dy,
         weight,
         dxp,
@@ -557,59 +598,95 @@ def _conv_bn_lrelu_bwd(
         cout_g,
         STRIDE=stride,
         K=k,
-        BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K,
+        **launch,
     )
     if pad == 0:
         dx = dxp
     else:
-        dx = _alloc(x.shape, dev)
-        _reflect_fold_kernel[(triton.cdiv(dx.numel(), _BLOCK),)](dxp, dx, dx.numel(), h, w, PAD=pad, BLOCK=_BLOCK)
-    return dx, dw, dbias, dgamma, dbeta
+        dx = _alloc(x.shape, dev, x.dtype)
+        _reflect_fold_kernel[(triton.cdiv(dx.numel(), tile.block),)](
+            dxp, dx, dx.numel(), h, w, PAD=pad, BLOCK=tile.block, num_warps=tile.num_warps
+        )
+    return dx, dw, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
 
 
 @_conv_bn_lrelu_bwd.register_fake
-def _(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope):
-    c_out = weight.shape[0]
+def _(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32):
     return (
-        x.new_empty(x.shape, dtype=torch.float32),
-        weight.new_empty(weight.shape, dtype=torch.float32),
-        weight.new_empty((c_out,), dtype=torch.float32),
-        weight.new_empty((c_out,), dtype=torch.float32),
-        weight.new_empty((c_out,), dtype=torch.float32),
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape),
+        gamma.new_empty(gamma.shape, dtype=torch.float32),
+        gamma.new_empty(gamma.shape),
+        beta.new_empty(beta.shape),
     )
 
 
 def _fwd_setup(ctx, inputs, output):
-    x, weight, bias, gamma, beta, stride, groups, eps, slope = inputs
+    x, weight, bias, gamma, beta, stride, groups, eps, slope, tf32 = inputs
     _, y, mean, rstd = output
     ctx.save_for_backward(x, weight, y, mean, rstd, gamma, beta)
-    ctx.stride, ctx.groups, ctx.slope, ctx.has_bias = stride, groups, slope, bias is not None
+    ctx.stride, ctx.groups, ctx.slope, ctx.tf32 = stride, groups, slope, tf32
+    ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.mark_non_differentiable(y, mean, rstd)  # internals saved for the backward, not part of the block
 
 
 def _fwd_backward(ctx, grad, _grad_y, _grad_mean, _grad_rstd):
     x, weight, y, mean, rstd, gamma, beta = ctx.saved_tensors
     dx, dw, db, dgamma, dbeta = _conv_bn_lrelu_bwd(
-        grad.contiguous(), x, weight, y, mean, rstd, gamma, beta, ctx.stride, ctx.groups, ctx.slope
+        grad.contiguous(), x, weight, y, mean, rstd, gamma, beta, ctx.stride, ctx.groups, ctx.slope, ctx.tf32
     )
-    return dx, dw, db if ctx.has_bias else None, dgamma, dbeta, None, None, None, None
+    db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    return dx, dw, db, dgamma, dbeta, None, None, None, None, None
 
 
 _conv_bn_lrelu_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
+@_conv_bn_lrelu_fwd.register_vmap
+def _(info, in_dims, x, weight, bias, gamma, beta, stride, groups, eps, slope, tf32):
+    """B networks as B * groups groups (vmap_fold.py): one launch, per-network statistics."""
+    b = info.batch_size
+    x = fold_into_channels(batch_first(x, in_dims[0], b))
+    weight, bias, gamma, beta = (
+        fold_into_rows(batch_first(t, d, b)) for t, d in zip((weight, bias, gamma, beta), in_dims[1:5], strict=True)
+    )
+    out, y, mean, rstd = _conv_bn_lrelu_fwd(x, weight, bias, gamma, beta, stride, b * groups, eps, slope, tf32)
+    return (unfold_channels(out, b), unfold_channels(y, b), unfold_rows(mean, b), unfold_rows(rstd, b)), (1, 1, 0, 0)
+
+
+@_conv_bn_lrelu_bwd.register_vmap
+def _(info, in_dims, grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32):
+    b = info.batch_size
+    grad, x, y = (fold_into_channels(batch_first(t, in_dims[i], b)) for i, t in ((0, grad), (1, x), (3, y)))
+    weight, mean, rstd, gamma, beta = (
+        fold_into_rows(batch_first(t, in_dims[i], b))
+        for i, t in ((2, weight), (4, mean), (5, rstd), (6, gamma), (7, beta))
+    )
+    dx, *rest = _conv_bn_lrelu_bwd(grad, x, weight, y, mean, rstd, gamma, beta, stride, b * groups, slope, tf32)
+    return (unfold_channels(dx, b), *(unfold_rows(t, b) for t in rest)), (1, 0, 0, 0, 0)
+
+
 def conv_bn_lrelu_path(x: torch.Tensor) -> str:
     """'triton' or 'reference': the path conv_bn_lrelu takes for x.
 
-    Triton runs for fp32 inputs on CUDA, or on CPU when TRITON_INTERPRET=1 was set before this module was
-    imported; otherwise (no triton, CPU without the interpreter, bf16, float64) the twin.
+    Triton runs for fp32 and bf16 inputs on CUDA, or on CPU when TRITON_INTERPRET=1 was set before this module
+    was imported; otherwise (no triton, CPU without the interpreter, float64, float16) the twin.
     """
-    if not _HAS_TRITON or x.dtype not in _KERNEL_DTYPES:
-        return "reference"
-    on_device = x.device.type == "cpu" if _INTERPRET else x.device.type == "cuda"
-    return "triton" if on_device else "reference"
+    return "triton" if kernels_take(x.dtype, x.device) else "reference"
+
+
+def kernels_take(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the Triton kernels run for tensors of `dtype` on `device` here (conv_bn_lrelu_path's rule)."""
+    if not _HAS_TRITON or dtype not in _KERNEL_DTYPES:
+        return False
+    return device.type == "cpu" if _INTERPRET else device.type == "cuda"
+
+
+def tf32_enabled() -> bool:
+    """Whether fp32 inputs may use TF32 dots: torch.backends.cudnn.allow_tf32, the flag of the cuDNN convolution
+    these kernels replace (Inductor's Triton conv template reads it too). PyTorch's default is True; the engine's
+    IEEE contexts (dipfast.engine.ieee_fp32) turn it off. torch.compile guards on it."""
+    return torch.backends.cudnn.allow_tf32
 
 
 def _check(x, weight, bias, gamma, beta, stride, groups) -> None:
@@ -630,12 +707,19 @@ def _check(x, weight, bias, gamma, beta, stride, groups) -> None:
     for name, t in (("bias", bias), ("gamma", gamma), ("beta", beta)):
         if t is not None and tuple(t.shape) != (c_out,):
             raise ValueError(f"{name} must be ({c_out},); got {tuple(t.shape)}")
-    dtypes = {t.dtype for t in (x, weight, bias, gamma, beta) if t is not None}
-    if len(dtypes) != 1:
-        raise ValueError(f"x, weight, bias, gamma and beta must share one dtype; got {sorted(map(str, dtypes))}")
+    check_dtypes((x, weight), (bias, gamma, beta))
     pad = (weight.shape[-1] - 1) // 2
     if pad >= min(x.shape[-2:]):
         raise ValueError(f"reflection pad {pad} needs H and W > {pad}; got {tuple(x.shape[-2:])}")
+
+
+def check_dtypes(operands, params) -> None:
+    """The ops' dtype rule: the conv operands share one dtype; each affine parameter has it or is fp32."""
+    dtype = operands[0].dtype
+    if any(t.dtype != dtype for t in operands):
+        raise ValueError(f"the conv inputs and the weight must share one dtype; got {[str(t.dtype) for t in operands]}")
+    if any(t is not None and t.dtype not in (dtype, torch.float32) for t in params):
+        raise ValueError(f"bias and the BatchNorm parameters must be {dtype} or float32")
 
 
 def conv_bn_lrelu(
@@ -650,15 +734,17 @@ def conv_bn_lrelu(
     eps: float = 1e-5,
     slope: float = 0.2,
 ) -> torch.Tensor:
-    """x: (N, C_in, H, W) fp32 -> (N, C_out, P, Q) fp32, P = (H - 1) // stride + 1 (Q likewise).
+    """x: (N, C_in, H, W) fp32 or bf16 -> (N, C_out, P, Q) in x's dtype, P = (H - 1) // stride + 1 (Q likewise).
 
-    weight: (C_out, C_in / groups, k, k), k in {1, 3, 5, 7}; bias: (C_out,) or None; gamma, beta: (C_out,).
-    out = leaky_relu(batch_norm(conv2d(R(x), weight, bias, stride, groups), training=True), slope), R the
-    reflection pad by (k - 1) // 2, batch statistics with the biased variance. Differentiable in x, weight,
-    bias, gamma and beta. Same maths as dipfast.reference.conv_bn_lrelu, which runs instead off the Triton
-    path (conv_bn_lrelu_path).
+    weight: (C_out, C_in / groups, k, k) in x's dtype, k in {1, 3, 5, 7}; bias: (C_out,) or None; gamma, beta:
+    (C_out,); each of these three in x's dtype or fp32. out = leaky_relu(batch_norm(conv2d(R(x), weight, bias,
+    stride, groups), training=True), slope), R the reflection pad by (k - 1) // 2, batch statistics with the
+    biased variance. fp32 accumulation and BN statistics for either dtype; fp32 inputs use TF32 products when
+    tf32_enabled(). Differentiable in x, weight, bias, gamma and beta (gradients in their dtypes). Same maths as
+    dipfast.reference.conv_bn_lrelu, which runs instead off the Triton path (conv_bn_lrelu_path).
     """
     _check(x, weight, bias, gamma, beta, stride, groups)
     if conv_bn_lrelu_path(x) == "triton":
-        return _conv_bn_lrelu_fwd(x, weight, bias, gamma, beta, stride, groups, eps, slope)[0]
+        return _conv_bn_lrelu_fwd(x, weight, bias, gamma, beta, stride, groups, eps, slope, tf32_enabled())[0]
+    bias = bias.to(x.dtype) if bias is not None else None  # F.conv2d takes no fp32 bias for bf16 inputs
     return reference.conv_bn_lrelu(x, weight, bias, gamma, beta, stride=stride, groups=groups, eps=eps, slope=slope)

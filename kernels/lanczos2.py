@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from dipfast import reference
+from dipfast.kernels.configs import pass_tiles
+from dipfast.kernels.vmap_fold import batch_first, fold_into_rows, unfold_rows
 from dipfast.operators import LANCZOS_FACTORS, lanczos2_taps
 
 try:
@@ -49,7 +51,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # Tests set this to allocate outputs filled with NaN, so an element a kernel never writes fails parity.
 POISON_OUTPUTS = False
-_BLOCK = 256
 
 
 if _HAS_TRITON:
@@ -146,7 +147,8 @@ def _fwd_pass(x, factor, o, length, inner, target=None):
     l_out = length // factor
     out = _alloc((o, l_out, inner), x.device)
     total = out.numel()
-    grid = (triton.cdiv(total, _BLOCK),)
+    tile = pass_tiles(x.dtype)
+    grid = (triton.cdiv(total, tile.block),)
     part = _alloc((grid[0],), x.device) if target is not None else out
     _lanczos2_fwd_kernel[grid](
         x,
@@ -162,7 +164,8 @@ def _fwd_pass(x, factor, o, length, inner, target=None):
         K=4 * factor,
         PAD=3 * factor // 2,
         FUSE_MSE=target is not None,
-        BLOCK=_BLOCK,
+        BLOCK=tile.block,
+        num_warps=tile.num_warps,
     )
     return out, part
 
@@ -171,7 +174,8 @@ def _bwd_pass(g, factor, o, length, inner):
     """g viewed as (o, length // factor, inner) -> the adjoint (o, length, inner) fp32."""
     dx = _alloc((o, length, inner), g.device)
     total = dx.numel()
-    _lanczos2_bwd_kernel[(triton.cdiv(total, _BLOCK),)](
+    tile = pass_tiles(g.dtype)
+    _lanczos2_bwd_kernel[(triton.cdiv(total, tile.block),)](
         g,
         _taps(factor, g.device),
         dx,
@@ -182,7 +186,8 @@ def _bwd_pass(g, factor, o, length, inner):
         FACTOR=factor,
         K=4 * factor,
         PAD=3 * factor // 2,
-        BLOCK=_BLOCK,
+        BLOCK=tile.block,
+        num_warps=tile.num_warps,
     )
     return dx
 
@@ -272,6 +277,31 @@ def _mse_backward(ctx, grad_loss, grad_residual):
 
 
 _lanczos2_mse_fwd.register_autograd(_mse_backward, setup_context=_mse_setup)
+
+
+# vmap rules (vmap_fold.py): the decimation is per image, so B networks' images fold into the batch.
+
+
+@_lanczos2_downsample_fwd.register_vmap
+def _(info, in_dims, x, factor):
+    b = info.batch_size
+    return unfold_rows(_lanczos2_downsample_fwd(fold_into_rows(batch_first(x, in_dims[0], b)), factor), b), 0
+
+
+@_lanczos2_downsample_bwd.register_vmap
+def _(info, in_dims, grad, factor, h, w):
+    b = info.batch_size
+    return unfold_rows(_lanczos2_downsample_bwd(fold_into_rows(batch_first(grad, in_dims[0], b)), factor, h, w), b), 0
+
+
+@_lanczos2_mse_fwd.register_vmap
+def _(info, in_dims, x, y, factor):
+    """Each network's own mean: from the folded residual (one pass over the small low-resolution tensor)."""
+    b = info.batch_size
+    x, y = (fold_into_rows(batch_first(t, d, b)) for t, d in zip((x, y), in_dims[:2], strict=True))
+    _, residual = _lanczos2_mse_fwd(x, y, factor)
+    residual = unfold_rows(residual, b)
+    return (residual.square().flatten(1).mean(1), residual), (0, 0)
 
 
 def lanczos2_path(x: torch.Tensor) -> str:

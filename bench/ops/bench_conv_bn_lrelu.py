@@ -1,7 +1,7 @@
 """The reference conv block, reflect-pad + conv + BN (training statistics) + LeakyReLU(0.2):
 dipfast.reference.conv_bn_lrelu (the twin the fused kernel is timed against), eager fp32 with
 IEEE convolutions, forward / backward / both; on CUDA, the fused Triton op (dipfast.kernels.conv_bn_lrelu)
-against the twin, forward and forward + backward, groups 1 and 4."""
+against the twin, forward and forward + backward, groups 1 and 4, in fp32, TF32 and bf16."""
 
 import pytest
 import torch
@@ -74,7 +74,7 @@ def test_conv_bn_lrelu_full(benchmark, shape, rng):
     assert grads[0].shape == x.shape
 
 
-# --- the Triton op against the reference twin (CUDA only) --------------------------------------------------
+# --- the Triton op against the reference twin (CUDA only), in each precision ------------------------------
 
 GPU_CASES = [  # (N, C_in, H, W, C_out, k, stride, groups)
     (1, 132, 128, 128, 128, 3, 1, 1),  # level 0 of the default net, SR/denoise image size
@@ -85,6 +85,9 @@ GPU_CASES = [  # (N, C_in, H, W, C_out, k, stride, groups)
 ]
 GPU_IDS = ["c132-128px-k3", "c128-128px-k3-s2", "c128-64px-k1", "c128-16px-k3", "g4-c128-64px-k3"]
 IMPLS = {"triton": dipfast.kernels.conv_bn_lrelu, "reference": reference.conv_bn_lrelu}
+# fp32: IEEE dots and cuDNN convolutions; tf32: both with TF32 (the kernels follow torch.backends.cudnn.allow_tf32);
+# bf16: the kernel on bf16 x and weight (fp32 BN parameters), the twin under torch.autocast(bf16), as the engine.
+PRECISIONS = ["fp32", "tf32", "bf16"]
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA only: the Triton op runs on CPU only in the interpreter, not timeable"
 )
@@ -99,34 +102,57 @@ def _synced(fn):
     return run
 
 
-def _gpu_block(case, rng):
+def _flags(precision: str):
+    """TF32 on for 'tf32', off otherwise: the kernels and cuDNN read the same flag, forward and backward."""
+    if precision == "tf32":
+        return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=True)
+    return ieee_fp32()
+
+
+def _autocast(precision: str, impl: str):
+    """The twin's bf16 is autocast's; the kernel takes bf16 tensors instead (_gpu_block)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and impl == "reference")
+
+
+def _gpu_block(case, rng, bf16_operands: bool):
     n, c_in, h, w, c_out, k, stride, groups = case
     block = _Block(c_in // groups, c_out, k, rng)  # weight (C_out, C_in / groups, k, k)
-    params = [p.detach().cuda().requires_grad_() for p in block.parameters()]
-    x = torch.rand(n, c_in, h, w, generator=rng).cuda().requires_grad_(True)
-    grad = torch.randn(n, c_out, (h - 1) // stride + 1, (w - 1) // stride + 1, generator=rng).cuda()
+    operand = torch.bfloat16 if bf16_operands else torch.float32
+    params = [p.detach().cuda() for p in block.parameters()]
+    params[0] = params[0].to(operand)
+    params = [p.requires_grad_() for p in params]
+    x = torch.rand(n, c_in, h, w, generator=rng).cuda().to(operand).requires_grad_(True)
+    grad = torch.randn(n, c_out, (h - 1) // stride + 1, (w - 1) // stride + 1, generator=rng).cuda().to(operand)
     return x, params, grad, dict(stride=stride, groups=groups)
 
 
 @needs_cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
-def test_conv_bn_lrelu_op_forward(benchmark, case, impl, rng):
-    x, params, _, kw = _gpu_block(case, rng)
+def test_conv_bn_lrelu_op_forward(benchmark, case, impl, precision, rng):
+    x, params, _, kw = _gpu_block(case, rng, bf16_operands=precision == "bf16" and impl == "triton")
     op = IMPLS[impl]
     if impl == "triton":
         assert dipfast.kernels.conv_bn_lrelu_path(x) == "triton"
-    with ieee_fp32(), torch.no_grad():
+    with _flags(precision), _autocast(precision, impl), torch.no_grad():
         out = benchmark(_synced(lambda: op(x, *params, **kw)))
     assert out.shape[1] == case[4]
 
 
 @needs_cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
-def test_conv_bn_lrelu_op_full(benchmark, case, impl, rng):
-    x, params, grad, kw = _gpu_block(case, rng)
+def test_conv_bn_lrelu_op_full(benchmark, case, impl, precision, rng):
+    x, params, grad, kw = _gpu_block(case, rng, bf16_operands=precision == "bf16" and impl == "triton")
     op = IMPLS[impl]
-    with ieee_fp32():
-        grads = benchmark(_synced(lambda: torch.autograd.grad(op(x, *params, **kw), [x, *params], grad)))
+
+    def step():
+        with _autocast(precision, impl):
+            out = op(x, *params, **kw)
+        return torch.autograd.grad(out, [x, *params], grad.to(out.dtype))
+
+    with _flags(precision):
+        grads = benchmark(_synced(step))
     assert grads[0].shape == x.shape

@@ -112,6 +112,90 @@ def test_forward_and_grads_match_float64_twin(case, rng, device, assert_parity, 
         assert ((actual.double() - expected).abs() <= tol[torch.float32][0] * scale).all()
 
 
+BF16_CASES = [  # (N, C_in, H, W, C_out, k, stride, groups, bias)
+    (2, 3, 7, 9, 4, 3, 1, 1, True),  # odd H/W, RGB in, batch 2
+    (1, 16, 12, 10, 3, 1, 2, 1, True),  # k = 1, stride 2, 16 -> 3
+    (1, 20, 9, 10, 20, 3, 1, 1, True),  # two channel tiles and two K chunks
+    (1, 6, 9, 7, 6, 5, 2, 3, False),  # groups 3, k = 5, stride 2, no bias
+]
+BF16_IDS = ["k3-7x9-n2", "k1-s2-16to3", "k3-9x10-c20", "k5-s2-g3-nobias"]
+
+
+def _dip_like(case, rng, device):
+    """bf16 x and weight, fp32 bias, gamma and beta, as autocast hands them to the block: x a LeakyReLU output,
+    weight and bias initialised as nn.Conv2d does. y's |mean| / std then stays near DIP's (about 1, <= 2.3 here)."""
+    n, c_in, h, w, c_out, k, stride, groups, has_bias = case
+    bound = (c_in // groups * k * k) ** -0.5
+    x = torch.nn.functional.leaky_relu(torch.randn(n, c_in, h, w, generator=rng), 0.2).bfloat16()
+    weight = ((torch.rand(c_out, c_in // groups, k, k, generator=rng) * 2 - 1) * bound).bfloat16()
+    bias = (torch.rand(c_out, generator=rng) * 2 - 1) * bound if has_bias else None
+    gamma = torch.rand(c_out, generator=rng) + 0.5
+    beta = torch.randn(c_out, generator=rng) * 0.5
+    tensors = [t.to(device) if t is not None else None for t in (x, weight, bias, gamma, beta)]
+    return tensors, dict(stride=stride, groups=groups)
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=BF16_IDS)
+def test_bf16_matches_float64_twin(case, rng, device, assert_parity, tol):
+    tensors, kw = _dip_like(case, rng, device)
+    ins = [t.detach().requires_grad_(True) if t is not None else None for t in tensors]
+    out = dipfast.kernels.conv_bn_lrelu(*ins, **kw)
+    assert out.dtype == torch.bfloat16
+    g = torch.randn(out.shape, generator=rng).bfloat16().to(device)
+    wrt = [t for t in ins if t is not None]
+    grads = torch.autograd.grad(out, wrt, g)
+    ins64 = _leaves(tensors, torch.float64)
+    wrt64 = [t for t in ins64 if t is not None]
+    assert_parity(out, reference.conv_bn_lrelu(*ins64, **kw), torch.bfloat16)
+    # LeakyReLU's derivative jumps at 0, and bf16 rounding moves z by ~1e-2: where |z| is that small the kernel and
+    # the float64 twin may take different sides, which changes a gradient by (1 - slope) |dL/dout| at that pixel
+    # and, through BN's sums, everywhere (measured up to 0.3 of the max, against 0.05 for eager bf16; the eager
+    # path's flips are as many, but at other pixels). That is the kink, not the kernel's arithmetic, so the
+    # gradients are compared with the twin's at the kernel's own pattern: its LeakyReLU (slope 1 is the identity)
+    # replaced by the kernel's per-pixel slope, read off the sign of the kernel's output.
+    pattern = torch.where(out.detach() > 0, 1.0, 0.2).double()
+    linear64 = reference.conv_bn_lrelu(*ins64, **kw, slope=1.0) * pattern
+    grads64 = torch.autograd.grad(linear64, wrt64, g.double())
+    names = ["x", "weight", "bias", "gamma", "beta"] if case[-1] else ["x", "weight", "gamma", "beta"]
+    for name, actual, t, expected in zip(names, grads, wrt, grads64, strict=True):
+        assert actual.dtype == t.dtype, name  # bf16 for x and weight, fp32 for the rest
+        if name != "bias":
+            assert_parity(actual, expected, torch.bfloat16)
+            continue
+        # zero in exact arithmetic (see the fp32 test): bounded by sum |dL/dy| at the bf16 row's atol
+        assert not torch.isnan(actual).any()
+        scale = _grad_of_conv_output(ins64, kw, g.double()).abs().sum((0, 2, 3))
+        assert ((actual.double() - expected).abs() <= tol[torch.bfloat16][0] * scale).all()
+
+
+def test_tf32_follows_the_cudnn_flag(rng, device, monkeypatch):
+    """fp32 inputs use TF32 dots where torch.backends.cudnn.allow_tf32 is set, the flag of the cuDNN convolution the
+    kernel replaces. The interpreter computes TF32 and IEEE dots alike (exact fp32 products), so there the two runs
+    agree bit for bit and what is checked is that the flag reaches the kernels, forward and backward;
+    test_cuda_shapes.py bounds TF32's error on a GPU."""
+    tensors, kw = _inputs(CASES[0], rng, device)
+    g = torch.randn(2, 4, 7, 9, generator=rng).to(device)
+    seen = []
+
+    def spy(dtype, tf32):
+        options = options_of(dtype, tf32)
+        seen.append(options["PRECISION"])
+        return options
+
+    options_of = cbl._dot_options
+    monkeypatch.setattr(cbl, "_dot_options", spy)
+    runs = {}
+    for allow_tf32 in (False, True):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow_tf32):
+            ins = _leaves(tensors, torch.float32)
+            out = dipfast.kernels.conv_bn_lrelu(*ins, **kw)
+            runs[allow_tf32] = [out, *torch.autograd.grad(out, ins, g)]
+    assert seen == ["ieee"] * 3 + ["tf32"] * 3  # each flag: the forward's GEMM, then the backward's wgrad and dgrad
+    if cbl._INTERPRET:
+        for ieee, tf32 in zip(runs[False], runs[True], strict=True):
+            assert torch.equal(ieee, tf32)
+
+
 def test_repeat_runs_are_bitwise_identical(rng, device):
     """No atomics anywhere: forward and backward are deterministic."""
     tensors, kw = _inputs(CASES[4], rng, device)
@@ -128,13 +212,13 @@ def test_repeat_runs_are_bitwise_identical(rng, device):
 def test_opcheck(rng, device):
     tensors, kw = _inputs((1, 3, 5, 6, 4, 3, 1, 1, True), rng, device)
     x, weight, bias, gamma, beta = _leaves(tensors, torch.float32)
-    args = (x, weight, bias, gamma, beta, kw["stride"], kw["groups"], 1e-5, 0.2)
+    args = (x, weight, bias, gamma, beta, kw["stride"], kw["groups"], 1e-5, 0.2, False)
     torch.library.opcheck(cbl._conv_bn_lrelu_fwd, args)
     # the backward op, with its forward's saved tensors (it has no derivative of its own: no double backward)
     with torch.no_grad():
         out, y, mean, rstd = cbl._conv_bn_lrelu_fwd(*args)
     g = torch.randn(out.shape, generator=rng).to(device)
-    bwd_args = (g, x.detach(), weight.detach(), y, mean, rstd, gamma.detach(), beta.detach(), 1, 1, 0.2)
+    bwd_args = (g, x.detach(), weight.detach(), y, mean, rstd, gamma.detach(), beta.detach(), 1, 1, 0.2, False)
     torch.library.opcheck(cbl._conv_bn_lrelu_bwd, bwd_args)
 
 

@@ -1,0 +1,164 @@
+"""The triton backend's block ops: a generator's blocks computed by the fused Triton kernels.
+
+TritonBlocks is a dipfast.nets.blocks.BlockOps (install it with use_block_ops(net, TritonBlocks())):
+    conv_bn_act(m, x)       -> dipfast.kernels.conv_bn_lrelu            for an eligible ConvBNAct
+    merge(level, parts)     -> dipfast.kernels.concat_bn_conv_bn_lrelu  concat + merge_bn + level.up, when the level
+                                                                        has a skip branch and level.up is eligible
+    upsample                   inherited: the reference nn.Upsample
+A ConvBNAct is eligible when the kernel computes exactly what its modules do: reflection padding by (k - 1) // 2
+(or a 1x1 conv, which has no pad), no downsampler module after the conv, a square kernel in KERNEL_SIZES, stride
+1 or 2, no dilation, a BatchNorm2d with affine parameters normalising with the batch statistics, an nn.LeakyReLU,
+and an input the kernels take (fp32 or bf16, on the device they run on here). Anything else runs the reference
+block (super()), so every net runs, block by block on whichever path fits; unfused_reason(m, x) says why a block
+is not fused. level.up1x1 is not part of the merge: SkipLevel runs it after merge returns, as a ConvBNAct.
+
+Precision follows the context, as the modules' own convolutions do: under torch.autocast (bf16) the block's input
+and conv weight are cast to bf16 (what autocast does for the conv) and the kernels run on bf16 operands with fp32
+accumulation and fp32 BatchNorm statistics, returning bf16; BatchNorm's parameters and the conv bias stay fp32.
+Otherwise the input's dtype rules: fp32 with TF32 dots when torch.backends.cudnn.allow_tf32 (the kernels' flag,
+dipfast.kernels.conv_bn_lrelu.tf32_enabled), IEEE dots when not (dipfast.engine.ieee_fp32).
+
+As BlockOps says, fused blocks do not update BatchNorm's running statistics (DIP never reads them).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
+from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
+from dipfast.nets.blocks import BlockOps
+
+if TYPE_CHECKING:
+    from dipfast.nets.layers import ConvBNAct
+    from dipfast.nets.skip import SkipLevel
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the block's conv computes in: autocast's on x's device, else x's."""
+    return _autocast_dtype(x) or x.dtype
+
+
+def _cast(t: torch.Tensor) -> torch.Tensor:
+    """A conv operand (input or weight) as autocast hands it to the conv: in autocast's dtype where it is on."""
+    dtype = _autocast_dtype(t)
+    return t if dtype is None else t.to(dtype)
+
+
+def _dtype_reason(dtype: torch.dtype, operand_dtypes, params, device: torch.device) -> str | None:
+    if any(d != dtype for d in operand_dtypes):
+        return f"conv operands are {sorted(map(str, set(operand_dtypes)))}, not all {dtype}"
+    if any(p is not None and p.dtype not in (dtype, torch.float32) for p in params):
+        return f"bias or BatchNorm parameters are neither {dtype} nor float32"
+    if not kernels_take(dtype, device):
+        return f"the kernels do not take {dtype} on {device.type} here"
+    return None
+
+
+def _batch_norm_reason(bn: nn.Module) -> str | None:
+    if not isinstance(bn, nn.BatchNorm2d):
+        return f"norm is {type(bn).__name__}, not BatchNorm2d"
+    if not bn.affine:
+        return "BatchNorm2d without affine parameters"
+    if not bn.training and bn.track_running_stats:
+        return "BatchNorm2d in eval mode normalises with running statistics"
+    return None
+
+
+def unfused_reason(m: ConvBNAct, x: torch.Tensor) -> str | None:
+    """Why conv_bn_act(m, x) takes the reference block; None when the fused kernel runs."""
+    pad_conv, conv = m.conv, m.conv.conv
+    k = conv.kernel_size[0]
+    if pad_conv.downsample is not None:
+        return f"a {type(pad_conv.downsample).__name__} downsampler follows the conv"
+    if conv.kernel_size != (k, k) or k not in KERNEL_SIZES:
+        return f"kernel {conv.kernel_size} is not square in {KERNEL_SIZES}"
+    if conv.stride[0] not in STRIDES or conv.stride != (conv.stride[0],) * 2:
+        return f"stride {conv.stride} is not one of {STRIDES} on both axes"
+    if conv.dilation != (1, 1):
+        return f"dilation {conv.dilation}"
+    if conv.padding != (0, 0) or pad_conv.reflect != (k - 1) // 2:
+        return "zero padding (the kernels fold reflection padding only)"
+    reason = _batch_norm_reason(m.bn)
+    if reason is not None:
+        return reason
+    if not isinstance(m.act, nn.LeakyReLU):
+        return f"activation is {type(m.act).__name__}, not LeakyReLU"
+    dtype = _compute_dtype(x)
+    weight_dtype = dtype if _autocast_dtype(x) else conv.weight.dtype  # autocast casts the weight too
+    return _dtype_reason(dtype, [dtype, weight_dtype], (conv.bias, m.bn.weight, m.bn.bias), x.device)
+
+
+def _merge_unfused_reason(level: SkipLevel, parts: list[torch.Tensor]) -> str | None:
+    """Why merge(level, parts) takes the reference merge; None when the fused merge kernel runs."""
+    if len(parts) != 2:
+        return "no skip branch: nothing to concatenate"
+    up = level.up
+    reason = unfused_reason(up, parts[0]) or _batch_norm_reason(level.merge_bn)
+    if reason is not None:
+        return reason
+    conv = up.conv.conv
+    if conv.stride != (1, 1) or conv.groups != 1:  # the op's groups concatenate per group, not cat([skip, deeper])
+        return "level.up is strided or grouped"
+    if level.merge_bn.eps != up.bn.eps:
+        return "merge_bn and level.up's BatchNorm differ in eps"
+    dtype = _compute_dtype(parts[0])
+    merge_bn = level.merge_bn
+    return _dtype_reason(dtype, [_compute_dtype(p) for p in parts], (merge_bn.weight, merge_bn.bias), parts[0].device)
+
+
+def _crop(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """dipfast.nets.layers.concat_cropped's crop of one part: offset (size - min) // 2."""
+    dh, dw = (t.shape[-2] - h) // 2, (t.shape[-1] - w) // 2
+    return t[..., dh : dh + h, dw : dw + w]
+
+
+class TritonBlocks(BlockOps):
+    """ConvBNAct blocks and skip-level merges by the fused Triton kernels, the reference blocks elsewhere."""
+
+    name = "triton"
+
+    def conv_bn_act(self, m: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
+        if unfused_reason(m, x) is not None:
+            return super().conv_bn_act(m, x)
+        conv, bn = m.conv.conv, m.bn
+        return conv_bn_lrelu(
+            _cast(x),
+            _cast(conv.weight),
+            conv.bias,
+            bn.weight,
+            bn.bias,
+            stride=conv.stride[0],
+            groups=conv.groups,
+            eps=bn.eps,
+            slope=m.act.negative_slope,
+        )
+
+    def merge(self, level: SkipLevel, parts: list[torch.Tensor]) -> torch.Tensor:
+        if _merge_unfused_reason(level, parts) is not None:
+            return super().merge(level, parts)
+        h = min(p.shape[-2] for p in parts)
+        w = min(p.shape[-1] for p in parts)
+        skip, deeper = (_cast(_crop(p, h, w)) for p in parts)
+        up, merge_bn = level.up, level.merge_bn
+        conv = up.conv.conv
+        return concat_bn_conv_bn_lrelu(
+            skip,
+            deeper,
+            merge_bn.weight,
+            merge_bn.bias,
+            _cast(conv.weight),
+            conv.bias,
+            up.bn.weight,
+            up.bn.bias,
+            eps=up.bn.eps,
+            slope=up.act.negative_slope,
+        )

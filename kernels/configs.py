@@ -1,0 +1,110 @@
+"""The Triton kernels' tile configs, in one place: block shapes, warps and stages per kernel family and precision.
+
+Fixed configs, no autotuning: an autotuner benchmarks (and syncs) on first use, which must never happen inside a
+CUDA graph capture, and it re-runs kernels whose per-tile statistics are written as partials (notes/kernels.md,
+section 2.2). Two tables:
+
+  HOPPER (sm90: the H100 and H200 machines; other GPUs run them too). Untuned starting points: no GPU was available
+  to tune on when they were chosen. They come from Inductor's Triton conv template configs for CUDA
+  (torch/_inductor/template_heuristics/triton.py, conv_configs, torch 2.13), as ConvConfig(BLOCK_M, BLOCK_N,
+  BLOCK_K, num_stages, num_warps):
+    conv forward and dgrad, bf16: (128, 128, 64, 3, 8). DIP's convs are 128 -> 128 channels (132 in at a merge);
+      Inductor's BLOCK_K = 128 configs ("optimal when IN_C=128") would leave a 4-channel tail chunk at 132, so 64.
+      Shared memory: 2 B x (128 x 64 + 64 x 128) x 3 stages = 96 KiB of the 227 KiB an SM has.
+    fp32 and TF32 (4 bytes an element): (128, 128, 32, 3, 8), Inductor's (128, 128, 32, 2, 8) with a third stage,
+      the same 96 KiB.
+    wgrad, every precision: (64, 64, BLOCK_K, 3, 4), BLOCK_K 64 (bf16) or 32. Its GEMM is C_out x C_in k k (128 x
+      1152) reduced over every pixel, and without a split-K (not written yet) each (BLOCK_M x BLOCK_N) tile is one
+      program: 64 x 64 tiles make 36 of them at 128 channels, still fewer than the 132 SMs, so this kernel is
+      expected to be the slow one until split-K lands.
+    elementwise passes (normalise + LeakyReLU, the pad adjoint, Lanczos2): 1024 elements, 4 warps; per-channel
+      reductions (BN backward, the merge's statistics): 4 channels x 1024 pixels, 4 warps.
+  INTERPRETER (TRITON_INTERPRET=1): small tiles, which the interpreter runs in reasonable time on the parity
+    tests' small shapes and which those tests' tile-boundary cases are built around (two pixel tiles to merge,
+    two channel tiles, two K chunks: tests/parity/test_conv_bn_lrelu.py). num_warps and num_stages are ignored.
+
+tiles(family, precision) picks the table by the interpreter flag the kernels were built with; fitted() shrinks a
+GEMM config to a small problem (a 3- or 4-channel conv, an 8 x 8 level), as Inductor scales its configs, so a
+4-channel skip conv does not run 128-wide tiles that are 97% masked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+# as the kernel modules do: triton.jit builds for the interpreter when TRITON_INTERPRET is set at import
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    """An implicit-GEMM kernel's tiles: BLOCK_M x BLOCK_N outputs, BLOCK_K of the reduction per step."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_stages: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class PassTiles:
+    """An elementwise or per-channel pass: `block` elements (pixels) by `block_c` channels per program."""
+
+    block: int
+    block_c: int
+    num_warps: int
+
+
+_FP32_CONV = GemmTiles(128, 128, 32, 3, 8)
+_BF16_CONV = GemmTiles(128, 128, 64, 3, 8)
+_HOPPER_PASS = PassTiles(1024, 4, 4)
+HOPPER = {
+    ("conv", "fp32"): _FP32_CONV,  # forward and the merge's forward
+    ("conv", "tf32"): _FP32_CONV,
+    ("conv", "bf16"): _BF16_CONV,
+    ("dgrad", "fp32"): _FP32_CONV,
+    ("dgrad", "tf32"): _FP32_CONV,
+    ("dgrad", "bf16"): _BF16_CONV,
+    ("wgrad", "fp32"): GemmTiles(64, 64, 32, 3, 4),  # and the merge's wgrad
+    ("wgrad", "tf32"): GemmTiles(64, 64, 32, 3, 4),
+    ("wgrad", "bf16"): GemmTiles(64, 64, 64, 3, 4),
+    **{("pass", p): _HOPPER_PASS for p in PRECISIONS},
+}
+
+_INTERPRETER_GEMM = GemmTiles(64, 16, 16, 1, 4)  # tl.dot's smallest blocks are 16
+INTERPRETER = {
+    **{(family, p): _INTERPRETER_GEMM for family in ("conv", "dgrad", "wgrad") for p in PRECISIONS},
+    **{("pass", p): PassTiles(256, 16, 4) for p in PRECISIONS},
+}
+
+
+def precision_of(bf16: bool, tf32: bool) -> str:
+    return "bf16" if bf16 else "tf32" if tf32 else "fp32"
+
+
+def tiles(family: str, precision: str) -> GemmTiles | PassTiles:
+    """The config of a kernel family ('conv', 'dgrad', 'wgrad', 'pass') in a precision ('fp32', 'tf32', 'bf16')."""
+    return (INTERPRETER if _INTERPRET else HOPPER)[family, precision]
+
+
+def pass_tiles(dtype: torch.dtype) -> PassTiles:
+    """The elementwise and per-channel passes' tiles for tensors of `dtype`."""
+    return tiles("pass", precision_of(dtype == torch.bfloat16, False))
+
+
+def _fit(block: int, size: int) -> int:
+    """block, or the smallest power of two >= size when that is smaller; never under 16 (tl.dot's minimum)."""
+    return max(16, min(block, 1 << max(size - 1, 0).bit_length()))
+
+
+def fitted(config: GemmTiles, m: int, n: int, k: int) -> GemmTiles:
+    """config with each block shrunk to the problem's m, n or k where the problem is smaller."""
+    return replace(
+        config, block_m=_fit(config.block_m, m), block_n=_fit(config.block_n, n), block_k=_fit(config.block_k, k)
+    )
