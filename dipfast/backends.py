@@ -49,10 +49,8 @@ class Plan:
 
             return TritonBlocks()
         if self.backend == "native":
-            try:  # TEMP until dipfast.native lands
-                from dipfast.native.blocks import NativeBlocks
-            except ImportError:
-                return REFERENCE
+            from dipfast.native.blocks import NativeBlocks  # the csrc ops, or eager ones where not built
+
             return NativeBlocks()
         return REFERENCE
 
