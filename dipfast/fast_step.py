@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from dipfast import nets
+from dipfast import native, nets
 from dipfast.backends import Plan
 from dipfast.errors import InputError
+from dipfast.native import philox
 from dipfast.nets.blocks import use_block_ops
 from dipfast.presets import TaskPreset
 
@@ -77,6 +78,8 @@ class FastStep:
         self.noise = torch.empty_like(self.z)
         self.net_input = self.z.clone()
         self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.seeds = list(seeds)
+        self.philox = plan.backend == "native" and device.type == "cpu" and native.AVAILABLE
         self.y = [p.y.to(device) if p.y is not None else None for p in problems]
         targets = [p.target for p in problems]
         self.target = torch.cat(targets).to(device) if all(t is not None for t in targets) else None
@@ -132,8 +135,7 @@ class FastStep:
 
     def _step(self) -> None:
         if self.preset.reg_noise_std > 0:
-            for noise, generator in zip(self.noise, self.generators):
-                noise.normal_(generator=generator)
+            self._draw_noise()
             self.net_input.copy_(self.z + self.noise * self.preset.reg_noise_std)  # the reference's rounding
         out = self._forward()
         losses = self._losses(out)
@@ -149,6 +151,16 @@ class FastStep:
         with torch.no_grad():
             self._record(losses.detach(), fell_back)
             self.iteration += 1
+
+    def _draw_noise(self) -> None:
+        """Each network's N(0, 1) draw: its own seeded generator, or on the native backend's CPU path
+        the counter-based Philox draw keyed by (seed, iteration), 3-4x faster than normal_."""
+        if self.philox:
+            for noise, seed in zip(self.noise, self.seeds):
+                philox.normal_(noise, seed, self.iteration)
+            return
+        for noise, generator in zip(self.noise, self.generators):
+            noise.normal_(generator=generator)
 
     def _backtrack(self, losses: torch.Tensor) -> torch.Tensor:
         """engine.ReferenceStep._backtrack for each network: a mask over the stacked axis."""

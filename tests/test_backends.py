@@ -8,7 +8,10 @@ Tolerances (fp32 IEEE on the CPU):
   (a few fp32 ulps per op); after one step the outputs agree to 1e-5, and a 20-iteration run's
   PSNR to 0.01 dB (Adam amplifies rounding: measured 1e-4 dB).
 - a batch of N under vmap runs grouped convolutions, whose sums run in another order than the
-  single network's: measured 1.5e-6 after 30 iterations; held to 1e-4.
+  single network's: losses agree to ~1e-7 relative per iteration for the first twenty or so, then
+  the fit's chaos takes over (a LeakyReLU kink or a near-zero gradient's sign, amplified by Adam:
+  measured 1.4e-3 relative by iteration 27 on one of three networks). So 12 iterations, losses to
+  1e-5 relative and images to 1e-4.
 """
 
 from __future__ import annotations
@@ -95,9 +98,11 @@ def test_fast_step_with_the_reference_blocks_is_the_reference_bit_for_bit(rng):
 
 
 def test_native_short_run_matches_the_reference(rng):
+    """Without input noise: the native backend draws it from its own (Philox) stream on the CPU."""
     problem = _problem(rng)
-    ref = engine.fit(problem, dataclasses.replace(PRESET, iterations=20), device=CPU, seed=3, progress=False)
-    (fast,) = _fits(_plan("native"), [problem], [3])
+    quiet = dataclasses.replace(PRESET, iterations=20, reg_noise_std=0.0)
+    ref = engine.fit(problem, quiet, device=CPU, seed=3, progress=False)
+    (fast,) = engine.fit_many([problem], quiet, device=CPU, seeds=[3], progress=False, plan=_plan("native"))
     assert fast.history[0].loss == pytest.approx(ref.history[0].loss, rel=1e-6)
     assert fast.history[-1].psnr == pytest.approx(ref.history[-1].psnr, abs=0.01)
     torch.testing.assert_close(fast.image, ref.image, rtol=0, atol=1e-3)
@@ -124,12 +129,12 @@ def test_compile_step_and_short_run_match_the_reference(rng):
 def test_a_batch_equals_separate_runs_with_the_same_seeds(rng):
     problems = [_problem(rng) for _ in range(3)]
     plan = _plan("native")
-    batch = _fits(plan, problems, [3, 4, 5], iterations=30)
+    batch = _fits(plan, problems, [3, 4, 5], iterations=12)
     for problem, seed, together in zip(problems, [3, 4, 5], batch):
-        (alone,) = _fits(plan, [problem], [seed], iterations=30)
+        (alone,) = _fits(plan, [problem], [seed], iterations=12)
         torch.testing.assert_close(together.image, alone.image, rtol=0, atol=1e-4)
         torch.testing.assert_close(together.ema_image, alone.ema_image, rtol=0, atol=1e-4)
-        assert together.history[-1].loss == pytest.approx(alone.history[-1].loss, rel=1e-3)
+        assert [h.loss for h in together.history] == pytest.approx([h.loss for h in alone.history], rel=1e-5)
     # the networks really are independent: different data, different results
     assert not torch.allclose(batch[0].image, batch[1].image, atol=1e-2)
 
