@@ -38,7 +38,7 @@ from dipfast.metrics import psnr
 from dipfast.nvtx_ranges import phase
 from dipfast.presets import Backtracking, TaskPreset
 
-REFERENCE_PLAN = Plan("reference", "fp32", compile=False, cuda_graph=False)
+REFERENCE_PLAN = Plan("reference", "fp32", compile=False, cuda_graph=False, fused_adam=False)
 
 
 @dataclass

@@ -47,6 +47,13 @@ def _crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[..., dh : dh + h, dw : dw + w]
 
 
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A stacked (N, A, C, H, W) tensor whose (A, C, H, W) slices are channels_last; others as they are."""
+    if t.dim() != 5:
+        return t
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
 def _per_network(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """An (N,) mask viewed to broadcast over a stacked (N, ...) tensor."""
     return mask.view(-1, *([1] * (like.dim() - 1)))
@@ -63,7 +70,9 @@ class FastStep:
             raise InputError("a custom loss= runs one image at a time; give one image, or an operator= instead")
 
         params, buffers = stack_module_state(list(nets_))
-        self.params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
+        self.channels_last = plan.channels_last and self.n == 1  # vmap's grouped convs stay NCHW
+        layout = _channels_last if self.channels_last else lambda t: t
+        self.params = {k: layout(v.detach().to(device)).requires_grad_() for k, v in params.items()}
         self.buffers = {k: v.to(device) for k, v in buffers.items()}
         self.module = use_block_ops(nets_[0].to(device), plan.block_ops())  # the structure; weights come in
         generate = self._generate_one if self.n == 1 else self._generate_many
@@ -74,7 +83,7 @@ class FastStep:
             generate = torch.compile(generate, dynamic=False)
         self.generate = generate
 
-        self.z = torch.stack([z.to(device) for z in zs])  # (N, 1, D, H', W')
+        self.z = layout(torch.stack([z.to(device) for z in zs]))  # (N, 1, D, H', W')
         self.noise = torch.empty_like(self.z)
         self.net_input = self.z.clone()
         self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
