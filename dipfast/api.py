@@ -197,7 +197,9 @@ def _result(task, preset_obj, plan, dev, seed, observed, problem, fits: list[eng
     out = torch.stack([f.image[0].cpu() for f in fits]).mean(0)
     ema = torch.stack([f.ema_image[0].cpu() for f in fits]).mean(0)
     first = fits[0]
-    extras = {}
+    extras = {"first_step_seconds": first.first_step_seconds}  # set-up + first iteration: the cold-start cost
+    if first.capture_seconds:
+        extras["capture_seconds"] = first.capture_seconds
     if len(fits) > 1:
         extras["restarts"] = [
             {"seed": seed + r, "psnr": f.history[-1].psnr, "ema_psnr": f.history[-1].ema_psnr}

@@ -65,7 +65,9 @@ class Plan:
     def autocast(self, device: torch.device):
         """The forward's context: bf16 autocast, or the fp32 flavour's TF32 switches."""
         if self.precision == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
+            # no cast cache: a CUDA graph capture must not keep autocast's cached casts (PyTorch's
+            # CUDA-graph notes), and each weight is cast once per forward anyway
+            return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
         if self.precision == "tf32":
             return _tf32()
         return contextlib.nullcontext()

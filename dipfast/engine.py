@@ -87,6 +87,8 @@ class Fit:
     seconds: float = 0.0  # the whole run: set-up, loop and final forward
     loop_seconds: float = 0.0
     stop_reason: str = "iterations"
+    first_step_seconds: float = 0.0  # set-up and the first iteration: where compilation happens
+    capture_seconds: float = 0.0  # the CUDA graph capture (CUDA, fast backends)
 
 
 @contextlib.contextmanager
@@ -274,11 +276,15 @@ def _run(problems, preset, device, seeds, progress, callback, report_every, plan
     bar = tqdm(total=preset.iterations, disable=not progress, unit="it", leave=False, dynamic_ncols=True)
     loop_start = time.perf_counter()
     done = read = 0
+    first_step = 0.0
     with ieee_fp32(), bar:
         try:
             for i in range(preset.iterations):
                 step(i % report_every)
                 done = i + 1
+                if done == 1:  # one sync, before the loop's pace is set: the cold-start cost
+                    _sync(device)
+                    first_step = time.perf_counter() - start
                 if done % report_every == 0 or done == preset.iterations:
                     read = done
                     if _read_back(step, results, done, start, bar, callback, plan):
@@ -295,6 +301,8 @@ def _run(problems, preset, device, seeds, progress, callback, report_every, plan
             raise KeyboardInterrupt  # interrupted before the first step finished: nothing to return
         images = step.final_output()
         for k, result in enumerate(results):
+            result.first_step_seconds = first_step
+            result.capture_seconds = getattr(step, "capture_seconds", 0.0)
             result.loop_seconds = loop_seconds
             result.iterations = done
             result.image = images[k : k + 1]
@@ -303,6 +311,11 @@ def _run(problems, preset, device, seeds, progress, callback, report_every, plan
     for result in results:
         result.seconds = seconds
     return results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _read_back(step, results: list[Fit], done: int, start: float, bar, callback, plan: Plan) -> bool:

@@ -24,6 +24,9 @@ The iteration is the reference's (engine.py's docstring), for N networks at once
 from __future__ import annotations
 
 import math
+import os
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,7 @@ from dipfast.presets import TaskPreset
 
 WARMUP = 3  # eager iterations before a CUDA graph capture
 RECOMPILE_LIMIT = 64
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dipfast" / "inductor"
 
 
 def _crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -80,6 +84,8 @@ class FastStep:
             # Dynamo keys its cache on the code object, so every fit of a process (a benchmark runs
             # dozens, with other precisions and sizes) adds variants of these two functions.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            # Inductor's artifacts outlive the process (and /tmp, its default) so a second run starts warm
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
             generate = torch.compile(generate, dynamic=False)
         self.generate = generate
 
@@ -105,6 +111,7 @@ class FastStep:
             self.last_loss = torch.full((self.n,), math.inf, device=device)
             self.accepted = torch.zeros(self.n, dtype=torch.int64, device=device)
         self.calls = 0
+        self.capture_seconds = 0.0
         self.graph = None
         self.captures = 0  # CUDA graph captures: one per fit, or something re-records
 
@@ -211,6 +218,8 @@ class FastStep:
             self.graph.replay()
 
     def _capture(self) -> None:
+        torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
         self.graph = torch.cuda.CUDAGraph()
         for generator in self.generators:
             self.graph.register_generator_state(generator)
@@ -218,6 +227,8 @@ class FastStep:
         with torch.cuda.graph(self.graph):
             self._step()
         self.captures += 1
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
 
     def final_output(self) -> torch.Tensor:
         # with grad mode on, as in the step: a no_grad call would be one more compiled variant

@@ -271,13 +271,14 @@ def test_a_fit_that_cannot_fit_is_refused_before_it_starts(np_rng, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the whole step as one CUDA graph")
-def test_cuda_graph_is_captured_once_and_replays_the_eager_step():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_is_captured_once_and_replays_the_eager_step(precision):
     cuda = torch.device("cuda")
     rng = torch.Generator().manual_seed(0)
     problem = _problem(rng, 64, 64)
     # no input noise: graph-replayed and eager draws need not be one stream (the rest must agree)
     preset = dataclasses.replace(PRESET, iterations=12, reg_noise_std=0.0)
-    plan = backends.resolve("native", "fp32", cuda)
+    plan = backends.resolve("native", precision, cuda)
     built, zs = fast_step.build_nets([problem], preset, [0])
     step = fast_step.FastStep(built, zs, [problem], preset, cuda, [0], 12, plan)
     eager_plan = dataclasses.replace(plan, cuda_graph=False)
@@ -289,5 +290,13 @@ def test_cuda_graph_is_captured_once_and_replays_the_eager_step():
             eager(i)
     torch.cuda.synchronize()
     assert step.captures == 1 and step.graph is not None
-    torch.testing.assert_close(step.metrics[:, 0, 0], eager.metrics[:, 0, 0], rtol=1e-4, atol=0)
-    torch.testing.assert_close(step.ema, eager.ema, rtol=0, atol=1e-4)
+    # the same kernels in the same order, replayed: equal up to cuDNN's choice of algorithm
+    tol = 1e-4 if precision == "fp32" else 2e-2
+    torch.testing.assert_close(step.metrics[:, 0, 0], eager.metrics[:, 0, 0], rtol=tol, atol=0)
+    torch.testing.assert_close(step.ema, eager.ema, rtol=0, atol=tol)
+
+
+def test_the_result_reports_the_cold_start(np_rng):
+    r = dipfast.restore(random_image(np_rng, 8, 8), iters=3, backend="native", precision="fp32", **FAST)
+    assert 0 < r.extras["first_step_seconds"] <= r.seconds
+    assert "capture_seconds" not in r.extras  # no CUDA graph on the CPU
