@@ -99,7 +99,8 @@ class FastStep:
         targets = [p.target for p in problems]
         self.target = torch.cat(targets).to(device) if all(t is not None for t in targets) else None
 
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=preset.lr, foreach=True, capturable=plan.cuda_graph)
+        kind = {"fused": True} if plan.fused_adam else {"foreach": True}
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=preset.lr, capturable=plan.cuda_graph, **kind)
         self.iteration = torch.zeros((), dtype=torch.int64, device=device)
         n_out = (self.n, problems[0].n_channels, *self.out_size)
         self.out = torch.zeros(n_out, device=device)
