@@ -2,8 +2,8 @@
 
     reference  the oracle (engine.ReferenceStep): eager modules, IEEE fp32, one network per fit
     native     the fast step (fast_step.FastStep) in eager mode: N networks in one step, mixed
-               precision, the csrc CPU block ops where built (dipfast.native); on CUDA the whole
-               step is captured once and replayed as one CUDA graph
+               precision, the csrc CPU block ops on the CPU where built (dipfast.native); on CUDA
+               the reference blocks, the whole step captured once and replayed as one CUDA graph
     compile    the fast step with the generator under torch.compile (and the CUDA graph on CUDA)
     triton     compile, with the generator's blocks run by the fused Triton kernels (dipfast.kernels)
     auto       the measured choice for the device: AUTO below
@@ -51,12 +51,12 @@ class Plan:
         CPU, docs/notes/compile-bf16-nan.md). The Triton kernels index NCHW."""
         return self.precision == "bf16" and self.backend in ("native", "compile")
 
-    def block_ops(self) -> BlockOps:
+    def block_ops(self, device: torch.device) -> BlockOps:
         if self.backend == "triton":
             from dipfast.kernels.blocks import TritonBlocks
 
             return TritonBlocks()
-        if self.backend == "native":
+        if self.backend == "native" and device.type == "cpu":  # the csrc ops are CPU ops
             from dipfast.native.blocks import NativeBlocks  # the csrc ops, or eager ones where not built
 
             return NativeBlocks()

@@ -3,10 +3,11 @@
 The iteration is the reference's (engine.py's docstring), for N networks at once:
 
 - The N networks' parameters are stacked (torch.func.stack_module_state: every tensor gets a
-  leading axis of N) and the generator runs as vmap(functional_call) over them: the conv batching
-  rule makes each conv a grouped conv and each BatchNorm keeps per-network statistics, so the N
-  fits are exactly N separate DIPs (DESIGN.md, principle 4). One network (N = 1) is a plain
-  functional_call of the same module.
+  leading axis of N). On CUDA the generator runs as vmap(functional_call) over them: the conv
+  batching rule makes each conv a grouped conv (the Triton kernels' vmap rules fold the networks
+  into groups the same way) and each BatchNorm keeps per-network statistics, so the N fits are
+  exactly N separate DIPs (DESIGN.md, principle 4). On a CPU, where grouped convs are slower than
+  separate ones, the step calls functional_call once per network instead.
 - The loss is the sum of the N per-network losses, so each network's gradient is its own.
   Adam, the EMA and the backtracking rule are elementwise or per network (a mask over the leading
   axis), so they also act as N separate runs.
@@ -66,7 +67,9 @@ def _per_network(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class FastStep:
     """N fits of one preset on same-size problems, as one step; the interface of engine.ReferenceStep."""
 
-    def __init__(self, nets_, zs, problems, preset: TaskPreset, device, seeds, report_every: int, plan: Plan):
+    def __init__(
+        self, nets_, zs, problems, preset: TaskPreset, device, seeds, report_every: int, plan: Plan, vectorised=None
+    ):
         self.n = len(nets_)
         self.problems, self.preset, self.plan, self.device = problems, preset, plan, device
         self.out_size = problems[0].out_size
@@ -74,12 +77,15 @@ class FastStep:
             raise InputError("a custom loss= runs one image at a time; give one image, or an operator= instead")
 
         params, buffers = stack_module_state(list(nets_))
-        self.channels_last = plan.channels_last and self.n == 1  # vmap's grouped convs stay NCHW
+        # vmap turns the N networks' convs into grouped convs: one launch each on a GPU, but slower
+        # than N separate convs on a CPU (measured 0.34x at 128 px), where the step loops instead
+        self.vectorised = self.n > 1 and (device.type == "cuda" if vectorised is None else vectorised)
+        self.channels_last = plan.channels_last and not self.vectorised  # grouped convs stay NCHW
         layout = _channels_last if self.channels_last else lambda t: t
         self.params = {k: layout(v.detach().to(device)).requires_grad_() for k, v in params.items()}
         self.buffers = {k: v.to(device) for k, v in buffers.items()}
-        self.module = use_block_ops(nets_[0].to(device), plan.block_ops())  # the structure; weights come in
-        generate = self._generate_one if self.n == 1 else self._generate_many
+        self.module = use_block_ops(nets_[0].to(device), plan.block_ops(device))  # the structure; weights come in
+        generate = self._generate_many if self.vectorised else self._generate_each
         if plan.compile:
             # Dynamo keys its cache on the code object, so every fit of a process (a benchmark runs
             # dozens, with other precisions and sizes) adds variants of these two functions.
@@ -117,9 +123,12 @@ class FastStep:
         self.captures = 0  # CUDA graph captures: one per fit, or something re-records
 
     # -- the generator ---------------------------------------------------------------------------
-    def _generate_one(self, params, buffers, z):
-        one = {k: v[0] for k, v in params.items()}, {k: v[0] for k, v in buffers.items()}
-        return functional_call(self.module, one, (z[0],))[None]
+    def _generate_each(self, params, buffers, z):
+        outs = []
+        for i in range(self.n):
+            one = {k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}
+            outs.append(functional_call(self.module, one, (z[i],)))
+        return torch.stack(outs)
 
     def _generate_many(self, params, buffers, z):
         return vmap(lambda p, b, x: functional_call(self.module, (p, b), (x,)))(params, buffers, z)

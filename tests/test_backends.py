@@ -2,8 +2,8 @@
 
 Tolerances (fp32 IEEE on the CPU):
 - the fast step with the reference blocks, N = 1, eager: bit for bit (same ops, same order).
-- native: the csrc BatchNorm + LeakyReLU sums in another order than ATen's: a few ulps per step;
-  after 20 iterations 0.01 dB of PSNR and 1e-3 per pixel.
+- native: the csrc BatchNorm + LeakyReLU sums in another order than ATen's: a few ulps per step,
+  then the fit's chaos (below); 50 steps are held to 2e-2 per loss and 0.05 dB.
 - compile: Inductor fuses and reorders the elementwise work, so a step differs by float rounding
   (a few fp32 ulps per op); after one step the outputs agree to 1e-5, and a 20-iteration run's
   PSNR to 0.01 dB (Adam amplifies rounding: measured 1e-4 dB).
@@ -98,15 +98,25 @@ def test_fast_step_with_the_reference_blocks_is_the_reference_bit_for_bit(rng):
     assert torch.equal(fast.image, ref.image) and torch.equal(fast.ema_image, ref.ema_image)
 
 
-def test_native_short_run_matches_the_reference(rng):
-    """Without input noise: the native backend draws it from its own (Philox) stream on the CPU."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_native_backend_follows_the_reference_for_50_steps(rng, precision):
+    """Loss per step and final PSNR of the native backend against the reference, without input noise
+    (the native backend draws it from its own Philox stream on the CPU). fp32: the csrc BatchNorm sums
+    in another order, so losses agree to 1e-6 relative at first; the fit's chaos lets them drift to a
+    few 1e-3 by step 50 (measured 8e-3), held to 2e-2, the final PSNR to 0.05 dB. bf16: ~3 significant
+    digits per op, 1e-4 at step 1 growing to a few percent (measured 7.6e-2 at worst, final PSNR
+    +0.04 dB); held to 0.15 per step and 0.3 dB (the quality suite measures the real gap)."""
     problem = _problem(rng)
-    quiet = dataclasses.replace(PRESET, iterations=20, reg_noise_std=0.0)
+    quiet = dataclasses.replace(PRESET, iterations=50, reg_noise_std=0.0)
     ref = engine.fit(problem, quiet, device=CPU, seed=3, progress=False)
-    (fast,) = engine.fit_many([problem], quiet, device=CPU, seeds=[3], progress=False, plan=_plan("native"))
-    assert fast.history[0].loss == pytest.approx(ref.history[0].loss, rel=1e-6)
-    assert fast.history[-1].psnr == pytest.approx(ref.history[-1].psnr, abs=0.01)
-    torch.testing.assert_close(fast.image, ref.image, rtol=0, atol=1e-3)
+    plan = _plan("native", precision)
+    (fast,) = engine.fit_many([problem], quiet, device=CPU, seeds=[3], progress=False, plan=plan)
+    step_tol, psnr_tol = (2e-2, 0.05) if precision == "fp32" else (0.15, 0.3)
+    if precision == "fp32":
+        assert fast.history[0].loss == pytest.approx(ref.history[0].loss, rel=1e-6)
+    assert [h.loss for h in fast.history] == pytest.approx([h.loss for h in ref.history], rel=step_tol)
+    assert fast.history[-1].psnr == pytest.approx(ref.history[-1].psnr, abs=psnr_tol)
+    assert fast.history[-1].ema_psnr == pytest.approx(ref.history[-1].ema_psnr, abs=psnr_tol)
 
 
 def test_compile_step_and_short_run_match_the_reference(rng):
@@ -138,6 +148,24 @@ def test_a_batch_equals_separate_runs_with_the_same_seeds(rng):
         assert [h.loss for h in together.history] == pytest.approx([h.loss for h in alone.history], rel=1e-5)
     # the networks really are independent: different data, different results
     assert not torch.allclose(batch[0].image, batch[1].image, atol=1e-2)
+
+
+def test_the_vectorised_batch_equals_separate_runs(rng):
+    """The CUDA batch path (vmap over the stacked networks: grouped convs), run on the CPU with the
+    reference blocks: the same 12 iterations as separate runs, to the tolerance above."""
+    problems = [_problem(rng) for _ in range(3)]
+    plan = dataclasses.replace(_plan("compile"), compile=False)  # FastStep with the reference blocks, eager
+    preset = dataclasses.replace(PRESET, iterations=12)
+    built, zs = fast_step.build_nets(problems, preset, [3, 4, 5])
+    step = fast_step.FastStep(built, zs, problems, preset, CPU, [3, 4, 5], 12, plan, vectorised=True)
+    with engine.ieee_fp32():
+        for i in range(12):
+            step(i)
+    for k, (problem, seed) in enumerate(zip(problems, [3, 4, 5])):
+        (alone,) = _fits(plan, [problem], [seed], iterations=12, report_every=12)
+        losses = [h.loss for h in alone.history]
+        assert step.metrics[:, k, 0].tolist() == pytest.approx(losses, rel=1e-5)
+        torch.testing.assert_close(step.ema[k : k + 1], alone.ema_image, rtol=0, atol=1e-4)
 
 
 def test_batch_backtracking_falls_back_per_network(rng):
