@@ -69,16 +69,18 @@ class Plan:
             # CUDA-graph notes), and each weight is cast once per forward anyway
             return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
         if self.precision == "tf32":
-            return _tf32()
+            return conv_precision(tf32=True)
         return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
-def _tf32():
+def conv_precision(tf32: bool, cudnn_benchmark: bool = False):
+    """TF32 on or off for cuDNN convolutions and CUDA matmuls (and what reads those flags: the Triton
+    kernels, Inductor's conv template), restored afterwards."""
     matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=True):
+        with torch.backends.cudnn.flags(enabled=True, benchmark=cudnn_benchmark, deterministic=False, allow_tf32=tf32):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul

@@ -21,7 +21,6 @@ instead of float64 PSNRs on the CPU (the same rule, 10 log10 of a ratio of MSEs,
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dipfast import fast_step
-from dipfast.backends import Plan
+from dipfast.backends import Plan, conv_precision
 from dipfast.errors import InputError, NumericalError
 from dipfast.metrics import psnr
 from dipfast.nvtx_ranges import phase
@@ -91,16 +90,9 @@ class Fit:
     capture_seconds: float = 0.0  # the CUDA graph capture (CUDA, fast backends)
 
 
-@contextlib.contextmanager
 def ieee_fp32(cudnn_benchmark: bool = False):
     """TF32 off for convolutions and matmuls: "fp32" on the reference path means IEEE fp32."""
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=cudnn_benchmark, deterministic=False, allow_tf32=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
+    return conv_precision(tf32=False, cudnn_benchmark=cudnn_benchmark)
 
 
 def _crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

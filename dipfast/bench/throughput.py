@@ -102,37 +102,15 @@ def measure(
 ) -> dict:
     """Samples (image-iterations/s, one per repeat) and the peak memory of one configuration."""
     warm_blocks = max(1, math.ceil(warmup / iters))
-    blocks = _blocks_original if config.method == runs.ORIGINAL_LOOP else _blocks_reference
-    per_fit = []
-    if batch_mode(config.method, config.batch) == "batched":
-        with PeakMemory(device) as mem:
-            one = _blocks_reference(
-                case,
-                config,
-                iters=iters,
-                warm_blocks=warm_blocks,
-                repeats=repeats,
-                net=net,
-                device=device,
-                seed=seed,
-                images=config.batch,
-            )
-        return {"samples": [config.batch * iters / t for t in one], "memory": mem.result()}
+    common = dict(iters=iters, warm_blocks=warm_blocks, repeats=repeats, net=net, device=device)
     with PeakMemory(device) as mem:
-        for k in range(config.batch):  # batch > 1: sequential fits (see batch_mode)
-            per_fit.append(
-                blocks(
-                    case,
-                    config,
-                    iters=iters,
-                    warm_blocks=warm_blocks,
-                    repeats=repeats,
-                    net=net,
-                    device=device,
-                    seed=seed + k,
-                )
-            )
-    samples = [config.batch * iters / sum(fit[r] for fit in per_fit) for r in range(repeats)]
+        if batch_mode(config.method, config.batch) == "batched":  # one restore() of N images
+            one = _blocks_reference(case, config, seed=seed, images=config.batch, **common)
+            samples = [config.batch * iters / t for t in one]
+        else:  # one fit, or N fits one after another
+            blocks = _blocks_original if config.method == runs.ORIGINAL_LOOP else _blocks_reference
+            per_fit = [blocks(case, config, seed=seed + k, **common) for k in range(config.batch)]
+            samples = [config.batch * iters / sum(fit[r] for fit in per_fit) for r in range(repeats)]
     return {"samples": samples, "memory": mem.result()}
 
 
