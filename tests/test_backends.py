@@ -263,27 +263,42 @@ def test_the_command_reports_a_numerical_error_in_one_line(tmp_path, monkeypatch
 def test_memory_estimate_grows_with_networks_and_pixels():
     net = PRESETS["denoise"].net
     one = memory.estimate_bytes(net, 32, 3, (64, 64), 1, "fp32")
-    assert memory.estimate_bytes(net, 32, 3, (64, 64), 4, "fp32") == pytest.approx(4 * one, rel=1e-6)
+    fixed = memory.FIXED["cpu"]
+    assert memory.estimate_bytes(net, 32, 3, (64, 64), 4, "fp32") - fixed == pytest.approx(4 * (one - fixed), rel=1e-6)
     big = memory.estimate_bytes(net, 32, 3, (256, 256), 1, "fp32")
     params = 2_217_831 * 4
-    assert one > 5 * params and 8 < (big - 7.5 * params) / (one - 7.5 * params) < 17  # activations ~ pixels
+    per_pixel = (big - fixed - 7.5 * params) / (one - fixed - 7.5 * params)
+    assert one - fixed > 5 * params and 8 < per_pixel < 17  # activations grow with the pixels
     assert memory.estimate_bytes(net, 32, 3, (256, 256), 1, "bf16") < big
 
 
-def test_memory_estimate_bounds_the_measured_peak():
-    """On the CPU the step's growth of the resident set, measured, lies below the estimate and above a
-    fifth of it (the estimate adds 50% for slack and counts every saved tensor; the allocator reuses)."""
-    from dipfast.bench.memory import PeakMemory
+_MEASURE_PEAK = """
+import dataclasses, torch
+from dipfast import backends, engine, memory
+from dipfast.bench.memory import PeakMemory
+from dipfast.presets import PRESETS
+cpu = torch.device("cpu")
+preset = dataclasses.replace(PRESETS["denoise"], iterations=2)
+problem = engine.Problem((32, 96, 96), None, (96, 96), 3, y=torch.rand(1, 3, 96, 96))
+with PeakMemory(cpu) as peak:
+    engine.fit(problem, preset, device=cpu, progress=False, plan=backends.resolve("native", "fp32", cpu))
+print(peak.result()["growth_mib"], memory.estimate_bytes(preset.net, 32, 3, (96, 96), 1, "fp32") / 2**20)
+"""
 
-    preset = dataclasses.replace(PRESETS["denoise"], iterations=2)
-    problem = engine.Problem(input_shape=(32, 96, 96), z=None, out_size=(96, 96), n_channels=3,
-                             y=torch.rand(1, 3, 96, 96))  # fmt: skip
-    with PeakMemory(CPU) as peak:
-        engine.fit(problem, preset, device=CPU, progress=False, plan=_plan("native"))
-    growth = peak.result()["growth_mib"]
-    if growth is None:
+
+def test_memory_estimate_bounds_the_measured_peak():
+    """On the CPU a fit's growth of the resident set, measured in a fresh process (in this one the
+    allocator reuses what earlier tests freed), lies below the estimate and above a fifth of it.
+    Measured: 313 MiB against an estimate of 437 (181 for the fit, 256 fixed)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _MEASURE_PEAK], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    growth, estimate = proc.stdout.split()[-2:]
+    if growth == "None":
         pytest.skip("no per-block peak RSS on this platform (needs Linux /proc/self/clear_refs)")
-    estimate = memory.estimate_bytes(preset.net, 32, 3, (96, 96), 1, "fp32") / 2**20
+    growth, estimate = float(growth), float(estimate)
     assert estimate / 5 < growth < estimate, (growth, estimate)
 
 
