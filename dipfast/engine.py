@@ -1,4 +1,6 @@
-"""The DIP optimisation loop, reference backend: plain eager PyTorch, fp32, IEEE convolutions.
+"""The DIP optimisation loop (fit, fit_many: set-up, the host loop, read-backs, results) and the
+reference backend's step: plain eager PyTorch, fp32, IEEE convolutions. The fast backends' step
+(fast_step.FastStep) runs the same iteration for N networks; this loop drives either.
 
 One iteration, in the order of the original notebooks' closure:
 
