@@ -36,6 +36,7 @@ from dipfast import fast_step
 from dipfast.backends import Plan, conv_precision
 from dipfast.errors import InputError, NumericalError
 from dipfast.metrics import psnr
+from dipfast.nets.layers import centre_crop
 from dipfast.nvtx_ranges import phase
 from dipfast.presets import Backtracking, TaskPreset
 
@@ -97,12 +98,6 @@ def ieee_fp32(cudnn_benchmark: bool = False):
     return conv_precision(tf32=False, cudnn_benchmark=cudnn_benchmark)
 
 
-def _crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    h, w = size
-    dh, dw = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
-    return x[:, :, dh : dh + h, dw : dw + w]
-
-
 class ReferenceStep:
     """The state of one fit and its step function, all on one device."""
 
@@ -154,7 +149,7 @@ class ReferenceStep:
             with phase("noise"):
                 self.net_input = self.z + self.noise.normal_(generator=self.generator) * self.preset.reg_noise_std
         with phase("forward"):
-            out = _crop(self.net(self.net_input), self.problem.out_size)
+            out = centre_crop(self.net(self.net_input), self.problem.out_size)
         with phase("loss"):
             loss = self._loss(out)
         self.checked_shapes = True
@@ -197,7 +192,7 @@ class ReferenceStep:
 
     @torch.no_grad()
     def final_output(self) -> torch.Tensor:
-        return _crop(self.net(self.net_input), self.problem.out_size)
+        return centre_crop(self.net(self.net_input), self.problem.out_size)
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -39,17 +39,12 @@ from dipfast.backends import Plan
 from dipfast.errors import InputError
 from dipfast.native import philox
 from dipfast.nets.blocks import use_block_ops
+from dipfast.nets.layers import centre_crop
 from dipfast.presets import TaskPreset
 
 WARMUP = 3  # eager iterations before a CUDA graph capture
 RECOMPILE_LIMIT = 64
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dipfast" / "inductor"
-
-
-def _crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    h, w = size
-    dh, dw = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-    return x[..., dh : dh + h, dw : dw + w]
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -137,7 +132,7 @@ class FastStep:
         """(N, C, H, W) fp32: the cropped outputs for the current net_input."""
         with self.plan.autocast(self.device):
             out = self.generate(self.params, self.buffers, self.net_input)
-        return _crop(out[:, 0].float(), self.out_size)
+        return centre_crop(out[:, 0].float(), self.out_size)
 
     # -- one iteration ---------------------------------------------------------------------------
     def _losses(self, out: torch.Tensor) -> torch.Tensor:

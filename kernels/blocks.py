@@ -31,6 +31,7 @@ from torch import nn
 from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
 from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
 from dipfast.nets.blocks import BlockOps
+from dipfast.nets.layers import crop_to_smallest
 
 if TYPE_CHECKING:
     from dipfast.nets.layers import ConvBNAct
@@ -115,12 +116,6 @@ def _merge_unfused_reason(level: SkipLevel, parts: list[torch.Tensor]) -> str | 
     return _dtype_reason(dtype, [_compute_dtype(p) for p in parts], (merge_bn.weight, merge_bn.bias), parts[0].device)
 
 
-def _crop(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """dipfast.nets.layers.concat_cropped's crop of one part: offset (size - min) // 2."""
-    dh, dw = (t.shape[-2] - h) // 2, (t.shape[-1] - w) // 2
-    return t[..., dh : dh + h, dw : dw + w]
-
-
 class TritonBlocks(BlockOps):
     """ConvBNAct blocks and skip-level merges by the fused Triton kernels, the reference blocks elsewhere."""
 
@@ -145,9 +140,7 @@ class TritonBlocks(BlockOps):
     def merge(self, level: SkipLevel, parts: list[torch.Tensor]) -> torch.Tensor:
         if _merge_unfused_reason(level, parts) is not None:
             return super().merge(level, parts)
-        h = min(p.shape[-2] for p in parts)
-        w = min(p.shape[-1] for p in parts)
-        skip, deeper = (_cast(_crop(p, h, w)) for p in parts)
+        skip, deeper = (_cast(p) for p in crop_to_smallest(parts))
         up, merge_bn = level.up, level.merge_bn
         conv = up.conv.conv
         return concat_bn_conv_bn_lrelu(

@@ -16,12 +16,12 @@ with eager PyTorch ops (dipfast.native).
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from dipfast.native.batch_norm import batch_norm, batch_norm_act, concat_batch_norm
 from dipfast.native.upsample import upsample_bilinear2x
 from dipfast.nets.blocks import BlockOps
+from dipfast.nets.layers import crop_to_smallest
 
 
 def _batch_statistics(bn: nn.Module) -> bool:
@@ -55,16 +55,6 @@ def _bilinear_x2(m: nn.Module) -> bool:
     )
 
 
-def _cropped(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The views concat_cropped concatenates: each part cropped to the smallest H, W, centred."""
-    h, w = min(t.shape[2] for t in parts), min(t.shape[3] for t in parts)
-    cropped = []
-    for t in parts:
-        dh, dw = (t.shape[2] - h) // 2, (t.shape[3] - w) // 2
-        cropped.append(t[:, :, dh : dh + h, dw : dw + w])
-    return cropped
-
-
 class NativeBlocks(BlockOps):
     name = "native"
 
@@ -80,7 +70,7 @@ class NativeBlocks(BlockOps):
             return super().merge(level, parts)
         if len(parts) == 1:
             return level.up(batch_norm(parts[0], bn.weight, bn.bias, bn.eps))
-        skip, deeper = _cropped(parts)
+        skip, deeper = crop_to_smallest(parts)
         return level.up(concat_batch_norm(skip, deeper, bn.weight, bn.bias, bn.eps))
 
     def upsample(self, m, x):

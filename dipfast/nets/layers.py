@@ -110,15 +110,22 @@ class ConvBNAct(nn.Module):
         return self.block_ops.conv_bn_act(self, x)
 
 
+def centre_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """x[..., H, W] cropped to size (h, w) at offset ((H - h) // 2, (W - w) // 2): the original's crops."""
+    h, w = size
+    dh, dw = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., dh : dh + h, dw : dw + w]
+
+
+def crop_to_smallest(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor centre-cropped to the smallest H and W among them (views)."""
+    size = min(t.shape[-2] for t in tensors), min(t.shape[-1] for t in tensors)
+    return [centre_crop(t, size) for t in tensors]
+
+
 def concat_cropped(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The original Concat: crop every input to the smallest H and W at offset (size - min) // 2."""
-    h = min(t.shape[2] for t in tensors)
-    w = min(t.shape[3] for t in tensors)
-    cropped = []
-    for t in tensors:
-        dh, dw = (t.shape[2] - h) // 2, (t.shape[3] - w) // 2
-        cropped.append(t[:, :, dh : dh + h, dw : dw + w])
-    return torch.cat(cropped, dim=1)
+    return torch.cat(crop_to_smallest(tensors), dim=1)
 
 
 def upsample(mode: str) -> nn.Upsample:
