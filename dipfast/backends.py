@@ -75,6 +75,9 @@ class Plan:
         return contextlib.nullcontext()
 
 
+REFERENCE_PLAN = Plan("reference", "fp32", compile=False, cuda_graph=False, fused_adam=False)
+
+
 @contextlib.contextmanager
 def conv_precision(tf32: bool, cudnn_benchmark: bool = False):
     """TF32 on or off for cuDNN convolutions and CUDA matmuls (and what reads those flags: the Triton
@@ -108,7 +111,7 @@ def resolve(backend: str, precision: str, device: torch.device) -> Plan:
             raise InputError(
                 f"the reference backend is the IEEE fp32 oracle; for precision={precision!r} use backend='native'"
             )
-        return Plan("reference", "fp32", compile=False, cuda_graph=False, fused_adam=False)
+        return REFERENCE_PLAN
     if precision == "auto":
         precision = "bf16" if bf16_native(device) else "fp32"
     if precision == "bf16" and device.type == "cuda" and not bf16_native(device):

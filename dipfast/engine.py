@@ -33,14 +33,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dipfast import fast_step
-from dipfast.backends import Plan, conv_precision
+from dipfast.backends import REFERENCE_PLAN, Plan, conv_precision
 from dipfast.errors import InputError, NumericalError
 from dipfast.metrics import psnr
 from dipfast.nets.layers import centre_crop
 from dipfast.nvtx_ranges import phase
 from dipfast.presets import Backtracking, TaskPreset
-
-REFERENCE_PLAN = Plan("reference", "fp32", compile=False, cuda_graph=False, fused_adam=False)
 
 
 @dataclass
@@ -55,6 +53,23 @@ class Problem:
     operator: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     loss: Callable[[torch.Tensor], torch.Tensor] | None = None
     target: torch.Tensor | None = None  # (1, C, H, W): ground truth for PSNR
+
+    def data_term(self, out: torch.Tensor, y: torch.Tensor | None, check: bool = True) -> torch.Tensor:
+        """The 0-dim loss of the cropped output `out`, y the observation on out's device; `check` the
+        user callables' results (the steps check the first iteration)."""
+        if self.loss is not None:
+            loss = self.loss(out)
+            if check and (not isinstance(loss, torch.Tensor) or loss.numel() != 1):
+                raise InputError("loss= must return a scalar tensor (one value) of the generated image")
+            return loss.reshape(())
+        pred = self.operator(out)
+        if check and (not isinstance(pred, torch.Tensor) or pred.shape != y.shape):
+            shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
+            raise InputError(
+                f"operator maps the {tuple(out.shape)} output to {shape}, but the observed image is "
+                f"{tuple(y.shape)}; give an operator whose output has the image's shape"
+            )
+        return F.mse_loss(pred, y)
 
 
 @dataclass(frozen=True)
@@ -130,19 +145,7 @@ class ReferenceStep:
         self.checked_shapes = False
 
     def _loss(self, out: torch.Tensor) -> torch.Tensor:
-        if self.problem.loss is not None:
-            loss = self.problem.loss(out)
-            if not self.checked_shapes and (not isinstance(loss, torch.Tensor) or loss.numel() != 1):
-                raise InputError("loss= must return a scalar tensor (one value) of the generated image")
-            return loss.reshape(())
-        pred = self.problem.operator(out)
-        if not self.checked_shapes and (not isinstance(pred, torch.Tensor) or pred.shape != self.y.shape):
-            shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
-            raise InputError(
-                f"operator maps the {tuple(out.shape)} output to {shape}, but the observed image is "
-                f"{tuple(self.y.shape)}; give an operator whose output has the image's shape"
-            )
-        return F.mse_loss(pred, self.y)
+        return self.problem.data_term(out, self.y, check=not self.checked_shapes)
 
     def __call__(self, row: int) -> None:
         if self.preset.reg_noise_std > 0:

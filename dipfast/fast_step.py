@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from dipfast import native, nets
 from dipfast.backends import Plan
 from dipfast.errors import InputError
+from dipfast.metrics import psnr
 from dipfast.native import philox
 from dipfast.nets.blocks import use_block_ops
 from dipfast.nets.layers import centre_crop
@@ -136,23 +136,10 @@ class FastStep:
 
     # -- one iteration ---------------------------------------------------------------------------
     def _losses(self, out: torch.Tensor) -> torch.Tensor:
-        """(N,): each network's data term (or the custom loss of the single problem)."""
-        if self.problems[0].loss is not None:
-            loss = self.problems[0].loss(out)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise InputError("loss= must return a scalar tensor (one value) of the generated image")
-            return loss.reshape(1)
-        losses = []
-        for i, (problem, y) in enumerate(zip(self.problems, self.y)):
-            pred = problem.operator(out[i : i + 1])
-            if not isinstance(pred, torch.Tensor) or pred.shape != y.shape:
-                shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
-                raise InputError(
-                    f"operator maps the {tuple(out[:1].shape)} output to {shape}, but the observed image is "
-                    f"{tuple(y.shape)}; give an operator whose output has the image's shape"
-                )
-            losses.append(F.mse_loss(pred, y))
-        return torch.stack(losses)
+        """(N,): each network's data term (engine.Problem.data_term: the custom loss of a single problem,
+        or the MSE of the operator's output against the observation)."""
+        terms = [p.data_term(out[i : i + 1], y) for i, (p, y) in enumerate(zip(self.problems, self.y))]
+        return torch.stack(terms)
 
     def _step(self) -> None:
         if self.preset.reg_noise_std > 0:
@@ -199,7 +186,7 @@ class FastStep:
     def _record(self, losses: torch.Tensor, fell_back: torch.Tensor | None) -> None:
         nan = torch.full_like(losses, math.nan, dtype=torch.float64)
         if self.target is not None:
-            quality = [_psnr(self.out, self.target), _psnr(self.ema, self.target)]
+            quality = [psnr(self.out, self.target, dim=(1, 2, 3)), psnr(self.ema, self.target, dim=(1, 2, 3))]
         else:  # NaN marks "no target" in the buffer
             quality = [nan, nan]
         flags = fell_back.double() if fell_back is not None else torch.zeros_like(nan)
@@ -238,12 +225,6 @@ class FastStep:
     def final_output(self) -> torch.Tensor:
         # with grad mode on, as in the step: a no_grad call would be one more compiled variant
         return self._forward().detach()
-
-
-def _psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """(N,) float64: dipfast.metrics.psnr of each network's image."""
-    mse = (x.double() - ref.double()).square().mean(dim=(1, 2, 3))
-    return 10 * torch.log10(1.0 / mse)
 
 
 def build_nets(problems, preset: TaskPreset, seeds) -> tuple[list[nn.Module], list[torch.Tensor]]:

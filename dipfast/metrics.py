@@ -14,9 +14,11 @@ import torch
 from skimage.metrics import structural_similarity
 
 
-def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """10 log10(data_range^2 / mean((x - ref)^2)), a float64 0-dim tensor on x's device."""
-    mse = (x.double() - ref.double()).square().mean()
+def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0, dim=None) -> torch.Tensor:
+    """10 log10(data_range^2 / mean((x - ref)^2)), a float64 0-dim tensor on x's device; with `dim`, the
+    mean over those dimensions only (dim=(1, 2, 3): one PSNR per image of an (N, C, H, W) batch)."""
+    diff = (x.double() - ref.double()).square()
+    mse = diff.mean() if dim is None else diff.mean(dim=dim)
     return 10 * torch.log10(data_range**2 / mse)
 
 

@@ -150,3 +150,10 @@ def test_ssim_small_images(rng):
     assert ssim(x, ref) == pytest.approx(theirs, abs=1e-12)
     with pytest.raises(ValueError, match="3 x 3"):
         ssim(torch.rand(3, 2, 8, generator=rng), torch.rand(3, 2, 8, generator=rng))
+
+
+def test_psnr_per_image_of_a_batch_is_each_image_psnr(rng):
+    x, ref = torch.rand(3, 2, 5, 7, generator=rng), torch.rand(3, 2, 5, 7, generator=rng)
+    per_image = psnr(x, ref, dim=(1, 2, 3))
+    assert per_image.shape == (3,) and per_image.dtype == torch.float64
+    assert per_image.tolist() == [psnr(x[i], ref[i]).item() for i in range(3)]
