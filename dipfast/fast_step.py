@@ -36,6 +36,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from dipfast import native, nets
 from dipfast.backends import Plan
 from dipfast.errors import InputError
+from dipfast.flat_parameters import FlatParameters
 from dipfast.metrics import psnr
 from dipfast.native import philox
 from dipfast.nets.blocks import use_block_ops
@@ -77,7 +78,9 @@ class FastStep:
         self.vectorised = self.n > 1 and (device.type == "cuda" if vectorised is None else vectorised)
         self.channels_last = plan.channels_last and not self.vectorised  # grouped convs stay NCHW
         layout = _channels_last if self.channels_last else lambda t: t
-        self.params = {k: layout(v.detach().to(device)).requires_grad_() for k, v in params.items()}
+        cast = torch.bfloat16 if plan.precision == "bf16" else None  # autocast's, done once per step
+        self.flat = FlatParameters(params, nets_[0], device, cast, self.channels_last)
+        self.params = self.flat.params  # {name: (N, ...)} fp32 views of the buffers Adam updates
         self.buffers = {k: v.to(device) for k, v in buffers.items()}
         self.module = use_block_ops(nets_[0].to(device), plan.block_ops(device))  # the structure; weights come in
         generate = self._generate_many if self.vectorised else self._generate_each
@@ -101,7 +104,7 @@ class FastStep:
         self.target = torch.cat(targets).to(device) if all(t is not None for t in targets) else None
 
         kind = {"fused": True} if plan.fused_adam else {"foreach": True}
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=preset.lr, capturable=plan.cuda_graph, **kind)
+        self.optimizer = torch.optim.Adam(self.flat.buffers, lr=preset.lr, capturable=plan.cuda_graph, **kind)
         self.iteration = torch.zeros((), dtype=torch.int64, device=device)
         n_out = (self.n, problems[0].n_channels, *self.out_size)
         self.out = torch.zeros(n_out, device=device)
@@ -109,7 +112,7 @@ class FastStep:
         self.metrics = torch.full((report_every, self.n, 4), math.nan, dtype=torch.float64, device=device)
         self.backtracking = preset.backtracking
         if self.backtracking is not None:
-            self.saved = [p.detach().clone() for p in self.params.values()]
+            self.saved = [b.detach().clone() for b in self.flat.buffers]
             self.last_loss = torch.full((self.n,), math.inf, device=device)
             self.accepted = torch.zeros(self.n, dtype=torch.int64, device=device)
         self.calls = 0
@@ -118,20 +121,21 @@ class FastStep:
         self.captures = 0  # CUDA graph captures: one per fit, or something re-records
 
     # -- the generator ---------------------------------------------------------------------------
-    def _generate_each(self, params, buffers, z):
+    def _generate_each(self, flat, buffers, z):
         outs = []
-        for i in range(self.n):
-            one = {k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}
+        for i, params in enumerate(self.flat.per_network(flat)):
+            one = params, {k: v[i] for k, v in buffers.items()}
             outs.append(functional_call(self.module, one, (z[i],)))
         return torch.stack(outs)
 
-    def _generate_many(self, params, buffers, z):
+    def _generate_many(self, flat, buffers, z):
+        params = self.flat.stacked(flat)
         return vmap(lambda p, b, x: functional_call(self.module, (p, b), (x,)))(params, buffers, z)
 
     def _forward(self) -> torch.Tensor:
         """(N, C, H, W) fp32: the cropped outputs for the current net_input."""
         with self.plan.autocast(self.device):
-            out = self.generate(self.params, self.buffers, self.net_input)
+            out = self.generate(self.flat.buffers, self.buffers, self.net_input)
         return centre_crop(out[:, 0].float(), self.out_size)
 
     # -- one iteration ---------------------------------------------------------------------------
@@ -176,9 +180,9 @@ class FastStep:
         checked = (self.accepted % bt.period == 0) == bt.on_period
         bad = checked & (losses > bt.factor * self.last_loss)
         keep = checked & ~bad
-        for p, saved in zip(self.params.values(), self.saved):
-            saved.copy_(torch.where(_per_network(keep, p), p, saved))
-            p.copy_(torch.where(_per_network(bad, p), saved, p))
+        for p, saved in zip(self.flat.buffers, self.saved):
+            torch.where(_per_network(keep, p), p, saved, out=saved)  # elementwise: in place is safe
+            torch.where(_per_network(bad, p), saved, p, out=p)
         self.last_loss.copy_(torch.where(keep, losses, self.last_loss))
         self.accepted += (~bad).long()
         return bad
