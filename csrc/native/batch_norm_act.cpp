@@ -635,44 +635,54 @@ void check_parts(const char* op, const at::Tensor& skip, const at::Tensor& deepe
               " and ", deeper.sizes(), " ", deeper.scalar_type());
 }
 
+void check_pad(const char* op, const at::Tensor& x, int64_t pad) {
+  TORCH_CHECK(pad >= 0 && pad < x.size(2) && pad < x.size(3), op,
+              ": reflection padding needs 0 <= pad < H and pad < W; got pad ", pad, " for ", x.sizes());
+}
+
 // The merge: BatchNorm over cat([skip, deeper], 1), each part normalised straight into its channel
-// slice of the output (per-channel statistics make the parts independent).
+// slice of the output (per-channel statistics make the parts independent). pad > 0: the output is
+// the (N, C, H + 2 pad, W + 2 pad) buffer the next conv reads, its border filled by reflection.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_batch_norm_fwd(const at::Tensor& skip, const at::Tensor& deeper,
                                                                      const at::Tensor& weight, const at::Tensor& bias,
-                                                                     double eps) {
+                                                                     double eps, int64_t pad) {
   const char* op = "dipfast_native::concat_batch_norm_fwd";
   check_parts(op, skip, deeper);
-  const int64_t C = skip.size(1) + deeper.size(1);
+  check_pad(op, deeper, pad);
+  const int64_t C = skip.size(1) + deeper.size(1), H = deeper.size(2), W = deeper.size(3);
   check_channel_vector(op, "weight", weight, C, compute_dtype(deeper));
   check_channel_vector(op, "bias", bias, C, compute_dtype(deeper));
   // deeper's layout (skip's when deeper has one channel, which says nothing about its layout)
-  auto y = empty_in_layout_of({deeper.size(0), C, deeper.size(2), deeper.size(3)}, deeper.size(1) > 1 ? deeper : skip);
+  auto y = empty_in_layout_of({deeper.size(0), C, H + 2 * pad, W + 2 * pad}, deeper.size(1) > 1 ? deeper : skip);
+  auto interior = y.narrow(2, pad, H).narrow(3, pad, W);
   auto mean = channel_vector(deeper, C), rstd = channel_vector(deeper, C);
   dispatch_float_types(deeper, op, [&](auto tag) {
     using T = typename decltype(tag)::tensor_type;
     using A = A_of<T>;
     int64_t c0 = 0;
     for (const at::Tensor* part : {&skip, &deeper}) {
-      auto out = y.narrow(1, c0, part->size(1));
+      auto out = interior.narrow(1, c0, part->size(1));
       auto x = matching(*part, out);
       const bool per_channel = planar_pass({x, out});
       forward(view4<T>(x), view4<T>(out), per_channel, weight.data_ptr<A>() + c0, bias.data_ptr<A>() + c0, eps, A(1),
               mean.data_ptr<A>() + c0, rstd.data_ptr<A>() + c0);
       c0 += part->size(1);
     }
+    if (pad > 0) fill_reflection_border(view4<T>(y), planar_pass({y}), pad);
   });
   return {y, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_batch_norm_bwd(
     const at::Tensor& grad, const at::Tensor& skip, const at::Tensor& deeper, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& rstd) {
+    const at::Tensor& mean, const at::Tensor& rstd, int64_t pad) {
   const char* op = "dipfast_native::concat_batch_norm_bwd";
   check_parts(op, skip, deeper);
+  check_pad(op, deeper, pad);
   check_input(op, "grad", grad);
-  const int64_t C = skip.size(1) + deeper.size(1);
-  TORCH_CHECK(grad.size(0) == deeper.size(0) && grad.size(1) == C && grad.size(2) == deeper.size(2) &&
-                  grad.size(3) == deeper.size(3) && grad.scalar_type() == deeper.scalar_type(),
+  const int64_t C = skip.size(1) + deeper.size(1), H = deeper.size(2), W = deeper.size(3);
+  TORCH_CHECK(grad.size(0) == deeper.size(0) && grad.size(1) == C && grad.size(2) == H + 2 * pad &&
+                  grad.size(3) == W + 2 * pad && grad.scalar_type() == deeper.scalar_type(),
               op, ": grad must have the merged output's shape and dtype; got ", grad.sizes(), " ", grad.scalar_type());
   check_channel_vector(op, "weight", weight, C, compute_dtype(deeper));
   check_channel_vector(op, "mean", mean, C, compute_dtype(deeper));
@@ -682,11 +692,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_batch_norm_bwd
   dispatch_float_types(deeper, op, [&](auto tag) {
     using T = typename decltype(tag)::tensor_type;
     using A = A_of<T>;
+    auto g_merged = grad;
+    if (pad > 0) {  // fold the border back onto the interior it mirrors, then the unpadded backward
+      auto gp = matching(grad, deeper);
+      g_merged = empty_in_layout_of({deeper.size(0), C, H, W}, gp);
+      fold_reflection_border(view4<T>(gp), view4<T>(g_merged), planar_pass({gp, g_merged}), pad);
+    }
     const std::vector<A> any_beta(C, A(0));  // with no activation, beta does not enter the backward
     int64_t c0 = 0;
     for (const at::Tensor* part : {&skip, &deeper}) {
       auto x = *part;
-      auto g = matching(grad.narrow(1, c0, x.size(1)), x);
+      auto g = matching(g_merged.narrow(1, c0, x.size(1)), x);
       auto dx = empty_in_layout_of(x.sizes(), x);
       const bool per_channel = planar_pass({g, x, dx});
       backward(view4<T>(g), view4<T>(x), view4<T>(dx), per_channel, weight.data_ptr<A>() + c0, any_beta.data() + c0,
@@ -697,11 +713,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_batch_norm_bwd
     }
   });
   return {dparts[0], dparts[1], dweight, dbias};
-}
-
-void check_pad(const char* op, const at::Tensor& x, int64_t pad) {
-  TORCH_CHECK(pad >= 0 && pad < x.size(2) && pad < x.size(3), op,
-              ": reflection padding needs 0 <= pad < H and pad < W; got pad ", pad, " for ", x.sizes());
 }
 
 // BatchNorm + activation written into the interior of a (N, C, H + 2p, W + 2p) buffer whose border
@@ -760,11 +771,11 @@ TORCH_LIBRARY_FRAGMENT(dipfast_native, m) {
       "batch_norm_act_bwd(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor rstd,"
       " float negative_slope) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "concat_batch_norm_fwd(Tensor skip, Tensor deeper, Tensor weight, Tensor bias, float eps)"
+      "concat_batch_norm_fwd(Tensor skip, Tensor deeper, Tensor weight, Tensor bias, float eps, int pad=0)"
       " -> (Tensor, Tensor, Tensor)");
   m.def(
-      "concat_batch_norm_bwd(Tensor grad, Tensor skip, Tensor deeper, Tensor weight, Tensor mean, Tensor rstd)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
+      "concat_batch_norm_bwd(Tensor grad, Tensor skip, Tensor deeper, Tensor weight, Tensor mean, Tensor rstd,"
+      " int pad=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "batch_norm_act_reflect_pad_fwd(Tensor x, Tensor weight, Tensor bias, float eps, float negative_slope,"
       " int pad) -> (Tensor, Tensor, Tensor)");

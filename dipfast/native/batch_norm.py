@@ -52,21 +52,34 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def concat_batch_norm(
-    skip: torch.Tensor, deeper: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+    skip: torch.Tensor,
+    deeper: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+    pad: int = 0,
 ) -> torch.Tensor:
     """BatchNorm(cat([skip, deeper], 1)) without the concatenation: each part is normalised
     straight into its channel slice of the one output buffer (the next conv's input).
 
     skip: (N, Cs, H, W), deeper: (N, Cd, H, W) (crop them to a common H, W first: views are fine);
     weight, bias: (Cs + Cd,). Returns (N, Cs + Cd, H, W) in deeper's layout (skip's if Cd == 1).
+    pad > 0 (< H and < W): F.pad of that by reflection, written in the same buffer, for a following
+    conv to read with padding=0 (as batch_norm_act_reflect_pad).
     """
     if skip.dtype != deeper.dtype:  # as torch.cat would
         dtype = torch.promote_types(skip.dtype, deeper.dtype)
         skip, deeper = skip.to(dtype), deeper.to(dtype)
     if not kernels_take(skip, deeper):
-        return F.batch_norm(torch.cat([skip, deeper], 1), None, None, weight, bias, training=True, eps=eps)
+        y = F.batch_norm(torch.cat([skip, deeper], 1), None, None, weight, bias, training=True, eps=eps)
+        return F.pad(y, (pad,) * 4, mode="reflect") if pad else y
     y, _, _ = _ops.concat_batch_norm_fwd(
-        readable(skip), readable(deeper), channel_vector(weight, deeper), channel_vector(bias, deeper), float(eps)
+        readable(skip),
+        readable(deeper),
+        channel_vector(weight, deeper),
+        channel_vector(bias, deeper),
+        float(eps),
+        int(pad),
     )
     return y
 
@@ -110,14 +123,15 @@ def _batch_norm_act_bwd_fake(grad, x, weight, bias, mean, rstd, negative_slope):
     return torch.empty_like(x, memory_format=layout(x)), *_channel_stats(x, x.shape[1])
 
 
-def _concat_batch_norm_fwd_fake(skip, deeper, weight, bias, eps):
+def _concat_batch_norm_fwd_fake(skip, deeper, weight, bias, eps, pad=0):
     n, c, h, w = deeper.shape[0], skip.shape[1] + deeper.shape[1], deeper.shape[2], deeper.shape[3]
     like = deeper if deeper.shape[1] > 1 else skip
-    y = torch.empty((n, c, h, w), dtype=deeper.dtype, device=deeper.device, memory_format=layout(like))
+    shape = (n, c, h + 2 * pad, w + 2 * pad)
+    y = torch.empty(shape, dtype=deeper.dtype, device=deeper.device, memory_format=layout(like))
     return y, *_channel_stats(deeper, c)
 
 
-def _concat_batch_norm_bwd_fake(grad, skip, deeper, weight, mean, rstd):
+def _concat_batch_norm_bwd_fake(grad, skip, deeper, weight, mean, rstd, pad=0):
     c = skip.shape[1] + deeper.shape[1]
     dskip = torch.empty_like(skip, memory_format=layout(skip))
     ddeeper = torch.empty_like(deeper, memory_format=layout(deeper))
@@ -148,17 +162,18 @@ def _batch_norm_act_backward(ctx, grad, _grad_mean, _grad_rstd):
 
 
 def _concat_batch_norm_setup(ctx, inputs, output):
-    skip, deeper, weight, _, _ = inputs
+    skip, deeper, weight, _, _, pad = inputs
     _, mean, rstd = output
     ctx.save_for_backward(skip, deeper, weight, mean, rstd)
+    ctx.pad = pad
 
 
 def _concat_batch_norm_backward(ctx, grad, _grad_mean, _grad_rstd):
     skip, deeper, weight, mean, rstd = ctx.saved_tensors
     dskip, ddeeper, dweight, dbias = _ops.concat_batch_norm_bwd(
-        readable(grad, deeper), skip, deeper, weight, mean, rstd
+        readable(grad, deeper), skip, deeper, weight, mean, rstd, ctx.pad
     )
-    return dskip, ddeeper, dweight, dbias, None
+    return dskip, ddeeper, dweight, dbias, None, None
 
 
 def _reflect_pad_setup(ctx, inputs, output):

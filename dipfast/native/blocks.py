@@ -2,8 +2,12 @@
 
     conv_bn_act   the module's own PadConv (torch's conv), then batch_norm_act (BatchNorm +
                   LeakyReLU, or BatchNorm alone for nn.Identity) in one fused op
-    merge         concat_batch_norm over (skip, deeper) straight into the buffer level.up reads
-                  (batch_norm alone for a level with no skip), then level.up
+    conv_bn_act_pair
+                  the first block's BatchNorm + LeakyReLU written reflection-padded
+                  (batch_norm_act_reflect_pad): the second block's conv reads that buffer with
+                  no F.pad of its own
+    merge         concat_batch_norm over (skip, deeper) straight into the reflection-padded
+                  buffer level.up's conv reads (BatchNorm alone for a level with no skip)
     upsample      upsample_bilinear2x for nn.Upsample(scale_factor=2, mode="bilinear",
                   align_corners=False)
 
@@ -18,10 +22,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from dipfast.native.batch_norm import batch_norm, batch_norm_act, concat_batch_norm
+from dipfast.native.batch_norm import batch_norm_act, batch_norm_act_reflect_pad, concat_batch_norm
 from dipfast.native.upsample import upsample_bilinear2x
 from dipfast.nets.blocks import BlockOps
-from dipfast.nets.layers import crop_to_smallest
+from dipfast.nets.layers import ConvBNAct, crop_to_smallest
 
 
 def _batch_statistics(bn: nn.Module) -> bool:
@@ -55,23 +59,44 @@ def _bilinear_x2(m: nn.Module) -> bool:
     )
 
 
+def _takes_padded_input(m: nn.Module) -> bool:
+    """Whether m is a ConvBNAct whose conv pads by reflection and has no downsampler, so it can
+    start from a buffer already padded by m.conv.reflect (its nn.Conv2d has padding=0)."""
+    return isinstance(m, ConvBNAct) and m.conv.reflect > 0 and m.conv.downsample is None
+
+
 class NativeBlocks(BlockOps):
     name = "native"
 
     def conv_bn_act(self, m, x):
-        slope = _negative_slope(m.act)
-        if slope is None or not _batch_statistics(m.bn):
-            return super().conv_bn_act(m, x)
-        return batch_norm_act(m.conv(x), m.bn.weight, m.bn.bias, m.bn.eps, slope)
+        return self._bn_act(m, m.conv(x))
+
+    def conv_bn_act_pair(self, first, second, x):
+        slope = _negative_slope(first.act)
+        if slope is None or not _batch_statistics(first.bn) or not _takes_padded_input(second):
+            return super().conv_bn_act_pair(first, second, x)
+        bn = first.bn
+        padded = batch_norm_act_reflect_pad(first.conv(x), bn.weight, bn.bias, second.conv.reflect, bn.eps, slope)
+        return self._bn_act(second, second.conv.conv(padded))
 
     def merge(self, level, parts):
         bn = level.merge_bn
         if len(parts) > 2 or not _batch_statistics(bn):
             return super().merge(level, parts)
+        pad = level.up.conv.reflect if _takes_padded_input(level.up) else 0
         if len(parts) == 1:
-            return level.up(batch_norm(parts[0], bn.weight, bn.bias, bn.eps))
-        skip, deeper = crop_to_smallest(parts)
-        return level.up(concat_batch_norm(skip, deeper, bn.weight, bn.bias, bn.eps))
+            merged = batch_norm_act_reflect_pad(parts[0], bn.weight, bn.bias, pad, bn.eps, negative_slope=1.0)
+        else:
+            skip, deeper = crop_to_smallest(parts)
+            merged = concat_batch_norm(skip, deeper, bn.weight, bn.bias, bn.eps, pad)
+        return self._bn_act(level.up, level.up.conv.conv(merged)) if pad else level.up(merged)
+
+    def _bn_act(self, m, y):
+        """m's BatchNorm + activation on its conv's output y: fused where the ops take them."""
+        slope = _negative_slope(m.act)
+        if slope is None or not _batch_statistics(m.bn):
+            return m.act(m.bn(y))
+        return batch_norm_act(y, m.bn.weight, m.bn.bias, m.bn.eps, slope)
 
     def upsample(self, m, x):
         if not _bilinear_x2(m) or x.dim() != 4:

@@ -7,9 +7,13 @@ makes faster and inherits the rest, so every fast path runs the same layers with
 parameters, and falls back per block (an unsupported kernel size, pad or activation) to the
 reference computation.
 
-    conv_bn_act(m, x)        ConvBNAct: [reflect pad] -> conv [-> downsampler] -> BatchNorm -> activation
-    merge(level, parts)      SkipLevel: concat(parts, cropped) -> BatchNorm -> level.up (a ConvBNAct)
-    upsample(m, x)           the x2 upsample between levels
+    conv_bn_act(m, x)                ConvBNAct: [reflect pad] -> conv [-> downsampler] -> BatchNorm -> activation
+    conv_bn_act_pair(first, second, x)   second(first(x)), two ConvBNAct in a row (a level's deeper branch)
+    merge(level, parts)              SkipLevel: concat(parts, cropped) -> BatchNorm -> level.up (a ConvBNAct)
+    upsample(m, x)                   the x2 upsample between levels
+
+The pair and the merge name the block that reads their result, so a backend can hand it its input
+already padded (the native ops write the reflection pad with the BatchNorm, in one buffer).
 
 Fused implementations do not update BatchNorm's running statistics, which DIP never reads (it
 always normalises with the batch statistics); only the reference ops keep them.
@@ -34,6 +38,9 @@ class BlockOps:
 
     def conv_bn_act(self, m: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
         return m.act(m.bn(m.conv(x)))
+
+    def conv_bn_act_pair(self, first: ConvBNAct, second: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
+        return second(first(x))
 
     def merge(self, level: SkipLevel, parts: list[torch.Tensor]) -> torch.Tensor:
         from dipfast.nets.layers import concat_cropped

@@ -84,7 +84,7 @@ class SkipSpec:
 
 
 class SkipLevel(nn.Module):
-    block_ops = REFERENCE  # the merge and the upsample; dipfast.nets.blocks.use_block_ops installs a backend's
+    block_ops = REFERENCE  # the deeper pair, merge and upsample; dipfast.nets.blocks.use_block_ops installs a backend's
 
     def __init__(self, spec: SkipSpec, i: int, in_ch: int):
         super().__init__()
@@ -104,7 +104,7 @@ class SkipLevel(nn.Module):
         self.up1x1 = ConvBNAct(up, up, 1, **common) if spec.need1x1_up else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        deeper = self.conv(self.down(x))
+        deeper = self.block_ops.conv_bn_act_pair(self.down, self.conv, x)
         if self.inner is not None:
             deeper = self.inner(deeper)
         deeper = self.block_ops.upsample(self.upsample, deeper)

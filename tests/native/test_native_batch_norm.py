@@ -91,35 +91,51 @@ def _merge_inputs(rng, dtype=torch.float32, layout=torch.contiguous_format, cs=4
     return skip, deeper, weight, bias, grad
 
 
-def _eager_merge(skip, deeper, weight, bias):
-    return F.batch_norm(torch.cat([skip, deeper], 1), None, None, weight, bias, training=True, eps=1e-5)
+def _eager_merge(skip, deeper, weight, bias, pad=0):
+    y = F.batch_norm(torch.cat([skip, deeper], 1), None, None, weight, bias, training=True, eps=1e-5)
+    return F.pad(y, (pad,) * 4, mode="reflect") if pad else y
 
 
+def _padded(grad, pad, rng):
+    """A fresh gradient for the reflection-padded output of the merge whose gradient is `grad`."""
+    n, c, h, w = grad.shape
+    fresh = torch.randn(n, c, h + 2 * pad, w + 2 * pad, generator=rng).to(grad.dtype)
+    return fresh.contiguous(memory_format=torch.channels_last if grad.stride(1) == 1 else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 3], ids=["unpadded", "p1", "p3"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("cs, cd", [(4, 32), (4, 128), (3, 1)], ids=["c4+32", "c4+128", "c3+1"])
-def test_concat_batch_norm_fp32_matches_float64_twin(cs, cd, layout, rng):
+def test_concat_batch_norm_fp32_matches_float64_twin(cs, cd, layout, pad, rng):
     skip, deeper, weight, bias, grad = _merge_inputs(rng, layout=LAYOUTS[layout], cs=cs, cd=cd)
-    out, grads = _run(native.concat_batch_norm, [skip, deeper, weight, bias], grad)
-    ref, ref_grads = _run(_eager_merge, [t.double() for t in (skip, deeper, weight, bias)], grad.double())
-    assert out.shape == (2, cs + cd, 9, 11) and out.is_contiguous(memory_format=LAYOUTS[layout])
+    grad = _padded(grad, pad, rng) if pad else grad
+    out, grads = _run(lambda *t: native.concat_batch_norm(*t, pad=pad), [skip, deeper, weight, bias], grad)
+    ref, ref_grads = _run(
+        lambda *t: _eager_merge(*t, pad=pad), [t.double() for t in (skip, deeper, weight, bias)], grad.double()
+    )
+    assert out.shape == (2, cs + cd, 9 + 2 * pad, 11 + 2 * pad) and out.is_contiguous(memory_format=LAYOUTS[layout])
     assert_native_close(out, ref, torch.float32)
     for g, g_ref in zip(grads, ref_grads, strict=True):
         assert_native_close(g, g_ref, torch.float32)
 
 
+@pytest.mark.parametrize("pad", [0, 2], ids=["unpadded", "p2"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_concat_batch_norm_gradcheck_float64(layout, rng):
+def test_concat_batch_norm_gradcheck_float64(layout, pad, rng):
     skip, deeper, weight, bias, _ = _merge_inputs(rng, torch.float64, LAYOUTS[layout], cs=3, cd=4, h=4, w=5)
     inputs = [t.double().requires_grad_() for t in (skip, deeper, weight, bias)]
-    assert torch.autograd.gradcheck(native.concat_batch_norm, inputs)
+    assert torch.autograd.gradcheck(lambda *t: native.concat_batch_norm(*t, pad=pad), inputs)
 
 
+@pytest.mark.parametrize("pad", [0, 1], ids=["unpadded", "p1"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_concat_batch_norm_bf16_within_twice_eager_error(layout, rng):
+def test_concat_batch_norm_bf16_within_twice_eager_error(layout, pad, rng):
     skip, deeper, weight, bias, grad = _merge_inputs(rng, torch.bfloat16, LAYOUTS[layout], cd=128)
-    out, grads = _run(native.concat_batch_norm, [skip, deeper, weight, bias], grad)
-    eager, eager_grads = _run(_eager_merge, [skip, deeper, weight, bias], grad)
-    ref, ref_grads = _run(_eager_merge, [t.double() for t in (skip, deeper, weight, bias)], grad.double())
+    grad = _padded(grad, pad, rng) if pad else grad
+    merge, eager_merge = (lambda *t: native.concat_batch_norm(*t, pad=pad)), (lambda *t: _eager_merge(*t, pad=pad))
+    out, grads = _run(merge, [skip, deeper, weight, bias], grad)
+    eager, eager_grads = _run(eager_merge, [skip, deeper, weight, bias], grad)
+    ref, ref_grads = _run(eager_merge, [t.double() for t in (skip, deeper, weight, bias)], grad.double())
     assert out.dtype == torch.bfloat16
     assert_within_eager_error(out, eager, ref)
     for g, g_eager, g_ref in zip(grads, eager_grads, ref_grads, strict=True):
@@ -189,6 +205,9 @@ def test_opcheck(layout, rng):
     _, m2, r2 = ops.concat_batch_norm_fwd(skip, deeper, w2, b2, 1e-5)
     torch.library.opcheck(ops.concat_batch_norm_fwd, (skip.requires_grad_(), deeper, w2, b2, 1e-5))
     torch.library.opcheck(ops.concat_batch_norm_bwd, (g2, skip.detach(), deeper, w2, m2, r2))
+    y2, m2, r2 = ops.concat_batch_norm_fwd(skip.detach(), deeper, w2, b2, 1e-5, 1)
+    torch.library.opcheck(ops.concat_batch_norm_fwd, (skip.detach().requires_grad_(), deeper, w2, b2, 1e-5, 1))
+    torch.library.opcheck(ops.concat_batch_norm_bwd, (torch.randn_like(y2), skip.detach(), deeper, w2, m2, r2, 1))
     y, mean, rstd = ops.batch_norm_act_reflect_pad_fwd(x.detach(), weight, bias, 1e-5, 0.2, 2)
     torch.library.opcheck(ops.batch_norm_act_reflect_pad_fwd, (x.detach().requires_grad_(), weight, bias, 1e-5, 0.2, 2))
     torch.library.opcheck(
@@ -208,5 +227,7 @@ def test_bad_input_raises_at_the_cpp_boundary(rng):
         ops.batch_norm_act_fwd(x, weight.double(), bias, 1e-5, 0.2)
     with pytest.raises(RuntimeError, match="reflection padding needs"):
         ops.batch_norm_act_reflect_pad_fwd(x, weight, bias, 1e-5, 0.2, 4)
+    with pytest.raises(RuntimeError, match="reflection padding needs"):
+        ops.concat_batch_norm_fwd(x, x, torch.ones(6), torch.zeros(6), 1e-5, -1)
     with pytest.raises(RuntimeError, match="float32, float64 or bfloat16"):
         ops.batch_norm_act_fwd(x.half(), weight, bias, 1e-5, 0.2)

@@ -81,16 +81,20 @@ def test_which_blocks_go_native(monkeypatch, rng):
 
         return counted
 
-    for name in ("batch_norm_act", "batch_norm", "concat_batch_norm", "upsample_bilinear2x"):
+    names = ("batch_norm_act", "batch_norm_act_reflect_pad", "concat_batch_norm", "upsample_bilinear2x")
+    for name in names:
         monkeypatch.setattr(native_blocks, name, counting(name, getattr(native_blocks, name)))
     z = torch.rand(1, 4, 16, 16, generator=rng, dtype=torch.float64)
     net = use_block_ops(nets.skip(4, **SMALL).double(), NativeBlocks())
     net(z)
-    assert {"batch_norm_act", "concat_batch_norm", "upsample_bilinear2x"} <= set(calls)
-    assert "batch_norm" not in calls  # every level has a skip branch
+    assert set(names) <= set(calls)
+    depth = len(SMALL["channels_down"])
+    assert calls.count("concat_batch_norm") == depth  # every level has a skip branch
+    assert calls.count("batch_norm_act_reflect_pad") == depth  # each deeper branch's pair, padded once
     calls.clear()
     use_block_ops(nets.hourglass(4, channels_down=(8, 8), channels_up=(8, 8)).double(), NativeBlocks())(z)
-    assert "batch_norm" in calls  # hourglass: the merge is BatchNorm alone
+    assert "concat_batch_norm" not in calls  # hourglass: the merge is BatchNorm alone, padded for level.up
+    assert calls.count("batch_norm_act_reflect_pad") == 2 * 2
 
     for kwargs in (dict(act="Swish"), dict(upsample_mode="nearest")):
         reference = nets.skip(4, **SMALL, **kwargs).double()
@@ -106,4 +110,4 @@ def test_which_blocks_go_native(monkeypatch, rng):
     native = use_block_ops(copy.deepcopy(reference), NativeBlocks())
     calls.clear()
     torch.testing.assert_close(native(z), reference(z), rtol=1e-12, atol=1e-12)
-    assert "batch_norm_act" not in calls and "concat_batch_norm" not in calls
+    assert not {"batch_norm_act", "batch_norm_act_reflect_pad", "concat_batch_norm"} & set(calls)
