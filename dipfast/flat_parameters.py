@@ -113,6 +113,7 @@ class FlatParameters:
     def per_network(self, buffers: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """One {name: (...)} per network in the forward's precision, differentiable in `buffers`.
 
-        unbind (its backward is one stack) rather than indexing (a zero-filled buffer per network)."""
-        rows = [g.cast(b).unbind(0) for g, b in zip(self.groups, buffers)]
+        unbind (its backward is one stack; for one network a squeeze, free) rather than indexing (a
+        zero-filled buffer per network)."""
+        rows = [(g.cast(b).squeeze(0),) if self.n == 1 else g.cast(b).unbind(0) for g, b in zip(self.groups, buffers)]
         return [{k: v for g, r in zip(self.groups, rows) for k, v in g.views(r[i]).items()} for i in range(self.n)]
