@@ -10,7 +10,7 @@ dipfast/_native*.so against the installed torch (``pip install --no-build-isolat
     upsample_bilinear2x(x)                                   bilinear x2, align_corners=False
     normal_(out, seed, offset, mean, std)                    counter-based (Philox) Gaussian fill
 
-Each works in eager mode and under torch.compile(fullgraph=True) (fake and autograd registrations)
+Each works in eager mode and under torch.compile(fullgraph=True) (autograd in C++, fakes in Python)
 and takes NCHW or channels_last, fp32, bf16 or float64 CPU tensors. Where the extension is absent
 or fails to load, AVAILABLE is False, dipfast says so once, and every function computes the same
 thing with eager PyTorch ops, as it also does for inputs the kernels do not take (CUDA tensors,

@@ -14,8 +14,10 @@ under torch.autocast("cpu", dtype=torch.bfloat16) a bf16 conv output stays bf16,
 statistics and parameters, as eager autocast's batch_norm does. The backward recomputes the
 activation's mask from x, so only x is saved (eager saves x and the BatchNorm output).
 
-Ops: dipfast_native::batch_norm_act_fwd / _bwd, concat_batch_norm_fwd / _bwd,
-batch_norm_act_reflect_pad_fwd / _bwd, with fake and autograd registrations here.
+Ops: the differentiable dipfast_native::batch_norm_act (pad=0, or the reflection-padded output)
+and concat_batch_norm, whose autograd is C++ (csrc/native/autograd.cpp), and the kernel ops they
+pair: batch_norm_act_fwd / _bwd, batch_norm_act_reflect_pad_fwd / _bwd, concat_batch_norm_fwd / _bwd.
+Their fake (shape-only) implementations are registered here, for torch.compile.
 """
 
 from __future__ import annotations
@@ -40,10 +42,9 @@ def batch_norm_act(
     """LeakyReLU(BatchNorm(x)) with batch statistics. x: (N, C, H, W); weight, bias: (C,). Returns x's shape."""
     if not kernels_take(x):
         return _eager_batch_norm_act(x, weight, bias, eps, negative_slope)
-    y, _, _ = _ops.batch_norm_act_fwd(
+    return _ops.batch_norm_act(
         readable(x), channel_vector(weight, x), channel_vector(bias, x), float(eps), float(negative_slope)
     )
-    return y
 
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -73,7 +74,7 @@ def concat_batch_norm(
     if not kernels_take(skip, deeper):
         y = F.batch_norm(torch.cat([skip, deeper], 1), None, None, weight, bias, training=True, eps=eps)
         return F.pad(y, (pad,) * 4, mode="reflect") if pad else y
-    y, _, _ = _ops.concat_batch_norm_fwd(
+    return _ops.concat_batch_norm(
         readable(skip),
         readable(deeper),
         channel_vector(weight, deeper),
@@ -81,7 +82,6 @@ def concat_batch_norm(
         float(eps),
         int(pad),
     )
-    return y
 
 
 def batch_norm_act_reflect_pad(
@@ -102,13 +102,12 @@ def batch_norm_act_reflect_pad(
     """
     if not kernels_take(x):
         return F.pad(_eager_batch_norm_act(x, weight, bias, eps, negative_slope), (pad,) * 4, mode="reflect")
-    y, _, _ = _ops.batch_norm_act_reflect_pad_fwd(
+    return _ops.batch_norm_act(
         readable(x), channel_vector(weight, x), channel_vector(bias, x), float(eps), float(negative_slope), int(pad)
     )
-    return y
 
 
-# ---- fake (shape-only) implementations and autograd, registered once the library is loaded --------------
+# ---- fake (shape-only) implementations, registered once the library is loaded ---------------------------
 
 
 def _channel_stats(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,65 +147,23 @@ def _reflect_pad_bwd_fake(grad, x, weight, bias, mean, rstd, negative_slope, pad
     return torch.empty_like(x, memory_format=layout(x)), *_channel_stats(x, x.shape[1])
 
 
-def _batch_norm_act_setup(ctx, inputs, output):
-    x, weight, bias, _, negative_slope = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.negative_slope = negative_slope
+def _batch_norm_act_fake(x, weight, bias, eps, negative_slope, pad=0):
+    return _reflect_pad_fwd_fake(x, weight, bias, eps, negative_slope, pad)[0]
 
 
-def _batch_norm_act_backward(ctx, grad, _grad_mean, _grad_rstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _ops.batch_norm_act_bwd(readable(grad, x), x, weight, bias, mean, rstd, ctx.negative_slope)
-    return dx, dweight, dbias, None, None
-
-
-def _concat_batch_norm_setup(ctx, inputs, output):
-    skip, deeper, weight, _, _, pad = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(skip, deeper, weight, mean, rstd)
-    ctx.pad = pad
-
-
-def _concat_batch_norm_backward(ctx, grad, _grad_mean, _grad_rstd):
-    skip, deeper, weight, mean, rstd = ctx.saved_tensors
-    dskip, ddeeper, dweight, dbias = _ops.concat_batch_norm_bwd(
-        readable(grad, deeper), skip, deeper, weight, mean, rstd, ctx.pad
-    )
-    return dskip, ddeeper, dweight, dbias, None, None
-
-
-def _reflect_pad_setup(ctx, inputs, output):
-    x, weight, bias, _, negative_slope, pad = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.negative_slope, ctx.pad = negative_slope, pad
-
-
-def _reflect_pad_backward(ctx, grad, _grad_mean, _grad_rstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _ops.batch_norm_act_reflect_pad_bwd(
-        readable(grad, x), x, weight, bias, mean, rstd, ctx.negative_slope, ctx.pad
-    )
-    return dx, dweight, dbias, None, None, None
+def _concat_batch_norm_fake(skip, deeper, weight, bias, eps, pad=0):
+    return _concat_batch_norm_fwd_fake(skip, deeper, weight, bias, eps, pad)[0]
 
 
 if native.AVAILABLE:
     for _name, _fake in [
+        ("batch_norm_act", _batch_norm_act_fake),
         ("batch_norm_act_fwd", _batch_norm_act_fwd_fake),
         ("batch_norm_act_bwd", _batch_norm_act_bwd_fake),
+        ("concat_batch_norm", _concat_batch_norm_fake),
         ("concat_batch_norm_fwd", _concat_batch_norm_fwd_fake),
         ("concat_batch_norm_bwd", _concat_batch_norm_bwd_fake),
         ("batch_norm_act_reflect_pad_fwd", _reflect_pad_fwd_fake),
         ("batch_norm_act_reflect_pad_bwd", _reflect_pad_bwd_fake),
     ]:
         torch.library.register_fake(f"dipfast_native::{_name}", _fake)
-    torch.library.register_autograd(
-        "dipfast_native::batch_norm_act_fwd", _batch_norm_act_backward, setup_context=_batch_norm_act_setup
-    )
-    torch.library.register_autograd(
-        "dipfast_native::concat_batch_norm_fwd", _concat_batch_norm_backward, setup_context=_concat_batch_norm_setup
-    )
-    torch.library.register_autograd(
-        "dipfast_native::batch_norm_act_reflect_pad_fwd", _reflect_pad_backward, setup_context=_reflect_pad_setup
-    )

@@ -7,7 +7,8 @@ written as a gather, so it needs neither atomics nor ATen's zero-fill + scatter-
 
 x: (N, C, H, W), NCHW or channels_last, fp32, bf16 or float64, on the CPU; returns
 (N, C, 2H, 2W) in x's dtype and layout (the gradient comes back in the incoming gradient's layout).
-Ops: dipfast_native::upsample_bilinear2x_fwd / _bwd.
+Ops: the differentiable dipfast_native::upsample_bilinear2x (C++ autograd, csrc/native/autograd.cpp)
+and the kernel ops it pairs, upsample_bilinear2x_fwd / _bwd; fake implementations here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def upsample_bilinear2x(x: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W) -> (N, C, 2H, 2W), bilinear, align_corners=False."""
     if not kernels_take(x):
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-    return _ops.upsample_bilinear2x_fwd(readable(x))
+    return _ops.upsample_bilinear2x(readable(x))
 
 
 def _fwd_fake(x):
@@ -38,16 +39,7 @@ def _bwd_fake(grad, h, w):
     return torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=layout(grad))
 
 
-def _setup(ctx, inputs, output):
-    (x,) = inputs
-    ctx.in_size = x.shape[2], x.shape[3]
-
-
-def _backward(ctx, grad):
-    return _ops.upsample_bilinear2x_bwd(readable(grad), *ctx.in_size)
-
-
 if native.AVAILABLE:
+    torch.library.register_fake("dipfast_native::upsample_bilinear2x", _fwd_fake)
     torch.library.register_fake("dipfast_native::upsample_bilinear2x_fwd", _fwd_fake)
     torch.library.register_fake("dipfast_native::upsample_bilinear2x_bwd", _bwd_fake)
-    torch.library.register_autograd("dipfast_native::upsample_bilinear2x_fwd", _backward, setup_context=_setup)

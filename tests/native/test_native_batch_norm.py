@@ -196,23 +196,30 @@ def test_strided_inputs_and_gradients_are_taken_or_copied(rng):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_opcheck(layout, rng):
+    """The differentiable ops (C++ autograd, csrc/native/autograd.cpp) with inputs that need
+    gradients; the forward and backward kernel ops they pair, as plain ops."""
     x, weight, bias, grad = _inputs((2, 3, 5, 7), rng, layout=LAYOUTS[layout])
     ops = torch.ops.dipfast_native
+    for pad in (0, 2):
+        torch.library.opcheck(ops.batch_norm_act, (x.requires_grad_(), weight.requires_grad_(), bias, 1e-5, 0.2, pad))
+    x, weight = x.detach(), weight.detach()
     y, mean, rstd = ops.batch_norm_act_fwd(x, weight, bias, 1e-5, 0.2)
-    torch.library.opcheck(ops.batch_norm_act_fwd, (x.requires_grad_(), weight, bias, 1e-5, 0.2))
-    torch.library.opcheck(ops.batch_norm_act_bwd, (grad, x.detach(), weight, bias, mean, rstd, 0.2))
-    skip, deeper, w2, b2, g2 = _merge_inputs(rng, layout=LAYOUTS[layout], cs=3, cd=4, h=4, w=5)
-    _, m2, r2 = ops.concat_batch_norm_fwd(skip, deeper, w2, b2, 1e-5)
-    torch.library.opcheck(ops.concat_batch_norm_fwd, (skip.requires_grad_(), deeper, w2, b2, 1e-5))
-    torch.library.opcheck(ops.concat_batch_norm_bwd, (g2, skip.detach(), deeper, w2, m2, r2))
-    y2, m2, r2 = ops.concat_batch_norm_fwd(skip.detach(), deeper, w2, b2, 1e-5, 1)
-    torch.library.opcheck(ops.concat_batch_norm_fwd, (skip.detach().requires_grad_(), deeper, w2, b2, 1e-5, 1))
-    torch.library.opcheck(ops.concat_batch_norm_bwd, (torch.randn_like(y2), skip.detach(), deeper, w2, m2, r2, 1))
-    y, mean, rstd = ops.batch_norm_act_reflect_pad_fwd(x.detach(), weight, bias, 1e-5, 0.2, 2)
-    torch.library.opcheck(ops.batch_norm_act_reflect_pad_fwd, (x.detach().requires_grad_(), weight, bias, 1e-5, 0.2, 2))
+    torch.library.opcheck(ops.batch_norm_act_fwd, (x, weight, bias, 1e-5, 0.2))
+    torch.library.opcheck(ops.batch_norm_act_bwd, (grad, x, weight, bias, mean, rstd, 0.2))
+    y, mean, rstd = ops.batch_norm_act_reflect_pad_fwd(x, weight, bias, 1e-5, 0.2, 2)
+    torch.library.opcheck(ops.batch_norm_act_reflect_pad_fwd, (x, weight, bias, 1e-5, 0.2, 2))
     torch.library.opcheck(
-        ops.batch_norm_act_reflect_pad_bwd, (torch.randn_like(y), x.detach(), weight, bias, mean, rstd, 0.2, 2)
+        ops.batch_norm_act_reflect_pad_bwd, (torch.randn_like(y), x, weight, bias, mean, rstd, 0.2, 2)
     )
+
+    skip, deeper, w2, b2, _ = _merge_inputs(rng, layout=LAYOUTS[layout], cs=3, cd=4, h=4, w=5)
+    for pad in (0, 1):
+        args = (skip.detach().requires_grad_(), deeper.requires_grad_(), w2.requires_grad_(), b2, 1e-5, pad)
+        torch.library.opcheck(ops.concat_batch_norm, args)
+        skip, deeper, w2 = skip.detach(), deeper.detach(), w2.detach()
+        y2, m2, r2 = ops.concat_batch_norm_fwd(skip, deeper, w2, b2, 1e-5, pad)
+        torch.library.opcheck(ops.concat_batch_norm_fwd, (skip, deeper, w2, b2, 1e-5, pad))
+        torch.library.opcheck(ops.concat_batch_norm_bwd, (torch.randn_like(y2), skip, deeper, w2, m2, r2, pad))
 
 
 def test_bad_input_raises_at_the_cpp_boundary(rng):

@@ -99,7 +99,8 @@ def test_upsample_bitwise_same_with_one_or_two_threads(rng):
 def test_opcheck(layout, rng):
     x, grad = _inputs((2, 3, 4, 5), rng, layout=LAYOUTS[layout])
     ops = torch.ops.dipfast_native
-    torch.library.opcheck(ops.upsample_bilinear2x_fwd, (x.requires_grad_(),))
+    torch.library.opcheck(ops.upsample_bilinear2x, (x.requires_grad_(),))  # the differentiable op
+    torch.library.opcheck(ops.upsample_bilinear2x_fwd, (x.detach(),))
     torch.library.opcheck(ops.upsample_bilinear2x_bwd, (grad, 4, 5))
 
 
