@@ -55,6 +55,11 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor viewed with its dimensions in memory order: a contiguous view of its storage."""
+    return t.permute(*sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+
+
 def _per_network(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """An (N,) mask viewed to broadcast over a stacked (N, ...) tensor."""
     return mask.view(-1, *([1] * (like.dim() - 1)))
@@ -94,7 +99,7 @@ class FastStep:
         self.generate = generate
 
         self.z = layout(torch.stack([z.to(device) for z in zs]))  # (N, 1, D, H', W')
-        self.noise = torch.empty(self.z.shape, device=device)  # row-major: Philox fills it in place
+        self.noise = torch.empty_like(self.z)  # z's layout: z + noise is one vectorised pass (mixed: 15x slower)
         self.net_input = self.z.clone()
         self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
         self.seeds = list(seeds)
@@ -170,7 +175,8 @@ class FastStep:
         std = self.preset.reg_noise_std
         if self.philox:
             for noise, seed in zip(self.noise, self.seeds):
-                philox.normal_(noise, seed, self.iteration, std=std)  # 0 + std * n: rounds as n * std
+                # drawn in memory order (i.i.d. values in any order), so Philox fills the buffer in place
+                philox.normal_(_memory_order(noise), seed, self.iteration, std=std)  # 0 + std * n rounds as n * std
             return
         for noise, generator in zip(self.noise, self.generators):
             noise.normal_(generator=generator).mul_(std)
