@@ -36,7 +36,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from dipfast import native, nets
 from dipfast.backends import Plan
 from dipfast.errors import InputError
-from dipfast.flat_parameters import FlatParameters
+from dipfast.flat_parameters import FlatParameters, ModuleSlots
 from dipfast.metrics import psnr
 from dipfast.native import philox
 from dipfast.nets.blocks import use_block_ops
@@ -88,6 +88,8 @@ class FastStep:
         self.params = self.flat.params  # {name: (N, ...)} fp32 views of the buffers Adam updates
         self.buffers = {k: v.to(device) for k, v in buffers.items()}
         self.module = use_block_ops(nets_[0].to(device), plan.block_ops(device))  # the structure; weights come in
+        # eager: the module's own tensor slots take each step's parameters (it is this step's alone)
+        self.slots = None if plan.compile else ModuleSlots(self.module)
         generate = self._generate_many if self.vectorised else self._generate_each
         if plan.compile:
             # Dynamo keys its cache on the code object, so every fit of a process (a benchmark runs
@@ -130,7 +132,11 @@ class FastStep:
         outs = []
         for i, params in enumerate(self.flat.per_network(flat)):
             one = params, {k: v[i] for k, v in buffers.items()}
-            outs.append(functional_call(self.module, one, (z[i],)))
+            if self.slots is None:
+                outs.append(functional_call(self.module, one, (z[i],)))
+            else:
+                self.slots.load(*one)
+                outs.append(self.module(z[i]))
         return torch.stack(outs)
 
     def _generate_many(self, flat, buffers, z):

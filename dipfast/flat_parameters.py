@@ -117,3 +117,27 @@ class FlatParameters:
         zero-filled buffer per network)."""
         rows = [(g.cast(b).squeeze(0),) if self.n == 1 else g.cast(b).unbind(0) for g, b in zip(self.groups, buffers)]
         return [{k: v for g, r in zip(self.groups, rows) for k, v in g.views(r[i]).items()} for i in range(self.n)]
+
+
+class ModuleSlots:
+    """Where each named parameter and buffer of a module is stored, to put other tensors there.
+
+    functional_call walks the module tree and swaps every tensor in and back out on each call:
+    ~2.5 ms a step for the default net, whatever the image size. A module that only ever runs
+    with swapped-in tensors (FastStep's) can instead keep the tensors of the last load: each load
+    is one dict store per tensor. Eager only: under torch.compile use functional_call, which
+    dynamo traces as a pure function of its inputs.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.slots: dict[str, tuple[dict, str]] = {}
+        for prefix, m in module.named_modules():
+            for table in (m._parameters, m._buffers):
+                for name in table:
+                    self.slots[f"{prefix}.{name}" if prefix else name] = (table, name)
+
+    def load(self, *tensors: dict[str, torch.Tensor]) -> None:
+        for named in tensors:
+            for key, tensor in named.items():
+                table, name = self.slots[key]
+                table[name] = tensor

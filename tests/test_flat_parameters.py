@@ -13,7 +13,7 @@ from _helpers import TINY_NET
 from torch.func import functional_call, stack_module_state
 
 from dipfast import nets
-from dipfast.flat_parameters import FlatParameters
+from dipfast.flat_parameters import FlatParameters, ModuleSlots
 
 CPU = torch.device("cpu")
 
@@ -95,3 +95,15 @@ def test_forward_and_gradients_equal_the_per_tensor_parameters(rng, precision, c
     )
     for got, want in zip(flat.buffers, grads.buffers):
         assert got.grad is not None and torch.equal(got.grad, want.detach())
+
+
+def test_module_slots_put_the_tensors_where_functional_call_would(rng):
+    """The module computes with the loaded tensors, exactly as functional_call with the same ones."""
+    module = _nets(1)[0]
+    params = {k: torch.randn(v.shape, generator=rng) for k, v in module.named_parameters()}
+    buffers = {k: v.clone() for k, v in module.named_buffers()}
+    z = torch.randn(1, 5, 16, 16, generator=rng)
+    expected = functional_call(module, (params, {k: v.clone() for k, v in buffers.items()}), (z,))
+    ModuleSlots(module).load(params, buffers)
+    assert all(p is params[k] for k, p in module.named_parameters())
+    assert torch.equal(module(z), expected)
