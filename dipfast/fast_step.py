@@ -3,19 +3,23 @@
 The iteration is the reference's (engine.py's docstring), for N networks at once:
 
 - The N networks' parameters are stacked (torch.func.stack_module_state: every tensor gets a
-  leading axis of N). On CUDA the generator runs as vmap(functional_call) over them: the conv
-  batching rule makes each conv a grouped conv (the Triton kernels' vmap rules fold the networks
-  into groups the same way) and each BatchNorm keeps per-network statistics, so the N fits are
-  exactly N separate DIPs (DESIGN.md, principle 4). On a CPU, where grouped convs are slower than
-  separate ones, the step calls functional_call once per network instead.
+  leading axis of N) and held in one or two flat (N, P) buffers (flat_parameters.FlatParameters:
+  Adam, backtracking and the bf16 cast are one op each, not one per tensor). On CUDA the
+  generator runs as vmap(functional_call) over views of them: the conv batching rule makes each
+  conv a grouped conv (the Triton kernels' vmap rules fold the networks into groups the same way)
+  and each BatchNorm keeps per-network statistics, so the N fits are exactly N separate DIPs
+  (DESIGN.md, principle 4). On a CPU, where grouped convs are slower than separate ones, the step
+  runs the module once per network instead, its tensors loaded into the module's slots
+  (flat_parameters.ModuleSlots; functional_call where the step is compiled).
 - The loss is the sum of the N per-network losses, so each network's gradient is its own.
   Adam, the EMA and the backtracking rule are elementwise or per network (a mask over the leading
   axis), so they also act as N separate runs.
 - Everything stays on the device: the iteration counter, the metrics ring buffer (K rows of
   N x [loss, psnr, ema psnr, fell back]), the EMA and the backtracking state. Nothing in the step
-  reads a value back, which is what lets CUDA replay the whole step as one graph.
-- precision='bf16' runs the generator under autocast; the loss, the metrics, Adam and the master
-  weights stay fp32.
+  reads a value back, which is what lets CUDA replay the whole step as one graph (on a CPU, where
+  there is no graph, backtracking reads its two masks to copy only the networks that change).
+- precision='bf16' runs the generator under autocast, the conv weights cast to bf16 once per
+  step; the loss, the metrics, Adam and the master weights stay fp32.
 - On CUDA, the first WARMUP iterations run eagerly on a side stream (lazy initialisation,
   compilation, cuDNN's choices), the next one is captured as one CUDA graph, and every later
   iteration replays it (PyTorch's "whole-network capture" recipe). The noise generators are
