@@ -109,7 +109,7 @@ class FastStep:
         self.net_input = self.z.clone()
         self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
         self.seeds = list(seeds)
-        self.philox = plan.backend == "native" and device.type == "cpu" and native.AVAILABLE
+        self.philox = plan.backend == "native" and device.type == "cpu" and native.enabled()
         self.y = [p.y.to(device) if p.y is not None else None for p in problems]
         targets = [p.target for p in problems]
         self.target = torch.cat(targets).to(device) if all(t is not None for t in targets) else None

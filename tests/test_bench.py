@@ -9,6 +9,7 @@ what the figures mean. One torch thread keeps the CI machine from oversubscribin
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from dipfast.presets import Backtracking, apply_overrides, preset_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # compile and triton compile the net (tens of seconds on this CPU): tests/test_backends.py covers them
-METHODS = ["reference", "native", "original-loop"]
+METHODS = ["reference", "native", "native-eager", "original-loop"]
 PRECISIONS = ["fp32", "bf16"]
 # the harness's meaning, on the CPU
 TINY = [
@@ -164,7 +165,8 @@ def test_throughput_json_schema_markdown_and_plot(throughput_report):
         assert r["ms_per_iter"] == pytest.approx(1000 / r["its_median"])
         assert isinstance(r["peak_memory_mib"], float) and r["peak_memory_mib"] > 0
         assert isinstance(r["memory_kind"], str) and r["memory_kind"].startswith("cpu")
-        mode = "single" if r["batch"] == 1 else "batched" if r["method"] in runs.api.BATCHED_BACKENDS else "sequential"
+        batched = runs.backend_of(r["method"]) in runs.api.BATCHED_BACKENDS  # native-eager: native's step
+        mode = "single" if r["batch"] == 1 else "batched" if batched else "sequential"
         assert r["batch_mode"] == mode
         base = next(
             b for b in rows if b["method"] == "original-loop" and b["batch"] == r["batch"] and b["status"] == "ok"
@@ -218,14 +220,12 @@ def test_time_to_psnr_json_schema_markdown_and_plots(ttp_report):
     for c in rep["cases"]:
         assert c["targets"] == [10, 12, 14, 16, 18, 20, 40] and isinstance(c["input_psnr"], float)
         methods = {r["method"] for r in c["runs"]}
-        assert methods == {"reference", "native", "original-loop", "nlm"} | (
-            {"bm3d"} if baselines.unavailable("bm3d") is None else set()
-        )
+        assert methods == {*METHODS, "nlm"} | ({"bm3d"} if baselines.unavailable("bm3d") is None else set())
         for r in c["runs"]:
             assert len(r["time_to_target"]) == 7
             traj = r["trajectory"]
             assert set(traj) == {"iteration", "seconds", "psnr", "ema_psnr", "fell_back"}
-            if r["method"] in ("reference", "native", "original-loop"):
+            if r["method"] in METHODS:
                 assert r["iterations"] == 24 and traj["iteration"] == list(range(1, 25))
                 assert r["resolution_iters"] == (1 if r["method"] == "original-loop" else 4)
                 assert all(isinstance(x, float) for x in traj["psnr"] + traj["ema_psnr"])
@@ -304,6 +304,23 @@ def test_reported_final_psnrs_equal_skimage(method):
     assert run.image.shape == case.target.shape and run.image.dtype == np.float32
     assert run.psnr == pytest.approx(skimage_psnr(case.target, run.image), abs=1e-4)
     assert run.ema_psnr == pytest.approx(skimage_psnr(case.target, run.ema_image), abs=1e-4)
+
+
+@pytest.mark.parametrize("method, eager", [("native", False), ("native-eager", True)])
+def test_native_eager_is_the_native_step_with_the_eager_twins(monkeypatch, method, eager):
+    """native-eager runs restore(backend='native') with the C++ ops switched off: the blocks go to
+    the eager twins (counted here), and the ops come back on afterwards."""
+    from dipfast import native
+
+    batch_norm = importlib.import_module("dipfast.native.batch_norm")  # the module (the package exports a function)
+    calls = []
+    twin = batch_norm._eager_batch_norm_act
+    monkeypatch.setattr(batch_norm, "_eager_batch_norm_act", lambda *a: calls.append(1) or twin(*a))
+    case = data.load_cases(None, ["denoise"], size=32)[0]
+    run = runs.run_dip(case, method, "bf16", iters=3, net="tiny", report_every=3, device="cpu")
+    assert run.method == method and run.extras["backend"] == "native" and run.iterations == 3
+    assert bool(calls) == (eager or not native.AVAILABLE)
+    assert native.enabled() == native.AVAILABLE
 
 
 def _independent_psnr_y(x: np.ndarray, ref: np.ndarray) -> float:

@@ -39,7 +39,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["all"],
         metavar="NAME",
-        help="DIP methods: the backends restore() accepts and 'original-loop', or 'all' (default)",
+        help="DIP methods: the backends restore() accepts, 'native-eager' (native without its C++ ops) "
+        "and 'original-loop', or 'all' (default)",
     )
     p.add_argument(
         "--precision",

@@ -11,6 +11,7 @@ interval, of when the output first had that PSNR.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,13 +19,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from dipfast import api
+from dipfast import api, native
 from dipfast.bench import baselines
 from dipfast.bench.data import Case, psnr
 from dipfast.nets import SkipSpec
 from dipfast.presets import PRESETS, apply_overrides, preset_for
 
 ORIGINAL_LOOP = "original-loop"
+# the native backend with its C++ ops switched off (dipfast.native.disabled): the same step with the
+# eager twins, i.e. eager bf16 + channels_last, which is what the ops are measured against
+NATIVE_EAGER = "native-eager"
 TINY_NET = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
 NET_CHOICES = ("preset", "default", "tiny", *sorted(PRESETS))
 
@@ -39,7 +43,17 @@ def api_precisions() -> list[str]:
 
 
 def dip_methods() -> list[str]:
-    return [*api_backends(), ORIGINAL_LOOP]
+    return [*api_backends(), NATIVE_EAGER, ORIGINAL_LOOP]
+
+
+def backend_of(method: str) -> str:
+    """The restore() backend a DIP method runs (all but the original loop)."""
+    return "native" if method == NATIVE_EAGER else method
+
+
+def method_context(method: str):
+    """The context a method's restore() call runs in: native-eager switches the C++ ops off."""
+    return native.disabled() if method == NATIVE_EAGER else contextlib.nullcontext()
 
 
 def net_overrides(choice: str | None, case_preset: str) -> dict:
@@ -145,19 +159,20 @@ def run_dip(
         offsets.append(now - p.seconds)  # restore()'s set-up before the engine's clock starts
         return time_limit is not None and now > time_limit
 
-    result = api.restore(
-        case.observed,
-        **case.restore_kwargs(),
-        iters=iters,
-        seed=seed,
-        device=device,
-        precision=precision,
-        backend=method,
-        progress=progress,
-        callback=callback,
-        report_every=report_every,
-        **overrides,
-    )
+    with method_context(method):
+        result = api.restore(
+            case.observed,
+            **case.restore_kwargs(),
+            iters=iters,
+            seed=seed,
+            device=device,
+            precision=precision,
+            backend=backend_of(method),
+            progress=progress,
+            callback=callback,
+            report_every=report_every,
+            **overrides,
+        )
     seconds = time.perf_counter() - t0
     run = Run(
         method,

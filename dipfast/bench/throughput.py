@@ -38,7 +38,7 @@ TIMING = (
 
 @dataclass(frozen=True)
 class Config:
-    method: str  # a backend of dipfast.api.BACKENDS or 'original-loop'
+    method: str  # a backend of dipfast.api.BACKENDS, 'native-eager' or 'original-loop'
     precision: str
     batch: int
     size: int
@@ -48,7 +48,7 @@ def batch_mode(method: str, batch: int) -> str:
     """'single', 'batched' (N networks in one step) or 'sequential' (N fits one after another)."""
     if batch == 1:
         return "single"
-    return "batched" if method in api.BATCHED_BACKENDS else "sequential"
+    return "batched" if runs.backend_of(method) in api.BATCHED_BACKENDS else "sequential"
 
 
 def _blocks_reference(
@@ -61,19 +61,20 @@ def _blocks_reference(
         runs.cuda_sync(device)
         stamps.append(time.perf_counter())
 
-    api.restore(
-        case.observed if images == 1 else [case.observed] * images,
-        **case.restore_kwargs(),
-        iters=(warm_blocks + repeats) * iters,
-        seed=seed,
-        device=device,
-        precision=config.precision,
-        backend=config.method,
-        progress=False,
-        callback=callback,
-        report_every=iters,
-        **runs.net_overrides(net, case.preset),
-    )
+    with runs.method_context(config.method):
+        api.restore(
+            case.observed if images == 1 else [case.observed] * images,
+            **case.restore_kwargs(),
+            iters=(warm_blocks + repeats) * iters,
+            seed=seed,
+            device=device,
+            precision=config.precision,
+            backend=runs.backend_of(config.method),
+            progress=False,
+            callback=callback,
+            report_every=iters,
+            **runs.net_overrides(net, case.preset),
+        )
     return [b - a for a, b in zip(stamps[warm_blocks - 1 :], stamps[warm_blocks:])]
 
 

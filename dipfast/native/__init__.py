@@ -14,11 +14,13 @@ Each works in eager mode and under torch.compile(fullgraph=True) (autograd in C+
 and takes NCHW or channels_last, fp32, bf16 or float64 CPU tensors. Where the extension is absent
 or fails to load, AVAILABLE is False, dipfast says so once, and every function computes the same
 thing with eager PyTorch ops, as it also does for inputs the kernels do not take (CUDA tensors,
-other dtypes). NativeBlocks (dipfast.native.blocks) routes a net's blocks through these ops.
+other dtypes), and inside `with dipfast.native.disabled():`. NativeBlocks (dipfast.native.blocks)
+routes a net's blocks through these ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 
@@ -42,6 +44,25 @@ def _load() -> bool:
 
 
 AVAILABLE: bool = _load()
+_disabled = 0  # open disabled() contexts
+
+
+def enabled() -> bool:
+    """Whether the native ops run now: built, loaded, and not switched off by disabled()."""
+    return AVAILABLE and _disabled == 0
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the eager twins instead of the native ops inside this context (the native backend's step
+    included): to measure what the ops add, or to tell a kernel bug from a model one."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
 
 from dipfast.native.batch_norm import (  # noqa: E402  (the ops register once the library is loaded)
     batch_norm,
@@ -54,6 +75,8 @@ from dipfast.native.upsample import upsample_bilinear2x  # noqa: E402
 
 __all__ = [
     "AVAILABLE",
+    "disabled",
+    "enabled",
     "batch_norm",
     "batch_norm_act",
     "batch_norm_act_reflect_pad",

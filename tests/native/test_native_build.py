@@ -53,8 +53,8 @@ def _eager_inputs(rng):
     return x, skip_part, weight, bias
 
 
-def test_every_function_falls_back_to_eager_without_the_extension(monkeypatch, rng):
-    monkeypatch.setattr(native, "AVAILABLE", False)
+def _assert_every_function_is_its_eager_twin(rng):
+    assert not native.enabled()
     x, skip_part, weight, bias = _eager_inputs(rng)
     bn = F.batch_norm(x, None, None, weight[:6], bias[:6], training=True, eps=1e-5)
     assert torch.equal(native.batch_norm_act(x, weight[:6], bias[:6]), F.leaky_relu(bn, 0.2))
@@ -67,6 +67,28 @@ def test_every_function_falls_back_to_eager_without_the_extension(monkeypatch, r
     assert torch.equal(native.upsample_bilinear2x(x), upsampled)
     out = native.normal_(torch.empty(3, 50), 9, 4)
     assert torch.equal(out, philox_normal_eager((3, 50), 9, 4).float())
+
+
+def test_every_function_falls_back_to_eager_without_the_extension(monkeypatch, rng):
+    monkeypatch.setattr(native, "AVAILABLE", False)
+    _assert_every_function_is_its_eager_twin(rng)
+
+
+def test_every_function_is_eager_inside_disabled(rng):
+    with native.disabled():
+        _assert_every_function_is_its_eager_twin(rng)
+
+
+@requires_native
+def test_disabled_nests_and_restores_the_ops_even_on_an_error():
+    assert native.enabled()
+    with pytest.raises(ValueError):
+        with native.disabled():
+            with native.disabled():
+                assert not native.enabled()
+            assert not native.enabled()
+            raise ValueError("inside")
+    assert native.enabled()
 
 
 @requires_native
