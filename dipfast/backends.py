@@ -28,7 +28,7 @@ PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 BATCHED_BACKENDS = ("native", "compile", "triton")  # N images (or restarts) in one step
 
 # What 'auto' runs, by device type: the fastest backend whose results match the reference. CPU:
-# measured (README "Performance", bench/results/): native bf16 1.3-2.6x the reference, compile slower
+# measured (README "Performance", bench/results/): native bf16 1.9-3.1x the reference, compile slower
 # than eager and minutes to start (docs/notes/compile-bf16-nan.md), no Triton. CUDA: provisional
 # until the GPU check has timed compile and triton against it (no GPU has run dipfast yet).
 AUTO = {"cpu": "native", "cuda": "native"}
