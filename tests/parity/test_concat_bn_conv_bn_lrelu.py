@@ -7,6 +7,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernel_checks import (
+    assert_repeat_runs_are_bitwise_identical,
+    assert_tf32_follows_the_cudnn_flag,
+    forward_backward,
+    leaves,
+)
 
 import dipfast.kernels
 from dipfast import reference
@@ -59,10 +65,6 @@ def _inputs(case, rng, device):
     return [t.to(device) if t is not None else None for t in tensors]
 
 
-def _leaves(tensors, dtype):
-    return [t.detach().to(dtype).requires_grad_(True) if t is not None else None for t in tensors]
-
-
 def _grads_of_intermediates(ins64, g64, groups):
     """dL/d(merged) and dL/dy of the twin's maths in float64 (merged: the normalised concat, y: the conv output)."""
     skip, deeper, mg, mb, weight, bias, gamma, beta = (t.detach() if t is not None else None for t in ins64)
@@ -85,11 +87,11 @@ def test_kernels_run_on_the_triton_path(device):
 def test_forward_and_grads_match_float64_twin(case, rng, device, assert_parity, tol):
     tensors = _inputs(case, rng, device)
     groups = case[-1]
-    ins = _leaves(tensors, torch.float32)
+    ins = leaves(tensors, torch.float32)
     out = dipfast.kernels.concat_bn_conv_bn_lrelu(*ins, groups=groups)
     g = torch.randn(out.shape, generator=rng).to(device)
     grads = torch.autograd.grad(out, [t for t in ins if t is not None], g)
-    ins64 = _leaves(tensors, torch.float64)
+    ins64 = leaves(tensors, torch.float64)
     out64 = reference.concat_bn_conv_bn_lrelu(*ins64, groups=groups)
     grads64 = torch.autograd.grad(out64, [t for t in ins64 if t is not None], g.double())
     assert out.dtype == torch.float32 and out.shape == out64.shape
@@ -148,7 +150,7 @@ def test_bf16_matches_float64_twin(case, rng, device, assert_parity, tol):
     g = torch.randn(out.shape, generator=rng).bfloat16().to(device)
     wrt = [t for t in ins if t is not None]
     grads = torch.autograd.grad(out, wrt, g)
-    ins64 = _leaves(tensors, torch.float64)
+    ins64 = leaves(tensors, torch.float64)
     wrt64 = [t for t in ins64 if t is not None]
     assert_parity(out, reference.concat_bn_conv_bn_lrelu(*ins64, groups=groups), torch.bfloat16)
     pattern = torch.where(out.detach() > 0, 1.0, 0.2).double()
@@ -168,47 +170,24 @@ def test_bf16_matches_float64_twin(case, rng, device, assert_parity, tol):
 
 
 def test_tf32_follows_the_cudnn_flag(rng, device, monkeypatch):
-    """As test_conv_bn_lrelu.py's: the flag reaches the merge's dots, forward and backward; in the interpreter
-    TF32 and IEEE dots agree bit for bit."""
+    """As test_conv_bn_lrelu.py's: the flag reaches the merge's dots, forward and backward."""
     tensors = _inputs((1, 2, 3, 5, 6, 4, 3, True, 1), rng, device)
     g = torch.randn(1, 4, 5, 6, generator=rng).to(device)
-    seen = []
-
-    def spy(dtype, tf32):
-        options = options_of(dtype, tf32)
-        seen.append(options["PRECISION"])
-        return options
-
-    cbl = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
-    options_of = cbl._dot_options
-    monkeypatch.setattr(cbl, "_dot_options", spy)
-    runs = {}
-    for allow_tf32 in (False, True):
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow_tf32):
-            ins = _leaves(tensors, torch.float32)
-            out = dipfast.kernels.concat_bn_conv_bn_lrelu(*ins)
-            runs[allow_tf32] = [out, *torch.autograd.grad(out, ins, g)]
-    assert seen == ["ieee"] * 3 + ["tf32"] * 3  # each flag: the forward's GEMM, then wgrad and dgrad
-    if cbl._INTERPRET:
-        for ieee, tf32 in zip(runs[False], runs[True], strict=True):
-            assert torch.equal(ieee, tf32)
+    assert_tf32_follows_the_cudnn_flag(
+        monkeypatch, lambda: forward_backward(dipfast.kernels.concat_bn_conv_bn_lrelu, tensors, g)
+    )
 
 
 def test_repeat_runs_are_bitwise_identical(rng, device):
-    """No atomics anywhere: forward and backward are deterministic."""
     tensors = _inputs((2, 4, 16, 7, 9, 5, 3, True, 1), rng, device)  # two conv pixel tiles, a 20-channel K split
     g = torch.randn(2, 5, 7, 9, generator=rng).to(device)
-    runs = []
-    for _ in range(2):
-        ins = _leaves(tensors, torch.float32)
-        out = dipfast.kernels.concat_bn_conv_bn_lrelu(*ins)
-        runs.append([out, *torch.autograd.grad(out, ins, g)])
-    for a, b in zip(*runs, strict=True):
-        assert torch.equal(a, b)
+    assert_repeat_runs_are_bitwise_identical(
+        lambda: forward_backward(dipfast.kernels.concat_bn_conv_bn_lrelu, tensors, g)
+    )
 
 
 def test_opcheck(rng, device):
-    ins = _leaves(_inputs((1, 2, 3, 5, 6, 4, 3, True, 2), rng, device), torch.float32)
+    ins = leaves(_inputs((1, 2, 3, 5, 6, 4, 3, True, 2), rng, device), torch.float32)
     args = (*ins, 2, 1e-5, 0.2, False)
     torch.library.opcheck(cbcbl._concat_bn_conv_bn_lrelu_fwd, args)
     # the backward op, with its forward's saved tensors (it has no derivative of its own: no double backward)
@@ -228,7 +207,7 @@ def test_concat_bn_conv_bn_lrelu_compiles(rng, device, tol):
         return (dipfast.kernels.concat_bn_conv_bn_lrelu(*ins) * g).sum()
 
     compiled = torch.compile(step, fullgraph=True)
-    ins_e, ins_c = _leaves(tensors, torch.float32), _leaves(tensors, torch.float32)
+    ins_e, ins_c = leaves(tensors, torch.float32), leaves(tensors, torch.float32)
     loss_e, loss_c = step(*ins_e), compiled(*ins_c)
     grads_e = torch.autograd.grad(loss_e, ins_e)
     grads_c = torch.autograd.grad(loss_c, ins_c)

@@ -1,16 +1,18 @@
 """dipfast.kernels.conv_bn_lrelu against dipfast.reference.conv_bn_lrelu (float64 oracle): the output and every
 gradient, opcheck, torch.compile, determinism; and the fallback to the twin where Triton cannot run."""
 
-import importlib
-
 import pytest
 import torch
+from _kernel_checks import (
+    assert_repeat_runs_are_bitwise_identical,
+    assert_tf32_follows_the_cudnn_flag,
+    cbl,
+    forward_backward,
+    leaves,
+)
 
 import dipfast.kernels
 from dipfast import reference
-
-# the module, not the function: dipfast.kernels re-exports the op under the module's own name
-cbl = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
 
 pytestmark = pytest.mark.parity
 
@@ -57,10 +59,6 @@ def _inputs(case, rng, device):
     return tensors, dict(stride=stride, groups=groups)
 
 
-def _leaves(tensors, dtype):
-    return [t.detach().to(dtype).requires_grad_(True) if t is not None else None for t in tensors]
-
-
 def _grad_of_conv_output(tensors64, kw, out_grad64):
     """dL/dy of the twin in float64, y = the conv output: the twin applied to y as a leaf through an identity 1 x 1
     conv (exact in float64). Used to scale the bias-gradient bound."""
@@ -86,12 +84,12 @@ def test_kernels_run_on_the_triton_path(device):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward_and_grads_match_float64_twin(case, rng, device, assert_parity, tol):
     tensors, kw = _inputs(case, rng, device)
-    ins = _leaves(tensors, torch.float32)
+    ins = leaves(tensors, torch.float32)
     out = dipfast.kernels.conv_bn_lrelu(*ins, **kw)
     g = torch.randn(out.shape, generator=rng).to(device)
     wrt = [t for t in ins if t is not None]
     grads = torch.autograd.grad(out, wrt, g)
-    ins64 = _leaves(tensors, torch.float64)
+    ins64 = leaves(tensors, torch.float64)
     out64 = reference.conv_bn_lrelu(*ins64, **kw)
     grads64 = torch.autograd.grad(out64, [t for t in ins64 if t is not None], g.double())
     assert out.dtype == torch.float32 and out.shape == out64.shape
@@ -144,7 +142,7 @@ def test_bf16_matches_float64_twin(case, rng, device, assert_parity, tol):
     g = torch.randn(out.shape, generator=rng).bfloat16().to(device)
     wrt = [t for t in ins if t is not None]
     grads = torch.autograd.grad(out, wrt, g)
-    ins64 = _leaves(tensors, torch.float64)
+    ins64 = leaves(tensors, torch.float64)
     wrt64 = [t for t in ins64 if t is not None]
     assert_parity(out, reference.conv_bn_lrelu(*ins64, **kw), torch.bfloat16)
     # LeakyReLU's derivative jumps at 0, and bf16 rounding moves z by ~1e-2: where |z| is that small the kernel and
@@ -170,48 +168,23 @@ def test_bf16_matches_float64_twin(case, rng, device, assert_parity, tol):
 
 def test_tf32_follows_the_cudnn_flag(rng, device, monkeypatch):
     """fp32 inputs use TF32 dots where torch.backends.cudnn.allow_tf32 is set, the flag of the cuDNN convolution the
-    kernel replaces. The interpreter computes TF32 and IEEE dots alike (exact fp32 products), so there the two runs
-    agree bit for bit and what is checked is that the flag reaches the kernels, forward and backward;
-    test_cuda_shapes.py bounds TF32's error on a GPU."""
+    kernel replaces (_kernel_checks.assert_tf32_follows_the_cudnn_flag)."""
     tensors, kw = _inputs(CASES[0], rng, device)
     g = torch.randn(2, 4, 7, 9, generator=rng).to(device)
-    seen = []
-
-    def spy(dtype, tf32):
-        options = options_of(dtype, tf32)
-        seen.append(options["PRECISION"])
-        return options
-
-    options_of = cbl._dot_options
-    monkeypatch.setattr(cbl, "_dot_options", spy)
-    runs = {}
-    for allow_tf32 in (False, True):
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow_tf32):
-            ins = _leaves(tensors, torch.float32)
-            out = dipfast.kernels.conv_bn_lrelu(*ins, **kw)
-            runs[allow_tf32] = [out, *torch.autograd.grad(out, ins, g)]
-    assert seen == ["ieee"] * 3 + ["tf32"] * 3  # each flag: the forward's GEMM, then the backward's wgrad and dgrad
-    if cbl._INTERPRET:
-        for ieee, tf32 in zip(runs[False], runs[True], strict=True):
-            assert torch.equal(ieee, tf32)
+    assert_tf32_follows_the_cudnn_flag(
+        monkeypatch, lambda: forward_backward(dipfast.kernels.conv_bn_lrelu, tensors, g, **kw)
+    )
 
 
 def test_repeat_runs_are_bitwise_identical(rng, device):
-    """No atomics anywhere: forward and backward are deterministic."""
     tensors, kw = _inputs(CASES[4], rng, device)
     g = torch.randn(2, 6, 5, 4, generator=rng).to(device)
-    runs = []
-    for _ in range(2):
-        ins = _leaves(tensors, torch.float32)
-        out = dipfast.kernels.conv_bn_lrelu(*ins, **kw)
-        runs.append([out, *torch.autograd.grad(out, [t for t in ins if t is not None], g)])
-    for a, b in zip(*runs, strict=True):
-        assert torch.equal(a, b)
+    assert_repeat_runs_are_bitwise_identical(lambda: forward_backward(dipfast.kernels.conv_bn_lrelu, tensors, g, **kw))
 
 
 def test_opcheck(rng, device):
     tensors, kw = _inputs((1, 3, 5, 6, 4, 3, 1, 1, True), rng, device)
-    x, weight, bias, gamma, beta = _leaves(tensors, torch.float32)
+    x, weight, bias, gamma, beta = leaves(tensors, torch.float32)
     args = (x, weight, bias, gamma, beta, kw["stride"], kw["groups"], 1e-5, 0.2, False)
     torch.library.opcheck(cbl._conv_bn_lrelu_fwd, args)
     # the backward op, with its forward's saved tensors (it has no derivative of its own: no double backward)
@@ -230,7 +203,7 @@ def test_conv_bn_lrelu_compiles(rng, device, tol):
         return (dipfast.kernels.conv_bn_lrelu(*ins, **kw) * g).sum()
 
     compiled = torch.compile(step, fullgraph=True)
-    ins_e, ins_c = _leaves(tensors, torch.float32), _leaves(tensors, torch.float32)
+    ins_e, ins_c = leaves(tensors, torch.float32), leaves(tensors, torch.float32)
     loss_e, loss_c = step(*ins_e), compiled(*ins_c)
     grads_e = torch.autograd.grad(loss_e, ins_e)
     grads_c = torch.autograd.grad(loss_c, ins_c)
