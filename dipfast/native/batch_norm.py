@@ -36,15 +36,21 @@ def _eager_batch_norm_act(x, weight, bias, eps, negative_slope):
     return y if negative_slope == 1.0 else F.leaky_relu(y, negative_slope)
 
 
+def _batch_norm_act(x, weight, bias, eps, negative_slope, pad):
+    """batch_norm_act, reflection-padded by `pad` (0: not padded): the op, or its eager twin."""
+    if not kernels_take(x):
+        y = _eager_batch_norm_act(x, weight, bias, eps, negative_slope)
+        return F.pad(y, (pad,) * 4, mode="reflect") if pad else y
+    return _ops.batch_norm_act(
+        readable(x), channel_vector(weight, x), channel_vector(bias, x), float(eps), float(negative_slope), int(pad)
+    )
+
+
 def batch_norm_act(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, negative_slope: float = 0.2
 ) -> torch.Tensor:
     """LeakyReLU(BatchNorm(x)) with batch statistics. x: (N, C, H, W); weight, bias: (C,). Returns x's shape."""
-    if not kernels_take(x):
-        return _eager_batch_norm_act(x, weight, bias, eps, negative_slope)
-    return _ops.batch_norm_act(
-        readable(x), channel_vector(weight, x), channel_vector(bias, x), float(eps), float(negative_slope)
-    )
+    return _batch_norm_act(x, weight, bias, eps, negative_slope, pad=0)
 
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -100,11 +106,7 @@ def batch_norm_act_reflect_pad(
     that uses this must call its nn.Conv2d directly). The backward folds the padded gradient
     back onto the interior (a gather) before the BatchNorm backward.
     """
-    if not kernels_take(x):
-        return F.pad(_eager_batch_norm_act(x, weight, bias, eps, negative_slope), (pad,) * 4, mode="reflect")
-    return _ops.batch_norm_act(
-        readable(x), channel_vector(weight, x), channel_vector(bias, x), float(eps), float(negative_slope), int(pad)
-    )
+    return _batch_norm_act(x, weight, bias, eps, negative_slope, pad)
 
 
 # ---- fake (shape-only) implementations, registered once the library is loaded ---------------------------
