@@ -197,13 +197,15 @@ class FastStep:
         checked = (self.accepted % bt.period == 0) == bt.on_period
         bad = checked & (losses > bt.factor * self.last_loss)
         keep = checked & ~bad
-        for p, saved in zip(self.flat.buffers, self.saved):
-            if self.device.type == "cpu":  # no graph to keep whole: read the masks, copy only what changes
-                for i in keep.nonzero().flatten().tolist():
+        if self.device.type == "cpu":  # no graph to keep whole: read the masks, copy only what changes
+            kept, fell_back = keep.nonzero().flatten().tolist(), bad.nonzero().flatten().tolist()
+            for p, saved in zip(self.flat.buffers, self.saved):
+                for i in kept:
                     saved[i].copy_(p[i])
-                for i in bad.nonzero().flatten().tolist():
+                for i in fell_back:
                     p[i].copy_(saved[i])
-            else:
+        else:
+            for p, saved in zip(self.flat.buffers, self.saved):
                 torch.where(_per_network(keep, p), p, saved, out=saved)  # elementwise: in place is safe
                 torch.where(_per_network(bad, p), saved, p, out=p)
         self.last_loss.copy_(torch.where(keep, losses, self.last_loss))
