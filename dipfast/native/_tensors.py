@@ -28,11 +28,12 @@ def layout(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def readable(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
-    """t, or a copy the kernels can walk (unit stride along W or C), in like's layout if given."""
+def readable(t: torch.Tensor) -> torch.Tensor:
+    """t, or a row-major copy the kernels can walk (unit stride along W or C). Incoming gradients are
+    made walkable in C++ (csrc/native/autograd.cpp, in the layout of the tensor they belong to)."""
     if t.stride(3) == 1 or t.shape[3] == 1 or t.stride(1) == 1 or t.shape[1] == 1:
         return t
-    return t.contiguous(memory_format=layout(like) if like is not None else torch.contiguous_format)
+    return t.contiguous()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
