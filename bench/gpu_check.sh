@@ -20,6 +20,8 @@
 #   DIPFAST_GPU_CHECK_TINY=1     a smoke run on any machine (CPU too): tiny net, 32 px, a few iterations
 #   DIPFAST_GPU_CHECK_PYTEST     pytest arguments (default "-q"; the tiny mode's default runs no tests: "--co -q")
 #   DIPFAST_GPU_CHECK_INSTALL=0  skip the pip install (PYTHONPATH alone)
+#   DIPFAST_GPU_CHECK_STEPS      which of "tests throughput time-to-psnr" to run (default: all three), so that a
+#                                short device lease can split the check over two calls
 #   DIPFAST_BENCH_COMMIT         the commit to record when the copy has no .git (else git's HEAD and dirty flag)
 set -uo pipefail
 
@@ -46,6 +48,9 @@ else
     # install, tests, throughput fp32 and bf16, time-to-psnr fp32 and bf16: 545 s at most
     LIMITS=(45 120 60 120 90 110)
 fi
+
+STEPS=" ${DIPFAST_GPU_CHECK_STEPS:-tests throughput time-to-psnr} "
+wants() { [[ $STEPS == *" $1 "* ]]; }
 
 printf 'step\tstatus\tseconds\n' > "$OUT/steps.tsv"
 FAILED=0
@@ -74,21 +79,27 @@ if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(0))
 EOF
 command -v nvidia-smi > /dev/null && nvidia-smi >> "$OUT/environment.txt" 2>&1
-# shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
-step tests "${LIMITS[1]}" "$PY" -m pytest $PYTEST_ARGS
-step throughput-fp32 "${LIMITS[2]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" \
-    --backend reference original-loop native --precision fp32 --out "$OUT/fp32" --quiet
-step throughput-bf16 "${LIMITS[3]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" \
-    --backend "${BF16_METHODS[@]}" --precision bf16 --out "$OUT/bf16" --quiet
-step time-to-psnr-fp32 "${LIMITS[4]}" "$PY" -m dipfast.bench time-to-psnr --data "$DATA" --tasks denoise "${TTP[@]}" \
-    --backend reference original-loop --precision fp32 --out "$OUT/fp32" --quiet
-step time-to-psnr-bf16 "${LIMITS[5]}" "$PY" -m dipfast.bench time-to-psnr --data "$DATA" --tasks denoise "${TTP[@]}" \
-    --backend "${BF16_METHODS[@]:0:2}" --precision bf16 --out "$OUT/bf16" --quiet
-
+if wants tests; then
+    # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
+    step tests "${LIMITS[1]}" "$PY" -m pytest $PYTEST_ARGS
+fi
+if wants throughput; then
+    step throughput-fp32 "${LIMITS[2]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" \
+        --backend reference original-loop native --precision fp32 --out "$OUT/fp32" --quiet
+    step throughput-bf16 "${LIMITS[3]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" \
+        --backend "${BF16_METHODS[@]}" --precision bf16 --out "$OUT/bf16" --quiet
+fi
+if wants time-to-psnr; then
+    step time-to-psnr-fp32 "${LIMITS[4]}" "$PY" -m dipfast.bench time-to-psnr --data "$DATA" --tasks denoise \
+        "${TTP[@]}" --backend reference original-loop --precision fp32 --out "$OUT/fp32" --quiet
+    step time-to-psnr-bf16 "${LIMITS[5]}" "$PY" -m dipfast.bench time-to-psnr --data "$DATA" --tasks denoise \
+        "${TTP[@]}" --backend "${BF16_METHODS[@]:0:2}" --precision bf16 --out "$OUT/bf16" --quiet
+fi
 echo
 cat "$OUT/environment.txt" | head -n 2
 column -t "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
-grep -E "passed|failed|error|no tests ran|collected" "$OUT/tests.log" | tail -n 1
-"$PY" -m dipfast.bench summary "$OUT/fp32"
-"$PY" -m dipfast.bench summary "$OUT/bf16"
+[ -f "$OUT/tests.log" ] && grep -E "passed|failed|error|no tests ran|collected" "$OUT/tests.log" | tail -n 1
+for precision in fp32 bf16; do
+    [ -d "$OUT/$precision" ] && "$PY" -m dipfast.bench summary "$OUT/$precision"
+done
 exit $FAILED
