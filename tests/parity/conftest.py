@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+from dipfast.engine import ieee_fp32
+
 _INTERPRET = not torch.cuda.is_available()
 _saved = os.environ.get("TRITON_INTERPRET")
 if _INTERPRET:
@@ -62,10 +64,16 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
 
 @pytest.fixture(autouse=True)
 def _kernel_env(monkeypatch):
-    """Interpreter on for the test; outputs allocated full of NaN so an unwritten element fails."""
+    """Interpreter on for the test; outputs allocated full of NaN so an unwritten element fails; IEEE fp32.
+
+    fp32 kernels use TF32 dots where torch.backends.cudnn.allow_tf32 says so, and that flag defaults to True:
+    on a GPU every fp32 case would be held to the IEEE bar of TOL while rounding its operands to 10 bits (the
+    interpreter never rounds, so only CUDA shows it). The tests that mean TF32 set the flag themselves."""
     if _INTERPRET:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(dipfast.kernels.lanczos2, "POISON_OUTPUTS", True)
+    with ieee_fp32():
+        yield
 
 
 @pytest.fixture
