@@ -118,6 +118,8 @@ def restore(
     iters, preset, **overrides: the preset (presets.PRESETS) and its fields, e.g. lr=0.001.
     operator: a differentiable A; the fit minimises ||A(x) - image||^2, x of size image x scale.
     loss: a callable of the generated image x (1, C, H, W) returning a scalar; replaces the data term.
+        operator and loss must be pure tensor functions: on CUDA the fast backends capture the step in a CUDA
+        graph, which replays their tensor ops without calling them again.
     callback: called with an engine.Progress every `report_every` iterations; True stops the run.
     Ctrl-C stops the run and returns the result so far.
 
