@@ -3,22 +3,26 @@
 #
 #   bench/gpu_check.sh DATA_DIR          DATA_DIR holds denoising/F16_GT.png (as ../shared/data/dip)
 #
-# Steps, each under its own time limit so that the whole check ends within 8 minutes:
+# Steps, each under its own time limit (what the first H100 run took, with room: bench/results/
+# 2026-11-26-h100-f6a7824f76/). The whole check runs past one 10-minute device command, so run it as two:
+# DIPFAST_GPU_CHECK_STEPS="tests throughput" (under 8 minutes), then "time-to-psnr" (under 4).
 #   1. install the project without network (pip --no-deps --no-build-isolation -e .; PYTHONPATH as well)
-#   2. the test suite (python -m pytest -q), on CUDA when the tests pick the GPU
-#   3. the throughput tables: default net, 512 x 512, batch 1 and 4: the fp32 methods (reference,
-#      original loop, native) and the bf16 ones (native, compile, triton)
+#   2. the tests that run on CUDA (tests/parity, test_backends.py, test_bench.py), 8 pytest-xdist workers
+#      where xdist is installed; the CPU-only rest is CI's
+#   3. the throughput tables: default net, 512 x 512: the fp32 methods (reference, original loop, native) at
+#      batch 1 and 4, the bf16 ones (native, compile, triton) at batch 1 (each compiles for a minute)
 #   4. time-to-PSNR on F16 from DATA_DIR, cold and warm: reference and original loop in fp32,
 #      native and compile in bf16
 #   5. a short table of the results, printed last
 # Results: JSON, Markdown and plots under $OUT (default ./bench-out), plus each step's log and
-# steps.tsv (step, exit status, seconds). Exit status: 0 when every step passed, else 1.
+# steps.tsv (step, exit status, seconds): more than a device call may bring back file by file, so pack $OUT
+# (tar) when it has to travel. Exit status: 0 when every step passed, else 1.
 #
 # Environment:
 #   OUT                          where results go (default ./bench-out)
 #   PYTHON                       the interpreter (default python)
 #   DIPFAST_GPU_CHECK_TINY=1     a smoke run on any machine (CPU too): tiny net, 32 px, a few iterations
-#   DIPFAST_GPU_CHECK_PYTEST     pytest arguments (default "-q"; the tiny mode's default runs no tests: "--co -q")
+#   DIPFAST_GPU_CHECK_PYTEST     pytest arguments (default: step 2's tests; the tiny mode's runs none: "--co -q")
 #   DIPFAST_GPU_CHECK_INSTALL=0  skip the pip install (PYTHONPATH alone)
 #   DIPFAST_GPU_CHECK_STEPS      which of "tests throughput time-to-psnr" to run (default: all three), so that a
 #                                short device lease can split the check over two calls
@@ -37,16 +41,22 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${DIPFAST_GPU_CHECK_TINY:-0}" = 1 ]; then
     PYTEST_ARGS=${DIPFAST_GPU_CHECK_PYTEST:-"--co -q"}
     THROUGHPUT=(--size 32 --net tiny --batch 1 2 --iters 2 --repeats 2 --warmup 2)
+    BF16_BATCHES=(1 2)
     TTP=(--size 32 --net tiny --iters 10 --report-every 2 --time-limit 60 --targets 10 15 20)
     BF16_METHODS=(native)  # compile and triton take minutes to compile on a CPU: tests/test_backends.py has them
     LIMITS=(60 120 60 60 120 60)
 else
-    PYTEST_ARGS=${DIPFAST_GPU_CHECK_PYTEST:-"-q"}
+    CUDA_TESTS="tests/parity tests/test_backends.py tests/test_bench.py"
+    if "$PY" -c "import xdist" 2> /dev/null; then  # one GPU, 8 processes: the CPU-side work overlaps
+        CUDA_TESTS="-n 8 --dist loadfile $CUDA_TESTS"
+    fi
+    PYTEST_ARGS=${DIPFAST_GPU_CHECK_PYTEST:-"-q -rf $CUDA_TESTS"}
     THROUGHPUT=(--size 512 --net default --batch 1 4 --iters 10 --repeats 5 --warmup 10)
+    BF16_BATCHES=(1)
     TTP=(--iters 3000 --report-every 10 --time-limit 20 --targets 26 28 30)
     BF16_METHODS=(native compile triton)
-    # install, tests, throughput fp32 and bf16, time-to-psnr fp32 and bf16: 545 s at most
-    LIMITS=(45 120 60 120 90 110)
+    # install, tests, throughput fp32 and bf16 (465 s at most), time-to-psnr fp32 and bf16 (200 s)
+    LIMITS=(45 180 60 180 90 110)
 fi
 
 STEPS=" ${DIPFAST_GPU_CHECK_STEPS:-tests throughput time-to-psnr} "
@@ -79,6 +89,12 @@ if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(0))
 EOF
 command -v nvidia-smi > /dev/null && nvidia-smi >> "$OUT/environment.txt" 2>&1
+for so in "$ROOT"/dipfast/_native*.so; do  # their error path crashed on the first H100 machine: how they link
+    [ -f "$so" ] || continue
+    { c++ --version | head -n 1; ldd "$so" | grep -E "stdc|gomp"
+      echo "std::locale symbols defined in $(basename "$so"): $(nm -C --defined-only "$so" | grep -c 'std::locale')"
+    } >> "$OUT/environment.txt" 2>&1
+done
 if wants tests; then
     # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
     step tests "${LIMITS[1]}" "$PY" -m pytest $PYTEST_ARGS
@@ -86,7 +102,7 @@ fi
 if wants throughput; then
     step throughput-fp32 "${LIMITS[2]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" \
         --backend reference original-loop native --precision fp32 --out "$OUT/fp32" --quiet
-    step throughput-bf16 "${LIMITS[3]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" \
+    step throughput-bf16 "${LIMITS[3]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" --batch "${BF16_BATCHES[@]}" \
         --backend "${BF16_METHODS[@]}" --precision bf16 --out "$OUT/bf16" --quiet
 fi
 if wants time-to-psnr; then
