@@ -10,7 +10,7 @@
 
 Precisions: fp32 (IEEE: TF32 off), tf32 (TF32 convolutions and matmuls on CUDA; a CPU has no TF32
 and computes IEEE fp32), bf16 (autocast with fp32 master weights, Adam state, BatchNorm statistics,
-loss, output head and metrics), auto (bf16 where the hardware computes it natively, else fp32).
+loss, output head and metrics), auto (the measured choice: AUTO_PRECISION below).
 """
 
 from __future__ import annotations
@@ -29,9 +29,17 @@ BATCHED_BACKENDS = ("native", "compile", "triton")  # N images (or restarts) in 
 
 # What 'auto' runs, by device type: the fastest backend whose results match the reference. CPU:
 # measured (README "Performance", bench/results/): native bf16 1.9-3.1x the reference, compile slower
-# than eager and minutes to start (docs/notes/compile-bf16-nan.md), no Triton. CUDA: provisional
-# until the GPU check has timed compile and triton against it (no GPU has run dipfast yet).
+# than eager and minutes to start (docs/notes/compile-bf16-nan.md), no Triton. CUDA: the first H100 run
+# (bench/results/2026-11-26-h100-f6a7824f76/, 512 px, batch 1, image-iterations/s): native fp32 42.0,
+# reference 39.4, compile bf16 33.6, native bf16 28.1, triton bf16 12.9; the fp32 Triton kernels
+# failed parity there, and compile and TF32 are not yet timed in fp32.
 AUTO = {"cpu": "native", "cuda": "native"}
+
+
+def auto_precision(device: torch.device) -> str:
+    """What precision='auto' runs: bf16 on a CPU that computes it in hardware (1.5-2.4x native fp32 here), else
+    fp32. On CUDA fp32 too: the H100 ran the native step 1.5x faster in fp32 than in bf16 (AUTO's comment)."""
+    return "bf16" if device.type == "cpu" and bf16_native(device) else "fp32"
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,7 @@ def resolve(backend: str, precision: str, device: torch.device) -> Plan:
             )
         return REFERENCE_PLAN
     if precision == "auto":
-        precision = "bf16" if bf16_native(device) else "fp32"
+        precision = auto_precision(device)
     if precision == "bf16" and device.type == "cuda" and not bf16_native(device):
         raise InputError("precision='bf16' needs an Ampere or newer GPU; use precision='fp32' or 'tf32'")
     return Plan(backend, precision, compile=backend in ("compile", "triton"), cuda_graph=device.type == "cuda")

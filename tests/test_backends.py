@@ -55,6 +55,11 @@ def test_resolve_auto_picks_the_recorded_choice_and_native_bf16():
     assert backends.resolve("compile", "fp32", CPU).compile and backends.resolve("triton", "tf32", CPU).compile
 
 
+def test_auto_precision_on_cuda_is_the_measured_fp32():
+    """The H100 ran the native step faster in fp32 than in bf16 (backends.AUTO's comment); resolving needs no GPU."""
+    assert backends.resolve("auto", "auto", torch.device("cuda")).precision == "fp32"
+
+
 @pytest.mark.parametrize(
     "backend, precision, message",
     [
