@@ -13,6 +13,8 @@
 #      batch 1 and 4, the bf16 ones (native, compile, triton) at batch 1 (each compiles for a minute)
 #   4. time-to-PSNR on F16 from DATA_DIR, cold and warm: reference and original loop in fp32,
 #      native and compile in bf16
+#   (profile, only when DIPFAST_GPU_CHECK_STEPS names it: the top CUDA kernels per iteration of native fp32 and
+#      bf16 and triton bf16, 512 x 512, under 4 minutes)
 #   5. a short table of the results, printed last
 # Results: JSON, Markdown and plots under $OUT (default ./bench-out), plus each step's log and
 # steps.tsv (step, exit status, seconds): more than a device call may bring back file by file, so pack $OUT
@@ -24,8 +26,8 @@
 #   DIPFAST_GPU_CHECK_TINY=1     a smoke run on any machine (CPU too): tiny net, 32 px, a few iterations
 #   DIPFAST_GPU_CHECK_PYTEST     pytest arguments (default: step 2's tests; the tiny mode's runs none: "--co -q")
 #   DIPFAST_GPU_CHECK_INSTALL=0  skip the pip install (PYTHONPATH alone)
-#   DIPFAST_GPU_CHECK_STEPS      which of "tests throughput time-to-psnr" to run (default: all three), so that a
-#                                short device lease can split the check over two calls
+#   DIPFAST_GPU_CHECK_STEPS      which of "tests throughput time-to-psnr profile" to run (default: the first three),
+#                                so that a short device lease can split the check over two calls
 #   DIPFAST_BENCH_COMMIT         the commit to record when the copy has no .git (else git's HEAD and dirty flag)
 set -uo pipefail
 
@@ -43,8 +45,9 @@ if [ "${DIPFAST_GPU_CHECK_TINY:-0}" = 1 ]; then
     THROUGHPUT=(--size 32 --net tiny --batch 1 2 --iters 2 --repeats 2 --warmup 2)
     BF16_BATCHES=(1 2)
     TTP=(--size 32 --net tiny --iters 10 --report-every 2 --time-limit 60 --targets 10 15 20)
+    PROFILE=(--size 32 --net tiny --iters 2 --warmup 2)
     BF16_METHODS=(native)  # compile and triton take minutes to compile on a CPU: tests/test_backends.py has them
-    LIMITS=(60 120 60 60 120 60)
+    LIMITS=(60 120 60 60 120 60 60 300)
 else
     CUDA_TESTS="tests/parity tests/test_backends.py tests/test_bench.py"
     if "$PY" -c "import xdist" 2> /dev/null; then  # one GPU, 8 processes: the CPU-side work overlaps
@@ -55,8 +58,9 @@ else
     BF16_BATCHES=(1)
     TTP=(--iters 3000 --report-every 10 --time-limit 20 --targets 26 28 30)
     BF16_METHODS=(native compile triton)
-    # install, tests, throughput fp32 and bf16 (465 s at most), time-to-psnr fp32 and bf16 (200 s)
-    LIMITS=(45 180 60 180 90 110)
+    PROFILE=(--size 512 --net default --iters 10 --warmup 10)
+    # install, tests, throughput fp32 and bf16 (465 s at most), time-to-psnr fp32 and bf16 (200 s), profile (210 s)
+    LIMITS=(45 180 60 180 90 110 60 150)
 fi
 
 STEPS=" ${DIPFAST_GPU_CHECK_STEPS:-tests throughput time-to-psnr} "
@@ -111,11 +115,17 @@ if wants time-to-psnr; then
     step time-to-psnr-bf16 "${LIMITS[5]}" "$PY" -m dipfast.bench time-to-psnr --data "$DATA" --tasks denoise \
         "${TTP[@]}" --backend "${BF16_METHODS[@]:0:2}" --precision bf16 --out "$OUT/bf16" --quiet
 fi
+if wants profile; then
+    step profile-native "${LIMITS[6]}" "$PY" -m dipfast.bench profile "${PROFILE[@]}" --backend native \
+        --precision fp32 bf16 --out "$OUT/profile-native" --quiet
+    step profile-triton "${LIMITS[7]}" "$PY" -m dipfast.bench profile "${PROFILE[@]}" --backend triton \
+        --precision bf16 --out "$OUT/profile-triton" --quiet
+fi
 echo
 cat "$OUT/environment.txt" | head -n 2
 column -t "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
 [ -f "$OUT/tests.log" ] && grep -E "passed|failed|error|no tests ran|collected" "$OUT/tests.log" | tail -n 1
-for precision in fp32 bf16; do
-    [ -d "$OUT/$precision" ] && "$PY" -m dipfast.bench summary "$OUT/$precision"
+for folder in fp32 bf16 profile-native profile-triton; do
+    [ -d "$OUT/$folder" ] && "$PY" -m dipfast.bench summary "$OUT/$folder"
 done
 exit $FAILED

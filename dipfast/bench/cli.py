@@ -1,4 +1,4 @@
-"""`dipfast bench throughput|time-to-psnr|quality|summary`: the command line of the harness.
+"""`dipfast bench throughput|time-to-psnr|quality|profile|summary`: the command line of the harness.
 
 add_bench_parser(subparsers) adds `bench` to the `dipfast` command; run_bench(args) runs it
 and returns the exit status (2 for bad input, with one line on stderr). `python -m dipfast.bench`
@@ -19,13 +19,14 @@ from dipfast.cli import positive_int as _positive_int
 from dipfast.errors import InputError
 
 EXIT_BAD_INPUT = 2
-SUITES = ("throughput", "time-to-psnr", "quality", "summary")
+SUITES = ("throughput", "time-to-psnr", "quality", "profile", "summary")
 
 # 'auto' defaults: (CPU, CUDA)
 AUTO = {
     "throughput": {"size": ([64, 128], [512]), "iters": (10, 20), "warmup": (5, 20)},
     "time-to-psnr": {"size": (64, None), "iters": (100, None)},
     "quality": {"size": (64, None), "iters": (50, None)},
+    "profile": {"size": (128, 512), "iters": (5, 20), "warmup": (5, 20)},
 }
 
 
@@ -93,7 +94,7 @@ def _images(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_suites(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="suite", metavar="{throughput,time-to-psnr,quality,summary}")
+    sub = parser.add_subparsers(dest="suite", metavar="{throughput,time-to-psnr,quality,profile,summary}")
     t = sub.add_parser(
         "throughput",
         help="iterations/s and peak memory",
@@ -147,6 +148,22 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--iters", type=_positive_int, help="iterations per fit (default: 50 on CPU, each preset's on CUDA)")
     q.add_argument("--runs", type=_positive_int, default=2, help="denoising runs to average (default: 2, the paper's)")
 
+    f = sub.add_parser(
+        "profile",
+        help="each method's top ops (CUDA kernels on a GPU) per iteration",
+        description=(
+            "One block of iterations per method x precision under torch.profiler, after warm-up: the ops ranked by "
+            "self time on the device (CUDA kernel time on a GPU, CPU time on a CPU), per iteration."
+        ),
+    )
+    _common(f)
+    f.add_argument("--size", type=_positive_int, help="image side (default: 128 on CPU, 512 on CUDA)")
+    f.add_argument("--batch", type=_positive_int, default=1, help="images trained side by side (default: 1)")
+    f.add_argument("--iters", type=_positive_int, help="profiled iterations (default: 5 on CPU, 20 on CUDA)")
+    f.add_argument("--warmup", type=_positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
+    f.add_argument("--rows", type=_positive_int, default=25, help="ops listed per method (default: 25)")
+    f.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
+
     s = sub.add_parser("summary", help="print the short table of the results in a folder")
     s.add_argument("folder", nargs="?", default="bench-out")
 
@@ -193,7 +210,7 @@ def run_bench(args) -> int:
 
 def _run(args) -> int:
     if getattr(args, "suite", None) is None:
-        raise InputError("give a suite: throughput, time-to-psnr, quality or summary (see --help)")
+        raise InputError("give a suite: throughput, time-to-psnr, quality, profile or summary (see --help)")
     if args.suite == "summary":
         from dipfast.bench.report import summary
 
@@ -220,12 +237,15 @@ def _run(args) -> int:
         "seed": args.seed,
         "progress": not args.quiet,
     }
-    suite = {"throughput": _throughput, "time-to-psnr": _time_to_psnr, "quality": _quality}[args.suite]
+    suite = {"throughput": _throughput, "time-to-psnr": _time_to_psnr, "quality": _quality, "profile": _profile}[
+        args.suite
+    ]
     rep = report.finish(suite(args, dev.type == "cuda", **common), dev)
     markdown, plots = {
         "throughput": (report.throughput_markdown, _throughput_plots),
         "time-to-psnr": (report.time_to_psnr_markdown, _time_to_psnr_plots),
         "quality": (report.quality_markdown, None),
+        "profile": (report.profile_markdown, None),
     }[args.suite]
     text = markdown(rep)
     paths = list(report.write(rep, out, text).values()) + (plots(rep, out) if plots else [])
@@ -248,6 +268,25 @@ def _throughput(args, cuda: bool, **common) -> dict:
         repeats=args.repeats,
         warmup=_auto("throughput", "warmup", args.warmup, cuda),
         rounds=args.rounds,
+        **common,
+    )
+
+
+def _profile(args, cuda: bool, **common) -> dict:
+    from dipfast.bench import runs
+    from dipfast.bench.profile import run_profile
+
+    if args.net not in runs.NET_CHOICES or args.net == "preset":
+        raise InputError(f"unknown net {args.net!r}; valid: {[n for n in runs.NET_CHOICES if n != 'preset']}")
+    if args.backend == ["all"]:  # restore()'s methods: the original loop is not one
+        common["methods"] = [m for m in common["methods"] if m != runs.ORIGINAL_LOOP]
+    return run_profile(
+        size=_auto("profile", "size", args.size, cuda),
+        batch=args.batch,
+        net=args.net,
+        iters=_auto("profile", "iters", args.iters, cuda),
+        warmup=_auto("profile", "warmup", args.warmup, cuda),
+        rows=args.rows,
         **common,
     )
 

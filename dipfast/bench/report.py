@@ -4,6 +4,7 @@ Files in the output folder (overwritten by the next run of the same suite):
     throughput.json, throughput.md, throughput.png                 (bars: image-iterations/s)
     time_to_psnr.json, time_to_psnr.md, psnr_vs_time_<case>.png    (PSNR against wall time)
     quality.json, quality.md
+    profile.json, profile.md                                       (each method's top ops, per iteration)
 Every JSON has: schema, suite, created (UTC), machine (machine.machine_info), settings and the
 suite's figures; NaN is written as null.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from dipfast.bench.machine import machine_info, machine_label
 
 SCHEMA = "dipfast-bench/1"
-STEMS = {"throughput": "throughput", "time-to-psnr": "time_to_psnr", "quality": "quality"}
+STEMS = {"throughput": "throughput", "time-to-psnr": "time_to_psnr", "quality": "quality", "profile": "profile"}
 
 
 def _clean(x):
@@ -349,6 +350,41 @@ def quality_markdown(report: dict) -> str:
     return text + ("\n" if report["unsupported"] else "")
 
 
+# ---------------------------------------------------------------- profile
+
+
+# the profile table's numeric columns: the op's field and its format
+_PROFILE_CELLS = (
+    ("calls_per_iter", "{:.1f}"),
+    ("ms_per_iter", "{:.3f}"),
+    ("cpu_ms_per_iter", "{:.3f}"),
+    ("share_pct", "{:.1f} %"),
+)
+
+
+def profile_markdown(report: dict) -> str:
+    st = report["settings"]
+    parts = [
+        _header(report, "Profile"),
+        f"Throughput input, net '{st['net']}', {st['size']} x {st['size']}, batch {st['batch']}: one block of "
+        f"{st['iters']} iterations under torch.profiler after {st['warmup']} warm-up iterations. Times are per "
+        "image-iteration; 'share' is of the total self time on the device that does the work.\n",
+    ]
+    for e in report["entries"]:
+        title = f"### {e['method']} {e['precision']}\n\n"
+        if e["status"] != "ok":
+            parts.append(title + f"{e['status']}: {e['reason']}\n")
+            continue
+        rows = [[op["name"], *(_f(op[k], fmt) for k, fmt in _PROFILE_CELLS)] for op in e["ops"]]
+        parts.append(
+            title
+            + f"{e['time_kind']}: {e['total_ms_per_iter']:.2f} ms per iteration in all; the profiled block's wall "
+            f"time {e['wall_ms_per_iter']:.2f} ms per iteration.\n\n"
+            + table(["op", "calls", "ms", "CPU ms", "share"], rows)
+        )
+    return parts[0] + "\n".join(parts[1:])
+
+
 # ---------------------------------------------------------------- summary
 
 
@@ -396,4 +432,14 @@ def summary(out: Path) -> str:
             lines.append(
                 f"  {a['bench_task']:<8} {a['method']:<14} {_f(a['metrics'].get(PRIMARY[a['bench_task']]))} dB"
             )
+    pr = out / "profile.json"
+    if pr.is_file():
+        rep = json.loads(pr.read_text())
+        lines.append(f"profile ({machine_label(rep['machine'])}), top ops, ms per iteration:")
+        for e in rep["entries"]:
+            if e["status"] != "ok":
+                lines.append(f"  {e['method']:<14} {e['precision']:<5} {e['status']}: {e['reason']}")
+                continue
+            top = ", ".join(f"{op['name'][:40]} {op['ms_per_iter']:.2f}" for op in e["ops"][:4])
+            lines.append(f"  {e['method']:<14} {e['precision']:<5} {e['total_ms_per_iter']:7.2f} ms: {top}")
     return "\n".join(lines) if lines else f"no results in {out}"

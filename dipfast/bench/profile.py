@@ -1,0 +1,119 @@
+"""Profile: where a method's step spends its time, op by op (kernel by kernel on CUDA).
+
+One restore() of the throughput input per method x precision, the same call the throughput table
+times: warm-up blocks of K iterations, then one block of K iterations under torch.profiler, started
+and stopped at the K-iteration read-backs (after torch.cuda.synchronize on CUDA). The table ranks the
+ops by self time on the device that does the work: CUDA kernel time on a GPU (the kernels replayed by
+a CUDA graph included, as CUPTI reports them), CPU self time on a CPU. Every figure is per
+iteration, so methods compare row by row; a profiled block runs slower than a timed one, so its wall
+time is for the shares, and throughput is the harness's speed figure.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dipfast import api
+from dipfast.bench import runs
+from dipfast.bench.data import throughput_case
+from dipfast.errors import InputError
+
+
+def _device_time_us(event) -> float:
+    """Self device time of a key_averages() row (torch renamed the field from self_cuda_time_total)."""
+    return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+
+def profile_one(method: str, precision: str, *, size: int, batch: int, net: str, iters: int, warmup: int,
+                device: torch.device, seed: int = 0, rows: int = 25) -> dict:  # fmt: skip
+    """One method x precision: its top `rows` ops by self time, per iteration, and the profiled block's wall time."""
+    case = throughput_case(size, seed)
+    warm_blocks = max(1, math.ceil(warmup / iters))
+    cuda = device.type == "cuda"
+    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+    blocks, stamps = [0], []
+
+    def callback(_progress) -> None:
+        runs.cuda_sync(device)
+        blocks[0] += 1
+        if blocks[0] == warm_blocks:
+            prof.start()
+            stamps.append(time.perf_counter())
+        elif blocks[0] == warm_blocks + 1:
+            stamps.append(time.perf_counter())
+            prof.stop()
+
+    with runs.method_context(method):
+        api.restore(
+            case.observed if batch == 1 else [case.observed] * batch,
+            **case.restore_kwargs(),
+            iters=(warm_blocks + 1) * iters,
+            seed=seed,
+            device=device,
+            precision=precision,
+            backend=runs.backend_of(method),
+            progress=False,
+            callback=callback,
+            report_every=iters,
+            **runs.net_overrides(net, case.preset),
+        )
+    events = prof.key_averages()
+    on_device = [_device_time_us(e) for e in events] if cuda else [float(e.self_cpu_time_total) for e in events]
+    total = sum(on_device)
+    ranked = sorted(zip(events, on_device), key=lambda pair: -pair[1])[:rows]
+    per_iter = iters * batch  # image-iterations in the profiled block
+    return {
+        "wall_ms_per_iter": 1e3 * (stamps[1] - stamps[0]) / per_iter,
+        "time_kind": "CUDA kernel self time" if cuda else "CPU self time",
+        "total_ms_per_iter": total / 1e3 / per_iter,
+        "ops": [
+            {
+                "name": e.key,
+                "calls_per_iter": e.count / per_iter,
+                "ms_per_iter": t / 1e3 / per_iter,
+                "cpu_ms_per_iter": e.self_cpu_time_total / 1e3 / per_iter,
+                "share_pct": 100 * t / total if total else math.nan,
+            }
+            for e, t in ranked
+        ],
+    }
+
+
+def run_profile(
+    methods,
+    precisions,
+    *,
+    size: int,
+    batch: int = 1,
+    net: str = "default",
+    iters: int = 5,
+    warmup: int = 5,
+    rows: int = 25,
+    device="auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Profile every method x precision; failures (a refused combination, out of memory) become rows that say so."""
+    if runs.ORIGINAL_LOOP in methods:
+        raise InputError("profile runs restore()'s methods; the original loop is the throughput table's baseline")
+    dev = api.resolve_device(device)
+    entries = []
+    for method in methods:
+        for precision in precisions:
+            if progress:
+                print(f"profile: {method} {precision} b{batch} {size}px", flush=True)
+            entry = {"method": method, "precision": precision, "status": "ok", "reason": None}
+            try:
+                entry.update(profile_one(method, precision, size=size, batch=batch, net=net, iters=iters,
+                                         warmup=warmup, device=dev, seed=seed, rows=rows))  # fmt: skip
+            except InputError as e:
+                entry.update(status="unsupported", reason=str(e))
+            except (RuntimeError, MemoryError) as e:
+                entry.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            entries.append(entry)
+    settings = {"size": size, "batch": batch, "net": net, "iters": iters, "warmup": warmup, "rows": rows}
+    return {"suite": "profile", "settings": settings, "entries": entries}
