@@ -97,6 +97,8 @@ for so in "$ROOT"/dipfast/_native*.so; do  # their error path crashed on the fir
     [ -f "$so" ] || continue
     { c++ --version | head -n 1; ldd "$so" | grep -E "stdc|gomp"
       echo "std::locale symbols defined in $(basename "$so"): $(nm -C --defined-only "$so" | grep -c 'std::locale')"
+      echo "libstdc++ in a process that loaded them:"
+      "$PY" -c "import torch, dipfast.native; print(*{l.split()[-1] for l in open('/proc/self/maps') if 'stdc++' in l})"
     } >> "$OUT/environment.txt" 2>&1
 done
 if wants tests; then
