@@ -47,14 +47,18 @@ def _tf32():
         yield
 
 
-def _check_within_eager_error(kernel_fn, twin, tensors, precision, seed, bf16_operands=(), vanishing=()):
+def _check_within_eager_error(kernel_fn, twin, named, precision, seed, bf16_operands=(), vanishing=()):
     """Output and every gradient of kernel_fn against twin: float64 oracle, eager `precision` as the yardstick.
 
-    bf16_operands: indices of the tensors the kernel takes in bf16 under precision 'bf16' (the conv inputs and
-    weight; the rest stay fp32, as autocast leaves BatchNorm's parameters). vanishing: indices (0 = the output, then
-    one per input) of gradients that are zero in exact arithmetic (a bias followed by training BN), whose relative
-    error is noise over noise; the interpreter suites bound those by sum |dL/dy| instead.
+    named: the inputs by name; a failure names the tensor ('out', or 'd' + the input's name). bf16_operands: the
+    inputs the kernel takes in bf16 under precision 'bf16' (the conv inputs and weight; the rest stay fp32, as
+    autocast leaves BatchNorm's parameters). vanishing: the gradients that are zero in exact arithmetic (a bias
+    followed by training BN), whose relative error is noise over noise; the interpreter suites bound those by
+    sum |dL/dy| instead.
     """
+    names, tensors = ["out", *(f"d{name}" for name in named)], list(named.values())
+    bf16_operands = [list(named).index(n) for n in bf16_operands]
+    vanishing = [names.index(n) for n in vanishing]
     gen = torch.Generator(DEVICE).manual_seed(seed)
     if precision == "bf16":  # one set of values for all three: the bf16 operands rounded once
         tensors = [t.bfloat16().float() if i in bf16_operands else t for i, t in enumerate(tensors)]
@@ -77,14 +81,14 @@ def _check_within_eager_error(kernel_fn, twin, tensors, precision, seed, bf16_op
     oracle = [out64, *torch.autograd.grad(out64, leaves64, g.double())]
     error = _l2_rel_error if precision == "bf16" else _max_rel_error
     for i, (k, e, o) in enumerate(zip(results, eager, oracle, strict=True)):
-        assert not torch.isnan(k).any(), f"tensor {i}: NaN"
+        assert not torch.isnan(k).any(), f"{names[i]}: NaN"
         if i > 0:
-            assert k.dtype == kernel_leaves[i - 1].dtype, f"gradient {i - 1} in {k.dtype}"
+            assert k.dtype == kernel_leaves[i - 1].dtype, f"{names[i]} in {k.dtype}"
         if i in vanishing:
             continue
         kernel_err, eager_err = error(k, o), error(e, o)
         bar = 2 * eager_err + FLOOR[precision]
-        assert kernel_err <= bar, f"{precision} tensor {i}: kernel {kernel_err:.2e}, eager {eager_err:.2e}"
+        assert kernel_err <= bar, f"{precision} {names[i]}: kernel {kernel_err:.2e}, eager {eager_err:.2e}"
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -111,8 +115,9 @@ def test_conv_bn_lrelu_real_shapes(n, c_in, hw, c_out, k, stride, groups, precis
     def twin(*ins):
         return reference.conv_bn_lrelu(*ins, stride=stride, groups=groups)
 
-    tensors = [x, weight, bias, gamma, beta]
-    _check_within_eager_error(kernel_fn, twin, tensors, precision, seed=1, bf16_operands=(0, 1), vanishing=(3,))
+    tensors = {"x": x, "weight": weight, "bias": bias, "gamma": gamma, "beta": beta}
+    _check_within_eager_error(kernel_fn, twin, tensors, precision, seed=1, bf16_operands=("x", "weight"),
+                              vanishing=("dbias",))  # fmt: skip
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -127,9 +132,11 @@ def test_merge_real_shape(precision):
     weight = torch.randn(128, 132, 3, 3, generator=gen, device=DEVICE) * (132 * 9) ** -0.5
     bias, beta = (torch.randn(128, generator=gen, device=DEVICE) for _ in range(2))
     gamma = torch.rand(128, generator=gen, device=DEVICE) + 0.5
-    tensors = [skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta]
+    tensors = dict(skip=skip, deeper=deeper, merge_gamma=merge_gamma, merge_beta=merge_beta, weight=weight, bias=bias,
+                   gamma=gamma, beta=beta)  # fmt: skip
     kernel_fn, twin = dipfast.kernels.concat_bn_conv_bn_lrelu, reference.concat_bn_conv_bn_lrelu
-    _check_within_eager_error(kernel_fn, twin, tensors, precision, seed=1, bf16_operands=(0, 1, 4), vanishing=(4, 6))
+    _check_within_eager_error(kernel_fn, twin, tensors, precision, seed=1, bf16_operands=("skip", "deeper", "weight"),
+                              vanishing=("dmerge_beta", "dbias"))  # fmt: skip
 
 
 @pytest.mark.parametrize("factor", [4, 8])
@@ -144,4 +151,4 @@ def test_lanczos2_sr_shapes(factor):
     def twin(x, y):
         return reference.lanczos2_mse(x, y, factor)
 
-    _check_within_eager_error(kernel_fn, twin, [x, y], "fp32", seed=1)
+    _check_within_eager_error(kernel_fn, twin, {"x": x, "y": y}, "fp32", seed=1)
