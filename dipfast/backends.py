@@ -10,7 +10,7 @@
 
 Precisions: fp32 (IEEE: TF32 off), tf32 (TF32 convolutions and matmuls on CUDA; a CPU has no TF32
 and computes IEEE fp32), bf16 (autocast with fp32 master weights, Adam state, BatchNorm statistics,
-loss, output head and metrics), auto (the measured choice: AUTO_PRECISION below).
+loss, output head and metrics), auto (the measured choice: auto_precision below).
 """
 
 from __future__ import annotations
