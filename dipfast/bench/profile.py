@@ -11,6 +11,7 @@ time is for the shares, and throughput is the harness's speed figure.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -26,6 +27,16 @@ from dipfast.errors import InputError
 def _device_time_us(event) -> float:
     """Self device time of a key_averages() row (torch renamed the field from self_cuda_time_total)."""
     return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+
+@contextlib.contextmanager
+def _stopped_on_error(prof, stamps: list):
+    """A fit that fails inside the profiled block leaves no profiler running behind it."""
+    try:
+        yield
+    finally:
+        if len(stamps) == 1:
+            prof.stop()
 
 
 def profile_one(method: str, precision: str, *, size: int, batch: int, net: str, iters: int, warmup: int,
@@ -47,7 +58,7 @@ def profile_one(method: str, precision: str, *, size: int, batch: int, net: str,
             stamps.append(time.perf_counter())
             prof.stop()
 
-    with runs.method_context(method):
+    with runs.method_context(method), _stopped_on_error(prof, stamps):
         api.restore(
             case.observed if batch == 1 else [case.observed] * batch,
             **case.restore_kwargs(),
