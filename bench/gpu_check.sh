@@ -51,7 +51,7 @@ if [ "${DIPFAST_GPU_CHECK_TINY:-0}" = 1 ]; then
 else
     CUDA_TESTS="tests/parity tests/test_backends.py tests/test_bench.py"
     if "$PY" -c "import xdist" 2> /dev/null; then  # one GPU, 8 processes: the CPU-side work overlaps
-        CUDA_TESTS="-n 8 --dist loadfile $CUDA_TESTS"
+        CUDA_TESTS="-n 8 $CUDA_TESTS"
     fi
     PYTEST_ARGS=${DIPFAST_GPU_CHECK_PYTEST:-"-q -rf $CUDA_TESTS"}
     THROUGHPUT=(--size 512 --net default --batch 1 4 --iters 10 --repeats 5 --warmup 10)
