@@ -29,6 +29,7 @@
 #   DIPFAST_GPU_CHECK_STEPS      which of "tests throughput time-to-psnr profile" to run (default: the first three),
 #                                so that a short device lease can split the check over two calls
 #   DIPFAST_BENCH_COMMIT         the commit to record when the copy has no .git (else git's HEAD and dirty flag)
+#   DIPFAST_GPU_CHECK_ARCHIVE    also pack $OUT into this .tar.gz (for machines that return a few files only)
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -130,4 +131,7 @@ column -t "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
 for folder in fp32 bf16 profile-native profile-triton; do
     [ -d "$OUT/$folder" ] && "$PY" -m dipfast.bench summary "$OUT/$folder"
 done
+if [ -n "${DIPFAST_GPU_CHECK_ARCHIVE:-}" ]; then
+    tar czf "$DIPFAST_GPU_CHECK_ARCHIVE" -C "$OUT" . && echo "packed $OUT into $DIPFAST_GPU_CHECK_ARCHIVE"
+fi
 exit $FAILED
