@@ -244,6 +244,22 @@ def test_a_nan_loss_stops_the_run_with_a_clear_error(np_rng, backend):
     assert "precision='fp32' or backend='reference'" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_a_nan_from_the_loss_tensors_stops_the_run_on_any_device(np_rng, backend):
+    """The same guard where the NaN comes from tensor ops (a counter the loss bumps in place), which a CUDA graph
+    replays: on a GPU this is the fast backends' CUDA-graph path; on a CPU, the same as above."""
+    state = {}
+
+    def loss(x):
+        count = state.setdefault("count", torch.zeros((), device=x.device))
+        count.add_(1)
+        return (x - 0.5).square().mean() * torch.where(count > 4, math.nan, 1.0)
+
+    with pytest.raises(NumericalError, match=f"loss became nan at iteration 5 with backend='{backend}'"):
+        dipfast.restore(random_image(np_rng, 8, 8), "custom", loss=loss, iters=10, backend=backend,
+                        precision="fp32", report_every=2, **FAST)  # fmt: skip
+
+
 def test_the_command_reports_a_numerical_error_in_one_line(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
