@@ -7,8 +7,8 @@
 # 2026-11-26-h100-f6a7824f76/). The whole check runs past one 10-minute device command, so run it as two:
 # DIPFAST_GPU_CHECK_STEPS="tests throughput" (under 8 minutes), then "time-to-psnr" (under 4).
 #   1. install the project without network (pip --no-deps --no-build-isolation -e .; PYTHONPATH as well)
-#   2. the tests that run on CUDA (tests/parity, test_backends.py, test_bench.py), 8 pytest-xdist workers
-#      where xdist is installed; the CPU-only rest is CI's
+#   2. the tests that run on CUDA (tests/parity, test_backends, test_bench, test_api, test_engine), on 8
+#      pytest-xdist workers where xdist is installed; the CPU-only rest is CI's
 #   3. the throughput tables: default net, 512 x 512: the fp32 methods (reference, original loop, native) at
 #      batch 1 and 4, the bf16 ones (native, compile, triton) at batch 1 (each compiles for a minute)
 #   4. time-to-PSNR on F16 from DATA_DIR, cold and warm: reference and original loop in fp32,
@@ -50,7 +50,7 @@ if [ "${DIPFAST_GPU_CHECK_TINY:-0}" = 1 ]; then
     BF16_METHODS=(native)  # compile and triton take minutes to compile on a CPU: tests/test_backends.py has them
     LIMITS=(60 120 60 60 120 60 60 300)
 else
-    CUDA_TESTS="tests/parity tests/test_backends.py tests/test_bench.py"
+    CUDA_TESTS="tests/parity tests/test_backends.py tests/test_bench.py tests/test_api.py tests/test_engine.py"
     if "$PY" -c "import xdist" 2> /dev/null; then  # one GPU, 8 processes: the CPU-side work overlaps
         CUDA_TESTS="-n 8 $CUDA_TESTS"
     fi
@@ -109,8 +109,8 @@ fi
 if wants throughput; then
     step throughput-fp32 "${LIMITS[2]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" \
         --backend reference original-loop native --precision fp32 --out "$OUT/fp32" --quiet
-    step throughput-bf16 "${LIMITS[3]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" --batch "${BF16_BATCHES[@]}" \
-        --backend "${BF16_METHODS[@]}" --precision bf16 --out "$OUT/bf16" --quiet
+    step throughput-bf16 "${LIMITS[3]}" "$PY" -m dipfast.bench throughput "${THROUGHPUT[@]}" \
+        --batch "${BF16_BATCHES[@]}" --backend "${BF16_METHODS[@]}" --precision bf16 --out "$OUT/bf16" --quiet
 fi
 if wants time-to-psnr; then
     step time-to-psnr-fp32 "${LIMITS[4]}" "$PY" -m dipfast.bench time-to-psnr --data "$DATA" --tasks denoise \
