@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from dipfast import api
 from dipfast.bench import runs
 from dipfast.bench.data import throughput_case
+from dipfast.bench.throughput import restore_in_blocks
 from dipfast.errors import InputError
 
 
@@ -48,8 +49,7 @@ def profile_one(method: str, precision: str, *, size: int, batch: int, net: str,
     prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
     blocks, stamps = [0], []
 
-    def callback(_progress) -> None:
-        runs.cuda_sync(device)
+    def on_block() -> None:
         blocks[0] += 1
         if blocks[0] == warm_blocks:
             prof.start()
@@ -58,20 +58,9 @@ def profile_one(method: str, precision: str, *, size: int, batch: int, net: str,
             stamps.append(time.perf_counter())
             prof.stop()
 
-    with runs.method_context(method), _stopped_on_error(prof, stamps):
-        api.restore(
-            case.observed if batch == 1 else [case.observed] * batch,
-            **case.restore_kwargs(),
-            iters=(warm_blocks + 1) * iters,
-            seed=seed,
-            device=device,
-            precision=precision,
-            backend=runs.backend_of(method),
-            progress=False,
-            callback=callback,
-            report_every=iters,
-            **runs.net_overrides(net, case.preset),
-        )
+    with _stopped_on_error(prof, stamps):
+        restore_in_blocks(case, method, precision, blocks=warm_blocks + 1, iters=iters, net=net, device=device,
+                          seed=seed, images=batch, on_block=on_block)  # fmt: skip
     events = prof.key_averages()
     on_device = [_device_time_us(e) for e in events] if cuda else [float(e.self_cpu_time_total) for e in events]
     total = sum(on_device)

@@ -51,30 +51,49 @@ def batch_mode(method: str, batch: int) -> str:
     return "batched" if runs.backend_of(method) in api.BATCHED_BACKENDS else "sequential"
 
 
-def _blocks_reference(
-    case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed, images: int = 1
-) -> list[float]:
-    """Block durations (s) of one restore() call (of `images` copies of the case in one step)."""
-    stamps = []
+def restore_in_blocks(
+    case: Case, method: str, precision: str, *, blocks: int, iters: int, net, device, seed, on_block, images: int = 1
+) -> None:
+    """One restore() of `images` copies of the case for `blocks` x `iters` iterations, calling on_block() at
+    each K-iteration read-back (after torch.cuda.synchronize on CUDA): the clock of every block-timed suite."""
 
-    def callback(p) -> None:
+    def callback(_progress) -> None:
         runs.cuda_sync(device)
-        stamps.append(time.perf_counter())
+        on_block()
 
-    with runs.method_context(config.method):
+    with runs.method_context(method):
         api.restore(
             case.observed if images == 1 else [case.observed] * images,
             **case.restore_kwargs(),
-            iters=(warm_blocks + repeats) * iters,
+            iters=blocks * iters,
             seed=seed,
             device=device,
-            precision=config.precision,
-            backend=runs.backend_of(config.method),
+            precision=precision,
+            backend=runs.backend_of(method),
             progress=False,
             callback=callback,
             report_every=iters,
             **runs.net_overrides(net, case.preset),
         )
+
+
+def _blocks_reference(
+    case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed, images: int = 1
+) -> list[float]:
+    """Block durations (s) of one restore() call (of `images` copies of the case in one step)."""
+    stamps = []
+    restore_in_blocks(
+        case,
+        config.method,
+        config.precision,
+        blocks=warm_blocks + repeats,
+        iters=iters,
+        net=net,
+        device=device,
+        seed=seed,
+        images=images,
+        on_block=lambda: stamps.append(time.perf_counter()),
+    )
     return [b - a for a, b in zip(stamps[warm_blocks - 1 :], stamps[warm_blocks:])]
 
 
