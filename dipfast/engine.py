@@ -56,7 +56,7 @@ class Problem:
 
     def data_term(self, out: torch.Tensor, y: torch.Tensor | None, check: bool = True) -> torch.Tensor:
         """The 0-dim loss of the cropped output `out`, y the observation on out's device; `check` the
-        user callables' results (the steps check the first iteration)."""
+        user callables' results (ReferenceStep checks its first iteration, FastStep every eager call)."""
         if self.loss is not None:
             loss = self.loss(out)
             if check and (not isinstance(loss, torch.Tensor) or loss.numel() != 1):
