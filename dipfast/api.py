@@ -18,8 +18,8 @@ from dipfast.backends import BACKENDS, BATCHED_BACKENDS, PRECISIONS  # noqa: F40
 from dipfast.errors import InputError, InputTypeError
 from dipfast.metrics import psnr as psnr_metric
 from dipfast.metrics import ssim as ssim_metric
-from dipfast.operators import Identity, Lanczos2Decimation, Mask
-from dipfast.presets import SR_SCALES, TaskPreset, apply_overrides, preset_for
+from dipfast.presets import SR_SCALES, TaskPreset, apply_overrides
+from dipfast.tasks import IMAGE_INPUTS, TASKS, Observation, Task, preset_for, task_named, tasks_taking
 
 
 @dataclass
@@ -130,6 +130,7 @@ def restore(
     >>> r.image.shape, r.image.dtype, r.iterations
     ((32, 32, 3), dtype('float32'), 2)
     """
+    task = task_named(task)
     preset_obj = _settings(task, preset, scale, iters, overrides)
     dev = resolve_device(device)
     plan = backends.resolve(backend, precision, dev)
@@ -207,9 +208,9 @@ def _result(task, preset_obj, plan, dev, seed, observed, problem, fits: list[eng
             {"seed": seed + r, "psnr": f.history[-1].psnr, "ema_psnr": f.history[-1].ema_psnr}
             for r, f in enumerate(fits)
         ]
-    if task == "enhance":  # x0 + (x0 - coarse): the early-stopped fit is the coarse layer
-        extras["coarse"] = images.from_tensor(out, alpha, form)
-        out, ema = (2 * x0 - out).clamp(0, 1), (2 * x0 - ema).clamp(0, 1)
+    if task.finish is not None:
+        out, ema, finished = task.finish(out, ema, x0)
+        extras.update({k: images.from_tensor(v, alpha, form) for k, v in finished.items()})
     result_psnr = result_ema_psnr = result_ssim = None
     if problem.target is not None:
         tgt = problem.target[0].cpu()
@@ -228,7 +229,7 @@ def _result(task, preset_obj, plan, dev, seed, observed, problem, fits: list[eng
         seconds=first.seconds,
         its=first.iterations / first.loop_seconds if first.loop_seconds > 0 else math.nan,
         stop_reason=first.stop_reason,
-        task=task,
+        task=task.name,
         settings=preset_obj,
         backend=plan.backend,
         device=str(dev),
@@ -238,15 +239,14 @@ def _result(task, preset_obj, plan, dev, seed, observed, problem, fits: list[eng
     )
 
 
-def _settings(task, preset, scale, iters, overrides) -> TaskPreset:
-    if not isinstance(task, str):
-        raise InputTypeError(f"task must be a string; got {type(task).__name__}")
-    if scale is not None and (task not in ("sr", "custom")):
-        raise InputError(f"scale= applies to task 'sr' (or 'custom'); task {task!r} takes none")
-    if task == "sr" and scale is not None and (isinstance(scale, bool) or scale not in SR_SCALES):
+def _settings(task: Task, preset, scale, iters, overrides) -> TaskPreset:
+    if scale is not None and task.scale == "none":
+        takes = [t.name for t in TASKS.values() if t.scale != "none"]
+        raise InputError(f"scale= applies to task {' or '.join(map(repr, takes))}; task {task.name!r} takes none")
+    if task.scale == "preset" and scale is not None and (isinstance(scale, bool) or scale not in SR_SCALES):
         raise InputError(f"SR scale must be one of {list(SR_SCALES)}; got {scale!r}")
-    chosen = preset_for(task, preset, scale if task == "sr" else None)
-    if task == "sr" and scale is not None and chosen.scale != scale:
+    chosen = preset_for(task.name, preset, scale if task.scale == "preset" else None)
+    if task.scale == "preset" and scale is not None and chosen.scale != scale:
         raise InputError(f"preset {preset!r} is for scale {chosen.scale}, not {scale}")
     if iters is not None:
         if "iterations" in overrides:
@@ -260,45 +260,40 @@ def _settings(task, preset, scale, iters, overrides) -> TaskPreset:
     return apply_overrides(chosen, overrides)
 
 
-def _problem(task, preset: TaskPreset, x0, mask, guide, target, operator, loss, scale, device) -> engine.Problem:
+def _problem(task: Task, preset: TaskPreset, x0, mask, guide, target, operator, loss, scale, device) -> engine.Problem:
     """The observation, operator, generator input and output size of the task."""
     c, h, w = x0.shape
-    factor = preset.scale if task == "sr" else scale if task == "custom" and scale else 1
+    factor = preset.scale if task.scale == "preset" else scale if task.scale == "any" and scale else 1
     if not isinstance(factor, int) or isinstance(factor, bool) or factor <= 0:
         raise InputError(f"scale must be a positive integer; got {scale!r}")
-    if task == "custom" and operator is None and loss is None:
+    if task.name == "custom" and operator is None and loss is None:
         raise InputError("task 'custom' needs operator= or loss=")
     if operator is not None and loss is not None:
         raise InputError("give operator= or loss=, not both")
     out_size = (h * factor, w * factor)
-    observed = x0
-    for name, value, tasks in (("mask", mask, ("inpaint", "restore")), ("guide", guide, ("flash",))):
-        if value is not None and task not in tasks:
-            raise InputError(f"{name}= applies to task {' or '.join(map(repr, tasks))}, not {task!r}")
-
-    if task in ("inpaint", "restore"):
-        if mask is None:
-            raise InputError(
-                f"task {task!r} needs mask= (nonzero = known pixel); dipfast.operators.bernoulli_mask makes one"
-            )
+    given = {"mask": mask, "guide": guide}
+    for name in IMAGE_INPUTS:
+        takes = tasks_taking(name)
+        if given[name] is not None and name not in task.inputs:
+            raise InputError(f"{name}= applies to task {' or '.join(map(repr, takes))}, not {task.name!r}")
+    if "mask" in task.inputs and mask is None:
+        raise InputError(
+            f"task {task.name!r} needs mask= (nonzero = known pixel); dipfast.operators.bernoulli_mask makes one"
+        )
+    m = None
+    if mask is not None:
         m = _load_mask(mask, h, w)
         if m.shape[0] not in (1, c):
             raise InputError(f"mask has {m.shape[0]} channels for an image of {c}; give 1 or {c}")
         if not m.any():
             raise InputError("mask has no known pixel (all zero); white or nonzero marks the pixels to keep")
-        A = Mask(m.to(device))
-        if operator is None:  # the notebooks' MSE(out * m, img * m): the holes add nothing to the loss
-            observed = x0 * m
-    elif task == "sr":
-        A = Lanczos2Decimation(factor)
-    else:
-        A = Identity()
-    if operator is not None:
-        A = operator
+    A, observed = task.observe(Observation(x0, m, factor, device))
+    if operator is not None:  # the user's A fits the image as given
+        A, observed = operator, x0
 
     if preset.input == "guide":
         if guide is None:
-            raise InputError(f"task {task!r} needs guide= (the flash image)")
+            raise InputError(f"task {task.name!r} needs guide= (the flash image)")
         g, _, _ = images.to_tensor(guide, "guide")
         if g.shape[-2:] != out_size:
             raise InputError(
@@ -335,7 +330,7 @@ def _problem(task, preset: TaskPreset, x0, mask, guide, target, operator, loss, 
         out_size=out_size,
         n_channels=c,
         y=observed[None] if loss is None else None,
-        operator=A.A if hasattr(A, "A") else A,
+        operator=A,
         loss=loss,
         target=tgt,
     )

@@ -8,6 +8,8 @@
     triton     compile, with the generator's blocks run by the fused Triton kernels (dipfast.kernels)
     auto       the measured choice for the device: AUTO below
 
+BACKEND_TABLE says what each runs per device: the step, the block ops, compile, layout, noise.
+
 Precisions: fp32 (IEEE: TF32 off), tf32 (TF32 convolutions and matmuls on CUDA; a CPU has no TF32
 and computes IEEE fp32), bf16 (autocast with fp32 master weights, Adam state, BatchNorm statistics,
 loss, output head and metrics), auto (the measured choice: auto_precision below).
@@ -23,22 +25,44 @@ import torch
 from dipfast.errors import InputError
 from dipfast.nets.blocks import REFERENCE, BlockOps
 
-BACKENDS = ("auto", "reference", "native", "compile", "triton")
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
-BATCHED_BACKENDS = ("native", "compile", "triton")  # N images (or restarts) in one step
 
-# What 'auto' runs, by device type: the fastest backend whose results match the reference. CPU:
-# measured (README "Performance", bench/results/): native bf16 1.9-3.1x the reference, compile slower
-# than eager and minutes to start (docs/notes/compile-bf16-nan.md), no Triton. CUDA: the first H100 run
-# (bench/results/2026-11-26-h100-f6a7824f76/, 512 px, batch 1, image-iterations/s): native fp32 42.0,
-# reference 39.4, compile bf16 33.6, native bf16 28.1, triton bf16 12.9; the fp32 Triton kernels
-# failed parity there, and compile and TF32 are not yet timed in fp32.
+
+@dataclass(frozen=True)
+class Backend:
+    """What a backend runs, per device type ('cpu', 'cuda')."""
+
+    name: str
+    step: str  # 'reference' (engine.ReferenceStep: one network per fit) or 'fast' (fast_step.FastStep: N)
+    blocks: dict[str, str]  # device type -> block ops: 'reference', 'native' (dipfast.native) or 'triton'
+    compile: bool  # the generator under torch.compile
+    channels_last_bf16: bool  # NHWC activations and weights under bf16 (oneDNN's and cuDNN's fast layout)
+    noise: dict[str, str]  # device type -> the input-noise draw: 'generator' (torch's) or 'philox' (counter-based)
+
+
+BACKEND_TABLE: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("reference", "reference", {"cpu": "reference", "cuda": "reference"}, False, False, {}),
+        # The csrc ops are CPU ops; on CUDA the native step runs the reference blocks. The Philox draw
+        # is the same stream whether or not the extension is built (its eager twin runs otherwise).
+        Backend("native", "fast", {"cpu": "native", "cuda": "reference"}, False, True, {"cpu": "philox"}),
+        Backend("compile", "fast", {"cpu": "reference", "cuda": "reference"}, True, True, {}),
+        # The Triton kernels index NCHW, so no channels_last
+        Backend("triton", "fast", {"cpu": "triton", "cuda": "triton"}, True, False, {}),
+    )
+}
+BACKENDS = ("auto", *BACKEND_TABLE)
+BATCHED_BACKENDS = tuple(name for name, b in BACKEND_TABLE.items() if b.step == "fast")  # N images in one step
+
+# What 'auto' runs, by device type: the fastest backend whose results match the reference, as
+# measured by the harness (the README's Performance section; bench/results/).
 AUTO = {"cpu": "native", "cuda": "native"}
 
 
 def auto_precision(device: torch.device) -> str:
-    """What precision='auto' runs: bf16 on a CPU that computes it in hardware (1.5-2.4x native fp32 here), else
-    fp32. On CUDA fp32 too: the H100 ran the native step 1.5x faster in fp32 than in bf16 (AUTO's comment)."""
+    """What precision='auto' runs: bf16 on a CPU that computes it in hardware, else fp32 (also on CUDA,
+    where bf16 is not yet the faster path: README, Performance)."""
     return "bf16" if device.type == "cpu" and bf16_native(device) else "fp32"
 
 
@@ -46,28 +70,34 @@ def auto_precision(device: torch.device) -> str:
 class Plan:
     backend: str  # never 'auto'
     precision: str  # never 'auto'
-    compile: bool  # the generator under torch.compile
+    compile: bool  # the generator under torch.compile (the backend's choice; tests may turn it off)
     cuda_graph: bool  # the whole step captured once and replayed
-    fused_adam: bool = True  # one fused Adam kernel for all parameters (3x faster than foreach on the CPU;
-    # it rounds differently from the reference's for-loop Adam by ~1 ulp per step)
+    fused_adam: bool = True  # one fused Adam kernel for all parameters (it rounds differently from the
+    # reference's for-loop Adam by ~1 ulp per step)
+
+    @property
+    def spec(self) -> Backend:
+        return BACKEND_TABLE[self.backend]
 
     @property
     def fast(self) -> bool:
-        return self.backend != "reference"
+        return self.spec.step == "fast"
 
     @property
     def channels_last(self) -> bool:
-        """NHWC activations and weights: oneDNN's and cuDNN's fast bf16 layout (-13% per step on the
-        CPU, docs/notes/compile-bf16-nan.md). The Triton kernels index NCHW."""
-        return self.precision == "bf16" and self.backend in ("native", "compile")
+        return self.precision == "bf16" and self.spec.channels_last_bf16
+
+    def noise(self, device: torch.device) -> str:
+        return self.spec.noise.get(device.type, "generator")
 
     def block_ops(self, device: torch.device) -> BlockOps:
-        if self.backend == "triton":
+        kind = self.spec.blocks[device.type]
+        if kind == "triton":
             from dipfast.kernels.blocks import TritonBlocks
 
             return TritonBlocks()
-        if self.backend == "native" and device.type == "cpu":  # the csrc ops are CPU ops
-            from dipfast.native.blocks import NativeBlocks  # the csrc ops, or eager ones where not built
+        if kind == "native":
+            from dipfast.native.blocks import NativeBlocks  # the csrc ops, or their eager twins where not built
 
             return NativeBlocks()
         return REFERENCE
@@ -124,4 +154,4 @@ def resolve(backend: str, precision: str, device: torch.device) -> Plan:
         precision = auto_precision(device)
     if precision == "bf16" and device.type == "cuda" and not bf16_native(device):
         raise InputError("precision='bf16' needs an Ampere or newer GPU; use precision='fp32' or 'tf32'")
-    return Plan(backend, precision, compile=backend in ("compile", "triton"), cuda_graph=device.type == "cuda")
+    return Plan(backend, precision, compile=BACKEND_TABLE[backend].compile, cuda_graph=device.type == "cuda")

@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     from dipfast import __version__
-    from dipfast.presets import TASKS
+    from dipfast.tasks import TASKS
 
     parser = _Parser(prog="dipfast", description="Deep Image Prior, fast and faithful.")
     parser.add_argument("--version", action="version", version=f"dipfast {__version__}")

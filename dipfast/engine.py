@@ -32,13 +32,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dipfast import fast_step
+from dipfast import fast_step, step_rules
 from dipfast.backends import REFERENCE_PLAN, Plan, conv_precision
 from dipfast.errors import InputError, NumericalError
-from dipfast.metrics import psnr
 from dipfast.nets.layers import centre_crop
 from dipfast.nvtx_ranges import phase
-from dipfast.presets import Backtracking, TaskPreset
+from dipfast.presets import TaskPreset
 
 
 @dataclass
@@ -114,7 +113,7 @@ def ieee_fp32(cudnn_benchmark: bool = False):
 
 
 class ReferenceStep:
-    """The state of one fit and its step function, all on one device."""
+    """The state of one fit and its step function, all on one device (step_rules.Step with N = 1)."""
 
     def __init__(
         self,
@@ -134,20 +133,24 @@ class ReferenceStep:
         self.generator = torch.Generator(device).manual_seed(seed)
         self.noise = torch.empty_like(self.z)
         self.net_input = self.z
-        self.out = None
-        self.ema = None
-        self.metrics = torch.full((report_every, 1, 4), float("nan"), dtype=torch.float64, device=device)  # N = 1
+        out_shape = (1, problem.n_channels, *problem.out_size)
+        self.out = torch.zeros(out_shape, device=device)
+        self.ema = torch.zeros(out_shape, device=device)
+        self.iteration = torch.zeros((), dtype=torch.int64, device=device)
+        self.metrics = step_rules.metrics_buffer(report_every, 1, device)
+        self.calls = 0
+        self.capture_seconds = 0.0
         self.backtracking = preset.backtracking
         if self.backtracking is not None:
             self.saved = [p.detach().clone() for p in net.parameters()]
-            self.last_loss = torch.tensor(float("inf"), device=device)
-            self.accepted = torch.zeros((), dtype=torch.int64, device=device)
-        self.checked_shapes = False
+            # each tensor viewed as (1, ...): the one network of step_rules' stacked (N, ...) tensors
+            self._stacked = [p.detach()[None] for p in net.parameters()], [s[None] for s in self.saved]
+            self.backtracking_state = step_rules.BacktrackingState.start(1, device)
 
     def _loss(self, out: torch.Tensor) -> torch.Tensor:
-        return self.problem.data_term(out, self.y, check=not self.checked_shapes)
+        return self.problem.data_term(out, self.y, check=self.calls == 0)
 
-    def __call__(self, row: int) -> None:
+    def __call__(self) -> None:
         if self.preset.reg_noise_std > 0:
             with phase("noise"):
                 self.net_input = self.z + self.noise.normal_(generator=self.generator) * self.preset.reg_noise_std
@@ -155,43 +158,29 @@ class ReferenceStep:
             out = centre_crop(self.net(self.net_input), self.problem.out_size)
         with phase("loss"):
             loss = self._loss(out)
-        self.checked_shapes = True
         with phase("backward"):
             self.optimizer.zero_grad()
             loss.backward()
-        with phase("backtracking"):
-            self.out = out.detach()
-            w = self.preset.ema
-            self.ema = self.out if self.ema is None else self.ema * w + self.out * (1 - w)
+        with phase("backtracking"), torch.no_grad():
+            self.out.copy_(out)
+            step_rules.ema_update(self.ema, self.out, self.iteration == 0, self.preset.ema)
             if self.backtracking is not None:
                 fell_back = self._backtrack(loss.detach())
             else:
-                fell_back = torch.zeros((), device=loss.device)
+                fell_back = torch.zeros(1, dtype=torch.bool, device=loss.device)
         with phase("optimizer"):
             self.optimizer.step()
-        self._record(row, loss.detach(), fell_back)
+        with torch.no_grad():
+            row = step_rules.metrics_row(loss.detach().reshape(1), self.out, self.ema, self.target, fell_back)
+            self.metrics[self.calls % self.metrics.shape[0]] = row
+            self.iteration += 1
+        self.calls += 1
 
-    @torch.no_grad()
     def _backtrack(self, loss: torch.Tensor) -> torch.Tensor:
-        """The notebook's rule, evaluated without a host sync (see Backtracking)."""
-        bt: Backtracking = self.backtracking
-        checked = (self.accepted % bt.period == 0) == bt.on_period
-        bad = checked & (loss > bt.factor * self.last_loss)
-        keep = checked & ~bad
-        for p, saved in zip(self.net.parameters(), self.saved):
-            saved.copy_(torch.where(keep, p, saved))
-            p.copy_(torch.where(bad, saved, p))
-        self.last_loss = torch.where(keep, loss, self.last_loss)
-        self.accepted += (~bad).long()
+        """The notebook's rule for a 0-dim loss, without a host sync (step_rules); returns `bad`, (1,) bool."""
+        keep, bad = self.backtracking_state.decide(loss.reshape(1), self.backtracking)
+        step_rules.apply_backtracking(*self._stacked, keep, bad, graph_safe=True)
         return bad
-
-    @torch.no_grad()
-    def _record(self, row: int, loss: torch.Tensor, fell_back: torch.Tensor) -> None:
-        if self.target is not None:
-            quality = [psnr(self.out, self.target), psnr(self.ema, self.target)]
-        else:  # NaN marks "no target" in the buffer
-            quality = [torch.full((), float("nan"), dtype=torch.float64, device=loss.device)] * 2
-        self.metrics[row, 0] = torch.stack([loss.double(), *quality, fell_back.double()])
 
     @torch.no_grad()
     def final_output(self) -> torch.Tensor:
@@ -272,7 +261,7 @@ def _run(problems, preset, device, seeds, progress, callback, report_every, plan
     with ieee_fp32(), bar:
         try:
             for i in range(preset.iterations):
-                step(i % report_every)
+                step()
                 done = i + 1
                 if done == 1:  # one sync, before the loop's pace is set: the cold-start cost
                     _sync(device)
@@ -294,7 +283,7 @@ def _run(problems, preset, device, seeds, progress, callback, report_every, plan
         images = step.final_output()
         for k, result in enumerate(results):
             result.first_step_seconds = first_step
-            result.capture_seconds = getattr(step, "capture_seconds", 0.0)
+            result.capture_seconds = step.capture_seconds
             result.loop_seconds = loop_seconds
             result.iterations = done
             result.image = images[k : k + 1]
@@ -317,18 +306,22 @@ def _read_back(step, results: list[Fit], done: int, start: float, bar, callback,
     """
     n = (done - 1) % step.metrics.shape[0] + 1
     with phase("read-back"):
-        rows = step.metrics[:n].tolist()  # n x N x [loss, psnr, ema psnr, fell back]
+        rows = step.metrics[:n].tolist()  # n x N x step_rules.METRICS
     seconds = time.perf_counter() - start
+    col = step_rules.COLUMN
     for k, row in enumerate(rows):
         iteration = done - n + k + 1
-        for j, (loss, p, ema_p, fell_back) in enumerate(row):
+        for j, values in enumerate(row):
+            loss = values[col["loss"]]
             if not math.isfinite(loss):
                 image = f" (image {j + 1} of {len(row)})" if len(row) > 1 else ""
                 raise NumericalError(
                     f"the loss became {loss} at iteration {iteration}{image} with backend={plan.backend!r}, "
                     f"precision={plan.precision!r}; rerun with precision='fp32' or backend='reference'"
                 )
-            results[j].history.append(HistoryRow(iteration, loss, _finite(p), _finite(ema_p), bool(fell_back), seconds))
+            psnr_, ema_psnr = _finite(values[col["psnr"]]), _finite(values[col["ema_psnr"]])
+            fell_back = bool(values[col["fell_back"]])
+            results[j].history.append(HistoryRow(iteration, loss, psnr_, ema_psnr, fell_back, seconds))
     lasts = [result.history[-1] for result in results]
     loss, psnr_, ema_psnr = (_mean([getattr(r, name) for r in lasts]) for name in ("loss", "psnr", "ema_psnr"))
     bar.update(done - bar.n)

@@ -1,5 +1,7 @@
 """Per-task recipes: the original notebooks' settings (notes/reference_dip.md, section 5).
 
+Which presets belong to which task, and the default of each, is the task table's (tasks.TASKS).
+
 A preset is a frozen dataclass; ``restore(..., **overrides)`` replaces fields with
 ``dataclasses.replace`` after checking their names. Values marked "ours" are not in the notes.
 """
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 from dipfast.errors import InputError
 from dipfast.nets import INPUT_KINDS, NetSpec, SkipSpec
 
-TASKS = ("denoise", "jpeg", "sr", "inpaint", "restore", "enhance", "flash", "custom")
 SR_SCALES = (2, 4, 8)
 
 
@@ -147,35 +148,6 @@ PRESETS: dict[str, TaskPreset] = {
     # a user-given operator= or loss= with the default net and denoising's regularisation
     "custom": TaskPreset("custom"),
 }
-
-DEFAULT_PRESET = {
-    "denoise": "denoise",
-    "jpeg": "jpeg",
-    "inpaint": "inpaint",
-    "restore": "restore",
-    "enhance": "enhance",
-    "flash": "flash",
-    "custom": "custom",
-}
-
-
-def preset_for(task: str, preset: str | None = None, scale: int | None = None) -> TaskPreset:
-    """The preset named `preset`, or the task's default one (for 'sr', the one for `scale`)."""
-    if task not in TASKS:
-        raise InputError(f"unknown task {task!r}; valid: {list(TASKS)}")
-    if preset is None:
-        if task == "sr":
-            if scale not in SR_SCALES:
-                raise InputError(f"task 'sr' needs scale= one of {list(SR_SCALES)}; got {scale!r}")
-            preset = f"sr{scale}"
-        else:
-            preset = DEFAULT_PRESET[task]
-    if preset not in PRESETS:
-        raise InputError(f"unknown preset {preset!r}; valid: {sorted(PRESETS)}")
-    chosen = PRESETS[preset]
-    if chosen.task != task and task != "custom":
-        raise InputError(f"preset {preset!r} is for task {chosen.task!r}, not {task!r}")
-    return chosen
 
 
 def apply_overrides(preset: TaskPreset, overrides: dict) -> TaskPreset:

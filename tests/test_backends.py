@@ -71,7 +71,7 @@ def test_auto_precision_on_cuda_is_the_measured_fp32():
 def test_resolve_refuses_with_one_line(backend, precision, message):
     with pytest.raises(InputError, match=message) as e:
         backends.resolve(backend, precision, CPU)
-    assert "\n" not in str(e.value) and "valid" in str(e.value) or "use backend=" in str(e.value)
+    assert "\n" not in str(e.value) and ("valid" in str(e.value) or "use backend=" in str(e.value))
 
 
 def test_restore_reports_the_plan_it_ran(np_rng):
@@ -103,25 +103,44 @@ def test_fast_step_with_the_reference_blocks_is_the_reference_bit_for_bit(rng):
     assert torch.equal(fast.image, ref.image) and torch.equal(fast.ema_image, ref.ema_image)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_native_backend_follows_the_reference_for_50_steps(rng, precision):
-    """Loss per step and final PSNR of the native backend against the reference, without input noise
-    (the native backend draws it from its own Philox stream on the CPU). fp32: the csrc BatchNorm sums
-    in another order, so losses agree to 1e-6 relative at first; the fit's chaos lets them drift to a
-    few 1e-3 by step 50 (measured 8e-3), held to 2e-2, the final PSNR to 0.05 dB. bf16: ~3 significant
-    digits per op, 1e-4 at step 1 growing to a few percent (measured 7.6e-2 at worst, final PSNR
-    +0.04 dB); held to 0.15 per step and 0.3 dB (the quality suite measures the real gap)."""
+def _relative_errors(fit: engine.Fit, oracle: engine.Fit) -> list[float]:
+    return [abs(h.loss - o.loss) / o.loss for h, o in zip(fit.history, oracle.history, strict=True)]
+
+
+def test_native_fp32_follows_the_reference_for_50_steps_with_input_noise(rng, monkeypatch):
+    """Loss per step and final PSNR of the native backend against the reference, the input noise on. The
+    native step's own Philox stream is swapped for the reference's generator here, so both draw the same
+    noise and the whole path (draw, z + noise, forward, backward, rules, Adam) meets the oracle. The csrc
+    BatchNorm sums in another order, so losses agree to 1e-6 relative at first; the fit's chaos lets them
+    drift to a few 1e-3 by step 50 (measured 8e-3 without noise), held to 2e-2, the final PSNR to 0.05 dB."""
+    native = backends.BACKEND_TABLE["native"]
+    monkeypatch.setitem(backends.BACKEND_TABLE, "native", dataclasses.replace(native, noise={}))
+    problem = _problem(rng)
+    preset = dataclasses.replace(PRESET, iterations=50)
+    assert preset.reg_noise_std > 0
+    ref = engine.fit(problem, preset, device=CPU, seed=3, progress=False)
+    (fast,) = _fits(_plan("native", "fp32"), [problem], [3], iterations=50)
+    assert fast.history[0].loss == pytest.approx(ref.history[0].loss, rel=1e-6)
+    assert max(_relative_errors(fast, ref)) < 2e-2
+    assert fast.history[-1].psnr == pytest.approx(ref.history[-1].psnr, abs=0.05)
+    assert fast.history[-1].ema_psnr == pytest.approx(ref.history[-1].ema_psnr, abs=0.05)
+
+
+def test_native_bf16_is_within_twice_the_eager_bf16_error_for_50_steps(rng):
+    """The project's bf16 rule: against the fp32 oracle, the native bf16 step's error is at most 2x that of
+    eager bf16 (the same step with the reference blocks under autocast): per-step losses (the worst step)
+    and the final PSNRs. No input noise: channels_last draws fill another element order than the
+    oracle's contiguous draw. The PSNR bound has a 0.02 dB floor: the eager gap can be ~0 by chance."""
     problem = _problem(rng)
     quiet = dataclasses.replace(PRESET, iterations=50, reg_noise_std=0.0)
     ref = engine.fit(problem, quiet, device=CPU, seed=3, progress=False)
-    plan = _plan("native", precision)
-    (fast,) = engine.fit_many([problem], quiet, device=CPU, seeds=[3], progress=False, plan=plan)
-    step_tol, psnr_tol = (2e-2, 0.05) if precision == "fp32" else (0.15, 0.3)
-    if precision == "fp32":
-        assert fast.history[0].loss == pytest.approx(ref.history[0].loss, rel=1e-6)
-    assert [h.loss for h in fast.history] == pytest.approx([h.loss for h in ref.history], rel=step_tol)
-    assert fast.history[-1].psnr == pytest.approx(ref.history[-1].psnr, abs=psnr_tol)
-    assert fast.history[-1].ema_psnr == pytest.approx(ref.history[-1].ema_psnr, abs=psnr_tol)
+    (native,) = _fits(_plan("native", "bf16"), [problem], [3], iterations=50)
+    (eager,) = _fits(dataclasses.replace(_plan("compile", "bf16"), compile=False), [problem], [3], iterations=50)
+    assert max(_relative_errors(native, ref)) <= 2 * max(_relative_errors(eager, ref))
+    for name in ("psnr", "ema_psnr"):
+        native_gap = abs(getattr(native.history[-1], name) - getattr(ref.history[-1], name))
+        eager_gap = abs(getattr(eager.history[-1], name) - getattr(ref.history[-1], name))
+        assert native_gap <= max(2 * eager_gap, 0.02), (name, native_gap, eager_gap)
 
 
 def test_compile_step_and_short_run_match_the_reference(rng):
@@ -164,8 +183,8 @@ def test_the_vectorised_batch_equals_separate_runs(rng):
     built, zs = fast_step.build_nets(problems, preset, [3, 4, 5])
     step = fast_step.FastStep(built, zs, problems, preset, CPU, [3, 4, 5], 12, plan, vectorised=True)
     with engine.ieee_fp32():
-        for i in range(12):
-            step(i)
+        for _ in range(12):
+            step()
     for k, (problem, seed) in enumerate(zip(problems, [3, 4, 5])):
         (alone,) = _fits(plan, [problem], [seed], iterations=12, report_every=12)
         losses = [h.loss for h in alone.history]
@@ -173,23 +192,31 @@ def test_the_vectorised_batch_equals_separate_runs(rng):
         torch.testing.assert_close(step.ema[k : k + 1], alone.ema_image, rtol=0, atol=1e-4)
 
 
-def test_batch_backtracking_falls_back_per_network(rng):
+@pytest.mark.parametrize("graph_safe", [False, True], ids=["cpu-branch", "graph-branch"])
+def test_batch_backtracking_falls_back_per_network(rng, graph_safe):
     """Network 0's loss jumps past sqrt(10) x its last accepted loss, network 1's does not: only
-    network 0's parameters return to its saved point, and only network 1 saves new ones."""
+    network 0's parameters return to its saved point, and only network 1 saves new ones. Both ways of
+    copying (host-read masks on the CPU, masked where in a CUDA graph) run here."""
     problems = [_problem(rng) for _ in range(2)]
     built, zs = fast_step.build_nets(problems, PRESET, [1, 2])
-    step = fast_step.FastStep(built, zs, problems, PRESET, CPU, [1, 2], 4, _plan("native"))
+    step = fast_step.FastStep(built, zs, problems, PRESET, CPU, [1, 2], 4, _plan("native"), graph_safe=graph_safe)
+    params = step.flat.params
     with torch.no_grad():  # as in the step
         # the denoising rule checks every step but each 100th: the first is not checked, the second saves
         assert [step._backtrack(torch.tensor([1.0, 1.0])).tolist() for _ in range(2)] == [[False, False]] * 2
-        before = {k: v.detach().clone() for k, v in step.params.items()}
-        for p in step.params.values():
+        before = {k: v.detach().clone() for k, v in params.items()}
+        for p in params.values():
             p.add_(1.0)  # an Adam step's worth of change, for both networks
         assert step._backtrack(torch.tensor([100.0, 1.0])).tolist() == [True, False]
-    for name, p in step.params.items():
-        torch.testing.assert_close(p[0], before[name][0], rtol=0, atol=0)  # network 0 restored
-        torch.testing.assert_close(p[1], before[name][1] + 1, rtol=0, atol=0)  # network 1 kept its step
-    assert step.last_loss.tolist() == [1.0, 1.0] and step.accepted.tolist() == [2, 3]
+        for p in params.values():
+            p.add_(1.0)
+        # network 1 saved its +1 point at the last check; a jump now brings it back there
+        assert step._backtrack(torch.tensor([1.0, 100.0])).tolist() == [False, True]
+    for name, p in params.items():
+        torch.testing.assert_close(p[0], before[name][0] + 1, rtol=0, atol=0)  # network 0 restored, then stepped
+        torch.testing.assert_close(p[1], before[name][1] + 1, rtol=0, atol=0)  # network 1 back to its saved point
+    state = step.backtracking_state
+    assert state.last_loss.tolist() == [1.0, 1.0] and state.accepted.tolist() == [3, 3]
 
 
 def test_restore_of_a_list_buckets_sizes_and_keeps_the_order(np_rng):
@@ -350,11 +377,11 @@ def test_cuda_graph_is_captured_once_and_replays_the_eager_step(precision):
     built2, zs2 = fast_step.build_nets([problem], preset, [0])
     eager = fast_step.FastStep(built2, zs2, [problem], preset, cuda, [0], 12, eager_plan)
     with engine.ieee_fp32():
-        for i in range(12):
-            step(i)
-            eager(i)
+        for _ in range(12):
+            step()
+            eager()
     torch.cuda.synchronize()
-    assert step.captures == 1 and step.graph is not None
+    assert step.graphed.captures == 1 and step.graphed.graph is not None
     # the same kernels in the same order, replayed: equal up to cuDNN's choice of algorithm
     tol = 1e-4 if precision == "fp32" else 2e-2
     torch.testing.assert_close(step.metrics[:, 0, 0], eager.metrics[:, 0, 0], rtol=tol, atol=0)

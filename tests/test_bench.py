@@ -36,7 +36,8 @@ from dipfast.bench.original_loop import OriginalLoop
 from dipfast.bench.throughput import run_throughput
 from dipfast.bench.worker import run_cold
 from dipfast.operators import lanczos_kernel
-from dipfast.presets import Backtracking, apply_overrides, preset_for
+from dipfast.presets import Backtracking, apply_overrides
+from dipfast.tasks import preset_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # compile and triton compile the net (tens of seconds on this CPU): tests/test_backends.py covers them

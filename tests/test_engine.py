@@ -94,12 +94,12 @@ def test_backtrack_follows_the_rule(np_rng, period, on_period):
             events["unchecked jump"] += 1
 
         bad = step._backtrack(torch.tensor(loss, dtype=torch.float32))
-        assert bad.dtype == torch.bool and bad.dim() == 0
+        assert bad.dtype == torch.bool and bad.shape == (1,)  # one network of step_rules (N,) masks
         assert bool(bad) == expected
         assert same_params(params_of(step.net), model.saved if expected else current)
         assert same_params(step.saved, model.saved)
-        assert int(step.accepted) == model.accepted
-        assert float(step.last_loss) == model.last
+        assert int(step.backtracking_state.accepted) == model.accepted
+        assert float(step.backtracking_state.last_loss) == model.last
     if period == 1 and not on_period:  # never checked: nothing is saved and nothing restored
         assert events["fell back"] == events["checked, kept"] == 0
     else:
@@ -115,8 +115,8 @@ def test_backtrack_threshold_is_sqrt10_and_strict():
     expected = [False, False, False, True, False, True, False]  # the first checked one always passes (last = inf)
     got = [bool(step._backtrack(torch.tensor(v, dtype=torch.float32))) for v in losses]
     assert got == expected
-    assert float(step.last_loss) == pytest.approx(3.16 * 3.15 * 3.0, rel=1e-6)
-    assert int(step.accepted) == 5
+    assert float(step.backtracking_state.last_loss) == pytest.approx(3.16 * 3.15 * 3.0, rel=1e-6)
+    assert int(step.backtracking_state.accepted) == 5
 
 
 def test_notebook_parity_checks():
@@ -154,7 +154,7 @@ def test_fall_back_inside_a_step_restores_the_saved_parameters(np_rng):
     step._backtrack = watched
     after_steps = []
     for i in range(12):
-        step(i)
+        step()
         after_steps.append(params_of(step.net))
     fell_back = [entry[0] for entry in log]
     assert fell_back == [i + 1 in spikes for i in range(12)]
@@ -224,7 +224,7 @@ def test_ema_recomputed_from_the_outputs():
     step, _ = _reference_step(None, report_every=10)
     outs = []
     for i in range(10):
-        step(i)
+        step()
         outs.append(step.out.clone())
     ema = outs[0]
     for out in outs[1:]:

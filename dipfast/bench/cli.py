@@ -314,7 +314,7 @@ def _cases(args, cuda: bool, default_tasks: list[str]) -> tuple[list, list[str]]
 
 def _time_to_psnr(args, cuda: bool, **common) -> dict:
     from dipfast.bench.time_to_psnr import run_time_to_psnr
-    from dipfast.presets import preset_for
+    from dipfast.tasks import preset_for
 
     if args.no_cold and args.no_warm:
         raise InputError("--no-cold and --no-warm leave nothing to run")

@@ -24,7 +24,7 @@ from dipfast.bench import baselines as baseline_lib
 from dipfast.bench import runs
 from dipfast.bench.data import Case, psnr
 from dipfast.metrics import psnr_y
-from dipfast.presets import preset_for
+from dipfast.tasks import preset_for
 
 PRIMARY = {"denoise": "psnr", "sr4": "psnr_y", "sr8": "psnr_y", "restore": "psnr", "inpaint": "psnr"}
 PROTOCOL = {

@@ -23,7 +23,8 @@ from dipfast import api, native
 from dipfast.bench import baselines
 from dipfast.bench.data import Case, psnr
 from dipfast.nets import SkipSpec
-from dipfast.presets import PRESETS, apply_overrides, preset_for
+from dipfast.presets import PRESETS, apply_overrides
+from dipfast.tasks import preset_for
 
 ORIGINAL_LOOP = "original-loop"
 # the native backend with its C++ ops switched off (dipfast.native.disabled): the same step with the

@@ -28,7 +28,8 @@ from dipfast.bench import runs
 from dipfast.bench.data import Case, throughput_case
 from dipfast.bench.memory import PeakMemory
 from dipfast.errors import InputError
-from dipfast.presets import apply_overrides, preset_for
+from dipfast.presets import apply_overrides
+from dipfast.tasks import preset_for
 
 TIMING = (
     "time.perf_counter at the host read-back every K iterations (after torch.cuda.synchronize on CUDA); "

@@ -1,0 +1,81 @@
+"""GraphedStep: a step function run a few times eagerly, then captured once as a CUDA graph and replayed.
+
+PyTorch's whole-network capture recipe (torch.cuda.graphs, "Whole-network capture"): the warm-up
+calls run on a side stream, so lazy initialisation, torch.compile's compilation and cuDNN's
+algorithm search happen before the capture; the capture records one call; every later call replays
+it. The warm-up and the capture run with cudnn.benchmark on: cuDNN times its candidate algorithms
+(which syncs, so it must happen before the capture, PyTorch PR #91032) and the graph keeps the
+fastest; the caller's flags are restored afterwards. Random generators registered with the graph
+draw fresh numbers on every replay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+WARMUP = 3  # eager calls before the capture: cuDNN's search needs >= 2 at each shape, compile 1
+
+
+class GraphedStep:
+    """Call it as the step: the first WARMUP calls run `step` eagerly, the next captures it, later ones replay.
+
+    `before_capture` runs right before the capture (e.g. the optimiser's zero_grad(set_to_none=True), so
+    the gradients are allocated from the graph's memory pool).
+    """
+
+    def __init__(
+        self,
+        step: Callable[[], None],
+        device: torch.device,
+        generators: Sequence[torch.Generator] = (),
+        before_capture: Callable[[], None] = lambda: None,
+    ):
+        self.step, self.device, self.generators, self.before_capture = step, device, list(generators), before_capture
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.captures = 0  # one per fit, unless something re-records
+        self.capture_seconds = 0.0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.calls <= WARMUP:
+            current = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side), _cudnn_benchmark():
+                self.step()
+            current.wait_stream(side)
+        else:
+            self._capture()
+            self.graph.replay()  # the capture only records: this call's iteration runs now
+
+    def _capture(self) -> None:
+        torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        for generator in self.generators:
+            graph.register_generator_state(generator)
+        self.before_capture()
+        with torch.cuda.graph(graph), _cudnn_benchmark():
+            self.step()
+        torch.cuda.synchronize(self.device)
+        self.graph = graph
+        self.captures += 1
+        self.capture_seconds = time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark():
+    """cudnn.benchmark on inside, the caller's setting restored on exit."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous

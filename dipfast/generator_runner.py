@@ -1,0 +1,106 @@
+"""GeneratorRunner: the forward of N networks of one structure, from their stacked parameters.
+
+The N networks' parameters are stacked (torch.func.stack_module_state: every tensor gets a leading
+axis of N) and held in one or two flat (N, P) buffers (flat_parameters.FlatParameters: Adam,
+backtracking and the bf16 cast are one op each, not one per tensor). The generator runs either
+
+- vectorised: vmap(functional_call) over views of them. The conv batching rule makes each conv a
+  grouped conv (the Triton kernels' vmap rules fold the networks into groups the same way) and each
+  BatchNorm keeps per-network statistics, so the N fits are exactly N separate DIPs (DESIGN.md,
+  principle 4). One launch per layer: what a GPU wants.
+- or one network at a time: the module once per network, its tensors loaded into the module's slots
+  (flat_parameters.ModuleSlots; functional_call where the generator is compiled). What a CPU wants,
+  where grouped convs are slower than separate ones.
+
+optionally under torch.compile. precision='bf16' runs it under autocast with the conv weights cast to
+bf16 once per step (in FlatParameters); the cropped output comes back in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from dipfast.backends import Plan
+from dipfast.flat_parameters import FlatParameters, ModuleSlots
+from dipfast.nets.blocks import use_block_ops
+from dipfast.nets.layers import centre_crop
+
+RECOMPILE_LIMIT = 64  # Dynamo variants per code object: a benchmark process compiles dozens of fits
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dipfast" / "inductor"
+
+
+def channels_last_stacked(t: torch.Tensor) -> torch.Tensor:
+    """A stacked (N, A, C, H, W) tensor whose (A, C, H, W) slices are channels_last; others as they are."""
+    if t.dim() != 5:
+        return t
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+class GeneratorRunner:
+    """Runs N same-structure networks: `runner(z)` with z (N, 1, D, H', W') -> (N, C, H, W) fp32, cropped."""
+
+    def __init__(
+        self, networks: list[nn.Module], out_size: tuple[int, int], plan: Plan, device: torch.device, vectorised: bool
+    ):
+        self.plan, self.device, self.out_size, self.vectorised = plan, device, out_size, vectorised
+        params, buffers = stack_module_state(networks)
+        self.channels_last = plan.channels_last and not vectorised  # grouped convs stay NCHW
+        cast = torch.bfloat16 if plan.precision == "bf16" else None  # autocast's, done once per step
+        self.flat = FlatParameters(params, networks[0], device, cast, self.channels_last)
+        self.buffers = {k: v.to(device) for k, v in buffers.items()}
+        # the structure; each call brings the weights in
+        self.module = use_block_ops(networks[0].to(device), plan.block_ops(device))
+        # eager: the module's own tensor slots take each step's parameters (it is this runner's alone)
+        self.slots = None if plan.compile else ModuleSlots(self.module)
+        generate = self._generate_many if vectorised else self._generate_each
+        self._generate = torch.compile(generate, dynamic=False) if plan.compile else generate
+
+    def layout(self, t: torch.Tensor) -> torch.Tensor:
+        """t in the layout the generator's input takes."""
+        return channels_last_stacked(t) if self.channels_last else t
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        with self.plan.autocast(self.device), _compile_settings(self.plan.compile):
+            out = self._generate(self.flat.buffers, self.buffers, z)
+        return centre_crop(out[:, 0].float(), self.out_size)
+
+    def _generate_each(self, flat, buffers, z):
+        outs = []
+        for i, params in enumerate(self.flat.per_network(flat)):
+            one = params, {k: v[i] for k, v in buffers.items()}
+            if self.slots is None:
+                outs.append(functional_call(self.module, one, (z[i],)))
+            else:
+                self.slots.load(*one)
+                outs.append(self.module(z[i]))
+        return torch.stack(outs)
+
+    def _generate_many(self, flat, buffers, z):
+        params = self.flat.stacked(flat)
+        return vmap(lambda p, b, x: functional_call(self.module, (p, b), (x,)))(params, buffers, z)
+
+
+@contextlib.contextmanager
+def _compile_settings(compiled: bool):
+    """Dynamo's recompile limit raised and Inductor's cache kept across processes (not in /tmp, its
+    default), for the compiled call only: the process's own settings are restored afterwards."""
+    if not compiled:
+        yield
+        return
+    had_dir = "TORCHINDUCTOR_CACHE_DIR" in os.environ
+    previous_dir = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            yield
+    finally:
+        if had_dir:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous_dir
+        else:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)

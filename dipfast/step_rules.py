@@ -1,0 +1,119 @@
+"""The rules of one DIP iteration that act after the backward, written once for every step.
+
+engine.ReferenceStep (one network) and fast_step.FastStep (N networks) both call these on
+per-network (N,)-shaped state; the reference is the case N = 1. Every function here is tensor ops
+on the device with no host sync, so a step that calls them can be captured in a CUDA graph
+(`apply_backtracking`'s `graph_safe=False` branch is the one exception, for the CPU, and says so).
+
+    EMA           ema = out at the first iteration, then ema * w + out * (1 - w)
+    backtracking  on a checked iteration (Backtracking's period rule, counting accepted
+                  iterations), loss > factor * last accepted loss restores the last accepted
+                  parameters; an accepted checked iteration saves them
+    metrics       one row per iteration: N x METRICS, float64, NaN where there is no target
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from dipfast.metrics import psnr
+from dipfast.presets import Backtracking
+
+METRICS = ("loss", "psnr", "ema_psnr", "fell_back")  # a metrics row's columns, in order
+COLUMN = {name: k for k, name in enumerate(METRICS)}
+
+
+class Step(Protocol):
+    """What engine.fit drives: one call is one iteration of N fits (ReferenceStep: N = 1)."""
+
+    metrics: torch.Tensor  # (K, N, len(METRICS)) float64 ring buffer; iteration i writes row i % K
+    out: torch.Tensor  # (N, C, H, W): the latest raw outputs
+    ema: torch.Tensor  # (N, C, H, W)
+    capture_seconds: float  # time spent capturing a CUDA graph (0 where there is none)
+
+    def __call__(self) -> None: ...
+
+    def final_output(self) -> torch.Tensor:
+        """(N, C, H, W): one more forward with the last perturbed input, as the notebooks."""
+        ...
+
+
+def metrics_buffer(rows: int, n: int, device: torch.device) -> torch.Tensor:
+    return torch.full((rows, n, len(METRICS)), math.nan, dtype=torch.float64, device=device)
+
+
+def metrics_row(
+    losses: torch.Tensor, out: torch.Tensor, ema: torch.Tensor, target: torch.Tensor | None, fell_back: torch.Tensor
+) -> torch.Tensor:
+    """(N, len(METRICS)) float64: losses (N,), out/ema/target (N, C, H, W), fell_back (N,) bool."""
+    if target is not None:
+        quality = [psnr(out, target, dim=(1, 2, 3)), psnr(ema, target, dim=(1, 2, 3))]
+    else:  # NaN marks "no target"
+        quality = [torch.full_like(losses, math.nan, dtype=torch.float64)] * 2
+    return torch.stack([losses.double(), *quality, fell_back.double()], dim=1)
+
+
+def ema_update(ema: torch.Tensor, out: torch.Tensor, first: torch.Tensor, weight: float) -> None:
+    """ema <- out where `first` (a 0-dim bool: the first iteration), else ema * weight + out * (1 - weight)."""
+    ema.copy_(torch.where(first, out, ema * weight + out * (1 - weight)))
+
+
+@dataclass
+class BacktrackingState:
+    """Per network: the last accepted loss and the number of accepted iterations."""
+
+    last_loss: torch.Tensor  # (N,) fp32, inf before the first accepted check
+    accepted: torch.Tensor  # (N,) int64
+
+    @classmethod
+    def start(cls, n: int, device: torch.device) -> BacktrackingState:
+        return cls(torch.full((n,), math.inf, device=device), torch.zeros(n, dtype=torch.int64, device=device))
+
+    def decide(self, losses: torch.Tensor, rule: Backtracking) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep, bad), each (N,) bool, for this iteration's losses (N,); advances the state in place.
+
+        keep: a checked iteration whose loss is accepted (save the parameters); bad: a checked
+        iteration whose loss rose past factor x the last accepted one (restore them)."""
+        checked = (self.accepted % rule.period == 0) == rule.on_period
+        bad = checked & (losses > rule.factor * self.last_loss)
+        keep = checked & ~bad
+        self.last_loss.copy_(torch.where(keep, losses, self.last_loss))
+        self.accepted += (~bad).long()
+        return keep, bad
+
+
+def apply_backtracking(
+    params: list[torch.Tensor],
+    saved: list[torch.Tensor],
+    keep: torch.Tensor,
+    bad: torch.Tensor,
+    graph_safe: bool,
+) -> None:
+    """Save (keep) or restore (bad) each network's parameters, in place.
+
+    params, saved: matching lists of (N, ...) tensors (a network's parameters are row n of each);
+    keep, bad: (N,) bool. graph_safe: masked torch.where over every element (no host sync, what a
+    CUDA graph needs); otherwise the masks are read on the host and only the rows that change are
+    copied (the CPU's way: no graph to keep whole, and most iterations change nothing).
+    """
+    with torch.no_grad():
+        if graph_safe:
+            for p, s in zip(params, saved):
+                torch.where(_per_network(keep, p), p, s, out=s)  # elementwise: in place is safe
+                torch.where(_per_network(bad, p), s, p, out=p)
+            return
+        kept, fell_back = keep.nonzero().flatten().tolist(), bad.nonzero().flatten().tolist()
+        for p, s in zip(params, saved):
+            for i in kept:
+                s[i].copy_(p[i])
+            for i in fell_back:
+                p[i].copy_(s[i])
+
+
+def _per_network(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """An (N,) mask viewed to broadcast over a stacked (N, ...) tensor."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
