@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dipfast.errors import InputError
+from dipfast.errors import InputError, InputTypeError
 from dipfast.operators import Identity, Lanczos2Decimation, Mask
 from dipfast.presets import PRESETS, SR_SCALES, TaskPreset
 
@@ -81,7 +81,7 @@ TASKS: dict[str, Task] = {
 
 def task_named(name) -> Task:
     if not isinstance(name, str):
-        raise InputError(f"task must be a string; got {type(name).__name__}")
+        raise InputTypeError(f"task must be a string; got {type(name).__name__}")
     if name not in TASKS:
         raise InputError(f"unknown task {name!r}; valid: {list(TASKS)}")
     return TASKS[name]
