@@ -36,6 +36,12 @@ def test_native_ops_built_when_required():
     )
 
 
+def test_import_dipfast_loads_no_native_ops():
+    """The ops load at their first use (a first use may build them for minutes), never at import."""
+    code = "import sys, dipfast, dipfast.native as n; assert n._status is None and 'AVAILABLE' not in vars(n)"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
+
+
 class FakeMachine:
     """The loader's contact with the machine, each piece replaceable: the AOT library, what loads,
     the compiler, ninja, the cache and the build. Records the loads and builds it was asked for."""
