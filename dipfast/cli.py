@@ -1,4 +1,4 @@
-"""The `dipfast` command: restore, demo, bench, --version.
+"""The `dipfast` command: restore, demo, bench, doctor, --version.
 
 Bad input ends in one line on stderr and exit status 2, never a traceback; no input file is
 ever overwritten, and an existing output only with --force.
@@ -46,12 +46,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dipfast import __version__
+    from dipfast.doctor import VersionAction
     from dipfast.tasks import TASKS
 
     parser = _Parser(prog="dipfast", description="Deep Image Prior, fast and faithful.")
-    parser.add_argument("--version", action="version", version=f"dipfast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{restore,demo,bench}")
+    parser.add_argument("--version", action=VersionAction, help="the version and a one-line `dipfast doctor`")
+    sub = parser.add_subparsers(dest="command", metavar="{restore,demo,bench,doctor}")
 
     r = sub.add_parser("restore", help="restore one image", description="Restore one image with Deep Image Prior.")
     r.add_argument("input", help="the corrupted image (PNG, JPEG, TIFF, ...)")
@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     from dipfast.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    sub.add_parser(
+        "doctor",
+        help="which paths run here: native ops, Triton, CUDA, bf16",
+        description="Say which of dipfast's paths are active on this machine, and why (dipfast/doctor.py).",
+    )
     return parser
 
 
@@ -199,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("dipfast bench: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
+    if args.command == "doctor":
+        from dipfast.doctor import report
+
+        print(report())
+        return 0
     try:
         return _restore(args) if args.command == "restore" else _demo(args)
     except InputError as e:

@@ -79,8 +79,11 @@ def assert_one_error_line(rc, err, *fragments):
 
 
 def test_version(tmp_path):
+    """The version, then `dipfast doctor` in one line (tests/test_doctor.py checks its contents)."""
     p = run_process("--version", cwd=tmp_path)
-    assert p.returncode == 0 and p.stdout.strip() == f"dipfast {dipfast.__version__}"
+    version, summary = p.stdout.splitlines()
+    assert p.returncode == 0 and version == f"dipfast {dipfast.__version__}"
+    assert summary.startswith("native ops: ") and f"torch {torch.__version__}" in summary
     assert p.stderr == ""
 
 

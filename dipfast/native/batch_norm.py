@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import dipfast.native as native
 from dipfast.native._tensors import channel_vector, compute_dtype, kernels_take, layout, readable
 
 _ops = torch.ops.dipfast_native
@@ -157,8 +156,9 @@ def _concat_batch_norm_fake(skip, deeper, weight, bias, eps, pad=0):
     return _concat_batch_norm_fwd_fake(skip, deeper, weight, bias, eps, pad)[0]
 
 
-if native.AVAILABLE:
-    for _name, _fake in [
+def register_fakes() -> None:
+    """Called by dipfast.native once the library has defined the ops."""
+    for name, fake in [
         ("batch_norm_act", _batch_norm_act_fake),
         ("batch_norm_act_fwd", _batch_norm_act_fwd_fake),
         ("batch_norm_act_bwd", _batch_norm_act_bwd_fake),
@@ -168,4 +168,4 @@ if native.AVAILABLE:
         ("batch_norm_act_reflect_pad_fwd", _reflect_pad_fwd_fake),
         ("batch_norm_act_reflect_pad_bwd", _reflect_pad_bwd_fake),
     ]:
-        torch.library.register_fake(f"dipfast_native::{_name}", _fake)
+        torch.library.register_fake(f"dipfast_native::{name}", fake)

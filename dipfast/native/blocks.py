@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from dipfast import native
 from dipfast.native.batch_norm import batch_norm_act, batch_norm_act_reflect_pad, concat_batch_norm
 from dipfast.native.upsample import upsample_bilinear2x
 from dipfast.nets.blocks import BlockOps
@@ -67,6 +68,10 @@ def _takes_padded_input(m: nn.Module) -> bool:
 
 class NativeBlocks(BlockOps):
     name = "native"
+
+    def __init__(self):
+        super().__init__()
+        native.status()  # load the ops now (a first use may build them), never inside a compiled trace
 
     def conv_bn_act(self, m, x):
         return self._bn_act(m, m.conv(x))

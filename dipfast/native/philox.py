@@ -23,7 +23,6 @@ import math
 
 import torch
 
-import dipfast.native as native
 from dipfast.native._tensors import kernels_take
 
 _ops = torch.ops.dipfast_native
@@ -104,5 +103,6 @@ def _normal_fake(out, seed, offset, mean, std):
     return None
 
 
-if native.AVAILABLE:
+def register_fakes() -> None:
+    """Called by dipfast.native once the library has defined the ops."""
     torch.library.register_fake("dipfast_native::philox_normal_", _normal_fake)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import dipfast.native as native
 from dipfast.native._tensors import kernels_take, layout, readable
 
 _ops = torch.ops.dipfast_native
@@ -39,7 +38,8 @@ def _bwd_fake(grad, h, w):
     return torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=layout(grad))
 
 
-if native.AVAILABLE:
+def register_fakes() -> None:
+    """Called by dipfast.native once the library has defined the ops."""
     torch.library.register_fake("dipfast_native::upsample_bilinear2x", _fwd_fake)
     torch.library.register_fake("dipfast_native::upsample_bilinear2x_fwd", _fwd_fake)
     torch.library.register_fake("dipfast_native::upsample_bilinear2x_bwd", _bwd_fake)

@@ -6,7 +6,7 @@ import torch
 from dipfast import native
 
 requires_native = pytest.mark.skipif(
-    not native.AVAILABLE, reason="dipfast native CPU ops not built (pip install --no-build-isolation -e .)"
+    not native.AVAILABLE, reason="dipfast native CPU ops not loaded (`dipfast doctor` says why)"
 )
 
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
