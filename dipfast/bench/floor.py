@@ -4,9 +4,11 @@ The ops are not listed by hand: the net (dipfast.nets.build of its spec) runs fo
 on the meta device under a dispatch mode that records every ATen call with its tensors, the module
 that made it and, in the backward, the forward op it differentiates (autograd's current node). So
 the list is what eager PyTorch runs for that net: each conv's forward, input gradient (absent where
-the input needs none, e.g. the first conv on z), weight and bias gradients; BatchNorm statistics,
-apply and backward; LeakyReLU, sigmoid, reflection pad, upsample and concat (crop) forward and
-backward; the gradient sums where a tensor feeds two branches; the fp32 output cast and the MSE.
+the input needs none: the convs that read z), weight and bias gradients; BatchNorm statistics,
+apply and backward; LeakyReLU, sigmoid, reflection pad (none before a 1x1 conv: PadConv skips a
+zero-width pad), upsample and concat (crop) forward and backward; the gradient sums where a tensor
+feeds two branches; the fp32 output cast and the MSE. For bf16 the traced net is bf16 throughout
+(autocast keeps BatchNorm's per-channel parameters fp32: bytes too few to matter).
 The step around the net follows fast_step.FastStep and the denoising preset (the profile's and the
 throughput table's input): the input noise draw and z + noise, the bf16 copy of the weights and of
 their gradients, Adam per parameter, the output copy and EMA, backtracking's two selects. PSNR
@@ -72,7 +74,7 @@ class GPU:
         return 1e12 * {"bf16": self.bf16_tflops, "tf32": self.tf32_tflops, "fp32": self.fp32_tflops}[precision]
 
 
-# The datasheets give sparse tensor figures; dense is half (docs/notes: shared/notes/gpu-step.md, section 2).
+# H100's and H200's datasheets give tensor-core figures with 2:4 sparsity; dense is half of them.
 GPUS = {
     "h100": GPU(
         "NVIDIA H100 SXM5 80GB",
@@ -352,7 +354,7 @@ def net_ops(spec: NetSpec, input_depth: int, n_channels: int, hw: tuple[int, int
         else:
             rows = _generic_rows(call)
         ops += [Op(g, call.where, op, shape, float(fl), float(by), mm) for g, op, shape, fl, by, mm in rows]
-    return ops, [(n, p.numel()) for n, p in net.named_parameters()]
+    return ops, [(_short_path(n), p.numel()) for n, p in net.named_parameters()]
 
 
 # ---------------------------------------------------------------- the step around the net

@@ -56,11 +56,11 @@ def floor_by_group(net: str, size: int, precision: str, gpu: str) -> dict[str, f
     return kernel_groups.profile_floor_ms(report["groups"])
 
 
-def _group_rows(events, on_device: list[float], per_iter: int, net: str, size: int, precision: str,
-                device: torch.device) -> tuple[str | None, list[dict]]:  # fmt: skip
-    """Each kernel group's measured ms per iteration beside its floor on this GPU (none for a GPU not in the table)."""
-    kernels = [(e.key, t / 1e3 / per_iter) for e, t in zip(events, on_device) if t > 0]
-    gpu = floor.gpu_of_device_name(torch.cuda.get_device_name(device))
+def floor_ratio_rows(kernels: list[tuple[str, float]], device_name: str, *, net: str, size: int,
+                     precision: str) -> tuple[str | None, list[dict]]:  # fmt: skip
+    """[(kernel name, ms per iteration)] on a GPU named device_name -> (its GPUS key or None, each kernel group's
+    ms beside its floor and the ratio; no floors for a GPU not in the table)."""
+    gpu = floor.gpu_of_device_name(device_name)
     floors = floor_by_group(net, size, precision, gpu) if gpu is not None else {}
     return gpu, kernel_groups.floor_ratios(kernel_groups.group_times(kernels), floors)
 
@@ -95,8 +95,10 @@ def profile_one(method: str, precision: str, *, size: int, batch: int, net: str,
     per_iter = iters * batch  # image-iterations in the profiled block
     groups = {}
     if cuda:
-        gpu, rows_by_group = _group_rows(events, on_device, per_iter, net, size, precision, device)
-        groups = {"floor_gpu": gpu, "groups": rows_by_group}
+        kernels = [(e.key, t / 1e3 / per_iter) for e, t in zip(events, on_device) if t > 0]
+        name = torch.cuda.get_device_name(device)
+        gpu, by_group = floor_ratio_rows(kernels, name, net=net, size=size, precision=precision)
+        groups = {"floor_gpu": gpu, "groups": by_group}
     return {
         **groups,
         "wall_ms_per_iter": 1e3 * (stamps[1] - stamps[0]) / per_iter,

@@ -249,6 +249,21 @@ def test_profile_floor_is_the_floor_models_folded_into_kernel_groups():
     assert folded["elementwise"] == pytest.approx(ema_like)
 
 
+def test_profile_rows_put_synthetic_kernels_beside_the_floor_of_the_named_gpu():
+    kernels = [("sm90_xmma_fprop_implicit_gemm_bf16_cudnn", 0.5), ("_bn_lrelu_bwd_kernel", 0.25),
+               ("void cudnn::engines_precompiled::nchwToNhwcKernel<float>", 0.125)]  # fmt: skip
+    gpu, rows = profile.floor_ratio_rows(kernels, "NVIDIA H200", net="tiny", size=32, precision="bf16")
+    by = {r["group"]: r for r in rows}
+    folded = profile.floor_by_group("tiny", 32, "bf16", "h200")
+    assert gpu == "h200" and by["conv"]["floor_ms"] == folded["conv"]
+    assert by["conv"]["ratio"] == pytest.approx(0.5 / folded["conv"])
+    assert by["batch_norm"]["ms_per_iter"] == 0.25 and by["layout"]["floor_ms"] is None
+    assert by["pad"]["ms_per_iter"] == 0 and by["pad"]["floor_ms"] == folded["pad"]  # a group no kernel ran
+    assert by["total"]["ms_per_iter"] == 0.875 and by["total"]["floor_ms"] == pytest.approx(sum(folded.values()))
+    gpu, rows = profile.floor_ratio_rows(kernels, "NVIDIA GeForce RTX 4090", net="tiny", size=32, precision="bf16")
+    assert gpu is None and all(r["floor_ms"] is None and r["ratio"] is None for r in rows)
+
+
 def test_profile_markdown_prints_floor_ratios_only_when_measured_on_cuda():
     ops = [{"name": "k", "calls_per_iter": 1.0, "ms_per_iter": 1.0, "cpu_ms_per_iter": 0.0, "share_pct": 100.0}]
     entry = {"method": "native", "precision": "bf16", "status": "ok", "reason": None, "ops": ops,
