@@ -190,8 +190,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add `bench` (with its suites) to the `dipfast` command's subparsers."""
     p = subparsers.add_parser(
         "bench",
-        help="benchmark harness: throughput, time-to-psnr, quality",
-        description="Measure dipfast: iterations/s, time to a target PSNR, paper-protocol quality.",
+        help="benchmark harness: throughput, time-to-psnr, quality, profile, floor",
+        description=(
+            "Measure dipfast: iterations/s, time to a target PSNR, paper-protocol quality, where the step's time "
+            "goes; and model it: the floor of one iteration on a named GPU."
+        ),
     )
     _add_suites(p)
     return p
