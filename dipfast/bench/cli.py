@@ -1,4 +1,4 @@
-"""`dipfast bench throughput|time-to-psnr|quality|profile|summary`: the command line of the harness.
+"""`dipfast bench throughput|time-to-psnr|quality|profile|floor|summary`: the command line of the harness.
 
 add_bench_parser(subparsers) adds `bench` to the `dipfast` command; run_bench(args) runs it
 and returns the exit status (2 for bad input, with one line on stderr). `python -m dipfast.bench`
@@ -19,7 +19,7 @@ from dipfast.cli import positive_int as _positive_int
 from dipfast.errors import InputError
 
 EXIT_BAD_INPUT = 2
-SUITES = ("throughput", "time-to-psnr", "quality", "profile", "summary")
+SUITES = ("throughput", "time-to-psnr", "quality", "profile", "floor", "summary")
 
 # 'auto' defaults: (CPU, CUDA)
 AUTO = {
@@ -94,7 +94,7 @@ def _images(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_suites(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="suite", metavar="{throughput,time-to-psnr,quality,profile,summary}")
+    sub = parser.add_subparsers(dest="suite", metavar="{throughput,time-to-psnr,quality,profile,floor,summary}")
     t = sub.add_parser(
         "throughput",
         help="iterations/s and peak memory",
@@ -164,6 +164,24 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--rows", type=_positive_int, default=25, help="ops listed per method (default: 25)")
     f.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
 
+    fl = sub.add_parser(
+        "floor",
+        help="a cost model of one iteration: FLOPs, bytes and the least time on a named GPU",
+        description=(
+            "Every op of one iteration (the net traced on the meta device: convs' forward and gradients, BatchNorm, "
+            "activations, pad, upsample, concat, loss, Adam, EMA) with its FLOPs, bytes moved and floor time "
+            "max(FLOPs / peak, bytes / bandwidth) on a GPU of the table (dipfast.bench.floor.GPUS). A model: "
+            "nothing runs on a GPU."
+        ),
+    )
+    fl.add_argument("--size", type=_positive_int, default=512, help="image side (default: 512)")
+    fl.add_argument("--batch", type=_positive_int, default=1, help="networks trained side by side (default: 1)")
+    fl.add_argument("--precision", default="bf16", help="fp32 (IEEE), tf32 or bf16 (default)")
+    fl.add_argument("--gpu", default="h100", help="h100 (default), h200 or a100")
+    fl.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
+    fl.add_argument("--rows", type=_positive_int, default=25, help="ops listed in the Markdown (default: 25)")
+    fl.add_argument("--out", default="bench-out", help="folder for floor.json and floor.md (default: bench-out)")
+
     s = sub.add_parser("summary", help="print the short table of the results in a folder")
     s.add_argument("folder", nargs="?", default="bench-out")
 
@@ -172,8 +190,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add `bench` (with its suites) to the `dipfast` command's subparsers."""
     p = subparsers.add_parser(
         "bench",
-        help="benchmark harness: throughput, time-to-psnr, quality",
-        description="Measure dipfast: iterations/s, time to a target PSNR, paper-protocol quality.",
+        help="benchmark harness: throughput, time-to-psnr, quality, profile, floor",
+        description=(
+            "Measure dipfast: iterations/s, time to a target PSNR, paper-protocol quality, where the step's time "
+            "goes; and model it: the floor of one iteration on a named GPU."
+        ),
     )
     _add_suites(p)
     return p
@@ -210,12 +231,14 @@ def run_bench(args) -> int:
 
 def _run(args) -> int:
     if getattr(args, "suite", None) is None:
-        raise InputError("give a suite: throughput, time-to-psnr, quality, profile or summary (see --help)")
+        raise InputError("give a suite: throughput, time-to-psnr, quality, profile, floor or summary (see --help)")
     if args.suite == "summary":
         from dipfast.bench.report import summary
 
         print(summary(Path(args.folder)))
         return 0
+    if args.suite == "floor":
+        return _floor(args)
 
     import torch
 
@@ -289,6 +312,37 @@ def _profile(args, cuda: bool, **common) -> dict:
         rows=args.rows,
         **common,
     )
+
+
+def _floor(args) -> int:
+    import torch
+
+    from dipfast.bench import floor, report, runs
+    from dipfast.presets import PRESETS
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; give a folder")
+    if args.net not in runs.NET_CHOICES or args.net == "preset":
+        raise InputError(f"unknown net {args.net!r}; valid: {[n for n in runs.NET_CHOICES if n != 'preset']}")
+    floor.check_precision(args.precision)
+    floor.gpu_named(args.gpu)
+    overrides = runs.net_overrides(args.net, "denoise")
+    rep = floor.floor_report(
+        overrides["net"],
+        size=args.size,
+        batch=args.batch,
+        precision=args.precision,
+        gpu=args.gpu,
+        input_depth=overrides.get("input_depth", PRESETS["denoise"].input_depth),
+        net=args.net,
+    )
+    rep = report.finish(rep, torch.device("cpu"))
+    text = report.floor_markdown(rep, rows=args.rows)
+    paths = report.write(rep, out, text)
+    print(text)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def _throughput_plots(rep: dict, out: Path) -> list[Path]:

@@ -7,6 +7,10 @@ ops by self time on the device that does the work: CUDA kernel time on a GPU (th
 a CUDA graph included, as CUPTI reports them), CPU self time on a CPU. Every figure is per
 iteration, so methods compare row by row; a profiled block runs slower than a timed one, so its wall
 time is for the shares, and throughput is the harness's speed figure.
+
+On CUDA every kernel is also put in an op group by its name (kernel_groups.kernel_group) and each
+group's time is printed beside its floor on this GPU (dipfast.bench.floor: the same net, size and
+precision) and their ratio, so one profile says which op group is how far from the hardware's pace.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import math
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from dipfast import api
-from dipfast.bench import runs
+from dipfast.bench import floor, kernel_groups, runs
 from dipfast.bench.data import throughput_case
 from dipfast.bench.throughput import restore_in_blocks
 from dipfast.errors import InputError
+from dipfast.presets import PRESETS
 
 
 def _device_time_us(event) -> float:
@@ -38,6 +44,25 @@ def _stopped_on_error(prof, stamps: list):
     finally:
         if len(stamps) == 1:
             prof.stop()
+
+
+def floor_by_group(net: str, size: int, precision: str, gpu: str) -> dict[str, float]:
+    """The floor model's ms per image-iteration of the profiled case (the denoising preset on an RGB size x size
+    image, `net` as the bench's --net names it), folded into the profile's kernel groups."""
+    overrides = runs.net_overrides(net, "denoise")
+    spec = overrides.get("net", PRESETS["denoise"].net)
+    depth = overrides.get("input_depth", PRESETS["denoise"].input_depth)
+    report = floor.floor_report(spec, size=size, precision=precision, gpu=gpu, input_depth=depth, n_channels=3)
+    return kernel_groups.profile_floor_ms(report["groups"])
+
+
+def floor_ratio_rows(kernels: list[tuple[str, float]], device_name: str, *, net: str, size: int,
+                     precision: str) -> tuple[str | None, list[dict]]:  # fmt: skip
+    """[(kernel name, ms per iteration)] on a GPU named device_name -> (its GPUS key or None, each kernel group's
+    ms beside its floor and the ratio; no floors for a GPU not in the table)."""
+    gpu = floor.gpu_of_device_name(device_name)
+    floors = floor_by_group(net, size, precision, gpu) if gpu is not None else {}
+    return gpu, kernel_groups.floor_ratios(kernel_groups.group_times(kernels), floors)
 
 
 def profile_one(method: str, precision: str, *, size: int, batch: int, net: str, iters: int, warmup: int,
@@ -62,11 +87,20 @@ def profile_one(method: str, precision: str, *, size: int, batch: int, net: str,
         restore_in_blocks(case, method, precision, blocks=warm_blocks + 1, iters=iters, net=net, device=device,
                           seed=seed, images=batch, on_block=on_block)  # fmt: skip
     events = prof.key_averages()
+    if cuda:  # the kernels alone: an ATen op's row also carries its kernels' time, which would count it twice
+        events = [e for e in events if e.device_type != DeviceType.CPU]
     on_device = [_device_time_us(e) for e in events] if cuda else [float(e.self_cpu_time_total) for e in events]
     total = sum(on_device)
     ranked = sorted(zip(events, on_device), key=lambda pair: -pair[1])[:rows]
     per_iter = iters * batch  # image-iterations in the profiled block
+    groups = {}
+    if cuda:
+        kernels = [(e.key, t / 1e3 / per_iter) for e, t in zip(events, on_device) if t > 0]
+        name = torch.cuda.get_device_name(device)
+        gpu, by_group = floor_ratio_rows(kernels, name, net=net, size=size, precision=precision)
+        groups = {"floor_gpu": gpu, "groups": by_group}
     return {
+        **groups,
         "wall_ms_per_iter": 1e3 * (stamps[1] - stamps[0]) / per_iter,
         "time_kind": "CUDA kernel self time" if cuda else "CPU self time",
         "total_ms_per_iter": total / 1e3 / per_iter,

@@ -5,6 +5,7 @@ Files in the output folder (overwritten by the next run of the same suite):
     time_to_psnr.json, time_to_psnr.md, psnr_vs_time_<case>.png    (PSNR against wall time)
     quality.json, quality.md
     profile.json, profile.md                                       (each method's top ops, per iteration)
+    floor.json, floor.md                                           (the cost model of one iteration)
 Every JSON has: schema, suite, created (UTC), machine (machine.machine_info), settings and the
 suite's figures; NaN is written as null.
 """
@@ -20,7 +21,13 @@ from pathlib import Path
 from dipfast.bench.machine import machine_info, machine_label
 
 SCHEMA = "dipfast-bench/1"
-STEMS = {"throughput": "throughput", "time-to-psnr": "time_to_psnr", "quality": "quality", "profile": "profile"}
+STEMS = {
+    "throughput": "throughput",
+    "time-to-psnr": "time_to_psnr",
+    "quality": "quality",
+    "profile": "profile",
+    "floor": "floor",
+}
 
 
 def _clean(x):
@@ -381,8 +388,77 @@ def profile_markdown(report: dict) -> str:
             + f"{e['time_kind']}: {e['total_ms_per_iter']:.2f} ms per iteration in all; the profiled block's wall "
             f"time {e['wall_ms_per_iter']:.2f} ms per iteration.\n\n"
             + table(["op", "calls", "ms", "CPU ms", "share"], rows)
+            + _floor_ratio_table(e)
         )
     return parts[0] + "\n".join(parts[1:])
+
+
+def _floor_ratio_table(entry: dict) -> str:
+    """The kernel time of each op group beside its floor (CUDA profiles only)."""
+    if "groups" not in entry:
+        return ""
+    gpu = entry["floor_gpu"]
+    where = f"the floor model on {gpu}" if gpu else "no floor: this GPU is not in dipfast.bench.floor.GPUS"
+    rows = [
+        [g["group"], _f(g["ms_per_iter"], "{:.3f}"), _f(g["floor_ms"], "{:.3f}"), _f(g["ratio"], "{:.1f}x")]
+        for g in entry["groups"]
+    ]
+    return f"\nKernel time by op group against {where} (ms per iteration):\n\n" + table(
+        ["group", "ms", "floor ms", "ratio"], rows
+    )
+
+
+# ---------------------------------------------------------------- floor
+
+
+def _si(x: float, unit: str) -> str:
+    return f"{x / 1e9:.3f} G{unit}" if x >= 1e8 else f"{x / 1e6:.3f} M{unit}"
+
+
+def floor_markdown(report: dict, rows: int = 25) -> str:
+    s, gpu = report["settings"], report["gpu"]
+    size = f"{s['size']} x {s['size']}"
+    if tuple(s["working_size"]) != (s["size"], s["size"]):
+        size += f" (the net runs at {s['working_size'][0]} x {s['working_size'][1]})"
+    text = (
+        f"## Floor (a model, not a measurement)\n\n"
+        f"Net '{s['net']}', {size}, batch {s['batch']}, {s['precision']}, one iteration of the denoising step "
+        f"(forward, backward, Adam, EMA, input noise, backtracking) on {gpu['name']}: bf16 {gpu['bf16_tflops']:g}, "
+        f"TF32 {gpu['tf32_tflops']:g}, FP32 {gpu['fp32_tflops']:g} TFLOP/s dense, {gpu['bandwidth_tbs']:g} TB/s "
+        f"({gpu['source']}). Each op's floor is max(FLOPs / peak, bytes / bandwidth); the iteration's is their "
+        f"sum, each op as its own kernel (fusion can go below it).\n\n"
+        f"**{report['total_flops'] / 1e9:.1f} GFLOP, {report['total_bytes'] / 1e9:.2f} GB, floor "
+        f"{report['floor_ms']:.3f} ms** (compute alone {report['compute_ms']:.3f} ms, memory alone "
+        f"{report['memory_ms']:.3f} ms).\n\n"
+    )
+    total = report["floor_ms"]
+    group_rows = [
+        [
+            g,
+            v["ops"],
+            _si(v["flops"], "FLOP"),
+            _si(v["bytes"], "B"),
+            f"{v['floor_ms']:.3f}",
+            f"{v['floor_ms'] / total:.1%}",
+        ]
+        for g, v in report["groups"].items()
+    ]
+    text += table(["group", "ops", "FLOPs", "bytes", "floor ms", "share"], group_rows)
+    top = sorted(report["ops"], key=lambda r: -r["floor_ms"])[:rows]
+    op_rows = [
+        [
+            r["group"],
+            r["name"],
+            r["op"],
+            r["shape"],
+            _si(r["flops"], "FLOP"),
+            _si(r["bytes"], "B"),
+            _f(r["floor_ms"], "{:.4f}"),
+        ]
+        for r in top
+    ]
+    text += f"\nThe {len(top)} ops with the highest floor (of {len(report['ops'])}; all in floor.json):\n\n"
+    return text + table(["group", "where", "op", "shape (C x H x W)", "FLOPs", "bytes", "floor ms"], op_rows)
 
 
 # ---------------------------------------------------------------- summary
@@ -442,4 +518,12 @@ def summary(out: Path) -> str:
                 continue
             top = ", ".join(f"{op['name'][:40]} {op['ms_per_iter']:.2f}" for op in e["ops"][:4])
             lines.append(f"  {e['method']:<14} {e['precision']:<5} {e['total_ms_per_iter']:7.2f} ms: {top}")
+    fl = out / "floor.json"
+    if fl.is_file():
+        rep = json.loads(fl.read_text())
+        s = rep["settings"]
+        lines.append(
+            f"floor (a model): net {s['net']} {s['size']}px b{s['batch']} {s['precision']} on {s['gpu']}: "
+            f"{rep['total_flops'] / 1e9:.1f} GFLOP, {rep['total_bytes'] / 1e9:.2f} GB, {rep['floor_ms']:.3f} ms"
+        )
     return "\n".join(lines) if lines else f"no results in {out}"
