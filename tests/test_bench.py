@@ -198,6 +198,78 @@ def test_throughput_reports_a_refused_precision_in_its_row():
     assert "UNSUPPORTED" in throughput_markdown(finish(rep, "cpu"))
 
 
+def test_throughput_configs_run_exactly_the_pairs_given_against_both_original_loops(tmp_path, capsys):
+    """--configs puts exactly the named paths side by side (a GPU window's table), each row with its ratio to the
+    original loop as the paper ran it and as today's PyTorch runs it; each partial report on the way is on disk."""
+    args = ["throughput", "--net", "tiny", "--size", "16", "--quiet", "--device", "cpu", "--iters", "1"]
+    args += ["--repeats", "1", "--warmup", "1", "--out", str(tmp_path)]
+    pairs = ["native-nchw:bf16", "original-loop:fp32", "original-loop-tf32:tf32"]
+    assert main([*args, "--configs", *pairs]) == 0
+    rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert [f"{r['method']}:{r['precision']}" for r in rows] == pairs and all(r["status"] == "ok" for r in rows)
+    loop, loop_tf32 = rows[1]["its_median"], rows[2]["its_median"]
+    for r in rows:
+        assert r["ratio_vs_original_loop"] == pytest.approx(r["its_median"] / loop)
+        assert r["ratio_vs_original_loop_tf32"] == pytest.approx(r["its_median"] / loop_tf32)
+    for bad, message in (
+        (["--configs", "native"], "METHOD:PRECISION"),
+        (["--configs", "original-loop:bf16"], "original-loop runs precision 'fp32' only"),
+        (["--configs", "native:fp5"], "unknown precision 'fp5'"),
+        (["--configs", "native:fp32", "--backend", "native"], "either --configs or --backend"),
+    ):
+        capsys.readouterr()
+        assert main([*args, *bad]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_throughput_hands_over_each_partial_report():
+    """A run cut short leaves the figures of every configuration it finished: the rest say 'pending'."""
+    partials = []
+    pairs = [("native", "fp32"), ("original-loop", "fp32")]
+    rep = run_throughput([], [], [1], [16], pairs=pairs, net="tiny", iters=1, repeats=1, warmup=1, device="cpu",
+                         progress=False, on_partial=partials.append)  # fmt: skip
+    assert [[r["status"] for r in p["rows"]] for p in partials] == [["ok", "pending"], ["ok", "ok"]]
+    assert partials[0]["rows"][0]["its_median"] == rep["rows"][0]["its_median"]
+    assert partials[-1]["rows"] == rep["rows"] and rep["settings"]["pairs"] == [list(p) for p in pairs]
+
+
+def test_native_nchw_runs_the_bf16_step_without_channels_last(monkeypatch, np_rng):
+    """The layout switch reaches the fast step (bf16 runs channels_last by default) and is undone afterwards."""
+    from dipfast import backends, fast_step
+
+    cpu = torch.device("cpu")
+    layouts = []
+    init = fast_step.FastStep.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        layouts.append(self.channels_last)
+
+    monkeypatch.setattr(fast_step.FastStep, "__init__", recording_init)
+    image = np_rng.random((16, 16, 3), dtype=np.float32)
+    for method in ("native", "native-nchw"):
+        with runs.method_context(method):
+            runs.api.restore(image, iters=1, backend=runs.backend_of(method), precision="bf16", device="cpu",
+                            progress=False, **runs.net_overrides("tiny", "denoise"))  # fmt: skip
+    assert layouts == [True, False]
+    assert backends.resolve("native", "bf16", cpu).channels_last
+
+
+def test_original_loop_tf32_sets_todays_default_and_is_ieee_on_a_cpu():
+    """original-loop-tf32 runs the notebooks' code with TF32 convolutions and cudnn.benchmark on; a CPU has no TF32,
+    so there it follows the paper's loop bit for bit."""
+    case = data.throughput_case(16, 0)
+    preset = apply_overrides(preset_for("denoise", "denoise"), runs.net_overrides("tiny", "denoise"))
+    trajectories, flags = [], []
+    for tf32 in (False, True):
+        loop = OriginalLoop("denoise", preset, case.observed, case.target, seed=0, tf32=tf32)
+        loop.run(4, lambda done: flags.append((tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)))
+        trajectories.append([r.psnr for r in loop.rows])
+        loop.close()
+    assert trajectories[0] == trajectories[1] and len(trajectories[0]) == 4
+    assert set(flags) == {(False, False, True), (True, True, True)}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the harness's CUDA clock and memory path")
 def test_throughput_on_cuda_reads_cuda_memory_and_names_the_gpu(tmp_path):
     args = ["--net", "tiny", "--size", "32", "--quiet", "--device", "cuda", "--batch", "1", "2"]
