@@ -1,7 +1,7 @@
 """The benchmark harness (dipfast/bench, bench/) on tiny sizes: report schemas, PSNRs against
 independent computations, time-to-PSNR's definition, every baseline, the original loop's
-parity with the reference engine, the GPU check's CPU smoke mode and the op micro-benchmarks'
-collection.
+parity with the reference engine and the op micro-benchmarks' collection (bench/gpu_quick.sh's CPU
+mode: tests/bench/test_gpu_quick.py).
 
 Timings are never asserted (a shared 2-core machine makes them noise); what is asserted is
 what the figures mean. One torch thread keeps the CI machine from oversubscribing its cores.
@@ -750,7 +750,7 @@ def test_peak_memory_sees_a_block_allocation():
         assert "ru_maxrss" in r["kind"]
 
 
-# ---------------------------------------------------------------- bench/: the GPU check and the op benchmarks
+# ---------------------------------------------------------------- bench/ops: the op micro-benchmarks
 
 
 def _env(**extra) -> dict:
@@ -761,41 +761,6 @@ def _env(**extra) -> dict:
     }
     env.update(extra)
     return env
-
-
-def test_gpu_check_runs_every_step_on_cpu_in_tiny_mode(tmp_path):
-    from skimage import data as skdata
-
-    (tmp_path / "dip/denoising").mkdir(parents=True)
-    Image.fromarray(skdata.astronaut()[200:264, 200:264]).save(tmp_path / "dip/denoising/F16_GT.png")
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        ["bash", str(ROOT / "bench/gpu_check.sh"), str(tmp_path / "dip")],
-        cwd=tmp_path,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_env(
-            OUT=str(out),
-            DIPFAST_GPU_CHECK_TINY="1",
-            DIPFAST_GPU_CHECK_INSTALL="0",
-            DIPFAST_GPU_CHECK_PYTEST="--co -q " + str(ROOT / "tests/test_bench.py"),
-        ),
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[1:]]
-    names = ["tests", "throughput-fp32", "throughput-bf16", "time-to-psnr-fp32", "time-to-psnr-bf16"]
-    assert [(s[0], s[1]) for s in steps] == [(name, "0") for name in names]
-    for precision, methods in (("fp32", {"reference", "original-loop", "native"}), ("bf16", {"native"})):
-        tp = json.loads((out / precision / "throughput.json").read_text())
-        assert {r["batch"] for r in tp["rows"]} == {1, 2} and all(r["status"] == "ok" for r in tp["rows"])
-        assert {r["method"] for r in tp["rows"]} == methods and {r["precision"] for r in tp["rows"]} == {precision}
-        ttp = json.loads((out / precision / "time_to_psnr.json").read_text())
-        assert [c["case"] for c in ttp["cases"]] == ["denoise/F16"] and ttp["settings"]["modes"] == ["cold", "warm"]
-        assert ttp["machine"]["commit"]  # recorded even where the copy has no .git (DIPFAST_BENCH_COMMIT)
-    tail = proc.stdout.strip().splitlines()
-    assert tail[-1].lstrip().startswith("nlm") and any(line.startswith("throughput (") for line in tail)
 
 
 def test_op_benchmarks_are_collected_only_when_asked():

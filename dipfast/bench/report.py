@@ -389,7 +389,7 @@ def profile_markdown(report: dict) -> str:
 
 
 def summary(out: Path) -> str:
-    """The short table of the JSON files in `out` (what the GPU check prints last)."""
+    """The short table of the JSON files in `out` (bench/gpu_quick.sh's summary.md)."""
     lines = []
     tp = out / "throughput.json"
     if tp.is_file():
