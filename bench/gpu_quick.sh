@@ -81,6 +81,9 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 ALL_STEPS="install environment throughput profile batch tasks parity ops triton time-to-psnr tests"
 STEPS=" ${DIPFAST_GPU_QUICK_STEPS:-$ALL_STEPS} "
+for name in $STEPS; do
+    [[ " $ALL_STEPS " == *" $name "* ]] || { echo "gpu_quick: unknown step '$name'; valid: $ALL_STEPS" >&2; exit 2; }
+done
 
 if [ "$TINY" = 1 ]; then
     BUDGET=${DIPFAST_GPU_QUICK_BUDGET:-600}
@@ -110,7 +113,7 @@ else
     BATCH=(--net default --size 256 --iters 10 --repeats 3 --warmup 10)
     TASKS=(--size 64 --iters 4 --precision bf16 --device cuda)
     PARITY=(tests/parity/test_cuda_shapes.py tests/parity)  # the real shapes first; pytest drops the repeats
-    OPS=(-k op_ --benchmark-max-time=0.1 --benchmark-min-rounds=5)
+    OPS=(-k op_ --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
     TRITON_TP=("${TP[@]}")
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)

@@ -119,6 +119,10 @@ def _row(rows: list[dict], method: str, precision: str, batch: int = 1) -> dict 
     return next((r for r in rows if (r["method"], r["precision"], r["batch"]) == (method, precision, batch)), None)
 
 
+def _fmt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def _verdict(value: float | None, target: float, higher_is_better: bool) -> str:
     if value is None:
         return "not measured"
@@ -167,13 +171,13 @@ def headline(work: Path) -> int:
     ratio = best and best.get("ratio_vs_original_loop")
     ratio_tf32 = best and best.get("ratio_vs_original_loop_tf32")
     name = f" ({best['method']} {best['precision']})" if best else ""
-    lines.append(f"| bf16 <= 2.0 ms/iteration | {bf16 and f'{bf16:.2f} ms'} | {_verdict(bf16, 2.0, False)} |")
-    lines.append(f"| tf32 <= 4.0 ms/iteration | {tf32 and f'{tf32:.2f} ms'} | {_verdict(tf32, 4.0, False)} |")
+    lines.append(f"| bf16 <= 2.0 ms/iteration | {_fmt(bf16, '{:.2f} ms')} | {_verdict(bf16, 2.0, False)} |")
+    lines.append(f"| tf32 <= 4.0 ms/iteration | {_fmt(tf32, '{:.2f} ms')} | {_verdict(tf32, 4.0, False)} |")
     lines.append(
-        f"| >= 10x the original loop (IEEE fp32) | {ratio and f'{ratio:.2f}x'}{name} | {_verdict(ratio, 10, True)} |"
+        f"| >= 10x the original loop (IEEE fp32) | {_fmt(ratio, '{:.2f}x')}{name} | {_verdict(ratio, 10, True)} |"
     )
     lines.append(
-        f"| >= 3x the original loop under today's defaults (TF32) | {ratio_tf32 and f'{ratio_tf32:.2f}x'}{name} "
+        f"| >= 3x the original loop under today's defaults (TF32) | {_fmt(ratio_tf32, '{:.2f}x')}{name} "
         f"| {_verdict(ratio_tf32, 3, True)} |"
     )
     gain = None
@@ -182,7 +186,7 @@ def headline(work: Path) -> int:
         four = one and _row(batch, one["method"], one["precision"], 4)
         gain = four["its_median"] / one["its_median"] if one and four else None
     lines.append(
-        f"| 256 x 256: batch 4 >= 2x the images/s of batch 1 | {gain and f'{gain:.2f}x'} | {_verdict(gain, 2, True)} |"
+        f"| 256 x 256: batch 4 >= 2x the images/s of batch 1 | {_fmt(gain, '{:.2f}x')} | {_verdict(gain, 2, True)} |"
     )
     try:
         ttp = json.loads((work / "time-to-psnr" / "time_to_psnr.json").read_text())
@@ -191,7 +195,7 @@ def headline(work: Path) -> int:
     reached = _time_to_original(ttp)
     if not reached:
         lines.append(
-            f"| time to the original loop's PSNR at iteration {ORIGINAL_ITERATION} <= 1/10 | None | not measured |"
+            f"| time to the original loop's PSNR at iteration {ORIGINAL_ITERATION} <= 1/10 | - | not measured |"
         )
     for key, level, orig_s, best_run in reached:
         share = best_run[1] / orig_s if best_run and orig_s else None
