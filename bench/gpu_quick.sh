@@ -97,6 +97,7 @@ if [ "$TINY" = 1 ]; then
     PARITY=(tests/parity/test_cuda_shapes.py)  # CUDA only: every case skips here
     OPS=(--benchmark-max-time=0.01 --benchmark-min-rounds=1 --benchmark-warmup=off)  # the CPU cases once
     TRITON_TP=(--net tiny --size 16 --iters 1 --repeats 1 --warmup 1)
+    TRITON_CONFIGS=(triton:fp32)  # the interpreter computes tf32 as IEEE fp32: one of the two is enough
     TRITON_ENV=(TRITON_INTERPRET=1 TORCHDYNAMO_DISABLE=1)
     TTP=(--net tiny --size 32 --iters 6 --report-every 2)
     TESTS=(tests/test_backends.py -k "resolve")  # a few CPU cases: the step's plumbing
@@ -115,6 +116,7 @@ else
     PARITY=(tests/parity/test_cuda_shapes.py tests/parity)  # the real shapes first; pytest drops the repeats
     OPS=(-k op_ --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
     TRITON_TP=("${TP[@]}")
+    TRITON_CONFIGS=(triton:tf32 triton:fp32)
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)
     TESTS=(tests/test_backends.py tests/test_api.py tests/test_engine.py tests/test_bench.py)
@@ -238,7 +240,7 @@ ops() {
 }
 triton_backend() {
     env "${TRITON_ENV[@]}" "$PY" -m dipfast.bench throughput "${DEVICE[@]}" "${TRITON_TP[@]}" --batch 1 --quiet \
-        --out "$WORK/triton" --configs triton:tf32 triton:fp32
+        --out "$WORK/triton" --configs "${TRITON_CONFIGS[@]}"
 }
 time_to_psnr() {
     # cold: a fresh process and empty compile caches, as a user's first image
