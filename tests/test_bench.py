@@ -1,7 +1,7 @@
 """The benchmark harness (dipfast/bench, bench/) on tiny sizes: report schemas, PSNRs against
 independent computations, time-to-PSNR's definition, every baseline, the original loop's
-parity with the reference engine, the GPU check's CPU smoke mode and the op micro-benchmarks'
-collection.
+parity with the reference engine and the op micro-benchmarks' collection (bench/gpu_quick.sh's CPU
+mode: tests/bench/test_gpu_quick.py).
 
 Timings are never asserted (a shared 2-core machine makes them noise); what is asserted is
 what the figures mean. One torch thread keeps the CI machine from oversubscribing its cores.
@@ -197,6 +197,78 @@ def test_throughput_reports_a_refused_precision_in_its_row():
     from dipfast.bench.report import finish, throughput_markdown
 
     assert "UNSUPPORTED" in throughput_markdown(finish(rep, "cpu"))
+
+
+def test_throughput_configs_run_exactly_the_pairs_given_against_both_original_loops(tmp_path, capsys):
+    """--configs puts exactly the named paths side by side (a GPU window's table), each row with its ratio to the
+    original loop as the paper ran it and as today's PyTorch runs it; each partial report on the way is on disk."""
+    args = ["throughput", "--net", "tiny", "--size", "16", "--quiet", "--device", "cpu", "--iters", "1"]
+    args += ["--repeats", "1", "--warmup", "1", "--out", str(tmp_path)]
+    pairs = ["native-nchw:bf16", "original-loop:fp32", "original-loop-tf32:tf32"]
+    assert main([*args, "--configs", *pairs]) == 0
+    rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert [f"{r['method']}:{r['precision']}" for r in rows] == pairs and all(r["status"] == "ok" for r in rows)
+    loop, loop_tf32 = rows[1]["its_median"], rows[2]["its_median"]
+    for r in rows:
+        assert r["ratio_vs_original_loop"] == pytest.approx(r["its_median"] / loop)
+        assert r["ratio_vs_original_loop_tf32"] == pytest.approx(r["its_median"] / loop_tf32)
+    for bad, message in (
+        (["--configs", "native"], "METHOD:PRECISION"),
+        (["--configs", "original-loop:bf16"], "original-loop runs precision 'fp32' only"),
+        (["--configs", "native:fp5"], "unknown precision 'fp5'"),
+        (["--configs", "native:fp32", "--backend", "native"], "either --configs or --backend"),
+    ):
+        capsys.readouterr()
+        assert main([*args, *bad]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_throughput_hands_over_each_partial_report():
+    """A run cut short leaves the figures of every configuration it finished: the rest say 'pending'."""
+    partials = []
+    pairs = [("native", "fp32"), ("original-loop", "fp32")]
+    rep = run_throughput([], [], [1], [16], pairs=pairs, net="tiny", iters=1, repeats=1, warmup=1, device="cpu",
+                         progress=False, on_partial=partials.append)  # fmt: skip
+    assert [[r["status"] for r in p["rows"]] for p in partials] == [["ok", "pending"], ["ok", "ok"]]
+    assert partials[0]["rows"][0]["its_median"] == rep["rows"][0]["its_median"]
+    assert partials[-1]["rows"] == rep["rows"] and rep["settings"]["pairs"] == [list(p) for p in pairs]
+
+
+def test_native_nchw_runs_the_bf16_step_without_channels_last(monkeypatch, np_rng):
+    """The layout switch reaches the fast step (bf16 runs channels_last by default) and is undone afterwards."""
+    from dipfast import backends, fast_step
+
+    cpu = torch.device("cpu")
+    layouts = []
+    init = fast_step.FastStep.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        layouts.append(self.channels_last)
+
+    monkeypatch.setattr(fast_step.FastStep, "__init__", recording_init)
+    image = np_rng.random((16, 16, 3), dtype=np.float32)
+    for method in ("native", "native-nchw"):
+        with runs.method_context(method):
+            runs.api.restore(image, iters=1, backend=runs.backend_of(method), precision="bf16", device="cpu",
+                            progress=False, **runs.net_overrides("tiny", "denoise"))  # fmt: skip
+    assert layouts == [True, False]
+    assert backends.resolve("native", "bf16", cpu).channels_last
+
+
+def test_original_loop_tf32_sets_todays_default_and_is_ieee_on_a_cpu():
+    """original-loop-tf32 runs the notebooks' code with TF32 convolutions and cudnn.benchmark on; a CPU has no TF32,
+    so there it follows the paper's loop bit for bit."""
+    case = data.throughput_case(16, 0)
+    preset = apply_overrides(preset_for("denoise", "denoise"), runs.net_overrides("tiny", "denoise"))
+    trajectories, flags = [], []
+    for tf32 in (False, True):
+        loop = OriginalLoop("denoise", preset, case.observed, case.target, seed=0, tf32=tf32)
+        loop.run(4, lambda done: flags.append((tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)))
+        trajectories.append([r.psnr for r in loop.rows])
+        loop.close()
+    assert trajectories[0] == trajectories[1] and len(trajectories[0]) == 4
+    assert set(flags) == {(False, False, True), (True, True, True)}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the harness's CUDA clock and memory path")
@@ -679,7 +751,7 @@ def test_peak_memory_sees_a_block_allocation():
         assert "ru_maxrss" in r["kind"]
 
 
-# ---------------------------------------------------------------- bench/: the GPU check and the op benchmarks
+# ---------------------------------------------------------------- bench/ops: the op micro-benchmarks
 
 
 def _env(**extra) -> dict:
@@ -690,41 +762,6 @@ def _env(**extra) -> dict:
     }
     env.update(extra)
     return env
-
-
-def test_gpu_check_runs_every_step_on_cpu_in_tiny_mode(tmp_path):
-    from skimage import data as skdata
-
-    (tmp_path / "dip/denoising").mkdir(parents=True)
-    Image.fromarray(skdata.astronaut()[200:264, 200:264]).save(tmp_path / "dip/denoising/F16_GT.png")
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        ["bash", str(ROOT / "bench/gpu_check.sh"), str(tmp_path / "dip")],
-        cwd=tmp_path,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_env(
-            OUT=str(out),
-            DIPFAST_GPU_CHECK_TINY="1",
-            DIPFAST_GPU_CHECK_INSTALL="0",
-            DIPFAST_GPU_CHECK_PYTEST="--co -q " + str(ROOT / "tests/test_bench.py"),
-        ),
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[1:]]
-    names = ["tests", "throughput-fp32", "throughput-bf16", "time-to-psnr-fp32", "time-to-psnr-bf16"]
-    assert [(s[0], s[1]) for s in steps] == [(name, "0") for name in names]
-    for precision, methods in (("fp32", {"reference", "original-loop", "native"}), ("bf16", {"native"})):
-        tp = json.loads((out / precision / "throughput.json").read_text())
-        assert {r["batch"] for r in tp["rows"]} == {1, 2} and all(r["status"] == "ok" for r in tp["rows"])
-        assert {r["method"] for r in tp["rows"]} == methods and {r["precision"] for r in tp["rows"]} == {precision}
-        ttp = json.loads((out / precision / "time_to_psnr.json").read_text())
-        assert [c["case"] for c in ttp["cases"]] == ["denoise/F16"] and ttp["settings"]["modes"] == ["cold", "warm"]
-        assert ttp["machine"]["commit"]  # recorded even where the copy has no .git (DIPFAST_BENCH_COMMIT)
-    tail = proc.stdout.strip().splitlines()
-    assert tail[-1].lstrip().startswith("nlm") and any(line.startswith("throughput (") for line in tail)
 
 
 def test_op_benchmarks_are_collected_only_when_asked():

@@ -36,6 +36,12 @@ class _Block:
         return conv_bn_lrelu(x, *self.parameters())
 
 
+def conv_flop(n, c_in, h, w, c_out, k, stride=1, groups=1) -> int:
+    """The convolution's multiply-adds x 2, forward; its input and weight gradients cost as much each. The
+    BatchNorm + LeakyReLU around it are memory-bound and counted in no FLOP figure."""
+    return 2 * n * c_out * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) * (c_in // groups) * k * k
+
+
 def _block(shape, rng):
     n, c_in, h, w, c_out, k = shape
     block = _Block(c_in, c_out, k, rng)
@@ -47,6 +53,7 @@ def _block(shape, rng):
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_conv_bn_lrelu_forward(benchmark, shape, rng):
     block, x, _ = _block(shape, rng)
+    benchmark.extra_info["flop"] = conv_flop(*shape)
     with ieee_fp32(), torch.no_grad():
         out = benchmark(block, x)
     assert out.shape == (shape[0], shape[4], shape[2], shape[3])
@@ -55,6 +62,7 @@ def test_conv_bn_lrelu_forward(benchmark, shape, rng):
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_conv_bn_lrelu_backward(benchmark, shape, rng):
     block, x, grad = _block(shape, rng)
+    benchmark.extra_info["flop"] = 2 * conv_flop(*shape)
     with ieee_fp32():
         out = block(x)
         grads = benchmark(lambda: torch.autograd.grad(out, [x, *block.parameters()], grad, retain_graph=True))
@@ -64,6 +72,7 @@ def test_conv_bn_lrelu_backward(benchmark, shape, rng):
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_conv_bn_lrelu_full(benchmark, shape, rng):
     block, x, grad = _block(shape, rng)
+    benchmark.extra_info["flop"] = 3 * conv_flop(*shape)
 
     def step():
         out = block(x)
@@ -135,6 +144,7 @@ def test_conv_bn_lrelu_op_forward(benchmark, case, impl, precision, rng):
     op = IMPLS[impl]
     if impl == "triton":
         assert dipfast.kernels.conv_bn_lrelu_path(x) == "triton"
+    benchmark.extra_info["flop"] = conv_flop(*case)
     with _flags(precision), _autocast(precision, impl), torch.no_grad():
         out = benchmark(_synced(lambda: op(x, *params, **kw)))
     assert out.shape[1] == case[4]
@@ -147,6 +157,7 @@ def test_conv_bn_lrelu_op_forward(benchmark, case, impl, precision, rng):
 def test_conv_bn_lrelu_op_full(benchmark, case, impl, precision, rng):
     x, params, grad, kw = _gpu_block(case, rng, bf16_operands=precision == "bf16" and impl == "triton")
     op = IMPLS[impl]
+    benchmark.extra_info["flop"] = 3 * conv_flop(*case)
 
     def step():
         with _autocast(precision, impl):

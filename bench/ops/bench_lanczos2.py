@@ -16,11 +16,18 @@ CASES = [(4, 128, 128), (8, 128, 128), (4, 96, 144)]  # (factor, H, W) of the HR
 IDS = ["x4-128px", "x8-128px", "x4-96x144"]
 
 
+def moved_bytes(h: int, w: int, factor: int) -> int:
+    """fp32 bytes the forward reads and writes at least: the RGB image once, its decimation once (the backward
+    moves as much: the gradient in, the image-sized gradient out)."""
+    return 4 * 3 * (h * w + (h // factor) * (w // factor))
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_lanczos2_forward(benchmark, case, rng):
     f, h, w = case
     op = Lanczos2Decimation(f)
     x = torch.rand(1, 3, h, w, generator=rng)
+    benchmark.extra_info["bytes"] = moved_bytes(h, w, f)
     with ieee_fp32():
         y = benchmark(op.A, x)
     assert y.shape == (1, 3, h // f, w // f)
@@ -32,6 +39,7 @@ def test_lanczos2_full(benchmark, case, rng):
     op = Lanczos2Decimation(f)
     x = torch.rand(1, 3, h, w, generator=rng, requires_grad=True)
     g = torch.randn(1, 3, h // f, w // f, generator=rng)
+    benchmark.extra_info["bytes"] = 2 * moved_bytes(h, w, f)
     with ieee_fp32():
         (dx,) = benchmark(lambda: torch.autograd.grad(op.A(x), x, g))
     assert dx.shape == x.shape
@@ -76,6 +84,7 @@ def test_lanczos2_op_forward(benchmark, case, impl, rng):
     x = torch.rand(1, 3, h, w, generator=rng).cuda()
     if impl == "triton":
         assert dipfast.kernels.lanczos2_path(x) == "triton"
+    benchmark.extra_info["bytes"] = moved_bytes(h, w, f)
     with ieee_fp32():
         y = benchmark(_synced(lambda: op(x, f)))
     assert y.shape == (1, 3, h // f, w // f)
@@ -89,6 +98,7 @@ def test_lanczos2_op_full(benchmark, case, impl, rng):
     op = IMPLS[impl]
     x = torch.rand(1, 3, h, w, generator=rng).cuda().requires_grad_(True)
     g = torch.randn(1, 3, h // f, w // f, generator=rng).cuda()
+    benchmark.extra_info["bytes"] = 2 * moved_bytes(h, w, f)
     with ieee_fp32():
         (dx,) = benchmark(_synced(lambda: torch.autograd.grad(op(x, f), x, g)))
     assert dx.shape == x.shape

@@ -40,15 +40,17 @@ def _common(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["all"],
         metavar="NAME",
-        help="DIP methods: the backends restore() accepts, 'native-eager' (native without its C++ ops) "
-        "and 'original-loop', or 'all' (default)",
+        help="DIP methods: the backends restore() accepts, 'native-eager' (native without its C++ ops), "
+        "'native-nchw' (native with NCHW activations), 'original-loop' (the notebooks' loop in IEEE fp32, as the "
+        "paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 convolutions), or 'all' "
+        "(default)",
     )
     p.add_argument(
         "--precision",
         nargs="+",
         default=["all"],
         metavar="P",
-        help="precisions restore() accepts, or 'all' (default); original-loop runs fp32 only",
+        help="precisions restore() accepts, or 'all' (default); original-loop runs fp32 only, original-loop-tf32 tf32",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
@@ -61,6 +63,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--nvtx", action="store_true", help="NVTX ranges around the step phases (for nsys)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _configs(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="METHOD:PRECISION",
+        help="exactly these method x precision pairs (e.g. native:bf16 original-loop-tf32:tf32), in this order, "
+        "instead of --backend x --precision",
+    )
 
 
 def _images(p: argparse.ArgumentParser, what: str) -> None:
@@ -117,6 +129,7 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup", type=_positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
     t.add_argument("--rounds", type=_positive_int, default=1, help="interleaved rounds over all configurations")
     t.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
+    _configs(t)
 
     p = sub.add_parser(
         "time-to-psnr",
@@ -134,6 +147,7 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, help="stop each fit after this many seconds")
     p.add_argument("--no-cold", action="store_true", help="skip the cold (fresh-process) runs")
     p.add_argument("--no-warm", action="store_true", help="skip the warm runs")
+    _configs(p)
 
     q = sub.add_parser(
         "quality",
@@ -163,6 +177,7 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--warmup", type=_positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
     f.add_argument("--rows", type=_positive_int, default=25, help="ops listed per method (default: 25)")
     f.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
+    _configs(f)
 
     fl = sub.add_parser(
         "floor",
@@ -207,6 +222,28 @@ def _pick(given: list[str], valid: list[str], what: str) -> list[str]:
     if unknown:
         raise InputError(f"unknown {what} {unknown[0]!r}; valid: {valid} or 'all'")
     return list(dict.fromkeys(given))
+
+
+def _pairs(args) -> list[tuple[str, str]] | None:
+    """--configs as (method, precision) pairs, checked; None where not given (methods x precisions run)."""
+    from dipfast.bench import runs
+
+    given = getattr(args, "configs", None)
+    if not given:
+        return None
+    if args.backend != ["all"] or args.precision != ["all"]:
+        raise InputError("give either --configs or --backend/--precision, not both")
+    pairs = []
+    for text in given:
+        method, sep, precision = text.partition(":")
+        if not sep:
+            raise InputError(f"--configs takes METHOD:PRECISION pairs; got {text!r}")
+        _pick([method], runs.dip_methods(), "backend")
+        _pick([precision], runs.api_precisions(), "precision")
+        if not runs.applies(method, precision):
+            raise InputError(f"{method} runs precision {runs.ORIGINAL_LOOPS[method]!r} only; got {text!r}")
+        pairs.append((method, precision))
+    return list(dict.fromkeys(pairs))
 
 
 def _baselines(given: list[str]) -> list[str]:
@@ -260,16 +297,26 @@ def _run(args) -> int:
         "seed": args.seed,
         "progress": not args.quiet,
     }
+    pairs = _pairs(args)
+    if pairs is not None:
+        common["pairs"] = pairs
     suite = {"throughput": _throughput, "time-to-psnr": _time_to_psnr, "quality": _quality, "profile": _profile}[
         args.suite
     ]
-    rep = report.finish(suite(args, dev.type == "cuda", **common), dev)
     markdown, plots = {
         "throughput": (report.throughput_markdown, _throughput_plots),
         "time-to-psnr": (report.time_to_psnr_markdown, _time_to_psnr_plots),
         "quality": (report.quality_markdown, None),
         "profile": (report.profile_markdown, None),
     }[args.suite]
+    if args.suite in ("throughput", "time-to-psnr"):  # long suites leave their figures so far on disk
+
+        def on_partial(partial: dict) -> None:
+            finished = report.finish(partial, dev)
+            report.write(finished, out, markdown(finished))
+
+        common["on_partial"] = on_partial
+    rep = report.finish(suite(args, dev.type == "cuda", **common), dev)
     text = markdown(rep)
     paths = list(report.write(rep, out, text).values()) + (plots(rep, out) if plots else [])
     print(text)
@@ -301,8 +348,8 @@ def _profile(args, cuda: bool, **common) -> dict:
 
     if args.net not in runs.NET_CHOICES or args.net == "preset":
         raise InputError(f"unknown net {args.net!r}; valid: {[n for n in runs.NET_CHOICES if n != 'preset']}")
-    if args.backend == ["all"]:  # restore()'s methods: the original loop is not one
-        common["methods"] = [m for m in common["methods"] if m != runs.ORIGINAL_LOOP]
+    if args.backend == ["all"]:  # restore()'s methods: the original loops are not
+        common["methods"] = [m for m in common["methods"] if m not in runs.ORIGINAL_LOOPS]
     return run_profile(
         size=_auto("profile", "size", args.size, cuda),
         batch=args.batch,

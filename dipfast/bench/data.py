@@ -289,7 +289,7 @@ def load_cases(data_dir: str | Path | None, tasks=TASKS, size: int | None = None
         for name, rel, mask_rel, preset in PAPER_IMAGES[task]:
             path = root / rel
             if not path.is_file():
-                continue  # a folder may hold only some of the paper's images (F16 alone for the GPU check)
+                continue  # a folder may hold only some of the paper's images (F16 alone for bench/gpu_quick.sh)
             mask_img = None
             if mask_rel is not None:
                 if not (root / mask_rel).is_file():

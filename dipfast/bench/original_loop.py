@@ -28,9 +28,14 @@ every task.
 Differences from the notebooks, none of which changes the maths: the plots every 100 iterations
 are left out (they time matplotlib, not the loop); prints go to os.devnull instead of a notebook
 cell; the input-noise draw uses a seeded generator on the device instead of the unseeded global
-CUDA RNG; convolutions are IEEE fp32 (TF32 off), as pytorch 0.4 ran them (modern pytorch would
-use TF32 on Ampere and later); the output is centre-cropped when the net's working size exceeds
-the image (the notebooks crop their images to sizes that fit).
+CUDA RNG; the output is centre-cropped when the net's working size exceeds the image (the notebooks
+crop their images to sizes that fit).
+
+Convolutions are IEEE fp32 (TF32 off), as pytorch 0.4 ran them: the paper's loop. With tf32=True
+they run as today's PyTorch runs the same notebook code by default (torch.backends.cudnn.allow_tf32
+is True, so cuDNN convolutions round their inputs to TF32 on Ampere and later; a CPU has no TF32 and
+computes IEEE fp32): the baseline a user of the original code sees now. cudnn.benchmark is on in
+both, as every notebook sets it.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio
 
 from dipfast import nets
-from dipfast.engine import HistoryRow, ieee_fp32
+from dipfast.backends import conv_precision
+from dipfast.engine import HistoryRow
 from dipfast.nets.layers import LanczosDownsampler
 from dipfast.nvtx_ranges import phase
 from dipfast.operators import Lanczos2Decimation
@@ -80,7 +86,8 @@ class OriginalLoop:
     'restore' and 'inpaint'; scale: the SR factor. track_target: also compute the GT PSNR on the
     CPU where the notebook computes none (inpainting), so that time-to-PSNR is defined.
     sr_downsampler: 'dense' (the notebook's trainable 3 -> 3 conv) or 'depthwise' (the reference
-    engine's Lanczos2Decimation: the same sums in another order, for parity checks).
+    engine's Lanczos2Decimation: the same sums in another order, for parity checks). tf32: TF32
+    convolutions, today's PyTorch default (the module docstring).
     """
 
     def __init__(
@@ -98,6 +105,7 @@ class OriginalLoop:
         sr_downsampler: str = "dense",
         log=None,
         t0: float | None = None,
+        tf32: bool = False,
     ):
         if task not in TASKS:
             raise ValueError(f"the original loop covers tasks {list(TASKS)}; got {task!r}")
@@ -105,7 +113,7 @@ class OriginalLoop:
             raise ValueError("the original loop here has no guide (flash) input")
         self.t0 = time.perf_counter() if t0 is None else t0
         self.kind = "denoise" if task in ("denoise", "jpeg", "enhance") else task
-        self.preset, self.device = preset, torch.device(device)
+        self.preset, self.device, self.tf32 = preset, torch.device(device), tf32
         self.log = log if log is not None else open(os.devnull, "w")  # noqa: SIM115 (closed in close())
         self.own_log = log is None
         y = _chw(observed)
@@ -255,7 +263,7 @@ class OriginalLoop:
 
     def run(self, iterations: int, on_step=None) -> None:
         """`iterations` steps; on_step(done) after each, returning True stops early."""
-        with ieee_fp32(cudnn_benchmark=True):  # cudnn.benchmark on, as every notebook
+        with conv_precision(tf32=self.tf32, cudnn_benchmark=True):  # cudnn.benchmark on, as every notebook
             for _ in range(iterations):
                 self.step()
                 if on_step is not None and on_step(self.iterations):
@@ -264,7 +272,7 @@ class OriginalLoop:
     @torch.no_grad()
     def final_output(self) -> torch.Tensor:
         """The notebooks' result: one more forward with the last perturbed input, BN in train mode."""
-        with ieee_fp32(cudnn_benchmark=True):  # cudnn.benchmark on, as every notebook
+        with conv_precision(tf32=self.tf32, cudnn_benchmark=True):
             return self._crop(self.net(self.net_input))
 
     def close(self) -> None:

@@ -130,24 +130,26 @@ def run_profile(
     device="auto",
     seed: int = 0,
     progress: bool = True,
+    pairs=None,
 ) -> dict:
-    """Profile every method x precision; failures (a refused combination, out of memory) become rows that say so."""
-    if runs.ORIGINAL_LOOP in methods:
+    """Profile every method x precision, or the given (method, precision) pairs; failures (a refused combination,
+    out of memory) become rows that say so."""
+    pairs = list(pairs) if pairs is not None else [(m, p) for m in methods for p in precisions]
+    if any(m in runs.ORIGINAL_LOOPS for m, _ in pairs):
         raise InputError("profile runs restore()'s methods; the original loop is the throughput table's baseline")
     dev = api.resolve_device(device)
     entries = []
-    for method in methods:
-        for precision in precisions:
-            if progress:
-                print(f"profile: {method} {precision} b{batch} {size}px", flush=True)
-            entry = {"method": method, "precision": precision, "status": "ok", "reason": None}
-            try:
-                entry.update(profile_one(method, precision, size=size, batch=batch, net=net, iters=iters,
-                                         warmup=warmup, device=dev, seed=seed, rows=rows))  # fmt: skip
-            except InputError as e:
-                entry.update(status="unsupported", reason=str(e))
-            except (RuntimeError, MemoryError) as e:
-                entry.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            entries.append(entry)
+    for method, precision in pairs:
+        if progress:
+            print(f"profile: {method} {precision} b{batch} {size}px", flush=True)
+        entry = {"method": method, "precision": precision, "status": "ok", "reason": None}
+        try:
+            entry.update(profile_one(method, precision, size=size, batch=batch, net=net, iters=iters,
+                                     warmup=warmup, device=dev, seed=seed, rows=rows))  # fmt: skip
+        except InputError as e:
+            entry.update(status="unsupported", reason=str(e))
+        except (RuntimeError, MemoryError) as e:
+            entry.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        entries.append(entry)
     settings = {"size": size, "batch": batch, "net": net, "iters": iters, "warmup": warmup, "rows": rows}
     return {"suite": "profile", "settings": settings, "entries": entries}

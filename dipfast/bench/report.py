@@ -465,7 +465,7 @@ def floor_markdown(report: dict, rows: int = 25) -> str:
 
 
 def summary(out: Path) -> str:
-    """The short table of the JSON files in `out` (what the GPU check prints last)."""
+    """The short table of the JSON files in `out` (bench/gpu_quick.sh's summary.md)."""
     lines = []
     tp = out / "throughput.json"
     if tp.is_file():

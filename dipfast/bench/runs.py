@@ -1,12 +1,13 @@
 """One timed fit of any method on one Case, with its PSNR trajectory: the unit every suite is made of.
 
-Methods: the backends of dipfast.api.BACKENDS (through restore(), whatever they are), the
-'original-loop' baseline (original_loop.OriginalLoop) and the classical baselines (bicubic,
-nlm, bm3d). Times are wall seconds from the call (restore() or the loop's construction) on a
-monotonic clock; the trajectory carries, for each iteration, the time of the host read-back that
-brought its PSNR: every `report_every` iterations for restore() (its only sync), every iteration
-for the original loop (it syncs every iteration). So a time is an upper bound, within one read-back
-interval, of when the output first had that PSNR.
+Methods: the backends of dipfast.api.BACKENDS (through restore(), whatever they are), two variants
+of one backend ('native-eager', 'native-nchw'), the notebooks' loop twice ('original-loop' as the
+paper ran it, 'original-loop-tf32' as today's PyTorch runs the same code: original_loop.OriginalLoop)
+and the classical baselines (bicubic, nlm, bm3d). Times are wall seconds from the call (restore() or
+the loop's construction) on a monotonic clock; the trajectory carries, for each iteration, the time of
+the host read-back that brought its PSNR: every `report_every` iterations for restore() (its only
+sync), every iteration for the original loop (it syncs every iteration). So a time is an upper bound,
+within one read-back interval, of when the output first had that PSNR.
 """
 
 from __future__ import annotations
@@ -19,17 +20,22 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from dipfast import api, native
+from dipfast import api, backends, native
 from dipfast.bench import baselines
 from dipfast.bench.data import Case, psnr
 from dipfast.nets import SkipSpec
 from dipfast.presets import PRESETS, apply_overrides
 from dipfast.tasks import preset_for
 
-ORIGINAL_LOOP = "original-loop"
+ORIGINAL_LOOP = "original-loop"  # IEEE fp32 convolutions, as pytorch 0.4 ran the notebooks
+ORIGINAL_LOOP_TF32 = "original-loop-tf32"  # the same code under today's default: TF32 convolutions
+ORIGINAL_LOOPS = {ORIGINAL_LOOP: "fp32", ORIGINAL_LOOP_TF32: "tf32"}  # the one precision each runs
 # the native backend with its C++ ops switched off (dipfast.native.disabled): the same step with the
 # eager twins, i.e. eager bf16 + channels_last, which is what the ops are measured against
 NATIVE_EAGER = "native-eager"
+# the native backend with NCHW activations where its precision would run channels_last (bf16): the layout's
+# share of the bf16 step, measured side by side with the default
+NATIVE_NCHW = "native-nchw"
 TINY_NET = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
 NET_CHOICES = ("preset", "default", "tiny", *sorted(PRESETS))
 
@@ -44,17 +50,39 @@ def api_precisions() -> list[str]:
 
 
 def dip_methods() -> list[str]:
-    return [*api_backends(), NATIVE_EAGER, ORIGINAL_LOOP]
+    return [*api_backends(), NATIVE_EAGER, NATIVE_NCHW, *ORIGINAL_LOOPS]
+
+
+def applies(method: str, precision: str) -> bool:
+    """Whether a method x precision pair is a measurement: each original loop runs its one precision."""
+    return ORIGINAL_LOOPS.get(method, precision) == precision
 
 
 def backend_of(method: str) -> str:
-    """The restore() backend a DIP method runs (all but the original loop)."""
-    return "native" if method == NATIVE_EAGER else method
+    """The restore() backend a DIP method runs (all but the original loops)."""
+    return "native" if method in (NATIVE_EAGER, NATIVE_NCHW) else method
 
 
 def method_context(method: str):
-    """The context a method's restore() call runs in: native-eager switches the C++ ops off."""
-    return native.disabled() if method == NATIVE_EAGER else contextlib.nullcontext()
+    """The context a method's restore() call runs in: native-eager switches the C++ ops off, native-nchw
+    keeps the activations NCHW."""
+    if method == NATIVE_EAGER:
+        return native.disabled()
+    if method == NATIVE_NCHW:
+        return nchw_activations()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def nchw_activations():
+    """Every plan resolved inside runs NCHW: the harness's switch for the layout, which restore() does not take
+    (backends.Plan.channels_last decides it from the backend and precision)."""
+    saved = backends.Plan.channels_last
+    backends.Plan.channels_last = property(lambda plan: False)
+    try:
+        yield
+    finally:
+        backends.Plan.channels_last = saved
 
 
 def net_overrides(choice: str | None, case_preset: str) -> dict:
@@ -77,7 +105,7 @@ def net_overrides(choice: str | None, case_preset: str) -> dict:
 
 @dataclass
 class Run:
-    method: str  # a backend, 'original-loop' or a baseline
+    method: str  # a backend (or a variant), an original loop or a baseline
     case: str  # Case.key
     precision: str | None = None
     seed: int | None = None
@@ -137,13 +165,14 @@ def run_dip(
     progress: bool = False,
     mode: str = "warm",
 ) -> Run:
-    """One fit of `method` on `case`: restore() for the API's backends, the notebook loop for 'original-loop'."""
+    """One fit of `method` on `case`: restore() for the API's backends, the notebook loop for the original loops."""
     overrides = net_overrides(net, case.preset)
-    if method == ORIGINAL_LOOP:
-        if precision != "fp32":
-            raise ValueError(f"the original loop is eager fp32 only; got precision {precision!r}")
+    if method in ORIGINAL_LOOPS:
+        if not applies(method, precision):
+            raise ValueError(f"{method} runs precision {ORIGINAL_LOOPS[method]!r} only; got {precision!r}")
         return _run_original(
             case,
+            method,
             iters=iters,
             seed=seed,
             device=device,
@@ -202,7 +231,7 @@ def run_dip(
     )
 
 
-def _run_original(case: Case, *, iters, seed, device, overrides, time_limit, progress, mode) -> Run:
+def _run_original(case: Case, method: str, *, iters, seed, device, overrides, time_limit, progress, mode) -> Run:
     from tqdm.auto import tqdm
 
     from dipfast.bench.original_loop import OriginalLoop
@@ -211,9 +240,18 @@ def _run_original(case: Case, *, iters, seed, device, overrides, time_limit, pro
     t0 = time.perf_counter()
     preset = apply_overrides(preset_for(case.task, case.preset, case.scale), {**overrides, "iterations": iters})
     loop = OriginalLoop(
-        case.task, preset, case.observed, case.target, case.mask, case.scale, device=dev, seed=seed, t0=t0
+        case.task,
+        preset,
+        case.observed,
+        case.target,
+        case.mask,
+        case.scale,
+        device=dev,
+        seed=seed,
+        t0=t0,
+        tf32=method == ORIGINAL_LOOP_TF32,
     )
-    bar = tqdm(total=iters, disable=not progress, unit="it", leave=False, dynamic_ncols=True, desc=ORIGINAL_LOOP)
+    bar = tqdm(total=iters, disable=not progress, unit="it", leave=False, dynamic_ncols=True, desc=method)
 
     def on_step(done: int) -> bool:
         bar.update(1)
@@ -226,9 +264,9 @@ def _run_original(case: Case, *, iters, seed, device, overrides, time_limit, pro
     loop.close()
     seconds = time.perf_counter() - t0
     run = Run(
-        ORIGINAL_LOOP,
+        method,
         case.key,
-        "fp32",
+        ORIGINAL_LOOPS[method],
         seed,
         mode,
         seconds,
@@ -236,7 +274,7 @@ def _run_original(case: Case, *, iters, seed, device, overrides, time_limit, pro
         stop_reason="time limit" if loop.iterations < iters else "iterations",
         resolution=1,
         trajectory=_trajectory(loop.rows, 0.0),
-        extras={"backend": ORIGINAL_LOOP, "device": str(dev)},
+        extras={"backend": method, "device": str(dev)},
     )
     return _final(run, case, image.astype(np.float32), None if ema is None else ema.astype(np.float32))
 

@@ -14,6 +14,11 @@ restore() of a list of N images, image-iterations/s = N K / block time); the oth
 after another ("sequential": a repeat's time is the sum of the N fits' K-iteration blocks).
 Rounds > 1 run every configuration once per round, interleaved, so that a shared machine's drift
 hits every method alike; the samples of all rounds are pooled.
+
+Configurations: methods x precisions (the pairs no method runs left out: each original loop has one
+precision), or given (method, precision) pairs, so that one run puts side by side exactly the paths a
+GPU window has time for. on_partial(report) after each configuration hands over the report so far
+(the rows not yet measured say 'pending'), so that a run cut short by a time limit leaves its figures.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ TIMING = (
 
 @dataclass(frozen=True)
 class Config:
-    method: str  # a backend of dipfast.api.BACKENDS, 'native-eager' or 'original-loop'
+    method: str  # a backend of dipfast.api.BACKENDS, a variant of one (runs.NATIVE_EAGER, ...) or an original loop
     precision: str
     batch: int
     size: int
@@ -101,10 +106,21 @@ def _blocks_reference(
 def _blocks_original(case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed) -> list[float]:
     from dipfast.bench.original_loop import OriginalLoop
 
-    if config.precision != "fp32":
-        raise InputError(f"the original loop is eager fp32 only; precision {config.precision!r} does not apply")
+    if not runs.applies(config.method, config.precision):
+        raise InputError(
+            f"{config.method} runs precision {runs.ORIGINAL_LOOPS[config.method]!r} only; "
+            f"precision {config.precision!r} does not apply"
+        )
     preset = apply_overrides(preset_for(case.task, case.preset), runs.net_overrides(net, case.preset))
-    loop = OriginalLoop(case.task, preset, case.observed, case.target, device=device, seed=seed)
+    loop = OriginalLoop(
+        case.task,
+        preset,
+        case.observed,
+        case.target,
+        device=device,
+        seed=seed,
+        tf32=config.method == runs.ORIGINAL_LOOP_TF32,
+    )
     stamps = []
 
     def on_step(done: int) -> bool:
@@ -129,7 +145,7 @@ def measure(
             one = _blocks_reference(case, config, seed=seed, images=config.batch, **common)
             samples = [config.batch * iters / t for t in one]
         else:  # one fit, or N fits one after another
-            blocks = _blocks_original if config.method == runs.ORIGINAL_LOOP else _blocks_reference
+            blocks = _blocks_original if config.method in runs.ORIGINAL_LOOPS else _blocks_reference
             per_fit = [blocks(case, config, seed=seed + k, **common) for k in range(config.batch)]
             samples = [config.batch * iters / sum(fit[r] for fit in per_fit) for r in range(repeats)]
     return {"samples": samples, "memory": mem.result()}
@@ -153,6 +169,7 @@ def run_throughput(
     batches,
     sizes,
     *,
+    pairs=None,
     net: str = "default",
     iters: int = 10,
     repeats: int = 5,
@@ -161,16 +178,43 @@ def run_throughput(
     device="auto",
     seed: int = 0,
     progress: bool = True,
+    on_partial=None,
 ) -> dict:
-    """Measure every configuration; the report's rows hold the figures (see report.throughput_markdown)."""
+    """Measure every configuration; the report's rows hold the figures (see report.throughput_markdown).
+
+    pairs: (method, precision) configurations instead of methods x precisions; on_partial(report): called
+    after each configuration with the report so far."""
     from tqdm.auto import tqdm
 
     dev = api.resolve_device(device)
-    configs = [Config(m, p, b, s) for s in sizes for b in batches for p in precisions for m in methods]
+    if pairs is None:
+        pairs = [(m, p) for p in precisions for m in methods]
+    pairs = list(pairs)
+    configs = [Config(m, p, b, s) for s in sizes for b in batches for m, p in pairs]
     samples = {c: [] for c in configs}
     memory = {c: None for c in configs}
     failed: dict[Config, tuple[str, str]] = {}
     cases = {s: throughput_case(s, seed) for s in sizes}
+    settings = {
+        "task": "denoise",
+        "net": net,
+        "sizes": list(sizes),
+        "batches": list(batches),
+        "methods": list(dict.fromkeys(m for m, _ in pairs)),
+        "precisions": list(dict.fromkeys(p for _, p in pairs)),
+        "pairs": [list(pair) for pair in pairs],
+        "iters_per_repeat": iters,
+        "repeats": repeats,
+        "warmup_iters": max(1, math.ceil(warmup / iters)) * iters,
+        "rounds": rounds,
+        "device": str(dev),
+        "seed": seed,
+        "timing": TIMING,
+        "unit": "image-iterations per second",
+        "batch_note": "batch > 1 with batch_mode 'sequential': restore() takes one image, so N fits "
+        "run one after another and the figure is N x K / (sum of their K-iteration blocks)",
+    }
+    done: set[Config] = set()
     with tqdm(total=rounds * len(configs), disable=not progress, desc="throughput", unit="config") as bar:
         for _ in range(rounds):
             for c in configs:
@@ -194,8 +238,15 @@ def run_throughput(
                         failed[c] = ("unsupported", str(e))
                     except (RuntimeError, MemoryError) as e:  # out of memory and the like: a row says so
                         failed[c] = ("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                done.add(c)
                 bar.update(1)
+                if on_partial is not None:
+                    on_partial(_report(configs, samples, memory, failed, done, net, settings))
+    return _report(configs, samples, memory, failed, done, net, settings)
 
+
+def _report(configs, samples, memory, failed, done, net, settings) -> dict:
+    """The report of the configurations measured so far; the rest are rows with status 'pending'."""
     rows = []
     for c in configs:
         row = {
@@ -210,44 +261,29 @@ def run_throughput(
         }
         if c in failed:
             row["status"], row["reason"] = failed[c]
+        elif c not in done or not samples[c]:
+            row["status"], row["reason"] = "pending", "not measured yet"
         else:
             row.update(_summary(samples[c]))
             mem = memory[c]
             row.update(peak_memory_mib=mem["peak_mib"], memory_growth_mib=mem["growth_mib"], memory_kind=mem["kind"])
         rows.append(row)
-    for row in rows:  # the headline: each method against the original loop at the same size and batch
-        base = next(
-            (
-                r
-                for r in rows
-                if r["method"] == runs.ORIGINAL_LOOP
-                and r["size"] == row["size"]
-                and r["batch"] == row["batch"]
-                and r["status"] == "ok"
-            ),
-            None,
-        )
-        ok = row["status"] == "ok" and base is not None
-        row["ratio_vs_original_loop"] = row["its_median"] / base["its_median"] if ok else None
-    return {
-        "suite": "throughput",
-        "settings": {
-            "task": "denoise",
-            "net": net,
-            "sizes": list(sizes),
-            "batches": list(batches),
-            "methods": list(methods),
-            "precisions": list(precisions),
-            "iters_per_repeat": iters,
-            "repeats": repeats,
-            "warmup_iters": max(1, math.ceil(warmup / iters)) * iters,
-            "rounds": rounds,
-            "device": str(dev),
-            "seed": seed,
-            "timing": TIMING,
-            "unit": "image-iterations per second",
-            "batch_note": "batch > 1 with batch_mode 'sequential': restore() takes one image, so N fits "
-            "run one after another and the figure is N x K / (sum of their K-iteration blocks)",
-        },
-        "rows": rows,
-    }
+    for row in rows:  # the headline: each method against each original loop at the same size and batch
+        for loop, key in (
+            (runs.ORIGINAL_LOOP, "ratio_vs_original_loop"),
+            (runs.ORIGINAL_LOOP_TF32, "ratio_vs_original_loop_tf32"),
+        ):
+            base = next(
+                (
+                    r
+                    for r in rows
+                    if r["method"] == loop
+                    and r["size"] == row["size"]
+                    and r["batch"] == row["batch"]
+                    and r["status"] == "ok"
+                ),
+                None,
+            )
+            ok = row["status"] == "ok" and base is not None
+            row[key] = row["its_median"] / base["its_median"] if ok else None
+    return {"suite": "throughput", "settings": settings, "rows": rows}

@@ -104,7 +104,11 @@ def run_time_to_psnr(
     seed: int = 0,
     warmup_iters: int | None = None,
     progress: bool = True,
+    pairs=None,
+    on_partial=None,
 ) -> dict:
+    """pairs: (method, precision) runs instead of methods x precisions (the pairs no method runs left out);
+    on_partial(report): called after each run with the report so far."""
     from tqdm.auto import tqdm
 
     from dipfast import api
@@ -121,8 +125,24 @@ def run_time_to_psnr(
         "net": net,
         "time_limit": time_limit,
     }
-    combos = [(m, p) for m in methods for p in precisions if not (m == runs.ORIGINAL_LOOP and p != "fp32")]
+    combos = list(pairs) if pairs is not None else [(m, p) for m in methods for p in precisions if runs.applies(m, p)]
     modes = [m for m, on in (("cold", cold), ("warm", warm)) if on]
+    settings = {
+        "methods": list(dict.fromkeys(m for m, _ in combos)),
+        "precisions": list(dict.fromkeys(p for _, p in combos)),
+        "iters": iters,
+        "report_every": report_every,
+        "warmup_iters": warmup_iters,
+        "modes": modes,
+        "device": str(dev),
+        "net": net or "preset",
+        "time_limit_s": time_limit,
+        "seed": seed,
+        "baselines": list(baselines),
+        "clock": "time.perf_counter from the restore() call (original loop: from its set-up)",
+        "resolution": f"restore() backends: the read-back every {report_every} iterations; original loop: "
+        "every iteration; a time is the read-back at or after the crossing (an upper bound)",
+    }
     out_cases = []
     total = len(cases) * len(combos) * len(modes)
     with tqdm(total=total, disable=not progress, desc="time-to-psnr", unit="run") as bar:
@@ -154,6 +174,8 @@ def run_time_to_psnr(
                             {"method": method, "precision": precision, "mode": mode, "reason": str(e)}
                         )
                     bar.update(1)
+                    if on_partial is not None:
+                        on_partial({"suite": "time-to-psnr", "settings": settings, "cases": [*out_cases, entry]})
             for name in baselines:
                 if not baseline_lib.applies(name, case.bench_task):
                     continue
@@ -163,26 +185,7 @@ def run_time_to_psnr(
                     continue
                 entry["runs"].append(analyse(runs.run_baseline(case, name), case_t))
             out_cases.append(entry)
-    return {
-        "suite": "time-to-psnr",
-        "settings": {
-            "methods": list(methods),
-            "precisions": list(precisions),
-            "iters": iters,
-            "report_every": report_every,
-            "warmup_iters": warmup_iters,
-            "modes": modes,
-            "device": str(dev),
-            "net": net or "preset",
-            "time_limit_s": time_limit,
-            "seed": seed,
-            "baselines": list(baselines),
-            "clock": "time.perf_counter from the restore() call (original loop: from its set-up)",
-            "resolution": f"restore() backends: the read-back every {report_every} iterations; original loop: "
-            "every iteration; a time is the read-back at or after the crossing (an upper bound)",
-        },
-        "cases": out_cases,
-    }
+    return {"suite": "time-to-psnr", "settings": settings, "cases": out_cases}
 
 
 def is_monotone(entry_run: dict) -> bool:

@@ -1,0 +1,303 @@
+#!/usr/bin/env bash
+# The prepared GPU window (issues 12 and 13): one command for an H100/H200 machine with no network, its
+# steps in priority order so that the first minutes carry the most, each under its own time limit, and
+# every result packed into one archive after each step, so that a time limit or a lost machine loses
+# nothing that finished.
+#
+#   bench/gpu_quick.sh [--tiny] [--data DIR] [DEST]
+#
+# DEST: where gpu-quick.tar.gz (every result) and summary.tsv go: default $OUT where set (the device
+# machine's returned folder), else ./bench-out. The results are written to a work folder outside DEST
+# (DIPFAST_GPU_QUICK_WORK, default a new temporary one) and packed from there.
+#
+# Steps (name: what; expected seconds on an H200, cold):
+#   install       pip install --no-deps --no-build-isolation -e . (the C++ CPU ops built against the
+#                 machine's torch; where their build fails, setup.py goes on without them; where the
+#                 install itself fails, again with DIPFAST_NO_NATIVE=1; PYTHONPATH as well)       25-40
+#   environment   GPU, driver, torch/CUDA/cuDNN/triton versions, commit, native ops, nvidia-smi     5
+#   throughput    512 x 512, batch 1, default net, in one harness run: native fp32 / tf32 / bf16,
+#                 native-nchw bf16 (bf16 without channels_last), the original loop as the paper ran
+#                 it (IEEE fp32) and under today's PyTorch default (TF32 convolutions), compile bf16,
+#                 triton bf16 (compile and triton compile for about a minute each)                140
+#   profile       dipfast bench profile of the two fastest paths of `throughput`                 50
+#   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           50
+#   tasks         every task through restore() on each fast backend, tiny net (bench/gpu_tasks.py) 80
+#   parity        issue 13: the CUDA parity tests, real shapes first (junit XML, no -x)          90
+#   ops           issue 13: the op micro-benchmarks (bench/ops), fused op against cuDNN + eager   40
+#   triton        issue 13: the triton backend's throughput in tf32 and fp32 (bf16: `throughput`) 80
+#   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
+#                 the original loop against the fastest path, 1800 iterations                    150
+#   tests         the rest of the suite's CUDA tests (test_backends, test_api, test_engine,
+#                 test_bench), last                                                             120
+# That is about 14 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
+# could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
+# (DIPFAST_GPU_QUICK_STEPS="parity ops triton time-to-psnr"). Each step's limit is its own or the budget
+# left, whichever is less. headline.md compares the figures with issue 12's targets; summary.md is the
+# short table of every JSON.
+#
+# --tiny: the same steps on a CPU at toy sizes (tiny net, 16-32 px, 1-6 iterations), so that the script
+# cannot rot (tests/bench/test_gpu_quick.py): the fast backends are native alone (compile and triton
+# take minutes to compile on a CPU; tests/test_backends.py and tests/parity cover them), except the
+# triton step, which runs the triton backend's kernels in Triton's interpreter (TRITON_INTERPRET=1) at
+# 16 px with torch.compile off (TORCHDYNAMO_DISABLE=1); the CUDA-only parity tests skip; no install.
+#
+# Environment:
+#   DIPFAST_GPU_QUICK_STEPS     the steps to run, in the order above (default: all)
+#   DIPFAST_GPU_QUICK_BUDGET    seconds for the whole run (default 480; --tiny 600)
+#   DIPFAST_GPU_QUICK_DATA      the paper's images (default ../shared/data/dip beside the repository); --data too
+#   DIPFAST_GPU_QUICK_WORK      the results folder (default: a new temporary one)
+#   DIPFAST_GPU_QUICK_BACKENDS  the fast backends (default "native compile triton"; --tiny "native")
+#   DIPFAST_GPU_QUICK_INSTALL   1 to pip install the working tree first (default 1; --tiny 0)
+#   DIPFAST_GPU_QUICK_PYTEST    extra pytest arguments for the parity and tests steps
+#   DIPFAST_BENCH_COMMIT        the commit to record where the copy has no .git
+#   PYTHON                      the interpreter (default python3)
+# Exit status: 0 when every step that ran passed, else 1.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 1
+TINY=0
+DATA=${DIPFAST_GPU_QUICK_DATA:-$ROOT/../shared/data/dip}
+DEST=${OUT:-./bench-out}
+RUN_STEP=""  # internal: run one step's function (the parent runs each step so, under its time limit)
+while [ $# -gt 0 ]; do
+    case $1 in
+        --tiny) TINY=1 ;;
+        --data) DATA=${2:?--data needs a folder}; shift ;;
+        --run-step) RUN_STEP=${2:?}; shift ;;
+        -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "gpu_quick: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) DEST=$1 ;;
+    esac
+    shift
+done
+mkdir -p "$DEST" && DEST=$(cd "$DEST" && pwd) || exit 2
+WORK=${DIPFAST_GPU_QUICK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-quick.XXXXXX")}
+mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd) || exit 2
+export DIPFAST_GPU_QUICK_WORK=$WORK DIPFAST_GPU_QUICK_DATA=$DATA
+ARCHIVE=$DEST/gpu-quick.tar.gz
+PY=${PYTHON:-python3}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+ALL_STEPS="install environment throughput profile batch tasks parity ops triton time-to-psnr tests"
+STEPS=" ${DIPFAST_GPU_QUICK_STEPS:-$ALL_STEPS} "
+for name in $STEPS; do
+    [[ " $ALL_STEPS " == *" $name "* ]] || { echo "gpu_quick: unknown step '$name'; valid: $ALL_STEPS" >&2; exit 2; }
+done
+
+if [ "$TINY" = 1 ]; then
+    BUDGET=${DIPFAST_GPU_QUICK_BUDGET:-600}
+    BACKENDS=${DIPFAST_GPU_QUICK_BACKENDS:-native}
+    INSTALL=${DIPFAST_GPU_QUICK_INSTALL:-0}
+    DEVICE=(--device cpu)
+    TP=(--net tiny --size 16 --iters 1 --repeats 2 --warmup 1)
+    PROFILE=(--net tiny --size 16 --iters 2 --warmup 1)
+    BATCH=(--net tiny --size 16 --iters 1 --repeats 2 --warmup 1)
+    TASKS=(--size 16 --iters 2 --precision fp32 --device cpu)
+    PARITY=(tests/parity/test_cuda_shapes.py)  # CUDA only: every case skips here
+    OPS=(--benchmark-max-time=0.01 --benchmark-min-rounds=1 --benchmark-warmup=off)  # the CPU cases once
+    TRITON_TP=(--net tiny --size 16 --iters 1 --repeats 1 --warmup 1)
+    TRITON_CONFIGS=(triton:fp32)  # the interpreter computes tf32 as IEEE fp32: one of the two is enough
+    TRITON_ENV=(TRITON_INTERPRET=1 TORCHDYNAMO_DISABLE=1)
+    TTP=(--net tiny --size 32 --iters 6 --report-every 2)
+    TESTS=(tests/test_backends.py -k "resolve")  # a few CPU cases: the step's plumbing
+    # the budget is all there is on a CPU: the limits only catch a hang
+    declare -A LIMIT=([install]=120 [environment]=60 [throughput]=240 [profile]=120 [batch]=120 [tasks]=240
+                      [parity]=120 [ops]=120 [triton]=240 [time-to-psnr]=240 [tests]=120)
+else
+    BUDGET=${DIPFAST_GPU_QUICK_BUDGET:-480}
+    BACKENDS=${DIPFAST_GPU_QUICK_BACKENDS:-native compile triton}
+    INSTALL=${DIPFAST_GPU_QUICK_INSTALL:-1}
+    DEVICE=(--device cuda)
+    TP=(--net default --size 512 --iters 10 --repeats 3 --warmup 10)
+    PROFILE=(--net default --size 512 --iters 5 --warmup 10)
+    BATCH=(--net default --size 256 --iters 10 --repeats 3 --warmup 10)
+    TASKS=(--size 64 --iters 4 --precision bf16 --device cuda)
+    PARITY=(tests/parity/test_cuda_shapes.py tests/parity)  # the real shapes first; pytest drops the repeats
+    OPS=(-k op_ --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
+    TRITON_TP=("${TP[@]}")
+    TRITON_CONFIGS=(triton:tf32 triton:fp32)
+    TRITON_ENV=()
+    TTP=(--iters 1800 --report-every 10)
+    TESTS=(tests/test_backends.py tests/test_api.py tests/test_engine.py tests/test_bench.py)
+    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=210 [profile]=90 [batch]=90 [tasks]=120
+                      [parity]=120 [ops]=90 [triton]=120 [time-to-psnr]=200 [tests]=150)
+fi
+# the smallest slice of the budget that a step is started with
+declare -A MIN=([install]=30 [environment]=5 [throughput]=60 [profile]=30 [batch]=30 [tasks]=30 [parity]=30
+                [ops]=20 [triton]=40 [time-to-psnr]=60 [tests]=30)
+
+has() { [[ " $BACKENDS " == *" $1 "* ]]; }
+wants() { [[ $STEPS == *" $1 "* ]]; }
+PYTEST_PLUGINS=()
+if "$PY" -c "import pytest_timeout" 2> /dev/null; then PYTEST_PLUGINS+=(--timeout 90); fi
+if [ "$TINY" = 0 ] && "$PY" -c "import xdist" 2> /dev/null; then PYTEST_PLUGINS+=(-n 4); fi
+# shellcheck disable=SC2206  # word splitting wanted: a list of arguments
+PYTEST_EXTRA=(${DIPFAST_GPU_QUICK_PYTEST:-})
+
+record() {  # record NAME STATUS SECONDS LIMIT NOTE
+    printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$WORK/summary.tsv"
+}
+pack() {  # the whole work folder into one archive, replaced atomically, and the summary beside it
+    tar czf "$ARCHIVE.part" -C "$WORK" . && mv "$ARCHIVE.part" "$ARCHIVE"
+    cp "$WORK/summary.tsv" "$DEST/summary.tsv"
+}
+step() {  # step NAME FUNCTION: run under min(its limit, budget left), log to WORK/NAME.log, record, pack
+    local name=$1 function=$2 left limit start status note=""
+    left=$(( BUDGET - ($(date +%s) - START) ))
+    limit=${LIMIT[$name]}
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt "${MIN[$name]}" ]; then
+        echo "== $name: skipped, ${left} s of the budget left"
+        record "$name" "skipped (budget)" 0 "$limit" "rerun: DIPFAST_GPU_QUICK_STEPS=\"$name ...\""
+        pack
+        return
+    fi
+    echo "== $name (at most ${limit} s)"
+    start=$(date +%s)
+    # SIGINT first: pytest and the harness then write what they have (junit XML, partial JSON)
+    timeout --signal=INT --kill-after=15 "$limit" bash "$ROOT/bench/gpu_quick.sh" "${SELF[@]}" \
+        --run-step "$function" > "$WORK/$name.log" 2>&1
+    status=$?
+    if [ "$status" -eq 0 ]; then
+        status=ok
+    else
+        FAILED=1
+        [ "$status" -eq 124 ] && note="timed out" || note="exit $status"
+        status=failed
+        echo "   $name failed ($note); last lines of $name.log:"
+        tail -n 5 "$WORK/$name.log" | sed 's/^/   | /'
+    fi
+    record "$name" "$status" "$(( $(date +%s) - start ))" "$limit" "$note"
+    pack
+}
+bench() { "$PY" -m dipfast.bench "$@"; }
+configs() {  # the METHOD:PRECISION arguments whose backend is among BACKENDS (original loops always)
+    local c out=()
+    for c in "$@"; do
+        case ${c%%:*} in
+            original-loop*|native*) out+=("$c") ;;
+            *) has "${c%%:*}" && out+=("$c") ;;
+        esac
+    done
+    echo "${out[@]}"
+}
+
+install() {
+    local status=0
+    if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"; then
+        echo "gpu_quick: the install failed; again without the native CPU ops (DIPFAST_NO_NATIVE=1)"
+        DIPFAST_NO_NATIVE=1 "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" || status=1
+    fi
+    if ! "$PY" -c "import dipfast.kernels" 2> /dev/null && [ ! -e "$ROOT/dipfast/kernels" ]; then
+        echo "gpu_quick: dipfast.kernels not importable; linking dipfast/kernels -> ../kernels (PYTHONPATH alone)"
+        ln -s ../kernels "$ROOT/dipfast/kernels"
+    fi
+    return $status
+}
+environment() {
+    "$PY" "$ROOT/bench/gpu_quick_steps.py" environment "$WORK/environment" || return 1
+    for so in "$ROOT"/dipfast/_native*.so; do  # how they link: their error path crashed on the first H100
+        [ -f "$so" ] || continue
+        { command -v c++ > /dev/null && c++ --version | head -n 1; ldd "$so" | grep -E "stdc|gomp"
+        } >> "$WORK/environment/environment.txt" 2>&1
+    done
+    return 0
+}
+throughput() {
+    # shellcheck disable=SC2046  # configs prints a list of words
+    bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs $(configs \
+        native:fp32 native:tf32 native:bf16 native-nchw:bf16 original-loop:fp32 original-loop-tf32:tf32 \
+        compile:bf16 triton:bf16)
+}
+fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
+    "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \
+        --fallback native:tf32 native:bf16 native:fp32
+}
+profile() {
+    # shellcheck disable=SC2046
+    bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/profile" --configs $(fastest 2)
+}
+batch() {
+    # shellcheck disable=SC2046
+    bench throughput "${DEVICE[@]}" "${BATCH[@]}" --batch 1 4 --quiet --out "$WORK/batch" \
+        --configs $(fastest 1 --batched)
+}
+tasks() {
+    # shellcheck disable=SC2086  # BACKENDS is a list of words
+    "$PY" "$ROOT/bench/gpu_tasks.py" --out "$WORK/tasks" --backends $BACKENDS "${TASKS[@]}"
+}
+parity() {
+    mkdir -p "$WORK/parity"
+    "$PY" -m pytest "${PARITY[@]}" -q -rfE -p no:cacheprovider "${PYTEST_PLUGINS[@]}" "${PYTEST_EXTRA[@]}" \
+        --junitxml="$WORK/parity/junit.xml"
+}
+ops() {
+    mkdir -p "$WORK/ops"
+    "$PY" -m pytest bench/ops/bench_conv_bn_lrelu.py bench/ops/bench_lanczos2.py -q -p no:cacheprovider \
+        "${OPS[@]}" --benchmark-json="$WORK/ops/benchmarks.json" --junitxml="$WORK/ops/junit.xml" || return 1
+    "$PY" "$ROOT/bench/gpu_quick_steps.py" ops "$WORK/ops/benchmarks.json" "$WORK/ops/ops.md"
+}
+triton_backend() {
+    env "${TRITON_ENV[@]}" "$PY" -m dipfast.bench throughput "${DEVICE[@]}" "${TRITON_TP[@]}" --batch 1 --quiet \
+        --out "$WORK/triton" --configs "${TRITON_CONFIGS[@]}"
+}
+time_to_psnr() {
+    # cold: a fresh process and empty compile caches, as a user's first image
+    # shellcheck disable=SC2046
+    TORCHINDUCTOR_CACHE_DIR="$WORK/.cold-cache/inductor" TRITON_CACHE_DIR="$WORK/.cold-cache/triton" \
+        bench time-to-psnr "${DEVICE[@]}" --data "$DATA" --tasks denoise "${TTP[@]}" --no-warm --baselines none \
+        --targets 28 30 --quiet --out "$WORK/time-to-psnr" --configs original-loop:fp32 $(fastest 1)
+    local status=$?
+    rm -rf "$WORK/.cold-cache"
+    return $status
+}
+suite_tests() {
+    mkdir -p "$WORK/tests"
+    "$PY" -m pytest "${TESTS[@]}" -q -rfE -p no:cacheprovider "${PYTEST_PLUGINS[@]}" "${PYTEST_EXTRA[@]}" \
+        --junitxml="$WORK/tests/junit.xml"
+}
+
+if [ -n "$RUN_STEP" ]; then
+    "$RUN_STEP"
+    exit $?
+fi
+SELF=(--data "$DATA" "$DEST")  # the arguments each step's own run of this script repeats
+[ "$TINY" = 1 ] && SELF+=(--tiny)
+START=$(date +%s)
+FAILED=0
+printf 'step\tstatus\tseconds\tlimit\tnote\n' > "$WORK/summary.tsv"
+
+echo "gpu_quick: results in $WORK, packed into $ARCHIVE after every step (budget ${BUDGET} s)"
+if wants install; then
+    if [ "$INSTALL" = 1 ]; then step install install; else record install "skipped" 0 0 "DIPFAST_GPU_QUICK_INSTALL=0"; fi
+fi
+wants environment && step environment environment
+wants throughput && step throughput throughput
+wants profile && step profile profile
+wants batch && step batch batch
+wants tasks && step tasks tasks
+wants parity && step parity parity
+wants ops && step ops ops
+wants triton && step triton triton_backend
+if wants time-to-psnr; then
+    if [ -f "$DATA/denoising/F16_GT.png" ]; then
+        step time-to-psnr time_to_psnr
+    else
+        echo "== time-to-psnr: skipped, no $DATA/denoising/F16_GT.png (give --data or DIPFAST_GPU_QUICK_DATA)"
+        record time-to-psnr "skipped (no data)" 0 0 "no $DATA/denoising/F16_GT.png"
+        pack
+    fi
+fi
+wants tests && step tests suite_tests
+
+"$PY" "$ROOT/bench/gpu_quick_steps.py" headline "$WORK" > /dev/null 2>&1
+for folder in throughput profile batch triton time-to-psnr; do
+    [ -d "$WORK/$folder" ] && { echo "### $folder"; "$PY" -m dipfast.bench summary "$WORK/$folder"; }
+done > "$WORK/summary.md" 2>&1
+pack
+echo
+cat "$WORK/headline.md" 2> /dev/null
+column -t -s $'\t' "$WORK/summary.tsv" 2> /dev/null || cat "$WORK/summary.tsv"
+echo "packed: $ARCHIVE ($(( $(date +%s) - START )) s in all)"
+exit $FAILED

@@ -1,0 +1,240 @@
+"""The pieces of bench/gpu_quick.sh that read or write results: the environment record, the choice of the
+fastest paths from the throughput table, the op micro-benchmarks' table and the headline against the targets.
+
+    python bench/gpu_quick_steps.py environment DIR
+    python bench/gpu_quick_steps.py fastest THROUGHPUT_JSON N [--batched] [--fallback METHOD:PRECISION ...]
+    python bench/gpu_quick_steps.py ops BENCHMARK_JSON OUT_MD
+    python bench/gpu_quick_steps.py headline WORK
+
+The targets (issue 12) are read off the step outputs under WORK (throughput/, batch/, time-to-psnr/); a figure
+that a step did not produce is reported as not measured, never guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ORIGINAL_ITERATION = 1800  # time-to-PSNR target: the PSNR the original loop reaches at this iteration
+
+
+def environment(out: Path) -> int:
+    """environment.json (dipfast.bench.machine's record, the native ops, the kernels) and environment.txt
+    (the same, then nvidia-smi)."""
+    import torch
+
+    import dipfast
+    from dipfast.bench.machine import machine_info
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    info = machine_info(device)
+    info["dipfast_path"] = dipfast.__file__
+    info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    try:
+        import dipfast.native
+
+        info["native_ops"] = dipfast.native.enabled()
+    except Exception as e:  # noqa: BLE001  (recorded: the environment step never fails on a missing part)
+        info["native_ops"] = f"{type(e).__name__}: {e}"
+    try:
+        import dipfast.kernels
+
+        info["kernels_path"] = dipfast.kernels.__file__
+    except Exception as e:  # noqa: BLE001
+        info["kernels_path"] = f"{type(e).__name__}: {e}"
+    smi = shutil.which("nvidia-smi")
+    text = "\n".join(f"{k}: {v}" for k, v in info.items()) + "\n"
+    if smi:
+        query = "name,driver_version,memory.total,clocks.max.sm,power.limit,compute_cap"
+        q = subprocess.run([smi, f"--query-gpu={query}", "--format=csv"], capture_output=True, text=True, check=False)
+        info["nvidia_smi"] = q.stdout.strip()
+        full = subprocess.run([smi], capture_output=True, text=True, check=False).stdout
+        text += f"\n{q.stdout}\n{full}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "environment.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
+    (out / "environment.txt").write_text(text)
+    print(text)
+    return 0
+
+
+def _ok_rows(path: Path) -> list[dict]:
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def fastest(path: Path, n: int, batched: bool, fallback: list[str]) -> int:
+    """Print the n fastest restore() paths of a throughput JSON as METHOD:PRECISION lines (the fallback's first
+    where the table has fewer)."""
+    from dipfast import api
+    from dipfast.bench import runs
+
+    rows = [r for r in _ok_rows(path) if r["method"] not in runs.ORIGINAL_LOOPS]
+    if batched:
+        rows = [r for r in rows if runs.backend_of(r["method"]) in api.BATCHED_BACKENDS]
+    ranked = [f"{r['method']}:{r['precision']}" for r in sorted(rows, key=lambda r: -r["its_median"])]
+    picked = list(dict.fromkeys([*ranked, *fallback]))[:n]
+    print("\n".join(picked))
+    return 0
+
+
+def _ops_figures(bench: dict) -> tuple[float, str]:
+    """(median ms, 'x TFLOP/s' or 'x GB/s' from the benchmark's extra_info, or '-')."""
+    ms = bench["stats"]["median"] * 1e3
+    extra = bench.get("extra_info", {})
+    if extra.get("flop"):
+        return ms, f"{extra['flop'] / (ms * 1e-3) / 1e12:.1f} TFLOP/s"
+    if extra.get("bytes"):
+        return ms, f"{extra['bytes'] / (ms * 1e-3) / 1e9:.0f} GB/s"
+    return ms, "-"
+
+
+def ops(path: Path, out: Path) -> int:
+    """ops.md: each op micro-benchmark's median ms and TFLOP/s (or GB/s), the fused op beside its reference twin."""
+    data = json.loads(path.read_text())
+    lines = [
+        "## Op micro-benchmarks (pytest-benchmark medians)\n",
+        f"Machine: {data.get('machine_info', {}).get('node', '?')}; "
+        f"{data.get('machine_info', {}).get('cpu', {}).get('brand_raw', '')}\n",
+        "| benchmark | median ms | rate | rounds |",
+        "|---|---|---|---|",
+    ]
+    for b in data.get("benchmarks", []):
+        ms, rate = _ops_figures(b)
+        lines.append(f"| {b['fullname'].split('::')[-1]} | {ms:.3f} | {rate} | {b['stats']['rounds']} |")
+    if not data.get("benchmarks"):
+        lines.append("| (none ran: the CUDA cases skip on a CPU) | - | - | - |")
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+    return 0
+
+
+def _row(rows: list[dict], method: str, precision: str, batch: int = 1) -> dict | None:
+    return next((r for r in rows if (r["method"], r["precision"], r["batch"]) == (method, precision, batch)), None)
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _verdict(value: float | None, target: float, higher_is_better: bool) -> str:
+    if value is None:
+        return "not measured"
+    met = value >= target if higher_is_better else value <= target
+    return "met" if met else "missed"
+
+
+def _time_to_original(ttp: dict) -> list[tuple[str, float | None, float | None, float | None]]:
+    """Per output ('psnr', 'ema_psnr'): the original loop's PSNR at ORIGINAL_ITERATION, its time there, and the
+    fastest other run's first time at that PSNR."""
+    from dipfast.bench import runs
+    from dipfast.bench.time_to_psnr import first_reach
+
+    found = []
+    for case in ttp.get("cases", []):
+        orig = next((r for r in case["runs"] if r["method"] == runs.ORIGINAL_LOOP), None)
+        others = [r for r in case["runs"] if r["method"] not in runs.ORIGINAL_LOOPS and r["trajectory"]["iteration"]]
+        if orig is None:
+            continue
+        t = orig["trajectory"]
+        k = max((i for i, it in enumerate(t["iteration"]) if it <= ORIGINAL_ITERATION), default=None)
+        for key in ("psnr", "ema_psnr"):
+            level = t[key][k] if k is not None else None
+            if level is None:
+                continue
+            best = None
+            for r in others:
+                sec, _ = first_reach(r["trajectory"], key, level)
+                if sec is not None and (best is None or sec < best[1]):
+                    best = (f"{r['method']} {r['precision']}", sec)
+            found.append((key, level, t["seconds"][k], best))
+    return found
+
+
+def headline(work: Path) -> int:
+    """headline.md: issue 12's targets against what the steps measured."""
+    rows = _ok_rows(work / "throughput" / "throughput.json")
+    batch = _ok_rows(work / "batch" / "throughput.json")
+    where = f"net '{rows[0]['net']}', {rows[0]['size']} x {rows[0]['size']}" if rows else "no throughput figures"
+    lines = [f"## Headline: issue 12's targets (set for the default net at 512 x 512; here {where}, batch 1)\n"]
+    lines += ["| target | measured | verdict |", "|---|---|---|"]
+    fast = [r for r in rows if r["method"] not in ("original-loop", "original-loop-tf32")]
+    best = max(fast, key=lambda r: r["its_median"], default=None)
+    bf16 = min((r["ms_per_iter"] for r in fast if r["precision"] == "bf16"), default=None)
+    tf32 = min((r["ms_per_iter"] for r in fast if r["precision"] == "tf32"), default=None)
+    ratio = best and best.get("ratio_vs_original_loop")
+    ratio_tf32 = best and best.get("ratio_vs_original_loop_tf32")
+    name = f" ({best['method']} {best['precision']})" if best else ""
+    lines.append(f"| bf16 <= 2.0 ms/iteration | {_fmt(bf16, '{:.2f} ms')} | {_verdict(bf16, 2.0, False)} |")
+    lines.append(f"| tf32 <= 4.0 ms/iteration | {_fmt(tf32, '{:.2f} ms')} | {_verdict(tf32, 4.0, False)} |")
+    lines.append(
+        f"| >= 10x the original loop (IEEE fp32) | {_fmt(ratio, '{:.2f}x')}{name} | {_verdict(ratio, 10, True)} |"
+    )
+    lines.append(
+        f"| >= 3x the original loop under today's defaults (TF32) | {_fmt(ratio_tf32, '{:.2f}x')}{name} "
+        f"| {_verdict(ratio_tf32, 3, True)} |"
+    )
+    gain = None
+    if batch:
+        one = max((r for r in batch if r["batch"] == 1), key=lambda r: r["its_median"], default=None)
+        four = one and _row(batch, one["method"], one["precision"], 4)
+        gain = four["its_median"] / one["its_median"] if one and four else None
+    lines.append(
+        f"| 256 x 256: batch 4 >= 2x the images/s of batch 1 | {_fmt(gain, '{:.2f}x')} | {_verdict(gain, 2, True)} |"
+    )
+    try:
+        ttp = json.loads((work / "time-to-psnr" / "time_to_psnr.json").read_text())
+    except (OSError, ValueError):
+        ttp = {}
+    reached = _time_to_original(ttp)
+    if not reached:
+        lines.append(
+            f"| time to the original loop's PSNR at iteration {ORIGINAL_ITERATION} <= 1/10 | - | not measured |"
+        )
+    for key, level, orig_s, best_run in reached:
+        share = best_run[1] / orig_s if best_run and orig_s else None
+        measured = (
+            f"{best_run[0]}: {best_run[1]:.1f} s of {orig_s:.1f} s" if best_run else f"not reached ({orig_s:.1f} s)"
+        )
+        verdict = _verdict(share, 0.1, False) if best_run else "missed"
+        lines.append(
+            f"| {key} {level:.2f} dB (original loop, iteration {ORIGINAL_ITERATION}) reached in <= 1/10 of its time "
+            f"| {measured}{f' = {share:.3f}' if share else ''} | {verdict} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (work / "headline.md").write_text(text)
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("environment").add_argument("dir", type=Path)
+    f = sub.add_parser("fastest")
+    f.add_argument("json", type=Path)
+    f.add_argument("n", type=int)
+    f.add_argument("--batched", action="store_true", help="only methods that train N images in one step")
+    f.add_argument("--fallback", nargs="*", default=[], metavar="METHOD:PRECISION")
+    o = sub.add_parser("ops")
+    o.add_argument("json", type=Path)
+    o.add_argument("out", type=Path)
+    sub.add_parser("headline").add_argument("work", type=Path)
+    args = p.parse_args(argv)
+    if args.command == "environment":
+        return environment(args.dir)
+    if args.command == "fastest":
+        return fastest(args.json, args.n, args.batched, args.fallback)
+    if args.command == "ops":
+        return ops(args.json, args.out)
+    return headline(args.work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

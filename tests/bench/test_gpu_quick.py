@@ -1,0 +1,83 @@
+"""bench/gpu_quick.sh, the prepared GPU window, in its CPU mode (--tiny): every step runs, reports ok, and its
+outputs are in the one archive, so that the script cannot rot between GPU windows. About a minute on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+# each step and the files it must leave in the archive
+OUTPUTS = {
+    "environment": ["environment/environment.json", "environment/environment.txt"],
+    "throughput": ["throughput/throughput.json", "throughput/throughput.md"],
+    "profile": ["profile/profile.json", "profile/profile.md"],
+    "batch": ["batch/throughput.json"],
+    "tasks": ["tasks/tasks.jsonl", "tasks/tasks.md"],
+    "parity": ["parity/junit.xml"],
+    "ops": ["ops/benchmarks.json", "ops/ops.md", "ops/junit.xml"],
+    "triton": ["triton/throughput.json"],
+    "time-to-psnr": ["time-to-psnr/time_to_psnr.json"],
+    "tests": ["tests/junit.xml"],
+}
+
+
+def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path):
+    from skimage import data as skdata
+
+    (tmp_path / "dip/denoising").mkdir(parents=True)
+    Image.fromarray(skdata.astronaut()[200:232, 200:232]).save(tmp_path / "dip/denoising/F16_GT.png")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "DIPFAST_GPU_QUICK_WORK": str(tmp_path / "work"),
+        "DIPFAST_BENCH_COMMIT": "0123456789abcdef",
+    }
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu_quick.sh"), "--tiny", "--data", str(tmp_path / "dip"), str(tmp_path / "dest")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = (tmp_path / "dest/summary.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["step", "status", "seconds", "limit", "note"]
+    steps = {row[0]: row for row in (line.split("\t") for line in lines[1:])}
+    assert steps.pop("install")[1] == "skipped"  # --tiny leaves the installed package alone
+    assert list(steps) == list(OUTPUTS)
+    assert all(row[1] == "ok" for row in steps.values()), lines
+
+    with tarfile.open(tmp_path / "dest/gpu-quick.tar.gz") as tar:
+        names = {name.removeprefix("./") for name in tar.getnames()}
+        for step, files in OUTPUTS.items():
+            assert f"{step}.log" in names and set(files) <= names, step
+        assert {"summary.tsv", "summary.md", "headline.md"} <= names
+
+        def loaded(name: str) -> dict:
+            return json.load(tar.extractfile(f"./{name}"))
+
+        rows = loaded("throughput/throughput.json")["rows"]
+        paths = {(r["method"], r["precision"]) for r in rows}
+        assert {("native", "tf32"), ("native-nchw", "bf16"), ("original-loop-tf32", "tf32")} <= paths
+        assert all(r["status"] == "ok" for r in rows)
+        assert loaded("throughput/throughput.json")["machine"]["commit"] == "0123456789abcdef"
+        fastest = max((r for r in rows if not r["method"].startswith("original")), key=lambda r: r["its_median"])
+        profiled = [(e["method"], e["precision"]) for e in loaded("profile/profile.json")["entries"]]
+        assert len(profiled) == 2 and profiled[0] == (fastest["method"], fastest["precision"])
+        assert {r["batch"] for r in loaded("batch/throughput.json")["rows"]} == {1, 4}
+        tasks = [json.loads(line) for line in tar.extractfile("./tasks/tasks.jsonl").read().decode().splitlines()]
+        assert {c["task"] for c in tasks} == {"sr", "inpaint", "denoise", "jpeg", "restore", "enhance", "flash"}
+        assert all(c["status"] == "ok" for c in tasks)
+        assert {r["method"] for r in loaded("triton/throughput.json")["rows"]} == {"triton"}
+        ttp_runs = loaded("time-to-psnr/time_to_psnr.json")["cases"][0]["runs"]
+        assert [r["method"] for r in ttp_runs][0] == "original-loop" and all(r["mode"] == "cold" for r in ttp_runs)
