@@ -100,30 +100,44 @@ if _HAS_TRITON:
         return tl.where(in_skip[None, :], a.to(tl.float32), b.to(tl.float32))
 
     @triton.jit
-    def _folded_grad(g_ptr, n, h, w, c, mask, height, width, g_sn, g_sc, g_sh, g_sw, PAD: tl.constexpr):
-        """The reflection pad's adjoint at (n, h, w, c): the padded gradient summed over the pixel's pre-images,
-        itself and its mirrors in the top/left and bottom/right pads (<= 3 per axis), in fp32."""
+    def _row_pre_images(base, row, col0, col1, col2, mask, left, right, near_left, near_right):
+        """One padded row's share of the adjoint: the column itself, and its mirrors where the tile reaches them."""
+        acc = tl.load(base + row + col0, mask=mask, other=0.0).to(tl.float32)
+        if near_left:
+            acc += tl.load(base + row + col1, mask=mask & left, other=0.0).to(tl.float32)
+        if near_right:
+            acc += tl.load(base + row + col2, mask=mask & right, other=0.0).to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _folded_grad(
+        g_ptr, n, h, w0, w, c, mask, height, width, g_sn, g_sc, g_sh, g_sw, PAD: tl.constexpr, BLOCK_W: tl.constexpr
+    ):  # fmt: skip
+        """The reflection pad's adjoint at (n, h, w, c), w = w0 + arange(BLOCK_W): the padded gradient summed over
+        the pixel's pre-images, itself and its mirrors in the top/left and bottom/right pads (<= 3 per axis), in
+        fp32. The mirror rows and columns are read only by the tiles next to an edge (uniform branches)."""
         base = g_ptr + n * g_sn + c[None, :] * g_sc
         col0 = ((w + PAD) * g_sw)[:, None]
         row0 = (h + PAD) * g_sh
-        acc = tl.load(base + row0 + col0, mask=mask, other=0.0).to(tl.float32)
         if PAD > 0:
-            top = (h >= 1) & (h <= PAD)
-            bottom = (h >= height - 1 - PAD) & (h <= height - 2)
             left = ((w >= 1) & (w <= PAD))[:, None]
             right = ((w >= width - 1 - PAD) & (w <= width - 2))[:, None]
+            near_left = w0 <= PAD
+            near_right = w0 + BLOCK_W > width - 1 - PAD
             col1 = ((PAD - w) * g_sw)[:, None]
             col2 = ((2 * width - 2 - w + PAD) * g_sw)[:, None]
-            row1 = (PAD - h) * g_sh
-            row2 = (2 * height - 2 - h + PAD) * g_sh
-            acc += tl.load(base + row0 + col1, mask=mask & left, other=0.0).to(tl.float32)
-            acc += tl.load(base + row0 + col2, mask=mask & right, other=0.0).to(tl.float32)
-            acc += tl.load(base + row1 + col0, mask=mask & top, other=0.0).to(tl.float32)
-            acc += tl.load(base + row1 + col1, mask=mask & top & left, other=0.0).to(tl.float32)
-            acc += tl.load(base + row1 + col2, mask=mask & top & right, other=0.0).to(tl.float32)
-            acc += tl.load(base + row2 + col0, mask=mask & bottom, other=0.0).to(tl.float32)
-            acc += tl.load(base + row2 + col1, mask=mask & bottom & left, other=0.0).to(tl.float32)
-            acc += tl.load(base + row2 + col2, mask=mask & bottom & right, other=0.0).to(tl.float32)
+            acc = _row_pre_images(base, row0, col0, col1, col2, mask, left, right, near_left, near_right)
+            if (h >= 1) & (h <= PAD):  # h mirrored into the top pad, row PAD - h
+                acc += _row_pre_images(
+                    base, (PAD - h) * g_sh, col0, col1, col2, mask, left, right, near_left, near_right
+                )  # fmt: skip
+            if (h >= height - 1 - PAD) & (h <= height - 2):  # and into the bottom pad
+                acc += _row_pre_images(
+                    base, (2 * height - 2 - h + PAD) * g_sh, col0, col1, col2, mask, left, right, near_left,
+                    near_right,
+                )  # fmt: skip
+        else:
+            acc = tl.load(base + row0 + col0, mask=mask, other=0.0).to(tl.float32)
         return acc
 
     @triton.jit
@@ -215,9 +229,10 @@ if _HAS_TRITON:
 
     @triton.jit
     def _normalised_and_grad(
-        grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w, c, mask_w,
+        grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w0, w, c, mask_w,
         height, width, channels, cs, cd, negative_slope,
-        s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw, PAD: tl.constexpr,
+        s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw,
+        PAD: tl.constexpr, BLOCK_W: tl.constexpr,
     ):  # fmt: skip
         """(xhat, dz, gamma * rstd) on a tile: dz = the folded gradient times act'(z), zero off the tile."""
         mask_c = c < channels
@@ -230,7 +245,7 @@ if _HAS_TRITON:
         gamma = tl.load(weight_ptr + c, mask=mask_c, other=0.0)
         xhat = (v - tl.load(mean_ptr + c, mask=mask_c, other=0.0)[None, :]) * rstd[None, :]
         z = xhat * gamma[None, :] + tl.load(bias_ptr + c, mask=mask_c, other=0.0)[None, :]
-        g = _folded_grad(grad_ptr, n, h, w, c, mask, height, width, g_sn, g_sc, g_sh, g_sw, PAD)
+        g = _folded_grad(grad_ptr, n, h, w0, w, c, mask, height, width, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W)
         dz = tl.where(mask, tl.where(z > 0, g, g * negative_slope), 0.0)  # leaky_relu_backward: self > 0
         return tl.where(mask, xhat, 0.0), dz, gamma * rstd
 
@@ -271,9 +286,9 @@ if _HAS_TRITON:
             for w0 in range(0, width, BLOCK_W):
                 w = w0 + tl.arange(0, BLOCK_W)
                 xhat, dz, _ = _normalised_and_grad(
-                    grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w, c,
+                    grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w0, w, c,
                     (w < width) & (row < n_rows), height, width, channels, cs, cd, negative_slope,
-                    s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw, PAD,
+                    s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W,
                 )  # fmt: skip
                 sum_dz += tl.sum(dz, axis=0)
                 sum_dzx += tl.sum(dz * xhat, axis=0)
@@ -313,14 +328,15 @@ if _HAS_TRITON:
         row = tl.program_id(0)  # over N * H
         n = row // height
         h = row % height
-        w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        w0 = tl.program_id(1) * BLOCK_W
+        w = w0 + tl.arange(0, BLOCK_W)
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_w = w < width
         mask_c = c < channels
         xhat, dz, scale = _normalised_and_grad(
-            grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w, c, mask_w,
+            grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w0, w, c, mask_w,
             height, width, channels, cs, cd, negative_slope,
-            s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw, PAD,
+            s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W,
         )  # fmt: skip
         mean_dz = tl.load(dbias_ptr + c, mask=mask_c, other=0.0) * inv_m
         mean_dzx = tl.load(dweight_ptr + c, mask=mask_c, other=0.0) * inv_m
