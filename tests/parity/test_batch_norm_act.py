@@ -31,9 +31,9 @@ CASES = [  # (N, C, H, W, pad, negative_slope)
     (1, 4, 9, 6, 0, 1.0),  # the skip width, unpadded, BatchNorm alone (a merge without skip)
 ]
 IDS = ["c3-7x9-p1-n2", "c20-5x11-p2", "c4-9x6-p0-no-act"]
-# Measured on the CPU interpreter against the float64 twin, worst over these cases, both layouts and 3 seeds,
-# relative to the expected tensor's max: out 1.5e-7, dx 2.0e-7, dweight 2.0e-7, dbias 1.8e-7; merge <= 2.0e-7.
-# All under the fp32 row of conftest.TOL.
+# Measured on the CPU interpreter against the float64 twin, worst over pads 0-2, 3 and 20 channels and both layouts
+# (one seed), relative to the expected tensor's max: out 1.4e-7, dx 1.6e-7, dweight 1.6e-7, dbias 1.8e-7; merge
+# <= 2.0e-7. All under the fp32 row of conftest.TOL.
 
 
 @pytest.fixture(autouse=True)
@@ -130,6 +130,13 @@ def test_concat_matches_float64_twin(cs, cd, pad, layout, rng, device, assert_pa
         assert_parity(actual, expected)
 
 
+# The interpreter rounds fp32 -> bf16 stores toward zero (notes/kernels.md, section 3): up to 1 ulp off where the
+# GPU's (and eager's) round-to-nearest is 1/2, so there the stored output may reach twice a GPU's error. Measured on
+# the CPU interpreter, kernel / eager error over 3 seeds x both layouts: out 2.47, dx 1.70, dweight and dbias < 0.01
+# (eager bf16 computes them with far larger error). Hence 2 x 2 under the interpreter for the bf16 output, 2 on a GPU.
+BF16_FACTOR = 4.0 if bna._INTERPRET else 2.0
+
+
 def _assert_within_eager_error(actual, eager, oracle, factor=2.0):
     """bf16: the op's error against the float64 oracle is at most factor x eager bf16's (STYLE.md, section 5.7)."""
     assert not torch.isnan(actual).any()
@@ -154,7 +161,8 @@ def test_bf16_within_twice_eager_error(layout, rng, device):
     assert results[0].dtype == results[1].dtype == torch.bfloat16
     assert results[2].dtype == results[3].dtype == torch.float32
     assert results[0].is_contiguous(memory_format=fmt) and results[1].is_contiguous(memory_format=fmt)
-    for actual, e, o in zip(results, eager, oracle, strict=True):
+    _assert_within_eager_error(results[0], eager[0], oracle[0], BF16_FACTOR)
+    for actual, e, o in zip(results[1:], eager[1:], oracle[1:], strict=True):
         _assert_within_eager_error(actual, e, o)
 
 
@@ -169,7 +177,8 @@ def test_concat_bf16_within_twice_eager_error(rng, device):
     eager = _run(twin, tensors, grad)
     oracle = _run(twin, tensors, grad, torch.float64)
     assert results[0].dtype == torch.bfloat16
-    for actual, e, o in zip(results, eager, oracle, strict=True):
+    _assert_within_eager_error(results[0], eager[0], oracle[0], BF16_FACTOR)
+    for actual, e, o in zip(results[1:], eager[1:], oracle[1:], strict=True):
         _assert_within_eager_error(actual, e, o)
 
 
