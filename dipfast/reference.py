@@ -4,7 +4,9 @@ Each twin has the signature of its kernel op and is the oracle of tests/parity a
 bench/ops. The Lanczos2 twins call dipfast.operators.Lanczos2Decimation, so the engine's SR operator
 and the oracle are one implementation; conv_bn_lrelu computes what dipfast.nets.layers.ConvBNAct
 computes with reflection padding, and concat_bn_conv_bn_lrelu what dipfast.nets.skip.SkipLevel's
-merge_bn then up compute (tests/test_reference.py holds them equal).
+merge_bn then up compute (tests/test_reference.py holds them equal); batch_norm_act and
+concat_batch_norm are a block's BatchNorm + activation and a merge's BatchNorm, written as the
+reflection-padded input of the next conv.
 """
 
 from __future__ import annotations
@@ -89,3 +91,41 @@ def concat_bn_conv_bn_lrelu(
     merged = torch.cat([skip.reshape(n, groups, -1, h, w), deeper.reshape(n, groups, -1, h, w)], 2)
     merged = F.batch_norm(merged.reshape(n, -1, h, w), None, None, merge_gamma, merge_beta, training=True, eps=eps)
     return conv_bn_lrelu(merged, weight, bias, gamma, beta, groups=groups, eps=eps, slope=slope)
+
+
+def batch_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    pad: int = 0,
+    eps: float = 1e-5,
+    negative_slope: float = 0.2,
+) -> torch.Tensor:
+    """F.pad(leaky_relu(batch_norm(x, training), negative_slope), (pad,) * 4, mode="reflect").
+
+    x: (N, C, H, W); weight, bias: (C,). Batch statistics (biased variance), no running statistics;
+    negative_slope = 1.0 is BatchNorm alone; pad = 0 pads nothing. Returns (N, C, H + 2 pad, W + 2 pad).
+    """
+    y = F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+    if negative_slope != 1.0:
+        y = F.leaky_relu(y, negative_slope)
+    return F.pad(y, (pad,) * 4, mode="reflect") if pad else y
+
+
+def concat_batch_norm(
+    skip: torch.Tensor,
+    deeper: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    pad: int = 0,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """batch_norm_act(cat([skip, deeper], 1), weight, bias, pad=pad, eps=eps, negative_slope=1.0).
+
+    skip: (N, Cs, H, W), deeper: (N, Cd, H, W), already cropped to one H, W; weight, bias: (Cs + Cd,).
+    A skip level's merge_bn, written as the padded input of level.up's conv.
+    """
+    merged = torch.cat([skip, deeper], 1)
+    return batch_norm_act(merged, weight, bias, pad=pad, eps=eps, negative_slope=1.0)

@@ -3,16 +3,23 @@
 This folder (kernels/ at the repository top) installs as the subpackage dipfast.kernels (setup.py).
 Each op falls back to its plain-PyTorch twin in dipfast.reference where Triton cannot run. Every op has a
 torch.func.vmap rule (vmap_fold.py), runs in fp32 (IEEE or TF32 dots) or on bf16 operands, and takes its tiles
-from configs.py. TritonBlocks (blocks.py) is the triton backend's dipfast.nets.blocks.BlockOps.
+from configs.py. TritonBlocks (blocks.py) is the triton backend's dipfast.nets.blocks.BlockOps; PaddedBlocks
+(blocks.py) the native and compile backends' on CUDA (cuDNN convs, the BatchNorm + activation of batch_norm_act.py
+written reflection-padded for the next conv).
 """
 
-from dipfast.kernels.blocks import TritonBlocks
+from dipfast.kernels.batch_norm_act import batch_norm_act, batch_norm_act_path, concat_batch_norm
+from dipfast.kernels.blocks import PaddedBlocks, TritonBlocks
 from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu, concat_bn_conv_bn_lrelu_path
 from dipfast.kernels.conv_bn_lrelu import conv_bn_lrelu, conv_bn_lrelu_path
 from dipfast.kernels.lanczos2 import lanczos2_downsample, lanczos2_mse, lanczos2_path
 
 __all__ = [
+    "PaddedBlocks",
     "TritonBlocks",
+    "batch_norm_act",
+    "batch_norm_act_path",
+    "concat_batch_norm",
     "concat_bn_conv_bn_lrelu",
     "concat_bn_conv_bn_lrelu_path",
     "conv_bn_lrelu",

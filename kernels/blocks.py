@@ -18,6 +18,19 @@ accumulation and fp32 BatchNorm statistics, returning bf16; BatchNorm's paramete
 Otherwise the input's dtype rules: fp32 with TF32 dots when torch.backends.cudnn.allow_tf32 (the kernels' flag,
 dipfast.kernels.conv_bn_lrelu.tf32_enabled), IEEE dots when not (dipfast.engine.ieee_fp32).
 
+PaddedBlocks is the native and compile backends' BlockOps on CUDA: NativeBlocks' structure (dipfast.native.blocks)
+with the Triton ops of batch_norm_act.py for its BatchNorms, torch's (cuDNN's) convolutions and torch's upsample:
+    conv_bn_act(m, x)       the module's PadConv, then batch_norm_act (BatchNorm + LeakyReLU, or BatchNorm alone for
+                            nn.Identity)
+    conv_bn_act_pair        the first block's BatchNorm + LeakyReLU written reflection-padded in the conv output's
+                            layout; the second block's nn.Conv2d reads that buffer with padding=0, so no pad op runs
+    merge                   concat_batch_norm over (skip, deeper) straight into the buffer level.up's conv reads,
+                            padded (batch_norm_act without activation for a level with no skip)
+    upsample                inherited: the reference nn.Upsample
+A block whose BatchNorm or activation the ops do not compute (another activation, BatchNorm in eval mode with
+running statistics, no affine parameters) or whose next conv does not pad by reflection takes the reference
+computation, as NativeBlocks does. Off the Triton path (batch_norm_act_path) every op is its eager twin.
+
 As BlockOps says, fused blocks do not update BatchNorm's running statistics (DIP never reads them).
 """
 
@@ -28,13 +41,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from dipfast.kernels.batch_norm_act import batch_norm_act, concat_batch_norm
 from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
 from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
 from dipfast.nets.blocks import BlockOps
-from dipfast.nets.layers import crop_to_smallest
+from dipfast.nets.layers import ConvBNAct, crop_to_smallest
 
 if TYPE_CHECKING:
-    from dipfast.nets.layers import ConvBNAct
     from dipfast.nets.skip import SkipLevel
 
 
@@ -155,3 +168,60 @@ class TritonBlocks(BlockOps):
             eps=up.bn.eps,
             slope=up.act.negative_slope,
         )
+
+
+def _negative_slope(act: nn.Module) -> float | None:
+    """The activation as a LeakyReLU slope (1.0: none), or None if it is neither (NativeBlocks' rule)."""
+    if isinstance(act, nn.LeakyReLU):
+        return float(act.negative_slope)
+    if isinstance(act, nn.Identity):
+        return 1.0
+    return None
+
+
+def _padded_input_fits(m: ConvBNAct, y: torch.Tensor) -> bool:
+    """Whether m's conv can read y written reflection-padded: m is a ConvBNAct whose conv pads by reflection (its
+    nn.Conv2d has padding=0) with no downsampler after it, and the pad fits y (reflection needs H, W > pad)."""
+    return (
+        isinstance(m, ConvBNAct)
+        and m.conv.reflect > 0
+        and m.conv.downsample is None
+        and m.conv.reflect < min(y.shape[-2:])
+    )
+
+
+class PaddedBlocks(BlockOps):
+    """Each BatchNorm + activation by batch_norm_act.py's ops, written padded for the conv that reads it."""
+
+    name = "padded"
+
+    def conv_bn_act(self, m: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
+        return self._bn_act(m, m.conv(x))
+
+    def conv_bn_act_pair(self, first: ConvBNAct, second: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
+        y = first.conv(x)
+        slope = _negative_slope(first.act)
+        if slope is None or _batch_norm_reason(first.bn) is not None or not _padded_input_fits(second, y):
+            return second(self._bn_act(first, y))
+        bn = first.bn
+        padded = batch_norm_act(y, bn.weight, bn.bias, pad=second.conv.reflect, eps=bn.eps, negative_slope=slope)
+        return self._bn_act(second, second.conv.conv(padded))
+
+    def merge(self, level: SkipLevel, parts: list[torch.Tensor]) -> torch.Tensor:
+        bn = level.merge_bn
+        if len(parts) > 2 or _batch_norm_reason(bn) is not None:
+            return super().merge(level, parts)
+        parts = crop_to_smallest(parts)
+        pad = level.up.conv.reflect if _padded_input_fits(level.up, parts[-1]) else 0
+        if len(parts) == 1:
+            merged = batch_norm_act(parts[0], bn.weight, bn.bias, pad=pad, eps=bn.eps, negative_slope=1.0)
+        else:
+            merged = concat_batch_norm(*parts, bn.weight, bn.bias, pad=pad, eps=bn.eps)
+        return self._bn_act(level.up, level.up.conv.conv(merged)) if pad else level.up(merged)
+
+    def _bn_act(self, m: ConvBNAct, y: torch.Tensor) -> torch.Tensor:
+        """m's BatchNorm + activation on its conv's output y: one op where the ops compute them."""
+        slope = _negative_slope(m.act)
+        if slope is None or _batch_norm_reason(m.bn) is not None:
+            return m.act(m.bn(y))
+        return batch_norm_act(y, m.bn.weight, m.bn.bias, eps=m.bn.eps, negative_slope=slope)

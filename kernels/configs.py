@@ -19,6 +19,9 @@ section 2.2). Two tables:
       expected to be the slow one until split-K lands.
     elementwise passes (normalise + LeakyReLU, the pad adjoint, Lanczos2): 1024 elements, 4 warps; per-channel
       reductions (BN backward, the merge's statistics): 4 channels x 1024 pixels, 4 warps.
+    per-channel passes over a plane (batch_norm_act): one image row by up to 1024 elements, the tile's long side
+      along the layout's unit-stride axis (W for NCHW, C for channels_last) so loads and stores coalesce, 4 warps;
+      the statistics and the backward's sums give each program rows until about 1024 programs fill the GPU.
   INTERPRETER (TRITON_INTERPRET=1): small tiles, which the interpreter runs in reasonable time on the parity
     tests' small shapes and which those tests' tile-boundary cases are built around (two pixel tiles to merge,
     two channel tiles, two K chunks: tests/parity/test_conv_bn_lrelu.py). num_warps and num_stages are ignored.
@@ -61,6 +64,18 @@ class PassTiles:
     num_warps: int
 
 
+@dataclass(frozen=True)
+class PlaneTiles:
+    """A per-channel pass over (N, C, H, W) one image row at a time: up to `elements` of (BLOCK_W x BLOCK_C) per
+    tile, each side at most max_w or max_c; the reductions aim at about `programs` programs."""
+
+    elements: int
+    max_w: int
+    max_c: int
+    programs: int
+    num_warps: int
+
+
 _FP32_CONV = GemmTiles(128, 128, 32, 3, 8)
 _BF16_CONV = GemmTiles(128, 128, 64, 3, 8)
 _HOPPER_PASS = PassTiles(1024, 4, 4)
@@ -75,12 +90,15 @@ HOPPER = {
     ("wgrad", "tf32"): GemmTiles(64, 64, 32, 3, 4),
     ("wgrad", "bf16"): GemmTiles(64, 64, 64, 3, 4),
     **{("pass", p): _HOPPER_PASS for p in PRECISIONS},
+    **{("plane", p): PlaneTiles(1024, 256, 128, 1024, 4) for p in PRECISIONS},
 }
 
 _INTERPRETER_GEMM = GemmTiles(64, 16, 16, 1, 4)  # tl.dot's smallest blocks are 16
 INTERPRETER = {
     **{(family, p): _INTERPRETER_GEMM for family in ("conv", "dgrad", "wgrad") for p in PRECISIONS},
     **{("pass", p): PassTiles(256, 16, 4) for p in PRECISIONS},
+    # 8 x 16 at most: the parity shapes' odd widths take two W chunks and 20 channels two channel tiles
+    **{("plane", p): PlaneTiles(128, 8, 16, 4, 4) for p in PRECISIONS},
 }
 
 
@@ -88,8 +106,9 @@ def precision_of(bf16: bool, tf32: bool) -> str:
     return "bf16" if bf16 else "tf32" if tf32 else "fp32"
 
 
-def tiles(family: str, precision: str) -> GemmTiles | PassTiles:
-    """The config of a kernel family ('conv', 'dgrad', 'wgrad', 'pass') in a precision ('fp32', 'tf32', 'bf16')."""
+def tiles(family: str, precision: str) -> GemmTiles | PassTiles | PlaneTiles:
+    """The config of a kernel family ('conv', 'dgrad', 'wgrad', 'pass', 'plane') in a precision ('fp32', 'tf32',
+    'bf16')."""
     return (INTERPRETER if _INTERPRET else HOPPER)[family, precision]
 
 

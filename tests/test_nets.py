@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dipfast.nets import (
     ResNet,
@@ -292,6 +293,37 @@ def test_pad_modes(pad, k, rng):
         expected = F.conv2d(x, w, b, padding=(k - 1) // 2)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)  # fp32, same conv
     assert layer(x).shape == (1, 5, 9, 11)
+
+
+class _PadOps(TorchDispatchMode):
+    """Records every aten op whose name has 'pad' in it (reflection_pad2d, constant_pad_nd, their backwards)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "pad" in func.overloadpacket.__name__:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _pad_ops_of(module: nn.Module, x: torch.Tensor) -> list[str]:
+    with _PadOps() as mode:
+        module(x.requires_grad_()).sum().backward()
+    return mode.seen
+
+
+def test_1x1_convs_run_no_pad_op(rng):
+    """The original puts ReflectionPad2d(0) before each 1x1 conv: a full copy forward, a zero-fill + scatter
+    backward on CUDA. PadConv runs none for k = 1 (the state dict keeps the original's keys: test_original_layout).
+    A 3x3 block pads once forward and once backward, which shows the recorder sees pads."""
+    x = torch.rand(1, 4, 9, 11, generator=rng)
+    assert _pad_ops_of(ConvBNAct(4, 4, 1, pad="reflection"), x) == []
+    assert _pad_ops_of(PadConv(4, 3, 1, pad="reflection"), x) == []  # the output head
+    assert _pad_ops_of(ConvBNAct(4, 4, 3, pad="reflection"), x) == ["reflection_pad2d", "reflection_pad2d_backward"]
+    net = skip(3, 3, **THIN)  # per level: three 3x3 convs padded, the 1x1 skip and up1x1 convs not; the 1x1 head not
+    assert _pad_ops_of(net, torch.rand(1, 3, 24, 24, generator=rng)).count("reflection_pad2d") == 3 * 3
 
 
 def test_reflection_and_zero_differ_at_the_border(rng):

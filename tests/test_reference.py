@@ -5,7 +5,7 @@ import torch
 
 from dipfast.nets.layers import ConvBNAct, concat_cropped
 from dipfast.nets.skip import SkipLevel, SkipSpec
-from dipfast.reference import concat_bn_conv_bn_lrelu, conv_bn_lrelu
+from dipfast.reference import batch_norm_act, concat_batch_norm, concat_bn_conv_bn_lrelu, conv_bn_lrelu
 
 
 @pytest.mark.parametrize(
@@ -69,3 +69,31 @@ def test_concat_bn_conv_bn_lrelu_equals_the_skip_level_merge(n, cs, cd, c_up, h,
     wrt = [skip, deeper, *params]
     for a, b in zip(torch.autograd.grad(ours, wrt, grad), torch.autograd.grad(theirs, wrt, grad), strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("act, slope", [("LeakyReLU", 0.2), ("none", 1.0)], ids=["lrelu", "no-act"])
+def test_batch_norm_act_padded_is_what_the_next_conv_reads(act, slope, rng):
+    """conv2d(batch_norm_act(y, pad=1), padding=0) is the next reflection-padded block's conv of act(bn(y))."""
+    first = ConvBNAct(3, 5, 3, pad="reflection", act=act).double()
+    second = ConvBNAct(5, 4, 3, pad="reflection").double()
+    with torch.no_grad():
+        first.bn.weight.uniform_(0.5, 1.5, generator=rng)
+        first.bn.bias.uniform_(-0.5, 0.5, generator=rng)
+    y = torch.randn(2, 5, 9, 7, dtype=torch.float64, generator=rng)
+    padded = batch_norm_act(y, first.bn.weight, first.bn.bias, pad=1, eps=first.bn.eps, negative_slope=slope)
+    assert padded.shape == (2, 5, 11, 9)
+    expected = second.conv(first.act(first.bn(y)))
+    torch.testing.assert_close(second.conv.conv(padded), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_concat_batch_norm_is_the_skip_level_merge_bn(rng):
+    bn = torch.nn.BatchNorm2d(6).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=rng)
+        bn.bias.uniform_(-0.5, 0.5, generator=rng)
+    skip = torch.randn(1, 2, 9, 8, dtype=torch.float64, generator=rng)
+    deeper = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=rng)
+    cropped = [skip[:, :, :8], deeper]  # concat_cropped's centre crop of 9 rows to 8 starts at row 0
+    out = concat_batch_norm(*cropped, bn.weight, bn.bias, pad=2, eps=bn.eps)
+    expected = torch.nn.functional.pad(bn(concat_cropped([skip, deeper])), (2,) * 4, mode="reflect")
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)

@@ -90,15 +90,17 @@ def _run(net, z, g, extra=()):
     return [out, *torch.autograd.grad(out, [*net.parameters(), *extra], g)]
 
 
-def _assert_net_parity(net, z, rng, counts, tol, reflection=True) -> dict[str, int]:
-    """The Triton net against its float64 reference copy, with the fp32 reference copy as the yardstick.
+def _assert_net_parity(net, z, rng, counts, tol, reflection=True, ops=None) -> dict[str, int]:
+    """The net on `ops` (TritonBlocks by default) against its float64 reference copy, with the fp32 reference copy
+    as the yardstick.
 
-    Returns the block counts of the Triton net's run.
+    Returns the block counts of the run on `ops`.
     """
+    ops = TritonBlocks() if ops is None else ops
     net64 = use_block_ops(copy.deepcopy(net).double(), BlockOps())
     eager = use_block_ops(copy.deepcopy(net), BlockOps())
-    use_block_ops(net, TritonBlocks())
-    assert block_ops_of(net) == {"triton"}
+    use_block_ops(net, ops)
+    assert block_ops_of(net) == {ops.name}
     names = ["out", *(name for name, _ in net.named_parameters())]
     with ieee_fp32():
         g = torch.randn(eager(z).shape, generator=rng).to(z.device)

@@ -1,0 +1,706 @@
+"""Training-mode BatchNorm + LeakyReLU written reflection-padded, in any memory format, forward and backward, in Triton.
+
+out = F.pad(act(batch_norm(x, training=True, weight, bias, eps)), (pad,) * 4, mode="reflect"),
+act(z) = z if z > 0 else negative_slope * z (negative_slope = 1.0: BatchNorm alone), batch statistics with the
+biased variance per channel over (N, H, W), no running statistics (DIP never reads them). The padded buffer is the
+input of the next conv, which runs with padding=0 on it: no separate pad op, and none of the layout conversions
+that CUDA's ReflectionPad2d (NCHW only, atomicAdd backward) forces on a channels_last net. The merge variant,
+concat_batch_norm, normalises the concatenation [skip, deeper] (per group) without forming it. The CPU twins of
+these ops are the csrc ones (dipfast.native.batch_norm); the eager twins are dipfast.reference.batch_norm_act and
+dipfast.reference.concat_batch_norm.
+
+Layout: any strides in, x's memory format out. The inputs may be views (a centre crop of the merge's parts); the
+output, mean and rstd, and the gradients are new dense tensors: out and dx channels_last where the input keeps its
+channels innermost (stride 1 along C, not along W), NCHW contiguous otherwise (dipfast.native._tensors.layout's
+rule, so either backend hands the next conv the same layout). Tiles are one image row by BLOCK_W x BLOCK_C with
+the long side along the layout's unit-stride axis, so loads and stores coalesce in either format (configs.py).
+Precisions: x fp32 or bf16 (the output and dx in x's dtype); weight and bias any float dtype, used in fp32 (their
+gradients come back in their dtypes); statistics, normalisation and every sum in fp32.
+
+Forward (two launches, no atomics, deterministic):
+  1. _batch_norm_stats_kernel: each program walks some rows of some channels, merging each tile's (count, mean,
+     M2) into its own with Chan's formula; the C-sized finalize in torch merges the programs' partials the same
+     way (conv_bn_lrelu._chan_finalize: no E[x^2] - mean^2 cancellation), rstd = 1 / sqrt(var + eps).
+  2. _batch_norm_act_pad_kernel: one program per output row (padded rows included) and tile: each output element
+     gathers its source pixel (i < 0 -> -i, i >= H -> 2H - 2 - i), normalises, applies act, stores.
+  Saved for backward: x (or skip and deeper), weight, bias, mean, rstd; xhat and z are recomputed.
+Backward (two launches, no atomics, deterministic; the gradient of the padded output, any strides):
+  3. _batch_norm_act_bwd_sums_kernel: the reflection pad's adjoint as a gather, g(i, j) = the sum of the incoming
+     gradient over i's <= 3 pre-images per axis (9 masked loads), dz = g * act'(z), and per-program partial sums
+     of dz (= dbias) and dz * xhat (= dweight), summed in torch.
+  4. _batch_norm_act_bwd_apply_kernel: the same gather and dz, dx = weight * rstd * (dz - dbias / M -
+     xhat * dweight / M), stored in x's layout (d(skip) and d(deeper) for the merge).
+Under torch.func.vmap a rule folds the vmapped networks into the channels (groups for the merge: vmap_fold.py):
+BatchNorm's statistics are per channel, so the networks stay independent in one launch.
+
+Ops: dipfast::batch_norm_act_fwd / _bwd and dipfast::concat_batch_norm_act_fwd / _bwd (torch.library.custom_op
+with register_fake and register_autograd, so torch.compile(fullgraph=True) traces through; no double backward).
+Without CUDA (and without TRITON_INTERPRET=1 when this module was imported), without triton, or for dtypes other
+than fp32 and bf16, the public functions call the twins; batch_norm_act_path(x) says which path a tensor takes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dipfast import reference
+from dipfast.errors import InputError
+from dipfast.kernels.configs import PlaneTiles, precision_of, tiles
+from dipfast.kernels.conv_bn_lrelu import _chan_finalize, kernels_take
+from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into_rows, unfold_channels, unfold_rows
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # the package always works: the public functions fall back to dipfast.reference
+    _HAS_TRITON = False
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as conv_bn_lrelu: read when the kernels are built
+# Tests set this to allocate outputs filled with NaN, so an element a kernel never writes fails parity.
+POISON_OUTPUTS = False
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _reflect(i, size):
+        i = tl.where(i < 0, -i, i)
+        return tl.where(i >= size, 2 * size - 2 - i, i)
+
+    @triton.jit
+    def _channels(c, cs, cd):
+        """Merged channel c -> where it lives: [skip_g, deeper_g] for each group g of cs + cd channels."""
+        width = cs + cd
+        group = c // width
+        local = c - group * width
+        return local < cs, group * cs + local, local >= cs, group * cd + local - cs
+
+    @triton.jit
+    def _load_merged(
+        skip_ptr, deeper_ptr, n, h, w, c, channels, cs, cd, mask_w,
+        s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+    ):  # fmt: skip
+        """The (BLOCK_W, BLOCK_C) tile of the merged input at image n, row h, columns w, channels c, in fp32."""
+        in_skip, c_skip, in_deeper, c_deeper = _channels(c, cs, cd)
+        mask = mask_w[:, None] & (c < channels)[None, :]
+        a = tl.load(
+            skip_ptr + n * s_sn + h * s_sh + w[:, None] * s_sw + c_skip[None, :] * s_sc,
+            mask=mask & in_skip[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            deeper_ptr + n * d_sn + h * d_sh + w[:, None] * d_sw + c_deeper[None, :] * d_sc,
+            mask=mask & in_deeper[None, :],
+            other=0.0,
+        )
+        return tl.where(in_skip[None, :], a.to(tl.float32), b.to(tl.float32))
+
+    @triton.jit
+    def _row_pre_images(base, row, col0, col1, col2, mask, left, right, near_left, near_right):
+        """One padded row's share of the adjoint: the column itself, and its mirrors where the tile reaches them."""
+        acc = tl.load(base + row + col0, mask=mask, other=0.0).to(tl.float32)
+        if near_left:
+            acc += tl.load(base + row + col1, mask=mask & left, other=0.0).to(tl.float32)
+        if near_right:
+            acc += tl.load(base + row + col2, mask=mask & right, other=0.0).to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _folded_grad(
+        g_ptr, n, h, w0, w, c, mask, height, width, g_sn, g_sc, g_sh, g_sw, PAD: tl.constexpr, BLOCK_W: tl.constexpr
+    ):  # fmt: skip
+        """The reflection pad's adjoint at (n, h, w, c), w = w0 + arange(BLOCK_W): the padded gradient summed over
+        the pixel's pre-images, itself and its mirrors in the top/left and bottom/right pads (<= 3 per axis), in
+        fp32. The mirror rows and columns are read only by the tiles next to an edge (uniform branches)."""
+        base = g_ptr + n * g_sn + c[None, :] * g_sc
+        col0 = ((w + PAD) * g_sw)[:, None]
+        row0 = (h + PAD) * g_sh
+        if PAD > 0:
+            left = ((w >= 1) & (w <= PAD))[:, None]
+            right = ((w >= width - 1 - PAD) & (w <= width - 2))[:, None]
+            near_left = w0 <= PAD
+            near_right = w0 + BLOCK_W > width - 1 - PAD
+            col1 = ((PAD - w) * g_sw)[:, None]
+            col2 = ((2 * width - 2 - w + PAD) * g_sw)[:, None]
+            acc = _row_pre_images(base, row0, col0, col1, col2, mask, left, right, near_left, near_right)
+            if (h >= 1) & (h <= PAD):  # h mirrored into the top pad, row PAD - h
+                acc += _row_pre_images(
+                    base, (PAD - h) * g_sh, col0, col1, col2, mask, left, right, near_left, near_right
+                )  # fmt: skip
+            if (h >= height - 1 - PAD) & (h <= height - 2):  # and into the bottom pad
+                acc += _row_pre_images(
+                    base, (2 * height - 2 - h + PAD) * g_sh, col0, col1, col2, mask, left, right, near_left,
+                    near_right,
+                )  # fmt: skip
+        else:
+            acc = tl.load(base + row0 + col0, mask=mask, other=0.0).to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _batch_norm_stats_kernel(
+        skip_ptr,  # (N, G * Cs, H, W) fp32 or bf16, any strides (deeper_ptr when there is no skip)
+        deeper_ptr,  # (N, G * Cd, H, W) x's dtype, any strides
+        psum_ptr,  # (programs, C) fp32: each program's sum
+        pm2_ptr,  # (programs, C) fp32: each program's sum of squared deviations from its own mean
+        n_rows,  # N * H
+        rows_per_program,
+        height,
+        width,
+        channels,  # C = G * (Cs + Cd)
+        cs,
+        cd,
+        s_sn, s_sc, s_sh, s_sw,  # skip's strides
+        d_sn, d_sc, d_sh, d_sw,  # deeper's strides
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = c < channels
+        count = tl.zeros([BLOCK_C], dtype=tl.float32)  # the same for every channel
+        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r in range(0, rows_per_program):
+            row = pid * rows_per_program + r
+            n = row // height
+            h = row % height
+            for w0 in range(0, width, BLOCK_W):
+                w = w0 + tl.arange(0, BLOCK_W)
+                mask_w = (w < width) & (row < n_rows)
+                v = _load_merged(
+                    skip_ptr, deeper_ptr, n, h, w, c, channels, cs, cd, mask_w,
+                    s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+                )  # fmt: skip
+                tile_count = tl.sum(mask_w.to(tl.float32), axis=0)
+                tile_mean = tl.sum(v, axis=0) / tl.maximum(tile_count, 1.0)
+                dev = tl.where(mask_w[:, None], v - tile_mean[None, :], 0.0)
+                total = count + tile_count
+                delta = tile_mean - mean
+                share = tile_count / tl.maximum(total, 1.0)
+                mean += delta * share
+                m2 += tl.sum(dev * dev, axis=0) + delta * delta * count * share
+                count = total
+        tl.store(psum_ptr + pid * channels + c, mean * count, mask=mask_c)
+        tl.store(pm2_ptr + pid * channels + c, m2, mask=mask_c)
+
+    @triton.jit
+    def _batch_norm_act_pad_kernel(
+        skip_ptr,  # (N, G * Cs, H, W) any strides (deeper_ptr when there is no skip)
+        deeper_ptr,  # (N, G * Cd, H, W) any strides
+        mean_ptr,  # (C,) fp32
+        rstd_ptr,  # (C,) fp32
+        weight_ptr,  # (C,) fp32
+        bias_ptr,  # (C,) fp32
+        out_ptr,  # (N, C, H + 2 PAD, W + 2 PAD) x's dtype, NCHW or channels_last
+        height,
+        width,
+        channels,
+        cs,
+        cd,
+        negative_slope,
+        s_sn, s_sc, s_sh, s_sw,  # skip's strides
+        d_sn, d_sc, d_sh, d_sw,  # deeper's strides
+        o_sn, o_sc, o_sh, o_sw,  # out's strides
+        PAD: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)  # over N * (H + 2 PAD): padded rows too
+        n = row // (height + 2 * PAD)
+        hp = row % (height + 2 * PAD)
+        wp = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_w = wp < width + 2 * PAD
+        mask_c = c < channels
+        v = _load_merged(
+            skip_ptr, deeper_ptr, n, _reflect(hp - PAD, height), _reflect(wp - PAD, width), c, channels, cs, cd,
+            mask_w, s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+        )  # fmt: skip
+        mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0)
+        scale = tl.load(rstd_ptr + c, mask=mask_c, other=0.0) * tl.load(weight_ptr + c, mask=mask_c, other=0.0)
+        z = (v - mean[None, :]) * scale[None, :] + tl.load(bias_ptr + c, mask=mask_c, other=0.0)[None, :]
+        out = tl.where(z > 0, z, z * negative_slope)
+        mask = mask_w[:, None] & mask_c[None, :]
+        tl.store(out_ptr + n * o_sn + hp * o_sh + (wp * o_sw)[:, None] + (c * o_sc)[None, :], out, mask=mask)
+
+    @triton.jit
+    def _normalised_and_grad(
+        grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w0, w, c, mask_w,
+        height, width, channels, cs, cd, negative_slope,
+        s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw,
+        PAD: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):  # fmt: skip
+        """(xhat, dz, gamma * rstd) on a tile: dz = the folded gradient times act'(z), zero off the tile."""
+        mask_c = c < channels
+        mask = mask_w[:, None] & mask_c[None, :]
+        v = _load_merged(
+            skip_ptr, deeper_ptr, n, h, w, c, channels, cs, cd, mask_w,
+            s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+        )  # fmt: skip
+        rstd = tl.load(rstd_ptr + c, mask=mask_c, other=0.0)
+        gamma = tl.load(weight_ptr + c, mask=mask_c, other=0.0)
+        xhat = (v - tl.load(mean_ptr + c, mask=mask_c, other=0.0)[None, :]) * rstd[None, :]
+        z = xhat * gamma[None, :] + tl.load(bias_ptr + c, mask=mask_c, other=0.0)[None, :]
+        g = _folded_grad(grad_ptr, n, h, w0, w, c, mask, height, width, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W)
+        dz = tl.where(mask, tl.where(z > 0, g, g * negative_slope), 0.0)  # leaky_relu_backward: self > 0
+        return tl.where(mask, xhat, 0.0), dz, gamma * rstd
+
+    @triton.jit
+    def _batch_norm_act_bwd_sums_kernel(
+        grad_ptr,  # (N, C, H + 2 PAD, W + 2 PAD) x's dtype, any strides
+        skip_ptr,  # (N, G * Cs, H, W) any strides (deeper_ptr when there is no skip)
+        deeper_ptr,  # (N, G * Cd, H, W) any strides
+        mean_ptr,  # (C,) fp32
+        rstd_ptr,  # (C,) fp32
+        weight_ptr,  # (C,) fp32
+        bias_ptr,  # (C,) fp32
+        pdz_ptr,  # (programs, C) fp32: partial sums of dz
+        pdzx_ptr,  # (programs, C) fp32: partial sums of dz * xhat
+        n_rows,  # N * H
+        rows_per_program,
+        height,
+        width,
+        channels,
+        cs,
+        cd,
+        negative_slope,
+        s_sn, s_sc, s_sh, s_sw,  # skip's strides
+        d_sn, d_sc, d_sh, d_sw,  # deeper's strides
+        g_sn, g_sc, g_sh, g_sw,  # grad's strides
+        PAD: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sum_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r in range(0, rows_per_program):
+            row = pid * rows_per_program + r
+            n = row // height
+            h = row % height
+            for w0 in range(0, width, BLOCK_W):
+                w = w0 + tl.arange(0, BLOCK_W)
+                xhat, dz, _ = _normalised_and_grad(
+                    grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w0, w, c,
+                    (w < width) & (row < n_rows), height, width, channels, cs, cd, negative_slope,
+                    s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W,
+                )  # fmt: skip
+                sum_dz += tl.sum(dz, axis=0)
+                sum_dzx += tl.sum(dz * xhat, axis=0)
+        mask_c = c < channels
+        tl.store(pdz_ptr + pid * channels + c, sum_dz, mask=mask_c)
+        tl.store(pdzx_ptr + pid * channels + c, sum_dzx, mask=mask_c)
+
+    @triton.jit
+    def _batch_norm_act_bwd_apply_kernel(
+        grad_ptr,  # (N, C, H + 2 PAD, W + 2 PAD) x's dtype, any strides
+        skip_ptr,  # (N, G * Cs, H, W) any strides (deeper_ptr when there is no skip)
+        deeper_ptr,  # (N, G * Cd, H, W) any strides
+        mean_ptr,  # (C,) fp32
+        rstd_ptr,  # (C,) fp32
+        weight_ptr,  # (C,) fp32
+        bias_ptr,  # (C,) fp32
+        dbias_ptr,  # (C,) fp32: sum of dz
+        dweight_ptr,  # (C,) fp32: sum of dz * xhat
+        dskip_ptr,  # (N, G * Cs, H, W) skip's dtype, its layout (ddeeper_ptr when there is no skip)
+        ddeeper_ptr,  # (N, G * Cd, H, W) deeper's dtype, its layout
+        inv_m,  # 1 / (N * H * W)
+        height,
+        width,
+        channels,
+        cs,
+        cd,
+        negative_slope,
+        s_sn, s_sc, s_sh, s_sw,  # skip's strides
+        d_sn, d_sc, d_sh, d_sw,  # deeper's strides
+        g_sn, g_sc, g_sh, g_sw,  # grad's strides
+        ds_sn, ds_sc, ds_sh, ds_sw,  # dskip's strides
+        dd_sn, dd_sc, dd_sh, dd_sw,  # ddeeper's strides
+        PAD: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)  # over N * H
+        n = row // height
+        h = row % height
+        w0 = tl.program_id(1) * BLOCK_W
+        w = w0 + tl.arange(0, BLOCK_W)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_w = w < width
+        mask_c = c < channels
+        xhat, dz, scale = _normalised_and_grad(
+            grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w0, w, c, mask_w,
+            height, width, channels, cs, cd, negative_slope,
+            s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W,
+        )  # fmt: skip
+        mean_dz = tl.load(dbias_ptr + c, mask=mask_c, other=0.0) * inv_m
+        mean_dzx = tl.load(dweight_ptr + c, mask=mask_c, other=0.0) * inv_m
+        dx = scale[None, :] * (dz - mean_dz[None, :] - xhat * mean_dzx[None, :])
+        in_skip, c_skip, in_deeper, c_deeper = _channels(c, cs, cd)
+        mask = mask_w[:, None] & mask_c[None, :]
+        tl.store(
+            dskip_ptr + n * ds_sn + h * ds_sh + (w * ds_sw)[:, None] + (c_skip * ds_sc)[None, :],
+            dx,
+            mask=mask & in_skip[None, :],
+        )
+        tl.store(
+            ddeeper_ptr + n * dd_sn + h * dd_sh + (w * dd_sw)[:, None] + (c_deeper * dd_sc)[None, :],
+            dx,
+            mask=mask & in_deeper[None, :],
+        )
+
+
+def layout(t: torch.Tensor) -> torch.memory_format:
+    """The memory format of the output computed from t: channels_last when t keeps its channels innermost (the
+    native ops' rule, dipfast.native._tensors.layout)."""
+    channels_last = t.shape[1] > 1 and t.stride(1) == 1 and t.stride(3) != 1  # a 1 x 1 NCHW map has both
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
+
+def _merged_layout(skip: torch.Tensor | None, deeper: torch.Tensor) -> torch.memory_format:
+    return layout(deeper if skip is None or deeper.shape[1] > 1 else skip)
+
+
+def _plane(fmt: torch.memory_format, dtype: torch.dtype, n_rows: int, width: int, channels: int):
+    """(BLOCK_W, BLOCK_C, channel tiles, rows per reduction program, reduction programs, config) for a plane."""
+    config: PlaneTiles = tiles("plane", precision_of(dtype == torch.bfloat16, False))
+    np2 = triton.next_power_of_2
+    if fmt == torch.channels_last:  # C has unit stride: the long side along C
+        block_c = max(2, min(np2(channels), config.max_c))
+        block_w = max(2, min(np2(width), config.max_w, config.elements // block_c))
+    else:
+        block_w = max(2, min(np2(width), config.max_w))
+        block_c = max(2, min(np2(channels), config.max_c, config.elements // block_w))
+    c_tiles = triton.cdiv(channels, block_c)
+    rows = triton.cdiv(n_rows, max(1, config.programs // c_tiles))
+    return block_w, block_c, c_tiles, rows, triton.cdiv(n_rows, rows), config
+
+
+def _sources(skip: torch.Tensor | None, deeper: torch.Tensor, groups: int):
+    """(skip or deeper as the skip pointer, cs, cd per group, C): the kernels' view of the merge's two parts."""
+    cs = skip.shape[1] // groups if skip is not None else 0
+    cd = deeper.shape[1] // groups
+    return (skip if skip is not None else deeper), cs, cd, groups * (cs + cd)
+
+
+def _forward(skip, deeper, weight, bias, groups, eps, negative_slope, pad):
+    n, _, h, w = deeper.shape
+    first, cs, cd, c = _sources(skip, deeper, groups)
+    fmt = _merged_layout(skip, deeper)
+    block_w, block_c, c_tiles, rows, programs, config = _plane(fmt, deeper.dtype, n * h, w, c)
+    dev = deeper.device
+    psum, pm2 = _empty((programs, c), torch.float32, dev), _empty((programs, c), torch.float32, dev)
+    strides = (*first.stride(), *deeper.stride())
+    blocks = dict(BLOCK_W=block_w, BLOCK_C=block_c, num_warps=config.num_warps)
+    _batch_norm_stats_kernel[(programs, c_tiles)](
+        first, deeper, psum, pm2, n * h, rows, h, w, c, cs, cd, *strides, **blocks
+    )  # fmt: skip
+    mean, rstd = _chan_finalize(psum, pm2, n * h * w, rows * w, eps)
+    out = _empty((n, c, h + 2 * pad, w + 2 * pad), deeper.dtype, dev, fmt)
+    _batch_norm_act_pad_kernel[(n * (h + 2 * pad), triton.cdiv(w + 2 * pad, block_w), c_tiles)](
+        first, deeper, mean, rstd, weight.float().contiguous(), bias.float().contiguous(), out,
+        h, w, c, cs, cd, negative_slope, *strides, *out.stride(), PAD=pad, **blocks,
+    )  # fmt: skip
+    return out, mean, rstd
+
+
+def _backward(grad, skip, deeper, weight, bias, mean, rstd, groups, negative_slope, pad):
+    """-> (dskip or None, ddeeper, dweight, dbias)."""
+    n, _, h, w = deeper.shape
+    first, cs, cd, c = _sources(skip, deeper, groups)
+    block_w, block_c, c_tiles, rows, programs, config = _plane(_merged_layout(skip, deeper), deeper.dtype, n * h, w, c)
+    dev = deeper.device
+    gamma, beta = weight.float().contiguous(), bias.float().contiguous()
+    pdz, pdzx = _empty((programs, c), torch.float32, dev), _empty((programs, c), torch.float32, dev)
+    strides = (*first.stride(), *deeper.stride(), *grad.stride())
+    blocks = dict(PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=config.num_warps)
+    args = (grad, first, deeper, mean, rstd, gamma, beta)
+    _batch_norm_act_bwd_sums_kernel[(programs, c_tiles)](
+        *args, pdz, pdzx, n * h, rows, h, w, c, cs, cd, negative_slope, *strides, **blocks
+    )  # fmt: skip
+    dbias, dweight = pdz.sum(0), pdzx.sum(0)
+    ddeeper = _empty(deeper.shape, deeper.dtype, dev, layout(deeper))
+    dskip = _empty(skip.shape, skip.dtype, dev, layout(skip)) if skip is not None else None
+    dfirst = dskip if dskip is not None else ddeeper
+    _batch_norm_act_bwd_apply_kernel[(n * h, triton.cdiv(w, block_w), c_tiles)](
+        *args, dbias, dweight, dfirst, ddeeper, 1.0 / (n * h * w), h, w, c, cs, cd, negative_slope,
+        *strides, *dfirst.stride(), *ddeeper.stride(), **blocks,
+    )  # fmt: skip
+    return dskip, ddeeper, dweight.to(weight.dtype), dbias.to(bias.dtype)
+
+
+def _padded_shape(t: torch.Tensor, channels: int, pad: int) -> tuple[int, int, int, int]:
+    n, _, h, w = t.shape
+    return n, channels, h + 2 * pad, w + 2 * pad
+
+
+def _stats_fake(t: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return t.new_empty((channels,), dtype=torch.float32), t.new_empty((channels,), dtype=torch.float32)
+
+
+# ---- the ops: one input ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("dipfast::batch_norm_act_fwd", mutates_args=())
+def _batch_norm_act_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, negative_slope: float, pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out, mean, rstd): the padded output in x's dtype and layout, the fp32 batch statistics."""
+    return _forward(None, x, weight, bias, 1, eps, negative_slope, pad)
+
+
+@_batch_norm_act_fwd.register_fake
+def _(x, weight, bias, eps, negative_slope, pad):
+    out = torch.empty(
+        _padded_shape(x, x.shape[1], pad), dtype=x.dtype, device=x.device, memory_format=layout(x)
+    )  # fmt: skip
+    return out, *_stats_fake(x, x.shape[1])
+
+
+@torch.library.custom_op("dipfast::batch_norm_act_bwd", mutates_args=())
+def _batch_norm_act_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    negative_slope: float,
+    pad: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx, dweight, dbias) for the gradient of the padded output; dx in x's layout."""
+    _, dx, dweight, dbias = _backward(grad, None, x, weight, bias, mean, rstd, 1, negative_slope, pad)
+    return dx, dweight, dbias
+
+
+@_batch_norm_act_bwd.register_fake
+def _(grad, x, weight, bias, mean, rstd, negative_slope, pad):
+    return torch.empty_like(x, memory_format=layout(x)), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, _, negative_slope, pad = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.negative_slope, ctx.pad = negative_slope, pad
+    ctx.mark_non_differentiable(mean, rstd)  # saved for the backward, not part of the block
+
+
+def _backward_of_fwd(ctx, grad, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = _batch_norm_act_bwd(grad, x, weight, bias, mean, rstd, ctx.negative_slope, ctx.pad)
+    return dx, dweight, dbias, None, None, None
+
+
+_batch_norm_act_fwd.register_autograd(_backward_of_fwd, setup_context=_setup)
+
+
+@_batch_norm_act_fwd.register_vmap
+def _(info, in_dims, x, weight, bias, eps, negative_slope, pad):
+    """B networks as B * C channels (vmap_fold.py): one launch, per-network (per-channel) statistics."""
+    b = info.batch_size
+    x = fold_into_channels(batch_first(x, in_dims[0], b))
+    weight, bias = (fold_into_rows(batch_first(t, d, b)) for t, d in zip((weight, bias), in_dims[1:3], strict=True))
+    out, mean, rstd = _batch_norm_act_fwd(x, weight, bias, eps, negative_slope, pad)
+    return (unfold_channels(out, b), unfold_rows(mean, b), unfold_rows(rstd, b)), (1, 0, 0)
+
+
+@_batch_norm_act_bwd.register_vmap
+def _(info, in_dims, grad, x, weight, bias, mean, rstd, negative_slope, pad):
+    b = info.batch_size
+    grad, x = (fold_into_channels(batch_first(t, d, b)) for t, d in zip((grad, x), in_dims[:2], strict=True))
+    weight, bias, mean, rstd = (
+        fold_into_rows(batch_first(t, d, b)) for t, d in zip((weight, bias, mean, rstd), in_dims[2:6], strict=True)
+    )
+    dx, dweight, dbias = _batch_norm_act_bwd(grad, x, weight, bias, mean, rstd, negative_slope, pad)
+    return (unfold_channels(dx, b), unfold_rows(dweight, b), unfold_rows(dbias, b)), (1, 0, 0)
+
+
+# ---- the ops: the merge's two parts -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("dipfast::concat_batch_norm_act_fwd", mutates_args=())
+def _concat_batch_norm_act_fwd(
+    skip: torch.Tensor,
+    deeper: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    eps: float,
+    negative_slope: float,
+    pad: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out, mean, rstd) of the merge [skip_g, deeper_g] per group, padded, in deeper's layout."""
+    return _forward(skip, deeper, weight, bias, groups, eps, negative_slope, pad)
+
+
+@_concat_batch_norm_act_fwd.register_fake
+def _(skip, deeper, weight, bias, groups, eps, negative_slope, pad):
+    c = skip.shape[1] + deeper.shape[1]
+    shape = _padded_shape(deeper, c, pad)
+    out = torch.empty(shape, dtype=deeper.dtype, device=deeper.device, memory_format=_merged_layout(skip, deeper))
+    return out, *_stats_fake(deeper, c)
+
+
+@torch.library.custom_op("dipfast::concat_batch_norm_act_bwd", mutates_args=())
+def _concat_batch_norm_act_bwd(
+    grad: torch.Tensor,
+    skip: torch.Tensor,
+    deeper: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    groups: int,
+    negative_slope: float,
+    pad: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dskip, ddeeper, dweight, dbias), each part's gradient in its own layout."""
+    return _backward(grad, skip, deeper, weight, bias, mean, rstd, groups, negative_slope, pad)
+
+
+@_concat_batch_norm_act_bwd.register_fake
+def _(grad, skip, deeper, weight, bias, mean, rstd, groups, negative_slope, pad):
+    dskip = torch.empty_like(skip, memory_format=layout(skip))
+    ddeeper = torch.empty_like(deeper, memory_format=layout(deeper))
+    return dskip, ddeeper, torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _concat_setup(ctx, inputs, output):
+    skip, deeper, weight, bias, groups, _, negative_slope, pad = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(skip, deeper, weight, bias, mean, rstd)
+    ctx.groups, ctx.negative_slope, ctx.pad = groups, negative_slope, pad
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _concat_backward_of_fwd(ctx, grad, _grad_mean, _grad_rstd):
+    skip, deeper, weight, bias, mean, rstd = ctx.saved_tensors
+    grads = _concat_batch_norm_act_bwd(
+        grad, skip, deeper, weight, bias, mean, rstd, ctx.groups, ctx.negative_slope, ctx.pad
+    )  # fmt: skip
+    return *grads, None, None, None, None
+
+
+_concat_batch_norm_act_fwd.register_autograd(_concat_backward_of_fwd, setup_context=_concat_setup)
+
+
+@_concat_batch_norm_act_fwd.register_vmap
+def _(info, in_dims, skip, deeper, weight, bias, groups, eps, negative_slope, pad):
+    """B networks as B * groups groups: network b's [skip, deeper] channels stay together (vmap_fold.py)."""
+    b = info.batch_size
+    skip, deeper = (fold_into_channels(batch_first(t, d, b)) for t, d in zip((skip, deeper), in_dims[:2], strict=True))
+    weight, bias = (fold_into_rows(batch_first(t, d, b)) for t, d in zip((weight, bias), in_dims[2:4], strict=True))
+    out, mean, rstd = _concat_batch_norm_act_fwd(skip, deeper, weight, bias, b * groups, eps, negative_slope, pad)
+    return (unfold_channels(out, b), unfold_rows(mean, b), unfold_rows(rstd, b)), (1, 0, 0)
+
+
+@_concat_batch_norm_act_bwd.register_vmap
+def _(info, in_dims, grad, skip, deeper, weight, bias, mean, rstd, groups, negative_slope, pad):
+    b = info.batch_size
+    grad, skip, deeper = (
+        fold_into_channels(batch_first(t, d, b)) for t, d in zip((grad, skip, deeper), in_dims[:3], strict=True)
+    )
+    weight, bias, mean, rstd = (
+        fold_into_rows(batch_first(t, d, b)) for t, d in zip((weight, bias, mean, rstd), in_dims[3:7], strict=True)
+    )
+    dskip, ddeeper, dweight, dbias = _concat_batch_norm_act_bwd(
+        grad, skip, deeper, weight, bias, mean, rstd, b * groups, negative_slope, pad
+    )  # fmt: skip
+    return (
+        (unfold_channels(dskip, b), unfold_channels(ddeeper, b), unfold_rows(dweight, b), unfold_rows(dbias, b)),
+        (1, 1, 0, 0),
+    )
+
+
+# ---- the public functions --------------------------------------------------------------------------------------
+
+
+def batch_norm_act_path(x: torch.Tensor) -> str:
+    """'triton' or 'reference': the path batch_norm_act and concat_batch_norm take for x (conv_bn_lrelu_path's
+    rule: fp32 and bf16 on CUDA, or on the CPU under TRITON_INTERPRET=1 set before import; else the twins)."""
+    return "triton" if _HAS_TRITON and kernels_take(x.dtype, x.device) else "reference"
+
+
+def _check_params(channels: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (channels,):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputError(f"{name} must be a ({channels},) tensor, one value per channel; got {got}")
+
+
+def _check_plane(x: torch.Tensor, name: str, pad: int) -> None:
+    if x.dim() != 4:
+        raise InputError(f"{name} must be (N, C, H, W); got {tuple(x.shape)}")
+    if not isinstance(pad, int) or pad < 0:
+        raise InputError(f"pad must be an int >= 0; got {pad!r}")
+    if pad >= min(x.shape[-2:]):
+        raise InputError(f"a reflection pad of {pad} needs H and W > {pad}; got {tuple(x.shape[-2:])}: lower pad")
+
+
+def batch_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    pad: int = 0,
+    eps: float = 1e-5,
+    negative_slope: float = 0.2,
+) -> torch.Tensor:
+    """x: (N, C, H, W) fp32 or bf16, NCHW or channels_last (any strides) -> (N, C, H + 2 pad, W + 2 pad), x's dtype
+    and memory format (layout(x)).
+
+    weight, bias: (C,), any float dtype (fp32 under autocast). out = F.pad(act(batch_norm(x, training=True)),
+    (pad,) * 4, mode="reflect") with act = leaky_relu(negative_slope) (1.0: BatchNorm alone) and the batch
+    statistics (biased variance) in fp32; pad < H and pad < W. The input of a conv that pads by `pad`, to run with
+    padding=0. Differentiable in x, weight and bias. Same maths as dipfast.reference.batch_norm_act (and the CPU op
+    dipfast.native.batch_norm_act_reflect_pad), which runs instead off the Triton path (batch_norm_act_path).
+    """
+    _check_plane(x, "x", pad)
+    _check_params(x.shape[1], weight, bias)
+    if batch_norm_act_path(x) == "triton":
+        return _batch_norm_act_fwd(x, weight, bias, float(eps), float(negative_slope), pad)[0]
+    return reference.batch_norm_act(x, weight, bias, pad=pad, eps=eps, negative_slope=negative_slope)
+
+
+def concat_batch_norm(
+    skip: torch.Tensor,
+    deeper: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    pad: int = 0,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """skip: (N, Cs, H, W), deeper: (N, Cd, H, W) -> (N, Cs + Cd, H + 2 pad, W + 2 pad) in deeper's dtype and layout
+    (skip's when Cd = 1).
+
+    F.pad(batch_norm(cat([skip, deeper], 1), training=True), (pad,) * 4, mode="reflect") without the concatenation:
+    a skip level's merge_bn, written as the padded input of level.up's conv. Crop the parts to one H, W first
+    (views are fine: dipfast.nets.layers.crop_to_smallest); dtypes are promoted as torch.cat does. weight, bias:
+    (Cs + Cd,). Gradients for skip and deeper come back in their own layouts. Twin: dipfast.reference.concat_batch_norm.
+    """
+    for name, t in (("skip", skip), ("deeper", deeper)):
+        _check_plane(t, name, pad)
+    if skip.shape[0] != deeper.shape[0] or skip.shape[2:] != deeper.shape[2:]:
+        raise InputError(
+            "skip and deeper must share N, H and W (crop them first); "
+            f"got {tuple(skip.shape)} and {tuple(deeper.shape)}"
+        )
+    _check_params(skip.shape[1] + deeper.shape[1], weight, bias)
+    if skip.dtype != deeper.dtype:  # as torch.cat would
+        dtype = torch.promote_types(skip.dtype, deeper.dtype)
+        skip, deeper = skip.to(dtype), deeper.to(dtype)
+    if batch_norm_act_path(deeper) == "triton":
+        return _concat_batch_norm_act_fwd(skip, deeper, weight, bias, 1, float(eps), 1.0, pad)[0]
+    return reference.concat_batch_norm(skip, deeper, weight, bias, pad=pad, eps=eps)
