@@ -2,7 +2,7 @@
 layout and declares the native CPU ops:
 
 - dipfast/ is the package and the top-level kernels/ folder installs as its subpackage
-  dipfast.kernels (editable and regular installs alike);
+  dipfast.kernels (editable and regular installs alike), with its tuned-tile table tuned_tiles.json;
 - csrc/native/*.cpp build into dipfast/_native*.so (torch ops dipfast_native::*, loaded by
   dipfast.native), against the torch installed here: install with --no-build-isolation.
 
@@ -45,6 +45,7 @@ if os.environ.get("DIPFAST_NO_NATIVE") != "1":
 setup(
     packages=[*find_packages(include=["dipfast", "dipfast.*"]), "dipfast.kernels"],
     package_dir={"dipfast.kernels": "kernels"},
+    package_data={"dipfast.kernels": ["tuned_tiles.json"]},  # configs.py's tuned tiles
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
