@@ -7,8 +7,9 @@ batch statistics (biased variance) per output channel, so groups stay independen
 
 Layout: every tensor NCHW contiguous; weight (C_out, C_in / groups, k, k).
 Precisions (x and weight share the compute dtype; bias, gamma and beta are that dtype or fp32):
-  fp32: fp32 dots, IEEE or TF32 (tl.dot's input_precision) as torch.backends.cudnn.allow_tf32 says when the op is
-    called (tf32_enabled: the flag of the cuDNN conv this replaces; dipfast.engine.ieee_fp32 clears it).
+  fp32: fp32 dots, TF32 or FP32_DOT's ('ieee' or 'tf32x3'; tl.dot's input_precision) as
+    torch.backends.cudnn.allow_tf32 says when the op is called (tf32_enabled: the flag of the cuDNN conv this
+    replaces; dipfast.engine.ieee_fp32 clears it).
   bf16: bf16 dot operands with fp32 accumulation; every other load is converted to fp32 at once and all
     elementwise maths and the BN statistics are fp32 (taken from the fp32 accumulator, not the rounded y).
     Stored in bf16: y and the output (the op returns x's dtype, as autocast's conv + BatchNorm do), dy (an operand
@@ -31,15 +32,19 @@ Backward (five launches of four kernels, no atomics, deterministic):
      sum(dz * xhat) (= dgamma), summed on the host side.
   4. _bn_lrelu_bwd_kernel (APPLY=True): dy = gamma * rstd * (dz - dbeta / M - xhat * dgamma / M), stored, with
      per-tile partials of sum(dy) (= dbias; zero up to rounding, since the bias cancels under training BN).
-  5. _conv_wgrad_kernel: dW[co, (ci, i, j)] = sum over N*P*Q of dy * R(x) gathered with the same reflect index.
+  5. _conv_wgrad_kernel: dW[co, (ci, i, j)] = sum over N*P*Q of dy * R(x) gathered with the same reflect index;
+     with split_k > 1 (configs.py) each output tile's sum is split into that many programs writing fp32 partials,
+     summed in torch in a fixed order (sum_splits).
   6. _conv_dgrad_kernel: the gradient of the padded input, a gather over taps (stride divisibility by mask),
      written to an (N, C_in, H + 2 pad, W + 2 pad) buffer.
   7. _reflect_fold_kernel: the adjoint of R. Each input pixel sums its <= 3 pre-images per axis (itself and
      its mirrors in the top/left and bottom/right pads), 9 masked loads, no atomics. Skipped for k = 1.
-See ../shared/notes/kernels.md, sections 1.3 and 1.4. Tiles are fixed per kernel family and precision in
-configs.py (interpreter tiles there, untuned Hopper starting points on a GPU; no autotuning). So far verified only
-under the CPU interpreter. The block's output is materialised (normalise + LeakyReLU is not yet folded into the
-next conv's load), and wgrad runs its whole N*P*Q reduction in one program per tile (no split-K yet). Under
+Every launch's programs write disjoint elements and read only what earlier launches wrote (checked under the
+interpreter with its programs reordered and every access recorded: tests/parity/test_program_order.py).
+See ../shared/notes/kernels.md, sections 1.3 and 1.4. Tiles come from configs.py per kernel family and precision
+(interpreter tiles there; on a GPU a recorded autotune's entry for the GPU and shape, else untuned Hopper starting
+points; never autotuned at run time). The block's output is materialised (normalise + LeakyReLU is not yet folded
+into the next conv's load). Under
 torch.func.vmap a rule folds the vmapped networks into groups: one launch for all of them (vmap_fold.py).
 
 Ops: dipfast::conv_bn_lrelu_fwd, dipfast::conv_bn_lrelu_bwd (torch.library.custom_op with register_fake and
@@ -75,6 +80,11 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 KERNEL_SIZES = (1, 3, 5, 7)
 STRIDES = (1, 2)
 OP = "conv_bn_lrelu"  # configs.TileKey's op field
+# fp32 dots with TF32 off: "ieee" (FMAs on CUDA cores: Hopper's tensor cores take no IEEE fp32) or "tf32x3" (three
+# TF32 tensor-core products per product, a_hi b_lo + a_lo b_hi + a_hi b_hi, dropping a_lo b_lo: emulated on a CPU,
+# the block's errors against float64 are IEEE's within 1.3x, bench/results/2026-12-02-cpu-epyc-4c8fb3fa7b/).
+# tests/parity/test_cuda_shapes.py holds both to the fp32 bar on a GPU; the interpreter computes both alike.
+FP32_DOT = "ieee"
 # Tests set this to allocate outputs filled with NaN, so an element a kernel never writes fails parity.
 POISON_OUTPUTS = False
 
@@ -148,7 +158,7 @@ if _HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         DOT_DTYPE: tl.constexpr,  # tl.dot's operands: fp32, or bf16 on a GPU for bf16 inputs (_dot_options)
-        PRECISION: tl.constexpr,  # fp32 operands: "ieee" or "tf32"
+        PRECISION: tl.constexpr,  # fp32 operands: "ieee", "tf32" or "tf32x3"
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -281,7 +291,7 @@ if _HAS_TRITON:
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,  # programs per output tile, each reducing one contiguous share of the pixels
         DOT_DTYPE: tl.constexpr,  # tl.dot's operands: fp32, or bf16 on a GPU for bf16 inputs (_dot_options)
-        PRECISION: tl.constexpr,  # fp32 operands: "ieee" or "tf32"
+        PRECISION: tl.constexpr,  # fp32 operands: "ieee", "tf32" or "tf32x3"
     ):
         g = tl.program_id(2) // SPLIT_K
         k_lo, k_hi = _split_range(tl.program_id(2) % SPLIT_K, n_pix, SPLIT_K, BLOCK_K)
@@ -339,7 +349,7 @@ if _HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         DOT_DTYPE: tl.constexpr,  # tl.dot's operands: fp32, or bf16 on a GPU for bf16 inputs (_dot_options)
-        PRECISION: tl.constexpr,  # fp32 operands: "ieee" or "tf32"
+        PRECISION: tl.constexpr,  # fp32 operands: "ieee", "tf32" or "tf32x3"
     ):
         pid_m = tl.program_id(0)
         g = tl.program_id(2)
@@ -441,10 +451,12 @@ def _dot_options(dtype: torch.dtype, tf32: bool) -> dict:
 
     bf16 inputs feed tl.dot bf16 operands (fp32 accumulation) on a GPU; the interpreter's bf16 tl.dot is wrong
     (../shared/notes/kernels.md, section 3), so there the bf16 values, exact in fp32, are fed as fp32. fp32 inputs
-    use TF32 or IEEE products; the interpreter computes both in IEEE fp32.
+    use TF32 products, or FP32_DOT's where TF32 is off; the interpreter computes all of them in IEEE fp32.
     """
     dot_dtype = tl.bfloat16 if dtype == torch.bfloat16 and not _INTERPRET else tl.float32
-    return dict(DOT_DTYPE=dot_dtype, PRECISION="tf32" if tf32 and dtype == torch.float32 else "ieee")
+    if dtype != torch.float32:
+        return dict(DOT_DTYPE=dot_dtype, PRECISION="ieee")
+    return dict(DOT_DTYPE=dot_dtype, PRECISION="tf32" if tf32 else FP32_DOT)
 
 
 def gemm_launch(

@@ -265,3 +265,20 @@ def test_wgrad_split_k_matches_float64_twin(split_k, rng, device, assert_parity)
     (dweight64,) = torch.autograd.grad(reference.conv_bn_lrelu(*ins64, **kw), ins64[1], g.double())
     assert dweight.dtype == torch.float32
     assert_parity(dweight, dweight64)
+
+
+def test_fp32_dot_option_reaches_every_gemm(rng, device, monkeypatch):
+    """FP32_DOT = 'tf32x3' is the input precision of the forward, wgrad and dgrad dots when TF32 is off. The
+    interpreter computes it as IEEE (np.matmul), so there the results are IEEE's bit for bit; its error on a GPU is
+    test_cuda_shapes.py's to bound."""
+    tensors, kw = _inputs(CASES[0], rng, device)
+    g = torch.randn(2, 4, 7, 9, generator=rng).to(device)
+    ieee = forward_backward(dipfast.kernels.conv_bn_lrelu, tensors, g, **kw)
+    seen, options_of = [], cbl._dot_options
+    monkeypatch.setattr(cbl, "_dot_options", lambda dtype, tf32: seen.append(options_of(dtype, tf32)) or seen[-1])
+    monkeypatch.setattr(cbl, "FP32_DOT", "tf32x3")
+    tf32x3 = forward_backward(dipfast.kernels.conv_bn_lrelu, tensors, g, **kw)
+    assert [o["PRECISION"] for o in seen] == ["tf32x3"] * 3
+    if cbl._INTERPRET:
+        for a, b in zip(ieee, tf32x3, strict=True):
+            assert torch.equal(a, b)
