@@ -2,7 +2,7 @@
 layout and declares the native CPU ops:
 
 - dipfast/ is the package and the top-level kernels/ folder installs as its subpackage
-  dipfast.kernels (editable and regular installs alike);
+  dipfast.kernels (editable and regular installs alike), with its tuned-tile table tuned_tiles.json;
 - csrc/native/*.cpp/*.h install as package data under dipfast/_csrc/native/, so that an installed
   dipfast can build them for the running torch at first use (dipfast/native/loader.py);
 - where torch is importable here (`pip install --no-build-isolation .`, what `make install` runs),
@@ -73,6 +73,7 @@ cmdclass = {"build_py": BuildPyWithSources}
 setup(
     packages=[*find_packages(include=["dipfast", "dipfast.*"]), "dipfast.kernels"],
     package_dir={"dipfast.kernels": "kernels"},
+    package_data={"dipfast.kernels": ["tuned_tiles.json"]},  # configs.py's tuned tiles
     ext_modules=_native_extension(cmdclass),
     cmdclass=cmdclass,
 )

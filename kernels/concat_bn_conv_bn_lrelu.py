@@ -52,7 +52,7 @@ import importlib
 import torch
 
 from dipfast import reference
-from dipfast.kernels.configs import pass_tiles
+from dipfast.kernels.configs import pass_tiles, shape_key
 from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into_rows, unfold_channels, unfold_rows
 
 # the module, not the function: dipfast.kernels re-exports the op under the module's own name
@@ -70,12 +70,14 @@ if _HAS_TRITON:
         _conv_epilogue,
         _reflect,
         _reflect_fold_kernel,
+        _split_range,
     )
 
 # Read at import, as in conv_bn_lrelu (triton.jit reads TRITON_INTERPRET when the kernels are built).
 _INTERPRET = _cbl._INTERPRET
 _KERNEL_DTYPES = _cbl._KERNEL_DTYPES
 KERNEL_SIZES = _cbl.KERNEL_SIZES
+OP = "concat_bn_conv_bn_lrelu"  # configs.TileKey's op field
 # Tests set this to allocate outputs filled with NaN, so an element a kernel never writes fails parity.
 POISON_OUTPUTS = False
 
@@ -239,7 +241,7 @@ if _HAS_TRITON:
         rstd_ptr,
         mg_ptr,
         mb_ptr,
-        dw_ptr,  # (C_out, (Cs + Cd) * K * K) compute dtype
+        dw_ptr,  # (SPLIT_K, C_out, (Cs + Cd) * K * K): compute dtype if SPLIT_K = 1, else fp32 partials
         n_pix,  # N * H * W, the GEMM reduction
         c_skip,  # per group
         c_deep,  # per group
@@ -253,10 +255,12 @@ if _HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,  # programs per output tile, each reducing one contiguous share of the pixels
         DOT_DTYPE: tl.constexpr,  # conv_bn_lrelu._dot_options
         PRECISION: tl.constexpr,
     ):
-        g = tl.program_id(2)
+        g = tl.program_id(2) // SPLIT_K
+        k_lo, k_hi = _split_range(tl.program_id(2) % SPLIT_K, n_pix, SPLIT_K, BLOCK_K)
         offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         co = g * cout_g + offs_co
         offs_r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (ci, kh, kw) flattened
@@ -268,7 +272,7 @@ if _HAS_TRITON:
         kw = offs_r % K
         hw = in_h * in_w
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for m0 in range(0, n_pix, BLOCK_K):
+        for m0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = m0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < n_pix
             nb = offs_k // hw
@@ -300,7 +304,8 @@ if _HAS_TRITON:
                 hw,
             )
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        tl.store(dw_ptr + co[:, None] * (c_in * K * K) + offs_r[None, :], acc, mask=mask_co[:, None] & mask_r[None, :])
+        dw_offs = (tl.program_id(2) % SPLIT_K) * c_out * c_in * K * K + co[:, None] * (c_in * K * K) + offs_r[None, :]
+        tl.store(dw_ptr + dw_offs, acc, mask=mask_co[:, None] & mask_r[None, :])
 
     @triton.jit
     def _merge_bn_bwd_kernel(
@@ -350,6 +355,13 @@ if _HAS_TRITON:
             tl.store(p2_ptr + pid * c_total + cm, tl.sum(tl.where(mask, g * xhat, 0.0), axis=1), mask=mask_c)
 
 
+def merge_shape(skip: torch.Tensor, deeper: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
+    """The op's shape as configs.TileKey's shape field."""
+    n, c_skip, h, w = skip.shape
+    return shape_key(n=n, c_skip=c_skip, c_deep=deeper.shape[1], h=h, w=w, c_out=weight.shape[0], k=weight.shape[-1],
+                     groups=groups)  # fmt: skip
+
+
 def _alloc(shape, device, dtype=torch.float32) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -391,7 +403,8 @@ def _concat_bn_conv_bn_lrelu_fwd(
         )  # fmt: skip
     mmean, mrstd = _cbl._chan_finalize(psum, pm2, n_pix, tile.block, eps)
     # 2. conv with the normalise-on-load two-source gather, statistics of y in the epilogue
-    config, launch = _cbl.gemm_launch("conv", skip.dtype, tf32, n_pix, cout_g, c_in)
+    shape = merge_shape(skip, deeper, weight, groups)
+    config, launch = _cbl.gemm_launch(OP, "conv", skip, tf32, n_pix, cout_g, c_in, shape)
     tiles_m = triton.cdiv(n_pix, config.block_m)
     y = _alloc((n, c_out, h, w), dev, skip.dtype)
     ysum, ym2 = _alloc((tiles_m, c_out), dev), _alloc((tiles_m, c_out), dev)
@@ -491,9 +504,11 @@ def _concat_bn_conv_bn_lrelu_bwd(
     )
     dbias = pb.sum(0)
     # 6. wgrad, normalising the merged input on load
-    dw = _alloc(weight.shape, dev, weight.dtype)
-    config, launch = _cbl.gemm_launch("wgrad", skip.dtype, tf32, cout_g, c_in * k * k, n_pix)
-    _merge_wgrad_kernel[(triton.cdiv(cout_g, config.block_m), triton.cdiv(c_in * k * k, config.block_n), groups)](
+    shape = merge_shape(skip, deeper, weight, groups)
+    config, launch = _cbl.gemm_launch(OP, "wgrad", skip, tf32, cout_g, c_in * k * k, n_pix, shape)
+    dw = _cbl.wgrad_output(weight, config.split_k)
+    grid = (triton.cdiv(cout_g, config.block_m), triton.cdiv(c_in * k * k, config.block_n), groups * config.split_k)
+    _merge_wgrad_kernel[grid](
         dy,
         skip,
         deeper,
@@ -518,7 +533,8 @@ def _concat_bn_conv_bn_lrelu_bwd(
     # (conv_bn_lrelu's kernels)
     hp, wp = h + 2 * pad, w + 2 * pad
     dxp = _alloc((n, groups * c_in, hp, wp), dev)
-    config, launch = _cbl.gemm_launch("dgrad", skip.dtype, tf32, n * hp * wp, c_in, cout_g)
+    dw = _cbl.sum_splits(dw, weight, config.split_k)
+    config, launch = _cbl.gemm_launch(OP, "dgrad", skip, tf32, n * hp * wp, c_in, cout_g, shape)
     _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(c_in, config.block_n), groups)](
         dy,
         weight,

@@ -26,15 +26,29 @@ section 2.2). Two tables:
     tests' small shapes and which those tests' tile-boundary cases are built around (two pixel tiles to merge,
     two channel tiles, two K chunks: tests/parity/test_conv_bn_lrelu.py). num_warps and num_stages are ignored.
 
-tiles(family, precision) picks the table by the interpreter flag the kernels were built with; fitted() shrinks a
-GEMM config to a small problem (a 3- or 4-channel conv, an 8 x 8 level), as Inductor scales its configs, so a
-4-channel skip conv does not run 128-wide tiles that are 97% masked.
+  TUNED (tuned_tiles.json beside this file): the configs a recorded autotune on a GPU chose
+    (bench/ops/tune_conv_bn_lrelu.py writes it), keyed by TileKey: GPU name, op, kernel family (the direction:
+    'conv' forward, 'dgrad' input gradient, 'wgrad' weight gradient), the op's shape (shape_key) and precision.
+    Read once, at the first lookup on a GPU; a key without an entry takes the HOPPER table's config.
+
+gemm_tiles() picks, in order: a config forced by forced_tiles() (the tuner's candidates, the tests' tile-boundary
+cases), the TUNED entry for this GPU and shape, then the table of the interpreter flag the kernels were built with.
+fitted() shrinks a GEMM config to a small problem (a 3- or 4-channel conv, an 8 x 8 level), as Inductor scales its
+configs, so a 4-channel skip conv does not run 128-wide tiles that are 97% masked.
+
+split_k (wgrad only): the weight gradient's reduction over every output pixel split into that many programs per
+output tile, each writing an fp32 partial dW that a torch sum adds in a fixed order (deterministic, no atomics), so
+the 36 output tiles of a 128-channel 3x3 wgrad can fill an H100's 132 SMs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -53,6 +67,7 @@ class GemmTiles:
     block_k: int
     num_stages: int
     num_warps: int
+    split_k: int = 1  # wgrad: programs sharing one output tile's reduction (1 for the other families)
 
 
 @dataclass(frozen=True)
@@ -95,7 +110,9 @@ HOPPER = {
 
 _INTERPRETER_GEMM = GemmTiles(64, 16, 16, 1, 4)  # tl.dot's smallest blocks are 16
 INTERPRETER = {
-    **{(family, p): _INTERPRETER_GEMM for family in ("conv", "dgrad", "wgrad") for p in PRECISIONS},
+    **{(family, p): _INTERPRETER_GEMM for family in ("conv", "dgrad") for p in PRECISIONS},
+    # split in two, so every parity test's wgrad runs the split-K path (the sum of partials)
+    **{("wgrad", p): replace(_INTERPRETER_GEMM, split_k=2) for p in PRECISIONS},
     **{("pass", p): PassTiles(256, 16, 4) for p in PRECISIONS},
     # 8 x 16 at most: the parity shapes' odd widths take two W chunks and 20 channels two channel tiles
     **{("plane", p): PlaneTiles(128, 8, 16, 4, 4) for p in PRECISIONS},
@@ -106,10 +123,84 @@ def precision_of(bf16: bool, tf32: bool) -> str:
     return "bf16" if bf16 else "tf32" if tf32 else "fp32"
 
 
+FAMILIES = ("conv", "dgrad", "wgrad")  # the GEMM kernels' directions: forward, input gradient, weight gradient
+TUNED_PATH = Path(__file__).with_name("tuned_tiles.json")
+
+
+@dataclass(frozen=True)
+class TileKey:
+    """What a tuned config is chosen for: a GPU (torch.cuda.get_device_name), an op ('conv_bn_lrelu',
+    'concat_bn_conv_bn_lrelu'), a family of FAMILIES, the op's shape (shape_key) and a precision of PRECISIONS."""
+
+    gpu: str
+    op: str
+    family: str
+    shape: str
+    precision: str
+
+
+def shape_key(**dims: int) -> str:
+    """The op's shape as a TileKey field, in the caller's order: shape_key(n=1, c_in=132, h=512) = 'n1-c_in132-h512'."""
+    return "-".join(f"{name}{value}" for name, value in dims.items())
+
+
+def tuned_table_from_json(text: str) -> dict[TileKey, GemmTiles]:
+    """The TUNED table from the JSON tuned_tiles.json holds: {"entries": [{"key": {...}, "tiles": {...}, ...}]}; the
+    other fields of an entry (timings, versions) are the tuner's record."""
+    entries = json.loads(text)["entries"]
+    return {TileKey(**e["key"]): GemmTiles(**e["tiles"]) for e in entries}
+
+
+def tuned_table_to_json(entries: list[dict]) -> str:
+    """tuned_tiles.json's text for entries of {"key": TileKey, "tiles": GemmTiles, **record}, sorted by key."""
+    rows = [{**e, "key": asdict(e["key"]), "tiles": asdict(e["tiles"])} for e in entries]
+    rows.sort(key=lambda e: tuple(e["key"].values()))
+    return json.dumps({"entries": rows}, indent=1, sort_keys=True) + "\n"
+
+
+@functools.cache
+def tuned_table() -> dict[TileKey, GemmTiles]:
+    """TUNED, read from tuned_tiles.json once (at the first lookup on a GPU; an absent file is an empty table)."""
+    return tuned_table_from_json(TUNED_PATH.read_text()) if TUNED_PATH.exists() else {}
+
+
+@functools.cache
+def gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+_forced: dict[tuple[str, str], GemmTiles | PassTiles | PlaneTiles] = {}
+
+
+@contextlib.contextmanager
+def forced_tiles(overrides: dict[tuple[str, str], GemmTiles | PassTiles | PlaneTiles]):
+    """Within the block, launches of (family, precision) in overrides take that config over every table: the
+    tuner's candidates and the tests' small tiles. Read when an op launches, so the block must cover the backward
+    too where it is meant to."""
+    saved = dict(_forced)
+    _forced.update(overrides)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+
+
 def tiles(family: str, precision: str) -> GemmTiles | PassTiles | PlaneTiles:
-    """The config of a kernel family ('conv', 'dgrad', 'wgrad', 'pass', 'plane') in a precision ('fp32', 'tf32',
-    'bf16')."""
-    return (INTERPRETER if _INTERPRET else HOPPER)[family, precision]
+    """The config of a kernel family ('conv', 'dgrad', 'wgrad', 'pass', 'plane') in a precision ('fp32', 'tf32', 'bf16'):
+    forced, else the table of the flag the kernels were built with."""
+    forced = _forced.get((family, precision))
+    return forced if forced is not None else (INTERPRETER if _INTERPRET else HOPPER)[family, precision]
+
+
+def gemm_tiles(op: str, family: str, precision: str, shape: str, device: torch.device) -> GemmTiles:
+    """A GEMM kernel's config: forced, else TUNED's entry for this GPU and shape, else tiles(family, precision)."""
+    if (family, precision) not in _forced and device.type == "cuda" and not _INTERPRET:
+        key = TileKey(gpu_name(device.index or 0), op, family, shape, precision)
+        tuned = tuned_table().get(key)
+        if tuned is not None:
+            return tuned
+    return tiles(family, precision)
 
 
 def pass_tiles(dtype: torch.dtype) -> PassTiles:
@@ -123,7 +214,13 @@ def _fit(block: int, size: int) -> int:
 
 
 def fitted(config: GemmTiles, m: int, n: int, k: int) -> GemmTiles:
-    """config with each block shrunk to the problem's m, n or k where the problem is smaller."""
+    """config with each block shrunk to the problem's m, n or k where the problem is smaller, and split_k to at most
+    one split per BLOCK_K chunk of k."""
+    block_k = _fit(config.block_k, k)
     return replace(
-        config, block_m=_fit(config.block_m, m), block_n=_fit(config.block_n, n), block_k=_fit(config.block_k, k)
+        config,
+        block_m=_fit(config.block_m, m),
+        block_n=_fit(config.block_n, n),
+        block_k=block_k,
+        split_k=max(1, min(config.split_k, -(-k // block_k))),
     )

@@ -7,8 +7,9 @@ batch statistics (biased variance) per output channel, so groups stay independen
 
 Layout: every tensor NCHW contiguous; weight (C_out, C_in / groups, k, k).
 Precisions (x and weight share the compute dtype; bias, gamma and beta are that dtype or fp32):
-  fp32: fp32 dots, IEEE or TF32 (tl.dot's input_precision) as torch.backends.cudnn.allow_tf32 says when the op is
-    called (tf32_enabled: the flag of the cuDNN conv this replaces; dipfast.engine.ieee_fp32 clears it).
+  fp32: fp32 dots, TF32 or FP32_DOT's ('ieee' or 'tf32x3'; tl.dot's input_precision) as
+    torch.backends.cudnn.allow_tf32 says when the op is called (tf32_enabled: the flag of the cuDNN conv this
+    replaces; dipfast.engine.ieee_fp32 clears it).
   bf16: bf16 dot operands with fp32 accumulation; every other load is converted to fp32 at once and all
     elementwise maths and the BN statistics are fp32 (taken from the fp32 accumulator, not the rounded y).
     Stored in bf16: y and the output (the op returns x's dtype, as autocast's conv + BatchNorm do), dy (an operand
@@ -31,15 +32,19 @@ Backward (five launches of four kernels, no atomics, deterministic):
      sum(dz * xhat) (= dgamma), summed on the host side.
   4. _bn_lrelu_bwd_kernel (APPLY=True): dy = gamma * rstd * (dz - dbeta / M - xhat * dgamma / M), stored, with
      per-tile partials of sum(dy) (= dbias; zero up to rounding, since the bias cancels under training BN).
-  5. _conv_wgrad_kernel: dW[co, (ci, i, j)] = sum over N*P*Q of dy * R(x) gathered with the same reflect index.
+  5. _conv_wgrad_kernel: dW[co, (ci, i, j)] = sum over N*P*Q of dy * R(x) gathered with the same reflect index;
+     with split_k > 1 (configs.py) each output tile's sum is split into that many programs writing fp32 partials,
+     summed in torch in a fixed order (sum_splits).
   6. _conv_dgrad_kernel: the gradient of the padded input, a gather over taps (stride divisibility by mask),
      written to an (N, C_in, H + 2 pad, W + 2 pad) buffer.
   7. _reflect_fold_kernel: the adjoint of R. Each input pixel sums its <= 3 pre-images per axis (itself and
      its mirrors in the top/left and bottom/right pads), 9 masked loads, no atomics. Skipped for k = 1.
-See ../shared/notes/kernels.md, sections 1.3 and 1.4. Tiles are fixed per kernel family and precision in
-configs.py (interpreter tiles there, untuned Hopper starting points on a GPU; no autotuning). So far verified only
-under the CPU interpreter. The block's output is materialised (normalise + LeakyReLU is not yet folded into the
-next conv's load), and wgrad runs its whole N*P*Q reduction in one program per tile (no split-K yet). Under
+Every launch's programs write disjoint elements and read only what earlier launches wrote (checked under the
+interpreter with its programs reordered and every access recorded: tests/parity/test_program_order.py).
+See ../shared/notes/kernels.md, sections 1.3 and 1.4. Tiles come from configs.py per kernel family and precision
+(interpreter tiles there; on a GPU a recorded autotune's entry for the GPU and shape, else untuned Hopper starting
+points; never autotuned at run time). The block's output is materialised (normalise + LeakyReLU is not yet folded
+into the next conv's load). Under
 torch.func.vmap a rule folds the vmapped networks into groups: one launch for all of them (vmap_fold.py).
 
 Ops: dipfast::conv_bn_lrelu_fwd, dipfast::conv_bn_lrelu_bwd (torch.library.custom_op with register_fake and
@@ -57,7 +62,7 @@ import os
 import torch
 
 from dipfast import reference
-from dipfast.kernels.configs import GemmTiles, fitted, pass_tiles, precision_of, tiles
+from dipfast.kernels.configs import GemmTiles, fitted, gemm_tiles, pass_tiles, precision_of, shape_key
 from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into_rows, unfold_channels, unfold_rows
 
 try:
@@ -74,6 +79,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 KERNEL_SIZES = (1, 3, 5, 7)
 STRIDES = (1, 2)
+OP = "conv_bn_lrelu"  # configs.TileKey's op field
+# fp32 dots with TF32 off: "ieee" (FMAs on CUDA cores: Hopper's tensor cores take no IEEE fp32) or "tf32x3" (three
+# TF32 tensor-core products per product, a_hi b_lo + a_lo b_hi + a_hi b_hi, dropping a_lo b_lo: emulated on a CPU,
+# the block's errors against float64 are IEEE's within 1.3x, bench/results/2026-12-02-cpu-epyc-4c8fb3fa7b/).
+# tests/parity/test_cuda_shapes.py holds both to the fp32 bar on a GPU; the interpreter computes both alike.
+FP32_DOT = "ieee"
 # Tests set this to allocate outputs filled with NaN, so an element a kernel never writes fails parity.
 POISON_OUTPUTS = False
 
@@ -84,6 +95,14 @@ if _HAS_TRITON:
     def _reflect(i, size):
         i = tl.where(i < 0, -i, i)
         return tl.where(i >= size, 2 * size - 2 - i, i)
+
+    @triton.jit
+    def _split_range(split, n, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """[lo, hi) of split `split` of a reduction over n: whole BLOCK_K chunks, the last split's share may be short
+        or empty."""
+        share = tl.cdiv(tl.cdiv(n, BLOCK_K), SPLIT_K) * BLOCK_K
+        lo = split * share
+        return lo, tl.minimum(lo + share, n)
 
     @triton.jit
     def _conv_epilogue(
@@ -139,7 +158,7 @@ if _HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         DOT_DTYPE: tl.constexpr,  # tl.dot's operands: fp32, or bf16 on a GPU for bf16 inputs (_dot_options)
-        PRECISION: tl.constexpr,  # fp32 operands: "ieee" or "tf32"
+        PRECISION: tl.constexpr,  # fp32 operands: "ieee", "tf32" or "tf32x3"
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -254,7 +273,7 @@ if _HAS_TRITON:
     def _conv_wgrad_kernel(
         dy_ptr,  # (N, C_out, P, Q) compute dtype, contiguous
         x_ptr,  # (N, C_in, H, W) compute dtype, contiguous
-        dw_ptr,  # (C_out, C_in / groups * K * K) compute dtype
+        dw_ptr,  # (SPLIT_K, C_out, C_in / groups * K * K): compute dtype if SPLIT_K = 1, else fp32 partials
         n_pix,  # N * P * Q, the GEMM reduction
         c_in,
         c_out,
@@ -270,10 +289,12 @@ if _HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,  # programs per output tile, each reducing one contiguous share of the pixels
         DOT_DTYPE: tl.constexpr,  # tl.dot's operands: fp32, or bf16 on a GPU for bf16 inputs (_dot_options)
-        PRECISION: tl.constexpr,  # fp32 operands: "ieee" or "tf32"
+        PRECISION: tl.constexpr,  # fp32 operands: "ieee", "tf32" or "tf32x3"
     ):
-        g = tl.program_id(2)
+        g = tl.program_id(2) // SPLIT_K
+        k_lo, k_hi = _split_range(tl.program_id(2) % SPLIT_K, n_pix, SPLIT_K, BLOCK_K)
         offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (ci, kh, kw) flattened
         mask_co = offs_co < cout_g
@@ -285,7 +306,7 @@ if _HAS_TRITON:
         hw = in_h * in_w
         co = g * cout_g + offs_co
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for m0 in range(0, n_pix, BLOCK_K):
+        for m0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = m0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < n_pix
             nb = offs_k // pq
@@ -305,7 +326,8 @@ if _HAS_TRITON:
                 other=0.0,
             )
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        tl.store(dw_ptr + co[:, None] * (cin_g * K * K) + offs_r[None, :], acc, mask=mask_co[:, None] & mask_r[None, :])
+        dw_offs = (tl.program_id(2) % SPLIT_K) * c_out * cin_g * K * K + co[:, None] * (cin_g * K * K) + offs_r[None, :]
+        tl.store(dw_ptr + dw_offs, acc, mask=mask_co[:, None] & mask_r[None, :])
 
     @triton.jit
     def _conv_dgrad_kernel(
@@ -327,7 +349,7 @@ if _HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         DOT_DTYPE: tl.constexpr,  # tl.dot's operands: fp32, or bf16 on a GPU for bf16 inputs (_dot_options)
-        PRECISION: tl.constexpr,  # fp32 operands: "ieee" or "tf32"
+        PRECISION: tl.constexpr,  # fp32 operands: "ieee", "tf32" or "tf32x3"
     ):
         pid_m = tl.program_id(0)
         g = tl.program_id(2)
@@ -429,18 +451,38 @@ def _dot_options(dtype: torch.dtype, tf32: bool) -> dict:
 
     bf16 inputs feed tl.dot bf16 operands (fp32 accumulation) on a GPU; the interpreter's bf16 tl.dot is wrong
     (../shared/notes/kernels.md, section 3), so there the bf16 values, exact in fp32, are fed as fp32. fp32 inputs
-    use TF32 or IEEE products; the interpreter computes both in IEEE fp32.
+    use TF32 products, or FP32_DOT's where TF32 is off; the interpreter computes all of them in IEEE fp32.
     """
     dot_dtype = tl.bfloat16 if dtype == torch.bfloat16 and not _INTERPRET else tl.float32
-    return dict(DOT_DTYPE=dot_dtype, PRECISION="tf32" if tf32 and dtype == torch.float32 else "ieee")
+    if dtype != torch.float32:
+        return dict(DOT_DTYPE=dot_dtype, PRECISION="ieee")
+    return dict(DOT_DTYPE=dot_dtype, PRECISION="tf32" if tf32 else FP32_DOT)
 
 
-def gemm_launch(family: str, dtype: torch.dtype, tf32: bool, m: int, n: int, k: int) -> tuple[GemmTiles, dict]:
-    """A GEMM kernel's tiles (configs.py, fitted to its m x n x k) and its launch keywords: blocks, warps, stages
-    and the dot options."""
-    config = fitted(tiles(family, precision_of(dtype == torch.bfloat16, tf32)), m, n, k)
-    blocks = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-    return config, dict(**blocks, num_warps=config.num_warps, num_stages=config.num_stages, **_dot_options(dtype, tf32))
+def gemm_launch(
+    op: str, family: str, x: torch.Tensor, tf32: bool, m: int, n: int, k: int, shape: str
+) -> tuple[GemmTiles, dict]:
+    """A GEMM kernel's tiles (configs.gemm_tiles for op, family and shape on x's device, fitted to its m x n x k)
+    and its launch keywords: blocks, warps, stages, SPLIT_K for wgrad, and the dot options for x's dtype."""
+    precision = precision_of(x.dtype == torch.bfloat16, tf32)
+    config = fitted(gemm_tiles(op, family, precision, shape, x.device), m, n, k)
+    launch = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+    if family == "wgrad":
+        launch["SPLIT_K"] = config.split_k
+    launch.update(num_warps=config.num_warps, num_stages=config.num_stages, **_dot_options(x.dtype, tf32))
+    return config, launch
+
+
+def wgrad_output(weight: torch.Tensor, split_k: int) -> torch.Tensor:
+    """The wgrad kernel's output buffer: dW itself, or (split_k, *dW's shape) fp32 partials for sum_splits."""
+    if split_k == 1:
+        return _alloc(weight.shape, weight.device, weight.dtype)
+    return _alloc((split_k, *weight.shape), weight.device)
+
+
+def sum_splits(dw: torch.Tensor, weight: torch.Tensor, split_k: int) -> torch.Tensor:
+    """dW from wgrad_output's buffer: the split partials added in order (deterministic), in weight's dtype."""
+    return dw if split_k == 1 else dw.sum(0).to(weight.dtype)
 
 
 def _chan_finalize(psum: torch.Tensor, pm2: torch.Tensor, n: int, block: int, eps: float):
@@ -450,6 +492,12 @@ def _chan_finalize(psum: torch.Tensor, pm2: torch.Tensor, n: int, block: int, ep
     mean = psum.sum(0) / n
     var = (pm2.sum(0) + (counts * (psum / counts - mean) ** 2).sum(0)) / n
     return mean, torch.rsqrt(var + eps)
+
+
+def conv_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int) -> str:
+    """The op's shape as configs.TileKey's shape field."""
+    n, c_in, h, w = x.shape
+    return shape_key(n=n, c_in=c_in, h=h, w=w, c_out=weight.shape[0], k=weight.shape[-1], stride=stride, groups=groups)
 
 
 def _out_size(size: int, stride: int) -> int:
@@ -476,7 +524,7 @@ def _conv_bn_lrelu_fwd(
     p, q = _out_size(h, stride), _out_size(w, stride)
     n_pix = n * p * q
     cout_g = c_out // groups
-    config, launch = gemm_launch("conv", x.dtype, tf32, n_pix, cout_g, cin_g)
+    config, launch = gemm_launch(OP, "conv", x, tf32, n_pix, cout_g, cin_g, conv_shape(x, weight, stride, groups))
     tiles_m = triton.cdiv(n_pix, config.block_m)
     y = _alloc((n, c_out, p, q), x.device, x.dtype)
     psum = _alloc((tiles_m, c_out), x.device)
@@ -560,9 +608,11 @@ def _conv_bn_lrelu_bwd(
     )
     dbias = pb.sum(0)
     pad = (k - 1) // 2
-    dw = _alloc(weight.shape, dev, weight.dtype)
-    config, launch = gemm_launch("wgrad", x.dtype, tf32, cout_g, cin_g * k * k, n_pix)
-    _conv_wgrad_kernel[(triton.cdiv(cout_g, config.block_m), triton.cdiv(cin_g * k * k, config.block_n), groups)](
+    shape = conv_shape(x, weight, stride, groups)
+    config, launch = gemm_launch(OP, "wgrad", x, tf32, cout_g, cin_g * k * k, n_pix, shape)
+    dw = wgrad_output(weight, config.split_k)
+    grid = (triton.cdiv(cout_g, config.block_m), triton.cdiv(cin_g * k * k, config.block_n), groups * config.split_k)
+    _conv_wgrad_kernel[grid](
         dy,
         x,
         dw,
@@ -582,7 +632,8 @@ def _conv_bn_lrelu_bwd(
     )
     hp, wp = h + 2 * pad, w + 2 * pad
     dxp = _alloc((n, c_in, hp, wp), dev, torch.float32 if pad else x.dtype)  # the fold sums in fp32
-    config, launch = gemm_launch("dgrad", x.dtype, tf32, n * hp * wp, cin_g, cout_g)
+    dw = sum_splits(dw, weight, config.split_k)
+    config, launch = gemm_launch(OP, "dgrad", x, tf32, n * hp * wp, cin_g, cout_g, shape)
     _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(cin_g, config.block_n), groups)](
         dy,
         weight,

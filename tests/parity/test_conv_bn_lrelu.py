@@ -13,6 +13,7 @@ from _kernel_checks import (
 
 import dipfast.kernels
 from dipfast import reference
+from dipfast.kernels import configs
 
 pytestmark = pytest.mark.parity
 
@@ -249,3 +250,35 @@ def test_bad_arguments_raise(x_shape, w_shape, kw, match):
         dipfast.kernels.conv_bn_lrelu(
             torch.rand(x_shape), torch.rand(w_shape), torch.rand(c_out), torch.rand(c_out), torch.rand(c_out), **kw
         )
+
+
+@pytest.mark.parametrize("split_k", [1, 4, 9], ids=["whole", "split4-last-empty", "split9-capped-to-6"])
+def test_wgrad_split_k_matches_float64_twin(split_k, rng, device, assert_parity):
+    """dW with its pixel reduction in split_k programs per tile, summed in torch. 2 x 45 = 90 pixels make 6 chunks of
+    16: 4 splits take 2, 2, 2 and none; 9 are capped to one per chunk (configs.fitted)."""
+    tensors, kw = _inputs((2, 20, 9, 5, 20, 3, 1, 1, True), rng, device)
+    g = torch.randn(2, 20, 9, 5, generator=rng).to(device)
+    wgrad = configs.GemmTiles(16, 64, 16, 1, 4, split_k=split_k)
+    with configs.forced_tiles({("wgrad", "fp32"): wgrad}):
+        dweight = forward_backward(dipfast.kernels.conv_bn_lrelu, tensors, g, **kw)[2]
+    ins64 = leaves(tensors, torch.float64)
+    (dweight64,) = torch.autograd.grad(reference.conv_bn_lrelu(*ins64, **kw), ins64[1], g.double())
+    assert dweight.dtype == torch.float32
+    assert_parity(dweight, dweight64)
+
+
+def test_fp32_dot_option_reaches_every_gemm(rng, device, monkeypatch):
+    """FP32_DOT = 'tf32x3' is the input precision of the forward, wgrad and dgrad dots when TF32 is off. The
+    interpreter computes it as IEEE (np.matmul), so there the results are IEEE's bit for bit; its error on a GPU is
+    test_cuda_shapes.py's to bound."""
+    tensors, kw = _inputs(CASES[0], rng, device)
+    g = torch.randn(2, 4, 7, 9, generator=rng).to(device)
+    ieee = forward_backward(dipfast.kernels.conv_bn_lrelu, tensors, g, **kw)
+    seen, options_of = [], cbl._dot_options
+    monkeypatch.setattr(cbl, "_dot_options", lambda dtype, tf32: seen.append(options_of(dtype, tf32)) or seen[-1])
+    monkeypatch.setattr(cbl, "FP32_DOT", "tf32x3")
+    tf32x3 = forward_backward(dipfast.kernels.conv_bn_lrelu, tensors, g, **kw)
+    assert [o["PRECISION"] for o in seen] == ["tf32x3"] * 3
+    if cbl._INTERPRET:
+        for a, b in zip(ieee, tf32x3, strict=True):
+            assert torch.equal(a, b)
