@@ -24,12 +24,15 @@ groups are cut from the whole sorted input list, so a rerun forms the same group
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -196,7 +199,8 @@ def restore_many(
 
             def finished(outcomes: list[dict]) -> None:
                 for outcome in outcomes:
-                    _finish(manifest, summary, out_dir, jobs[outcome["key"]], outcome)
+                    with _interrupt_after():  # an output and its record go together
+                        _finish(manifest, summary, out_dir, jobs[outcome["key"]], outcome)
                     bar.update(1)
 
             runner.run([_task(group, restore_kwargs) for group in groups], groups, finished)
@@ -429,6 +433,22 @@ def _record(manifest: Manifest, summary: BatchSummary, job: _Job, outcome: dict)
         summary.restored += 1
 
 
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold Ctrl-C (SIGINT) until the block is done, then raise it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _finish(manifest: Manifest, summary: BatchSummary, out_dir: Path, job: _Job, outcome: dict) -> None:
     """Write a group member's output (temporary name, then rename), then its record."""
     if outcome.get("error") is None:
@@ -583,8 +603,9 @@ def _one_line(e: BaseException) -> str:
     return first if isinstance(e, InputError) else f"{type(e).__name__}: {first}"
 
 
-def print_summary(summary: BatchSummary, file=sys.stdout) -> None:
-    """The errors, one per line, then the counts."""
+def print_summary(summary: BatchSummary, file=None) -> None:
+    """The errors, one per line, then the counts (on `file`, by default stdout)."""
+    file = file or sys.stdout
     for record in summary.errors:
         print(f"  {record['output']}: {record['error']}", file=file)
     rate = summary.restored / summary.seconds if summary.seconds > 0 else 0.0
