@@ -131,3 +131,10 @@ def test_group_estimate_grows_with_networks_and_pixels(tmp_path):
     task = batch.GroupTask(kwargs, ())
     one, four = batch._estimate(task, [job]), batch._estimate(task, [job] * 4)
     assert one < four < 4 * one and batch._estimate(task, [big]) > 10 * (one - 512 * 2**20)
+
+
+def test_bench_times_ray_round_trips(cluster, tmp_path):
+    from dipfast.bench.batch import _round_trips
+
+    trips = _round_trips(ray, _images(tmp_path, 1, "trips"), 3)
+    assert len(trips) == 3 and all(0 < t < 10 for t in trips)
