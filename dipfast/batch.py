@@ -129,8 +129,9 @@ def restore_many(
         raise InputError(f"task {task!r} is not available in batch; restore such images one at a time")
     if task in ("inpaint", "restore") and mask_dir is None:
         raise InputError(f"task {task!r} needs mask_dir= (--mask-dir): the masks at the inputs' relative paths")
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
-        raise InputError(f"batch must be a positive integer; got {batch!r}")
+    for name, value, least in (("batch", batch, 1), ("seed", seed, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise InputError(f"{name} must be an integer >= {least}; got {value!r}")
     _check_names(backend, precision)
     settings_obj = api._settings(task, preset, scale, iters, dict(overrides))
     # Everything that changes an output belongs in `settings`: a rerun with another value recomputes.
@@ -168,11 +169,11 @@ def restore_many(
     sources = expand_inputs(inputs, exclude=out_dir)
     mask_dir = _folder(mask_dir, "mask_dir")
     target_dir = _folder(target_dir, "target_dir")
-    _remove_stale_temporaries(out_dir)
 
     start = time.perf_counter()
     summary = BatchSummary(manifest=out_dir / "manifest.jsonl")
-    manifest = Manifest(out_dir)
+    manifest = Manifest(out_dir)  # the folder's lock: from here on, this driver alone writes there
+    _remove_stale_temporaries(out_dir)
     bar = tqdm(total=len(sources), disable=not progress, unit="img", dynamic_ncols=True)
     try:
         pending = []
@@ -203,7 +204,7 @@ def restore_many(
                         _finish(manifest, summary, out_dir, jobs[outcome["key"]], outcome)
                     bar.update(1)
 
-            runner.run([_task(group, restore_kwargs) for group in groups], groups, finished)
+            runner.run(groups, lambda group: _task(group, restore_kwargs), finished)
     except KeyboardInterrupt:  # what finished is written and recorded; the rerun does the rest
         summary.interrupted = True
     finally:
@@ -501,18 +502,19 @@ class _Runner:
             on_cuda = self.cluster.has_gpus and str(device) != "cpu"
         self.group_size = batch if on_cuda else 1
 
-    def run(self, tasks: list[GroupTask], groups: list, finished) -> None:
+    def run(self, groups: list, make_task, finished) -> None:
+        """Each group's task, made when it is due (its files are read then), and its outcomes to `finished`."""
         if self.ray is None or self.ray is False:
-            for task in tasks:
-                finished(run_group(task))
+            for group in groups:
+                finished(run_group(make_task(group)))
             return
         try:
-            self.cluster.run(tasks, [_estimate(task, g) for task, g in zip(tasks, groups)], finished)
+            self.cluster.run(((make_task(g), g) for g in groups), _estimate, finished)
         finally:
             self.cluster.close()
 
 
-def _estimate(task: GroupTask, group: list[_Job]) -> int:
+def _estimate(task: GroupTask, group: list) -> int:
     """Bytes the group's fit needs on a GPU (memory.estimate_bytes), for Ray's GPU packing."""
     from dipfast import api, memory, nets
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from dipfast.errors import InputError
 
@@ -75,15 +75,24 @@ class Cluster:
             self.gpu_bytes = ray.get(ray.remote(num_gpus=1)(_gpu_bytes).remote())
         self.remote = ray.remote(max_retries=MAX_RETRIES)(_run_on_worker)
 
-    def run(self, tasks: list, estimates: list[int], finished: Callable[[list[dict]], None]) -> None:
-        """Submit every task; hand each one's outcomes to `finished` as it completes (in the driver).
-        A task that fails for good (retries spent) gives each of its images the error."""
+    def run(self, tasks: Iterable, estimate: Callable, finished: Callable[[list[dict]], None]) -> None:
+        """Run (task, group) pairs, at most `in_flight` at a time so that the object store holds a few
+        groups' files, not the whole batch; hand each task's outcomes to `finished` (in the driver) as
+        it completes. A task that fails for good (retries spent) gives each of its images the error."""
         ray = self.ray
+        tasks = iter(tasks)
         pending = {}
-        for task, need in zip(tasks, estimates):
-            resources = {"num_gpus": gpu_share(need, self.gpu_bytes), "num_cpus": 1} if self.has_gpus else {}
-            pending[self.remote.options(**resources).remote(task)] = task
+        in_flight = max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+        def submit() -> None:
+            for task, group in tasks:
+                share = {"num_gpus": gpu_share(estimate(task, group), self.gpu_bytes), "num_cpus": 1}
+                pending[self.remote.options(**(share if self.has_gpus else {})).remote(task)] = task
+                if len(pending) >= in_flight:
+                    return
+
         try:
+            submit()
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
@@ -95,6 +104,7 @@ class Cluster:
                         error = f"Ray task failed after {MAX_RETRIES} retries: {type(e).__name__}: {line}"
                         outcomes = [{"key": item.key, "error": error} for item in task.items]
                     finished(outcomes)
+                submit()
         finally:
             for ref in pending:  # interrupted: nothing more is written; the rerun redoes these
                 ray.cancel(ref, force=True)
