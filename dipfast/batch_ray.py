@@ -86,8 +86,10 @@ class Cluster:
 
         def submit() -> None:
             for task, group in tasks:
-                share = {"num_gpus": gpu_share(estimate(task, group), self.gpu_bytes), "num_cpus": 1}
-                pending[self.remote.options(**(share if self.has_gpus else {})).remote(task)] = task
+                resources = {}  # without GPUs: Ray's default of one CPU
+                if self.has_gpus:
+                    resources = {"num_gpus": gpu_share(estimate(task, group), self.gpu_bytes), "num_cpus": 1}
+                pending[self.remote.options(**resources).remote(task)] = task
                 if len(pending) >= in_flight:
                     return
 
