@@ -1,4 +1,4 @@
-"""The `dipfast` command: restore, demo, bench, doctor, --version.
+"""The `dipfast` command: restore, batch, demo, bench, doctor, --version.
 
 Bad input ends in one line on stderr and exit status 2, never a traceback; no input file is
 ever overwritten, and an existing output only with --force.
@@ -17,6 +17,7 @@ from dipfast.errors import InputError, NumericalError
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_NUMERICAL = 3  # the fit went NaN or inf (dipfast.errors.NumericalError)
+EXIT_SOME_FAILED = 1  # batch: some images failed (each one's error is in the manifest and the summary)
 
 
 def _integer_from(minimum: int):
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="dipfast", description="Deep Image Prior, fast and faithful.")
     parser.add_argument("--version", action=VersionAction, help="the version and a one-line `dipfast doctor`")
-    sub = parser.add_subparsers(dest="command", metavar="{restore,demo,bench,doctor}")
+    sub = parser.add_subparsers(dest="command", metavar="{restore,batch,demo,bench,doctor}")
 
     r = sub.add_parser("restore", help="restore one image", description="Restore one image with Deep Image Prior.")
     r.add_argument("input", help="the corrupted image (PNG, JPEG, TIFF, ...)")
@@ -75,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ema-output", help="also write the EMA of the outputs here")
     r.add_argument("--force", action="store_true", help="overwrite existing output files")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    _add_batch_parser(sub, TASKS)
 
     d = sub.add_parser(
         "demo",
@@ -101,6 +104,72 @@ def _parser() -> argparse.ArgumentParser:
         description="Say which of dipfast's paths are active on this machine, and why (dipfast/doctor.py).",
     )
     return parser
+
+
+def _add_batch_parser(sub, tasks) -> None:
+    from dipfast.batch import UNSUPPORTED_TASKS
+
+    b = sub.add_parser(
+        "batch",
+        help="restore many images into a folder (resumable; --ray for a cluster)",
+        description=(
+            "Restore every image of the inputs into OUT_DIR, keeping relative paths and formats. A manifest "
+            "(manifest.jsonl) records each image; a rerun skips the finished ones. Failed images are listed at "
+            "the end and the exit status is 1."
+        ),
+    )
+    b.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or globs")
+    b.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the outputs and manifest")
+    b.add_argument("--task", default="denoise", choices=[t for t in tasks if t not in UNSUPPORTED_TASKS])
+    b.add_argument("--preset", help="a named preset of the task")
+    b.add_argument("--scale", type=int, help="SR factor: 2, 4 or 8")
+    b.add_argument("--mask-dir", help="inpaint/restore: the masks, at the inputs' relative paths (white = known)")
+    b.add_argument("--target-dir", help="ground truths at the inputs' relative paths: PSNR in the manifest")
+    # --stop (early stopping) and --tile (tiled fits) join here, passed on to restore_many()
+    b.add_argument("--iters", type=positive_int, help="number of iterations (default: the preset's)")
+    b.add_argument("--seed", type=non_negative_int, default=0, help="every image's seed (as restore --seed)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    b.add_argument("--precision", default="auto", help=f"{', '.join(PRECISIONS)} (default: auto)")
+    b.add_argument("--backend", default="auto", help=f"{', '.join(BACKENDS)} (default: auto)")
+    b.add_argument(
+        "--batch", type=positive_int, default=4, metavar="N", help="most images per step on a GPU (default: 4)"
+    )
+    b.add_argument(
+        "--ray",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="ADDRESS",
+        help="run the groups as Ray tasks: on ADDRESS, else RAY_ADDRESS, else a local cluster",
+    )
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _batch(args) -> int:
+    from dipfast.batch import print_summary, restore_many
+
+    summary = restore_many(
+        args.inputs,
+        args.output,
+        task=args.task,
+        preset=args.preset,
+        scale=args.scale,
+        mask_dir=args.mask_dir,
+        target_dir=args.target_dir,
+        iters=args.iters,
+        backend=args.backend,
+        precision=args.precision,
+        device=args.device,
+        batch=args.batch,
+        seed=args.seed,
+        ray=args.ray,
+        progress=not args.quiet,
+    )
+    print_summary(summary)
+    if summary.interrupted:
+        print("dipfast: interrupted; rerun the same command to finish", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_SOME_FAILED if summary.failed else 0
 
 
 def _check_output(path: Path, inputs: list[str | None], force: bool) -> None:
@@ -210,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report())
         return 0
     try:
-        return _restore(args) if args.command == "restore" else _demo(args)
+        return {"restore": _restore, "batch": _batch, "demo": _demo}[args.command](args)
     except InputError as e:
         print(f"dipfast: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

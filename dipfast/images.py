@@ -8,6 +8,7 @@ alpha channel is kept apart and passed through (resized for super-resolution).
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from dipfast.errors import InputError, InputTypeError
 
 INTEGER_RANGES = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
 TORCH_INTEGER_RANGES = {torch.uint8: 255, torch.uint16: 65535}
+TEMP_MARK = "dipfast-tmp-"  # write_atomic's temporary names: .<name>.dipfast-tmp-<pid>
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,25 @@ def load_image(path, name: str = "image") -> Image.Image:
         raise InputError(f"{name} {str(path)!r} is a folder, not an image file")
     if not os.access(path, os.R_OK):
         raise InputError(f"{name} file {str(path)!r} is not readable; check its permissions")
+    return _decode(path, f"{name} file {str(path)!r}")
+
+
+def decode_image(data: bytes, name: str = "image") -> Image.Image:
+    """An image file's bytes, fully decoded (what load_image does to a file): for bytes read elsewhere."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source, what: str) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             return img.copy()
     except UnidentifiedImageError:
-        raise InputError(f"{name} file {str(path)!r} is not an image Pillow can read (PNG, JPEG, TIFF, ...)") from None
+        raise InputError(f"{what} is not an image Pillow can read (PNG, JPEG, TIFF, ...)") from None
     except Image.DecompressionBombError as e:
-        raise InputError(f"{name} file {str(path)!r} is too large to decode safely: {e}") from None
+        raise InputError(f"{what} is too large to decode safely: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{name} file {str(path)!r} could not be decoded (truncated or corrupt?): {e}") from None
+        raise InputError(f"{what} could not be decoded (truncated or corrupt?): {e}") from None
 
 
 def _pil_to_array(img: Image.Image) -> np.ndarray:
@@ -201,3 +212,34 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
 def save_image(image: Image.Image, path) -> None:
     """Save a PIL image; the format comes from the file name's extension."""
     image.save(path)
+
+
+def encode_image(image: Image.Image, suffix: str) -> bytes:
+    """The file bytes of `image` in the format of the file name suffix `suffix` ('.png', '.jpg', ...)."""
+    fmt = Image.registered_extensions().get(suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise InputError(f"Pillow cannot write {suffix!r} files; use .png, .tif or .jpg")
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, format=fmt)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"could not encode a {image.mode} image as {fmt}: {e}") from None
+    return buffer.getvalue()
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, renamed when complete:
+    a partial file never has the final name, whatever stops the process."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{TEMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"could not write {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,10 +1,14 @@
 """dipfast.images: every accepted form round-trips exactly; every bad input is a one-line InputError."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from _helpers import random_image
 from PIL import Image
 
+from dipfast import images
 from dipfast.errors import InputError, InputTypeError
 from dipfast.images import from_tensor, load_image, resize_alpha, to_tensor
 
@@ -244,3 +248,33 @@ def test_wrong_rank_and_type(rng):
     with pytest.raises(InputTypeError, match="list"):
         to_tensor([[0.5, 0.5]])
     assert issubclass(InputError, ValueError) and issubclass(InputTypeError, TypeError)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".bmp"])
+def test_encode_then_decode_is_lossless_for_lossless_formats(np_rng, suffix):
+    arr = random_image(np_rng, 7, 5, 3, np.uint8)
+    data = images.encode_image(Image.fromarray(arr), suffix)
+    np.testing.assert_array_equal(np.asarray(images.decode_image(data)), arr)
+
+
+def test_encode_refuses_a_suffix_pillow_cannot_write():
+    with pytest.raises(InputError, match=r"Pillow cannot write '\.xyz' files"):
+        images.encode_image(Image.new("RGB", (2, 2)), ".xyz")
+
+
+def test_decode_of_cut_bytes_is_one_line():
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(buffer, format="PNG")
+    with pytest.raises(InputError, match="could not be decoded") as e:
+        images.decode_image(buffer.getvalue()[:60], "input 'x.png'")
+    assert "\n" not in str(e.value)
+
+
+def test_write_atomic_replaces_whole_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "out.png"
+    target.write_bytes(b"old")
+    images.write_atomic(target, b"new contents")
+    assert target.read_bytes() == b"new contents" and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    with pytest.raises(InputError, match="could not write") as e:
+        images.write_atomic(tmp_path / "missing" / "out.png", b"x")
+    assert "\n" not in str(e.value) and not (tmp_path / "missing").exists()

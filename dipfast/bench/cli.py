@@ -1,4 +1,4 @@
-"""`dipfast bench throughput|time-to-psnr|quality|profile|floor|summary`: the command line of the harness.
+"""`dipfast bench throughput|time-to-psnr|quality|profile|floor|batch|summary`: the command line of the harness.
 
 add_bench_parser(subparsers) adds `bench` to the `dipfast` command; run_bench(args) runs it
 and returns the exit status (2 for bad input, with one line on stderr). `python -m dipfast.bench`
@@ -19,7 +19,7 @@ from dipfast.cli import positive_int as _positive_int
 from dipfast.errors import InputError
 
 EXIT_BAD_INPUT = 2
-SUITES = ("throughput", "time-to-psnr", "quality", "profile", "floor", "summary")
+SUITES = ("throughput", "time-to-psnr", "quality", "profile", "floor", "batch", "summary")
 
 # 'auto' defaults: (CPU, CUDA)
 AUTO = {
@@ -27,6 +27,7 @@ AUTO = {
     "time-to-psnr": {"size": (64, None), "iters": (100, None)},
     "quality": {"size": (64, None), "iters": (50, None)},
     "profile": {"size": (128, 512), "iters": (5, 20), "warmup": (5, 20)},
+    "batch": {"size": (32, 256), "iters": (10, 200), "ref_iters": (5, 50)},
 }
 
 
@@ -106,7 +107,7 @@ def _images(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_suites(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="suite", metavar="{throughput,time-to-psnr,quality,profile,floor,summary}")
+    sub = parser.add_subparsers(dest="suite", metavar="{throughput,time-to-psnr,quality,profile,floor,batch,summary}")
     t = sub.add_parser(
         "throughput",
         help="iterations/s and peak memory",
@@ -197,6 +198,33 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     fl.add_argument("--rows", type=_positive_int, default=25, help="ops listed in the Markdown (default: 25)")
     fl.add_argument("--out", default="bench-out", help="folder for floor.json and floor.md (default: bench-out)")
 
+    b = sub.add_parser(
+        "batch",
+        help="images/hour of dipfast batch: local, 1 and 2 Ray workers; Ray's overhead per task",
+        description=(
+            "restore_many() over the same synthetic images in this process and on local Ray clusters of 1 and 2 "
+            "workers (one CPU, one thread each): images per hour, and Ray's round trip per task set against one "
+            "task's time at the default settings."
+        ),
+    )
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    b.add_argument("--out", default="bench-out", help="folder for batch.json and batch.md (default: bench-out)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--images", type=_positive_int, default=8, help="images per configuration (default: 8)")
+    b.add_argument("--size", type=_positive_int, help="image side (default: 32 on CPU, 256 on CUDA)")
+    b.add_argument("--iters", type=_positive_int, help="iterations per image (default: 10 on CPU, 200 on CUDA)")
+    b.add_argument("--net", default="tiny", help="'tiny' (default), 'default' or a preset's name")
+    b.add_argument("--workers", type=_positive_int, nargs="+", default=[1, 2], help="Ray worker counts (default: 1 2)")
+    b.add_argument("--batch", type=_positive_int, default=4, help="networks per step on a GPU (default: 4)")
+    b.add_argument(
+        "--ref-size", type=_positive_int, default=128, help="image side of the task Ray's overhead is set against"
+    )
+    b.add_argument(
+        "--ref-iters", type=_positive_int, help="iterations timed for that task's rate (default: 5 CPU, 50 CUDA)"
+    )
+    b.add_argument("--round-trips", type=_positive_int, default=50, help="Ray round trips timed (default: 50)")
+
     s = sub.add_parser("summary", help="print the short table of the results in a folder")
     s.add_argument("folder", nargs="?", default="bench-out")
 
@@ -268,7 +296,7 @@ def run_bench(args) -> int:
 
 def _run(args) -> int:
     if getattr(args, "suite", None) is None:
-        raise InputError("give a suite: throughput, time-to-psnr, quality, profile, floor or summary (see --help)")
+        raise InputError("give a suite: throughput, time-to-psnr, quality, profile, floor, batch or summary (see --help)")
     if args.suite == "summary":
         from dipfast.bench.report import summary
 
@@ -285,6 +313,8 @@ def _run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file; give a folder")
+    if args.suite == "batch":
+        return _batch(args, api.resolve_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.nvtx and not nvtx_ranges.enable():
@@ -340,6 +370,35 @@ def _throughput(args, cuda: bool, **common) -> dict:
         rounds=args.rounds,
         **common,
     )
+
+
+def _batch(args, dev) -> int:
+    from dipfast.bench import report, runs
+    from dipfast.bench.batch import batch_markdown, run_batch_bench
+
+    if args.net not in runs.NET_CHOICES or args.net == "preset":
+        raise InputError(f"unknown net {args.net!r}; valid: {[n for n in runs.NET_CHOICES if n != 'preset']}")
+    cuda = dev.type == "cuda"
+    rep = run_batch_bench(
+        images=args.images,
+        size=_auto("batch", "size", args.size, cuda),
+        iters=_auto("batch", "iters", args.iters, cuda),
+        net=args.net,
+        workers=args.workers,
+        batch=args.batch,
+        ref_size=args.ref_size,
+        ref_iters=_auto("batch", "ref_iters", args.ref_iters, cuda),
+        round_trips=args.round_trips,
+        device=dev,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    rep = report.finish(rep, dev)
+    text = batch_markdown(rep)
+    paths = report.write(rep, Path(args.out), text)
+    print(text)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def _profile(args, cuda: bool, **common) -> dict:

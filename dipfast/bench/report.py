@@ -6,6 +6,7 @@ Files in the output folder (overwritten by the next run of the same suite):
     quality.json, quality.md
     profile.json, profile.md                                       (each method's top ops, per iteration)
     floor.json, floor.md                                           (the cost model of one iteration)
+    batch.json, batch.md                                           (images/hour: local, Ray workers; Ray's overhead)
 Every JSON has: schema, suite, created (UTC), machine (machine.machine_info), settings and the
 suite's figures; NaN is written as null.
 """
@@ -27,6 +28,7 @@ STEMS = {
     "quality": "quality",
     "profile": "profile",
     "floor": "floor",
+    "batch": "batch",
 }
 
 
