@@ -5,6 +5,7 @@ Files in the output folder (overwritten by the next run of the same suite):
     time_to_psnr.json, time_to_psnr.md, psnr_vs_time_<case>.png    (PSNR against wall time)
     quality.json, quality.md
     profile.json, profile.md                                       (each method's top ops, per iteration)
+    early_stop.json, early_stop.md, early_stop_<image>.png         (PSNR against iteration, the stop marked)
 Every JSON has: schema, suite, created (UTC), machine (machine.machine_info), settings and the
 suite's figures; NaN is written as null.
 """
@@ -20,7 +21,13 @@ from pathlib import Path
 from dipfast.bench.machine import machine_info, machine_label
 
 SCHEMA = "dipfast-bench/1"
-STEMS = {"throughput": "throughput", "time-to-psnr": "time_to_psnr", "quality": "quality", "profile": "profile"}
+STEMS = {
+    "throughput": "throughput",
+    "time-to-psnr": "time_to_psnr",
+    "quality": "quality",
+    "profile": "profile",
+    "early-stop": "early_stop",
+}
 
 
 def _clean(x):
