@@ -214,6 +214,12 @@ def _add_early_stop(sub) -> None:
     e.add_argument("--threshold", type=float)
     e.add_argument("--start", type=int)
     e.add_argument("--returns", choices=RETURNS)
+    e.add_argument(
+        "--cost",
+        type=_positive_int,
+        metavar="SIZE",
+        help="also time the criterion's update against a default-net step at SIZE px",
+    )
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument(
         "--out", default="bench-out", help="folder for early_stop.json/.md and the plots (default: bench-out)"
@@ -451,6 +457,10 @@ def _early_stop(args) -> int:
     run = {"device": dev, "precision": args.precision, "backend": args.backend, "seed": args.seed}
     records = es.record_cached(cases, iters, cache, progress=not args.quiet, net=args.net, **run)
     rep = es.run_early_stop(cases, iters=iters, specs=specs, records=records, **run)
+    if args.cost:
+        rep["cost"] = es.criterion_cost(
+            args.cost, [specs[t] for t in tasks], device=dev, precision=args.precision, backend=args.backend
+        )
     rep = report.finish(rep, dev)
     text = es.markdown(rep)
     paths = list(report.write(rep, out, text).values())

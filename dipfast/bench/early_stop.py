@@ -297,8 +297,8 @@ def evaluate(case: Case, rec: Record, spec, fixed_iterations: int, buffer_dtype=
         "auto_seconds": float(seconds[det.stop_iteration - 1]),
         "gap_to_oracle_db": float(rec.psnr[oracle - 1]) - det.psnr,
         "gain_over_fixed_db": det.psnr - float(rec.psnr[fixed - 1]),
-        "psnr_curve": rec.psnr.tolist(),
-        "criterion_curve": det.criterion.tolist(),
+        "psnr_curve": [round(float(v), 4) for v in rec.psnr],  # 4 decimals, 4 digits: the JSON stays small
+        "criterion_curve": [float(f"{v:.4g}") for v in det.criterion],
     }
 
 
@@ -439,6 +439,22 @@ def markdown(rep: dict) -> str:
     text += report.table(
         ["image", "input", "oracle @it", "fixed @it", "auto @detected", "stop", "saved", "auto s", "fixed s"], rows
     )
+    if "cost" in rep:
+        c = rep["cost"]
+        text += (
+            f"\nCriterion cost at {c['size']} px ({c['device']}, {c['precision']}, default net): "
+            f"a step {c['step_ms']:.1f} ms\n\n"
+        )
+        cost_rows = [
+            [
+                f"{r['spec']['method']} W={r['spec']['window']} r={r['spec']['downsample']}",
+                report._f(r["update_ms"], "{:.3f}"),
+                report._f(100 * r["fraction_of_step"], "{:.2f}%"),
+                f"{r['bytes'] / 2**20:.1f}",
+            ]
+            for r in c["criterion"]
+        ]
+        text += report.table(["criterion", "update ms", "of a step", "MiB"], cost_rows)
     return text
 
 
@@ -468,7 +484,7 @@ def plot(rep: dict, row: dict, path: Path) -> Path:
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
@@ -567,3 +583,56 @@ def calibrate(cases: list[Case], records: dict[str, Record], fixed_iterations: i
                         out.append({"spec": _spec_dict(spec), "summary": s, "meets_quality": bool(quality)})
     out.sort(key=lambda e: (not e["meets_quality"], e["summary"]["mean_stop_iteration"], e["summary"]["median_gap_db"]))
     return out
+
+
+def criterion_cost(
+    size: int,
+    specs,
+    *,
+    device="cpu",
+    precision="auto",
+    backend="native",
+    steps: int = 6,
+    updates: int = 50,
+    **overrides,
+) -> dict:
+    """The criterion's time per update against the fit's time per step, default net, one size x size image.
+
+    The step: the loop time of restore() over `steps` iterations less that of one iteration (its set-up and
+    first step, which compiles or captures). The update: EarlyStop.update on the step's output shape, the mean
+    of `updates` calls after one warm-up call, synchronised on CUDA. overrides: restore()'s (net=...).
+    """
+    from dipfast import api
+    from dipfast.early_stop import EarlyStop
+
+    dev = api.resolve_device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+    x = np.random.default_rng(0).random((size, size, 3)).astype(np.float32)
+    kwargs = {"device": dev, "precision": precision, "backend": backend, "progress": False, "report_every": steps}
+    kwargs.update(overrides)
+    loops = []
+    for n in (1, steps):
+        loops.append(api.restore(x, iters=n, **kwargs))
+    step_ms = 1e3 * (loops[1].iterations / loops[1].its - loops[0].iterations / loops[0].its) / (steps - 1)
+    out = torch.rand(1, 3, size, size, device=dev)
+    rows = []
+    for spec in specs:
+        es = EarlyStop(spec, 1, (3, size, size), dev)
+        iteration = torch.zeros((), dtype=torch.int64, device=dev)
+        es.update(out, iteration)
+        sync()
+        start = time.perf_counter()
+        for _ in range(updates):
+            iteration += 1
+            es.update(out, iteration)
+        sync()
+        update_ms = 1e3 * (time.perf_counter() - start) / updates
+        rows.append(
+            {
+                "spec": _spec_dict(spec),
+                "update_ms": update_ms,
+                "fraction_of_step": update_ms / step_ms,
+                "bytes": es.bytes(),
+            }
+        )
+    return {"size": size, "device": str(dev), "precision": loops[1].precision, "step_ms": step_ms, "criterion": rows}

@@ -82,11 +82,12 @@ def test_the_suite_figures(recorded):
     rep = es.run_early_stop(cases, iters=ITERS, specs={"denoise": SPEC}, records=records)
     assert [r["key"] for r in rep["images"]] == ["denoise/img0", "denoise/img1"]
     for row in rep["images"]:
-        curve = np.array(row["psnr_curve"])
+        curve = records[row["key"]].psnr
         assert row["oracle_psnr"] == curve.max() and curve[row["oracle_iteration"] - 1] == curve.max()
         assert row["fixed_iteration"] == ITERS  # the preset's 3000 > the record: its last iteration
         assert row["fixed_psnr"] == curve[-1]
         assert row["auto_psnr"] == curve[row["detected_iteration"] - 1]
+        np.testing.assert_allclose(row["psnr_curve"], curve, atol=1e-4)
         assert row["gap_to_oracle_db"] == pytest.approx(row["oracle_psnr"] - row["auto_psnr"])
         assert row["iterations_saved"] == ITERS - row["stop_iteration"]
         assert row["preset_iterations"] == 3000
@@ -141,3 +142,14 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert main(["early-stop", "--window", "50", "--iters", "20", "--quiet", "--data", str(tmp_path)]) == 2
     assert "window (50) is larger than iters (20)" in capsys.readouterr().err
+
+
+def test_criterion_cost_times_the_update_against_the_step():
+    from _helpers import TINY
+
+    specs = [EarlyStopSpec(window=3), EarlyStopSpec("emv")]
+    cost = es.criterion_cost(16, specs, device="cpu", steps=3, updates=3, **TINY)
+    assert cost["step_ms"] > 0 and [r["spec"]["method"] for r in cost["criterion"]] == ["wmv", "emv"]
+    for r in cost["criterion"]:
+        assert r["update_ms"] > 0 and r["fraction_of_step"] == pytest.approx(r["update_ms"] / cost["step_ms"])
+    assert cost["criterion"][0]["bytes"] > cost["criterion"][1]["bytes"]  # the window's buffer
