@@ -153,3 +153,13 @@ def test_criterion_cost_times_the_update_against_the_step():
     for r in cost["criterion"]:
         assert r["update_ms"] > 0 and r["fraction_of_step"] == pytest.approx(r["update_ms"] / cost["step_ms"])
     assert cost["criterion"][0]["bytes"] > cost["criterion"][1]["bytes"]  # the window's buffer
+
+
+def test_decides_vectorised_running_minimum_is_the_plain_loop(np_rng):
+    """decide() at threshold 0 (the calibration's fast path) against its loop (a threshold of 1e-30: factor 1)."""
+    for _ in range(300):
+        curve = np_rng.random(int(np_rng.integers(5, 80))).astype(np.float32)
+        curve[: int(np_rng.integers(0, 4))] = np.nan
+        curve[np_rng.random(curve.size) < 0.1] = curve[0]  # ties: a new minimum must be strictly lower
+        patience, first = int(np_rng.integers(1, 20)), int(np_rng.integers(1, 6))
+        assert es.decide(curve, patience, 0.0, first) == es.decide(curve, patience, 1e-30, first)
