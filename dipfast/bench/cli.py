@@ -271,7 +271,7 @@ def run_bench(args) -> int:
 
 def _run(args) -> int:
     if getattr(args, "suite", None) is None:
-        raise InputError("give a suite: throughput, time-to-psnr, quality, profile or summary (see --help)")
+        raise InputError("give a suite: throughput, time-to-psnr, quality, profile, early-stop or summary (see --help)")
     if args.suite == "summary":
         from dipfast.bench.report import summary
 
