@@ -236,3 +236,14 @@ def test_validate_against_the_run():
         EarlyStopSpec(downsample=4).validate(100, (3, 40))
     EarlyStopSpec(window=50).validate(50, (64, 64))  # the edge: a full window at the last iteration
     assert math.isfinite(EarlyStopSpec().first_valid())
+
+
+def test_the_memory_estimate_counts_the_criterion():
+    from dipfast import memory
+    from dipfast.nets import SkipSpec
+
+    net = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
+    spec = EarlyStopSpec(window=30)
+    without = memory.estimate_bytes(net, 4, 3, (64, 48), 2, "fp32")
+    with_criterion = memory.estimate_bytes(net, 4, 3, (64, 48), 2, "fp32", early_stop=spec)
+    assert with_criterion - without == EarlyStop.estimate_bytes(spec, 2, (3, 64, 48)) > 30 * 2 * 3 * 64 * 48 * 2
