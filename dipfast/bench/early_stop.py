@@ -213,7 +213,8 @@ def record_cached(cases: list[Case], iters: int, cache: Path | None, **kwargs) -
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             h, w = members[0].target.shape[:2]
-            tag = "".join(f"_{k}{v}" for k, v in sorted(kwargs.items()) if k in ("net", "seed") and v not in (None, 0, "preset"))
+            named = {k: v for k, v in kwargs.items() if k in ("net", "seed") and v not in (None, 0, "preset")}
+            tag = "".join(f"_{k}{v}" for k, v in sorted(named.items()))
             tag += "" if kwargs.get("precision", "auto") == "auto" else f"_{kwargs['precision']}"
             paths = [cache / f"{task_of(c)}_{c.name}_{h}x{w}_{iters}{tag}.npz".replace("/", "-") for c in members]
             if all(p.is_file() for p in paths):
