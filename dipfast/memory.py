@@ -45,13 +45,27 @@ def _activation_and_param_bytes(spec: nets.NetSpec, input_depth: int, n_channels
 
 
 def estimate_bytes(
-    spec, input_depth: int, n_channels: int, size: tuple[int, int], n_networks: int, precision: str, device="cpu"
+    spec,
+    input_depth: int,
+    n_channels: int,
+    size: tuple[int, int],
+    n_networks: int,
+    precision: str,
+    device="cpu",
+    early_stop=None,
 ):
-    """Peak bytes of a fit of `n_networks` networks at working size `size` (H', W') on `device`'s type."""
+    """Peak bytes of a fit of `n_networks` networks at working size `size` (H', W') on `device`'s type;
+    early_stop: the fit's EarlyStopSpec (stop='auto'), whose state is counted at the working size (an upper
+    bound of the output's)."""
     activations, params = _activation_and_param_bytes(spec, input_depth, n_channels, *size)
     if precision == "bf16":  # conv inputs and outputs saved in bf16, BatchNorm's in fp32: about 0.6
         activations = int(activations * 0.6)
-    return FIXED[torch.device(device).type] + int(n_networks * (activations + 5 * params) * MARGIN)
+    criterion = 0
+    if early_stop is not None:
+        from dipfast.early_stop import EarlyStop
+
+        criterion = EarlyStop.estimate_bytes(early_stop, n_networks, (n_channels, *size))
+    return FIXED[torch.device(device).type] + int(n_networks * (activations + 5 * params) * MARGIN) + criterion
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -68,9 +82,11 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_fits(spec, input_depth, n_channels, size, n_networks: int, precision: str, device: torch.device) -> int:
+def check_fits(
+    spec, input_depth, n_channels, size, n_networks: int, precision: str, device: torch.device, early_stop=None
+) -> int:
     """Raise InputError naming the estimate and the options when the fit would not fit; return the estimate."""
-    need = estimate_bytes(spec, input_depth, n_channels, size, n_networks, precision, device)
+    need = estimate_bytes(spec, input_depth, n_channels, size, n_networks, precision, device, early_stop)
     free = available_bytes(device)
     if free is not None and need > free:
         options = []

@@ -1,4 +1,4 @@
-"""`dipfast bench throughput|time-to-psnr|quality|profile|floor|batch|summary`: the command line of the harness.
+"""`dipfast bench throughput|time-to-psnr|quality|profile|floor|batch|early-stop|summary`: the command line of the harness.
 
 add_bench_parser(subparsers) adds `bench` to the `dipfast` command; run_bench(args) runs it
 and returns the exit status (2 for bad input, with one line on stderr). `python -m dipfast.bench`
@@ -19,7 +19,7 @@ from dipfast.cli import positive_int as _positive_int
 from dipfast.errors import InputError
 
 EXIT_BAD_INPUT = 2
-SUITES = ("throughput", "time-to-psnr", "quality", "profile", "floor", "batch", "summary")
+SUITES = ("throughput", "time-to-psnr", "quality", "profile", "floor", "batch", "early-stop", "summary")
 
 # 'auto' defaults: (CPU, CUDA)
 AUTO = {
@@ -28,6 +28,7 @@ AUTO = {
     "quality": {"size": (64, None), "iters": (50, None)},
     "profile": {"size": (128, 512), "iters": (5, 20), "warmup": (5, 20)},
     "batch": {"size": (32, 256), "iters": (10, 200), "ref_iters": (5, 50)},
+    "early-stop": {"size": (32, 256), "iters": (800, 3000)},
 }
 
 
@@ -107,7 +108,7 @@ def _images(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_suites(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="suite", metavar="{throughput,time-to-psnr,quality,profile,floor,batch,summary}")
+    sub = parser.add_subparsers(dest="suite", metavar="{throughput,time-to-psnr,quality,profile,floor,batch,early-stop,summary}")
     t = sub.add_parser(
         "throughput",
         help="iterations/s and peak memory",
@@ -225,8 +226,68 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     )
     b.add_argument("--round-trips", type=_positive_int, default=50, help="Ray round trips timed (default: 50)")
 
+    _add_early_stop(sub)
+
     s = sub.add_parser("summary", help="print the short table of the results in a folder")
     s.add_argument("folder", nargs="?", default="bench-out")
+
+
+def _add_early_stop(sub) -> None:
+    from dipfast.bench.early_stop import TASKS
+    from dipfast.early_stop import METHODS, RETURNS
+
+    e = sub.add_parser(
+        "early-stop",
+        help="stop='auto' against the oracle and the fixed count",
+        description=(
+            "Per image: one long fit, recorded every iteration; the best PSNR of any iteration (the oracle), "
+            "the PSNR at the preset's fixed count, and the early-stop criterion replayed on the record: the "
+            "PSNR of the output it returns, the iteration it detected and the iterations saved."
+        ),
+    )
+    e.add_argument("--data", help="the paper's image folder (e.g. ../shared/data/dip); default: scikit-image's")
+    e.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["denoise"],
+        choices=[*TASKS, "all"],
+        metavar="TASK",
+        help=f"of {list(TASKS)} or 'all' (default: denoise)",
+    )
+    e.add_argument("--size", type=_positive_int, help="centre crops of SIZE x SIZE (default: 32 on CPU, 256 on CUDA)")
+    e.add_argument(
+        "--iters", type=_positive_int, help="iterations recorded per image (default: 800 on CPU, 3000 on CUDA)"
+    )
+    e.add_argument("--limit", type=_positive_int, help="at most this many images per task")
+    e.add_argument("--cache", help="a folder for the records (read if there, else written): replays are instant")
+    e.add_argument("--net", default="preset", help="'preset' (each task's own net, default), 'default' or 'tiny'")
+    e.add_argument("--backend", default="native", help="restore()'s backend (default: native)")
+    e.add_argument("--precision", default="auto", help="restore()'s precision (default: auto)")
+    e.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also search the rule's settings per task (calibration.json: every candidate, best first)",
+    )
+    e.add_argument("--method", choices=METHODS, help="the rule, for every task (default: each task's calibrated one)")
+    e.add_argument("--window", type=_positive_int)
+    e.add_argument("--patience", type=_positive_int)
+    e.add_argument("--alpha", type=float)
+    e.add_argument("--threshold", type=float)
+    e.add_argument("--start", type=int)
+    e.add_argument("--returns", choices=RETURNS)
+    e.add_argument(
+        "--cost",
+        type=_positive_int,
+        metavar="SIZE",
+        help="also time the criterion's update against a default-net step at SIZE px",
+    )
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument(
+        "--out", default="bench-out", help="folder for early_stop.json/.md and the plots (default: bench-out)"
+    )
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -296,7 +357,7 @@ def run_bench(args) -> int:
 
 def _run(args) -> int:
     if getattr(args, "suite", None) is None:
-        raise InputError("give a suite: throughput, time-to-psnr, quality, profile, floor, batch or summary (see --help)")
+        raise InputError("give a suite: throughput, time-to-psnr, quality, profile, floor, batch, early-stop or summary (see --help)")
     if args.suite == "summary":
         from dipfast.bench.report import summary
 
@@ -310,6 +371,8 @@ def _run(args) -> int:
     from dipfast import api, nvtx_ranges
     from dipfast.bench import report, runs
 
+    if args.suite == "early-stop":
+        return _early_stop(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file; give a folder")
@@ -522,6 +585,60 @@ def _quality(args, cuda: bool, **common) -> dict:
     )
     rep["settings"]["missing_images"] = missing
     return rep
+
+
+def _early_stop(args) -> int:
+    import dataclasses
+    import json
+
+    import torch
+
+    from dipfast import api
+    from dipfast.bench import early_stop as es
+    from dipfast.bench import report
+    from dipfast.early_stop import calibrated
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; give a folder")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = api.resolve_device(args.device)
+    cuda = dev.type == "cuda"
+    tasks = list(es.TASKS) if "all" in args.tasks else list(dict.fromkeys(args.tasks))
+    iters = _auto("early-stop", "iters", args.iters, cuda)
+    given = {k: getattr(args, k) for k in ("method", "window", "patience", "alpha", "threshold", "start", "returns")}
+    given = {k: v for k, v in given.items() if v is not None}
+    specs = {task: dataclasses.replace(calibrated(es.RESTORE_TASK[task]), **given) for task in tasks}
+    for spec in specs.values():
+        spec.validate(iters)
+    cases = es.load_cases(args.data, tasks, _auto("early-stop", "size", args.size, cuda), args.seed, args.limit)
+    cache = Path(args.cache) if args.cache else None
+    run = {"device": dev, "precision": args.precision, "backend": args.backend, "seed": args.seed}
+    records = es.record_cached(cases, iters, cache, progress=not args.quiet, net=args.net, **run)
+    rep = es.run_early_stop(cases, iters=iters, specs=specs, records=records, **run)
+    if args.cost:
+        rep["cost"] = es.criterion_cost(
+            args.cost, [specs[t] for t in tasks], device=dev, precision=args.precision, backend=args.backend
+        )
+    rep = report.finish(rep, dev)
+    text = es.markdown(rep)
+    paths = list(report.write(rep, out, text).values())
+    paths += [es.plot(rep, row, out / f"early_stop_{report.case_slug(row['key'])}.png") for row in rep["images"]]
+    if args.calibrate:
+        found = {}
+        for task in tasks:
+            members = [c for c in cases if es.task_of(c) == task]
+            preset_iterations = rep["tasks"][task]["preset_iterations"]
+            found[task] = es.calibrate(members, records, preset_iterations)
+        path = out / "calibration.json"
+        path.write_text(json.dumps(report._clean(found), indent=1, allow_nan=False) + "\n")
+        paths.append(path)
+        for task, ranked in found.items():
+            print(f"{task}: best {ranked[0]['spec']} -> {ranked[0]['summary']}")
+    print(text)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ Files in the output folder (overwritten by the next run of the same suite):
     profile.json, profile.md                                       (each method's top ops, per iteration)
     floor.json, floor.md                                           (the cost model of one iteration)
     batch.json, batch.md                                           (images/hour: local, Ray workers; Ray's overhead)
+    early_stop.json, early_stop.md, early_stop_<image>.png         (PSNR against iteration, the stop marked)
 Every JSON has: schema, suite, created (UTC), machine (machine.machine_info), settings and the
 suite's figures; NaN is written as null.
 """
@@ -29,6 +30,7 @@ STEMS = {
     "profile": "profile",
     "floor": "floor",
     "batch": "batch",
+    "early-stop": "early_stop",
 }
 
 

@@ -1,0 +1,649 @@
+"""Early stopping without ground truth (dipfast.early_stop), measured: `dipfast bench early-stop`.
+
+Per image, one long fit records every iteration's output and its PSNR against the clean image.
+From that record come:
+    oracle   the best PSNR of any iteration's output (needs the ground truth: the bound)
+    fixed    the PSNR at the preset's fixed count (or the last recorded iteration, if shorter)
+    auto     the criterion replayed on the recorded outputs (EarlyStop.update, iteration by iteration):
+             the PSNR of the output it returns, the iteration it detected and the one it stopped at
+A replay gives the same decision as the criterion inside the step, since it sees the same outputs
+in the same order; once restore(stop='auto') exists, `detect` can run the fit with it instead
+(a change of that one function; the record is still needed for the oracle).
+
+Images: the 9 clean images of the paper's folder (../shared/data/dip: its 9 distinct clean
+photographs; the paper's own 9-image denoising set is not shipped there), centre-cropped, with
+the corruption of each task made as in dipfast.bench.data (denoise: sigma 25; sr4: PIL LANCZOS
+1/4; inpaint: 2-px strokes over 5%; jpeg: PIL JPEG at quality JPEG_QUALITY). Without --data,
+scikit-image's bundled images.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dipfast.bench import data
+from dipfast.bench.data import Case
+from dipfast.errors import InputError
+
+TASKS = ("denoise", "sr4", "inpaint", "jpeg")
+RESTORE_TASK = {"denoise": "denoise", "sr4": "sr", "inpaint": "inpaint", "jpeg": "jpeg"}
+JPEG_QUALITY = 10
+
+# bench task -> [(name, image path, mask path, preset)]
+PAPER_IMAGES = {
+    "denoise": [
+        ("F16", "denoising/F16_GT.png", None, "denoise"),
+        ("kate", "inpainting/kate.png", None, "denoise"),
+        ("barbara", "restoration/barbara.png", None, "denoise"),
+        ("vase", "inpainting/vase.png", None, "denoise"),
+        ("library", "inpainting/library.png", None, "denoise"),
+        ("zebra", "sr/zebra_GT.png", None, "denoise"),
+        ("building", "feature_inversion/building.jpg", None, "denoise"),
+        ("monkey", "feature_inversion/monkey.jpg", None, "denoise"),
+        ("cave", "flash_no_flash/cave01_01_noflash.jpg", None, "denoise"),
+    ],
+}
+# the paper's masks leave no hole in most small centre crops: synthetic strokes (dipfast.bench.data)
+PAPER_IMAGES["inpaint"] = [(n, p, None, "inpaint") for n, p, _, _ in PAPER_IMAGES["denoise"]]
+PAPER_IMAGES["sr4"] = [(n, p, None, "sr4") for n, p, _, _ in PAPER_IMAGES["denoise"]]
+PAPER_IMAGES["jpeg"] = [(n, p, None, "jpeg") for n, p, _, _ in PAPER_IMAGES["denoise"]]
+BUNDLED_IMAGES = ("astronaut", "coffee", "chelsea")
+
+
+def jpeg_case(name: str, img: Image.Image, size: int | None, source: str, quality: int = JPEG_QUALITY) -> Case:
+    """A centre crop of img and its JPEG at `quality` (4:2:0, PIL): blind JPEG-artifact removal."""
+    clean = data.centre_crop(data.crop_image(img.convert("RGB"), 32), size)
+    buf = io.BytesIO()
+    clean.save(buf, "JPEG", quality=quality)
+    buf.seek(0)
+    observed = np.asarray(Image.open(buf).convert("RGB"), dtype=np.float32) / 255
+    target = np.asarray(clean, dtype=np.float32) / 255
+    protocol = f"PIL JPEG at quality {quality} of the centre crop; target = the crop"
+    return Case(name, "denoise", observed, target, preset="jpeg", source=source, protocol=protocol)
+
+
+def _case(task: str, name: str, img: Image.Image, size, seed: int, source: str, preset: str, mask=None) -> Case:
+    if task == "jpeg":
+        case = jpeg_case(name, img, size, source)
+    else:
+        img = img.convert("RGB") if mask is None else img  # one 3-channel step for the whole set
+        case = data._make(task, name, img, size, seed, source, preset, mask)
+    case.extras["es_task"] = task
+    return case
+
+
+def task_of(case: Case) -> str:
+    return case.extras["es_task"]
+
+
+def key_of(case: Case) -> str:
+    return f"{task_of(case)}/{case.name}"
+
+
+def load_cases(data_dir, tasks=TASKS, size: int | None = 64, seed: int = 0, limit: int | None = None) -> list[Case]:
+    """The cases of `tasks` (at most `limit` images each) from data_dir, or scikit-image's images when None."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise InputError(f"unknown early-stop task {unknown[0]!r}; valid: {list(TASKS)}")
+    cases = []
+    if data_dir is None:
+        from skimage import data as skdata
+
+        for task in tasks:
+            for fn in BUNDLED_IMAGES[:limit]:
+                img = Image.fromarray(getattr(skdata, fn)())
+                preset = "inpaint" if task == "inpaint" else PAPER_IMAGES[task][0][3]
+                cases.append(_case(task, fn, img, size, seed, f"skimage.data.{fn}", preset))
+        return cases
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise InputError(f"--data {str(root)!r} is not a folder; give the paper's data folder (../shared/data/dip)")
+    for task in tasks:
+        for name, rel, mask_rel, preset in PAPER_IMAGES[task][:limit]:
+            if not (root / rel).is_file():
+                continue
+            mask = data._open(root / mask_rel) if mask_rel else None
+            cases.append(_case(task, name, data._open(root / rel), size, seed, rel, preset, mask))
+    if not cases:
+        raise InputError(f"no images of tasks {list(tasks)} in {str(root)!r}; expected e.g. denoising/F16_GT.png")
+    return cases
+
+
+@dataclass
+class Record:
+    """One long fit, every iteration: what a replay of the criterion and the oracle need."""
+
+    key: str  # task/name
+    preset: str
+    outputs: np.ndarray  # (T, C, H, W) float16: the output of iteration t + 1 (before its Adam step)
+    psnr: np.ndarray  # (T,) float64: of the fp32 output against the target
+    seconds: np.ndarray  # (T,): wall time of the read-back after iteration t + 1
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        np.savez(path, outputs=self.outputs, psnr=self.psnr, seconds=self.seconds, key=self.key, preset=self.preset)
+
+    @classmethod
+    def load(cls, path: Path) -> Record:
+        with np.load(path) as z:
+            return cls(str(z["key"]), str(z["preset"]), z["outputs"], z["psnr"], z["seconds"])
+
+
+def record(
+    cases: list[Case],
+    iters: int,
+    *,
+    seed: int = 0,
+    device="cpu",
+    precision="auto",
+    backend="native",
+    progress=False,
+    net: str | None = None,
+):
+    """One fit of `iters` for cases of one task and preset and size, N networks in one step: a Record each.
+    net: runs.net_overrides' choice ('preset', 'default', 'tiny' or a preset's name)."""
+    from dipfast import api
+    from dipfast.bench.runs import net_overrides
+    from dipfast.metrics import psnr
+
+    first = cases[0]
+    if any((task_of(c), c.preset, c.target.shape) != (task_of(first), first.preset, first.target.shape) for c in cases):
+        raise InputError("record() takes cases of one task, preset and size; group them first")
+    targets = torch.stack([torch.from_numpy(np.ascontiguousarray(c.target.transpose(2, 0, 1))) for c in cases])
+    n, t = len(cases), iters
+    outputs = np.empty((t, n, *targets.shape[1:]), dtype=np.float16)
+    psnrs = np.empty((t, n))
+    seconds = np.empty(t)
+
+    def callback(p) -> None:
+        i = p.iteration - 1
+        out = p.image.float().cpu()
+        outputs[i] = out.numpy()
+        psnrs[i] = psnr(out, targets, dim=(1, 2, 3)).numpy()
+        seconds[i] = p.seconds
+
+    kwargs = {"task": RESTORE_TASK[task_of(first)], "preset": first.preset, **net_overrides(net, first.preset)}
+    if first.scale is not None:
+        kwargs["scale"] = first.scale
+    if first.mask is not None:
+        kwargs["mask"] = [c.mask for c in cases]
+    start = time.perf_counter()
+    api.restore(
+        [c.observed for c in cases],
+        **kwargs,
+        iters=iters,
+        seed=seed,
+        device=device,
+        precision=precision,
+        backend=backend,
+        progress=progress,
+        callback=callback,
+        report_every=1,
+    )
+    wall = time.perf_counter() - start
+    meta = {"iters": iters, "n_networks": n, "wall_seconds": wall, "backend": backend, "precision": precision}
+    return [
+        Record(key_of(c), c.preset, outputs[:, k].copy(), psnrs[:, k].copy(), seconds.copy(), dict(meta))
+        for k, c in enumerate(cases)
+    ]
+
+
+def group(cases: list[Case]) -> list[list[Case]]:
+    """Cases that can share one step: same task, preset and size."""
+    groups: dict[tuple, list[Case]] = {}
+    for c in cases:
+        groups.setdefault((task_of(c), c.preset, c.target.shape), []).append(c)
+    return list(groups.values())
+
+
+def record_cached(cases: list[Case], iters: int, cache: Path | None, **kwargs) -> dict[str, Record]:
+    """record() per group, each group's records read from / written to `cache` (a folder) when given
+    (named by task, image, size, iterations and any net, seed or precision other than the default)."""
+    out = {}
+    for members in group(cases):
+        paths = None
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            h, w = members[0].target.shape[:2]
+            named = {k: v for k, v in kwargs.items() if k in ("net", "seed") and v not in (None, 0, "preset")}
+            tag = "".join(f"_{k}{v}" for k, v in sorted(named.items()))
+            tag += "" if kwargs.get("precision", "auto") == "auto" else f"_{kwargs['precision']}"
+            paths = [cache / f"{task_of(c)}_{c.name}_{h}x{w}_{iters}{tag}.npz".replace("/", "-") for c in members]
+            if all(p.is_file() for p in paths):
+                for c, p in zip(members, paths):
+                    out[key_of(c)] = Record.load(p)
+                continue
+        for c, rec, p in zip(members, record(members, iters, **kwargs), paths or [None] * len(members)):
+            out[key_of(c)] = rec
+            if p is not None:
+                rec.save(p)
+    return out
+
+
+@dataclass
+class Detection:
+    """The criterion's decision on one record: what restore(stop='auto') would have returned."""
+
+    best_iteration: int  # the iteration whose output is returned (1-based; 0: none)
+    stop_iteration: int  # the iteration the fit stops at: best + patience, or the record's end
+    stopped: bool  # False: patience never ran out within the record (the fit ran to its bound)
+    psnr: float  # of the returned output against the target
+    criterion: np.ndarray  # (T,) float32, NaN where undefined or after the stop
+
+
+def detect(rec: Record, target: np.ndarray, spec, buffer_dtype=torch.bfloat16) -> Detection:
+    """EarlyStop replayed on the recorded outputs, one iteration at a time, as the step would call it.
+
+    With restore(stop='auto') this becomes one fit with the criterion inside the step; the record is
+    then needed for the oracle only.
+    """
+    from dipfast.early_stop import EarlyStop
+    from dipfast.metrics import psnr
+
+    outputs = torch.from_numpy(rec.outputs).float()
+    es = EarlyStop(spec, 1, outputs.shape[1:], "cpu", buffer_dtype)
+    crit = np.full(len(outputs), np.nan, dtype=np.float32)
+    iteration = torch.zeros((), dtype=torch.int64)
+    for t in range(len(outputs)):
+        es.update(outputs[t : t + 1], iteration)
+        crit[t] = es.criterion[0]
+        iteration += 1
+        if es.stopped[0]:
+            break
+    best = int(es.best_iteration[0])
+    stopped = bool(es.stopped[0])
+    stop = int(es.stop_iteration[0]) if stopped else len(outputs)
+    if best and spec.returns == "output":
+        value = float(rec.psnr[best - 1])  # of the fp32 output, as the step keeps it
+    elif best:
+        value = float(psnr(es.best_output[0], torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1)))))
+    else:
+        value = math.nan
+    return Detection(best, stop, stopped, value, crit)
+
+
+def evaluate(case: Case, rec: Record, spec, fixed_iterations: int, buffer_dtype=torch.bfloat16) -> dict:
+    """One image's row: oracle, fixed count and auto, with iterations and wall seconds."""
+    t = len(rec.psnr)
+    fixed = min(fixed_iterations, t)
+    oracle = int(np.argmax(rec.psnr)) + 1
+    det = detect(rec, case.target, spec, buffer_dtype)
+    seconds = rec.seconds - rec.seconds[0]  # the loop's clock, first read-back at 0
+    return {
+        "key": key_of(case),
+        "name": case.name,
+        "task": task_of(case),
+        "preset": case.preset,
+        "size": list(case.target.shape),
+        "input_psnr": case.input_psnr() if task_of(case) != "jpeg" else data.psnr(case.observed, case.target),
+        "recorded_iterations": t,
+        "oracle_psnr": float(rec.psnr[oracle - 1]),
+        "oracle_iteration": oracle,
+        "fixed_iteration": fixed,
+        "fixed_psnr": float(rec.psnr[fixed - 1]),
+        "auto_psnr": det.psnr,
+        "detected_iteration": det.best_iteration,
+        "stop_iteration": det.stop_iteration,
+        "stopped": det.stopped,
+        "iterations_saved": fixed - det.stop_iteration,
+        "fixed_seconds": float(seconds[fixed - 1]),
+        "auto_seconds": float(seconds[det.stop_iteration - 1]),
+        "gap_to_oracle_db": float(rec.psnr[oracle - 1]) - det.psnr,
+        "gain_over_fixed_db": det.psnr - float(rec.psnr[fixed - 1]),
+        "psnr_curve": [round(float(v), 4) for v in rec.psnr],  # 4 decimals, 4 digits: the JSON stays small
+        "criterion_curve": [float(f"{v:.4g}") for v in det.criterion],
+    }
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The targets of issue 14 on one task's rows."""
+    gaps = [r["gap_to_oracle_db"] for r in rows]
+    gains = [r["gain_over_fixed_db"] for r in rows]
+    fixed = sum(r["fixed_iteration"] for r in rows)
+    run = sum(r["stop_iteration"] for r in rows)
+    return {
+        "images": len(rows),
+        "median_gap_db": float(np.median(gaps)),
+        "max_gap_db": float(np.max(gaps)),
+        "mean_gain_over_fixed_db": float(np.mean(gains)),
+        "mean_stop_iteration": run / len(rows),
+        "mean_fixed_iteration": fixed / len(rows),
+        "iteration_ratio": fixed / run if run else math.inf,
+        "all_stopped": all(r["stopped"] for r in rows),
+    }
+
+
+def meets_targets(s: dict, preset_iterations: int) -> dict:
+    """Issue 14's denoising targets on a summary: each as a bool."""
+    return {
+        "median_gap_le_0.5": s["median_gap_db"] <= 0.5,
+        "max_gap_le_1.5": s["max_gap_db"] <= 1.5,
+        "not_worse_than_fixed_by_0.3": s["mean_gain_over_fixed_db"] >= -0.3,
+        "2x_fewer_than_preset": preset_iterations >= 2 * s["mean_stop_iteration"],
+    }
+
+
+def run_early_stop(
+    cases: list[Case],
+    *,
+    iters: int,
+    specs: dict,
+    cache: Path | None = None,
+    device="cpu",
+    precision="auto",
+    backend="native",
+    seed: int = 0,
+    progress: bool = True,
+    records: dict[str, Record] | None = None,
+) -> dict:
+    """The suite: record each case (or read its record from `cache`, or take it from `records`),
+    evaluate specs[task] on it."""
+    from dipfast.presets import preset_for
+
+    if records is None:
+        records = record_cached(
+            cases, iters, cache, seed=seed, device=device, precision=precision, backend=backend, progress=progress
+        )
+    rows, tasks = [], {}
+    for case in cases:
+        task = task_of(case)
+        preset_iterations = preset_for(RESTORE_TASK[task], case.preset, case.scale).iterations
+        rows.append(
+            {
+                **evaluate(case, records[key_of(case)], specs[task], preset_iterations),
+                "preset_iterations": preset_iterations,
+            }
+        )
+        tasks.setdefault(task, {"spec": _spec_dict(specs[task]), "preset_iterations": preset_iterations})
+    for task, entry in tasks.items():
+        entry["summary"] = summarise([r for r in rows if r["task"] == task])
+        entry["targets"] = meets_targets(entry["summary"], entry["preset_iterations"])
+    return {
+        "suite": "early-stop",
+        "settings": {
+            "iters": iters,
+            "sizes": sorted({tuple(c.target.shape[:2]) for c in cases}),
+            "backend": backend,
+            "precision": precision,
+            "device": str(device),
+            "seed": seed,
+            "replay": "EarlyStop.update on the recorded outputs (float16), buffer bf16",
+        },
+        "tasks": tasks,
+        "images": rows,
+    }
+
+
+def _spec_dict(spec) -> dict:
+    from dataclasses import asdict
+
+    return asdict(spec)
+
+
+def markdown(rep: dict) -> str:
+    from dipfast.bench import report
+
+    s = rep["settings"]
+    text = report._header(rep, "Early stopping without ground truth")
+    text += (
+        f"One fit of {s['iters']} iterations per image ({s['backend']}, precision {s['precision']}, "
+        f"sizes {s['sizes']}); the criterion replayed on the recorded outputs. "
+        "PSNR in dB against the clean image; 'fixed' is the preset's count, or the last recorded "
+        "iteration when the record is shorter.\n\n"
+    )
+    rows = []
+    for task, entry in rep["tasks"].items():
+        m, sp = entry["summary"], entry["spec"]
+        rule = f"{sp['method']} W={sp['window']} P={sp['patience']} thr={sp['threshold']} start={sp['start']}"
+        if sp["method"] == "emv":
+            rule = f"emv a={sp['alpha']} P={sp['patience']} thr={sp['threshold']} start={sp['start']}"
+        met = ", ".join(k for k, v in entry["targets"].items() if not v) or "all met"
+        rows.append(
+            [
+                task,
+                rule + (f" ({sp['returns']})" if sp["returns"] != "output" else ""),
+                m["images"],
+                report._f(m["median_gap_db"]),
+                report._f(m["max_gap_db"]),
+                report._f(m["mean_gain_over_fixed_db"], "{:+.2f}"),
+                report._f(m["mean_stop_iteration"], "{:.0f}"),
+                entry["preset_iterations"],
+                met if met == "all met" else "missed: " + met,
+            ]
+        )
+    text += report.table(
+        ["task", "rule", "images", "median gap", "max gap", "vs fixed", "mean iters", "preset iters", "targets"], rows
+    )
+    text += "\n"
+    rows = [
+        [
+            r["key"],
+            report._f(r["input_psnr"]),
+            f"{report._f(r['oracle_psnr'])} @{r['oracle_iteration']}",
+            f"{report._f(r['fixed_psnr'])} @{r['fixed_iteration']}",
+            f"{report._f(r['auto_psnr'])} @{r['detected_iteration']}",
+            r["stop_iteration"] if r["stopped"] else f"{r['stop_iteration']} (bound)",
+            r["iterations_saved"],
+            report._f(r["auto_seconds"], "{:.0f}"),
+            report._f(r["fixed_seconds"], "{:.0f}"),
+        ]
+        for r in rep["images"]
+    ]
+    text += report.table(
+        ["image", "input", "oracle @it", "fixed @it", "auto @detected", "stop", "saved", "auto s", "fixed s"], rows
+    )
+    if "cost" in rep:
+        c = rep["cost"]
+        text += (
+            f"\nCriterion cost at {c['size']} px ({c['device']}, {c['precision']}, default net): "
+            f"a step {c['step_ms']:.1f} ms\n\n"
+        )
+        cost_rows = [
+            [
+                f"{r['spec']['method']} W={r['spec']['window']} r={r['spec']['downsample']}",
+                report._f(r["update_ms"], "{:.3f}"),
+                report._f(100 * r["fraction_of_step"], "{:.2f}%"),
+                f"{r['bytes'] / 2**20:.1f}",
+            ]
+            for r in c["criterion"]
+        ]
+        text += report.table(["criterion", "update ms", "of a step", "MiB"], cost_rows)
+    return text
+
+
+def plot(rep: dict, row: dict, path: Path) -> Path:
+    """PSNR against iteration with the oracle, the detected point, the stop and the fixed count marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    its = np.arange(1, len(row["psnr_curve"]) + 1)
+    ax.plot(its, row["psnr_curve"], lw=1, label="output PSNR")
+    ax.plot([row["oracle_iteration"]], [row["oracle_psnr"]], "k*", ms=10, label="oracle best")
+    if row["detected_iteration"]:
+        ax.plot([row["detected_iteration"]], [row["auto_psnr"]], "ro", label="auto: returned output")
+    ax.axvline(row["stop_iteration"], color="r", ls="--", lw=0.8, label="auto: stop")
+    ax.axvline(row["fixed_iteration"], color="gray", ls=":", lw=0.8, label="fixed count")
+    ax.set(xlabel="iteration", ylabel="PSNR vs ground truth (dB)")
+    crit = np.array([np.nan if c is None else c for c in row["criterion_curve"]], dtype=float)
+    if np.isfinite(crit).any():
+        ax2 = ax.twinx()
+        ax2.plot(its[: len(crit)], crit, color="tab:green", lw=0.8, alpha=0.7)
+        ax2.set_yscale("log")
+        ax2.set_ylabel("criterion (VAR)", color="tab:green")
+    ax.set_title(f"{row['key']}: early stop (detected {row['detected_iteration']}, stopped {row['stop_iteration']})")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# -- calibration: the curves once per (method, window | alpha), the rule's other settings on them
+
+WINDOWS = (5, 10, 20, 50, 100)
+ALPHAS = (0.01, 0.02, 0.05, 0.1)
+PATIENCES = (25, 50, 100, 150, 200, 300, 400)
+THRESHOLDS = (0.0, 0.02)
+STARTS = (0, 50, 100)
+
+
+def curves(records: list[Record], method: str, window: int = 100, alpha: float = 0.1, buffer_dtype=torch.bfloat16):
+    """(T, N) float32: EarlyStop's VAR on each record (same length), never stopping (NaN where undefined)."""
+    from dipfast.early_stop import EarlyStop, EarlyStopSpec
+
+    outputs = torch.from_numpy(np.stack([r.outputs for r in records], axis=1)).float()  # (T, N, C, H, W)
+    spec = EarlyStopSpec(method, window=window, alpha=alpha, patience=len(outputs) + 1)
+    es = EarlyStop(spec, outputs.shape[1], outputs.shape[2:], "cpu", buffer_dtype)
+    out = np.empty(outputs.shape[:2], dtype=np.float32)
+    iteration = torch.zeros((), dtype=torch.int64)
+    for t in range(len(outputs)):
+        es.update(outputs[t], iteration)
+        out[t] = es.criterion.numpy()
+        iteration += 1
+    return out
+
+
+def window_mean_psnr(rec: Record, target: np.ndarray, window: int) -> np.ndarray:
+    """(T,) the PSNR of the mean of the last `window` outputs at each iteration (NaN before it is full)."""
+    x = rec.outputs.astype(np.float64)
+    c = np.cumsum(x, axis=0)
+    c[window:] = c[window:] - c[:-window]
+    mean = c / window
+    t = np.ascontiguousarray(target.transpose(2, 0, 1))
+    mse = ((mean - t) ** 2).mean(axis=(1, 2, 3))
+    out = -10 * np.log10(mse)
+    out[: window - 1] = np.nan
+    return out
+
+
+def decide(curve: np.ndarray, patience: int, threshold: float = 0.0, first_valid: int = 1) -> tuple[int, int, bool]:
+    """EarlyStop's rule on a VAR curve (T,): (best iteration, stop iteration or T, stopped)."""
+    if threshold == 0:  # the running minimum, vectorised: the calibration's inner loop
+        c = np.asarray(curve, dtype=np.float32)[first_valid - 1 :]
+        c = np.where(np.isnan(c), np.float32(np.inf), c)
+        before = np.concatenate([[np.float32(np.inf)], np.minimum.accumulate(c)[:-1]])
+        steps = np.arange(first_valid, len(curve) + 1)
+        best_at = np.maximum.accumulate(np.where(c < before, steps, 0))
+        hit = np.flatnonzero((best_at > 0) & (steps - best_at >= patience))
+        if hit.size:
+            return int(best_at[hit[0]]), int(steps[hit[0]]), True
+        return (int(best_at[-1]) if best_at.size else 0), len(curve), False
+    minimum, best = np.float32(np.inf), 0
+    factor = np.float32(1 - threshold)
+    for t in range(first_valid, len(curve) + 1):
+        c = curve[t - 1]
+        if c < minimum * factor:
+            minimum, best = c, t
+        if best and t - best >= patience:
+            return best, t, True
+    return best, len(curve), False
+
+
+def calibrate(cases: list[Case], records: dict[str, Record], fixed_iterations: int) -> list[dict]:
+    """Every candidate rule on one task's cases: its summary and targets, best first (fewest iterations
+    among those that meet the quality targets, then the smallest median gap)."""
+    from dipfast.early_stop import EarlyStopSpec
+
+    recs = [records[key_of(c)] for c in cases]
+    oracle = [float(r.psnr.max()) for r in recs]
+    t_len = len(recs[0].psnr)
+    fixed = [float(r.psnr[min(fixed_iterations, t_len) - 1]) for r in recs]
+    out = []
+    families = [("wmv", w, 0.1) for w in WINDOWS if w < t_len] + [("emv", 100, a) for a in ALPHAS]
+    for method, window, alpha in families:
+        crit = curves(recs, method, window, alpha)
+        returns = ("output", "window-mean") if method == "wmv" else ("output",)
+        mean_psnr = [window_mean_psnr(r, c.target, window) for r, c in zip(recs, cases)] if method == "wmv" else None
+        for ret in returns:
+            for start in STARTS:
+                for thr in THRESHOLDS:
+                    for patience in PATIENCES:
+                        spec = EarlyStopSpec(method, window, patience, alpha, thr, start, 1, ret)
+                        rows = []
+                        for k, r in enumerate(recs):
+                            best, stop, stopped = decide(crit[:, k], patience, thr, spec.first_valid())
+                            curve = r.psnr if ret == "output" else mean_psnr[k]
+                            value = float(curve[best - 1]) if best else math.nan
+                            rows.append(
+                                {
+                                    "gap_to_oracle_db": oracle[k] - value,
+                                    "gain_over_fixed_db": value - fixed[k],
+                                    "stop_iteration": stop,
+                                    "fixed_iteration": min(fixed_iterations, t_len),
+                                    "stopped": stopped,
+                                }
+                            )
+                        s = summarise(rows)
+                        quality = (
+                            s["median_gap_db"] <= 0.5
+                            and s["max_gap_db"] <= 1.5
+                            and s["mean_gain_over_fixed_db"] >= -0.3
+                        )
+                        out.append({"spec": _spec_dict(spec), "summary": s, "meets_quality": bool(quality)})
+    out.sort(key=lambda e: (not e["meets_quality"], e["summary"]["mean_stop_iteration"], e["summary"]["median_gap_db"]))
+    return out
+
+
+def criterion_cost(
+    size: int,
+    specs,
+    *,
+    device="cpu",
+    precision="auto",
+    backend="native",
+    steps: int = 6,
+    updates: int = 50,
+    **overrides,
+) -> dict:
+    """The criterion's time per update against the fit's time per step, default net, one size x size image.
+
+    The step: the loop time of restore() over `steps` iterations less that of one iteration (its set-up and
+    first step, which compiles or captures). The update: EarlyStop.update on the step's output shape, the mean
+    of `updates` calls after one warm-up call, synchronised on CUDA. overrides: restore()'s (net=...).
+    """
+    from dipfast import api
+    from dipfast.early_stop import EarlyStop
+
+    dev = api.resolve_device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+    x = np.random.default_rng(0).random((size, size, 3)).astype(np.float32)
+    kwargs = {"device": dev, "precision": precision, "backend": backend, "progress": False, "report_every": steps}
+    kwargs.update(overrides)
+    loops = []
+    for n in (1, steps):
+        loops.append(api.restore(x, iters=n, **kwargs))
+    step_ms = 1e3 * (loops[1].iterations / loops[1].its - loops[0].iterations / loops[0].its) / (steps - 1)
+    out = torch.rand(1, 3, size, size, device=dev)
+    rows = []
+    for spec in specs:
+        es = EarlyStop(spec, 1, (3, size, size), dev)
+        iteration = torch.zeros((), dtype=torch.int64, device=dev)
+        es.update(out, iteration)
+        sync()
+        start = time.perf_counter()
+        for _ in range(updates):
+            iteration += 1
+            es.update(out, iteration)
+        sync()
+        update_ms = 1e3 * (time.perf_counter() - start) / updates
+        rows.append(
+            {
+                "spec": _spec_dict(spec),
+                "update_ms": update_ms,
+                "fraction_of_step": update_ms / step_ms,
+                "bytes": es.bytes(),
+            }
+        )
+    return {"size": size, "device": str(dev), "precision": loops[1].precision, "step_ms": step_ms, "criterion": rows}

@@ -1,0 +1,165 @@
+"""`dipfast bench early-stop` on tiny synthetic images: the record, the replayed decision, the figures and
+the files. Timings are never asserted; what the figures mean is."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from _helpers import smooth_image
+
+from dipfast.bench import data
+from dipfast.bench import early_stop as es
+from dipfast.bench.cli import main
+from dipfast.early_stop import EarlyStopSpec
+from dipfast.metrics import psnr
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ITERS = 40
+SPEC = EarlyStopSpec("wmv", window=4, patience=6)
+
+
+def _cases(np_rng, n: int = 2, size: int = 16) -> list[data.Case]:
+    cases = []
+    for k in range(n):
+        clean = smooth_image(np_rng, size, size)
+        case = data.Case(f"img{k}", "denoise", data.noisy(clean, np_rng), clean, preset="denoise")
+        case.extras["es_task"] = "denoise"
+        cases.append(case)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    cases = _cases(np.random.default_rng(14))
+    records = es.record_cached(cases, ITERS, None, device="cpu", net="tiny")
+    return cases, records
+
+
+def test_the_record_holds_every_iterations_output_and_its_psnr(recorded):
+    cases, records = recorded
+    for case in cases:
+        rec = records[es.key_of(case)]
+        assert rec.outputs.shape == (ITERS, 3, 16, 16) and rec.psnr.shape == (ITERS,)
+        target = torch.from_numpy(case.target.transpose(2, 0, 1).copy())[None]
+        again = psnr(torch.from_numpy(rec.outputs).float(), target, dim=(1, 2, 3)).numpy()
+        np.testing.assert_allclose(rec.psnr, again, atol=0.02)  # the record's outputs are float16
+        assert np.ptp(rec.psnr) > 0.5  # the fit moved: a record of a frozen net would pass the rest
+        assert np.all(np.diff(rec.seconds) >= 0)
+
+
+def test_the_replayed_decision_is_the_rule_on_the_criterion_curve(recorded):
+    """detect() (EarlyStop replayed) against decide() (the rule as a plain loop on the curve)."""
+    cases, records = recorded
+    recs = [records[es.key_of(c)] for c in cases]
+    for spec in (SPEC, EarlyStopSpec("emv", alpha=0.2, patience=5, start=5), EarlyStopSpec(window=3, patience=200)):
+        crit = es.curves(recs, spec.method, spec.window, spec.alpha)
+        for k, (case, rec) in enumerate(zip(cases, recs)):
+            det = es.detect(rec, case.target, spec)
+            best, stop, stopped = es.decide(crit[:, k], spec.patience, spec.threshold, spec.first_valid())
+            assert (det.best_iteration, det.stop_iteration, det.stopped) == (best, stop, stopped)
+            assert det.psnr == rec.psnr[best - 1]
+            if stopped:
+                assert stop == best + spec.patience
+            else:
+                assert stop == ITERS
+
+
+def test_window_mean_psnr_is_the_psnr_of_the_mean_of_the_last_outputs(recorded):
+    cases, records = recorded
+    rec, case = records[es.key_of(cases[0])], cases[0]
+    curve = es.window_mean_psnr(rec, case.target, 5)
+    assert np.isnan(curve[:4]).all()
+    mean = rec.outputs[10:15].astype(np.float64).mean(0).transpose(1, 2, 0)
+    assert curve[14] == pytest.approx(data.psnr(mean, case.target), abs=1e-4)
+
+
+def test_the_suite_figures(recorded):
+    cases, records = recorded
+    rep = es.run_early_stop(cases, iters=ITERS, specs={"denoise": SPEC}, records=records)
+    assert [r["key"] for r in rep["images"]] == ["denoise/img0", "denoise/img1"]
+    for row in rep["images"]:
+        curve = records[row["key"]].psnr
+        assert row["oracle_psnr"] == curve.max() and curve[row["oracle_iteration"] - 1] == curve.max()
+        assert row["fixed_iteration"] == ITERS  # the preset's 3000 > the record: its last iteration
+        assert row["fixed_psnr"] == curve[-1]
+        assert row["auto_psnr"] == curve[row["detected_iteration"] - 1]
+        np.testing.assert_allclose(row["psnr_curve"], curve, atol=1e-4)
+        assert row["gap_to_oracle_db"] == pytest.approx(row["oracle_psnr"] - row["auto_psnr"])
+        assert row["iterations_saved"] == ITERS - row["stop_iteration"]
+        assert row["preset_iterations"] == 3000
+    s = rep["tasks"]["denoise"]["summary"]
+    gaps = [r["gap_to_oracle_db"] for r in rep["images"]]
+    assert s["median_gap_db"] == pytest.approx(float(np.median(gaps))) and s["max_gap_db"] == max(gaps)
+    assert rep["tasks"]["denoise"]["targets"]["2x_fewer_than_preset"]  # 40 iterations against 3000
+
+
+def test_calibrate_ranks_rules_that_meet_the_targets_first(recorded):
+    cases, records = recorded
+    ranked = es.calibrate(cases, records, 3000)
+    assert len(ranked) > 100
+    flags = [e["meets_quality"] for e in ranked]
+    assert flags == sorted(flags, reverse=True)
+    met = [e for e in ranked if e["meets_quality"]]
+    its = [e["summary"]["mean_stop_iteration"] for e in met]
+    assert its == sorted(its)
+    for e in met:
+        assert e["summary"]["median_gap_db"] <= 0.5 and e["summary"]["max_gap_db"] <= 1.5
+
+
+def test_the_command_writes_json_markdown_plots_and_reads_its_cache(tmp_path, capsys, monkeypatch):
+    from skimage import data as skdata
+
+    folder = tmp_path / "dip"
+    (folder / "denoising").mkdir(parents=True)
+    from PIL import Image
+
+    Image.fromarray(skdata.astronaut()).save(folder / "denoising" / "F16_GT.png")
+    args = ["early-stop", "--data", str(folder), "--size", "32", "--iters", "20", "--net", "tiny", "--quiet"]
+    args += ["--device", "cpu", "--window", "4", "--patience", "5", "--cache", str(tmp_path / "cache")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    rep = json.loads((tmp_path / "a" / "early_stop.json").read_text())
+    assert rep["suite"] == "early-stop" and [r["key"] for r in rep["images"]] == ["denoise/F16"]
+    assert rep["tasks"]["denoise"]["spec"]["window"] == 4 and rep["tasks"]["denoise"]["spec"]["patience"] == 5
+    assert "| denoise/F16 |" in (tmp_path / "a" / "early_stop.md").read_text()
+    assert (tmp_path / "a" / "early_stop_denoise_F16.png").stat().st_size > 1000
+
+    def no_fit(*a, **k):
+        raise AssertionError("the cache was not read")
+
+    monkeypatch.setattr(es, "record", no_fit)
+    assert main([*args, "--out", str(tmp_path / "b"), "--patience", "7"]) == 0
+    again = json.loads((tmp_path / "b" / "early_stop.json").read_text())
+    assert again["images"][0]["psnr_curve"] == rep["images"][0]["psnr_curve"]
+    assert again["tasks"]["denoise"]["spec"]["patience"] == 7
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["early-stop", "--data", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["early-stop", "--window", "50", "--iters", "20", "--quiet", "--data", str(tmp_path)]) == 2
+    assert "window (50) is larger than iters (20)" in capsys.readouterr().err
+
+
+def test_criterion_cost_times_the_update_against_the_step():
+    from _helpers import TINY
+
+    specs = [EarlyStopSpec(window=3), EarlyStopSpec("emv")]
+    cost = es.criterion_cost(16, specs, device="cpu", steps=3, updates=3, **TINY)
+    assert cost["step_ms"] > 0 and [r["spec"]["method"] for r in cost["criterion"]] == ["wmv", "emv"]
+    for r in cost["criterion"]:
+        assert r["update_ms"] > 0 and r["fraction_of_step"] == pytest.approx(r["update_ms"] / cost["step_ms"])
+    assert cost["criterion"][0]["bytes"] > cost["criterion"][1]["bytes"]  # the window's buffer
+
+
+def test_decides_vectorised_running_minimum_is_the_plain_loop(np_rng):
+    """decide() at threshold 0 (the calibration's fast path) against its loop (a threshold of 1e-30: factor 1)."""
+    for _ in range(300):
+        curve = np_rng.random(int(np_rng.integers(5, 80))).astype(np.float32)
+        curve[: int(np_rng.integers(0, 4))] = np.nan
+        curve[np_rng.random(curve.size) < 0.1] = curve[0]  # ties: a new minimum must be strictly lower
+        patience, first = int(np_rng.integers(1, 20)), int(np_rng.integers(1, 6))
+        assert es.decide(curve, patience, 0.0, first) == es.decide(curve, patience, 1e-30, first)

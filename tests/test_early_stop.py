@@ -1,0 +1,249 @@
+"""dipfast.early_stop: the criterion against a plain numpy model of the rule, per network, without a host
+sync, under torch.compile, and its bad-input errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dipfast.early_stop import EarlyStop, EarlyStopSpec
+from dipfast.errors import InputError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SHAPE = (3, 6, 10)  # (C, H, W): odd channel count, H != W
+
+
+def _sequence(np_rng, t: int, n: int, shape=SHAPE) -> np.ndarray:
+    """(T, N, C, H, W) outputs in [0, 1] that settle, then wander: each network's variance dips at its own time."""
+    base = np_rng.random((n, *shape))
+    dips = np_rng.integers(t // 5, t // 2, size=n)
+    steps = np.arange(t)[:, None]
+    amplitude = 0.02 + 0.3 * np.abs(steps - dips[None]) / t  # (T, N)
+    noise = np_rng.standard_normal((t, n, *shape))
+    return np.clip(base[None] + amplitude[..., None, None, None] * noise, 0, 1)
+
+
+def _pool(x: np.ndarray, r: int) -> np.ndarray:
+    c, h, w = x.shape
+    return x[:, : h // r * r, : w // r * r].reshape(c, h // r, r, w // r, r).mean(axis=(2, 4))
+
+
+def _model(xs: np.ndarray, spec: EarlyStopSpec, buffer_dtype=torch.float32) -> dict:
+    """The rule of dipfast.early_stop's docstring, one network and one iteration at a time, in float64."""
+    t_max, n = xs.shape[:2]
+    out = {"criterion": np.full((t_max, n), np.nan), "best_iteration": [], "stop_iteration": [], "best_output": []}
+    for k in range(n):
+        minimum, best_it, stop_it, best = np.float32(np.inf), 0, 0, np.zeros(xs.shape[2:])
+        ema, emv, crit = None, 0.0, np.nan
+        small = [_pool(xs[s, k], spec.downsample) for s in range(t_max)]
+        stored = [torch.from_numpy(s).to(torch.float32).to(buffer_dtype).double().numpy() for s in small]
+        for t in range(1, t_max + 1):
+            if stop_it:
+                out["criterion"][t - 1, k] = crit
+                continue
+            x = xs[t - 1, k]
+            if spec.method == "wmv":
+                window = np.stack(stored[max(t - spec.window, 0) : t])
+                var, kept = ((window - window.mean(0)) ** 2).mean(), window.mean(0)
+            else:
+                s = small[t - 1]
+                delta = np.zeros_like(s) if ema is None else s - ema
+                ema = s if ema is None else np.clip(ema + spec.alpha * delta, 0, 1)
+                emv = (1 - spec.alpha) * (emv + spec.alpha * (delta**2).mean())
+                var = emv
+            if spec.returns == "output":
+                kept = x
+            valid = t >= spec.first_valid()
+            crit = np.float32(var) if valid else np.nan
+            out["criterion"][t - 1, k] = crit
+            if crit < minimum * np.float32(1 - spec.threshold):
+                minimum, best_it, best = crit, t, kept
+            if valid and best_it and t - best_it >= spec.patience:
+                stop_it = t
+        out["best_iteration"].append(best_it)
+        out["stop_iteration"].append(stop_it)
+        out["best_output"].append(best)
+    return out
+
+
+def _run(xs: np.ndarray, spec: EarlyStopSpec, dtype=torch.float32, update=None) -> tuple[EarlyStop, np.ndarray]:
+    es = EarlyStop(spec, xs.shape[1], xs.shape[2:], "cpu", dtype)
+    update = update or es.update
+    crits = []
+    for t in range(xs.shape[0]):
+        update(torch.from_numpy(xs[t]).float(), torch.tensor(t))
+        crits.append(es.criterion.clone())
+    return es, torch.stack(crits).double().numpy()
+
+
+SPECS = [
+    EarlyStopSpec("wmv", window=5, patience=7),  # the notebook's rule, small
+    EarlyStopSpec("wmv", window=12, patience=15, threshold=0.02, start=20),
+    EarlyStopSpec("wmv", window=4, patience=10, downsample=2),  # reduced resolution; H, W even
+    EarlyStopSpec("wmv", window=6, patience=9, returns="window-mean"),
+    EarlyStopSpec("emv", alpha=0.2, patience=8, start=6),
+    EarlyStopSpec("emv", alpha=0.05, patience=20, threshold=0.01, start=15),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.method}-W{s.window}-P{s.patience}-r{s.downsample}")
+def test_matches_the_model_of_the_rule(np_rng, spec):
+    xs = _sequence(np_rng, 90, 4)
+    ref = _model(xs, spec)
+    es, crits = _run(xs, spec)
+    np.testing.assert_allclose(crits, ref["criterion"], rtol=2e-6, atol=1e-12, equal_nan=True)
+    assert es.best_iteration.tolist() == ref["best_iteration"]
+    assert es.stop_iteration.tolist() == ref["stop_iteration"]
+    assert es.stopped.tolist() == [s > 0 for s in ref["stop_iteration"]]
+    assert all(s > 0 for s in ref["stop_iteration"]), "the sequences are built to stop: a test that never stops"
+    np.testing.assert_allclose(es.best_output.double().numpy(), np.stack(ref["best_output"]), rtol=0, atol=1e-6)
+
+
+def test_a_bf16_buffer_is_the_rule_on_bf16_rounded_outputs(np_rng):
+    spec = EarlyStopSpec("wmv", window=6, patience=8)
+    xs = _sequence(np_rng, 60, 3)
+    ref = _model(xs, spec, buffer_dtype=torch.bfloat16)
+    es, crits = _run(xs, spec, torch.bfloat16)
+    np.testing.assert_allclose(crits, ref["criterion"], rtol=2e-6, atol=1e-12, equal_nan=True)
+    assert es.best_iteration.tolist() == ref["best_iteration"]
+    assert es.stop_iteration.tolist() == ref["stop_iteration"]
+    np.testing.assert_array_equal(es.best_output.numpy(), np.stack(ref["best_output"]).astype(np.float32))
+
+
+def test_variance_keeps_its_precision_over_many_iterations(np_rng):
+    """The window's float64 sums: after 3000 iterations the variance is the one computed afresh."""
+    spec = EarlyStopSpec("wmv", window=50, patience=10**6)
+    xs = np.clip(0.5 + 1e-3 * np_rng.standard_normal((3000, 1, 1, 4, 4)), 0, 1)
+    _, crits = _run(xs, spec)
+    fresh = xs[-50:].astype(np.float32).astype(np.float64).var(axis=0).mean()
+    assert crits[-1, 0] == pytest.approx(fresh, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["wmv", "emv"])
+def test_networks_are_independent(np_rng, method):
+    spec = EarlyStopSpec(method, window=5, patience=6, start=4)
+    xs = _sequence(np_rng, 70, 3)
+    together, crits = _run(xs, spec)
+    for k in range(3):
+        alone, crit = _run(xs[:, k : k + 1], spec)
+        np.testing.assert_array_equal(crits[:, k], crit[:, 0])
+        for name in ("best_iteration", "stop_iteration", "stopped", "best_output", "minimum"):
+            torch.testing.assert_close(getattr(together, name)[k : k + 1], getattr(alone, name), rtol=0, atol=0)
+
+
+def test_a_stopped_network_changes_no_more(np_rng):
+    spec = EarlyStopSpec("wmv", window=4, patience=5)
+    xs = _sequence(np_rng, 60, 2)
+    es, _ = _run(xs, spec)
+    assert es.stopped.all()
+    before = {k: v.clone() for k, v in vars(es).items() if isinstance(v, torch.Tensor) and k not in _MOVING}
+    for t in range(60, 80):
+        es.update(torch.from_numpy(np_rng.random((2, *SHAPE))).float(), torch.tensor(t))
+    for k, v in before.items():
+        torch.testing.assert_close(getattr(es, k), v, rtol=0, atol=0, msg=f"{k} changed after the stop")
+
+
+_MOVING = {"buffer", "sum", "sum_squares", "ema", "emv"}  # the window moves on; nothing read from it does
+
+
+class _FailOnHostSync(TorchDispatchMode):
+    """Fails on every op that reads a value back to the host or makes a shape from data."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item", "equal"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.split("::")[-1] in self.SYNCING:
+            raise AssertionError(f"host sync in the criterion: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_dispatch_guard_catches_a_sync():
+    with pytest.raises(AssertionError, match="host sync"), _FailOnHostSync():
+        torch.ones(2).sum().item()
+
+
+@pytest.mark.parametrize("spec", SPECS[:1] + SPECS[2:5], ids=lambda s: f"{s.method}-r{s.downsample}")
+def test_update_makes_no_host_sync(np_rng, spec):
+    xs = torch.from_numpy(_sequence(np_rng, 30, 2)).float()
+    es = EarlyStop(spec, 2, SHAPE, "cpu")
+    iteration = torch.zeros((), dtype=torch.int64)
+    with _FailOnHostSync():
+        for t in range(30):
+            es.update(xs[t], iteration)
+            iteration += 1
+    assert es.stopped.any()  # the stop decision itself was taken on the device
+
+
+def test_update_under_torch_compile(np_rng):
+    """ES-WMV (the ring buffer's index ops); ES-EMV is elementwise ops and a mean (a minute of compile each)."""
+    spec = EarlyStopSpec("wmv", window=4, patience=6, start=3)
+    xs = _sequence(np_rng, 40, 2)
+    eager, crits = _run(xs, spec)
+    es = EarlyStop(spec, 2, SHAPE, "cpu", torch.float32)
+    compiled = torch.compile(es.update, fullgraph=True, dynamic=False)
+    crits_c = []
+    for t in range(xs.shape[0]):
+        compiled(torch.from_numpy(xs[t]).float(), torch.tensor(t))
+        crits_c.append(es.criterion.clone())
+    np.testing.assert_allclose(torch.stack(crits_c).double().numpy(), crits, rtol=1e-6, equal_nan=True)
+    for name in ("best_iteration", "stop_iteration", "stopped"):
+        torch.testing.assert_close(getattr(es, name), getattr(eager, name), rtol=0, atol=0)
+    torch.testing.assert_close(es.best_output, eager.best_output, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["wmv", "emv"])
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_bytes_is_what_the_estimate_says(method, downsample):
+    spec = EarlyStopSpec(method, window=7, downsample=downsample)
+    for dtype in (torch.bfloat16, torch.float32):
+        es = EarlyStop(spec, 3, (3, 8, 12), "cpu", dtype)
+        assert es.bytes() <= EarlyStop.estimate_bytes(spec, 3, (3, 8, 12), dtype) <= es.bytes() + 64 * 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "wmw"}, "unknown early-stop method 'wmw'"),
+        ({"window": 0}, "window must be a positive integer"),
+        ({"patience": -3}, "patience must be a positive integer"),
+        ({"patience": 2.5}, "patience must be a positive integer"),
+        ({"window": True}, "window must be a positive integer"),
+        ({"alpha": 1.0}, "alpha must be in"),
+        ({"threshold": -0.1}, "threshold must be in"),
+        ({"start": -1}, "start must be a non-negative integer"),
+        ({"downsample": 0}, "downsample must be a positive integer"),
+        ({"returns": "mean"}, "unknown early-stop returns"),
+        ({"method": "emv", "returns": "window-mean"}, "needs method='wmv'"),
+        ({"returns": "window-mean", "downsample": 2}, "needs downsample=1"),
+    ],
+)
+def test_bad_settings_name_the_problem(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        EarlyStopSpec(**kwargs)
+
+
+def test_validate_against_the_run():
+    with pytest.raises(InputError, match=r"window \(100\) is larger than iters \(50\)"):
+        EarlyStopSpec(window=100).validate(50)
+    with pytest.raises(InputError, match=r"start \(50\) is not below iters \(50\)"):
+        EarlyStopSpec("emv", start=50).validate(50)
+    with pytest.raises(InputError, match="downsample factor 4 exceeds"):
+        EarlyStopSpec(downsample=4).validate(100, (3, 40))
+    EarlyStopSpec(window=50).validate(50, (64, 64))  # the edge: a full window at the last iteration
+    assert math.isfinite(EarlyStopSpec().first_valid())
+
+
+def test_the_memory_estimate_counts_the_criterion():
+    from dipfast import memory
+    from dipfast.nets import SkipSpec
+
+    net = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
+    spec = EarlyStopSpec(window=30)
+    without = memory.estimate_bytes(net, 4, 3, (64, 48), 2, "fp32")
+    with_criterion = memory.estimate_bytes(net, 4, 3, (64, 48), 2, "fp32", early_stop=spec)
+    assert with_criterion - without == EarlyStop.estimate_bytes(spec, 2, (3, 64, 48)) > 30 * 2 * 3 * 64 * 48 * 2
