@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dipfast import backends, engine, images, memory, nets
+from dipfast import backends, engine, images, memory, nets, tile_choice
 from dipfast.backends import BACKENDS, BATCHED_BACKENDS, PRECISIONS  # noqa: F401  (re-exported: the harness lists them)
 from dipfast.errors import InputError, InputTypeError
 from dipfast.metrics import psnr as psnr_metric
@@ -106,6 +106,8 @@ def restore(
     loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     report_every: int = 25,
     restarts: int = 1,
+    tile: int | str | None = "auto",
+    overlap: int | None = None,
     **overrides,
 ) -> Result | list[Result]:
     """Restore `image` with Deep Image Prior.
@@ -122,6 +124,9 @@ def restore(
         graph, which replays their tensor ops without calling them again.
     callback: called with an engine.Progress every `report_every` iterations; True stops the run.
     Ctrl-C stops the run and returns the result so far.
+    tile: 'auto' (tiles only where the whole fit would not fit the device's memory), an int (square tiles
+        of that side, trained side by side and blended) or None (never tile); overlap: pixels shared by
+        neighbouring tiles (default tile // 8). See dipfast.tiled_restore.
 
     >>> import numpy as np, dipfast
     >>> noisy = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
@@ -150,6 +155,30 @@ def restore(
         raise InputError("image is an empty list; give one image or a list of images")
     named = [("mask", mask), ("guide", guide), ("target", target)]
     masks, guides, targets = (_per_image(name, value, len(inputs), batch) for name, value in named)
+    custom = operator is not None or loss is not None
+    tiling = tile_choice.choose(inputs, task, preset_obj, plan, dev, tile, overlap, restarts, scale, custom)
+    if tiling is not None:  # every image of the call in tiles of one size (the memory check is done)
+        from dipfast.tiled_restore import restore_tiled
+
+        args = (task, preset_obj, plan, dev, seed)
+        results = [
+            restore_tiled(
+                img,
+                tiling,
+                *args,
+                masks[k],
+                guides[k],
+                targets[k],
+                scale,
+                restarts,
+                progress,
+                callback,
+                report_every,
+                f"image[{k}]" if batch else "image",
+            )
+            for k, img in enumerate(inputs)
+        ]
+        return results if batch else results[0]
     observed, problems = [], []
     for k, img in enumerate(inputs):
         x0, alpha, form = images.to_tensor(img, f"image[{k}]" if batch else "image")
