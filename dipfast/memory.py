@@ -78,7 +78,7 @@ def check_fits(spec, input_depth, n_channels, size, n_networks: int, precision: 
             options.append("fewer images or restarts per call")
         if precision != "bf16":
             options.append("precision='bf16'")
-        options.append("a smaller image (or crop it in tiles)")
+        options.append("a smaller image, or tiles (tile='auto', or a smaller tile=)")
         raise InputError(
             f"this fit needs about {need / GIB:.1f} GiB ({n_networks} network(s) at {size[0]} x {size[1]}, "
             f"{precision}) but {free / GIB:.1f} GiB are free on {device}; try {', or '.join(options)}"
