@@ -36,16 +36,30 @@ def default_overlap(tile: int) -> int:
     return max(1, tile // 8)
 
 
-def smallest_tile(spec, input_depth: int, factor: int) -> int:
-    """The smallest square side the net runs at its own size (nets.working_size grows nothing)."""
-    side = 1
-    while nets.working_size(spec, input_depth, side * factor, side * factor) != (side * factor, side * factor):
+def runs_at(spec, input_depth: int, side: int, factor: int) -> bool:
+    """Whether the net runs at a square tile of `side` (times `factor`) as it is (working_size grows nothing)."""
+    out = side * factor
+    return nets.working_size(spec, input_depth, out, out) == (out, out)
+
+
+def smallest_tile(spec, input_depth: int, factor: int, start: int = 1) -> int:
+    """The smallest square side >= start the net runs at as it is (one shape probe per side: for messages)."""
+    side = start
+    while not runs_at(spec, input_depth, side, factor):
         side += 1
     return side
 
 
+def _working_size(preset: TaskPreset, h: int, w: int) -> tuple[int, int]:
+    """nets.working_size, but a large image's own size: the nets grow only small sides (by a few pixels
+    at most otherwise), and the shape probe at a huge size takes minutes."""
+    if h * w > memory.PROBE_AREA and min(h, w) >= 256:
+        return h, w
+    return nets.working_size(preset.net, preset.input_depth, h, w)
+
+
 def _need(preset: TaskPreset, channels: int, out_h: int, out_w: int, n: int, precision: str, device) -> int:
-    size = nets.working_size(preset.net, preset.input_depth, out_h, out_w)
+    size = _working_size(preset, out_h, out_w)
     return memory.estimate_bytes(preset.net, preset.input_depth, channels, size, n, precision, device)
 
 
@@ -83,9 +97,9 @@ def choose(
             raise InputError(
                 "tiling needs a local operator, and a custom operator= or loss= acts on the whole image; pass tile=None"
             )
-        least = smallest_tile(preset.net, preset.input_depth, factor)
-        if tile < least:
-            raise InputError(f"tile={tile} is smaller than this net runs at ({least} px at least); use tile >= {least}")
+        if not runs_at(preset.net, preset.input_depth, tile, factor):
+            least = smallest_tile(preset.net, preset.input_depth, factor, start=tile + 1)
+            raise InputError(f"tile={tile} is smaller than this net runs at; use tile >= {least}")
         overlap = default_overlap(tile) if overlap is None else overlap
         if overlap >= tile:
             raise InputError(f"overlap={overlap} must be smaller than tile={tile}; the default is tile // 8")
@@ -122,9 +136,8 @@ def _auto(known, preset, plan, device, factor, overlap, restarts) -> TileChoice 
         return None
     c = max(s[0] for s in too_large)
     longest = max(max(s[1], s[2]) for s in too_large)
-    least = smallest_tile(preset.net, preset.input_depth, factor)
     for side in TILE_SIDES:
-        if not least <= side < longest:
+        if side >= longest or not runs_at(preset.net, preset.input_depth, side, factor):
             continue
         if _need(preset, c, side * factor, side * factor, 1, plan.precision, device) > free:
             continue
@@ -157,6 +170,6 @@ def _check_whole(shapes, preset, plan, device, factor, restarts) -> None:
         if s is not None:
             counts[s] = counts.get(s, 0) + 1
     for (c, h, w), n in counts.items():
-        size = nets.working_size(preset.net, preset.input_depth, h * factor, w * factor)
+        size = _working_size(preset, h * factor, w * factor)
         n_networks = n * restarts if plan.fast else 1
         memory.check_fits(preset.net, preset.input_depth, c, size, n_networks, plan.precision, device)

@@ -135,7 +135,9 @@ def restore_tiled(
     fitted: dict[tuple[int, int], tuple[engine.Fit, float]] = {}
     stop_reason = "iterations"
     loop_seconds = capture_seconds = 0.0  # summed over the steps (chunks), which run one after another
-    bar = tqdm(total=len(networks) * preset.iterations, disable=not progress, unit="tile-it", dynamic_ncols=True)
+    bar = tqdm(
+        total=len(networks) * preset.iterations, disable=not progress, unit="tile-it", leave=False, dynamic_ncols=True
+    )
     with bar:
         for first in range(0, len(networks), choice.per_step):
             chunk = networks[first : first + choice.per_step]

@@ -253,8 +253,11 @@ def test_ctrl_c_returns_the_blend_so_far_with_the_observation_in_unfitted_tiles(
 
 
 def test_too_large_input_is_refused_before_conversion_in_constant_memory(monkeypatch):
-    big = np.zeros((12000, 12000), dtype=np.uint8)  # 144 MB; its conversion allocates 8 bytes a pixel
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 8 * memory.GIB)
+    """tracemalloc sees numpy's allocations: converting the array would take 8 bytes a pixel (1.1 GB)."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: memory.GIB)
+    with pytest.raises(InputError):  # the first call imports and caches what every later one uses
+        dipfast.restore(np.zeros((2000, 2000), dtype=np.uint8), tile=None, device="cpu", progress=False)
+    big = np.zeros((12000, 12000), dtype=np.uint8)  # 144 MB
     tracemalloc.start()
     try:
         with pytest.raises(InputError) as e:
@@ -297,6 +300,16 @@ def test_auto_tiles_only_what_would_not_fit(np_rng, monkeypatch, caplog):
     assert "tiling" not in small.extras
 
 
+def test_large_sizes_are_estimated_from_a_smaller_probe_of_the_same_shape():
+    from dipfast.memory import PROBE_AREA, _activation_and_param_bytes, _scaled_activation_and_param_bytes
+
+    h, w = 1280, 1100
+    assert h * w > PROBE_AREA
+    exact, params = _activation_and_param_bytes(TINY_NET, 4, 3, h, w)
+    scaled, same = _scaled_activation_and_param_bytes(TINY_NET, 4, 3, h, w)
+    assert same == params and abs(scaled / exact - 1) < 0.01, (scaled, exact)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad values
 
@@ -305,7 +318,7 @@ def test_auto_tiles_only_what_would_not_fit(np_rng, monkeypatch, caplog):
     "kwargs, fragment",
     [
         ({"tile": 8, "overlap": 8}, "overlap=8 must be smaller than tile=8"),
-        ({"tile": 3}, "tile=3 is smaller than this net runs at"),
+        ({"tile": 3}, "tile=3 is smaller than this net runs at; use tile >= 5"),
         ({"tile": "big"}, "tile must be 'auto', None or a positive integer"),
         ({"tile": 8, "overlap": -1}, "overlap must be a non-negative integer"),
         ({"tile": 8, "operator": lambda x: x}, "tiling needs a local operator"),
