@@ -54,6 +54,8 @@ def _check_holes(m: torch.Tensor, grid: TileGrid) -> None:
 
 def _history(rows_per_tile: list[list[engine.HistoryRow]], shares: np.ndarray, offsets: list[float]):
     """Per iteration: loss and MSE (hence PSNR) of the tiles, averaged by their share of the image."""
+    if not rows_per_tile:  # a restart stopped before any of its tiles
+        return []
     n = min(len(rows) for rows in rows_per_tile)
     shares = shares / shares.sum()
 
@@ -196,11 +198,11 @@ def restore_tiled(
                 image=outs[r].image[None],
                 ema_image=emas[r].image[None],
                 history=_history([f.history for f in fits_r], shares[[k for k, _ in mine]], [o for _, (_, o) in mine]),
-                iterations=min(f.iterations for f in fits_r),
+                iterations=min((f.iterations for f in fits_r), default=0),
                 seconds=seconds,
                 loop_seconds=loop_seconds,
                 stop_reason=stop_reason,
-                first_step_seconds=fits_r[0].first_step_seconds,
+                first_step_seconds=fits_r[0].first_step_seconds if fits_r else 0.0,
                 capture_seconds=capture_seconds,
             )
         )
@@ -212,7 +214,7 @@ def restore_tiled(
         "grid": (len(grid.rows), len(grid.cols)),
         "per_step": choice.per_step,
         "boxes": [(b.y, b.x, b.h, b.w) for b in boxes],
-        "seeds": [tile_seed(seed, k) for k in range(len(grid))],
+        "seeds": [tile_seed(seed, k) for k in range(len(grid))],  # restart r: tile_seed(seed + r, k)
         "unfitted": unfitted,
         "tile_its": len(fitted) * result.iterations / result.seconds if result.seconds > 0 else math.nan,
     }

@@ -223,6 +223,13 @@ def test_a_list_of_images_in_tiles(np_rng):
     assert rb.extras["tiling"]["grid"] == (3, 2)
 
 
+def test_restarts_in_tiles_average_the_tiled_fits_of_each_seed(np_rng):
+    image = random_image(np_rng, 14, 12)
+    both = _tiled(image, restarts=2, seed=3)
+    first, second = _tiled(image, seed=3), _tiled(image, seed=4)
+    np.testing.assert_allclose(both.image, (first.image + second.image) / 2, atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # stopping: the blended result so far
 
