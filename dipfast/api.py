@@ -158,26 +158,10 @@ def restore(
     custom = operator is not None or loss is not None
     tiling = tile_choice.choose(inputs, task, preset_obj, plan, dev, tile, overlap, restarts, scale, custom)
     if tiling is not None:  # every image of the call in tiles of one size (the memory check is done)
-        from dipfast.tiled_restore import restore_tiled
+        from dipfast.tiled_restore import restore_all
 
-        args = (task, preset_obj, plan, dev, seed)
-        results = [
-            restore_tiled(
-                img,
-                tiling,
-                *args,
-                masks[k],
-                guides[k],
-                targets[k],
-                scale,
-                restarts,
-                progress,
-                callback,
-                report_every,
-                f"image[{k}]" if batch else "image",
-            )
-            for k, img in enumerate(inputs)
-        ]
+        common = (task, preset_obj, plan, dev, seed, scale, restarts, progress, callback, report_every)
+        results = restore_all(inputs, batch, tiling, masks, guides, targets, *common)
         return results if batch else results[0]
     observed, problems = [], []
     for k, img in enumerate(inputs):

@@ -225,5 +225,29 @@ def restore_tiled(
     return result
 
 
+def restore_all(
+    inputs, batch: bool, choice, masks, guides, targets, task, preset, plan, device, seed, scale, *rest
+) -> list:
+    """restore_tiled for each image of a restore() call; rest: restarts, progress, callback, report_every."""
+    return [
+        restore_tiled(
+            image,
+            choice,
+            task,
+            preset,
+            plan,
+            device,
+            seed,
+            masks[k],
+            guides[k],
+            targets[k],
+            scale,
+            *rest,
+            name=f"image[{k}]" if batch else "image",
+        )
+        for k, image in enumerate(inputs)
+    ]
+
+
 def _batched(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t[None]
