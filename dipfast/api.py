@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dipfast import backends, engine, images, memory, nets
+from dipfast import backends, engine, images, memory, nets, tile_choice
 from dipfast.backends import BACKENDS, BATCHED_BACKENDS, PRECISIONS  # noqa: F401  (re-exported: the harness lists them)
 from dipfast.errors import InputError, InputTypeError
 from dipfast.metrics import psnr as psnr_metric
@@ -106,6 +106,8 @@ def restore(
     loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     report_every: int = 25,
     restarts: int = 1,
+    tile: int | str | None = "auto",
+    overlap: int | None = None,
     **overrides,
 ) -> Result | list[Result]:
     """Restore `image` with Deep Image Prior.
@@ -122,6 +124,9 @@ def restore(
         graph, which replays their tensor ops without calling them again.
     callback: called with an engine.Progress every `report_every` iterations; True stops the run.
     Ctrl-C stops the run and returns the result so far.
+    tile: 'auto' (tiles only where the whole fit would not fit the device's memory), an int (square tiles
+        of that side, trained side by side and blended) or None (never tile); overlap: pixels shared by
+        neighbouring tiles (default tile // 8). See dipfast.tiled_restore.
 
     >>> import numpy as np, dipfast
     >>> noisy = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
@@ -151,6 +156,14 @@ def restore(
         raise InputError("image is an empty list; give one image or a list of images")
     named = [("mask", mask), ("guide", guide), ("target", target)]
     masks, guides, targets = (_per_image(name, value, len(inputs), batch) for name, value in named)
+    custom = operator is not None or loss is not None
+    tiling = tile_choice.choose(inputs, task, preset_obj, plan, dev, tile, overlap, restarts, scale, custom)
+    if tiling is not None:  # every image of the call in tiles of one size (the memory check is done)
+        from dipfast.tiled_restore import restore_all
+
+        common = (task, preset_obj, plan, dev, seed, scale, restarts, progress, callback, report_every)
+        results = restore_all(inputs, batch, tiling, masks, guides, targets, *common)
+        return results if batch else results[0]
     observed, problems = [], []
     for k, img in enumerate(inputs):
         x0, alpha, form = images.to_tensor(img, f"image[{k}]" if batch else "image")
@@ -263,7 +276,7 @@ def _settings(task: Task, preset, scale, iters, overrides) -> TaskPreset:
 def _problem(task: Task, preset: TaskPreset, x0, mask, guide, target, operator, loss, scale, device) -> engine.Problem:
     """The observation, operator, generator input and output size of the task."""
     c, h, w = x0.shape
-    factor = preset.scale if task.scale == "preset" else scale if task.scale == "any" and scale else 1
+    factor = task.factor(preset, scale)
     if not isinstance(factor, int) or isinstance(factor, bool) or factor <= 0:
         raise InputError(f"scale must be a positive integer; got {scale!r}")
     if task.name == "custom" and operator is None and loss is None:

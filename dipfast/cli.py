@@ -39,6 +39,16 @@ def _integer_from(minimum: int):
 positive_int, non_negative_int = _integer_from(1), _integer_from(0)
 
 
+def tile_option(text: str) -> int | str | None:
+    """--tile: 'auto', 'none' or a positive integer (restore()'s tile=)."""
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'none' or a positive integer, got {text!r}") from None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr like every other bad input (no usage dump)."""
 
@@ -73,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--restarts", type=positive_int, default=1, help="average this many fits of different seeds (the paper: 2)"
     )
+    r.add_argument(
+        "--tile",
+        type=tile_option,
+        default="auto",
+        help="auto (tiles only when the image would not fit the device's memory), none, or a tile side in pixels",
+    )
+    r.add_argument("--overlap", type=non_negative_int, help="pixels shared by neighbouring tiles (default: tile / 8)")
     r.add_argument("--ema-output", help="also write the EMA of the outputs here")
     r.add_argument("--force", action="store_true", help="overwrite existing output files")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -231,14 +248,18 @@ def _restore(args) -> int:
         precision=args.precision,
         backend=args.backend,
         restarts=args.restarts,
+        tile=args.tile,
+        overlap=args.overlap,
         progress=not args.quiet,
     )
     _save(result.image, out)
     if args.ema_output:
         _save(result.ema_image, Path(args.ema_output))
     quality = f", PSNR {result.psnr:.2f} dB (EMA {result.ema_psnr:.2f} dB)" if result.psnr is not None else ""
+    tiling = result.extras.get("tiling")
+    tiles = f", {len(tiling['boxes'])} tiles of {tiling['tile']} px" if tiling else ""
     print(
-        f"{out}: {result.iterations} iterations in {result.seconds:.1f} s ({result.its:.1f} it/s){quality}"
+        f"{out}: {result.iterations} iterations in {result.seconds:.1f} s ({result.its:.1f} it/s){tiles}{quality}"
         + (" [interrupted]" if result.stop_reason == "interrupted" else "")
     )
     return 0

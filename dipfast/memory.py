@@ -11,6 +11,7 @@ tests/test_backends.py holds it within a factor of the peak measured on the CPU.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import torch
@@ -24,6 +25,10 @@ MARGIN = 1.5  # allocator slack, workspaces, the final output's forward
 # (measured on the CPU: 155 MiB, from the growth at 64, 96 and 192 px); cuDNN/cuBLAS workspaces
 # and the CUDA graph's pool (not measured yet).
 FIXED = {"cpu": 256 * 2**20, "cuda": 512 * 2**20}
+# Above this many pixels the shape-only forward itself gets slow (minutes at 30000 x 30000), and a
+# fully convolutional net's saved activations grow with the area: they are measured at a size of
+# the same shape and this area, and scaled.
+PROBE_AREA = 1024 * 1024
 
 
 @functools.lru_cache(maxsize=64)
@@ -44,6 +49,15 @@ def _activation_and_param_bytes(spec: nets.NetSpec, input_depth: int, n_channels
     return saved, params
 
 
+def _scaled_activation_and_param_bytes(spec, input_depth: int, n_channels: int, h: int, w: int):
+    if h * w <= PROBE_AREA:
+        return _activation_and_param_bytes(spec, input_depth, n_channels, h, w)
+    shrink = math.sqrt(PROBE_AREA / (h * w))
+    ph, pw = (max(64, round(side * shrink / 64) * 64) for side in (h, w))
+    saved, params = _activation_and_param_bytes(spec, input_depth, n_channels, ph, pw)
+    return int(saved * (h * w) / (ph * pw)), params
+
+
 def estimate_bytes(
     spec,
     input_depth: int,
@@ -57,7 +71,7 @@ def estimate_bytes(
     """Peak bytes of a fit of `n_networks` networks at working size `size` (H', W') on `device`'s type;
     early_stop: the fit's EarlyStopSpec (stop='auto'), whose state is counted at the working size (an upper
     bound of the output's)."""
-    activations, params = _activation_and_param_bytes(spec, input_depth, n_channels, *size)
+    activations, params = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size)
     if precision == "bf16":  # conv inputs and outputs saved in bf16, BatchNorm's in fp32: about 0.6
         activations = int(activations * 0.6)
     criterion = 0
@@ -94,7 +108,7 @@ def check_fits(
             options.append("fewer images or restarts per call")
         if precision != "bf16":
             options.append("precision='bf16'")
-        options.append("a smaller image (or crop it in tiles)")
+        options.append("a smaller image, or tiles (tile='auto', or a smaller tile=)")
         raise InputError(
             f"this fit needs about {need / GIB:.1f} GiB ({n_networks} network(s) at {size[0]} x {size[1]}, "
             f"{precision}) but {free / GIB:.1f} GiB are free on {device}; try {', or '.join(options)}"

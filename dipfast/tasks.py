@@ -62,6 +62,10 @@ class Task:
     scale: str = "none"  # 'none'; 'preset': the preset's SR factor (scale= picks it); 'any': an operator's
     finish: Finish | None = None  # post-processing of the fitted outputs
 
+    def factor(self, preset: TaskPreset, scale: int | None = None) -> int:
+        """The output's side over the image's: the preset's SR factor, a custom operator's scale=, else 1."""
+        return preset.scale if self.scale == "preset" else scale if self.scale == "any" and scale else 1
+
 
 TASKS: dict[str, Task] = {
     t.name: t

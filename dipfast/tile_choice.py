@@ -1,0 +1,176 @@
+"""Whether a restore() runs in tiles, and which: from the inputs' shapes alone, before any conversion.
+
+    tile=None    never tile; a fit that would not fit the device's memory is refused here, before
+                 the image is converted, in constant memory
+    tile=int     square tiles of that side (clipped to the image), `overlap` pixels shared by neighbours
+    tile='auto'  no tiles when the whole fit fits by the estimate (dipfast.memory); otherwise the
+                 largest tile of TILE_SIDES that fits, and the most tiles per step that fit, with a
+                 one-line notice of the choice
+
+Tiling needs a local forward operator (each output pixel seen through its own neighbourhood):
+every task's but a user's operator= or loss=.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from dipfast import input_shape, memory, nets
+from dipfast.errors import InputError
+from dipfast.presets import TaskPreset
+from dipfast.tasks import Task
+
+_log = logging.getLogger("dipfast")
+
+TILE_SIDES = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32)
+
+
+@dataclass(frozen=True)
+class TileChoice:
+    tile: int  # side of the square tiles, in input pixels
+    overlap: int
+    per_step: int  # networks trained side by side in one step
+
+
+def default_overlap(tile: int) -> int:
+    return max(1, tile // 8)
+
+
+def runs_at(spec, input_depth: int, side: int, factor: int) -> bool:
+    """Whether the net runs at a square tile of `side` (times `factor`) as it is (working_size grows nothing)."""
+    out = side * factor
+    return nets.working_size(spec, input_depth, out, out) == (out, out)
+
+
+def smallest_tile(spec, input_depth: int, factor: int, start: int = 1) -> int:
+    """The smallest square side >= start the net runs at as it is (one shape probe per side: for messages)."""
+    side = start
+    while not runs_at(spec, input_depth, side, factor):
+        side += 1
+    return side
+
+
+def _working_size(preset: TaskPreset, h: int, w: int) -> tuple[int, int]:
+    """nets.working_size, but a large image's own size: the nets grow only small sides (by a few pixels
+    at most otherwise), and the shape probe at a huge size takes minutes."""
+    if h * w > memory.PROBE_AREA and min(h, w) >= 256:
+        return h, w
+    return nets.working_size(preset.net, preset.input_depth, h, w)
+
+
+def _need(preset: TaskPreset, channels: int, out_h: int, out_w: int, n: int, precision: str, device) -> int:
+    size = _working_size(preset, out_h, out_w)
+    return memory.estimate_bytes(preset.net, preset.input_depth, channels, size, n, precision, device)
+
+
+def _most_per_step(preset, channels, side, factor, limit, precision, device, free) -> int:
+    one = _need(preset, channels, side * factor, side * factor, 1, precision, device)
+    if free is None:
+        return limit
+    fixed = memory.FIXED[device.type]
+    per_network = max(one - fixed, 1)
+    return max(1, min(limit, (free - fixed) // per_network))
+
+
+def choose(
+    inputs: list,
+    task: Task,
+    preset: TaskPreset,
+    plan,
+    device,
+    tile,
+    overlap,
+    restarts: int,
+    scale: int | None,
+    custom: bool,
+) -> TileChoice | None:
+    """The tiling of a restore() call (None: the whole image in one fit, checked to fit here)."""
+    if tile is not None and tile != "auto" and (not isinstance(tile, int) or isinstance(tile, bool)):
+        raise InputError(f"tile must be 'auto', None or a positive integer; got {tile!r}")
+    if overlap is not None and (not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0):
+        raise InputError(f"overlap must be a non-negative integer; got {overlap!r}")
+    factor = task.factor(preset, scale)
+    shapes = [input_shape.peek(img) for img in inputs]
+    known = [s for s in shapes if s is not None]
+    if isinstance(tile, int):
+        if custom or task.name == "custom":
+            raise InputError(
+                "tiling needs a local operator, and a custom operator= or loss= acts on the whole image; pass tile=None"
+            )
+        if not runs_at(preset.net, preset.input_depth, tile, factor):
+            least = smallest_tile(preset.net, preset.input_depth, factor, start=tile + 1)
+            raise InputError(f"tile={tile} is smaller than this net runs at; use tile >= {least}")
+        overlap = default_overlap(tile) if overlap is None else overlap
+        if overlap >= tile:
+            raise InputError(f"overlap={overlap} must be smaller than tile={tile}; the default is tile // 8")
+        c = max((s[0] for s in known), default=3)
+        memory.check_fits(preset.net, preset.input_depth, c, (tile * factor,) * 2, 1, plan.precision, device)
+        n_networks = restarts * max((_tiles(s, tile, overlap) for s in known), default=1)
+        per_step = _most_per_step(
+            preset, c, tile, factor, n_networks, plan.precision, device, memory.available_bytes(device)
+        )
+        return TileChoice(tile, overlap, per_step if plan.fast else 1)
+    if tile == "auto" and not custom and task.name != "custom":
+        choice = _auto(known, preset, plan, device, factor, overlap, restarts)
+        if choice is not None:
+            return choice
+    _check_whole(shapes, preset, plan, device, factor, restarts)
+    return None
+
+
+def _tiles(shape, tile: int, overlap: int) -> int:
+    from dipfast.tiles import TileGrid
+
+    return len(TileGrid.cover(shape[1], shape[2], tile, overlap))
+
+
+def _auto(known, preset, plan, device, factor, overlap, restarts) -> TileChoice | None:
+    """Tiles when some image's fit alone would not fit and some tile side smaller than it does."""
+    free = memory.available_bytes(device)
+    if free is None or not known:
+        return None
+    too_large = [
+        s for s in known if _need(preset, s[0], s[1] * factor, s[2] * factor, restarts, plan.precision, device) > free
+    ]
+    if not too_large:
+        return None
+    c = max(s[0] for s in too_large)
+    longest = max(max(s[1], s[2]) for s in too_large)
+    for side in TILE_SIDES:
+        if side >= longest or not runs_at(preset.net, preset.input_depth, side, factor):
+            continue
+        if _need(preset, c, side * factor, side * factor, 1, plan.precision, device) > free:
+            continue
+        lap = default_overlap(side) if overlap is None else overlap
+        if lap >= side:
+            continue
+        n_networks = restarts * max(_tiles(s, side, lap) for s in known)
+        per_step = _most_per_step(preset, c, side, factor, n_networks, plan.precision, device, free)
+        per_step = per_step if plan.fast else 1
+        h, w = too_large[0][1:]
+        _log.warning(
+            "dipfast: a %d x %d fit needs more than the %.1f GiB free on %s: tiles of %d px overlapping by %d, "
+            "%d per step (tile=None refuses instead)",
+            h,
+            w,
+            free / memory.GIB,
+            device,
+            side,
+            lap,
+            per_step,
+        )
+        return TileChoice(side, lap, per_step)
+    return None
+
+
+def _check_whole(shapes, preset, plan, device, factor, restarts) -> None:
+    """The untiled fits' memory check from the shapes alone: same-size images share a step."""
+    counts: dict[tuple[int, int, int], int] = {}
+    for s in shapes:
+        if s is not None:
+            counts[s] = counts.get(s, 0) + 1
+    for (c, h, w), n in counts.items():
+        size = _working_size(preset, h * factor, w * factor)
+        n_networks = n * restarts if plan.fast else 1
+        memory.check_fits(preset.net, preset.input_depth, c, size, n_networks, plan.precision, device)

@@ -1,0 +1,349 @@
+"""Tiled restore (dipfast.tiles, tile_choice, tiled_restore): the grid and its blending weights, tiles
+that are exactly the separate fits of their crops, no seams, every local task through tiles, the
+memory refusal before any conversion, and the one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from _helpers import FAST, TINY, TINY_NET, random_image, random_mask, smooth_image, write_png
+
+import dipfast
+from dipfast import memory, tile_choice
+from dipfast.errors import InputError
+from dipfast.tiles import Blend, TileGrid, axis_positions, largest_empty_square, tile_seed
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """Tiny nets run fastest on one thread."""
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid and the blending weights
+
+
+@pytest.mark.parametrize(
+    "h, w, tile, overlap",
+    [
+        (64, 64, 16, 2),  # tiles fit exactly
+        (53, 37, 16, 4),  # odd sizes: edge tiles spread inward
+        (130, 17, 128, 16),  # a second tile overlapping almost all of the first; one tile across
+        (40, 40, 12, 5),  # overlaps of non-neighbours (stride below tile / 2)
+        (33, 70, 10, 0),  # no overlap asked
+        (9, 9, 16, 2),  # image smaller than a tile: one tile, clipped
+    ],
+)
+def test_tiles_of_one_size_cover_the_image_and_their_weights_sum_to_one(h, w, tile, overlap):
+    grid = TileGrid.cover(h, w, tile, overlap)
+    total = torch.zeros(h, w, dtype=torch.float64)
+    for box, weight in zip(grid.boxes, grid.weights()):
+        assert (box.h, box.w) == (min(tile, h), min(tile, w))
+        assert 0 <= box.y and box.y + box.h <= h and 0 <= box.x and box.x + box.w <= w
+        assert (weight > 0).all()
+        box.crop(total).add_(weight.double())
+    torch.testing.assert_close(total, torch.ones(h, w, dtype=torch.float64), atol=1e-6, rtol=0)
+    for positions, side, size in ((grid.rows, grid.tile_h, h), (grid.cols, grid.tile_w, w)):
+        gaps = np.diff(positions)
+        assert positions[0] == 0 and positions[-1] + side == size
+        assert (side - gaps >= min(overlap, side)).all()  # neighbours overlap by at least `overlap`
+
+
+def test_weights_sum_to_one_at_scale():
+    grid = TileGrid.cover(23, 31, 8, 3).scaled(4)
+    blend = Blend(grid, 1)
+    for k in range(len(grid)):
+        blend.add(k, torch.ones(1, grid.tile_h, grid.tile_w))
+    torch.testing.assert_close(blend.image, torch.ones(1, 92, 124), atol=1e-6, rtol=0)
+
+
+def test_windows_are_raised_cosines_across_equal_overlaps():
+    """Neighbours overlapping by the same width need no normalisation: rise + fall = 1 by construction."""
+    grid = TileGrid.cover(28, 10, 10, 4)  # rows 0, 6, 12, 18: every overlap 4 px
+    assert grid.rows == (0, 6, 12, 18)
+    first, second = grid.weights()[0][:, 0], grid.weights()[1][:, 0]
+    rise = 0.5 - 0.5 * np.cos(np.pi * (np.arange(4) + 0.5) / 4)
+    np.testing.assert_allclose(second[:4].numpy(), rise, rtol=1e-6)
+    np.testing.assert_allclose(first[6:].numpy(), rise[::-1], rtol=1e-6)
+    assert (first[:6] == 1).all()  # flat up to the overlap, and at the image border
+
+
+def test_tile_seeds_depend_on_seed_and_index_only():
+    assert tile_seed(7, 0) == 7  # a one-tile grid is the untiled fit
+    seeds = {tile_seed(s, k) for s in range(4) for k in range(50)}
+    assert len(seeds) == 200
+    assert axis_positions(100, 100, 10) == [0] and axis_positions(100, 40, 8) == [0, 30, 60]
+
+
+def test_largest_empty_square():
+    known = np.ones((20, 30), dtype=bool)
+    known[3:10, 5:14] = False  # a 7 x 9 hole
+    assert largest_empty_square(known) == 7
+    assert largest_empty_square(np.ones((5, 5), dtype=bool)) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# tiles are the separate fits of their crops
+
+
+def _separate_fits(image: np.ndarray, grid: TileGrid, seed: int, **kwargs) -> list[np.ndarray]:
+    return [
+        dipfast.restore(
+            box.crop(torch.from_numpy(image).permute(2, 0, 1)).permute(1, 2, 0).numpy(),
+            seed=tile_seed(seed, k),
+            tile=None,
+            **kwargs,
+        ).image
+        for k, box in enumerate(grid.boxes)
+    ]
+
+
+def test_each_tile_is_the_separate_fit_of_its_crop_whatever_shares_its_step(np_rng, monkeypatch):
+    image = random_image(np_rng, 26, 21)
+    kwargs = {"iters": 3, "backend": "native", "precision": "fp32", **FAST}
+    whole = dipfast.restore(image, seed=5, tile=10, overlap=3, **kwargs)
+    info = whole.extras["tiling"]
+    grid = TileGrid.cover(26, 21, 10, 3)
+    assert info["grid"] == (len(grid.rows), len(grid.cols)) and len(grid) > 4
+    assert info["per_step"] == len(grid)  # all tiles in one step: plenty of memory for the tiny net
+    tiles = _separate_fits(image, grid, 5, **kwargs)
+
+    expected = Blend(grid, 3)
+    for k, (box, tile) in enumerate(zip(grid.boxes, tiles)):
+        expected.add(k, torch.from_numpy(tile).permute(2, 0, 1))
+        alone = np.ones((26, 21), dtype=bool)  # pixels of this tile and no other: the tile itself
+        for j, other in enumerate(grid.boxes):
+            if j != k:
+                alone[other.y : other.y + other.h, other.x : other.x + other.w] = False
+        inside = alone[box.y : box.y + box.h, box.x : box.x + box.w]
+        assert inside.any()
+        np.testing.assert_array_equal(whole.image[alone], tile[inside])
+    np.testing.assert_allclose(whole.image, expected.image.permute(1, 2, 0).numpy(), atol=1e-6, rtol=0)
+
+    # two tiles per step: the same fits
+    monkeypatch.setattr(tile_choice, "_most_per_step", lambda *args: 2)
+    paired = dipfast.restore(image, seed=5, tile=10, overlap=3, **kwargs)
+    assert paired.extras["tiling"]["per_step"] == 2
+    np.testing.assert_array_equal(paired.image, whole.image)
+    np.testing.assert_array_equal(paired.ema_image, whole.ema_image)
+
+
+def test_no_seam_at_tile_edges(np_rng):
+    """A constant image plus noise: the tiles fit slightly different levels. Blended, the columns and rows
+    at tile edges change no more than the others; pasted without overlap (the control), they do."""
+    clean = np.full((48, 48, 3), 0.5, dtype=np.float32)
+    noisy = np.clip(clean + np_rng.normal(0, 0.1, clean.shape), 0, 1).astype(np.float32)
+    kwargs = {"iters": 8, "seed": 1, **FAST}
+
+    def edge_jump(result, overlap) -> float:
+        grid = TileGrid.cover(48, 48, 16, overlap)
+        out = result.image.mean(-1)
+        dx, dy = np.abs(np.diff(out, axis=1)), np.abs(np.diff(out, axis=0))
+        cols = sorted({c - 1 for c in grid.cols[1:]} | {c + grid.tile_w - 1 for c in grid.cols[:-1]})
+        rows = sorted({r - 1 for r in grid.rows[1:]} | {r + grid.tile_h - 1 for r in grid.rows[:-1]})
+        at_edges = np.concatenate([dx[:, cols].ravel(), dy[rows, :].ravel()]).mean()
+        elsewhere = np.concatenate([np.delete(dx, cols, axis=1).ravel(), np.delete(dy, rows, axis=0).ravel()]).mean()
+        return at_edges / elsewhere
+
+    blended = edge_jump(dipfast.restore(noisy, tile=16, overlap=4, **kwargs), 4)
+    pasted = edge_jump(dipfast.restore(noisy, tile=16, overlap=0, **kwargs), 0)
+    # measured over three noise draws: blended 0.91-1.09, pasted 1.65-2.01
+    assert blended < 1.25, blended
+    assert pasted > 1.4, pasted
+
+
+# ---------------------------------------------------------------------------------------------
+# every local task through tiles
+
+
+def _tiled(image, task="denoise", **kwargs):
+    return dipfast.restore(image, task, iters=2, tile=8, overlap=2, **FAST, **kwargs)
+
+
+@pytest.mark.parametrize("task", ["denoise", "jpeg", "enhance"])
+def test_identity_tasks_through_tiles(np_rng, task):
+    clean = smooth_image(np_rng, 19, 22)
+    noisy = random_image(np_rng, 19, 22)
+    r = _tiled(noisy, task, target=clean)
+    assert r.image.shape == (19, 22, 3) and r.image.dtype == np.float32
+    assert r.extras["tiling"]["grid"] == (3, 4)
+    assert r.psnr == pytest.approx(dipfast.metrics.psnr(torch.from_numpy(r.image), torch.from_numpy(clean)).item())
+    assert len(r.history) == 2 and r.history[-1].psnr is not None
+    if task == "enhance":
+        assert "coarse" in r.extras
+
+
+def test_sr_tiles_the_low_resolution_input(np_rng):
+    lr = random_image(np_rng, 13, 17)
+    hr = smooth_image(np_rng, 26, 34)
+    r = _tiled(lr, "sr", scale=2, target=hr)
+    assert r.image.shape == (26, 34, 3)
+    assert r.extras["tiling"]["boxes"][1] == (0, 4, 8, 8)  # in low-resolution pixels
+    assert r.ssim is not None
+
+
+@pytest.mark.parametrize("task", ["inpaint", "restore"])
+def test_masked_tasks_through_tiles(np_rng, task):
+    image, mask = random_image(np_rng, 20, 20), random_mask(np_rng, 20, 20, keep=0.6)
+    r = _tiled(image, task, mask=mask)
+    assert r.image.shape == (20, 20, 3) and len(r.extras["tiling"]["boxes"]) == 9
+
+
+def test_a_hole_larger_than_a_tile_names_the_tile_size_needed(np_rng):
+    image = random_image(np_rng, 30, 30)
+    mask = np.ones((30, 30), dtype=bool)
+    mask[4:16, 2:15] = False  # a 12 x 13 hole: a tile of 8 can lie inside it
+    with pytest.raises(InputError) as e:
+        _tiled(image, "inpaint", mask=mask)
+    assert "lies inside a hole" in _one_line(e) and "tile=13" in str(e.value)
+
+
+def test_flash_tiles_the_guide_alongside(np_rng):
+    noflash, flash = random_image(np_rng, 18, 21), smooth_image(np_rng, 18, 21)
+    r = dipfast.restore(noflash, "flash", guide=flash, iters=2, tile=8, overlap=2, net=TINY_NET, progress=False)
+    assert r.image.shape == (18, 21, 3)
+    with pytest.raises(InputError, match="guide is"):
+        dipfast.restore(noflash, "flash", guide=flash[:10], iters=1, tile=8, net=TINY_NET, progress=False)
+
+
+def test_a_list_of_images_in_tiles(np_rng):
+    a, b = random_image(np_rng, 12, 12), random_image(np_rng, 20, 9)
+    ra, rb = _tiled([a, b])
+    assert ra.image.shape == a.shape and rb.image.shape == b.shape
+    assert rb.extras["tiling"]["grid"] == (3, 2)
+
+
+def test_restarts_in_tiles_average_the_tiled_fits_of_each_seed(np_rng):
+    image = random_image(np_rng, 14, 12)
+    both = _tiled(image, restarts=2, seed=3)
+    first, second = _tiled(image, seed=3), _tiled(image, seed=4)
+    np.testing.assert_allclose(both.image, (first.image + second.image) / 2, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# stopping: the blended result so far
+
+
+def test_ctrl_c_returns_the_blend_so_far_with_the_observation_in_unfitted_tiles(np_rng, monkeypatch):
+    image = random_image(np_rng, 20, 20)
+    monkeypatch.setattr(tile_choice, "_most_per_step", lambda *args: 3)
+    calls = []
+
+    def interrupt_second_step(progress):
+        calls.append(progress.iteration)
+        if len(calls) == 3:  # the second step's first report
+            raise KeyboardInterrupt
+
+    r = dipfast.restore(
+        image, iters=4, tile=8, overlap=2, callback=interrupt_second_step, report_every=2, progress=False, **TINY
+    )
+    info = r.extras["tiling"]
+    assert r.stop_reason == "interrupted"
+    assert info["unfitted"] == [6, 7, 8] and "not fitted" in info["note"]
+    y, x, h, w = info["boxes"][8]  # the last tile's own corner is the observation
+    np.testing.assert_allclose(r.image[y + h - 1, x + w - 1], image[y + h - 1, x + w - 1], atol=1e-6)
+    assert not np.allclose(r.image[0, 0], image[0, 0], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: the check before any conversion, and 'auto'
+
+
+def test_too_large_input_is_refused_before_conversion_in_constant_memory(monkeypatch):
+    """tracemalloc sees numpy's allocations: converting the array would take 8 bytes a pixel (1.1 GB)."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: memory.GIB)
+    with pytest.raises(InputError):  # the first call imports and caches what every later one uses
+        dipfast.restore(np.zeros((2000, 2000), dtype=np.uint8), tile=None, device="cpu", progress=False)
+    big = np.zeros((12000, 12000), dtype=np.uint8)  # 144 MB
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as e:
+            dipfast.restore(big, tile=None, device="cpu", progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "12000 x 12000" in _one_line(e) and "tile" in str(e.value)
+    assert peak < 16 * 2**20, peak
+
+
+def test_a_file_too_large_is_refused_from_its_header(tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.new("L", (900, 700)).save(path)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: memory.FIXED["cpu"] + 2**20)
+
+    def never(*args, **kwargs):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(dipfast.images, "load_image", never)
+    with pytest.raises(InputError, match=r"at 700 x 900"):
+        dipfast.restore(str(path), tile=None, progress=False, **TINY)
+
+
+def test_auto_tiles_only_what_would_not_fit(np_rng, monkeypatch, caplog):
+    image = random_image(np_rng, 72, 80)
+    settings = dipfast.presets.apply_overrides(dipfast.presets.PRESETS["denoise"], TINY)
+    need = tile_choice._need
+    free = (
+        need(settings, 3, 64, 64, 1, "fp32", torch.device("cpu")) + need(settings, 3, 72, 80, 1, "fp32", "cpu")
+    ) // 2
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+    with caplog.at_level(logging.WARNING, logger="dipfast"):
+        r = dipfast.restore(image, iters=1, precision="fp32", **FAST)
+    assert r.extras["tiling"]["tile"] == 64 and r.extras["tiling"]["overlap"] == 8
+    assert "tiles of 64 px" in caplog.text and len(caplog.records) == 1
+    small = dipfast.restore(random_image(np_rng, 40, 40), iters=1, precision="fp32", **FAST)
+    assert "tiling" not in small.extras
+
+
+def test_large_sizes_are_estimated_from_a_smaller_probe_of_the_same_shape():
+    from dipfast.memory import PROBE_AREA, _activation_and_param_bytes, _scaled_activation_and_param_bytes
+
+    h, w = 1280, 1100
+    assert h * w > PROBE_AREA
+    exact, params = _activation_and_param_bytes(TINY_NET, 4, 3, h, w)
+    scaled, same = _scaled_activation_and_param_bytes(TINY_NET, 4, 3, h, w)
+    assert same == params and abs(scaled / exact - 1) < 0.01, (scaled, exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad values
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"tile": 8, "overlap": 8}, "overlap=8 must be smaller than tile=8"),
+        ({"tile": 3}, "tile=3 is smaller than this net runs at; use tile >= 5"),
+        ({"tile": "big"}, "tile must be 'auto', None or a positive integer"),
+        ({"tile": 8, "overlap": -1}, "overlap must be a non-negative integer"),
+        ({"tile": 8, "operator": lambda x: x}, "tiling needs a local operator"),
+    ],
+)
+def test_bad_tile_values_are_one_line_errors(np_rng, kwargs, fragment):
+    with pytest.raises(InputError) as e:
+        dipfast.restore(random_image(np_rng, 16, 16), iters=1, **FAST, **kwargs)
+    assert fragment in _one_line(e)
+
+
+def test_command_takes_tile_and_overlap(np_rng, tmp_path, capsys):
+    from dipfast.cli import main
+
+    write_png(tmp_path / "in.png", random_image(np_rng, 34, 40, dtype=np.uint8))
+    args = ["restore", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--iters", "1", "--quiet"]
+    assert main([*args, "--tile", "34", "--overlap", "4", "--precision", "fp32"]) == 0
+    assert "2 tiles of 34 px" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--tile", "-3"])
+    assert e.value.code == 2 and "expected 'auto', 'none' or a positive integer" in capsys.readouterr().err
