@@ -16,7 +16,8 @@
 #                 install itself fails, again with DIPFAST_NO_NATIVE=1; PYTHONPATH as well)       25-40
 #   environment   GPU, driver, torch/CUDA/cuDNN/triton versions, commit, native ops, nvidia-smi     5
 #   throughput    512 x 512, batch 1, default net, in one harness run: native fp32 / tf32 / bf16,
-#                 native-nchw bf16 (bf16 without channels_last), the original loop as the paper ran
+#                 native-nchw bf16 (bf16 without channels_last), native-padded bf16 / tf32 (BatchNorm +
+#                 LeakyReLU by the Triton kernels that write the conv's pad), the original loop as the paper ran
 #                 it (IEEE fp32) and under today's PyTorch default (TF32 convolutions), compile bf16,
 #                 triton bf16 (compile and triton compile for about a minute each)                140
 #   profile       dipfast bench profile of the two fastest paths of `throughput`                 50
@@ -207,8 +208,8 @@ environment() {
 throughput() {
     # shellcheck disable=SC2046  # configs prints a list of words
     bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs $(configs \
-        native:fp32 native:tf32 native:bf16 native-nchw:bf16 original-loop:fp32 original-loop-tf32:tf32 \
-        compile:bf16 triton:bf16)
+        native:fp32 native:tf32 native:bf16 native-nchw:bf16 native-padded:bf16 native-padded:tf32 original-loop:fp32 \
+        original-loop-tf32:tf32 compile:bf16 triton:bf16)
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \

@@ -18,6 +18,7 @@ loss, output head and metrics), auto (the measured choice: auto_precision below)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,9 @@ class Backend:
 
     name: str
     step: str  # 'reference' (engine.ReferenceStep: one network per fit) or 'fast' (fast_step.FastStep: N)
-    blocks: dict[str, str]  # device type -> block ops: 'reference', 'native' (dipfast.native) or 'triton'
+    # device type -> block ops: 'reference', 'native' (dipfast.native), 'triton' (the fused conv blocks) or
+    # 'padded' (cuDNN's convs; BatchNorm + LeakyReLU by Triton kernels that write the next conv's reflection pad)
+    blocks: dict[str, str]
     compile: bool  # the generator under torch.compile
     channels_last_bf16: bool  # NHWC activations and weights under bf16 (oneDNN's and cuDNN's fast layout)
     noise: dict[str, str]  # device type -> the input-noise draw: 'generator' (torch's) or 'philox' (counter-based)
@@ -61,8 +64,8 @@ AUTO = {"cpu": "native", "cuda": "native"}
 
 
 def auto_precision(device: torch.device) -> str:
-    """What precision='auto' runs: bf16 on a CPU that computes it in hardware, else fp32 (also on CUDA,
-    where bf16 is not yet the faster path: README, Performance)."""
+    """What precision='auto' runs: bf16 on a CPU that computes it in hardware, else fp32, CUDA included (the
+    harness's measurements behind the choice: README, Performance)."""
     return "bf16" if device.type == "cpu" and bf16_native(device) else "fp32"
 
 
@@ -96,6 +99,10 @@ class Plan:
             from dipfast.kernels.blocks import TritonBlocks
 
             return TritonBlocks()
+        if kind == "padded":
+            from dipfast.kernels.blocks import PaddedBlocks
+
+            return PaddedBlocks()
         if kind == "native":
             from dipfast.native.blocks import NativeBlocks  # the csrc ops, or their eager twins where not built
 
@@ -111,6 +118,18 @@ class Plan:
         if self.precision == "tf32":
             return conv_precision(tf32=True)
         return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def variant(name: str, **changes):
+    """Within the block, backend `name` runs with these Backend fields changed (plans resolved inside see
+    them): the harness's side-by-side variants (dipfast.bench.runs), which restore() does not take."""
+    saved = BACKEND_TABLE[name]
+    BACKEND_TABLE[name] = dataclasses.replace(saved, **changes)
+    try:
+        yield
+    finally:
+        BACKEND_TABLE[name] = saved
 
 
 REFERENCE_PLAN = Plan("reference", "fp32", compile=False, cuda_graph=False, fused_adam=False)
@@ -150,8 +169,22 @@ def resolve(backend: str, precision: str, device: torch.device) -> Plan:
                 f"the reference backend is the IEEE fp32 oracle; for precision={precision!r} use backend='native'"
             )
         return REFERENCE_PLAN
+    unverified = _triton_fp32_unverified(device) if backend == "triton" else None
     if precision == "auto":
-        precision = auto_precision(device)
+        # where the Triton kernels' fp32 path is unverified, their tensor-core precision
+        precision = "bf16" if unverified else auto_precision(device)
     if precision == "bf16" and device.type == "cuda" and not bf16_native(device):
         raise InputError("precision='bf16' needs an Ampere or newer GPU; use precision='fp32' or 'tf32'")
+    if unverified and precision == "fp32":
+        raise InputError(
+            f"backend='triton' with precision='fp32' has not passed parity on {unverified} yet; "
+            "use precision='tf32' or 'bf16', or backend='native'"
+        )
     return Plan(backend, precision, compile=BACKEND_TABLE[backend].compile, cuda_graph=device.type == "cuda")
+
+
+def _triton_fp32_unverified(device: torch.device) -> str | None:
+    """The GPU architecture's name where the Triton kernels' fp32 path is unverified (dipfast.kernels.hardware)."""
+    from dipfast.kernels.hardware import fp32_unverified_arch
+
+    return fp32_unverified_arch(device)

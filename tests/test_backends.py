@@ -74,6 +74,39 @@ def test_resolve_refuses_with_one_line(backend, precision, message):
     assert "\n" not in str(e.value) and ("valid" in str(e.value) or "use backend=" in str(e.value))
 
 
+@pytest.mark.parametrize("capability, refused", [((9, 0), True), ((8, 0), False)], ids=["hopper", "ampere"])
+def test_triton_fp32_is_refused_where_its_parity_is_unverified(monkeypatch, capability, refused):
+    """On Hopper (dipfast.kernels.hardware) backend='triton' refuses fp32 with one line naming what works, and its
+    'auto' precision is bf16; other backends, other precisions and other GPUs are untouched. No CUDA is touched."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    cuda = torch.device("cuda", 0)
+    if refused:
+        message = (
+            r"^backend='triton' with precision='fp32' has not passed parity on Hopper \(sm_90\) yet; "
+            r"use precision='tf32' or 'bf16', or backend='native'$"
+        )
+        with pytest.raises(InputError, match=message):
+            backends.resolve("triton", "fp32", cuda)
+        assert backends.resolve("triton", "auto", cuda).precision == "bf16"
+    else:
+        assert backends.resolve("triton", "fp32", cuda).precision == "fp32"
+        assert backends.resolve("triton", "auto", cuda).precision == "fp32"
+    assert backends.resolve("triton", "tf32", cuda).precision == "tf32"
+    assert backends.resolve("native", "fp32", cuda).precision == "fp32"
+    assert backends.resolve("triton", "fp32", CPU).precision == "fp32"
+
+
+def test_a_variant_changes_a_backend_inside_its_block_only():
+    """backends.variant, the harness's side-by-side switch: plans resolved inside see the changed entry (here the
+    padded BatchNorm kernels on CUDA), and the table is restored after, also when the block raises."""
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError), backends.variant("native", blocks={"cpu": "native", "cuda": "padded"}):
+        assert type(backends.resolve("native", "fp32", cuda).block_ops(cuda)).__name__ == "PaddedBlocks"
+        raise RuntimeError
+    assert backends.resolve("native", "fp32", cuda).block_ops(cuda) is backends.REFERENCE
+
+
 def test_restore_reports_the_plan_it_ran(np_rng):
     r = dipfast.restore(random_image(np_rng, 12, 12), iters=2, backend="native", precision="bf16", **FAST)
     assert (r.backend, r.precision) == ("native", "bf16")

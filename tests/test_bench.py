@@ -244,7 +244,7 @@ def test_native_nchw_runs_the_bf16_step_without_channels_last(monkeypatch, np_rn
 
     def recording_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        layouts.append(self.channels_last)
+        layouts.append(self.runner.channels_last)
 
     monkeypatch.setattr(fast_step.FastStep, "__init__", recording_init)
     image = np_rng.random((16, 16, 3), dtype=np.float32)

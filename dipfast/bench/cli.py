@@ -1,4 +1,5 @@
-"""`dipfast bench throughput|time-to-psnr|quality|profile|floor|batch|early-stop|summary`: the command line of the harness.
+"""`dipfast bench SUITE`: the command line of the harness (SUITES: throughput, time-to-psnr, quality, profile,
+floor, batch, early-stop, summary).
 
 add_bench_parser(subparsers) adds `bench` to the `dipfast` command; run_bench(args) runs it
 and returns the exit status (2 for bad input, with one line on stderr). `python -m dipfast.bench`
@@ -43,7 +44,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=["all"],
         metavar="NAME",
         help="DIP methods: the backends restore() accepts, 'native-eager' (native without its C++ ops), "
-        "'native-nchw' (native with NCHW activations), 'original-loop' (the notebooks' loop in IEEE fp32, as the "
+        "'native-nchw' (native with NCHW activations), 'native-padded' (native with the padded BatchNorm kernels on "
+        "CUDA), 'original-loop' (the notebooks' loop in IEEE fp32, as the "
         "paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 convolutions), or 'all' "
         "(default)",
     )
@@ -108,7 +110,7 @@ def _images(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_suites(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="suite", metavar="{throughput,time-to-psnr,quality,profile,floor,batch,early-stop,summary}")
+    sub = parser.add_subparsers(dest="suite", metavar="{" + ",".join(SUITES) + "}")
     t = sub.add_parser(
         "throughput",
         help="iterations/s and peak memory",
@@ -357,7 +359,7 @@ def run_bench(args) -> int:
 
 def _run(args) -> int:
     if getattr(args, "suite", None) is None:
-        raise InputError("give a suite: throughput, time-to-psnr, quality, profile, floor, batch, early-stop or summary (see --help)")
+        raise InputError(f"give a suite: {', '.join(SUITES[:-1])} or {SUITES[-1]} (see --help)")
     if args.suite == "summary":
         from dipfast.bench.report import summary
 

@@ -1,7 +1,7 @@
 """One timed fit of any method on one Case, with its PSNR trajectory: the unit every suite is made of.
 
-Methods: the backends of dipfast.api.BACKENDS (through restore(), whatever they are), two variants
-of one backend ('native-eager', 'native-nchw'), the notebooks' loop twice ('original-loop' as the
+Methods: the backends of dipfast.api.BACKENDS (through restore(), whatever they are), three variants
+of one backend ('native-eager', 'native-nchw', 'native-padded'), the notebooks' loop twice ('original-loop' as the
 paper ran it, 'original-loop-tf32' as today's PyTorch runs the same code: original_loop.OriginalLoop)
 and the classical baselines (bicubic, nlm, bm3d). Times are wall seconds from the call (restore() or
 the loop's construction) on a monotonic clock; the trajectory carries, for each iteration, the time of
@@ -36,6 +36,10 @@ NATIVE_EAGER = "native-eager"
 # the native backend with NCHW activations where its precision would run channels_last (bf16): the layout's
 # share of the bf16 step, measured side by side with the default
 NATIVE_NCHW = "native-nchw"
+# the native backend with BatchNorm + LeakyReLU by the Triton kernels that write the next conv's reflection pad
+# (dipfast.kernels.PaddedBlocks) on CUDA, where native runs the reference blocks: on a CPU it is native itself
+NATIVE_PADDED = "native-padded"
+NATIVE_VARIANTS = (NATIVE_EAGER, NATIVE_NCHW, NATIVE_PADDED)
 TINY_NET = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
 NET_CHOICES = ("preset", "default", "tiny", *sorted(PRESETS))
 
@@ -50,7 +54,7 @@ def api_precisions() -> list[str]:
 
 
 def dip_methods() -> list[str]:
-    return [*api_backends(), NATIVE_EAGER, NATIVE_NCHW, *ORIGINAL_LOOPS]
+    return [*api_backends(), *NATIVE_VARIANTS, *ORIGINAL_LOOPS]
 
 
 def applies(method: str, precision: str) -> bool:
@@ -60,29 +64,19 @@ def applies(method: str, precision: str) -> bool:
 
 def backend_of(method: str) -> str:
     """The restore() backend a DIP method runs (all but the original loops)."""
-    return "native" if method in (NATIVE_EAGER, NATIVE_NCHW) else method
+    return "native" if method in NATIVE_VARIANTS else method
 
 
 def method_context(method: str):
     """The context a method's restore() call runs in: native-eager switches the C++ ops off, native-nchw
-    keeps the activations NCHW."""
+    keeps the activations NCHW, native-padded runs the padded BatchNorm kernels on CUDA."""
     if method == NATIVE_EAGER:
         return native.disabled()
     if method == NATIVE_NCHW:
-        return nchw_activations()
+        return backends.variant("native", channels_last_bf16=False)
+    if method == NATIVE_PADDED:
+        return backends.variant("native", blocks={**backends.BACKEND_TABLE["native"].blocks, "cuda": "padded"})
     return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def nchw_activations():
-    """Every plan resolved inside runs NCHW: the harness's switch for the layout, which restore() does not take
-    (backends.Plan.channels_last decides it from the backend and precision)."""
-    saved = backends.Plan.channels_last
-    backends.Plan.channels_last = property(lambda plan: False)
-    try:
-        yield
-    finally:
-        backends.Plan.channels_last = saved
 
 
 def net_overrides(choice: str | None, case_preset: str) -> dict:
