@@ -1,9 +1,28 @@
-"""Shared fixtures: every test starts from the same seeds, and randomness comes from `rng`."""
+"""Shared fixtures: every test starts from the same seeds, and randomness comes from `rng`.
+
+Without CUDA the Triton kernels can run only in Triton's interpreter, and triton.jit reads TRITON_INTERPRET
+when a kernel module is imported: so they are imported here, before any test module (a test module that
+imports triton first, even through torch.utils.flop_counter, would build them for a GPU), under
+TRITON_INTERPRET=1, and the environment is restored, so that no other test sees the variable.
+"""
+
+import os
 
 import numpy as np
 import pytest
 import torch
 from _helpers import make_rng, torch_threads
+
+if not torch.cuda.is_available():
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import dipfast.kernels  # noqa: F401
+    finally:
+        if _saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
 
 
 @pytest.fixture(autouse=True)

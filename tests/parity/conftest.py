@@ -1,30 +1,18 @@
 """Parity suite: each fused kernel against its plain-PyTorch twin in dipfast.reference.
 
 On a machine without CUDA the kernels run in Triton's interpreter. triton.jit reads TRITON_INTERPRET
-when a kernel module is imported, and triton's lazy imports read it again at launch, so this file
-sets it before dipfast.kernels is imported, then restores the environment (the other test modules
-of the same pytest process never see it), and the autouse fixture below sets it again around each
-parity test only.
+when a kernel module is imported, so tests/conftest.py imports dipfast.kernels under it before any test
+module can import triton (torch.utils.flop_counter does), and triton's lazy imports read it again at
+launch, so the autouse fixture below sets it around each parity test only.
 """
-
-import os
 
 import pytest
 import torch
 
+import dipfast.kernels.lanczos2
 from dipfast.engine import ieee_fp32
 
-_INTERPRET = not torch.cuda.is_available()
-_saved = os.environ.get("TRITON_INTERPRET")
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import dipfast.kernels.lanczos2  # noqa: F401  (builds the kernels for the interpreter)
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+_INTERPRET = not torch.cuda.is_available()  # tests/conftest.py built the kernels for the interpreter then
 
 DEVICE = "cpu" if _INTERPRET else "cuda"
 
