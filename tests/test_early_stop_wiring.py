@@ -281,3 +281,36 @@ def test_stop_rule_of_is_what_restore_and_batch_share():
     assert api.stop_rule_of(task, None, None, 3000) == CALIBRATED["denoise"]
     assert api.stop_rule_of(task, "iterations", None, 3000) is None
     assert api.stop_rule_of(api.task_named("inpaint"), None, None, 3000) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the criterion and the freeze inside the captured step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: early stopping inside the CUDA graph")
+def test_auto_runs_inside_the_cuda_graph_as_the_eager_step():
+    """Two networks, the step captured once and replayed: the criterion, the stops and the frozen network
+    match the same step run eagerly (no input noise: replayed and eager draws need not be one stream)."""
+    cuda = torch.device("cuda")
+    rng = torch.Generator().manual_seed(0)
+    problems = [_problem(rng, 64, 64), _problem(rng, 64, 64)]
+    preset = dataclasses.replace(PRESET, reg_noise_std=0.0)
+    plan = backends.resolve("native", "fp32", cuda)
+    steps = []
+    for p in (plan, dataclasses.replace(plan, cuda_graph=False)):
+        built, zs = fast_step.build_nets(problems, preset, [0, 1])
+        steps.append(fast_step.FastStep(built, zs, problems, preset, cuda, [0, 1], 8, p, early_stop=SPEC))
+    graphed, eager = steps
+    assert graphed.graph_safe and graphed.graphed is not None
+    with engine.ieee_fp32():
+        for _ in range(BOUND):
+            graphed()
+            eager()
+            if bool(eager.early_stop.stopped.all()) and bool(graphed.early_stop.stopped.all()):
+                break
+    torch.cuda.synchronize()
+    assert graphed.graphed.captures == 1
+    stops = graphed.early_stop.stop_iteration.tolist()
+    assert min(stops) > 0 and stops == eager.early_stop.stop_iteration.tolist()
+    assert graphed.early_stop.best_iteration.tolist() == eager.early_stop.best_iteration.tolist()
+    torch.testing.assert_close(graphed.early_stop.best_output, eager.early_stop.best_output, rtol=0, atol=1e-4)
