@@ -162,7 +162,7 @@ class ReferenceStep:
         self.early_stop = None
         if early_stop is not None:
             self.early_stop = EarlyStop(early_stop, 1, out_shape[1:], device)
-            self.freeze = step_rules.Freeze(graph_safe=True)
+            self.freeze = step_rules.Freeze(graph_safe=device.type == "cuda")  # no host read on a GPU
         else:
             self.no_criterion = step_rules.no_criterion(1, device)
 
