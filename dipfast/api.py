@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dipfast import backends, engine, images, memory, nets, tile_choice
+from dipfast import backends, early_stop, engine, images, memory, nets, tile_choice
 from dipfast.backends import BACKENDS, BATCHED_BACKENDS, PRECISIONS  # noqa: F401  (re-exported: the harness lists them)
+from dipfast.early_stop import STOPS, EarlyStopSpec
 from dipfast.errors import InputError, InputTypeError
 from dipfast.metrics import psnr as psnr_metric
 from dipfast.metrics import ssim as ssim_metric
@@ -35,7 +36,7 @@ class Result:
     iterations: int
     seconds: float
     its: float  # iterations per second of the loop
-    stop_reason: str  # 'iterations', 'callback' or 'interrupted'
+    stop_reason: str  # 'iterations', 'early-stop', 'callback' or 'interrupted'
     task: str
     settings: TaskPreset
     backend: str
@@ -43,12 +44,15 @@ class Result:
     precision: str
     seed: int
     extras: dict = field(default_factory=dict)
+    # stop='auto': the detected iteration, whose output .image is (None: stop='iterations', the fixed count)
+    stop_iteration: int | None = None
 
     def __repr__(self) -> str:
         quality = f", psnr={self.psnr:.2f} dB, ema_psnr={self.ema_psnr:.2f} dB" if self.psnr is not None else ""
+        detected = f", stop_iteration={self.stop_iteration}" if self.stop_iteration is not None else ""
         return (
             f"Result(task={self.task!r}, iterations={self.iterations}, seconds={self.seconds:.1f}, "
-            f"its={self.its:.1f}{quality}, stop_reason={self.stop_reason!r})"
+            f"its={self.its:.1f}{quality}, stop_reason={self.stop_reason!r}{detected})"
         )
 
 
@@ -108,6 +112,8 @@ def restore(
     restarts: int = 1,
     tile: int | str | None = "auto",
     overlap: int | None = None,
+    stop: str | None = None,
+    early_stop: EarlyStopSpec | None = None,
     **overrides,
 ) -> Result | list[Result]:
     """Restore `image` with Deep Image Prior.
@@ -127,6 +133,12 @@ def restore(
     tile: 'auto' (tiles only where the whole fit would not fit the device's memory), an int (square tiles
         of that side, trained side by side and blended) or None (never tile); overlap: pixels shared by
         neighbouring tiles (default tile // 8). See dipfast.tiled_restore.
+    stop: 'iterations' (the preset's fixed count, as the paper) or 'auto' (early stopping without ground
+        truth, dipfast.early_stop: each fit stops where its outputs start to fit the noise and returns
+        the output of that point, Result.stop_iteration; iters is the upper bound). None: the task's
+        default (early_stop.DEFAULT_STOP: 'auto' for denoise and jpeg), or 'iterations' where 'auto'
+        cannot act (fewer iterations than its window, or a tiled fit).
+    early_stop: an EarlyStopSpec for stop='auto' instead of the task's calibrated rule (early_stop.CALIBRATED).
 
     >>> import numpy as np, dipfast
     >>> noisy = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
@@ -137,6 +149,7 @@ def restore(
     """
     task = task_named(task)
     preset_obj = _settings(task, preset, scale, iters, overrides)
+    stop_rule = stop_rule_of(task, stop, early_stop, preset_obj.iterations)
     dev = resolve_device(device)
     plan = backends.resolve(backend, precision, dev)
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
@@ -159,6 +172,10 @@ def restore(
     custom = operator is not None or loss is not None
     tiling = tile_choice.choose(inputs, task, preset_obj, plan, dev, tile, overlap, restarts, scale, custom)
     if tiling is not None:  # every image of the call in tiles of one size (the memory check is done)
+        if stop == "auto" or early_stop is not None:
+            raise InputError(
+                "stop='auto' does not apply to a tiled fit yet; give stop='iterations', or tile=None for one fit"
+            )
         from dipfast.tiled_restore import restore_all
 
         common = (task, preset_obj, plan, dev, seed, scale, restarts, progress, callback, report_every)
@@ -169,6 +186,8 @@ def restore(
         x0, alpha, form = images.to_tensor(img, f"image[{k}]" if batch else "image")
         observed.append((x0, alpha, form))
         problems.append(_problem(task, preset_obj, x0, masks[k], guides[k], targets[k], operator, loss, scale, dev))
+        if stop_rule is not None:
+            stop_rule.validate(preset_obj.iterations, problems[-1].out_size)
 
     # Same-size problems share one step (fast backends); each restart is one more network.
     buckets: dict[tuple, list[tuple[int, int]]] = {}
@@ -178,7 +197,9 @@ def restore(
     fits: dict[tuple[int, int], engine.Fit] = {}
     for (input_shape, _, n_channels), members in buckets.items():
         n_networks = len(members) if plan.fast else 1
-        memory.check_fits(preset_obj.net, input_shape[0], n_channels, input_shape[1:], n_networks, plan.precision, dev)
+        memory.check_fits(
+            preset_obj.net, input_shape[0], n_channels, input_shape[1:], n_networks, plan.precision, dev, stop_rule
+        )
         done = engine.fit_many(
             [problems[k] for k, _ in members],
             preset_obj,
@@ -188,6 +209,7 @@ def restore(
             callback=callback,
             report_every=report_every,
             plan=plan,
+            early_stop=stop_rule,
         )
         fits.update(zip(members, done))
 
@@ -218,7 +240,12 @@ def _result(task, preset_obj, plan, dev, seed, observed, problem, fits: list[eng
         extras["capture_seconds"] = first.capture_seconds
     if len(fits) > 1:
         extras["restarts"] = [
-            {"seed": seed + r, "psnr": f.history[-1].psnr, "ema_psnr": f.history[-1].ema_psnr}
+            {
+                "seed": seed + r,
+                "psnr": f.history[-1].psnr,
+                "ema_psnr": f.history[-1].ema_psnr,
+                "stop_iteration": f.stop_iteration,
+            }
             for r, f in enumerate(fits)
         ]
     if task.finish is not None:
@@ -249,7 +276,31 @@ def _result(task, preset_obj, plan, dev, seed, observed, problem, fits: list[eng
         precision=plan.precision,
         seed=seed,
         extras=extras,
+        stop_iteration=first.stop_iteration,
     )
+
+
+def stop_rule_of(task: Task, stop, spec, iterations: int) -> EarlyStopSpec | None:
+    """The early-stopping rule restore(stop=, early_stop=) runs for `task` with `iterations` as the upper
+    bound, or None for the fixed count. An explicit 'auto' (or a spec) that cannot act is an InputError;
+    the task's default falls back to the fixed count there."""
+    if stop is not None and (not isinstance(stop, str) or stop not in STOPS):
+        raise InputError(f"unknown stop {stop!r}; valid: {list(STOPS)}")
+    if spec is not None and not isinstance(spec, EarlyStopSpec):
+        raise InputTypeError(f"early_stop must be a dipfast.early_stop.EarlyStopSpec; got {type(spec).__name__}")
+    if spec is not None and stop == "iterations":
+        raise InputError("early_stop= is the rule of stop='auto'; drop it, or give stop='auto'")
+    explicit = stop == "auto" or spec is not None
+    if not explicit and (stop == "iterations" or early_stop.default_stop(task.name) == "iterations"):
+        return None
+    rule = spec if spec is not None else early_stop.calibrated(task.name)
+    try:
+        rule.validate(iterations)
+    except InputError:
+        if explicit:
+            raise
+        return None  # too few iterations for the default rule to act: the fixed count
+    return rule
 
 
 def _settings(task: Task, preset, scale, iters, overrides) -> TaskPreset:

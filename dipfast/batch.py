@@ -106,6 +106,7 @@ def restore_many(
     batch: int = 4,
     seed: int = 0,
     ray=None,
+    stop: str | None = None,
     progress: bool = True,
     **overrides,
 ) -> BatchSummary:
@@ -117,7 +118,7 @@ def restore_many(
     target_dir: ground truths at the outputs' relative paths: the manifest gets their PSNR.
     batch: the most networks trained in one step (CUDA; one on the CPU, see the module docstring).
     ray: None (this process), True (RAY_ADDRESS, or a local cluster) or a Ray address.
-    task, preset, scale, iters, backend, precision, device, seed, **overrides: as restore().
+    task, preset, scale, iters, backend, precision, device, seed, stop, **overrides: as restore().
     Ctrl-C (KeyboardInterrupt) stops the batch: every finished image keeps its output and record, and
     the summary comes back with interrupted=True.
 
@@ -135,12 +136,14 @@ def restore_many(
             raise InputError(f"{name} must be an integer >= {least}; got {value!r}")
     _check_names(backend, precision)
     settings_obj = api._settings(task_named(task), preset, scale, iters, dict(overrides))
+    stop_rule = api.stop_rule_of(task_named(task), stop, None, settings_obj.iterations)
     # Everything that changes an output belongs in `settings`: a rerun with another value recomputes.
-    # The early-stopping rule (--stop) and tiling (--tile) join here when they exist.
+    # Tiling (--tile) joins here when it exists.
     settings = _jsonable(
         {
             "task": task,
             "preset": settings_obj,
+            "stop": stop_rule if stop_rule is not None else "iterations",
             "backend": backend,
             "precision": precision,
             "device": str(device),
@@ -156,6 +159,7 @@ def restore_many(
         "device": device,
         "backend": backend,
         "precision": precision,
+        "stop": stop,
         "progress": False,
         **overrides,
     }
@@ -529,7 +533,7 @@ def _estimate(task: GroupTask, group: list) -> int:
     return memory.estimate_bytes(preset.net, preset.input_depth, c, size, len(group), precision, "cuda")
 
 
-_RESTORE_ARGS = ("task", "preset", "scale", "iters", "seed", "device", "backend", "precision", "progress")
+_RESTORE_ARGS = ("task", "preset", "scale", "iters", "seed", "device", "backend", "precision", "stop", "progress")
 
 
 # -- a group's fit: what a worker runs -------------------------------------------------------------

@@ -12,12 +12,17 @@ import sys
 from pathlib import Path
 
 from dipfast.backends import BACKENDS, PRECISIONS
+from dipfast.early_stop import STOPS
 from dipfast.errors import InputError, NumericalError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_NUMERICAL = 3  # the fit went NaN or inf (dipfast.errors.NumericalError)
 EXIT_SOME_FAILED = 1  # batch: some images failed (each one's error is in the manifest and the summary)
+STOP_HELP = (
+    "auto (stop where the fit starts to fit the noise, no ground truth needed; --iters is the upper bound) or "
+    "iterations (the preset's fixed count); default: the task's (auto for denoise and jpeg)"
+)
 
 
 def _integer_from(minimum: int):
@@ -90,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         help="auto (tiles only when the image would not fit the device's memory), none, or a tile side in pixels",
     )
     r.add_argument("--overlap", type=non_negative_int, help="pixels shared by neighbouring tiles (default: tile / 8)")
+    r.add_argument("--stop", choices=STOPS, help=STOP_HELP)
     r.add_argument("--ema-output", help="also write the EMA of the outputs here")
     r.add_argument("--force", action="store_true", help="overwrite existing output files")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -142,7 +148,8 @@ def _add_batch_parser(sub, tasks) -> None:
     b.add_argument("--scale", type=int, help="SR factor: 2, 4 or 8")
     b.add_argument("--mask-dir", help="inpaint/restore: the masks, at the inputs' relative paths (white = known)")
     b.add_argument("--target-dir", help="ground truths at the inputs' relative paths: PSNR in the manifest")
-    # --stop (early stopping) and --tile (tiled fits) join here, passed on to restore_many()
+    # --tile (tiled fits) joins here, passed on to restore_many()
+    b.add_argument("--stop", choices=STOPS, help=STOP_HELP)
     b.add_argument("--iters", type=positive_int, help="number of iterations (default: the preset's)")
     b.add_argument("--seed", type=non_negative_int, default=0, help="every image's seed (as restore --seed)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -180,6 +187,7 @@ def _batch(args) -> int:
         batch=args.batch,
         seed=args.seed,
         ray=args.ray,
+        stop=args.stop,
         progress=not args.quiet,
     )
     print_summary(summary)
@@ -250,6 +258,7 @@ def _restore(args) -> int:
         restarts=args.restarts,
         tile=args.tile,
         overlap=args.overlap,
+        stop=args.stop,
         progress=not args.quiet,
     )
     _save(result.image, out)
@@ -258,6 +267,8 @@ def _restore(args) -> int:
     quality = f", PSNR {result.psnr:.2f} dB (EMA {result.ema_psnr:.2f} dB)" if result.psnr is not None else ""
     tiling = result.extras.get("tiling")
     tiles = f", {len(tiling['boxes'])} tiles of {tiling['tile']} px" if tiling else ""
+    if result.stop_reason == "early-stop":
+        tiles += f", stopped early: the output of iteration {result.stop_iteration}"
     print(
         f"{out}: {result.iterations} iterations in {result.seconds:.1f} s ({result.its:.1f} it/s){tiles}{quality}"
         + (" [interrupted]" if result.stop_reason == "interrupted" else "")

@@ -76,6 +76,9 @@ def run_demo(
     ax.plot(it, [row.psnr for row in result.history], label="output", lw=1)
     ax.plot(it, [row.ema_psnr for row in result.history], label="EMA of outputs", lw=1.5)
     ax.axhline(noisy_psnr, color="gray", ls="--", lw=1, label="noisy input")
+    if result.stop_iteration is not None:  # stop='auto': the returned output, at the point the criterion chose
+        ax.axvline(result.stop_iteration, color="r", ls=":", lw=1)
+        ax.plot([result.stop_iteration], [result.psnr], "ro", label=f"returned (auto stop, it {result.stop_iteration})")
     ax.set(
         xlabel="iteration",
         ylabel="PSNR vs clean (dB)",
@@ -86,7 +89,8 @@ def run_demo(
     fig.tight_layout()
     fig.savefig(out / "psnr.png", dpi=120)
     plt.close(fig)
+    detected = f", the output of iteration {result.stop_iteration}" if result.stop_iteration is not None else ""
     print(
         f"restored: PSNR {result.psnr:.2f} dB, EMA {result.ema_psnr:.2f} dB "
-        f"({result.iterations} iterations in {result.seconds:.1f} s on {result.device}); wrote {out}/"
+        f"({result.iterations} iterations in {result.seconds:.1f} s on {result.device}{detected}); wrote {out}/"
     )

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from dipfast.errors import InputError
 
+STOPS = ("auto", "iterations")  # restore(stop=): the criterion, or the preset's fixed count
 METHODS = ("wmv", "emv")
 RETURNS = ("output", "window-mean")
 
@@ -113,7 +114,7 @@ def calibrated(task: str) -> EarlyStopSpec:
 
 
 def default_stop(task: str) -> str:
-    """'auto' or 'iterations': what restore(stop=None) means for `task`."""
+    """'auto' or 'iterations' (STOPS): what restore(stop=None) means for `task`."""
     return DEFAULT_STOP.get(task, "iterations")
 
 

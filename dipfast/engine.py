@@ -17,6 +17,12 @@ Everything stays on the device: backtracking is torch.where over the parameters,
 and PSNRs go into a small metrics buffer that the host reads every `report_every` iterations
 for the progress bar, the history and the callback.
 
+Early stopping (stop='auto', dipfast.early_stop): after the backward, the criterion takes the
+iteration's output; a network whose patience has run out is stopped, and from that iteration on its
+parameters, Adam moments and EMA stay as they were (step_rules.Freeze). The read-back sees each
+network's stopped flag in its metrics rows; once all have stopped, the loop ends ('early-stop'), and
+each network's result is the output the criterion kept at its own detected point.
+
 Where it differs from the notebook: the fall-back test compares fp32 losses on the device
 instead of float64 PSNRs on the CPU (the same rule, 10 log10 of a ratio of MSEs, up to rounding).
 """
@@ -34,6 +40,7 @@ from tqdm.auto import tqdm
 
 from dipfast import fast_step, step_rules
 from dipfast.backends import REFERENCE_PLAN, Plan, conv_precision
+from dipfast.early_stop import EarlyStop, EarlyStopSpec
 from dipfast.errors import InputError, NumericalError
 from dipfast.nets.layers import centre_crop
 from dipfast.nvtx_ranges import phase
@@ -79,6 +86,7 @@ class HistoryRow:
     ema_psnr: float | None  # EMA output vs target
     fell_back: bool  # backtracking restored the parameters at this step
     seconds: float  # wall time from the start of the run to the read-back that brought this row
+    criterion: float | None = None  # the early-stop VAR (stop='auto'; None before it is defined)
 
 
 @dataclass
@@ -92,6 +100,7 @@ class Progress:
     seconds: float
     image: torch.Tensor  # (1, C, H, W), the latest raw output
     ema_image: torch.Tensor  # (1, C, H, W)
+    criterion: float | None = None  # the early-stop VAR (stop='auto'; None before it is defined)
 
 
 @dataclass
@@ -102,7 +111,10 @@ class Fit:
     iterations: int = 0
     seconds: float = 0.0  # the whole run: set-up, loop and final forward
     loop_seconds: float = 0.0
-    stop_reason: str = "iterations"
+    stop_reason: str = "iterations"  # or 'early-stop', 'callback', 'interrupted'
+    # stop='auto': the detected iteration whose output is .image (None: the fixed count, or none yet)
+    stop_iteration: int | None = None
+    early_stopped: bool = False  # stop='auto': this network stopped; its history ends at that iteration
     first_step_seconds: float = 0.0  # set-up and the first iteration: where compilation happens
     capture_seconds: float = 0.0  # the CUDA graph capture (CUDA, fast backends)
 
@@ -124,6 +136,7 @@ class ReferenceStep:
         device: torch.device,
         seed: int,
         report_every: int,
+        early_stop: EarlyStopSpec | None = None,
     ):
         self.net, self.problem, self.preset = net, problem, preset
         self.z = z.to(device)
@@ -146,6 +159,12 @@ class ReferenceStep:
             # each tensor viewed as (1, ...): the one network of step_rules' stacked (N, ...) tensors
             self._stacked = [p.detach()[None] for p in net.parameters()], [s[None] for s in self.saved]
             self.backtracking_state = step_rules.BacktrackingState.start(1, device)
+        self.early_stop = None
+        if early_stop is not None:
+            self.early_stop = EarlyStop(early_stop, 1, out_shape[1:], device)
+            self.freeze = step_rules.Freeze(graph_safe=device.type == "cuda")  # no host read on a GPU
+        else:
+            self.no_criterion = step_rules.no_criterion(1, device)
 
     def _loss(self, out: torch.Tensor) -> torch.Tensor:
         return self.problem.data_term(out, self.y, check=self.calls == 0)
@@ -161,9 +180,14 @@ class ReferenceStep:
         with phase("backward"):
             self.optimizer.zero_grad()
             loss.backward()
+        stopped = None
         with phase("backtracking"), torch.no_grad():
             self.out.copy_(out)
-            step_rules.ema_update(self.ema, self.out, self.iteration == 0, self.preset.ema)
+            if self.early_stop is not None:
+                self.early_stop.update(self.out, self.iteration)
+                stopped = self.early_stop.stopped
+                self.freeze.save(self._held(), stopped)
+            step_rules.ema_update(self.ema, self.out, self.iteration == 0, self.preset.ema, stopped)
             if self.backtracking is not None:
                 fell_back = self._backtrack(loss.detach())
             else:
@@ -171,10 +195,22 @@ class ReferenceStep:
         with phase("optimizer"):
             self.optimizer.step()
         with torch.no_grad():
-            row = step_rules.metrics_row(loss.detach().reshape(1), self.out, self.ema, self.target, fell_back)
+            if stopped is not None:
+                self.freeze.restore(self._held(), stopped)
+                criterion = (self.early_stop.criterion, stopped)
+            else:
+                criterion = self.no_criterion
+            row = step_rules.metrics_row(
+                loss.detach().reshape(1), self.out, self.ema, self.target, fell_back, *criterion
+            )
             self.metrics[self.calls % self.metrics.shape[0]] = row
             self.iteration += 1
         self.calls += 1
+
+    def _held(self) -> list[torch.Tensor]:
+        """The parameters and Adam moments, each viewed as (1, ...): the one network of step_rules' stacks."""
+        params = list(self.net.parameters())
+        return [t.detach()[None] for t in (*params, *step_rules.adam_moments(self.optimizer, params))]
 
     def _backtrack(self, loss: torch.Tensor) -> torch.Tensor:
         """The notebook's rule for a 0-dim loss, without a host sync (step_rules); returns `bad`, (1,) bool."""
@@ -205,8 +241,10 @@ def fit(
     callback: Callable[[Progress], bool | None] | None = None,
     report_every: int = 25,
     plan: Plan = REFERENCE_PLAN,
+    early_stop: EarlyStopSpec | None = None,
 ) -> Fit:
-    """Run the preset's iterations on `problem` with the backend of `plan` (the reference by default)."""
+    """Run the preset's iterations on `problem` with the backend of `plan` (the reference by default);
+    early_stop: the rule of stop='auto' (the preset's iterations are then the upper bound)."""
     return fit_many(
         [problem],
         preset,
@@ -216,6 +254,7 @@ def fit(
         callback=callback,
         report_every=report_every,
         plan=plan,
+        early_stop=early_stop,
     )[0]
 
 
@@ -229,30 +268,34 @@ def fit_many(
     callback: Callable[[Progress], bool | None] | None = None,
     report_every: int = 25,
     plan: Plan = REFERENCE_PLAN,
+    early_stop: EarlyStopSpec | None = None,
 ) -> list[Fit]:
     """Fit each problem with its own network and seed: one step for all of them on the fast backends
     (same-size problems only), one after another on the reference backend (the oracle is one DIP).
 
-    With more than one problem the callback's Progress carries the mean loss and PSNRs and all
-    N images; True from it stops every fit.
+    With more than one problem the callback's Progress carries the mean loss, PSNRs and criterion and
+    all N images; True from it stops every fit. With early_stop, each network stops on its own (its
+    Fit: stop_reason 'early-stop', stop_iteration, the output at that point) and the step ends when all
+    have stopped.
     """
     if not plan.fast:
         return [
-            _run([problem], preset, device, [seed], progress, callback, report_every, plan)[0]
+            _run([problem], preset, device, [seed], progress, callback, report_every, plan, early_stop)[0]
             for problem, seed in zip(problems, seeds)
         ]
-    return _run(problems, preset, device, seeds, progress, callback, report_every, plan)
+    return _run(problems, preset, device, seeds, progress, callback, report_every, plan, early_stop)
 
 
-def _run(problems, preset, device, seeds, progress, callback, report_every, plan: Plan) -> list[Fit]:
+def _run(problems, preset, device, seeds, progress, callback, report_every, plan: Plan, early_stop) -> list[Fit]:
     start = time.perf_counter()
     # Each network's initialisation and z come from the CPU RNG, as in the original, seeded
     # without touching the caller's global RNG state.
     built, zs = fast_step.build_nets(problems, preset, seeds)
     if plan.fast:
-        step = fast_step.FastStep(built, zs, problems, preset, device, seeds, report_every, plan)
+        step = fast_step.FastStep(built, zs, problems, preset, device, seeds, report_every, plan, early_stop=early_stop)
     else:
-        step = ReferenceStep(built[0].to(device), zs[0], problems[0], preset, device, seeds[0], report_every)
+        net = built[0].to(device)
+        step = ReferenceStep(net, zs[0], problems[0], preset, device, seeds[0], report_every, early_stop)
     results = [Fit(image=None, ema_image=None) for _ in problems]
     bar = tqdm(total=preset.iterations, disable=not progress, unit="it", leave=False, dynamic_ncols=True)
     loop_start = time.perf_counter()
@@ -269,29 +312,52 @@ def _run(problems, preset, device, seeds, progress, callback, report_every, plan
                 if done % report_every == 0 or done == preset.iterations:
                     read = done
                     if _read_back(step, results, done, start, bar, callback, plan):
-                        for result in results:
-                            result.stop_reason = "callback"
+                        _stopped_by(results, "callback")
+                        break
+                    if all(result.early_stopped for result in results):
                         break
         except KeyboardInterrupt:
-            for result in results:
-                result.stop_reason = "interrupted"
+            _stopped_by(results, "interrupted")
             if done > read:
                 _read_back(step, results, done, start, bar, None, plan)
         loop_seconds = time.perf_counter() - loop_start
         if done == 0:
             raise KeyboardInterrupt  # interrupted before the first step finished: nothing to return
-        images = step.final_output()
+        images, detected = _outputs(step)
         for k, result in enumerate(results):
             result.first_step_seconds = first_step
             result.capture_seconds = step.capture_seconds
             result.loop_seconds = loop_seconds
-            result.iterations = done
+            result.iterations = result.history[-1].iteration if result.early_stopped else done
+            result.stop_iteration = detected[k]
             result.image = images[k : k + 1]
             result.ema_image = step.ema[k : k + 1].clone()
     seconds = time.perf_counter() - start
     for result in results:
         result.seconds = seconds
     return results
+
+
+def _stopped_by(results: list[Fit], reason: str) -> None:
+    """The loop's reason for every fit still running (an early-stopped one keeps 'early-stop')."""
+    for result in results:
+        if not result.early_stopped:
+            result.stop_reason = reason
+
+
+def _outputs(step) -> tuple[torch.Tensor, list[int | None]]:
+    """(N, C, H, W) each fit's result and its detected iteration: without early stopping one more
+    forward with the last perturbed input (as the notebooks) and None; with it, the output the criterion
+    kept at each network's detected point (the forward where it has none yet: stopped before its first
+    defined value)."""
+    if step.early_stop is None:
+        return step.final_output(), [None] * step.out.shape[0]
+    detected = step.early_stop.best_iteration.tolist()
+    images = step.early_stop.best_output.clone()
+    if not all(detected):
+        missing = torch.tensor([t == 0 for t in detected], device=images.device).view(-1, 1, 1, 1)
+        images = torch.where(missing, step.final_output(), images)
+    return images, [t or None for t in detected]
 
 
 def _sync(device: torch.device) -> None:
@@ -312,6 +378,8 @@ def _read_back(step, results: list[Fit], done: int, start: float, bar, callback,
     for k, row in enumerate(rows):
         iteration = done - n + k + 1
         for j, values in enumerate(row):
+            if results[j].early_stopped:  # frozen: its history ends at its stop
+                continue
             loss = values[col["loss"]]
             if not math.isfinite(loss):
                 image = f" (image {j + 1} of {len(row)})" if len(row) > 1 else ""
@@ -321,15 +389,23 @@ def _read_back(step, results: list[Fit], done: int, start: float, bar, callback,
                 )
             psnr_, ema_psnr = _finite(values[col["psnr"]]), _finite(values[col["ema_psnr"]])
             fell_back = bool(values[col["fell_back"]])
-            results[j].history.append(HistoryRow(iteration, loss, psnr_, ema_psnr, fell_back, seconds))
+            criterion = _finite(values[col["criterion"]])
+            results[j].history.append(HistoryRow(iteration, loss, psnr_, ema_psnr, fell_back, seconds, criterion))
+            if values[col["stopped"]]:
+                results[j].early_stopped = True
+                results[j].stop_reason = "early-stop"
     lasts = [result.history[-1] for result in results]
     loss, psnr_, ema_psnr = (_mean([getattr(r, name) for r in lasts]) for name in ("loss", "psnr", "ema_psnr"))
+    criteria = [r.criterion for r in lasts if r.criterion is not None]
+    criterion = sum(criteria) / len(criteria) if criteria else None
     bar.update(done - bar.n)
     postfix = {"loss": f"{loss:.3e}"}
     if psnr_ is not None:
         postfix.update(psnr=f"{psnr_:.2f}", ema=f"{ema_psnr:.2f}")
+    if criterion is not None:
+        postfix.update(crit=f"{criterion:.2e}")
     bar.set_postfix(postfix, refresh=False)
     if callback is None:
         return False
-    info = Progress(done, loss, psnr_, ema_psnr, seconds, step.out, step.ema)
+    info = Progress(done, loss, psnr_, ema_psnr, seconds, step.out, step.ema, criterion)
     return bool(callback(info))

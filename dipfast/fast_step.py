@@ -16,6 +16,10 @@ which is what lets CUDA replay it as one graph (on a CPU, where there is no grap
 reads its two masks to copy only the networks that change: step_rules.apply_backtracking).
 precision='bf16' runs the generator under autocast; the loss, the metrics, Adam and the master
 weights stay fp32.
+
+With early stopping (early_stop.EarlyStop, stop='auto'), the criterion reads each iteration's outputs
+inside the step, and a network that has stopped is held still (step_rules.Freeze and the EMA's mask):
+each network stops on its own, and the others run on.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 from dipfast import nets, step_rules
 from dipfast.backends import Plan
 from dipfast.cuda_graph import GraphedStep
+from dipfast.early_stop import EarlyStop, EarlyStopSpec
 from dipfast.errors import InputError
 from dipfast.generator_runner import GeneratorRunner
 from dipfast.input_noise import InputNoise
@@ -36,8 +41,9 @@ class FastStep:
     """N fits of one preset on same-size problems, as one step (step_rules.Step).
 
     vectorised: run the N networks with vmap (default: on CUDA, when N > 1). graph_safe: backtracking
-    without host reads (default: where the step is graph-captured); both are parameters so the CPU
-    can test the GPU's branches.
+    and the freeze of stopped networks without host reads (default: where the step is graph-captured);
+    both are parameters so the CPU can test the GPU's branches. early_stop: the rule of stop='auto'
+    (None: the preset's fixed count, and nothing of early stopping in the step).
     """
 
     def __init__(
@@ -52,6 +58,7 @@ class FastStep:
         plan: Plan,
         vectorised: bool | None = None,
         graph_safe: bool | None = None,
+        early_stop: EarlyStopSpec | None = None,
     ):
         self.n = len(networks)
         self.problems, self.preset, self.plan, self.device = problems, preset, plan, device
@@ -82,6 +89,12 @@ class FastStep:
         if self.backtracking is not None:
             self.saved = [b.detach().clone() for b in self.flat.buffers]
             self.backtracking_state = step_rules.BacktrackingState.start(self.n, device)
+        self.early_stop = None
+        if early_stop is not None:
+            self.early_stop = EarlyStop(early_stop, self.n, n_out[1:], device)
+            self.freeze = step_rules.Freeze(self.graph_safe)
+        else:
+            self.no_criterion = step_rules.no_criterion(self.n, device)
         self.graphed = None
         if plan.cuda_graph:
             prepare = lambda: self.optimizer.zero_grad(set_to_none=True)  # noqa: E731  (grads from the graph's pool)
@@ -111,18 +124,32 @@ class FastStep:
         losses = self._losses(out)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
+        stopped = None
         with torch.no_grad():
             self.out.copy_(out)
-            step_rules.ema_update(self.ema, self.out, self.iteration == 0, self.preset.ema)
+            if self.early_stop is not None:
+                self.early_stop.update(self.out, self.iteration)
+                stopped = self.early_stop.stopped
+                self.freeze.save(self._held(), stopped)
+            step_rules.ema_update(self.ema, self.out, self.iteration == 0, self.preset.ema, stopped)
             if self.backtracking is not None:
                 fell_back = self._backtrack(losses.detach())
             else:
                 fell_back = torch.zeros(self.n, dtype=torch.bool, device=self.device)
         self.optimizer.step()
         with torch.no_grad():
-            row = step_rules.metrics_row(losses.detach(), self.out, self.ema, self.target, fell_back)
+            if stopped is not None:
+                self.freeze.restore(self._held(), stopped)
+                criterion = (self.early_stop.criterion, stopped)
+            else:
+                criterion = self.no_criterion
+            row = step_rules.metrics_row(losses.detach(), self.out, self.ema, self.target, fell_back, *criterion)
             self.metrics.index_copy_(0, (self.iteration % self.metrics.shape[0]).view(1), row[None])
             self.iteration += 1
+
+    def _held(self) -> list[torch.Tensor]:
+        """What a stopped network keeps still: its parameters and Adam moments, (N, ...) each."""
+        return [*self.flat.buffers, *step_rules.adam_moments(self.optimizer, self.flat.buffers)]
 
     def _backtrack(self, losses: torch.Tensor) -> torch.Tensor:
         """The notebook's rule for each network (step_rules); returns `bad`, (N,) bool."""

@@ -10,6 +10,10 @@ on the device with no host sync, so a step that calls them can be captured in a 
                   iterations), loss > factor * last accepted loss restores the last accepted
                   parameters; an accepted checked iteration saves them
     metrics       one row per iteration: N x METRICS, float64, NaN where there is no target
+                  (psnr, ema_psnr) or no criterion (criterion)
+    freeze        with early stopping (dipfast.early_stop), a stopped network's parameters, Adam
+                  moments and EMA no longer change: Freeze.save before the optimizer step,
+                  Freeze.restore after it, and ema_update's `frozen` mask
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import torch
 from dipfast.metrics import psnr
 from dipfast.presets import Backtracking
 
-METRICS = ("loss", "psnr", "ema_psnr", "fell_back")  # a metrics row's columns, in order
+# a metrics row's columns, in order; criterion: the early-stop VAR (NaN without one or before it is
+# defined), stopped: 1 from the iteration the network stopped at (0 without early stopping)
+METRICS = ("loss", "psnr", "ema_psnr", "fell_back", "criterion", "stopped")
 COLUMN = {name: k for k, name in enumerate(METRICS)}
 
 
@@ -47,19 +53,38 @@ def metrics_buffer(rows: int, n: int, device: torch.device) -> torch.Tensor:
 
 
 def metrics_row(
-    losses: torch.Tensor, out: torch.Tensor, ema: torch.Tensor, target: torch.Tensor | None, fell_back: torch.Tensor
+    losses: torch.Tensor,
+    out: torch.Tensor,
+    ema: torch.Tensor,
+    target: torch.Tensor | None,
+    fell_back: torch.Tensor,
+    criterion: torch.Tensor,
+    stopped: torch.Tensor,
 ) -> torch.Tensor:
-    """(N, len(METRICS)) float64: losses (N,), out/ema/target (N, C, H, W), fell_back (N,) bool."""
+    """(N, len(METRICS)) float64: losses (N,), out/ema/target (N, C, H, W), fell_back (N,) bool,
+    criterion (N,) fp32 (NaN: none), stopped (N,) bool."""
     if target is not None:
         quality = [psnr(out, target, dim=(1, 2, 3)), psnr(ema, target, dim=(1, 2, 3))]
     else:  # NaN marks "no target"
         quality = [torch.full_like(losses, math.nan, dtype=torch.float64)] * 2
-    return torch.stack([losses.double(), *quality, fell_back.double()], dim=1)
+    columns = [losses.double(), *quality, fell_back.double(), criterion.double(), stopped.double()]
+    return torch.stack(columns, dim=1)
 
 
-def ema_update(ema: torch.Tensor, out: torch.Tensor, first: torch.Tensor, weight: float) -> None:
-    """ema <- out where `first` (a 0-dim bool: the first iteration), else ema * weight + out * (1 - weight)."""
-    ema.copy_(torch.where(first, out, ema * weight + out * (1 - weight)))
+def no_criterion(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """metrics_row's criterion and stopped columns for a step without early stopping: (N,) NaN, (N,) False."""
+    return torch.full((n,), math.nan, device=device), torch.zeros(n, dtype=torch.bool, device=device)
+
+
+def ema_update(
+    ema: torch.Tensor, out: torch.Tensor, first: torch.Tensor, weight: float, frozen: torch.Tensor | None = None
+) -> None:
+    """ema <- out where `first` (a 0-dim bool: the first iteration), else ema * weight + out * (1 - weight);
+    frozen: (N,) bool, the networks whose EMA keeps its value (stopped ones), or None."""
+    new = torch.where(first, out, ema * weight + out * (1 - weight))
+    if frozen is not None:
+        new = torch.where(_per_network(frozen, ema), ema, new)
+    ema.copy_(new)
 
 
 @dataclass
@@ -112,6 +137,55 @@ def apply_backtracking(
                 s[i].copy_(p[i])
             for i in fell_back:
                 p[i].copy_(s[i])
+
+
+class Freeze:
+    """Holds the stopped networks still: their parameters and Adam moments do not change any more.
+
+    tensors: matching lists of (N, ...) tensors each call (the parameters, then Adam's exp_avg and
+    exp_avg_sq where they exist: Adam makes them at its first step); stopped: (N,) bool.
+    save(tensors, stopped) before the optimizer step (and before backtracking: it reads the values the
+    last restore left), restore(tensors, stopped) after it: a stopped network's rows come back to what
+    they were, so from the iteration it stops at, nothing of it changes. Adam's step count is one per
+    stacked tensor, shared by the N networks; it only scales updates that a stopped network discards.
+    graph_safe: masked torch.where over every element (no host sync, for a CUDA graph); otherwise the
+    mask is read once in save and only the stopped networks' rows are copied (the CPU's way, as
+    apply_backtracking).
+    """
+
+    def __init__(self, graph_safe: bool):
+        self.graph_safe = graph_safe
+        self.held: list[torch.Tensor] = []
+        self._rows: list[int] = []
+
+    @torch.no_grad()
+    def save(self, tensors: list[torch.Tensor], stopped: torch.Tensor) -> None:
+        for t in tensors[len(self.held) :]:  # the first call, and Adam's moments once they exist
+            self.held.append(t.detach().clone())
+        if self.graph_safe:
+            for t, h in zip(tensors, self.held):
+                torch.where(_per_network(stopped, t), t, h, out=h)
+            return
+        self._rows = stopped.nonzero().flatten().tolist()
+        for t, h in zip(tensors, self.held):
+            for i in self._rows:
+                h[i].copy_(t[i])
+
+    @torch.no_grad()
+    def restore(self, tensors: list[torch.Tensor], stopped: torch.Tensor) -> None:
+        if self.graph_safe:
+            for t, h in zip(tensors, self.held):
+                torch.where(_per_network(stopped, t), h, t, out=t)
+            return
+        for t, h in zip(tensors, self.held):
+            for i in self._rows:
+                t[i].copy_(h[i])
+
+
+def adam_moments(optimizer: torch.optim.Adam, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Adam's exp_avg and exp_avg_sq of each of `params` (none before its first step), in order."""
+    state = [optimizer.state.get(p, {}) for p in params]
+    return [s[k] for k in ("exp_avg", "exp_avg_sq") for s in state if k in s]
 
 
 def _per_network(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

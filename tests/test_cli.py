@@ -22,7 +22,7 @@ from _helpers import random_image
 from PIL import Image
 
 import dipfast
-from dipfast import cli
+from dipfast import cli, early_stop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,6 +97,18 @@ def test_restore_writes_the_output_and_a_summary(tmp_path, in_png):
         assert out.format == "PNG" and out.mode == "RGB" and out.size == (16, 16)
     assert in_png.read_bytes() == before
     assert not list(tmp_path.glob(".*dipfast-tmp*"))  # no temporary file left behind
+
+
+def test_restore_stop_auto_reports_its_early_stop(capsys, monkeypatch, tmp_path, in_png):
+    """--stop auto reaches restore(): with a short rule in place of the calibrated one (window 4, patience 4),
+    the fit stops well before --iters and the summary names the iteration whose output was written."""
+    monkeypatch.setitem(early_stop.CALIBRATED, "denoise", early_stop.EarlyStopSpec(window=4, patience=4))
+    rc, out, err = run_main(capsys, "restore", in_png, "-o", tmp_path / "out.png", "--stop", "auto", "--iters", "300")
+    assert rc == 0, err
+    m = re.fullmatch(r".*out\.png: (\d+) iterations in .*, stopped early: the output of iteration (\d+)\n", out)
+    assert m is not None, out
+    assert int(m[1]) == int(m[2]) + 4 < 300
+    assert (tmp_path / "out.png").is_file()
 
 
 def test_demo_writes_its_pngs(tmp_path):
@@ -345,6 +357,18 @@ def _bad_cases():
         "output write fails": output_write_fails,
         "ema output equals output": ema_same_as_output,
         "unknown command": lambda tmp, inp, np_rng: (["bogus"], ["bogus"]),
+        "unknown stop": lambda tmp, inp, np_rng: (
+            ["restore", inp, "-o", tmp / "out.png", "--stop", "soon"],
+            ["--stop", "invalid choice: 'soon'"],
+        ),
+        "stop auto under its window": lambda tmp, inp, np_rng: (
+            ["restore", inp, "-o", tmp / "out.png", "--stop", "auto", "--iters", "3"],
+            ["early-stop window (100) is larger than iters (3)"],
+        ),
+        "batch stop auto under its window": lambda tmp, inp, np_rng: (
+            ["batch", inp, "-o", tmp / "restored", "--stop", "auto", "--iters", "3"],
+            ["early-stop window (100) is larger than iters (3)"],
+        ),
         "demo size 4": lambda tmp, inp, np_rng: (["demo", "--size", "4", "--out", tmp / "demo"], ["demo size"]),
         "demo unknown device": lambda tmp, inp, np_rng: (
             ["demo", "--device", "tpu", "--out", tmp / "demo"],

@@ -6,9 +6,9 @@ From that record come:
     fixed    the PSNR at the preset's fixed count (or the last recorded iteration, if shorter)
     auto     the criterion replayed on the recorded outputs (EarlyStop.update, iteration by iteration):
              the PSNR of the output it returns, the iteration it detected and the one it stopped at
-A replay gives the same decision as the criterion inside the step, since it sees the same outputs
-in the same order; once restore(stop='auto') exists, `detect` can run the fit with it instead
-(a change of that one function; the record is still needed for the oracle).
+A replay gives the same decision as the criterion inside the step (restore(stop='auto')), since it
+sees the same outputs in the same order, and the record is needed for the oracle anyway; the record
+itself runs the fixed count (stop='iterations').
 
 Images: the 9 clean images of the paper's folder (../shared/data/dip: its 9 distinct clean
 photographs; the paper's own 9-image denoising set is not shipped there), centre-cropped, with
@@ -187,6 +187,7 @@ def record(
         progress=progress,
         callback=callback,
         report_every=1,
+        stop="iterations",
     )
     wall = time.perf_counter() - start
     meta = {"iters": iters, "n_networks": n, "wall_seconds": wall, "backend": backend, "precision": precision}
@@ -240,11 +241,7 @@ class Detection:
 
 
 def detect(rec: Record, target: np.ndarray, spec, buffer_dtype=torch.bfloat16) -> Detection:
-    """EarlyStop replayed on the recorded outputs, one iteration at a time, as the step would call it.
-
-    With restore(stop='auto') this becomes one fit with the criterion inside the step; the record is
-    then needed for the oracle only.
-    """
+    """EarlyStop replayed on the recorded outputs, one iteration at a time, as the step calls it."""
     from dipfast.early_stop import EarlyStop
     from dipfast.metrics import psnr
 
@@ -620,6 +617,7 @@ def criterion_cost(
     sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     x = np.random.default_rng(0).random((size, size, 3)).astype(np.float32)
     kwargs = {"device": dev, "precision": precision, "backend": backend, "progress": False, "report_every": steps}
+    kwargs["stop"] = "iterations"
     kwargs.update(overrides)
     loops = []
     for n in (1, steps):
