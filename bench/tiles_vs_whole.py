@@ -45,7 +45,7 @@ def main() -> None:
     clean = gt[top : top + args.size, left : left + args.size]
     noise = np.random.default_rng(args.seed).normal(0, 25 / 255, clean.shape)
     noisy = np.clip(clean + noise, 0, 1).astype(np.float32)
-    common = {"target": clean, "iters": args.iters, "seed": args.seed, "progress": False}
+    common = {"target": clean, "iters": args.iters, "stop": "iterations", "seed": args.seed, "progress": False}
 
     start = time.perf_counter()
     whole = dipfast.restore(noisy, tile=None, **common)

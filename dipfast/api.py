@@ -170,7 +170,7 @@ def restore(
     named = [("mask", mask), ("guide", guide), ("target", target)]
     masks, guides, targets = (_per_image(name, value, len(inputs), batch) for name, value in named)
     custom = operator is not None or loss is not None
-    tiling = tile_choice.choose(inputs, task, preset_obj, plan, dev, tile, overlap, restarts, scale, custom)
+    tiling = tile_choice.choose(inputs, task, preset_obj, plan, dev, tile, overlap, restarts, scale, custom, stop_rule)
     if tiling is not None:  # every image of the call in tiles of one size (the memory check is done)
         if stop == "auto" or early_stop is not None:
             raise InputError(

@@ -78,7 +78,8 @@ def estimate_bytes(
     if early_stop is not None:
         from dipfast.early_stop import EarlyStop
 
-        criterion = EarlyStop.estimate_bytes(early_stop, n_networks, (n_channels, *size))
+        # the criterion's state, and step_rules.Freeze's saved parameters and Adam moments (3 copies)
+        criterion = EarlyStop.estimate_bytes(early_stop, n_networks, (n_channels, *size)) + 3 * params * n_networks
     return FIXED[torch.device(device).type] + int(n_networks * (activations + 5 * params) * MARGIN) + criterion
 
 

@@ -59,9 +59,9 @@ def _working_size(preset: TaskPreset, h: int, w: int) -> tuple[int, int]:
     return nets.working_size(preset.net, preset.input_depth, h, w)
 
 
-def _need(preset: TaskPreset, channels: int, out_h: int, out_w: int, n: int, precision: str, device) -> int:
+def _need(preset: TaskPreset, channels: int, out_h: int, out_w: int, n: int, precision: str, device, early_stop=None):
     size = _working_size(preset, out_h, out_w)
-    return memory.estimate_bytes(preset.net, preset.input_depth, channels, size, n, precision, device)
+    return memory.estimate_bytes(preset.net, preset.input_depth, channels, size, n, precision, device, early_stop)
 
 
 def _most_per_step(preset, channels, side, factor, limit, precision, device, free) -> int:
@@ -84,8 +84,10 @@ def choose(
     restarts: int,
     scale: int | None,
     custom: bool,
+    early_stop=None,
 ) -> TileChoice | None:
-    """The tiling of a restore() call (None: the whole image in one fit, checked to fit here)."""
+    """The tiling of a restore() call (None: the whole image in one fit, checked to fit here, with the
+    criterion's state where early_stop, the whole fit's EarlyStopSpec, is given)."""
     if tile is not None and tile != "auto" and (not isinstance(tile, int) or isinstance(tile, bool)):
         raise InputError(f"tile must be 'auto', None or a positive integer; got {tile!r}")
     if overlap is not None and (not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0):
@@ -112,10 +114,10 @@ def choose(
         )
         return TileChoice(tile, overlap, per_step if plan.fast else 1)
     if tile == "auto" and not custom and task.name != "custom":
-        choice = _auto(known, preset, plan, device, factor, overlap, restarts)
+        choice = _auto(known, preset, plan, device, factor, overlap, restarts, early_stop)
         if choice is not None:
             return choice
-    _check_whole(shapes, preset, plan, device, factor, restarts)
+    _check_whole(shapes, preset, plan, device, factor, restarts, early_stop)
     return None
 
 
@@ -125,13 +127,15 @@ def _tiles(shape, tile: int, overlap: int) -> int:
     return len(TileGrid.cover(shape[1], shape[2], tile, overlap))
 
 
-def _auto(known, preset, plan, device, factor, overlap, restarts) -> TileChoice | None:
+def _auto(known, preset, plan, device, factor, overlap, restarts, early_stop) -> TileChoice | None:
     """Tiles when some image's fit alone would not fit and some tile side smaller than it does."""
     free = memory.available_bytes(device)
     if free is None or not known:
         return None
     too_large = [
-        s for s in known if _need(preset, s[0], s[1] * factor, s[2] * factor, restarts, plan.precision, device) > free
+        s
+        for s in known
+        if _need(preset, s[0], s[1] * factor, s[2] * factor, restarts, plan.precision, device, early_stop) > free
     ]
     if not too_large:
         return None
@@ -164,7 +168,7 @@ def _auto(known, preset, plan, device, factor, overlap, restarts) -> TileChoice 
     return None
 
 
-def _check_whole(shapes, preset, plan, device, factor, restarts) -> None:
+def _check_whole(shapes, preset, plan, device, factor, restarts, early_stop) -> None:
     """The untiled fits' memory check from the shapes alone: same-size images share a step."""
     counts: dict[tuple[int, int, int], int] = {}
     for s in shapes:
@@ -173,4 +177,4 @@ def _check_whole(shapes, preset, plan, device, factor, restarts) -> None:
     for (c, h, w), n in counts.items():
         size = _working_size(preset, h * factor, w * factor)
         n_networks = n * restarts if plan.fast else 1
-        memory.check_fits(preset.net, preset.input_depth, c, size, n_networks, plan.precision, device)
+        memory.check_fits(preset.net, preset.input_depth, c, size, n_networks, plan.precision, device, early_stop)

@@ -77,8 +77,8 @@ def _seconds_per_iteration(size: int, iters: int, device, seed: int) -> float:
     from dipfast import restore
 
     x = np.random.default_rng(seed).random((size, size, 3)).astype(np.float32)
-    restore(x, iters=2, device=device, progress=False)  # warm-up: first-call costs
-    r = restore(x, iters=iters, device=device, progress=False)
+    restore(x, iters=2, stop="iterations", device=device, progress=False)  # warm-up: first-call costs
+    r = restore(x, iters=iters, stop="iterations", device=device, progress=False)
     return 1 / r.its
 
 
@@ -102,7 +102,7 @@ def run_batch_bench(
     from dipfast.bench.runs import net_overrides
     from dipfast.presets import PRESETS
 
-    common = {"iters": iters, "seed": seed, "progress": progress, **net_overrides(net, "denoise")}
+    common = {"iters": iters, "stop": "iterations", "seed": seed, "progress": progress, **net_overrides(net, "denoise")}
     rows, ray_info = [], {}
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="dipfast-bench-batch-") as tmp:

@@ -91,8 +91,9 @@ class Case:
         return RESTORE_ARGS[self.bench_task][2]
 
     def restore_kwargs(self) -> dict:
-        """The arguments restore() takes for this case, besides the image."""
-        kwargs = {"task": self.task, "preset": self.preset, "target": self.target}
+        """The arguments restore() takes for this case, besides the image: the preset's fixed count of
+        iterations (stop='iterations'), so that every method runs the same number."""
+        kwargs = {"task": self.task, "preset": self.preset, "target": self.target, "stop": "iterations"}
         if self.scale is not None:
             kwargs["scale"] = self.scale
         if self.mask is not None:
