@@ -14,7 +14,7 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2}
 
 @pytest.mark.parametrize("table", [configs.HOPPER, configs.INTERPRETER], ids=["hopper", "interpreter"])
 def test_every_family_and_precision_has_a_config(table):
-    expected = {(f, p) for f in (*GEMM_FAMILIES, "pass") for p in configs.PRECISIONS}
+    expected = {(f, p) for f in (*GEMM_FAMILIES, "pass", "plane") for p in configs.PRECISIONS}
     assert set(table) == expected
 
 
@@ -25,6 +25,11 @@ def test_hopper_configs_are_launchable(key):
     c = configs.HOPPER[key]
     if family == "pass":
         assert c.block & (c.block - 1) == 0 and c.block_c & (c.block_c - 1) == 0
+        return
+    if family == "plane":  # batch_norm_act.py's tiles: power-of-two sides within the element budget
+        for size in (c.elements, c.max_w, c.max_c):
+            assert size & (size - 1) == 0
+        assert c.max_w <= c.elements and c.max_c <= c.elements
         return
     for block in (c.block_m, c.block_n, c.block_k):
         assert block >= 16 and block & (block - 1) == 0
