@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import TINY_NET
+from _helpers import TINY_NET, torch_threads
 from torch.func import functional_call, stack_module_state, vmap
 
 from dipfast import flat_parameters, nets
@@ -148,14 +148,15 @@ def test_the_padding_gets_no_gradient_and_stays_zero_under_adam(rng, cast, path)
 
 
 @pytest.mark.parametrize(
-    ("kind", "row_align"),
+    ("kind", "row_align", "threads"),
     [
-        ("fused", ROW_ALIGN),  # the fast step's Adam
-        ("foreach", ROW_ALIGN),
-        pytest.param("fused", 1, marks=pytest.mark.xfail(strict=True, reason="unpadded: the scalar tail")),
+        ("fused", ROW_ALIGN, 1),  # the fast step's Adam
+        ("fused", ROW_ALIGN, 2),  # the buffer split between threads (at 16-element units)
+        ("foreach", ROW_ALIGN, 1),
+        pytest.param("fused", 1, 1, marks=pytest.mark.xfail(strict=True, reason="unpadded: the scalar tail")),
     ],
 )
-def test_adam_updates_a_row_alike_alone_or_in_a_group(rng, monkeypatch, kind, row_align):
+def test_adam_updates_a_row_alike_alone_or_in_a_group(rng, monkeypatch, kind, row_align, threads):
     """Each of three networks' rows, updated by ten Adam steps in one (3, P) buffer and alone in a (1, P)
     one, with the same gradients: the same parameters and Adam state, bit for bit. Without the padding
     (row_align 1) the CPU's fused Adam rounds the last elements of a buffer (its scalar tail) differently
@@ -166,17 +167,18 @@ def test_adam_updates_a_row_alike_alone_or_in_a_group(rng, monkeypatch, kind, ro
     together = FlatParameters(stacked, built[0], CPU)
     alone = [FlatParameters({k: v[i : i + 1] for k, v in stacked.items()}, built[0], CPU) for i in range(3)]
     optimizers = [torch.optim.Adam(f.buffers, lr=0.01, **{kind: True}) for f in (together, *alone)]
-    for _ in range(10):
-        for j, g in enumerate(together.groups):  # DIP-like gradients: small, of mixed scales; padding's zero
-            grad = torch.randn(g.buffer.shape, generator=rng) * 10.0 ** torch.randint(
-                -4, -1, g.buffer.shape, generator=rng
-            )
-            grad[:, g.used :] = 0
-            g.buffer.grad = grad
-            for i, one in enumerate(alone):
-                one.buffers[j].grad = grad[i : i + 1].clone()
-        for optimizer in optimizers:
-            optimizer.step()
+    with torch_threads(threads):
+        for _ in range(10):
+            for j, g in enumerate(together.groups):  # DIP-like gradients: small, of mixed scales; padding's zero
+                grad = torch.randn(g.buffer.shape, generator=rng) * 10.0 ** torch.randint(
+                    -4, -1, g.buffer.shape, generator=rng
+                )
+                grad[:, g.used :] = 0
+                g.buffer.grad = grad
+                for i, one in enumerate(alone):
+                    one.buffers[j].grad = grad[i : i + 1].clone()
+            for optimizer in optimizers:
+                optimizer.step()
     for i, one in enumerate(alone):
         for mine, theirs in zip(one.buffers, together.buffers):
             assert torch.equal(mine.detach()[0], theirs.detach()[i])
