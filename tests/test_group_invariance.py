@@ -49,11 +49,11 @@ def _problems(rng: torch.Generator, h=16, w=12) -> list[engine.Problem]:
     return [one() for _ in SEEDS]
 
 
-def _run(plan, problems, members: list[int], vectorised=None, iters=ITERS) -> fast_step.FastStep:
+def _run(plan, problems, members: list[int], vectorised=None, iters=ITERS, device=CPU) -> fast_step.FastStep:
     """The fast step of the images `members` (in that order), each with its own seed, after `iters` steps."""
     chosen, seeds = [problems[k] for k in members], [SEEDS[k] for k in members]
     built, zs = fast_step.build_nets(chosen, PRESET, seeds)
-    step = fast_step.FastStep(built, zs, chosen, PRESET, CPU, seeds, ITERS, plan, vectorised=vectorised)
+    step = fast_step.FastStep(built, zs, chosen, PRESET, device, seeds, ITERS, plan, vectorised=vectorised)
     with engine.ieee_fp32():
         for _ in range(iters):
             step()
@@ -104,3 +104,18 @@ def test_restore_of_a_list_returns_each_image_as_restored_alone(np_rng):
     for image, result in zip(inputs, together, strict=True):
         alone = dipfast.restore(image, **kw)
         assert np.array_equal(result.image, alone.image)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the per-network step, graph-captured")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_on_cuda_the_per_network_group_fits_alike_alone(rng, precision):
+    """On CUDA the per-network path (vectorised=False; the default vmaps N > 1) under the CUDA graph: the
+    same promise as on the CPU, which also needs cuDNN to pick the same algorithms for every network."""
+    cuda = torch.device("cuda")
+    plan = backends.resolve("native", precision, cuda)
+    problems = _problems(rng, 64, 48)
+    alone = [_run(plan, problems, [k], device=cuda) for k in range(len(SEEDS))]
+    for members in ([2, 0], [0, 1, 2]):
+        together = _run(plan, problems, members, vectorised=False, device=cuda)
+        for row, k in enumerate(members):
+            _assert_row_is_alone(together, row, alone[k])
