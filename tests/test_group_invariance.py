@@ -5,8 +5,8 @@ runs its own forward and backward, so its gradient is the same bits at any N; it
 from its own seed; the EMA, backtracking and metrics are elementwise or per network; and Adam is
 elementwise over FlatParameters' rows, each padded to a multiple of ROW_ALIGN so that no row of any N
 falls in the CPU fused Adam's scalar tail (tests/test_flat_parameters.py shows that tail rounding
-differently). Tested here eager: native fp32 and bf16, and the reference blocks; the compiled
-generators (compile, triton) are left out, for their compile time.
+differently). Tested here eager: native fp32 and bf16, and the reference blocks. The compile backend
+(fp32, CPU) holds too (checked once by hand over six iterations), but is left out for its compile time.
 
 Where it does not: the vectorised path (vmap: grouped convolutions, BatchNorm over N x C channels),
 the CUDA default for N > 1. Both sum in another order than one network's layers: measured on the
@@ -64,7 +64,8 @@ def _assert_row_is_alone(together: fast_step.FastStep, row: int, alone: fast_ste
     """Everything network `row` of `together` carries equals network 0 of `alone`, bit for bit."""
     assert torch.equal(together.out[row], alone.out[0])
     assert torch.equal(together.ema[row], alone.ema[0])
-    assert torch.equal(together.metrics[:, row], alone.metrics[:, 0])  # loss, PSNRs (a target is given), fell_back
+    # loss, PSNRs, fell_back; NaN in the rows not yet written
+    torch.testing.assert_close(together.metrics[:, row], alone.metrics[:, 0], rtol=0, atol=0, equal_nan=True)
     for mine, theirs in zip(together.flat.buffers, alone.flat.buffers, strict=True):
         assert torch.equal(mine.detach()[row], theirs.detach()[0])
         for key in ("exp_avg", "exp_avg_sq"):  # where a difference shows first
