@@ -12,7 +12,8 @@ Here each of those is one op on a buffer, and every step the generator gets view
 
 The buffers are the leaves that Adam updates. Each row is its network's parameters and then zero
 padding up to a multiple of ROW_ALIGN elements, so that an elementwise kernel cuts every row alike,
-whatever the row's index and N: the same seed gives the same bits alone or in a group of any size.
+whatever the row's index and N: Adam updates a network to the same bits alone or in a group of any
+size (with the per-network forward, the whole fit is: tests/test_group_invariance.py).
 The padding stays zero: no view reads it, so its gradient is zero, and Adam (no weight decay) and
 backtracking keep a zero with a zero gradient at zero.
 
