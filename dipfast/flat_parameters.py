@@ -8,12 +8,19 @@ the CPU: 127 -> 118 ms a native bf16 step at 128 px when they went).
 Here each of those is one op on a buffer, and every step the generator gets views of it:
 
     buffer (N, P) fp32  --to(bf16), only the conv group-->  unbind(0) per network, or vmap's (N, ...)
-                        --split(sizes)--> view(shape) [permuted channels_last]  -->  functional_call
+                        --split(sizes + padding)--> view(shape) [permuted channels_last]  -->  functional_call
 
-The buffers are the leaves that Adam updates. Under bf16 autocast the parameters autocast would cast
-for a conv (its weight and bias) sit in their own buffer, cast once per step: the same bf16 weights
-and, through the cast's backward, the same fp32 gradients as the per-tensor casts give, bit for bit.
-The rest (BatchNorm's affine parameters) stays fp32, as under autocast.
+The buffers are the leaves that Adam updates. Each row is its network's parameters and then zero
+padding up to a multiple of ROW_ALIGN elements, so that an elementwise kernel cuts every row alike,
+whatever the row's index and N: Adam updates a network to the same bits alone or in a group of any
+size (with the per-network forward, the whole fit is: tests/test_group_invariance.py).
+The padding stays zero: no view reads it, so its gradient is zero, and Adam (no weight decay) and
+backtracking keep a zero with a zero gradient at zero.
+
+Under bf16 autocast the parameters autocast would cast for a conv (its weight and bias) sit in their
+own buffer, cast once per step: the same bf16 weights and, through the cast's backward, the same fp32
+gradients as the per-tensor casts give, bit for bit. The rest (BatchNorm's affine parameters) stays
+fp32, as under autocast.
 """
 
 from __future__ import annotations
@@ -22,6 +29,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+# A row's length is a multiple of this many elements. CPU elementwise kernels (fused Adam among them)
+# run a vector body over 8 (AVX2), 16 (AVX-512) or up to 64 (SVE-2048) fp32 lanes and finish a tensor
+# with a scalar loop that rounds differently (fused Adam's exp_avg_sq * beta2 + ...: one FMA in the
+# scalar loop, a rounded product then an add in the vector body). Unpadded, which of a network's
+# elements fall in that tail depends on N and on its row; padded, none do.
+ROW_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -50,10 +64,13 @@ class _Group:
     def __init__(self, slots: list[_Slot], stacked: dict[str, torch.Tensor], cast: torch.dtype | None, device):
         self.slots, self.dtype = slots, cast
         self.sizes = [s.numel for s in slots]
+        self.used = sum(self.sizes)  # a row's parameters; the rest of the row is padding
+        self.padding = -self.used % ROW_ALIGN
+        self._pieces = self.sizes + [self.padding] if self.padding else self.sizes
         n = next(iter(stacked.values())).shape[0]
-        self.buffer = torch.empty(n, sum(self.sizes), device=device)
+        self.buffer = torch.zeros(n, self.used + self.padding, device=device)
         with torch.no_grad():
-            for slot, piece in zip(slots, self.buffer.split(self.sizes, dim=1)):
+            for slot, piece in zip(slots, self.buffer.split(self._pieces, dim=1)):
                 slot.view(piece).copy_(stacked[slot.name])
         self.buffer.requires_grad_()
 
@@ -61,8 +78,8 @@ class _Group:
         return buffer if self.dtype is None else buffer.to(self.dtype)
 
     def views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """rows: (..., P) -> {name: (..., *shape)}."""
-        return {slot.name: slot.view(piece) for slot, piece in zip(self.slots, rows.split(self.sizes, dim=-1))}
+        """rows: (..., P) -> {name: (..., *shape)}; the padding (split off last) is left out."""
+        return {slot.name: slot.view(piece) for slot, piece in zip(self.slots, rows.split(self._pieces, dim=-1))}
 
 
 def _cast_by_autocast(module: nn.Module) -> set[str]:
@@ -98,7 +115,8 @@ class FlatParameters:
 
     @property
     def buffers(self) -> list[torch.Tensor]:
-        """The leaves Adam updates and backtracking saves: (N, P_group) fp32 each."""
+        """The leaves Adam updates and backtracking saves: (N, P_group) fp32 each, P_group a multiple of
+        ROW_ALIGN (the group's parameters, then zero padding)."""
         return [g.buffer for g in self.groups]
 
     @property

@@ -2,18 +2,20 @@
 
 Everything here is exact (bit for bit): the buffers hold the same fp32 values as the stacked tensors, the
 views are plain reshapes, and the bf16 cast of the conv group is the cast autocast makes per tensor, so
-the forward and every gradient equal the per-tensor way's exactly.
+the forward and every gradient equal the per-tensor way's exactly. Each row ends in zero padding to a
+multiple of ROW_ALIGN, which stays zero, so that Adam updates a network's row with the same bits
+whatever the number of rows and the row's index.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import TINY_NET
-from torch.func import functional_call, stack_module_state
+from _helpers import TINY_NET, torch_threads
+from torch.func import functional_call, stack_module_state, vmap
 
-from dipfast import nets
-from dipfast.flat_parameters import FlatParameters, ModuleSlots
+from dipfast import flat_parameters, nets
+from dipfast.flat_parameters import ROW_ALIGN, FlatParameters, ModuleSlots
 
 CPU = torch.device("cpu")
 
@@ -29,15 +31,26 @@ def test_buffers_hold_the_stacked_parameters_in_their_layout(cast, channels_last
     stacked, _ = stack_module_state(built)
     flat = FlatParameters(stacked, built[0], CPU, cast, channels_last)
     assert [b.dtype for b in flat.buffers] == [torch.float32] * len(flat.buffers)
-    assert sum(b.numel() for b in flat.buffers) == sum(t.numel() for t in stacked.values())
+    assert sum(g.used for g in flat.groups) * 3 == sum(t.numel() for t in stacked.values())
+    for g in flat.groups:  # each row: the parameters, then fewer than ROW_ALIGN zeros to a multiple of it
+        assert g.buffer.shape == (3, g.used + g.padding) and g.buffer.shape[1] % ROW_ALIGN == 0
+        assert 0 <= g.padding < ROW_ALIGN and torch.equal(_padding(g), torch.zeros(3, g.padding))
     assert set(flat.params) == set(stacked)
     for name, view in flat.params.items():
         assert torch.equal(view, stacked[name])
         if channels_last and view.dim() == 5:
             assert view[1].is_contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():  # the views are the storage: editing one edits the buffer
-        next(iter(flat.params.values())).add_(1.0)
-    assert any(not torch.equal(v, stacked[k]) for k, v in flat.params.items())
+    before = [b.detach().clone() for b in flat.buffers]
+    with torch.no_grad():  # the views are the storage: they tile each row's parameters once, not its padding
+        for view in flat.params.values():
+            view.add_(1.0)
+    for g, old in zip(flat.groups, before):
+        assert torch.equal(g.buffer[:, : g.used], old[:, : g.used] + 1.0)
+        assert not _padding(g).any()
+
+
+def _padding(group) -> torch.Tensor:
+    return group.buffer.detach()[:, group.used :]
 
 
 def test_only_the_convolutions_are_cast():
@@ -95,6 +108,82 @@ def test_forward_and_gradients_equal_the_per_tensor_parameters(rng, precision, c
     )
     for got, want in zip(flat.buffers, grads.buffers):
         assert got.grad is not None and torch.equal(got.grad, want.detach())
+
+
+# vmap's stacked views run in fp32 here: the step takes them on CUDA, where autocast reaches inside vmap
+@pytest.mark.parametrize(("cast", "path"), [(None, "per_network"), (torch.bfloat16, "per_network"), (None, "stacked")])
+def test_the_padding_gets_no_gradient_and_stays_zero_under_adam(rng, cast, path):
+    """Both ways the generator reads the buffers (unbind per network, vmap's stacked views): the padding's
+    gradient is zero, so five fused Adam steps that move every parameter leave the padding at zero."""
+    built = _nets(2)
+    module = built[0]
+    stacked, buffers = stack_module_state(built)
+    flat = FlatParameters(stacked, module, CPU, cast)
+    assert any(g.padding for g in flat.groups)  # the tiny net's rows do need padding
+    start = [b.detach().clone() for b in flat.buffers]
+    optimizer = torch.optim.Adam(flat.buffers, lr=0.01, fused=True)
+    z = torch.randn(2, 1, 5, 16, 16, generator=rng)
+    weights = torch.randn(2, 1, 3, 16, 16, generator=rng)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast is not None, cache_enabled=False)
+    for _ in range(5):
+        optimizer.zero_grad()
+        with autocast:
+            if path == "stacked":
+                run = vmap(lambda p, b, x: functional_call(module, (p, b), (x,)))
+                out = run(flat.stacked(flat.buffers), buffers, z)
+            else:
+                out = torch.stack(
+                    [
+                        functional_call(module, (p, {k: v[i] for k, v in buffers.items()}), (z[i],))
+                        for i, p in enumerate(flat.per_network(flat.buffers))
+                    ]
+                )
+        (out.float() * weights).sum().backward()
+        for g in flat.groups:
+            assert not g.buffer.grad[:, g.used :].any() and g.buffer.grad[:, : g.used].any()
+        optimizer.step()
+    for g, old in zip(flat.groups, start):
+        assert not _padding(g).any()
+        assert (g.buffer[:, : g.used] != old[:, : g.used]).float().mean() > 0.9
+
+
+@pytest.mark.parametrize(
+    ("kind", "row_align", "threads"),
+    [
+        ("fused", ROW_ALIGN, 1),  # the fast step's Adam
+        ("fused", ROW_ALIGN, 2),  # the buffer split between threads (at 16-element units)
+        ("foreach", ROW_ALIGN, 1),
+        pytest.param("fused", 1, 1, marks=pytest.mark.xfail(strict=True, reason="unpadded: the scalar tail")),
+    ],
+)
+def test_adam_updates_a_row_alike_alone_or_in_a_group(rng, monkeypatch, kind, row_align, threads):
+    """Each of three networks' rows, updated by ten Adam steps in one (3, P) buffer and alone in a (1, P)
+    one, with the same gradients: the same parameters and Adam state, bit for bit. Without the padding
+    (row_align 1) the CPU's fused Adam rounds the last elements of a buffer (its scalar tail) differently
+    from the rest, so a row's update depends on N and on its index: the xfail case shows the test can tell."""
+    monkeypatch.setattr(flat_parameters, "ROW_ALIGN", row_align)
+    built = _nets(3)
+    stacked, _ = stack_module_state(built)
+    together = FlatParameters(stacked, built[0], CPU)
+    alone = [FlatParameters({k: v[i : i + 1] for k, v in stacked.items()}, built[0], CPU) for i in range(3)]
+    optimizers = [torch.optim.Adam(f.buffers, lr=0.01, **{kind: True}) for f in (together, *alone)]
+    with torch_threads(threads):
+        for _ in range(10):
+            for j, g in enumerate(together.groups):  # DIP-like gradients: small, of mixed scales; padding's zero
+                grad = torch.randn(g.buffer.shape, generator=rng) * 10.0 ** torch.randint(
+                    -4, -1, g.buffer.shape, generator=rng
+                )
+                grad[:, g.used :] = 0
+                g.buffer.grad = grad
+                for i, one in enumerate(alone):
+                    one.buffers[j].grad = grad[i : i + 1].clone()
+            for optimizer in optimizers:
+                optimizer.step()
+    for i, one in enumerate(alone):
+        for mine, theirs in zip(one.buffers, together.buffers):
+            assert torch.equal(mine.detach()[0], theirs.detach()[i])
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(optimizers[i + 1].state[mine][key][0], optimizers[0].state[theirs][key][i]), key
 
 
 def test_module_slots_put_the_tensors_where_functional_call_would(rng):
