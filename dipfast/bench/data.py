@@ -102,8 +102,6 @@ class Case:
     def input_psnr(self) -> float:
         """The PSNR of the input itself against the target: noisy image, bicubic LR (SR), masked image."""
         if self.scale is not None:
-            from dipfast.bench.baselines import bicubic_upsample
-
             return psnr(bicubic_upsample(self.observed, self.target.shape[:2]), self.target)
         return psnr(self.observed, self.target)
 
@@ -177,6 +175,14 @@ def sr_pair(hr: Image.Image, factor: int) -> tuple[np.ndarray, np.ndarray]:
     w, h = hr.size
     lr = hr.resize((w // factor, h // factor), Image.LANCZOS)
     return _to_float(lr), _to_float(hr)
+
+
+def bicubic_upsample(lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """PIL BICUBIC resize of the 8-bit LR image to size = (H, W): the SR notebook's baseline."""
+    lr8 = np.round(np.clip(lr, 0, 1) * 255).astype(np.uint8)
+    img = Image.fromarray(lr8[..., 0] if lr8.shape[2] == 1 else lr8)
+    out = np.asarray(img.resize((size[1], size[0]), Image.BICUBIC), dtype=np.float32) / 255
+    return out[..., None] if out.ndim == 2 else out
 
 
 def bernoulli_mask(h: int, w: int, keep: float, rng: np.random.Generator) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 
 from dipfast.bench import baselines as baseline_lib
 from dipfast.bench import runs
-from dipfast.bench.data import Case, psnr
+from dipfast.bench.data import Case, bicubic_upsample, psnr
 from dipfast.metrics import psnr_y
 from dipfast.tasks import preset_for
 
@@ -184,7 +184,7 @@ def run_quality(
 def _input_score(case: Case) -> float:
     """The input's own figure under the primary protocol (SR: the bicubic upsampling's)."""
     if case.bench_task in ("sr4", "sr8"):
-        return psnr_y(baseline_lib.bicubic_upsample(case.observed, case.target.shape[:2]), case.target)
+        return psnr_y(bicubic_upsample(case.observed, case.target.shape[:2]), case.target)
     return psnr(case.observed, case.target)
 
 
