@@ -1,4 +1,4 @@
-"""`dipfast bench throughput|time-to-psnr|quality|profile|floor|batch|early-stop|summary`: the command line of the harness.
+"""`dipfast bench <suite>`: the command line of the harness (the suites: SUITES below).
 
 add_bench_parser(subparsers) adds `bench` to the `dipfast` command; run_bench(args) runs it
 and returns the exit status (2 for bad input, with one line on stderr). `python -m dipfast.bench`
@@ -14,11 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from dipfast.cli import _Parser
-from dipfast.cli import positive_int as _positive_int
+from dipfast.cli_args import EXIT_BAD_INPUT, OneLineErrorParser, positive_int
 from dipfast.errors import InputError
 
-EXIT_BAD_INPUT = 2
 SUITES = ("throughput", "time-to-psnr", "quality", "profile", "floor", "batch", "early-stop", "summary")
 
 # 'auto' defaults: (CPU, CUDA)
@@ -33,7 +31,7 @@ AUTO = {
 
 
 def _size(text: str) -> int | str:
-    return "full" if text == "full" else _positive_int(text)
+    return "full" if text == "full" else positive_int(text)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -62,7 +60,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "files of the same suite there are overwritten",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--nvtx", action="store_true", help="NVTX ranges around the step phases (for nsys)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -108,7 +106,7 @@ def _images(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_suites(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="suite", metavar="{throughput,time-to-psnr,quality,profile,floor,batch,early-stop,summary}")
+    sub = parser.add_subparsers(dest="suite", metavar="{" + ",".join(SUITES) + "}")
     t = sub.add_parser(
         "throughput",
         help="iterations/s and peak memory",
@@ -118,18 +116,18 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
         ),
     )
     _common(t)
-    t.add_argument("--size", type=_positive_int, nargs="+", help="image sides (default: 64 128 on CPU, 512 on CUDA)")
+    t.add_argument("--size", type=positive_int, nargs="+", help="image sides (default: 64 128 on CPU, 512 on CUDA)")
     t.add_argument(
         "--batch",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=[1],
         help="batch sizes; N > 1 runs N sequential fits while restore() takes one image",
     )
-    t.add_argument("--iters", type=_positive_int, help="iterations per timed repeat (default: 10 on CPU, 20 on CUDA)")
-    t.add_argument("--repeats", type=_positive_int, default=5)
-    t.add_argument("--warmup", type=_positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
-    t.add_argument("--rounds", type=_positive_int, default=1, help="interleaved rounds over all configurations")
+    t.add_argument("--iters", type=positive_int, help="iterations per timed repeat (default: 10 on CPU, 20 on CUDA)")
+    t.add_argument("--repeats", type=positive_int, default=5)
+    t.add_argument("--warmup", type=positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
+    t.add_argument("--rounds", type=positive_int, default=1, help="interleaved rounds over all configurations")
     t.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
     _configs(t)
 
@@ -143,8 +141,8 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     )
     _common(p)
     _images(p, "denoise")
-    p.add_argument("--iters", type=_positive_int, help="iterations per fit (default: 100 on CPU, the preset's on CUDA)")
-    p.add_argument("--report-every", type=_positive_int, default=10, help="read-back interval: the time resolution")
+    p.add_argument("--iters", type=positive_int, help="iterations per fit (default: 100 on CPU, the preset's on CUDA)")
+    p.add_argument("--report-every", type=positive_int, default=10, help="read-back interval: the time resolution")
     p.add_argument("--targets", type=float, nargs="+", help="target PSNRs in dB (default: input PSNR + 1, 2, 4, 6, 8)")
     p.add_argument("--time-limit", type=float, help="stop each fit after this many seconds")
     p.add_argument("--no-cold", action="store_true", help="skip the cold (fresh-process) runs")
@@ -161,8 +159,8 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     )
     _common(q)
     _images(q, "all")
-    q.add_argument("--iters", type=_positive_int, help="iterations per fit (default: 50 on CPU, each preset's on CUDA)")
-    q.add_argument("--runs", type=_positive_int, default=2, help="denoising runs to average (default: 2, the paper's)")
+    q.add_argument("--iters", type=positive_int, help="iterations per fit (default: 50 on CPU, each preset's on CUDA)")
+    q.add_argument("--runs", type=positive_int, default=2, help="denoising runs to average (default: 2, the paper's)")
 
     f = sub.add_parser(
         "profile",
@@ -173,11 +171,11 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
         ),
     )
     _common(f)
-    f.add_argument("--size", type=_positive_int, help="image side (default: 128 on CPU, 512 on CUDA)")
-    f.add_argument("--batch", type=_positive_int, default=1, help="images trained side by side (default: 1)")
-    f.add_argument("--iters", type=_positive_int, help="profiled iterations (default: 5 on CPU, 20 on CUDA)")
-    f.add_argument("--warmup", type=_positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
-    f.add_argument("--rows", type=_positive_int, default=25, help="ops listed per method (default: 25)")
+    f.add_argument("--size", type=positive_int, help="image side (default: 128 on CPU, 512 on CUDA)")
+    f.add_argument("--batch", type=positive_int, default=1, help="images trained side by side (default: 1)")
+    f.add_argument("--iters", type=positive_int, help="profiled iterations (default: 5 on CPU, 20 on CUDA)")
+    f.add_argument("--warmup", type=positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
+    f.add_argument("--rows", type=positive_int, default=25, help="ops listed per method (default: 25)")
     f.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
     _configs(f)
 
@@ -191,12 +189,12 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
             "nothing runs on a GPU."
         ),
     )
-    fl.add_argument("--size", type=_positive_int, default=512, help="image side (default: 512)")
-    fl.add_argument("--batch", type=_positive_int, default=1, help="networks trained side by side (default: 1)")
+    fl.add_argument("--size", type=positive_int, default=512, help="image side (default: 512)")
+    fl.add_argument("--batch", type=positive_int, default=1, help="networks trained side by side (default: 1)")
     fl.add_argument("--precision", default="bf16", help="fp32 (IEEE), tf32 or bf16 (default)")
     fl.add_argument("--gpu", default="h100", help="h100 (default), h200 or a100")
     fl.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
-    fl.add_argument("--rows", type=_positive_int, default=25, help="ops listed in the Markdown (default: 25)")
+    fl.add_argument("--rows", type=positive_int, default=25, help="ops listed in the Markdown (default: 25)")
     fl.add_argument("--out", default="bench-out", help="folder for floor.json and floor.md (default: bench-out)")
 
     b = sub.add_parser(
@@ -212,19 +210,19 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--out", default="bench-out", help="folder for batch.json and batch.md (default: bench-out)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quiet", action="store_true", help="no progress bars")
-    b.add_argument("--images", type=_positive_int, default=8, help="images per configuration (default: 8)")
-    b.add_argument("--size", type=_positive_int, help="image side (default: 32 on CPU, 256 on CUDA)")
-    b.add_argument("--iters", type=_positive_int, help="iterations per image (default: 10 on CPU, 200 on CUDA)")
+    b.add_argument("--images", type=positive_int, default=8, help="images per configuration (default: 8)")
+    b.add_argument("--size", type=positive_int, help="image side (default: 32 on CPU, 256 on CUDA)")
+    b.add_argument("--iters", type=positive_int, help="iterations per image (default: 10 on CPU, 200 on CUDA)")
     b.add_argument("--net", default="tiny", help="'tiny' (default), 'default' or a preset's name")
-    b.add_argument("--workers", type=_positive_int, nargs="+", default=[1, 2], help="Ray worker counts (default: 1 2)")
-    b.add_argument("--batch", type=_positive_int, default=4, help="networks per step on a GPU (default: 4)")
+    b.add_argument("--workers", type=positive_int, nargs="+", default=[1, 2], help="Ray worker counts (default: 1 2)")
+    b.add_argument("--batch", type=positive_int, default=4, help="networks per step on a GPU (default: 4)")
     b.add_argument(
-        "--ref-size", type=_positive_int, default=128, help="image side of the task Ray's overhead is set against"
+        "--ref-size", type=positive_int, default=128, help="image side of the task Ray's overhead is set against"
     )
     b.add_argument(
-        "--ref-iters", type=_positive_int, help="iterations timed for that task's rate (default: 5 CPU, 50 CUDA)"
+        "--ref-iters", type=positive_int, help="iterations timed for that task's rate (default: 5 CPU, 50 CUDA)"
     )
-    b.add_argument("--round-trips", type=_positive_int, default=50, help="Ray round trips timed (default: 50)")
+    b.add_argument("--round-trips", type=positive_int, default=50, help="Ray round trips timed (default: 50)")
 
     _add_early_stop(sub)
 
@@ -254,11 +252,11 @@ def _add_early_stop(sub) -> None:
         metavar="TASK",
         help=f"of {list(TASKS)} or 'all' (default: denoise)",
     )
-    e.add_argument("--size", type=_positive_int, help="centre crops of SIZE x SIZE (default: 32 on CPU, 256 on CUDA)")
+    e.add_argument("--size", type=positive_int, help="centre crops of SIZE x SIZE (default: 32 on CPU, 256 on CUDA)")
     e.add_argument(
-        "--iters", type=_positive_int, help="iterations recorded per image (default: 800 on CPU, 3000 on CUDA)"
+        "--iters", type=positive_int, help="iterations recorded per image (default: 800 on CPU, 3000 on CUDA)"
     )
-    e.add_argument("--limit", type=_positive_int, help="at most this many images per task")
+    e.add_argument("--limit", type=positive_int, help="at most this many images per task")
     e.add_argument("--cache", help="a folder for the records (read if there, else written): replays are instant")
     e.add_argument("--net", default="preset", help="'preset' (each task's own net, default), 'default' or 'tiny'")
     e.add_argument("--backend", default="native", help="restore()'s backend (default: native)")
@@ -269,15 +267,15 @@ def _add_early_stop(sub) -> None:
         help="also search the rule's settings per task (calibration.json: every candidate, best first)",
     )
     e.add_argument("--method", choices=METHODS, help="the rule, for every task (default: each task's calibrated one)")
-    e.add_argument("--window", type=_positive_int)
-    e.add_argument("--patience", type=_positive_int)
+    e.add_argument("--window", type=positive_int)
+    e.add_argument("--patience", type=positive_int)
     e.add_argument("--alpha", type=float)
     e.add_argument("--threshold", type=float)
     e.add_argument("--start", type=int)
     e.add_argument("--returns", choices=RETURNS)
     e.add_argument(
         "--cost",
-        type=_positive_int,
+        type=positive_int,
         metavar="SIZE",
         help="also time the criterion's update against a default-net step at SIZE px",
     )
@@ -286,7 +284,7 @@ def _add_early_stop(sub) -> None:
         "--out", default="bench-out", help="folder for early_stop.json/.md and the plots (default: bench-out)"
     )
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -357,7 +355,7 @@ def run_bench(args) -> int:
 
 def _run(args) -> int:
     if getattr(args, "suite", None) is None:
-        raise InputError("give a suite: throughput, time-to-psnr, quality, profile, floor, batch, early-stop or summary (see --help)")
+        raise InputError(f"give a suite: {', '.join(SUITES[:-1])} or {SUITES[-1]} (see --help)")
     if args.suite == "summary":
         from dipfast.bench.report import summary
 
@@ -642,7 +640,7 @@ def _early_stop(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog="python -m dipfast.bench", description=("The dipfast benchmark harness (the same as `dipfast bench`).")
     )
     _add_suites(parser)
