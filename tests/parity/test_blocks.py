@@ -73,7 +73,7 @@ def _vanishing_biases(net: nn.Module, reflection: bool) -> dict[str, nn.Module]:
     """
     vanishing = {}
     for name, m in net.named_modules():
-        if name.endswith("conv.conv") and isinstance(m, nn.Conv2d) and not name.startswith("head"):
+        if name.endswith("conv.conv2d") and isinstance(m, nn.Conv2d) and not name.startswith("head"):
             vanishing[f"{name}.bias"] = m
         if reflection and name.endswith("merge_bn"):
             vanishing[f"{name}.bias"] = m
