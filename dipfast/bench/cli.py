@@ -550,7 +550,7 @@ def _time_to_psnr(args, cuda: bool, **common) -> dict:
         targets=args.targets,
         cold=not args.no_cold,
         warm=not args.no_warm,
-        baselines=_baselines(args.baselines),
+        baseline_names=_baselines(args.baselines),
         net=args.net,
         time_limit=args.time_limit,
         **common,
@@ -577,7 +577,7 @@ def _quality(args, cuda: bool, **common) -> dict:
         cases,
         iters=_auto(args.suite, "iters", args.iters, cuda),
         runs_denoise=args.runs,
-        baselines=_baselines(args.baselines),
+        baseline_names=_baselines(args.baselines),
         net=args.net,
         **common,
     )
@@ -592,8 +592,7 @@ def _early_stop(args) -> int:
     import torch
 
     from dipfast import api
-    from dipfast.bench import early_stop as es
-    from dipfast.bench import report
+    from dipfast.bench import early_stop, report
     from dipfast.early_stop import calibrated
 
     out = Path(args.out)
@@ -603,32 +602,34 @@ def _early_stop(args) -> int:
         torch.set_num_threads(args.threads)
     dev = api.resolve_device(args.device)
     cuda = dev.type == "cuda"
-    tasks = list(es.TASKS) if "all" in args.tasks else list(dict.fromkeys(args.tasks))
+    tasks = list(early_stop.TASKS) if "all" in args.tasks else list(dict.fromkeys(args.tasks))
     iters = _auto("early-stop", "iters", args.iters, cuda)
     given = {k: getattr(args, k) for k in ("method", "window", "patience", "alpha", "threshold", "start", "returns")}
     given = {k: v for k, v in given.items() if v is not None}
-    specs = {task: dataclasses.replace(calibrated(es.RESTORE_TASK[task]), **given) for task in tasks}
+    specs = {task: dataclasses.replace(calibrated(early_stop.RESTORE_TASK[task]), **given) for task in tasks}
     for spec in specs.values():
         spec.validate(iters)
-    cases = es.load_cases(args.data, tasks, _auto("early-stop", "size", args.size, cuda), args.seed, args.limit)
+    cases = early_stop.load_cases(args.data, tasks, _auto("early-stop", "size", args.size, cuda), args.seed, args.limit)
     cache = Path(args.cache) if args.cache else None
     run = {"device": dev, "precision": args.precision, "backend": args.backend, "seed": args.seed}
-    records = es.record_cached(cases, iters, cache, progress=not args.quiet, net=args.net, **run)
-    rep = es.run_early_stop(cases, iters=iters, specs=specs, records=records, **run)
+    records = early_stop.record_cached(cases, iters, cache, progress=not args.quiet, net=args.net, **run)
+    rep = early_stop.run_early_stop(cases, iters=iters, specs=specs, records=records, **run)
     if args.cost:
-        rep["cost"] = es.criterion_cost(
+        rep["cost"] = early_stop.criterion_cost(
             args.cost, [specs[t] for t in tasks], device=dev, precision=args.precision, backend=args.backend
         )
     rep = report.finish(rep, dev)
-    text = es.markdown(rep)
+    text = early_stop.markdown(rep)
     paths = list(report.write(rep, out, text).values())
-    paths += [es.plot(rep, row, out / f"early_stop_{report.case_slug(row['key'])}.png") for row in rep["images"]]
+    paths += [
+        early_stop.plot(rep, row, out / f"early_stop_{report.case_slug(row['key'])}.png") for row in rep["images"]
+    ]
     if args.calibrate:
         found = {}
         for task in tasks:
-            members = [c for c in cases if es.task_of(c) == task]
+            members = [c for c in cases if early_stop.task_of(c) == task]
             preset_iterations = rep["tasks"][task]["preset_iterations"]
-            found[task] = es.calibrate(members, records, preset_iterations)
+            found[task] = early_stop.calibrate(members, records, preset_iterations)
         path = out / "calibration.json"
         path.write_text(json.dumps(report._clean(found), indent=1, allow_nan=False) + "\n")
         paths.append(path)

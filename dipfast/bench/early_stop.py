@@ -60,7 +60,7 @@ BUNDLED_IMAGES = ("astronaut", "coffee", "chelsea")
 
 def jpeg_case(name: str, img: Image.Image, size: int | None, source: str, quality: int = JPEG_QUALITY) -> Case:
     """A centre crop of img and its JPEG at `quality` (4:2:0, PIL): blind JPEG-artifact removal."""
-    clean = data.centre_crop(data.crop_image(img.convert("RGB"), 32), size)
+    clean = data.centre_crop_image(data.crop_image(img.convert("RGB"), 32), size)
     buf = io.BytesIO()
     clean.save(buf, "JPEG", quality=quality)
     buf.seek(0)
@@ -283,7 +283,7 @@ def evaluate(case: Case, rec: Record, spec, fixed_iterations: int, buffer_dtype=
         "task": task_of(case),
         "preset": case.preset,
         "size": list(case.target.shape),
-        "input_psnr": case.input_psnr() if task_of(case) != "jpeg" else data.psnr(case.observed, case.target),
+        "input_psnr": case.input_psnr() if task_of(case) != "jpeg" else data.numpy_psnr(case.observed, case.target),
         "recorded_iterations": t,
         "oracle_psnr": float(rec.psnr[oracle - 1]),
         "oracle_iteration": oracle,

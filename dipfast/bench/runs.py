@@ -22,7 +22,7 @@ import torch
 
 from dipfast import api, backends, native
 from dipfast.bench import baselines
-from dipfast.bench.data import Case, psnr
+from dipfast.bench.data import Case, numpy_psnr
 from dipfast.nets import SkipSpec
 from dipfast.presets import PRESETS, apply_overrides
 from dipfast.tasks import preset_for
@@ -145,8 +145,8 @@ def _trajectory(rows, offset: float) -> dict:
 
 def _final(run: Run, case: Case, image: np.ndarray, ema: np.ndarray | None) -> Run:
     run.image, run.ema_image = image, ema
-    run.psnr = psnr(image, case.target)
-    run.ema_psnr = psnr(ema, case.target) if ema is not None else None
+    run.psnr = numpy_psnr(image, case.target)
+    run.ema_psnr = numpy_psnr(ema, case.target) if ema is not None else None
     run.its = run.iterations / run.seconds if run.seconds > 0 else math.nan
     return run
 
