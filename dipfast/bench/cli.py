@@ -38,19 +38,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         nargs="+",
-        default=["all"],
         metavar="NAME",
         help="DIP methods: the backends restore() accepts, 'native-eager' (native without its C++ ops), "
         "'native-nchw' (native with NCHW activations), 'original-loop' (the notebooks' loop in IEEE fp32, as the "
-        "paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 convolutions), or 'all' "
-        "(default)",
+        "paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 convolutions), or 'all'. "
+        "Default: all on CUDA; on a CPU all but compile, triton and original-loop-tf32 (said when left out)",
     )
     p.add_argument(
         "--precision",
         nargs="+",
-        default=["all"],
         metavar="P",
-        help="precisions restore() accepts, or 'all' (default); original-loop runs fp32 only, original-loop-tf32 tf32",
+        help="precisions restore() accepts, or 'all'; original-loop runs fp32 only, original-loop-tf32 tf32. "
+        "Default: all on CUDA; on a CPU all but tf32, which a CPU computes as fp32",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
@@ -311,6 +310,33 @@ def _pick(given: list[str], valid: list[str], what: str) -> list[str]:
     return list(dict.fromkeys(given))
 
 
+def methods_and_precisions(args, device_type: str) -> tuple[list[str], list[str], str | None]:
+    """--backend and --precision as lists ('all': every one); where one is not given, the device's defaults
+    (runs.NOT_BY_DEFAULT), with a line saying what they leave out and how to run it (None: nothing left out)."""
+    from dipfast.bench import runs
+
+    if args.backend is not None:
+        methods = _pick(args.backend, runs.dip_methods(), "backend")
+    else:
+        methods = runs.default_methods(device_type)
+    if args.precision is not None:
+        precisions = _pick(args.precision, runs.api_precisions(), "precision")
+    else:
+        precisions = runs.default_precisions(device_type)
+    left = [m for m in runs.dip_methods() if m not in methods and args.backend is None]
+    left += [f"precision {p}" for p in runs.api_precisions() if p not in precisions and args.precision is None]
+    if not left:
+        return methods, precisions, None
+    flags = " ".join(
+        f for f, given in (("--backend all", args.backend), ("--precision all", args.precision)) if not given
+    )
+    line = (
+        f"on {device_type}, left out: {', '.join(left)} (torch.compile takes minutes a run here; tf32 is fp32 on a "
+        f"CPU); add {flags} to run them, or name them"
+    )
+    return methods, precisions, line
+
+
 def _pairs(args) -> list[tuple[str, str]] | None:
     """--configs as (method, precision) pairs, checked; None where not given (methods x precisions run)."""
     from dipfast.bench import runs
@@ -318,7 +344,7 @@ def _pairs(args) -> list[tuple[str, str]] | None:
     given = getattr(args, "configs", None)
     if not given:
         return None
-    if args.backend != ["all"] or args.precision != ["all"]:
+    if args.backend is not None or args.precision is not None:
         raise InputError("give either --configs or --backend/--precision, not both")
     pairs = []
     for text in given:
@@ -367,7 +393,7 @@ def _run(args) -> int:
     import torch
 
     from dipfast import api, nvtx_ranges
-    from dipfast.bench import report, runs
+    from dipfast.bench import report
 
     if args.suite == "early-stop":
         return _early_stop(args)
@@ -381,9 +407,10 @@ def _run(args) -> int:
     if args.nvtx and not nvtx_ranges.enable():
         print("dipfast bench: the nvtx package is not installed; running without NVTX ranges", file=sys.stderr)
     dev = api.resolve_device(args.device)
+    methods, precisions, left_out = methods_and_precisions(args, dev.type)
     common = {
-        "methods": _pick(args.backend, runs.dip_methods(), "backend"),
-        "precisions": _pick(args.precision, runs.api_precisions(), "precision"),
+        "methods": methods,
+        "precisions": precisions,
         "device": dev,
         "seed": args.seed,
         "progress": not args.quiet,
@@ -391,6 +418,8 @@ def _run(args) -> int:
     pairs = _pairs(args)
     if pairs is not None:
         common["pairs"] = pairs
+    elif left_out:
+        print(f"dipfast bench: {left_out}", file=sys.stderr)
     suite = {"throughput": _throughput, "time-to-psnr": _time_to_psnr, "quality": _quality, "profile": _profile}[
         args.suite
     ]
@@ -468,7 +497,7 @@ def _profile(args, cuda: bool, **common) -> dict:
 
     if args.net not in runs.NET_CHOICES or args.net == "preset":
         raise InputError(f"unknown net {args.net!r}; valid: {[n for n in runs.NET_CHOICES if n != 'preset']}")
-    if args.backend == ["all"]:  # restore()'s methods: the original loops are not
+    if args.backend in (None, ["all"]):  # restore()'s methods: the original loops are not
         common["methods"] = [m for m in common["methods"] if m not in runs.ORIGINAL_LOOPS]
     return run_profile(
         size=_auto("profile", "size", args.size, cuda),

@@ -79,7 +79,7 @@ def run_quality(
     from dipfast.errors import InputError
 
     dev = api.resolve_device(device)
-    combos = [(m, p) for m in methods for p in precisions if runs.applies(m, p)]
+    combos = runs.combinations(methods, precisions)
     rows, unsupported = [], []
     with tqdm(total=len(cases) * len(combos), disable=not progress, desc="quality", unit="fit") as bar:
         for case in cases:

@@ -53,6 +53,29 @@ def dip_methods() -> list[str]:
     return [*api_backends(), NATIVE_EAGER, NATIVE_NCHW, *ORIGINAL_LOOPS]
 
 
+# What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
+# on a CPU, compile and triton spend minutes compiling in every cold run (Triton runs there only in its
+# interpreter), and tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones.
+NOT_BY_DEFAULT = {"cpu": {"methods": ("compile", "triton", ORIGINAL_LOOP_TF32), "precisions": ("tf32",)}}
+
+
+def default_methods(device_type: str) -> list[str]:
+    """The methods a suite runs on `device_type` ('cpu', 'cuda') when --backend is not given."""
+    left_out = NOT_BY_DEFAULT.get(device_type, {}).get("methods", ())
+    return [m for m in dip_methods() if m not in left_out]
+
+
+def default_precisions(device_type: str) -> list[str]:
+    """The precisions a suite runs on `device_type` when --precision is not given."""
+    left_out = NOT_BY_DEFAULT.get(device_type, {}).get("precisions", ())
+    return [p for p in api_precisions() if p not in left_out]
+
+
+def combinations(methods: list[str], precisions: list[str]) -> list[tuple[str, str]]:
+    """The (method, precision) runs of methods x precisions: the pairs some method runs."""
+    return [(m, p) for m in methods for p in precisions if applies(m, p)]
+
+
 def applies(method: str, precision: str) -> bool:
     """Whether a method x precision pair is a measurement: each original loop runs its one precision."""
     return ORIGINAL_LOOPS.get(method, precision) == precision

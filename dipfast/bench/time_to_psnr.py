@@ -124,7 +124,7 @@ def run_time_to_psnr(
         "net": net,
         "time_limit": time_limit,
     }
-    combos = list(pairs) if pairs is not None else [(m, p) for m in methods for p in precisions if runs.applies(m, p)]
+    combos = list(pairs) if pairs is not None else runs.combinations(methods, precisions)
     modes = [m for m, on in (("cold", cold), ("warm", warm)) if on]
     settings = {
         "methods": list(dict.fromkeys(m for m, _ in combos)),
