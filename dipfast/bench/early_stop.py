@@ -346,7 +346,7 @@ def run_early_stop(
 ) -> dict:
     """The suite: record each case (or read its record from `cache`, or take it from `records`),
     evaluate specs[task] on it."""
-    from dipfast.presets import preset_for
+    from dipfast.tasks import preset_for
 
     if records is None:
         records = record_cached(
