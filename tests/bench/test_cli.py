@@ -1,4 +1,5 @@
-"""dipfast.bench.cli: the suites' command line (the runs themselves: the other tests/bench files)."""
+"""dipfast.bench.cli: the suites' command line, what a suite runs by default on a device, bad input (the runs
+themselves: the other tests/bench files)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dipfast.bench import runs, time_to_psnr
 from dipfast.bench.cli import main, methods_and_precisions
 from dipfast.cli import _parser
 from dipfast.errors import InputError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _args(*argv: str):
@@ -69,3 +72,28 @@ def test_cuda_defaults_are_every_method_and_precision():
     methods, precisions, left_out = methods_and_precisions(_args(), "cuda")
     assert methods == runs.dip_methods() and precisions == runs.api_precisions() and left_out is None
     assert methods_and_precisions(_args("--backend", "native"), "cpu")[0] == ["native"]
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
+    assert main(["throughput", "--backend", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dipfast bench: error: unknown backend 'nope'") and "original-loop" in err
+    assert main(["quality", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["time-to-psnr", "--no-cold", "--no-warm", "--out", str(tmp_path)]) == 2
+    assert main([]) == 2
+
+
+def test_add_bench_parser_plugs_into_a_parent_command(tmp_path):
+    import argparse
+
+    from dipfast.bench.cli import add_bench_parser, run_bench
+
+    parser = argparse.ArgumentParser(prog="dipfast")
+    sub = parser.add_subparsers(dest="command")
+    add_bench_parser(sub)
+    args = parser.parse_args(["bench", "summary", str(tmp_path)])
+    assert args.command == "bench" and args.suite == "summary"
+    assert run_bench(args) == 0
+    args = parser.parse_args(["bench", "throughput", "--size", "16", "--batch", "1", "4", "--precision", "fp32"])
+    assert args.size == [16] and args.batch == [1, 4] and args.precision == ["fp32"]
