@@ -186,8 +186,8 @@ def forced_tiles(overrides: dict[tuple[str, str], GemmTiles | PassTiles | PlaneT
 
 
 def tiles(family: str, precision: str) -> GemmTiles | PassTiles | PlaneTiles:
-    """The config of a kernel family ('conv', 'dgrad', 'wgrad', 'pass', 'plane') in a precision ('fp32', 'tf32', 'bf16'):
-    forced, else the table of the flag the kernels were built with."""
+    """The config of a kernel family ('conv', 'dgrad', 'wgrad', 'pass', 'plane') in a precision ('fp32', 'tf32',
+    'bf16'): forced, else the table of the flag the kernels were built with."""
     forced = _forced.get((family, precision))
     return forced if forced is not None else (INTERPRETER if _INTERPRET else HOPPER)[family, precision]
 
