@@ -29,7 +29,7 @@
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
 #                 the original loop against the fastest path, 1800 iterations                    150
 #   tests         the rest of the suite's CUDA tests (test_backends, test_api, test_engine,
-#                 test_bench), last                                                             120
+#                 tests/bench), last                                                            120
 # That is about 14 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
 # could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
 # (DIPFAST_GPU_QUICK_STEPS="parity ops triton time-to-psnr"). Each step's limit is its own or the budget
@@ -120,7 +120,7 @@ else
     TRITON_CONFIGS=(triton:tf32 triton:fp32)
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)
-    TESTS=(tests/test_backends.py tests/test_api.py tests/test_engine.py tests/test_bench.py)
+    TESTS=(tests/test_backends.py tests/test_api.py tests/test_engine.py tests/bench --ignore=tests/bench/test_gpu_quick.py)
     declare -A LIMIT=([install]=90 [environment]=30 [throughput]=210 [profile]=90 [batch]=90 [tasks]=120
                       [parity]=120 [ops]=90 [triton]=120 [time-to-psnr]=200 [tests]=150)
 fi

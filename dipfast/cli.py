@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from dipfast.backends import BACKENDS, PRECISIONS
+from dipfast.cli_args import EXIT_BAD_INPUT, OneLineErrorParser, non_negative_int, positive_int, tile_option
 from dipfast.early_stop import STOPS
 from dipfast.errors import InputError, NumericalError
 
-EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_NUMERICAL = 3  # the fit went NaN or inf (dipfast.errors.NumericalError)
 EXIT_SOME_FAILED = 1  # batch: some images failed (each one's error is in the manifest and the summary)
@@ -25,47 +25,11 @@ STOP_HELP = (
 )
 
 
-def _integer_from(minimum: int):
-    """An argparse type: an integer >= minimum."""
-    kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value}")
-        return value
-
-    return parse
-
-
-positive_int, non_negative_int = _integer_from(1), _integer_from(0)
-
-
-def tile_option(text: str) -> int | str | None:
-    """--tile: 'auto', 'none' or a positive integer (restore()'s tile=)."""
-    if text.lower() in ("auto", "none"):
-        return None if text.lower() == "none" else "auto"
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected 'auto', 'none' or a positive integer, got {text!r}") from None
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr like every other bad input (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"dipfast: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
     from dipfast.doctor import VersionAction
     from dipfast.tasks import TASKS
 
-    parser = _Parser(prog="dipfast", description="Deep Image Prior, fast and faithful.")
+    parser = OneLineErrorParser(prog="dipfast", description="Deep Image Prior, fast and faithful.")
     parser.add_argument("--version", action=VersionAction, help="the version and a one-line `dipfast doctor`")
     sub = parser.add_subparsers(dest="command", metavar="{restore,batch,demo,bench,doctor}")
 

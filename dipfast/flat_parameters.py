@@ -3,8 +3,7 @@
 Adam, the backtracking rule and the gradient are elementwise over the parameters, so they do not care
 how the parameters are cut into tensors; the per-tensor way costs ~10 small ops per tensor and step
 (select and its backward, autocast's cast and its backward, gradient accumulation, Adam, backtracking's
-where and copy): about 1100 ops a step for the default net, whatever the image size (measured on
-the CPU: 127 -> 118 ms a native bf16 step at 128 px when they went).
+where and copy): about 1100 ops a step for the default net, whatever the image size.
 Here each of those is one op on a buffer, and every step the generator gets views of it:
 
     buffer (N, P) fp32  --to(bf16), only the conv group-->  unbind(0) per network, or vmap's (N, ...)
@@ -141,9 +140,8 @@ class FlatParameters:
 class ModuleSlots:
     """Where each named parameter and buffer of a module is stored, to put other tensors there.
 
-    functional_call walks the module tree and swaps every tensor in and back out on each call:
-    0.84 ms for the default net (measured with an empty forward), whatever the image size, against
-    0.013 ms here. A module that only ever runs
+    functional_call walks the module tree and swaps every tensor in and back out on each call, a
+    cost per tensor whatever the image size. A module that only ever runs
     with swapped-in tensors (FastStep's) can instead keep the tensors of the last load: each load
     is one dict store per tensor. Eager only: under torch.compile use functional_call, which
     dynamo traces as a pure function of its inputs.

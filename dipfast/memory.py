@@ -21,9 +21,9 @@ from dipfast.errors import InputError
 
 GIB = 2**30
 MARGIN = 1.5  # allocator slack, workspaces, the final output's forward
-# Once per process, whatever the size: oneDNN's primitive caches and thread pools, the native ops
-# (measured on the CPU: 155 MiB, from the growth at 64, 96 and 192 px); cuDNN/cuBLAS workspaces
-# and the CUDA graph's pool (not measured yet).
+# Once per process, whatever the size: on the CPU oneDNN's primitive caches and thread pools and the native
+# ops (above the 155 MiB that the growth at 64, 96 and 192 px puts them at); on CUDA an allowance for the
+# cuDNN/cuBLAS workspaces and the CUDA graph's pool, which no test measures.
 FIXED = {"cpu": 256 * 2**20, "cuda": 512 * 2**20}
 # Above this many pixels the shape-only forward itself gets slow (minutes at 30000 x 30000), and a
 # fully convolutional net's saved activations grow with the area: they are measured at a size of

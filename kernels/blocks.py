@@ -89,7 +89,7 @@ def _batch_norm_reason(bn: nn.Module) -> str | None:
 
 def unfused_reason(m: ConvBNAct, x: torch.Tensor) -> str | None:
     """Why conv_bn_act(m, x) takes the reference block; None when the fused kernel runs."""
-    pad_conv, conv = m.conv, m.conv.conv
+    pad_conv, conv = m.conv, m.conv.conv2d
     k = conv.kernel_size[0]
     if pad_conv.downsample is not None:
         return f"a {type(pad_conv.downsample).__name__} downsampler follows the conv"
@@ -99,7 +99,7 @@ def unfused_reason(m: ConvBNAct, x: torch.Tensor) -> str | None:
         return f"stride {conv.stride} is not one of {STRIDES} on both axes"
     if conv.dilation != (1, 1):
         return f"dilation {conv.dilation}"
-    if conv.padding != (0, 0) or pad_conv.reflect != (k - 1) // 2:
+    if conv.padding != (0, 0) or pad_conv.reflection_pad != (k - 1) // 2:
         return "zero padding (the kernels fold reflection padding only)"
     reason = _batch_norm_reason(m.bn)
     if reason is not None:
@@ -119,7 +119,7 @@ def _merge_unfused_reason(level: SkipLevel, parts: list[torch.Tensor]) -> str | 
     reason = unfused_reason(up, parts[0]) or _batch_norm_reason(level.merge_bn)
     if reason is not None:
         return reason
-    conv = up.conv.conv
+    conv = up.conv.conv2d
     if conv.stride != (1, 1) or conv.groups != 1:  # the op's groups concatenate per group, not cat([skip, deeper])
         return "level.up is strided or grouped"
     if level.merge_bn.eps != up.bn.eps:
@@ -137,7 +137,7 @@ class TritonBlocks(BlockOps):
     def conv_bn_act(self, m: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
         if unfused_reason(m, x) is not None:
             return super().conv_bn_act(m, x)
-        conv, bn = m.conv.conv, m.bn
+        conv, bn = m.conv.conv2d, m.bn
         return conv_bn_lrelu(
             _cast(x),
             _cast(conv.weight),
@@ -155,7 +155,7 @@ class TritonBlocks(BlockOps):
             return super().merge(level, parts)
         skip, deeper = (_cast(p) for p in crop_to_smallest(parts))
         up, merge_bn = level.up, level.merge_bn
-        conv = up.conv.conv
+        conv = up.conv.conv2d
         return concat_bn_conv_bn_lrelu(
             skip,
             deeper,
@@ -184,9 +184,9 @@ def _padded_input_fits(m: ConvBNAct, y: torch.Tensor) -> bool:
     nn.Conv2d has padding=0) with no downsampler after it, and the pad fits y (reflection needs H, W > pad)."""
     return (
         isinstance(m, ConvBNAct)
-        and m.conv.reflect > 0
+        and m.conv.reflection_pad > 0
         and m.conv.downsample is None
-        and m.conv.reflect < min(y.shape[-2:])
+        and m.conv.reflection_pad < min(y.shape[-2:])
     )
 
 
@@ -204,20 +204,20 @@ class PaddedBlocks(BlockOps):
         if slope is None or _batch_norm_reason(first.bn) is not None or not _padded_input_fits(second, y):
             return second(self._bn_act(first, y))
         bn = first.bn
-        padded = batch_norm_act(y, bn.weight, bn.bias, pad=second.conv.reflect, eps=bn.eps, negative_slope=slope)
-        return self._bn_act(second, second.conv.conv(padded))
+        padded = batch_norm_act(y, bn.weight, bn.bias, pad=second.conv.reflection_pad, eps=bn.eps, negative_slope=slope)
+        return self._bn_act(second, second.conv.conv2d(padded))
 
     def merge(self, level: SkipLevel, parts: list[torch.Tensor]) -> torch.Tensor:
         bn = level.merge_bn
         if len(parts) > 2 or _batch_norm_reason(bn) is not None:
             return super().merge(level, parts)
         parts = crop_to_smallest(parts)
-        pad = level.up.conv.reflect if _padded_input_fits(level.up, parts[-1]) else 0
+        pad = level.up.conv.reflection_pad if _padded_input_fits(level.up, parts[-1]) else 0
         if len(parts) == 1:
             merged = batch_norm_act(parts[0], bn.weight, bn.bias, pad=pad, eps=bn.eps, negative_slope=1.0)
         else:
             merged = concat_batch_norm(*parts, bn.weight, bn.bias, pad=pad, eps=bn.eps)
-        return self._bn_act(level.up, level.up.conv.conv(merged)) if pad else level.up(merged)
+        return self._bn_act(level.up, level.up.conv.conv2d(merged)) if pad else level.up(merged)
 
     def _bn_act(self, m: ConvBNAct, y: torch.Tensor) -> torch.Tensor:
         """m's BatchNorm + activation on its conv's output y: one op where the ops compute them."""

@@ -38,8 +38,8 @@ The op boundary, and what is fused:
        merge_gamma * rstd * (g - dbeta / M - xhat * dgamma / M), written straight into d(skip) and d(deeper), so
        their concatenation is never formed either.
   Saved for backward: skip, deeper, merge_gamma, merge_beta, weight, y, the two BNs' mean and rstd, gamma, beta.
-Tiles: configs.py's, the conv family's for the forward GEMM (as conv_bn_lrelu's); verified only under the CPU
-interpreter so far.
+Tiles: configs.py's, the conv family's for the forward GEMM (as conv_bn_lrelu's); the parity tests run them under
+the CPU interpreter, and tests/parity/test_cuda_shapes.py on a GPU.
 
 Ops: dipfast::concat_bn_conv_bn_lrelu_fwd and dipfast::concat_bn_conv_bn_lrelu_bwd (custom_op with register_fake
 and register_autograd; torch.compile(fullgraph=True) traces through; no double backward).
@@ -56,9 +56,9 @@ from dipfast.kernels.configs import pass_tiles, shape_key
 from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into_rows, unfold_channels, unfold_rows
 
 # the module, not the function: dipfast.kernels re-exports the op under the module's own name
-_cbl = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
+_conv_bn_lrelu_module = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
 
-_HAS_TRITON = _cbl._HAS_TRITON
+_HAS_TRITON = _conv_bn_lrelu_module._HAS_TRITON
 if _HAS_TRITON:
     import triton
     import triton.language as tl
@@ -74,9 +74,9 @@ if _HAS_TRITON:
     )
 
 # Read at import, as in conv_bn_lrelu (triton.jit reads TRITON_INTERPRET when the kernels are built).
-_INTERPRET = _cbl._INTERPRET
-_KERNEL_DTYPES = _cbl._KERNEL_DTYPES
-KERNEL_SIZES = _cbl.KERNEL_SIZES
+_INTERPRET = _conv_bn_lrelu_module._INTERPRET
+_KERNEL_DTYPES = _conv_bn_lrelu_module._KERNEL_DTYPES
+KERNEL_SIZES = _conv_bn_lrelu_module.KERNEL_SIZES
 OP = "concat_bn_conv_bn_lrelu"  # configs.TileKey's op field
 # Tests set this to allocate outputs filled with NaN, so an element a kernel never writes fails parity.
 POISON_OUTPUTS = False
@@ -401,10 +401,10 @@ def _concat_bn_conv_bn_lrelu_fwd(
             src, psum, pm2, n_pix, c_src, c_in, off, groups, h * w,
             BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps,
         )  # fmt: skip
-    mmean, mrstd = _cbl._chan_finalize(psum, pm2, n_pix, tile.block, eps)
+    mmean, mrstd = _conv_bn_lrelu_module._chan_finalize(psum, pm2, n_pix, tile.block, eps)
     # 2. conv with the normalise-on-load two-source gather, statistics of y in the epilogue
     shape = merge_shape(skip, deeper, weight, groups)
-    config, launch = _cbl.gemm_launch(OP, "conv", skip, tf32, n_pix, cout_g, c_in, shape)
+    config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "conv", skip, tf32, n_pix, cout_g, c_in, shape)
     tiles_m = triton.cdiv(n_pix, config.block_m)
     y = _alloc((n, c_out, h, w), dev, skip.dtype)
     ysum, ym2 = _alloc((tiles_m, c_out), dev), _alloc((tiles_m, c_out), dev)
@@ -433,7 +433,7 @@ def _concat_bn_conv_bn_lrelu_fwd(
         HAS_BIAS=bias is not None,
         **launch,
     )
-    mean, rstd = _cbl._chan_finalize(ysum, ym2, n_pix, config.block_m, eps)
+    mean, rstd = _conv_bn_lrelu_module._chan_finalize(ysum, ym2, n_pix, config.block_m, eps)
     # 3. normalise + LeakyReLU
     out = _alloc((n, c_out, h, w), dev, skip.dtype)
     _bn_lrelu_kernel[(triton.cdiv(out.numel(), tile.block),)](
@@ -505,8 +505,8 @@ def _concat_bn_conv_bn_lrelu_bwd(
     dbias = pb.sum(0)
     # 6. wgrad, normalising the merged input on load
     shape = merge_shape(skip, deeper, weight, groups)
-    config, launch = _cbl.gemm_launch(OP, "wgrad", skip, tf32, cout_g, c_in * k * k, n_pix, shape)
-    dw = _cbl.wgrad_output(weight, config.split_k)
+    config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "wgrad", skip, tf32, cout_g, c_in * k * k, n_pix, shape)
+    dw = _conv_bn_lrelu_module.wgrad_output(weight, config.split_k)
     grid = (triton.cdiv(cout_g, config.block_m), triton.cdiv(c_in * k * k, config.block_n), groups * config.split_k)
     _merge_wgrad_kernel[grid](
         dy,
@@ -533,8 +533,8 @@ def _concat_bn_conv_bn_lrelu_bwd(
     # (conv_bn_lrelu's kernels)
     hp, wp = h + 2 * pad, w + 2 * pad
     dxp = _alloc((n, groups * c_in, hp, wp), dev)
-    dw = _cbl.sum_splits(dw, weight, config.split_k)
-    config, launch = _cbl.gemm_launch(OP, "dgrad", skip, tf32, n * hp * wp, c_in, cout_g, shape)
+    dw = _conv_bn_lrelu_module.sum_splits(dw, weight, config.split_k)
+    config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "dgrad", skip, tf32, n * hp * wp, c_in, cout_g, shape)
     _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(c_in, config.block_n), groups)](
         dy,
         weight,
@@ -687,7 +687,7 @@ def _check(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, gro
     ):
         if t is not None and tuple(t.shape) != (size,):
             raise ValueError(f"{name} must be ({size},); got {tuple(t.shape)}")
-    _cbl.check_dtypes((skip, deeper, weight), (merge_gamma, merge_beta, bias, gamma, beta))
+    _conv_bn_lrelu_module.check_dtypes((skip, deeper, weight), (merge_gamma, merge_beta, bias, gamma, beta))
     pad = (k - 1) // 2
     if pad >= min(skip.shape[-2:]):
         raise ValueError(f"reflection pad {pad} needs H and W > {pad}; got {tuple(skip.shape[-2:])}")
@@ -720,7 +720,18 @@ def concat_bn_conv_bn_lrelu(
     _check(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, groups)
     if concat_bn_conv_bn_lrelu_path(skip) == "triton":
         return _concat_bn_conv_bn_lrelu_fwd(
-            skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, groups, eps, slope, _cbl.tf32_enabled()
+            skip,
+            deeper,
+            merge_gamma,
+            merge_beta,
+            weight,
+            bias,
+            gamma,
+            beta,
+            groups,
+            eps,
+            slope,
+            _conv_bn_lrelu_module.tf32_enabled(),
         )[0]
     bias = bias.to(skip.dtype) if bias is not None else None  # F.conv2d takes no fp32 bias for bf16 inputs
     return reference.concat_bn_conv_bn_lrelu(

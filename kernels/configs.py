@@ -4,8 +4,8 @@ Fixed configs, no autotuning: an autotuner benchmarks (and syncs) on first use, 
 CUDA graph capture, and it re-runs kernels whose per-tile statistics are written as partials (notes/kernels.md,
 section 2.2). Two tables:
 
-  HOPPER (sm90: the H100 and H200 machines; other GPUs run them too). Untuned starting points: no GPU was available
-  to tune on when they were chosen. They come from Inductor's Triton conv template configs for CUDA
+  HOPPER (sm90: the H100 and H200 machines; other GPUs run them too). Starting points, not tuned on a GPU (TUNED
+  below holds what a tuning run chose). They come from Inductor's Triton conv template configs for CUDA
   (torch/_inductor/template_heuristics/triton.py, conv_configs, torch 2.13), as ConvConfig(BLOCK_M, BLOCK_N,
   BLOCK_K, num_stages, num_warps):
     conv forward and dgrad, bf16: (128, 128, 64, 3, 8). DIP's convs are 128 -> 128 channels (132 in at a merge);
@@ -14,9 +14,8 @@ section 2.2). Two tables:
     fp32 and TF32 (4 bytes an element): (128, 128, 32, 3, 8), Inductor's (128, 128, 32, 2, 8) with a third stage,
       the same 96 KiB.
     wgrad, every precision: (64, 64, BLOCK_K, 3, 4), BLOCK_K 64 (bf16) or 32. Its GEMM is C_out x C_in k k (128 x
-      1152) reduced over every pixel, and without a split-K (not written yet) each (BLOCK_M x BLOCK_N) tile is one
-      program: 64 x 64 tiles make 36 of them at 128 channels, still fewer than the 132 SMs, so this kernel is
-      expected to be the slow one until split-K lands.
+      1152) reduced over every pixel: 64 x 64 tiles make 36 output tiles at 128 channels, fewer than the 132 SMs,
+      so split_k=1 here leaves SMs idle (split_k below; a TUNED entry may set it).
     elementwise passes (normalise + LeakyReLU, the pad adjoint, Lanczos2): 1024 elements, 4 warps; per-channel
       reductions (BN backward, the merge's statistics): 4 channels x 1024 pixels, 4 warps.
     per-channel passes over a plane (batch_norm_act): one image row by up to 1024 elements, the tile's long side
@@ -187,8 +186,8 @@ def forced_tiles(overrides: dict[tuple[str, str], GemmTiles | PassTiles | PlaneT
 
 
 def tiles(family: str, precision: str) -> GemmTiles | PassTiles | PlaneTiles:
-    """The config of a kernel family ('conv', 'dgrad', 'wgrad', 'pass', 'plane') in a precision ('fp32', 'tf32', 'bf16'):
-    forced, else the table of the flag the kernels were built with."""
+    """The config of a kernel family ('conv', 'dgrad', 'wgrad', 'pass', 'plane') in a precision ('fp32', 'tf32',
+    'bf16'): forced, else the table of the flag the kernels were built with."""
     forced = _forced.get((family, precision))
     return forced if forced is not None else (INTERPRETER if _INTERPRET else HOPPER)[family, precision]
 

@@ -42,9 +42,9 @@ Backward (five launches of four kernels, no atomics, deterministic):
 Every launch's programs write disjoint elements and read only what earlier launches wrote (checked under the
 interpreter with its programs reordered and every access recorded: tests/parity/test_program_order.py).
 See ../shared/notes/kernels.md, sections 1.3 and 1.4. Tiles come from configs.py per kernel family and precision
-(interpreter tiles there; on a GPU a recorded autotune's entry for the GPU and shape, else untuned Hopper starting
-points; never autotuned at run time). The block's output is materialised (normalise + LeakyReLU is not yet folded
-into the next conv's load). Under
+(interpreter tiles there; on a GPU a recorded autotune's entry for the GPU and shape, else the Hopper starting
+points; never autotuned at run time). The block's output is materialised: normalise + LeakyReLU is a pass of its
+own, not folded into the next conv's load. Under
 torch.func.vmap a rule folds the vmapped networks into groups: one launch for all of them (vmap_fold.py).
 
 Ops: dipfast::conv_bn_lrelu_fwd, dipfast::conv_bn_lrelu_bwd (torch.library.custom_op with register_fake and

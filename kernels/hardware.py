@@ -1,9 +1,8 @@
-"""Which GPU architectures the fused Triton kernels have not yet passed fp32 parity on.
+"""The GPU architectures where the fused Triton kernels' fp32 path is unverified: FP32_UNVERIFIED.
 
-On Hopper (sm_90) the H100's real-shape fp32 parity tests failed (bench/results/2026-11-26-h100-f6a7824f76/) and
-no GPU run has passed them since, so dipfast.backends refuses backend='triton' with precision='fp32' there until a
-run of tests/parity/test_cuda_shapes.py passes and the entry below is removed. TF32 and bf16 passed on the same
-run. This module imports no Triton and touches no GPU at import.
+dipfast.backends refuses backend='triton' with precision='fp32' on an architecture listed here; an entry goes
+once tests/parity/test_cuda_shapes.py passes there (the failed run that put Hopper here, and its TF32 and bf16
+results: bench/results/2026-11-26-h100-f6a7824f76/). This module imports no Triton and touches no GPU at import.
 """
 
 from __future__ import annotations

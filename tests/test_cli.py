@@ -27,7 +27,7 @@ from dipfast import cli, early_stop
 REPO = Path(__file__).resolve().parents[1]
 
 
-# Tiny nets on a shared 2-core machine: one torch thread is 10-20x faster than two competing.
+# Tiny nets on a shared 2-core machine: one torch thread each, as threads competing for the cores slow them.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -172,7 +172,7 @@ def test_default_net_structure():
     assert len(params) == 112
     assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == 26
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 30
-    pads = [m.reflect for m in net.modules() if isinstance(m, PadConv)]
+    pads = [m.reflection_pad for m in net.modules() if isinstance(m, PadConv)]
     assert sorted(pads) == [0] * 11 + [1] * 15  # 15 real ReflectionPad2d(1); the 11 1x1 pads are no-ops
     assert net.spec.upsample_mode == "bilinear" and net.spec.pad == "reflection"
     assert all(
@@ -223,7 +223,7 @@ def test_downsample_modes_pad_conv(mode, rng):
     torch.manual_seed(1)
     layer = PadConv(3, 4, 3, stride=2, pad="reflection", downsample_mode=mode)
     x = torch.rand(1, 3, 21, 26, generator=rng)
-    w, b = layer.conv.weight, layer.conv.bias
+    w, b = layer.conv2d.weight, layer.conv2d.bias
     xp = nn.ReflectionPad2d(1)(x)
     if mode == "stride":
         expected = F.conv2d(xp, w, b, stride=2)
@@ -253,12 +253,12 @@ def test_downsample_modes_net(mode, rng):
     for level in _levels(net):
         d = level.down.conv
         if mode == "stride":
-            assert d.conv.stride == (2, 2) and d.downsample is None
+            assert d.conv2d.stride == (2, 2) and d.downsample is None
         else:
-            assert d.conv.stride == (1, 1)
+            assert d.conv2d.stride == (1, 1)
             kind = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}.get(mode, LanczosDownsampler)
             assert isinstance(d.downsample, kind)
-        assert level.conv.conv.downsample is None and level.conv.conv.conv.stride == (1, 1)
+        assert level.conv.conv.downsample is None and level.conv.conv.conv2d.stride == (1, 1)
     taps = {"lanczos2": 8, "lanczos3": 12}.get(mode, 0)  # 4f and 6f taps at f = 2
     assert _n_params(net) == _expected_params(3, 3, *THIN.values(), lanczos_taps=taps)
     z = torch.rand(1, 3, 32, 40, generator=rng)
@@ -286,7 +286,7 @@ def test_lanczos_downsampler_is_trainable_diagonal(mode, support):
 def test_pad_modes(pad, k, rng):
     layer = PadConv(3, 5, k, pad=pad)
     x = torch.rand(1, 3, 9, 11, generator=rng)
-    w, b = layer.conv.weight, layer.conv.bias
+    w, b = layer.conv2d.weight, layer.conv2d.bias
     if pad == "reflection":
         expected = F.conv2d(nn.ReflectionPad2d((k - 1) // 2)(x), w, b)
     else:
@@ -342,9 +342,9 @@ def test_pad_in_net(pad, rng):
     net = skip(3, 3, pad=pad, **THIN)
     convs = [m for m in net.modules() if isinstance(m, PadConv)]
     for m in convs:
-        k = m.conv.kernel_size[0]
-        assert m.reflect == ((k - 1) // 2 if pad == "reflection" else 0)
-        assert m.conv.padding == ((0, 0) if pad == "reflection" else ((k - 1) // 2,) * 2)
+        k = m.conv2d.kernel_size[0]
+        assert m.reflection_pad == ((k - 1) // 2 if pad == "reflection" else 0)
+        assert m.conv2d.padding == ((0, 0) if pad == "reflection" else ((k - 1) // 2,) * 2)
     z = torch.rand(1, 3, 24, 24, generator=rng)
     assert net(z).shape == (1, 3, 24, 24)
 
@@ -424,11 +424,11 @@ def test_per_level_lists(rng):
         **THIN,
     )
     levels = list(_levels(net))
-    assert [lv.down.conv.conv.kernel_size[0] for lv in levels] == [5, 3, 1]
-    assert [lv.conv.conv.conv.kernel_size[0] for lv in levels] == [5, 3, 1]
-    assert [lv.up.conv.conv.kernel_size[0] for lv in levels] == [3, 5, 1]
-    assert [lv.skip.conv.conv.kernel_size[0] for lv in levels] == [3, 3, 3]
-    assert [lv.up1x1.conv.conv.kernel_size[0] for lv in levels] == [1, 1, 1]
+    assert [lv.down.conv.conv2d.kernel_size[0] for lv in levels] == [5, 3, 1]
+    assert [lv.conv.conv.conv2d.kernel_size[0] for lv in levels] == [5, 3, 1]
+    assert [lv.up.conv.conv2d.kernel_size[0] for lv in levels] == [3, 5, 1]
+    assert [lv.skip.conv.conv2d.kernel_size[0] for lv in levels] == [3, 3, 3]
+    assert [lv.up1x1.conv.conv2d.kernel_size[0] for lv in levels] == [1, 1, 1]
     assert [lv.upsample.mode for lv in levels] == ["nearest", "bilinear", "nearest"]
     assert [type(lv.down.conv.downsample) for lv in levels] == [type(None), nn.AvgPool2d, nn.MaxPool2d]
     assert _n_params(net) == _expected_params(3, 3, *THIN.values(), fd=(5, 3, 1), fu=(3, 5, 1), fs=3)
@@ -468,7 +468,7 @@ def test_original_keyword_aliases():
     assert (old.input_depth, old.n_channels) == (new.input_depth, new.n_channels) == (3, 2)
     assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
     assert isinstance(old.level.down.act, nn.ELU)
-    assert old.level.down.conv.conv.in_channels == 3 and old.head.conv.out_channels == 2
+    assert old.level.down.conv.conv2d.in_channels == 3 and old.head.conv2d.out_channels == 2
 
 
 def test_unknown_keyword():
@@ -600,8 +600,8 @@ def test_unet_shrinks_odd_sizes(rng):
 
 def test_unet_filters():
     net = build(UNetSpec(feature_scale=4), 32, 3)
-    assert net.start[0].conv.out_channels == 16
-    assert [d[1][0].conv.out_channels for d in net.downs] == [32, 64, 128, 256]
+    assert net.start[0].conv2d.out_channels == 16
+    assert [d[1][0].conv2d.out_channels for d in net.downs] == [32, 64, 128, 256]
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance"])

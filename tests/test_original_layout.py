@@ -153,11 +153,11 @@ def test_first_level_stride2_conv_key():
     assert isinstance(original.get_submodule("1.1.1.0"), nn.ReflectionPad2d)
     ours = skip(32, 3)
     keys = original_keys(ours)
-    assert keys["level.down.conv.conv.weight"] == "1.1.1.1.weight"
-    assert ours.level.down.conv.conv.weight.shape == original.state_dict()["1.1.1.1.weight"].shape == (128, 32, 3, 3)
+    assert keys["level.down.conv.conv2d.weight"] == "1.1.1.1.weight"
+    assert ours.level.down.conv.conv2d.weight.shape == original.state_dict()["1.1.1.1.weight"].shape == (128, 32, 3, 3)
     # with pad='zero' the conv Sequential holds only the Conv2d, at "0"
     zero = skip(32, 3, pad="zero")
-    assert original_keys(zero)["level.down.conv.conv.weight"] == "1.1.1.0.weight"
+    assert original_keys(zero)["level.down.conv.conv2d.weight"] == "1.1.1.0.weight"
     assert isinstance(original_skip(32, 3, **dict(DEFAULT, pad="zero")).get_submodule("1.1.1.0"), nn.Conv2d)
 
 

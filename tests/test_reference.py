@@ -21,13 +21,13 @@ from dipfast.reference import batch_norm_act, concat_batch_norm, concat_bn_conv_
 def test_conv_bn_lrelu_equals_the_engine_block(n, c_in, c_out, h, w, k, stride, groups, rng):
     block = ConvBNAct(c_in, c_out, k, stride=stride, pad="reflection").double()
     if groups > 1:  # ConvBNAct has no groups: give its conv the grouped weight shape
-        block.conv.conv = torch.nn.Conv2d(c_in, c_out, k, stride, groups=groups).double()
+        block.conv.conv2d = torch.nn.Conv2d(c_in, c_out, k, stride, groups=groups).double()
     with torch.no_grad():  # BN affine parameters away from their (1, 0) defaults
         block.bn.weight.uniform_(0.5, 1.5, generator=rng)
         block.bn.bias.uniform_(-0.5, 0.5, generator=rng)
     x = torch.rand(n, c_in, h, w, dtype=torch.float64, generator=rng, requires_grad=True)
     grad = torch.randn(n, c_out, (h - 1) // stride + 1, (w - 1) // stride + 1, dtype=torch.float64, generator=rng)
-    conv, bn = block.conv.conv, block.bn
+    conv, bn = block.conv.conv2d, block.bn
     params = [conv.weight, conv.bias, bn.weight, bn.bias]
 
     ours = conv_bn_lrelu(x, *params, stride=stride, groups=groups)
@@ -51,7 +51,7 @@ def test_concat_bn_conv_bn_lrelu_equals_the_skip_level_merge(n, cs, cd, c_up, h,
     spec = SkipSpec(channels_down=(cd,), channels_up=(c_up,), channels_skip=(cs,), filter_size_up=k)
     level = SkipLevel(spec, 0, 3).double()  # last level: the concat is skip (cs) + down (cd) channels
     merge_bn, up = level.merge_bn, level.up
-    assert merge_bn.num_features == cs + cd and up.conv.conv.weight.shape == (c_up, cs + cd, k, k)
+    assert merge_bn.num_features == cs + cd and up.conv.conv2d.weight.shape == (c_up, cs + cd, k, k)
     with torch.no_grad():  # BN affine parameters away from their (1, 0) defaults
         for bn in (merge_bn, up.bn):
             bn.weight.uniform_(0.5, 1.5, generator=rng)
@@ -59,7 +59,7 @@ def test_concat_bn_conv_bn_lrelu_equals_the_skip_level_merge(n, cs, cd, c_up, h,
     skip = torch.rand(n, cs, h, w, dtype=torch.float64, generator=rng, requires_grad=True)
     deeper = torch.rand(n, cd, h, w, dtype=torch.float64, generator=rng, requires_grad=True)
     grad = torch.randn(n, c_up, h, w, dtype=torch.float64, generator=rng)
-    conv, bn = up.conv.conv, up.bn
+    conv, bn = up.conv.conv2d, up.bn
     params = [merge_bn.weight, merge_bn.bias, conv.weight, conv.bias, bn.weight, bn.bias]
 
     ours = concat_bn_conv_bn_lrelu(skip, deeper, *params)
@@ -83,7 +83,7 @@ def test_batch_norm_act_padded_is_what_the_next_conv_reads(act, slope, rng):
     padded = batch_norm_act(y, first.bn.weight, first.bn.bias, pad=1, eps=first.bn.eps, negative_slope=slope)
     assert padded.shape == (2, 5, 11, 9)
     expected = second.conv(first.act(first.bn(y)))
-    torch.testing.assert_close(second.conv.conv(padded), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(second.conv.conv2d(padded), expected, atol=1e-12, rtol=1e-12)
 
 
 def test_concat_batch_norm_is_the_skip_level_merge_bn(rng):

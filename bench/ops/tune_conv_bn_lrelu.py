@@ -30,8 +30,8 @@ import torch
 
 from dipfast.kernels import configs
 
-cbl = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
-cbcbl = importlib.import_module("dipfast.kernels.concat_bn_conv_bn_lrelu")
+conv_bn_lrelu_module = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
+concat_bn_conv_bn_lrelu_module = importlib.import_module("dipfast.kernels.concat_bn_conv_bn_lrelu")
 
 SMEM_BYTES = 227 * 1024  # an H100 / H200 block's shared memory
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2}
@@ -83,7 +83,7 @@ class Block:
         c_in = self.c_in + self.c_skip
         weight = rand(self.c_out, c_in, self.k, self.k, scale=2, shift=-1) * (c_in * self.k**2) ** -0.5
         tail = [rand(self.c_out, scale=0.2, shift=-0.1), rand(self.c_out, shift=0.5), rand(self.c_out, shift=-0.5)]
-        if self.op == cbl.OP:
+        if self.op == conv_bn_lrelu_module.OP:
             x = rand(self.n, self.c_in, self.h, self.h)
             return [x.to(dtype), weight.to(dtype), *tail], dict(stride=self.stride, groups=1)
         skip, deeper = rand(self.n, self.c_skip, self.h, self.h), rand(self.n, self.c_in, self.h, self.h)
@@ -91,9 +91,9 @@ class Block:
         return [skip.to(dtype), deeper.to(dtype), *merge, weight.to(dtype), *tail], dict(groups=1)
 
     def shape(self, tensors: list[torch.Tensor]) -> str:
-        if self.op == cbl.OP:
-            return cbl.conv_shape(tensors[0], tensors[1], self.stride, 1)
-        return cbcbl.merge_shape(tensors[0], tensors[1], tensors[4], 1)
+        if self.op == conv_bn_lrelu_module.OP:
+            return conv_bn_lrelu_module.conv_shape(tensors[0], tensors[1], self.stride, 1)
+        return concat_bn_conv_bn_lrelu_module.merge_shape(tensors[0], tensors[1], tensors[4], 1)
 
 
 def net_shapes(size: int, levels, input_depth: int = 32, width: int = 128, skip: int = 4) -> list[Block]:
@@ -102,11 +102,11 @@ def net_shapes(size: int, levels, input_depth: int = 32, width: int = 128, skip:
     for level in levels:
         h, c_in = size >> level, input_depth if level == 0 else width
         blocks += [
-            Block(f"L{level}-skip", cbl.OP, 1, c_in, h, skip, 1),
-            Block(f"L{level}-down", cbl.OP, 1, c_in, h, width, 3, stride=2),
-            Block(f"L{level}-conv", cbl.OP, 1, width, h // 2, width, 3),
-            Block(f"L{level}-merge", cbcbl.OP, 1, width, h, width, 3, c_skip=skip),
-            Block(f"L{level}-1x1", cbl.OP, 1, width, h, width, 1),
+            Block(f"L{level}-skip", conv_bn_lrelu_module.OP, 1, c_in, h, skip, 1),
+            Block(f"L{level}-down", conv_bn_lrelu_module.OP, 1, c_in, h, width, 3, stride=2),
+            Block(f"L{level}-conv", conv_bn_lrelu_module.OP, 1, width, h // 2, width, 3),
+            Block(f"L{level}-merge", concat_bn_conv_bn_lrelu_module.OP, 1, width, h, width, 3, c_skip=skip),
+            Block(f"L{level}-1x1", conv_bn_lrelu_module.OP, 1, width, h, width, 1),
         ]
     return blocks
 
@@ -115,16 +115,19 @@ def _launcher(block: Block, family: str, precision: str, tensors, kw):
     """A no-argument function running the op's launch that holds the family's kernel: the forward op for conv, the
     backward op (on the forward's saved tensors) for dgrad and wgrad."""
     tf32 = precision == "tf32"
-    if block.op == cbl.OP:
+    if block.op == conv_bn_lrelu_module.OP:
         x, weight, bias, gamma, beta = tensors
         args = (x, weight, bias, gamma, beta, kw["stride"], 1, 1e-5, 0.2, tf32)
-        fwd, bwd = cbl._conv_bn_lrelu_fwd, cbl._conv_bn_lrelu_bwd
+        fwd, bwd = conv_bn_lrelu_module._conv_bn_lrelu_fwd, conv_bn_lrelu_module._conv_bn_lrelu_bwd
         out, *saved = fwd(*args)  # y, mean, rstd
         bwd_args = (x, weight, *saved, gamma, beta, kw["stride"], 1, 0.2, tf32)
     else:
         skip, deeper, mg, mb, weight, bias, gamma, beta = tensors
         args = (skip, deeper, mg, mb, weight, bias, gamma, beta, 1, 1e-5, 0.2, tf32)
-        fwd, bwd = cbcbl._concat_bn_conv_bn_lrelu_fwd, cbcbl._concat_bn_conv_bn_lrelu_bwd
+        fwd, bwd = (
+            concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_fwd,
+            concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_bwd,
+        )
         out, y, mean, rstd, mmean, mrstd = fwd(*args)
         bwd_args = (skip, deeper, mg, mb, weight, y, mean, rstd, gamma, beta, mmean, mrstd, 1, 0.2, tf32)
     if family == "conv":

@@ -1,6 +1,7 @@
 """Classical baselines measured beside DIP on the same inputs.
 
-- bicubic (SR): the notebook's own baseline, PIL BICUBIC upsampling of the 8-bit LR image.
+- bicubic (SR): the notebook's own baseline, PIL BICUBIC upsampling of the 8-bit LR image
+  (dipfast.bench.data.bicubic_upsample, which also scores an SR case's input).
 - nlm (denoising): scikit-image's non-local means, fast mode, 5 x 5 patches, 13 x 13 search
   window, h = 0.6 sigma with the true sigma (the scikit-image gallery's recipe).
 - bm3d (denoising): the optional `bm3d` package (non-commercial licence, never a dependency),
@@ -14,9 +15,8 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
-from PIL import Image
 
-from dipfast.bench.data import SIGMA
+from dipfast.bench.data import SIGMA, bicubic_upsample
 
 BASELINES = ("bicubic", "nlm", "bm3d")
 TASKS_OF = {"bicubic": ("sr4", "sr8"), "nlm": ("denoise",), "bm3d": ("denoise",)}
@@ -32,14 +32,6 @@ def unavailable(name: str) -> str | None:
 
 def applies(name: str, bench_task: str) -> bool:
     return bench_task in TASKS_OF[name]
-
-
-def bicubic_upsample(lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """PIL BICUBIC resize of the 8-bit LR image to size = (H, W): the SR notebook's baseline."""
-    lr8 = np.round(np.clip(lr, 0, 1) * 255).astype(np.uint8)
-    img = Image.fromarray(lr8[..., 0] if lr8.shape[2] == 1 else lr8)
-    out = np.asarray(img.resize((size[1], size[0]), Image.BICUBIC), dtype=np.float32) / 255
-    return out[..., None] if out.ndim == 2 else out
 
 
 def nlm(noisy: np.ndarray) -> np.ndarray:

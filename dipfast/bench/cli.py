@@ -1,5 +1,4 @@
-"""`dipfast bench SUITE`: the command line of the harness (SUITES: throughput, time-to-psnr, quality, profile,
-floor, batch, early-stop, summary).
+"""`dipfast bench <suite>`: the command line of the harness (the suites: SUITES below).
 
 add_bench_parser(subparsers) adds `bench` to the `dipfast` command; run_bench(args) runs it
 and returns the exit status (2 for bad input, with one line on stderr). `python -m dipfast.bench`
@@ -15,11 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from dipfast.cli import _Parser
-from dipfast.cli import positive_int as _positive_int
+from dipfast.cli_args import EXIT_BAD_INPUT, OneLineErrorParser, positive_int
 from dipfast.errors import InputError
 
-EXIT_BAD_INPUT = 2
 SUITES = ("throughput", "time-to-psnr", "quality", "profile", "floor", "batch", "early-stop", "summary")
 
 # 'auto' defaults: (CPU, CUDA)
@@ -34,27 +31,27 @@ AUTO = {
 
 
 def _size(text: str) -> int | str:
-    return "full" if text == "full" else _positive_int(text)
+    return "full" if text == "full" else positive_int(text)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         nargs="+",
-        default=["all"],
         metavar="NAME",
         help="DIP methods: the backends restore() accepts, 'native-eager' (native without its C++ ops), "
         "'native-nchw' (native with NCHW activations), 'native-padded' (native with the padded BatchNorm kernels on "
         "CUDA), 'original-loop' (the notebooks' loop in IEEE fp32, as the "
-        "paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 convolutions), or 'all' "
-        "(default)",
+        "paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 convolutions), or 'all'. "
+        "Default: all on CUDA; on a CPU all but compile, triton, original-loop-tf32 and native-padded (said when left "
+        "out)",
     )
     p.add_argument(
         "--precision",
         nargs="+",
-        default=["all"],
         metavar="P",
-        help="precisions restore() accepts, or 'all' (default); original-loop runs fp32 only, original-loop-tf32 tf32",
+        help="precisions restore() accepts, or 'all'; original-loop runs fp32 only, original-loop-tf32 tf32. "
+        "Default: all on CUDA; on a CPU all but tf32, which a CPU computes as fp32",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
@@ -64,7 +61,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "files of the same suite there are overwritten",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--nvtx", action="store_true", help="NVTX ranges around the step phases (for nsys)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -120,18 +117,18 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
         ),
     )
     _common(t)
-    t.add_argument("--size", type=_positive_int, nargs="+", help="image sides (default: 64 128 on CPU, 512 on CUDA)")
+    t.add_argument("--size", type=positive_int, nargs="+", help="image sides (default: 64 128 on CPU, 512 on CUDA)")
     t.add_argument(
         "--batch",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=[1],
         help="batch sizes; N > 1 runs N sequential fits while restore() takes one image",
     )
-    t.add_argument("--iters", type=_positive_int, help="iterations per timed repeat (default: 10 on CPU, 20 on CUDA)")
-    t.add_argument("--repeats", type=_positive_int, default=5)
-    t.add_argument("--warmup", type=_positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
-    t.add_argument("--rounds", type=_positive_int, default=1, help="interleaved rounds over all configurations")
+    t.add_argument("--iters", type=positive_int, help="iterations per timed repeat (default: 10 on CPU, 20 on CUDA)")
+    t.add_argument("--repeats", type=positive_int, default=5)
+    t.add_argument("--warmup", type=positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
+    t.add_argument("--rounds", type=positive_int, default=1, help="interleaved rounds over all configurations")
     t.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
     _configs(t)
 
@@ -145,8 +142,8 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     )
     _common(p)
     _images(p, "denoise")
-    p.add_argument("--iters", type=_positive_int, help="iterations per fit (default: 100 on CPU, the preset's on CUDA)")
-    p.add_argument("--report-every", type=_positive_int, default=10, help="read-back interval: the time resolution")
+    p.add_argument("--iters", type=positive_int, help="iterations per fit (default: 100 on CPU, the preset's on CUDA)")
+    p.add_argument("--report-every", type=positive_int, default=10, help="read-back interval: the time resolution")
     p.add_argument("--targets", type=float, nargs="+", help="target PSNRs in dB (default: input PSNR + 1, 2, 4, 6, 8)")
     p.add_argument("--time-limit", type=float, help="stop each fit after this many seconds")
     p.add_argument("--no-cold", action="store_true", help="skip the cold (fresh-process) runs")
@@ -163,8 +160,8 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     )
     _common(q)
     _images(q, "all")
-    q.add_argument("--iters", type=_positive_int, help="iterations per fit (default: 50 on CPU, each preset's on CUDA)")
-    q.add_argument("--runs", type=_positive_int, default=2, help="denoising runs to average (default: 2, the paper's)")
+    q.add_argument("--iters", type=positive_int, help="iterations per fit (default: 50 on CPU, each preset's on CUDA)")
+    q.add_argument("--runs", type=positive_int, default=2, help="denoising runs to average (default: 2, the paper's)")
 
     f = sub.add_parser(
         "profile",
@@ -175,11 +172,11 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
         ),
     )
     _common(f)
-    f.add_argument("--size", type=_positive_int, help="image side (default: 128 on CPU, 512 on CUDA)")
-    f.add_argument("--batch", type=_positive_int, default=1, help="images trained side by side (default: 1)")
-    f.add_argument("--iters", type=_positive_int, help="profiled iterations (default: 5 on CPU, 20 on CUDA)")
-    f.add_argument("--warmup", type=_positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
-    f.add_argument("--rows", type=_positive_int, default=25, help="ops listed per method (default: 25)")
+    f.add_argument("--size", type=positive_int, help="image side (default: 128 on CPU, 512 on CUDA)")
+    f.add_argument("--batch", type=positive_int, default=1, help="images trained side by side (default: 1)")
+    f.add_argument("--iters", type=positive_int, help="profiled iterations (default: 5 on CPU, 20 on CUDA)")
+    f.add_argument("--warmup", type=positive_int, help="warm-up iterations (default: 5 on CPU, 20 on CUDA)")
+    f.add_argument("--rows", type=positive_int, default=25, help="ops listed per method (default: 25)")
     f.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
     _configs(f)
 
@@ -193,12 +190,12 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
             "nothing runs on a GPU."
         ),
     )
-    fl.add_argument("--size", type=_positive_int, default=512, help="image side (default: 512)")
-    fl.add_argument("--batch", type=_positive_int, default=1, help="networks trained side by side (default: 1)")
+    fl.add_argument("--size", type=positive_int, default=512, help="image side (default: 512)")
+    fl.add_argument("--batch", type=positive_int, default=1, help="networks trained side by side (default: 1)")
     fl.add_argument("--precision", default="bf16", help="fp32 (IEEE), tf32 or bf16 (default)")
     fl.add_argument("--gpu", default="h100", help="h100 (default), h200 or a100")
     fl.add_argument("--net", default="default", help="'default' (the default DIP net), 'tiny' or a preset's name")
-    fl.add_argument("--rows", type=_positive_int, default=25, help="ops listed in the Markdown (default: 25)")
+    fl.add_argument("--rows", type=positive_int, default=25, help="ops listed in the Markdown (default: 25)")
     fl.add_argument("--out", default="bench-out", help="folder for floor.json and floor.md (default: bench-out)")
 
     b = sub.add_parser(
@@ -214,19 +211,19 @@ def _add_suites(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--out", default="bench-out", help="folder for batch.json and batch.md (default: bench-out)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quiet", action="store_true", help="no progress bars")
-    b.add_argument("--images", type=_positive_int, default=8, help="images per configuration (default: 8)")
-    b.add_argument("--size", type=_positive_int, help="image side (default: 32 on CPU, 256 on CUDA)")
-    b.add_argument("--iters", type=_positive_int, help="iterations per image (default: 10 on CPU, 200 on CUDA)")
+    b.add_argument("--images", type=positive_int, default=8, help="images per configuration (default: 8)")
+    b.add_argument("--size", type=positive_int, help="image side (default: 32 on CPU, 256 on CUDA)")
+    b.add_argument("--iters", type=positive_int, help="iterations per image (default: 10 on CPU, 200 on CUDA)")
     b.add_argument("--net", default="tiny", help="'tiny' (default), 'default' or a preset's name")
-    b.add_argument("--workers", type=_positive_int, nargs="+", default=[1, 2], help="Ray worker counts (default: 1 2)")
-    b.add_argument("--batch", type=_positive_int, default=4, help="networks per step on a GPU (default: 4)")
+    b.add_argument("--workers", type=positive_int, nargs="+", default=[1, 2], help="Ray worker counts (default: 1 2)")
+    b.add_argument("--batch", type=positive_int, default=4, help="networks per step on a GPU (default: 4)")
     b.add_argument(
-        "--ref-size", type=_positive_int, default=128, help="image side of the task Ray's overhead is set against"
+        "--ref-size", type=positive_int, default=128, help="image side of the task Ray's overhead is set against"
     )
     b.add_argument(
-        "--ref-iters", type=_positive_int, help="iterations timed for that task's rate (default: 5 CPU, 50 CUDA)"
+        "--ref-iters", type=positive_int, help="iterations timed for that task's rate (default: 5 CPU, 50 CUDA)"
     )
-    b.add_argument("--round-trips", type=_positive_int, default=50, help="Ray round trips timed (default: 50)")
+    b.add_argument("--round-trips", type=positive_int, default=50, help="Ray round trips timed (default: 50)")
 
     _add_early_stop(sub)
 
@@ -256,11 +253,11 @@ def _add_early_stop(sub) -> None:
         metavar="TASK",
         help=f"of {list(TASKS)} or 'all' (default: denoise)",
     )
-    e.add_argument("--size", type=_positive_int, help="centre crops of SIZE x SIZE (default: 32 on CPU, 256 on CUDA)")
+    e.add_argument("--size", type=positive_int, help="centre crops of SIZE x SIZE (default: 32 on CPU, 256 on CUDA)")
     e.add_argument(
-        "--iters", type=_positive_int, help="iterations recorded per image (default: 800 on CPU, 3000 on CUDA)"
+        "--iters", type=positive_int, help="iterations recorded per image (default: 800 on CPU, 3000 on CUDA)"
     )
-    e.add_argument("--limit", type=_positive_int, help="at most this many images per task")
+    e.add_argument("--limit", type=positive_int, help="at most this many images per task")
     e.add_argument("--cache", help="a folder for the records (read if there, else written): replays are instant")
     e.add_argument("--net", default="preset", help="'preset' (each task's own net, default), 'default' or 'tiny'")
     e.add_argument("--backend", default="native", help="restore()'s backend (default: native)")
@@ -271,15 +268,15 @@ def _add_early_stop(sub) -> None:
         help="also search the rule's settings per task (calibration.json: every candidate, best first)",
     )
     e.add_argument("--method", choices=METHODS, help="the rule, for every task (default: each task's calibrated one)")
-    e.add_argument("--window", type=_positive_int)
-    e.add_argument("--patience", type=_positive_int)
+    e.add_argument("--window", type=positive_int)
+    e.add_argument("--patience", type=positive_int)
     e.add_argument("--alpha", type=float)
     e.add_argument("--threshold", type=float)
     e.add_argument("--start", type=int)
     e.add_argument("--returns", choices=RETURNS)
     e.add_argument(
         "--cost",
-        type=_positive_int,
+        type=positive_int,
         metavar="SIZE",
         help="also time the criterion's update against a default-net step at SIZE px",
     )
@@ -288,7 +285,7 @@ def _add_early_stop(sub) -> None:
         "--out", default="bench-out", help="folder for early_stop.json/.md and the plots (default: bench-out)"
     )
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -315,6 +312,33 @@ def _pick(given: list[str], valid: list[str], what: str) -> list[str]:
     return list(dict.fromkeys(given))
 
 
+def methods_and_precisions(args, device_type: str) -> tuple[list[str], list[str], str | None]:
+    """--backend and --precision as lists ('all': every one); where one is not given, the device's defaults
+    (runs.NOT_BY_DEFAULT), with a line saying what they leave out and how to run it (None: nothing left out)."""
+    from dipfast.bench import runs
+
+    if args.backend is not None:
+        methods = _pick(args.backend, runs.dip_methods(), "backend")
+    else:
+        methods = runs.default_methods(device_type)
+    if args.precision is not None:
+        precisions = _pick(args.precision, runs.api_precisions(), "precision")
+    else:
+        precisions = runs.default_precisions(device_type)
+    left = [m for m in runs.dip_methods() if m not in methods and args.backend is None]
+    left += [f"precision {p}" for p in runs.api_precisions() if p not in precisions and args.precision is None]
+    if not left:
+        return methods, precisions, None
+    flags = " ".join(
+        f for f, given in (("--backend all", args.backend), ("--precision all", args.precision)) if not given
+    )
+    line = (
+        f"on {device_type}, left out: {', '.join(left)} (torch.compile takes minutes a run here; tf32 is fp32 and "
+        f"native-padded is native on a CPU); add {flags} to run them, or name them"
+    )
+    return methods, precisions, line
+
+
 def _pairs(args) -> list[tuple[str, str]] | None:
     """--configs as (method, precision) pairs, checked; None where not given (methods x precisions run)."""
     from dipfast.bench import runs
@@ -322,7 +346,7 @@ def _pairs(args) -> list[tuple[str, str]] | None:
     given = getattr(args, "configs", None)
     if not given:
         return None
-    if args.backend != ["all"] or args.precision != ["all"]:
+    if args.backend is not None or args.precision is not None:
         raise InputError("give either --configs or --backend/--precision, not both")
     pairs = []
     for text in given:
@@ -371,7 +395,7 @@ def _run(args) -> int:
     import torch
 
     from dipfast import api, nvtx_ranges
-    from dipfast.bench import report, runs
+    from dipfast.bench import report
 
     if args.suite == "early-stop":
         return _early_stop(args)
@@ -385,9 +409,10 @@ def _run(args) -> int:
     if args.nvtx and not nvtx_ranges.enable():
         print("dipfast bench: the nvtx package is not installed; running without NVTX ranges", file=sys.stderr)
     dev = api.resolve_device(args.device)
+    methods, precisions, left_out = methods_and_precisions(args, dev.type)
     common = {
-        "methods": _pick(args.backend, runs.dip_methods(), "backend"),
-        "precisions": _pick(args.precision, runs.api_precisions(), "precision"),
+        "methods": methods,
+        "precisions": precisions,
         "device": dev,
         "seed": args.seed,
         "progress": not args.quiet,
@@ -395,6 +420,8 @@ def _run(args) -> int:
     pairs = _pairs(args)
     if pairs is not None:
         common["pairs"] = pairs
+    elif left_out:
+        print(f"dipfast bench: {left_out}", file=sys.stderr)
     suite = {"throughput": _throughput, "time-to-psnr": _time_to_psnr, "quality": _quality, "profile": _profile}[
         args.suite
     ]
@@ -472,7 +499,7 @@ def _profile(args, cuda: bool, **common) -> dict:
 
     if args.net not in runs.NET_CHOICES or args.net == "preset":
         raise InputError(f"unknown net {args.net!r}; valid: {[n for n in runs.NET_CHOICES if n != 'preset']}")
-    if args.backend == ["all"]:  # restore()'s methods: the original loops are not
+    if args.backend in (None, ["all"]):  # restore()'s methods: the original loops are not
         common["methods"] = [m for m in common["methods"] if m not in runs.ORIGINAL_LOOPS]
     return run_profile(
         size=_auto("profile", "size", args.size, cuda),
@@ -554,7 +581,7 @@ def _time_to_psnr(args, cuda: bool, **common) -> dict:
         targets=args.targets,
         cold=not args.no_cold,
         warm=not args.no_warm,
-        baselines=_baselines(args.baselines),
+        baseline_names=_baselines(args.baselines),
         net=args.net,
         time_limit=args.time_limit,
         **common,
@@ -581,7 +608,7 @@ def _quality(args, cuda: bool, **common) -> dict:
         cases,
         iters=_auto(args.suite, "iters", args.iters, cuda),
         runs_denoise=args.runs,
-        baselines=_baselines(args.baselines),
+        baseline_names=_baselines(args.baselines),
         net=args.net,
         **common,
     )
@@ -596,8 +623,7 @@ def _early_stop(args) -> int:
     import torch
 
     from dipfast import api
-    from dipfast.bench import early_stop as es
-    from dipfast.bench import report
+    from dipfast.bench import early_stop, report
     from dipfast.early_stop import calibrated
 
     out = Path(args.out)
@@ -607,32 +633,34 @@ def _early_stop(args) -> int:
         torch.set_num_threads(args.threads)
     dev = api.resolve_device(args.device)
     cuda = dev.type == "cuda"
-    tasks = list(es.TASKS) if "all" in args.tasks else list(dict.fromkeys(args.tasks))
+    tasks = list(early_stop.TASKS) if "all" in args.tasks else list(dict.fromkeys(args.tasks))
     iters = _auto("early-stop", "iters", args.iters, cuda)
     given = {k: getattr(args, k) for k in ("method", "window", "patience", "alpha", "threshold", "start", "returns")}
     given = {k: v for k, v in given.items() if v is not None}
-    specs = {task: dataclasses.replace(calibrated(es.RESTORE_TASK[task]), **given) for task in tasks}
+    specs = {task: dataclasses.replace(calibrated(early_stop.RESTORE_TASK[task]), **given) for task in tasks}
     for spec in specs.values():
         spec.validate(iters)
-    cases = es.load_cases(args.data, tasks, _auto("early-stop", "size", args.size, cuda), args.seed, args.limit)
+    cases = early_stop.load_cases(args.data, tasks, _auto("early-stop", "size", args.size, cuda), args.seed, args.limit)
     cache = Path(args.cache) if args.cache else None
     run = {"device": dev, "precision": args.precision, "backend": args.backend, "seed": args.seed}
-    records = es.record_cached(cases, iters, cache, progress=not args.quiet, net=args.net, **run)
-    rep = es.run_early_stop(cases, iters=iters, specs=specs, records=records, **run)
+    records = early_stop.record_cached(cases, iters, cache, progress=not args.quiet, net=args.net, **run)
+    rep = early_stop.run_early_stop(cases, iters=iters, specs=specs, records=records, **run)
     if args.cost:
-        rep["cost"] = es.criterion_cost(
+        rep["cost"] = early_stop.criterion_cost(
             args.cost, [specs[t] for t in tasks], device=dev, precision=args.precision, backend=args.backend
         )
     rep = report.finish(rep, dev)
-    text = es.markdown(rep)
+    text = early_stop.markdown(rep)
     paths = list(report.write(rep, out, text).values())
-    paths += [es.plot(rep, row, out / f"early_stop_{report.case_slug(row['key'])}.png") for row in rep["images"]]
+    paths += [
+        early_stop.plot(rep, row, out / f"early_stop_{report.case_slug(row['key'])}.png") for row in rep["images"]
+    ]
     if args.calibrate:
         found = {}
         for task in tasks:
-            members = [c for c in cases if es.task_of(c) == task]
+            members = [c for c in cases if early_stop.task_of(c) == task]
             preset_iterations = rep["tasks"][task]["preset_iterations"]
-            found[task] = es.calibrate(members, records, preset_iterations)
+            found[task] = early_stop.calibrate(members, records, preset_iterations)
         path = out / "calibration.json"
         path.write_text(json.dumps(report._clean(found), indent=1, allow_nan=False) + "\n")
         paths.append(path)
@@ -644,7 +672,7 @@ def _early_stop(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog="python -m dipfast.bench", description=("The dipfast benchmark harness (the same as `dipfast bench`).")
     )
     _add_suites(parser)

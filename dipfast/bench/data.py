@@ -103,10 +103,8 @@ class Case:
     def input_psnr(self) -> float:
         """The PSNR of the input itself against the target: noisy image, bicubic LR (SR), masked image."""
         if self.scale is not None:
-            from dipfast.bench.baselines import bicubic_upsample
-
-            return psnr(bicubic_upsample(self.observed, self.target.shape[:2]), self.target)
-        return psnr(self.observed, self.target)
+            return numpy_psnr(bicubic_upsample(self.observed, self.target.shape[:2]), self.target)
+        return numpy_psnr(self.observed, self.target)
 
     def meta(self) -> dict:
         return {
@@ -125,11 +123,11 @@ class Case:
         }
 
 
-def psnr(x: np.ndarray, ref: np.ndarray) -> float:
+def numpy_psnr(x: np.ndarray, ref: np.ndarray) -> float:
     """All pixels and channels, data range 1, float64 mean (dipfast.metrics.psnr)."""
-    from dipfast.metrics import psnr as psnr_t
+    from dipfast.metrics import psnr
 
-    return float(psnr_t(torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(ref))))
+    return float(psnr(torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(ref))))
 
 
 def _seed(seed: int, *words: str) -> np.random.Generator:
@@ -155,7 +153,7 @@ def crop_hr(img: Image.Image, d: int = 32) -> Image.Image:
     return img.crop(((w - nw) / 2, (h - nh) / 2, (w + nw) / 2, (h + nh) / 2))
 
 
-def centre_crop(img: Image.Image, size: int | None, multiple: int = 1) -> Image.Image:
+def centre_crop_image(img: Image.Image, size: int | None, multiple: int = 1) -> Image.Image:
     """A size x size centre crop (each side at most the image's), sides rounded down to `multiple`."""
     if size is None:
         return img
@@ -180,7 +178,15 @@ def sr_pair(hr: Image.Image, factor: int) -> tuple[np.ndarray, np.ndarray]:
     return _to_float(lr), _to_float(hr)
 
 
-def bernoulli_mask(h: int, w: int, keep: float, rng: np.random.Generator) -> np.ndarray:
+def bicubic_upsample(lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """PIL BICUBIC resize of the 8-bit LR image to size = (H, W): the SR notebook's baseline."""
+    lr8 = np.round(np.clip(lr, 0, 1) * 255).astype(np.uint8)
+    img = Image.fromarray(lr8[..., 0] if lr8.shape[2] == 1 else lr8)
+    out = np.asarray(img.resize((size[1], size[0]), Image.BICUBIC), dtype=np.float32) / 255
+    return out[..., None] if out.ndim == 2 else out
+
+
+def numpy_bernoulli_mask(h: int, w: int, keep: float, rng: np.random.Generator) -> np.ndarray:
     """get_bernoulli_mask: U[0, 1) > 1 - keep, one mask for all channels. (h, w) float32."""
     return (rng.random((h, w)) > 1.0 - keep).astype(np.float32)
 
@@ -212,7 +218,7 @@ def _make(
 ) -> Case:
     rng = _seed(seed, bench_task, name)
     if bench_task == "denoise":
-        gt = _to_float(centre_crop(crop_image(img, 32), size))
+        gt = _to_float(centre_crop_image(crop_image(img, 32), size))
         return Case(
             name,
             bench_task,
@@ -224,7 +230,7 @@ def _make(
         )
     if bench_task in ("sr4", "sr8"):
         factor = RESTORE_ARGS[bench_task][2]
-        hr = centre_crop(crop_hr(img, 32), size, multiple=factor)
+        hr = centre_crop_image(crop_hr(img, 32), size, multiple=factor)
         lr, hr_np = sr_pair(hr, factor)
         return Case(
             name,
@@ -236,9 +242,9 @@ def _make(
             protocol=f"HR centre-cropped to a multiple of 32; LR = PIL LANCZOS resize by 1/{factor}",
         )
     if bench_task == "restore":
-        gt = _to_float(centre_crop(img, size))
+        gt = _to_float(centre_crop_image(img, size))
         gt = np.pad(gt, ((1, 1), (1, 1), (0, 0)), mode="reflect")
-        mask = bernoulli_mask(*gt.shape[:2], RESTORE_KEEP, rng)
+        mask = numpy_bernoulli_mask(*gt.shape[:2], RESTORE_KEEP, rng)
         return Case(
             name,
             bench_task,
@@ -250,10 +256,10 @@ def _make(
             protocol="reflection-padded by 1 px; Bernoulli mask keeping 50% (seeded); observed = gt * mask",
         )
     if bench_task == "inpaint":
-        img = centre_crop(crop_image(img, 64), size)
+        img = centre_crop_image(crop_image(img, 64), size)
         gt = _to_float(img)
         if mask_img is not None:
-            mask = (_to_float(centre_crop(crop_image(mask_img.convert("L"), 64), size))[..., 0] > 0.5).astype(
+            mask = (_to_float(centre_crop_image(crop_image(mask_img.convert("L"), 64), size))[..., 0] > 0.5).astype(
                 np.float32
             )
             protocol = "the given mask (white = known); observed = gt * mask"
@@ -323,7 +329,7 @@ def throughput_case(size: int, seed: int = 0) -> Case:
     img = Image.fromarray(skdata.astronaut())
     if size > min(img.size):
         img = img.resize((size, size), Image.BICUBIC)
-    gt = _to_float(centre_crop(img, size))
+    gt = _to_float(centre_crop_image(img, size))
     return Case(
         "astronaut",
         "denoise",

@@ -60,7 +60,7 @@ BUNDLED_IMAGES = ("astronaut", "coffee", "chelsea")
 
 def jpeg_case(name: str, img: Image.Image, size: int | None, source: str, quality: int = JPEG_QUALITY) -> Case:
     """A centre crop of img and its JPEG at `quality` (4:2:0, PIL): blind JPEG-artifact removal."""
-    clean = data.centre_crop(data.crop_image(img.convert("RGB"), 32), size)
+    clean = data.centre_crop_image(data.crop_image(img.convert("RGB"), 32), size)
     buf = io.BytesIO()
     clean.save(buf, "JPEG", quality=quality)
     buf.seek(0)
@@ -246,22 +246,22 @@ def detect(rec: Record, target: np.ndarray, spec, buffer_dtype=torch.bfloat16) -
     from dipfast.metrics import psnr
 
     outputs = torch.from_numpy(rec.outputs).float()
-    es = EarlyStop(spec, 1, outputs.shape[1:], "cpu", buffer_dtype)
+    stopper = EarlyStop(spec, 1, outputs.shape[1:], "cpu", buffer_dtype)
     crit = np.full(len(outputs), np.nan, dtype=np.float32)
     iteration = torch.zeros((), dtype=torch.int64)
     for t in range(len(outputs)):
-        es.update(outputs[t : t + 1], iteration)
-        crit[t] = es.criterion[0]
+        stopper.update(outputs[t : t + 1], iteration)
+        crit[t] = stopper.criterion[0]
         iteration += 1
-        if es.stopped[0]:
+        if stopper.stopped[0]:
             break
-    best = int(es.best_iteration[0])
-    stopped = bool(es.stopped[0])
-    stop = int(es.stop_iteration[0]) if stopped else len(outputs)
+    best = int(stopper.best_iteration[0])
+    stopped = bool(stopper.stopped[0])
+    stop = int(stopper.stop_iteration[0]) if stopped else len(outputs)
     if best and spec.returns == "output":
         value = float(rec.psnr[best - 1])  # of the fp32 output, as the step keeps it
     elif best:
-        value = float(psnr(es.best_output[0], torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1)))))
+        value = float(psnr(stopper.best_output[0], torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1)))))
     else:
         value = math.nan
     return Detection(best, stop, stopped, value, crit)
@@ -280,7 +280,7 @@ def evaluate(case: Case, rec: Record, spec, fixed_iterations: int, buffer_dtype=
         "task": task_of(case),
         "preset": case.preset,
         "size": list(case.target.shape),
-        "input_psnr": case.input_psnr() if task_of(case) != "jpeg" else data.psnr(case.observed, case.target),
+        "input_psnr": case.input_psnr() if task_of(case) != "jpeg" else data.numpy_psnr(case.observed, case.target),
         "recorded_iterations": t,
         "oracle_psnr": float(rec.psnr[oracle - 1]),
         "oracle_iteration": oracle,
@@ -502,12 +502,12 @@ def curves(records: list[Record], method: str, window: int = 100, alpha: float =
 
     outputs = torch.from_numpy(np.stack([r.outputs for r in records], axis=1)).float()  # (T, N, C, H, W)
     spec = EarlyStopSpec(method, window=window, alpha=alpha, patience=len(outputs) + 1)
-    es = EarlyStop(spec, outputs.shape[1], outputs.shape[2:], "cpu", buffer_dtype)
+    stopper = EarlyStop(spec, outputs.shape[1], outputs.shape[2:], "cpu", buffer_dtype)
     out = np.empty(outputs.shape[:2], dtype=np.float32)
     iteration = torch.zeros((), dtype=torch.int64)
     for t in range(len(outputs)):
-        es.update(outputs[t], iteration)
-        out[t] = es.criterion.numpy()
+        stopper.update(outputs[t], iteration)
+        out[t] = stopper.criterion.numpy()
         iteration += 1
     return out
 
@@ -626,14 +626,14 @@ def criterion_cost(
     out = torch.rand(1, 3, size, size, device=dev)
     rows = []
     for spec in specs:
-        es = EarlyStop(spec, 1, (3, size, size), dev)
+        stopper = EarlyStop(spec, 1, (3, size, size), dev)
         iteration = torch.zeros((), dtype=torch.int64, device=dev)
-        es.update(out, iteration)
+        stopper.update(out, iteration)
         sync()
         start = time.perf_counter()
         for _ in range(updates):
             iteration += 1
-            es.update(out, iteration)
+            stopper.update(out, iteration)
         sync()
         update_ms = 1e3 * (time.perf_counter() - start) / updates
         rows.append(
@@ -641,7 +641,7 @@ def criterion_cost(
                 "spec": _spec_dict(spec),
                 "update_ms": update_ms,
                 "fraction_of_step": update_ms / step_ms,
-                "bytes": es.bytes(),
+                "bytes": stopper.bytes(),
             }
         )
     return {"size": size, "device": str(dev), "precision": loops[1].precision, "step_ms": step_ms, "criterion": rows}

@@ -16,7 +16,7 @@ step()`` and the closure does, every iteration, in eager fp32 with cudnn.benchma
 
 The network, z, the noise generator and the seeds are made exactly as dipfast.engine.fit does,
 from dipfast.nets, so the same seed gives the reference engine's trajectory (the same maths;
-tests/test_bench.py checks it): on the CPU the same outputs bit for bit for denoising,
+tests/bench/test_original_loop.py checks it): on the CPU the same outputs bit for bit for denoising,
 restoration and inpainting (the PSNRs differ below 1e-6 dB: skimage subtracts in float32, the
 engine in float64). For SR the notebook's dense Lanczos conv sums in another order than the
 reference's depthwise one, and Adam's nearly sign-like first steps amplify that rounding: the

@@ -20,9 +20,8 @@ import statistics
 
 import numpy as np
 
-from dipfast.bench import baselines as baseline_lib
-from dipfast.bench import runs
-from dipfast.bench.data import Case, psnr
+from dipfast.bench import baselines, runs
+from dipfast.bench.data import Case, bicubic_upsample, numpy_psnr
 from dipfast.metrics import psnr_y
 from dipfast.tasks import preset_for
 
@@ -40,20 +39,20 @@ def score(case: Case, images: list[np.ndarray], emas: list[np.ndarray | None]) -
     """The protocol's figures for one method on one case; images[0] is the first run."""
     t, image, ema = case.target, images[0], emas[0]
     if case.bench_task in ("sr4", "sr8"):
-        out = {"psnr_y": psnr_y(image, t), "psnr_rgb": psnr(image, t)}
+        out = {"psnr_y": psnr_y(image, t), "psnr_rgb": numpy_psnr(image, t)}
         if ema is not None:
             out["ema_psnr_y"] = psnr_y(ema, t)
         return out
-    out = {"psnr": psnr(image, t)}
+    out = {"psnr": numpy_psnr(image, t)}
     if ema is not None:
-        out["ema_psnr"] = psnr(ema, t)
+        out["ema_psnr"] = numpy_psnr(ema, t)
     if case.bench_task == "denoise" and len(images) > 1:
-        out["psnr_avg2"] = psnr(np.mean(images, axis=0), t)
+        out["psnr_avg2"] = numpy_psnr(np.mean(images, axis=0), t)
         if all(e is not None for e in emas):
-            out["ema_psnr_avg2"] = psnr(np.mean(emas, axis=0), t)
+            out["ema_psnr_avg2"] = numpy_psnr(np.mean(emas, axis=0), t)
     if case.bench_task == "restore":
         m = case.mask[..., None]
-        out["masked_psnr"] = psnr(t * m, image * m)
+        out["masked_psnr"] = numpy_psnr(t * m, image * m)
     return out
 
 
@@ -68,7 +67,7 @@ def run_quality(
     *,
     iters: int | None = None,
     runs_denoise: int = 2,
-    baselines=("nlm", "bm3d", "bicubic"),
+    baseline_names=("nlm", "bm3d", "bicubic"),
     device="auto",
     net: str | None = None,
     seed: int = 0,
@@ -80,7 +79,7 @@ def run_quality(
     from dipfast.errors import InputError
 
     dev = api.resolve_device(device)
-    combos = [(m, p) for m in methods for p in precisions if runs.applies(m, p)]
+    combos = runs.combinations(methods, precisions)
     rows, unsupported = [], []
     with tqdm(total=len(cases) * len(combos), disable=not progress, desc="quality", unit="fit") as bar:
         for case in cases:
@@ -140,10 +139,10 @@ def run_quality(
                     }
                 )
                 bar.update(1)
-            for name in baselines:
-                if not baseline_lib.applies(name, case.bench_task):
+            for name in baseline_names:
+                if not baselines.applies(name, case.bench_task):
                     continue
-                reason = baseline_lib.unavailable(name)
+                reason = baselines.unavailable(name)
                 if reason is not None:
                     unsupported.append({"case": case.key, "method": name, "precision": None, "reason": reason})
                     continue
@@ -157,7 +156,7 @@ def run_quality(
                         "iterations": 0,
                         "seconds": run.seconds,
                         "runs": 1,
-                        "settings": baseline_lib.settings(name),
+                        "settings": baselines.settings(name),
                         "metrics": score(case, [run.image], [None]),
                     }
                 )
@@ -171,7 +170,7 @@ def run_quality(
             "net": net or "preset",
             "runs_denoise": runs_denoise,
             "seed": seed,
-            "baselines": list(baselines),
+            "baselines": list(baseline_names),
             "protocols": PROTOCOL,
             "primary_metric": PRIMARY,
         },
@@ -184,8 +183,8 @@ def run_quality(
 def _input_score(case: Case) -> float:
     """The input's own figure under the primary protocol (SR: the bicubic upsampling's)."""
     if case.bench_task in ("sr4", "sr8"):
-        return psnr_y(baseline_lib.bicubic_upsample(case.observed, case.target.shape[:2]), case.target)
-    return psnr(case.observed, case.target)
+        return psnr_y(bicubic_upsample(case.observed, case.target.shape[:2]), case.target)
+    return numpy_psnr(case.observed, case.target)
 
 
 def averages(rows: list[dict]) -> list[dict]:

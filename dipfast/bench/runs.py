@@ -22,7 +22,7 @@ import torch
 
 from dipfast import api, backends, native
 from dipfast.bench import baselines
-from dipfast.bench.data import Case, psnr
+from dipfast.bench.data import Case, numpy_psnr
 from dipfast.nets import SkipSpec
 from dipfast.presets import PRESETS, apply_overrides
 from dipfast.tasks import preset_for
@@ -55,6 +55,30 @@ def api_precisions() -> list[str]:
 
 def dip_methods() -> list[str]:
     return [*api_backends(), *NATIVE_VARIANTS, *ORIGINAL_LOOPS]
+
+
+# What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
+# on a CPU, compile and triton spend minutes compiling in every cold run (Triton runs there only in its
+# interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones, and
+# native-padded is native itself there.
+NOT_BY_DEFAULT = {"cpu": {"methods": ("compile", "triton", ORIGINAL_LOOP_TF32, NATIVE_PADDED), "precisions": ("tf32",)}}
+
+
+def default_methods(device_type: str) -> list[str]:
+    """The methods a suite runs on `device_type` ('cpu', 'cuda') when --backend is not given."""
+    left_out = NOT_BY_DEFAULT.get(device_type, {}).get("methods", ())
+    return [m for m in dip_methods() if m not in left_out]
+
+
+def default_precisions(device_type: str) -> list[str]:
+    """The precisions a suite runs on `device_type` when --precision is not given."""
+    left_out = NOT_BY_DEFAULT.get(device_type, {}).get("precisions", ())
+    return [p for p in api_precisions() if p not in left_out]
+
+
+def combinations(methods: list[str], precisions: list[str]) -> list[tuple[str, str]]:
+    """The (method, precision) runs of methods x precisions: the pairs some method runs."""
+    return [(m, p) for m in methods for p in precisions if applies(m, p)]
 
 
 def applies(method: str, precision: str) -> bool:
@@ -139,8 +163,8 @@ def _trajectory(rows, offset: float) -> dict:
 
 def _final(run: Run, case: Case, image: np.ndarray, ema: np.ndarray | None) -> Run:
     run.image, run.ema_image = image, ema
-    run.psnr = psnr(image, case.target)
-    run.ema_psnr = psnr(ema, case.target) if ema is not None else None
+    run.psnr = numpy_psnr(image, case.target)
+    run.ema_psnr = numpy_psnr(ema, case.target) if ema is not None else None
     run.its = run.iterations / run.seconds if run.seconds > 0 else math.nan
     return run
 

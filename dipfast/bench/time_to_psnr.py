@@ -19,8 +19,7 @@ import itertools
 import math
 import statistics
 
-from dipfast.bench import baselines as baseline_lib
-from dipfast.bench import runs
+from dipfast.bench import baselines, runs
 from dipfast.bench.data import Case
 from dipfast.bench.runs import Run
 
@@ -97,7 +96,7 @@ def run_time_to_psnr(
     targets: list[float] | None = None,
     cold: bool = True,
     warm: bool = True,
-    baselines=("nlm", "bm3d", "bicubic"),
+    baseline_names=("nlm", "bm3d", "bicubic"),
     device="auto",
     net: str | None = None,
     time_limit: float | None = None,
@@ -125,7 +124,7 @@ def run_time_to_psnr(
         "net": net,
         "time_limit": time_limit,
     }
-    combos = list(pairs) if pairs is not None else [(m, p) for m in methods for p in precisions if runs.applies(m, p)]
+    combos = list(pairs) if pairs is not None else runs.combinations(methods, precisions)
     modes = [m for m, on in (("cold", cold), ("warm", warm)) if on]
     settings = {
         "methods": list(dict.fromkeys(m for m, _ in combos)),
@@ -138,7 +137,7 @@ def run_time_to_psnr(
         "net": net or "preset",
         "time_limit_s": time_limit,
         "seed": seed,
-        "baselines": list(baselines),
+        "baselines": list(baseline_names),
         "clock": "time.perf_counter from the restore() call (original loop: from its set-up)",
         "resolution": f"restore() backends: the read-back every {report_every} iterations; original loop: "
         "every iteration; a time is the read-back at or after the crossing (an upper bound)",
@@ -176,10 +175,10 @@ def run_time_to_psnr(
                     bar.update(1)
                     if on_partial is not None:
                         on_partial({"suite": "time-to-psnr", "settings": settings, "cases": [*out_cases, entry]})
-            for name in baselines:
-                if not baseline_lib.applies(name, case.bench_task):
+            for name in baseline_names:
+                if not baselines.applies(name, case.bench_task):
                     continue
-                reason = baseline_lib.unavailable(name)
+                reason = baselines.unavailable(name)
                 if reason is not None:
                     entry["unsupported"].append({"method": name, "precision": None, "mode": "first", "reason": reason})
                     continue

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-import dipfast.native as native
+from dipfast.native import runtime
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
 def kernels_take(*tensors: torch.Tensor, dim: int | None = 4) -> bool:
     """Whether the native kernels run on these tensors (else the eager twin does)."""
-    return native.enabled() and all(
+    return runtime.enabled() and all(
         t.device.type == "cpu" and t.dtype in KERNEL_DTYPES and (dim is None or t.dim() == dim) for t in tensors
     )
 

@@ -62,8 +62,8 @@ def _bilinear_x2(m: nn.Module) -> bool:
 
 def _takes_padded_input(m: nn.Module) -> bool:
     """Whether m is a ConvBNAct whose conv pads by reflection and has no downsampler, so it can
-    start from a buffer already padded by m.conv.reflect (its nn.Conv2d has padding=0)."""
-    return isinstance(m, ConvBNAct) and m.conv.reflect > 0 and m.conv.downsample is None
+    start from a buffer already padded by m.conv.reflection_pad (its nn.Conv2d has padding=0)."""
+    return isinstance(m, ConvBNAct) and m.conv.reflection_pad > 0 and m.conv.downsample is None
 
 
 class NativeBlocks(BlockOps):
@@ -81,20 +81,22 @@ class NativeBlocks(BlockOps):
         if slope is None or not _batch_statistics(first.bn) or not _takes_padded_input(second):
             return super().conv_bn_act_pair(first, second, x)
         bn = first.bn
-        padded = batch_norm_act_reflect_pad(first.conv(x), bn.weight, bn.bias, second.conv.reflect, bn.eps, slope)
-        return self._bn_act(second, second.conv.conv(padded))
+        padded = batch_norm_act_reflect_pad(
+            first.conv(x), bn.weight, bn.bias, second.conv.reflection_pad, bn.eps, slope
+        )
+        return self._bn_act(second, second.conv.conv2d(padded))
 
     def merge(self, level, parts):
         bn = level.merge_bn
         if len(parts) > 2 or not _batch_statistics(bn):
             return super().merge(level, parts)
-        pad = level.up.conv.reflect if _takes_padded_input(level.up) else 0
+        pad = level.up.conv.reflection_pad if _takes_padded_input(level.up) else 0
         if len(parts) == 1:
             merged = batch_norm_act_reflect_pad(parts[0], bn.weight, bn.bias, pad, bn.eps, negative_slope=1.0)
         else:
             skip, deeper = crop_to_smallest(parts)
             merged = concat_batch_norm(skip, deeper, bn.weight, bn.bias, bn.eps, pad)
-        return self._bn_act(level.up, level.up.conv.conv(merged)) if pad else level.up(merged)
+        return self._bn_act(level.up, level.up.conv.conv2d(merged)) if pad else level.up(merged)
 
     def _bn_act(self, m, y):
         """m's BatchNorm + activation on its conv's output y: fused where the ops take them."""

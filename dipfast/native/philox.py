@@ -5,9 +5,8 @@ Philox4x32-10 (Salmon et al., SC 2011; cuRAND's and PyTorch's CUDA generator) ke
 its counter (group, offset), and Box-Muller on each pair of its 32-bit words. Same seed and offset:
 the same numbers, with any number of threads. Each offset is an independent stream, so the
 per-iteration input noise of DIP can use the step counter as its offset: the run reproduces and
-needs no generator state. On one core of the project's CPU (AVX-512) it fills (1, 32, 128, 128)
-fp32 in ~0.48 ms against ~1.8 ms for torch's normal_ (bench/ops/bench_native_ops.py); unlike
-normal_ it also spreads over torch's threads.
+needs no generator state. Unlike torch's normal_ (one sequential generator) it spreads over torch's
+threads; bench/ops/bench_native_ops.py times the two (figures: the README, "Native CPU ops").
 
 Element e of out (in row-major order) takes word j = (e mod 64) div 16 of the Philox output for
 group g = 16 (e div 64) + e mod 16; words (0, 1) and (2, 3) are Box-Muller pairs, the even word

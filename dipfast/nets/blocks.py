@@ -9,11 +9,13 @@ reference computation.
 
     conv_bn_act(m, x)                ConvBNAct: [reflect pad] -> conv [-> downsampler] -> BatchNorm -> activation
     conv_bn_act_pair(first, second, x)   second(first(x)), two ConvBNAct in a row (a level's deeper branch)
-    merge(level, parts)              SkipLevel: concat(parts, cropped) -> BatchNorm -> level.up (a ConvBNAct)
+    merge(level, parts)              SkipLevel: level.concat(parts) -> BatchNorm -> level.up (a ConvBNAct)
     upsample(m, x)                   the x2 upsample between levels
 
-The pair and the merge name the block that reads their result, so a backend can hand it its input
-already padded (the native ops write the reflection pad with the BatchNorm, in one buffer).
+m is a ConvBNAct (dipfast.nets.layers) and level a SkipLevel (dipfast.nets.skip); those modules import
+this one for their default ops, so the ops here reach them through their attributes only. The pair and the
+merge name the block that reads their result, so a backend can hand it its input already padded (the
+native ops write the reflection pad with the BatchNorm, in one buffer).
 
 Fused implementations do not update BatchNorm's running statistics, which DIP never reads (it
 always normalises with the batch statistics); only the reference ops keep them.
@@ -21,14 +23,8 @@ always normalises with the batch statistics); only the reference ops keep them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from dipfast.nets.layers import ConvBNAct
-    from dipfast.nets.skip import SkipLevel
 
 
 class BlockOps:
@@ -36,17 +32,14 @@ class BlockOps:
 
     name = "reference"
 
-    def conv_bn_act(self, m: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
+    def conv_bn_act(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m.act(m.bn(m.conv(x)))
 
-    def conv_bn_act_pair(self, first: ConvBNAct, second: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
+    def conv_bn_act_pair(self, first: nn.Module, second: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return second(first(x))
 
-    def merge(self, level: SkipLevel, parts: list[torch.Tensor]) -> torch.Tensor:
-        from dipfast.nets.layers import concat_cropped
-
-        merged = concat_cropped(parts) if len(parts) > 1 else parts[0]
-        return level.up(level.merge_bn(merged))
+    def merge(self, level: nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
+        return level.up(level.merge_bn(level.concat(parts)))
 
     def upsample(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m(x)

@@ -82,14 +82,14 @@ class PadConv(nn.Module):
             else:
                 self.downsample = LanczosDownsampler(out_ch, stride, downsample_mode)
             stride = 1
-        self.reflect = (kernel_size - 1) // 2 if pad == "reflection" else 0
+        self.reflection_pad = (kernel_size - 1) // 2 if pad == "reflection" else 0  # width, in pixels
         zero_pad = (kernel_size - 1) // 2 if pad == "zero" else 0
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=zero_pad, bias=bias)
+        self.conv2d = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=zero_pad, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.reflect:
-            x = F.pad(x, (self.reflect,) * 4, mode="reflect")
-        x = self.conv(x)
+        if self.reflection_pad:
+            x = F.pad(x, (self.reflection_pad,) * 4, mode="reflect")
+        x = self.conv2d(x)
         return self.downsample(x) if self.downsample is not None else x
 
 

@@ -27,7 +27,7 @@ from dipfast.nets.skip import Skip, SkipLevel
 
 def _pad_conv_keys(ours: str, theirs: str, module: PadConv, reflection: bool) -> dict[str, str]:
     conv_index = 1 if reflection else 0
-    keys = {f"{ours}conv.{n}": f"{theirs}{conv_index}.{n}" for n, _ in module.conv.named_parameters()}
+    keys = {f"{ours}conv2d.{n}": f"{theirs}{conv_index}.{n}" for n, _ in module.conv2d.named_parameters()}
     if module.downsample is not None:
         for n, _ in module.downsample.named_parameters():
             # the original's Downsampler keeps its conv as `downsampler_` (models/downsampler.py)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dipfast.nets.blocks import REFERENCE
-from dipfast.nets.layers import ConvBNAct, PadConv, upsample
+from dipfast.nets.layers import ConvBNAct, PadConv, concat_cropped, upsample
 
 # The original's keyword names, accepted as aliases so that notebook calls port unchanged.
 ORIGINAL_KEYWORDS = {
@@ -102,6 +102,10 @@ class SkipLevel(nn.Module):
         self.merge_bn = nn.BatchNorm2d(skip + k)
         self.up = ConvBNAct(skip + k, up, fu, **common)
         self.up1x1 = ConvBNAct(up, up, 1, **common) if spec.need1x1_up else None
+
+    def concat(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The original's Concat of [skip, deeper] (or deeper alone): the merge's input before its BatchNorm."""
+        return concat_cropped(parts) if len(parts) > 1 else parts[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         deeper = self.block_ops.conv_bn_act_pair(self.down, self.conv, x)

@@ -10,8 +10,7 @@ import pytest
 import torch
 from _helpers import smooth_image
 
-from dipfast.bench import data
-from dipfast.bench import early_stop as es
+from dipfast.bench import data, early_stop
 from dipfast.bench.cli import main
 from dipfast.early_stop import EarlyStopSpec
 from dipfast.metrics import psnr
@@ -35,14 +34,14 @@ def _cases(np_rng, n: int = 2, size: int = 16) -> list[data.Case]:
 @pytest.fixture(scope="module")
 def recorded():
     cases = _cases(np.random.default_rng(14))
-    records = es.record_cached(cases, ITERS, None, device="cpu", net="tiny")
+    records = early_stop.record_cached(cases, ITERS, None, device="cpu", net="tiny")
     return cases, records
 
 
 def test_the_record_holds_every_iterations_output_and_its_psnr(recorded):
     cases, records = recorded
     for case in cases:
-        rec = records[es.key_of(case)]
+        rec = records[early_stop.key_of(case)]
         assert rec.outputs.shape == (ITERS, 3, 16, 16) and rec.psnr.shape == (ITERS,)
         target = torch.from_numpy(case.target.transpose(2, 0, 1).copy())[None]
         again = psnr(torch.from_numpy(rec.outputs).float(), target, dim=(1, 2, 3)).numpy()
@@ -54,12 +53,12 @@ def test_the_record_holds_every_iterations_output_and_its_psnr(recorded):
 def test_the_replayed_decision_is_the_rule_on_the_criterion_curve(recorded):
     """detect() (EarlyStop replayed) against decide() (the rule as a plain loop on the curve)."""
     cases, records = recorded
-    recs = [records[es.key_of(c)] for c in cases]
+    recs = [records[early_stop.key_of(c)] for c in cases]
     for spec in (SPEC, EarlyStopSpec("emv", alpha=0.2, patience=5, start=5), EarlyStopSpec(window=3, patience=200)):
-        crit = es.curves(recs, spec.method, spec.window, spec.alpha)
+        crit = early_stop.curves(recs, spec.method, spec.window, spec.alpha)
         for k, (case, rec) in enumerate(zip(cases, recs)):
-            det = es.detect(rec, case.target, spec)
-            best, stop, stopped = es.decide(crit[:, k], spec.patience, spec.threshold, spec.first_valid())
+            det = early_stop.detect(rec, case.target, spec)
+            best, stop, stopped = early_stop.decide(crit[:, k], spec.patience, spec.threshold, spec.first_valid())
             assert (det.best_iteration, det.stop_iteration, det.stopped) == (best, stop, stopped)
             assert det.psnr == rec.psnr[best - 1]
             if stopped:
@@ -70,16 +69,16 @@ def test_the_replayed_decision_is_the_rule_on_the_criterion_curve(recorded):
 
 def test_window_mean_psnr_is_the_psnr_of_the_mean_of_the_last_outputs(recorded):
     cases, records = recorded
-    rec, case = records[es.key_of(cases[0])], cases[0]
-    curve = es.window_mean_psnr(rec, case.target, 5)
+    rec, case = records[early_stop.key_of(cases[0])], cases[0]
+    curve = early_stop.window_mean_psnr(rec, case.target, 5)
     assert np.isnan(curve[:4]).all()
     mean = rec.outputs[10:15].astype(np.float64).mean(0).transpose(1, 2, 0)
-    assert curve[14] == pytest.approx(data.psnr(mean, case.target), abs=1e-4)
+    assert curve[14] == pytest.approx(data.numpy_psnr(mean, case.target), abs=1e-4)
 
 
 def test_the_suite_figures(recorded):
     cases, records = recorded
-    rep = es.run_early_stop(cases, iters=ITERS, specs={"denoise": SPEC}, records=records)
+    rep = early_stop.run_early_stop(cases, iters=ITERS, specs={"denoise": SPEC}, records=records)
     assert [r["key"] for r in rep["images"]] == ["denoise/img0", "denoise/img1"]
     for row in rep["images"]:
         curve = records[row["key"]].psnr
@@ -99,7 +98,7 @@ def test_the_suite_figures(recorded):
 
 def test_calibrate_ranks_rules_that_meet_the_targets_first(recorded):
     cases, records = recorded
-    ranked = es.calibrate(cases, records, 3000)
+    ranked = early_stop.calibrate(cases, records, 3000)
     assert len(ranked) > 100
     flags = [e["meets_quality"] for e in ranked]
     assert flags == sorted(flags, reverse=True)
@@ -130,7 +129,7 @@ def test_the_command_writes_json_markdown_plots_and_reads_its_cache(tmp_path, ca
     def no_fit(*a, **k):
         raise AssertionError("the cache was not read")
 
-    monkeypatch.setattr(es, "record", no_fit)
+    monkeypatch.setattr(early_stop, "record", no_fit)
     assert main([*args, "--out", str(tmp_path / "b"), "--patience", "7"]) == 0
     again = json.loads((tmp_path / "b" / "early_stop.json").read_text())
     assert again["images"][0]["psnr_curve"] == rep["images"][0]["psnr_curve"]
@@ -148,7 +147,7 @@ def test_criterion_cost_times_the_update_against_the_step():
     from _helpers import TINY
 
     specs = [EarlyStopSpec(window=3), EarlyStopSpec("emv")]
-    cost = es.criterion_cost(16, specs, device="cpu", steps=3, updates=3, **TINY)
+    cost = early_stop.criterion_cost(16, specs, device="cpu", steps=3, updates=3, **TINY)
     assert cost["step_ms"] > 0 and [r["spec"]["method"] for r in cost["criterion"]] == ["wmv", "emv"]
     for r in cost["criterion"]:
         assert r["update_ms"] > 0 and r["fraction_of_step"] == pytest.approx(r["update_ms"] / cost["step_ms"])
@@ -162,4 +161,4 @@ def test_decides_vectorised_running_minimum_is_the_plain_loop(np_rng):
         curve[: int(np_rng.integers(0, 4))] = np.nan
         curve[np_rng.random(curve.size) < 0.1] = curve[0]  # ties: a new minimum must be strictly lower
         patience, first = int(np_rng.integers(1, 20)), int(np_rng.integers(1, 6))
-        assert es.decide(curve, patience, 0.0, first) == es.decide(curve, patience, 1e-30, first)
+        assert early_stop.decide(curve, patience, 0.0, first) == early_stop.decide(curve, patience, 1e-30, first)

@@ -75,7 +75,7 @@ def test_flops_match_torch_flop_counter(spec, depth, size, total_bound):
 def test_the_largest_conv_is_the_level0_merge():
     """132 -> 128 channels, 3x3, at full size: 2 * 128 * 132 * 9 * H * W FLOPs each for forward, dx and dW."""
     size = 64
-    ops = [o for o in _ops(size=size) if o.name == "L0.up.conv.conv"]
+    ops = [o for o in _ops(size=size) if o.name == "L0.up.conv.conv2d"]
     assert {o.op for o in ops} == {"forward", "input grad", "weight grad", "bias grad"}
     for o in ops:
         if o.op != "bias grad":
@@ -93,7 +93,7 @@ def test_ops_follow_the_module_tree():
         net = nets.build(DEFAULT, 32, 3)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    padded = [m for m in net.modules() if isinstance(m, PadConv) and m.reflect > 0]
+    padded = [m for m in net.modules() if isinstance(m, PadConv) and m.reflection_pad > 0]
     count = {(g, op): sum(o.group == g and o.op == op for o in ops) for g, op in {(o.group, o.op) for o in ops}}
     assert count["conv", "forward"] == count["conv", "weight grad"] == len(convs) == 26
     assert count["conv", "input grad"] == len(convs) - 2  # level 0's skip and down convs read z

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from _native_helpers import requires_native
 
 import dipfast.native as native
-from dipfast.native import loader
+from dipfast.native import loader, runtime
 from dipfast.native.blocks import NativeBlocks
 from dipfast.native.philox import philox_normal_eager
 from dipfast.nets import skip
@@ -38,7 +38,7 @@ def test_native_ops_built_when_required():
 
 def test_import_dipfast_loads_no_native_ops():
     """The ops load at their first use (a first use may build them for minutes), never at import."""
-    code = "import sys, dipfast, dipfast.native as n; assert n._status is None and 'AVAILABLE' not in vars(n)"
+    code = "import sys, dipfast, dipfast.native.runtime as r; assert r._status is None and 'AVAILABLE' not in vars(r)"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
 
 
@@ -156,8 +156,8 @@ def test_dipfast_no_native_loads_and_builds_nothing(monkeypatch, tmp_path, capsy
 
 def _first_use(monkeypatch, found):
     """native.status() as on a first use in a fresh process, with loader.load() giving `found`."""
-    monkeypatch.setattr(native, "AVAILABLE", native.AVAILABLE)  # restored afterwards, as _status
-    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(runtime, "AVAILABLE", native.AVAILABLE)  # restored afterwards, as _status
+    monkeypatch.setattr(runtime, "_status", None)
     monkeypatch.setattr(native.loader, "load", lambda: found)
     return native.status()
 
@@ -179,7 +179,7 @@ def test_dipfast_require_native_makes_eager_ops_an_error(monkeypatch):
     with pytest.raises(native.NativeOpsMissing):  # on every use, not only the first
         native.status()
     loaded = loader.NativeStatus("jit", "built for torch", "x.so")
-    monkeypatch.setattr(native, "_register_fakes", lambda: None)  # x.so defines no ops to fake
+    monkeypatch.setattr(runtime, "_register_fakes", lambda: None)  # x.so defines no ops to fake
     assert _first_use(monkeypatch, loaded) is loaded
 
 
@@ -280,7 +280,7 @@ def _assert_every_function_is_its_eager_twin(rng):
 
 
 def test_every_function_falls_back_to_eager_without_the_extension(monkeypatch, rng):
-    monkeypatch.setattr(native, "AVAILABLE", False)
+    monkeypatch.setattr(runtime, "AVAILABLE", False)
     _assert_every_function_is_its_eager_twin(rng)
 
 
@@ -305,12 +305,12 @@ def test_disabled_nests_and_restores_the_ops_even_on_an_error():
 def test_fallback_draw_matches_the_kernel(monkeypatch):
     """Without the extension a run draws the same noise, to fp32 rounding of the polynomials."""
     kernel = native.normal_(torch.empty(4, 1000), 9, 4)
-    monkeypatch.setattr(native, "AVAILABLE", False)
+    monkeypatch.setattr(runtime, "AVAILABLE", False)
     torch.testing.assert_close(native.normal_(torch.empty(4, 1000), 9, 4), kernel, atol=2e-6, rtol=2e-6)
 
 
 def test_native_blocks_without_the_extension_match_the_reference(monkeypatch, rng):
-    monkeypatch.setattr(native, "AVAILABLE", False)
+    monkeypatch.setattr(runtime, "AVAILABLE", False)
     reference = skip(4, channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2)).double()
     fallback = use_block_ops(skip(4, channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2)), NativeBlocks())
     fallback.load_state_dict(reference.state_dict())

@@ -10,7 +10,7 @@ import torch
 
 # the module, not the function: dipfast.kernels re-exports the op under the module's own name; every fused op
 # takes its dot options (IEEE or TF32) from here
-cbl = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
+conv_bn_lrelu_module = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
 
 
 def leaves(tensors, dtype):
@@ -30,20 +30,20 @@ def assert_tf32_follows_the_cudnn_flag(monkeypatch, run: Callable[[], list[torch
     forward's GEMM, then the backward's wgrad and dgrad. The interpreter computes TF32 and IEEE dots alike (exact
     fp32 products), so there the two runs agree bit for bit; test_cuda_shapes.py bounds TF32's error on a GPU."""
     seen = []
-    options_of = cbl._dot_options
+    options_of = conv_bn_lrelu_module._dot_options
 
     def spy(dtype, tf32):
         options = options_of(dtype, tf32)
         seen.append(options["PRECISION"])
         return options
 
-    monkeypatch.setattr(cbl, "_dot_options", spy)
+    monkeypatch.setattr(conv_bn_lrelu_module, "_dot_options", spy)
     runs = {}
     for allow_tf32 in (False, True):
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow_tf32):
             runs[allow_tf32] = run()
     assert seen == ["ieee"] * 3 + ["tf32"] * 3  # each flag: the forward's GEMM, then the backward's wgrad and dgrad
-    if cbl._INTERPRET:
+    if conv_bn_lrelu_module._INTERPRET:
         for ieee, tf32 in zip(runs[False], runs[True], strict=True):
             assert torch.equal(ieee, tf32)
 

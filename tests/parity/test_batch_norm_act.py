@@ -20,7 +20,7 @@ from dipfast.nets.blocks import use_block_ops
 from dipfast.nets.skip import skip
 
 # the module, not the function: dipfast.kernels re-exports the op under the module's own name
-bna = importlib.import_module("dipfast.kernels.batch_norm_act")
+batch_norm_act_module = importlib.import_module("dipfast.kernels.batch_norm_act")
 
 pytestmark = pytest.mark.parity
 
@@ -38,7 +38,7 @@ IDS = ["c3-7x9-p1-n2", "c20-5x11-p2", "c4-9x6-p0-no-act"]
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(bna, "POISON_OUTPUTS", True)  # every kernel output starts as NaN
+    monkeypatch.setattr(batch_norm_act_module, "POISON_OUTPUTS", True)  # every kernel output starts as NaN
 
 
 def _inputs(shape, rng, device, layout=torch.contiguous_format, dtype=torch.float32):
@@ -73,7 +73,9 @@ def _grad_for(out_shape, rng, device, layout):
 
 def test_kernels_run_on_the_triton_path(device):
     assert dipfast.kernels.batch_norm_act_path(torch.rand(1, 3, 4, 4, device=device)) == "triton"
-    assert torch.isnan(bna._empty((3,), torch.float32, torch.device(device))).all()  # the poison fixture is live
+    assert torch.isnan(
+        batch_norm_act_module._empty((3,), torch.float32, torch.device(device))
+    ).all()  # the poison fixture is live
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -134,7 +136,7 @@ def test_concat_matches_float64_twin(cs, cd, pad, layout, rng, device, assert_pa
 # GPU's (and eager's) round-to-nearest is 1/2, so there the stored output may reach twice a GPU's error. Measured on
 # the CPU interpreter, kernel / eager error over 3 seeds x both layouts: out 2.47, dx 1.70, dweight and dbias < 0.01
 # (eager bf16 computes them with far larger error). Hence 2 x 2 under the interpreter for the bf16 output, 2 on a GPU.
-BF16_FACTOR = 4.0 if bna._INTERPRET else 2.0
+BF16_FACTOR = 4.0 if batch_norm_act_module._INTERPRET else 2.0
 
 
 def _assert_within_eager_error(actual, eager, oracle, factor=2.0):
@@ -198,18 +200,20 @@ def test_opcheck(layout, rng, device):
     fmt = LAYOUTS[layout]
     x, weight, bias = _inputs((1, 3, 5, 6), rng, device, fmt)
     args = (x, weight, bias, 1e-5, 0.2, 1)
-    torch.library.opcheck(bna._batch_norm_act_fwd, args)
+    torch.library.opcheck(batch_norm_act_module._batch_norm_act_fwd, args)
     with torch.no_grad():
-        out, mean, rstd = bna._batch_norm_act_fwd(*args)
+        out, mean, rstd = batch_norm_act_module._batch_norm_act_fwd(*args)
     grad = torch.randn(out.shape, generator=rng).to(device)
-    torch.library.opcheck(bna._batch_norm_act_bwd, (grad, x, weight, bias, mean, rstd, 0.2, 1))
+    torch.library.opcheck(batch_norm_act_module._batch_norm_act_bwd, (grad, x, weight, bias, mean, rstd, 0.2, 1))
     skip, deeper, mw, mb = _merge_inputs(rng, device, fmt, 2, 3, h=4, w=5)
     merge_args = (skip, deeper, mw, mb, 1, 1e-5, 1.0, 1)
-    torch.library.opcheck(bna._concat_batch_norm_act_fwd, merge_args)
+    torch.library.opcheck(batch_norm_act_module._concat_batch_norm_act_fwd, merge_args)
     with torch.no_grad():
-        out, mean, rstd = bna._concat_batch_norm_act_fwd(*merge_args)
+        out, mean, rstd = batch_norm_act_module._concat_batch_norm_act_fwd(*merge_args)
     grad = torch.randn(out.shape, generator=rng).to(device)
-    torch.library.opcheck(bna._concat_batch_norm_act_bwd, (grad, skip, deeper, mw, mb, mean, rstd, 1, 1.0, 1))
+    torch.library.opcheck(
+        batch_norm_act_module._concat_batch_norm_act_bwd, (grad, skip, deeper, mw, mb, mean, rstd, 1, 1.0, 1)
+    )
 
 
 def test_batch_norm_act_compiles(rng, device, tol):
@@ -265,14 +269,16 @@ def test_vmap_rules_match_a_loop(rng, device, tol):
 def test_fallback_runs_the_twin(why, monkeypatch, rng):
     x, weight, bias = _inputs((1, 3, 5, 6), rng, "cpu")
     if why == "no-interpreter":
-        monkeypatch.setattr(bna, "kernels_take", lambda dtype, device: False)  # as a CPU without the interpreter
+        monkeypatch.setattr(
+            batch_norm_act_module, "kernels_take", lambda dtype, device: False
+        )  # as a CPU without the interpreter
     else:
         x, weight, bias = x.double(), weight.double(), bias.double()
 
     def _no_kernel(*args):
         raise AssertionError("the Triton op ran on the fallback path")
 
-    monkeypatch.setattr(bna, "_batch_norm_act_fwd", _no_kernel)
+    monkeypatch.setattr(batch_norm_act_module, "_batch_norm_act_fwd", _no_kernel)
     assert dipfast.kernels.batch_norm_act_path(x) == "reference"
     assert torch.equal(
         dipfast.kernels.batch_norm_act(x, weight, bias, pad=1), reference.batch_norm_act(x, weight, bias, pad=1)

@@ -15,8 +15,8 @@ from dipfast.nets.blocks import BlockOps, block_ops_of, use_block_ops
 from dipfast.nets.skip import skip
 
 # the modules, not the functions: dipfast.kernels re-exports the ops under the modules' own names
-cbl = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
-cbcbl = importlib.import_module("dipfast.kernels.concat_bn_conv_bn_lrelu")
+conv_bn_lrelu_module = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
+concat_bn_conv_bn_lrelu_module = importlib.import_module("dipfast.kernels.concat_bn_conv_bn_lrelu")
 
 pytestmark = pytest.mark.parity
 
@@ -32,8 +32,8 @@ LEVELS = 2
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(cbl, "POISON_OUTPUTS", True)  # every kernel output starts as NaN
-    monkeypatch.setattr(cbcbl, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(conv_bn_lrelu_module, "POISON_OUTPUTS", True)  # every kernel output starts as NaN
+    monkeypatch.setattr(concat_bn_conv_bn_lrelu_module, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture
@@ -48,8 +48,14 @@ def counts(monkeypatch):
 
         return wrapper
 
-    monkeypatch.setattr(cbl, "_conv_bn_lrelu_fwd", counting("conv_bn_lrelu", cbl._conv_bn_lrelu_fwd))
-    monkeypatch.setattr(cbcbl, "_concat_bn_conv_bn_lrelu_fwd", counting("merge", cbcbl._concat_bn_conv_bn_lrelu_fwd))
+    monkeypatch.setattr(
+        conv_bn_lrelu_module, "_conv_bn_lrelu_fwd", counting("conv_bn_lrelu", conv_bn_lrelu_module._conv_bn_lrelu_fwd)
+    )
+    monkeypatch.setattr(
+        concat_bn_conv_bn_lrelu_module,
+        "_concat_bn_conv_bn_lrelu_fwd",
+        counting("merge", concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_fwd),
+    )
     monkeypatch.setattr(BlockOps, "conv_bn_act", counting("reference conv_bn_act", BlockOps.conv_bn_act))
     monkeypatch.setattr(BlockOps, "merge", counting("reference merge", BlockOps.merge))
     return counted
@@ -73,7 +79,7 @@ def _vanishing_biases(net: nn.Module, reflection: bool) -> dict[str, nn.Module]:
     """
     vanishing = {}
     for name, m in net.named_modules():
-        if name.endswith("conv.conv") and isinstance(m, nn.Conv2d) and not name.startswith("head"):
+        if name.endswith("conv.conv2d") and isinstance(m, nn.Conv2d) and not name.startswith("head"):
             vanishing[f"{name}.bias"] = m
         if reflection and name.endswith("merge_bn"):
             vanishing[f"{name}.bias"] = m
@@ -194,8 +200,14 @@ def test_autocast_runs_the_kernels_on_bf16_operands(rng, device, monkeypatch, to
 
         return wrapper
 
-    monkeypatch.setattr(cbl, "_conv_bn_lrelu_fwd", spying(cbl._conv_bn_lrelu_fwd, 1, 3))
-    monkeypatch.setattr(cbcbl, "_concat_bn_conv_bn_lrelu_fwd", spying(cbcbl._concat_bn_conv_bn_lrelu_fwd, 4, 6))
+    monkeypatch.setattr(
+        conv_bn_lrelu_module, "_conv_bn_lrelu_fwd", spying(conv_bn_lrelu_module._conv_bn_lrelu_fwd, 1, 3)
+    )
+    monkeypatch.setattr(
+        concat_bn_conv_bn_lrelu_module,
+        "_concat_bn_conv_bn_lrelu_fwd",
+        spying(concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_fwd, 4, 6),
+    )
     z = torch.rand(1, 4, 8, 8, generator=rng).to(device)
     with torch.autocast(device, dtype=torch.bfloat16):
         out, out_eager = net(z), eager(z)

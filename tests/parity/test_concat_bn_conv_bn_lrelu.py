@@ -18,7 +18,7 @@ import dipfast.kernels
 from dipfast import reference
 
 # the module, not the function: dipfast.kernels re-exports the op under the module's own name
-cbcbl = importlib.import_module("dipfast.kernels.concat_bn_conv_bn_lrelu")
+concat_bn_conv_bn_lrelu_module = importlib.import_module("dipfast.kernels.concat_bn_conv_bn_lrelu")
 
 pytestmark = pytest.mark.parity
 
@@ -45,7 +45,7 @@ IDS = [
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(cbcbl, "POISON_OUTPUTS", True)  # every kernel output starts as NaN
+    monkeypatch.setattr(concat_bn_conv_bn_lrelu_module, "POISON_OUTPUTS", True)  # every kernel output starts as NaN
     monkeypatch.setattr(importlib.import_module("dipfast.kernels.conv_bn_lrelu"), "POISON_OUTPUTS", True)
 
 
@@ -80,7 +80,7 @@ def _grads_of_intermediates(ins64, g64, groups):
 def test_kernels_run_on_the_triton_path(device):
     x = torch.rand(1, 3, 4, 4, device=device)
     assert dipfast.kernels.concat_bn_conv_bn_lrelu_path(x) == "triton"
-    assert torch.isnan(cbcbl._alloc((3,), device)).all()  # the poison fixture is live
+    assert torch.isnan(concat_bn_conv_bn_lrelu_module._alloc((3,), device)).all()  # the poison fixture is live
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -189,14 +189,14 @@ def test_repeat_runs_are_bitwise_identical(rng, device):
 def test_opcheck(rng, device):
     ins = leaves(_inputs((1, 2, 3, 5, 6, 4, 3, True, 2), rng, device), torch.float32)
     args = (*ins, 2, 1e-5, 0.2, False)
-    torch.library.opcheck(cbcbl._concat_bn_conv_bn_lrelu_fwd, args)
+    torch.library.opcheck(concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_fwd, args)
     # the backward op, with its forward's saved tensors (it has no derivative of its own: no double backward)
     with torch.no_grad():
-        out, y, mean, rstd, mmean, mrstd = cbcbl._concat_bn_conv_bn_lrelu_fwd(*args)
+        out, y, mean, rstd, mmean, mrstd = concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_fwd(*args)
     skip, deeper, mg, mb, weight, _, gamma, beta = (t.detach() for t in ins)
     g = torch.randn(out.shape, generator=rng).to(device)
     bwd_args = (g, skip, deeper, mg, mb, weight, y, mean, rstd, gamma, beta, mmean, mrstd, 2, 0.2, False)
-    torch.library.opcheck(cbcbl._concat_bn_conv_bn_lrelu_bwd, bwd_args)
+    torch.library.opcheck(concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_bwd, bwd_args)
 
 
 def test_concat_bn_conv_bn_lrelu_compiles(rng, device, tol):
@@ -223,16 +223,18 @@ def test_concat_bn_conv_bn_lrelu_compiles(rng, device, tol):
 def test_fallback_runs_the_twin(why, monkeypatch, rng):
     tensors = _inputs(CASES[0], rng, "cpu")
     if why == "no-interpreter":
-        monkeypatch.setattr(cbcbl, "_INTERPRET", False)  # CPU tensors, kernels not built for the interpreter
+        monkeypatch.setattr(
+            concat_bn_conv_bn_lrelu_module, "_INTERPRET", False
+        )  # CPU tensors, kernels not built for the interpreter
     elif why == "no-triton":
-        monkeypatch.setattr(cbcbl, "_HAS_TRITON", False)
+        monkeypatch.setattr(concat_bn_conv_bn_lrelu_module, "_HAS_TRITON", False)
     else:
         tensors = [t.double() for t in tensors]
 
     def _no_kernel(*args):
         raise AssertionError("the Triton op ran on the fallback path")
 
-    monkeypatch.setattr(cbcbl, "_concat_bn_conv_bn_lrelu_fwd", _no_kernel)
+    monkeypatch.setattr(concat_bn_conv_bn_lrelu_module, "_concat_bn_conv_bn_lrelu_fwd", _no_kernel)
     assert dipfast.kernels.concat_bn_conv_bn_lrelu_path(tensors[0]) == "reference"
     expected = reference.concat_bn_conv_bn_lrelu(*tensors)
     assert torch.equal(dipfast.kernels.concat_bn_conv_bn_lrelu(*tensors), expected)

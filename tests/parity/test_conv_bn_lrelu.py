@@ -6,7 +6,7 @@ import torch
 from _kernel_checks import (
     assert_repeat_runs_are_bitwise_identical,
     assert_tf32_follows_the_cudnn_flag,
-    cbl,
+    conv_bn_lrelu_module,
     forward_backward,
     leaves,
 )
@@ -46,7 +46,7 @@ IDS = [
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(cbl, "POISON_OUTPUTS", True)  # every kernel output starts as NaN
+    monkeypatch.setattr(conv_bn_lrelu_module, "POISON_OUTPUTS", True)  # every kernel output starts as NaN
 
 
 def _inputs(case, rng, device):
@@ -79,7 +79,7 @@ def _grad_of_conv_output(tensors64, kw, out_grad64):
 def test_kernels_run_on_the_triton_path(device):
     x = torch.rand(1, 3, 4, 4, device=device)
     assert dipfast.kernels.conv_bn_lrelu_path(x) == "triton"
-    assert torch.isnan(cbl._alloc((3,), device)).all()  # the poison fixture is live
+    assert torch.isnan(conv_bn_lrelu_module._alloc((3,), device)).all()  # the poison fixture is live
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -187,13 +187,13 @@ def test_opcheck(rng, device):
     tensors, kw = _inputs((1, 3, 5, 6, 4, 3, 1, 1, True), rng, device)
     x, weight, bias, gamma, beta = leaves(tensors, torch.float32)
     args = (x, weight, bias, gamma, beta, kw["stride"], kw["groups"], 1e-5, 0.2, False)
-    torch.library.opcheck(cbl._conv_bn_lrelu_fwd, args)
+    torch.library.opcheck(conv_bn_lrelu_module._conv_bn_lrelu_fwd, args)
     # the backward op, with its forward's saved tensors (it has no derivative of its own: no double backward)
     with torch.no_grad():
-        out, y, mean, rstd = cbl._conv_bn_lrelu_fwd(*args)
+        out, y, mean, rstd = conv_bn_lrelu_module._conv_bn_lrelu_fwd(*args)
     g = torch.randn(out.shape, generator=rng).to(device)
     bwd_args = (g, x.detach(), weight.detach(), y, mean, rstd, gamma.detach(), beta.detach(), 1, 1, 0.2, False)
-    torch.library.opcheck(cbl._conv_bn_lrelu_bwd, bwd_args)
+    torch.library.opcheck(conv_bn_lrelu_module._conv_bn_lrelu_bwd, bwd_args)
 
 
 def test_conv_bn_lrelu_compiles(rng, device, tol):
@@ -218,16 +218,18 @@ def test_conv_bn_lrelu_compiles(rng, device, tol):
 def test_fallback_runs_the_twin(why, monkeypatch, rng):
     tensors, kw = _inputs(CASES[0], rng, "cpu")
     if why == "no-interpreter":
-        monkeypatch.setattr(cbl, "_INTERPRET", False)  # CPU tensors, kernels not built for the interpreter
+        monkeypatch.setattr(
+            conv_bn_lrelu_module, "_INTERPRET", False
+        )  # CPU tensors, kernels not built for the interpreter
     elif why == "no-triton":
-        monkeypatch.setattr(cbl, "_HAS_TRITON", False)
+        monkeypatch.setattr(conv_bn_lrelu_module, "_HAS_TRITON", False)
     else:
         tensors = [t.double() for t in tensors]
 
     def _no_kernel(*args):
         raise AssertionError("the Triton op ran on the fallback path")
 
-    monkeypatch.setattr(cbl, "_conv_bn_lrelu_fwd", _no_kernel)
+    monkeypatch.setattr(conv_bn_lrelu_module, "_conv_bn_lrelu_fwd", _no_kernel)
     assert dipfast.kernels.conv_bn_lrelu_path(tensors[0]) == "reference"
     expected = reference.conv_bn_lrelu(*tensors, **kw)
     assert torch.equal(dipfast.kernels.conv_bn_lrelu(*tensors, **kw), expected)
@@ -274,11 +276,13 @@ def test_fp32_dot_option_reaches_every_gemm(rng, device, monkeypatch):
     tensors, kw = _inputs(CASES[0], rng, device)
     g = torch.randn(2, 4, 7, 9, generator=rng).to(device)
     ieee = forward_backward(dipfast.kernels.conv_bn_lrelu, tensors, g, **kw)
-    seen, options_of = [], cbl._dot_options
-    monkeypatch.setattr(cbl, "_dot_options", lambda dtype, tf32: seen.append(options_of(dtype, tf32)) or seen[-1])
-    monkeypatch.setattr(cbl, "FP32_DOT", "tf32x3")
+    seen, options_of = [], conv_bn_lrelu_module._dot_options
+    monkeypatch.setattr(
+        conv_bn_lrelu_module, "_dot_options", lambda dtype, tf32: seen.append(options_of(dtype, tf32)) or seen[-1]
+    )
+    monkeypatch.setattr(conv_bn_lrelu_module, "FP32_DOT", "tf32x3")
     tf32x3 = forward_backward(dipfast.kernels.conv_bn_lrelu, tensors, g, **kw)
     assert [o["PRECISION"] for o in seen] == ["tf32x3"] * 3
-    if cbl._INTERPRET:
+    if conv_bn_lrelu_module._INTERPRET:
         for a, b in zip(ieee, tf32x3, strict=True):
             assert torch.equal(a, b)

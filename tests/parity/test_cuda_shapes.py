@@ -177,9 +177,9 @@ def test_conv_bn_lrelu_fp32_dx_error_map(n, c_in, hw, c_out, k, stride, groups, 
     _use_fp32_dot(monkeypatch, precision)
     x, weight, bias, gamma, beta = _conv_inputs(n, c_in, hw, c_out, k, groups)
     kw = dict(stride=stride, groups=groups)
-    cbl = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
-    shape = cbl.conv_shape(x, weight, stride, groups)
-    config = DGRAD_TILES[dgrad_tiles](configs.gemm_tiles(cbl.OP, "dgrad", "fp32", shape, x.device))
+    conv_bn_lrelu_module = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
+    shape = conv_bn_lrelu_module.conv_shape(x, weight, stride, groups)
+    config = DGRAD_TILES[dgrad_tiles](configs.gemm_tiles(conv_bn_lrelu_module.OP, "dgrad", "fp32", shape, x.device))
     p = (hw - 1) // stride + 1
     g = torch.randn(n, c_out, p, p, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE)
     dx = {}

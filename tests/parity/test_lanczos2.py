@@ -7,7 +7,7 @@ from _original_dip import Downsampler
 
 import dipfast.kernels
 from dipfast import reference
-from dipfast.kernels import lanczos2 as lz
+from dipfast.kernels import lanczos2 as lanczos2_module
 
 pytestmark = pytest.mark.parity
 
@@ -33,7 +33,7 @@ def _inputs(case, rng, device):
 def test_kernels_run_on_the_triton_path(device):
     x = torch.rand(1, 1, 4, 4, device=device)
     assert dipfast.kernels.lanczos2_path(x) == "triton"
-    assert torch.isnan(lz._alloc((3,), device)).all()  # the poison fixture is live
+    assert torch.isnan(lanczos2_module._alloc((3,), device)).all()  # the poison fixture is live
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -54,8 +54,8 @@ def test_forward_and_dx_match_float64_twin(case, rng, device, assert_parity):
 def test_adjoint_identity_with_kernel_backward(factor, h, w, rng, device):
     x = (torch.rand(2, 3, h, w, generator=rng) + 0.1).to(device)
     y = torch.randn(2, 3, h // factor, w // factor, generator=rng).to(device)
-    ax = lz._lanczos2_downsample_fwd(x, factor)
-    aty = lz._lanczos2_downsample_bwd(y, factor, h, w)  # the backward kernel is A^T
+    ax = lanczos2_module._lanczos2_downsample_fwd(x, factor)
+    aty = lanczos2_module._lanczos2_downsample_bwd(y, factor, h, w)  # the backward kernel is A^T
     lhs = (ax.double() * y.double()).sum()
     rhs = (x.double() * aty.double()).sum()
     gap = (abs(lhs - rhs) / (ax.double().norm() * y.double().norm())).item()
@@ -107,9 +107,9 @@ def test_bf16_input_loads_as_fp32(rng, device, assert_parity):
 @pytest.mark.parametrize(
     "op, args",
     [
-        (lz._lanczos2_downsample_fwd, lambda x, g: (x, 4)),
-        (lz._lanczos2_downsample_bwd, lambda x, g: (g, 4, 9, 10)),
-        (lz._lanczos2_mse_fwd, lambda x, g: (x, g, 4)),
+        (lanczos2_module._lanczos2_downsample_fwd, lambda x, g: (x, 4)),
+        (lanczos2_module._lanczos2_downsample_bwd, lambda x, g: (g, 4, 9, 10)),
+        (lanczos2_module._lanczos2_mse_fwd, lambda x, g: (x, g, 4)),
     ],
     ids=["downsample_fwd", "downsample_bwd", "mse_fwd"],
 )
@@ -143,17 +143,17 @@ def test_fallback_runs_the_twin(why, monkeypatch, rng):
     x = torch.rand(1, 3, 17, 23, generator=rng) + 0.1
     target = torch.rand(1, 3, 4, 5, generator=rng)
     if why == "no-interpreter":
-        monkeypatch.setattr(lz, "_INTERPRET", False)  # CPU tensors, kernels not built for the interpreter
+        monkeypatch.setattr(lanczos2_module, "_INTERPRET", False)  # CPU tensors, kernels not built for the interpreter
     elif why == "no-triton":
-        monkeypatch.setattr(lz, "_HAS_TRITON", False)
+        monkeypatch.setattr(lanczos2_module, "_HAS_TRITON", False)
     else:
         x, target = x.double(), target.double()
 
     def _no_kernel(*args):
         raise AssertionError("the Triton op ran on the fallback path")
 
-    monkeypatch.setattr(lz, "_lanczos2_downsample_fwd", _no_kernel)
-    monkeypatch.setattr(lz, "_lanczos2_mse_fwd", _no_kernel)
+    monkeypatch.setattr(lanczos2_module, "_lanczos2_downsample_fwd", _no_kernel)
+    monkeypatch.setattr(lanczos2_module, "_lanczos2_mse_fwd", _no_kernel)
     assert dipfast.kernels.lanczos2_path(x) == "reference"
     assert torch.equal(dipfast.kernels.lanczos2_downsample(x, 4), reference.lanczos2_downsample(x, 4))
     assert torch.equal(dipfast.kernels.lanczos2_mse(x, target, 4), reference.lanczos2_mse(x, target, 4))

@@ -14,7 +14,7 @@ import importlib
 
 import pytest
 import torch
-from _kernel_checks import cbl, leaves
+from _kernel_checks import conv_bn_lrelu_module, leaves
 from _program_order import ORDERS, memory_conflicts, programs_in_order
 
 import dipfast.kernels
@@ -23,10 +23,12 @@ from dipfast.kernels import configs
 
 pytestmark = [
     pytest.mark.parity,
-    pytest.mark.skipif(not cbl._INTERPRET, reason="instruments the CPU interpreter; a GPU runs programs its own way"),
+    pytest.mark.skipif(
+        not conv_bn_lrelu_module._INTERPRET, reason="instruments the CPU interpreter; a GPU runs programs its own way"
+    ),
 ]
 
-cbcbl = importlib.import_module("dipfast.kernels.concat_bn_conv_bn_lrelu")
+concat_bn_conv_bn_lrelu_module = importlib.import_module("dipfast.kernels.concat_bn_conv_bn_lrelu")
 
 # several programs along every axis of every launch at the shapes below; wgrad's reduction in 3 splits, the last
 # one short
@@ -137,8 +139,8 @@ def test_forward_and_backward_do_not_depend_on_program_order(case, rng, monkeypa
     make = _conv_inputs if "c_in" in dims else _merge_inputs
     tensors = make(rng, **dims)
     kw = dict(kw, groups=dims["groups"])
-    monkeypatch.setattr(cbl, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(cbcbl, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(conv_bn_lrelu_module, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(concat_bn_conv_bn_lrelu_module, "POISON_OUTPUTS", True)
 
     def run(grad=None):
         ins = leaves(tensors, torch.float32)

@@ -14,9 +14,9 @@ from dipfast.kernels import TritonBlocks
 from dipfast.nets.blocks import use_block_ops
 from dipfast.nets.skip import skip
 
-cbl = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
-cbcbl = importlib.import_module("dipfast.kernels.concat_bn_conv_bn_lrelu")
-lz = importlib.import_module("dipfast.kernels.lanczos2")
+conv_bn_lrelu_module = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
+concat_bn_conv_bn_lrelu_module = importlib.import_module("dipfast.kernels.concat_bn_conv_bn_lrelu")
+lanczos2_module = importlib.import_module("dipfast.kernels.lanczos2")
 
 pytestmark = pytest.mark.parity
 
@@ -35,7 +35,7 @@ def rng(device) -> torch.Generator:
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    for module in (cbl, cbcbl, lz):
+    for module in (conv_bn_lrelu_module, concat_bn_conv_bn_lrelu_module, lanczos2_module):
         monkeypatch.setattr(module, "POISON_OUTPUTS", True)  # every kernel output starts as NaN
 
 
@@ -117,22 +117,22 @@ def test_backward_op_rules_match_a_loop(rng, tol):
     """The backward ops under vmap (a backward that itself runs inside a vmap), against a loop of single calls."""
     args, _ = _conv_args(rng, 0)
     args = [a.detach() for a in args]
-    saved = [cbl._conv_bn_lrelu_fwd(*(a[i] for a in args), 1, 2, 1e-5, 0.2, False) for i in range(B)]
+    saved = [conv_bn_lrelu_module._conv_bn_lrelu_fwd(*(a[i] for a in args), 1, 2, 1e-5, 0.2, False) for i in range(B)]
     grad = torch.randn(B, 1, 6, 7, 9, generator=rng, device=rng.device)
     x, weight, _, gamma, beta = args
     y, mean, rstd = (torch.stack([s[j] for s in saved]) for j in (1, 2, 3))
     batched = (grad, x, weight, y, mean, rstd, gamma, beta)
-    results = vmap(lambda *a: cbl._conv_bn_lrelu_bwd(*a, 1, 2, 0.2, False))(*batched)
+    results = vmap(lambda *a: conv_bn_lrelu_module._conv_bn_lrelu_bwd(*a, 1, 2, 0.2, False))(*batched)
     for i in range(B):
         for actual, expected in zip(
-            results, cbl._conv_bn_lrelu_bwd(*(a[i] for a in batched), 1, 2, 0.2, False), strict=True
+            results, conv_bn_lrelu_module._conv_bn_lrelu_bwd(*(a[i] for a in batched), 1, 2, 0.2, False), strict=True
         ):
             _assert_same(actual[i], expected, tol)
 
     grad_lr = torch.randn(B, 1, 3, 4, 3, generator=rng, device=rng.device)
-    results = vmap(lambda g: lz._lanczos2_downsample_bwd(g, 4, 16, 12))(grad_lr)
+    results = vmap(lambda g: lanczos2_module._lanczos2_downsample_bwd(g, 4, 16, 12))(grad_lr)
     for i in range(B):
-        _assert_same(results[i], lz._lanczos2_downsample_bwd(grad_lr[i], 4, 16, 12), tol)
+        _assert_same(results[i], lanczos2_module._lanczos2_downsample_bwd(grad_lr[i], 4, 16, 12), tol)
 
 
 def test_merge_backward_op_rule_matches_a_loop(rng, tol):
@@ -151,13 +151,16 @@ def test_merge_backward_op_rule_matches_a_loop(rng, tol):
     )
     weight = torch.randn(B, 4, 5, 3, 3, generator=rng, device=rng.device) * 0.3
     ins = (skip_, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta)
-    saved = [cbcbl._concat_bn_conv_bn_lrelu_fwd(*(a[i] for a in ins), 1, 1e-5, 0.2, False) for i in range(B)]
+    saved = [
+        concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_fwd(*(a[i] for a in ins), 1, 1e-5, 0.2, False)
+        for i in range(B)
+    ]
     y, mean, rstd, mmean, mrstd = (torch.stack([s[j] for s in saved]) for j in range(1, 6))
     grad = torch.randn(B, 1, 4, 5, 6, generator=rng, device=rng.device)
     batched = (grad, skip_, deeper, merge_gamma, merge_beta, weight, y, mean, rstd, gamma, beta, mmean, mrstd)
-    results = vmap(lambda *a: cbcbl._concat_bn_conv_bn_lrelu_bwd(*a, 1, 0.2, False))(*batched)
+    results = vmap(lambda *a: concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_bwd(*a, 1, 0.2, False))(*batched)
     for i in range(B):
-        expected = cbcbl._concat_bn_conv_bn_lrelu_bwd(*(a[i] for a in batched), 1, 0.2, False)
+        expected = concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_bwd(*(a[i] for a in batched), 1, 0.2, False)
         for actual, e in zip(results, expected, strict=True):
             _assert_same(actual[i], e, tol)
 

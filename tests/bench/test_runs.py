@@ -1,0 +1,111 @@
+"""dipfast.bench.runs: one fit of a method, its PSNRs against skimage's, the native variants, NVTX phases."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dipfast import nvtx_ranges
+from dipfast.bench import data, runs
+
+from ._suites import skimage_psnr
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_native_nchw_runs_the_bf16_step_without_channels_last(monkeypatch, np_rng):
+    """The layout switch reaches the fast step (bf16 runs channels_last by default) and is undone afterwards."""
+    from dipfast import backends, generator_runner
+
+    cpu = torch.device("cpu")
+    layouts = []
+    init = generator_runner.GeneratorRunner.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        layouts.append(self.channels_last)
+
+    monkeypatch.setattr(generator_runner.GeneratorRunner, "__init__", recording_init)
+    image = np_rng.random((16, 16, 3), dtype=np.float32)
+    for method in ("native", "native-nchw"):
+        with runs.method_context(method):
+            runs.api.restore(image, iters=1, backend=runs.backend_of(method), precision="bf16", device="cpu",
+                            progress=False, **runs.net_overrides("tiny", "denoise"))  # fmt: skip
+    assert layouts == [True, False]
+    assert backends.resolve("native", "bf16", cpu).channels_last
+
+
+@pytest.mark.parametrize("method", ["reference", "original-loop"])
+def test_reported_final_psnrs_equal_skimage(method):
+    case = data.load_cases(None, ["denoise"], size=32)[0]
+    run = runs.run_dip(case, method, iters=5, net="tiny", report_every=5, device="cpu")
+    assert run.image.shape == case.target.shape and run.image.dtype == np.float32
+    assert run.psnr == pytest.approx(skimage_psnr(case.target, run.image), abs=1e-4)
+    assert run.ema_psnr == pytest.approx(skimage_psnr(case.target, run.ema_image), abs=1e-4)
+
+
+@pytest.mark.parametrize("method, eager", [("native", False), ("native-eager", True)])
+def test_native_eager_is_the_native_step_with_the_eager_twins(monkeypatch, method, eager):
+    """native-eager runs restore(backend='native') with the C++ ops switched off: the blocks go to
+    the eager twins (counted here), and the ops come back on afterwards."""
+    from dipfast import native
+
+    batch_norm = importlib.import_module("dipfast.native.batch_norm")  # the module (the package exports a function)
+    calls = []
+    twin = batch_norm._eager_batch_norm_act
+    monkeypatch.setattr(batch_norm, "_eager_batch_norm_act", lambda *a: calls.append(1) or twin(*a))
+    case = data.load_cases(None, ["denoise"], size=32)[0]
+    run = runs.run_dip(case, method, "bf16", iters=3, net="tiny", report_every=3, device="cpu")
+    assert run.method == method and run.extras["backend"] == "native" and run.iterations == 3
+    assert bool(calls) == (eager or not native.AVAILABLE)
+    assert native.enabled() == native.AVAILABLE
+
+
+class _Recorder:
+    def __init__(self):
+        self.events = []
+
+    def annotate(self, name, color=None, domain=None):
+        events = self.events
+
+        class _Range:
+            def __enter__(self):
+                events.append(("push", name, domain))
+
+            def __exit__(self, *exc):
+                events.append(("pop", name, domain))
+
+        return _Range()
+
+
+def test_nvtx_phases_of_both_loops_and_a_no_op_without_nvtx(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(nvtx_ranges, "_lib", rec)
+    assert nvtx_ranges.enable()
+    try:
+        case = data.load_cases(None, ["denoise"], size=32)[0]
+        runs.run_dip(case, "reference", iters=2, net="tiny", report_every=2, device="cpu")
+        pushed = [name for kind, name, _ in rec.events if kind == "push"]
+        one_step = ["noise", "forward", "loss", "backward", "backtracking", "optimizer"]
+        assert pushed == one_step * 2 + ["read-back"]
+        popped = [name for kind, name, _ in rec.events if kind == "pop"]
+        assert popped == pushed  # every range closed, in order
+        rec.events.clear()
+        runs.run_dip(case, "original-loop", iters=1, net="tiny", device="cpu")
+        pushed = [name for kind, name, _ in rec.events if kind == "push"]
+        assert pushed == ["noise", "forward", "loss", "backward", "read-back", "optimizer"]
+        assert {d for _, _, d in rec.events if d} == {"dipfast"}
+    finally:
+        nvtx_ranges.enable(False)
+    rec.events.clear()
+    with nvtx_ranges.phase("forward"):
+        pass
+    assert rec.events == []
+    monkeypatch.setattr(nvtx_ranges, "_lib", None)
+    monkeypatch.setitem(sys.modules, "nvtx", None)  # the package missing: import fails
+    assert nvtx_ranges.enable() is False
+    assert nvtx_ranges.phase("forward") is nvtx_ranges.phase("loss")  # the shared null context
