@@ -1,4 +1,4 @@
-"""dipfast.restore(): normalise the inputs, build the task's problem, run the engine, hand back.
+"""dipfast.restore(): normalise the inputs, build the task's problems (fit_io), run the engine, hand back.
 
 Every argument is validated here, once, with an InputError (a ValueError) or InputTypeError
 that names the argument, what was expected and what came; the engine holds no checks.
@@ -6,54 +6,18 @@ that names the argument, what was expected and what came; the engine holds no ch
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from dipfast import backends, early_stop, engine, images, memory, nets, tile_choice
+from dipfast import backends, early_stop, engine, images, memory, tile_choice
 from dipfast.backends import BACKENDS, BATCHED_BACKENDS, PRECISIONS  # noqa: F401  (re-exported: the harness lists them)
 from dipfast.early_stop import STOPS, EarlyStopSpec
 from dipfast.errors import InputError, InputTypeError
-from dipfast.metrics import psnr as psnr_metric
-from dipfast.metrics import ssim as ssim_metric
+from dipfast.fit_io import Result, problem_of, result_of
 from dipfast.presets import SR_SCALES, TaskPreset, apply_overrides
-from dipfast.tasks import IMAGE_INPUTS, TASKS, Observation, Task, preset_for, task_named, tasks_taking
-
-
-@dataclass
-class Result:
-    """What restore() returns. Images come back in the input's own form (type, layout, dtype)."""
-
-    image: object  # the final output (the notebooks' "result": one more forward)
-    ema_image: object  # the exponential moving average of the outputs (0.99)
-    psnr: float | None  # of .image against target=, all pixels and channels, data range 1
-    ema_psnr: float | None
-    ssim: float | None
-    history: list[engine.HistoryRow]
-    iterations: int
-    seconds: float
-    its: float  # iterations per second of the loop
-    stop_reason: str  # 'iterations', 'early-stop', 'callback' or 'interrupted'
-    task: str
-    settings: TaskPreset
-    backend: str
-    device: str
-    precision: str
-    seed: int
-    extras: dict = field(default_factory=dict)
-    # stop='auto': the detected iteration, whose output .image is (None: stop='iterations', the fixed count)
-    stop_iteration: int | None = None
-
-    def __repr__(self) -> str:
-        quality = f", psnr={self.psnr:.2f} dB, ema_psnr={self.ema_psnr:.2f} dB" if self.psnr is not None else ""
-        detected = f", stop_iteration={self.stop_iteration}" if self.stop_iteration is not None else ""
-        return (
-            f"Result(task={self.task!r}, iterations={self.iterations}, seconds={self.seconds:.1f}, "
-            f"its={self.its:.1f}{quality}, stop_reason={self.stop_reason!r}{detected})"
-        )
+from dipfast.tasks import TASKS, Task, preset_for, task_named
 
 
 def resolve_device(device) -> torch.device:
@@ -71,23 +35,6 @@ def resolve_device(device) -> torch.device:
     elif dev.type != "cpu":
         raise InputError(f"unsupported device {device!r}; use 'auto', 'cpu' or 'cuda'")
     return dev
-
-
-def _load_mask(mask, h: int, w: int) -> torch.Tensor:
-    """Any image-like mask -> (1 or C, H, W) float {0, 1}; nonzero (after scaling) means known."""
-    if isinstance(mask, torch.Tensor):
-        mask = mask.float() if mask.dtype == torch.bool else mask
-        mask = mask[None] if mask.dim() == 2 else mask  # (H, W), as operators.bernoulli_mask makes it
-    elif hasattr(mask, "dtype") and str(mask.dtype) == "bool":
-        mask = mask.astype("float32")
-    m, alpha, _ = images.to_tensor(mask, "mask")
-    if alpha is not None:
-        raise InputError("mask has an alpha channel; give a 1-channel (or RGB) mask, white = known pixel")
-    if m.shape[-2:] != (h, w):
-        raise InputError(
-            f"mask is {m.shape[-2]} x {m.shape[-1]} but the image is {h} x {w}; give a mask of the image's size"
-        )
-    return (m > 0).float()
 
 
 def restore(
@@ -185,7 +132,7 @@ def restore(
     for k, img in enumerate(inputs):
         x0, alpha, form = images.to_tensor(img, f"image[{k}]" if batch else "image")
         observed.append((x0, alpha, form))
-        problems.append(_problem(task, preset_obj, x0, masks[k], guides[k], targets[k], operator, loss, scale, dev))
+        problems.append(problem_of(task, preset_obj, x0, masks[k], guides[k], targets[k], operator, loss, scale, dev))
         if stop_rule is not None:
             stop_rule.validate(preset_obj.iterations, problems[-1].out_size)
 
@@ -214,7 +161,7 @@ def restore(
         fits.update(zip(members, done))
 
     results = [
-        _result(task, preset_obj, plan, dev, seed, observed[k], problems[k], [fits[k, r] for r in range(restarts)])
+        result_of(task, preset_obj, plan, dev, seed, observed[k], problems[k], [fits[k, r] for r in range(restarts)])
         for k in range(len(inputs))
     ]
     return results if batch else results[0]
@@ -227,57 +174,6 @@ def _per_image(name: str, value, n: int, batch: bool) -> list:
             raise InputError(f"{name} is a list of {len(value)} for {n} images; give one per image, or one for all")
         return list(value)
     return [value] * n
-
-
-def _result(task, preset_obj, plan, dev, seed, observed, problem, fits: list[engine.Fit]) -> Result:
-    """One image's Result; restarts average their outputs (the paper's two-run average)."""
-    x0, alpha, form = observed
-    out = torch.stack([f.image[0].cpu() for f in fits]).mean(0)
-    ema = torch.stack([f.ema_image[0].cpu() for f in fits]).mean(0)
-    first = fits[0]
-    extras = {"first_step_seconds": first.first_step_seconds}  # set-up + first iteration: the cold-start cost
-    if first.capture_seconds:
-        extras["capture_seconds"] = first.capture_seconds
-    if len(fits) > 1:
-        extras["restarts"] = [
-            {
-                "seed": seed + r,
-                "psnr": f.history[-1].psnr,
-                "ema_psnr": f.history[-1].ema_psnr,
-                "stop_iteration": f.stop_iteration,
-            }
-            for r, f in enumerate(fits)
-        ]
-    if task.finish is not None:
-        out, ema, finished = task.finish(out, ema, x0)
-        extras.update({k: images.from_tensor(v, alpha, form) for k, v in finished.items()})
-    result_psnr = result_ema_psnr = result_ssim = None
-    if problem.target is not None:
-        tgt = problem.target[0].cpu()
-        result_psnr = float(psnr_metric(out, tgt))
-        result_ema_psnr = float(psnr_metric(ema, tgt))
-        if min(problem.out_size) >= 3:
-            result_ssim = ssim_metric(out, tgt)
-    return Result(
-        image=images.from_tensor(out, alpha, form),
-        ema_image=images.from_tensor(ema, alpha, form),
-        psnr=result_psnr,
-        ema_psnr=result_ema_psnr,
-        ssim=result_ssim,
-        history=first.history,
-        iterations=first.iterations,
-        seconds=first.seconds,
-        its=first.iterations / first.loop_seconds if first.loop_seconds > 0 else math.nan,
-        stop_reason=first.stop_reason,
-        task=task.name,
-        settings=preset_obj,
-        backend=plan.backend,
-        device=str(dev),
-        precision=plan.precision,
-        seed=seed,
-        extras=extras,
-        stop_iteration=first.stop_iteration,
-    )
 
 
 def stop_rule_of(task: Task, stop, spec, iterations: int) -> EarlyStopSpec | None:
@@ -322,79 +218,3 @@ def _settings(task: Task, preset, scale, iters, overrides) -> TaskPreset:
             raise InputError(f"iterations must be a positive integer; got {n!r}")
         overrides["iterations"] = int(n)
     return apply_overrides(chosen, overrides)
-
-
-def _problem(task: Task, preset: TaskPreset, x0, mask, guide, target, operator, loss, scale, device) -> engine.Problem:
-    """The observation, operator, generator input and output size of the task."""
-    c, h, w = x0.shape
-    factor = task.factor(preset, scale)
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor <= 0:
-        raise InputError(f"scale must be a positive integer; got {scale!r}")
-    if task.name == "custom" and operator is None and loss is None:
-        raise InputError("task 'custom' needs operator= or loss=")
-    if operator is not None and loss is not None:
-        raise InputError("give operator= or loss=, not both")
-    out_size = (h * factor, w * factor)
-    given = {"mask": mask, "guide": guide}
-    for name in IMAGE_INPUTS:
-        takes = tasks_taking(name)
-        if given[name] is not None and name not in task.inputs:
-            raise InputError(f"{name}= applies to task {' or '.join(map(repr, takes))}, not {task.name!r}")
-    if "mask" in task.inputs and mask is None:
-        raise InputError(
-            f"task {task.name!r} needs mask= (nonzero = known pixel); dipfast.operators.bernoulli_mask makes one"
-        )
-    m = None
-    if mask is not None:
-        m = _load_mask(mask, h, w)
-        if m.shape[0] not in (1, c):
-            raise InputError(f"mask has {m.shape[0]} channels for an image of {c}; give 1 or {c}")
-        if not m.any():
-            raise InputError("mask has no known pixel (all zero); white or nonzero marks the pixels to keep")
-    A, observed = task.observe(Observation(x0, m, factor, device))
-    if operator is not None:  # the user's A fits the image as given
-        A, observed = operator, x0
-
-    if preset.input == "guide":
-        if guide is None:
-            raise InputError(f"task {task.name!r} needs guide= (the flash image)")
-        g, _, _ = images.to_tensor(guide, "guide")
-        if g.shape[-2:] != out_size:
-            raise InputError(
-                f"guide is {g.shape[-2]} x {g.shape[-1]} but the image is {h} x {w}; give images of one size"
-            )
-        if g.shape[0] != preset.input_depth:
-            raise InputError(f"guide has {g.shape[0]} channels; this preset takes {preset.input_depth} (input_depth)")
-
-    depth = preset.input_depth
-    if preset.input == "meshgrid" and depth != 2:
-        raise InputError(f"the meshgrid input has 2 channels; got input_depth={depth}")
-    work_h, work_w = nets.working_size(preset.net, depth, *out_size)
-    z = None  # U[0, 0.1) noise, drawn by the engine right after the network, as in the original
-    if preset.input == "guide":
-        pad_h, pad_w = work_h - out_size[0], work_w - out_size[1]
-        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
-        mode = "reflect" if max(pads) < min(out_size) else "replicate"
-        z = torch.nn.functional.pad(g[None], pads, mode=mode) if any(pads) else g[None]
-    elif preset.input == "meshgrid":
-        z = nets.meshgrid_input(work_h, work_w)
-
-    tgt = None
-    if target is not None:
-        t, _, _ = images.to_tensor(target, "target")
-        if t.shape != (c, *out_size):
-            raise InputError(
-                f"target is {tuple(t.shape)} (C, H, W) but the output will be {(c, *out_size)}; "
-                "give the ground truth at the output size"
-            )
-        tgt = t[None]
-    return engine.Problem(
-        input_shape=(depth, work_h, work_w),
-        z=z,
-        out_size=out_size,
-        n_channels=c,
-        y=observed[None] if loss is None else None,
-        operator=A,
-        loss=loss,
-        target=tgt,
-    )

@@ -13,10 +13,9 @@ The driver (the calling process):
 
 Same seed, same output: every image is fitted with `seed` (as `dipfast restore --seed` would),
 whichever images share its group. On the CPU a group is one image: restore() on a list trains
-its networks one after another there (no speed to gain), but its fused Adam updates them as one
-(N, P) buffer, and rounds a lone network's last P mod 16 parameters (the vectorised loop's
-scalar tail) differently from a grouped one's, so grouped outputs differ in the last bits. With
-one image per step an output is the same bytes alone, in any --batch and after a resume. On CUDA
+its networks one after another there (no speed to gain); grouped, they give the same bits too
+(FlatParameters pads each network's row: tests/test_group_invariance.py), with the same torch
+thread count. On CUDA
 a group of N is one step with grouped convolutions (the speed of batching), whose rounding
 differs from N single convolutions: outputs match the single-image ones to float rounding, and
 groups are cut from the whole sorted input list, so a rerun forms the same groups.
@@ -30,7 +29,6 @@ import hashlib
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -41,7 +39,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dipfast import images
-from dipfast.errors import InputError, NumericalError
+from dipfast.batch_group import GroupTask, Item, run_group
+from dipfast.errors import InputError
 from dipfast.manifest import Manifest
 from dipfast.tasks import task_named
 
@@ -53,24 +52,6 @@ UNSUPPORTED_TASKS = ("flash", "custom")  # a guide per image, a user's callable:
 class Source:
     path: Path  # the input file
     key: str  # the output's path relative to out_dir, '/'-separated
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image of a group, as a worker gets it: the files' bytes, so workers need no shared disk."""
-
-    key: str
-    image: bytes
-    mask: bytes | None = None
-    target: bytes | None = None
-
-
-@dataclass(frozen=True)
-class GroupTask:
-    """Same-size images fitted in one restore() call with the same settings."""
-
-    restore_kwargs: dict
-    items: tuple[Item, ...]
 
 
 @dataclass
@@ -534,80 +515,6 @@ def _estimate(task: GroupTask, group: list) -> int:
 
 
 _RESTORE_ARGS = ("task", "preset", "scale", "iters", "seed", "device", "backend", "precision", "stop", "progress")
-
-
-# -- a group's fit: what a worker runs -------------------------------------------------------------
-
-
-def run_group(task: GroupTask, worker: str = "local") -> list[dict]:
-    """Fit a group's images in one restore() call; one outcome per image: the output file's bytes
-    and the figures, or its one-line error. A failing group is retried image by image, so one bad
-    image (or a group too big for the memory) costs only itself.
-
-    Runs anywhere dipfast is installed: it takes and returns bytes, never paths.
-    """
-    outcomes, members = {}, []
-    for item in task.items:
-        try:
-            image = images.decode_image(item.image, f"input {item.key!r}")
-            mask = images.decode_image(item.mask, f"mask of {item.key!r}") if item.mask is not None else None
-            target = images.decode_image(item.target, f"target of {item.key!r}") if item.target is not None else None
-            members.append((item, image, mask, target))
-        except InputError as e:
-            outcomes[item.key] = {"key": item.key, "error": str(e)}
-    for outcome in _fit(members, task.restore_kwargs, worker):
-        outcomes[outcome["key"]] = outcome
-    return [outcomes[item.key] for item in task.items]
-
-
-def _fit(members: list, restore_kwargs: dict, worker: str) -> list[dict]:
-    from dipfast import restore
-
-    if not members:
-        return []
-    kwargs = dict(restore_kwargs)
-    if any(m[2] is not None for m in members):
-        kwargs["mask"] = [m[2] for m in members]
-    if any(m[3] is not None for m in members):
-        kwargs["target"] = [m[3] for m in members]
-    try:
-        results = restore([m[1] for m in members], **kwargs)
-    except (InputError, NumericalError, RuntimeError, MemoryError) as e:  # RuntimeError: CUDA out of memory
-        if len(members) > 1:
-            return [outcome for m in members for outcome in _fit([m], restore_kwargs, worker)]
-        return [{"key": members[0][0].key, "error": _one_line(e)}]
-    if any(r.stop_reason == "interrupted" for r in results):
-        raise KeyboardInterrupt  # an interrupted fit is not a finished image: the rerun redoes it
-    outcomes = []
-    for (item, *_), r in zip(members, results):
-        outcome = {
-            "key": item.key,
-            "iterations": r.iterations,
-            "stop_reason": r.stop_reason,
-            "seconds": r.seconds,
-            "psnr": r.psnr,
-            "ema_psnr": r.ema_psnr,
-            "ran": {
-                "host": socket.gethostname(),
-                "device": r.device,
-                "backend": r.backend,
-                "precision": r.precision,
-                "worker": worker,
-                "pid": os.getpid(),
-                "group": len(members),
-            },
-        }
-        try:
-            outcome["output"] = images.encode_image(r.image, Path(item.key).suffix)
-        except InputError as e:
-            outcome = {"key": item.key, "error": str(e)}
-        outcomes.append(outcome)
-    return outcomes
-
-
-def _one_line(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return first if isinstance(e, InputError) else f"{type(e).__name__}: {first}"
 
 
 def print_summary(summary: BatchSummary, file=None) -> None:

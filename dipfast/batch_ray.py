@@ -33,7 +33,7 @@ def _run_on_worker(task):
     import ray
     import torch
 
-    from dipfast.batch import run_group
+    from dipfast.batch_group import run_group
 
     context = ray.get_runtime_context()
     cpus = context.get_assigned_resources().get("CPU")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from dipfast import engine, images
 from dipfast.errors import InputError
+from dipfast.fit_io import load_mask, problem_of, result_of
 from dipfast.tasks import Task
 from dipfast.tile_choice import TileChoice
 from dipfast.tiles import Blend, TileGrid, largest_empty_square, tile_seed
@@ -100,9 +101,7 @@ def restore_tiled(
     report_every: int,
     name: str = "image",
 ):
-    """One image through tiles; returns the api.Result of the blended whole (module docstring)."""
-    from dipfast import api  # api dispatches here: imported late
-
+    """One image through tiles; returns the Result of the blended whole (module docstring)."""
     start = time.perf_counter()
     x0, alpha, form = images.to_tensor(image, name)
     c, h, w = x0.shape
@@ -111,13 +110,13 @@ def restore_tiled(
     grid = TileGrid.cover(h, w, choice.tile, choice.overlap)
     out_grid = grid.scaled(factor)
     boxes, out_boxes = grid.boxes, out_grid.boxes
-    m = api._load_mask(mask, h, w) if mask is not None and "mask" in task.inputs else None
+    m = load_mask(mask, h, w) if mask is not None and "mask" in task.inputs else None
     if m is not None:
         _check_holes(m, grid)
     g = _whole(guide, "guide", out_size, f"the image is {h} x {w}") if "guide" in task.inputs else None
     t = _whole(target, "target", (c, *out_size), "the output")
     problems = [
-        api._problem(
+        problem_of(
             task,
             preset,
             box.crop(x0),
@@ -208,7 +207,7 @@ def restore_tiled(
             )
         )
     whole = engine.Problem(input_shape=(0, 0, 0), z=None, out_size=out_size, n_channels=c, target=_batched(t))
-    result = api._result(task, preset, plan, device, seed, (x0, alpha, form), whole, whole_fits)
+    result = result_of(task, preset, plan, device, seed, (x0, alpha, form), whole, whole_fits)
     result.extras["tiling"] = {
         "tile": choice.tile,
         "overlap": choice.overlap,

@@ -151,7 +151,7 @@ def test_a_group_that_fails_is_retried_image_by_image(monkeypatch, np_rng):
     """One image that makes restore() fail costs only itself (here a NaN in one fit of a group)."""
     calls = []
 
-    real = dipfast.restore
+    real = dipfast.api.restore
 
     def restore(xs, **kwargs):
         calls.append(len(xs))
@@ -159,7 +159,7 @@ def test_a_group_that_fails_is_retried_image_by_image(monkeypatch, np_rng):
             raise dipfast.errors.NumericalError("the loss became nan at iteration 3 (image 2 of 3)")
         return real(xs, **kwargs)
 
-    monkeypatch.setattr(dipfast, "restore", restore)
+    monkeypatch.setattr(dipfast.api, "restore", restore)
     arrays = [random_image(np_rng, 16, 16, 3, np.uint8) // 2, np.full((16, 16, 3), 250, np.uint8)]
     items = tuple(batch.Item(f"{k}.png", images.encode_image(Image.fromarray(a), ".png")) for k, a in enumerate(arrays))
     outcomes = batch.run_group(batch.GroupTask({"iters": ITERS, "progress": False, **TINY}, items))

@@ -12,16 +12,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "dipfast"
 
-# Edges of circles that run through files this test's change could not edit, each with the change that removes
-# it. The list only shrinks: test_pending_edges_still_exist fails once an edge is gone, to have it deleted here.
-PENDING = {
-    ("dipfast.tiled_restore", "dipfast.api"): "api._load_mask, _problem, _result (and Result) move to a module "
-    "that api and tiled_restore both import",
-    ("dipfast.batch", "dipfast"): "batch._fit imports restore from dipfast.api, not from the package",
-    ("dipfast.batch_ray", "dipfast.batch"): "batch's run_group (with GroupTask, Item, _fit) moves to a module "
-    "that batch and batch_ray both import",
-}
-
 
 def package_files(root: Path = ROOT) -> dict[str, Path]:
     """Module name -> source file: dipfast/ as laid out, and the top-level kernels/ as dipfast.kernels."""
@@ -125,13 +115,5 @@ def test_import_graph_reads_every_edge_kind(tmp_path):
 def test_package_has_no_import_cycle():
     graph = import_graph()
     assert "dipfast.nets.skip" in graph and "dipfast.kernels.conv_bn_lrelu" in graph  # the walk saw the package
-    for importer, imported in PENDING:
-        graph[importer] = graph[importer] - {imported}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
-
-
-def test_pending_edges_still_exist():
-    graph = import_graph()
-    gone = [edge for edge in PENDING if edge[1] not in graph[edge[0]]]
-    assert not gone, f"delete these from PENDING, their circles are gone: {gone}"
