@@ -109,6 +109,11 @@ class Plan:
             return NativeBlocks()
         return REFERENCE
 
+    def fused_loss(self, device: torch.device) -> bool:
+        """Whether the step computes the super-resolution loss mse(Lanczos2 decimation(out), y) in one Triton
+        pass (dipfast.kernels.lanczos2_mse): where the blocks are the Triton kernels."""
+        return self.spec.blocks[device.type] == "triton"
+
     def autocast(self, device: torch.device):
         """The forward's context: bf16 autocast, or the fp32 flavour's TF32 switches."""
         if self.precision == "bf16":

@@ -34,6 +34,7 @@ from dipfast.early_stop import EarlyStop, EarlyStopSpec
 from dipfast.errors import InputError
 from dipfast.generator_runner import GeneratorRunner
 from dipfast.input_noise import InputNoise
+from dipfast.operators import Lanczos2Decimation
 from dipfast.presets import TaskPreset
 
 
@@ -75,6 +76,11 @@ class FastStep:
         self.net_input = self.z.clone()
         self.input_noise = InputNoise(plan.noise(device), seeds, device)
         self.y = [p.y.to(device) if p.y is not None else None for p in problems]
+        self.lanczos2_mse = None  # the fused decimation + MSE, where the plan runs the Triton kernels
+        if plan.fused_loss(device):
+            from dipfast.kernels import lanczos2_mse
+
+            self.lanczos2_mse = lanczos2_mse
         targets = [p.target for p in problems]
         self.target = torch.cat(targets).to(device) if all(t is not None for t in targets) else None
 
@@ -112,9 +118,14 @@ class FastStep:
 
     def _losses(self, out: torch.Tensor) -> torch.Tensor:
         """(N,): each network's data term (engine.Problem.data_term: the custom loss of a single problem,
-        or the MSE of the operator's output against the observation)."""
-        terms = [p.data_term(out[i : i + 1], y) for i, (p, y) in enumerate(zip(self.problems, self.y))]
-        return torch.stack(terms)
+        or the MSE of the operator's output against the observation; the SR one fused where the plan says)."""
+        pairs = zip(self.problems, self.y)
+        return torch.stack([self._data_term(p, out[i : i + 1], y) for i, (p, y) in enumerate(pairs)])
+
+    def _data_term(self, problem, out: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.lanczos2_mse is not None and isinstance(problem.operator, Lanczos2Decimation):
+            return self.lanczos2_mse(out, y, problem.operator.factor)
+        return problem.data_term(out, y)
 
     def _step(self) -> None:
         if self.preset.reg_noise_std > 0:

@@ -1,7 +1,7 @@
 """Forward operators A of the DIP data term ||A(f(z)) - y||^2.
 
-Each operator is a small stateless object with ``A`` and ``A_adjoint`` (deepinv's naming). Buffers
-are built once in ``__init__``; ``A`` never writes to the object. The adjoint of a linear operator
+Each operator is a small object with ``A`` and ``A_adjoint`` (deepinv's naming). Buffers are built
+once in ``__init__``; ``A`` writes to the object at most a copy of a buffer on a device it meets. The adjoint of a linear operator
 is exact up to float rounding: ``<A x, y> == <x, A_adjoint y>`` (tests/test_operators.py).
 """
 
@@ -96,6 +96,9 @@ class Lanczos2Decimation:
     S_f keeps every f-th sample from the first: an (H, W) image becomes (H / f, W / f) with
     output pixel o centred on input coordinate o*f + (f - 1)/2. The original runs a dense
     C -> C conv with zeros off the diagonal; a depthwise conv computes the same sums.
+
+    Calling the operator is A. Its kernel lives on each device (and dtype) from A's first call there on,
+    so a CUDA graph captured after a warm-up call replays no host-to-device copy.
     """
 
     def __init__(self, factor: int):
@@ -104,10 +107,17 @@ class Lanczos2Decimation:
         self.factor = factor
         self.kernel = torch.from_numpy(lanczos_kernel(factor).astype(np.float32))  # (K, K)
         self.pad = (self.kernel.shape[0] - factor) // 2
+        self._on_device: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.A(x)
 
     def A(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
-        weight = self.kernel.to(x.device, x.dtype).expand(c, 1, -1, -1)
+        key = (x.device, x.dtype)
+        if key not in self._on_device:
+            self._on_device[key] = self.kernel.to(x.device, x.dtype)
+        weight = self._on_device[key].expand(c, 1, -1, -1)
         padded = F.pad(x, (self.pad,) * 4, mode="replicate")
         return F.conv2d(padded, weight, stride=self.factor, groups=c)
 

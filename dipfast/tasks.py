@@ -45,7 +45,8 @@ def _masked(obs: Observation) -> tuple[Operator, torch.Tensor]:
 
 
 def _decimated(obs: Observation) -> tuple[Operator, torch.Tensor]:
-    return Lanczos2Decimation(obs.scale).A, obs.image
+    # the operator object itself, so that a step with the fused kernels recognises it (fast_step.FastStep)
+    return Lanczos2Decimation(obs.scale), obs.image
 
 
 def _enhance(out: torch.Tensor, ema: torch.Tensor, image: torch.Tensor):

@@ -236,3 +236,18 @@ def test_bernoulli_matches_original_rule():
 def test_bernoulli_errors(keep):
     with pytest.raises(ValueError, match="keep"):
         bernoulli_mask((4, 4), keep)
+
+
+def test_lanczos2_keeps_one_kernel_per_device_and_dtype():
+    """A copies its kernel to a device once (a CUDA graph captured after a warm-up call replays no copy), one copy
+    per dtype, each equal to the kernel of __init__."""
+    op = Lanczos2Decimation(2)
+    x = torch.rand(1, 3, 8, 8)
+    first = op(x)
+    cached = dict(op._on_device)
+    torch.testing.assert_close(op(x), first, rtol=0, atol=0)
+    assert op._on_device == cached and list(cached) == [(x.device, torch.float32)]
+    op.A(x.double())
+    assert len(op._on_device) == 2
+    for kernel in op._on_device.values():
+        torch.testing.assert_close(kernel.float(), op.kernel, rtol=0, atol=0)

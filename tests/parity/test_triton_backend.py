@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from dipfast import backends, engine
+from dipfast.kernels import lanczos2 as lanczos2_module
 from dipfast.nets import SkipSpec
 from dipfast.nets.blocks import BlockOps
+from dipfast.operators import Lanczos2Decimation
 from dipfast.presets import PRESETS
 
 pytestmark = pytest.mark.parity
@@ -48,6 +50,31 @@ def test_triton_backend_matches_the_reference(compiled, monkeypatch):
             fast = engine.fit(problem, preset, device=device, seed=2, progress=False, plan=plan)
         if iterations == 1:
             torch.testing.assert_close(fast.image, ref.image, rtol=0, atol=1e-3)
+            assert fast.history[0].loss == pytest.approx(ref.history[0].loss, rel=1e-6)
+        else:
+            assert fast.history[-1].psnr == pytest.approx(ref.history[-1].psnr, abs=0.01)
+
+
+def test_triton_backend_fits_super_resolution_with_the_fused_loss_as_the_reference(monkeypatch):
+    """restore()'s SR data term on the triton backend is the fused decimation + MSE kernel (counted), and the fit
+    follows the reference's, which runs the depthwise conv: the first loss to 1e-6 relative (one reduction in
+    another order), the PSNR after four iterations to 0.01 dB (the tolerance argument above)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rng = torch.Generator().manual_seed(11)
+    y, target = torch.rand(1, 3, 5, 4, generator=rng), torch.rand(1, 3, 20, 16, generator=rng)
+    problem = engine.Problem((4, 20, 16), None, (20, 16), 3, y=y, operator=Lanczos2Decimation(4), target=target)
+    plan = dataclasses.replace(backends.resolve("triton", "fp32", device), compile=False, cuda_graph=False)
+    fused_calls = []
+    real = lanczos2_module._lanczos2_mse_fwd
+    monkeypatch.setattr(lanczos2_module, "_lanczos2_mse_fwd", lambda *a: fused_calls.append(1) or real(*a))
+    for iterations in (1, 4):
+        preset = dataclasses.replace(PRESET, iterations=iterations)
+        ref = engine.fit(problem, preset, device=device, seed=3, progress=False)
+        assert not fused_calls  # the reference never takes the fused path
+        fast = engine.fit(problem, preset, device=device, seed=3, progress=False, plan=plan)
+        assert len(fused_calls) == iterations
+        fused_calls.clear()
+        if iterations == 1:
             assert fast.history[0].loss == pytest.approx(ref.history[0].loss, rel=1e-6)
         else:
             assert fast.history[-1].psnr == pytest.approx(ref.history[-1].psnr, abs=0.01)
