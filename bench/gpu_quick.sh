@@ -120,7 +120,8 @@ else
     TRITON_CONFIGS=(triton:tf32 triton:fp32)
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)
-    TESTS=(tests/test_backends.py tests/test_api.py tests/test_engine.py tests/bench --ignore=tests/bench/test_gpu_quick.py)
+    TESTS=(tests/test_backends.py tests/test_api.py tests/test_engine.py tests/test_early_stop_wiring.py
+           tests/test_group_invariance.py tests/bench --ignore=tests/bench/test_gpu_quick.py)
     declare -A LIMIT=([install]=90 [environment]=30 [throughput]=210 [profile]=90 [batch]=90 [tasks]=120
                       [parity]=120 [ops]=90 [triton]=120 [time-to-psnr]=200 [tests]=150)
 fi
