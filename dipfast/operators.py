@@ -1,8 +1,9 @@
 """Forward operators A of the DIP data term ||A(f(z)) - y||^2.
 
 Each operator is a small object with ``A`` and ``A_adjoint`` (deepinv's naming). Buffers are built
-once in ``__init__``; ``A`` writes to the object at most a copy of a buffer on a device it meets. The adjoint of a linear operator
-is exact up to float rounding: ``<A x, y> == <x, A_adjoint y>`` (tests/test_operators.py).
+once in ``__init__``; ``A`` writes to the object at most a copy of a buffer on a device it meets.
+The adjoint of a linear operator is exact up to float rounding: ``<A x, y> == <x, A_adjoint y>``
+(tests/test_operators.py).
 """
 
 from __future__ import annotations
