@@ -225,14 +225,23 @@ def test_command_rejects_bad_settings_in_one_line(tmp_path, np_rng, capsys):
 # the driver killed in the middle
 
 # The command with the denoising preset on the tiny net: the real command line, in a fresh process.
+# The driver of the stop tests: the tiny net, and a pause of 2 s before each group after the first, so the test's
+# signal lands between two images however loaded the machine is (the fits alone take a fraction of a second).
 _COMMAND = """
-import dataclasses, sys, torch
+import dataclasses, sys, time, torch
 sys.path.insert(0, {tests!r})
 from _helpers import TINY_NET
-from dipfast import presets
+from dipfast import batch, presets
 from dipfast.cli import main
 torch.set_num_threads(1)
 presets.PRESETS["denoise"] = dataclasses.replace(presets.PRESETS["denoise"], net=TINY_NET, input_depth=4)
+run_group, groups = batch.run_group, []
+def paced(task, *args, **kwargs):
+    if groups:
+        time.sleep(2)
+    groups.append(task)
+    return run_group(task, *args, **kwargs)
+batch.run_group = paced
 sys.exit(main(sys.argv[1:]))
 """
 
