@@ -226,9 +226,12 @@ def test_command_rejects_bad_settings_in_one_line(tmp_path, np_rng, capsys):
 
 # The command with the denoising preset on the tiny net: the real command line, in a fresh process.
 # The driver of the stop tests: the tiny net, and a pause of 2 s before each group after the first, so the test's
-# signal lands between two images however loaded the machine is (the fits alone take a fraction of a second).
+# signal lands between two images however loaded the machine is (the fits alone take a fraction of a second);
+# Ctrl-C raises KeyboardInterrupt as in a terminal, even where the test process was started with SIGINT ignored
+# (a child inherits that, and Python then installs no handler).
 _COMMAND = """
-import dataclasses, sys, time, torch
+import dataclasses, signal, sys, time, torch
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from _helpers import TINY_NET
 from dipfast import batch, presets
