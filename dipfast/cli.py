@@ -183,16 +183,10 @@ def _check_output(path: Path, inputs: list[str | None], force: bool) -> None:
 
 
 def _save(image, path: Path) -> None:
-    """Write through a temporary file in the same folder, so a failed write leaves no partial file."""
-    tmp = path.with_name(f".{path.name}.dipfast-tmp{path.suffix}")
-    try:
-        image.save(tmp, format=None)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise InputError(f"could not write {str(path)!r}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """The output file, written atomically (images.write_atomic): a failed write leaves no partial file."""
+    from dipfast import images
+
+    images.write_atomic(path, images.encode_image(image, path.suffix))
 
 
 def _restore(args) -> int:
