@@ -5,6 +5,7 @@ against the twin, forward and forward + backward, groups 1 and 4, in fp32, TF32 
 
 import pytest
 import torch
+from cuda_timing import needs_cuda, synced
 
 import dipfast.kernels
 from dipfast import reference
@@ -97,18 +98,6 @@ IMPLS = {"triton": dipfast.kernels.conv_bn_lrelu, "reference": reference.conv_bn
 # fp32: IEEE dots and cuDNN convolutions; tf32: both with TF32 (the kernels follow torch.backends.cudnn.allow_tf32);
 # bf16: the kernel on bf16 x and weight (fp32 BN parameters), the twin under torch.autocast(bf16), as the engine.
 PRECISIONS = ["fp32", "tf32", "bf16"]
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA only: the Triton op runs on CPU only in the interpreter, not timeable"
-)
-
-
-def _synced(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def _flags(precision: str):
@@ -146,7 +135,7 @@ def test_conv_bn_lrelu_op_forward(benchmark, case, impl, precision, rng):
         assert dipfast.kernels.conv_bn_lrelu_path(x) == "triton"
     benchmark.extra_info["flop"] = conv_flop(*case)
     with _flags(precision), _autocast(precision, impl), torch.no_grad():
-        out = benchmark(_synced(lambda: op(x, *params, **kw)))
+        out = benchmark(synced(lambda: op(x, *params, **kw)))
     assert out.shape[1] == case[4]
 
 
@@ -165,5 +154,5 @@ def test_conv_bn_lrelu_op_full(benchmark, case, impl, precision, rng):
         return torch.autograd.grad(out, [x, *params], grad.to(out.dtype))
 
     with _flags(precision):
-        grads = benchmark(_synced(step))
+        grads = benchmark(synced(step))
     assert grads[0].shape == x.shape

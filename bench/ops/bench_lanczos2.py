@@ -5,6 +5,7 @@ dense C -> C conv (dipfast.nets.layers.LanczosDownsampler) beside it; on CUDA, t
 
 import pytest
 import torch
+from cuda_timing import needs_cuda, synced
 
 import dipfast.kernels
 from dipfast import reference
@@ -61,18 +62,6 @@ def test_lanczos2_dense_original_full(benchmark, case, rng):
 GPU_CASES = [(4, 576, 384), (8, 576, 384)]  # (factor, H, W): the SR presets' HR sizes
 GPU_IDS = ["x4-576x384", "x8-576x384"]
 IMPLS = {"triton": dipfast.kernels.lanczos2_downsample, "reference": reference.lanczos2_downsample}
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA only: the Triton op runs on CPU only in the interpreter, not timeable"
-)
-
-
-def _synced(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 @needs_cuda
@@ -86,7 +75,7 @@ def test_lanczos2_op_forward(benchmark, case, impl, rng):
         assert dipfast.kernels.lanczos2_path(x) == "triton"
     benchmark.extra_info["bytes"] = moved_bytes(h, w, f)
     with ieee_fp32():
-        y = benchmark(_synced(lambda: op(x, f)))
+        y = benchmark(synced(lambda: op(x, f)))
     assert y.shape == (1, 3, h // f, w // f)
 
 
@@ -100,5 +89,5 @@ def test_lanczos2_op_full(benchmark, case, impl, rng):
     g = torch.randn(1, 3, h // f, w // f, generator=rng).cuda()
     benchmark.extra_info["bytes"] = 2 * moved_bytes(h, w, f)
     with ieee_fp32():
-        (dx,) = benchmark(_synced(lambda: torch.autograd.grad(op(x, f), x, g)))
+        (dx,) = benchmark(synced(lambda: torch.autograd.grad(op(x, f), x, g)))
     assert dx.shape == x.shape

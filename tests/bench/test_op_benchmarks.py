@@ -24,6 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load(path: Path):
+    if str(OPS) not in sys.path:  # as pytest's rootdir-less import puts it, for their shared cuda_timing
+        sys.path.insert(0, str(OPS))
     spec = importlib.util.spec_from_file_location(f"bench_ops_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
