@@ -82,9 +82,9 @@ def restore(
         neighbouring tiles (default tile // 8). See dipfast.tiled_restore.
     stop: 'iterations' (the preset's fixed count, as the paper) or 'auto' (early stopping without ground
         truth, dipfast.early_stop: each fit stops where its outputs start to fit the noise and returns
-        the output of that point, Result.stop_iteration; iters is the upper bound). None: the task's
-        default (early_stop.DEFAULT_STOP: 'auto' for denoise and jpeg), or 'iterations' where 'auto'
-        cannot act (fewer iterations than its window, or a tiled fit).
+        the output of that point, Result.stop_iteration; iters is the upper bound; in tiles, each tile
+        stops on its own). None: the task's default (early_stop.DEFAULT_STOP: 'auto' for denoise and
+        jpeg), or 'iterations' where 'auto' cannot act (fewer iterations than its window).
     early_stop: an EarlyStopSpec for stop='auto' instead of the task's calibrated rule (early_stop.CALIBRATED).
 
     >>> import numpy as np, dipfast
@@ -119,14 +119,10 @@ def restore(
     custom = operator is not None or loss is not None
     tiling = tile_choice.choose(inputs, task, preset_obj, plan, dev, tile, overlap, restarts, scale, custom, stop_rule)
     if tiling is not None:  # every image of the call in tiles of one size (the memory check is done)
-        if stop == "auto" or early_stop is not None:
-            raise InputError(
-                "stop='auto' does not apply to a tiled fit yet; give stop='iterations', or tile=None for one fit"
-            )
         from dipfast.tiled_restore import restore_all
 
         common = (task, preset_obj, plan, dev, seed, scale, restarts, progress, callback, report_every)
-        results = restore_all(inputs, batch, tiling, masks, guides, targets, *common)
+        results = restore_all(inputs, batch, tiling, masks, guides, targets, *common, early_stop=stop_rule)
         return results if batch else results[0]
     observed, problems = [], []
     for k, img in enumerate(inputs):

@@ -225,7 +225,10 @@ def _restore(args) -> int:
     quality = f", PSNR {result.psnr:.2f} dB (EMA {result.ema_psnr:.2f} dB)" if result.psnr is not None else ""
     tiling = result.extras.get("tiling")
     tiles = f", {len(tiling['boxes'])} tiles of {tiling['tile']} px" if tiling else ""
-    if result.stop_reason == "early-stop":
+    if result.stop_reason == "early-stop" and tiling:
+        stops = [t for t in tiling["stop_iterations"][0] if t is not None]
+        tiles += f", each stopped early: its output of iteration {min(stops)} to {max(stops)}"
+    elif result.stop_reason == "early-stop":
         tiles += f", stopped early: the output of iteration {result.stop_iteration}"
     print(
         f"{out}: {result.iterations} iterations in {result.seconds:.1f} s ({result.its:.1f} it/s){tiles}{quality}"

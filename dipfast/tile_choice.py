@@ -64,8 +64,8 @@ def _need(preset: TaskPreset, channels: int, out_h: int, out_w: int, n: int, pre
     return memory.estimate_bytes(preset.net, preset.input_depth, channels, size, n, precision, device, early_stop)
 
 
-def _most_per_step(preset, channels, side, factor, limit, precision, device, free) -> int:
-    one = _need(preset, channels, side * factor, side * factor, 1, precision, device)
+def _most_per_step(preset, channels, side, factor, limit, precision, device, free, early_stop=None) -> int:
+    one = _need(preset, channels, side * factor, side * factor, 1, precision, device, early_stop)
     if free is None:
         return limit
     fixed = memory.FIXED[device.type]
@@ -86,8 +86,9 @@ def choose(
     custom: bool,
     early_stop=None,
 ) -> TileChoice | None:
-    """The tiling of a restore() call (None: the whole image in one fit, checked to fit here, with the
-    criterion's state where early_stop, the whole fit's EarlyStopSpec, is given)."""
+    """The tiling of a restore() call (None: the whole image in one fit, checked to fit here). Every
+    estimate counts the early-stopping criterion's state where early_stop, the fits' EarlyStopSpec, is
+    given: each tile runs it too."""
     if tile is not None and tile != "auto" and (not isinstance(tile, int) or isinstance(tile, bool)):
         raise InputError(f"tile must be 'auto', None or a positive integer; got {tile!r}")
     if overlap is not None and (not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0):
@@ -107,11 +108,11 @@ def choose(
         if overlap >= tile:
             raise InputError(f"overlap={overlap} must be smaller than tile={tile}; the default is tile // 8")
         c = max((s[0] for s in known), default=3)
-        memory.check_fits(preset.net, preset.input_depth, c, (tile * factor,) * 2, 1, plan.precision, device)
+        size = (tile * factor,) * 2
+        memory.check_fits(preset.net, preset.input_depth, c, size, 1, plan.precision, device, early_stop)
         n_networks = restarts * max((_tiles(s, tile, overlap) for s in known), default=1)
-        per_step = _most_per_step(
-            preset, c, tile, factor, n_networks, plan.precision, device, memory.available_bytes(device)
-        )
+        free = memory.available_bytes(device)
+        per_step = _most_per_step(preset, c, tile, factor, n_networks, plan.precision, device, free, early_stop)
         return TileChoice(tile, overlap, per_step if plan.fast else 1)
     if tile == "auto" and not custom and task.name != "custom":
         choice = _auto(known, preset, plan, device, factor, overlap, restarts, early_stop)
@@ -144,13 +145,13 @@ def _auto(known, preset, plan, device, factor, overlap, restarts, early_stop) ->
     for side in TILE_SIDES:
         if side >= longest or not runs_at(preset.net, preset.input_depth, side, factor):
             continue
-        if _need(preset, c, side * factor, side * factor, 1, plan.precision, device) > free:
+        if _need(preset, c, side * factor, side * factor, 1, plan.precision, device, early_stop) > free:
             continue
         lap = default_overlap(side) if overlap is None else overlap
         if lap >= side:
             continue
         n_networks = restarts * max(_tiles(s, side, lap) for s in known)
-        per_step = _most_per_step(preset, c, side, factor, n_networks, plan.precision, device, free)
+        per_step = _most_per_step(preset, c, side, factor, n_networks, plan.precision, device, free, early_stop)
         per_step = per_step if plan.fast else 1
         h, w = too_large[0][1:]
         _log.warning(

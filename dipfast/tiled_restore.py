@@ -6,12 +6,20 @@ alone with that seed, whichever tiles share its step. Super-resolution tiles the
 input and blends at scale; inpaint and restore need known pixels in every tile; flash crops the
 guide with the image.
 
+With early stopping (stop='auto') each tile is one network of the criterion: it stops on its own
+and contributes its output at its own detected point, so a flat tile of sky can stop long before
+a tile of foliage; a step ends when all of its tiles have stopped.
+
 What the Result holds: image, ema_image, psnr, ema_psnr and ssim of the blended whole (target=
 is compared with the blended image). history: per iteration, the tiles' losses and MSEs
-(from their PSNRs against their crops of the target) averaged with each tile's share of the
-blended image; tiles fitted in different steps are never blended at the same iteration, so
-these rows track the fit, and the final psnr is the blended image's. extras['tiling']: the
-tile side, overlap, grid, tiles per step, each tile's box and seed, and the tiles not fitted.
+(from their PSNRs against their crops of the target) and criteria averaged with each tile's
+share of the blended image, a tile that stopped early holding its last row; tiles fitted in
+different steps are never blended at the same iteration, so these rows track the fit, and the
+final psnr is the blended image's. iterations: the most any tile ran; stop_reason 'early-stop'
+when every tile stopped early; stop_iteration: the latest of the tiles' detected points.
+extras['tiling']: the tile side, overlap, grid, tiles per step, each tile's box and seed, the
+tiles not fitted, tile_iterations (the iterations of all tiles together) and, with early
+stopping, stop_iterations[r][k] (restart r, tile k: its detected point).
 Ctrl-C or a callback's True stops the run: tiles not fitted yet keep the observation itself
 (super-resolution: its bicubic upsampling), listed in extras['tiling']['unfitted'].
 """
@@ -27,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dipfast import engine, images
+from dipfast.early_stop import EarlyStopSpec
 from dipfast.errors import InputError
 from dipfast.fit_io import load_mask, problem_of, result_of
 from dipfast.tasks import Task
@@ -55,14 +64,18 @@ def _check_holes(m: torch.Tensor, grid: TileGrid) -> None:
 
 
 def _history(rows_per_tile: list[list[engine.HistoryRow]], shares: np.ndarray, offsets: list[float]):
-    """Per iteration: loss and MSE (hence PSNR) of the tiles, averaged by their share of the image."""
+    """Per iteration: loss, MSE (hence PSNR) and criterion of the tiles, averaged by their share of the
+    image; a tile whose history ends first (stopped early, or interrupted) holds its last row."""
+    rows_per_tile = [rows for rows in rows_per_tile if rows]
     if not rows_per_tile:  # a restart stopped before any of its tiles
         return []
-    n = min(len(rows) for rows in rows_per_tile)
+    longest = max(rows_per_tile, key=len)
+    n = len(longest)
+    held = [rows + [rows[-1]] * (n - len(rows)) for rows in rows_per_tile]
     shares = shares / shares.sum()
 
     def column(name):
-        values = [[getattr(row, name) for row in rows[:n]] for rows in rows_per_tile]
+        values = [[getattr(row, name) for row in rows] for rows in held]
         return None if any(v is None for vs in values for v in vs) else np.array(values, dtype=np.float64)
 
     loss = shares @ column("loss")
@@ -70,14 +83,19 @@ def _history(rows_per_tile: list[list[engine.HistoryRow]], shares: np.ndarray, o
     psnr, ema_psnr = (None if p is None else -10 * np.log10(shares @ 10 ** (-p / 10)) for p in psnrs)
     fell_back = column("fell_back").any(0)
     seconds = (column("seconds") + np.array(offsets)[:, None]).max(0)
+    criteria = np.array([[np.nan if r.criterion is None else r.criterion for r in rows] for rows in held])
+    defined = ~np.isnan(criteria)
+    weight = shares[:, None] * defined
+    criterion = (weight * np.nan_to_num(criteria)).sum(0) / np.maximum(weight.sum(0), 1e-300)
     return [
         engine.HistoryRow(
-            rows_per_tile[0][i].iteration,
+            longest[i].iteration,
             float(loss[i]),
             None if psnr is None else float(psnr[i]),
             None if ema_psnr is None else float(ema_psnr[i]),
             bool(fell_back[i]),
             float(seconds[i]),
+            float(criterion[i]) if defined[:, i].any() else None,
         )
         for i in range(n)
     ]
@@ -100,6 +118,7 @@ def restore_tiled(
     callback,
     report_every: int,
     name: str = "image",
+    early_stop: EarlyStopSpec | None = None,
 ):
     """One image through tiles; returns the Result of the blended whole (module docstring)."""
     start = time.perf_counter()
@@ -130,6 +149,8 @@ def restore_tiled(
         )
         for box, out_box in zip(boxes, out_boxes)
     ]
+    if early_stop is not None:
+        early_stop.validate(preset.iterations, problems[0].out_size)  # every tile has one size
 
     networks = [(k, r) for k in range(len(grid)) for r in range(restarts)]
     outs = [Blend(out_grid, c) for _ in range(restarts)]
@@ -161,6 +182,7 @@ def restore_tiled(
                     callback=on_progress,
                     report_every=report_every,
                     plan=plan,
+                    early_stop=early_stop,
                 )
             except KeyboardInterrupt:
                 stop_reason = "interrupted"
@@ -171,10 +193,13 @@ def restore_tiled(
                 outs[r].add(k, fit.image[0])
                 emas[r].add(k, fit.ema_image[0])
                 fitted[k, r] = (fit, offset)
-            bar.update(fits[0].iterations * len(chunk) - seen["done"] * len(chunk))
-            if fits[0].stop_reason != "iterations":
-                stop_reason = fits[0].stop_reason
+            ended = [fit.stop_reason for fit in fits if fit.stop_reason in ("callback", "interrupted")]
+            if ended:  # every fit of the step shares the loop's reason
+                stop_reason = ended[0]
                 break
+            bar.update((preset.iterations - seen["done"]) * len(chunk))  # a step that stopped early: its rest
+    if stop_reason == "iterations" and fitted and all(fit.early_stopped for fit, _ in fitted.values()):
+        stop_reason = "early-stop"
     if not fitted:
         raise KeyboardInterrupt  # interrupted before any tile's first step: nothing to return
 
@@ -193,21 +218,24 @@ def restore_tiled(
     for r in range(restarts):
         mine = [(k, fitted[k, r]) for k in range(len(grid)) if (k, r) in fitted]
         fits_r = [fit for _, (fit, _) in mine]
+        detected = [f.stop_iteration for f in fits_r if f.stop_iteration is not None]
         whole_fits.append(
             engine.Fit(
                 image=outs[r].image[None],
                 ema_image=emas[r].image[None],
                 history=_history([f.history for f in fits_r], shares[[k for k, _ in mine]], [o for _, (_, o) in mine]),
-                iterations=min((f.iterations for f in fits_r), default=0),
+                iterations=max((f.iterations for f in fits_r), default=0),
                 seconds=seconds,
                 loop_seconds=loop_seconds,
                 stop_reason=stop_reason,
+                stop_iteration=max(detected, default=None),
                 first_step_seconds=fits_r[0].first_step_seconds if fits_r else 0.0,
                 capture_seconds=capture_seconds,
             )
         )
     whole = engine.Problem(input_shape=(0, 0, 0), z=None, out_size=out_size, n_channels=c, target=_batched(t))
     result = result_of(task, preset, plan, device, seed, (x0, alpha, form), whole, whole_fits)
+    tile_iterations = sum(fit.iterations for fit, _ in fitted.values())
     result.extras["tiling"] = {
         "tile": choice.tile,
         "overlap": choice.overlap,
@@ -216,8 +244,14 @@ def restore_tiled(
         "boxes": [(b.y, b.x, b.h, b.w) for b in boxes],
         "seeds": [tile_seed(seed, k) for k in range(len(grid))],  # restart r: tile_seed(seed + r, k)
         "unfitted": unfitted,
-        "tile_its": len(fitted) * result.iterations / result.seconds if result.seconds > 0 else math.nan,
+        "tile_iterations": tile_iterations,
+        "tile_its": tile_iterations / result.seconds if result.seconds > 0 else math.nan,
     }
+    if early_stop is not None:
+        result.extras["tiling"]["stop_iterations"] = [
+            [fitted[k, r][0].stop_iteration if (k, r) in fitted else None for k in range(len(grid))]
+            for r in range(restarts)
+        ]
     if unfitted:
         result.extras["tiling"]["note"] = (
             f"{len(unfitted)} of {len(grid)} tiles were not fitted ({stop_reason}): they hold the observation itself"
@@ -226,7 +260,7 @@ def restore_tiled(
 
 
 def restore_all(
-    inputs, batch: bool, choice, masks, guides, targets, task, preset, plan, device, seed, scale, *rest
+    inputs, batch: bool, choice, masks, guides, targets, task, preset, plan, device, seed, scale, *rest, early_stop
 ) -> list:
     """restore_tiled for each image of a restore() call; rest: restarts, progress, callback, report_every."""
     return [
@@ -244,6 +278,7 @@ def restore_all(
             scale,
             *rest,
             name=f"image[{k}]" if batch else "image",
+            early_stop=early_stop,
         )
         for k, image in enumerate(inputs)
     ]

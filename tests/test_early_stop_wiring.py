@@ -263,7 +263,7 @@ def test_default_with_too_few_iterations_is_the_fixed_count_bit_for_bit(np_rng):
         ({"early_stop": dataclasses.replace(SPEC, window=20), "iters": 10}, InputError, r"window \(20\) is larger"),
         ({"early_stop": "wmv"}, InputTypeError, "early_stop must be a dipfast.early_stop.EarlyStopSpec; got str"),
         ({"early_stop": SPEC, "stop": "iterations"}, InputError, "early_stop= is the rule of stop='auto'"),
-        ({"stop": "auto", "iters": 200, "tile": 16}, InputError, "stop='auto' does not apply to a tiled fit"),
+        ({"early_stop": dataclasses.replace(SPEC, downsample=16), "tile": 12}, InputError, "exceeds the output's 12"),
         ({"early_stop": dataclasses.replace(SPEC, downsample=64)}, InputError, "downsample factor 64 exceeds"),
     ],
     ids=["unknown", "bool", "window>iters", "spec window>iters", "spec type", "spec+iterations", "tiled", "downsample"],

@@ -14,6 +14,7 @@ from _helpers import FAST, TINY, TINY_NET, random_image, random_mask, smooth_ima
 
 import dipfast
 from dipfast import memory, tile_choice
+from dipfast.early_stop import CALIBRATED, EarlyStopSpec
 from dipfast.errors import InputError
 from dipfast.tiles import Blend, TileGrid, axis_positions, largest_empty_square, tile_seed
 
@@ -160,6 +161,57 @@ def test_no_seam_at_tile_edges(np_rng):
     # measured over three noise draws: blended 0.91-1.09, pasted 1.65-2.01
     assert blended < 1.25, blended
     assert pasted > 1.4, pasted
+
+
+def test_early_stopped_tiles_are_the_separate_early_stopped_fits_of_their_crops(np_rng, monkeypatch):
+    """stop='auto' in tiles: each tile stops on its own at the point its separate fit detects, whichever
+    tiles share its step, and the blend holds each tile's output of that point."""
+    clean = smooth_image(np_rng, 19, 22)
+    noisy = np.clip(clean + np_rng.normal(scale=0.1, size=clean.shape), 0, 1).astype(np.float32)
+    spec = EarlyStopSpec("wmv", window=4, patience=4)
+    kwargs = {"iters": 300, "stop": "auto", "early_stop": spec, "backend": "native", "precision": "fp32",
+              "report_every": 1, **FAST}  # fmt: skip
+    monkeypatch.setattr(tile_choice, "_most_per_step", lambda *args: 2)
+    tiled = dipfast.restore(noisy, seed=2, tile=10, overlap=3, target=clean, **kwargs)
+    grid = TileGrid.cover(19, 22, 10, 3)
+    alone = [
+        dipfast.restore(tile, seed=tile_seed(2, k), tile=None, **kwargs) for k, tile in enumerate(_crops(noisy, grid))
+    ]
+
+    info = tiled.extras["tiling"]
+    stops = [r.stop_iteration for r in alone]
+    assert all(r.stop_reason == "early-stop" for r in alone) and len(set(stops)) > 1  # tiles stop apart
+    assert info["stop_iterations"] == [stops]
+    assert tiled.stop_reason == "early-stop" and tiled.stop_iteration == max(stops)
+    assert tiled.iterations == max(r.iterations for r in alone) < 300
+    assert info["tile_iterations"] == sum(r.iterations for r in alone)
+    expected = Blend(grid, 3)
+    for k, r in enumerate(alone):
+        expected.add(k, torch.from_numpy(r.image).permute(2, 0, 1))
+    np.testing.assert_allclose(tiled.image, expected.image.permute(1, 2, 0).numpy(), atol=1e-6, rtol=0)
+
+    # the history runs to the last tile's stop, the ones stopped earlier holding their last row
+    assert [h.iteration for h in tiled.history] == list(range(1, tiled.iterations + 1))
+    assert tiled.history[-1].criterion is not None and tiled.history[0].criterion is None
+
+
+def test_the_default_stop_of_a_tiled_fit_is_the_tasks(np_rng):
+    """Denoising's default is 'auto' in tiles as in one fit (the calibrated rule runs in every tile);
+    stop='iterations' is the fixed count; a rule that cannot act at the tile's size is a one-line error."""
+    image = random_image(np_rng, 14, 14)
+    iters = CALIBRATED["denoise"].window + 10
+    default = dipfast.restore(image, iters=iters, tile=8, overlap=2, report_every=iters, **FAST)
+    assert len(default.extras["tiling"]["stop_iterations"][0]) == 4
+    fixed = dipfast.restore(image, iters=iters, tile=8, overlap=2, stop="iterations", report_every=iters, **FAST)
+    assert fixed.iterations == iters and fixed.stop_iteration is None
+    assert "stop_iterations" not in fixed.extras["tiling"]
+    with pytest.raises(InputError) as e:
+        _tiled(image, stop="auto", early_stop=EarlyStopSpec("emv", patience=4, downsample=9))
+    assert "downsample factor 9 exceeds the output's 8 x 8" in _one_line(e)
+
+
+def _crops(image: np.ndarray, grid: TileGrid) -> list[np.ndarray]:
+    return [image[b.y : b.y + b.h, b.x : b.x + b.w] for b in grid.boxes]
 
 
 # ---------------------------------------------------------------------------------------------
