@@ -38,7 +38,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dipfast import images
+from dipfast import images, tile_choice
 from dipfast.batch_group import GroupTask, Item, run_group
 from dipfast.errors import InputError
 from dipfast.manifest import Manifest
@@ -88,6 +88,8 @@ def restore_many(
     seed: int = 0,
     ray=None,
     stop: str | None = None,
+    tile: int | str | None = "auto",
+    overlap: int | None = None,
     progress: bool = True,
     **overrides,
 ) -> BatchSummary:
@@ -99,7 +101,8 @@ def restore_many(
     target_dir: ground truths at the outputs' relative paths: the manifest gets their PSNR.
     batch: the most networks trained in one step (CUDA; one on the CPU, see the module docstring).
     ray: None (this process), True (RAY_ADDRESS, or a local cluster) or a Ray address.
-    task, preset, scale, iters, backend, precision, device, seed, stop, **overrides: as restore().
+    task, preset, scale, iters, backend, precision, device, seed, stop, tile, overlap, **overrides: as
+        restore() (an image in tiles is one restore() of its own; its tiles share steps).
     Ctrl-C (KeyboardInterrupt) stops the batch: every finished image keeps its output and record, and
     the summary comes back with interrupted=True.
 
@@ -116,21 +119,22 @@ def restore_many(
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise InputError(f"{name} must be an integer >= {least}; got {value!r}")
     _check_names(backend, precision)
+    tile_choice.check_arguments(tile, overlap)
     settings_obj = api._settings(task_named(task), preset, scale, iters, dict(overrides))
     stop_rule = api.stop_rule_of(task_named(task), stop, None, settings_obj.iterations)
     # Everything that changes an output belongs in `settings`: a rerun with another value recomputes.
-    # Tiling (--tile) joins here when it exists.
-    settings = _jsonable(
-        {
-            "task": task,
-            "preset": settings_obj,
-            "stop": stop_rule if stop_rule is not None else "iterations",
-            "backend": backend,
-            "precision": precision,
-            "device": str(device),
-            "seed": seed,
-        }
-    )
+    settings = {
+        "task": task,
+        "preset": settings_obj,
+        "stop": stop_rule if stop_rule is not None else "iterations",
+        "backend": backend,
+        "precision": precision,
+        "device": str(device),
+        "seed": seed,
+    }
+    if (tile, overlap) != ("auto", None):  # the default is what batches ran before --tile: their records hold
+        settings.update(tile=tile, overlap=overlap)
+    settings = _jsonable(settings)
     restore_kwargs = {
         "task": task,
         "preset": preset,
@@ -141,6 +145,8 @@ def restore_many(
         "backend": backend,
         "precision": precision,
         "stop": stop,
+        "tile": tile,
+        "overlap": overlap,
         "progress": False,
         **overrides,
     }

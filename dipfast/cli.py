@@ -52,13 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--restarts", type=positive_int, default=1, help="average this many fits of different seeds (the paper: 2)"
     )
-    r.add_argument(
-        "--tile",
-        type=tile_option,
-        default="auto",
-        help="auto (tiles only when the image would not fit the device's memory), none, or a tile side in pixels",
-    )
-    r.add_argument("--overlap", type=non_negative_int, help="pixels shared by neighbouring tiles (default: tile / 8)")
+    _add_tiling(r)
     r.add_argument("--stop", choices=STOPS, help=STOP_HELP)
     r.add_argument("--ema-output", help="also write the EMA of the outputs here")
     r.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -112,7 +106,7 @@ def _add_batch_parser(sub, tasks) -> None:
     b.add_argument("--scale", type=int, help="SR factor: 2, 4 or 8")
     b.add_argument("--mask-dir", help="inpaint/restore: the masks, at the inputs' relative paths (white = known)")
     b.add_argument("--target-dir", help="ground truths at the inputs' relative paths: PSNR in the manifest")
-    # --tile (tiled fits) joins here, passed on to restore_many()
+    _add_tiling(b)
     b.add_argument("--stop", choices=STOPS, help=STOP_HELP)
     b.add_argument("--iters", type=positive_int, help="number of iterations (default: the preset's)")
     b.add_argument("--seed", type=non_negative_int, default=0, help="every image's seed (as restore --seed)")
@@ -131,6 +125,18 @@ def _add_batch_parser(sub, tasks) -> None:
         help="run the groups as Ray tasks: on ADDRESS, else RAY_ADDRESS, else a local cluster",
     )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_tiling(parser) -> None:
+    parser.add_argument(
+        "--tile",
+        type=tile_option,
+        default="auto",
+        help="auto (tiles only when an image would not fit the device's memory), none, or a tile side in pixels",
+    )
+    parser.add_argument(
+        "--overlap", type=non_negative_int, help="pixels shared by neighbouring tiles (default: tile / 8)"
+    )
 
 
 def _batch(args) -> int:
@@ -152,6 +158,8 @@ def _batch(args) -> int:
         seed=args.seed,
         ray=args.ray,
         stop=args.stop,
+        tile=args.tile,
+        overlap=args.overlap,
         progress=not args.quiet,
     )
     print_summary(summary)

@@ -89,10 +89,7 @@ def choose(
     """The tiling of a restore() call (None: the whole image in one fit, checked to fit here). Every
     estimate counts the early-stopping criterion's state where early_stop, the fits' EarlyStopSpec, is
     given: each tile runs it too."""
-    if tile is not None and tile != "auto" and (not isinstance(tile, int) or isinstance(tile, bool)):
-        raise InputError(f"tile must be 'auto', None or a positive integer; got {tile!r}")
-    if overlap is not None and (not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0):
-        raise InputError(f"overlap must be a non-negative integer; got {overlap!r}")
+    check_arguments(tile, overlap)
     factor = task.factor(preset, scale)
     shapes = [input_shape.peek(img) for img in inputs]
     known = [s for s in shapes if s is not None]
@@ -120,6 +117,14 @@ def choose(
             return choice
     _check_whole(shapes, preset, plan, device, factor, restarts, early_stop)
     return None
+
+
+def check_arguments(tile, overlap) -> None:
+    """restore()'s tile= and overlap= as values, before any image is read (sizes are checked in choose)."""
+    if tile is not None and tile != "auto" and (not isinstance(tile, int) or isinstance(tile, bool)):
+        raise InputError(f"tile must be 'auto', None or a positive integer; got {tile!r}")
+    if overlap is not None and (not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0):
+        raise InputError(f"overlap must be a non-negative integer; got {overlap!r}")
 
 
 def _tiles(shape, tile: int, overlap: int) -> int:

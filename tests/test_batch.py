@@ -117,6 +117,31 @@ def test_rerun_skips_finished_images_and_redoes_changed_ones(tmp_path, np_rng):
     assert other.restored == len(keys) and {r["iterations"] for r in _records(out)} == {ITERS + 1}
 
 
+def test_tiles_in_a_batch_are_the_tiled_restore_of_each_image(tmp_path, np_rng, capsys):
+    """--tile/--overlap reach each image's restore(); they are settings (a rerun with others recomputes),
+    and the default leaves the records of batches run before --tile existed valid."""
+    src = tmp_path / "in"
+    for k in range(2):
+        _write(src / f"{k}.png", random_image(np_rng, 19, 14, 3, np.uint8))
+    out = tmp_path / "out"
+    summary = dipfast.restore_many(src, out, tile=8, overlap=2, seed=1, **KW)
+    assert summary.restored == 2
+    for r in _records(out):
+        assert (r["settings"]["tile"], r["settings"]["overlap"]) == (8, 2)
+        alone = dipfast.restore(images.load_image(src / r["output"]), seed=1, tile=8, overlap=2, **KW)
+        assert alone.extras["tiling"]["grid"] == (3, 2)
+        assert (out / r["output"]).read_bytes() == images.encode_image(alone.image, ".png")
+    assert "tile" not in _records(dipfast.restore_many(src, tmp_path / "whole", **KW).manifest.parent)[0]["settings"]
+    again = dipfast.restore_many(src, out, tile=8, overlap=3, seed=1, **KW)
+    assert again.restored == 2 and again.skipped == 0
+
+    with pytest.raises(InputError, match="tile must be 'auto', None or a positive integer; got 'big'"):
+        dipfast.restore_many(src, tmp_path / "bad", tile="big", **KW)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["batch", str(src), "-o", str(tmp_path / "o"), "--tile", "big"])
+    assert e.value.code == 2 and "expected 'auto', 'none' or a positive integer" in capsys.readouterr().err
+
+
 def test_bad_inputs_are_recorded_and_the_rest_completes(tmp_path, np_rng, capsys):
     src, masks, out = tmp_path / "in", tmp_path / "masks", tmp_path / "out"
     good = [_write(src / f"good{k}.png", random_image(np_rng, 16, 16, 3, np.uint8)) for k in range(2)]
