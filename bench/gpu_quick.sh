@@ -18,8 +18,9 @@
 #   throughput    512 x 512, batch 1, default net, in one harness run: native fp32 / tf32 / bf16,
 #                 native-nchw bf16 (bf16 without channels_last), native-padded bf16 / tf32 (BatchNorm +
 #                 LeakyReLU by the Triton kernels that write the conv's pad), the original loop as the paper ran
-#                 it (IEEE fp32) and under today's PyTorch default (TF32 convolutions), compile bf16,
-#                 triton bf16 (compile and triton compile for about a minute each)                140
+#                 it (IEEE fp32) and under today's PyTorch default (TF32 convolutions), compile bf16
+#                 with Inductor's layout rule and with its layout optimisation forced on the backward
+#                 graph too, triton bf16 (each compiled path compiles for about a minute)          200
 #   profile       dipfast bench profile of the two fastest paths of `throughput`                 50
 #   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           50
 #   tasks         every task through restore() on each fast backend, tiny net (bench/gpu_tasks.py) 80
@@ -30,7 +31,7 @@
 #                 the original loop against the fastest path, 1800 iterations                    150
 #   tests         the rest of the suite's CUDA tests (test_backends, test_api, test_engine,
 #                 tests/bench), last                                                            120
-# That is about 14 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
+# That is about 15 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
 # could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
 # (DIPFAST_GPU_QUICK_STEPS="parity ops triton time-to-psnr"). Each step's limit is its own or the budget
 # left, whichever is less. headline.md compares the figures with issue 12's targets; summary.md is the
@@ -122,7 +123,7 @@ else
     TTP=(--iters 1800 --report-every 10)
     TESTS=(tests/test_backends.py tests/test_api.py tests/test_engine.py tests/test_early_stop_wiring.py
            tests/test_group_invariance.py tests/bench --ignore=tests/bench/test_gpu_quick.py)
-    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=210 [profile]=90 [batch]=90 [tasks]=120
+    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=270 [profile]=90 [batch]=90 [tasks]=120
                       [parity]=120 [ops]=90 [triton]=120 [time-to-psnr]=200 [tests]=150)
 fi
 # the smallest slice of the budget that a step is started with
@@ -179,6 +180,7 @@ configs() {  # the METHOD:PRECISION arguments whose backend is among BACKENDS (o
     for c in "$@"; do
         case ${c%%:*} in
             original-loop*|native*) out+=("$c") ;;
+            compile-*) has compile && out+=("$c") ;;  # compile's variants
             *) has "${c%%:*}" && out+=("$c") ;;
         esac
     done

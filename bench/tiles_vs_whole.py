@@ -3,7 +3,8 @@
     python bench/tiles_vs_whole.py --data ../shared/data/dip --size 256 --tile 128 --iters 200 --out /tmp/tiles-demo
 
 A size x size crop of F16 (the centre), sigma = 25 noise from a seeded generator, restored whole
-(tile=None) and in tiles (tile=--tile, the default overlap), same seed and iterations. The tiles'
+(tile=None) and in tiles (tile=--tile, the default overlap), same seed and iterations (--stop auto:
+early stopping in both, --iters the upper bound; the tiles each stop on their own). The tiles'
 raw outputs are recorded as they are blended, so the script also writes the corner crop pasted
 (each tile over the previous ones, no blending) and blended, 3x enlarged, as PNGs under --out.
 Prints one JSON line of PSNRs and times.
@@ -25,9 +26,19 @@ from dipfast import tiles
 
 
 def _best(result) -> dict:
-    """The history's best PSNR and its iteration (tiled: the tiles' share-weighted PSNR, tiled_restore)."""
+    """The history's best PSNR and its iteration (tiled: the tiles' share-weighted PSNR, tiled_restore),
+    and where the fit stopped."""
     best = max(result.history, key=lambda row: row.psnr)
-    return {"best_history_psnr": best.psnr, "best_iteration": best.iteration}
+    tiling = result.extras.get("tiling", {})
+    return {
+        "best_history_psnr": best.psnr,
+        "best_iteration": best.iteration,
+        "iterations": result.iterations,
+        "stop_reason": result.stop_reason,
+        "stop_iteration": result.stop_iteration,
+        "tile_stop_iterations": tiling.get("stop_iterations"),
+        "tile_iterations": tiling.get("tile_iterations"),
+    }
 
 
 def main() -> None:
@@ -38,6 +49,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--out", default="/tmp/tiles-demo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", choices=("iterations", "auto"), default="iterations")
     args = parser.parse_args()
 
     gt = np.asarray(Image.open(Path(args.data) / "denoising" / "F16_GT.png").convert("RGB"), dtype=np.float32) / 255
@@ -45,7 +57,7 @@ def main() -> None:
     clean = gt[top : top + args.size, left : left + args.size]
     noise = np.random.default_rng(args.seed).normal(0, 25 / 255, clean.shape)
     noisy = np.clip(clean + noise, 0, 1).astype(np.float32)
-    common = {"target": clean, "iters": args.iters, "stop": "iterations", "seed": args.seed, "progress": False}
+    common = {"target": clean, "iters": args.iters, "stop": args.stop, "seed": args.seed, "progress": False}
 
     start = time.perf_counter()
     whole = dipfast.restore(noisy, tile=None, **common)
@@ -92,6 +104,7 @@ def main() -> None:
                 "grid": info["grid"],
                 "per_step": info["per_step"],
                 "iters": args.iters,
+                "stop": args.stop,
                 "precision": tiled.precision,
                 "whole": {"psnr": whole.psnr, "ema_psnr": whole.ema_psnr, "seconds": whole_seconds, **_best(whole)},
                 "tiled": {"psnr": tiled.psnr, "ema_psnr": tiled.ema_psnr, "seconds": tiled_seconds, **_best(tiled)},

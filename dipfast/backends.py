@@ -41,6 +41,10 @@ class Backend:
     compile: bool  # the generator under torch.compile
     channels_last_bf16: bool  # NHWC activations and weights under bf16 (oneDNN's and cuDNN's fast layout)
     noise: dict[str, str]  # device type -> the input-noise draw: 'generator' (torch's) or 'philox' (counter-based)
+    # Inductor's layout optimisation forced on every compiled graph (torch.compile's options). Its own rule
+    # looks for aten.convolution nodes, which a backward graph has none of (convolution_backward), so the
+    # backward is lowered without it while the forward runs channels_last (tests/test_inductor_layout.py).
+    force_layout: bool = False
 
 
 BACKEND_TABLE: dict[str, Backend] = {
@@ -89,6 +93,10 @@ class Plan:
     @property
     def channels_last(self) -> bool:
         return self.precision == "bf16" and self.spec.channels_last_bf16
+
+    @property
+    def force_layout(self) -> bool:
+        return self.compile and self.spec.force_layout
 
     def noise(self, device: torch.device) -> str:
         return self.spec.noise.get(device.type, "generator")

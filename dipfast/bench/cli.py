@@ -41,10 +41,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="DIP methods: the backends restore() accepts, 'native-eager' (native without its C++ ops), "
         "'native-nchw' (native with NCHW activations), 'native-padded' (native with the padded BatchNorm kernels on "
-        "CUDA), 'original-loop' (the notebooks' loop in IEEE fp32, as the "
+        "CUDA), 'compile-forced-layout' (compile with Inductor's layout optimisation on the backward graph too), "
+        "'original-loop' (the notebooks' loop in IEEE fp32, as the "
         "paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 convolutions), or 'all'. "
-        "Default: all on CUDA; on a CPU all but compile, triton, original-loop-tf32 and native-padded (said when left "
-        "out)",
+        "Default: all on CUDA; on a CPU all but compile, triton, original-loop-tf32, native-padded and "
+        "compile-forced-layout (said when left out)",
     )
     p.add_argument(
         "--precision",

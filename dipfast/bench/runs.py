@@ -1,8 +1,9 @@
 """One timed fit of any method on one Case, with its PSNR trajectory: the unit every suite is made of.
 
-Methods: the backends of dipfast.api.BACKENDS (through restore(), whatever they are), three variants
-of one backend ('native-eager', 'native-nchw', 'native-padded'), the notebooks' loop twice ('original-loop' as the
-paper ran it, 'original-loop-tf32' as today's PyTorch runs the same code: original_loop.OriginalLoop)
+Methods: the backends of dipfast.api.BACKENDS (through restore(), whatever they are), variants of one
+backend ('native-eager', 'native-nchw', 'native-padded', 'compile-forced-layout': VARIANT_BACKEND), the
+notebooks' loop twice ('original-loop' as the paper ran it, 'original-loop-tf32' as today's PyTorch runs
+the same code: original_loop.OriginalLoop)
 and the classical baselines (bicubic, nlm, bm3d). Times are wall seconds from the call (restore() or
 the loop's construction) on a monotonic clock; the trajectory carries, for each iteration, the time of
 the host read-back that brought its PSNR: every `report_every` iterations for restore() (its only
@@ -39,7 +40,16 @@ NATIVE_NCHW = "native-nchw"
 # the native backend with BatchNorm + LeakyReLU by the Triton kernels that write the next conv's reflection pad
 # (dipfast.kernels.PaddedBlocks) on CUDA, where native runs the reference blocks: on a CPU it is native itself
 NATIVE_PADDED = "native-padded"
-NATIVE_VARIANTS = (NATIVE_EAGER, NATIVE_NCHW, NATIVE_PADDED)
+# the compile backend with Inductor's layout optimisation forced on every graph (backends.Backend.force_layout):
+# its own rule leaves the backward graph NCHW while the forward runs channels_last
+COMPILE_FORCED_LAYOUT = "compile-forced-layout"
+VARIANT_BACKEND = {
+    NATIVE_EAGER: "native",
+    NATIVE_NCHW: "native",
+    NATIVE_PADDED: "native",
+    COMPILE_FORCED_LAYOUT: "compile",
+}
+VARIANTS = tuple(VARIANT_BACKEND)  # methods that are one backend run another way, timed beside it
 TINY_NET = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
 NET_CHOICES = ("preset", "default", "tiny", *sorted(PRESETS))
 
@@ -54,14 +64,19 @@ def api_precisions() -> list[str]:
 
 
 def dip_methods() -> list[str]:
-    return [*api_backends(), *NATIVE_VARIANTS, *ORIGINAL_LOOPS]
+    return [*api_backends(), *VARIANTS, *ORIGINAL_LOOPS]
 
 
 # What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
 # on a CPU, compile and triton spend minutes compiling in every cold run (Triton runs there only in its
 # interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones, and
 # native-padded is native itself there.
-NOT_BY_DEFAULT = {"cpu": {"methods": ("compile", "triton", ORIGINAL_LOOP_TF32, NATIVE_PADDED), "precisions": ("tf32",)}}
+NOT_BY_DEFAULT = {
+    "cpu": {
+        "methods": ("compile", "triton", ORIGINAL_LOOP_TF32, NATIVE_PADDED, COMPILE_FORCED_LAYOUT),
+        "precisions": ("tf32",),
+    }
+}
 
 
 def default_methods(device_type: str) -> list[str]:
@@ -88,18 +103,21 @@ def applies(method: str, precision: str) -> bool:
 
 def backend_of(method: str) -> str:
     """The restore() backend a DIP method runs (all but the original loops)."""
-    return "native" if method in NATIVE_VARIANTS else method
+    return VARIANT_BACKEND.get(method, method)
 
 
 def method_context(method: str):
     """The context a method's restore() call runs in: native-eager switches the C++ ops off, native-nchw
-    keeps the activations NCHW, native-padded runs the padded BatchNorm kernels on CUDA."""
+    keeps the activations NCHW, native-padded runs the padded BatchNorm kernels on CUDA,
+    compile-forced-layout forces Inductor's layout optimisation on every graph."""
     if method == NATIVE_EAGER:
         return native.disabled()
     if method == NATIVE_NCHW:
         return backends.variant("native", channels_last_bf16=False)
     if method == NATIVE_PADDED:
         return backends.variant("native", blocks={**backends.BACKEND_TABLE["native"].blocks, "cuda": "padded"})
+    if method == COMPILE_FORCED_LAYOUT:
+        return backends.variant("compile", force_layout=True)
     return contextlib.nullcontext()
 
 
