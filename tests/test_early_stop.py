@@ -3,6 +3,7 @@ sync, under torch.compile, and its bad-input errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -38,7 +39,7 @@ def _model(xs: np.ndarray, spec: EarlyStopSpec, buffer_dtype=torch.float32) -> d
     t_max, n = xs.shape[:2]
     out = {"criterion": np.full((t_max, n), np.nan), "best_iteration": [], "stop_iteration": [], "best_output": []}
     for k in range(n):
-        minimum, best_it, stop_it, best = np.float32(np.inf), 0, 0, np.zeros(xs.shape[2:])
+        minimum, minimum_it, best_it, stop_it, best = np.float32(np.inf), 0, 0, 0, np.zeros(xs.shape[2:])
         ema, emv, crit = None, 0.0, np.nan
         small = [_pool(xs[s, k], spec.downsample) for s in range(t_max)]
         stored = [torch.from_numpy(s).to(torch.float32).to(buffer_dtype).double().numpy() for s in small]
@@ -61,9 +62,12 @@ def _model(xs: np.ndarray, spec: EarlyStopSpec, buffer_dtype=torch.float32) -> d
             valid = t >= spec.first_valid()
             crit = np.float32(var) if valid else np.nan
             out["criterion"][t - 1, k] = crit
-            if crit < minimum * np.float32(1 - spec.threshold):
-                minimum, best_it, best = crit, t, kept
-            if valid and best_it and t - best_it >= spec.patience:
+            new = crit < minimum * np.float32(1 - spec.threshold)
+            if new or (spec.tolerance > 0 and crit <= minimum * np.float32(1 + spec.tolerance)):
+                best_it, best = t, kept
+            if new:
+                minimum, minimum_it = crit, t
+            if valid and minimum_it and t - minimum_it >= spec.patience:
                 stop_it = t
         out["best_iteration"].append(best_it)
         out["stop_iteration"].append(stop_it)
@@ -88,10 +92,15 @@ SPECS = [
     EarlyStopSpec("wmv", window=6, patience=9, returns="window-mean"),
     EarlyStopSpec("emv", alpha=0.2, patience=8, start=6),
     EarlyStopSpec("emv", alpha=0.05, patience=20, threshold=0.01, start=15),
+    EarlyStopSpec("wmv", window=6, patience=12, returns="window-mean", tolerance=0.3),
+    EarlyStopSpec("wmv", window=5, patience=10, threshold=0.02, tolerance=0.1),
+    EarlyStopSpec("emv", alpha=0.2, patience=8, start=6, tolerance=0.5),
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.method}-W{s.window}-P{s.patience}-r{s.downsample}")
+@pytest.mark.parametrize(
+    "spec", SPECS, ids=lambda s: f"{s.method}-W{s.window}-P{s.patience}-r{s.downsample}-tol{s.tolerance}"
+)
 def test_matches_the_model_of_the_rule(np_rng, spec):
     xs = _sequence(np_rng, 90, 4)
     ref = _model(xs, spec)
@@ -102,6 +111,48 @@ def test_matches_the_model_of_the_rule(np_rng, spec):
     assert es.stopped.tolist() == [s > 0 for s in ref["stop_iteration"]]
     assert all(s > 0 for s in ref["stop_iteration"]), "the sequences are built to stop: a test that never stops"
     np.testing.assert_allclose(es.best_output.double().numpy(), np.stack(ref["best_output"]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.method}-W{s.window}-thr{s.threshold}-tol{s.tolerance}")
+def test_the_replays_decision_is_the_updates(np_rng, spec):
+    """dipfast.bench.early_stop.decide (the calibration's rule on a VAR curve) against EarlyStop.update on the
+    same outputs: the kept iteration, the stop and whether it stopped, per network."""
+    from dipfast.bench.early_stop import decide
+
+    for t_max in (40, 90):
+        xs = _sequence(np_rng, t_max, 4)
+        es, crits = _run(xs, spec)
+        never = EarlyStop(dataclasses.replace(spec, patience=t_max + 1), 4, SHAPE, "cpu", torch.float32)
+        full = []
+        for t in range(t_max):
+            never.update(torch.from_numpy(xs[t]).float(), torch.tensor(t))
+            full.append(never.criterion.clone())
+        curve = torch.stack(full).numpy()  # (T, N): VAR without a stop, as calibrate() replays it
+        for k in range(4):
+            best, stop, stopped = decide(curve[:, k], spec.patience, spec.threshold, spec.first_valid(), spec.tolerance)
+            assert (best, stop if stopped else 0, stopped) == (
+                int(es.best_iteration[k]),
+                int(es.stop_iteration[k]),
+                bool(es.stopped[k]),
+            )
+
+
+def test_a_tolerance_keeps_a_later_output_and_stops_at_the_same_iteration(np_rng):
+    """The tolerance moves only the kept output, within the minimum's basin; the patience still counts from
+    the minimum itself, so every network stops where it did without one."""
+    base = EarlyStopSpec("wmv", window=6, patience=15, returns="window-mean")
+    xs = _sequence(np_rng, 120, 6)
+    plain, crits = _run(xs, base)
+    tolerant, _ = _run(xs, dataclasses.replace(base, tolerance=0.5))
+    assert tolerant.stop_iteration.tolist() == plain.stop_iteration.tolist()
+    assert tolerant.minimum_iteration.tolist() == plain.best_iteration.tolist()
+    assert (tolerant.best_iteration >= plain.best_iteration).all()
+    assert (tolerant.best_iteration > plain.best_iteration).any(), "no basin wider than its minimum: a vacuous test"
+    for k in range(6):
+        t, minimum = int(tolerant.best_iteration[k]), crits[int(plain.best_iteration[k]) - 1, k]
+        assert crits[t - 1, k] <= minimum * 1.5 * (1 + 1e-6)
+        later = crits[t : int(plain.stop_iteration[k]), k]
+        assert (later > minimum * 1.5 * (1 - 1e-6)).all()  # nothing later in the basin was left out
 
 
 def test_a_bf16_buffer_is_the_rule_on_bf16_rounded_outputs(np_rng):
@@ -167,7 +218,7 @@ def test_the_dispatch_guard_catches_a_sync():
         torch.ones(2).sum().item()
 
 
-@pytest.mark.parametrize("spec", SPECS[:1] + SPECS[2:5], ids=lambda s: f"{s.method}-r{s.downsample}")
+@pytest.mark.parametrize("spec", SPECS[:1] + SPECS[2:5] + SPECS[6:7], ids=lambda s: f"{s.method}-r{s.downsample}")
 def test_update_makes_no_host_sync(np_rng, spec):
     xs = torch.from_numpy(_sequence(np_rng, 30, 2)).float()
     es = EarlyStop(spec, 2, SHAPE, "cpu")
@@ -217,6 +268,11 @@ def test_bytes_is_what_the_estimate_says(method, downsample):
         ({"threshold": -0.1}, "threshold must be in"),
         ({"start": -1}, "start must be a non-negative integer"),
         ({"downsample": 0}, "downsample must be a positive integer"),
+        ({"tolerance": -0.1}, r"tolerance must be a finite number >= 0 \(0: off\); got -0.1"),
+        ({"tolerance": math.nan}, "tolerance must be a finite number"),
+        ({"tolerance": math.inf}, "tolerance must be a finite number"),
+        ({"tolerance": True}, "tolerance must be a finite number"),
+        ({"tolerance": "0.4"}, "tolerance must be a finite number"),
         ({"returns": "mean"}, "unknown early-stop returns"),
         ({"method": "emv", "returns": "window-mean"}, "needs method='wmv'"),
         ({"returns": "window-mean", "downsample": 2}, "needs downsample=1"),

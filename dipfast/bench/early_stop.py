@@ -20,6 +20,7 @@ scikit-image's bundled images.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -234,7 +235,7 @@ class Detection:
     """The criterion's decision on one record: what restore(stop='auto') would have returned."""
 
     best_iteration: int  # the iteration whose output is returned (1-based; 0: none)
-    stop_iteration: int  # the iteration the fit stops at: best + patience, or the record's end
+    stop_iteration: int  # the iteration the fit stops at: the minimum's + patience, or the record's end
     stopped: bool  # False: patience never ran out within the record (the fit ran to its bound)
     psnr: float  # of the returned output against the target
     criterion: np.ndarray  # (T,) float32, NaN where undefined or after the stop
@@ -402,6 +403,8 @@ def markdown(rep: dict) -> str:
         rule = f"{sp['method']} W={sp['window']} P={sp['patience']} thr={sp['threshold']} start={sp['start']}"
         if sp["method"] == "emv":
             rule = f"emv a={sp['alpha']} P={sp['patience']} thr={sp['threshold']} start={sp['start']}"
+        if sp.get("tolerance"):
+            rule += f" tol={sp['tolerance']}"
         met = ", ".join(k for k, v in entry["targets"].items() if not v) or "all met"
         rows.append(
             [
@@ -494,6 +497,7 @@ ALPHAS = (0.01, 0.02, 0.05, 0.1)
 PATIENCES = (25, 50, 100, 150, 200, 300, 400)
 THRESHOLDS = (0.0, 0.02)
 STARTS = (0, 50, 100)
+TOLERANCES = (0.0, 0.2, 0.4, 0.6)
 
 
 def curves(records: list[Record], method: str, window: int = 100, alpha: float = 0.1, buffer_dtype=torch.bfloat16):
@@ -525,27 +529,36 @@ def window_mean_psnr(rec: Record, target: np.ndarray, window: int) -> np.ndarray
     return out
 
 
-def decide(curve: np.ndarray, patience: int, threshold: float = 0.0, first_valid: int = 1) -> tuple[int, int, bool]:
-    """EarlyStop's rule on a VAR curve (T,): (best iteration, stop iteration or T, stopped)."""
+def decide(
+    curve: np.ndarray, patience: int, threshold: float = 0.0, first_valid: int = 1, tolerance: float = 0.0
+) -> tuple[int, int, bool]:
+    """EarlyStop's rule on a VAR curve (T,): (the kept output's iteration, stop iteration or T, stopped)."""
     if threshold == 0:  # the running minimum, vectorised: the calibration's inner loop
         c = np.asarray(curve, dtype=np.float32)[first_valid - 1 :]
         c = np.where(np.isnan(c), np.float32(np.inf), c)
         before = np.concatenate([[np.float32(np.inf)], np.minimum.accumulate(c)[:-1]])
         steps = np.arange(first_valid, len(curve) + 1)
-        best_at = np.maximum.accumulate(np.where(c < before, steps, 0))
-        hit = np.flatnonzero((best_at > 0) & (steps - best_at >= patience))
+        minimum_at = np.maximum.accumulate(np.where(c < before, steps, 0))
+        kept_at = minimum_at
+        if tolerance > 0:  # an undefined VAR (inf here) is never kept, though inf <= inf
+            within = np.isfinite(c) & (c <= before * np.float32(1 + tolerance))
+            kept_at = np.maximum.accumulate(np.where(within, steps, 0))
+        hit = np.flatnonzero((minimum_at > 0) & (steps - minimum_at >= patience))
         if hit.size:
-            return int(best_at[hit[0]]), int(steps[hit[0]]), True
-        return (int(best_at[-1]) if best_at.size else 0), len(curve), False
-    minimum, best = np.float32(np.inf), 0
-    factor = np.float32(1 - threshold)
+            return int(kept_at[hit[0]]), int(steps[hit[0]]), True
+        return (int(kept_at[-1]) if kept_at.size else 0), len(curve), False
+    minimum, minimum_at, kept = np.float32(np.inf), 0, 0
+    lower, within = np.float32(1 - threshold), np.float32(1 + tolerance)
     for t in range(first_valid, len(curve) + 1):
         c = curve[t - 1]
-        if c < minimum * factor:
-            minimum, best = c, t
-        if best and t - best >= patience:
-            return best, t, True
-    return best, len(curve), False
+        new = c < minimum * lower
+        if new or (tolerance > 0 and c <= minimum * within):
+            kept = t
+        if new:
+            minimum, minimum_at = c, t
+        if minimum_at and t - minimum_at >= patience:
+            return kept, t, True
+    return kept, len(curve), False
 
 
 def calibrate(cases: list[Case], records: dict[str, Record], fixed_iterations: int) -> list[dict]:
@@ -563,32 +576,25 @@ def calibrate(cases: list[Case], records: dict[str, Record], fixed_iterations: i
         crit = curves(recs, method, window, alpha)
         returns = ("output", "window-mean") if method == "wmv" else ("output",)
         mean_psnr = [window_mean_psnr(r, c.target, window) for r, c in zip(recs, cases)] if method == "wmv" else None
-        for ret in returns:
-            for start in STARTS:
-                for thr in THRESHOLDS:
-                    for patience in PATIENCES:
-                        spec = EarlyStopSpec(method, window, patience, alpha, thr, start, 1, ret)
-                        rows = []
-                        for k, r in enumerate(recs):
-                            best, stop, stopped = decide(crit[:, k], patience, thr, spec.first_valid())
-                            curve = r.psnr if ret == "output" else mean_psnr[k]
-                            value = float(curve[best - 1]) if best else math.nan
-                            rows.append(
-                                {
-                                    "gap_to_oracle_db": oracle[k] - value,
-                                    "gain_over_fixed_db": value - fixed[k],
-                                    "stop_iteration": stop,
-                                    "fixed_iteration": min(fixed_iterations, t_len),
-                                    "stopped": stopped,
-                                }
-                            )
-                        s = summarise(rows)
-                        quality = (
-                            s["median_gap_db"] <= 0.5
-                            and s["max_gap_db"] <= 1.5
-                            and s["mean_gain_over_fixed_db"] >= -0.3
-                        )
-                        out.append({"spec": _spec_dict(spec), "summary": s, "meets_quality": bool(quality)})
+        for ret, start, thr, tol, patience in itertools.product(returns, STARTS, THRESHOLDS, TOLERANCES, PATIENCES):
+            spec = EarlyStopSpec(method, window, patience, alpha, thr, start, 1, ret, tol)
+            rows = []
+            for k, r in enumerate(recs):
+                best, stop, stopped = decide(crit[:, k], patience, thr, spec.first_valid(), tol)
+                curve = r.psnr if ret == "output" else mean_psnr[k]
+                value = float(curve[best - 1]) if best else math.nan
+                rows.append(
+                    {
+                        "gap_to_oracle_db": oracle[k] - value,
+                        "gain_over_fixed_db": value - fixed[k],
+                        "stop_iteration": stop,
+                        "fixed_iteration": min(fixed_iterations, t_len),
+                        "stopped": stopped,
+                    }
+                )
+            s = summarise(rows)
+            quality = s["median_gap_db"] <= 0.5 and s["max_gap_db"] <= 1.5 and s["mean_gain_over_fixed_db"] >= -0.3
+            out.append({"spec": _spec_dict(spec), "summary": s, "meets_quality": bool(quality)})
     out.sort(key=lambda e: (not e["meets_quality"], e["summary"]["mean_stop_iteration"], e["summary"]["median_gap_db"]))
     return out
 

@@ -54,15 +54,21 @@ def test_the_replayed_decision_is_the_rule_on_the_criterion_curve(recorded):
     """detect() (EarlyStop replayed) against decide() (the rule as a plain loop on the curve)."""
     cases, records = recorded
     recs = [records[early_stop.key_of(c)] for c in cases]
-    for spec in (SPEC, EarlyStopSpec("emv", alpha=0.2, patience=5, start=5), EarlyStopSpec(window=3, patience=200)):
+    emv, never = EarlyStopSpec("emv", alpha=0.2, patience=5, start=5), EarlyStopSpec(window=3, patience=200)
+    specs = (SPEC, emv, never, EarlyStopSpec("wmv", window=4, patience=6, tolerance=0.5))
+    for spec in specs:
         crit = early_stop.curves(recs, spec.method, spec.window, spec.alpha)
         for k, (case, rec) in enumerate(zip(cases, recs)):
             det = early_stop.detect(rec, case.target, spec)
-            best, stop, stopped = early_stop.decide(crit[:, k], spec.patience, spec.threshold, spec.first_valid())
+            args = (crit[:, k], spec.patience, spec.threshold, spec.first_valid(), spec.tolerance)
+            best, stop, stopped = early_stop.decide(*args)
             assert (det.best_iteration, det.stop_iteration, det.stopped) == (best, stop, stopped)
             assert det.psnr == rec.psnr[best - 1]
-            if stopped:
+            if stopped and not spec.tolerance:
                 assert stop == best + spec.patience
+            elif stopped:  # the kept output is at or after the minimum; the stop is the minimum's + patience
+                minimum_at = early_stop.decide(crit[:, k], spec.patience, spec.threshold, spec.first_valid())[0]
+                assert minimum_at <= best <= stop == minimum_at + spec.patience
             else:
                 assert stop == ITERS
 
@@ -154,11 +160,13 @@ def test_criterion_cost_times_the_update_against_the_step():
     assert cost["criterion"][0]["bytes"] > cost["criterion"][1]["bytes"]  # the window's buffer
 
 
-def test_decides_vectorised_running_minimum_is_the_plain_loop(np_rng):
+@pytest.mark.parametrize("tolerance", [0.0, 0.05, 0.4])
+def test_decides_vectorised_running_minimum_is_the_plain_loop(np_rng, tolerance):
     """decide() at threshold 0 (the calibration's fast path) against its loop (a threshold of 1e-30: factor 1)."""
     for _ in range(300):
         curve = np_rng.random(int(np_rng.integers(5, 80))).astype(np.float32)
         curve[: int(np_rng.integers(0, 4))] = np.nan
         curve[np_rng.random(curve.size) < 0.1] = curve[0]  # ties: a new minimum must be strictly lower
         patience, first = int(np_rng.integers(1, 20)), int(np_rng.integers(1, 6))
-        assert early_stop.decide(curve, patience, 0.0, first) == early_stop.decide(curve, patience, 1e-30, first)
+        fast = early_stop.decide(curve, patience, 0.0, first, tolerance)
+        assert fast == early_stop.decide(curve, patience, 1e-30, first, tolerance)
