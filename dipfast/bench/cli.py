@@ -276,6 +276,9 @@ def _add_early_stop(sub) -> None:
     e.add_argument("--start", type=int)
     e.add_argument("--returns", choices=RETURNS)
     e.add_argument(
+        "--tolerance", type=float, help="keep the latest output within (1 + tolerance) x VAR's minimum (0: its own)"
+    )
+    e.add_argument(
         "--cost",
         type=positive_int,
         metavar="SIZE",
@@ -636,7 +639,8 @@ def _early_stop(args) -> int:
     cuda = dev.type == "cuda"
     tasks = list(early_stop.TASKS) if "all" in args.tasks else list(dict.fromkeys(args.tasks))
     iters = _auto("early-stop", "iters", args.iters, cuda)
-    given = {k: getattr(args, k) for k in ("method", "window", "patience", "alpha", "threshold", "start", "returns")}
+    settings = ("method", "window", "patience", "alpha", "threshold", "start", "returns", "tolerance")
+    given = {k: getattr(args, k) for k in settings}
     given = {k: v for k, v in given.items() if v is not None}
     specs = {task: dataclasses.replace(calibrated(early_stop.RESTORE_TASK[task]), **given) for task in tasks}
     for spec in specs.values():
