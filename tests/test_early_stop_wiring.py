@@ -288,7 +288,12 @@ def test_stop_rule_of_is_what_restore_and_batch_share():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: early stopping inside the CUDA graph")
-def test_auto_runs_inside_the_cuda_graph_as_the_eager_step():
+@pytest.mark.parametrize(
+    "spec",
+    [SPEC, dataclasses.replace(SPEC, returns="window-mean", tolerance=0.4)],  # the calibrated rule's branches
+    ids=["output", "window-mean+tolerance"],
+)
+def test_auto_runs_inside_the_cuda_graph_as_the_eager_step(spec):
     """Two networks, the step captured once and replayed: the criterion, the stops and the frozen network
     match the same step run eagerly (no input noise: replayed and eager draws need not be one stream)."""
     cuda = torch.device("cuda")
@@ -299,7 +304,7 @@ def test_auto_runs_inside_the_cuda_graph_as_the_eager_step():
     steps = []
     for p in (plan, dataclasses.replace(plan, cuda_graph=False)):
         built, zs = fast_step.build_nets(problems, preset, [0, 1])
-        steps.append(fast_step.FastStep(built, zs, problems, preset, cuda, [0, 1], 8, p, early_stop=SPEC))
+        steps.append(fast_step.FastStep(built, zs, problems, preset, cuda, [0, 1], 8, p, early_stop=spec))
     graphed, eager = steps
     assert graphed.graph_safe and graphed.graphed is not None
     with engine.ieee_fp32():
