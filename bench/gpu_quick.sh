@@ -34,7 +34,8 @@
 # That is about 15 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
 # could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
 # (DIPFAST_GPU_QUICK_STEPS="parity ops triton time-to-psnr"). Each step's limit is its own or the budget
-# left, whichever is less. headline.md compares the figures with issue 12's targets; summary.md is the
+# left, whichever is less. headline.md compares the figures with issue 12's targets and sets each variant
+# (native-padded, native-nchw, compile-forced-layout) beside its backend; summary.md is the
 # short table of every JSON.
 #
 # --tiny: the same steps on a CPU at toy sizes (tiny net, 16-32 px, 1-6 iterations), so that the script

@@ -157,6 +157,27 @@ def _time_to_original(ttp: dict) -> list[tuple[str, float | None, float | None, 
     return found
 
 
+def variants(rows: list[dict]) -> list[str]:
+    """Markdown lines: each variant of a backend (runs.VARIANT_BACKEND) against that backend at the same
+    precision and batch, measured in the same run: the decisions the throughput step exists for."""
+    from dipfast.bench import runs
+
+    found = []
+    for r in rows:
+        base = runs.VARIANT_BACKEND.get(r["method"])
+        plain = base and _row(rows, base, r["precision"], r["batch"])
+        if plain:
+            ratio = plain["ms_per_iter"] / r["ms_per_iter"]
+            found.append(
+                f"| {r['method']} {r['precision']} | {r['ms_per_iter']:.2f} ms | {base} {plain['ms_per_iter']:.2f} ms "
+                f"| {ratio:.2f}x {'faster' if ratio > 1 else 'slower'} |"
+            )
+    if not found:
+        return []
+    title = "\n## Variants against their backend (same run, same precision)\n"
+    return [title, "| variant | ms/iteration | the backend | speed-up |", "|---|---|---|---|", *found]
+
+
 def headline(work: Path) -> int:
     """headline.md: issue 12's targets against what the steps measured."""
     rows = _ok_rows(work / "throughput" / "throughput.json")
@@ -207,6 +228,7 @@ def headline(work: Path) -> int:
             f"| {key} {level:.2f} dB (original loop, iteration {ORIGINAL_ITERATION}) reached in <= 1/10 of its time "
             f"| {measured}{f' = {share:.3f}' if share else ''} | {verdict} |"
         )
+    lines += variants(rows)
     text = "\n".join(lines) + "\n"
     (work / "headline.md").write_text(text)
     print(text)

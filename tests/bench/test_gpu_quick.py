@@ -3,6 +3,7 @@ outputs are in the one archive, so that the script cannot rot between GPU window
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -81,3 +82,23 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         assert {r["method"] for r in loaded("triton/throughput.json")["rows"]} == {"triton"}
         ttp_runs = loaded("time-to-psnr/time_to_psnr.json")["cases"][0]["runs"]
         assert [r["method"] for r in ttp_runs][0] == "original-loop" and all(r["mode"] == "cold" for r in ttp_runs)
+
+
+def test_the_headline_sets_each_variant_beside_its_backend():
+    """The throughput step's decisions (native-padded, native-nchw, compile-forced-layout against their
+    backend): a ratio per variant measured in the same run, none for a variant whose backend did not run."""
+    spec = importlib.util.spec_from_file_location("gpu_quick_steps", ROOT / "bench" / "gpu_quick_steps.py")
+    steps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(steps)
+    variants = steps.variants
+
+    def row(method, precision, ms):
+        return {"method": method, "precision": precision, "batch": 1, "ms_per_iter": ms}
+
+    rows = [row("native", "bf16", 10.0), row("native-padded", "bf16", 8.0), row("native-padded", "tf32", 9.0),
+            row("compile", "bf16", 12.0), row("compile-forced-layout", "bf16", 15.0)]  # fmt: skip
+    lines = variants(rows)
+    assert "| native-padded bf16 | 8.00 ms | native 10.00 ms | 1.25x faster |" in lines
+    assert "| compile-forced-layout bf16 | 15.00 ms | compile 12.00 ms | 0.80x slower |" in lines
+    assert not any("tf32" in line for line in lines)  # native tf32 not measured: no ratio
+    assert variants([row("native", "bf16", 10.0)]) == []
