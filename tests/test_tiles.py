@@ -97,14 +97,15 @@ def test_largest_empty_square():
 # tiles are the separate fits of their crops
 
 
-def _separate_fits(image: np.ndarray, grid: TileGrid, seed: int, **kwargs) -> list[np.ndarray]:
+def _separate_fits(image: np.ndarray, grid: TileGrid, seed: int, **kwargs) -> list[dipfast.Result]:
+    """Each tile's crop restored alone with its tile seed: what the tiled fit must equal, tile by tile."""
     return [
         dipfast.restore(
             box.crop(torch.from_numpy(image).permute(2, 0, 1)).permute(1, 2, 0).numpy(),
             seed=tile_seed(seed, k),
             tile=None,
             **kwargs,
-        ).image
+        )
         for k, box in enumerate(grid.boxes)
     ]
 
@@ -117,7 +118,7 @@ def test_each_tile_is_the_separate_fit_of_its_crop_whatever_shares_its_step(np_r
     grid = TileGrid.cover(26, 21, 10, 3)
     assert info["grid"] == (len(grid.rows), len(grid.cols)) and len(grid) > 4
     assert info["per_step"] == len(grid)  # all tiles in one step: plenty of memory for the tiny net
-    tiles = _separate_fits(image, grid, 5, **kwargs)
+    tiles = [r.image for r in _separate_fits(image, grid, 5, **kwargs)]
 
     expected = Blend(grid, 3)
     for k, (box, tile) in enumerate(zip(grid.boxes, tiles)):
@@ -174,9 +175,7 @@ def test_early_stopped_tiles_are_the_separate_early_stopped_fits_of_their_crops(
     monkeypatch.setattr(tile_choice, "_most_per_step", lambda *args: 2)
     tiled = dipfast.restore(noisy, seed=2, tile=10, overlap=3, target=clean, **kwargs)
     grid = TileGrid.cover(19, 22, 10, 3)
-    alone = [
-        dipfast.restore(tile, seed=tile_seed(2, k), tile=None, **kwargs) for k, tile in enumerate(_crops(noisy, grid))
-    ]
+    alone = _separate_fits(noisy, grid, 2, **kwargs)
 
     info = tiled.extras["tiling"]
     stops = [r.stop_iteration for r in alone]
@@ -208,10 +207,6 @@ def test_the_default_stop_of_a_tiled_fit_is_the_tasks(np_rng):
     with pytest.raises(InputError) as e:
         _tiled(image, stop="auto", early_stop=EarlyStopSpec("emv", patience=4, downsample=9))
     assert "downsample factor 9 exceeds the output's 8 x 8" in _one_line(e)
-
-
-def _crops(image: np.ndarray, grid: TileGrid) -> list[np.ndarray]:
-    return [image[b.y : b.y + b.h, b.x : b.x + b.w] for b in grid.boxes]
 
 
 # ---------------------------------------------------------------------------------------------
