@@ -40,10 +40,11 @@ from tqdm.auto import tqdm
 
 from dipfast import fast_step, step_rules
 from dipfast.backends import REFERENCE_PLAN, Plan, conv_precision
-from dipfast.early_stop import EarlyStop, EarlyStopSpec
+from dipfast.early_stop import EarlyStop, EarlyStopSpec, gate_variance
 from dipfast.errors import InputError, NumericalError
 from dipfast.nets.layers import centre_crop
 from dipfast.nvtx_ranges import phase
+from dipfast.operators import Identity
 from dipfast.presets import TaskPreset
 
 
@@ -59,6 +60,12 @@ class Problem:
     operator: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     loss: Callable[[torch.Tensor], torch.Tensor] | None = None
     target: torch.Tensor | None = None  # (1, C, H, W): ground truth for PSNR
+
+    @property
+    def observes_output(self) -> bool:
+        """The data term is ||x - y||^2 itself: y is a corrupted copy of the output (denoise, jpeg, ...)."""
+        identity = isinstance(getattr(self.operator, "__self__", None), Identity)
+        return self.loss is None and self.y is not None and identity
 
     def data_term(self, out: torch.Tensor, y: torch.Tensor | None, check: bool = True) -> torch.Tensor:
         """The 0-dim loss of the cropped output `out`, y the observation on out's device; `check` the
@@ -161,7 +168,8 @@ class ReferenceStep:
             self.backtracking_state = step_rules.BacktrackingState.start(1, device)
         self.early_stop = None
         if early_stop is not None:
-            self.early_stop = EarlyStop(early_stop, 1, out_shape[1:], device)
+            noise = gate_variance([problem], device) if early_stop.noise_gate > 0 else None
+            self.early_stop = EarlyStop(early_stop, 1, out_shape[1:], device, noise_variance=noise)
             self.freeze = step_rules.Freeze(graph_safe=device.type == "cuda")  # no host read on a GPU
         else:
             self.no_criterion = step_rules.no_criterion(1, device)
@@ -184,7 +192,7 @@ class ReferenceStep:
         with phase("backtracking"), torch.no_grad():
             self.out.copy_(out)
             if self.early_stop is not None:
-                self.early_stop.update(self.out, self.iteration)
+                self.early_stop.update(self.out, self.iteration, loss.detach().reshape(1))
                 stopped = self.early_stop.stopped
                 self.freeze.save(self._held(), stopped)
             step_rules.ema_update(self.ema, self.out, self.iteration == 0, self.preset.ema, stopped)

@@ -30,7 +30,7 @@ from torch import nn
 from dipfast import nets, step_rules
 from dipfast.backends import Plan
 from dipfast.cuda_graph import GraphedStep
-from dipfast.early_stop import EarlyStop, EarlyStopSpec
+from dipfast.early_stop import EarlyStop, EarlyStopSpec, gate_variance
 from dipfast.errors import InputError
 from dipfast.generator_runner import GeneratorRunner
 from dipfast.input_noise import InputNoise
@@ -97,7 +97,8 @@ class FastStep:
             self.backtracking_state = step_rules.BacktrackingState.start(self.n, device)
         self.early_stop = None
         if early_stop is not None:
-            self.early_stop = EarlyStop(early_stop, self.n, n_out[1:], device)
+            noise = gate_variance(problems, device) if early_stop.noise_gate > 0 else None
+            self.early_stop = EarlyStop(early_stop, self.n, n_out[1:], device, noise_variance=noise)
             self.freeze = step_rules.Freeze(self.graph_safe)
         else:
             self.no_criterion = step_rules.no_criterion(self.n, device)
@@ -139,7 +140,7 @@ class FastStep:
         with torch.no_grad():
             self.out.copy_(out)
             if self.early_stop is not None:
-                self.early_stop.update(self.out, self.iteration)
+                self.early_stop.update(self.out, self.iteration, losses.detach())
                 stopped = self.early_stop.stopped
                 self.freeze.save(self._held(), stopped)
             step_rules.ema_update(self.ema, self.out, self.iteration == 0, self.preset.ema, stopped)

@@ -155,6 +155,80 @@ def test_a_tolerance_keeps_a_later_output_and_stops_at_the_same_iteration(np_rng
         assert (later > minimum * 1.5 * (1 - 1e-6)).all()  # nothing later in the basin was left out
 
 
+def _losses(np_rng, t: int, n: int) -> np.ndarray:
+    """(T, N) float32 losses that fall towards 1 (the noise variance below), each network at its own rate, with
+    iteration-to-iteration noise: the gate opens mid-run, at a different iteration for each."""
+    rates = np_rng.uniform(5, 25, size=n)
+    steps = np.arange(1, t + 1)[:, None]
+    return (0.8 + 1.5 * np.exp(-steps / rates) + 0.05 * np_rng.standard_normal((t, n))).astype(np.float32)
+
+
+def _run_gated(xs, losses, variance, spec) -> EarlyStop:
+    es = EarlyStop(spec, xs.shape[1], xs.shape[2:], "cpu", torch.float32, noise_variance=torch.tensor(variance))
+    for t in range(xs.shape[0]):
+        es.update(torch.from_numpy(xs[t]).float(), torch.tensor(t), torch.from_numpy(losses[t]))
+    return es
+
+
+@pytest.mark.parametrize("spec", SPECS[:2] + SPECS[4:5] + SPECS[6:7], ids=lambda s: f"{s.method}-tol{s.tolerance}")
+def test_the_noise_gate_is_a_start_at_the_iteration_it_opens(np_rng, spec):
+    """No minimum counts before the loss's moving average reaches gate x sigma^2: per network, the gated rule
+    decides exactly as the plain rule started at the iteration its gate opened (bench.early_stop.gate_opening,
+    the calibration's numpy model of the gate); a network whose sigma^2 is inf is not gated at all."""
+    from dipfast.bench.early_stop import gate_opening
+
+    t_max, n = 90, 4
+    xs, losses = _sequence(np_rng, t_max, n), _losses(np_rng, t_max, n)
+    variance = [1.0, 1.0, 1.0, np.inf]
+    gated = dataclasses.replace(spec, noise_gate=1.1)
+    es = _run_gated(xs, losses, variance, gated)
+    opened = [gate_opening(losses[:, k], variance[k], gated.noise_gate) for k in range(n)]
+    assert opened[3] == 1 and all(spec.first_valid() < g <= 2 * t_max // 3 for g in opened[:3]), opened
+    assert es.gate_open.all()
+    for k in range(n):
+        plain, _ = _run(xs[:, k : k + 1], dataclasses.replace(spec, start=max(spec.start, opened[k])))
+        for name in ("best_iteration", "minimum_iteration", "stop_iteration", "stopped", "best_output"):
+            torch.testing.assert_close(getattr(es, name)[k : k + 1], getattr(plain, name), rtol=0, atol=0)
+    ungated, _ = _run(xs, spec)
+    assert (es.minimum_iteration[:3] != ungated.minimum_iteration[:3]).any(), "the gate changed nothing: vacuous"
+
+
+def test_a_gate_that_never_opens_never_stops(np_rng):
+    spec = EarlyStopSpec("wmv", window=5, patience=7, noise_gate=0.5)  # the losses stay above 0.5 x 1.0
+    xs, losses = _sequence(np_rng, 60, 2), _losses(np_rng, 60, 2)
+    es = _run_gated(xs, losses, [1.0, 1.0], spec)
+    assert not es.gate_open.any() and not es.stopped.any()
+    assert es.best_iteration.tolist() == [0, 0] and torch.isnan(es.criterion).all()
+
+
+def test_the_noise_gate_needs_its_inputs(np_rng):
+    spec = EarlyStopSpec(noise_gate=1.2)
+    with pytest.raises(ValueError, match=r"needs noise_variance of shape \(2,\)"):
+        EarlyStop(spec, 2, SHAPE, "cpu")
+    es = EarlyStop(spec, 2, SHAPE, "cpu", noise_variance=torch.ones(2))
+    with pytest.raises(ValueError, match="reads each network's loss"):
+        es.update(torch.rand(2, *SHAPE), torch.tensor(0))
+
+
+def test_gate_variance_is_the_observations_noise_where_the_data_term_is_the_output_itself(np_rng):
+    from dipfast import engine
+    from dipfast.early_stop import gate_variance
+    from dipfast.noise_level import estimate_sigma
+    from dipfast.operators import Identity, Mask
+
+    y = torch.from_numpy(np_rng.random((1, 3, 12, 10))).float()
+    kw = {"input_shape": (4, 12, 10), "z": None, "out_size": (12, 10), "n_channels": 3, "y": y}
+    mask = torch.ones(1, 1, 12, 10)
+    problems = [
+        engine.Problem(**kw, operator=Identity().A),  # denoise, jpeg: the gate reads the noise
+        engine.Problem(**kw, operator=Mask(mask).A),  # inpaint: its data term is not ||x - y||^2
+        engine.Problem(**kw, operator=Identity().A, loss=lambda x: x.mean()),  # a custom loss
+        engine.Problem(**kw),  # a bare callable: nothing says it is the identity
+    ]
+    got = gate_variance(problems, "cpu")
+    assert got[0] == estimate_sigma(y)[0] ** 2 and torch.isinf(got[1:]).all()
+
+
 def test_a_bf16_buffer_is_the_rule_on_bf16_rounded_outputs(np_rng):
     spec = EarlyStopSpec("wmv", window=6, patience=8)
     xs = _sequence(np_rng, 60, 3)
@@ -218,14 +292,20 @@ def test_the_dispatch_guard_catches_a_sync():
         torch.ones(2).sum().item()
 
 
-@pytest.mark.parametrize("spec", SPECS[:1] + SPECS[2:5] + SPECS[6:7], ids=lambda s: f"{s.method}-r{s.downsample}")
+GATED = dataclasses.replace(SPECS[6], noise_gate=1.1)
+
+
+@pytest.mark.parametrize(
+    "spec", SPECS[:1] + SPECS[2:5] + SPECS[6:7] + [GATED], ids=lambda s: f"{s.method}-r{s.downsample}-g{s.noise_gate}"
+)
 def test_update_makes_no_host_sync(np_rng, spec):
-    xs = torch.from_numpy(_sequence(np_rng, 30, 2)).float()
-    es = EarlyStop(spec, 2, SHAPE, "cpu")
+    xs = torch.from_numpy(_sequence(np_rng, 80, 2)).float()
+    losses = torch.from_numpy(_losses(np_rng, 80, 2))
+    es = EarlyStop(spec, 2, SHAPE, "cpu", noise_variance=torch.ones(2))
     iteration = torch.zeros((), dtype=torch.int64)
     with _FailOnHostSync():
-        for t in range(30):
-            es.update(xs[t], iteration)
+        for t in range(80):
+            es.update(xs[t], iteration, losses[t])
             iteration += 1
     assert es.stopped.any()  # the stop decision itself was taken on the device
 
@@ -249,10 +329,11 @@ def test_update_under_torch_compile(np_rng):
 
 @pytest.mark.parametrize("method", ["wmv", "emv"])
 @pytest.mark.parametrize("downsample", [1, 2])
-def test_bytes_is_what_the_estimate_says(method, downsample):
-    spec = EarlyStopSpec(method, window=7, downsample=downsample)
+@pytest.mark.parametrize("noise_gate", [0.0, 1.2])
+def test_bytes_is_what_the_estimate_says(method, downsample, noise_gate):
+    spec = EarlyStopSpec(method, window=7, downsample=downsample, noise_gate=noise_gate)
     for dtype in (torch.bfloat16, torch.float32):
-        es = EarlyStop(spec, 3, (3, 8, 12), "cpu", dtype)
+        es = EarlyStop(spec, 3, (3, 8, 12), "cpu", dtype, noise_variance=torch.ones(3))
         assert es.bytes() <= EarlyStop.estimate_bytes(spec, 3, (3, 8, 12), dtype) <= es.bytes() + 64 * 3
 
 
@@ -273,6 +354,9 @@ def test_bytes_is_what_the_estimate_says(method, downsample):
         ({"tolerance": math.inf}, "tolerance must be a finite number"),
         ({"tolerance": True}, "tolerance must be a finite number"),
         ({"tolerance": "0.4"}, "tolerance must be a finite number"),
+        ({"noise_gate": -1.0}, r"noise_gate must be a finite number >= 0 \(0: off\); got -1.0"),
+        ({"noise_gate": math.nan}, "noise_gate must be a finite number"),
+        ({"noise_gate": True}, "noise_gate must be a finite number"),
         ({"returns": "mean"}, "unknown early-stop returns"),
         ({"method": "emv", "returns": "window-mean"}, "needs method='wmv'"),
         ({"returns": "window-mean", "downsample": 2}, "needs downsample=1"),

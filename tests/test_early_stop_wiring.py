@@ -16,8 +16,9 @@ from _helpers import FAST, TINY_NET, random_image, smooth_image
 
 import dipfast
 from dipfast import api, backends, engine, fast_step, memory, step_rules
-from dipfast.early_stop import CALIBRATED, EarlyStopSpec
+from dipfast.early_stop import CALIBRATED, CALIBRATED_RULE, EarlyStopSpec
 from dipfast.errors import InputError, InputTypeError
+from dipfast.operators import Identity
 from dipfast.presets import PRESETS
 
 CPU = torch.device("cpu")
@@ -113,6 +114,30 @@ def test_the_criterion_changes_nothing_of_a_fit_that_has_not_stopped(np_rng):
         np.testing.assert_array_equal(auto.ema_image, fixed.ema_image)
         assert SPEC.window <= auto.stop_iteration <= 30
         assert all(h.criterion is None for h in fixed.history)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_the_noise_gate_in_the_step_holds_the_rule_until_the_loss_reaches_the_noise(np_rng, backend):
+    """A gated rule inside restore() is the plain rule started where its gate opens: the gate's moving average
+    of the history's losses against the noise estimated from the noisy image (bench.early_stop.gate_opening, the
+    calibration's model of it); the gate opens after the plain rule's minimum, so it moves the stop."""
+    from dipfast.bench.early_stop import gate_opening, noise_variance
+
+    noisy, clean = _noisy(np_rng)
+    kw = dict(iters=BOUND, target=clean, backend=backend, precision="fp32", report_every=1, **FAST)
+    gated = dataclasses.replace(SPEC, noise_gate=1.0)
+    fixed = dipfast.restore(noisy, stop="iterations", **kw)
+    losses = np.array([h.loss for h in fixed.history], dtype=np.float32)
+    opens = gate_opening(losses, noise_variance(noisy), gated.noise_gate)
+    plain = dipfast.restore(noisy, stop="auto", early_stop=SPEC, **kw)
+    assert plain.stop_iteration < opens < BOUND - 2 * SPEC.patience, (plain.stop_iteration, opens)
+    auto = dipfast.restore(noisy, stop="auto", early_stop=gated, **kw)
+    started = dipfast.restore(noisy, stop="auto", early_stop=dataclasses.replace(SPEC, start=opens), **kw)
+    assert auto.stop_reason == started.stop_reason == "early-stop"
+    assert (auto.stop_iteration, auto.iterations) == (started.stop_iteration, started.iterations)
+    assert auto.stop_iteration >= opens
+    np.testing.assert_array_equal(auto.image, started.image)
+    assert [h.criterion for h in auto.history] == [h.criterion for h in started.history]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +265,8 @@ def test_defaults_per_task_and_the_memory_check_counts_the_criterion(monkeypatch
     assert _rule_checked(monkeypatch, x, iters=500) == CALIBRATED["denoise"]  # denoise: 'auto' by default
     assert _rule_checked(monkeypatch, x, iters=500, stop="iterations") is None
     assert _rule_checked(monkeypatch, x, task="sr", scale=2, iters=500) is None  # sr: the fixed count
-    assert _rule_checked(monkeypatch, x, task="sr", scale=2, iters=500, stop="auto") == CALIBRATED["denoise"]
+    # a task without a rule of its own: the common rule, without denoising's noise gate
+    assert _rule_checked(monkeypatch, x, task="sr", scale=2, iters=500, stop="auto") == CALIBRATED_RULE
     assert _rule_checked(monkeypatch, x, iters=500, early_stop=SPEC) == SPEC
     # fewer iterations than the calibrated window: the default is the fixed count, not an error
     assert _rule_checked(monkeypatch, x, iters=CALIBRATED["denoise"].window - 1) is None
@@ -290,8 +316,12 @@ def test_stop_rule_of_is_what_restore_and_batch_share():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: early stopping inside the CUDA graph")
 @pytest.mark.parametrize(
     "spec",
-    [SPEC, dataclasses.replace(SPEC, returns="window-mean", tolerance=0.4)],  # the calibrated rule's branches
-    ids=["output", "window-mean+tolerance"],
+    [
+        SPEC,
+        dataclasses.replace(SPEC, returns="window-mean", tolerance=0.4),  # the calibrated rule's branches
+        dataclasses.replace(SPEC, returns="window-mean", tolerance=0.4, noise_gate=1.2),  # and denoising's gate
+    ],
+    ids=["output", "window-mean+tolerance", "noise-gate"],
 )
 def test_auto_runs_inside_the_cuda_graph_as_the_eager_step(spec):
     """Two networks, the step captured once and replayed: the criterion, the stops and the frozen network
@@ -299,6 +329,7 @@ def test_auto_runs_inside_the_cuda_graph_as_the_eager_step(spec):
     cuda = torch.device("cuda")
     rng = torch.Generator().manual_seed(0)
     problems = [_problem(rng, 64, 64), _problem(rng, 64, 64)]
+    problems = [dataclasses.replace(p, operator=Identity().A) for p in problems]  # the gate reads their noise
     preset = dataclasses.replace(PRESET, reg_noise_std=0.0)
     plan = backends.resolve("native", "fp32", cuda)
     steps = []

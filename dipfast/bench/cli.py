@@ -279,6 +279,11 @@ def _add_early_stop(sub) -> None:
         "--tolerance", type=float, help="keep the latest output within (1 + tolerance) x VAR's minimum (0: its own)"
     )
     e.add_argument(
+        "--noise-gate",
+        type=float,
+        help="no minimum counts before the loss is within NOISE_GATE x the estimated noise variance (0: off)",
+    )
+    e.add_argument(
         "--cost",
         type=positive_int,
         metavar="SIZE",
@@ -639,7 +644,7 @@ def _early_stop(args) -> int:
     cuda = dev.type == "cuda"
     tasks = list(early_stop.TASKS) if "all" in args.tasks else list(dict.fromkeys(args.tasks))
     iters = _auto("early-stop", "iters", args.iters, cuda)
-    settings = ("method", "window", "patience", "alpha", "threshold", "start", "returns", "tolerance")
+    settings = ("method", "window", "patience", "alpha", "threshold", "start", "returns", "tolerance", "noise_gate")
     given = {k: getattr(args, k) for k in settings}
     given = {k: v for k, v in given.items() if v is not None}
     specs = {task: dataclasses.replace(calibrated(early_stop.RESTORE_TASK[task]), **given) for task in tasks}

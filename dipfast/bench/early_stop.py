@@ -36,6 +36,7 @@ from dipfast.errors import InputError
 
 TASKS = ("denoise", "sr4", "inpaint", "jpeg")
 RESTORE_TASK = {"denoise": "denoise", "sr4": "sr", "inpaint": "inpaint", "jpeg": "jpeg"}
+OBSERVES_OUTPUT = ("denoise", "jpeg")  # the data term is ||x - y||^2 itself: where a noise gate can be replayed
 JPEG_QUALITY = 10
 
 # bench task -> [(name, image path, mask path, preset)]
@@ -241,17 +242,54 @@ class Detection:
     criterion: np.ndarray  # (T,) float32, NaN where undefined or after the stop
 
 
-def detect(rec: Record, target: np.ndarray, spec, buffer_dtype=torch.bfloat16) -> Detection:
-    """EarlyStop replayed on the recorded outputs, one iteration at a time, as the step calls it."""
+def observation_losses(rec: Record, observed: np.ndarray) -> np.ndarray:
+    """(T,) float32: the data term ||x_t - y||^2 / n of each recorded output, the observation y (H, W, C) a
+    corrupted copy of the output (OBSERVES_OUTPUT): what the noise gate reads in the step."""
+    y = np.ascontiguousarray(observed.transpose(2, 0, 1), dtype=np.float32)
+    return np.stack([((o.astype(np.float32) - y) ** 2).mean() for o in rec.outputs]).astype(np.float32)
+
+
+def noise_variance(observed: np.ndarray) -> float:
+    """The noise gate's sigma^2 of an observation (H, W, C), as the step estimates it."""
+    from dipfast.noise_level import estimate_sigma
+
+    y = torch.from_numpy(np.ascontiguousarray(observed.transpose(2, 0, 1), dtype=np.float32))[None]
+    return float(estimate_sigma(y).square()[0])
+
+
+def gate_opening(losses: np.ndarray, variance: float, gate: float) -> int:
+    """The iteration (1-based) at which EarlyStop's noise gate opens on these losses, or len + 1: never."""
+    from dipfast.early_stop import GATE_SMOOTHING
+
+    if gate == 0:
+        return 1
+    average = losses[0]
+    level = np.float32(gate * variance)
+    for t, loss in enumerate(losses, start=1):
+        average = loss if t == 1 else np.float32(average + np.float32(GATE_SMOOTHING) * (loss - average))
+        if average <= level:
+            return t
+    return len(losses) + 1
+
+
+def detect(rec: Record, target: np.ndarray, spec, buffer_dtype=torch.bfloat16, observed=None) -> Detection:
+    """EarlyStop replayed on the recorded outputs, one iteration at a time, as the step calls it (with the
+    observation (H, W, C), for a noise-gated rule: the losses and the noise level the step would read)."""
     from dipfast.early_stop import EarlyStop
     from dipfast.metrics import psnr
 
     outputs = torch.from_numpy(rec.outputs).float()
-    stopper = EarlyStop(spec, 1, outputs.shape[1:], "cpu", buffer_dtype)
+    losses, variance = None, None
+    if spec.noise_gate > 0:
+        if observed is None:
+            raise InputError(f"a noise-gated rule replays only on {list(OBSERVES_OUTPUT)}, with the observation")
+        losses = torch.from_numpy(observation_losses(rec, observed))
+        variance = torch.tensor([noise_variance(observed)])
+    stopper = EarlyStop(spec, 1, outputs.shape[1:], "cpu", buffer_dtype, noise_variance=variance)
     crit = np.full(len(outputs), np.nan, dtype=np.float32)
     iteration = torch.zeros((), dtype=torch.int64)
     for t in range(len(outputs)):
-        stopper.update(outputs[t : t + 1], iteration)
+        stopper.update(outputs[t : t + 1], iteration, None if losses is None else losses[t : t + 1])
         crit[t] = stopper.criterion[0]
         iteration += 1
         if stopper.stopped[0]:
@@ -263,8 +301,8 @@ def detect(rec: Record, target: np.ndarray, spec, buffer_dtype=torch.bfloat16) -
         value = float(rec.psnr[best - 1])  # of the fp32 output, as the step keeps it
     elif best:
         value = float(psnr(stopper.best_output[0], torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1)))))
-    else:
-        value = math.nan
+    else:  # nothing kept (a gate that never opened): the fit returns its last output, as the step does
+        value = float(rec.psnr[-1])
     return Detection(best, stop, stopped, value, crit)
 
 
@@ -273,7 +311,8 @@ def evaluate(case: Case, rec: Record, spec, fixed_iterations: int, buffer_dtype=
     t = len(rec.psnr)
     fixed = min(fixed_iterations, t)
     oracle = int(np.argmax(rec.psnr)) + 1
-    det = detect(rec, case.target, spec, buffer_dtype)
+    observed = case.observed if task_of(case) in OBSERVES_OUTPUT else None
+    det = detect(rec, case.target, spec, buffer_dtype, observed)
     seconds = rec.seconds - rec.seconds[0]  # the loop's clock, first read-back at 0
     return {
         "key": key_of(case),
@@ -405,6 +444,8 @@ def markdown(rep: dict) -> str:
             rule = f"emv a={sp['alpha']} P={sp['patience']} thr={sp['threshold']} start={sp['start']}"
         if sp.get("tolerance"):
             rule += f" tol={sp['tolerance']}"
+        if sp.get("noise_gate"):
+            rule += f" gate={sp['noise_gate']}"
         met = ", ".join(k for k, v in entry["targets"].items() if not v) or "all met"
         rows.append(
             [
@@ -498,6 +539,7 @@ PATIENCES = (25, 50, 100, 150, 200, 300, 400)
 THRESHOLDS = (0.0, 0.02)
 STARTS = (0, 50, 100)
 TOLERANCES = (0.0, 0.2, 0.4, 0.6)
+NOISE_GATES = (0.0, 1.1, 1.2, 1.3)  # tried on OBSERVES_OUTPUT's tasks
 
 
 def curves(records: list[Record], method: str, window: int = 100, alpha: float = 0.1, buffer_dtype=torch.bfloat16):
@@ -567,6 +609,14 @@ def calibrate(cases: list[Case], records: dict[str, Record], fixed_iterations: i
     from dipfast.early_stop import EarlyStopSpec
 
     recs = [records[key_of(c)] for c in cases]
+    gated = all(task_of(c) in OBSERVES_OUTPUT for c in cases)
+    gates = NOISE_GATES if gated else (0.0,)
+    if gated:
+        losses = [observation_losses(r, c.observed) for r, c in zip(recs, cases)]
+        variances = [noise_variance(c.observed) for c in cases]
+        opening = {g: [gate_opening(x, v, g) for x, v in zip(losses, variances)] for g in gates}
+    else:
+        opening = {0.0: [1] * len(recs)}
     oracle = [float(r.psnr.max()) for r in recs]
     t_len = len(recs[0].psnr)
     fixed = [float(r.psnr[min(fixed_iterations, t_len) - 1]) for r in recs]
@@ -576,13 +626,15 @@ def calibrate(cases: list[Case], records: dict[str, Record], fixed_iterations: i
         crit = curves(recs, method, window, alpha)
         returns = ("output", "window-mean") if method == "wmv" else ("output",)
         mean_psnr = [window_mean_psnr(r, c.target, window) for r, c in zip(recs, cases)] if method == "wmv" else None
-        for ret, start, thr, tol, patience in itertools.product(returns, STARTS, THRESHOLDS, TOLERANCES, PATIENCES):
-            spec = EarlyStopSpec(method, window, patience, alpha, thr, start, 1, ret, tol)
+        grid = itertools.product(returns, STARTS, THRESHOLDS, TOLERANCES, PATIENCES, gates)
+        for ret, start, thr, tol, patience, gate in grid:
+            spec = EarlyStopSpec(method, window, patience, alpha, thr, start, 1, ret, tol, gate)
             rows = []
             for k, r in enumerate(recs):
-                best, stop, stopped = decide(crit[:, k], patience, thr, spec.first_valid(), tol)
+                first_valid = max(spec.first_valid(), opening[gate][k])  # no minimum counts before the gate
+                best, stop, stopped = decide(crit[:, k], patience, thr, first_valid, tol)
                 curve = r.psnr if ret == "output" else mean_psnr[k]
-                value = float(curve[best - 1]) if best else math.nan
+                value = float(curve[best - 1]) if best else float(r.psnr[-1])  # nothing kept: the last output
                 rows.append(
                     {
                         "gap_to_oracle_db": oracle[k] - value,
@@ -630,16 +682,18 @@ def criterion_cost(
         loops.append(api.restore(x, iters=n, **kwargs))
     step_ms = 1e3 * (loops[1].iterations / loops[1].its - loops[0].iterations / loops[0].its) / (steps - 1)
     out = torch.rand(1, 3, size, size, device=dev)
+    loss = torch.rand(1, device=dev)  # the noise gate's input: the step has it anyway
+    variance = torch.full((1,), 0.01, device=dev)
     rows = []
     for spec in specs:
-        stopper = EarlyStop(spec, 1, (3, size, size), dev)
+        stopper = EarlyStop(spec, 1, (3, size, size), dev, noise_variance=variance)
         iteration = torch.zeros((), dtype=torch.int64, device=dev)
-        stopper.update(out, iteration)
+        stopper.update(out, iteration, loss)
         sync()
         start = time.perf_counter()
         for _ in range(updates):
             iteration += 1
-            stopper.update(out, iteration)
+            stopper.update(out, iteration, loss)
         sync()
         update_ms = 1e3 * (time.perf_counter() - start) / updates
         rows.append(

@@ -13,6 +13,7 @@ from _helpers import smooth_image
 from dipfast.bench import data, early_stop
 from dipfast.bench.cli import main
 from dipfast.early_stop import EarlyStopSpec
+from dipfast.errors import InputError
 from dipfast.metrics import psnr
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,6 +74,28 @@ def test_the_replayed_decision_is_the_rule_on_the_criterion_curve(recorded):
                 assert stop == ITERS
 
 
+def test_the_replayed_noise_gate_is_a_start_where_the_losses_reach_the_noise(recorded):
+    """detect() with a gated rule (EarlyStop's gate on the record's losses) against decide() started at
+    gate_opening() (the calibration's model of the gate); an observation is needed to replay one."""
+    cases, records = recorded
+    moved = 0
+    for gate in (0.9, 1.0, 1.5):
+        spec = EarlyStopSpec("wmv", window=4, patience=6, tolerance=0.4, noise_gate=gate)
+        crit = early_stop.curves([records[early_stop.key_of(c)] for c in cases], "wmv", 4)
+        for k, case in enumerate(cases):
+            rec = records[early_stop.key_of(case)]
+            det = early_stop.detect(rec, case.target, spec, observed=case.observed)
+            losses = early_stop.observation_losses(rec, case.observed)
+            opens = early_stop.gate_opening(losses, early_stop.noise_variance(case.observed), gate)
+            moved += opens > spec.first_valid()
+            best, stop, stopped = early_stop.decide(crit[:, k], 6, 0.0, max(spec.first_valid(), opens), 0.4)
+            assert (det.best_iteration, det.stop_iteration, det.stopped) == (best, stop, stopped)
+            assert det.best_iteration >= opens or det.best_iteration == 0
+    assert moved, "no gate opened after the window filled: a vacuous test"
+    with pytest.raises(InputError, match=r"replays only on \['denoise', 'jpeg'\]"):
+        early_stop.detect(rec, case.target, spec)
+
+
 def test_window_mean_psnr_is_the_psnr_of_the_mean_of_the_last_outputs(recorded):
     cases, records = recorded
     rec, case = records[early_stop.key_of(cases[0])], cases[0]
@@ -106,6 +129,7 @@ def test_calibrate_ranks_rules_that_meet_the_targets_first(recorded):
     cases, records = recorded
     ranked = early_stop.calibrate(cases, records, 3000)
     assert len(ranked) > 100
+    assert {e["spec"]["noise_gate"] for e in ranked} == set(early_stop.NOISE_GATES)  # denoising: gates tried
     flags = [e["meets_quality"] for e in ranked]
     assert flags == sorted(flags, reverse=True)
     met = [e for e in ranked if e["meets_quality"]]
@@ -136,10 +160,13 @@ def test_the_command_writes_json_markdown_plots_and_reads_its_cache(tmp_path, ca
         raise AssertionError("the cache was not read")
 
     monkeypatch.setattr(early_stop, "record", no_fit)
-    assert main([*args, "--out", str(tmp_path / "b"), "--patience", "7"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--patience", "7", "--noise-gate", "1.3"]) == 0
     again = json.loads((tmp_path / "b" / "early_stop.json").read_text())
     assert again["images"][0]["psnr_curve"] == rep["images"][0]["psnr_curve"]
     assert again["tasks"]["denoise"]["spec"]["patience"] == 7
+    assert rep["tasks"]["denoise"]["spec"]["noise_gate"] == 1.2  # denoising's calibrated gate
+    assert again["tasks"]["denoise"]["spec"]["noise_gate"] == 1.3
+    assert "gate=1.3" in (tmp_path / "b" / "early_stop.md").read_text()
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
