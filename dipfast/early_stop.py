@@ -134,7 +134,7 @@ class EarlyStopSpec:
 # from 0.1 to 0.8 and patiences from 50 to 150 pass too (bench/results/2026-12-03-cpu-early-stop-robust/).
 # Denoising adds the noise gate at 1.2 x sigma^2: without it, one image (a dark, smooth photo) missed the
 # 1.5 dB bound at 96 x 96 (1.71 dB; VAR's lowest point at iteration ~160, the PSNR's peak at 781); with it every
-# image at 32, 64 and 96 px is within 0.97 dB (gates 1.05 to 1.2 pass too). JPEG has no gate: its artifacts are
+# image at 32, 64 and 96 px is within 0.97 dB (gates 1.0 to 1.3 pass too). JPEG has no gate: its artifacts are
 # not white noise, the estimate finds almost none and the gate would never open
 # (bench/results/2026-12-03-cpu-early-stop-noise-gate/).
 CALIBRATED_RULE = EarlyStopSpec("wmv", window=100, patience=100, returns="window-mean", tolerance=0.4)
@@ -150,12 +150,15 @@ def calibrated(task: str) -> EarlyStopSpec:
 
 def gate_variance(problems, device) -> torch.Tensor:
     """(N,) the noise gate's sigma^2 for each engine.Problem: estimated from its observation where the data term
-    is ||x - y||^2 itself (Problem.observes_output), else inf (the gate open from the start)."""
-    values = [
-        estimate_sigma(p.y.to(device)).square()[0] if p.observes_output else torch.tensor(math.inf, device=device)
-        for p in problems
-    ]
-    return torch.stack(values).float()
+    is ||x - y||^2 itself (Problem.observes_output) and the image has a 2 x 2 block to estimate it from, else inf
+    (the gate open from the start)."""
+
+    def variance(p) -> torch.Tensor:
+        if p.observes_output and min(p.y.shape[-2:]) >= 2:
+            return estimate_sigma(p.y.to(device)).square()[0]
+        return torch.tensor(math.inf, device=device)
+
+    return torch.stack([variance(p) for p in problems]).float()
 
 
 def default_stop(task: str) -> str:

@@ -224,9 +224,10 @@ def test_gate_variance_is_the_observations_noise_where_the_data_term_is_the_outp
         engine.Problem(**kw, operator=Mask(mask).A),  # inpaint: its data term is not ||x - y||^2
         engine.Problem(**kw, operator=Identity().A, loss=lambda x: x.mean()),  # a custom loss
         engine.Problem(**kw),  # a bare callable: nothing says it is the identity
+        dataclasses.replace(problem := engine.Problem(**kw, operator=Identity().A), y=y[..., :1, :]),  # one row
     ]
     got = gate_variance(problems, "cpu")
-    assert got[0] == estimate_sigma(y)[0] ** 2 and torch.isinf(got[1:]).all()
+    assert problem.observes_output and got[0] == estimate_sigma(y)[0] ** 2 and torch.isinf(got[1:]).all()
 
 
 def test_a_bf16_buffer_is_the_rule_on_bf16_rounded_outputs(np_rng):

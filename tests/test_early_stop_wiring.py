@@ -272,6 +272,12 @@ def test_defaults_per_task_and_the_memory_check_counts_the_criterion(monkeypatch
     assert _rule_checked(monkeypatch, x, iters=CALIBRATED["denoise"].window - 1) is None
 
 
+def test_the_default_stop_takes_an_image_of_one_row(np_rng):
+    """Denoising's noise gate has no 2 x 2 block to estimate the noise from: open from the start, no error."""
+    r = dipfast.restore(random_image(np_rng, 1, 40), iters=CALIBRATED["denoise"].window + 2, **FAST)
+    assert r.image.shape == (1, 40, 3) and r.stop_reason == "iterations"
+
+
 def test_default_with_too_few_iterations_is_the_fixed_count_bit_for_bit(np_rng):
     x = random_image(np_rng, 12, 12)
     default = dipfast.restore(x, iters=5, backend="native", **FAST)

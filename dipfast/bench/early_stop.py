@@ -13,7 +13,8 @@ itself runs the fixed count (stop='iterations').
 Images: the 9 clean images of the paper's folder (../shared/data/dip: its 9 distinct clean
 photographs; the paper's own 9-image denoising set is not shipped there), centre-cropped, with
 the corruption of each task made as in dipfast.bench.data (denoise: sigma 25; sr4: PIL LANCZOS
-1/4; inpaint: 2-px strokes over 5%; jpeg: PIL JPEG at quality JPEG_QUALITY). Without --data,
+1/4; inpaint: 2-px strokes over 5%; jpeg: PIL JPEG at quality JPEG_QUALITY; restore: 50% of the
+pixels kept, Bernoulli, on the crop reflection-padded by 1 as the notebook pads barbara). Without --data,
 scikit-image's bundled images.
 """
 
@@ -34,8 +35,8 @@ from dipfast.bench import data
 from dipfast.bench.data import Case
 from dipfast.errors import InputError
 
-TASKS = ("denoise", "sr4", "inpaint", "jpeg")
-RESTORE_TASK = {"denoise": "denoise", "sr4": "sr", "inpaint": "inpaint", "jpeg": "jpeg"}
+TASKS = ("denoise", "sr4", "inpaint", "jpeg", "restore")
+RESTORE_TASK = {"denoise": "denoise", "sr4": "sr", "inpaint": "inpaint", "jpeg": "jpeg", "restore": "restore"}
 OBSERVES_OUTPUT = ("denoise", "jpeg")  # the data term is ||x - y||^2 itself: where a noise gate can be replayed
 JPEG_QUALITY = 10
 
@@ -57,6 +58,7 @@ PAPER_IMAGES = {
 PAPER_IMAGES["inpaint"] = [(n, p, None, "inpaint") for n, p, _, _ in PAPER_IMAGES["denoise"]]
 PAPER_IMAGES["sr4"] = [(n, p, None, "sr4") for n, p, _, _ in PAPER_IMAGES["denoise"]]
 PAPER_IMAGES["jpeg"] = [(n, p, None, "jpeg") for n, p, _, _ in PAPER_IMAGES["denoise"]]
+PAPER_IMAGES["restore"] = [(n, p, None, "restore") for n, p, _, _ in PAPER_IMAGES["denoise"]]
 BUNDLED_IMAGES = ("astronaut", "coffee", "chelsea")
 
 
