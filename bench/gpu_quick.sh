@@ -30,7 +30,9 @@
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
 #                 the original loop against the fastest path, 1800 iterations                    150
 #   tests         the rest of the suite's CUDA tests (test_backends, test_api, test_engine,
-#                 tests/bench), last                                                            120
+#                 test_early_stop_wiring (the criterion in the CUDA graph), tests/bench)        120
+#   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
+#                 recorded, the calibrated rules replayed, and the criterion's cost at 512 px    240
 # That is about 15 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
 # could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
 # (DIPFAST_GPU_QUICK_STEPS="parity ops triton time-to-psnr"). Each step's limit is its own or the budget
@@ -47,7 +49,10 @@
 # Environment:
 #   DIPFAST_GPU_QUICK_STEPS     the steps to run, in the order above (default: all)
 #   DIPFAST_GPU_QUICK_BUDGET    seconds for the whole run (default 480; --tiny 600)
-#   DIPFAST_GPU_QUICK_DATA      the paper's images (default ../shared/data/dip beside the repository); --data too
+#   DIPFAST_GPU_QUICK_DATA      the paper's images (default ../shared/data/dip beside the repository, else
+#                               .gpu-data/dip inside it); --data too. Only the repository travels to a device
+#                               machine: `cp -r ../shared/data/dip .gpu-data/dip` (git-ignored: never
+#                               committed) and name .gpu-data in the run's carry.
 #   DIPFAST_GPU_QUICK_WORK      the results folder (default: a new temporary one)
 #   DIPFAST_GPU_QUICK_BACKENDS  the fast backends (default "native compile triton"; --tiny "native")
 #   DIPFAST_GPU_QUICK_INSTALL   1 to pip install the working tree first (default 1; --tiny 0)
@@ -61,6 +66,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 1
 TINY=0
 DATA=${DIPFAST_GPU_QUICK_DATA:-$ROOT/../shared/data/dip}
+[ -z "${DIPFAST_GPU_QUICK_DATA:-}" ] && [ ! -d "$DATA" ] && DATA=$ROOT/.gpu-data/dip  # carried to a device
 DEST=${OUT:-./bench-out}
 RUN_STEP=""  # internal: run one step's function (the parent runs each step so, under its time limit)
 while [ $# -gt 0 ]; do
@@ -82,7 +88,7 @@ ARCHIVE=$DEST/gpu-quick.tar.gz
 PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-ALL_STEPS="install environment throughput profile batch tasks parity ops triton time-to-psnr tests"
+ALL_STEPS="install environment throughput profile batch tasks parity ops triton time-to-psnr tests early-stop"
 STEPS=" ${DIPFAST_GPU_QUICK_STEPS:-$ALL_STEPS} "
 for name in $STEPS; do
     [[ " $ALL_STEPS " == *" $name "* ]] || { echo "gpu_quick: unknown step '$name'; valid: $ALL_STEPS" >&2; exit 2; }
@@ -104,9 +110,10 @@ if [ "$TINY" = 1 ]; then
     TRITON_ENV=(TRITON_INTERPRET=1 TORCHDYNAMO_DISABLE=1)
     TTP=(--net tiny --size 32 --iters 6 --report-every 2)
     TESTS=(tests/test_backends.py -k "resolve")  # a few CPU cases: the step's plumbing
+    EARLY_STOP=(--net tiny --size 32 --iters 120 --limit 2 --cost 16)
     # the budget is all there is on a CPU: the limits only catch a hang
     declare -A LIMIT=([install]=120 [environment]=60 [throughput]=240 [profile]=120 [batch]=120 [tasks]=240
-                      [parity]=120 [ops]=120 [triton]=240 [time-to-psnr]=240 [tests]=120)
+                      [parity]=120 [ops]=120 [triton]=240 [time-to-psnr]=240 [tests]=120 [early-stop]=240)
 else
     BUDGET=${DIPFAST_GPU_QUICK_BUDGET:-480}
     BACKENDS=${DIPFAST_GPU_QUICK_BACKENDS:-native compile triton}
@@ -124,12 +131,13 @@ else
     TTP=(--iters 1800 --report-every 10)
     TESTS=(tests/test_backends.py tests/test_api.py tests/test_engine.py tests/test_early_stop_wiring.py
            tests/test_group_invariance.py tests/bench --ignore=tests/bench/test_gpu_quick.py)
+    EARLY_STOP=(--size 256 --iters 2000 --cost 512)
     declare -A LIMIT=([install]=90 [environment]=30 [throughput]=270 [profile]=90 [batch]=90 [tasks]=120
-                      [parity]=120 [ops]=90 [triton]=120 [time-to-psnr]=200 [tests]=150)
+                      [parity]=120 [ops]=90 [triton]=120 [time-to-psnr]=200 [tests]=150 [early-stop]=240)
 fi
 # the smallest slice of the budget that a step is started with
 declare -A MIN=([install]=30 [environment]=5 [throughput]=60 [profile]=30 [batch]=30 [tasks]=30 [parity]=30
-                [ops]=20 [triton]=40 [time-to-psnr]=60 [tests]=30)
+                [ops]=20 [triton]=40 [time-to-psnr]=60 [tests]=30 [early-stop]=120)
 
 has() { [[ " $BACKENDS " == *" $1 "* ]]; }
 wants() { [[ $STEPS == *" $1 "* ]]; }
@@ -262,6 +270,9 @@ suite_tests() {
     "$PY" -m pytest "${TESTS[@]}" -q -rfE -p no:cacheprovider "${PYTEST_PLUGINS[@]}" "${PYTEST_EXTRA[@]}" \
         --junitxml="$WORK/tests/junit.xml"
 }
+early_stop() {
+    bench early-stop "${DEVICE[@]}" --data "$DATA" --tasks denoise "${EARLY_STOP[@]}" --quiet --out "$WORK/early-stop"
+}
 
 if [ -n "$RUN_STEP" ]; then
     "$RUN_STEP"
@@ -295,6 +306,15 @@ if wants time-to-psnr; then
     fi
 fi
 wants tests && step tests suite_tests
+if wants early-stop; then
+    if [ -f "$DATA/denoising/F16_GT.png" ]; then
+        step early-stop early_stop
+    else
+        echo "== early-stop: skipped, no $DATA/denoising/F16_GT.png (give --data or DIPFAST_GPU_QUICK_DATA)"
+        record early-stop "skipped (no data)" 0 0 "no $DATA/denoising/F16_GT.png"
+        pack
+    fi
+fi
 
 "$PY" "$ROOT/bench/gpu_quick_steps.py" headline "$WORK" > /dev/null 2>&1
 for folder in throughput profile batch triton time-to-psnr; do

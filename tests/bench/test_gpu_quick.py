@@ -25,6 +25,7 @@ OUTPUTS = {
     "triton": ["triton/throughput.json"],
     "time-to-psnr": ["time-to-psnr/time_to_psnr.json"],
     "tests": ["tests/junit.xml"],
+    "early-stop": ["early-stop/early_stop.json", "early-stop/early_stop.md"],
 }
 
 
