@@ -259,6 +259,7 @@ def _add_early_stop(sub) -> None:
         "--iters", type=positive_int, help="iterations recorded per image (default: 800 on CPU, 3000 on CUDA)"
     )
     e.add_argument("--limit", type=positive_int, help="at most this many images per task")
+    e.add_argument("--sigma", type=float, help="the denoise task's noise sigma in 8-bit units (default: 25)")
     e.add_argument("--cache", help="a folder for the records (read if there, else written): replays are instant")
     e.add_argument("--net", default="preset", help="'preset' (each task's own net, default), 'default' or 'tiny'")
     e.add_argument("--backend", default="native", help="restore()'s backend (default: native)")
@@ -650,7 +651,9 @@ def _early_stop(args) -> int:
     specs = {task: dataclasses.replace(calibrated(early_stop.RESTORE_TASK[task]), **given) for task in tasks}
     for spec in specs.values():
         spec.validate(iters)
-    cases = early_stop.load_cases(args.data, tasks, _auto("early-stop", "size", args.size, cuda), args.seed, args.limit)
+    size = _auto("early-stop", "size", args.size, cuda)
+    sigma = None if args.sigma is None else args.sigma / 255
+    cases = early_stop.load_cases(args.data, tasks, size, args.seed, args.limit, sigma)
     cache = Path(args.cache) if args.cache else None
     run = {"device": dev, "precision": args.precision, "backend": args.backend, "seed": args.seed}
     records = early_stop.record_cached(cases, iters, cache, progress=not args.quiet, net=args.net, **run)

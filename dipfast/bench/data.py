@@ -215,18 +215,20 @@ def _make(
     source: str,
     preset: str,
     mask_img: Image.Image | None = None,
+    sigma: float = SIGMA,
 ) -> Case:
+    """sigma: the denoise task's noise (the paper's 25/255 by default)."""
     rng = _seed(seed, bench_task, name)
     if bench_task == "denoise":
         gt = _to_float(centre_crop_image(crop_image(img, 32), size))
         return Case(
             name,
             bench_task,
-            noisy(gt, rng),
+            noisy(gt, rng, sigma),
             gt,
             preset=preset,
             source=source,
-            protocol="gt + N(0, (25/255)^2), clipped to [0, 1], not quantised (seeded)",
+            protocol=f"gt + N(0, ({sigma * 255:g}/255)^2), clipped to [0, 1], not quantised (seeded)",
         )
     if bench_task in ("sr4", "sr8"):
         factor = RESTORE_ARGS[bench_task][2]

@@ -74,13 +74,15 @@ def jpeg_case(name: str, img: Image.Image, size: int | None, source: str, qualit
     return Case(name, "denoise", observed, target, preset="jpeg", source=source, protocol=protocol)
 
 
-def _case(task: str, name: str, img: Image.Image, size, seed: int, source: str, preset: str, mask=None) -> Case:
+def _case(task: str, name: str, img: Image.Image, size, seed: int, source: str, preset: str, mask=None, sigma=None):
     if task == "jpeg":
         case = jpeg_case(name, img, size, source)
     else:
         img = img.convert("RGB") if mask is None else img  # one 3-channel step for the whole set
-        case = data._make(task, name, img, size, seed, source, preset, mask)
+        case = data._make(task, name, img, size, seed, source, preset, mask, sigma=sigma or data.SIGMA)
     case.extras["es_task"] = task
+    if task == "denoise" and sigma not in (None, data.SIGMA):
+        case.extras["es_sigma"] = sigma
     return case
 
 
@@ -92,8 +94,13 @@ def key_of(case: Case) -> str:
     return f"{task_of(case)}/{case.name}"
 
 
-def load_cases(data_dir, tasks=TASKS, size: int | None = 64, seed: int = 0, limit: int | None = None) -> list[Case]:
-    """The cases of `tasks` (at most `limit` images each) from data_dir, or scikit-image's images when None."""
+def load_cases(
+    data_dir, tasks=TASKS, size: int | None = 64, seed: int = 0, limit: int | None = None, sigma: float | None = None
+) -> list[Case]:
+    """The cases of `tasks` (at most `limit` images each) from data_dir, or scikit-image's images when None;
+    sigma: the denoise task's noise, in [0, 1] units (None: the paper's 25/255)."""
+    if sigma is not None and not 0 < sigma < 1:
+        raise InputError(f"the denoise noise sigma must be in (0, 255) 8-bit units; got {sigma * 255:g}")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise InputError(f"unknown early-stop task {unknown[0]!r}; valid: {list(TASKS)}")
@@ -105,7 +112,7 @@ def load_cases(data_dir, tasks=TASKS, size: int | None = 64, seed: int = 0, limi
             for fn in BUNDLED_IMAGES[:limit]:
                 img = Image.fromarray(getattr(skdata, fn)())
                 preset = "inpaint" if task == "inpaint" else PAPER_IMAGES[task][0][3]
-                cases.append(_case(task, fn, img, size, seed, f"skimage.data.{fn}", preset))
+                cases.append(_case(task, fn, img, size, seed, f"skimage.data.{fn}", preset, sigma=sigma))
         return cases
     root = Path(data_dir)
     if not root.is_dir():
@@ -115,7 +122,7 @@ def load_cases(data_dir, tasks=TASKS, size: int | None = 64, seed: int = 0, limi
             if not (root / rel).is_file():
                 continue
             mask = data._open(root / mask_rel) if mask_rel else None
-            cases.append(_case(task, name, data._open(root / rel), size, seed, rel, preset, mask))
+            cases.append(_case(task, name, data._open(root / rel), size, seed, rel, preset, mask, sigma))
     if not cases:
         raise InputError(f"no images of tasks {list(tasks)} in {str(root)!r}; expected e.g. denoising/F16_GT.png")
     return cases
@@ -221,6 +228,8 @@ def record_cached(cases: list[Case], iters: int, cache: Path | None, **kwargs) -
             named = {k: v for k, v in kwargs.items() if k in ("net", "seed") and v not in (None, 0, "preset")}
             tag = "".join(f"_{k}{v}" for k, v in sorted(named.items()))
             tag += "" if kwargs.get("precision", "auto") == "auto" else f"_{kwargs['precision']}"
+            if "es_sigma" in members[0].extras:  # another noise level: other records
+                tag += f"_sigma{members[0].extras['es_sigma'] * 255:g}"
             paths = [cache / f"{task_of(c)}_{c.name}_{h}x{w}_{iters}{tag}.npz".replace("/", "-") for c in members]
             if all(p.is_file() for p in paths):
                 for c, p in zip(members, paths):
@@ -414,6 +423,9 @@ def run_early_stop(
             "precision": precision,
             "device": str(device),
             "seed": seed,
+            "denoise_sigma_8bit": next(
+                (round(c.extras.get("es_sigma", data.SIGMA) * 255, 3) for c in cases if task_of(c) == "denoise"), None
+            ),
             "replay": "EarlyStop.update on the recorded outputs (float16), buffer bf16",
         },
         "tasks": tasks,
@@ -434,7 +446,7 @@ def markdown(rep: dict) -> str:
     text = report._header(rep, "Early stopping without ground truth")
     text += (
         f"One fit of {s['iters']} iterations per image ({s['backend']}, precision {s['precision']}, "
-        f"sizes {s['sizes']}); the criterion replayed on the recorded outputs. "
+        f"sizes {s['sizes']}{_sigma_note(s)}); the criterion replayed on the recorded outputs. "
         "PSNR in dB against the clean image; 'fixed' is the preset's count, or the last recorded "
         "iteration when the record is shorter.\n\n"
     )
@@ -500,6 +512,11 @@ def markdown(rep: dict) -> str:
         ]
         text += report.table(["criterion", "update ms", "of a step", "MiB"], cost_rows)
     return text
+
+
+def _sigma_note(settings: dict) -> str:
+    sigma = settings.get("denoise_sigma_8bit")
+    return "" if sigma in (None, 25.0) else f", denoise noise sigma {sigma:g}/255"
 
 
 def plot(rep: dict, row: dict, path: Path) -> Path:

@@ -169,6 +169,29 @@ def test_the_command_writes_json_markdown_plots_and_reads_its_cache(tmp_path, ca
     assert "gate=1.3" in (tmp_path / "b" / "early_stop.md").read_text()
 
 
+def test_another_noise_level_is_its_own_case_and_its_own_record(tmp_path):
+    """--sigma: the denoise cases carry that noise, and their records are cached apart from the paper's 25."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    (tmp_path / "dip/denoising").mkdir(parents=True)
+    Image.fromarray(skdata.astronaut()).save(tmp_path / "dip/denoising/F16_GT.png")
+    paper, strong = (early_stop.load_cases(tmp_path / "dip", ["denoise"], 32, sigma=s)[0] for s in (None, 50 / 255))
+    assert np.array_equal(paper.target, strong.target)
+    for case, sigma in ((paper, 25 / 255), (strong, 50 / 255)):
+        inner = (case.observed - case.target)[case.target.min(-1) > 0.3]  # away from the clip at 0 and 1
+        inner = inner[(case.target[case.target.min(-1) > 0.3] < 0.7).all(-1)]
+        assert np.std(inner) == pytest.approx(sigma, rel=0.1)
+    for case in (paper, strong):
+        early_stop.record_cached([case], 3, tmp_path / "cache", device="cpu", net="tiny")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "denoise_F16_32x32_3_nettiny.npz",
+        "denoise_F16_32x32_3_nettiny_sigma50.npz",
+    ]
+    with pytest.raises(InputError, match=r"sigma must be in \(0, 255\) 8-bit units; got 300"):
+        early_stop.load_cases(tmp_path / "dip", ["denoise"], 32, sigma=300 / 255)
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     assert main(["early-stop", "--data", str(tmp_path / "none"), "--quiet"]) == 2
     assert "is not a folder" in capsys.readouterr().err
