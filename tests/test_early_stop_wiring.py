@@ -325,7 +325,7 @@ def test_stop_rule_of_is_what_restore_and_batch_share():
     [
         SPEC,
         dataclasses.replace(SPEC, returns="window-mean", tolerance=0.4),  # the calibrated rule's branches
-        dataclasses.replace(SPEC, returns="window-mean", tolerance=0.4, noise_gate=1.2),  # and denoising's gate
+        dataclasses.replace(SPEC, returns="window-mean", tolerance=0.4, noise_gate=CALIBRATED["denoise"].noise_gate),
     ],
     ids=["output", "window-mean+tolerance", "noise-gate"],
 )

@@ -558,7 +558,7 @@ PATIENCES = (25, 50, 100, 150, 200, 300, 400)
 THRESHOLDS = (0.0, 0.02)
 STARTS = (0, 50, 100)
 TOLERANCES = (0.0, 0.2, 0.4, 0.6)
-NOISE_GATES = (0.0, 1.1, 1.2, 1.3)  # tried on OBSERVES_OUTPUT's tasks
+NOISE_GATES = (0.0, 1.0, 1.05, 1.1, 1.2)  # tried on OBSERVES_OUTPUT's tasks
 
 
 def curves(records: list[Record], method: str, window: int = 100, alpha: float = 0.1, buffer_dtype=torch.bfloat16):

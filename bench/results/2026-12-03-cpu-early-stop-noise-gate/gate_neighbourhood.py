@@ -7,6 +7,8 @@ iteration, or of the last output where nothing was kept) and scores issue 14's d
 record's length as the fixed count. Reads the records only; it never fits.
 
     PYTHONPATH=. python3 bench/results/2026-12-03-cpu-early-stop-noise-gate/gate_neighbourhood.py OUT_DIR [SET ...]
+
+The records: `dipfast bench early-stop --data ../shared/data/dip --size S --iters T [--sigma 50] --cache DIR`.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import numpy as np
 from dipfast.bench import early_stop as es
 
 DATA = "../shared/data/dip"
-SETS = {  # name: (crop, recorded iterations, cache folder)
-    "32": (32, 800, "/tmp/es_traces"),
-    "64": (64, 1000, "/tmp/es64/cache"),
-    "96": (96, 1000, "/tmp/es96/cache"),
-    "128": (128, 1200, "/tmp/es128/cache"),
+SETS = {  # name: (crop, recorded iterations, cache folder, noise sigma in 8-bit units)
+    "32": (32, 800, "/tmp/es_traces", 25),
+    "64": (64, 1000, "/tmp/es64/cache", 25),
+    "96": (96, 1000, "/tmp/es96/cache", 25),
+    "128": (128, 1200, "/tmp/es128/cache", 25),
+    "64-sigma50": (64, 1000, "/tmp/es64s50/cache", 50),
 }
 GATES = (0.0, 0.9, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5)
 PATIENCES = (50, 100, 150)
@@ -34,9 +37,10 @@ WINDOW = 100
 
 
 def load(name: str):
-    size, iters, cache = SETS[name]
-    cases = es.load_cases(DATA, ["denoise"], size=size)
-    recs = [es.Record.load(Path(cache) / f"denoise_{c.name}_{size}x{size}_{iters}.npz") for c in cases]
+    size, iters, cache, sigma = SETS[name]
+    cases = es.load_cases(DATA, ["denoise"], size=size, sigma=None if sigma == 25 else sigma / 255)
+    tag = "" if sigma == 25 else f"_sigma{sigma}"
+    recs = [es.Record.load(Path(cache) / f"denoise_{c.name}_{size}x{size}_{iters}{tag}.npz") for c in cases]
     curve = es.curves(recs, "wmv", WINDOW)
     mean_psnr = [es.window_mean_psnr(r, c.target, WINDOW) for r, c in zip(recs, cases)]
     losses = [es.observation_losses(r, c.observed) for r, c in zip(recs, cases)]
@@ -102,4 +106,4 @@ def main(out: Path, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:] or ["32", "64", "96"])
+    main(Path(sys.argv[1]), sys.argv[2:] or list(SETS))
