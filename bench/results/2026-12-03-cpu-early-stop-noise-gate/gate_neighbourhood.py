@@ -29,6 +29,7 @@ SETS = {  # name: (crop, recorded iterations, cache folder, noise sigma in 8-bit
     "96": (96, 1000, "/tmp/es96/cache", 25),
     "128": (128, 1200, "/tmp/es128/cache", 25),
     "64-sigma50": (64, 1000, "/tmp/es64s50/cache", 50),
+    "64-sigma15": (64, 1000, "/tmp/es64s15/cache", 15),
 }
 GATES = (0.0, 0.9, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5)
 PATIENCES = (50, 100, 150)
