@@ -33,10 +33,10 @@
 #                 test_early_stop_wiring (the criterion in the CUDA graph), tests/bench)        120
 #   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
 #                 recorded, the calibrated rules replayed, and the criterion's cost at 512 px    240
-# That is about 15 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
+# That is about 19 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
 # could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
-# (DIPFAST_GPU_QUICK_STEPS="parity ops triton time-to-psnr"). Each step's limit is its own or the budget
-# left, whichever is less. headline.md compares the figures with issue 12's targets and sets each variant
+# (DIPFAST_GPU_QUICK_STEPS="parity ops triton time-to-psnr tests early-stop"). Each step's limit is its own or
+# the budget left, whichever is less. headline.md compares the figures with issue 12's targets and sets each variant
 # (native-padded, native-nchw, compile-forced-layout) beside its backend; summary.md is the
 # short table of every JSON.
 #
