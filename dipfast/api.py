@@ -83,8 +83,8 @@ def restore(
     stop: 'iterations' (the preset's fixed count, as the paper) or 'auto' (early stopping without ground
         truth, dipfast.early_stop: each fit stops where its outputs start to fit the noise and returns
         the output of that point, Result.stop_iteration; iters is the upper bound; in tiles, each tile
-        stops on its own). None: the task's default (early_stop.DEFAULT_STOP: 'auto' for denoise and
-        jpeg), or 'iterations' where 'auto' cannot act (fewer iterations than its window).
+        stops on its own). None: the task's default (early_stop.DEFAULT_STOP: 'auto' for denoise), or
+        'iterations' where 'auto' cannot act (fewer iterations than its window).
     early_stop: an EarlyStopSpec for stop='auto' instead of the task's calibrated rule (early_stop.CALIBRATED).
 
     >>> import numpy as np, dipfast

@@ -21,7 +21,7 @@ EXIT_NUMERICAL = 3  # the fit went NaN or inf (dipfast.errors.NumericalError)
 EXIT_SOME_FAILED = 1  # batch: some images failed (each one's error is in the manifest and the summary)
 STOP_HELP = (
     "auto (stop where the fit starts to fit the noise, no ground truth needed; --iters is the upper bound) or "
-    "iterations (the preset's fixed count); default: the task's (auto for denoise and jpeg)"
+    "iterations (the preset's fixed count); default: the task's (auto for denoise)"
 )
 
 

@@ -265,6 +265,8 @@ def test_defaults_per_task_and_the_memory_check_counts_the_criterion(monkeypatch
     assert _rule_checked(monkeypatch, x, iters=500) == CALIBRATED["denoise"]  # denoise: 'auto' by default
     assert _rule_checked(monkeypatch, x, iters=500, stop="iterations") is None
     assert _rule_checked(monkeypatch, x, task="sr", scale=2, iters=500) is None  # sr: the fixed count
+    assert _rule_checked(monkeypatch, x, task="jpeg", iters=500) is None  # jpeg: the fixed count (64 px missed)
+    assert _rule_checked(monkeypatch, x, task="jpeg", iters=500, stop="auto") == CALIBRATED["jpeg"] == CALIBRATED_RULE
     # a task without a rule of its own: the common rule, without denoising's noise gate
     assert _rule_checked(monkeypatch, x, task="sr", scale=2, iters=500, stop="auto") == CALIBRATED_RULE
     assert _rule_checked(monkeypatch, x, iters=500, early_stop=SPEC) == SPEC
