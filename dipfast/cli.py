@@ -238,6 +238,12 @@ def _restore(args) -> int:
         tiles += f", each stopped early: its output of iteration {min(stops)} to {max(stops)}"
     elif result.stop_reason == "early-stop":
         tiles += f", stopped early: the output of iteration {result.stop_iteration}"
+    elif result.extras.get("noise_gate_opened") is False:  # 'auto' ran to the bound: say why
+        sigma = result.extras["noise_sigma"]
+        tiles += (
+            f", never stopped early: the loss never came down to the noise estimated in the image "
+            f"(sigma {255 * sigma:.1f}/255), so the fit had no noise to stop before"
+        )
     print(
         f"{out}: {result.iterations} iterations in {result.seconds:.1f} s ({result.its:.1f} it/s){tiles}{quality}"
         + (" [interrupted]" if result.stop_reason == "interrupted" else "")

@@ -212,7 +212,8 @@ class EarlyStop:
         if spec.noise_gate > 0:
             if noise_variance is None or noise_variance.shape != (n,):
                 raise ValueError(f"a noise-gated rule needs noise_variance of shape ({n},) (gate_variance)")
-            self.gate_level = (spec.noise_gate * noise_variance).to(device=device, dtype=torch.float32)
+            self.noise_variance = noise_variance.to(device=device, dtype=torch.float32)
+            self.gate_level = spec.noise_gate * self.noise_variance
             self.loss_average = torch.zeros(n, **kw)
         if spec.method == "wmv":
             self.buffer = torch.zeros((spec.window, *small), dtype=dtype, **kw)
@@ -232,7 +233,7 @@ class EarlyStop:
             state = spec.window * small * dtype.itemsize + 2 * 8 * small
         else:
             state = 4 * small
-        return full + state + 64 * n  # the (N,) vectors: at most 46 bytes per network
+        return full + state + 64 * n  # the (N,) vectors: at most 50 bytes per network
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))

@@ -122,6 +122,9 @@ class Fit:
     # stop='auto': the detected iteration whose output is .image (None: the fixed count, or none yet)
     stop_iteration: int | None = None
     early_stopped: bool = False  # stop='auto': this network stopped; its history ends at that iteration
+    # stop='auto' with a noise gate: the noise sigma estimated from the observation, and whether the gate opened
+    noise_sigma: float | None = None
+    gate_opened: bool | None = None
     first_step_seconds: float = 0.0  # set-up and the first iteration: where compilation happens
     capture_seconds: float = 0.0  # the CUDA graph capture (CUDA, fast backends)
 
@@ -338,6 +341,9 @@ def _run(problems, preset, device, seeds, progress, callback, report_every, plan
             result.loop_seconds = loop_seconds
             result.iterations = result.history[-1].iteration if result.early_stopped else done
             result.stop_iteration = detected[k]
+            if step.early_stop is not None and step.early_stop.spec.noise_gate > 0:
+                result.noise_sigma = math.sqrt(float(step.early_stop.noise_variance[k]))  # inf: no estimate
+                result.gate_opened = bool(step.early_stop.gate_open[k])
             result.image = images[k : k + 1]
             result.ema_image = step.ema[k : k + 1].clone()
     seconds = time.perf_counter() - start

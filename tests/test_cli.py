@@ -111,6 +111,21 @@ def test_restore_stop_auto_reports_its_early_stop(capsys, monkeypatch, tmp_path,
     assert (tmp_path / "out.png").is_file()
 
 
+def test_restore_stop_auto_says_why_a_clean_image_ran_to_the_bound(capsys, monkeypatch, tmp_path, np_rng):
+    """Denoising's noise gate on an image with no noise never opens: the summary says so, with the estimate."""
+    from _helpers import smooth_image
+
+    path = tmp_path / "clean.png"
+    Image.fromarray((255 * smooth_image(np_rng, 16, 16)).round().astype(np.uint8)).save(path)
+    rule = early_stop.EarlyStopSpec(window=4, patience=4, noise_gate=1.0)
+    monkeypatch.setitem(early_stop.CALIBRATED, "denoise", rule)
+    rc, out, err = run_main(capsys, "restore", path, "-o", tmp_path / "out.png", "--iters", "30")
+    assert rc == 0, err
+    m = re.fullmatch(r".*out\.png: 30 iterations in .*, never stopped early: .* \(sigma (\d+\.\d)/255\), .*\n", out)
+    assert m is not None, out
+    assert float(m[1]) < 2  # a smooth image, rounded to 8 bits: about the rounding's 0.3/255
+
+
 def test_demo_writes_its_pngs(tmp_path):
     p = run_process("demo", "--iters", "2", "--size", "16", "--out", "demo", "--quiet", cwd=tmp_path)
     assert p.returncode == 0, p.stderr

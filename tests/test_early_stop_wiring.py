@@ -140,6 +140,22 @@ def test_the_noise_gate_in_the_step_holds_the_rule_until_the_loss_reaches_the_no
     assert [h.criterion for h in auto.history] == [h.criterion for h in started.history]
 
 
+def test_the_result_says_what_the_noise_gate_saw(np_rng):
+    """extras['noise_sigma'] is the estimate from the noisy image; a noise-free image never opens the gate, and
+    its fit runs to the bound; without a gate (or with stop='iterations') neither key is there."""
+    gated = dataclasses.replace(SPEC, noise_gate=1.0)
+    noisy, clean = _noisy(np_rng)
+    r = dipfast.restore(noisy, iters=BOUND, stop="auto", early_stop=gated, **FAST)
+    assert r.stop_reason == "early-stop" and r.extras["noise_gate_opened"] is True
+    assert r.extras["noise_sigma"] == pytest.approx(0.1, rel=0.3)  # drawn: 0.1, a 16 x 16 image's estimate
+    flat = dipfast.restore(clean, iters=60, stop="auto", early_stop=gated, **FAST)
+    assert flat.stop_reason == "iterations" and flat.extras["noise_gate_opened"] is False
+    assert flat.extras["noise_sigma"] < 0.01
+    for kwargs in ({"stop": "auto", "early_stop": SPEC}, {"stop": "iterations"}):
+        plain = dipfast.restore(noisy, iters=10, **kwargs, **FAST)
+        assert "noise_sigma" not in plain.extras and "noise_gate_opened" not in plain.extras
+
+
 # ---------------------------------------------------------------------------------------------
 # N networks: each stops on its own
 
