@@ -19,7 +19,8 @@ final psnr is the blended image's. iterations: the most any tile ran; stop_reaso
 when every tile stopped early; stop_iteration: the latest of the tiles' detected points.
 extras['tiling']: the tile side, overlap, grid, tiles per step, each tile's box and seed, the
 tiles not fitted, tile_iterations (the iterations of all tiles together) and, with early
-stopping, stop_iterations[r][k] (restart r, tile k: its detected point).
+stopping, stop_iterations[r][k] (restart r, tile k: its detected point) and, with the noise gate,
+noise_sigmas[k] (tile k's noise estimate).
 Ctrl-C or a callback's True stops the run: tiles not fitted yet keep the observation itself
 (super-resolution: its bicubic upsampling), listed in extras['tiling']['unfitted'].
 """
@@ -252,6 +253,9 @@ def restore_tiled(
             [fitted[k, r][0].stop_iteration if (k, r) in fitted else None for k in range(len(grid))]
             for r in range(restarts)
         ]
+    if early_stop is not None and early_stop.noise_gate > 0:  # each tile's own estimate (restart 0's fits)
+        sigmas = [fitted[k, 0][0].noise_sigma if (k, 0) in fitted else None for k in range(len(grid))]
+        result.extras["tiling"]["noise_sigmas"] = [s if s is None or math.isfinite(s) else None for s in sigmas]
     if unfitted:
         result.extras["tiling"]["note"] = (
             f"{len(unfitted)} of {len(grid)} tiles were not fitted ({stop_reason}): they hold the observation itself"

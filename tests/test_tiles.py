@@ -164,12 +164,14 @@ def test_no_seam_at_tile_edges(np_rng):
     assert pasted > 1.4, pasted
 
 
-def test_early_stopped_tiles_are_the_separate_early_stopped_fits_of_their_crops(np_rng, monkeypatch):
+@pytest.mark.parametrize("noise_gate", [0.0, 1.2], ids=["ungated", "noise-gate"])
+def test_early_stopped_tiles_are_the_separate_early_stopped_fits_of_their_crops(np_rng, monkeypatch, noise_gate):
     """stop='auto' in tiles: each tile stops on its own at the point its separate fit detects, whichever
-    tiles share its step, and the blend holds each tile's output of that point."""
+    tiles share its step, and the blend holds each tile's output of that point; with the noise gate, each
+    tile's gate reads the noise of its own crop."""
     clean = smooth_image(np_rng, 19, 22)
     noisy = np.clip(clean + np_rng.normal(scale=0.1, size=clean.shape), 0, 1).astype(np.float32)
-    spec = EarlyStopSpec("wmv", window=4, patience=4)
+    spec = EarlyStopSpec("wmv", window=4, patience=4, noise_gate=noise_gate)
     kwargs = {"iters": 300, "stop": "auto", "early_stop": spec, "backend": "native", "precision": "fp32",
               "report_every": 1, **FAST}  # fmt: skip
     monkeypatch.setattr(tile_choice, "_most_per_step", lambda *args: 2)
@@ -181,6 +183,11 @@ def test_early_stopped_tiles_are_the_separate_early_stopped_fits_of_their_crops(
     stops = [r.stop_iteration for r in alone]
     assert all(r.stop_reason == "early-stop" for r in alone) and len(set(stops)) > 1  # tiles stop apart
     assert info["stop_iterations"] == [stops]
+    if noise_gate:
+        assert info["noise_sigmas"] == [r.extras["noise_sigma"] for r in alone]
+        assert 0.05 < min(info["noise_sigmas"]) and len(set(info["noise_sigmas"])) == len(alone)
+    else:
+        assert "noise_sigmas" not in info
     assert tiled.stop_reason == "early-stop" and tiled.stop_iteration == max(stops)
     assert tiled.iterations == max(r.iterations for r in alone) < 300
     assert info["tile_iterations"] == sum(r.iterations for r in alone)
