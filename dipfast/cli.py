@@ -238,7 +238,7 @@ def _restore(args) -> int:
         tiles += f", each stopped early: its output of iteration {min(stops)} to {max(stops)}"
     elif result.stop_reason == "early-stop":
         tiles += f", stopped early: the output of iteration {result.stop_iteration}"
-    elif result.extras.get("noise_gate_opened") is False:  # 'auto' ran to the bound: say why
+    elif result.stop_reason == "iterations" and result.extras.get("noise_gate_opened") is False:  # say why
         sigma = result.extras["noise_sigma"]
         tiles += (
             f", never stopped early: the loss never came down to the noise estimated in the image "
