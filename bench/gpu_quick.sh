@@ -183,6 +183,15 @@ step() {  # step NAME FUNCTION: run under min(its limit, budget left), log to WO
     record "$name" "$status" "$(( $(date +%s) - start ))" "$limit" "$note"
     pack
 }
+step_with_data() {  # step_with_data NAME FUNCTION: the step where --data has the paper's images, else recorded skipped
+    if [ -f "$DATA/denoising/F16_GT.png" ]; then
+        step "$1" "$2"
+    else
+        echo "== $1: skipped, no $DATA/denoising/F16_GT.png (give --data or DIPFAST_GPU_QUICK_DATA)"
+        record "$1" "skipped (no data)" 0 0 "no $DATA/denoising/F16_GT.png"
+        pack
+    fi
+}
 bench() { "$PY" -m dipfast.bench "$@"; }
 configs() {  # the METHOD:PRECISION arguments whose backend is among BACKENDS (original loops always)
     local c out=()
@@ -296,25 +305,9 @@ wants tasks && step tasks tasks
 wants parity && step parity parity
 wants ops && step ops ops
 wants triton && step triton triton_backend
-if wants time-to-psnr; then
-    if [ -f "$DATA/denoising/F16_GT.png" ]; then
-        step time-to-psnr time_to_psnr
-    else
-        echo "== time-to-psnr: skipped, no $DATA/denoising/F16_GT.png (give --data or DIPFAST_GPU_QUICK_DATA)"
-        record time-to-psnr "skipped (no data)" 0 0 "no $DATA/denoising/F16_GT.png"
-        pack
-    fi
-fi
+wants time-to-psnr && step_with_data time-to-psnr time_to_psnr
 wants tests && step tests suite_tests
-if wants early-stop; then
-    if [ -f "$DATA/denoising/F16_GT.png" ]; then
-        step early-stop early_stop
-    else
-        echo "== early-stop: skipped, no $DATA/denoising/F16_GT.png (give --data or DIPFAST_GPU_QUICK_DATA)"
-        record early-stop "skipped (no data)" 0 0 "no $DATA/denoising/F16_GT.png"
-        pack
-    fi
-fi
+wants early-stop && step_with_data early-stop early_stop
 
 "$PY" "$ROOT/bench/gpu_quick_steps.py" headline "$WORK" > /dev/null 2>&1
 for folder in throughput profile batch triton time-to-psnr; do

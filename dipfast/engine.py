@@ -122,9 +122,10 @@ class Fit:
     # stop='auto': the detected iteration whose output is .image (None: the fixed count, or none yet)
     stop_iteration: int | None = None
     early_stopped: bool = False  # stop='auto': this network stopped; its history ends at that iteration
-    # stop='auto' with a noise gate: the noise sigma estimated from the observation, and whether the gate opened
-    noise_sigma: float | None = None
+    # stop='auto' with a noise gate: whether the gate opened (None: no gate), and the noise sigma estimated from
+    # the observation (None: no gate, or no estimate, the gate open from the start)
     gate_opened: bool | None = None
+    noise_sigma: float | None = None
     first_step_seconds: float = 0.0  # set-up and the first iteration: where compilation happens
     capture_seconds: float = 0.0  # the CUDA graph capture (CUDA, fast backends)
 
@@ -342,7 +343,8 @@ def _run(problems, preset, device, seeds, progress, callback, report_every, plan
             result.iterations = result.history[-1].iteration if result.early_stopped else done
             result.stop_iteration = detected[k]
             if step.early_stop is not None and step.early_stop.spec.noise_gate > 0:
-                result.noise_sigma = math.sqrt(float(step.early_stop.noise_variance[k]))  # inf: no estimate
+                variance = float(step.early_stop.noise_variance[k])  # inf: nothing to estimate it from
+                result.noise_sigma = math.sqrt(variance) if math.isfinite(variance) else None
                 result.gate_opened = bool(step.early_stop.gate_open[k])
             result.image = images[k : k + 1]
             result.ema_image = step.ema[k : k + 1].clone()

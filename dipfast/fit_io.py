@@ -86,8 +86,8 @@ def result_of(task, preset_obj, plan, dev, seed, observed, problem, fits: list[e
             }
             for r, f in enumerate(fits)
         ]
-    if first.noise_sigma is not None:  # stop='auto' with the noise gate (denoising)
-        extras["noise_sigma"] = first.noise_sigma if math.isfinite(first.noise_sigma) else None
+    if first.gate_opened is not None:  # stop='auto' with the noise gate (denoising)
+        extras["noise_sigma"] = first.noise_sigma
         extras["noise_gate_opened"] = all(f.gate_opened for f in fits)
     if task.finish is not None:
         out, ema, finished = task.finish(out, ema, x0)

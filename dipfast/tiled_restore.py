@@ -255,7 +255,7 @@ def restore_tiled(
         ]
     if early_stop is not None and early_stop.noise_gate > 0:  # each tile's own estimate (restart 0's fits)
         sigmas = [fitted[k, 0][0].noise_sigma if (k, 0) in fitted else None for k in range(len(grid))]
-        result.extras["tiling"]["noise_sigmas"] = [s if s is None or math.isfinite(s) else None for s in sigmas]
+        result.extras["tiling"]["noise_sigmas"] = sigmas
     if unfitted:
         result.extras["tiling"]["note"] = (
             f"{len(unfitted)} of {len(grid)} tiles were not fitted ({stop_reason}): they hold the observation itself"
