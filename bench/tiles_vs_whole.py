@@ -2,11 +2,12 @@
 
     python bench/tiles_vs_whole.py --data ../shared/data/dip --size 256 --tile 128 --iters 200 --out /tmp/tiles-demo
 
-A size x size crop of F16 (the centre), sigma = 25 noise from a seeded generator, restored whole
-(tile=None) and in tiles (tile=--tile, the default overlap), same seed and iterations (--stop auto:
-early stopping in both, --iters the upper bound; the tiles each stop on their own). The tiles'
-raw outputs are recorded as they are blended, so the script also writes the corner crop pasted
-(each tile over the previous ones, no blending) and blended, 3x enlarged, as PNGs under --out.
+A size x size crop of one of the paper's images (--image, F16 by default; the centre), sigma = 25
+noise from a seeded generator, restored whole (tile=None) and in tiles (tile=--tile, the default
+overlap), same seed and iterations (--stop auto: early stopping in both, --iters the upper bound;
+the tiles each stop on their own). The tiles' raw outputs are recorded as they are blended, so the
+script also writes the corner crop pasted (each tile over the previous ones, no blending) and
+blended, 3x enlarged, as PNGs under --out.
 Prints one JSON line of PSNRs and times.
 """
 
@@ -23,6 +24,9 @@ from PIL import Image
 
 import dipfast
 from dipfast import tiles
+from dipfast.bench.early_stop import PAPER_IMAGES
+
+IMAGES = {name: path for name, path, _, _ in PAPER_IMAGES["denoise"]}
 
 
 def _best(result) -> dict:
@@ -44,6 +48,7 @@ def _best(result) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the DIP data folder (denoising/F16_GT.png)")
+    parser.add_argument("--image", default="F16", choices=sorted(IMAGES), help="which of the paper's images")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--iters", type=int, default=200)
@@ -52,7 +57,9 @@ def main() -> None:
     parser.add_argument("--stop", choices=("iterations", "auto"), default="iterations")
     args = parser.parse_args()
 
-    gt = np.asarray(Image.open(Path(args.data) / "denoising" / "F16_GT.png").convert("RGB"), dtype=np.float32) / 255
+    gt = np.asarray(Image.open(Path(args.data) / IMAGES[args.image]).convert("RGB"), dtype=np.float32) / 255
+    if min(gt.shape[:2]) < args.size:
+        parser.error(f"{args.image} is {gt.shape[1]} x {gt.shape[0]}: pass --size {min(gt.shape[:2])} or less")
     top, left = (gt.shape[0] - args.size) // 2, (gt.shape[1] - args.size) // 2
     clean = gt[top : top + args.size, left : left + args.size]
     noise = np.random.default_rng(args.seed).normal(0, 25 / 255, clean.shape)
@@ -98,6 +105,7 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "image": args.image,
                 "size": args.size,
                 "tile": args.tile,
                 "overlap": info["overlap"],
