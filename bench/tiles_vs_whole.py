@@ -47,7 +47,7 @@ def _best(result) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="the DIP data folder (denoising/F16_GT.png)")
+    parser.add_argument("--data", required=True, help="the paper's image folder (e.g. ../shared/data/dip)")
     parser.add_argument("--image", default="F16", choices=sorted(IMAGES), help="which of the paper's images")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--tile", type=int, default=128)
