@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 
 
+def _mean_tile_iterations(tiled: dict) -> float:
+    """Iterations a tile ran on average: the sum over tiles over the number of tiles (one restart)."""
+    return tiled["tile_iterations"] / len(tiled["tile_stop_iterations"][0])
+
+
 def main(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     columns = ("image", "whole", "tiles", "tiles - whole", "whole stop", "tiles' stops", "whole s", "tiles s", "ratio")
@@ -25,7 +30,7 @@ def main(path: Path) -> None:
     gaps = [r["tiled"]["psnr"] - r["whole"]["psnr"] for r in rows]
     ema = [r["tiled"]["ema_psnr"] - r["whole"]["ema_psnr"] for r in rows]
     time = [r["tiled"]["seconds"] / r["whole"]["seconds"] for r in rows]
-    work = [r["tiled"]["tile_iterations"] / 4 / r["whole"]["iterations"] for r in rows]
+    work = [_mean_tile_iterations(r["tiled"]) / r["whole"]["iterations"] for r in rows]
     print(
         f"\n{len(rows)} images: tiles - whole {min(gaps):+.2f} to {max(gaps):+.2f} dB "
         f"(median {statistics.median(gaps):+.2f}, mean {statistics.mean(gaps):+.2f}); "
