@@ -12,12 +12,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dipfast import tiles
 from dipfast.bench import early_stop as es
 from dipfast.bench.data import Case
 from dipfast.early_stop import DENOISING_RULE
 
-SIZE, TILE, CORNERS = 224, 128, (0, 96)  # the tile boxes of a 224 px image in tiles of 128, overlap 16
-KEEP = ("name", "recorded_iterations", "oracle_psnr", "oracle_iteration", "auto_psnr", "detected_iteration")
+SIZE, TILE = 224, 128
+KEEP = (
+    "name",
+    "recorded_iterations",
+    "oracle_psnr",
+    "oracle_iteration",
+    "auto_psnr",
+    "detected_iteration",
+    "stop_iteration",
+)
 
 
 def tile_cases(data_dir: Path, name: str) -> list[Case]:
@@ -27,8 +36,9 @@ def tile_cases(data_dir: Path, name: str) -> list[Case]:
     clean = gt[top : top + SIZE, left : left + SIZE]
     noisy = np.clip(clean + np.random.default_rng(0).normal(0, 25 / 255, clean.shape), 0, 1).astype(np.float32)
     cases = []
-    for k, (y, x) in enumerate((y, x) for y in CORNERS for x in CORNERS):
-        box = (slice(y, y + TILE), slice(x, x + TILE))
+    # restore(tile=TILE)'s own layout and default overlap: boxes at 0 and 96 on each axis
+    for k, b in enumerate(tiles.TileGrid.cover(SIZE, SIZE, TILE, TILE // 8).boxes):
+        box = (slice(b.y, b.y + b.h), slice(b.x, b.x + b.w))
         case = Case(f"{name}-t{k}", "denoise", noisy[box].copy(), clean[box].copy(), preset="denoise")
         case.extras["es_task"] = "denoise"
         cases.append(case)
@@ -42,7 +52,7 @@ def main(data_dir: Path, name: str, iters: int) -> None:
         rec = records[es.key_of(case)]
         row = es.evaluate(case, rec, DENOISING_RULE, iters)
         window_mean = es.window_mean_psnr(rec, case.target, DENOISING_RULE.window)
-        row = {k: row[k] for k in (*KEEP, "stop_iteration")}
+        row = {k: row[k] for k in KEEP}
         row["window_mean_best"] = float(np.nanmax(window_mean))
         row["window_mean_best_iteration"] = int(np.nanargmax(window_mean)) + 1
         row["noise_variance"] = es.noise_variance(case.observed)
