@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from dipfast.errors import InputError
-from dipfast.noise_level import estimate_sigma
+from dipfast.noise_level import estimate_sigma, patch_size
 
 STOPS = ("auto", "iterations")  # restore(stop=): the criterion, or the preset's fixed count
 METHODS = ("wmv", "emv")
@@ -154,11 +154,11 @@ def calibrated(task: str) -> EarlyStopSpec:
 
 def gate_variance(problems, device) -> torch.Tensor:
     """(N,) the noise gate's sigma^2 for each engine.Problem: estimated from its observation where the data term
-    is ||x - y||^2 itself (Problem.observes_output) and the image has a 2 x 2 block to estimate it from, else inf
-    (the gate open from the start)."""
+    is ||x - y||^2 itself (Problem.observes_output) and the image has the pixels to estimate it from (RGB: 11 x 11),
+    else inf (the gate open from the start)."""
 
     def variance(p) -> torch.Tensor:
-        if p.observes_output and min(p.y.shape[-2:]) >= 2:
+        if p.observes_output and patch_size(*p.y.shape[-3:]) is not None:
             return estimate_sigma(p.y.to(device)).square()[0]
         return torch.tensor(math.inf, device=device)
 

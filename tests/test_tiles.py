@@ -169,14 +169,14 @@ def test_early_stopped_tiles_are_the_separate_early_stopped_fits_of_their_crops(
     """stop='auto' in tiles: each tile stops on its own at the point its separate fit detects, whichever
     tiles share its step, and the blend holds each tile's output of that point; with the noise gate, each
     tile's gate reads the noise of its own crop."""
-    clean = smooth_image(np_rng, 19, 22)
+    clean = smooth_image(np_rng, 21, 24)  # tiles of 12: the smallest the noise estimate takes (RGB: 11 x 11)
     noisy = np.clip(clean + np_rng.normal(scale=0.1, size=clean.shape), 0, 1).astype(np.float32)
     spec = EarlyStopSpec("wmv", window=4, patience=4, noise_gate=noise_gate)
     kwargs = {"iters": 300, "stop": "auto", "early_stop": spec, "backend": "native", "precision": "fp32",
               "report_every": 1, **FAST}  # fmt: skip
     monkeypatch.setattr(tile_choice, "_most_per_step", lambda *args: 2)
-    tiled = dipfast.restore(noisy, seed=2, tile=10, overlap=3, target=clean, **kwargs)
-    grid = TileGrid.cover(19, 22, 10, 3)
+    tiled = dipfast.restore(noisy, seed=2, tile=12, overlap=3, target=clean, **kwargs)
+    grid = TileGrid.cover(21, 24, 12, 3)
     alone = _separate_fits(noisy, grid, 2, **kwargs)
 
     info = tiled.extras["tiling"]
