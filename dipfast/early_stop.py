@@ -38,8 +38,9 @@ Q/W - (S/W)^2 of values in [0, 1] keeps its precision over any number of iterati
 holds exactly what was added, so removing it subtracts the same value).
 
 Calibrated per task on the paper's images: CALIBRATED (the rule) and DEFAULT_STOP ('auto' or
-'iterations', the preset's fixed count); the numbers are in bench/results/2026-12-02-cpu-early-stop/
-and bench/results/2026-12-03-cpu-early-stop-robust/.
+'iterations', the preset's fixed count); the numbers are in bench/results/2026-12-02-cpu-early-stop/,
+bench/results/2026-12-03-cpu-early-stop-robust/ and, for the noise gate with today's noise estimate,
+bench/results/2026-12-03-cpu-noise-estimate/.
 """
 
 from __future__ import annotations
