@@ -59,10 +59,10 @@ def _noise_eigenvalue(image: torch.Tensor, r: int) -> torch.Tensor:
 def estimate_sigma(y: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) images -> (N,) float32: each image's noise sigma, in y's units (images of at least
     patch_size(C, H, W) pixels: 11 x 11 for RGB)."""
-    if y.dim() != 4 or patch_size(*y.shape[1:]) is None:
+    r = patch_size(*y.shape[1:]) if y.dim() == 4 else None
+    if r is None:
         raise ValueError(
             f"estimate_sigma takes (N, C, H, W) images with enough pixels to estimate noise from "
             f"(RGB: at least 11 x 11); got {tuple(y.shape)}"
         )
-    r = patch_size(*y.shape[1:])
     return torch.stack([_noise_eigenvalue(image, r) for image in y]).sqrt().float()
