@@ -251,6 +251,7 @@ class Detection:
     stopped: bool  # False: patience never ran out within the record (the fit ran to its bound)
     psnr: float  # of the returned output against the target
     criterion: np.ndarray  # (T,) float32, NaN where undefined or after the stop
+    output: torch.Tensor  # (C, H, W) float32: the output returned (the kept one, else the record's last)
 
 
 def observation_losses(rec: Record, observed: np.ndarray) -> np.ndarray:
@@ -283,9 +284,17 @@ def gate_opening(losses: np.ndarray, variance: float, gate: float) -> int:
     return len(losses) + 1
 
 
-def detect(rec: Record, target: np.ndarray, spec, buffer_dtype=torch.bfloat16, observed=None) -> Detection:
+def detect(
+    rec: Record,
+    target: np.ndarray,
+    spec,
+    buffer_dtype=torch.bfloat16,
+    observed=None,
+    gate_variance: float | None = None,
+) -> Detection:
     """EarlyStop replayed on the recorded outputs, one iteration at a time, as the step calls it (with the
-    observation (H, W, C), for a noise-gated rule: the losses and the noise level the step would read)."""
+    observation (H, W, C), for a noise-gated rule: the losses and the noise level the step would read;
+    gate_variance: another sigma^2 for the gate than the step's estimate)."""
     from dipfast.early_stop import EarlyStop
     from dipfast.metrics import psnr
 
@@ -295,7 +304,7 @@ def detect(rec: Record, target: np.ndarray, spec, buffer_dtype=torch.bfloat16, o
         if observed is None:
             raise InputError(f"a noise-gated rule replays only on {list(OBSERVES_OUTPUT)}, with the observation")
         losses = torch.from_numpy(observation_losses(rec, observed))
-        variance = torch.tensor([noise_variance(observed)])
+        variance = torch.tensor([noise_variance(observed) if gate_variance is None else gate_variance])
     stopper = EarlyStop(spec, 1, outputs.shape[1:], "cpu", buffer_dtype, noise_variance=variance)
     crit = np.full(len(outputs), np.nan, dtype=np.float32)
     iteration = torch.zeros((), dtype=torch.int64)
@@ -308,13 +317,14 @@ def detect(rec: Record, target: np.ndarray, spec, buffer_dtype=torch.bfloat16, o
     best = int(stopper.best_iteration[0])
     stopped = bool(stopper.stopped[0])
     stop = int(stopper.stop_iteration[0]) if stopped else len(outputs)
+    output = stopper.best_output[0] if best else outputs[-1]
     if best and spec.returns == "output":
         value = float(rec.psnr[best - 1])  # of the fp32 output, as the step keeps it
     elif best:
-        value = float(psnr(stopper.best_output[0], torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1)))))
+        value = float(psnr(output, torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1)))))
     else:  # nothing kept (a gate that never opened): the fit returns its last output, as the step does
         value = float(rec.psnr[-1])
-    return Detection(best, stop, stopped, value, crit)
+    return Detection(best, stop, stopped, value, crit, output)
 
 
 def evaluate(case: Case, rec: Record, spec, fixed_iterations: int, buffer_dtype=torch.bfloat16) -> dict:

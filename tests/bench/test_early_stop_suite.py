@@ -96,6 +96,32 @@ def test_the_replayed_noise_gate_is_a_start_where_the_losses_reach_the_noise(rec
         early_stop.detect(rec, case.target, spec)
 
 
+def test_the_replay_takes_another_noise_variance_and_returns_its_output(recorded):
+    """detect(gate_variance=): the gate read against that sigma^2, not the step's estimate (how a results
+    script compares estimates); Detection.output is the output whose PSNR it reports."""
+    cases, records = recorded
+    spec = EarlyStopSpec("wmv", window=4, patience=6, returns="window-mean", tolerance=0.4, noise_gate=1.0)
+    crit = early_stop.curves([records[early_stop.key_of(c)] for c in cases], "wmv", 4)
+    opened = set()
+    for k, case in enumerate(cases):
+        rec = records[early_stop.key_of(case)]
+        losses = early_stop.observation_losses(rec, case.observed)
+        target = torch.from_numpy(case.target.transpose(2, 0, 1).copy())
+        for variance in (float(np.quantile(losses, q)) for q in (0.2, 0.8)):
+            det = early_stop.detect(rec, case.target, spec, observed=case.observed, gate_variance=variance)
+            opens = early_stop.gate_opening(losses, variance, 1.0)
+            opened.add(opens)
+            best, stop, stopped = early_stop.decide(crit[:, k], 6, 0.0, max(spec.first_valid(), opens), 0.4)
+            assert (det.best_iteration, det.stop_iteration, det.stopped) == (best, stop, stopped)
+            assert det.output.shape == target.shape
+            if best:  # the kept window mean, whose PSNR is reported
+                assert float(psnr(det.output, target)) == pytest.approx(det.psnr, rel=1e-6)
+            else:  # nothing kept: the record's last output (float16; the PSNR reported is of the fp32 one)
+                torch.testing.assert_close(det.output, torch.from_numpy(rec.outputs[-1]).float())
+                assert float(psnr(det.output, target)) == pytest.approx(det.psnr, abs=0.02)
+    assert len(opened) > 1, "every variance opened the gate at the same iteration: a vacuous test"
+
+
 def test_window_mean_psnr_is_the_psnr_of_the_mean_of_the_last_outputs(recorded):
     cases, records = recorded
     rec, case = records[early_stop.key_of(cases[0])], cases[0]

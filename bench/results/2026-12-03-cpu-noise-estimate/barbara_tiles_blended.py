@@ -14,26 +14,11 @@ import torch
 
 from dipfast import tiles
 from dipfast.bench import early_stop as es
-from dipfast.early_stop import DENOISING_RULE, EarlyStop
+from dipfast.early_stop import DENOISING_RULE
 from dipfast.metrics import psnr
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gate_calibration import ESTIMATES, cases_and_records  # noqa: E402
-
-
-def kept_output(rec: es.Record, observed: np.ndarray, variance: float) -> tuple[torch.Tensor, int, int]:
-    """What restore(stop='auto') returns for this record: (C, H, W), the gate's opening, the kept iteration."""
-    losses = es.observation_losses(rec, observed)
-    stopper = EarlyStop(DENOISING_RULE, 1, rec.outputs.shape[1:], "cpu", noise_variance=torch.tensor([variance]))
-    outputs, iteration = torch.from_numpy(rec.outputs).float(), torch.zeros((), dtype=torch.int64)
-    for t in range(len(outputs)):
-        stopper.update(outputs[t : t + 1], iteration, torch.from_numpy(losses[t : t + 1]))
-        iteration += 1
-        if stopper.stopped[0]:
-            break
-    best = int(stopper.best_iteration[0])
-    image = stopper.best_output[0] if best else outputs[-1]
-    return image, es.gate_opening(losses, variance, DENOISING_RULE.noise_gate), best
 
 
 def main(data: Path, records: Path) -> None:
@@ -47,11 +32,11 @@ def main(data: Path, records: Path) -> None:
         blend, rows = tiles.Blend(grid, 3), []
         for k, (case, rec) in enumerate(zip(cases, recs)):
             variance = float(f(torch.from_numpy(np.ascontiguousarray(case.observed.transpose(2, 0, 1)))[None])[0]) ** 2
-            image, opens, kept = kept_output(rec, case.observed, variance)
-            blend.add(k, image)
-            target = torch.from_numpy(np.ascontiguousarray(case.target.transpose(2, 0, 1)))
-            rows.append({"tile": k, "sigma": round(variance**0.5 * 255, 2), "gate_opens": opens, "kept": kept,
-                         "psnr": round(float(psnr(image, target)), 2)})  # fmt: skip
+            det = es.detect(rec, case.target, DENOISING_RULE, observed=case.observed, gate_variance=variance)
+            blend.add(k, det.output)
+            opens = es.gate_opening(es.observation_losses(rec, case.observed), variance, DENOISING_RULE.noise_gate)
+            rows.append({"tile": k, "sigma": round(variance**0.5 * 255, 2), "gate_opens": opens,
+                         "kept": det.best_iteration, "psnr": round(det.psnr, 2)})  # fmt: skip
         blended = round(float(psnr(blend.image, clean)), 2)
         print(json.dumps({"estimate": estimate, "blended_psnr": blended, "tiles": rows}))
 
