@@ -130,7 +130,7 @@ else
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)
     TESTS=(tests/test_backends.py tests/test_api.py tests/test_engine.py tests/test_early_stop_wiring.py
-           tests/test_group_invariance.py tests/bench --ignore=tests/bench/test_gpu_quick.py)
+           tests/test_noise_level.py tests/test_group_invariance.py tests/bench --ignore=tests/bench/test_gpu_quick.py)
     EARLY_STOP=(--size 256 --iters 2000 --cost 512)
     declare -A LIMIT=([install]=90 [environment]=30 [throughput]=270 [profile]=90 [batch]=90 [tasks]=120
                       [parity]=120 [ops]=90 [triton]=120 [time-to-psnr]=200 [tests]=150 [early-stop]=240)

@@ -92,3 +92,14 @@ def test_small_images_take_smaller_patches_down_to_a_minimum(np_rng, c, h, w, r)
 def test_bad_shapes_name_the_problem(shape):
     with pytest.raises(ValueError, match=r"takes \(N, C, H, W\) images with enough pixels"):
         estimate_sigma(torch.rand(shape))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the estimate on the device, at set-up")
+def test_the_estimate_on_cuda_is_the_cpus(np_rng):
+    """gate_variance estimates on the fit's device (eigvalsh in float64 there): the same sigma as on the CPU."""
+    clean = np.stack([_stripes(np_rng, 67, 90), smooth_image(np_rng, 67, 90)])
+    noisy = clean + 25 / 255 * np_rng.standard_normal(clean.shape)
+    y = torch.from_numpy(noisy.transpose(0, 3, 1, 2)).float()
+    got = estimate_sigma(y.cuda())
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), estimate_sigma(y), rtol=1e-5, atol=0)
