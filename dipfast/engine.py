@@ -135,7 +135,7 @@ def ieee_fp32(cudnn_benchmark: bool = False):
     return conv_precision(tf32=False, cudnn_benchmark=cudnn_benchmark)
 
 
-class ReferenceStep:
+class ReferenceStep(step_rules.AfterBackward):
     """The state of one fit and its step function, all on one device (step_rules.Step with N = 1)."""
 
     def __init__(
@@ -192,31 +192,7 @@ class ReferenceStep:
         with phase("backward"):
             self.optimizer.zero_grad()
             loss.backward()
-        stopped = None
-        with phase("backtracking"), torch.no_grad():
-            self.out.copy_(out)
-            if self.early_stop is not None:
-                self.early_stop.update(self.out, self.iteration, loss.detach().reshape(1))
-                stopped = self.early_stop.stopped
-                self.freeze.save(self._held(), stopped)
-            step_rules.ema_update(self.ema, self.out, self.iteration == 0, self.preset.ema, stopped)
-            if self.backtracking is not None:
-                fell_back = self._backtrack(loss.detach())
-            else:
-                fell_back = torch.zeros(1, dtype=torch.bool, device=loss.device)
-        with phase("optimizer"):
-            self.optimizer.step()
-        with torch.no_grad():
-            if stopped is not None:
-                self.freeze.restore(self._held(), stopped)
-                criterion = (self.early_stop.criterion, stopped)
-            else:
-                criterion = self.no_criterion
-            row = step_rules.metrics_row(
-                loss.detach().reshape(1), self.out, self.ema, self.target, fell_back, *criterion
-            )
-            self.metrics[self.calls % self.metrics.shape[0]] = row
-            self.iteration += 1
+        self.after_backward(out, loss.detach().reshape(1))
         self.calls += 1
 
     def _held(self) -> list[torch.Tensor]:
@@ -225,8 +201,8 @@ class ReferenceStep:
         return [t.detach()[None] for t in (*params, *step_rules.adam_moments(self.optimizer, params))]
 
     def _backtrack(self, loss: torch.Tensor) -> torch.Tensor:
-        """The notebook's rule for a 0-dim loss, without a host sync (step_rules); returns `bad`, (1,) bool."""
-        keep, bad = self.backtracking_state.decide(loss.reshape(1), self.backtracking)
+        """The notebook's rule for the (1,) loss, without a host sync (step_rules); returns `bad`, (1,) bool."""
+        keep, bad = self.backtracking_state.decide(loss, self.backtracking)
         step_rules.apply_backtracking(*self._stacked, keep, bad, graph_safe=True)
         return bad
 

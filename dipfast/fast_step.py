@@ -38,7 +38,7 @@ from dipfast.operators import Lanczos2Decimation
 from dipfast.presets import TaskPreset
 
 
-class FastStep:
+class FastStep(step_rules.AfterBackward):
     """N fits of one preset on same-size problems, as one step (step_rules.Step).
 
     vectorised: run the N networks with vmap (default: on CUDA, when N > 1). graph_safe: backtracking
@@ -136,28 +136,7 @@ class FastStep:
         losses = self._losses(out)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
-        stopped = None
-        with torch.no_grad():
-            self.out.copy_(out)
-            if self.early_stop is not None:
-                self.early_stop.update(self.out, self.iteration, losses.detach())
-                stopped = self.early_stop.stopped
-                self.freeze.save(self._held(), stopped)
-            step_rules.ema_update(self.ema, self.out, self.iteration == 0, self.preset.ema, stopped)
-            if self.backtracking is not None:
-                fell_back = self._backtrack(losses.detach())
-            else:
-                fell_back = torch.zeros(self.n, dtype=torch.bool, device=self.device)
-        self.optimizer.step()
-        with torch.no_grad():
-            if stopped is not None:
-                self.freeze.restore(self._held(), stopped)
-                criterion = (self.early_stop.criterion, stopped)
-            else:
-                criterion = self.no_criterion
-            row = step_rules.metrics_row(losses.detach(), self.out, self.ema, self.target, fell_back, *criterion)
-            self.metrics.index_copy_(0, (self.iteration % self.metrics.shape[0]).view(1), row[None])
-            self.iteration += 1
+        self.after_backward(out, losses.detach())
 
     def _held(self) -> list[torch.Tensor]:
         """What a stopped network keeps still: its parameters and Adam moments, (N, ...) each."""

@@ -1,9 +1,10 @@
 """The rules of one DIP iteration that act after the backward, written once for every step.
 
-engine.ReferenceStep (one network) and fast_step.FastStep (N networks) both call these on
-per-network (N,)-shaped state; the reference is the case N = 1. Every function here is tensor ops
-on the device with no host sync, so a step that calls them can be captured in a CUDA graph
-(`apply_backtracking`'s `graph_safe=False` branch is the one exception, for the CPU, and says so).
+engine.ReferenceStep (one network) and fast_step.FastStep (N networks) both run them, in one
+order, through AfterBackward.after_backward on per-network (N,)-shaped state; the reference is the
+case N = 1. Every function here is tensor ops on the device with no host sync, so a step that
+calls them can be captured in a CUDA graph (`apply_backtracking`'s `graph_safe=False` branch is
+the one exception, for the CPU, and says so).
 
     EMA           ema = out at the first iteration, then ema * w + out * (1 - w)
     backtracking  on a checked iteration (Backtracking's period rule, counting accepted
@@ -25,6 +26,7 @@ from typing import Protocol
 import torch
 
 from dipfast.metrics import psnr
+from dipfast.nvtx_ranges import phase
 from dipfast.presets import Backtracking
 
 # a metrics row's columns, in order; criterion: the early-stop VAR (NaN without one or before it is
@@ -46,6 +48,41 @@ class Step(Protocol):
     def final_output(self) -> torch.Tensor:
         """(N, C, H, W): one more forward with the last perturbed input, as the notebooks."""
         ...
+
+
+class AfterBackward:
+    """The rules after the backward, in their order, for a step that holds the state they act on.
+
+    ReferenceStep and FastStep inherit this: out, ema, iteration, metrics, target, preset, optimizer,
+    backtracking, early_stop with freeze (else no_criterion), and the step's own _held() (what Freeze
+    holds) and _backtrack(losses) (apply_backtracking on its parameters).
+    """
+
+    def after_backward(self, out: torch.Tensor, losses: torch.Tensor) -> None:
+        """out: (N, C, H, W) this iteration's outputs; losses: (N,) their data terms, detached."""
+        stopped = None
+        with phase("backtracking"), torch.no_grad():
+            self.out.copy_(out)
+            if self.early_stop is not None:
+                self.early_stop.update(self.out, self.iteration, losses)
+                stopped = self.early_stop.stopped
+                self.freeze.save(self._held(), stopped)
+            ema_update(self.ema, self.out, self.iteration == 0, self.preset.ema, stopped)
+            if self.backtracking is not None:
+                fell_back = self._backtrack(losses)
+            else:
+                fell_back = torch.zeros_like(losses, dtype=torch.bool)
+        with phase("optimizer"):
+            self.optimizer.step()
+        with torch.no_grad():
+            if stopped is not None:
+                self.freeze.restore(self._held(), stopped)
+                criterion = (self.early_stop.criterion, stopped)
+            else:
+                criterion = self.no_criterion
+            row = metrics_row(losses, self.out, self.ema, self.target, fell_back, *criterion)
+            self.metrics.index_copy_(0, (self.iteration % self.metrics.shape[0]).view(1), row[None])
+            self.iteration += 1
 
 
 def metrics_buffer(rows: int, n: int, device: torch.device) -> torch.Tensor:
