@@ -9,7 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dipfast import tiles
@@ -18,7 +17,8 @@ from dipfast.early_stop import DENOISING_RULE
 from dipfast.metrics import psnr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gate_calibration import ESTIMATES, cases_and_records  # noqa: E402
+from estimators import ESTIMATES, variances  # noqa: E402
+from gate_calibration import cases_and_records  # noqa: E402
 
 
 def main(data: Path, records: Path) -> None:
@@ -28,10 +28,11 @@ def main(data: Path, records: Path) -> None:
     clean = torch.zeros(3, size, size)
     for case, box in zip(cases, grid.boxes):
         box.crop(clean).copy_(torch.from_numpy(case.target.transpose(2, 0, 1)))
-    for estimate, f in ESTIMATES.items():
+    estimated = [variances(case.observed) for case in cases]
+    for estimate in ESTIMATES:
         blend, rows = tiles.Blend(grid, 3), []
         for k, (case, rec) in enumerate(zip(cases, recs)):
-            variance = float(f(torch.from_numpy(np.ascontiguousarray(case.observed.transpose(2, 0, 1)))[None])[0]) ** 2
+            variance = estimated[k][estimate]
             det = es.detect(rec, case.target, DENOISING_RULE, observed=case.observed, gate_variance=variance)
             blend.add(k, det.output)
             opens = es.gate_opening(es.observation_losses(rec, case.observed), variance, DENOISING_RULE.noise_gate)

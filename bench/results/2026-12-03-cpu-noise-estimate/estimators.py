@@ -33,6 +33,12 @@ def donoho_sigma(y: torch.Tensor) -> torch.Tensor:
 ESTIMATES = {"donoho": donoho_sigma, "patch_eigenvalues": estimate_sigma}
 
 
+def variances(observed: np.ndarray) -> dict[str, float]:
+    """Each estimate's sigma^2 of an observation (H, W, C)."""
+    y = torch.from_numpy(np.ascontiguousarray(observed.transpose(2, 0, 1)))[None]
+    return {k: float(f(y)[0]) ** 2 for k, f in ESTIMATES.items()}
+
+
 def rows(data: Path) -> list[dict]:
     out = []
     for name, rel, _, _ in es.PAPER_IMAGES["denoise"]:

@@ -20,13 +20,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dipfast.bench import early_stop as es
-from dipfast.noise_level import estimate_sigma
 
 sys.path.insert(0, str(Path(__file__).parent))
-from estimators import donoho_sigma  # noqa: E402
+from estimators import ESTIMATES, variances  # noqa: E402
 
 SETS = {  # name: (crop, recorded iterations, noise sigma in 8-bit units, images)
     "32": (32, 800, 25, 9),
@@ -37,7 +35,6 @@ SETS = {  # name: (crop, recorded iterations, noise sigma in 8-bit units, images
     "64-sigma15": (64, 1000, 15, 9),
     "barbara-tiles": (128, 2000, 25, 4),
 }
-ESTIMATES = {"donoho": donoho_sigma, "patch_eigenvalues": estimate_sigma}
 GATES = (0.0, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
 PATIENCES = (50, 100, 150)
 TOLERANCES = (0.0, 0.2, 0.4, 0.6)
@@ -77,10 +74,9 @@ def main(data: Path, records: Path, out: Path, names: list[str]) -> None:
         curve = es.curves(recs, "wmv", WINDOW)
         mean_psnr = [es.window_mean_psnr(r, c.target, WINDOW) for r, c in zip(recs, cases)]
         losses = [es.observation_losses(r, c.observed) for r, c in zip(recs, cases)]
-        ys = [torch.from_numpy(np.ascontiguousarray(c.observed.transpose(2, 0, 1)))[None] for c in cases]
-        for estimate, f in ESTIMATES.items():
-            variances = [float(f(y)[0]) ** 2 for y in ys]
-            loaded = (cases, recs, curve, mean_psnr, losses, variances)
+        estimated = [variances(c.observed) for c in cases]
+        for estimate in ESTIMATES:
+            loaded = (cases, recs, curve, mean_psnr, losses, [v[estimate] for v in estimated])
             cells = itertools.product(GATES, PATIENCES, TOLERANCES)
             results[f"{name}/{estimate}"] = [score(loaded, *cell) for cell in cells]
     (out / "gate_calibration.json").write_text(json.dumps(results, indent=0) + "\n")
