@@ -29,7 +29,8 @@ with the Triton ops of batch_norm_act.py for its BatchNorms, torch's (cuDNN's) c
     upsample                inherited: the reference nn.Upsample
 A block whose BatchNorm or activation the ops do not compute (another activation, BatchNorm in eval mode with
 running statistics, no affine parameters) or whose next conv does not pad by reflection takes the reference
-computation, as NativeBlocks does. Off the Triton path (batch_norm_act_path) every op is its eager twin.
+computation, by the rules NativeBlocks follows too (dipfast.nets.fusable). Off the Triton path
+(batch_norm_act_path) every op is its eager twin.
 
 As BlockOps says, fused blocks do not update BatchNorm's running statistics (DIP never reads them).
 """
@@ -45,6 +46,7 @@ from dipfast.kernels.batch_norm_act import batch_norm_act, concat_batch_norm
 from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
 from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
 from dipfast.nets.blocks import BlockOps
+from dipfast.nets.fusable import batch_norm_reason, leaky_relu_slope, takes_padded_input
 from dipfast.nets.layers import ConvBNAct, crop_to_smallest
 
 if TYPE_CHECKING:
@@ -77,16 +79,6 @@ def _dtype_reason(dtype: torch.dtype, operand_dtypes, params, device: torch.devi
     return None
 
 
-def _batch_norm_reason(bn: nn.Module) -> str | None:
-    if not isinstance(bn, nn.BatchNorm2d):
-        return f"norm is {type(bn).__name__}, not BatchNorm2d"
-    if not bn.affine:
-        return "BatchNorm2d without affine parameters"
-    if not bn.training and bn.track_running_stats:
-        return "BatchNorm2d in eval mode normalises with running statistics"
-    return None
-
-
 def unfused_reason(m: ConvBNAct, x: torch.Tensor) -> str | None:
     """Why conv_bn_act(m, x) takes the reference block; None when the fused kernel runs."""
     pad_conv, conv = m.conv, m.conv.conv2d
@@ -101,7 +93,7 @@ def unfused_reason(m: ConvBNAct, x: torch.Tensor) -> str | None:
         return f"dilation {conv.dilation}"
     if conv.padding != (0, 0) or pad_conv.reflection_pad != (k - 1) // 2:
         return "zero padding (the kernels fold reflection padding only)"
-    reason = _batch_norm_reason(m.bn)
+    reason = batch_norm_reason(m.bn)
     if reason is not None:
         return reason
     if not isinstance(m.act, nn.LeakyReLU):
@@ -116,7 +108,7 @@ def _merge_unfused_reason(level: SkipLevel, parts: list[torch.Tensor]) -> str | 
     if len(parts) != 2:
         return "no skip branch: nothing to concatenate"
     up = level.up
-    reason = unfused_reason(up, parts[0]) or _batch_norm_reason(level.merge_bn)
+    reason = unfused_reason(up, parts[0]) or batch_norm_reason(level.merge_bn)
     if reason is not None:
         return reason
     conv = up.conv.conv2d
@@ -170,26 +162,6 @@ class TritonBlocks(BlockOps):
         )
 
 
-def _negative_slope(act: nn.Module) -> float | None:
-    """The activation as a LeakyReLU slope (1.0: none), or None if it is neither (NativeBlocks' rule)."""
-    if isinstance(act, nn.LeakyReLU):
-        return float(act.negative_slope)
-    if isinstance(act, nn.Identity):
-        return 1.0
-    return None
-
-
-def _padded_input_fits(m: ConvBNAct, y: torch.Tensor) -> bool:
-    """Whether m's conv can read y written reflection-padded: m is a ConvBNAct whose conv pads by reflection (its
-    nn.Conv2d has padding=0) with no downsampler after it, and the pad fits y (reflection needs H, W > pad)."""
-    return (
-        isinstance(m, ConvBNAct)
-        and m.conv.reflection_pad > 0
-        and m.conv.downsample is None
-        and m.conv.reflection_pad < min(y.shape[-2:])
-    )
-
-
 class PaddedBlocks(BlockOps):
     """Each BatchNorm + activation by batch_norm_act.py's ops, written padded for the conv that reads it."""
 
@@ -200,8 +172,8 @@ class PaddedBlocks(BlockOps):
 
     def conv_bn_act_pair(self, first: ConvBNAct, second: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
         y = first.conv(x)
-        slope = _negative_slope(first.act)
-        if slope is None or _batch_norm_reason(first.bn) is not None or not _padded_input_fits(second, y):
+        slope = leaky_relu_slope(first.act)
+        if slope is None or batch_norm_reason(first.bn) is not None or not takes_padded_input(second, y):
             return second(self._bn_act(first, y))
         bn = first.bn
         padded = batch_norm_act(y, bn.weight, bn.bias, pad=second.conv.reflection_pad, eps=bn.eps, negative_slope=slope)
@@ -209,10 +181,10 @@ class PaddedBlocks(BlockOps):
 
     def merge(self, level: SkipLevel, parts: list[torch.Tensor]) -> torch.Tensor:
         bn = level.merge_bn
-        if len(parts) > 2 or _batch_norm_reason(bn) is not None:
+        if len(parts) > 2 or batch_norm_reason(bn) is not None:
             return super().merge(level, parts)
         parts = crop_to_smallest(parts)
-        pad = level.up.conv.reflection_pad if _padded_input_fits(level.up, parts[-1]) else 0
+        pad = level.up.conv.reflection_pad if takes_padded_input(level.up, parts[-1]) else 0
         if len(parts) == 1:
             merged = batch_norm_act(parts[0], bn.weight, bn.bias, pad=pad, eps=bn.eps, negative_slope=1.0)
         else:
@@ -221,7 +193,7 @@ class PaddedBlocks(BlockOps):
 
     def _bn_act(self, m: ConvBNAct, y: torch.Tensor) -> torch.Tensor:
         """m's BatchNorm + activation on its conv's output y: one op where the ops compute them."""
-        slope = _negative_slope(m.act)
-        if slope is None or _batch_norm_reason(m.bn) is not None:
+        slope = leaky_relu_slope(m.act)
+        if slope is None or batch_norm_reason(m.bn) is not None:
             return m.act(m.bn(y))
         return batch_norm_act(y, m.bn.weight, m.bn.bias, eps=m.bn.eps, negative_slope=slope)

@@ -12,10 +12,10 @@
                   align_corners=False)
 
 Anything else (another activation or upsampling, a BatchNorm without affine parameters or one
-that normalises with running statistics in eval mode) takes the reference block op. The
-results match the reference's (tests/native/test_native_blocks.py); BatchNorm's running statistics are
-not updated, which DIP never reads. Without the extension every op computes the same thing
-with eager PyTorch ops (dipfast.native).
+that normalises with running statistics in eval mode: dipfast.nets.fusable's rules) takes the
+reference block op. The results match the reference's (tests/native/test_native_blocks.py);
+BatchNorm's running statistics are not updated, which DIP never reads. Without the extension
+every op computes the same thing with eager PyTorch ops (dipfast.native).
 """
 
 from __future__ import annotations
@@ -26,25 +26,8 @@ from dipfast import native
 from dipfast.native.batch_norm import batch_norm_act, batch_norm_act_reflect_pad, concat_batch_norm
 from dipfast.native.upsample import upsample_bilinear2x
 from dipfast.nets.blocks import BlockOps
-from dipfast.nets.layers import ConvBNAct, crop_to_smallest
-
-
-def _batch_statistics(bn: nn.Module) -> bool:
-    """Whether bn is an affine BatchNorm2d that normalises with the batch's statistics."""
-    return (
-        isinstance(bn, nn.BatchNorm2d)
-        and bn.affine
-        and (bn.training or not bn.track_running_stats or bn.running_mean is None)
-    )
-
-
-def _negative_slope(act: nn.Module) -> float | None:
-    """The activation as a LeakyReLU slope (1.0: none), or None if it is neither."""
-    if isinstance(act, nn.LeakyReLU):
-        return float(act.negative_slope)
-    if isinstance(act, nn.Identity):
-        return 1.0
-    return None
+from dipfast.nets.fusable import batch_norm_reason, leaky_relu_slope, takes_padded_input
+from dipfast.nets.layers import crop_to_smallest
 
 
 def _bilinear_x2(m: nn.Module) -> bool:
@@ -60,12 +43,6 @@ def _bilinear_x2(m: nn.Module) -> bool:
     )
 
 
-def _takes_padded_input(m: nn.Module) -> bool:
-    """Whether m is a ConvBNAct whose conv pads by reflection and has no downsampler, so it can
-    start from a buffer already padded by m.conv.reflection_pad (its nn.Conv2d has padding=0)."""
-    return isinstance(m, ConvBNAct) and m.conv.reflection_pad > 0 and m.conv.downsample is None
-
-
 class NativeBlocks(BlockOps):
     name = "native"
 
@@ -77,31 +54,30 @@ class NativeBlocks(BlockOps):
         return self._bn_act(m, m.conv(x))
 
     def conv_bn_act_pair(self, first, second, x):
-        slope = _negative_slope(first.act)
-        if slope is None or not _batch_statistics(first.bn) or not _takes_padded_input(second):
-            return super().conv_bn_act_pair(first, second, x)
+        y = first.conv(x)
+        slope = leaky_relu_slope(first.act)
+        if slope is None or batch_norm_reason(first.bn) is not None or not takes_padded_input(second, y):
+            return second(self._bn_act(first, y))
         bn = first.bn
-        padded = batch_norm_act_reflect_pad(
-            first.conv(x), bn.weight, bn.bias, second.conv.reflection_pad, bn.eps, slope
-        )
+        padded = batch_norm_act_reflect_pad(y, bn.weight, bn.bias, second.conv.reflection_pad, bn.eps, slope)
         return self._bn_act(second, second.conv.conv2d(padded))
 
     def merge(self, level, parts):
         bn = level.merge_bn
-        if len(parts) > 2 or not _batch_statistics(bn):
+        if len(parts) > 2 or batch_norm_reason(bn) is not None:
             return super().merge(level, parts)
-        pad = level.up.conv.reflection_pad if _takes_padded_input(level.up) else 0
+        parts = crop_to_smallest(parts)
+        pad = level.up.conv.reflection_pad if takes_padded_input(level.up, parts[-1]) else 0
         if len(parts) == 1:
             merged = batch_norm_act_reflect_pad(parts[0], bn.weight, bn.bias, pad, bn.eps, negative_slope=1.0)
         else:
-            skip, deeper = crop_to_smallest(parts)
-            merged = concat_batch_norm(skip, deeper, bn.weight, bn.bias, bn.eps, pad)
+            merged = concat_batch_norm(*parts, bn.weight, bn.bias, bn.eps, pad)
         return self._bn_act(level.up, level.up.conv.conv2d(merged)) if pad else level.up(merged)
 
     def _bn_act(self, m, y):
         """m's BatchNorm + activation on its conv's output y: fused where the ops take them."""
-        slope = _negative_slope(m.act)
-        if slope is None or not _batch_statistics(m.bn):
+        slope = leaky_relu_slope(m.act)
+        if slope is None or batch_norm_reason(m.bn) is not None:
             return m.act(m.bn(y))
         return batch_norm_act(y, m.bn.weight, m.bn.bias, m.bn.eps, slope)
 
