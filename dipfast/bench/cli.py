@@ -259,6 +259,12 @@ def _add_early_stop(sub) -> None:
         "--iters", type=positive_int, help="iterations recorded per image (default: 800 on CPU, 3000 on CUDA)"
     )
     e.add_argument("--limit", type=positive_int, help="at most this many images per task")
+    e.add_argument(
+        "--images",
+        nargs="+",
+        metavar="NAME",
+        help="only these images (e.g. F16 kate): a set recorded in parts into one --cache replays whole",
+    )
     e.add_argument("--sigma", type=float, help="the denoise task's noise sigma in 8-bit units (default: 25)")
     e.add_argument("--cache", help="a folder for the records (read if there, else written): replays are instant")
     e.add_argument("--net", default="preset", help="'preset' (each task's own net, default), 'default' or 'tiny'")
@@ -653,7 +659,7 @@ def _early_stop(args) -> int:
         spec.validate(iters)
     size = _auto("early-stop", "size", args.size, cuda)
     sigma = None if args.sigma is None else args.sigma / 255
-    cases = early_stop.load_cases(args.data, tasks, size, args.seed, args.limit, sigma)
+    cases = early_stop.load_cases(args.data, tasks, size, args.seed, args.limit, sigma, args.images)
     cache = Path(args.cache) if args.cache else None
     run = {"device": dev, "precision": args.precision, "backend": args.backend, "seed": args.seed}
     records = early_stop.record_cached(cases, iters, cache, progress=not args.quiet, net=args.net, **run)

@@ -95,21 +95,40 @@ def key_of(case: Case) -> str:
 
 
 def load_cases(
-    data_dir, tasks=TASKS, size: int | None = 64, seed: int = 0, limit: int | None = None, sigma: float | None = None
+    data_dir,
+    tasks=TASKS,
+    size: int | None = 64,
+    seed: int = 0,
+    limit: int | None = None,
+    sigma: float | None = None,
+    images: list[str] | None = None,
 ) -> list[Case]:
     """The cases of `tasks` (at most `limit` images each) from data_dir, or scikit-image's images when None;
-    sigma: the denoise task's noise, in [0, 1] units (None: the paper's 25/255)."""
+    sigma: the denoise task's noise, in [0, 1] units (None: the paper's 25/255); images: only these, by name.
+
+    Every image's fit starts from the same seed whichever images share its step (on the CPU, the same bits:
+    tests/test_group_invariance.py), so a set can be recorded in parts (images=...) into one cache and
+    replayed whole.
+    """
     if sigma is not None and not 0 < sigma < 1:
         raise InputError(f"the denoise noise sigma must be in (0, 255) 8-bit units; got {sigma * 255:g}")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise InputError(f"unknown early-stop task {unknown[0]!r}; valid: {list(TASKS)}")
+    names = BUNDLED_IMAGES if data_dir is None else list(dict.fromkeys(n for t in tasks for n, *_ in PAPER_IMAGES[t]))
+    unknown = [n for n in images or () if n not in names]
+    if unknown:
+        raise InputError(f"unknown image {unknown[0]!r} for --images; valid: {list(names)}")
+
+    def chosen(entries: list, name=lambda e: e[0]) -> list:
+        return [e for e in entries if images is None or name(e) in images][:limit]
+
     cases = []
     if data_dir is None:
         from skimage import data as skdata
 
         for task in tasks:
-            for fn in BUNDLED_IMAGES[:limit]:
+            for fn in chosen(BUNDLED_IMAGES, name=str):
                 img = Image.fromarray(getattr(skdata, fn)())
                 preset = "inpaint" if task == "inpaint" else PAPER_IMAGES[task][0][3]
                 cases.append(_case(task, fn, img, size, seed, f"skimage.data.{fn}", preset, sigma=sigma))
@@ -118,7 +137,7 @@ def load_cases(
     if not root.is_dir():
         raise InputError(f"--data {str(root)!r} is not a folder; give the paper's data folder (../shared/data/dip)")
     for task in tasks:
-        for name, rel, mask_rel, preset in PAPER_IMAGES[task][:limit]:
+        for name, rel, mask_rel, preset in chosen(PAPER_IMAGES[task]):
             if not (root / rel).is_file():
                 continue
             mask = data._open(root / mask_rel) if mask_rel else None

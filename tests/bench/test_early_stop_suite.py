@@ -218,11 +218,39 @@ def test_another_noise_level_is_its_own_case_and_its_own_record(tmp_path):
         early_stop.load_cases(tmp_path / "dip", ["denoise"], 32, sigma=300 / 255)
 
 
+def test_a_set_recorded_in_parts_replays_whole_with_the_records_of_one_step(tmp_path, monkeypatch):
+    """--images: each part records only its images; the whole set then reads every record from the cache,
+    and each record is the one a step of the whole set writes (each image's fit starts from the seed)."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    for rel, img in (("denoising/F16_GT.png", skdata.astronaut()), ("inpainting/kate.png", skdata.coffee())):
+        (tmp_path / "dip" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "dip" / rel)
+
+    def load(images=None):
+        return early_stop.load_cases(tmp_path / "dip", ["denoise"], 32, images=images)
+
+    assert [c.name for c in load(["kate"])] == ["kate"]
+    for part in (["kate"], ["F16"]):
+        early_stop.record_cached(load(part), 4, tmp_path / "parts", device="cpu", net="tiny")
+    whole = early_stop.record_cached(load(), 4, tmp_path / "whole", device="cpu", net="tiny")
+    monkeypatch.setattr(early_stop, "record", lambda *a, **k: pytest.fail("the cached set was recorded again"))
+    replayed = early_stop.record_cached(load(), 4, tmp_path / "parts", device="cpu", net="tiny")
+    assert sorted(replayed) == ["denoise/F16", "denoise/kate"]
+    for key, rec in whole.items():
+        np.testing.assert_array_equal(replayed[key].outputs, rec.outputs)
+    with pytest.raises(InputError, match=r"unknown image 'lena' for --images; valid: \['F16', 'kate', "):
+        load(["kate", "lena"])
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     assert main(["early-stop", "--data", str(tmp_path / "none"), "--quiet"]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert main(["early-stop", "--window", "50", "--iters", "20", "--quiet", "--data", str(tmp_path)]) == 2
     assert "window (50) is larger than iters (20)" in capsys.readouterr().err
+    assert main(["early-stop", "--images", "F16", "lena", "--quiet", "--data", str(tmp_path)]) == 2
+    assert "unknown image 'lena' for --images" in capsys.readouterr().err
 
 
 def test_criterion_cost_times_the_update_against_the_step():
