@@ -13,7 +13,8 @@ backtracking and the bf16 cast are one op each, not one per tensor). The generat
   where grouped convs are slower than separate ones.
 
 optionally under torch.compile. precision='bf16' runs it under autocast with the conv weights cast to
-bf16 once per step (in FlatParameters); the cropped output comes back in fp32.
+bf16 once per step (in FlatParameters); the cropped output comes back in fp32. Autocast never acts
+inside vmap, so the vectorised path casts its convolutions' operands itself (vmap_autocast).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dipfast.backends import Plan
 from dipfast.flat_parameters import FlatParameters, ModuleSlots
 from dipfast.nets.blocks import use_block_ops
 from dipfast.nets.layers import centre_crop
+from dipfast.vmap_autocast import bf16_convolutions
 
 RECOMPILE_LIMIT = 64  # Dynamo variants per code object: a benchmark process compiles dozens of fits
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dipfast" / "inductor"
@@ -69,7 +71,8 @@ class GeneratorRunner:
         return channels_last_stacked(t) if self.channels_last else t
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        with self.plan.autocast(self.device), _compile_settings(self.plan.compile):
+        in_vmap = bf16_convolutions() if self.vectorised and self.plan.precision == "bf16" else contextlib.nullcontext()
+        with self.plan.autocast(self.device), in_vmap, _compile_settings(self.plan.compile):
             out = self._generate(self.flat.buffers, self.buffers, z)
         return centre_crop(out[:, 0].float(), self.out_size)
 
