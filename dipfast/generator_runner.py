@@ -52,7 +52,7 @@ class GeneratorRunner:
     ):
         self.plan, self.device, self.out_size, self.vectorised = plan, device, out_size, vectorised
         params, buffers = stack_module_state(networks)
-        self.channels_last = plan.channels_last and not vectorised  # grouped convs stay NCHW
+        self.channels_last = plan.channels_last(device) and not vectorised  # grouped convs stay NCHW
         cast = torch.bfloat16 if plan.precision == "bf16" else None  # autocast's, done once per step
         self.flat = FlatParameters(params, networks[0], device, cast, self.channels_last)
         self.buffers = {k: v.to(device) for k, v in buffers.items()}

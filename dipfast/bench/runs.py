@@ -113,7 +113,7 @@ def method_context(method: str):
     if method == NATIVE_EAGER:
         return native.disabled()
     if method == NATIVE_NCHW:
-        return backends.variant("native", channels_last_bf16=False)
+        return backends.variant("native", channels_last_bf16=frozenset())
     if method == NATIVE_PADDED:
         return backends.variant("native", blocks={**backends.BACKEND_TABLE["native"].blocks, "cuda": "padded"})
     if method == COMPILE_FORCED_LAYOUT:

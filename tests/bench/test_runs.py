@@ -36,7 +36,7 @@ def test_native_nchw_runs_the_bf16_step_without_channels_last(monkeypatch, np_rn
             runs.api.restore(image, iters=1, backend=runs.backend_of(method), precision="bf16", device="cpu",
                             progress=False, **runs.net_overrides("tiny", "denoise"))  # fmt: skip
     assert layouts == [True, False]
-    assert backends.resolve("native", "bf16", cpu).channels_last
+    assert backends.resolve("native", "bf16", cpu).channels_last(cpu)
 
 
 @pytest.mark.parametrize("method", ["reference", "original-loop"])
