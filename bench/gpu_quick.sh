@@ -29,8 +29,9 @@
 #   triton        issue 13: the triton backend's throughput in tf32 and fp32 (bf16: `throughput`) 80
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
 #                 the original loop against the fastest path, 1800 iterations                    150
-#   tests         the rest of the suite's CUDA tests (test_backends, test_api, test_engine,
-#                 test_early_stop_wiring (the criterion in the CUDA graph), tests/bench)        120
+#   tests         the rest of the suite's CUDA tests (test_cuda_restore: restore() on the GPU;
+#                 test_backends, test_early_stop_wiring (the criterion in the CUDA graph),
+#                 test_group_invariance, test_vmap_autocast, tests/bench)                       120
 #   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
 #                 recorded, the calibrated rules replayed, and the criterion's cost at 512 px    240
 # That is about 19 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
@@ -129,8 +130,8 @@ else
     TRITON_CONFIGS=(triton:tf32 triton:fp32)
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)
-    TESTS=(tests/test_backends.py tests/test_api.py tests/test_engine.py tests/test_early_stop_wiring.py
-           tests/test_noise_level.py tests/test_group_invariance.py tests/bench --ignore=tests/bench/test_gpu_quick.py)
+    TESTS=(tests/test_cuda_restore.py tests/test_backends.py tests/test_early_stop_wiring.py tests/test_group_invariance.py
+           tests/test_noise_level.py tests/test_vmap_autocast.py tests/bench --ignore=tests/bench/test_gpu_quick.py)
     EARLY_STOP=(--size 256 --iters 2000 --cost 512)
     declare -A LIMIT=([install]=90 [environment]=30 [throughput]=270 [profile]=90 [batch]=90 [tasks]=120
                       [parity]=120 [ops]=90 [triton]=120 [time-to-psnr]=200 [tests]=150 [early-stop]=240)

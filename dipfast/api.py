@@ -14,7 +14,7 @@ import torch
 from dipfast import backends, early_stop, engine, images, memory, tile_choice
 from dipfast.backends import BACKENDS, BATCHED_BACKENDS, PRECISIONS  # noqa: F401  (re-exported: the harness lists them)
 from dipfast.early_stop import STOPS, EarlyStopSpec
-from dipfast.errors import InputError, InputTypeError
+from dipfast.errors import GraphCaptureError, InputError, InputTypeError
 from dipfast.fit_io import Result, problem_of, result_of
 from dipfast.presets import SR_SCALES, TaskPreset, apply_overrides
 from dipfast.tasks import TASKS, Task, preset_for, task_named
@@ -143,17 +143,26 @@ def restore(
         memory.check_fits(
             preset_obj.net, input_shape[0], n_channels, input_shape[1:], n_networks, plan.precision, dev, stop_rule
         )
-        done = engine.fit_many(
-            [problems[k] for k, _ in members],
-            preset_obj,
-            device=dev,
-            seeds=[seed + r for _, r in members],
-            progress=progress,
-            callback=callback,
-            report_every=report_every,
-            plan=plan,
-            early_stop=stop_rule,
-        )
+        try:
+            done = engine.fit_many(
+                [problems[k] for k, _ in members],
+                preset_obj,
+                device=dev,
+                seeds=[seed + r for _, r in members],
+                progress=progress,
+                callback=callback,
+                report_every=report_every,
+                plan=plan,
+                early_stop=stop_rule,
+            )
+        except GraphCaptureError as error:
+            if not custom:
+                raise
+            raise InputError(
+                f"operator= or loss= could not be captured in a CUDA graph ({error.reason}): "
+                "it must be a pure tensor function (no .item(), .cpu(), printing or Python-side state); "
+                "or pass backend='reference', which runs without a graph"
+            ) from error
         fits.update(zip(members, done))
 
     results = [

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dipfast.errors import GraphCaptureError
+
 WARMUP = 3  # eager calls before the capture: cuDNN's search needs >= 2 at each shape, compile 1
 
 
@@ -62,12 +64,23 @@ class GraphedStep:
         for generator in self.generators:
             graph.register_generator_state(generator)
         self.before_capture()
-        with torch.cuda.graph(graph), _cudnn_benchmark():
-            self.step()
+        try:
+            with torch.cuda.graph(graph), _cudnn_benchmark():
+                self.step()
+        except RuntimeError as error:  # torch.AcceleratorError too
+            raise GraphCaptureError(_first_cause(error)) from error
         torch.cuda.synchronize(self.device)
         self.graph = graph
         self.captures += 1
         self.capture_seconds = time.perf_counter() - start
+
+
+def _first_cause(error: BaseException) -> BaseException:
+    """The error raised inside the capture: the capture's end raises its own ("operation failed due to a previous
+    error during capture") over it, with the first one as its context."""
+    while error.__context__ is not None:
+        error = error.__context__
+    return error
 
 
 @contextlib.contextmanager

@@ -15,3 +15,19 @@ class InputTypeError(InputError, TypeError):
 
 class NumericalError(RuntimeError):
     """The fit went non-finite (NaN or inf loss): stopped, with the iteration and the settings to change."""
+
+
+class GraphCaptureError(RuntimeError):
+    """The step could not be captured as a CUDA graph: `cause` is the first error raised inside the capture."""
+
+    def __init__(self, cause: BaseException):
+        self.cause = cause
+        super().__init__(
+            f"capturing the fit's step in a CUDA graph failed: {self.reason}; backend='reference' runs without one"
+        )
+
+    @property
+    def reason(self) -> str:
+        """The cause's first line (CUDA's messages go on with advice about CUDA_LAUNCH_BLOCKING)."""
+        text = str(self.cause).strip()
+        return text.splitlines()[0] if text else type(self.cause).__name__

@@ -19,6 +19,27 @@ from dipfast.nets import SkipSpec
 TINY_NET = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
 TINY = {"net": TINY_NET, "input_depth": 4}  # restore() overrides
 FAST = {"progress": False, **TINY}  # restore(x, iters=3, **FAST)
+# CUDA's reflection-pad and bilinear-upsample backward kernels add with atomics (PyTorch lists both as
+# nondeterministic), so two runs of one fit differ in their last bits there (H200,
+# bench/results/2026-12-04-h200-504226cc86/). The tiny net without them, under deterministic_algorithms(),
+# is what a bit-for-bit promise can be tested with on CUDA.
+DETERMINISTIC_NET = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2), pad="zero",
+                             upsample_mode="nearest")  # fmt: skip
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms inside (cuDNN picks deterministic algorithms; an op without a
+    deterministic CUDA kernel raises), the previous setting restored after."""
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def make_rng(key: str) -> np.random.Generator:

@@ -13,6 +13,9 @@ import pytest
 import torch
 from _helpers import make_rng, torch_threads
 
+# cuBLAS needs a fixed workspace for the CUDA tests under deterministic_algorithms() (_helpers.py)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 if not torch.cuda.is_available():
     _saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -23,6 +26,18 @@ if not torch.cuda.is_available():
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = _saved
+
+
+@pytest.fixture
+def auto_device_is_the_cpu(monkeypatch):
+    """restore()'s device='auto' is the CPU, on a GPU machine too: for the suites whose expectations are CPU
+    tensors, the CPU's bit-for-bit reruns and operators with Python-side state, none of which holds for a fit
+    on CUDA (its captured step does not re-run Python, and its atomics change the last bits between runs).
+    Their CUDA counterparts name device='cuda' (tests/test_cuda_restore.py and the CUDA-only tests)."""
+    from dipfast import api
+
+    resolve = api.resolve_device
+    monkeypatch.setattr(api, "resolve_device", lambda device: resolve("cpu" if device == "auto" else device))
 
 
 @pytest.fixture(autouse=True)

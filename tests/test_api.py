@@ -17,11 +17,13 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import dipfast
 from dipfast.backends import AUTO
+from dipfast.cuda_graph import _first_cause
+from dipfast.errors import GraphCaptureError
 from dipfast.operators import Lanczos2Decimation, bernoulli_mask
 from dipfast.presets import PRESETS
 
 # Tiny nets on a shared 2-core machine: one torch thread is 10-20x faster than two competing.
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "auto_device_is_the_cpu")
 
 
 def _steps(image, task="denoise", **kwargs):
@@ -217,6 +219,42 @@ def test_custom_loss_replaces_the_data_term(np_rng):
     assert shapes == [(1, 3, 10, 10)] * 5
     assert [row.loss for row in r.history] == pytest.approx(values, rel=1e-7)
     assert r.image.shape == x.shape
+
+
+CAPTURE_FAILED = RuntimeError(  # what torch raised on an H200 for a loss calling .item() inside the capture
+    "CUDA error: operation not permitted when stream is capturing\nSearch for `cudaErrorStreamCaptureUnsupported'"
+)
+
+
+@pytest.mark.parametrize("custom", [{"loss": lambda out: out.mean()}, {"operator": lambda out: out}, {}])
+def test_a_step_the_cuda_graph_cannot_capture_is_one_line(np_rng, monkeypatch, custom):
+    """A user's operator= or loss= that syncs (.item()) is the user's to fix: an InputError saying what a captured
+    step needs; without one, the capture error names its cause and the backend that runs without a graph. The
+    capture itself needs CUDA (tests/test_cuda_restore.py): here the engine raises what the capture raises."""
+
+    def fit_many(*args, **kwargs):
+        raise GraphCaptureError(CAPTURE_FAILED)
+
+    monkeypatch.setattr(dipfast.engine, "fit_many", fit_many)
+    expected = dipfast.InputError if custom else GraphCaptureError
+    with pytest.raises(expected) as info:
+        dipfast.restore(random_image(np_rng, 8, 8, 3), "custom" if custom else "denoise", iters=2, **custom, **FAST)
+    message = str(info.value)
+    assert "\n" not in message and "operation not permitted when stream is capturing" in message
+    assert "backend='reference'" in message
+    assert ("pure tensor function" in message) == bool(custom)
+
+
+def test_a_capture_error_keeps_the_first_error_raised_inside_the_capture():
+    """torch.cuda.graph's exit raises its own error over the one raised inside (the first is its context)."""
+    assert _first_cause(CAPTURE_FAILED) is CAPTURE_FAILED
+    try:
+        try:
+            raise CAPTURE_FAILED
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # noqa: B904
+    except RuntimeError as error:
+        assert _first_cause(error) is CAPTURE_FAILED
 
 
 # ---------------------------------------------------------------------------------------------

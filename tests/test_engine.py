@@ -21,7 +21,7 @@ SQRT10 = 10**0.5
 
 
 # Tiny nets on a shared 2-core machine: one torch thread is 10-20x faster than two competing.
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "auto_device_is_the_cpu")
 
 
 def _reference_step(backtracking, *, size=8, loss=None, lr=0.01, seed=0, report_every=8, ema=0.99):

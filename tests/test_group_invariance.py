@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from _helpers import FAST, TINY_NET, random_image
+from _helpers import DETERMINISTIC_NET, FAST, TINY_NET, deterministic_algorithms, random_image
 
 import dipfast
 from dipfast import backends, engine, fast_step
@@ -49,11 +49,13 @@ def _problems(rng: torch.Generator, h=16, w=12) -> list[engine.Problem]:
     return [one() for _ in SEEDS]
 
 
-def _run(plan, problems, members: list[int], vectorised=None, iters=ITERS, device=CPU) -> fast_step.FastStep:
+def _run(
+    plan, problems, members: list[int], vectorised=None, iters=ITERS, device=CPU, preset=PRESET
+) -> fast_step.FastStep:
     """The fast step of the images `members` (in that order), each with its own seed, after `iters` steps."""
     chosen, seeds = [problems[k] for k in members], [SEEDS[k] for k in members]
-    built, zs = fast_step.build_nets(chosen, PRESET, seeds)
-    step = fast_step.FastStep(built, zs, chosen, PRESET, device, seeds, ITERS, plan, vectorised=vectorised)
+    built, zs = fast_step.build_nets(chosen, preset, seeds)
+    step = fast_step.FastStep(built, zs, chosen, preset, device, seeds, ITERS, plan, vectorised=vectorised)
     with engine.ieee_fp32():
         for _ in range(iters):
             step()
@@ -111,12 +113,16 @@ def test_restore_of_a_list_returns_each_image_as_restored_alone(np_rng):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_on_cuda_the_per_network_group_fits_alike_alone(rng, precision):
     """On CUDA the per-network path (vectorised=False; the default vmaps N > 1) under the CUDA graph: the
-    same promise as on the CPU, which also needs cuDNN to pick the same algorithms for every network."""
+    same promise as on the CPU, which also needs cuDNN to pick the same algorithms for every network, and
+    deterministic kernels: the net without reflection pads and bilinear upsampling, whose CUDA backward
+    kernels add with atomics (_helpers.DETERMINISTIC_NET)."""
     cuda = torch.device("cuda")
     plan = backends.resolve("native", precision, cuda)
     problems = _problems(rng, 64, 48)
-    alone = [_run(plan, problems, [k], device=cuda) for k in range(len(SEEDS))]
-    for members in ([2, 0], [0, 1, 2]):
-        together = _run(plan, problems, members, vectorised=False, device=cuda)
-        for row, k in enumerate(members):
-            _assert_row_is_alone(together, row, alone[k])
+    preset = dataclasses.replace(PRESET, net=DETERMINISTIC_NET)
+    with deterministic_algorithms():
+        alone = [_run(plan, problems, [k], device=cuda, preset=preset) for k in range(len(SEEDS))]
+        for members in ([2, 0], [0, 1, 2]):
+            together = _run(plan, problems, members, vectorised=False, device=cuda, preset=preset)
+            for row, k in enumerate(members):
+                _assert_row_is_alone(together, row, alone[k])

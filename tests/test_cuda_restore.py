@@ -1,0 +1,63 @@
+"""restore() on CUDA, through the public call: what the CPU suites (tests/test_api.py, which pin device='auto'
+to the CPU) cannot show. Each needs a GPU; bench/gpu_quick.sh's `tests` step runs them."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import FAST, random_image
+
+import dipfast
+from dipfast import backends
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: restore() on the GPU")
+
+
+def test_auto_is_native_bf16_on_a_gpu_with_bf16_hardware(np_rng):
+    r = dipfast.restore(random_image(np_rng, 16, 16, 3), iters=2, device="cuda", **FAST)
+    assert r.backend == "native" and r.device.startswith("cuda")
+    assert r.precision == ("bf16" if backends.bf16_native(torch.device("cuda")) else "fp32")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_list_of_images_runs_vectorised_in_each_precision(np_rng, precision):
+    """N > 1 images of one size share a vmapped step on CUDA; in bf16 it raised before dipfast.vmap_autocast
+    (H200, bench/results/2026-12-04-h200-504226cc86/)."""
+    images = [random_image(np_rng, 24, 20, 3) for _ in range(3)]
+    results = dipfast.restore(images, iters=4, device="cuda", backend="native", precision=precision, **FAST)
+    assert [r.image.shape for r in results] == [(24, 20, 3)] * 3
+    assert all(np.isfinite(r.image).all() for r in results)
+    assert not np.array_equal(results[0].image, results[1].image)
+
+
+def test_a_custom_operator_with_its_tensors_on_the_gpu(np_rng):
+    """Each reported loss is the MSE of the operator's output against the image, computed again here."""
+    x = random_image(np_rng, 12, 12, 3)
+    k = torch.full((3, 1, 3, 3), 1 / 9, device="cuda")
+
+    def blur(t):
+        return F.conv2d(F.pad(t, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+
+    seen = []
+    r = dipfast.restore(x, "custom", operator=blur, iters=6, device="cuda", report_every=1,
+                        callback=lambda p: seen.append((p.loss, p.image.clone())), **FAST)  # fmt: skip
+    target = torch.from_numpy(x.transpose(2, 0, 1)).cuda()[None]
+    assert r.image.shape == x.shape and len(seen) == 6
+    for loss, out in seen:
+        assert loss == pytest.approx(F.mse_loss(blur(out.cuda()), target).item(), rel=1e-4)
+
+
+def test_a_loss_that_reads_the_host_is_a_one_line_error(np_rng):
+    """.item() inside loss= cannot be captured in a CUDA graph: the error says so, and what runs instead."""
+
+    def loss(out):
+        v = ((out - 0.25) ** 2).mean()
+        v.item()
+        return v
+
+    with pytest.raises(dipfast.InputError, match="pure tensor function") as info:
+        dipfast.restore(random_image(np_rng, 10, 10, 3), "custom", loss=loss, iters=5, device="cuda", **FAST)
+    assert "\n" not in str(info.value) and "backend='reference'" in str(info.value)
+    r = dipfast.restore(random_image(np_rng, 10, 10, 3), "custom", loss=loss, iters=5, device="cuda",
+                        backend="reference", **FAST)  # fmt: skip
+    assert np.isfinite(r.image).all()
