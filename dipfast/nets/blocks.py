@@ -42,6 +42,13 @@ class BlockOps:
         return level.up(level.merge_bn(level.concat(parts)))
 
     def upsample(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # In x's dtype: CUDA's autocast runs upsample_bilinear2d in fp32, and with it every op of the merge
+        # after it (concat, BatchNorm, LeakyReLU, pad) and casts both ways: over 1.5 of the 11.9 ms of a bf16
+        # step on an H200 (bench/results/2026-12-04-h200-504226cc86/profile). Outside autocast nothing changes.
+        kind = x.device.type
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+            with torch.autocast(kind, enabled=False):
+                return m(x)
         return m(x)
 
     def __repr__(self) -> str:

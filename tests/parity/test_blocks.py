@@ -223,3 +223,17 @@ def test_autocast_runs_the_kernels_on_bf16_operands(rng, device, monkeypatch, to
     grads = torch.autograd.grad(out.float(), list(net.parameters()), torch.randn(out.shape, generator=rng).to(device))
     for (name, p), grad in zip(net.named_parameters(), grads, strict=True):
         assert grad.dtype == p.dtype == torch.float32 and torch.isfinite(grad).all(), name
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_the_reference_upsample_keeps_its_inputs_dtype_under_autocast(rng, device, mode):
+    """CUDA's autocast would run upsample_bilinear2d in fp32 and carry the merge after it in fp32 (the H200
+    profile); the block runs it in its input's dtype, with the bits of the op called outside autocast."""
+    from dipfast.nets.layers import upsample
+
+    m = upsample(mode)
+    x = torch.randn(2, 5, 7, 9, generator=rng).to(device).bfloat16()
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        y = BlockOps().upsample(m, x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 14, 18)
+    assert torch.equal(y, m(x))
