@@ -124,6 +124,12 @@ class Plan:
         pass (dipfast.kernels.lanczos2_mse): where the blocks are the Triton kernels."""
         return self.spec.blocks[device.type] == "triton"
 
+    def step_math(self):
+        """The whole step's context, backward included: tf32's TF32 switches, else nothing. (Inside autocast()
+        alone, the forward's, the backward's convolutions ran IEEE fp32: 5.5 of the 16.7 ms of an H200's
+        tf32 step in cuDNN's FFMA dgrad kernel, bench/results/2026-12-04-h200-504226cc86/profile.)"""
+        return conv_precision(tf32=True, cudnn_benchmark=None) if self.precision == "tf32" else contextlib.nullcontext()
+
     def autocast(self, device: torch.device):
         """The forward's context: bf16 autocast, or the fp32 flavour's TF32 switches."""
         if self.precision == "bf16":
@@ -131,7 +137,7 @@ class Plan:
             # CUDA-graph notes), and each weight is cast once per forward anyway
             return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
         if self.precision == "tf32":
-            return conv_precision(tf32=True)
+            return conv_precision(tf32=True, cudnn_benchmark=None)
         return contextlib.nullcontext()
 
 
@@ -151,13 +157,15 @@ REFERENCE_PLAN = Plan("reference", "fp32", compile=False, cuda_graph=False, fuse
 
 
 @contextlib.contextmanager
-def conv_precision(tf32: bool, cudnn_benchmark: bool = False):
+def conv_precision(tf32: bool, cudnn_benchmark: bool | None = False):
     """TF32 on or off for cuDNN convolutions and CUDA matmuls (and what reads those flags: the Triton
-    kernels, Inductor's conv template), restored afterwards."""
+    kernels, Inductor's conv template), restored afterwards. cudnn_benchmark: cudnn.benchmark inside; None
+    leaves it as it is (a step's TF32 switch must not undo the benchmark its CUDA graph's warm-up runs with)."""
     matmul = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
+    benchmark = torch.backends.cudnn.benchmark if cudnn_benchmark is None else cudnn_benchmark
     try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=cudnn_benchmark, deterministic=False, allow_tf32=tf32):
+        with torch.backends.cudnn.flags(enabled=True, benchmark=benchmark, deterministic=False, allow_tf32=tf32):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul

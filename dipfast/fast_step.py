@@ -132,10 +132,11 @@ class FastStep(step_rules.AfterBackward):
         if self.preset.reg_noise_std > 0:
             self.input_noise.draw_(self.noise, self.iteration, self.preset.reg_noise_std)
             torch.add(self.z, self.noise, out=self.net_input)  # z + (n * std), the reference's rounding
-        out = self.runner(self.net_input)
-        losses = self._losses(out)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
+        with self.plan.step_math():
+            out = self.runner(self.net_input)
+            losses = self._losses(out)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
         self.after_backward(out, losses.detach())
 
     def _held(self) -> list[torch.Tensor]:

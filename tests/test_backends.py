@@ -434,3 +434,35 @@ def test_the_result_reports_the_cold_start(np_rng):
     r = dipfast.restore(random_image(np_rng, 8, 8), iters=3, backend="native", precision="fp32", **FAST)
     assert 0 < r.extras["first_step_seconds"] <= r.seconds
     assert "capture_seconds" not in r.extras  # no CUDA graph on the CPU
+
+
+@pytest.mark.parametrize("precision", ["tf32", "fp32"])
+def test_tf32_reaches_the_backward_and_keeps_the_cudnn_benchmark(monkeypatch, precision):
+    """The whole fast step runs under the plan's TF32 switches, its backward too (the H200 profile showed the
+    tf32 step's backward convolutions in IEEE fp32), and they leave cudnn.benchmark as the step finds it (the
+    CUDA graph's warm-up turns it on). The flags are read where the backward runs; a CPU has them too."""
+    seen = []
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    plan = _plan("native", precision)
+    problem = engine.Problem(input_shape=(4, 12, 10), z=None, out_size=(12, 10), n_channels=3,
+                             y=torch.rand(1, 3, 12, 10), target=None)  # fmt: skip
+    preset = dataclasses.replace(PRESETS["denoise"], net=TINY_NET, input_depth=4)
+    built, zs = fast_step.build_nets([problem], preset, [0])
+    step = fast_step.FastStep(built, zs, [problem], preset, CPU, [0], 4, plan)
+    losses = step._losses
+
+    def hooked(out):
+        out.register_hook(lambda grad: seen.append(_flags()))
+        return losses(out)
+
+    monkeypatch.setattr(step, "_losses", hooked)
+    with engine.ieee_fp32(cudnn_benchmark=True):  # what the fit loop and the graph's warm-up set around a step
+        step()
+        after = _flags()
+    tf32 = precision == "tf32"
+    assert seen == [(tf32, tf32, True)]
+    assert after == (False, False, True)
+
+
+def _flags() -> tuple[bool, bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
