@@ -18,15 +18,12 @@ accumulation and fp32 BatchNorm statistics, returning bf16; BatchNorm's paramete
 Otherwise the input's dtype rules: fp32 with TF32 dots when torch.backends.cudnn.allow_tf32 (the kernels' flag,
 dipfast.kernels.conv_bn_lrelu.tf32_enabled), IEEE dots when not (dipfast.engine.ieee_fp32).
 
-PaddedBlocks is the native and compile backends' BlockOps on CUDA: NativeBlocks' structure (dipfast.native.blocks)
-with the Triton ops of batch_norm_act.py for its BatchNorms, torch's (cuDNN's) convolutions and torch's upsample:
-    conv_bn_act(m, x)       the module's PadConv, then batch_norm_act (BatchNorm + LeakyReLU, or BatchNorm alone for
-                            nn.Identity)
-    conv_bn_act_pair        the first block's BatchNorm + LeakyReLU written reflection-padded in the conv output's
-                            layout; the second block's nn.Conv2d reads that buffer with padding=0, so no pad op runs
-    merge                   concat_batch_norm over (skip, deeper) straight into the buffer level.up's conv reads,
-                            padded (batch_norm_act without activation for a level with no skip)
-    upsample                inherited: the reference nn.Upsample
+PaddedBlocks (the harness's native-padded on CUDA: Backend.blocks 'padded') is dipfast.nets.padded_writes'
+structure, which NativeBlocks shares, with the Triton ops of batch_norm_act.py for its BatchNorms, torch's (cuDNN's)
+convolutions and torch's upsample:
+    bn_act                  batch_norm_act (BatchNorm + LeakyReLU, or BatchNorm alone), written reflection-padded
+                            in the conv output's layout where a conv reads it (which then runs with padding=0)
+    concat_bn               concat_batch_norm over (skip, deeper) straight into the buffer level.up's conv reads
 A block whose BatchNorm or activation the ops do not compute (another activation, BatchNorm in eval mode with
 running statistics, no affine parameters) or whose next conv does not pad by reflection takes the reference
 computation, by the rules NativeBlocks follows too (dipfast.nets.fusable). Off the Triton path
@@ -46,8 +43,9 @@ from dipfast.kernels.batch_norm_act import batch_norm_act, concat_batch_norm
 from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
 from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
 from dipfast.nets.blocks import BlockOps
-from dipfast.nets.fusable import batch_norm_reason, leaky_relu_slope, takes_padded_input
+from dipfast.nets.fusable import batch_norm_reason
 from dipfast.nets.layers import ConvBNAct, crop_to_smallest
+from dipfast.nets.padded_writes import PaddedWrites
 
 if TYPE_CHECKING:
     from dipfast.nets.skip import SkipLevel
@@ -162,38 +160,14 @@ class TritonBlocks(BlockOps):
         )
 
 
-class PaddedBlocks(BlockOps):
-    """Each BatchNorm + activation by batch_norm_act.py's ops, written padded for the conv that reads it."""
+class PaddedBlocks(PaddedWrites):
+    """Each BatchNorm + activation by batch_norm_act.py's ops, written padded for the conv that reads it
+    (the structure: dipfast.nets.padded_writes)."""
 
     name = "padded"
 
-    def conv_bn_act(self, m: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
-        return self._bn_act(m, m.conv(x))
+    def bn_act(self, y: torch.Tensor, bn: nn.BatchNorm2d, slope: float, pad: int) -> torch.Tensor:
+        return batch_norm_act(y, bn.weight, bn.bias, pad=pad, eps=bn.eps, negative_slope=slope)
 
-    def conv_bn_act_pair(self, first: ConvBNAct, second: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
-        y = first.conv(x)
-        slope = leaky_relu_slope(first.act)
-        if slope is None or batch_norm_reason(first.bn) is not None or not takes_padded_input(second, y):
-            return second(self._bn_act(first, y))
-        bn = first.bn
-        padded = batch_norm_act(y, bn.weight, bn.bias, pad=second.conv.reflection_pad, eps=bn.eps, negative_slope=slope)
-        return self._bn_act(second, second.conv.conv2d(padded))
-
-    def merge(self, level: SkipLevel, parts: list[torch.Tensor]) -> torch.Tensor:
-        bn = level.merge_bn
-        if len(parts) > 2 or batch_norm_reason(bn) is not None:
-            return super().merge(level, parts)
-        parts = crop_to_smallest(parts)
-        pad = level.up.conv.reflection_pad if takes_padded_input(level.up, parts[-1]) else 0
-        if len(parts) == 1:
-            merged = batch_norm_act(parts[0], bn.weight, bn.bias, pad=pad, eps=bn.eps, negative_slope=1.0)
-        else:
-            merged = concat_batch_norm(*parts, bn.weight, bn.bias, pad=pad, eps=bn.eps)
-        return self._bn_act(level.up, level.up.conv.conv2d(merged)) if pad else level.up(merged)
-
-    def _bn_act(self, m: ConvBNAct, y: torch.Tensor) -> torch.Tensor:
-        """m's BatchNorm + activation on its conv's output y: one op where the ops compute them."""
-        slope = leaky_relu_slope(m.act)
-        if slope is None or batch_norm_reason(m.bn) is not None:
-            return m.act(m.bn(y))
-        return batch_norm_act(y, m.bn.weight, m.bn.bias, eps=m.bn.eps, negative_slope=slope)
+    def concat_bn(self, skip: torch.Tensor, deeper: torch.Tensor, bn: nn.BatchNorm2d, pad: int) -> torch.Tensor:
+        return concat_batch_norm(skip, deeper, bn.weight, bn.bias, pad=pad, eps=bn.eps)
