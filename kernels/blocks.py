@@ -37,9 +37,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dipfast.kernels.batch_norm_act import batch_norm_act, concat_batch_norm
+from dipfast.kernels.batch_norm_act import batch_norm_act, concat_batch_norm, layout
 from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
 from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
 from dipfast.nets.blocks import BlockOps
@@ -171,3 +172,13 @@ class PaddedBlocks(PaddedWrites):
 
     def concat_bn(self, skip: torch.Tensor, deeper: torch.Tensor, bn: nn.BatchNorm2d, pad: int) -> torch.Tensor:
         return concat_batch_norm(skip, deeper, bn.weight, bn.bias, pad=pad, eps=bn.eps)
+
+    def conv(self, m: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
+        pad_conv = m.conv
+        if not pad_conv.reflection_pad or layout(x) != torch.channels_last:
+            return pad_conv(x)
+        # torch's CUDA reflection pad writes NCHW whatever its input (ReflectionPad.cu calls contiguous(), the
+        # H200 run's one parity failure): the conv reads the input's layout, as it does the padded writes
+        padded = F.pad(x, (pad_conv.reflection_pad,) * 4, mode="reflect").contiguous(memory_format=torch.channels_last)
+        y = pad_conv.conv2d(padded)
+        return pad_conv.downsample(y) if pad_conv.downsample is not None else y

@@ -7,6 +7,7 @@ which result is written padded for which conv, and every fallback to the referen
     bn_act(y, bn, slope, pad)            BatchNorm `bn` of y (training statistics, affine) then LeakyReLU of
                                          `slope` (1.0: none), written with a reflection pad of `pad` (0: none)
     concat_bn(skip, deeper, bn, pad)     BatchNorm `bn` of torch.cat((skip, deeper), 1), written padded
+    conv(m, x)                           optional: m's PadConv where x comes unpadded (default: the module's)
 
     conv_bn_act       the module's own PadConv, then bn_act
     conv_bn_act_pair  the first block's bn_act written padded for the second's conv, which reads that buffer
@@ -34,11 +35,15 @@ class PaddedWrites(BlockOps):
     def concat_bn(self, skip: torch.Tensor, deeper: torch.Tensor, bn: nn.BatchNorm2d, pad: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def conv(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """m's PadConv on an input nobody wrote padded (a level's input): the module's own pad."""
+        return m.conv(x)
+
     def conv_bn_act(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self._bn_act(m, m.conv(x))
+        return self._bn_act(m, self.conv(m, x))
 
     def conv_bn_act_pair(self, first: nn.Module, second: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        y = first.conv(x)
+        y = self.conv(first, x)
         slope = leaky_relu_slope(first.act)
         if slope is None or batch_norm_reason(first.bn) is not None or not takes_padded_input(second, y):
             return second(self._bn_act(first, y))

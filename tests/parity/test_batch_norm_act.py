@@ -321,9 +321,15 @@ def test_net_on_padded_blocks_matches_float64_reference(rng, device, tol):
     _assert_net_parity(net, z, rng, {}, tol, ops=PaddedBlocks())
 
 
-def test_padded_blocks_run_no_pad_before_the_convs_they_feed(rng, device):
+@pytest.mark.parametrize("nchw_pad", [False, True], ids=["pad-keeps-layout", "pad-writes-nchw"])
+def test_padded_blocks_run_no_pad_before_the_convs_they_feed(rng, device, monkeypatch, nchw_pad):
     """The reference net pads before each of its six 3x3 convs (test_nets.py counts them); PaddedBlocks only before
-    the two strided down convs, whose input the 1x1 skip conv reads unpadded. Every conv reads channels_last."""
+    the two strided down convs, whose input the 1x1 skip conv reads unpadded. Every conv reads channels_last, also
+    where the reflection pad writes NCHW whatever its input, as CUDA's does (emulated here on any device: two of
+    the convs read NCHW on an H200)."""
+    if nchw_pad:
+        pad = torch.nn.functional.pad
+        monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: pad(*a, **k).contiguous())
     net = use_block_ops(_net(rng).to(device).to(memory_format=torch.channels_last), PaddedBlocks())
     z = torch.rand(1, 4, 9, 9, generator=rng).to(device).contiguous(memory_format=torch.channels_last)
     layouts = []
