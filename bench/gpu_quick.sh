@@ -16,29 +16,28 @@
 #                 install itself fails, again with DIPFAST_NO_NATIVE=1; PYTHONPATH as well)       25-40
 #   environment   GPU, driver, torch/CUDA/cuDNN/triton versions, commit, native ops, nvidia-smi     5
 #   throughput    512 x 512, batch 1, default net, in one harness run: native fp32 / tf32 / bf16,
-#                 native-nchw bf16 (bf16 without channels_last), native-padded bf16 / tf32 (BatchNorm +
-#                 LeakyReLU by the Triton kernels that write the conv's pad), the original loop as the paper ran
-#                 it (IEEE fp32) and under today's PyTorch default (TF32 convolutions), compile bf16
-#                 with Inductor's layout rule and with its layout optimisation forced on the backward
-#                 graph too, triton bf16 (each compiled path compiles for about a minute)          200
-#   profile       dipfast bench profile of the two fastest paths of `throughput`                 50
-#   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           50
-#   tasks         every task through restore() on each fast backend, tiny net (bench/gpu_tasks.py) 80
-#   parity        issue 13: the CUDA parity tests, real shapes first (junit XML, no -x)          90
-#   ops           issue 13: the op micro-benchmarks (bench/ops), fused op against cuDNN + eager   40
-#   triton        issue 13: the triton backend's throughput in tf32 and fp32 (bf16: `throughput`) 80
+#                 native-nchw bf16 (bf16 without channels_last: native itself on CUDA since the H200 run),
+#                 native-padded bf16 / tf32 (BatchNorm + LeakyReLU by the Triton kernels that write the
+#                 conv's pad), the original loop as the paper ran it (IEEE fp32) and under today's PyTorch
+#                 default (TF32 convolutions), compile bf16 (it compiles for about a minute)    200
+#   profile       dipfast bench profile of the two fastest paths of `throughput`                 30
+#   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           20
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
-#                 the original loop against the fastest path, 1800 iterations                    150
+#                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  150
 #   tests         the rest of the suite's CUDA tests (test_cuda_restore: restore() on the GPU;
 #                 test_backends, test_early_stop_wiring (the criterion in the CUDA graph),
 #                 test_group_invariance, test_vmap_autocast, tests/bench)                       120
+#   tasks         every task through restore() on each fast backend, tiny net (bench/gpu_tasks.py) 110
+#   parity        issue 13: the CUDA parity tests, real shapes first (junit XML, no -x)          90+
+#   ops           issue 13: the op micro-benchmarks (bench/ops), fused op against cuDNN + eager   90+
+#   triton        issue 13: the triton backend's throughput in bf16, tf32 and fp32                100
 #   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
 #                 recorded, the calibrated rules replayed, and the criterion's cost at 512 px    240
 # That is about 19 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
 # could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
-# (DIPFAST_GPU_QUICK_STEPS="parity ops triton time-to-psnr tests early-stop"). Each step's limit is its own or
+# (e.g. DIPFAST_GPU_QUICK_STEPS="environment tasks parity ops triton"). Each step's limit is its own or
 # the budget left, whichever is less. headline.md compares the figures with issue 12's targets and sets each variant
-# (native-padded, native-nchw, compile-forced-layout) beside its backend; summary.md is the
+# (native-padded, native-nchw) beside its backend; summary.md is the
 # short table of every JSON.
 #
 # --tiny: the same steps on a CPU at toy sizes (tiny net, 16-32 px, 1-6 iterations), so that the script
@@ -89,7 +88,7 @@ ARCHIVE=$DEST/gpu-quick.tar.gz
 PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-ALL_STEPS="install environment throughput profile batch tasks parity ops triton time-to-psnr tests early-stop"
+ALL_STEPS="install environment throughput profile batch time-to-psnr tests tasks parity ops triton early-stop"
 STEPS=" ${DIPFAST_GPU_QUICK_STEPS:-$ALL_STEPS} "
 for name in $STEPS; do
     [[ " $ALL_STEPS " == *" $name "* ]] || { echo "gpu_quick: unknown step '$name'; valid: $ALL_STEPS" >&2; exit 2; }
@@ -127,7 +126,7 @@ else
     PARITY=(tests/parity/test_cuda_shapes.py tests/parity)  # the real shapes first; pytest drops the repeats
     OPS=(-k op_ --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
     TRITON_TP=("${TP[@]}")
-    TRITON_CONFIGS=(triton:tf32 triton:fp32)
+    TRITON_CONFIGS=(triton:bf16 triton:tf32 triton:fp32)
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)
     TESTS=(tests/test_cuda_restore.py tests/test_backends.py tests/test_early_stop_wiring.py tests/test_group_invariance.py
@@ -231,7 +230,7 @@ throughput() {
     # shellcheck disable=SC2046  # configs prints a list of words
     bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs $(configs \
         native:fp32 native:tf32 native:bf16 native-nchw:bf16 native-padded:bf16 native-padded:tf32 original-loop:fp32 \
-        original-loop-tf32:tf32 compile:bf16 triton:bf16)
+        original-loop-tf32:tf32 compile:bf16)
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \
@@ -302,12 +301,12 @@ wants environment && step environment environment
 wants throughput && step throughput throughput
 wants profile && step profile profile
 wants batch && step batch batch
+wants time-to-psnr && step_with_data time-to-psnr time_to_psnr
+wants tests && step tests suite_tests
 wants tasks && step tasks tasks
 wants parity && step parity parity
 wants ops && step ops ops
 wants triton && step triton triton_backend
-wants time-to-psnr && step_with_data time-to-psnr time_to_psnr
-wants tests && step tests suite_tests
 wants early-stop && step_with_data early-stop early_stop
 
 "$PY" "$ROOT/bench/gpu_quick_steps.py" headline "$WORK" > /dev/null 2>&1

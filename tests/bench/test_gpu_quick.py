@@ -14,17 +14,17 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 # each step and the files it must leave in the archive
-OUTPUTS = {
+OUTPUTS = {  # in the script's order of priority
     "environment": ["environment/environment.json", "environment/environment.txt"],
     "throughput": ["throughput/throughput.json", "throughput/throughput.md"],
     "profile": ["profile/profile.json", "profile/profile.md"],
     "batch": ["batch/throughput.json"],
+    "time-to-psnr": ["time-to-psnr/time_to_psnr.json"],
+    "tests": ["tests/junit.xml"],
     "tasks": ["tasks/tasks.jsonl", "tasks/tasks.md"],
     "parity": ["parity/junit.xml"],
     "ops": ["ops/benchmarks.json", "ops/ops.md", "ops/junit.xml"],
     "triton": ["triton/throughput.json"],
-    "time-to-psnr": ["time-to-psnr/time_to_psnr.json"],
-    "tests": ["tests/junit.xml"],
     "early-stop": ["early-stop/early_stop.json", "early-stop/early_stop.md"],
 }
 
