@@ -16,11 +16,11 @@
 #                 install itself fails, again with DIPFAST_NO_NATIVE=1; PYTHONPATH as well)       25-40
 #   environment   GPU, driver, torch/CUDA/cuDNN/triton versions, commit, native ops, nvidia-smi     5
 #   throughput    512 x 512, batch 1, default net, in one harness run: native fp32 / tf32 / bf16,
-#                 native-nchw bf16 (bf16 without channels_last: native itself on CUDA since the H200 run),
+#                 native-cl bf16 (bf16 channels_last: CUDA's layout before the H200 run),
 #                 native-padded bf16 / tf32 (BatchNorm + LeakyReLU by the Triton kernels that write the
 #                 conv's pad), the original loop as the paper ran it (IEEE fp32) and under today's PyTorch
 #                 default (TF32 convolutions), compile bf16 (it compiles for about a minute)    200
-#   profile       dipfast bench profile of the two fastest paths of `throughput`                 30
+#   profile       dipfast bench profile of the two fastest paths of `throughput`, and native-cl bf16 45
 #   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           20
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
 #                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  150
@@ -37,7 +37,7 @@
 # could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
 # (e.g. DIPFAST_GPU_QUICK_STEPS="environment tasks parity ops triton"). Each step's limit is its own or
 # the budget left, whichever is less. headline.md compares the figures with issue 12's targets and sets each variant
-# (native-padded, native-nchw) beside its backend; summary.md is the
+# (native-padded, native-cl) beside its backend; summary.md is the
 # short table of every JSON.
 #
 # --tiny: the same steps on a CPU at toy sizes (tiny net, 16-32 px, 1-6 iterations), so that the script
@@ -229,16 +229,19 @@ environment() {
 throughput() {
     # shellcheck disable=SC2046  # configs prints a list of words
     bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs $(configs \
-        native:fp32 native:tf32 native:bf16 native-nchw:bf16 native-padded:bf16 native-padded:tf32 original-loop:fp32 \
+        native:fp32 native:tf32 native:bf16 native-cl:bf16 native-padded:bf16 native-padded:tf32 original-loop:fp32 \
         original-loop-tf32:tf32 compile:bf16)
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \
         --fallback native:tf32 native:bf16 native:fp32
 }
-profile() {
-    # shellcheck disable=SC2046
-    bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/profile" --configs $(fastest 2)
+profile() {  # the two fastest, and channels_last bf16: where NHWC, cuDNN's tensor-core layout, loses
+    local chosen
+    chosen=$(fastest 2)
+    [[ " $chosen " == *" native-cl:bf16 "* ]] || chosen="$chosen native-cl:bf16"
+    # shellcheck disable=SC2086
+    bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/profile" --configs $chosen
 }
 batch() {
     # shellcheck disable=SC2046

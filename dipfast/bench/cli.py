@@ -40,11 +40,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="NAME",
         help="DIP methods: the backends restore() accepts, 'native-eager' (native without its C++ ops), "
-        "'native-nchw' (native with NCHW activations), 'native-padded' (native with the padded BatchNorm kernels on "
-        "CUDA), 'compile-forced-layout' (compile with Inductor's layout optimisation on the backward graph too), "
+        "'native-nchw' (native with NCHW activations), 'native-cl' (native with channels_last activations under "
+        "bf16, CUDA's layout before), 'native-padded' (native with the padded BatchNorm kernels on CUDA), "
+        "'compile-forced-layout' (compile with Inductor's layout optimisation on the backward graph too), "
         "'original-loop' (the notebooks' loop in IEEE fp32, as the "
         "paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 convolutions), or 'all'. "
-        "Default: all on CUDA; on a CPU all but compile, triton, original-loop-tf32, native-padded and "
+        "Default: all on CUDA; on a CPU all but compile, triton, original-loop-tf32, native-padded, native-cl and "
         "compile-forced-layout (said when left out)",
     )
     p.add_argument(
@@ -350,7 +351,7 @@ def methods_and_precisions(args, device_type: str) -> tuple[list[str], list[str]
     )
     line = (
         f"on {device_type}, left out: {', '.join(left)} (torch.compile takes minutes a run here; tf32 is fp32 and "
-        f"native-padded is native on a CPU); add {flags} to run them, or name them"
+        f"native-padded and native-cl are native on a CPU); add {flags} to run them, or name them"
     )
     return methods, precisions, line
 

@@ -1,7 +1,7 @@
 """One timed fit of any method on one Case, with its PSNR trajectory: the unit every suite is made of.
 
 Methods: the backends of dipfast.api.BACKENDS (through restore(), whatever they are), variants of one
-backend ('native-eager', 'native-nchw', 'native-padded', 'compile-forced-layout': VARIANT_BACKEND), the
+backend ('native-eager', 'native-nchw', 'native-cl', 'native-padded', 'compile-forced-layout': VARIANT_BACKEND), the
 notebooks' loop twice ('original-loop' as the paper ran it, 'original-loop-tf32' as today's PyTorch runs
 the same code: original_loop.OriginalLoop)
 and the classical baselines (bicubic, nlm, bm3d). Times are wall seconds from the call (restore() or
@@ -37,6 +37,9 @@ NATIVE_EAGER = "native-eager"
 # the native backend with NCHW activations where its precision would run channels_last (bf16): the layout's
 # share of the bf16 step, measured side by side with the default
 NATIVE_NCHW = "native-nchw"
+# the native backend with channels_last activations under bf16 on every device: CUDA's layout before the H200 run
+# (2.74x slower there than NCHW), kept beside the default to learn where NHWC loses; on a CPU it is native itself
+NATIVE_CL = "native-cl"
 # the native backend with BatchNorm + LeakyReLU by the Triton kernels that write the next conv's reflection pad
 # (dipfast.kernels.PaddedBlocks) on CUDA, where native runs the reference blocks: on a CPU it is native itself
 NATIVE_PADDED = "native-padded"
@@ -46,6 +49,7 @@ COMPILE_FORCED_LAYOUT = "compile-forced-layout"
 VARIANT_BACKEND = {
     NATIVE_EAGER: "native",
     NATIVE_NCHW: "native",
+    NATIVE_CL: "native",
     NATIVE_PADDED: "native",
     COMPILE_FORCED_LAYOUT: "compile",
 }
@@ -70,10 +74,10 @@ def dip_methods() -> list[str]:
 # What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
 # on a CPU, compile and triton spend minutes compiling in every cold run (Triton runs there only in its
 # interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones, and
-# native-padded is native itself there.
+# native-padded and native-cl are native itself there.
 NOT_BY_DEFAULT = {
     "cpu": {
-        "methods": ("compile", "triton", ORIGINAL_LOOP_TF32, NATIVE_PADDED, COMPILE_FORCED_LAYOUT),
+        "methods": ("compile", "triton", ORIGINAL_LOOP_TF32, NATIVE_PADDED, NATIVE_CL, COMPILE_FORCED_LAYOUT),
         "precisions": ("tf32",),
     }
 }
@@ -108,12 +112,15 @@ def backend_of(method: str) -> str:
 
 def method_context(method: str):
     """The context a method's restore() call runs in: native-eager switches the C++ ops off, native-nchw
-    keeps the activations NCHW, native-padded runs the padded BatchNorm kernels on CUDA,
+    keeps the activations NCHW, native-cl channels_last (under bf16), native-padded runs the padded BatchNorm
+    kernels on CUDA,
     compile-forced-layout forces Inductor's layout optimisation on every graph."""
     if method == NATIVE_EAGER:
         return native.disabled()
     if method == NATIVE_NCHW:
         return backends.variant("native", channels_last_bf16=frozenset())
+    if method == NATIVE_CL:
+        return backends.variant("native", channels_last_bf16=frozenset({"cpu", "cuda"}))
     if method == NATIVE_PADDED:
         return backends.variant("native", blocks={**backends.BACKEND_TABLE["native"].blocks, "cuda": "padded"})
     if method == COMPILE_FORCED_LAYOUT:

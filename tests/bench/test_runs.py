@@ -39,6 +39,18 @@ def test_native_nchw_runs_the_bf16_step_without_channels_last(monkeypatch, np_rn
     assert backends.resolve("native", "bf16", cpu).channels_last(cpu)
 
 
+def test_native_cl_runs_channels_last_under_bf16_on_cuda_too():
+    """CUDA's layout before the H200 run, kept as a variant; resolving needs no GPU, and the table is restored."""
+    from dipfast import backends
+
+    cuda = torch.device("cuda")
+    plan = backends.Plan("native", "bf16", compile=False, cuda_graph=True)
+    assert not plan.channels_last(cuda)
+    with runs.method_context("native-cl"):
+        assert plan.channels_last(cuda) and runs.backend_of("native-cl") == "native"
+    assert not plan.channels_last(cuda)
+
+
 @pytest.mark.parametrize("method", ["reference", "original-loop"])
 def test_reported_final_psnrs_equal_skimage(method):
     case = data.load_cases(None, ["denoise"], size=32)[0]
