@@ -125,19 +125,17 @@ class Plan:
         return self.spec.blocks[device.type] == "triton"
 
     def step_math(self):
-        """The whole step's context, backward included: tf32's TF32 switches, else nothing. (Inside autocast()
-        alone, the forward's, the backward's convolutions ran IEEE fp32: 5.5 of the 16.7 ms of an H200's
-        tf32 step in cuDNN's FFMA dgrad kernel, bench/results/2026-12-04-h200-504226cc86/profile.)"""
+        """The context of every generator call, the step's backward included: tf32's TF32 switches, else
+        nothing. (Around the forward alone, the backward's convolutions ran IEEE fp32: 5.5 of the 16.7 ms of
+        an H200's tf32 step in cuDNN's FFMA dgrad kernel, bench/results/2026-12-04-h200-504226cc86/profile.)"""
         return conv_precision(tf32=True, cudnn_benchmark=None) if self.precision == "tf32" else contextlib.nullcontext()
 
     def autocast(self, device: torch.device):
-        """The forward's context: bf16 autocast, or the fp32 flavour's TF32 switches."""
+        """The forward's context: bf16 autocast, else nothing (tf32's switches are step_math's)."""
         if self.precision == "bf16":
             # no cast cache: a CUDA graph capture must not keep autocast's cached casts (PyTorch's
             # CUDA-graph notes), and each weight is cast once per forward anyway
             return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
-        if self.precision == "tf32":
-            return conv_precision(tf32=True, cudnn_benchmark=None)
         return contextlib.nullcontext()
 
 

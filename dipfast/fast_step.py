@@ -151,7 +151,8 @@ class FastStep(step_rules.AfterBackward):
 
     def final_output(self) -> torch.Tensor:
         # with grad mode on, as in the step: a no_grad call would be one more compiled variant
-        return self.runner(self.net_input).detach()
+        with self.plan.step_math():
+            return self.runner(self.net_input).detach()
 
 
 def build_nets(problems, preset: TaskPreset, seeds) -> tuple[list[nn.Module], list[torch.Tensor]]:
