@@ -180,5 +180,4 @@ class PaddedBlocks(PaddedWrites):
         # torch's CUDA reflection pad writes NCHW whatever its input (ReflectionPad.cu calls contiguous(), the
         # H200 run's one parity failure): the conv reads the input's layout, as it does the padded writes
         padded = F.pad(x, (pad_conv.reflection_pad,) * 4, mode="reflect").contiguous(memory_format=torch.channels_last)
-        y = pad_conv.conv2d(padded)
-        return pad_conv.downsample(y) if pad_conv.downsample is not None else y
+        return pad_conv.from_padded(padded)

@@ -89,6 +89,10 @@ class PadConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reflection_pad:
             x = F.pad(x, (self.reflection_pad,) * 4, mode="reflect")
+        return self.from_padded(x)
+
+    def from_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv (and downsampler) on x already reflection-padded by self.reflection_pad."""
         x = self.conv2d(x)
         return self.downsample(x) if self.downsample is not None else x
 
