@@ -24,9 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from dipfast.errors import InputError
+from dipfast.nets.aligned_channels import channel_multiple
 from dipfast.nets.blocks import REFERENCE, BlockOps
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+TENSOR_CORE_DTYPES = {"tf32": torch.float32, "bf16": torch.bfloat16}  # the operands' dtype, where tensor cores run
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Backend:
     # looks for aten.convolution nodes, which a backward graph has none of (convolution_backward), so the
     # backward is lowered without it while the forward runs channels_last (tests/test_inductor_layout.py).
     force_layout: bool = False
+    # the device types where convs run with channel counts padded for tensor cores under tf32 and bf16
+    # (dipfast.nets.aligned_channels): off until a GPU run measures it against the unpadded step
+    align_channels: frozenset[str] = frozenset()
 
 
 BACKEND_TABLE: dict[str, Backend] = {
@@ -95,6 +100,13 @@ class Plan:
 
     def channels_last(self, device: torch.device) -> bool:
         return self.precision == "bf16" and device.type in self.spec.channels_last_bf16
+
+    def channel_multiple(self, device: torch.device) -> int:
+        """The multiple the generator's conv channels are padded to on `device`: 1 (none) where the backend does
+        not align them, or where the precision has no tensor-core kernels to reach (IEEE fp32)."""
+        if device.type not in self.spec.align_channels or self.precision not in TENSOR_CORE_DTYPES:
+            return 1
+        return channel_multiple(TENSOR_CORE_DTYPES[self.precision])
 
     @property
     def force_layout(self) -> bool:

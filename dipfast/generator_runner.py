@@ -29,6 +29,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from dipfast.backends import Plan
 from dipfast.flat_parameters import FlatParameters, ModuleSlots
+from dipfast.nets.aligned_channels import align_conv_channels
 from dipfast.nets.blocks import use_block_ops
 from dipfast.nets.layers import centre_crop
 from dipfast.vmap_autocast import bf16_convolutions
@@ -58,6 +59,7 @@ class GeneratorRunner:
         self.buffers = {k: v.to(device) for k, v in buffers.items()}
         # the structure; each call brings the weights in
         self.module = use_block_ops(networks[0].to(device), plan.block_ops(device))
+        align_conv_channels(self.module, plan.channel_multiple(device))
         # eager: the module's own tensor slots take each step's parameters (it is this runner's alone)
         self.slots = None if plan.compile else ModuleSlots(self.module)
         generate = self._generate_many if vectorised else self._generate_each

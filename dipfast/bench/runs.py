@@ -1,7 +1,7 @@
 """One timed fit of any method on one Case, with its PSNR trajectory: the unit every suite is made of.
 
 Methods: the backends of dipfast.api.BACKENDS (through restore(), whatever they are), variants of one
-backend ('native-eager', 'native-nchw', 'native-cl', 'native-padded', 'compile-forced-layout': VARIANT_BACKEND), the
+backend ('native-eager', and those of FIELD_VARIANTS: native-nchw, native-cl, native-padded, native-aligned, ...), the
 notebooks' loop twice ('original-loop' as the paper ran it, 'original-loop-tf32' as today's PyTorch runs
 the same code: original_loop.OriginalLoop)
 and the classical baselines (bicubic, nlm, bm3d). Times are wall seconds from the call (restore() or
@@ -34,25 +34,40 @@ ORIGINAL_LOOPS = {ORIGINAL_LOOP: "fp32", ORIGINAL_LOOP_TF32: "tf32"}  # the one 
 # the native backend with its C++ ops switched off (dipfast.native.disabled): the same step with the
 # eager twins, i.e. eager bf16 + channels_last, which is what the ops are measured against
 NATIVE_EAGER = "native-eager"
-# the native backend with NCHW activations where its precision would run channels_last (bf16): the layout's
-# share of the bf16 step, measured side by side with the default
-NATIVE_NCHW = "native-nchw"
-# the native backend with channels_last activations under bf16 on every device: CUDA's layout before the H200 run
-# (2.74x slower there than NCHW), kept beside the default to learn where NHWC loses; on a CPU it is native itself
-NATIVE_CL = "native-cl"
-# the native backend with BatchNorm + LeakyReLU by the Triton kernels that write the next conv's reflection pad
-# (dipfast.kernels.PaddedBlocks) on CUDA, where native runs the reference blocks: on a CPU it is native itself
-NATIVE_PADDED = "native-padded"
-# the compile backend with Inductor's layout optimisation forced on every graph (backends.Backend.force_layout):
-# its own rule leaves the backward graph NCHW while the forward runs channels_last
-COMPILE_FORCED_LAYOUT = "compile-forced-layout"
-VARIANT_BACKEND = {
-    NATIVE_EAGER: "native",
-    NATIVE_NCHW: "native",
-    NATIVE_CL: "native",
-    NATIVE_PADDED: "native",
-    COMPILE_FORCED_LAYOUT: "compile",
+
+
+def _native_padded(b: backends.Backend) -> dict:
+    return {"blocks": {**b.blocks, "cuda": "padded"}}
+
+
+def _aligned(b: backends.Backend) -> dict:
+    return {"align_channels": frozenset({"cpu", "cuda"})}
+
+
+# The variants that change Backend fields (backends.variant): name -> (the backend, its changed fields as a
+# function of its own), each measured side by side with the backend as it is:
+#   native-nchw            NCHW activations where the precision would run channels_last (bf16 on a CPU)
+#   native-cl              channels_last under bf16 on every device: CUDA's layout before the H200 run (2.74x
+#                          slower there than NCHW), kept to learn where NHWC loses; on a CPU it is native itself
+#   native-padded          BatchNorm + LeakyReLU by the Triton kernels that write the next conv's reflection pad
+#                          (dipfast.kernels.PaddedBlocks) on CUDA, where native runs the reference blocks
+#   native-aligned         conv channels padded to the tensor cores' multiple (dipfast.nets.aligned_channels): the
+#                          132-channel merges and 4-channel skips that run cuDNN's legacy kernels on an H200
+#   native-cl-aligned, native-padded-aligned: the same with channels_last, with the padded BatchNorms
+#   compile-forced-layout  Inductor's layout optimisation forced on every graph (Backend.force_layout): its own
+#                          rule leaves the backward graph NCHW while the forward runs channels_last
+FIELD_VARIANTS = {
+    "native-nchw": ("native", lambda b: {"channels_last_bf16": frozenset()}),
+    "native-cl": ("native", lambda b: {"channels_last_bf16": frozenset({"cpu", "cuda"})}),
+    "native-padded": ("native", _native_padded),
+    "native-aligned": ("native", _aligned),
+    "native-cl-aligned": ("native", lambda b: {"channels_last_bf16": frozenset({"cpu", "cuda"}), **_aligned(b)}),
+    "native-padded-aligned": ("native", lambda b: {**_native_padded(b), **_aligned(b)}),
+    "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
 }
+NATIVE_NCHW, NATIVE_CL, NATIVE_PADDED = "native-nchw", "native-cl", "native-padded"
+COMPILE_FORCED_LAYOUT = "compile-forced-layout"
+VARIANT_BACKEND = {NATIVE_EAGER: "native", **{name: backend for name, (backend, _) in FIELD_VARIANTS.items()}}
 VARIANTS = tuple(VARIANT_BACKEND)  # methods that are one backend run another way, timed beside it
 TINY_NET = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
 NET_CHOICES = ("preset", "default", "tiny", *sorted(PRESETS))
@@ -74,10 +89,16 @@ def dip_methods() -> list[str]:
 # What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
 # on a CPU, compile and triton spend minutes compiling in every cold run (Triton runs there only in its
 # interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones, and
-# native-padded and native-cl are native itself there.
+# native-padded and native-cl are native itself there, and the aligned variants pad for CUDA's tensor cores.
 NOT_BY_DEFAULT = {
     "cpu": {
-        "methods": ("compile", "triton", ORIGINAL_LOOP_TF32, NATIVE_PADDED, NATIVE_CL, COMPILE_FORCED_LAYOUT),
+        "methods": (
+            "compile",
+            "triton",
+            ORIGINAL_LOOP_TF32,
+            COMPILE_FORCED_LAYOUT,
+            *(v for v in FIELD_VARIANTS if v.startswith(("native-padded", "native-cl", "native-aligned"))),
+        ),
         "precisions": ("tf32",),
     }
 }
@@ -111,20 +132,13 @@ def backend_of(method: str) -> str:
 
 
 def method_context(method: str):
-    """The context a method's restore() call runs in: native-eager switches the C++ ops off, native-nchw
-    keeps the activations NCHW, native-cl channels_last (under bf16), native-padded runs the padded BatchNorm
-    kernels on CUDA,
-    compile-forced-layout forces Inductor's layout optimisation on every graph."""
+    """The context a method's restore() call runs in: native-eager switches the C++ ops off, a variant of
+    FIELD_VARIANTS changes its backend's fields, anything else runs as it is."""
     if method == NATIVE_EAGER:
         return native.disabled()
-    if method == NATIVE_NCHW:
-        return backends.variant("native", channels_last_bf16=frozenset())
-    if method == NATIVE_CL:
-        return backends.variant("native", channels_last_bf16=frozenset({"cpu", "cuda"}))
-    if method == NATIVE_PADDED:
-        return backends.variant("native", blocks={**backends.BACKEND_TABLE["native"].blocks, "cuda": "padded"})
-    if method == COMPILE_FORCED_LAYOUT:
-        return backends.variant("compile", force_layout=True)
+    if method in FIELD_VARIANTS:
+        backend, changes = FIELD_VARIANTS[method]
+        return backends.variant(backend, **changes(backends.BACKEND_TABLE[backend]))
     return contextlib.nullcontext()
 
 

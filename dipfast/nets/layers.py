@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dipfast.nets.aligned_channels import aligned_conv2d
 from dipfast.nets.blocks import REFERENCE
 from dipfast.operators import lanczos_kernel
 
@@ -65,7 +66,10 @@ class PadConv(nn.Module):
 
     With downsample_mode other than 'stride', a strided conv runs at stride 1 and a pool or
     Lanczos downsampler follows. A 1x1 conv's zero-width reflection pad is skipped: it is a copy.
+    channel_multiple > 1 pads the conv's channels for tensor cores (dipfast.nets.aligned_channels).
     """
+
+    channel_multiple = 1  # dipfast.nets.aligned_channels.align_conv_channels sets a backend's
 
     def __init__(self, in_ch, out_ch, kernel_size, stride=1, bias=True, pad="zero", downsample_mode="stride"):
         super().__init__()
@@ -93,7 +97,7 @@ class PadConv(nn.Module):
 
     def from_padded(self, x: torch.Tensor) -> torch.Tensor:
         """The conv (and downsampler) on x already reflection-padded by self.reflection_pad."""
-        x = self.conv2d(x)
+        x = self.conv2d(x) if self.channel_multiple == 1 else aligned_conv2d(self.conv2d, x, self.channel_multiple)
         return self.downsample(x) if self.downsample is not None else x
 
 

@@ -48,7 +48,7 @@ class PaddedWrites(BlockOps):
         if slope is None or batch_norm_reason(first.bn) is not None or not takes_padded_input(second, y):
             return second(self._bn_act(first, y))
         padded = self.bn_act(y, first.bn, slope, second.conv.reflection_pad)
-        return self._bn_act(second, second.conv.conv2d(padded))
+        return self._bn_act(second, second.conv.from_padded(padded))
 
     def merge(self, level: nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
         bn = level.merge_bn
@@ -57,7 +57,7 @@ class PaddedWrites(BlockOps):
         parts = crop_to_smallest(parts)
         pad = level.up.conv.reflection_pad if takes_padded_input(level.up, parts[-1]) else 0
         merged = self.bn_act(parts[0], bn, 1.0, pad) if len(parts) == 1 else self.concat_bn(*parts, bn, pad)
-        return self._bn_act(level.up, level.up.conv.conv2d(merged)) if pad else level.up(merged)
+        return self._bn_act(level.up, level.up.conv.from_padded(merged)) if pad else level.up(merged)
 
     def _bn_act(self, m: nn.Module, y: torch.Tensor) -> torch.Tensor:
         """m's BatchNorm + activation on its conv's output y: one op where bn_act computes them."""

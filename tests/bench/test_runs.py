@@ -51,6 +51,32 @@ def test_native_cl_runs_channels_last_under_bf16_on_cuda_too():
     assert not plan.channels_last(cuda)
 
 
+@pytest.mark.parametrize("method", sorted(runs.FIELD_VARIANTS))
+def test_each_field_variant_changes_its_backend_inside_and_restores_it(method):
+    from dipfast import backends
+
+    backend = runs.backend_of(method)
+    before = backends.BACKEND_TABLE[backend]
+    with runs.method_context(method):
+        inside = backends.BACKEND_TABLE[backend]
+        assert inside != before and inside.name == backend
+    assert backends.BACKEND_TABLE[backend] is before
+
+
+def test_the_aligned_variants_pad_channels_for_cuda_bf16_with_their_other_change():
+    from dipfast import backends
+
+    cuda = torch.device("cuda")
+    expected = {"native-aligned": (False, "reference"), "native-cl-aligned": (True, "reference"),
+                "native-padded-aligned": (False, "padded")}  # fmt: skip
+    for method, (channels_last, blocks) in expected.items():
+        with runs.method_context(method):
+            plan = backends.resolve(runs.backend_of(method), "bf16", torch.device("cpu"))
+            plan = backends.Plan(plan.backend, "bf16", compile=False, cuda_graph=True)
+            assert plan.channel_multiple(cuda) == 8
+            assert plan.channels_last(cuda) == channels_last and plan.spec.blocks["cuda"] == blocks
+
+
 @pytest.mark.parametrize("method", ["reference", "original-loop"])
 def test_reported_final_psnrs_equal_skimage(method):
     case = data.load_cases(None, ["denoise"], size=32)[0]
