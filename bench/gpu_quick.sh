@@ -18,9 +18,10 @@
 #   throughput    512 x 512, batch 1, default net, in one harness run: native fp32 / tf32 / bf16,
 #                 native-cl bf16 (bf16 channels_last: CUDA's layout before the H200 run),
 #                 native-padded bf16 / tf32 (BatchNorm + LeakyReLU by the Triton kernels that write the
-#                 conv's pad), native-aligned bf16 / tf32, native-cl-aligned and native-padded-aligned bf16
-#                 (conv channels padded to the tensor cores' multiple), the original loop as the paper ran it (IEEE fp32) and under today's PyTorch
-#                 default (TF32 convolutions), compile bf16 (it compiles for about a minute)    200
+#                 conv's pad), native-aligned bf16 / tf32, native-cl-aligned, native-padded-aligned and
+#                 native-padded-cl-aligned bf16 (conv channels padded to the tensor cores' multiple), the
+#                 original loop as the paper ran it (IEEE fp32) and under today's PyTorch default (TF32
+#                 convolutions), compile bf16 (it compiles for about a minute)                   200
 #   profile       dipfast bench profile of the two fastest paths of `throughput`, and native-cl bf16 45
 #   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           20
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
@@ -231,8 +232,8 @@ throughput() {
     # shellcheck disable=SC2046  # configs prints a list of words
     bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs $(configs \
         native:fp32 native:tf32 native:bf16 native-cl:bf16 native-padded:bf16 native-padded:tf32 native-aligned:bf16 \
-        native-aligned:tf32 native-cl-aligned:bf16 native-padded-aligned:bf16 original-loop:fp32 original-loop-tf32:tf32 \
-        compile:bf16)
+        native-aligned:tf32 native-cl-aligned:bf16 native-padded-aligned:bf16 native-padded-cl-aligned:bf16 \
+        original-loop:fp32 original-loop-tf32:tf32 compile:bf16)
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \

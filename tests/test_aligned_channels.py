@@ -1,11 +1,13 @@
 """Convs with channels padded for tensor cores (dipfast.nets.aligned_channels) compute the module's results.
 
 Checked in float64 against the unpadded module: forward and every gradient, odd channel counts on both sides,
-strides 1 and 2, with and without bias, both memory formats; then a whole net, and a fit through the fast step
-with the backend's alignment switched on.
+strides 1 and 2, with and without bias, both memory formats; then a whole net (alone, under vmap, with the fast
+block ops), and a fit through the fast step with the backend's alignment switched on.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ import dipfast
 from dipfast import backends
 from dipfast.nets import SkipSpec, build, layers
 from dipfast.nets.aligned_channels import align_conv_channels, aligned_conv2d, channel_multiple
+from dipfast.nets.blocks import use_block_ops
 from tests._helpers import FAST, make_rng, random_image
 
 F64 = {"rtol": 1e-12, "atol": 1e-12}  # the same sums in another order, in float64
@@ -142,3 +145,31 @@ def test_aligned_nets_under_vmap_match_each_network_alone(request):
         torch.testing.assert_close(y[i].detach(), yi.detach(), **F64)
         for name, p in net.named_parameters():
             torch.testing.assert_close(params[name].grad[i], p.grad, **F64)
+
+
+@pytest.mark.parametrize("ops", ["padded", "native"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_fast_block_ops_with_aligned_convs_match_the_reference_net(request, ops, channels_last):
+    """The blocks that write the next conv's input padded (PaddedWrites: PaddedBlocks, here its eager twins, and
+    NativeBlocks) hand the aligned conv its buffer: forward and every gradient as the reference net's, float64."""
+    from dipfast.kernels.blocks import PaddedBlocks
+    from dipfast.native.blocks import NativeBlocks
+
+    g = _seeded(request)
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+    reference = build(ODD_NET, 6, 3).double()
+    net = align_conv_channels(
+        use_block_ops(copy.deepcopy(reference), {"padded": PaddedBlocks, "native": NativeBlocks}[ops]()), 8
+    )
+    z = torch.rand(1, 6, 24, 20, generator=g, dtype=torch.float64)
+    if channels_last:
+        net, z_fast = net.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
+    else:
+        z_fast = z
+    weights = torch.rand(1, 3, 24, 20, generator=g, dtype=torch.float64)
+    expected, got = reference(z), net(z_fast)
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)

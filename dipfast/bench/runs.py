@@ -40,6 +40,10 @@ def _native_padded(b: backends.Backend) -> dict:
     return {"blocks": {**b.blocks, "cuda": "padded"}}
 
 
+def _channels_last(b: backends.Backend) -> dict:
+    return {"channels_last_bf16": frozenset({"cpu", "cuda"})}
+
+
 def _aligned(b: backends.Backend) -> dict:
     return {"align_channels": frozenset({"cpu", "cuda"})}
 
@@ -53,16 +57,19 @@ def _aligned(b: backends.Backend) -> dict:
 #                          (dipfast.kernels.PaddedBlocks) on CUDA, where native runs the reference blocks
 #   native-aligned         conv channels padded to the tensor cores' multiple (dipfast.nets.aligned_channels): the
 #                          132-channel merges and 4-channel skips that run cuDNN's legacy kernels on an H200
-#   native-cl-aligned, native-padded-aligned: the same with channels_last, with the padded BatchNorms
+#   native-cl-aligned, native-padded-aligned, native-padded-cl-aligned: the same with channels_last, with the
+#                          padded BatchNorms (which keep channels_last through the pads: CUDA's pad op writes
+#                          NCHW), with both
 #   compile-forced-layout  Inductor's layout optimisation forced on every graph (Backend.force_layout): its own
 #                          rule leaves the backward graph NCHW while the forward runs channels_last
 FIELD_VARIANTS = {
     "native-nchw": ("native", lambda b: {"channels_last_bf16": frozenset()}),
-    "native-cl": ("native", lambda b: {"channels_last_bf16": frozenset({"cpu", "cuda"})}),
+    "native-cl": ("native", _channels_last),
     "native-padded": ("native", _native_padded),
     "native-aligned": ("native", _aligned),
-    "native-cl-aligned": ("native", lambda b: {"channels_last_bf16": frozenset({"cpu", "cuda"}), **_aligned(b)}),
+    "native-cl-aligned": ("native", lambda b: {**_channels_last(b), **_aligned(b)}),
     "native-padded-aligned": ("native", lambda b: {**_native_padded(b), **_aligned(b)}),
+    "native-padded-cl-aligned": ("native", lambda b: {**_native_padded(b), **_channels_last(b), **_aligned(b)}),
     "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
 }
 NATIVE_NCHW, NATIVE_CL, NATIVE_PADDED = "native-nchw", "native-cl", "native-padded"

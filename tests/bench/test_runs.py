@@ -68,7 +68,7 @@ def test_the_aligned_variants_pad_channels_for_cuda_bf16_with_their_other_change
 
     cuda = torch.device("cuda")
     expected = {"native-aligned": (False, "reference"), "native-cl-aligned": (True, "reference"),
-                "native-padded-aligned": (False, "padded")}  # fmt: skip
+                "native-padded-aligned": (False, "padded"), "native-padded-cl-aligned": (True, "padded")}  # fmt: skip
     for method, (channels_last, blocks) in expected.items():
         with runs.method_context(method):
             plan = backends.resolve(runs.backend_of(method), "bf16", torch.device("cpu"))
