@@ -21,7 +21,8 @@
 #                 conv's pad), native-aligned bf16 / tf32, native-cl-aligned, native-padded-aligned and
 #                 native-padded-cl-aligned bf16 (conv channels padded to the tensor cores' multiple), the
 #                 original loop as the paper ran it (IEEE fp32) and under today's PyTorch default (TF32
-#                 convolutions), compile bf16 (it compiles for about a minute)                   200
+#                 convolutions), compile bf16 channels_last and NCHW (each compiles for about a
+#                 minute; last, so that a time limit cuts nothing else: each row is written as it ends) 270
 #   profile       dipfast bench profile of the two fastest paths of `throughput`, and native-cl bf16 45
 #   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           20
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
@@ -134,7 +135,7 @@ else
     TESTS=(tests/test_cuda_restore.py tests/test_backends.py tests/test_early_stop_wiring.py tests/test_group_invariance.py
            tests/test_noise_level.py tests/test_vmap_autocast.py tests/bench --ignore=tests/bench/test_gpu_quick.py)
     EARLY_STOP=(--size 256 --iters 2000 --cost 512)
-    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=270 [profile]=90 [batch]=90 [tasks]=120
+    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=300 [profile]=90 [batch]=90 [tasks]=120
                       [parity]=120 [ops]=90 [triton]=120 [time-to-psnr]=200 [tests]=150 [early-stop]=240)
 fi
 # the smallest slice of the budget that a step is started with
@@ -233,7 +234,7 @@ throughput() {
     bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs $(configs \
         native:fp32 native:tf32 native:bf16 native-cl:bf16 native-padded:bf16 native-padded:tf32 native-aligned:bf16 \
         native-aligned:tf32 native-cl-aligned:bf16 native-padded-aligned:bf16 native-padded-cl-aligned:bf16 \
-        original-loop:fp32 original-loop-tf32:tf32 compile:bf16)
+        original-loop:fp32 original-loop-tf32:tf32 compile:bf16 compile-nchw:bf16)
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \
