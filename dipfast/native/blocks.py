@@ -17,25 +17,11 @@ every op computes the same thing with eager PyTorch ops (dipfast.native).
 
 from __future__ import annotations
 
-from torch import nn
-
 from dipfast import native
 from dipfast.native.batch_norm import batch_norm_act_reflect_pad, concat_batch_norm
 from dipfast.native.upsample import upsample_bilinear2x
+from dipfast.nets.bilinear_x2 import is_bilinear_x2
 from dipfast.nets.padded_writes import PaddedWrites
-
-
-def _bilinear_x2(m: nn.Module) -> bool:
-    factor = m.scale_factor if isinstance(m, nn.Upsample) else None
-    factor = factor if isinstance(factor, tuple) else (factor, factor)
-    return (
-        isinstance(m, nn.Upsample)
-        and m.mode == "bilinear"
-        and not m.align_corners
-        and m.size is None
-        and all(f == 2 for f in factor)
-        and not m.recompute_scale_factor
-    )
 
 
 class NativeBlocks(PaddedWrites):
@@ -52,6 +38,6 @@ class NativeBlocks(PaddedWrites):
         return concat_batch_norm(skip, deeper, bn.weight, bn.bias, bn.eps, pad)
 
     def upsample(self, m, x):
-        if not _bilinear_x2(m) or x.dim() != 4:
+        if not is_bilinear_x2(m) or x.dim() != 4:
             return super().upsample(m, x)
         return upsample_bilinear2x(x)

@@ -1,0 +1,108 @@
+"""The bilinear x2 upsample with a gather backward (dipfast.nets.bilinear_x2) against torch's own.
+
+float64, fresh random inputs, odd and one-pixel sizes (the clamped borders), both layouts: the forward is
+torch's to the bit, the gradient its transpose to rounding; under vmap, under autocast (in the input's dtype),
+and in PaddedBlocks, whose upsample it is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, vmap
+
+from dipfast.nets.bilinear_x2 import bilinear_x2_transpose, is_bilinear_x2, upsample_bilinear2x
+from tests._helpers import make_rng
+
+
+def _generator(request) -> torch.Generator:
+    return torch.Generator().manual_seed(int(make_rng(request.node.nodeid).integers(2**31)))
+
+
+def _torch_upsample(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 1, 1), (1, 2, 1, 6), (3, 5, 8, 9), (1, 1, 13, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward_is_torchs_and_the_gradient_its_transpose(request, shape, channels_last):
+    g = _generator(request)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    outs, grads = [], []
+    upstream = torch.randn(shape[0], shape[1], 2 * shape[2], 2 * shape[3], generator=g, dtype=torch.float64)
+    if channels_last:
+        upstream = upstream.contiguous(memory_format=torch.channels_last)
+    for upsample in (_torch_upsample, upsample_bilinear2x):
+        xi = x.detach().clone().requires_grad_()
+        y = upsample(xi)
+        (gx,) = torch.autograd.grad(y, xi, upstream)
+        outs.append(y.detach())
+        grads.append(gx)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-13, atol=1e-13)
+    # the gradient comes back in the incoming gradient's layout (ambiguous for one channel or one pixel)
+    if shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert grads[1].is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert grads[1].is_contiguous() == (not channels_last)
+
+
+def test_the_transpose_passes_the_adjoint_test(request):
+    """<up(x), g> == <x, up^T(g)>, for the map itself (not only against torch's backward)."""
+    g = _generator(request)
+    x = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64)
+    upstream = torch.randn(2, 3, 12, 10, generator=g, dtype=torch.float64)
+    lhs = (upsample_bilinear2x(x) * upstream).sum()
+    rhs = (x * bilinear_x2_transpose(upstream)).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-13, atol=0)
+
+
+def test_under_vmap_each_network_gets_its_own_gradient(request):
+    g = _generator(request)
+    xs = torch.randn(3, 1, 4, 5, 6, generator=g, dtype=torch.float64)
+    weights = torch.randn(3, 1, 4, 10, 12, generator=g, dtype=torch.float64)
+    got = vmap(grad(lambda x, w: (upsample_bilinear2x(x) * w).sum()))(xs, weights)
+    for x, w, gx in zip(xs, weights, got, strict=True):
+        x = x.clone().requires_grad_()
+        (expected,) = torch.autograd.grad((_torch_upsample(x) * w).sum(), x)
+        torch.testing.assert_close(gx, expected, rtol=1e-13, atol=1e-13)
+
+
+def test_under_autocast_it_runs_in_the_inputs_dtype(request):
+    g = _generator(request)
+    x = torch.randn(1, 4, 6, 6, generator=g).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = upsample_bilinear2x(x)
+    y.float().square().sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = _torch_upsample(x.float())
+    torch.testing.assert_close(y.float(), expected, rtol=2**-8, atol=1e-2)  # bf16: 8 bits of mantissa
+
+
+def test_which_upsamples_it_replaces():
+    assert is_bilinear_x2(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+    assert is_bilinear_x2(nn.Upsample(scale_factor=(2, 2), mode="bilinear"))
+    assert not is_bilinear_x2(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True))
+    assert not is_bilinear_x2(nn.Upsample(scale_factor=2, mode="nearest"))
+    assert not is_bilinear_x2(nn.Upsample(scale_factor=3, mode="bilinear"))
+    assert not is_bilinear_x2(nn.Upsample(size=(8, 8), mode="bilinear"))
+    assert not is_bilinear_x2(nn.Identity())
+    with pytest.raises(ValueError, match="takes \\(N, C, H, W\\)"):
+        upsample_bilinear2x(torch.zeros(2, 3, 4))
+
+
+def test_padded_blocks_upsample_with_it(monkeypatch):
+    from dipfast.kernels import blocks
+
+    calls = []
+    monkeypatch.setattr(blocks, "upsample_bilinear2x", lambda x: calls.append(x.shape) or upsample_bilinear2x(x))
+    ops = blocks.PaddedBlocks()
+    x = torch.rand(1, 2, 3, 4)
+    y = ops.upsample(nn.Upsample(scale_factor=2, mode="bilinear"), x)
+    torch.testing.assert_close(y, _torch_upsample(x))
+    ops.upsample(nn.Upsample(scale_factor=2, mode="nearest"), x)
+    assert calls == [x.shape]
