@@ -29,7 +29,8 @@
 #                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  150
 #   tests         the rest of the suite's CUDA tests (test_cuda_restore: restore() on the GPU;
 #                 test_backends, test_early_stop_wiring (the criterion in the CUDA graph),
-#                 test_group_invariance, test_vmap_autocast, tests/bench)                       120
+#                 test_group_invariance, test_vmap_autocast, test_bilinear_x2 (its capture),
+#                 test_aligned_channels, tests/bench)                                            120
 #   tasks         every task through restore() on each fast backend, tiny net (bench/gpu_tasks.py) 110
 #   parity        issue 13: the CUDA parity tests, real shapes first (junit XML, no -x)          90+
 #   ops           issue 13: the op micro-benchmarks (bench/ops), fused op against cuDNN + eager   90+
@@ -133,7 +134,8 @@ else
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)
     TESTS=(tests/test_cuda_restore.py tests/test_backends.py tests/test_early_stop_wiring.py tests/test_group_invariance.py
-           tests/test_noise_level.py tests/test_vmap_autocast.py tests/bench --ignore=tests/bench/test_gpu_quick.py)
+           tests/test_noise_level.py tests/test_vmap_autocast.py tests/test_bilinear_x2.py tests/test_aligned_channels.py
+           tests/bench --ignore=tests/bench/test_gpu_quick.py)
     EARLY_STOP=(--size 256 --iters 2000 --cost 512)
     declare -A LIMIT=([install]=90 [environment]=30 [throughput]=300 [profile]=90 [batch]=90 [tasks]=120
                       [parity]=120 [ops]=90 [triton]=120 [time-to-psnr]=200 [tests]=150 [early-stop]=240)

@@ -106,3 +106,27 @@ def test_padded_blocks_upsample_with_it(monkeypatch):
     torch.testing.assert_close(y, _torch_upsample(x))
     ops.upsample(nn.Upsample(scale_factor=2, mode="nearest"), x)
     assert calls == [x.shape]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: a CUDA graph capture")
+def test_on_cuda_its_backward_is_captured_and_repeats_to_the_bit(request):
+    """The captured step runs this backward: nothing in it may copy from the host, and with no atomics two
+    replays agree to the bit (torch's own backward does not promise that)."""
+    g = _generator(request)
+    x = torch.randn(1, 8, 16, 16, generator=g).cuda().requires_grad_()
+    upstream = torch.randn(1, 8, 32, 32, generator=g).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        for _ in range(2):
+            torch.autograd.grad(upsample_bilinear2x(x), x, upstream)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        (gx,) = torch.autograd.grad(upsample_bilinear2x(x), x, upstream)
+    graph.replay()
+    first = gx.clone()
+    graph.replay()
+    assert torch.equal(gx, first)
+    (expected,) = torch.autograd.grad(_torch_upsample(x), x, upstream)
+    torch.testing.assert_close(gx, expected, rtol=1e-5, atol=1e-5)  # fp32, the same four terms in another order

@@ -47,7 +47,9 @@ def is_bilinear_x2(m: nn.Module) -> bool:
 
 def bilinear_x2_transpose(grad: torch.Tensor) -> torch.Tensor:
     """The upsample's transpose: (N, C, 2H, 2W) -> (N, C, H, W), in grad's dtype (fp32 accumulation)."""
-    taps = torch.tensor(_TAPS, dtype=grad.dtype, device=grad.device)
+    # made on the device by fills, not copied from the host: a copy cannot be captured in a CUDA graph
+    taps = torch.full((4,), _TAPS[1], dtype=grad.dtype, device=grad.device)
+    taps[::3] = _TAPS[0]
     channels = grad.shape[1]
     kernel = torch.outer(taps, taps).expand(channels, 1, 4, 4)
     padded = F.pad(grad, (1, 1, 1, 1), mode="replicate")
