@@ -24,6 +24,10 @@
 #                 convolutions), compile bf16 channels_last and NCHW (each compiles for about a
 #                 minute; last, so that a time limit cuts nothing else: each row is written as it ends) 270
 #   profile       dipfast bench profile of the two fastest paths of `throughput`, and native-cl bf16 45
+#   convs         bench/conv_layouts.py: each conv of the net alone, forward + backward, bf16 then tf32, in
+#                 NCHW, channels_last and each with aligned channels, with the kernels cuDNN picks: which
+#                 convs run legacy kernels, and what each layout costs them (the profile cannot say: the
+#                 CUDA graph replays kernels with no op around them)                           30
 #   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           20
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
 #                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  150
@@ -34,7 +38,8 @@
 #   tasks         every task through restore() on each fast backend, tiny net (bench/gpu_tasks.py) 110
 #   parity        issue 13: the CUDA parity tests, real shapes first (junit XML, no -x)          90+
 #   ops           issue 13: the op micro-benchmarks (bench/ops), fused op against cuDNN + eager   90+
-#   triton        issue 13: the triton backend's throughput in bf16, tf32 and fp32                100
+#   triton        issue 13: the triton backend's throughput in bf16, tf32 and fp32, and the profile of
+#                 its bf16 step against the floor (on CUDA)                                      130
 #   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
 #                 recorded, the calibrated rules replayed, and the criterion's cost at 512 px    240
 # That is about 19 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
@@ -92,7 +97,7 @@ ARCHIVE=$DEST/gpu-quick.tar.gz
 PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-ALL_STEPS="install environment throughput profile batch time-to-psnr tests tasks parity ops triton early-stop"
+ALL_STEPS="install environment throughput profile convs batch time-to-psnr tests tasks parity ops triton early-stop"
 STEPS=" ${DIPFAST_GPU_QUICK_STEPS:-$ALL_STEPS} "
 for name in $STEPS; do
     [[ " $ALL_STEPS " == *" $name "* ]] || { echo "gpu_quick: unknown step '$name'; valid: $ALL_STEPS" >&2; exit 2; }
@@ -113,10 +118,11 @@ if [ "$TINY" = 1 ]; then
     TRITON_CONFIGS=(triton:fp32)  # the interpreter computes tf32 as IEEE fp32: one of the two is enough
     TRITON_ENV=(TRITON_INTERPRET=1 TORCHDYNAMO_DISABLE=1)
     TTP=(--net tiny --size 32 --iters 6 --report-every 2)
+    CONVS=(--device cpu --net tiny --size 16 --repeats 2)
     TESTS=(tests/test_backends.py -k "resolve")  # a few CPU cases: the step's plumbing
     EARLY_STOP=(--net tiny --size 32 --iters 120 --limit 2 --cost 16)
     # the budget is all there is on a CPU: the limits only catch a hang
-    declare -A LIMIT=([install]=120 [environment]=60 [throughput]=240 [profile]=120 [batch]=120 [tasks]=240
+    declare -A LIMIT=([install]=120 [environment]=60 [throughput]=240 [profile]=120 [convs]=120 [batch]=120 [tasks]=240
                       [parity]=120 [ops]=120 [triton]=240 [time-to-psnr]=240 [tests]=120 [early-stop]=240)
 else
     BUDGET=${DIPFAST_GPU_QUICK_BUDGET:-480}
@@ -133,15 +139,16 @@ else
     TRITON_CONFIGS=(triton:bf16 triton:tf32 triton:fp32)
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)
+    CONVS=(--device cuda --net default --size 512 --repeats 20)
     TESTS=(tests/test_cuda_restore.py tests/test_backends.py tests/test_early_stop_wiring.py tests/test_group_invariance.py
            tests/test_noise_level.py tests/test_vmap_autocast.py tests/test_bilinear_x2.py tests/test_aligned_channels.py
            tests/bench --ignore=tests/bench/test_gpu_quick.py)
     EARLY_STOP=(--size 256 --iters 2000 --cost 512)
-    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=300 [profile]=90 [batch]=90 [tasks]=120
-                      [parity]=120 [ops]=90 [triton]=120 [time-to-psnr]=200 [tests]=150 [early-stop]=240)
+    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=300 [profile]=90 [convs]=60 [batch]=90 [tasks]=120
+                      [parity]=120 [ops]=90 [triton]=180 [time-to-psnr]=200 [tests]=150 [early-stop]=240)
 fi
 # the smallest slice of the budget that a step is started with
-declare -A MIN=([install]=30 [environment]=5 [throughput]=60 [profile]=30 [batch]=30 [tasks]=30 [parity]=30
+declare -A MIN=([install]=30 [environment]=5 [throughput]=60 [profile]=30 [convs]=20 [batch]=30 [tasks]=30 [parity]=30
                 [ops]=20 [triton]=40 [time-to-psnr]=60 [tests]=30 [early-stop]=120)
 
 has() { [[ " $BACKENDS " == *" $1 "* ]]; }
@@ -249,6 +256,10 @@ profile() {  # the two fastest, and channels_last bf16: where NHWC, cuDNN's tens
     # shellcheck disable=SC2086
     bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/profile" --configs $chosen
 }
+convs() {
+    "$PY" "$ROOT/bench/conv_layouts.py" "${CONVS[@]}" --precision bf16 --out "$WORK/convs/bf16" || return 1
+    "$PY" "$ROOT/bench/conv_layouts.py" "${CONVS[@]}" --precision tf32 --out "$WORK/convs/tf32"
+}
 batch() {
     # shellcheck disable=SC2046
     bench throughput "${DEVICE[@]}" "${BATCH[@]}" --batch 1 4 --quiet --out "$WORK/batch" \
@@ -271,7 +282,10 @@ ops() {
 }
 triton_backend() {
     env "${TRITON_ENV[@]}" "$PY" -m dipfast.bench throughput "${DEVICE[@]}" "${TRITON_TP[@]}" --batch 1 --quiet \
-        --out "$WORK/triton" --configs "${TRITON_CONFIGS[@]}"
+        --out "$WORK/triton" --configs "${TRITON_CONFIGS[@]}" || return 1
+    # where its 77 ms go (the H200 run had no profile of it); the interpreter's would say nothing of a GPU
+    [ "$TINY" = 1 ] || bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/triton/profile" \
+        --configs triton:bf16
 }
 time_to_psnr() {
     # cold: a fresh process and empty compile caches, as a user's first image
@@ -309,6 +323,7 @@ fi
 wants environment && step environment environment
 wants throughput && step throughput throughput
 wants profile && step profile profile
+wants convs && step convs convs
 wants batch && step batch batch
 wants time-to-psnr && step_with_data time-to-psnr time_to_psnr
 wants tests && step tests suite_tests

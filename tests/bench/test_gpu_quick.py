@@ -18,6 +18,7 @@ OUTPUTS = {  # in the script's order of priority
     "environment": ["environment/environment.json", "environment/environment.txt"],
     "throughput": ["throughput/throughput.json", "throughput/throughput.md"],
     "profile": ["profile/profile.json", "profile/profile.md"],
+    "convs": ["convs/bf16/conv_layouts.json", "convs/bf16/conv_layouts.md", "convs/tf32/conv_layouts.json"],
     "batch": ["batch/throughput.json"],
     "time-to-psnr": ["time-to-psnr/time_to_psnr.json"],
     "tests": ["tests/junit.xml"],
