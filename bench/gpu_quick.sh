@@ -37,7 +37,8 @@
 #                 test_aligned_channels, tests/bench)                                            120
 #   tasks         every task through restore() on each fast backend, tiny net (bench/gpu_tasks.py) 110
 #   parity        issue 13: the CUDA parity tests, real shapes first (junit XML, no -x)          90+
-#   ops           issue 13: the op micro-benchmarks (bench/ops), fused op against cuDNN + eager   90+
+#   ops           issue 13: the op micro-benchmarks (bench/ops), forward + backward, fused op against
+#                 cuDNN + eager, each timed as a CUDA graph replay (the step pays no launch cost)   90+
 #   triton        issue 13: the triton backend's throughput in bf16, tf32 and fp32, and the profile of
 #                 its bf16 step against the floor (on CUDA)                                      130
 #   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
@@ -134,7 +135,9 @@ else
     BATCH=(--net default --size 256 --iters 10 --repeats 3 --warmup 10)
     TASKS=(--size 64 --iters 4 --precision bf16 --device cuda)
     PARITY=(tests/parity/test_cuda_shapes.py tests/parity)  # the real shapes first; pytest drops the repeats
-    OPS=(-k op_ --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
+    # forward + backward (the targets' measure; the forward-only cases used the H200 window's whole step), each
+    # timed as a CUDA graph's replay, as the step runs them (bench/ops/cuda_timing.py)
+    OPS=(-k op_full --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
     TRITON_TP=("${TP[@]}")
     TRITON_CONFIGS=(triton:bf16 triton:tf32 triton:fp32)
     TRITON_ENV=()

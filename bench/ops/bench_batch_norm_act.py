@@ -7,7 +7,7 @@ written once; backward: x and the gradient read twice, dx written once) over the
 
 import pytest
 import torch
-from cuda_timing import needs_cuda, synced
+from cuda_timing import graphed, needs_cuda
 
 import dipfast.kernels
 from dipfast import reference
@@ -85,7 +85,7 @@ def test_batch_norm_act_op_forward(benchmark, case, impl, dtype, layout, rng):
     if impl == "triton":
         assert dipfast.kernels.batch_norm_act_path(x) == "triton"
     with torch.no_grad():
-        out = benchmark(synced(lambda: IMPLS[impl](x, weight, bias, pad=pad)))
+        out = benchmark(graphed(benchmark, lambda: IMPLS[impl](x, weight, bias, pad=pad)))
     _record_bandwidth(benchmark, _bytes(x, pad, backward=False))
     assert out.shape[-1] == shape[-1] + 2 * pad
 
@@ -105,7 +105,7 @@ def test_batch_norm_act_op_full(benchmark, case, impl, dtype, layout, rng):
     def step():
         return torch.autograd.grad(IMPLS[impl](x, weight, bias, pad=pad), [x, weight, bias], grad)
 
-    grads = benchmark(synced(step))
+    grads = benchmark(graphed(benchmark, step))
     _record_bandwidth(benchmark, _bytes(x, pad, backward=True))
     assert grads[0].shape == x.shape
 
@@ -128,7 +128,7 @@ def test_concat_batch_norm_op_full(benchmark, impl, layout, rng):
         out = MERGE_IMPLS[impl](skip, deeper, weight, bias, pad=1)
         return torch.autograd.grad(out, [skip, deeper, weight, bias], grad)
 
-    grads = benchmark(synced(step))
+    grads = benchmark(graphed(benchmark, step))
     merged = torch.empty(1, 132, 512, 512, dtype=torch.bfloat16, device="meta")
     _record_bandwidth(benchmark, _bytes(merged, 1, backward=True))
     assert grads[1].shape == deeper.shape

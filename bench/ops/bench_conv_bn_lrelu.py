@@ -5,7 +5,7 @@ against the twin, forward and forward + backward, groups 1 and 4, in fp32, TF32 
 
 import pytest
 import torch
-from cuda_timing import needs_cuda, synced
+from cuda_timing import graphed, needs_cuda
 
 import dipfast.kernels
 from dipfast import reference
@@ -109,7 +109,9 @@ def _flags(precision: str):
 
 def _autocast(precision: str, impl: str):
     """The twin's bf16 is autocast's; the kernel takes bf16 tensors instead (_gpu_block)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and impl == "reference")
+    # no cast cache: the op is captured in a CUDA graph (cuda_timing.graphed), which must not keep autocast's casts
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and impl == "reference",
+                          cache_enabled=False)  # fmt: skip
 
 
 def _gpu_block(case, rng, bf16_operands: bool):
@@ -135,7 +137,7 @@ def test_conv_bn_lrelu_op_forward(benchmark, case, impl, precision, rng):
         assert dipfast.kernels.conv_bn_lrelu_path(x) == "triton"
     benchmark.extra_info["flop"] = conv_flop(*case)
     with _flags(precision), _autocast(precision, impl), torch.no_grad():
-        out = benchmark(synced(lambda: op(x, *params, **kw)))
+        out = benchmark(graphed(benchmark, lambda: op(x, *params, **kw)))
     assert out.shape[1] == case[4]
 
 
@@ -154,5 +156,5 @@ def test_conv_bn_lrelu_op_full(benchmark, case, impl, precision, rng):
         return torch.autograd.grad(out, [x, *params], grad.to(out.dtype))
 
     with _flags(precision):
-        grads = benchmark(synced(step))
+        grads = benchmark(graphed(benchmark, step))
     assert grads[0].shape == x.shape

@@ -5,7 +5,7 @@ dense C -> C conv (dipfast.nets.layers.LanczosDownsampler) beside it; on CUDA, t
 
 import pytest
 import torch
-from cuda_timing import needs_cuda, synced
+from cuda_timing import graphed, needs_cuda
 
 import dipfast.kernels
 from dipfast import reference
@@ -75,7 +75,7 @@ def test_lanczos2_op_forward(benchmark, case, impl, rng):
         assert dipfast.kernels.lanczos2_path(x) == "triton"
     benchmark.extra_info["bytes"] = moved_bytes(h, w, f)
     with ieee_fp32():
-        y = benchmark(synced(lambda: op(x, f)))
+        y = benchmark(graphed(benchmark, lambda: op(x, f)))
     assert y.shape == (1, 3, h // f, w // f)
 
 
@@ -89,5 +89,5 @@ def test_lanczos2_op_full(benchmark, case, impl, rng):
     g = torch.randn(1, 3, h // f, w // f, generator=rng).cuda()
     benchmark.extra_info["bytes"] = 2 * moved_bytes(h, w, f)
     with ieee_fp32():
-        (dx,) = benchmark(synced(lambda: torch.autograd.grad(op(x, f), x, g)))
+        (dx,) = benchmark(graphed(benchmark, lambda: torch.autograd.grad(op(x, f), x, g)))
     assert dx.shape == x.shape
