@@ -11,7 +11,7 @@ inpainting had never run there).
 
 Each backend runs in its own process, so that a CUDA error that poisons the context (an illegal
 address, a broken capture) fails that backend's remaining cases and not the other backends'. Every
-case is recorded as it ends, pass or fail with its error's last line, and the run never stops at a
+case is recorded as it ends, pass or fail with its error's first line, and the run never stops at a
 failure: DIR/tasks.jsonl (one JSON object per case) and DIR/tasks.md. Exit status 0 when every case
 passed, else 1.
 """
@@ -70,7 +70,7 @@ def _arguments(task: str, size: int, rng: np.random.Generator) -> tuple[np.ndarr
 
 
 def run_case(task: str, backend: str, precision: str, *, size: int, iters: int, device: str) -> dict:
-    """One restore() of `task` on `backend`: status 'ok', or 'failed' with the error's last line and its origin."""
+    """One restore() of `task` on `backend`: status 'ok', or 'failed' with the error's first line and its origin."""
     import dipfast
     from dipfast.bench import runs
 
@@ -107,12 +107,21 @@ def run_case(task: str, backend: str, precision: str, *, size: int, iters: int, 
             psnr=result.psnr,
         )
     except Exception as e:  # noqa: BLE001  (every failure is the finding: recorded, and the next case runs)
-        frames = traceback.extract_tb(e.__traceback__)
-        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        case.update(status="failed", error=f"{type(e).__name__}: {last} ({where})")
+        case.update(status="failed", error=_described(e))
     case["seconds"] = round(time.perf_counter() - t0, 2)
     return case
+
+
+def _described(e: BaseException) -> str:
+    """'Type: first line (file:line)' of the error raised first: a failed CUDA graph capture raises its own error
+    over the one inside it, and a CUDA error's first line names the cause (its last line is the advice to
+    compile with TORCH_USE_CUDA_DSA, all the H200 run recorded of the triton x restore failure)."""
+    while e.__context__ is not None and e.__cause__ is None and not e.__suppress_context__:
+        e = e.__context__
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first} ({where})"
 
 
 def _child(args) -> int:
