@@ -43,6 +43,10 @@
 #                 its bf16 step against the floor (on CUDA)                                      130
 #   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
 #                 recorded, the calibrated rules replayed, and the criterion's cost at 512 px    240
+#   large         issue 17: a 12 MP photo (a mosaic of the paper's images, sigma 25) through restore(tile='auto',
+#                 stop='auto') until the step's time runs out, with the rate and the projected end-to-end
+#                 time (bench/large_photo.py); end to end it needs a call of its own:
+#                 DIPFAST_GPU_QUICK_STEPS=large DIPFAST_GPU_QUICK_BUDGET=560                  300+
 # That is about 19 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
 # could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
 # (e.g. DIPFAST_GPU_QUICK_STEPS="environment tasks parity ops triton"). Each step's limit is its own or
@@ -98,7 +102,7 @@ ARCHIVE=$DEST/gpu-quick.tar.gz
 PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-ALL_STEPS="install environment throughput profile convs batch time-to-psnr tests tasks parity ops triton early-stop"
+ALL_STEPS="install environment throughput profile convs batch time-to-psnr tests tasks parity ops triton early-stop large"
 STEPS=" ${DIPFAST_GPU_QUICK_STEPS:-$ALL_STEPS} "
 for name in $STEPS; do
     [[ " $ALL_STEPS " == *" $name "* ]] || { echo "gpu_quick: unknown step '$name'; valid: $ALL_STEPS" >&2; exit 2; }
@@ -122,9 +126,10 @@ if [ "$TINY" = 1 ]; then
     CONVS=(--device cpu --net tiny --size 16 --repeats 2)
     TESTS=(tests/test_backends.py -k "resolve")  # a few CPU cases: the step's plumbing
     EARLY_STOP=(--net tiny --size 32 --iters 120 --limit 2 --cost 16)
+    LARGE=(--device cpu --megapixels 0.01 --iters 6 --stop iterations --report-every 2)
     # the budget is all there is on a CPU: the limits only catch a hang
     declare -A LIMIT=([install]=120 [environment]=60 [throughput]=240 [profile]=120 [convs]=120 [batch]=120 [tasks]=240
-                      [parity]=120 [ops]=120 [triton]=240 [time-to-psnr]=240 [tests]=120 [early-stop]=240)
+                      [parity]=120 [ops]=120 [triton]=240 [time-to-psnr]=240 [tests]=120 [early-stop]=240 [large]=120)
 else
     BUDGET=${DIPFAST_GPU_QUICK_BUDGET:-480}
     BACKENDS=${DIPFAST_GPU_QUICK_BACKENDS:-native compile triton}
@@ -147,12 +152,14 @@ else
            tests/test_noise_level.py tests/test_vmap_autocast.py tests/test_bilinear_x2.py tests/test_aligned_channels.py
            tests/bench --ignore=tests/bench/test_gpu_quick.py)
     EARLY_STOP=(--size 256 --iters 2000 --cost 512)
+    LARGE=(--device cuda --megapixels 12 --stop auto --report-every 25)
     declare -A LIMIT=([install]=90 [environment]=30 [throughput]=300 [profile]=90 [convs]=60 [batch]=90 [tasks]=120
-                      [parity]=120 [ops]=90 [triton]=180 [time-to-psnr]=200 [tests]=150 [early-stop]=240)
+                      [parity]=120 [ops]=90 [triton]=180 [time-to-psnr]=200 [tests]=150 [early-stop]=240
+                      [large]=590)
 fi
 # the smallest slice of the budget that a step is started with
 declare -A MIN=([install]=30 [environment]=5 [throughput]=60 [profile]=30 [convs]=20 [batch]=30 [tasks]=30 [parity]=30
-                [ops]=20 [triton]=40 [time-to-psnr]=60 [tests]=30 [early-stop]=120)
+                [ops]=20 [triton]=40 [time-to-psnr]=60 [tests]=30 [early-stop]=120 [large]=120)
 
 has() { [[ " $BACKENDS " == *" $1 "* ]]; }
 wants() { [[ $STEPS == *" $1 "* ]]; }
@@ -183,7 +190,7 @@ step() {  # step NAME FUNCTION: run under min(its limit, budget left), log to WO
     echo "== $name (at most ${limit} s)"
     start=$(date +%s)
     # SIGINT first: pytest and the harness then write what they have (junit XML, partial JSON)
-    timeout --signal=INT --kill-after=15 "$limit" bash "$ROOT/bench/gpu_quick.sh" "${SELF[@]}" \
+    STEP_LIMIT=$limit timeout --signal=INT --kill-after=15 "$limit" bash "$ROOT/bench/gpu_quick.sh" "${SELF[@]}" \
         --run-step "$function" > "$WORK/$name.log" 2>&1
     status=$?
     if [ "$status" -eq 0 ]; then
@@ -305,6 +312,12 @@ suite_tests() {
     "$PY" -m pytest "${TESTS[@]}" -q -rfE -p no:cacheprovider "${PYTEST_PLUGINS[@]}" "${PYTEST_EXTRA[@]}" \
         --junitxml="$WORK/tests/junit.xml"
 }
+large() {  # the fit's own budget: the step's limit less a minute for set-up and the final forward
+    local data=()
+    [ -f "$DATA/denoising/F16_GT.png" ] && data=(--data "$DATA")
+    "$PY" "$ROOT/bench/large_photo.py" "${LARGE[@]}" "${data[@]}" --budget $(( ${STEP_LIMIT:-120} - 60 )) \
+        --out "$WORK/large"
+}
 early_stop() {
     bench early-stop "${DEVICE[@]}" --data "$DATA" --tasks denoise "${EARLY_STOP[@]}" --quiet --out "$WORK/early-stop"
 }
@@ -335,6 +348,7 @@ wants parity && step parity parity
 wants ops && step ops ops
 wants triton && step triton triton_backend
 wants early-stop && step_with_data early-stop early_stop
+wants large && step large large
 
 "$PY" "$ROOT/bench/gpu_quick_steps.py" headline "$WORK" > /dev/null 2>&1
 for folder in throughput profile batch triton time-to-psnr; do

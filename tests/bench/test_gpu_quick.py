@@ -27,6 +27,7 @@ OUTPUTS = {  # in the script's order of priority
     "ops": ["ops/benchmarks.json", "ops/ops.md", "ops/junit.xml"],
     "triton": ["triton/throughput.json"],
     "early-stop": ["early-stop/early_stop.json", "early-stop/early_stop.md"],
+    "large": ["large/large_photo.json"],
 }
 
 
