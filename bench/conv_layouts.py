@@ -7,17 +7,18 @@ them in cuDNN's legacy kernels on four calls, and 1.2 ms more in cuDNN's NCHW <-
 channels_last the same step ran 2.74x slower. Its profile cannot say which conv is which: the CUDA graph
 replays kernels with no op around them. Here every distinct conv of the net (its shape as the step runs it:
 input channels, output channels, kernel, stride, the padded input's H x W; no input gradient where it reads
-the net's input z) runs eagerly, once per variant:
+the net's input z) runs alone, forward + backward, once per variant:
 
     nchw          NCHW activations and weights (auto's layout on CUDA since that run)
     nchw-aligned  NCHW, channels zero-padded to the tensor cores' multiple (dipfast.nets.aligned_channels)
     cl            channels_last
     cl-aligned    channels_last and aligned
 
-timed with CUDA events after a cudnn.benchmark warm-up (the step's own algorithm choice), median of
---repeats; on CUDA also the kernels each one launches (one profiled call), so a legacy kernel is named.
-The totals weight each conv by its count in the net: the step's conv time in that layout, conversions
-included, BatchNorm and pads not. On a CPU the same runs time oneDNN (--tiny in gpu_quick: the script's check).
+On CUDA each call is timed with CUDA events around a CUDA graph's replay of it (as the step runs its convs: no
+launch gaps), after a cudnn.benchmark warm-up (the step's own algorithm choice), median of --repeats, and the
+kernels it launches are listed (one profiled call), so a legacy kernel is named. The totals weight each conv
+by its count in the net: the step's conv time in that layout, conversions included, BatchNorm and pads not.
+On a CPU the same runs time oneDNN, wall clock (--tiny in gpu_quick: the script's check).
 
 Writes conv_layouts.json and conv_layouts.md in --out.
 """
@@ -111,26 +112,40 @@ def time_variant(row: dict, variant: str, precision: str, device: torch.device, 
     grad = torch.randn(y.shape, generator=g).to(device, dtype).contiguous(memory_format=fmt)
     run = _step(conv, x, grad, multiple)
     cuda = device.type == "cuda"
-    math = backends.conv_precision(tf32=precision == "tf32", cudnn_benchmark=True)
-    with math:
+    with backends.conv_precision(tf32=precision == "tf32", cudnn_benchmark=True):
         for _ in range(3):  # cudnn.benchmark's search, then warm
             run()
+        timed, timing = (_graphed(run), "cuda-graph replay") if cuda else (run, "wall")
+        if timed is None:  # not capturable: eager calls, launch gaps included
+            timed, timing = run, "eager"
         samples = []
         for _ in range(repeats):
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                run()
+                timed()
                 end.record()
                 end.synchronize()
                 samples.append(start.elapsed_time(end))
             else:
                 t0 = time.perf_counter()
-                run()
+                timed()
                 samples.append(1e3 * (time.perf_counter() - t0))
         kernels = _kernels(run) if cuda else []
     ms = statistics.median(samples)
-    return {"ms": ms, "tflops": row["gflop"] / ms if ms > 0 else None, "kernels": kernels}
+    return {"ms": ms, "tflops": row["gflop"] / ms if ms > 0 else None, "timing": timing, "kernels": kernels}
+
+
+def _graphed(run):
+    """run captured in a CUDA graph, as the step runs its convs (no launch gaps between them); None if it cannot be."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            run()
+    except RuntimeError:
+        return None
+    return graph.replay
 
 
 def _kernels(run) -> list[list]:
@@ -150,6 +165,8 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"## Each conv alone: forward + backward, ms ({s['net']} net, {s['size']} px, {s['precision']}, "
              f"{s['device']}: {report['machine']})\n"]  # fmt: skip
+    timings = sorted({v["timing"] for r in report["rows"] for v in r["variants"].values()})
+    lines.append(f"Timed: {', '.join(timings)}; median of {s['repeats']}.\n")
     head = "| conv (count) | C_in -> C_out, k, stride | input | GFLOP | " + " | ".join(VARIANTS) + " | best |"
     lines += [head, "|" + "---|" * (5 + len(VARIANTS))]
     totals = dict.fromkeys(VARIANTS, 0.0)
