@@ -249,11 +249,13 @@ environment() {
     return 0
 }
 throughput() {
+    # in the order of what decides most (each row is written as it ends): auto's path and the baselines, then
+    # bf16's variants, tf32's and fp32's, the compiled paths last (a minute of compiling each)
     # shellcheck disable=SC2046  # configs prints a list of words
     bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs $(configs \
-        native:fp32 native:tf32 native:bf16 native-cl:bf16 native-padded:bf16 native-padded:tf32 native-aligned:bf16 \
-        native-aligned:tf32 native-cl-aligned:bf16 native-padded-aligned:bf16 native-padded-cl-aligned:bf16 \
-        original-loop:fp32 original-loop-tf32:tf32 compile:bf16 compile-nchw:bf16)
+        native:bf16 original-loop:fp32 original-loop-tf32:tf32 native-aligned:bf16 native-padded:bf16 \
+        native-padded-aligned:bf16 native-padded-cl-aligned:bf16 native-cl-aligned:bf16 native-cl:bf16 native:tf32 \
+        native-aligned:tf32 native-padded:tf32 native:fp32 compile:bf16 compile-nchw:bf16)
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \
