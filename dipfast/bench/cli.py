@@ -350,8 +350,9 @@ def methods_and_precisions(args, device_type: str) -> tuple[list[str], list[str]
         f for f, given in (("--backend all", args.backend), ("--precision all", args.precision)) if not given
     )
     line = (
-        f"on {device_type}, left out: {', '.join(left)} (torch.compile takes minutes a run here; tf32 is fp32 and "
-        f"native-padded and native-cl are native on a CPU); add {flags} to run them, or name them"
+        f"on {device_type}, left out: {', '.join(left)} (torch.compile takes minutes a run here; on a CPU tf32 is "
+        f"fp32, native-padded and native-cl are native, and the aligned variants pad for CUDA's tensor cores); add "
+        f"{flags} to run them, or name them"
     )
     return methods, precisions, line
 

@@ -97,8 +97,8 @@ def dip_methods() -> list[str]:
 
 
 # What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
-# on a CPU, compile and triton spend minutes compiling in every cold run (Triton runs there only in its
-# interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones, and
+# on a CPU, compile (and its variants) and triton spend minutes compiling in every cold run (Triton runs there
+# only in its interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones,
 # native-padded and native-cl are native itself there, and the aligned variants pad for CUDA's tensor cores.
 NOT_BY_DEFAULT = {
     "cpu": {
@@ -106,7 +106,7 @@ NOT_BY_DEFAULT = {
             "compile",
             "triton",
             ORIGINAL_LOOP_TF32,
-            COMPILE_FORCED_LAYOUT,
+            *(v for v, (backend, _) in FIELD_VARIANTS.items() if backend == "compile"),
             *(v for v in FIELD_VARIANTS if v.startswith(("native-padded", "native-cl", "native-aligned"))),
         ),
         "precisions": ("tf32",),
