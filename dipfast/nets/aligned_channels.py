@@ -48,12 +48,11 @@ def aligned_conv2d(conv: nn.Conv2d, x: torch.Tensor, multiple: int) -> torch.Ten
 
 
 def align_conv_channels(net: nn.Module, multiple: int) -> nn.Module:
-    """Every PadConv of `net` (in place) runs its conv with channels padded to `multiple`; 1 undoes it."""
-    from dipfast.nets.layers import PadConv
-
+    """Every PadConv of `net` (in place) runs its conv with channels padded to `multiple`; 1 undoes it. A PadConv
+    is known by its channel_multiple attribute (as use_block_ops knows its modules: layers imports this file)."""
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1; got {multiple}")
     for module in net.modules():
-        if isinstance(module, PadConv):
+        if hasattr(module, "channel_multiple"):
             module.channel_multiple = multiple
     return net
