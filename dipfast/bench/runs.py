@@ -56,7 +56,7 @@ def _aligned(b: backends.Backend) -> dict:
 #   native-padded          BatchNorm + LeakyReLU by the Triton kernels that write the next conv's reflection pad
 #                          (dipfast.kernels.PaddedBlocks) on CUDA, where native runs the reference blocks
 #   native-aligned         conv channels padded to the tensor cores' multiple (dipfast.nets.aligned_channels): the
-#                          132-channel merges and 4-channel skips that run cuDNN's legacy kernels on an H200
+#                          132-channel merges, 4-channel skips and 3-channel head (legacy cuDNN kernels on an H200)
 #   native-cl-aligned, native-padded-aligned, native-padded-cl-aligned: the same with channels_last, with the
 #                          padded BatchNorms (which keep channels_last through the pads: CUDA's pad op writes
 #                          NCHW), with both

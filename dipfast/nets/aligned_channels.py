@@ -1,10 +1,11 @@
 """Convolutions with their channel counts padded to the multiple that tensor cores read, results unchanged.
 
 cuDNN's tensor-core kernels load channels in 16-byte vectors: 8 bf16 values, or 4 fp32 values for TF32. A conv
-whose input or output channel count is not a multiple of that runs cuDNN's legacy kernels instead. The default
-net has such convs at every level: the 132-channel merge conv (4 skip channels + 128) and the skip convs' 4
-outputs, and the 3-channel head. On an H200 the bf16 step spent 1.3 of its 11.9 ms in the legacy
-`dgrad_engine` and `precomputed_convolve_sgemm` kernels (bench/results/2026-12-04-h200-504226cc86/profile).
+whose input or output channel count is not a multiple of that cannot run them as it is: cuDNN converts and pads
+it, or runs its legacy kernels. The default net has such convs at every level: the 132-channel merge conv (4 skip
+channels + 128) and the skip convs' 4 outputs, and the 3-channel head. On an H200 the bf16 step spent 1.3 of its
+11.9 ms in the legacy `dgrad_engine` and `precomputed_convolve_sgemm` kernels on four calls, most likely the
+128 -> 4 skip convs (bench/results/2026-12-04-h200-504226cc86/profile; bench/conv_layouts.py names them).
 
 Zero channels add nothing to any sum, so the padded conv computes the module's outputs (in another order of
 summation) and its weight gradient's real part; the padding's own gradient is dropped. The module's parameters
