@@ -68,14 +68,14 @@ class GraphedStep:
             with torch.cuda.graph(graph), _cudnn_benchmark():
                 self.step()
         except RuntimeError as error:  # torch.AcceleratorError too
-            raise GraphCaptureError(_first_cause(error)) from error
+            raise GraphCaptureError(first_cause(error)) from error
         torch.cuda.synchronize(self.device)
         self.graph = graph
         self.captures += 1
         self.capture_seconds = time.perf_counter() - start
 
 
-def _first_cause(error: BaseException) -> BaseException:
+def first_cause(error: BaseException) -> BaseException:
     """The error raised inside the capture: the capture's end raises its own ("operation failed due to a previous
     error during capture") over it, with the first one as its context."""
     while error.__context__ is not None:

@@ -17,7 +17,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import dipfast
 from dipfast.backends import AUTO
-from dipfast.cuda_graph import _first_cause
+from dipfast.cuda_graph import first_cause
 from dipfast.errors import GraphCaptureError
 from dipfast.operators import Lanczos2Decimation, bernoulli_mask
 from dipfast.presets import PRESETS
@@ -247,14 +247,14 @@ def test_a_step_the_cuda_graph_cannot_capture_is_one_line(np_rng, monkeypatch, c
 
 def test_a_capture_error_keeps_the_first_error_raised_inside_the_capture():
     """torch.cuda.graph's exit raises its own error over the one raised inside (the first is its context)."""
-    assert _first_cause(CAPTURE_FAILED) is CAPTURE_FAILED
+    assert first_cause(CAPTURE_FAILED) is CAPTURE_FAILED
     try:
         try:
             raise CAPTURE_FAILED
         except RuntimeError:
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # noqa: B904
     except RuntimeError as error:
-        assert _first_cause(error) is CAPTURE_FAILED
+        assert first_cause(error) is CAPTURE_FAILED
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ an op that cannot be captured is timed as a synced call, and extra_info["timing"
 import pytest
 import torch
 
+from dipfast.cuda_graph import first_cause
+
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA only: the Triton op runs on CPU only in the interpreter, not timeable"
 )
@@ -39,9 +41,8 @@ def graphed(benchmark, fn, warmup: int = 2):
     try:
         with torch.cuda.graph(graph):
             out = fn()
-    except RuntimeError as e:  # not capturable: its wall time, marked so
-        while e.__context__ is not None:  # the error inside the capture, under the capture end's own
-            e = e.__context__
+    except RuntimeError as error:  # not capturable: its wall time, marked so
+        e = first_cause(error)  # the error inside the capture, under the capture end's own
         benchmark.extra_info["timing"] = f"wall ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})"
         torch.cuda.synchronize()
         return synced(fn)
