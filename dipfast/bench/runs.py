@@ -75,8 +75,7 @@ FIELD_VARIANTS = {
     "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
     "compile-nchw": ("compile", lambda b: {"channels_last_bf16": frozenset()}),
 }
-NATIVE_NCHW, NATIVE_CL, NATIVE_PADDED = "native-nchw", "native-cl", "native-padded"
-COMPILE_FORCED_LAYOUT = "compile-forced-layout"
+COMPILE_FORCED_LAYOUT = "compile-forced-layout"  # tests/test_inductor_layout.py runs it by name
 VARIANT_BACKEND = {NATIVE_EAGER: "native", **{name: backend for name, (backend, _) in FIELD_VARIANTS.items()}}
 VARIANTS = tuple(VARIANT_BACKEND)  # methods that are one backend run another way, timed beside it
 TINY_NET = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))

@@ -5,8 +5,8 @@ reflection pad of the conv that reads it); the ops:
 
     bn_act        batch_norm_act_reflect_pad (BatchNorm + LeakyReLU, padded or not, one fused op)
     concat_bn     concat_batch_norm over (skip, deeper), straight into the padded buffer
-    upsample      upsample_bilinear2x for nn.Upsample(scale_factor=2, mode="bilinear",
-                  align_corners=False)
+    bilinear_x2   upsample_bilinear2x (the C++ op; nn.Upsample(scale_factor=2, mode="bilinear",
+                  align_corners=False) with a gather backward)
 
 Anything else (another activation or upsampling, a BatchNorm without affine parameters or one
 that normalises with running statistics in eval mode: dipfast.nets.fusable's rules) takes the
@@ -20,7 +20,6 @@ from __future__ import annotations
 from dipfast import native
 from dipfast.native.batch_norm import batch_norm_act_reflect_pad, concat_batch_norm
 from dipfast.native.upsample import upsample_bilinear2x
-from dipfast.nets.bilinear_x2 import is_bilinear_x2
 from dipfast.nets.padded_writes import PaddedWrites
 
 
@@ -37,7 +36,5 @@ class NativeBlocks(PaddedWrites):
     def concat_bn(self, skip, deeper, bn, pad):
         return concat_batch_norm(skip, deeper, bn.weight, bn.bias, bn.eps, pad)
 
-    def upsample(self, m, x):
-        if not is_bilinear_x2(m) or x.dim() != 4:
-            return super().upsample(m, x)
+    def bilinear_x2(self, x):
         return upsample_bilinear2x(x)

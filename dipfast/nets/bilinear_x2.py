@@ -22,11 +22,11 @@ cache and writes dx once, accumulating in fp32. The CPU's C++ op (dipfast.native
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dipfast.nets.blocks import autocast_off
 
 _TAPS = (0.25, 0.75, 0.75, 0.25)  # exact in bf16 and fp32
 
@@ -64,9 +64,7 @@ class _BilinearX2(torch.autograd.Function):
 
     @staticmethod
     def forward(x):
-        # in x's dtype: CUDA's autocast would run upsample_bilinear2d in fp32 (as BlockOps.upsample says)
-        off = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) else None
-        with off or contextlib.nullcontext():
+        with autocast_off(x.device.type):  # in x's dtype: CUDA's autocast would run it in fp32 (BlockOps.upsample)
             return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
     @staticmethod

@@ -23,6 +23,8 @@ always normalises with the batch statistics); only the reference ops keep them.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -45,17 +47,22 @@ class BlockOps:
         # In x's dtype: CUDA's autocast runs upsample_bilinear2d in fp32, and with it every op of the merge
         # after it (concat, BatchNorm, LeakyReLU, pad) and casts both ways: over 1.5 of the 11.9 ms of a bf16
         # step on an H200 (bench/results/2026-12-04-h200-504226cc86/profile). Outside autocast nothing changes.
-        kind = x.device.type
-        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-            with torch.autocast(kind, enabled=False):
-                return m(x)
-        return m(x)
+        with autocast_off(x.device.type):
+            return m(x)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
 
 REFERENCE = BlockOps()
+
+
+def autocast_off(device_type: str):
+    """Autocast switched off inside where it is on for device_type (ops then run in their inputs' dtype); else
+    nothing."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def use_block_ops(net: nn.Module, ops: BlockOps) -> nn.Module:

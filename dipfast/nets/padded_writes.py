@@ -1,12 +1,14 @@
 """PaddedWrites: the block ops of a backend whose BatchNorm ops write the next conv's reflection pad.
 
 NativeBlocks (the CPU ops of dipfast.native) and PaddedBlocks (the Triton kernels on CUDA) compute the same
-blocks the same way and differ only in the two ops they call; which block may fuse (dipfast.nets.fusable),
+blocks the same way and differ only in the three ops they call; which block may fuse (dipfast.nets.fusable),
 which result is written padded for which conv, and every fallback to the reference op live here, once.
 
     bn_act(y, bn, slope, pad)            BatchNorm `bn` of y (training statistics, affine) then LeakyReLU of
                                          `slope` (1.0: none), written with a reflection pad of `pad` (0: none)
     concat_bn(skip, deeper, bn, pad)     BatchNorm `bn` of torch.cat((skip, deeper), 1), written padded
+    bilinear_x2(x)                       nn.Upsample(scale_factor=2, mode="bilinear") of an (N, C, H, W) x, in
+                                         x's dtype, with a gather backward (no atomics)
     conv(m, x)                           optional: m's PadConv where x comes unpadded (default: the module's)
 
     conv_bn_act       the module's own PadConv, then bn_act
@@ -14,6 +16,7 @@ which result is written padded for which conv, and every fallback to the referen
                       with no pad op of its own
     merge             concat_bn straight into the padded buffer level.up's conv reads (bn_act with slope 1.0
                       for a level with no skip)
+    upsample          bilinear_x2 for the upsample it computes (dipfast.nets.bilinear_x2.is_bilinear_x2)
 """
 
 from __future__ import annotations
@@ -21,19 +24,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dipfast.nets.bilinear_x2 import is_bilinear_x2
 from dipfast.nets.blocks import BlockOps
 from dipfast.nets.fusable import batch_norm_reason, leaky_relu_slope, takes_padded_input
 from dipfast.nets.layers import crop_to_smallest
 
 
 class PaddedWrites(BlockOps):
-    """Subclass and implement bn_act and concat_bn; the blocks they cannot compute take the reference ops."""
+    """Subclass and implement bn_act, concat_bn and bilinear_x2; the blocks they cannot compute take the reference
+    ops."""
 
     def bn_act(self, y: torch.Tensor, bn: nn.BatchNorm2d, slope: float, pad: int) -> torch.Tensor:
         raise NotImplementedError
 
     def concat_bn(self, skip: torch.Tensor, deeper: torch.Tensor, bn: nn.BatchNorm2d, pad: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def bilinear_x2(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def upsample(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not is_bilinear_x2(m) or x.dim() != 4:
+            return super().upsample(m, x)
+        return self.bilinear_x2(x)
 
     def conv(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """m's PadConv on an input nobody wrote padded (a level's input): the module's own pad."""
