@@ -71,6 +71,25 @@ def test_under_vmap_each_network_gets_its_own_gradient(request):
         torch.testing.assert_close(gx, expected, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vmapped_forward_then_autograd_matches_a_loop(request, channels_last):
+    """The vectorised step's pattern: vmap over the networks' forward, one autograd backward outside it (the
+    transpose then reads the gradient's layout inside vmap, where is_contiguous(memory_format=...) raises)."""
+    g = _generator(request)
+    xs = torch.randn(3, 2, 4, 5, 7, generator=g, dtype=torch.float64)
+    weights = torch.randn(3, 2, 4, 10, 14, generator=g, dtype=torch.float64)
+    if channels_last:  # each network's slice channels_last
+        xs = xs.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        weights = weights.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    xs.requires_grad_()
+    (got,) = torch.autograd.grad((vmap(upsample_bilinear2x)(xs) * weights).sum(), xs)
+    for x, w, gx in zip(xs.detach(), weights, got, strict=True):
+        x = x.clone().requires_grad_()
+        (expected,) = torch.autograd.grad((_torch_upsample(x) * w).sum(), x)
+        torch.testing.assert_close(gx, expected, rtol=1e-13, atol=1e-13)
+        assert gx.stride() == expected.stride() or not channels_last
+
+
 def test_under_autocast_it_runs_in_the_inputs_dtype(request):
     g = _generator(request)
     x = torch.randn(1, 4, 6, 6, generator=g).bfloat16().requires_grad_()
@@ -81,6 +100,21 @@ def test_under_autocast_it_runs_in_the_inputs_dtype(request):
     with torch.no_grad():
         expected = _torch_upsample(x.float())
     torch.testing.assert_close(y.float(), expected, rtol=2**-8, atol=1e-2)  # bf16: 8 bits of mantissa
+
+
+def test_its_autocast_switch_asks_nothing_dynamo_cannot_trace(monkeypatch, request):
+    """torch.compile of torch 2.11 (the GPU machines') cannot trace torch.amp.is_autocast_available: the compiled
+    and the stacked steps on the fused blocks failed so (bench/results/2026-12-04-h200-222367b4a8). The switch
+    reads which devices have autocast once, at import."""
+
+    def untraceable(device_type):
+        raise AssertionError("torch.amp.is_autocast_available called while running the step")
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)  # torch.autocast's own call stays
+    x = torch.randn(1, 2, 3, 5, generator=_generator(request)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert upsample_bilinear2x(x).dtype == torch.bfloat16
+    assert upsample_bilinear2x(x.float()).dtype == torch.float32
 
 
 def test_which_upsamples_it_replaces():

@@ -54,9 +54,21 @@ def bilinear_x2_transpose(grad: torch.Tensor) -> torch.Tensor:
     kernel = torch.outer(taps, taps).expand(channels, 1, 4, 4)
     padded = F.pad(grad, (1, 1, 1, 1), mode="replicate")
     dx = F.conv2d(padded, kernel.contiguous(), stride=2, groups=channels)
-    # in grad's layout: CUDA's replicate pad may write NCHW whatever its input, as its reflection pad does
-    channels_last = grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
-    return dx.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # in grad's layout: CUDA's replicate pad may write NCHW whatever its input, as its reflection pad does. By
+    # permutes, not memory_format: inside vmap (the vectorised step) torch implements neither
+    # is_contiguous(memory_format=...) nor contiguous(memory_format=...), but strides and permutes per example.
+    if _is_channels_last(grad):
+        return dx.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    return dx.contiguous()
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Whether the (N, C, H, W) t is channels_last and not NCHW, read from its strides."""
+    n, c, h, w = t.shape
+    if t.is_contiguous():
+        return False
+    want = (h * w * c, 1, w * c, c)
+    return all(stride == wanted for size, stride, wanted in zip((n, c, h, w), t.stride(), want) if size > 1)
 
 
 class _BilinearX2(torch.autograd.Function):
