@@ -57,10 +57,15 @@ class BlockOps:
 REFERENCE = BlockOps()
 
 
+# read once, outside any trace: torch.compile of torch 2.11 cannot trace torch.amp.is_autocast_available (a graph
+# break, and an error under fullgraph=True)
+_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
+
+
 def autocast_off(device_type: str):
     """Autocast switched off inside where it is on for device_type (ops then run in their inputs' dtype); else
     nothing."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
