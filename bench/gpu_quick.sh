@@ -15,19 +15,18 @@
 #                 machine's torch; where their build fails, setup.py goes on without them; where the
 #                 install itself fails, again with DIPFAST_NO_NATIVE=1; PYTHONPATH as well)       25-40
 #   environment   GPU, driver, torch/CUDA/cuDNN/triton versions, commit, native ops, nvidia-smi     5
-#   throughput    512 x 512, batch 1, default net, in one harness run: native fp32 / tf32 / bf16,
-#                 native-cl bf16 (bf16 channels_last: CUDA's layout before the H200 run),
-#                 native-padded bf16 / tf32 (BatchNorm + LeakyReLU by the Triton kernels that write the
-#                 conv's pad), native-aligned bf16 / tf32, native-cl-aligned, native-padded-aligned and
-#                 native-padded-cl-aligned bf16 (conv channels padded to the tensor cores' multiple), the
+#   throughput    512 x 512, batch 1, default net, in one harness run: native bf16 / tf32 / fp32 (on CUDA
+#                 its BatchNorm + LeakyReLU by the Triton kernels that write the next conv's pad), the
 #                 original loop as the paper ran it (IEEE fp32) and under today's PyTorch default (TF32
-#                 convolutions), compile bf16 channels_last and NCHW (each compiles for about a
-#                 minute; last, so that a time limit cuts nothing else: each row is written as it ends) 270
-#   profile       dipfast bench profile of the two fastest paths of `throughput`, and native-cl bf16 45
-#   convs         bench/conv_layouts.py: each conv of the net alone, forward + backward, bf16 then tf32, in
-#                 NCHW, channels_last and each with aligned channels, with the kernels cuDNN picks: which
+#                 convolutions), native-reference-blocks bf16 / tf32 (the reference blocks' separate ops:
+#                 what the padded kernels are worth), compile bf16 channels_last and NCHW (each compiles for
+#                 about a minute; last, so that a time limit cuts nothing else: each row is written as it
+#                 ends). The 222367b4a8 run settled channels_last and aligned channels (both lost)    200
+#   profile       dipfast bench profile of the two fastest paths of `throughput`                 30
+#   convs         bench/conv_layouts.py: each conv of the net alone, forward + backward in bf16, in NCHW,
+#                 channels_last and each with aligned channels, with the kernels cuDNN picks: which
 #                 convs run legacy kernels, and what each layout costs them (the profile cannot say: the
-#                 CUDA graph replays kernels with no op around them)                           30
+#                 CUDA graph replays kernels with no op around them)                           60
 #   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           20
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
 #                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  150
@@ -36,7 +35,8 @@
 #                 test_group_invariance, test_vmap_autocast, test_bilinear_x2 (its capture),
 #                 test_aligned_channels, tests/bench)                                            120
 #   tasks         every task through restore() on each fast backend, tiny net (bench/gpu_tasks.py) 110
-#   parity        issue 13: the CUDA parity tests, real shapes first (junit XML, no -x)          90+
+#   parity        issue 13: the CUDA parity tests, the real shapes first in a run of their own (junit XML,
+#                 no -x)                                                                          90+
 #   ops           issue 13: the op micro-benchmarks (bench/ops), forward + backward, fused op against
 #                 cuDNN + eager, each timed as a CUDA graph replay (the step pays no launch cost)   90+
 #   triton        issue 13: the triton backend's throughput in bf16, tf32 and fp32, and the profile of
@@ -51,7 +51,7 @@
 # could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
 # (e.g. DIPFAST_GPU_QUICK_STEPS="environment tasks parity ops triton"). Each step's limit is its own or
 # the budget left, whichever is less. headline.md compares the figures with issue 12's targets and sets each variant
-# (native-padded, native-cl) beside its backend; summary.md is the
+# (native-reference-blocks, compile-nchw) beside its backend; summary.md is the
 # short table of every JSON.
 #
 # --tiny: the same steps on a CPU at toy sizes (tiny net, 16-32 px, 1-6 iterations), so that the script
@@ -117,7 +117,7 @@ if [ "$TINY" = 1 ]; then
     PROFILE=(--net tiny --size 16 --iters 2 --warmup 1)
     BATCH=(--net tiny --size 16 --iters 1 --repeats 2 --warmup 1)
     TASKS=(--size 16 --iters 2 --precision fp32 --device cpu)
-    PARITY=(tests/parity/test_cuda_shapes.py)  # CUDA only: every case skips here
+    PARITY=(tests/parity/test_configs.py)  # after the real shapes, which skip here (CUDA only): one quick file
     OPS=(--benchmark-max-time=0.01 --benchmark-min-rounds=1 --benchmark-warmup=off)  # the CPU cases once
     TRITON_TP=(--net tiny --size 16 --iters 1 --repeats 1 --warmup 1)
     TRITON_CONFIGS=(triton:fp32)  # the interpreter computes tf32 as IEEE fp32: one of the two is enough
@@ -139,7 +139,7 @@ else
     PROFILE=(--net default --size 512 --iters 5 --warmup 10)
     BATCH=(--net default --size 256 --iters 10 --repeats 3 --warmup 10)
     TASKS=(--size 64 --iters 4 --precision bf16 --device cuda)
-    PARITY=(tests/parity/test_cuda_shapes.py tests/parity)  # the real shapes first; pytest drops the repeats
+    PARITY=(tests/parity --ignore=tests/parity/test_cuda_shapes.py)  # after the real shapes (parity())
     # forward + backward (the targets' measure; the forward-only cases used the H200 window's whole step), each
     # timed as a CUDA graph's replay, as the step runs them (bench/ops/cuda_timing.py)
     OPS=(-k op_full --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
@@ -253,24 +253,19 @@ throughput() {
     # bf16's variants, tf32's and fp32's, the compiled paths last (a minute of compiling each)
     # shellcheck disable=SC2046  # configs prints a list of words
     bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs $(configs \
-        native:bf16 original-loop:fp32 original-loop-tf32:tf32 native-aligned:bf16 native-padded:bf16 \
-        native-padded-aligned:bf16 native-padded-cl-aligned:bf16 native-cl-aligned:bf16 native-cl:bf16 native:tf32 \
-        native-aligned:tf32 native-padded:tf32 native:fp32 compile:bf16 compile-nchw:bf16)
+        native:bf16 original-loop:fp32 original-loop-tf32:tf32 native-reference-blocks:bf16 native:tf32 \
+        native-reference-blocks:tf32 native:fp32 compile:bf16 compile-nchw:bf16)
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \
         --fallback native:tf32 native:bf16 native:fp32
 }
-profile() {  # the two fastest, and channels_last bf16: where NHWC, cuDNN's tensor-core layout, loses
-    local chosen
-    chosen=$(fastest 2)
-    [[ " $chosen " == *" native-cl:bf16 "* ]] || chosen="$chosen native-cl:bf16"
-    # shellcheck disable=SC2086
-    bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/profile" --configs $chosen
+profile() {  # the two fastest
+    # shellcheck disable=SC2046  # fastest prints a list of words
+    bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/profile" --configs $(fastest 2)
 }
-convs() {
-    "$PY" "$ROOT/bench/conv_layouts.py" "${CONVS[@]}" --precision bf16 --out "$WORK/convs/bf16" || return 1
-    "$PY" "$ROOT/bench/conv_layouts.py" "${CONVS[@]}" --precision tf32 --out "$WORK/convs/tf32"
+convs() {  # bf16 alone: its table took the step's whole minute on the H200
+    "$PY" "$ROOT/bench/conv_layouts.py" "${CONVS[@]}" --precision bf16 --out "$WORK/convs/bf16"
 }
 batch() {
     # shellcheck disable=SC2046
@@ -281,10 +276,14 @@ tasks() {
     # shellcheck disable=SC2086  # BACKENDS is a list of words
     "$PY" "$ROOT/bench/gpu_tasks.py" --out "$WORK/tasks" --backends $BACKENDS "${TASKS[@]}"
 }
-parity() {
+parity() {  # the real shapes first, in a run of their own: xdist's workers would take them in any order
     mkdir -p "$WORK/parity"
+    local status=0
+    "$PY" -m pytest tests/parity/test_cuda_shapes.py -q -rfE -p no:cacheprovider "${PYTEST_PLUGINS[@]}" \
+        "${PYTEST_EXTRA[@]}" --junitxml="$WORK/parity/cuda_shapes.xml" || status=1
     "$PY" -m pytest "${PARITY[@]}" -q -rfE -p no:cacheprovider "${PYTEST_PLUGINS[@]}" "${PYTEST_EXTRA[@]}" \
-        --junitxml="$WORK/parity/junit.xml"
+        --junitxml="$WORK/parity/junit.xml" || status=1
+    return $status
 }
 ops() {
     mkdir -p "$WORK/ops"

@@ -18,7 +18,7 @@ accumulation and fp32 BatchNorm statistics, returning bf16; BatchNorm's paramete
 Otherwise the input's dtype rules: fp32 with TF32 dots when torch.backends.cudnn.allow_tf32 (the kernels' flag,
 dipfast.kernels.conv_bn_lrelu.tf32_enabled), IEEE dots when not (dipfast.engine.ieee_fp32).
 
-PaddedBlocks (the harness's native-padded on CUDA: Backend.blocks 'padded') is dipfast.nets.padded_writes'
+PaddedBlocks (the native backend's block ops on CUDA: Backend.blocks 'padded') is dipfast.nets.padded_writes'
 structure, which NativeBlocks shares, with the Triton ops of batch_norm_act.py for its BatchNorms and torch's (cuDNN's)
 convolutions:
     bn_act                  batch_norm_act (BatchNorm + LeakyReLU, or BatchNorm alone), written reflection-padded

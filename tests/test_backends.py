@@ -108,12 +108,13 @@ def test_triton_fp32_is_refused_where_its_parity_is_unverified(monkeypatch, capa
 
 def test_a_variant_changes_a_backend_inside_its_block_only():
     """backends.variant, the harness's side-by-side switch: plans resolved inside see the changed entry (here the
-    padded BatchNorm kernels on CUDA), and the table is restored after, also when the block raises."""
+    reference blocks on CUDA, where native runs the padded BatchNorm kernels), and the table is restored after,
+    also when the block raises."""
     cuda = torch.device("cuda", 0)
-    with pytest.raises(RuntimeError), backends.variant("native", blocks={"cpu": "native", "cuda": "padded"}):
-        assert type(backends.resolve("native", "fp32", cuda).block_ops(cuda)).__name__ == "PaddedBlocks"
+    with pytest.raises(RuntimeError), backends.variant("native", blocks={"cpu": "native", "cuda": "reference"}):
+        assert backends.resolve("native", "fp32", cuda).block_ops(cuda) is backends.REFERENCE
         raise RuntimeError
-    assert backends.resolve("native", "fp32", cuda).block_ops(cuda) is backends.REFERENCE
+    assert type(backends.resolve("native", "fp32", cuda).block_ops(cuda)).__name__ == "PaddedBlocks"
 
 
 def test_restore_reports_the_plan_it_ran(np_rng):

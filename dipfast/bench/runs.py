@@ -1,7 +1,7 @@
 """One timed fit of any method on one Case, with its PSNR trajectory: the unit every suite is made of.
 
 Methods: the backends of dipfast.api.BACKENDS (through restore(), whatever they are), variants of one
-backend ('native-eager', and those of FIELD_VARIANTS: native-nchw, native-cl, native-padded, native-aligned, ...), the
+backend ('native-eager', and those of FIELD_VARIANTS: native-nchw, native-cl, native-reference-blocks, ...), the
 notebooks' loop twice ('original-loop' as the paper ran it, 'original-loop-tf32' as today's PyTorch runs
 the same code: original_loop.OriginalLoop)
 and the classical baselines (bicubic, nlm, bm3d). Times are wall seconds from the call (restore() or
@@ -36,30 +36,20 @@ ORIGINAL_LOOPS = {ORIGINAL_LOOP: "fp32", ORIGINAL_LOOP_TF32: "tf32"}  # the one 
 NATIVE_EAGER = "native-eager"
 
 
-def _native_padded(b: backends.Backend) -> dict:
-    return {"blocks": {**b.blocks, "cuda": "padded"}}
-
-
 def _channels_last(b: backends.Backend) -> dict:
     return {"channels_last_bf16": frozenset({"cpu", "cuda"})}
 
 
-def _aligned(b: backends.Backend) -> dict:
-    return {"align_channels": frozenset({"cpu", "cuda"})}
-
-
 # The variants that change Backend fields (backends.variant): name -> (the backend, its changed fields as a
-# function of its own), each measured side by side with the backend as it is:
+# function of its own), each measured side by side with the backend as it is. The H200 run of 222367b4a8 settled
+# the rest (native's padded blocks on CUDA; no aligned channels; NCHW under bf16 on CUDA):
 #   native-nchw            NCHW activations where the precision would run channels_last (bf16 on a CPU)
-#   native-cl              channels_last under bf16 on every device: CUDA's layout before the H200 run (2.74x
-#                          slower there than NCHW), kept to learn where NHWC loses; on a CPU it is native itself
-#   native-padded          BatchNorm + LeakyReLU by the Triton kernels that write the next conv's reflection pad
-#                          (dipfast.kernels.PaddedBlocks) on CUDA, where native runs the reference blocks
+#   native-cl              channels_last under bf16 on every device: 2.6x slower than NCHW on the H200 (legacy cuDNN
+#                          dgrad kernels), kept to learn where NHWC loses; on a CPU it is native itself
+#   native-reference-blocks  the reference BatchNorm, LeakyReLU and pad ops on CUDA, where native runs the
+#                          padded Triton kernels (dipfast.kernels.PaddedBlocks): what they are worth
 #   native-aligned         conv channels padded to the tensor cores' multiple (dipfast.nets.aligned_channels): the
-#                          132-channel merges, 4-channel skips and 3-channel head (legacy cuDNN kernels on an H200)
-#   native-cl-aligned, native-padded-aligned, native-padded-cl-aligned: the same with channels_last, with the
-#                          padded BatchNorms (which keep channels_last through the pads: CUDA's pad op writes
-#                          NCHW), with both
+#                          132-channel merges, 4-channel skips and 3-channel head; 1.00x on the H200
 #   compile-forced-layout  Inductor's layout optimisation forced on every graph (Backend.force_layout): its own
 #                          rule leaves the backward graph NCHW while the forward runs channels_last
 #   compile-nchw           compile with NCHW activations under bf16, the layout that made native 2.74x faster on
@@ -67,11 +57,8 @@ def _aligned(b: backends.Backend) -> dict:
 FIELD_VARIANTS = {
     "native-nchw": ("native", lambda b: {"channels_last_bf16": frozenset()}),
     "native-cl": ("native", _channels_last),
-    "native-padded": ("native", _native_padded),
-    "native-aligned": ("native", _aligned),
-    "native-cl-aligned": ("native", lambda b: {**_channels_last(b), **_aligned(b)}),
-    "native-padded-aligned": ("native", lambda b: {**_native_padded(b), **_aligned(b)}),
-    "native-padded-cl-aligned": ("native", lambda b: {**_native_padded(b), **_channels_last(b), **_aligned(b)}),
+    "native-reference-blocks": ("native", lambda b: {"blocks": {**b.blocks, "cuda": "reference"}}),
+    "native-aligned": ("native", lambda b: {"align_channels": frozenset({"cpu", "cuda"})}),
     "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
     "compile-nchw": ("compile", lambda b: {"channels_last_bf16": frozenset()}),
 }
@@ -98,7 +85,7 @@ def dip_methods() -> list[str]:
 # What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
 # on a CPU, compile (and its variants) and triton spend minutes compiling in every cold run (Triton runs there
 # only in its interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones,
-# native-padded and native-cl are native itself there, and the aligned variants pad for CUDA's tensor cores.
+# native-cl and native-reference-blocks are native itself there, and native-aligned pads for CUDA's tensor cores.
 NOT_BY_DEFAULT = {
     "cpu": {
         "methods": (
@@ -106,7 +93,9 @@ NOT_BY_DEFAULT = {
             "triton",
             ORIGINAL_LOOP_TF32,
             *(v for v, (backend, _) in FIELD_VARIANTS.items() if backend == "compile"),
-            *(v for v in FIELD_VARIANTS if v.startswith(("native-padded", "native-cl", "native-aligned"))),
+            "native-cl",
+            "native-reference-blocks",
+            "native-aligned",
         ),
         "precisions": ("tf32",),
     }

@@ -63,18 +63,19 @@ def test_each_field_variant_changes_its_backend_inside_and_restores_it(method):
     assert backends.BACKEND_TABLE[backend] is before
 
 
-def test_the_aligned_variants_pad_channels_for_cuda_bf16_with_their_other_change():
+def test_native_runs_the_padded_blocks_on_cuda_and_its_variants_the_rest():
+    """The H200 run's choices: native on CUDA runs the padded BatchNorm kernels, NCHW under bf16, unaligned
+    channels; the variants time each choice's alternative (resolving needs no GPU)."""
     from dipfast import backends
 
     cuda = torch.device("cuda")
-    expected = {"native-aligned": (False, "reference"), "native-cl-aligned": (True, "reference"),
-                "native-padded-aligned": (False, "padded"), "native-padded-cl-aligned": (True, "padded")}  # fmt: skip
-    for method, (channels_last, blocks) in expected.items():
-        with runs.method_context(method):
-            plan = backends.resolve(runs.backend_of(method), "bf16", torch.device("cpu"))
-            plan = backends.Plan(plan.backend, "bf16", compile=False, cuda_graph=True)
-            assert plan.channel_multiple(cuda) == 8
-            assert plan.channels_last(cuda) == channels_last and plan.spec.blocks["cuda"] == blocks
+    plan = backends.Plan("native", "bf16", compile=False, cuda_graph=True)
+    assert plan.spec.blocks["cuda"] == "padded" and not plan.channels_last(cuda) and plan.channel_multiple(cuda) == 1
+    with runs.method_context("native-reference-blocks"):
+        assert plan.spec.blocks == {"cpu": "native", "cuda": "reference"}
+    with runs.method_context("native-aligned"):
+        assert plan.channel_multiple(cuda) == 8 and plan.spec.blocks["cuda"] == "padded"
+    assert plan.spec.blocks["cuda"] == "padded"
 
 
 @pytest.mark.parametrize("method", ["reference", "original-loop"])
