@@ -52,6 +52,9 @@ class Backend:
     # the device types where convs run with channel counts padded for tensor cores under tf32 and bf16
     # (dipfast.nets.aligned_channels): off, as measured (H200: 1.00x in bf16 and tf32, on either block ops)
     align_channels: frozenset[str] = frozenset()
+    # the device types where the flat parameter buffers pack each parameter right after the last one
+    # (FlatParameters' slot_align 1): the layout before the conv weights started 16-byte aligned
+    packed_parameters: frozenset[str] = frozenset()
 
 
 BACKEND_TABLE: dict[str, Backend] = {
@@ -109,6 +112,10 @@ class Plan:
         if device.type not in self.spec.align_channels or self.precision not in TENSOR_CORE_DTYPES:
             return 1
         return channel_multiple(TENSOR_CORE_DTYPES[self.precision])
+
+    def parameter_align(self, device: torch.device) -> int | None:
+        """FlatParameters' slot_align on `device`: None (its default, aligned starts) or 1 (packed)."""
+        return 1 if device.type in self.spec.packed_parameters else None
 
     @property
     def force_layout(self) -> bool:

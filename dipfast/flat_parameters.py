@@ -9,12 +9,17 @@ Here each of those is one op on a buffer, and every step the generator gets view
     buffer (N, P) fp32  --to(bf16), only the conv group-->  unbind(0) per network, or vmap's (N, ...)
                         --split(sizes + padding)--> view(shape) [permuted channels_last]  -->  functional_call
 
-The buffers are the leaves that Adam updates. Each row is its network's parameters and then zero
-padding up to a multiple of ROW_ALIGN elements, so that an elementwise kernel cuts every row alike,
-whatever the row's index and N: Adam updates a network to the same bits alone or in a group of any
-size (with the per-network forward, the whole fit is: tests/test_group_invariance.py).
-The padding stays zero: no view reads it, so its gradient is zero, and Adam (no weight decay) and
-backtracking keep a zero with a zero gradient at zero.
+The buffers are the leaves that Adam updates. Each row is its network's parameters, each starting at a
+multiple of SLOT_ALIGN elements, and then zero padding up to a multiple of ROW_ALIGN elements, so that an
+elementwise kernel cuts every row alike, whatever the row's index and N: Adam updates a network to the
+same bits alone or in a group of any size (with the per-network forward, the whole fit is:
+tests/test_group_invariance.py). The aligned starts are for the convs that read the views: packed, every
+conv weight after a 4-element skip bias started 8 bytes off a 16-byte boundary in bf16 (18 of the default
+net's 26), where cuDNN's sm90 kernels read 16-byte aligned operands; whether that is what sent part of the
+H200's step to cuDNN's legacy kernels, bench/step_convs.py and the harness's native-packed-parameters measure.
+The padding, between the parameters and after them,
+stays zero: no view reads it, so its gradient is zero, and Adam (no weight decay) and backtracking keep a
+zero with a zero gradient at zero.
 
 Under bf16 autocast the parameters autocast would cast for a conv (its weight and bias) sit in their
 own buffer, cast once per step: the same bf16 weights and, through the cast's backward, the same fp32
@@ -35,6 +40,9 @@ from torch import nn
 # scalar loop, a rounded product then an add in the vector body). Unpadded, which of a network's
 # elements fall in that tail depends on N and on its row; padded, none do.
 ROW_ALIGN = 64
+# Each parameter starts at a multiple of this many elements: 16 bytes in bf16, the alignment cuDNN's sm90
+# kernels read their operands at (TMA). It divides ROW_ALIGN, so every row starts aligned too.
+SLOT_ALIGN = 8
 
 
 @dataclass(frozen=True)
@@ -60,25 +68,49 @@ class _Slot:
 class _Group:
     """One buffer: its slots in order, and the dtype its parameters are cast to in the forward (or None)."""
 
-    def __init__(self, slots: list[_Slot], stacked: dict[str, torch.Tensor], cast: torch.dtype | None, device):
+    def __init__(self, slots: list[_Slot], stacked: dict[str, torch.Tensor], cast: torch.dtype | None, device,
+                 slot_align: int):  # fmt: skip
         self.slots, self.dtype = slots, cast
         self.sizes = [s.numel for s in slots]
         self.used = sum(self.sizes)  # a row's parameters; the rest of the row is padding
-        self.padding = -self.used % ROW_ALIGN
-        self._pieces = self.sizes + [self.padding] if self.padding else self.sizes
+        # the row cut into pieces: each slot's, a gap of zeros where the next slot's start would be unaligned,
+        # and the tail to ROW_ALIGN; _slot_pieces[i] is slot i's piece
+        self._pieces, self._slot_pieces = [], []
+        for i, size in enumerate(self.sizes):
+            self._slot_pieces.append(len(self._pieces))
+            self._pieces.append(size)
+            gap = -size % slot_align if i + 1 < len(self.sizes) else 0
+            if gap:
+                self._pieces.append(gap)
+        tail = -sum(self._pieces) % ROW_ALIGN
+        if tail:
+            self._pieces.append(tail)
+        self.padding = sum(self._pieces) - self.used  # the zeros of a row, between the slots and after them
         n = next(iter(stacked.values())).shape[0]
         self.buffer = torch.zeros(n, self.used + self.padding, device=device)
         with torch.no_grad():
-            for slot, piece in zip(slots, self.buffer.split(self._pieces, dim=1)):
+            for slot, piece in zip(slots, self._slot_views(self.buffer)):
                 slot.view(piece).copy_(stacked[slot.name])
         self.buffer.requires_grad_()
+
+    def _slot_views(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        pieces = rows.split(self._pieces, dim=-1)
+        return [pieces[i] for i in self._slot_pieces]
+
+    @property
+    def padding_mask(self) -> torch.Tensor:
+        """(row length,) bool: True where a row holds padding, not a parameter."""
+        mask = torch.ones(self.used + self.padding, dtype=torch.bool)
+        for piece in self._slot_views(mask):
+            piece.fill_(False)
+        return mask
 
     def cast(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer if self.dtype is None else buffer.to(self.dtype)
 
     def views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """rows: (..., P) -> {name: (..., *shape)}; the padding (split off last) is left out."""
-        return {slot.name: slot.view(piece) for slot, piece in zip(self.slots, rows.split(self._pieces, dim=-1))}
+        return {slot.name: slot.view(piece) for slot, piece in zip(self.slots, self._slot_views(rows))}
 
 
 def _cast_by_autocast(module: nn.Module) -> set[str]:
@@ -95,7 +127,9 @@ def _cast_by_autocast(module: nn.Module) -> set[str]:
 class FlatParameters:
     """The stacked parameters {name: (N, ...)} of N copies of `module`, in flat fp32 buffers.
 
-    cast: autocast's lower precision (torch.bfloat16) or None; channels_last: store 4-D weights NHWC.
+    cast: autocast's lower precision (torch.bfloat16) or None; channels_last: store 4-D weights NHWC;
+    slot_align: each parameter's first element at a multiple of this many elements (default SLOT_ALIGN; 1 packs
+    them, the harness's native-packed-parameters).
     """
 
     def __init__(
@@ -105,17 +139,21 @@ class FlatParameters:
         device: torch.device,
         cast: torch.dtype | None = None,
         channels_last: bool = False,
+        slot_align: int | None = None,
     ):
+        slot_align = SLOT_ALIGN if slot_align is None else slot_align
+        if slot_align < 1 or ROW_ALIGN % slot_align:
+            raise ValueError(f"slot_align must divide ROW_ALIGN ({ROW_ALIGN}); got {slot_align}")
         slots = [_Slot(name, tuple(t.shape[1:]), channels_last and t.dim() == 5) for name, t in stacked.items()]
         lowered = _cast_by_autocast(module) if cast is not None else set()
         grouped = [([s for s in slots if s.name in lowered], cast), ([s for s in slots if s.name not in lowered], None)]
-        self.groups = [_Group(group, stacked, dtype, device) for group, dtype in grouped if group]
+        self.groups = [_Group(group, stacked, dtype, device, slot_align) for group, dtype in grouped if group]
         self.n = next(iter(stacked.values())).shape[0]
 
     @property
     def buffers(self) -> list[torch.Tensor]:
         """The leaves Adam updates and backtracking saves: (N, P_group) fp32 each, P_group a multiple of
-        ROW_ALIGN (the group's parameters, then zero padding)."""
+        ROW_ALIGN (the group's parameters at aligned starts, zero padding between and after them)."""
         return [g.buffer for g in self.groups]
 
     @property

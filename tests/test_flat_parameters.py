@@ -2,9 +2,10 @@
 
 Everything here is exact (bit for bit): the buffers hold the same fp32 values as the stacked tensors, the
 views are plain reshapes, and the bf16 cast of the conv group is the cast autocast makes per tensor, so
-the forward and every gradient equal the per-tensor way's exactly. Each row ends in zero padding to a
-multiple of ROW_ALIGN, which stays zero, so that Adam updates a network's row with the same bits
-whatever the number of rows and the row's index.
+the forward and every gradient equal the per-tensor way's exactly. Each parameter starts at a multiple of
+SLOT_ALIGN elements (zero gaps between) and each row ends in zero padding to a multiple of ROW_ALIGN; the
+padding stays zero, so that Adam updates a network's row with the same bits whatever the number of rows and
+the row's index.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from _helpers import TINY_NET, torch_threads
 from torch.func import functional_call, stack_module_state, vmap
 
 from dipfast import flat_parameters, nets
-from dipfast.flat_parameters import ROW_ALIGN, FlatParameters, ModuleSlots
+from dipfast.flat_parameters import ROW_ALIGN, SLOT_ALIGN, FlatParameters, ModuleSlots
 
 CPU = torch.device("cpu")
 
@@ -32,25 +33,49 @@ def test_buffers_hold_the_stacked_parameters_in_their_layout(cast, channels_last
     flat = FlatParameters(stacked, built[0], CPU, cast, channels_last)
     assert [b.dtype for b in flat.buffers] == [torch.float32] * len(flat.buffers)
     assert sum(g.used for g in flat.groups) * 3 == sum(t.numel() for t in stacked.values())
-    for g in flat.groups:  # each row: the parameters, then fewer than ROW_ALIGN zeros to a multiple of it
+    for g in flat.groups:  # each row: the parameters at aligned starts, then zeros to a multiple of ROW_ALIGN
         assert g.buffer.shape == (3, g.used + g.padding) and g.buffer.shape[1] % ROW_ALIGN == 0
-        assert 0 <= g.padding < ROW_ALIGN and torch.equal(_padding(g), torch.zeros(3, g.padding))
+        assert int(g.padding_mask.sum()) == g.padding and torch.equal(_padding(g), torch.zeros(3, g.padding))
     assert set(flat.params) == set(stacked)
     for name, view in flat.params.items():
         assert torch.equal(view, stacked[name])
         if channels_last and view.dim() == 5:
             assert view[1].is_contiguous(memory_format=torch.channels_last)
+    for g in flat.groups:  # every parameter of every row starts at a multiple of SLOT_ALIGN elements
+        for view in g.views(g.buffer.detach()).values():
+            assert all((view[i].data_ptr() - g.buffer.data_ptr()) % (4 * SLOT_ALIGN) == 0 for i in range(3))
     before = [b.detach().clone() for b in flat.buffers]
     with torch.no_grad():  # the views are the storage: they tile each row's parameters once, not its padding
         for view in flat.params.values():
             view.add_(1.0)
     for g, old in zip(flat.groups, before):
-        assert torch.equal(g.buffer[:, : g.used], old[:, : g.used] + 1.0)
+        used = ~g.padding_mask
+        assert torch.equal(g.buffer[:, used], old[:, used] + 1.0)
         assert not _padding(g).any()
 
 
 def _padding(group) -> torch.Tensor:
-    return group.buffer.detach()[:, group.used :]
+    return group.buffer.detach()[:, group.padding_mask]
+
+
+@pytest.mark.parametrize("slot_align", [None, 1])
+def test_each_conv_weight_starts_16_byte_aligned_in_bf16(slot_align):
+    """The default net's 4-element skip biases would leave the conv weights after them 8 bytes off a 16-byte
+    boundary in the bf16 buffer, where cuDNN runs its legacy kernels; aligned starts put every one on it
+    (slot_align 1, the harness's native-packed-parameters, is the packed layout that had them off)."""
+    built = [nets.build(nets.SkipSpec(), 32, 3)]
+    stacked, _ = stack_module_state(built)
+    flat = FlatParameters(stacked, built[0], CPU, torch.bfloat16, slot_align=slot_align)
+    (params,) = flat.per_network(flat.buffers)
+    origin = flat.groups[0].cast(flat.buffers[0]).data_ptr()
+    offsets = {name: (p.data_ptr() - origin) % 16 for name, p in params.items() if p.dtype == torch.bfloat16}
+    assert len(offsets) == 52  # 26 convs' weights and biases
+    if slot_align is None:
+        assert set(offsets.values()) == {0}
+    else:
+        assert 8 in offsets.values()
+    for name, p in params.items():
+        assert torch.equal(p, stacked[name][0].to(p.dtype))
 
 
 def test_only_the_convolutions_are_cast():
@@ -140,11 +165,12 @@ def test_the_padding_gets_no_gradient_and_stays_zero_under_adam(rng, cast, path)
                 )
         (out.float() * weights).sum().backward()
         for g in flat.groups:
-            assert not g.buffer.grad[:, g.used :].any() and g.buffer.grad[:, : g.used].any()
+            assert not g.buffer.grad[:, g.padding_mask].any() and g.buffer.grad[:, ~g.padding_mask].any()
         optimizer.step()
     for g, old in zip(flat.groups, start):
         assert not _padding(g).any()
-        assert (g.buffer[:, : g.used] != old[:, : g.used]).float().mean() > 0.9
+        used = ~g.padding_mask
+        assert (g.buffer[:, used] != old[:, used]).float().mean() > 0.9
 
 
 @pytest.mark.parametrize(
@@ -162,6 +188,7 @@ def test_adam_updates_a_row_alike_alone_or_in_a_group(rng, monkeypatch, kind, ro
     (row_align 1) the CPU's fused Adam rounds the last elements of a buffer (its scalar tail) differently
     from the rest, so a row's update depends on N and on its index: the xfail case shows the test can tell."""
     monkeypatch.setattr(flat_parameters, "ROW_ALIGN", row_align)
+    monkeypatch.setattr(flat_parameters, "SLOT_ALIGN", min(row_align, SLOT_ALIGN))
     built = _nets(3)
     stacked, _ = stack_module_state(built)
     together = FlatParameters(stacked, built[0], CPU)
@@ -173,7 +200,7 @@ def test_adam_updates_a_row_alike_alone_or_in_a_group(rng, monkeypatch, kind, ro
                 grad = torch.randn(g.buffer.shape, generator=rng) * 10.0 ** torch.randint(
                     -4, -1, g.buffer.shape, generator=rng
                 )
-                grad[:, g.used :] = 0
+                grad[:, g.padding_mask] = 0
                 g.buffer.grad = grad
                 for i, one in enumerate(alone):
                     one.buffers[j].grad = grad[i : i + 1].clone()

@@ -42,12 +42,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="DIP methods: the backends restore() accepts, 'native-eager' (native without its C++ ops), "
         "'native-nchw' (native with NCHW activations), 'native-cl' (native with channels_last activations under "
         "bf16), 'native-reference-blocks' (native with the reference BatchNorm, LeakyReLU and pad ops on CUDA), "
-        "'native-aligned' (native with conv channels padded for tensor cores), 'compile-forced-layout' (compile "
+        "'native-aligned' (native with conv channels padded for tensor cores), 'native-packed-parameters' (native "
+        "with its parameters packed, not 16-byte aligned), 'compile-forced-layout' (compile "
         "with Inductor's layout optimisation on the backward graph too), 'compile-nchw' (compile with NCHW "
         "activations), 'original-loop' (the notebooks' loop in IEEE fp32, as the "
         "paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 convolutions), or 'all'. "
         "Default: all on CUDA; on a CPU all but compile and its variants, triton, original-loop-tf32, native-cl, "
-        "native-reference-blocks and native-aligned (said when left out)",
+        "native-reference-blocks, native-aligned and native-packed-parameters (said when left out)",
     )
     p.add_argument(
         "--precision",
@@ -352,7 +353,8 @@ def methods_and_precisions(args, device_type: str) -> tuple[list[str], list[str]
     )
     line = (
         f"on {device_type}, left out: {', '.join(left)} (torch.compile takes minutes a run here; on a CPU tf32 is "
-        "fp32, native-cl and native-reference-blocks are native, and native-aligned pads for CUDA's tensor cores); "
+        "fp32, native-cl and native-reference-blocks are native, and the aligned and packed variants are about "
+        "CUDA's tensor cores); "
         f"add {flags} to run them, or name them"
     )
     return methods, precisions, line

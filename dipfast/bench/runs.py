@@ -50,6 +50,9 @@ def _channels_last(b: backends.Backend) -> dict:
 #                          padded Triton kernels (dipfast.kernels.PaddedBlocks): what they are worth
 #   native-aligned         conv channels padded to the tensor cores' multiple (dipfast.nets.aligned_channels): the
 #                          132-channel merges, 4-channel skips and 3-channel head; 1.00x on the H200
+#   native-packed-parameters  the flat parameter buffers packed, each parameter right after the last, as before
+#                          the conv weights started 16-byte aligned (dipfast.flat_parameters.SLOT_ALIGN): 18 of the
+#                          default net's 26 bf16 weights 8 bytes off, the suspect for cuDNN's legacy kernels
 #   compile-forced-layout  Inductor's layout optimisation forced on every graph (Backend.force_layout): its own
 #                          rule leaves the backward graph NCHW while the forward runs channels_last
 #   compile-nchw           compile with NCHW activations under bf16, the layout that made native 2.74x faster on
@@ -59,6 +62,7 @@ FIELD_VARIANTS = {
     "native-cl": ("native", _channels_last),
     "native-reference-blocks": ("native", lambda b: {"blocks": {**b.blocks, "cuda": "reference"}}),
     "native-aligned": ("native", lambda b: {"align_channels": frozenset({"cpu", "cuda"})}),
+    "native-packed-parameters": ("native", lambda b: {"packed_parameters": frozenset({"cpu", "cuda"})}),
     "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
     "compile-nchw": ("compile", lambda b: {"channels_last_bf16": frozenset()}),
 }
@@ -85,7 +89,8 @@ def dip_methods() -> list[str]:
 # What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
 # on a CPU, compile (and its variants) and triton spend minutes compiling in every cold run (Triton runs there
 # only in its interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones,
-# native-cl and native-reference-blocks are native itself there, and native-aligned pads for CUDA's tensor cores.
+# native-cl and native-reference-blocks are native itself there, and native-aligned and native-packed-parameters
+# are about CUDA's tensor cores.
 NOT_BY_DEFAULT = {
     "cpu": {
         "methods": (
@@ -96,6 +101,7 @@ NOT_BY_DEFAULT = {
             "native-cl",
             "native-reference-blocks",
             "native-aligned",
+            "native-packed-parameters",
         ),
         "precisions": ("tf32",),
     }
