@@ -115,7 +115,7 @@ def time_variant(row: dict, variant: str, precision: str, device: torch.device, 
     with backends.conv_precision(tf32=precision == "tf32", cudnn_benchmark=True):
         for _ in range(3):  # cudnn.benchmark's search, then warm
             run()
-        timed, timing = (_graphed(run), "cuda-graph replay") if cuda else (run, "wall")
+        timed, timing = (graphed(run), "cuda-graph replay") if cuda else (run, "wall")
         if timed is None:  # not capturable: eager calls, launch gaps included
             timed, timing = run, "eager"
         samples = []
@@ -131,12 +131,12 @@ def time_variant(row: dict, variant: str, precision: str, device: torch.device, 
                 t0 = time.perf_counter()
                 timed()
                 samples.append(1e3 * (time.perf_counter() - t0))
-        kernels = _kernels(run) if cuda else []
+        kernels = kernels_of(run) if cuda else []
     ms = statistics.median(samples)
     return {"ms": ms, "tflops": row["gflop"] / ms if ms > 0 else None, "timing": timing, "kernels": kernels}
 
 
-def _graphed(run):
+def graphed(run):
     """run captured in a CUDA graph, as the step runs its convs (no launch gaps between them); None if it cannot be."""
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -148,7 +148,7 @@ def _graphed(run):
     return graph.replay
 
 
-def _kernels(run) -> list[list]:
+def kernels_of(run) -> list[list]:
     """[name, ms] of the kernels one call launches, longest first (CUDA)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile

@@ -23,10 +23,12 @@
 #                 about a minute; last, so that a time limit cuts nothing else: each row is written as it
 #                 ends). The 222367b4a8 run settled channels_last and aligned channels (both lost)    200
 #   profile       dipfast bench profile of the two fastest paths of `throughput`                 30
-#   convs         bench/conv_layouts.py: each conv of the net alone, forward + backward in bf16, in NCHW,
-#                 channels_last and each with aligned channels, with the kernels cuDNN picks: which
-#                 convs run legacy kernels, and what each layout costs them (the profile cannot say: the
-#                 CUDA graph replays kernels with no op around them)                           60
+#   convs         bench/step_convs.py: the step's own conv calls (native bf16, one eager step, as the dispatcher
+#                 sees them below vmap and autocast), each replayed alone with operands of the recorded
+#                 strides and pointer alignment, its kernels listed, cuDNN's legacy ones flagged; then the same
+#                 with native-packed-parameters (the flat buffer's conv weights 8 bytes off 16 before): which
+#                 calls ran the legacy kernels, and whether the aligned weights took them away. (Each conv
+#                 alone in four layouts, bench/conv_layouts.py, ran no legacy kernel on the H200.)      60
 #   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           20
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
 #                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  150
@@ -123,7 +125,7 @@ if [ "$TINY" = 1 ]; then
     TRITON_CONFIGS=(triton:fp32)  # the interpreter computes tf32 as IEEE fp32: one of the two is enough
     TRITON_ENV=(TRITON_INTERPRET=1 TORCHDYNAMO_DISABLE=1)
     TTP=(--net tiny --size 32 --iters 6 --report-every 2)
-    CONVS=(--device cpu --net tiny --size 16 --repeats 2)
+    CONVS=(--device cpu --net tiny --size 16 --precision bf16 --repeats 2)
     TESTS=(tests/test_backends.py -k "resolve")  # a few CPU cases: the step's plumbing
     EARLY_STOP=(--net tiny --size 32 --iters 120 --limit 2 --cost 16)
     LARGE=(--device cpu --megapixels 0.01 --iters 6 --stop iterations --report-every 2)
@@ -147,13 +149,13 @@ else
     TRITON_CONFIGS=(triton:bf16 triton:tf32 triton:fp32)
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)
-    CONVS=(--device cuda --net default --size 512 --repeats 20)
+    CONVS=(--device cuda --net default --size 512 --precision bf16 --repeats 10)
     TESTS=(tests/test_cuda_restore.py tests/test_backends.py tests/test_early_stop_wiring.py tests/test_group_invariance.py
            tests/test_noise_level.py tests/test_vmap_autocast.py tests/test_bilinear_x2.py tests/test_aligned_channels.py
            tests/bench --ignore=tests/bench/test_gpu_quick.py)
     EARLY_STOP=(--size 256 --iters 2000 --cost 512)
     LARGE=(--device cuda --megapixels 12 --stop auto --report-every 25)
-    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=300 [profile]=90 [convs]=60 [batch]=90 [tasks]=120
+    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=300 [profile]=90 [convs]=90 [batch]=90 [tasks]=120
                       [parity]=120 [ops]=90 [triton]=180 [time-to-psnr]=200 [tests]=150 [early-stop]=240
                       [large]=590)
 fi
@@ -264,8 +266,12 @@ profile() {  # the two fastest
     # shellcheck disable=SC2046  # fastest prints a list of words
     bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/profile" --configs $(fastest 2)
 }
-convs() {  # bf16 alone: its table took the step's whole minute on the H200
-    "$PY" "$ROOT/bench/conv_layouts.py" "${CONVS[@]}" --precision bf16 --out "$WORK/convs/bf16"
+convs() {  # the step's conv calls, with the parameters aligned (native) and packed (as before)
+    local status=0 method
+    for method in native native-packed-parameters; do
+        "$PY" "$ROOT/bench/step_convs.py" "${CONVS[@]}" --method "$method" --out "$WORK/convs/$method" || status=1
+    done
+    return $status
 }
 batch() {
     # shellcheck disable=SC2046

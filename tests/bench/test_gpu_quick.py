@@ -18,7 +18,11 @@ OUTPUTS = {  # in the script's order of priority
     "environment": ["environment/environment.json", "environment/environment.txt"],
     "throughput": ["throughput/throughput.json", "throughput/throughput.md"],
     "profile": ["profile/profile.json", "profile/profile.md"],
-    "convs": ["convs/bf16/conv_layouts.json", "convs/bf16/conv_layouts.md"],
+    "convs": [
+        "convs/native/step_convs.json",
+        "convs/native/step_convs.md",
+        "convs/native-packed-parameters/step_convs.json",
+    ],  # fmt: skip
     "batch": ["batch/throughput.json"],
     "time-to-psnr": ["time-to-psnr/time_to_psnr.json"],
     "tests": ["tests/junit.xml"],
