@@ -20,10 +20,11 @@
 #                 original loop as the paper ran it (IEEE fp32) and under today's PyTorch default (TF32
 #                 convolutions), native-reference-blocks bf16 / tf32 (the reference blocks' separate ops:
 #                 what the padded kernels are worth), native-packed-parameters bf16 (the conv weights off
-#                 16-byte alignment, as before: what aligning them is worth), compile bf16 channels_last and
-#                 NCHW (each compiles for
-#                 about a minute; last, so that a time limit cuts nothing else: each row is written as it
-#                 ends). The 222367b4a8 run settled channels_last and aligned channels (both lost)    200
+#                 16-byte alignment, as before: what aligning them is worth), native-cl bf16 (channels_last:
+#                 its 14 legacy dgrad calls may have been the same misaligned weights, and NHWC would save
+#                 cuDNN's 1.1 ms of layout conversions), compile bf16 channels_last and NCHW (each compiles
+#                 for about a minute; last, so that a time limit cuts nothing else: each row is written as it
+#                 ends). The 222367b4a8 run found aligned channels worth nothing                        220
 #   profile       dipfast bench profile of the two fastest paths of `throughput`                 30
 #   convs         bench/step_convs.py: the step's own conv calls (native bf16, one eager step, as the dispatcher
 #                 sees them below vmap and autocast), each replayed alone with operands of the recorded
@@ -258,7 +259,8 @@ throughput() {
     # shellcheck disable=SC2046  # configs prints a list of words
     bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs $(configs \
         native:bf16 original-loop:fp32 original-loop-tf32:tf32 native-reference-blocks:bf16 \
-        native-packed-parameters:bf16 native:tf32 native-reference-blocks:tf32 native:fp32 compile:bf16 compile-nchw:bf16)
+        native-packed-parameters:bf16 native-cl:bf16 native:tf32 native-reference-blocks:tf32 native:fp32 compile:bf16 \
+        compile-nchw:bf16)
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \
