@@ -7,7 +7,7 @@ its 9.0 in cuDNN's legacy kernels (dgrad_engine, precomputed_convolve_sgemm) on 
 the net's convs alone, with the net's shapes, dtype and layout (bench/conv_layouts.py), ran cuDNN's sm90 kernels.
 So what differs is how the step calls a conv: the vectorised step's vmap turns each conv into another call
 (grouped over the networks, its bias added apart), its weights are views of one flat bf16 buffer (18 of 26
-started 8 bytes off a 16-byte boundary until dipfast.flat_parameters.SLOT_ALIGN), and the padded BatchNorm
+started 8 bytes off a 16-byte boundary until dipfast.flat_parameters.SLOT_ALIGN_BYTES), and the padded BatchNorm
 kernels and the concat hand it operands whose strides, storage offsets and alignment are their own.
 
 This runs restore() for a few iterations with the step eager (no CUDA graph: the graph replays kernels with no

@@ -53,7 +53,7 @@ class Backend:
     # (dipfast.nets.aligned_channels): off, as measured (H200: 1.00x in bf16 and tf32, on either block ops)
     align_channels: frozenset[str] = frozenset()
     # the device types where the flat parameter buffers pack each parameter right after the last one
-    # (FlatParameters' slot_align 1): the layout before the conv weights started 16-byte aligned
+    # (FlatParameters' aligned=False): the layout before the conv weights started 16-byte aligned
     packed_parameters: frozenset[str] = frozenset()
 
 
@@ -113,9 +113,9 @@ class Plan:
             return 1
         return channel_multiple(TENSOR_CORE_DTYPES[self.precision])
 
-    def parameter_align(self, device: torch.device) -> int | None:
-        """FlatParameters' slot_align on `device`: None (its default, aligned starts) or 1 (packed)."""
-        return 1 if device.type in self.spec.packed_parameters else None
+    def aligned_parameters(self, device: torch.device) -> bool:
+        """Whether the flat parameter buffers start each parameter 16-byte aligned on `device` (FlatParameters)."""
+        return device.type not in self.spec.packed_parameters
 
     @property
     def force_layout(self) -> bool:

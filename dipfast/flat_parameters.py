@@ -9,17 +9,17 @@ Here each of those is one op on a buffer, and every step the generator gets view
     buffer (N, P) fp32  --to(bf16), only the conv group-->  unbind(0) per network, or vmap's (N, ...)
                         --split(sizes + padding)--> view(shape) [permuted channels_last]  -->  functional_call
 
-The buffers are the leaves that Adam updates. Each row is its network's parameters, each starting at a
-multiple of SLOT_ALIGN elements, and then zero padding up to a multiple of ROW_ALIGN elements, so that an
-elementwise kernel cuts every row alike, whatever the row's index and N: Adam updates a network to the
-same bits alone or in a group of any size (with the per-network forward, the whole fit is:
-tests/test_group_invariance.py). The aligned starts are for the convs that read the views: packed, every
-conv weight after a 4-element skip bias started 8 bytes off a 16-byte boundary in bf16 (18 of the default
-net's 26), where cuDNN's sm90 kernels read 16-byte aligned operands; whether that is what sent part of the
-H200's step to cuDNN's legacy kernels, bench/step_convs.py and the harness's native-packed-parameters measure.
-The padding, between the parameters and after them,
-stays zero: no view reads it, so its gradient is zero, and Adam (no weight decay) and backtracking keep a
-zero with a zero gradient at zero.
+The buffers are the leaves that Adam updates. Each row is its network's parameters, each starting
+SLOT_ALIGN_BYTES-aligned in the dtype the forward reads it in, then zero padding up to a multiple of
+ROW_ALIGN elements, so that an elementwise kernel cuts every row alike, whatever the row's index and N:
+Adam updates a network to the same bits alone or in a group of any size (with the per-network forward,
+the whole fit is: tests/test_group_invariance.py). The aligned starts are for the convs that read the
+views: packed, every conv weight after a 4-element skip bias started 8 bytes off a 16-byte boundary in
+bf16 (18 of the default net's 26), where cuDNN's sm90 kernels read 16-byte aligned operands; whether that
+is what sent part of the H200's step to cuDNN's legacy kernels, bench/step_convs.py and the harness's
+native-packed-parameters measure. The padding, between the parameters and after them, stays zero: no
+view reads it, so its gradient is zero, and Adam (no weight decay) and backtracking keep a zero with a
+zero gradient at zero.
 
 Under bf16 autocast the parameters autocast would cast for a conv (its weight and bias) sit in their
 own buffer, cast once per step: the same bf16 weights and, through the cast's backward, the same fp32
@@ -40,9 +40,10 @@ from torch import nn
 # scalar loop, a rounded product then an add in the vector body). Unpadded, which of a network's
 # elements fall in that tail depends on N and on its row; padded, none do.
 ROW_ALIGN = 64
-# Each parameter starts at a multiple of this many elements: 16 bytes in bf16, the alignment cuDNN's sm90
-# kernels read their operands at (TMA). It divides ROW_ALIGN, so every row starts aligned too.
-SLOT_ALIGN = 8
+# Each parameter starts this aligned in the dtype the forward reads it in (8 elements in bf16, 4 in fp32): the
+# alignment cuDNN's sm90 kernels read their operands at (TMA). ROW_ALIGN elements are a multiple of it, so every
+# row starts aligned too. In fp32 the default net's parameters need no gap at all; in bf16 the skip biases do.
+SLOT_ALIGN_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,10 @@ class _Group:
     """One buffer: its slots in order, and the dtype its parameters are cast to in the forward (or None)."""
 
     def __init__(self, slots: list[_Slot], stacked: dict[str, torch.Tensor], cast: torch.dtype | None, device,
-                 slot_align: int):  # fmt: skip
+                 aligned: bool):  # fmt: skip
         self.slots, self.dtype = slots, cast
+        itemsize = torch.empty((), dtype=cast or torch.float32).element_size()
+        slot_align = SLOT_ALIGN_BYTES // itemsize if aligned else 1
         self.sizes = [s.numel for s in slots]
         self.used = sum(self.sizes)  # a row's parameters; the rest of the row is padding
         # the row cut into pieces: each slot's, a gap of zeros where the next slot's start would be unaligned,
@@ -128,8 +131,8 @@ class FlatParameters:
     """The stacked parameters {name: (N, ...)} of N copies of `module`, in flat fp32 buffers.
 
     cast: autocast's lower precision (torch.bfloat16) or None; channels_last: store 4-D weights NHWC;
-    slot_align: each parameter's first element at a multiple of this many elements (default SLOT_ALIGN; 1 packs
-    them, the harness's native-packed-parameters).
+    aligned: each parameter's first element SLOT_ALIGN_BYTES-aligned in its forward dtype (False packs them, the
+    harness's native-packed-parameters).
     """
 
     def __init__(
@@ -139,15 +142,12 @@ class FlatParameters:
         device: torch.device,
         cast: torch.dtype | None = None,
         channels_last: bool = False,
-        slot_align: int | None = None,
+        aligned: bool = True,
     ):
-        slot_align = SLOT_ALIGN if slot_align is None else slot_align
-        if slot_align < 1 or ROW_ALIGN % slot_align:
-            raise ValueError(f"slot_align must divide ROW_ALIGN ({ROW_ALIGN}); got {slot_align}")
         slots = [_Slot(name, tuple(t.shape[1:]), channels_last and t.dim() == 5) for name, t in stacked.items()]
         lowered = _cast_by_autocast(module) if cast is not None else set()
         grouped = [([s for s in slots if s.name in lowered], cast), ([s for s in slots if s.name not in lowered], None)]
-        self.groups = [_Group(group, stacked, dtype, device, slot_align) for group, dtype in grouped if group]
+        self.groups = [_Group(group, stacked, dtype, device, aligned) for group, dtype in grouped if group]
         self.n = next(iter(stacked.values())).shape[0]
 
     @property

@@ -55,7 +55,9 @@ class GeneratorRunner:
         params, buffers = stack_module_state(networks)
         self.channels_last = plan.channels_last(device) and not vectorised  # grouped convs stay NCHW
         cast = torch.bfloat16 if plan.precision == "bf16" else None  # autocast's, done once per step
-        self.flat = FlatParameters(params, networks[0], device, cast, self.channels_last, plan.parameter_align(device))
+        self.flat = FlatParameters(
+            params, networks[0], device, cast, self.channels_last, plan.aligned_parameters(device)
+        )
         self.buffers = {k: v.to(device) for k, v in buffers.items()}
         # the structure; each call brings the weights in
         self.module = use_block_ops(networks[0].to(device), plan.block_ops(device))

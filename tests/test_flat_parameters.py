@@ -2,8 +2,8 @@
 
 Everything here is exact (bit for bit): the buffers hold the same fp32 values as the stacked tensors, the
 views are plain reshapes, and the bf16 cast of the conv group is the cast autocast makes per tensor, so
-the forward and every gradient equal the per-tensor way's exactly. Each parameter starts at a multiple of
-SLOT_ALIGN elements (zero gaps between) and each row ends in zero padding to a multiple of ROW_ALIGN; the
+the forward and every gradient equal the per-tensor way's exactly. Each parameter starts SLOT_ALIGN_BYTES-aligned
+in its forward dtype (zero gaps between) and each row ends in zero padding to a multiple of ROW_ALIGN; the
 padding stays zero, so that Adam updates a network's row with the same bits whatever the number of rows and
 the row's index.
 """
@@ -16,7 +16,7 @@ from _helpers import TINY_NET, torch_threads
 from torch.func import functional_call, stack_module_state, vmap
 
 from dipfast import flat_parameters, nets
-from dipfast.flat_parameters import ROW_ALIGN, SLOT_ALIGN, FlatParameters, ModuleSlots
+from dipfast.flat_parameters import ROW_ALIGN, SLOT_ALIGN_BYTES, FlatParameters, ModuleSlots
 
 CPU = torch.device("cpu")
 
@@ -41,9 +41,10 @@ def test_buffers_hold_the_stacked_parameters_in_their_layout(cast, channels_last
         assert torch.equal(view, stacked[name])
         if channels_last and view.dim() == 5:
             assert view[1].is_contiguous(memory_format=torch.channels_last)
-    for g in flat.groups:  # every parameter of every row starts at a multiple of SLOT_ALIGN elements
+    for g in flat.groups:  # every parameter of every row starts aligned, in the dtype the forward reads it in
+        step = SLOT_ALIGN_BYTES // (2 if g.dtype == torch.bfloat16 else 4)
         for view in g.views(g.buffer.detach()).values():
-            assert all((view[i].data_ptr() - g.buffer.data_ptr()) % (4 * SLOT_ALIGN) == 0 for i in range(3))
+            assert all((view[i].data_ptr() - g.buffer.data_ptr()) % (4 * step) == 0 for i in range(3))
     before = [b.detach().clone() for b in flat.buffers]
     with torch.no_grad():  # the views are the storage: they tile each row's parameters once, not its padding
         for view in flat.params.values():
@@ -58,19 +59,19 @@ def _padding(group) -> torch.Tensor:
     return group.buffer.detach()[:, group.padding_mask]
 
 
-@pytest.mark.parametrize("slot_align", [None, 1])
-def test_each_conv_weight_starts_16_byte_aligned_in_bf16(slot_align):
+@pytest.mark.parametrize("aligned", [True, False])
+def test_each_conv_weight_starts_16_byte_aligned_in_bf16(aligned):
     """The default net's 4-element skip biases would leave the conv weights after them 8 bytes off a 16-byte
     boundary in the bf16 buffer, where cuDNN runs its legacy kernels; aligned starts put every one on it
-    (slot_align 1, the harness's native-packed-parameters, is the packed layout that had them off)."""
+    (aligned=False, the harness's native-packed-parameters, is the packed layout that had them off)."""
     built = [nets.build(nets.SkipSpec(), 32, 3)]
     stacked, _ = stack_module_state(built)
-    flat = FlatParameters(stacked, built[0], CPU, torch.bfloat16, slot_align=slot_align)
+    flat = FlatParameters(stacked, built[0], CPU, torch.bfloat16, aligned=aligned)
     (params,) = flat.per_network(flat.buffers)
     origin = flat.groups[0].cast(flat.buffers[0]).data_ptr()
     offsets = {name: (p.data_ptr() - origin) % 16 for name, p in params.items() if p.dtype == torch.bfloat16}
     assert len(offsets) == 52  # 26 convs' weights and biases
-    if slot_align is None:
+    if aligned:
         assert set(offsets.values()) == {0}
     else:
         assert 8 in offsets.values()
@@ -188,11 +189,13 @@ def test_adam_updates_a_row_alike_alone_or_in_a_group(rng, monkeypatch, kind, ro
     (row_align 1) the CPU's fused Adam rounds the last elements of a buffer (its scalar tail) differently
     from the rest, so a row's update depends on N and on its index: the xfail case shows the test can tell."""
     monkeypatch.setattr(flat_parameters, "ROW_ALIGN", row_align)
-    monkeypatch.setattr(flat_parameters, "SLOT_ALIGN", min(row_align, SLOT_ALIGN))
     built = _nets(3)
     stacked, _ = stack_module_state(built)
-    together = FlatParameters(stacked, built[0], CPU)
-    alone = [FlatParameters({k: v[i : i + 1] for k, v in stacked.items()}, built[0], CPU) for i in range(3)]
+    aligned = row_align == ROW_ALIGN  # unpadded: the parameters packed too
+    together = FlatParameters(stacked, built[0], CPU, aligned=aligned)
+    alone = [
+        FlatParameters({k: v[i : i + 1] for k, v in stacked.items()}, built[0], CPU, aligned=aligned) for i in range(3)
+    ]
     optimizers = [torch.optim.Adam(f.buffers, lr=0.01, **{kind: True}) for f in (together, *alone)]
     with torch_threads(threads):
         for _ in range(10):

@@ -51,8 +51,8 @@ def _channels_last(b: backends.Backend) -> dict:
 #   native-aligned         conv channels padded to the tensor cores' multiple (dipfast.nets.aligned_channels): the
 #                          132-channel merges, 4-channel skips and 3-channel head; 1.00x on the H200
 #   native-packed-parameters  the flat parameter buffers packed, each parameter right after the last, as before
-#                          the conv weights started 16-byte aligned (dipfast.flat_parameters.SLOT_ALIGN): 18 of the
-#                          default net's 26 bf16 weights 8 bytes off, the suspect for cuDNN's legacy kernels
+#                          the conv weights started 16-byte aligned (dipfast.flat_parameters.SLOT_ALIGN_BYTES):
+#                          18 of the default net's 26 bf16 weights 8 bytes off, the suspect for cuDNN's legacy kernels
 #   compile-forced-layout  Inductor's layout optimisation forced on every graph (Backend.force_layout): its own
 #                          rule leaves the backward graph NCHW while the forward runs channels_last
 #   compile-nchw           compile with NCHW activations under bf16, the layout that made native 2.74x faster on

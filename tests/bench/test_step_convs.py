@@ -35,7 +35,7 @@ def test_it_records_each_conv_of_the_step_forward_and_backward(step_convs, preci
     dtype = "bfloat16" if precision == "bf16" else "float32"
     forwards = [r for r in rows if r["op"] == "forward"]
     assert {r["args"][1]["tensor"]["dtype"] for r in forwards} == {dtype}  # the weights as the conv gets them
-    # the flat buffer's weight views start 16-byte aligned (dipfast.flat_parameters.SLOT_ALIGN)
+    # the flat buffer's weight views start 16-byte aligned (dipfast.flat_parameters.SLOT_ALIGN_BYTES)
     assert min(r["args"][1]["tensor"]["align"] for r in forwards) >= 16
 
 
