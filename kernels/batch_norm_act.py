@@ -17,17 +17,17 @@ the long side along the layout's unit-stride axis, so loads and stores coalesce 
 Precisions: x fp32 or bf16 (the output and dx in x's dtype); weight and bias any float dtype, used in fp32 (their
 gradients come back in their dtypes); statistics, normalisation and every sum in fp32.
 
-Forward (two launches, no atomics, deterministic):
+Forward (three launches, no atomics, deterministic):
   1. _batch_norm_stats_kernel: each program walks some rows of some channels, merging each tile's (count, mean,
-     M2) into its own with Chan's formula; the C-sized finalize in torch merges the programs' partials the same
-     way (conv_bn_lrelu._chan_finalize: no E[x^2] - mean^2 cancellation), rstd = 1 / sqrt(var + eps).
+     M2) into its own with Chan's formula; one finalize launch merges the programs' partials the same way
+     (channel_sums.chan_finalize: no E[x^2] - mean^2 cancellation), rstd = 1 / sqrt(var + eps).
   2. _batch_norm_act_pad_kernel: one program per output row (padded rows included) and tile: each output element
      gathers its source pixel (i < 0 -> -i, i >= H -> 2H - 2 - i), normalises, applies act, stores.
   Saved for backward: x (or skip and deeper), weight, bias, mean, rstd; xhat and z are recomputed.
-Backward (two launches, no atomics, deterministic; the gradient of the padded output, any strides):
+Backward (three launches, no atomics, deterministic; the gradient of the padded output, any strides):
   3. _batch_norm_act_bwd_sums_kernel: the reflection pad's adjoint as a gather, g(i, j) = the sum of the incoming
      gradient over i's <= 3 pre-images per axis (9 masked loads), dz = g * act'(z), and per-program partial sums
-     of dz (= dbias) and dz * xhat (= dweight), summed in torch.
+     of dz (= dbias) and dz * xhat (= dweight), summed by one launch (channel_sums.column_sums).
   4. _batch_norm_act_bwd_apply_kernel: the same gather and dz, dx = weight * rstd * (dz - dbias / M -
      xhat * dweight / M), stored in x's layout (d(skip) and d(deeper) for the merge).
 Under torch.func.vmap a rule folds the vmapped networks into the channels (groups for the merge: vmap_fold.py):
@@ -47,8 +47,9 @@ import torch
 
 from dipfast import reference
 from dipfast.errors import InputError
+from dipfast.kernels.channel_sums import chan_finalize, column_sums
 from dipfast.kernels.configs import PlaneTiles, precision_of, tiles
-from dipfast.kernels.conv_bn_lrelu import _chan_finalize, kernels_take
+from dipfast.kernels.conv_bn_lrelu import kernels_take
 from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into_rows, unfold_channels, unfold_rows
 
 try:
@@ -405,7 +406,7 @@ def _forward(skip, deeper, weight, bias, groups, eps, negative_slope, pad):
     _batch_norm_stats_kernel[(programs, c_tiles)](
         first, deeper, psum, pm2, n * h, rows, h, w, c, cs, cd, *strides, **blocks
     )  # fmt: skip
-    mean, rstd = _chan_finalize(psum, pm2, n * h * w, rows * w, eps)
+    mean, rstd = chan_finalize(psum, pm2, n * h * w, rows * w, eps)
     out = _empty((n, c, h + 2 * pad, w + 2 * pad), deeper.dtype, dev, fmt)
     _batch_norm_act_pad_kernel[(n * (h + 2 * pad), triton.cdiv(w + 2 * pad, block_w), c_tiles)](
         first, deeper, mean, rstd, weight.float().contiguous(), bias.float().contiguous(), out,
@@ -428,7 +429,7 @@ def _backward(grad, skip, deeper, weight, bias, mean, rstd, groups, negative_slo
     _batch_norm_act_bwd_sums_kernel[(programs, c_tiles)](
         *args, pdz, pdzx, n * h, rows, h, w, c, cs, cd, negative_slope, *strides, **blocks
     )  # fmt: skip
-    dbias, dweight = pdz.sum(0), pdzx.sum(0)
+    dbias, dweight = column_sums(pdz, pdzx)
     ddeeper = _empty(deeper.shape, deeper.dtype, dev, layout(deeper))
     dskip = _empty(skip.shape, skip.dtype, dev, layout(skip)) if skip is not None else None
     dfirst = dskip if dskip is not None else ddeeper

@@ -52,6 +52,7 @@ import importlib
 import torch
 
 from dipfast import reference
+from dipfast.kernels.channel_sums import chan_finalize, column_sums
 from dipfast.kernels.configs import pass_tiles, shape_key
 from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into_rows, unfold_channels, unfold_rows
 
@@ -401,7 +402,7 @@ def _concat_bn_conv_bn_lrelu_fwd(
             src, psum, pm2, n_pix, c_src, c_in, off, groups, h * w,
             BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps,
         )  # fmt: skip
-    mmean, mrstd = _conv_bn_lrelu_module._chan_finalize(psum, pm2, n_pix, tile.block, eps)
+    mmean, mrstd = chan_finalize(psum, pm2, n_pix, tile.block, eps)
     # 2. conv with the normalise-on-load two-source gather, statistics of y in the epilogue
     shape = merge_shape(skip, deeper, weight, groups)
     config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "conv", skip, tf32, n_pix, cout_g, c_in, shape)
@@ -433,7 +434,7 @@ def _concat_bn_conv_bn_lrelu_fwd(
         HAS_BIAS=bias is not None,
         **launch,
     )
-    mean, rstd = _conv_bn_lrelu_module._chan_finalize(ysum, ym2, n_pix, config.block_m, eps)
+    mean, rstd = chan_finalize(ysum, ym2, n_pix, config.block_m, eps)
     # 3. normalise + LeakyReLU
     out = _alloc((n, c_out, h, w), dev, skip.dtype)
     _bn_lrelu_kernel[(triton.cdiv(out.numel(), tile.block),)](
@@ -497,7 +498,7 @@ def _concat_bn_conv_bn_lrelu_bwd(
     args = (grad, y, mean, rstd, gamma, beta)
     grid = (tiles_p, triton.cdiv(c_out, tile.block_c))
     _bn_lrelu_bwd_kernel[grid](*args, y, y, y, p1, p2, n_pix, 1.0 / n_pix, c_out, hw, slope, APPLY=False, **passes)
-    dbeta, dgamma = p1.sum(0), p2.sum(0)
+    dbeta, dgamma = column_sums(p1, p2)
     dy, pb = _alloc(y.shape, dev, y.dtype), _alloc((tiles_p, c_out), dev)  # dy: an operand of the dots below
     _bn_lrelu_bwd_kernel[grid](
         *args, dbeta, dgamma, dy, pb, pb, n_pix, 1.0 / n_pix, c_out, hw, slope, APPLY=True, **passes
@@ -567,7 +568,7 @@ def _concat_bn_conv_bn_lrelu_bwd(
             dmerged, src, merge_mean, merge_rstd, mg, mg, mg, src, q1, q2,
             n_pix, 1.0 / n_pix, c_src, c_in, off, groups, hw, APPLY=False, **passes,
         )  # fmt: skip
-    dmb, dmg = q1.sum(0), q2.sum(0)
+    dmb, dmg = column_sums(q1, q2)
     dsrc = []
     for src, c_src, off in sources:
         dx = _alloc(src.shape, dev, src.dtype)

@@ -62,6 +62,7 @@ import os
 import torch
 
 from dipfast import reference
+from dipfast.kernels.channel_sums import chan_finalize, column_sums
 from dipfast.kernels.configs import GemmTiles, fitted, gemm_tiles, pass_tiles, precision_of, shape_key
 from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into_rows, unfold_channels, unfold_rows
 
@@ -485,15 +486,6 @@ def sum_splits(dw: torch.Tensor, weight: torch.Tensor, split_k: int) -> torch.Te
     return dw if split_k == 1 else dw.sum(0).to(weight.dtype)
 
 
-def _chan_finalize(psum: torch.Tensor, pm2: torch.Tensor, n: int, block: int, eps: float):
-    """Chan's merge of per-tile (count, sum, M2) -> (mean, rstd), biased variance; C-sized, deterministic."""
-    n_tiles = psum.shape[0]
-    counts = (n - torch.arange(n_tiles, device=psum.device) * block).clamp(max=block).float()[:, None]
-    mean = psum.sum(0) / n
-    var = (pm2.sum(0) + (counts * (psum / counts - mean) ** 2).sum(0)) / n
-    return mean, torch.rsqrt(var + eps)
-
-
 def conv_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int) -> str:
     """The op's shape as configs.TileKey's shape field."""
     n, c_in, h, w = x.shape
@@ -551,7 +543,7 @@ def _conv_bn_lrelu_fwd(
         HAS_BIAS=bias is not None,
         **launch,
     )
-    mean, rstd = _chan_finalize(psum, pm2, n_pix, config.block_m, eps)
+    mean, rstd = chan_finalize(psum, pm2, n_pix, config.block_m, eps)
     out = _alloc((n, c_out, p, q), x.device, x.dtype)
     tile = pass_tiles(x.dtype)
     _bn_lrelu_kernel[(triton.cdiv(out.numel(), tile.block),)](
@@ -601,7 +593,7 @@ def _conv_bn_lrelu_bwd(
     args = (grad, y, mean, rstd, gamma, beta)
     grid = (tiles_p, triton.cdiv(c_out, tile.block_c))
     _bn_lrelu_bwd_kernel[grid](*args, y, y, y, p1, p2, n_pix, 1.0 / n_pix, c_out, p * q, slope, APPLY=False, **passes)
-    dbeta, dgamma = p1.sum(0), p2.sum(0)
+    dbeta, dgamma = column_sums(p1, p2)
     dy, pb = _alloc(y.shape, dev, y.dtype), _alloc((tiles_p, c_out), dev)  # dy: an operand of the dots below
     _bn_lrelu_bwd_kernel[grid](
         *args, dbeta, dgamma, dy, pb, pb, n_pix, 1.0 / n_pix, c_out, p * q, slope, APPLY=True, **passes

@@ -1,0 +1,120 @@
+"""The per-channel finalize of the Triton BatchNorm kernels: their per-program partial sums reduced in one launch.
+
+The statistics and backward-sums kernels of batch_norm_act.py, conv_bn_lrelu.py and concat_bn_conv_bn_lrelu.py
+leave (programs, C) fp32 partials (no atomics: deterministic). Reduced in torch, one BatchNorm's forward finalize
+was about ten small kernels (two sums, arange, clamp, divide, subtract, square, multiply, a third sum, rsqrt) and
+its backward two more sums: for the default net's 30 BatchNorms some 400 launches per step, most of the 1.7 ms
+that the H200's native bf16 step spent in its elementwise group (30x that group's floor;
+bench/results/2026-12-04-h200-222367b4a8/call1/profile). Here each finalize is one launch over channel tiles,
+every program summing its channels' partials in a fixed order (deterministic, fp32):
+
+    chan_finalize(psum, pm2, n, block, eps)   per-tile (sum, M2) of `block` elements each (the last tile the rest
+                                              of n) -> (mean, rstd): Chan's merge, var = (sum M2 + sum count *
+                                              (tile mean - mean)^2) / n, biased; no E[x^2] - mean^2 cancellation
+    column_sums(a, b)                         (a.sum(0), b.sum(0)) of two (programs, C) partials
+
+Without triton, or for CPU tensors outside Triton's interpreter, both are their torch expressions.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:
+    _HAS_TRITON = False
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as the kernels' modules: read when the kernels are built
+_BLOCK_T, _BLOCK_C = 32, 32  # partial rows x channels per load: the partials are a few hundred rows at most
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _chan_finalize_kernel(psum, pm2, mean_out, rstd_out, n_tiles, C, n, block, eps,
+                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        total = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            mask = (t[:, None] < n_tiles) & c_mask[None, :]
+            total += tl.sum(tl.load(psum + t[:, None] * C + c[None, :], mask=mask, other=0.0), axis=0)
+        mean = total / n
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            mask = (t[:, None] < n_tiles) & c_mask[None, :]
+            count = tl.minimum(n - t * block, block).to(tl.float32)
+            count = tl.where(t < n_tiles, count, 1.0)[:, None]
+            tile_sum = tl.load(psum + t[:, None] * C + c[None, :], mask=mask, other=0.0)
+            tile_m2 = tl.load(pm2 + t[:, None] * C + c[None, :], mask=mask, other=0.0)
+            shift = tile_sum / count - mean[None, :]
+            m2 += tl.sum(tl.where(mask, tile_m2 + count * shift * shift, 0.0), axis=0)
+        tl.store(mean_out + c, mean, mask=c_mask)
+        tl.store(rstd_out + c, tl.rsqrt(m2 / n + eps), mask=c_mask)
+
+    @triton.jit
+    def _column_sums_kernel(a, b, a_out, b_out, n_tiles, C, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sum_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            mask = (t[:, None] < n_tiles) & c_mask[None, :]
+            offsets = t[:, None] * C + c[None, :]
+            sum_a += tl.sum(tl.load(a + offsets, mask=mask, other=0.0), axis=0)
+            sum_b += tl.sum(tl.load(b + offsets, mask=mask, other=0.0), axis=0)
+        tl.store(a_out + c, sum_a, mask=c_mask)
+        tl.store(b_out + c, sum_b, mask=c_mask)
+
+
+def _check(*partials: torch.Tensor) -> None:
+    shape = partials[0].shape
+    for p in partials:
+        if p.dim() != 2 or p.shape != shape or p.dtype != torch.float32 or not p.is_contiguous():
+            raise ValueError(f"partials must be contiguous (programs, C) fp32 tensors of one shape; got "
+                             f"{[(tuple(q.shape), q.dtype) for q in partials]}")  # fmt: skip
+
+
+def _in_triton(t: torch.Tensor) -> bool:
+    return _HAS_TRITON and (t.is_cuda or _INTERPRET)
+
+
+def chan_finalize(psum: torch.Tensor, pm2: torch.Tensor, n: int, block: int, eps: float):
+    """Per-tile (sum, M2) partials, (tiles, C) fp32, of `block` elements each (the last tile n's rest) ->
+    (mean, rstd), (C,) fp32 each: the batch statistics of n elements per channel, biased variance."""
+    _check(psum, pm2)
+    n_tiles, channels = psum.shape
+    if not _in_triton(psum):
+        counts = (n - torch.arange(n_tiles, device=psum.device) * block).clamp(max=block).float()[:, None]
+        mean = psum.sum(0) / n
+        var = (pm2.sum(0) + (counts * (psum / counts - mean) ** 2).sum(0)) / n
+        return mean, torch.rsqrt(var + eps)
+    mean = torch.empty(channels, device=psum.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _chan_finalize_kernel[(triton.cdiv(channels, _BLOCK_C),)](
+        psum, pm2, mean, rstd, n_tiles, channels, n, block, eps, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C
+    )  # fmt: skip
+    return mean, rstd
+
+
+def column_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a.sum(0), b.sum(0)) of two (programs, C) fp32 partials, in one launch."""
+    _check(a, b)
+    if not _in_triton(a):
+        return a.sum(0), b.sum(0)
+    n_tiles, channels = a.shape
+    a_out = torch.empty(channels, device=a.device, dtype=torch.float32)
+    b_out = torch.empty_like(a_out)
+    _column_sums_kernel[(triton.cdiv(channels, _BLOCK_C),)](
+        a, b, a_out, b_out, n_tiles, channels, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C
+    )  # fmt: skip
+    return a_out, b_out
