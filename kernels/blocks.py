@@ -24,8 +24,8 @@ convolutions:
     bn_act                  batch_norm_act (BatchNorm + LeakyReLU, or BatchNorm alone), written reflection-padded
                             in the conv output's layout where a conv reads it (which then runs with padding=0)
     concat_bn               concat_batch_norm over (skip, deeper) straight into the buffer level.up's conv reads
-    bilinear_x2             torch's bilinear x2 forward, its backward a gather (dipfast.nets.bilinear_x2: no
-                            atomics, deterministic)
+    bilinear_x2             bilinear x2 and its transpose as Triton gathers (bilinear_x2.py: no atomics,
+                            deterministic)
 A block whose BatchNorm or activation the ops do not compute (another activation, BatchNorm in eval mode with
 running statistics, no affine parameters) or whose next conv does not pad by reflection takes the reference
 computation, by the rules NativeBlocks follows too (dipfast.nets.fusable). Off the Triton path
@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dipfast.kernels.batch_norm_act import batch_norm_act, concat_batch_norm, layout
+from dipfast.kernels.bilinear_x2 import upsample_bilinear2x_fast
 from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
 from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
-from dipfast.nets.bilinear_x2 import upsample_bilinear2x
 from dipfast.nets.blocks import BlockOps
 from dipfast.nets.fusable import batch_norm_reason
 from dipfast.nets.layers import ConvBNAct, crop_to_smallest
@@ -177,7 +177,7 @@ class PaddedBlocks(PaddedWrites):
         return concat_batch_norm(skip, deeper, bn.weight, bn.bias, pad=pad, eps=bn.eps)
 
     def bilinear_x2(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample_bilinear2x(x)
+        return upsample_bilinear2x_fast(x)
 
     def conv(self, m: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
         pad_conv = m.conv
