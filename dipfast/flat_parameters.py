@@ -7,7 +7,7 @@ where and copy): about 1100 ops a step for the default net, whatever the image s
 Here each of those is one op on a buffer, and every step the generator gets views of it:
 
     buffer (N, P) fp32  --to(bf16), only the conv group-->  unbind(0) per network, or vmap's (N, ...)
-                        --split(sizes + padding)--> view(shape) [permuted channels_last]  -->  functional_call
+                        --split(sizes + gaps + padding)--> view(shape) [permuted channels_last]  -->  functional_call
 
 The buffers are the leaves that Adam updates. Each row is its network's parameters, each starting
 SLOT_ALIGN_BYTES-aligned in the dtype the forward reads it in, then zero padding up to a multiple of
@@ -112,7 +112,7 @@ class _Group:
         return buffer if self.dtype is None else buffer.to(self.dtype)
 
     def views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """rows: (..., P) -> {name: (..., *shape)}; the padding (split off last) is left out."""
+        """rows: (..., P) -> {name: (..., *shape)}; the padding (the gaps and the tail) is left out."""
         return {slot.name: slot.view(piece) for slot, piece in zip(self.slots, self._slot_views(rows))}
 
 
