@@ -14,7 +14,8 @@ import pytest
 
 pytestmark = pytest.mark.parity
 
-# (module, kernel, pointer arguments -> Triton type, float arguments, constexprs by the module's attribute names)
+# (module, kernel, pointer arguments -> Triton type, float arguments, constexprs: values or the module's attribute
+# names)
 _W = {"BLOCK_W": "_BLOCK_W"}
 _TC = {"BLOCK_T": "_BLOCK_T", "BLOCK_C": "_BLOCK_C"}
 _FP32 = "*fp32"
@@ -31,6 +32,16 @@ KERNELS["column-sums"] = (
     (),
     _TC,
 )
+# the padded BatchNorm kernels on the native step's path, bf16 activations, a 3x3 conv's pad, an NCHW plane's tiles
+_BN = {"PAD": 1, "BLOCK_W": 128, "BLOCK_C": 4}
+for _k, _act in (
+    ("_batch_norm_stats_kernel", ("skip_ptr", "deeper_ptr")),
+    ("_batch_norm_act_pad_kernel", ("skip_ptr", "deeper_ptr", "out_ptr")),
+    ("_batch_norm_act_bwd_sums_kernel", ("grad_ptr", "skip_ptr", "deeper_ptr")),
+    ("_batch_norm_act_bwd_apply_kernel", ("grad_ptr", "skip_ptr", "deeper_ptr", "dskip_ptr", "ddeeper_ptr")),
+):
+    _consts = {k: v for k, v in _BN.items() if k != "PAD" or _k != "_batch_norm_stats_kernel"}
+    KERNELS[_k.strip("_")] = ("batch_norm_act", _k, dict.fromkeys(_act, "*bf16"), ("negative_slope", "inv_m"), _consts)
 # the check can fail: a channel count passed as a pointer has no modulo
 KERNELS["broken"] = ("bilinear_x2", "_upsample_kernel", {"x": _FP32, "out": _FP32, "C": _FP32}, (), _W)
 
@@ -45,9 +56,12 @@ _SCRIPT = textwrap.dedent(
     for name, (module, kernel, pointers, floats, constexprs) in json.loads(sys.stdin.read()).items():
         mod = importlib.import_module("dipfast.kernels." + module)
         fn = getattr(mod, kernel)
-        constants = {k: getattr(mod, v) for k, v in constexprs.items()}
-        signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "fp32" if p.name in floats
-                     else "i32") for p in fn.params}
+        constants = {k: getattr(mod, v) if isinstance(v, str) else v for k, v in constexprs.items()}
+
+        def kind(name):  # a named pointer's type; any other *_ptr an fp32 pointer; a named float; else an i32
+            return pointers.get(name, "*fp32" if name.endswith("_ptr") else "fp32" if name in floats else "i32")
+
+        signature = {p.name: "constexpr" if p.is_constexpr else kind(p.name) for p in fn.params}
         try:
             asm = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
                                  target=GPUTarget("cuda", 90, 32)).asm
