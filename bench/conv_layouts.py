@@ -111,29 +111,36 @@ def time_variant(row: dict, variant: str, precision: str, device: torch.device, 
         y = conv(x)
     grad = torch.randn(y.shape, generator=g).to(device, dtype).contiguous(memory_format=fmt)
     run = _step(conv, x, grad, multiple)
-    cuda = device.type == "cuda"
     with backends.conv_precision(tf32=precision == "tf32", cudnn_benchmark=True):
-        for _ in range(3):  # cudnn.benchmark's search, then warm
-            run()
-        timed, timing = (graphed(run), "cuda-graph replay") if cuda else (run, "wall")
-        if timed is None:  # not capturable: eager calls, launch gaps included
-            timed, timing = run, "eager"
-        samples = []
-        for _ in range(repeats):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                timed()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                timed()
-                samples.append(1e3 * (time.perf_counter() - t0))
-        kernels = kernels_of(run) if cuda else []
-    ms = statistics.median(samples)
-    return {"ms": ms, "tflops": row["gflop"] / ms if ms > 0 else None, "timing": timing, "kernels": kernels}
+        result = time_call(run, device, repeats)
+    ms = result["ms"]
+    return {**result, "tflops": row["gflop"] / ms if ms > 0 else None}
+
+
+def time_call(run, device: torch.device, repeats: int) -> dict:
+    """run's median ms over `repeats` after a warm-up (cudnn.benchmark's search, in the caller's context): a CUDA
+    graph's replay between CUDA events on CUDA (eager where it cannot be captured), wall clock on a CPU; and on CUDA
+    the kernels one call launches."""
+    cuda = device.type == "cuda"
+    for _ in range(3):  # cudnn.benchmark's search, then warm
+        run()
+    timed, timing = (graphed(run), "cuda-graph replay") if cuda else (run, "wall")
+    if timed is None:  # not capturable: eager calls, launch gaps included
+        timed, timing = run, "eager"
+    samples = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            timed()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            timed()
+            samples.append(1e3 * (time.perf_counter() - t0))
+    return {"ms": statistics.median(samples), "timing": timing, "kernels": kernels_of(run) if cuda else []}
 
 
 def graphed(run):

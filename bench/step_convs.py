@@ -30,9 +30,7 @@ import contextlib
 import dataclasses
 import json
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conv_layouts beside this file
 
-from conv_layouts import graphed, kernels_of  # noqa: E402
+from conv_layouts import time_call  # noqa: E402
 
 from dipfast import backends  # noqa: E402
 from dipfast.bench.data import throughput_case  # noqa: E402
@@ -154,29 +152,9 @@ def replay(row: dict, device: torch.device, repeats: int) -> dict:
     def run():
         op(*args)
 
-    cuda = device.type == "cuda"
     with torch.no_grad(), backends.conv_precision(tf32=row["tf32"], cudnn_benchmark=True):
-        for _ in range(3):  # cudnn.benchmark's search, then warm
-            run()
-        timed, timing = (graphed(run), "cuda-graph replay") if cuda else (run, "wall")
-        if timed is None:
-            timed, timing = run, "eager"
-        samples = []
-        for _ in range(repeats):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                timed()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                timed()
-                samples.append(1e3 * (time.perf_counter() - t0))
-        kernels = kernels_of(run) if cuda else []
-    return {"ms": statistics.median(samples), "timing": timing, "kernels": kernels,
-            "legacy": [name for name, _ in kernels if LEGACY.search(name)]}  # fmt: skip
+        result = time_call(run, device, repeats)
+    return {**result, "legacy": [name for name, _ in result["kernels"] if LEGACY.search(name)]}
 
 
 def _operand(desc: dict) -> str:
