@@ -24,7 +24,7 @@
 #                 its 14 legacy dgrad calls may have been the same misaligned weights, and NHWC would save
 #                 cuDNN's 1.1 ms of layout conversions), compile bf16 channels_last and NCHW (each compiles
 #                 for about a minute; last, so that a time limit cuts nothing else: each row is written as it
-#                 ends). The 222367b4a8 run found aligned channels worth nothing                        220
+#                 ends). The 222367b4a8 run found aligned channels worth nothing; 15 configs ran 300 s  270
 #   profile       dipfast bench profile of the two fastest paths of `throughput`                 30
 #   convs         bench/step_convs.py: the step's own conv calls (native bf16, one eager step, as the dispatcher
 #                 sees them below vmap and autocast), each replayed alone with operands of the recorded
@@ -32,9 +32,9 @@
 #                 with native-packed-parameters (the flat buffer's conv weights 8 bytes off 16 before): which
 #                 calls ran the legacy kernels, and whether the aligned weights took them away. (Each conv
 #                 alone in four layouts, bench/conv_layouts.py, ran no legacy kernel on the H200.)      60
-#   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           20
+#   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           35
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
-#                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  150
+#                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  160
 #   tests         the rest of the suite's CUDA tests (test_cuda_restore: restore() on the GPU;
 #                 test_backends, test_early_stop_wiring (the criterion in the CUDA graph),
 #                 test_group_invariance, test_vmap_autocast, test_bilinear_x2 (its capture),
