@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dipfast.native._tensors import layout  # the layout rule from strides, which vmap keeps per example
 from dipfast.nets.blocks import autocast_off
 
 _TAPS = (0.25, 0.75, 0.75, 0.25)  # exact in bf16 and fp32
@@ -57,18 +58,9 @@ def bilinear_x2_transpose(grad: torch.Tensor) -> torch.Tensor:
     # in grad's layout: CUDA's replicate pad may write NCHW whatever its input, as its reflection pad does. By
     # permutes, not memory_format: inside vmap (the vectorised step) torch implements neither
     # is_contiguous(memory_format=...) nor contiguous(memory_format=...), but strides and permutes per example.
-    if _is_channels_last(grad):
+    if layout(grad) == torch.channels_last:
         return dx.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     return dx.contiguous()
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    """Whether the (N, C, H, W) t is channels_last and not NCHW, read from its strides."""
-    n, c, h, w = t.shape
-    if t.is_contiguous():
-        return False
-    want = (h * w * c, 1, w * c, c)
-    return all(stride == wanted for size, stride, wanted in zip((n, c, h, w), t.stride(), want) if size > 1)
 
 
 class _BilinearX2(torch.autograd.Function):
