@@ -150,17 +150,18 @@ def _backward_of_fwd(ctx, grad):
 _bilinear_x2_fwd.register_autograd(_backward_of_fwd)
 
 
-@_bilinear_x2_fwd.register_vmap
-def _(info, in_dims, x):
-    """B networks as B * C channels (vmap_fold.py): the map is per channel."""
-    b = info.batch_size
-    return unfold_channels(_bilinear_x2_fwd(fold_into_channels(batch_first(x, in_dims[0], b))), b), 1
+def _channel_folding_rule(op):
+    """op's vmap rule: B networks as B * C channels (vmap_fold.py), one launch; both maps are per channel."""
+
+    def rule(info, in_dims, t):
+        b = info.batch_size
+        return unfold_channels(op(fold_into_channels(batch_first(t, in_dims[0], b))), b), 1
+
+    return rule
 
 
-@_bilinear_x2_bwd.register_vmap
-def _(info, in_dims, grad):
-    b = info.batch_size
-    return unfold_channels(_bilinear_x2_bwd(fold_into_channels(batch_first(grad, in_dims[0], b))), b), 1
+for _op in (_bilinear_x2_fwd, _bilinear_x2_bwd):
+    _op.register_vmap(_channel_folding_rule(_op))
 
 
 def bilinear_x2_path(x: torch.Tensor) -> str:
