@@ -36,10 +36,6 @@ ORIGINAL_LOOPS = {ORIGINAL_LOOP: "fp32", ORIGINAL_LOOP_TF32: "tf32"}  # the one 
 NATIVE_EAGER = "native-eager"
 
 
-def _channels_last(b: backends.Backend) -> dict:
-    return {"channels_last_bf16": frozenset({"cpu", "cuda"})}
-
-
 # The variants that change Backend fields (backends.variant): name -> (the backend, its changed fields as a
 # function of its own), each measured side by side with the backend as it is. The H200 run of 222367b4a8 settled
 # the rest (native's padded blocks on CUDA; no aligned channels; NCHW under bf16 on CUDA):
@@ -59,7 +55,7 @@ def _channels_last(b: backends.Backend) -> dict:
 #                          the H200 (compile ran channels_last there: 27.7 ms against native NCHW's 12.0)
 FIELD_VARIANTS = {
     "native-nchw": ("native", lambda b: {"channels_last_bf16": frozenset()}),
-    "native-cl": ("native", _channels_last),
+    "native-cl": ("native", lambda b: {"channels_last_bf16": frozenset({"cpu", "cuda"})}),
     "native-reference-blocks": ("native", lambda b: {"blocks": {**b.blocks, "cuda": "reference"}}),
     "native-aligned": ("native", lambda b: {"align_channels": frozenset({"cpu", "cuda"})}),
     "native-packed-parameters": ("native", lambda b: {"packed_parameters": frozenset({"cpu", "cuda"})}),
