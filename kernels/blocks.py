@@ -179,11 +179,11 @@ class PaddedBlocks(PaddedWrites):
     def bilinear_x2(self, x: torch.Tensor) -> torch.Tensor:
         return upsample_bilinear2x_fast(x)
 
-    def conv(self, m: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
+    def conv(self, m: ConvBNAct, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         pad_conv = m.conv
         if not pad_conv.reflection_pad or layout(x) != torch.channels_last:
-            return pad_conv(x)
+            return pad_conv(x, bias)
         # torch's CUDA reflection pad writes NCHW whatever its input (ReflectionPad.cu calls contiguous(), the
         # H200 run's one parity failure): the conv reads the input's layout, as it does the padded writes
         padded = F.pad(x, (pad_conv.reflection_pad,) * 4, mode="reflect").contiguous(memory_format=torch.channels_last)
-        return pad_conv.from_padded(padded)
+        return pad_conv.from_padded(padded, bias)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dipfast.nets.fusable import batch_norm_reason, leaky_relu_slope, takes_padded_input
-from dipfast.nets.layers import ConvBNAct
+from dipfast.nets.fusable import batch_norm_reason, conv_bias_cancels, leaky_relu_slope, takes_padded_input
+from dipfast.nets.layers import ConvBNAct, PadConv
 
 
 def _batch_norm(training: bool, track_running_stats: bool, drop_buffers: bool, rng) -> nn.BatchNorm2d:
@@ -66,3 +66,34 @@ def test_takes_padded_input(kernel_size, pad, downsample_mode, stride, size, exp
     m = ConvBNAct(4, 6, kernel_size, stride, pad=pad, downsample_mode=downsample_mode)
     assert takes_padded_input(m, torch.empty(1, 4, size, size + 3)) is expected
     assert not takes_padded_input(m.conv, torch.empty(1, 4, 9, 9))  # not a ConvBNAct
+
+
+@pytest.mark.parametrize(
+    "act, downsample_mode, eval_mode, expected",
+    [
+        ("LeakyReLU", "stride", False, True),
+        ("none", "stride", False, True),  # BatchNorm alone
+        # these two cancel it as well, but the block is the reference's, which computes the bias: kept
+        ("Swish", "stride", False, False),
+        ("LeakyReLU", "avg", False, False),  # a downsampler between the conv and its BatchNorm
+        ("LeakyReLU", "stride", True, False),  # eval mode: running statistics, which do not cancel the bias
+    ],
+)
+def test_conv_bias_cancels_only_where_the_fused_batch_norm_takes_it_out(act, downsample_mode, eval_mode, expected, rng):
+    """Where the rule says so, the block's output does not move when its conv bias does (float64, large shifts); in
+    eval mode it moves, so leaving it out there would change the result."""
+    m = ConvBNAct(4, 6, 3, stride=2, pad="reflection", downsample_mode=downsample_mode, act=act).double()
+    x = torch.randn(2, 4, 9, 10, generator=rng, dtype=torch.float64)
+    if eval_mode:
+        m(x)  # running statistics
+        m.eval()
+    assert conv_bias_cancels(m) is expected
+    with torch.no_grad():
+        before = m(x)
+        m.conv.conv2d.bias.add_(torch.randn(6, generator=rng, dtype=torch.float64) * 3)
+        moved = (m(x) - before).abs().max().item()
+    if expected:
+        assert moved < 1e-12
+    if eval_mode:
+        assert moved > 1e-3
+    assert not conv_bias_cancels(PadConv(4, 6, 1))  # no BatchNorm: the head's conv

@@ -30,18 +30,19 @@ def channel_multiple(dtype: torch.dtype) -> int:
     return VECTOR_BYTES // torch.empty((), dtype=dtype).element_size()
 
 
-def aligned_conv2d(conv: nn.Conv2d, x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """conv(x), computed with input and output channels zero-padded to a multiple of `multiple`.
+def aligned_conv2d(conv: nn.Conv2d, x: torch.Tensor, multiple: int, bias: bool = True) -> torch.Tensor:
+    """conv(x), computed with input and output channels zero-padded to a multiple of `multiple`; bias=False leaves
+    the conv's bias out (as PadConv.from_padded does).
 
     Grouped convs and padding modes other than zeros run as they are (the nets have none; under vmap the
     networks become groups only below this call, so each network's channels are padded alone).
     """
     extra_in, extra_out = -conv.in_channels % multiple, -conv.out_channels % multiple
     if not (extra_in or extra_out) or conv.groups != 1 or conv.padding_mode != "zeros":
-        return conv(x)
+        return conv._conv_forward(x, conv.weight, conv.bias if bias else None)
     # F.pad pads the last dimensions first: (W, H, C_in, C_out) for the weight, (W, H, C) for x
     weight = F.pad(conv.weight, (0, 0, 0, 0, 0, extra_in, 0, extra_out))
-    bias = None if conv.bias is None else F.pad(conv.bias, (0, extra_out))
+    bias = None if conv.bias is None or not bias else F.pad(conv.bias, (0, extra_out))
     if extra_in:
         x = F.pad(x, (0, 0, 0, 0, 0, extra_in))
     y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)

@@ -38,6 +38,23 @@ def leaky_relu_slope(act: nn.Module) -> float | None:
     return None
 
 
+def conv_bias_cancels(m: nn.Module) -> bool:
+    """Whether m's conv bias cancels exactly in the BatchNorm the fused ops compute straight after its conv.
+
+    A BatchNorm with batch statistics subtracts each channel's mean, so a per-channel constant added before it
+    changes nothing after it, and the constant's gradient is zero in exact arithmetic: the fast block ops leave
+    the bias out (an add, and the sum that is its gradient, per conv per step). The output is the reference's;
+    the bias keeps its initial value, where the reference's takes rounding noise for a gradient and Adam, which
+    normalises it, walks it about at the learning rate, unseen by the output. The state dict keeps every bias.
+    """
+    return (
+        isinstance(m, ConvBNAct)
+        and m.conv.downsample is None
+        and leaky_relu_slope(m.act) is not None
+        and batch_norm_reason(m.bn) is None
+    )
+
+
 def takes_padded_input(m: nn.Module, y: torch.Tensor) -> bool:
     """Whether m's conv can read y written reflection-padded by the op that produces it.
 

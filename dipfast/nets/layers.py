@@ -90,14 +90,22 @@ class PadConv(nn.Module):
         zero_pad = (kernel_size - 1) // 2 if pad == "zero" else 0
         self.conv2d = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=zero_pad, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         if self.reflection_pad:
             x = F.pad(x, (self.reflection_pad,) * 4, mode="reflect")
-        return self.from_padded(x)
+        return self.from_padded(x, bias)
 
-    def from_padded(self, x: torch.Tensor) -> torch.Tensor:
-        """The conv (and downsampler) on x already reflection-padded by self.reflection_pad."""
-        x = self.conv2d(x) if self.channel_multiple == 1 else aligned_conv2d(self.conv2d, x, self.channel_multiple)
+    def from_padded(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The conv (and downsampler) on x already reflection-padded by self.reflection_pad.
+
+        bias=False leaves the conv's bias out: for a block whose BatchNorm cancels it
+        (dipfast.nets.fusable.conv_bias_cancels), it costs an add and a gradient's sum for nothing.
+        """
+        conv = self.conv2d
+        if self.channel_multiple != 1:
+            x = aligned_conv2d(conv, x, self.channel_multiple, bias)
+        else:
+            x = conv(x) if bias else conv._conv_forward(x, conv.weight, None)
         return self.downsample(x) if self.downsample is not None else x
 
 

@@ -9,7 +9,7 @@ which result is written padded for which conv, and every fallback to the referen
     concat_bn(skip, deeper, bn, pad)     BatchNorm `bn` of torch.cat((skip, deeper), 1), written padded
     bilinear_x2(x)                       nn.Upsample(scale_factor=2, mode="bilinear") of an (N, C, H, W) x, in
                                          x's dtype, with a gather backward (no atomics)
-    conv(m, x)                           optional: m's PadConv where x comes unpadded (default: the module's)
+    conv(m, x, bias)                     optional: m's PadConv where x comes unpadded (default: the module's)
 
     conv_bn_act       the module's own PadConv, then bn_act
     conv_bn_act_pair  the first block's bn_act written padded for the second's conv, which reads that buffer
@@ -17,6 +17,9 @@ which result is written padded for which conv, and every fallback to the referen
     merge             concat_bn straight into the padded buffer level.up's conv reads (bn_act with slope 1.0
                       for a level with no skip)
     upsample          bilinear_x2 for the upsample it computes (dipfast.nets.bilinear_x2.is_bilinear_x2)
+
+A conv whose BatchNorm bn_act computes runs without its bias, which that BatchNorm cancels exactly
+(dipfast.nets.fusable.conv_bias_cancels).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import nn
 
 from dipfast.nets.bilinear_x2 import is_bilinear_x2
 from dipfast.nets.blocks import BlockOps
-from dipfast.nets.fusable import batch_norm_reason, leaky_relu_slope, takes_padded_input
+from dipfast.nets.fusable import batch_norm_reason, conv_bias_cancels, leaky_relu_slope, takes_padded_input
 from dipfast.nets.layers import crop_to_smallest
 
 
@@ -48,20 +51,20 @@ class PaddedWrites(BlockOps):
             return super().upsample(m, x)
         return self.bilinear_x2(x)
 
-    def conv(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def conv(self, m: nn.Module, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """m's PadConv on an input nobody wrote padded (a level's input): the module's own pad."""
-        return m.conv(x)
+        return m.conv(x, bias)
 
     def conv_bn_act(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self._bn_act(m, self.conv(m, x))
+        return self._bn_act(m, self.conv(m, x, not conv_bias_cancels(m)))
 
     def conv_bn_act_pair(self, first: nn.Module, second: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(first, x)
+        y = self.conv(first, x, not conv_bias_cancels(first))
         slope = leaky_relu_slope(first.act)
         if slope is None or batch_norm_reason(first.bn) is not None or not takes_padded_input(second, y):
             return second(self._bn_act(first, y))
         padded = self.bn_act(y, first.bn, slope, second.conv.reflection_pad)
-        return self._bn_act(second, second.conv.from_padded(padded))
+        return self._bn_act(second, second.conv.from_padded(padded, not conv_bias_cancels(second)))
 
     def merge(self, level: nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
         bn = level.merge_bn
@@ -70,10 +73,13 @@ class PaddedWrites(BlockOps):
         parts = crop_to_smallest(parts)
         pad = level.up.conv.reflection_pad if takes_padded_input(level.up, parts[-1]) else 0
         merged = self.bn_act(parts[0], bn, 1.0, pad) if len(parts) == 1 else self.concat_bn(*parts, bn, pad)
-        return self._bn_act(level.up, level.up.conv.from_padded(merged)) if pad else level.up(merged)
+        if not pad:
+            return level.up(merged)
+        return self._bn_act(level.up, level.up.conv.from_padded(merged, not conv_bias_cancels(level.up)))
 
     def _bn_act(self, m: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        """m's BatchNorm + activation on its conv's output y: one op where bn_act computes them."""
+        """m's BatchNorm + activation on its conv's output y: one op where bn_act computes them (exactly where
+        conv_bias_cancels(m), for a y that no downsampler wrote)."""
         slope = leaky_relu_slope(m.act)
         if slope is None or batch_norm_reason(m.bn) is not None:
             return m.act(m.bn(y))

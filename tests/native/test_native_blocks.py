@@ -7,12 +7,14 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from _native_helpers import LAYOUTS, max_error, requires_native
 
 import dipfast.native.blocks as native_blocks
 from dipfast import nets
 from dipfast.native.blocks import NativeBlocks
 from dipfast.nets.blocks import block_ops_of, use_block_ops
+from dipfast.nets.fusable import conv_bias_cancels
 
 pytestmark = [pytest.mark.native, requires_native]
 
@@ -22,7 +24,7 @@ SMALL = dict(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
 def _forward_backward(net, z, grad, autocast=False):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = net(z)
-    return out, torch.autograd.grad(out, list(net.parameters()), grad.to(out.dtype))
+    return out, torch.autograd.grad(out, list(net.parameters()), grad.to(out.dtype), materialize_grads=True)
 
 
 def _relative_errors(grads, oracle):
@@ -67,6 +69,34 @@ def test_default_net_within_twice_the_reference_error(autocast, rng):
     assert max_error(out, oracle) <= 2 * max_error(ref, oracle)
     if not autocast:
         assert max(_relative_errors(grads, oracle_grads)) <= 2 * max(_relative_errors(ref_grads, oracle_grads))
+
+
+def test_the_conv_biases_batch_norm_cancels_are_left_out(rng):
+    """Every conv that a fused BatchNorm follows runs without its bias: with large biases the output is still the
+    reference's (whose BatchNorms take them out again), those biases get no gradient (the reference's is rounding
+    noise), and the head's bias, which no BatchNorm follows, is applied and trained as the reference's."""
+    reference = nets.skip(4, **SMALL).double()
+    with torch.no_grad():
+        for m in reference.modules():
+            if isinstance(m, nn.Conv2d):
+                m.bias.normal_(0, 3, generator=rng)
+    native = use_block_ops(copy.deepcopy(reference), NativeBlocks())
+    z = torch.rand(1, 4, 17, 23, generator=rng, dtype=torch.float64)
+    grad = torch.randn(1, 3, 17, 23, generator=rng, dtype=torch.float64)
+    out, grads = _forward_backward(native, z, grad)
+    ref, ref_grads = _forward_backward(reference, z, grad)
+    assert max_error(out, ref) / ref.abs().max().item() < 1e-12
+
+    left_out = {f"{name}.conv.conv2d.bias" for name, m in native.named_modules() if conv_bias_cancels(m)}
+    assert len(left_out) == 5 * len(SMALL["channels_down"])  # per level skip, down, conv, up, up1x1
+    scale = max(g.abs().max().item() for g in ref_grads)
+    for (name, _), g, ref_g in zip(native.named_parameters(), grads, ref_grads, strict=True):
+        if name in left_out:
+            assert not g.any() and ref_g.abs().max().item() < 1e-12 * scale, name
+        else:
+            assert max_error(g, ref_g) <= 1e-9 * max(ref_g.abs().max().item(), 1e-3 * scale), name
+    head_bias = dict(zip([n for n, _ in native.named_parameters()], grads, strict=True))["head.conv2d.bias"]
+    assert head_bias.abs().min().item() > 0
 
 
 def test_which_blocks_go_native(monkeypatch, rng):

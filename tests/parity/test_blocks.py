@@ -93,7 +93,7 @@ def _max_rel_error(actual: torch.Tensor, expected64: torch.Tensor) -> float:
 def _run(net, z, g, extra=()):
     """The output and the gradients of every parameter (then of `extra`) for the upstream gradient g."""
     out = net(z)
-    return [out, *torch.autograd.grad(out, [*net.parameters(), *extra], g)]
+    return [out, *torch.autograd.grad(out, [*net.parameters(), *extra], g, materialize_grads=True)]
 
 
 def _assert_net_parity(net, z, rng, counts, tol, reflection=True, ops=None) -> dict[str, int]:
