@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from _native_helpers import LAYOUTS, max_error, requires_native
+from torch import nn
 
 import dipfast.native.blocks as native_blocks
 from dipfast import nets
