@@ -222,7 +222,8 @@ def time_to_psnr_markdown(report: dict) -> str:
     s = report["settings"]
     text = _header(report, "Time to PSNR")
     text += (
-        f"Wall seconds from the restore() call; output / EMA. Resolution: {s['resolution']}. "
+        f"Wall seconds from the restore() call; output / EMA. Resolution: {s['resolution']}. First step: seconds "
+        "from the call to the end of the first iteration (set-up, compilation, autotune, graph capture). "
         f"Runs: {', '.join(s['modes'])} "
         f"(cold: a fresh process; warm: after a {s['warmup_iters']}-iteration warm-up fit). "
         f"{s['iters']} iterations at most" + (f", {s['time_limit_s']} s at most" if s["time_limit_s"] else "") + ".\n"
@@ -234,7 +235,7 @@ def time_to_psnr_markdown(report: dict) -> str:
         headers = (
             ["method", "precision", "run"]
             + [f"to {t:.2f} dB" for t in c["targets"]]
-            + ["best PSNR", "best EMA PSNR", "final PSNR / EMA", "iters", "read-back"]
+            + ["best PSNR", "best EMA PSNR", "final PSNR / EMA", "iters", "read-back", "first step"]
         )
         rows = []
         for r in c["runs"]:
@@ -250,6 +251,7 @@ def time_to_psnr_markdown(report: dict) -> str:
                     if not r["resolution_iters"]
                     else f"{r['resolution_iters']} it"
                     + (f", {r['resolution_seconds']:.3f} s" if r["resolution_seconds"] else ""),
+                    _first_step(r),
                 ]
             )
         text += table(headers, rows)
@@ -258,6 +260,15 @@ def time_to_psnr_markdown(report: dict) -> str:
         if c["unsupported"]:
             text += "\n"
     return text
+
+
+def _first_step(r: dict) -> str:
+    """Start-up: set-up + the first iteration, with the CUDA graph capture's share where there was one."""
+    seconds = r.get("first_step_seconds")
+    if seconds is None:
+        return "-"
+    capture = (r.get("extras") or {}).get("capture_seconds")
+    return f"{seconds:.2f} s" + (f" (capture {capture:.2f} s)" if capture else "")
 
 
 def case_slug(case: str) -> str:

@@ -278,6 +278,9 @@ def run_dip(
             "loop_its": result.its,
             "restore_psnr": result.psnr,
             "restore_ema_psnr": result.ema_psnr,
+            # set-up + the first iteration (compilation, autotune, the graph capture), and the capture alone
+            "first_step_seconds": result.extras.get("first_step_seconds"),
+            "capture_seconds": result.extras.get("capture_seconds", 0.0),
         },
     )
     return _final(

@@ -46,6 +46,15 @@ def best(trajectory: dict, key: str) -> dict | None:
     return {"psnr": v, "iteration": it, "seconds": s}
 
 
+def first_step_seconds(run: Run) -> float | None:
+    """The start-up: seconds from the call to the end of the first iteration (restore(): its set-up, compilation,
+    autotune and graph capture; the original loop: its set-up and first iteration, its first trajectory point)."""
+    if run.extras.get("first_step_seconds") is not None:
+        return run.extras["first_step_seconds"]
+    t = run.trajectory
+    return t["seconds"][0] if t["iteration"] and t["iteration"][0] == 1 else None
+
+
 def analyse(run: Run, targets: list[float]) -> dict:
     """The run's time-to-target for each target and output, its best PSNRs and its read-back interval."""
     t = run.trajectory
@@ -74,6 +83,7 @@ def analyse(run: Run, targets: list[float]) -> dict:
         "best_psnr": best(t, "psnr"),
         "best_ema_psnr": best(t, "ema_psnr"),
         "time_to_target": rows,
+        "first_step_seconds": first_step_seconds(run),
         "trajectory": t,
         "extras": run.extras,
     }

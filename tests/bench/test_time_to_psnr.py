@@ -65,9 +65,16 @@ def test_time_to_psnr_json_schema_markdown_and_plots(ttp_report):
                 # the reference's read-back resolution: one time stamp per 4 iterations
                 stamps = len(set(traj["seconds"]))
                 assert stamps == (24 if r["method"] == "original-loop" else 6)
+                # the start-up: restore() times its own first step, which its first read-back comes after; the
+                # loop's is its first point
+                assert 0 < r["first_step_seconds"] <= traj["seconds"][0]
+                if r["method"] == "original-loop":
+                    assert r["first_step_seconds"] == traj["seconds"][0]
+            else:
+                assert r["first_step_seconds"] is None  # a classical baseline: one point, no iterations
         assert is_png(out / f"psnr_vs_time_{c['case'].replace('/', '_')}.png")
     md = (out / "time_to_psnr.md").read_text()
-    assert "### denoise/astronaut" in md and "to 40.00 dB" in md and "not reached" in md
+    assert "### denoise/astronaut" in md and "to 40.00 dB" in md and "not reached" in md and "| first step |" in md
 
 
 def test_time_to_psnr_is_the_first_crossing_and_monotone_in_the_target(ttp_report):
