@@ -495,6 +495,7 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.negative_slope, ctx.pad = negative_slope, pad
     ctx.mark_non_differentiable(mean, rstd)  # saved for the backward, not part of the block
+    ctx.set_materialize_grads(False)  # else autograd fills their (never used) gradients with zeros: 2 launches
 
 
 def _backward_of_fwd(ctx, grad, _grad_mean, _grad_rstd):
@@ -583,6 +584,7 @@ def _concat_setup(ctx, inputs, output):
     ctx.save_for_backward(skip, deeper, weight, bias, mean, rstd)
     ctx.groups, ctx.negative_slope, ctx.pad = groups, negative_slope, pad
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # as _setup
 
 
 def _concat_backward_of_fwd(ctx, grad, _grad_mean, _grad_rstd):

@@ -671,6 +671,8 @@ def _fwd_setup(ctx, inputs, output):
     ctx.stride, ctx.groups, ctx.slope, ctx.tf32 = stride, groups, slope, tf32
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.mark_non_differentiable(y, mean, rstd)  # internals saved for the backward, not part of the block
+    # else autograd hands the backward zero-filled gradients for them, y's the size of the conv output
+    ctx.set_materialize_grads(False)
 
 
 def _fwd_backward(ctx, grad, _grad_y, _grad_mean, _grad_rstd):
