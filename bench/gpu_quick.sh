@@ -29,8 +29,9 @@
 #   convs         bench/step_convs.py: the step's own conv calls (native bf16, one eager step, as the dispatcher
 #                 sees them below vmap and autocast), each replayed alone with operands of the recorded
 #                 strides and pointer alignment, its kernels listed, cuDNN's legacy ones flagged; then the same
-#                 with native-packed-parameters (the flat buffer's conv weights 8 bytes off 16 before): which
-#                 calls ran the legacy kernels, and whether the aligned weights took them away. (Each conv
+#                 with native-cl (channels_last ran 14 legacy dgrad calls, 16.6 ms) and native-packed-parameters
+#                 (the flat buffer's conv weights 8 bytes off 16 before): which calls ran the legacy kernels, and
+#                 whether the aligned weights took them away. (Each conv
 #                 alone in four layouts, bench/conv_layouts.py, ran no legacy kernel on the H200.)      60
 #   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           35
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
@@ -270,9 +271,9 @@ profile() {  # the two fastest
     # shellcheck disable=SC2046  # fastest prints a list of words
     bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/profile" --configs $(fastest 2)
 }
-convs() {  # the step's conv calls, with the parameters aligned (native) and packed (as before)
-    local status=0 method
-    for method in native native-packed-parameters; do
+convs() {  # the step's conv calls: native (parameters aligned), channels_last (14 legacy dgrad calls on 2026-12-04),
+    local status=0 method  # the parameters packed as before alignment
+    for method in native native-cl native-packed-parameters; do
         "$PY" "$ROOT/bench/step_convs.py" "${CONVS[@]}" --method "$method" --out "$WORK/convs/$method" || status=1
     done
     return $status

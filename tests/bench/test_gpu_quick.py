@@ -21,6 +21,7 @@ OUTPUTS = {  # in the script's order of priority
     "convs": [
         "convs/native/step_convs.json",
         "convs/native/step_convs.md",
+        "convs/native-cl/step_convs.json",
         "convs/native-packed-parameters/step_convs.json",
     ],  # fmt: skip
     "batch": ["batch/throughput.json"],
