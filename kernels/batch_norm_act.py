@@ -65,6 +65,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as conv_bn_lrelu: read
 POISON_OUTPUTS = False
 
 
+# Sizes and counts, which bound loops and masks, left unspecialised: Triton compiles a kernel again for each pattern
+# of its int arguments' divisibility by 16 (and == 1). With them specialised, and a tile width per level, one
+# default-net step at 512 px made 77 compilations of its 8 kernels with Hopper's tiles, 11 without (each 0.06-0.2 s
+# for sm_90 on a Xeon core with a cold cache: bench/results/2026-12-04-cpu-triton-specializations/). Strides stay
+# specialised: they set the addresses, whose alignment lets loads vectorise.
+_SIZES = ["height", "width", "channels", "cs", "cd"]
+_SIZES_AND_ROWS = ["n_rows", "rows_per_program", *_SIZES]
+
 if _HAS_TRITON:
 
     @triton.jit
@@ -141,7 +149,7 @@ if _HAS_TRITON:
             acc = tl.load(base + row0 + col0, mask=mask, other=0.0).to(tl.float32)
         return acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZES_AND_ROWS)
     def _batch_norm_stats_kernel(
         skip_ptr,  # (N, G * Cs, H, W) fp32 or bf16, any strides (deeper_ptr when there is no skip)
         deeper_ptr,  # (N, G * Cd, H, W) x's dtype, any strides
@@ -188,7 +196,7 @@ if _HAS_TRITON:
         tl.store(psum_ptr + pid * channels + c, mean * count, mask=mask_c)
         tl.store(pm2_ptr + pid * channels + c, m2, mask=mask_c)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZES)
     def _batch_norm_act_pad_kernel(
         skip_ptr,  # (N, G * Cs, H, W) any strides (deeper_ptr when there is no skip)
         deeper_ptr,  # (N, G * Cd, H, W) any strides
@@ -250,7 +258,7 @@ if _HAS_TRITON:
         dz = tl.where(mask, tl.where(z > 0, g, g * negative_slope), 0.0)  # leaky_relu_backward: self > 0
         return tl.where(mask, xhat, 0.0), dz, gamma * rstd
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZES_AND_ROWS)
     def _batch_norm_act_bwd_sums_kernel(
         grad_ptr,  # (N, C, H + 2 PAD, W + 2 PAD) x's dtype, any strides
         skip_ptr,  # (N, G * Cs, H, W) any strides (deeper_ptr when there is no skip)
@@ -297,7 +305,7 @@ if _HAS_TRITON:
         tl.store(pdz_ptr + pid * channels + c, sum_dz, mask=mask_c)
         tl.store(pdzx_ptr + pid * channels + c, sum_dzx, mask=mask_c)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZES)
     def _batch_norm_act_bwd_apply_kernel(
         grad_ptr,  # (N, C, H + 2 PAD, W + 2 PAD) x's dtype, any strides
         skip_ptr,  # (N, G * Cs, H, W) any strides (deeper_ptr when there is no skip)
@@ -379,8 +387,9 @@ def _plane(fmt: torch.memory_format, dtype: torch.dtype, n_rows: int, width: int
     if fmt == torch.channels_last:  # C has unit stride: the long side along C
         block_c = max(2, min(np2(channels), config.max_c))
         block_w = max(2, min(np2(width), config.max_w, config.elements // block_c))
-    else:
-        block_w = max(2, min(np2(width), config.max_w))
+    else:  # one tile width for every level: each width its own would be another compilation (five levels, four
+        # kernels, two pads); a narrow level's tiles run mostly masked, microseconds on planes that small
+        block_w = config.max_w
         block_c = max(2, min(np2(channels), config.max_c, config.elements // block_w))
     c_tiles = triton.cdiv(channels, block_c)
     rows = triton.cdiv(n_rows, max(1, config.programs // c_tiles))

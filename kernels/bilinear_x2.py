@@ -36,6 +36,7 @@ except ImportError:
     _HAS_TRITON = False
 
 _BLOCK_W = 128
+_SIZES = ["C", "H", "W"]  # unspecialised: one compilation for every level (batch_norm_act.py's _SIZES)
 
 
 if _HAS_TRITON:
@@ -49,7 +50,7 @@ if _HAS_TRITON:
         l1 = src - i0.to(tl.float32)
         return i0.to(tl.int64), i1.to(tl.int64), 1.0 - l1, l1
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZES)
     def _upsample_kernel(x, out, C, H, W, sxn, sxc, sxh, sxw, son, soc, soh, sow, BLOCK_W: tl.constexpr):
         row = tl.program_id(0)  # over N * C * 2H output rows
         oh = row % (2 * H)
@@ -81,7 +82,7 @@ if _HAS_TRITON:
         g3 = tl.load(row_base + b3 * sgw, mask=mask, other=0.0).to(tl.float32)
         return 0.25 * g0 + 0.75 * g1 + 0.75 * g2 + 0.25 * g3
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZES)
     def _transpose_kernel(g, dx, C, H, W, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw, BLOCK_W: tl.constexpr):
         row = tl.program_id(0)  # over N * C * H rows of dx
         i = row % H

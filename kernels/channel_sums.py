@@ -34,9 +34,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as the kernels' module
 _BLOCK_T, _BLOCK_C = 32, 32  # partial rows x channels per load: the partials are a few hundred rows at most
 
 
+# the counts bound loops and masks: left unspecialised, one compilation serves every BatchNorm of a net (as
+# batch_norm_act.py's _SIZES)
+_COUNTS = ["n_tiles", "C"]
+
 if _HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=[*_COUNTS, "n", "block"])
     def _chan_finalize_kernel(psum, pm2, mean_out, rstd_out, n_tiles, C, n, block, eps,
                               BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -60,7 +64,7 @@ if _HAS_TRITON:
         tl.store(mean_out + c, mean, mask=c_mask)
         tl.store(rstd_out + c, tl.rsqrt(m2 / n + eps), mask=c_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_COUNTS)
     def _column_sums_kernel(a, b, a_out, b_out, n_tiles, C, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = c < C

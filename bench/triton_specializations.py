@@ -1,0 +1,164 @@
+"""How many Triton compilations one step of a fit launches: the cold-cache part of its start-up.
+
+    TRITON_INTERPRET=1 python bench/triton_specializations.py --size 512 --precision bf16 --out DIR
+
+Triton compiles a @triton.jit kernel once per specialization: its constexpr values, its launch options and, for each
+int argument not in do_not_specialize, whether it is 1 or divisible by 16 (each pointer: whether it is 16-byte
+aligned). A cold cache (a fresh machine or container, a new Triton) pays each compilation on the first step: 0.06 to
+0.2 s per kernel for sm_90 on a Xeon core (tests/parity/test_hopper_compile.py's compile, timed). On the H200 the
+native run's first read-back came 9.97 s after the call (bench/results/2026-12-04-h200-222367b4a8/call2/time-to-psnr).
+
+This runs a few iterations of the throughput input's fit on the CPU, with the native step's CUDA block ops
+(PaddedBlocks) under Triton's interpreter and the Hopper tile table, and records each kernel launch's specialization
+key instead of running it (the kernels' outputs are left unwritten: the step's control flow does not read them, up
+to the read-back after the recorded iterations, which may find the loss NaN). Writes
+triton_specializations.json and .md in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are built
+
+import torch  # noqa: E402
+
+import dipfast.kernels  # noqa: E402, F401  (built for the interpreter)
+from dipfast import backends  # noqa: E402
+from dipfast.bench.data import throughput_case  # noqa: E402
+from dipfast.bench.throughput import restore_in_blocks  # noqa: E402
+from dipfast.errors import NumericalError  # noqa: E402
+from dipfast.kernels import configs  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_convs beside this file
+from step_convs import eager_step  # noqa: E402
+
+
+def _int_key(v: int):
+    return "1" if v == 1 else "16k" if v % 16 == 0 else "int"
+
+
+def argument_key(v):
+    """What Triton's specialization sees of one non-constexpr argument."""
+    if isinstance(v, torch.Tensor):
+        return f"*{str(v.dtype).removeprefix('torch.')}" + ("/16" if v.data_ptr() % 16 == 0 else "")
+    if isinstance(v, bool):
+        return f"bool:{v}"
+    if isinstance(v, int):
+        return _int_key(v)
+    return type(v).__name__  # floats and None: one type each
+
+
+def launch_key(fn, args, kwargs, do_not_specialize) -> tuple:
+    """The specialization key of fn[grid](*args, **kwargs)."""
+    params = list(inspect.signature(fn).parameters.values())
+    bound = {**dict(zip([p.name for p in params], args, strict=False)), **kwargs}
+    key = []
+    for p in params:
+        if p.name not in bound:
+            continue
+        value = bound[p.name]
+        if "constexpr" in str(p.annotation):
+            key.append((p.name, repr(value)))
+        elif p.name in do_not_specialize:
+            key.append((p.name, type(value).__name__))
+        else:
+            key.append((p.name, argument_key(value)))
+    key += [(k, repr(v)) for k, v in kwargs.items() if k in ("num_warps", "num_stages")]
+    return tuple(key)
+
+
+@contextlib.contextmanager
+def recording(keys: dict):
+    """Every interpreted kernel launch adds its key to keys[kernel name] instead of running."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    run = InterpretedFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        names = self.kwargs.get("do_not_specialize") or ()
+        do_not = {n if isinstance(n, str) else list(inspect.signature(self.fn).parameters)[n] for n in names}
+        keys.setdefault(self.fn.__name__, collections.Counter())[launch_key(self.fn, args, kwargs, do_not)] += 1
+
+    InterpretedFunction.run = record
+    try:
+        yield keys
+    finally:
+        InterpretedFunction.run = run
+
+
+@contextlib.contextmanager
+def padded_blocks_on_cpu():
+    """The native backend with its CUDA block ops (PaddedBlocks) and NCHW on the CPU: the step CUDA runs."""
+    spec = backends.BACKEND_TABLE["native"]
+    backends.BACKEND_TABLE["native"] = dataclasses.replace(
+        spec, blocks={**spec.blocks, "cpu": spec.blocks["cuda"]}, channels_last_bf16=frozenset(), noise={}
+    )
+    try:
+        yield
+    finally:
+        backends.BACKEND_TABLE["native"] = spec
+
+
+def count(size: int, precision: str, net: str = "default", iters: int = 2) -> dict[str, dict]:
+    """{kernel: {"specializations": k, "launches": n, "varying": {argument: [keys]}}} for `iters` iterations."""
+    keys: dict[str, collections.Counter] = {}
+    hopper = configs.forced_tiles(configs.HOPPER)  # the GPU's tiles (BLOCK_W, BLOCK_C), not the interpreter's
+    with padded_blocks_on_cpu(), eager_step(), hopper, recording(keys), contextlib.suppress(NumericalError):
+        # unwritten outputs can make the loss NaN, which the read-back after the recorded iterations refuses
+        restore_in_blocks(throughput_case(size), "native", precision, blocks=1, iters=iters, net=net,
+                          device=torch.device("cpu"), seed=0, on_block=lambda: None)  # fmt: skip
+    out = {}
+    for name, launches in sorted(keys.items()):
+        distinct = list(launches)
+        varying = {
+            arg: sorted({k[i][1] for k in distinct})
+            for i, (arg, _) in enumerate(distinct[0])
+            if len({k[i][1] for k in distinct}) > 1
+        }
+        out[name] = {"specializations": len(distinct), "launches": sum(launches.values()), "varying": varying}
+    return out
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    rows = "".join(
+        f"| {name} | {k['specializations']} | {k['launches']} | "
+        f"{'; '.join(f'{a}: {v}' for a, v in k['varying'].items()) or '-'} |\n"
+        for name, k in report["kernels"].items()
+    )
+    return (
+        f"## Triton specializations of one step ({s['net']} net, {s['size']} px, {s['precision']}, PaddedBlocks)\n\n"
+        f"{report['total']} compilations on a cold cache, {s['iters']} iterations recorded.\n\n"
+        "| kernel | specializations | launches | what differs between them |\n|---|---|---|---|\n" + rows
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--net", default="default", help="'default', 'tiny' or a preset's name")
+    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    kernels = count(args.size, args.precision, args.net, args.iters)
+    settings = {"size": args.size, "precision": args.precision, "net": args.net, "iters": args.iters}
+    report = {"settings": settings, "total": sum(k["specializations"] for k in kernels.values()), "kernels": kernels}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "triton_specializations.json").write_text(json.dumps(report, indent=1))
+    (args.out / "triton_specializations.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

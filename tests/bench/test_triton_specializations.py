@@ -1,0 +1,57 @@
+"""bench/triton_specializations.py: how many Triton compilations one step launches (the cold-cache start-up), with
+the GPU's tile table, recorded on the CPU under the interpreter."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from dipfast.kernels.batch_norm_act import _HAS_TRITON, _INTERPRET
+
+ROOT = Path(__file__).resolve().parents[2]
+STRIDE = re.compile(r"^(s|d|g|o|ds|dd)_s[nchw]$|^s[xogd][nchw]$")  # the kernels' stride arguments
+
+pytestmark = pytest.mark.skipif(
+    not (_HAS_TRITON and _INTERPRET), reason="records launches in Triton's interpreter (a CPU session's build)"
+)
+
+
+@pytest.fixture(scope="module")
+def tool():
+    sys.path.insert(0, str(ROOT / "bench"))  # its neighbour step_convs, as running the script puts it
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "triton_specializations", ROOT / "bench/triton_specializations.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+def test_default_net_step_compiles_each_kernel_once_per_pad_and_alignment(tool, tmp_path):
+    """The default net at 256 px: every kernel of the native CUDA step is launched, and its compilations differ only
+    in what sets addresses (strides' alignment, the pad): no size, count or per-level tile makes another one."""
+    assert tool.main(["--size", "256", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "triton_specializations.json").read_text())
+    kernels = report["kernels"]
+    assert {"_batch_norm_stats_kernel", "_batch_norm_act_pad_kernel", "_batch_norm_act_bwd_sums_kernel",
+            "_batch_norm_act_bwd_apply_kernel", "_chan_finalize_kernel", "_column_sums_kernel", "_upsample_kernel",
+            "_transpose_kernel"} == set(kernels)  # fmt: skip
+    for name, k in kernels.items():
+        assert k["launches"] >= k["specializations"] >= 1
+        assert all(a == "PAD" or STRIDE.match(a) for a in k["varying"]), f"{name}: {k['varying']}"
+    assert report["total"] <= 24  # measured 20; 91 with the sizes specialised and a tile width per level
+    assert "| _batch_norm_act_pad_kernel |" in (tmp_path / "triton_specializations.md").read_text()
+
+
+def test_a_size_argument_specialised_again_is_counted(tool):
+    """The count can fail: the key of a launch sees an int's divisibility unless the kernel names it."""
+    assert tool.launch_key(lambda n, m: None, (32, 33), {}, set()) == (("n", "16k"), ("m", "int"))
+    assert tool.launch_key(lambda n, m: None, (32, 33), {}, {"n"}) == (("n", "int"), ("m", "int"))
