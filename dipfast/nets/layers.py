@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dipfast.nets.aligned_channels import aligned_conv2d
-from dipfast.nets.blocks import REFERENCE
+from dipfast.nets.blocks import REFERENCE, autocast_off
 from dipfast.operators import lanczos_kernel
 
 PADS = ("reflection", "zero")
@@ -92,7 +92,10 @@ class PadConv(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         if self.reflection_pad:
-            x = F.pad(x, (self.reflection_pad,) * 4, mode="reflect")
+            # a copy, exact in any dtype, so in x's: the CPU's autocast runs reflection_pad2d in fp32, a cast of x up
+            # and of the padded copy back down for the conv
+            with autocast_off(x.device.type):
+                x = F.pad(x, (self.reflection_pad,) * 4, mode="reflect")
         return self.from_padded(x, bias)
 
     def from_padded(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
