@@ -42,10 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_convs beside th
 from step_convs import eager_step  # noqa: E402
 
 
-def _int_key(v: int):
-    return "1" if v == 1 else "16k" if v % 16 == 0 else "int"
-
-
 def argument_key(v):
     """What Triton's specialization sees of one non-constexpr argument."""
     if isinstance(v, torch.Tensor):
@@ -53,7 +49,7 @@ def argument_key(v):
     if isinstance(v, bool):
         return f"bool:{v}"
     if isinstance(v, int):
-        return _int_key(v)
+        return "1" if v == 1 else "16k" if v % 16 == 0 else "int"
     return type(v).__name__  # floats and None: one type each
 
 
