@@ -341,7 +341,7 @@ class _Casts(TorchDispatchMode):
 
 def test_reflection_pad_runs_in_its_inputs_dtype_under_autocast(rng):
     """The CPU's autocast would run reflection_pad2d in fp32: a bf16 activation cast up, padded, the copy cast back
-    down for the conv. The pad is a copy, exact in any dtype, so it runs in x's: the same bits, no round trip."""
+    down for the conv. It runs in x's dtype, as on CUDA: the forward, a copy, gives the conv the same bits."""
     m = PadConv(4, 6, 3, pad="reflection")
     x = torch.randn(2, 4, 9, 11, generator=rng).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16), _Casts() as mode:
