@@ -326,33 +326,6 @@ def test_1x1_convs_run_no_pad_op(rng):
     assert _pad_ops_of(net, torch.rand(1, 3, 24, 24, generator=rng)).count("reflection_pad2d") == 3 * 3
 
 
-class _Casts(TorchDispatchMode):
-    """Records each dtype conversion (aten._to_copy) as (from, to)."""
-
-    def __init__(self):
-        super().__init__()
-        self.casts = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket == torch.ops.aten._to_copy:
-            self.casts.append((args[0].dtype, (kwargs or {}).get("dtype")))
-        return func(*args, **(kwargs or {}))
-
-
-def test_reflection_pad_runs_in_its_inputs_dtype_under_autocast(rng):
-    """The CPU's autocast would run reflection_pad2d in fp32: a bf16 activation cast up, padded, the copy cast back
-    down for the conv. It runs in x's dtype, as on CUDA: the forward, a copy, gives the conv the same bits."""
-    m = PadConv(4, 6, 3, pad="reflection")
-    x = torch.randn(2, 4, 9, 11, generator=rng).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16), _Casts() as mode:
-        y = m(x)
-    assert (torch.bfloat16, torch.float32) not in mode.casts  # only the fp32 weight and bias, cast down
-    assert mode.casts.count((torch.float32, torch.bfloat16)) == 2
-    round_trip = F.pad(x.float(), (1,) * 4, mode="reflect").bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(y, m.from_padded(round_trip))
-
-
 def test_reflection_and_zero_differ_at_the_border(rng):
     torch.manual_seed(3)
     zero = PadConv(2, 2, 3, pad="zero")
