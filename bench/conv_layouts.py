@@ -198,6 +198,27 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cuda_missing(suite: str, device: torch.device) -> bool:
+    """Whether --device asks for CUDA on a machine without it (said on stderr, under the suite's name)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{suite}: --device cuda, but CUDA is not available here", file=sys.stderr)
+        return True
+    return False
+
+
+def write_report(suite: str, args: argparse.Namespace, device: torch.device, rows: list[dict], markdown) -> None:
+    """The suite's report in args.out: <suite>.json (machine, torch, settings, rows) and <suite>.md, printed too."""
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    report = {"suite": suite, "machine": machine, "torch": torch.__version__,
+              "settings": {**vars(args), "device": str(device)}, "rows": rows}  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{suite}.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    (out / f"{suite}.md").write_text(text)
+    print(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -208,21 +229,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("conv_layouts: --device cuda, but CUDA is not available here", file=sys.stderr)
+    if cuda_missing("conv_layouts", device):
         return 2
     rows = net_convs(args.net, args.size)
     for row in rows:
         row["variants"] = {v: time_variant(row, v, args.precision, device, args.repeats) for v in VARIANTS}
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    report = {"suite": "conv_layouts", "machine": machine, "torch": torch.__version__,
-              "settings": {**vars(args), "device": str(device)}, "rows": rows}  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "conv_layouts.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(report)
-    (out / "conv_layouts.md").write_text(text)
-    print(text)
+    write_report("conv_layouts", args, device, rows, markdown)
     return 0
 
 

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conv_layouts beside this file
 
-from conv_layouts import time_call  # noqa: E402
+from conv_layouts import cuda_missing, time_call, write_report  # noqa: E402
 
 from dipfast import backends  # noqa: E402
 from dipfast.bench.data import throughput_case  # noqa: E402
@@ -200,21 +200,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("step_convs: --device cuda, but CUDA is not available here", file=sys.stderr)
+    if cuda_missing("step_convs", device):
         return 2
     rows = record_step(args.method, args.precision, size=args.size, net=args.net, iters=args.iters, device=device)
     for row in rows:
         row["replay"] = replay(row, device, args.repeats)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    report = {"suite": "step_convs", "machine": machine, "torch": torch.__version__,
-              "settings": {**vars(args), "device": str(device)}, "rows": rows}  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "step_convs.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(report)
-    (out / "step_convs.md").write_text(text)
-    print(text)
+    write_report("step_convs", args, device, rows, markdown)
     return 0
 
 
