@@ -9,10 +9,13 @@ concat_cropped's crop); Cs >= 1 and Cd >= 1: a level without a skip branch (Cs =
 is a plain BN that the caller runs with dipfast.kernels.conv_bn_lrelu on a normalised tensor, or the twins. weight:
 (C_out, Cs + Cd, k, k), k in {1, 3, 5, 7}, stride 1 (the skip level's conv_fu); merge_gamma, merge_beta:
 (G * (Cs + Cd),), group-major. Groups are independent networks side by side: the vmap rule folds vmapped networks
-into them (vmap_fold.py). The merge BN and the output BN use the batch statistics with the biased variance. Layout,
-precisions (fp32 with IEEE or TF32 dots, bf16 operands with fp32 accumulation and statistics) and dispatch as in
-conv_bn_lrelu; float64, CPU without the interpreter or no triton take the twin
-dipfast.reference.concat_bn_conv_bn_lrelu (concat_bn_conv_bn_lrelu_path says which).
+into them (vmap_fold.py). The merge BN and the output BN use the batch statistics with the biased variance. Layout:
+the op computes in NCHW, its own kernels' layout; channels_last inputs (the triton backend's bf16 layout on CUDA) are
+copied to it on entry and the output and the gradients handed back in their inputs' layouts (indexing channels_last
+in these kernels too is owed: the conv_bn_lrelu kernels they share take either). Precisions (fp32 with IEEE or
+TF32 dots, bf16 operands with fp32 accumulation and statistics) and dispatch as in conv_bn_lrelu; float64, CPU
+without the interpreter or no triton take the twin dipfast.reference.concat_bn_conv_bn_lrelu
+(concat_bn_conv_bn_lrelu_path says which).
 
 The op boundary, and what is fused:
   The concatenated tensor and its normalised copy are never written. The backward writes one merge-sized tensor,
@@ -65,13 +68,14 @@ if _HAS_TRITON:
     import triton.language as tl
 
     from dipfast.kernels.conv_bn_lrelu import (
-        _bn_lrelu_bwd_kernel,
         _bn_lrelu_kernel,
         _conv_dgrad_kernel,
         _conv_epilogue,
         _reflect,
-        _reflect_fold_kernel,
         _split_range,
+        bn_lrelu_backward,
+        memory_format,
+        reflect_fold,
     )
 
 # Read at import, as in conv_bn_lrelu (triton.jit reads TRITON_INTERPRET when the kernels are built).
@@ -384,8 +388,9 @@ def _concat_bn_conv_bn_lrelu_fwd(
     slope: float,
     tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out, y, mean, rstd, merge_mean, merge_rstd): the output and the conv output in skip's dtype, both BNs'
-    fp32 statistics."""
+    """-> (out, y, mean, rstd, merge_mean, merge_rstd): the output (in deeper's layout) and the conv output (NCHW) in
+    skip's dtype, both BNs' fp32 statistics."""
+    layout = memory_format(deeper)
     skip, deeper, weight = skip.contiguous(), deeper.contiguous(), weight.contiguous()
     mg, mb = merge_gamma.contiguous(), merge_beta.contiguous()
     n, h, w = skip.shape[0], *skip.shape[2:]
@@ -441,7 +446,7 @@ def _concat_bn_conv_bn_lrelu_fwd(
         y, mean, rstd, gamma.contiguous(), beta.contiguous(), out, out.numel(), c_out, h * w, slope,
         BLOCK=tile.block, num_warps=tile.num_warps,
     )  # fmt: skip
-    return out, y, mean, rstd, mmean, mrstd
+    return out.contiguous(memory_format=layout), y, mean, rstd, mmean, mrstd
 
 
 @_concat_bn_conv_bn_lrelu_fwd.register_fake
@@ -450,7 +455,7 @@ def _(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, groups, 
     c_in, c_out = skip.shape[1] + deeper.shape[1], weight.shape[0]
     shape = (n, c_out, h, w)
     return (
-        skip.new_empty(shape),
+        torch.empty(shape, dtype=skip.dtype, device=skip.device, memory_format=memory_format(deeper)),
         skip.new_empty(shape),
         skip.new_empty((c_out,), dtype=torch.float32),
         skip.new_empty((c_out,), dtype=torch.float32),
@@ -481,7 +486,8 @@ def _concat_bn_conv_bn_lrelu_bwd(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     """-> (dskip, ddeeper, dmerge_gamma, dmerge_beta, dweight, dbias, dgamma, dbeta), each in its tensor's dtype
-    (dbias fp32)."""
+    (dbias fp32) and layout."""
+    layouts = [memory_format(t) for t in (skip, deeper, weight)]
     grad, skip, deeper, weight, y = (t.contiguous() for t in (grad, skip, deeper, weight, y))
     mg, mb, gamma, beta = (t.contiguous() for t in (merge_gamma, merge_beta, gamma, beta))
     n, h, w = skip.shape[0], *skip.shape[2:]
@@ -493,21 +499,12 @@ def _concat_bn_conv_bn_lrelu_bwd(
     tile = pass_tiles(skip.dtype)
     passes = dict(BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps)
     tiles_p = triton.cdiv(n_pix, tile.block)
-    # 4-5. output BN + LeakyReLU backward (conv_bn_lrelu's kernel)
-    p1, p2 = _alloc((tiles_p, c_out), dev), _alloc((tiles_p, c_out), dev)
-    args = (grad, y, mean, rstd, gamma, beta)
-    grid = (tiles_p, triton.cdiv(c_out, tile.block_c))
-    _bn_lrelu_bwd_kernel[grid](*args, y, y, y, p1, p2, n_pix, 1.0 / n_pix, c_out, hw, slope, APPLY=False, **passes)
-    dbeta, dgamma = column_sums(p1, p2)
-    dy, pb = _alloc(y.shape, dev, y.dtype), _alloc((tiles_p, c_out), dev)  # dy: an operand of the dots below
-    _bn_lrelu_bwd_kernel[grid](
-        *args, dbeta, dgamma, dy, pb, pb, n_pix, 1.0 / n_pix, c_out, hw, slope, APPLY=True, **passes
-    )
-    dbias = pb.sum(0)
+    # 4-5. output BN + LeakyReLU backward (conv_bn_lrelu's)
+    dy, dbias, dgamma, dbeta = bn_lrelu_backward(grad, y, mean, rstd, gamma, beta, slope)
     # 6. wgrad, normalising the merged input on load
     shape = merge_shape(skip, deeper, weight, groups)
     config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "wgrad", skip, tf32, cout_g, c_in * k * k, n_pix, shape)
-    dw = _conv_bn_lrelu_module.wgrad_output(weight, config.split_k)
+    dw = _conv_bn_lrelu_module.wgrad_output(weight.shape, weight, config.split_k)
     grid = (triton.cdiv(cout_g, config.block_m), triton.cdiv(c_in * k * k, config.block_n), groups * config.split_k)
     _merge_wgrad_kernel[grid](
         dy,
@@ -537,29 +534,10 @@ def _concat_bn_conv_bn_lrelu_bwd(
     dw = _conv_bn_lrelu_module.sum_splits(dw, weight, config.split_k)
     config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "dgrad", skip, tf32, n * hp * wp, c_in, cout_g, shape)
     _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(c_in, config.block_n), groups)](
-        dy,
-        weight,
-        dxp,
-        n * hp * wp,
-        groups * c_in,
-        c_out,
-        hp,
-        wp,
-        h,
-        w,
-        c_in,
-        cout_g,
-        STRIDE=1,
-        K=k,
-        **launch,
-    )
-    if pad == 0:
-        dmerged = dxp
-    else:
-        dmerged = _alloc((n, groups * c_in, h, w), dev)
-        _reflect_fold_kernel[(triton.cdiv(dmerged.numel(), tile.block),)](
-            dxp, dmerged, dmerged.numel(), h, w, PAD=pad, BLOCK=tile.block, num_warps=tile.num_warps
-        )
+        dy, weight.contiguous(memory_format=torch.channels_last), dxp, n * hp * wp, hp, wp, h, w, c_in, cout_g,
+        *dy.stride(), *dxp.stride(), STRIDE=1, K=k, **launch,
+    )  # fmt: skip
+    dmerged = dxp if pad == 0 else reflect_fold(dxp, (n, groups * c_in, h, w), torch.float32, pad)
     # 9-10. merge BN backward, per source, straight into d(skip) and d(deeper)
     q1, q2 = _alloc((tiles_p, groups * c_in), dev), _alloc((tiles_p, groups * c_in), dev)
     sources = ((skip, cs, 0), (deeper, cd, cs))
@@ -578,7 +556,8 @@ def _concat_bn_conv_bn_lrelu_bwd(
         )  # fmt: skip
         dsrc.append(dx)
     dmg, dmb = dmg.to(merge_gamma.dtype), dmb.to(merge_beta.dtype)
-    return dsrc[0], dsrc[1], dmg, dmb, dw, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
+    dskip, ddeeper, dw = (t.contiguous(memory_format=f) for t, f in zip((*dsrc, dw), layouts, strict=True))
+    return dskip, ddeeper, dmg, dmb, dw, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
 
 
 @_concat_bn_conv_bn_lrelu_bwd.register_fake
@@ -589,11 +568,11 @@ def _(
         return t.new_empty(t.shape, dtype=dtype or t.dtype)
 
     return (
-        like(skip),
-        like(deeper),
+        torch.empty_like(skip, memory_format=memory_format(skip)),
+        torch.empty_like(deeper, memory_format=memory_format(deeper)),
         like(merge_gamma),
         like(merge_beta),
-        like(weight),
+        torch.empty_like(weight, memory_format=memory_format(weight)),
         like(gamma, torch.float32),
         like(gamma),
         like(beta),

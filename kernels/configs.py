@@ -17,7 +17,8 @@ section 2.2). Two tables:
       1152) reduced over every pixel: 64 x 64 tiles make 36 output tiles at 128 channels, fewer than the 132 SMs,
       so split_k=1 here leaves SMs idle (split_k below; a TUNED entry may set it).
     elementwise passes (normalise + LeakyReLU, the pad adjoint, Lanczos2): 1024 elements, 4 warps; per-channel
-      reductions (BN backward, the merge's statistics): 4 channels x 1024 pixels, 4 warps.
+      reductions (BN backward, the merge's statistics): 4 channels x 1024 pixels, 4 warps, or over channels_last
+      activations 64 channels x 64 pixels (a pixel's channels are contiguous there).
     per-channel passes over a plane (batch_norm_act): one image row by up to 1024 elements, the tile's long side
       along the layout's unit-stride axis (W for NCHW, C for channels_last) so loads and stores coalesce, 4 warps;
       the statistics and the backward's sums give each program rows until about 1024 programs fill the GPU.
@@ -104,6 +105,8 @@ HOPPER = {
     ("wgrad", "tf32"): GemmTiles(64, 64, 32, 3, 4),
     ("wgrad", "bf16"): GemmTiles(64, 64, 64, 3, 4),
     **{("pass", p): _HOPPER_PASS for p in PRECISIONS},
+    # a per-channel pass over channels_last (N, C, H, W): the tile's channels along the contiguous axis
+    **{("pass-cl", p): PassTiles(64, 64, 4) for p in PRECISIONS},
     **{("plane", p): PlaneTiles(1024, 256, 128, 1024, 4) for p in PRECISIONS},
 }
 
@@ -113,6 +116,7 @@ INTERPRETER = {
     # split in two, so every parity test's wgrad runs the split-K path (the sum of partials)
     **{("wgrad", p): replace(_INTERPRETER_GEMM, split_k=2) for p in PRECISIONS},
     **{("pass", p): PassTiles(256, 16, 4) for p in PRECISIONS},
+    **{("pass-cl", p): PassTiles(16, 8, 4) for p in PRECISIONS},  # 20 channels: three channel tiles
     # 8 x 16 at most: the parity shapes' odd widths take two W chunks and 20 channels two channel tiles
     **{("plane", p): PlaneTiles(128, 8, 16, 4, 4) for p in PRECISIONS},
 }
@@ -202,9 +206,10 @@ def gemm_tiles(op: str, family: str, precision: str, shape: str, device: torch.d
     return tiles(family, precision)
 
 
-def pass_tiles(dtype: torch.dtype) -> PassTiles:
-    """The elementwise and per-channel passes' tiles for tensors of `dtype`."""
-    return tiles("pass", precision_of(dtype == torch.bfloat16, False))
+def pass_tiles(dtype: torch.dtype, channels_last: bool = False) -> PassTiles:
+    """The elementwise and per-channel passes' tiles for tensors of `dtype`; channels_last: a per-channel pass over
+    channels_last activations, whose tile runs along the channels."""
+    return tiles("pass-cl" if channels_last else "pass", precision_of(dtype == torch.bfloat16, False))
 
 
 def _fit(block: int, size: int) -> int:

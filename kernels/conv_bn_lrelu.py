@@ -5,7 +5,16 @@ with R the reflection pad by (k - 1) // 2, k in {1, 3, 5, 7}, stride 1 or 2, gro
 (not only multiples of 16) and any H, W > (k - 1) // 2 (what the reflection pad allows). BatchNorm uses the
 batch statistics (biased variance) per output channel, so groups stay independent networks.
 
-Layout: every tensor NCHW contiguous; weight (C_out, C_in / groups, k, k).
+Layout: the activations (x, y, the output and their gradients) NCHW or channels_last: the op computes in x's
+(memory_format(x)) and returns each result in its input's layout. The kernels take every activation's strides, and
+read the weight in channels_last, (C_out, k, k, C_in / groups) in memory, copied to it once per call where it is not.
+channels_last is the fast one on a GPU: a pixel's channels, the GEMMs' reduction axis, are contiguous, so every
+operand tile is loaded in 16-byte vectors by asynchronous copies that the software pipeline overlaps with the dots.
+In NCHW the reflection index hides the rows' contiguity from the compiler, and each activation load is one element
+(the forward's sm_90 code at 128 x 128 x 64 in bf16, by bench/sm90_codegen.py: NCHW with the weight read NCHW, as
+before, 576 one-element load instructions, 255 registers, 236 bytes spilled, no cp.async; channels_last: no
+one-element loads, 149 registers, no spills, both operands through 3 cp.async stages;
+bench/results/2026-12-04-cpu-sm90-gemm-codegen/).
 Precisions (x and weight share the compute dtype; bias, gamma and beta are that dtype or fp32):
   fp32: fp32 dots, TF32 or FP32_DOT's ('ieee' or 'tf32x3'; tl.dot's input_precision) as
     torch.backends.cudnn.allow_tf32 says when the op is called (tf32_enabled: the flag of the cuDNN conv this
@@ -19,9 +28,9 @@ Precisions (x and weight share the compute dtype; bias, gamma and beta are that 
 
 Forward (two launches, no atomics, deterministic):
   1. _conv_bn_lrelu_fwd_kernel: implicit GEMM, M = N*P*Q output pixels, N = C_out / groups, groups on
-     program_id(2); the K loop runs over the k*k taps (unrolled) and C_in / groups in BLOCK_K chunks (masked,
-     so 3 or 4 channels are zero-filled up to the 16 that tl.dot needs). R is folded into the gather index
-     (i < 0 -> -i, i >= H -> 2H - 2 - i), bias added, y stored; the epilogue writes per-M-tile partial
+     program_id(2); one K loop over (tap, BLOCK_K chunk of C_in / groups) pairs, so that the pipeliner spans the
+     taps (masked chunks: 3 or 4 channels are zero-filled up to the 16 that tl.dot needs). R is folded into the
+     gather index (i < 0 -> -i, i >= H -> 2H - 2 - i), bias added, y stored; the epilogue writes per-M-tile partial
      statistics (sum of y and the sum of squared deviations from the tile mean) to (tiles, C_out) buffers.
      The C-sized finalize on the host side of the op (torch) merges them with Chan's formula into mean and
      biased var (no E[y^2] - mean^2 cancellation), then rstd = 1 / sqrt(var + eps).
@@ -32,11 +41,11 @@ Backward (five launches of four kernels, no atomics, deterministic):
      sum(dz * xhat) (= dgamma), summed on the host side.
   4. _bn_lrelu_bwd_kernel (APPLY=True): dy = gamma * rstd * (dz - dbeta / M - xhat * dgamma / M), stored, with
      per-tile partials of sum(dy) (= dbias; zero up to rounding, since the bias cancels under training BN).
-  5. _conv_wgrad_kernel: dW[co, (ci, i, j)] = sum over N*P*Q of dy * R(x) gathered with the same reflect index;
-     with split_k > 1 (configs.py) each output tile's sum is split into that many programs writing fp32 partials,
-     summed in torch in a fixed order (sum_splits).
-  6. _conv_dgrad_kernel: the gradient of the padded input, a gather over taps (stride divisibility by mask),
-     written to an (N, C_in, H + 2 pad, W + 2 pad) buffer.
+  5. _conv_wgrad_kernel: dW[co, (i, j), ci] = sum over N*P*Q of dy * R(x) gathered with the same reflect index,
+     each program one tap and BLOCK_N input channels; with split_k > 1 (configs.py) each output tile's sum is
+     split into that many programs writing fp32 partials, summed in torch in a fixed order (sum_splits).
+  6. _conv_dgrad_kernel: the gradient of the padded input, a gather over taps (stride divisibility by mask) in one
+     (tap, chunk) loop as the forward's, written to an (N, C_in, H + 2 pad, W + 2 pad) buffer in x's layout.
   7. _reflect_fold_kernel: the adjoint of R. Each input pixel sums its <= 3 pre-images per axis (itself and
      its mirrors in the top/left and bottom/right pads), 9 masked loads, no atomics. Skipped for k = 1.
 Every launch's programs write disjoint elements and read only what earlier launches wrote (checked under the
@@ -136,14 +145,13 @@ if _HAS_TRITON:
 
     @triton.jit
     def _conv_bn_lrelu_fwd_kernel(
-        x_ptr,  # (N, C_in, H, W) compute dtype (fp32 or bf16), contiguous
-        w_ptr,  # (C_out, C_in / groups, K, K) compute dtype, contiguous
+        x_ptr,  # (N, C_in, H, W) compute dtype, strides sx_*: NCHW or channels_last
+        w_ptr,  # (C_out, K, K, C_in / groups) compute dtype, contiguous: the weight in channels_last
         b_ptr,  # (C_out,) compute dtype or fp32, read only when HAS_BIAS
-        y_ptr,  # (N, C_out, P, Q) compute dtype: the conv output
+        y_ptr,  # (N, C_out, P, Q) compute dtype, strides sy_*: the conv output
         psum_ptr,  # (tiles_m, C_out) fp32: per-tile sum of y
         pm2_ptr,  # (tiles_m, C_out) fp32: per-tile sum of (y - tile mean)^2
         n_pix,  # N * P * Q
-        c_in,
         c_out,
         in_h,
         in_w,
@@ -151,6 +159,14 @@ if _HAS_TRITON:
         q_out,
         cin_g,
         cout_g,
+        sx_n,
+        sx_c,
+        sx_h,
+        sx_w,
+        sy_n,
+        sy_c,
+        sy_h,
+        sy_w,
         STRIDE: tl.constexpr,
         K: tl.constexpr,
         PAD: tl.constexpr,
@@ -169,53 +185,55 @@ if _HAS_TRITON:
         mask_m = offs_m < n_pix
         mask_n = offs_n < cout_g
         pq = p_out * q_out
-        hw = in_h * in_w
         nb = offs_m // pq
         s = offs_m % pq
         op = s // q_out
         oq = s % q_out
         co = g * cout_g + offs_n
-        x_base = nb * c_in * hw + g * cin_g * hw
+        x_base = nb * sx_n + g * cin_g * sx_c
+        chunks = tl.cdiv(cin_g, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for kh in tl.static_range(K):
-            ih = _reflect(op * STRIDE + kh - PAD, in_h)  # reflection pad folded into the index
-            for kw in tl.static_range(K):
-                iw = _reflect(oq * STRIDE + kw - PAD, in_w)
-                pix = x_base + ih * in_w + iw
-                for c0 in range(0, cin_g, BLOCK_K):
-                    offs_k = c0 + tl.arange(0, BLOCK_K)
-                    mask_k = offs_k < cin_g
-                    a = tl.load(
-                        x_ptr + pix[:, None] + offs_k[None, :] * hw, mask=mask_m[:, None] & mask_k[None, :], other=0.0
-                    )
-                    b = tl.load(
-                        w_ptr + co[None, :] * (cin_g * K * K) + offs_k[:, None] * (K * K) + (kh * K + kw),
-                        mask=mask_k[:, None] & mask_n[None, :],
-                        other=0.0,
-                    )
-                    acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        y_offs = (nb * c_out * pq + s)[:, None] + co[None, :] * pq
+        # One loop over (tap, channel chunk), not a loop per tap: the software pipeliner overlaps a step's loads
+        # with the previous step's dot only within one loop, and a tap has one or two chunks at DIP's widths.
+        for t in range(K * K * chunks):
+            tap = t // chunks
+            offs_k = (t % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < cin_g
+            ih = _reflect(op * STRIDE + tap // K - PAD, in_h)  # reflection pad folded into the index
+            iw = _reflect(oq * STRIDE + tap % K - PAD, in_w)
+            a = tl.load(
+                x_ptr + (x_base + ih * sx_h + iw * sx_w)[:, None] + offs_k[None, :] * sx_c,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_ptr + co[None, :] * (K * K * cin_g) + tap * cin_g + offs_k[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        y_offs = (nb * sy_n + op * sy_h + oq * sy_w)[:, None] + co[None, :] * sy_c
         _conv_epilogue(
             acc, b_ptr, y_ptr, y_offs, psum_ptr, pm2_ptr, co, mask_m, mask_n, pid_m, n_pix, c_out, HAS_BIAS, BLOCK_M
         )
 
     @triton.jit
     def _bn_lrelu_kernel(
-        y_ptr,  # (N, C, P, Q) compute dtype: the conv output
+        y_ptr,  # (N, C, P, Q) compute dtype: the conv output, dense (NCHW or channels_last)
         mean_ptr,  # (C,) fp32
         rstd_ptr,  # (C,) fp32
         gamma_ptr,  # (C,) compute dtype or fp32
         beta_ptr,  # (C,) compute dtype or fp32
-        out_ptr,  # (N, C, P, Q) compute dtype
+        out_ptr,  # (N, C, P, Q) compute dtype, y's layout
         total,  # N * C * P * Q
         channels,
-        pq,
+        c_step,  # the channel stride: P * Q in NCHW, 1 in channels_last
         slope,
         BLOCK: tl.constexpr,
     ):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < total
-        c = (offs // pq) % channels
+        c = (offs // c_step) % channels
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
         rstd = tl.load(rstd_ptr + c, mask=mask, other=0.0)
@@ -226,7 +244,7 @@ if _HAS_TRITON:
 
     @triton.jit
     def _bn_lrelu_bwd_kernel(
-        g_ptr,  # (N, C, P, Q) compute dtype: incoming gradient, contiguous
+        g_ptr,  # (N, C, P, Q) compute dtype: incoming gradient; it, y and dy share one dense layout
         y_ptr,  # (N, C, P, Q) compute dtype: the conv output
         mean_ptr,  # (C,) fp32
         rstd_ptr,  # (C,) fp32
@@ -241,6 +259,9 @@ if _HAS_TRITON:
         inv_m,  # 1 / n_pix
         channels,
         pq,
+        s_n,  # the layout's strides: image, channel and pixel (P and Q flattened): C P Q, P Q, 1 in NCHW;
+        s_c,  # C P Q, 1, C in channels_last
+        s_pix,
         slope,
         APPLY: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -252,7 +273,7 @@ if _HAS_TRITON:
         mask_c = c < channels
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = mask_c[:, None] & (offs < n_pix)[None, :]
-        idx = ((offs // pq) * channels * pq + offs % pq)[None, :] + (c * pq)[:, None]
+        idx = ((offs // pq) * s_n + (offs % pq) * s_pix)[None, :] + (c * s_c)[:, None]
         mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0)[:, None]
         rstd = tl.load(rstd_ptr + c, mask=mask_c, other=0.0)[:, None]
         gamma = tl.load(gamma_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
@@ -272,11 +293,10 @@ if _HAS_TRITON:
 
     @triton.jit
     def _conv_wgrad_kernel(
-        dy_ptr,  # (N, C_out, P, Q) compute dtype, contiguous
-        x_ptr,  # (N, C_in, H, W) compute dtype, contiguous
-        dw_ptr,  # (SPLIT_K, C_out, C_in / groups * K * K): compute dtype if SPLIT_K = 1, else fp32 partials
+        dy_ptr,  # (N, C_out, P, Q) compute dtype, strides sd_*
+        x_ptr,  # (N, C_in, H, W) compute dtype, strides sx_*
+        dw_ptr,  # (SPLIT_K, C_out, K, K, C_in / groups): compute dtype if SPLIT_K = 1, else fp32 partials
         n_pix,  # N * P * Q, the GEMM reduction
-        c_in,
         c_out,
         in_h,
         in_w,
@@ -284,6 +304,14 @@ if _HAS_TRITON:
         q_out,
         cin_g,
         cout_g,
+        sd_n,
+        sd_c,
+        sd_h,
+        sd_w,
+        sx_n,
+        sx_c,
+        sx_h,
+        sx_w,
         STRIDE: tl.constexpr,
         K: tl.constexpr,
         PAD: tl.constexpr,
@@ -294,18 +322,19 @@ if _HAS_TRITON:
         DOT_DTYPE: tl.constexpr,  # tl.dot's operands: fp32, or bf16 on a GPU for bf16 inputs (_dot_options)
         PRECISION: tl.constexpr,  # fp32 operands: "ieee", "tf32" or "tf32x3"
     ):
+        """dW[co, tap, ci]: program_id(1) picks one tap and BLOCK_N input channels, so the gathered x tile runs along
+        the channels (contiguous in channels_last) and its row index is one reflect per pixel."""
         g = tl.program_id(2) // SPLIT_K
         k_lo, k_hi = _split_range(tl.program_id(2) % SPLIT_K, n_pix, SPLIT_K, BLOCK_K)
+        ci_blocks = tl.cdiv(cin_g, BLOCK_N)
+        tap = tl.program_id(1) // ci_blocks
         offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (ci, kh, kw) flattened
+        offs_ci = (tl.program_id(1) % ci_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_co = offs_co < cout_g
-        mask_r = offs_r < cin_g * K * K
-        ci = offs_r // (K * K)
-        kh = (offs_r % (K * K)) // K
-        kw = offs_r % K
+        mask_ci = offs_ci < cin_g
         pq = p_out * q_out
-        hw = in_h * in_w
         co = g * cout_g + offs_co
+        ci = g * cin_g + offs_ci
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for m0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = m0 + tl.arange(0, BLOCK_K)
@@ -315,35 +344,41 @@ if _HAS_TRITON:
             op = s // q_out
             oq = s % q_out
             a = tl.load(
-                dy_ptr + (nb * c_out * pq + s)[None, :] + co[:, None] * pq,
+                dy_ptr + (nb * sd_n + op * sd_h + oq * sd_w)[None, :] + co[:, None] * sd_c,
                 mask=mask_co[:, None] & mask_k[None, :],
                 other=0.0,
             )
-            ih = _reflect(op[:, None] * STRIDE + kh[None, :] - PAD, in_h)
-            iw = _reflect(oq[:, None] * STRIDE + kw[None, :] - PAD, in_w)
+            ih = _reflect(op * STRIDE + tap // K - PAD, in_h)
+            iw = _reflect(oq * STRIDE + tap % K - PAD, in_w)
             b = tl.load(
-                x_ptr + nb[:, None] * c_in * hw + (g * cin_g + ci)[None, :] * hw + ih * in_w + iw,
-                mask=mask_k[:, None] & mask_r[None, :],
+                x_ptr + (nb * sx_n + ih * sx_h + iw * sx_w)[:, None] + ci[None, :] * sx_c,
+                mask=mask_k[:, None] & mask_ci[None, :],
                 other=0.0,
             )
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        dw_offs = (tl.program_id(2) % SPLIT_K) * c_out * cin_g * K * K + co[:, None] * (cin_g * K * K) + offs_r[None, :]
-        tl.store(dw_ptr + dw_offs, acc, mask=mask_co[:, None] & mask_r[None, :])
+        dw_offs = (tl.program_id(2) % SPLIT_K) * c_out * K * K * cin_g + co[:, None] * (K * K * cin_g) + tap * cin_g
+        tl.store(dw_ptr + dw_offs + offs_ci[None, :], acc, mask=mask_co[:, None] & mask_ci[None, :])
 
     @triton.jit
     def _conv_dgrad_kernel(
-        dy_ptr,  # (N, C_out, P, Q) compute dtype, contiguous
-        w_ptr,  # (C_out, C_in / groups, K, K) compute dtype, contiguous
-        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD) fp32 (compute dtype when PAD = 0): d(padded input)
+        dy_ptr,  # (N, C_out, P, Q) compute dtype, strides sd_*
+        w_ptr,  # (C_out, K, K, C_in / groups) compute dtype, contiguous: the weight in channels_last
+        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD), strides so_*: fp32 (compute dtype when PAD = 0), d(padded input)
         n_pix,  # N * (H + 2 PAD) * (W + 2 PAD)
-        c_in,
-        c_out,
         pad_h,
         pad_w,
         p_out,
         q_out,
         cin_g,
         cout_g,
+        sd_n,
+        sd_c,
+        sd_h,
+        sd_w,
+        so_n,
+        so_c,
+        so_h,
+        so_w,
         STRIDE: tl.constexpr,
         K: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -359,74 +394,84 @@ if _HAS_TRITON:
         mask_m = offs_m < n_pix
         mask_n = offs_n < cin_g
         hwp = pad_h * pad_w
-        pq = p_out * q_out
         nb = offs_m // hwp
         s = offs_m % hwp
         hh = s // pad_w
         ww = s % pad_w
-        ci = g * cin_g + offs_n
+        chunks = tl.cdiv(cout_g, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for kh in tl.static_range(K):
-            ph = hh - kh
+        for t in range(K * K * chunks):  # one loop over (tap, channel chunk), as the forward's
+            tap = t // chunks
+            ph = hh - tap // K
             vh = ph >= 0
             ph = tl.where(vh, ph, 0)
             vh = vh & (ph % STRIDE == 0) & (ph // STRIDE < p_out)
-            for kw in tl.static_range(K):
-                pw = ww - kw
-                vw = pw >= 0
-                pw = tl.where(vw, pw, 0)
-                vw = vw & (pw % STRIDE == 0) & (pw // STRIDE < q_out)
-                valid = mask_m & vh & vw
-                row = nb * c_out * pq + (ph // STRIDE) * q_out + pw // STRIDE
-                for c0 in range(0, cout_g, BLOCK_K):
-                    offs_k = c0 + tl.arange(0, BLOCK_K)
-                    mask_k = offs_k < cout_g
-                    co = g * cout_g + offs_k
-                    a = tl.load(
-                        dy_ptr + row[:, None] + co[None, :] * pq, mask=valid[:, None] & mask_k[None, :], other=0.0
-                    )
-                    b = tl.load(
-                        w_ptr + co[:, None] * (cin_g * K * K) + offs_n[None, :] * (K * K) + (kh * K + kw),
-                        mask=mask_k[:, None] & mask_n[None, :],
-                        other=0.0,
-                    )
-                    acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            pw = ww - tap % K
+            vw = pw >= 0
+            pw = tl.where(vw, pw, 0)
+            vw = vw & (pw % STRIDE == 0) & (pw // STRIDE < q_out)
+            row = nb * sd_n + (ph // STRIDE) * sd_h + (pw // STRIDE) * sd_w
+            offs_k = (t % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < cout_g
+            co = g * cout_g + offs_k
+            a = tl.load(
+                dy_ptr + row[:, None] + co[None, :] * sd_c,
+                mask=(mask_m & vh & vw)[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_ptr + co[:, None] * (K * K * cin_g) + tap * cin_g + offs_n[None, :],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        ci = g * cin_g + offs_n
         tl.store(
-            dxp_ptr + (nb * c_in * hwp + s)[:, None] + ci[None, :] * hwp, acc, mask=mask_m[:, None] & mask_n[None, :]
+            dxp_ptr + (nb * so_n + hh * so_h + ww * so_w)[:, None] + ci[None, :] * so_c,
+            acc,
+            mask=mask_m[:, None] & mask_n[None, :],
         )
 
     @triton.jit
     def _reflect_fold_kernel(
-        dxp_ptr,  # (N * C_in, H + 2 PAD, W + 2 PAD) fp32
-        dx_ptr,  # (N * C_in, H, W) compute dtype
+        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD) fp32, dense in dx's layout
+        dx_ptr,  # (N, C_in, H, W) compute dtype, NCHW or channels_last
         total,  # N * C_in * H * W
+        channels,
         in_h,
         in_w,
         PAD: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # dx's elements in memory order
         mask = offs < total
         hw = in_h * in_w
         pw_ = in_w + 2 * PAD
-        plane = offs // hw
-        h = (offs % hw) // in_w
-        w = offs % in_w
-        base = plane * (in_h + 2 * PAD) * pw_
+        if CHANNELS_LAST:
+            pix = offs // channels
+            step = channels  # between neighbouring pixels
+            base = (pix // hw) * (in_h + 2 * PAD) * pw_ * channels + offs % channels
+        else:
+            pix = offs
+            step = 1
+            base = (offs // hw) * (in_h + 2 * PAD) * pw_
+        h = (pix % hw) // in_w
+        w = pix % in_w
         # pre-images of h in the padded axis: h + PAD itself, PAD - h (top mirror), 2H - 2 - h + PAD (bottom)
         r0 = h + PAD
         r1 = PAD - h
         r2 = 2 * in_h - 2 - h + PAD
         v1 = (h >= 1) & (h <= PAD)
         v2 = (h >= in_h - 1 - PAD) & (h <= in_h - 2)
-        c0 = w + PAD
-        c1 = PAD - w
-        c2 = 2 * in_w - 2 - w + PAD
+        c0 = (w + PAD) * step
+        c1 = (PAD - w) * step
+        c2 = (2 * in_w - 2 - w + PAD) * step
         u1 = (w >= 1) & (w <= PAD)
         u2 = (w >= in_w - 1 - PAD) & (w <= in_w - 2)
-        row0 = base + r0 * pw_
-        row1 = base + r1 * pw_
-        row2 = base + r2 * pw_
+        row0 = base + r0 * pw_ * step
+        row1 = base + r1 * pw_ * step
+        row2 = base + r2 * pw_ * step
         m1 = mask & v1
         m2 = mask & v2
         acc = tl.load(dxp_ptr + row0 + c0, mask=mask, other=0.0)
@@ -441,10 +486,20 @@ if _HAS_TRITON:
         tl.store(dx_ptr + offs, acc, mask=mask)
 
 
-def _alloc(shape, device, dtype=torch.float32) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+def _alloc(shape, device, dtype=torch.float32, memory_format=torch.contiguous_format) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The layout the ops compute in for a 4-d activation t and return their results in: channels_last where t is
+    channels_last and not also NCHW-contiguous (as a tensor with one channel or one pixel is), else NCHW (t copied
+    to it where it is neither). On a GPU channels_last is the fast one: each pixel's channels are contiguous, so the
+    GEMM kernels load 16-byte vectors asynchronously into the software pipeline; along NCHW's rows the reflection
+    index hides the contiguity, and every load is one element (bench/results/2026-12-04-cpu-sm90-gemm-codegen/)."""
+    if t.is_contiguous() or not t.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def _dot_options(dtype: torch.dtype, tf32: bool) -> dict:
@@ -474,11 +529,12 @@ def gemm_launch(
     return config, launch
 
 
-def wgrad_output(weight: torch.Tensor, split_k: int) -> torch.Tensor:
-    """The wgrad kernel's output buffer: dW itself, or (split_k, *dW's shape) fp32 partials for sum_splits."""
+def wgrad_output(shape: tuple[int, ...], weight: torch.Tensor, split_k: int) -> torch.Tensor:
+    """A wgrad kernel's output buffer for a dW of `shape`: dW itself in weight's dtype, or (split_k, *shape) fp32
+    partials for sum_splits."""
     if split_k == 1:
-        return _alloc(weight.shape, weight.device, weight.dtype)
-    return _alloc((split_k, *weight.shape), weight.device)
+        return _alloc(shape, weight.device, weight.dtype)
+    return _alloc((split_k, *shape), weight.device)
 
 
 def sum_splits(dw: torch.Tensor, weight: torch.Tensor, split_k: int) -> torch.Tensor:
@@ -510,26 +566,26 @@ def _conv_bn_lrelu_fwd(
     tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out, y, mean, rstd): the block's output and the conv output in x's dtype, the fp32 BN batch statistics."""
-    x, weight = x.contiguous(), weight.contiguous()
-    n, c_in, h, w = x.shape
+    layout = memory_format(x)
+    x = x.contiguous(memory_format=layout)
+    n, _, h, w = x.shape
     c_out, cin_g, k = weight.shape[:3]
     p, q = _out_size(h, stride), _out_size(w, stride)
     n_pix = n * p * q
     cout_g = c_out // groups
     config, launch = gemm_launch(OP, "conv", x, tf32, n_pix, cout_g, cin_g, conv_shape(x, weight, stride, groups))
     tiles_m = triton.cdiv(n_pix, config.block_m)
-    y = _alloc((n, c_out, p, q), x.device, x.dtype)
+    y = _alloc((n, c_out, p, q), x.device, x.dtype, layout)
     psum = _alloc((tiles_m, c_out), x.device)
     pm2 = _alloc((tiles_m, c_out), x.device)
     _conv_bn_lrelu_fwd_kernel[(tiles_m, triton.cdiv(cout_g, config.block_n), groups)](
         x,
-        weight,
+        weight.contiguous(memory_format=torch.channels_last),
         bias.contiguous() if bias is not None else weight,
         y,
         psum,
         pm2,
         n_pix,
-        c_in,
         c_out,
         h,
         w,
@@ -537,6 +593,8 @@ def _conv_bn_lrelu_fwd(
         q,
         cin_g,
         cout_g,
+        *x.stride(),
+        *y.stride(),
         STRIDE=stride,
         K=k,
         PAD=(k - 1) // 2,
@@ -544,10 +602,10 @@ def _conv_bn_lrelu_fwd(
         **launch,
     )
     mean, rstd = chan_finalize(psum, pm2, n_pix, config.block_m, eps)
-    out = _alloc((n, c_out, p, q), x.device, x.dtype)
+    out = _alloc((n, c_out, p, q), x.device, x.dtype, layout)
     tile = pass_tiles(x.dtype)
     _bn_lrelu_kernel[(triton.cdiv(out.numel(), tile.block),)](
-        y, mean, rstd, gamma.contiguous(), beta.contiguous(), out, out.numel(), c_out, p * q, slope,
+        y, mean, rstd, gamma.contiguous(), beta.contiguous(), out, out.numel(), c_out, y.stride(1), slope,
         BLOCK=tile.block, num_warps=tile.num_warps,
     )  # fmt: skip
     return out, y, mean, rstd
@@ -559,7 +617,8 @@ def _(x, weight, bias, gamma, beta, stride, groups, eps, slope, tf32):
     c_out = weight.shape[0]
     shape = (n, c_out, _out_size(h, stride), _out_size(w, stride))
     stat = x.new_empty((c_out,), dtype=torch.float32)
-    return x.new_empty(shape), x.new_empty(shape), stat, stat.clone()
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    return out, torch.empty_like(out), stat, stat.clone()
 
 
 @torch.library.custom_op("dipfast::conv_bn_lrelu_bwd", mutates_args=())
@@ -578,7 +637,9 @@ def _conv_bn_lrelu_bwd(
     tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dweight, dbias, dgamma, dbeta), each in its tensor's dtype (dbias fp32), for the incoming gradient."""
-    grad, x, weight, y = grad.contiguous(), x.contiguous(), weight.contiguous(), y.contiguous()
+    layout = memory_format(x)
+    grad, x, y = (t.contiguous(memory_format=layout) for t in (grad, x, y))
+    weight_cl = weight.contiguous(memory_format=torch.channels_last)
     gamma, beta = gamma.contiguous(), beta.contiguous()
     n, c_in, h, w = x.shape
     c_out, cin_g, k = weight.shape[:3]
@@ -586,78 +647,80 @@ def _conv_bn_lrelu_bwd(
     p, q = y.shape[-2:]
     n_pix = n * p * q
     dev = x.device
-    tile = pass_tiles(x.dtype)
-    passes = dict(BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps)
-    tiles_p = triton.cdiv(n_pix, tile.block)
-    p1, p2 = _alloc((tiles_p, c_out), dev), _alloc((tiles_p, c_out), dev)
-    args = (grad, y, mean, rstd, gamma, beta)
-    grid = (tiles_p, triton.cdiv(c_out, tile.block_c))
-    _bn_lrelu_bwd_kernel[grid](*args, y, y, y, p1, p2, n_pix, 1.0 / n_pix, c_out, p * q, slope, APPLY=False, **passes)
-    dbeta, dgamma = column_sums(p1, p2)
-    dy, pb = _alloc(y.shape, dev, y.dtype), _alloc((tiles_p, c_out), dev)  # dy: an operand of the dots below
-    _bn_lrelu_bwd_kernel[grid](
-        *args, dbeta, dgamma, dy, pb, pb, n_pix, 1.0 / n_pix, c_out, p * q, slope, APPLY=True, **passes
-    )
-    dbias = pb.sum(0)
+    dy, dbias, dgamma, dbeta = bn_lrelu_backward(grad, y, mean, rstd, gamma, beta, slope)
     pad = (k - 1) // 2
     shape = conv_shape(x, weight, stride, groups)
-    config, launch = gemm_launch(OP, "wgrad", x, tf32, cout_g, cin_g * k * k, n_pix, shape)
-    dw = wgrad_output(weight, config.split_k)
-    grid = (triton.cdiv(cout_g, config.block_m), triton.cdiv(cin_g * k * k, config.block_n), groups * config.split_k)
-    _conv_wgrad_kernel[grid](
-        dy,
-        x,
-        dw,
-        n_pix,
-        c_in,
-        c_out,
-        h,
-        w,
-        p,
-        q,
-        cin_g,
-        cout_g,
-        STRIDE=stride,
-        K=k,
-        PAD=pad,
-        **launch,
+    config, launch = gemm_launch(OP, "wgrad", x, tf32, cout_g, cin_g, n_pix, shape)
+    dw = wgrad_output((c_out, k, k, cin_g), weight, config.split_k)
+    grid = (
+        triton.cdiv(cout_g, config.block_m),
+        k * k * triton.cdiv(cin_g, config.block_n),  # a tap and BLOCK_N input channels per program
+        groups * config.split_k,
     )
+    _conv_wgrad_kernel[grid](
+        dy, x, dw, n_pix, c_out, h, w, p, q, cin_g, cout_g, *dy.stride(), *x.stride(), STRIDE=stride, K=k, PAD=pad,
+        **launch,
+    )  # fmt: skip
     hp, wp = h + 2 * pad, w + 2 * pad
-    dxp = _alloc((n, c_in, hp, wp), dev, torch.float32 if pad else x.dtype)  # the fold sums in fp32
-    dw = sum_splits(dw, weight, config.split_k)
+    dxp = _alloc((n, c_in, hp, wp), dev, torch.float32 if pad else x.dtype, layout)  # the fold sums in fp32
+    # dW[co, tap, ci] is the weight's channels_last layout; handed back in the weight's own
+    dw = sum_splits(dw, weight, config.split_k).permute(0, 3, 1, 2).contiguous(memory_format=memory_format(weight))
     config, launch = gemm_launch(OP, "dgrad", x, tf32, n * hp * wp, cin_g, cout_g, shape)
     _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(cin_g, config.block_n), groups)](
-        dy,
-        weight,
-        dxp,
-        n * hp * wp,
-        c_in,
-        c_out,
-        hp,
-        wp,
-        p,
-        q,
-        cin_g,
-        cout_g,
-        STRIDE=stride,
-        K=k,
-        **launch,
-    )
-    if pad == 0:
-        dx = dxp
-    else:
-        dx = _alloc(x.shape, dev, x.dtype)
-        _reflect_fold_kernel[(triton.cdiv(dx.numel(), tile.block),)](
-            dxp, dx, dx.numel(), h, w, PAD=pad, BLOCK=tile.block, num_warps=tile.num_warps
-        )
+        dy, weight_cl, dxp, n * hp * wp, hp, wp, p, q, cin_g, cout_g, *dy.stride(), *dxp.stride(), STRIDE=stride,
+        K=k, **launch,
+    )  # fmt: skip
+    dx = dxp if pad == 0 else reflect_fold(dxp, x.shape, x.dtype, pad)
     return dx, dw, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
+
+
+def bn_lrelu_backward(
+    grad: torch.Tensor,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of out = leaky_relu(batch_norm(y)) for grad and y of one dense layout: (dy in y's layout and
+    dtype, dbias = sum(dy) in fp32 (zero up to rounding), dgamma and dbeta in fp32). Two passes of
+    _bn_lrelu_bwd_kernel, its tiles along the layout's contiguous axis (configs.pass_tiles)."""
+    n, c, p, q = y.shape
+    n_pix, dev = n * p * q, y.device
+    layout = memory_format(y)
+    tile = pass_tiles(y.dtype, channels_last=layout == torch.channels_last)
+    passes = dict(BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps)
+    tiles_p = triton.cdiv(n_pix, tile.block)
+    grid = (tiles_p, triton.cdiv(c, tile.block_c))
+    args = (grad, y, mean, rstd, gamma, beta)
+    sizes = (n_pix, 1.0 / n_pix, c, p * q, y.stride(0), y.stride(1), y.stride(3), slope)
+    p1, p2 = _alloc((tiles_p, c), dev), _alloc((tiles_p, c), dev)
+    _bn_lrelu_bwd_kernel[grid](*args, y, y, y, p1, p2, *sizes, APPLY=False, **passes)
+    dbeta, dgamma = column_sums(p1, p2)
+    dy, pb = _alloc(y.shape, dev, y.dtype, layout), _alloc((tiles_p, c), dev)  # dy: an operand of the GEMMs
+    _bn_lrelu_bwd_kernel[grid](*args, dbeta, dgamma, dy, pb, pb, *sizes, APPLY=True, **passes)
+    return dy, pb.sum(0), dgamma, dbeta
+
+
+def reflect_fold(dxp: torch.Tensor, shape: torch.Size, dtype: torch.dtype, pad: int) -> torch.Tensor:
+    """The adjoint of the reflection pad by `pad`: d(input) of `shape` and `dtype` in dxp's layout from d(padded
+    input) dxp."""
+    layout = memory_format(dxp)
+    dx = _alloc(shape, dxp.device, dtype, layout)
+    tile = pass_tiles(dtype)
+    _reflect_fold_kernel[(triton.cdiv(dx.numel(), tile.block),)](
+        dxp, dx, dx.numel(), shape[1], shape[2], shape[3], PAD=pad, CHANNELS_LAST=layout == torch.channels_last,
+        BLOCK=tile.block, num_warps=tile.num_warps,
+    )  # fmt: skip
+    return dx
 
 
 @_conv_bn_lrelu_bwd.register_fake
 def _(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32):
     return (
-        x.new_empty(x.shape),
-        weight.new_empty(weight.shape),
+        torch.empty_like(x, memory_format=memory_format(x)),
+        torch.empty_like(weight, memory_format=memory_format(weight)),
         gamma.new_empty(gamma.shape, dtype=torch.float32),
         gamma.new_empty(gamma.shape),
         beta.new_empty(beta.shape),
@@ -678,7 +741,7 @@ def _fwd_setup(ctx, inputs, output):
 def _fwd_backward(ctx, grad, _grad_y, _grad_mean, _grad_rstd):
     x, weight, y, mean, rstd, gamma, beta = ctx.saved_tensors
     dx, dw, db, dgamma, dbeta = _conv_bn_lrelu_bwd(
-        grad.contiguous(), x, weight, y, mean, rstd, gamma, beta, ctx.stride, ctx.groups, ctx.slope, ctx.tf32
+        grad, x, weight, y, mean, rstd, gamma, beta, ctx.stride, ctx.groups, ctx.slope, ctx.tf32
     )
     db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
     return dx, dw, db, dgamma, dbeta, None, None, None, None, None

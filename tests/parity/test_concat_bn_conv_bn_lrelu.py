@@ -83,14 +83,22 @@ def test_kernels_run_on_the_triton_path(device):
     assert torch.isnan(concat_bn_conv_bn_lrelu_module._alloc((3,), device)).all()  # the poison fixture is live
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_forward_and_grads_match_float64_twin(case, rng, device, assert_parity, tol):
+def test_forward_and_grads_match_float64_twin(case, layout, rng, device, assert_parity, tol):
     tensors = _inputs(case, rng, device)
     groups = case[-1]
     ins = leaves(tensors, torch.float32)
+    fmt = LAYOUTS[layout]  # skip, deeper and the weight in it, as the triton backend hands them over
+    ins = [t.contiguous(memory_format=fmt) if t is not None and t.dim() == 4 else t for t in ins]
     out = dipfast.kernels.concat_bn_conv_bn_lrelu(*ins, groups=groups)
     g = torch.randn(out.shape, generator=rng).to(device)
     grads = torch.autograd.grad(out, [t for t in ins if t is not None], g)
+    for name, t in (("out", out), ("dskip", grads[0]), ("ddeeper", grads[1]), ("dweight", grads[4])):
+        assert t.is_contiguous(memory_format=fmt), f"{name} is not {layout}: strides {t.stride()}"
     ins64 = leaves(tensors, torch.float64)
     out64 = reference.concat_bn_conv_bn_lrelu(*ins64, groups=groups)
     grads64 = torch.autograd.grad(out64, [t for t in ins64 if t is not None], g.double())

@@ -14,7 +14,7 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2}
 
 @pytest.mark.parametrize("table", [configs.HOPPER, configs.INTERPRETER], ids=["hopper", "interpreter"])
 def test_every_family_and_precision_has_a_config(table):
-    expected = {(f, p) for f in (*GEMM_FAMILIES, "pass", "plane") for p in configs.PRECISIONS}
+    expected = {(f, p) for f in (*GEMM_FAMILIES, "pass", "pass-cl", "plane") for p in configs.PRECISIONS}
     assert set(table) == expected
 
 
@@ -23,7 +23,7 @@ def test_hopper_configs_are_launchable(key):
     """Power-of-two blocks, tl.dot's 16 at least, and the pipelined operand tiles within shared memory."""
     family, precision = key
     c = configs.HOPPER[key]
-    if family == "pass":
+    if family in ("pass", "pass-cl"):
         assert c.block & (c.block - 1) == 0 and c.block_c & (c.block_c - 1) == 0
         return
     if family == "plane":  # batch_norm_act.py's tiles: power-of-two sides within the element budget

@@ -49,6 +49,22 @@ def _poison(monkeypatch):
     monkeypatch.setattr(conv_bn_lrelu_module, "POISON_OUTPUTS", True)  # every kernel output starts as NaN
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _laid_out(tensors, layout):
+    """x and weight in `layout` (the triton backend's bf16 layout on CUDA is channels_last), the rest as they are."""
+    x, weight, *rest = tensors
+    return [x.contiguous(memory_format=LAYOUTS[layout]), weight.contiguous(memory_format=LAYOUTS[layout]), *rest]
+
+
+def _assert_layouts(out, dx, dweight, layout):
+    """The op computes in x's layout and hands each result back in its input's."""
+    fmt = LAYOUTS[layout]
+    for name, t in (("out", out), ("dx", dx), ("dweight", dweight)):
+        assert t.is_contiguous(memory_format=fmt), f"{name} is not {layout}: strides {t.stride()}"
+
+
 def _inputs(case, rng, device):
     n, c_in, h, w, c_out, k, stride, groups, has_bias = case
     x = torch.rand(n, c_in, h, w, generator=rng) + 0.1  # fresh random, never zero
@@ -82,10 +98,11 @@ def test_kernels_run_on_the_triton_path(device):
     assert torch.isnan(conv_bn_lrelu_module._alloc((3,), device)).all()  # the poison fixture is live
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_forward_and_grads_match_float64_twin(case, rng, device, assert_parity, tol):
+def test_forward_and_grads_match_float64_twin(case, layout, rng, device, assert_parity, tol):
     tensors, kw = _inputs(case, rng, device)
-    ins = leaves(tensors, torch.float32)
+    ins = _laid_out(leaves(tensors, torch.float32), layout)
     out = dipfast.kernels.conv_bn_lrelu(*ins, **kw)
     g = torch.randn(out.shape, generator=rng).to(device)
     wrt = [t for t in ins if t is not None]
@@ -94,6 +111,7 @@ def test_forward_and_grads_match_float64_twin(case, rng, device, assert_parity, 
     out64 = reference.conv_bn_lrelu(*ins64, **kw)
     grads64 = torch.autograd.grad(out64, [t for t in ins64 if t is not None], g.double())
     assert out.dtype == torch.float32 and out.shape == out64.shape
+    _assert_layouts(out, grads[0], grads[1], layout)
     assert_parity(out, out64)
     names = ["x", "weight", "bias", "gamma", "beta"] if case[-1] else ["x", "weight", "gamma", "beta"]
     for name, actual, expected in zip(names, grads, grads64, strict=True):
@@ -134,15 +152,17 @@ def _dip_like(case, rng, device):
     return tensors, dict(stride=stride, groups=groups)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", BF16_CASES, ids=BF16_IDS)
-def test_bf16_matches_float64_twin(case, rng, device, assert_parity, tol):
+def test_bf16_matches_float64_twin(case, layout, rng, device, assert_parity, tol):
     tensors, kw = _dip_like(case, rng, device)
-    ins = [t.detach().requires_grad_(True) if t is not None else None for t in tensors]
+    ins = _laid_out([t.detach().requires_grad_(True) if t is not None else None for t in tensors], layout)
     out = dipfast.kernels.conv_bn_lrelu(*ins, **kw)
     assert out.dtype == torch.bfloat16
     g = torch.randn(out.shape, generator=rng).bfloat16().to(device)
     wrt = [t for t in ins if t is not None]
     grads = torch.autograd.grad(out, wrt, g)
+    _assert_layouts(out, grads[0], grads[1], layout)
     ins64 = leaves(tensors, torch.float64)
     wrt64 = [t for t in ins64 if t is not None]
     assert_parity(out, reference.conv_bn_lrelu(*ins64, **kw), torch.bfloat16)
