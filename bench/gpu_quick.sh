@@ -45,8 +45,8 @@
 #                 no -x)                                                                          90+
 #   ops           issue 13: the op micro-benchmarks (bench/ops), forward + backward, fused op against
 #                 cuDNN + eager, each timed as a CUDA graph replay (the step pays no launch cost)   90+
-#   triton        issue 13: the triton backend's throughput in bf16, tf32 and fp32, and the profile of
-#                 its bf16 step against the floor (on CUDA)                                      130
+#   triton        issue 13: the triton backend's throughput in bf16 (channels_last, and NCHW as before: the
+#                 triton-nchw variant), tf32 and fp32, and the profile of its bf16 step against the floor  160
 #   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
 #                 recorded, the calibrated rules replayed, and the criterion's cost at 512 px    240
 #   large         issue 17: a 12 MP photo (a mosaic of the paper's images, sigma 25) through restore(tile='auto',
@@ -150,7 +150,7 @@ else
     # timed as a CUDA graph's replay, as the step runs them (bench/ops/cuda_timing.py)
     OPS=(-k op_full --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
     TRITON_TP=("${TP[@]}")
-    TRITON_CONFIGS=(triton:bf16 triton:tf32 triton:fp32)
+    TRITON_CONFIGS=(triton:bf16 triton-nchw:bf16 triton:tf32 triton:fp32)
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)
     CONVS=(--device cuda --net default --size 512 --precision bf16 --repeats 10)

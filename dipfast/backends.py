@@ -67,8 +67,9 @@ BACKEND_TABLE: dict[str, Backend] = {
         # whether or not the extension is built (its eager twin runs otherwise).
         Backend("native", "fast", {"cpu": "native", "cuda": "padded"}, False, frozenset({"cpu"}), {"cpu": "philox"}),
         Backend("compile", "fast", {"cpu": "reference", "cuda": "reference"}, True, frozenset({"cpu", "cuda"}), {}),
-        # The Triton kernels index NCHW, so no channels_last
-        Backend("triton", "fast", {"cpu": "triton", "cuda": "triton"}, True, frozenset(), {}),
+        # bf16 on CUDA in channels_last: the conv kernels' loads are 16-byte vectors, pipelined, only there (sm_90
+        # codegen, bench/results/2026-12-04-cpu-sm90-gemm-codegen/); on a CPU the interpreter runs NCHW
+        Backend("triton", "fast", {"cpu": "triton", "cuda": "triton"}, True, frozenset({"cuda"}), {}),
     )
 }
 BACKENDS = ("auto", *BACKEND_TABLE)

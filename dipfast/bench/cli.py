@@ -45,9 +45,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         "'native-aligned' (native with conv channels padded for tensor cores), 'native-packed-parameters' (native "
         "with its parameters packed, not 16-byte aligned), 'compile-forced-layout' (compile "
         "with Inductor's layout optimisation on the backward graph too), 'compile-nchw' (compile with NCHW "
-        "activations), 'original-loop' (the notebooks' loop in IEEE fp32, as the "
-        "paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 convolutions), or 'all'. "
-        "Default: all on CUDA; on a CPU all but compile and its variants, triton, original-loop-tf32, native-cl, "
+        "activations), 'triton-nchw' (triton with NCHW activations), 'original-loop' (the notebooks' loop in IEEE "
+        "fp32, as the paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 "
+        "convolutions), or 'all'. "
+        "Default: all on CUDA; on a CPU all but compile, triton and their variants, original-loop-tf32, native-cl, "
         "native-reference-blocks, native-aligned and native-packed-parameters (said when left out)",
     )
     p.add_argument(

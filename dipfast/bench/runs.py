@@ -53,6 +53,8 @@ NATIVE_EAGER = "native-eager"
 #                          rule leaves the backward graph NCHW while the forward runs channels_last
 #   compile-nchw           compile with NCHW activations under bf16, the layout that made native 2.74x faster on
 #                          the H200 (compile ran channels_last there: 27.7 ms against native NCHW's 12.0)
+#   triton-nchw            the triton backend with NCHW activations under bf16 (its layout before channels_last),
+#                          whose conv kernels load one element at a time (sm_90 codegen): what the layout is worth
 FIELD_VARIANTS = {
     "native-nchw": ("native", lambda b: {"channels_last_bf16": frozenset()}),
     "native-cl": ("native", lambda b: {"channels_last_bf16": frozenset({"cpu", "cuda"})}),
@@ -61,6 +63,7 @@ FIELD_VARIANTS = {
     "native-packed-parameters": ("native", lambda b: {"packed_parameters": frozenset({"cpu", "cuda"})}),
     "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
     "compile-nchw": ("compile", lambda b: {"channels_last_bf16": frozenset()}),
+    "triton-nchw": ("triton", lambda b: {"channels_last_bf16": frozenset()}),
 }
 COMPILE_FORCED_LAYOUT = "compile-forced-layout"  # tests/test_inductor_layout.py runs it by name
 VARIANT_BACKEND = {NATIVE_EAGER: "native", **{name: backend for name, (backend, _) in FIELD_VARIANTS.items()}}
@@ -93,7 +96,7 @@ NOT_BY_DEFAULT = {
             "compile",
             "triton",
             ORIGINAL_LOOP_TF32,
-            *(v for v, (backend, _) in FIELD_VARIANTS.items() if backend == "compile"),
+            *(v for v, (backend, _) in FIELD_VARIANTS.items() if backend in ("compile", "triton")),
             "native-cl",
             "native-reference-blocks",
             "native-aligned",
