@@ -1,0 +1,205 @@
+"""What Hopper's compiler makes of the triton backend's GEMM kernels, on a machine with no GPU.
+
+    python bench/sm90_codegen.py --size 512 --out DIR
+
+The triton backend ran 0.38x compile's speed on an H100 (bench/results/2026-11-26-h100-f6a7824f76/) and its conv
+kernels were never profiled there. This records the launches of one conv_bn_lrelu forward + backward (the default
+net's 128 -> 128 3x3 conv at --size) and one merge (concat_bn_conv_bn_lrelu: 4 + 128 -> 128, 3x3) in bf16, in NCHW
+and in channels_last, under Triton's interpreter without running them (bench/triton_specializations.py's recorder),
+then compiles each GEMM kernel as the GPU would specialize that launch (an int equal to 1 a constant, an int
+divisible by 16 and each 16-byte-aligned pointer marked so; the launch's warps, stages and constexprs, with bf16 dot
+operands where the interpreter feeds fp32 ones) for sm_90 with Triton's PTX backend, and assembles it with its ptxas
+-v. Per kernel and layout: registers, bytes spilled, shared memory, global loads issued one element at a time,
+asynchronous copies (cp.async: what the software pipeline overlaps with the dots) and wgmma instructions.
+
+No timing: a spill, a scalar load or a missing pipeline is a fact of the code, and these are the ones that need no
+GPU to see. Writes sm90_codegen.json and sm90_codegen.md in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels record their launches; the compile runs apart
+
+import torch  # noqa: E402
+
+import dipfast.kernels  # noqa: E402  (built for the interpreter)
+from dipfast.kernels import configs  # noqa: E402
+
+GEMM_KERNELS = ("_conv_bn_lrelu_fwd_kernel", "_conv_wgrad_kernel", "_conv_dgrad_kernel",
+                "_merge_conv_fwd_kernel", "_merge_wgrad_kernel")  # fmt: skip
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _argument(value) -> dict:
+    """A launch argument as the compile needs it: its Triton type and its specialization."""
+    if isinstance(value, torch.Tensor):
+        dtype = {torch.bfloat16: "bf16", torch.float32: "fp32"}[value.dtype]
+        return {"type": f"*{dtype}", "aligned": value.data_ptr() % 16 == 0}
+    if isinstance(value, bool):
+        return {"type": "i1"}
+    if isinstance(value, int):
+        return {"type": "i32", "one": value == 1, "div16": value % 16 == 0}
+    return {"type": "fp32"}
+
+
+def _constexpr(value):
+    """A constexpr as JSON: numbers and bools as they are, a dtype (DOT_DTYPE) or a string by its name."""
+    return value if isinstance(value, (bool, int, float)) else str(value)
+
+
+def record(size: int, layout: str) -> dict[str, dict]:
+    """{kernel: its first launch's arguments} for one forward + backward of each op, bf16, in `layout`."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches: dict[str, dict] = {}
+    run = InterpretedFunction.run
+
+    def capture(self, *args, grid, warmup, **kwargs):
+        name = self.fn.__name__
+        if name in GEMM_KERNELS and name not in launches:
+            params = list(inspect.signature(self.fn).parameters.values())
+            values = {**dict(zip([p.name for p in params], args, strict=False)), **kwargs}
+            constexpr = {p.name for p in params if "constexpr" in str(p.annotation)}
+            launches[name] = {
+                "module": self.fn.__module__,
+                "args": {p.name: _argument(values[p.name]) for p in params if p.name not in constexpr},
+                "constexprs": {p.name: _constexpr(values[p.name]) for p in params if p.name in constexpr},
+                "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs},
+            }  # fmt: skip
+
+    fmt = LAYOUTS[layout]
+    bf16 = dict(dtype=torch.bfloat16)
+    x = torch.zeros(1, 128, size, size, **bf16).contiguous(memory_format=fmt).requires_grad_(True)
+    skip = torch.zeros(1, 4, size, size, **bf16).contiguous(memory_format=fmt).requires_grad_(True)
+    weight = torch.zeros(128, 128, 3, 3, **bf16).contiguous(memory_format=fmt).requires_grad_(True)
+    merge_weight = torch.zeros(128, 132, 3, 3, **bf16).contiguous(memory_format=fmt).requires_grad_(True)
+    ones, ones_merge = torch.ones(128, requires_grad=True), torch.ones(132, requires_grad=True)
+    InterpretedFunction.run = capture
+    try:
+        with configs.forced_tiles(configs.HOPPER):  # the GPU's tiles, not the interpreter's
+            # unwritten outputs may upset what follows a launch: each op's launches are recorded by then
+            with contextlib.suppress(Exception):
+                out = dipfast.kernels.conv_bn_lrelu(x, weight, None, ones, ones)
+                out.backward(torch.zeros_like(out))
+            with contextlib.suppress(Exception):
+                out = dipfast.kernels.concat_bn_conv_bn_lrelu(skip, x, ones_merge, ones_merge, merge_weight, None,
+                                                              ones, ones)  # fmt: skip
+                out.backward(torch.zeros_like(out))
+    finally:
+        InterpretedFunction.run = run
+    return launches
+
+
+_COMPILE = textwrap.dedent(
+    """
+    import importlib, json, re, subprocess, sys, tempfile
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16}
+    out = {}
+    for key, launch in json.loads(sys.stdin.read()).items():
+        fn = getattr(importlib.import_module(launch["module"]), launch["name"])
+        bf16 = any(a["type"] == "*bf16" for a in launch["args"].values())
+        constexprs, signature, attrs = {}, {}, {}
+        for i, p in enumerate(fn.params):
+            if p.is_constexpr:
+                v = launch["constexprs"][p.name]
+                if p.name == "DOT_DTYPE":  # the interpreter's bf16 dot is wrong, so it was fed fp32 operands
+                    v = "bf16" if bf16 else v
+                signature[p.name] = "constexpr"
+                constexprs[p.name] = DTYPES[v] if p.name == "DOT_DTYPE" else v
+                continue
+            a = launch["args"][p.name]
+            if a.get("one"):
+                signature[p.name], constexprs[p.name] = "constexpr", 1
+                continue
+            signature[p.name] = a["type"]
+            if a.get("aligned") or a.get("div16"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                target=GPUTarget("cuda", 90, 32), options=launch["options"])
+        ptx = kernel.asm["ptx"]
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        verbose = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name", "sm_90a", f.name,
+                                  "-o", "/dev/null"], capture_output=True, text=True).stderr
+        loads = re.findall(r"ld\\.global[\\w.]*", ptx)
+        out[key] = {
+            "registers": int(re.search(r"Used (\\d+) registers", verbose).group(1)),
+            "spill_bytes": int(re.search(r"(\\d+) bytes spill stores", verbose).group(1)),
+            "shared_bytes": kernel.metadata.shared,
+            "scalar_loads": sum(1 for op in loads if not re.search(r"\\.v[248]", op)),
+            "cp_async": len(re.findall(r"cp\\.async\\.c[ag]", ptx)),
+            "wgmma": ptx.count("wgmma.mma_async"),
+            "tiles": {k: launch["constexprs"].get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
+            "options": launch["options"],
+        }
+    print(json.dumps(out))
+    """
+)
+
+
+def compile_sm90(launches: dict[str, dict]) -> dict[str, dict]:
+    """Each recorded launch compiled for sm_90 in a fresh process (this one built the kernels for the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(launches), env=env, capture_output=True,
+                          text=True, timeout=1200)  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"the sm_90 compile failed: {done.stderr.strip().splitlines()[-1]}")
+    return json.loads(done.stdout)
+
+
+def codegen(size: int) -> list[dict]:
+    launches = {}
+    for layout in LAYOUTS:
+        for name, launch in record(size, layout).items():
+            launches[f"{name}/{layout}"] = {**launch, "name": name}
+    stats = compile_sm90(launches)
+    return [{"kernel": key.split("/")[0], "layout": key.split("/")[1], **stats[key]} for key in launches]
+
+
+def markdown(rows: list[dict], size: int) -> str:
+    lines = [
+        f"## sm_90 code of the triton backend's GEMM kernels (bf16, 128 -> 128 3x3 at {size} px; merge 4 + 128 -> 128)",
+        "",
+        "| kernel | layout | tiles (M, N, K), warps, stages | registers | spilled bytes | shared KiB | "
+        "one-element global loads | cp.async | wgmma |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t, o = r["tiles"], r["options"]
+        lines.append(
+            f"| {r['kernel']} | {r['layout']} | {t.get('BLOCK_M')} x {t.get('BLOCK_N')} x {t.get('BLOCK_K')}, "
+            f"{o.get('num_warps')}, {o.get('num_stages')} | {r['registers']} | {r['spill_bytes']} | "
+            f"{r['shared_bytes'] / 1024:g} | {r['scalar_loads']} | {r['cp_async']} | {r['wgmma']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    rows = codegen(args.size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sm90_codegen.json").write_text(json.dumps({"size": args.size, "rows": rows}, indent=1))
+    (args.out / "sm90_codegen.md").write_text(markdown(rows, args.size))
+    print(markdown(rows, args.size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
