@@ -9,12 +9,11 @@ concat_cropped's crop); Cs >= 1 and Cd >= 1: a level without a skip branch (Cs =
 is a plain BN that the caller runs with dipfast.kernels.conv_bn_lrelu on a normalised tensor, or the twins. weight:
 (C_out, Cs + Cd, k, k), k in {1, 3, 5, 7}, stride 1 (the skip level's conv_fu); merge_gamma, merge_beta:
 (G * (Cs + Cd),), group-major. Groups are independent networks side by side: the vmap rule folds vmapped networks
-into them (vmap_fold.py). The merge BN and the output BN use the batch statistics with the biased variance. Layout:
-the op computes in NCHW, its own kernels' layout; channels_last inputs (the triton backend's bf16 layout on CUDA) are
-copied to it on entry and the output and the gradients handed back in their inputs' layouts (indexing channels_last
-in these kernels too is owed: the conv_bn_lrelu kernels they share take either). Precisions (fp32 with IEEE or
-TF32 dots, bf16 operands with fp32 accumulation and statistics) and dispatch as in conv_bn_lrelu; float64, CPU
-without the interpreter or no triton take the twin dipfast.reference.concat_bn_conv_bn_lrelu
+into them (vmap_fold.py). The merge BN and the output BN use the batch statistics with the biased variance. Layout
+as in conv_bn_lrelu: NCHW or channels_last, deeper's (skip is brought to it), every kernel indexing by strides, the
+results in that layout and d(weight) in the weight's. Precisions (fp32 with IEEE or TF32 dots, bf16 operands
+with fp32 accumulation and statistics) and dispatch as in conv_bn_lrelu; float64, CPU without the interpreter or no
+triton take the twin dipfast.reference.concat_bn_conv_bn_lrelu
 (concat_bn_conv_bn_lrelu_path says which).
 
 The op boundary, and what is fused:
@@ -24,15 +23,18 @@ The op boundary, and what is fused:
     1. _merge_stats_kernel, once over skip and once over deeper (channel offsets 0 and Cs into one buffer):
        per-tile partials sum(v) and sum((v - tile mean)^2) per merged channel; the C-sized finalize in torch
        merges them with Chan's formula into the merge BN's mean and rstd (the same merge as conv_bn_lrelu).
-    2. _merge_conv_fwd_kernel: conv_bn_lrelu's implicit GEMM whose input load gathers from the two sources
-       (merged channel c < Cs reads skip[c], else deeper[c - Cs]) at the reflect-folded index and applies
-       (v - mean) * rstd * merge_gamma + merge_beta on the fly (exact under reflection padding: the pad copies
-       normalised values); epilogue: bias, store y, per-tile statistics of y.
+    2. _merge_conv_fwd_kernel: conv_bn_lrelu's implicit GEMM whose input load gathers from the two sources at the
+       reflect-folded index and applies (v - mean) * rstd * merge_gamma + merge_beta on the fly (exact under
+       reflection padding: the pad copies normalised values); epilogue: bias, store y, per-tile statistics of y.
+       Its K loop runs over (tap, chunk) with each chunk in one source: the skip's channels, then the deeper
+       branch's, against the weight split the same way, so a chunk's loads start aligned in their own tensors
+       (in channels_last the deeper branch's come in vectors through the pipeline whatever Cs is).
     3. conv_bn_lrelu's _bn_lrelu_kernel after the same Chan finalize. Materialised: y and out, as in
        conv_bn_lrelu (the block's own output is the next op's input).
   Backward (ten launches, nine for k = 1; no atomics, deterministic):
     4-5. conv_bn_lrelu's _bn_lrelu_bwd_kernel (APPLY False, True): dbeta, dgamma, dy, dbias.
-    6. _merge_wgrad_kernel: conv_bn_lrelu's wgrad with the same two-source normalise-on-load gather.
+    6. _merge_wgrad_kernel: conv_bn_lrelu's wgrad (a tap and a block of one source's channels per program) with
+       the same two-source normalise-on-load gather.
     7-8. conv_bn_lrelu's _conv_dgrad_kernel and _reflect_fold_kernel (k > 1): d(merged) = the gradient of the
        normalised merge, (N, G * (Cs + Cd), H, W), fp32. Materialised: the merge BN's backward needs two
        per-channel sums of it before any d(skip) element can be formed, so it is written once and read twice.
@@ -96,7 +98,7 @@ if _HAS_TRITON:
 
     @triton.jit
     def _merge_stats_kernel(
-        x_ptr,  # (N, groups * C_src, H, W) compute dtype: source (skip or deeper), contiguous
+        x_ptr,  # (N, groups * C_src, H, W) compute dtype: source (skip or deeper), dense in the op's layout
         psum_ptr,  # (tiles, groups * C_in) fp32: per-tile sum of v
         pm2_ptr,  # (tiles, groups * C_in) fp32: per-tile sum of (v - tile mean)^2
         n_pix,  # N * H * W, the BN reduction size
@@ -105,6 +107,9 @@ if _HAS_TRITON:
         c_off,  # merged channel (within a group) of this source's channel 0
         groups,
         hw,
+        s_n,  # the source's strides: image, channel, pixel (H and W flattened)
+        s_c,
+        s_pix,
         BLOCK_C: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -116,7 +121,7 @@ if _HAS_TRITON:
         c_total = groups * c_in
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = mask_c[:, None] & (offs < n_pix)[None, :]
-        idx = ((offs // hw) * (groups * c_src) * hw + offs % hw)[None, :] + (c * hw)[:, None]
+        idx = ((offs // hw) * s_n + (offs % hw) * s_pix)[None, :] + (c * s_c)[:, None]
         v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         count = tl.minimum(n_pix - pid * BLOCK, BLOCK).to(tl.float32)
         tsum = tl.sum(v, axis=1)
@@ -125,50 +130,28 @@ if _HAS_TRITON:
         tl.store(pm2_ptr + pid * c_total + cm, tl.sum(dev * dev, axis=1), mask=mask_c)
 
     @triton.jit
-    def _load_merged(
-        s_ptr,  # (N, groups * Cs, H, W) skip
-        d_ptr,  # (N, groups * Cd, H, W) deeper
+    def _normalised(v, ch, ch_valid, pix_valid, g, c_in, mean_ptr, rstd_ptr, mg_ptr, mb_ptr):
+        """The merge BN of v (pixels x channels), the merged tensor's values at merged channels ch of group g; 0
+        where a channel or a pixel is not valid."""
+        cm = g * c_in + ch
+        mean = tl.load(mean_ptr + cm, mask=ch_valid, other=0.0)[None, :]
+        rstd = tl.load(rstd_ptr + cm, mask=ch_valid, other=0.0)[None, :]
+        mg = tl.load(mg_ptr + cm, mask=ch_valid, other=0.0).to(tl.float32)[None, :]
+        mb = tl.load(mb_ptr + cm, mask=ch_valid, other=0.0).to(tl.float32)[None, :]
+        return tl.where(pix_valid[:, None] & ch_valid[None, :], (v - mean) * rstd * mg + mb, 0.0)
+
+    @triton.jit
+    def _merge_conv_fwd_kernel(
+        s_ptr,  # (N, groups * Cs, H, W) skip, strides ss_*
+        d_ptr,  # (N, groups * Cd, H, W) deeper, strides sd_*
         mean_ptr,  # (groups * (Cs + Cd),) merge BN statistics and affine parameters, group-major
         rstd_ptr,
         mg_ptr,
         mb_ptr,
-        nb,  # batch index, broadcastable against ch
-        pix,  # ih * W + iw, broadcastable against ch
-        ch,  # merged channel index within group g
-        mask,  # valid (pixel, channel) pairs
-        g,
-        groups,
-        c_skip,  # per group
-        c_deep,  # per group
-        hw,
-    ):
-        """The normalised merged tensor at (nb, g, ch, pix), gathered from its two sources; 0 where masked."""
-        in_s = ch < c_skip
-        s_ch = g * c_skip + tl.where(in_s, ch, 0)
-        d_ch = g * c_deep + tl.where(in_s, 0, ch - c_skip)
-        v = tl.load(s_ptr + (nb * groups * c_skip + s_ch) * hw + pix, mask=mask & in_s, other=0.0).to(tl.float32)
-        v += tl.load(d_ptr + (nb * groups * c_deep + d_ch) * hw + pix, mask=mask & (ch >= c_skip), other=0.0).to(
-            tl.float32
-        )
-        cmask = ch < c_skip + c_deep
-        cm = g * (c_skip + c_deep) + ch
-        mean = tl.load(mean_ptr + cm, mask=cmask, other=0.0)
-        rstd = tl.load(rstd_ptr + cm, mask=cmask, other=0.0)
-        mg = tl.load(mg_ptr + cm, mask=cmask, other=0.0).to(tl.float32)
-        mb = tl.load(mb_ptr + cm, mask=cmask, other=0.0).to(tl.float32)
-        return tl.where(mask, (v - mean) * rstd * mg + mb, 0.0)
-
-    @triton.jit
-    def _merge_conv_fwd_kernel(
-        s_ptr,
-        d_ptr,
-        mean_ptr,
-        rstd_ptr,
-        mg_ptr,
-        mb_ptr,
-        w_ptr,  # (C_out, Cs + Cd, K, K) compute dtype, contiguous
+        ws_ptr,  # (C_out, K, K, Cs) compute dtype, contiguous: the weight's skip channels, channels_last
+        wd_ptr,  # (C_out, K, K, Cd) compute dtype, contiguous: its deeper channels
         b_ptr,  # (C_out,) compute dtype or fp32, read only when HAS_BIAS
-        y_ptr,  # (N, C_out, H, W) compute dtype: the conv output
+        y_ptr,  # (N, C_out, H, W) compute dtype, strides sy_*: the conv output
         psum_ptr,  # (tiles_m, C_out) fp32: per-tile sum of y
         pm2_ptr,  # (tiles_m, C_out) fp32: per-tile sum of (y - tile mean)^2
         n_pix,  # N * H * W
@@ -176,9 +159,20 @@ if _HAS_TRITON:
         c_deep,  # per group
         c_out,
         cout_g,
-        groups,
         in_h,
         in_w,
+        ss_n,
+        ss_c,
+        ss_h,
+        ss_w,
+        sd_n,
+        sd_c,
+        sd_h,
+        sd_w,
+        sy_n,
+        sy_c,
+        sy_h,
+        sy_w,
         K: tl.constexpr,
         PAD: tl.constexpr,
         HAS_BIAS: tl.constexpr,
@@ -188,6 +182,9 @@ if _HAS_TRITON:
         DOT_DTYPE: tl.constexpr,  # conv_bn_lrelu._dot_options
         PRECISION: tl.constexpr,
     ):
+        """conv_bn_lrelu's forward GEMM on the merged input, normalised as it is loaded. Each K step reads one
+        source: a tap's channel chunks are the skip's, then the deeper branch's, so a chunk's channels are
+        contiguous and aligned in its own source (and weight part) whatever the other's width."""
         pid_m = tl.program_id(0)
         g = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -196,65 +193,78 @@ if _HAS_TRITON:
         mask_m = offs_m < n_pix
         mask_n = offs_n < cout_g
         hw = in_h * in_w
-        c_in = c_skip + c_deep
         nb = offs_m // hw
-        s = offs_m % hw
-        oh = s // in_w
-        ow = s % in_w
+        oh = (offs_m % hw) // in_w
+        ow = offs_m % in_w
+        chunks_s = tl.cdiv(c_skip, BLOCK_K)
+        chunks = chunks_s + tl.cdiv(c_deep, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for kh in tl.static_range(K):
-            ih = _reflect(oh + kh - PAD, in_h)  # reflection pad folded into the index
-            for kw in tl.static_range(K):
-                pix = ih * in_w + _reflect(ow + kw - PAD, in_w)
-                for c0 in range(0, c_in, BLOCK_K):
-                    offs_k = c0 + tl.arange(0, BLOCK_K)
-                    mask_k = offs_k < c_in
-                    a = _load_merged(
-                        s_ptr,
-                        d_ptr,
-                        mean_ptr,
-                        rstd_ptr,
-                        mg_ptr,
-                        mb_ptr,
-                        nb[:, None],
-                        pix[:, None],
-                        offs_k[None, :],
-                        mask_m[:, None] & mask_k[None, :],
-                        g,
-                        groups,
-                        c_skip,
-                        c_deep,
-                        hw,
-                    )
-                    b = tl.load(
-                        w_ptr + co[None, :] * (c_in * K * K) + offs_k[:, None] * (K * K) + (kh * K + kw),
-                        mask=mask_k[:, None] & mask_n[None, :],
-                        other=0.0,
-                    )
-                    acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        y_offs = (nb * c_out * hw + s)[:, None] + co[None, :] * hw
+        for t in range(K * K * chunks):  # one loop over (tap, source chunk): see conv_bn_lrelu's forward
+            tap = t // chunks
+            j = t % chunks
+            ih = _reflect(oh + tap // K - PAD, in_h)  # reflection pad folded into the index
+            iw = _reflect(ow + tap % K - PAD, in_w)
+            offs_s = j * BLOCK_K + tl.arange(0, BLOCK_K)  # skip channels (a deeper chunk: past c_skip, masked)
+            offs_d = (j - chunks_s) * BLOCK_K + tl.arange(0, BLOCK_K)  # deeper channels (a skip chunk: < 0)
+            mask_s = offs_s < c_skip
+            mask_d = (offs_d >= 0) & (offs_d < c_deep)
+            v = tl.load(
+                s_ptr + (nb * ss_n + ih * ss_h + iw * ss_w)[:, None] + (g * c_skip + offs_s)[None, :] * ss_c,
+                mask=mask_m[:, None] & mask_s[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            v += tl.load(
+                d_ptr + (nb * sd_n + ih * sd_h + iw * sd_w)[:, None] + (g * c_deep + offs_d)[None, :] * sd_c,
+                mask=mask_m[:, None] & mask_d[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            ch = tl.where(mask_s, offs_s, c_skip + offs_d)
+            a = _normalised(v, ch, mask_s | mask_d, mask_m, g, c_skip + c_deep, mean_ptr, rstd_ptr, mg_ptr, mb_ptr)
+            b = tl.load(
+                ws_ptr + co[None, :] * (K * K * c_skip) + tap * c_skip + offs_s[:, None],
+                mask=mask_s[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            b += tl.load(
+                wd_ptr + co[None, :] * (K * K * c_deep) + tap * c_deep + offs_d[:, None],
+                mask=mask_d[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        y_offs = (nb * sy_n + oh * sy_h + ow * sy_w)[:, None] + co[None, :] * sy_c
         _conv_epilogue(
             acc, b_ptr, y_ptr, y_offs, psum_ptr, pm2_ptr, co, mask_m, mask_n, pid_m, n_pix, c_out, HAS_BIAS, BLOCK_M
         )
 
     @triton.jit
     def _merge_wgrad_kernel(
-        dy_ptr,  # (N, C_out, H, W) compute dtype, contiguous
-        s_ptr,
-        d_ptr,
+        dy_ptr,  # (N, C_out, H, W) compute dtype, strides sy_*
+        s_ptr,  # skip, strides ss_*
+        d_ptr,  # deeper, strides sd_*
         mean_ptr,
         rstd_ptr,
         mg_ptr,
         mb_ptr,
-        dw_ptr,  # (SPLIT_K, C_out, (Cs + Cd) * K * K): compute dtype if SPLIT_K = 1, else fp32 partials
+        dw_ptr,  # (SPLIT_K, C_out, K, K, Cs + Cd): compute dtype if SPLIT_K = 1, else fp32 partials
         n_pix,  # N * H * W, the GEMM reduction
         c_skip,  # per group
         c_deep,  # per group
         c_out,
         cout_g,
-        groups,
         in_h,
         in_w,
+        sy_n,
+        sy_c,
+        sy_h,
+        sy_w,
+        ss_n,
+        ss_c,
+        ss_h,
+        ss_w,
+        sd_n,
+        sd_c,
+        sd_h,
+        sd_w,
         K: tl.constexpr,
         PAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -264,64 +274,63 @@ if _HAS_TRITON:
         DOT_DTYPE: tl.constexpr,  # conv_bn_lrelu._dot_options
         PRECISION: tl.constexpr,
     ):
+        """dW[co, tap, merged channel]: program_id(1) picks a tap and a block of one source's channels (the skip's
+        blocks, then the deeper branch's), as conv_bn_lrelu's wgrad picks a tap and a block of input channels."""
         g = tl.program_id(2) // SPLIT_K
         k_lo, k_hi = _split_range(tl.program_id(2) % SPLIT_K, n_pix, SPLIT_K, BLOCK_K)
+        chunks_s = tl.cdiv(c_skip, BLOCK_N)
+        chunks = chunks_s + tl.cdiv(c_deep, BLOCK_N)
+        tap = tl.program_id(1) // chunks
+        j = tl.program_id(1) % chunks
+        offs_s = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = (j - chunks_s) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_s = offs_s < c_skip
+        mask_d = (offs_d >= 0) & (offs_d < c_deep)
+        ch = tl.where(mask_s, offs_s, c_skip + offs_d)
         offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         co = g * cout_g + offs_co
-        offs_r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (ci, kh, kw) flattened
-        c_in = c_skip + c_deep
         mask_co = offs_co < cout_g
-        mask_r = offs_r < c_in * K * K
-        ci = offs_r // (K * K)
-        kh = (offs_r % (K * K)) // K
-        kw = offs_r % K
         hw = in_h * in_w
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for m0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = m0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < n_pix
             nb = offs_k // hw
-            s = offs_k % hw
-            oh = s // in_w
-            ow = s % in_w
+            oh = (offs_k % hw) // in_w
+            ow = offs_k % in_w
             a = tl.load(
-                dy_ptr + (nb * c_out * hw + s)[None, :] + co[:, None] * hw,
+                dy_ptr + (nb * sy_n + oh * sy_h + ow * sy_w)[None, :] + co[:, None] * sy_c,
                 mask=mask_co[:, None] & mask_k[None, :],
                 other=0.0,
             )
-            ih = _reflect(oh[:, None] + kh[None, :] - PAD, in_h)
-            iw = _reflect(ow[:, None] + kw[None, :] - PAD, in_w)
-            b = _load_merged(
-                s_ptr,
-                d_ptr,
-                mean_ptr,
-                rstd_ptr,
-                mg_ptr,
-                mb_ptr,
-                nb[:, None],
-                ih * in_w + iw,
-                ci[None, :],
-                mask_k[:, None] & mask_r[None, :],
-                g,
-                groups,
-                c_skip,
-                c_deep,
-                hw,
-            )
+            ih = _reflect(oh + tap // K - PAD, in_h)
+            iw = _reflect(ow + tap % K - PAD, in_w)
+            v = tl.load(
+                s_ptr + (nb * ss_n + ih * ss_h + iw * ss_w)[:, None] + (g * c_skip + offs_s)[None, :] * ss_c,
+                mask=mask_k[:, None] & mask_s[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            v += tl.load(
+                d_ptr + (nb * sd_n + ih * sd_h + iw * sd_w)[:, None] + (g * c_deep + offs_d)[None, :] * sd_c,
+                mask=mask_k[:, None] & mask_d[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            b = _normalised(v, ch, mask_s | mask_d, mask_k, g, c_skip + c_deep, mean_ptr, rstd_ptr, mg_ptr, mb_ptr)
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        dw_offs = (tl.program_id(2) % SPLIT_K) * c_out * c_in * K * K + co[:, None] * (c_in * K * K) + offs_r[None, :]
-        tl.store(dw_ptr + dw_offs, acc, mask=mask_co[:, None] & mask_r[None, :])
+        c_in = c_skip + c_deep
+        dw_offs = (tl.program_id(2) % SPLIT_K) * c_out * K * K * c_in + co[:, None] * (K * K * c_in) + tap * c_in
+        tl.store(dw_ptr + dw_offs + ch[None, :], acc, mask=mask_co[:, None] & (mask_s | mask_d)[None, :])
 
     @triton.jit
     def _merge_bn_bwd_kernel(
-        g_ptr,  # (N, groups * C_in, H, W) fp32: gradient of the normalised merge, group-major
-        x_ptr,  # (N, groups * C_src, H, W) compute dtype: source (skip or deeper)
+        g_ptr,  # (N, groups * C_in, H, W) fp32: gradient of the normalised merge, group-major, strides sg_*
+        x_ptr,  # (N, groups * C_src, H, W) compute dtype: source (skip or deeper), strides s_*
         mean_ptr,  # (groups * C_in,) fp32
         rstd_ptr,  # (groups * C_in,) fp32
         mg_ptr,  # (groups * C_in,) compute dtype or fp32: merge_gamma
         dbeta_ptr,  # (groups * C_in,) fp32 sum(g), read only when APPLY
         dgamma_ptr,  # (groups * C_in,) fp32 sum(g * xhat), read only when APPLY
-        dx_ptr,  # (N, groups * C_src, H, W) compute dtype: gradient of the source, written only when APPLY
+        dx_ptr,  # (N, groups * C_src, H, W) compute dtype, x's strides: gradient of the source, written when APPLY
         p1_ptr,  # (tiles, groups * C_in) fp32: partial sum(g), written only when not APPLY
         p2_ptr,  # (tiles, groups * C_in) fp32: partial sum(g * xhat), written only when not APPLY
         n_pix,  # N * H * W
@@ -331,6 +340,12 @@ if _HAS_TRITON:
         c_off,  # merged channel (within a group) of this source's channel 0
         groups,
         hw,
+        s_n,  # the source's strides: image, channel, pixel (H and W flattened)
+        s_c,
+        s_pix,
+        sg_n,  # g's
+        sg_c,
+        sg_pix,
         APPLY: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -345,11 +360,11 @@ if _HAS_TRITON:
         mask = mask_c[:, None] & (offs < n_pix)[None, :]
         nb = offs // hw
         s = offs % hw
-        idx = (nb * groups * c_src * hw + s)[None, :] + (c * hw)[:, None]
+        idx = (nb * s_n + s * s_pix)[None, :] + (c * s_c)[:, None]
         rstd = tl.load(rstd_ptr + cm, mask=mask_c, other=0.0)[:, None]
         mean = tl.load(mean_ptr + cm, mask=mask_c, other=0.0)[:, None]
         xhat = (tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-        g = tl.load(g_ptr + (nb * c_total * hw + s)[None, :] + (cm * hw)[:, None], mask=mask, other=0.0)
+        g = tl.load(g_ptr + (nb * sg_n + s * sg_pix)[None, :] + (cm * sg_c)[:, None], mask=mask, other=0.0)
         if APPLY:
             db = tl.load(dbeta_ptr + cm, mask=mask_c, other=0.0)[:, None] * inv_m
             dg = tl.load(dgamma_ptr + cm, mask=mask_c, other=0.0)[:, None] * inv_m
@@ -367,10 +382,9 @@ def merge_shape(skip: torch.Tensor, deeper: torch.Tensor, weight: torch.Tensor, 
                      groups=groups)  # fmt: skip
 
 
-def _alloc(shape, device, dtype=torch.float32) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+def _alloc(shape, device, dtype=torch.float32, memory_format=torch.contiguous_format) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
 @torch.library.custom_op("dipfast::concat_bn_conv_bn_lrelu_fwd", mutates_args=())
@@ -388,10 +402,10 @@ def _concat_bn_conv_bn_lrelu_fwd(
     slope: float,
     tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out, y, mean, rstd, merge_mean, merge_rstd): the output (in deeper's layout) and the conv output (NCHW) in
-    skip's dtype, both BNs' fp32 statistics."""
+    """-> (out, y, mean, rstd, merge_mean, merge_rstd): the output and the conv output in skip's dtype and deeper's
+    layout, both BNs' fp32 statistics."""
     layout = memory_format(deeper)
-    skip, deeper, weight = skip.contiguous(), deeper.contiguous(), weight.contiguous()
+    skip, deeper = skip.contiguous(memory_format=layout), deeper.contiguous(memory_format=layout)
     mg, mb = merge_gamma.contiguous(), merge_beta.contiguous()
     n, h, w = skip.shape[0], *skip.shape[2:]
     cs, cd = skip.shape[1] // groups, deeper.shape[1] // groups  # per group
@@ -399,12 +413,12 @@ def _concat_bn_conv_bn_lrelu_fwd(
     cout_g = c_out // groups
     n_pix, dev = n * h * w, skip.device
     # 1. merge BN statistics: per-tile partials over both sources, Chan's merge
-    tile = pass_tiles(skip.dtype)
+    tile = _source_tiles(skip.dtype, layout)
     tiles_p = triton.cdiv(n_pix, tile.block)
     psum, pm2 = _alloc((tiles_p, groups * c_in), dev), _alloc((tiles_p, groups * c_in), dev)
     for src, c_src, off in ((skip, cs, 0), (deeper, cd, cs)):
         _merge_stats_kernel[(tiles_p, triton.cdiv(groups * c_src, tile.block_c))](
-            src, psum, pm2, n_pix, c_src, c_in, off, groups, h * w,
+            src, psum, pm2, n_pix, c_src, c_in, off, groups, h * w, *_plane_strides(src),
             BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps,
         )  # fmt: skip
     mmean, mrstd = chan_finalize(psum, pm2, n_pix, tile.block, eps)
@@ -412,41 +426,40 @@ def _concat_bn_conv_bn_lrelu_fwd(
     shape = merge_shape(skip, deeper, weight, groups)
     config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "conv", skip, tf32, n_pix, cout_g, c_in, shape)
     tiles_m = triton.cdiv(n_pix, config.block_m)
-    y = _alloc((n, c_out, h, w), dev, skip.dtype)
+    y = _alloc((n, c_out, h, w), dev, skip.dtype, layout)
     ysum, ym2 = _alloc((tiles_m, c_out), dev), _alloc((tiles_m, c_out), dev)
     _merge_conv_fwd_kernel[(tiles_m, triton.cdiv(cout_g, config.block_n), groups)](
-        skip,
-        deeper,
-        mmean,
-        mrstd,
-        mg,
-        mb,
-        weight,
-        bias.contiguous() if bias is not None else weight,
-        y,
-        ysum,
-        ym2,
-        n_pix,
-        cs,
-        cd,
-        c_out,
-        cout_g,
-        groups,
-        h,
-        w,
-        K=k,
-        PAD=(k - 1) // 2,
-        HAS_BIAS=bias is not None,
-        **launch,
-    )
+        skip, deeper, mmean, mrstd, mg, mb, *_weight_parts(weight, cs),
+        bias.contiguous() if bias is not None else weight, y, ysum, ym2,
+        n_pix, cs, cd, c_out, cout_g, h, w, *skip.stride(), *deeper.stride(), *y.stride(),
+        K=k, PAD=(k - 1) // 2, HAS_BIAS=bias is not None, **launch,
+    )  # fmt: skip
     mean, rstd = chan_finalize(ysum, ym2, n_pix, config.block_m, eps)
     # 3. normalise + LeakyReLU
-    out = _alloc((n, c_out, h, w), dev, skip.dtype)
-    _bn_lrelu_kernel[(triton.cdiv(out.numel(), tile.block),)](
-        y, mean, rstd, gamma.contiguous(), beta.contiguous(), out, out.numel(), c_out, h * w, slope,
-        BLOCK=tile.block, num_warps=tile.num_warps,
+    out = _alloc((n, c_out, h, w), dev, skip.dtype, layout)
+    elementwise = pass_tiles(skip.dtype)
+    _bn_lrelu_kernel[(triton.cdiv(out.numel(), elementwise.block),)](
+        y, mean, rstd, gamma.contiguous(), beta.contiguous(), out, out.numel(), c_out, y.stride(1), slope,
+        BLOCK=elementwise.block, num_warps=elementwise.num_warps,
     )  # fmt: skip
-    return out.contiguous(memory_format=layout), y, mean, rstd, mmean, mrstd
+    return out, y, mean, rstd, mmean, mrstd
+
+
+def _source_tiles(dtype: torch.dtype, layout: torch.memory_format):
+    """The per-channel passes' tiles over the sources and d(merged): along the channels in channels_last."""
+    return pass_tiles(dtype, channels_last=layout == torch.channels_last)
+
+
+def _plane_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """A dense (N, C, H, W) t's strides of an image, a channel and a pixel (H and W flattened)."""
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+def _weight_parts(weight: torch.Tensor, c_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight's skip and deeper input channels, each channels_last and contiguous: (C_out, k, k, C) in memory, so
+    a chunk of either part's channels is contiguous and starts aligned."""
+    cl = torch.channels_last
+    return weight[:, :c_skip].contiguous(memory_format=cl), weight[:, c_skip:].contiguous(memory_format=cl)
 
 
 @_concat_bn_conv_bn_lrelu_fwd.register_fake
@@ -454,9 +467,10 @@ def _(skip, deeper, merge_gamma, merge_beta, weight, bias, gamma, beta, groups, 
     n, _, h, w = skip.shape
     c_in, c_out = skip.shape[1] + deeper.shape[1], weight.shape[0]
     shape = (n, c_out, h, w)
+    out = torch.empty(shape, dtype=skip.dtype, device=skip.device, memory_format=memory_format(deeper))
     return (
-        torch.empty(shape, dtype=skip.dtype, device=skip.device, memory_format=memory_format(deeper)),
-        skip.new_empty(shape),
+        out,
+        torch.empty_like(out),
         skip.new_empty((c_out,), dtype=torch.float32),
         skip.new_empty((c_out,), dtype=torch.float32),
         skip.new_empty((c_in,), dtype=torch.float32),
@@ -487,8 +501,8 @@ def _concat_bn_conv_bn_lrelu_bwd(
 ]:
     """-> (dskip, ddeeper, dmerge_gamma, dmerge_beta, dweight, dbias, dgamma, dbeta), each in its tensor's dtype
     (dbias fp32) and layout."""
-    layouts = [memory_format(t) for t in (skip, deeper, weight)]
-    grad, skip, deeper, weight, y = (t.contiguous() for t in (grad, skip, deeper, weight, y))
+    layout = memory_format(deeper)
+    grad, skip, deeper, y = (t.contiguous(memory_format=layout) for t in (grad, skip, deeper, y))
     mg, mb, gamma, beta = (t.contiguous() for t in (merge_gamma, merge_beta, gamma, beta))
     n, h, w = skip.shape[0], *skip.shape[2:]
     cs, cd = skip.shape[1] // groups, deeper.shape[1] // groups  # per group
@@ -496,42 +510,23 @@ def _concat_bn_conv_bn_lrelu_bwd(
     cout_g = c_out // groups
     pad = (k - 1) // 2
     n_pix, hw, dev = n * h * w, h * w, skip.device
-    tile = pass_tiles(skip.dtype)
-    passes = dict(BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps)
-    tiles_p = triton.cdiv(n_pix, tile.block)
     # 4-5. output BN + LeakyReLU backward (conv_bn_lrelu's)
     dy, dbias, dgamma, dbeta = bn_lrelu_backward(grad, y, mean, rstd, gamma, beta, slope)
-    # 6. wgrad, normalising the merged input on load
+    # 6. wgrad, normalising the merged input on load: dW[co, tap, merged channel]
     shape = merge_shape(skip, deeper, weight, groups)
-    config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "wgrad", skip, tf32, cout_g, c_in * k * k, n_pix, shape)
-    dw = _conv_bn_lrelu_module.wgrad_output(weight.shape, weight, config.split_k)
-    grid = (triton.cdiv(cout_g, config.block_m), triton.cdiv(c_in * k * k, config.block_n), groups * config.split_k)
+    config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "wgrad", skip, tf32, cout_g, c_in, n_pix, shape)
+    dw = _conv_bn_lrelu_module.wgrad_output((c_out, k, k, c_in), weight, config.split_k)
+    blocks = triton.cdiv(cs, config.block_n) + triton.cdiv(cd, config.block_n)  # per tap: the skip's, the deeper's
+    grid = (triton.cdiv(cout_g, config.block_m), k * k * blocks, groups * config.split_k)
     _merge_wgrad_kernel[grid](
-        dy,
-        skip,
-        deeper,
-        merge_mean,
-        merge_rstd,
-        mg,
-        mb,
-        dw,
-        n_pix,
-        cs,
-        cd,
-        c_out,
-        cout_g,
-        groups,
-        h,
-        w,
-        K=k,
-        PAD=pad,
-        **launch,
-    )
+        dy, skip, deeper, merge_mean, merge_rstd, mg, mb, dw, n_pix, cs, cd, c_out, cout_g, h, w,
+        *dy.stride(), *skip.stride(), *deeper.stride(), K=k, PAD=pad, **launch,
+    )  # fmt: skip
     # 7-8. dgrad to the padded normalised merge (group-major channels), then the adjoint of the reflection pad
     # (conv_bn_lrelu's kernels)
     hp, wp = h + 2 * pad, w + 2 * pad
-    dxp = _alloc((n, groups * c_in, hp, wp), dev)
-    dw = _conv_bn_lrelu_module.sum_splits(dw, weight, config.split_k)
+    dxp = _alloc((n, groups * c_in, hp, wp), dev, memory_format=layout)
+    dw = _conv_bn_lrelu_module.sum_splits(dw, weight, config.split_k).permute(0, 3, 1, 2)
     config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "dgrad", skip, tf32, n * hp * wp, c_in, cout_g, shape)
     _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(c_in, config.block_n), groups)](
         dy, weight.contiguous(memory_format=torch.channels_last), dxp, n * hp * wp, hp, wp, h, w, c_in, cout_g,
@@ -539,25 +534,28 @@ def _concat_bn_conv_bn_lrelu_bwd(
     )  # fmt: skip
     dmerged = dxp if pad == 0 else reflect_fold(dxp, (n, groups * c_in, h, w), torch.float32, pad)
     # 9-10. merge BN backward, per source, straight into d(skip) and d(deeper)
+    tile = _source_tiles(skip.dtype, layout)
+    passes = dict(BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps)
+    tiles_p = triton.cdiv(n_pix, tile.block)
     q1, q2 = _alloc((tiles_p, groups * c_in), dev), _alloc((tiles_p, groups * c_in), dev)
     sources = ((skip, cs, 0), (deeper, cd, cs))
     for src, c_src, off in sources:
         _merge_bn_bwd_kernel[(tiles_p, triton.cdiv(groups * c_src, tile.block_c))](
-            dmerged, src, merge_mean, merge_rstd, mg, mg, mg, src, q1, q2,
-            n_pix, 1.0 / n_pix, c_src, c_in, off, groups, hw, APPLY=False, **passes,
+            dmerged, src, merge_mean, merge_rstd, mg, mg, mg, src, q1, q2, n_pix, 1.0 / n_pix, c_src, c_in, off,
+            groups, hw, *_plane_strides(src), *_plane_strides(dmerged), APPLY=False, **passes,
         )  # fmt: skip
     dmb, dmg = column_sums(q1, q2)
     dsrc = []
     for src, c_src, off in sources:
-        dx = _alloc(src.shape, dev, src.dtype)
+        dx = _alloc(src.shape, dev, src.dtype, layout)
         _merge_bn_bwd_kernel[(tiles_p, triton.cdiv(groups * c_src, tile.block_c))](
-            dmerged, src, merge_mean, merge_rstd, mg, dmb, dmg, dx, q1, q2,
-            n_pix, 1.0 / n_pix, c_src, c_in, off, groups, hw, APPLY=True, **passes,
+            dmerged, src, merge_mean, merge_rstd, mg, dmb, dmg, dx, q1, q2, n_pix, 1.0 / n_pix, c_src, c_in, off,
+            groups, hw, *_plane_strides(src), *_plane_strides(dmerged), APPLY=True, **passes,
         )  # fmt: skip
         dsrc.append(dx)
     dmg, dmb = dmg.to(merge_gamma.dtype), dmb.to(merge_beta.dtype)
-    dskip, ddeeper, dw = (t.contiguous(memory_format=f) for t, f in zip((*dsrc, dw), layouts, strict=True))
-    return dskip, ddeeper, dmg, dmb, dw, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
+    dw = dw.contiguous(memory_format=memory_format(weight))
+    return dsrc[0], dsrc[1], dmg, dmb, dw, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
 
 
 @_concat_bn_conv_bn_lrelu_bwd.register_fake
@@ -568,7 +566,7 @@ def _(
         return t.new_empty(t.shape, dtype=dtype or t.dtype)
 
     return (
-        torch.empty_like(skip, memory_format=memory_format(skip)),
+        torch.empty_like(skip, memory_format=memory_format(deeper)),
         torch.empty_like(deeper, memory_format=memory_format(deeper)),
         like(merge_gamma),
         like(merge_beta),

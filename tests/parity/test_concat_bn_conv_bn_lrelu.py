@@ -147,12 +147,14 @@ def _dip_like(case, rng, device):
     return [t.to(device) if t is not None else None for t in tensors]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", BF16_CASES, ids=["skip-level-k3", "k1-g2-n2"])
-def test_bf16_matches_float64_twin(case, rng, device, assert_parity, tol):
+def test_bf16_matches_float64_twin(case, layout, rng, device, assert_parity, tol):
     """The conftest's bf16 row; gradients at the kernel's own LeakyReLU pattern (test_conv_bn_lrelu.py says why)."""
     tensors = _dip_like(case, rng, device)
     groups = case[-1]
     ins = [t.detach().requires_grad_(True) if t is not None else None for t in tensors]
+    ins = [t.contiguous(memory_format=LAYOUTS[layout]) if t is not None and t.dim() == 4 else t for t in ins]
     out = dipfast.kernels.concat_bn_conv_bn_lrelu(*ins, groups=groups)
     assert out.dtype == torch.bfloat16
     g = torch.randn(out.shape, generator=rng).bfloat16().to(device)
@@ -194,14 +196,17 @@ def test_repeat_runs_are_bitwise_identical(rng, device):
     )
 
 
-def test_opcheck(rng, device):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(layout, rng, device):
+    """Also the fake implementations' strides against the kernels' in either layout (what torch.compile traces)."""
     ins = leaves(_inputs((1, 2, 3, 5, 6, 4, 3, True, 2), rng, device), torch.float32)
+    ins = [t.contiguous(memory_format=LAYOUTS[layout]) if t is not None and t.dim() == 4 else t for t in ins]
     args = (*ins, 2, 1e-5, 0.2, False)
     torch.library.opcheck(concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_fwd, args)
     # the backward op, with its forward's saved tensors (it has no derivative of its own: no double backward)
     with torch.no_grad():
         out, y, mean, rstd, mmean, mrstd = concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_fwd(*args)
-    skip, deeper, mg, mb, weight, _, gamma, beta = (t.detach() for t in ins)
+    skip, deeper, mg, mb, weight, _, gamma, beta = (t.detach() if t is not None else None for t in ins)
     g = torch.randn(out.shape, generator=rng).to(device)
     bwd_args = (g, skip, deeper, mg, mb, weight, y, mean, rstd, gamma, beta, mmean, mrstd, 2, 0.2, False)
     torch.library.opcheck(concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_bwd, bwd_args)

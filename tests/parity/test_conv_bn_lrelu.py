@@ -203,9 +203,11 @@ def test_repeat_runs_are_bitwise_identical(rng, device):
     assert_repeat_runs_are_bitwise_identical(lambda: forward_backward(dipfast.kernels.conv_bn_lrelu, tensors, g, **kw))
 
 
-def test_opcheck(rng, device):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(layout, rng, device):
+    """Also the fake implementations' strides against the kernels' in either layout (what torch.compile traces)."""
     tensors, kw = _inputs((1, 3, 5, 6, 4, 3, 1, 1, True), rng, device)
-    x, weight, bias, gamma, beta = leaves(tensors, torch.float32)
+    x, weight, bias, gamma, beta = _laid_out(leaves(tensors, torch.float32), layout)
     args = (x, weight, bias, gamma, beta, kw["stride"], kw["groups"], 1e-5, 0.2, False)
     torch.library.opcheck(conv_bn_lrelu_module._conv_bn_lrelu_fwd, args)
     # the backward op, with its forward's saved tensors (it has no derivative of its own: no double backward)
