@@ -57,20 +57,22 @@ def _constexpr(value):
     return value if isinstance(value, (bool, int, float)) else str(value)
 
 
-def record(size: int, layout: str) -> dict[str, dict]:
-    """{kernel: its first launch's arguments} for one forward + backward of each op, bf16, in `layout`."""
+def record(size: int, layout: str) -> dict[tuple[str, str], dict]:
+    """{(op, kernel): its first launch's arguments} for one forward + backward of each op ('conv': conv_bn_lrelu,
+    'merge': concat_bn_conv_bn_lrelu, which runs conv_bn_lrelu's dgrad too), bf16, in `layout`."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    launches: dict[str, dict] = {}
+    launches: dict[tuple[str, str], dict] = {}
+    op = "conv"
     run = InterpretedFunction.run
 
     def capture(self, *args, grid, warmup, **kwargs):
         name = self.fn.__name__
-        if name in GEMM_KERNELS and name not in launches:
+        if name in GEMM_KERNELS and (op, name) not in launches:
             params = list(inspect.signature(self.fn).parameters.values())
             values = {**dict(zip([p.name for p in params], args, strict=False)), **kwargs}
             constexpr = {p.name for p in params if "constexpr" in str(p.annotation)}
-            launches[name] = {
+            launches[op, name] = {
                 "module": self.fn.__module__,
                 "args": {p.name: _argument(values[p.name]) for p in params if p.name not in constexpr},
                 "constexprs": {p.name: _constexpr(values[p.name]) for p in params if p.name in constexpr},
@@ -91,6 +93,7 @@ def record(size: int, layout: str) -> dict[str, dict]:
             with contextlib.suppress(Exception):
                 out = dipfast.kernels.conv_bn_lrelu(x, weight, None, ones, ones)
                 out.backward(torch.zeros_like(out))
+            op = "merge"
             with contextlib.suppress(Exception):
                 out = dipfast.kernels.concat_bn_conv_bn_lrelu(skip, x, ones_merge, ones_merge, merge_weight, None,
                                                               ones, ones)  # fmt: skip
@@ -162,26 +165,28 @@ def compile_sm90(launches: dict[str, dict]) -> dict[str, dict]:
 
 
 def codegen(size: int) -> list[dict]:
-    launches = {}
+    launches, keys = {}, {}
     for layout in LAYOUTS:
-        for name, launch in record(size, layout).items():
-            launches[f"{name}/{layout}"] = {**launch, "name": name}
+        for (op, name), launch in record(size, layout).items():
+            key = f"{op}/{name}/{layout}"
+            launches[key], keys[key] = {**launch, "name": name}, {"op": op, "kernel": name, "layout": layout}
     stats = compile_sm90(launches)
-    return [{"kernel": key.split("/")[0], "layout": key.split("/")[1], **stats[key]} for key in launches]
+    return [{**keys[key], **stats[key]} for key in launches]
 
 
 def markdown(rows: list[dict], size: int) -> str:
     lines = [
         f"## sm_90 code of the triton backend's GEMM kernels (bf16, 128 -> 128 3x3 at {size} px; merge 4 + 128 -> 128)",
         "",
-        "| kernel | layout | tiles (M, N, K), warps, stages | registers | spilled bytes | shared KiB | "
+        "| op | kernel | layout | tiles (M, N, K), warps, stages | registers | spilled bytes | shared KiB | "
         "one-element global loads | cp.async | wgmma |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t, o = r["tiles"], r["options"]
         lines.append(
-            f"| {r['kernel']} | {r['layout']} | {t.get('BLOCK_M')} x {t.get('BLOCK_N')} x {t.get('BLOCK_K')}, "
+            f"| {r['op']} | {r['kernel']} | {r['layout']} | "
+            f"{t.get('BLOCK_M')} x {t.get('BLOCK_N')} x {t.get('BLOCK_K')}, "
             f"{o.get('num_warps')}, {o.get('num_stages')} | {r['registers']} | {r['spill_bytes']} | "
             f"{r['shared_bytes'] / 1024:g} | {r['scalar_loads']} | {r['cp_async']} | {r['wgmma']} |"
         )

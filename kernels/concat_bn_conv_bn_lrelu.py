@@ -78,6 +78,7 @@ if _HAS_TRITON:
         bn_lrelu_backward,
         memory_format,
         reflect_fold,
+        weight_rows,
     )
 
 # Read at import, as in conv_bn_lrelu (triton.jit reads TRITON_INTERPRET when the kernels are built).
@@ -528,9 +529,10 @@ def _concat_bn_conv_bn_lrelu_bwd(
     dxp = _alloc((n, groups * c_in, hp, wp), dev, memory_format=layout)
     dw = _conv_bn_lrelu_module.sum_splits(dw, weight, config.split_k).permute(0, 3, 1, 2)
     config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "dgrad", skip, tf32, n * hp * wp, c_in, cout_g, shape)
+    rows, w_row = weight_rows(weight)  # rows of 132 channels padded to 144: aligned, so the loads are vectors
     _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(c_in, config.block_n), groups)](
-        dy, weight.contiguous(memory_format=torch.channels_last), dxp, n * hp * wp, hp, wp, h, w, c_in, cout_g,
-        *dy.stride(), *dxp.stride(), STRIDE=1, K=k, **launch,
+        dy, rows, dxp, n * hp * wp, hp, wp, h, w, c_in, cout_g, w_row, *dy.stride(), *dxp.stride(), STRIDE=1, K=k,
+        **launch,
     )  # fmt: skip
     dmerged = dxp if pad == 0 else reflect_fold(dxp, (n, groups * c_in, h, w), torch.float32, pad)
     # 9-10. merge BN backward, per source, straight into d(skip) and d(deeper)

@@ -146,7 +146,7 @@ if _HAS_TRITON:
     @triton.jit
     def _conv_bn_lrelu_fwd_kernel(
         x_ptr,  # (N, C_in, H, W) compute dtype, strides sx_*: NCHW or channels_last
-        w_ptr,  # (C_out, K, K, C_in / groups) compute dtype, contiguous: the weight in channels_last
+        w_ptr,  # (C_out, K, K, w_row) compute dtype: the weight's rows (weight_rows)
         b_ptr,  # (C_out,) compute dtype or fp32, read only when HAS_BIAS
         y_ptr,  # (N, C_out, P, Q) compute dtype, strides sy_*: the conv output
         psum_ptr,  # (tiles_m, C_out) fp32: per-tile sum of y
@@ -159,6 +159,7 @@ if _HAS_TRITON:
         q_out,
         cin_g,
         cout_g,
+        w_row,  # >= cin_g: the weight rows' length
         sx_n,
         sx_c,
         sx_h,
@@ -207,8 +208,8 @@ if _HAS_TRITON:
                 other=0.0,
             )
             b = tl.load(
-                w_ptr + co[None, :] * (K * K * cin_g) + tap * cin_g + offs_k[:, None],
-                mask=mask_k[:, None] & mask_n[None, :],
+                w_ptr + co[None, :] * (K * K * w_row) + tap * w_row + offs_k[:, None],
+                mask=(offs_k < w_row)[:, None] & mask_n[None, :],  # the rows' zero padding: a mask Triton can vector
                 other=0.0,
             )
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
@@ -362,7 +363,7 @@ if _HAS_TRITON:
     @triton.jit
     def _conv_dgrad_kernel(
         dy_ptr,  # (N, C_out, P, Q) compute dtype, strides sd_*
-        w_ptr,  # (C_out, K, K, C_in / groups) compute dtype, contiguous: the weight in channels_last
+        w_ptr,  # (C_out, K, K, w_row) compute dtype: the weight's rows (weight_rows)
         dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD), strides so_*: fp32 (compute dtype when PAD = 0), d(padded input)
         n_pix,  # N * (H + 2 PAD) * (W + 2 PAD)
         pad_h,
@@ -371,6 +372,7 @@ if _HAS_TRITON:
         q_out,
         cin_g,
         cout_g,
+        w_row,  # >= cin_g: the weight rows' length
         sd_n,
         sd_c,
         sd_h,
@@ -420,8 +422,8 @@ if _HAS_TRITON:
                 other=0.0,
             )
             b = tl.load(
-                w_ptr + co[:, None] * (K * K * cin_g) + tap * cin_g + offs_n[None, :],
-                mask=mask_k[:, None] & mask_n[None, :],
+                w_ptr + co[:, None] * (K * K * w_row) + tap * w_row + offs_n[None, :],
+                mask=mask_k[:, None] & (offs_n < w_row)[None, :],  # the rows' zero padding, as the forward's
                 other=0.0,
             )
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
@@ -489,6 +491,20 @@ if _HAS_TRITON:
 def _alloc(shape, device, dtype=torch.float32, memory_format=torch.contiguous_format) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def weight_rows(weight: torch.Tensor, multiple: int = 16) -> tuple[torch.Tensor, int]:
+    """(rows, row): the weight as the GEMM kernels read it, (C_out, k, k, row) contiguous, each row a tap's input
+    channels, zero-padded to `row`, a multiple of `multiple` channels, so every row starts where Triton can prove
+    a vector aligned (a 132-channel merge's rows would not)."""
+    c_out, c_in, k, _ = weight.shape
+    row = -(-c_in // multiple) * multiple
+    taps = weight.permute(0, 2, 3, 1)
+    if row == c_in:
+        return taps.contiguous(), row
+    rows = weight.new_zeros(c_out, k, k, row)
+    rows[..., :c_in] = taps
+    return rows, row
 
 
 def memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -578,9 +594,10 @@ def _conv_bn_lrelu_fwd(
     y = _alloc((n, c_out, p, q), x.device, x.dtype, layout)
     psum = _alloc((tiles_m, c_out), x.device)
     pm2 = _alloc((tiles_m, c_out), x.device)
+    rows, w_row = weight_rows(weight)
     _conv_bn_lrelu_fwd_kernel[(tiles_m, triton.cdiv(cout_g, config.block_n), groups)](
         x,
-        weight.contiguous(memory_format=torch.channels_last),
+        rows,
         bias.contiguous() if bias is not None else weight,
         y,
         psum,
@@ -593,6 +610,7 @@ def _conv_bn_lrelu_fwd(
         q,
         cin_g,
         cout_g,
+        w_row,
         *x.stride(),
         *y.stride(),
         STRIDE=stride,
@@ -639,7 +657,7 @@ def _conv_bn_lrelu_bwd(
     """-> (dx, dweight, dbias, dgamma, dbeta), each in its tensor's dtype (dbias fp32), for the incoming gradient."""
     layout = memory_format(x)
     grad, x, y = (t.contiguous(memory_format=layout) for t in (grad, x, y))
-    weight_cl = weight.contiguous(memory_format=torch.channels_last)
+    rows, w_row = weight_rows(weight)
     gamma, beta = gamma.contiguous(), beta.contiguous()
     n, c_in, h, w = x.shape
     c_out, cin_g, k = weight.shape[:3]
@@ -667,7 +685,7 @@ def _conv_bn_lrelu_bwd(
     dw = sum_splits(dw, weight, config.split_k).permute(0, 3, 1, 2).contiguous(memory_format=memory_format(weight))
     config, launch = gemm_launch(OP, "dgrad", x, tf32, n * hp * wp, cin_g, cout_g, shape)
     _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(cin_g, config.block_n), groups)](
-        dy, weight_cl, dxp, n * hp * wp, hp, wp, p, q, cin_g, cout_g, *dy.stride(), *dxp.stride(), STRIDE=stride,
+        dy, rows, dxp, n * hp * wp, hp, wp, p, q, cin_g, cout_g, w_row, *dy.stride(), *dxp.stride(), STRIDE=stride,
         K=k, **launch,
     )  # fmt: skip
     dx = dxp if pad == 0 else reflect_fold(dxp, x.shape, x.dtype, pad)
