@@ -1,7 +1,8 @@
 """The reference conv block, reflect-pad + conv + BN (training statistics) + LeakyReLU(0.2):
 dipfast.reference.conv_bn_lrelu (the twin the fused kernel is timed against), eager fp32 with
 IEEE convolutions, forward / backward / both; on CUDA, the fused Triton op (dipfast.kernels.conv_bn_lrelu)
-against the twin, forward and forward + backward, groups 1 and 4, in fp32, TF32 and bf16."""
+against the twin, forward and forward + backward, groups 1 and 4, in fp32, TF32 and bf16, and bf16 in channels_last
+(both sides: the triton backend's layout on CUDA, and cuDNN's own)."""
 
 import pytest
 import torch
@@ -97,7 +98,11 @@ GPU_IDS = ["c132-128px-k3", "c128-128px-k3-s2", "c128-64px-k1", "c128-16px-k3", 
 IMPLS = {"triton": dipfast.kernels.conv_bn_lrelu, "reference": reference.conv_bn_lrelu}
 # fp32: IEEE dots and cuDNN convolutions; tf32: both with TF32 (the kernels follow torch.backends.cudnn.allow_tf32);
 # bf16: the kernel on bf16 x and weight (fp32 BN parameters), the twin under torch.autocast(bf16), as the engine.
-PRECISIONS = ["fp32", "tf32", "bf16"]
+# (precision, layout): channels_last is what the triton backend runs bf16 in on CUDA (its kernels' operand tiles
+# load as vectors only there: bench/results/2026-12-04-cpu-sm90-gemm-codegen/); NCHW as before, beside it
+PRECISION_LAYOUTS = [("fp32", "nchw"), ("tf32", "nchw"), ("bf16", "nchw"), ("bf16", "channels_last")]
+PL_IDS = [f"{p}-{layout}" if layout != "nchw" else p for p, layout in PRECISION_LAYOUTS]
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def _flags(precision: str):
@@ -114,24 +119,25 @@ def _autocast(precision: str, impl: str):
                           cache_enabled=False)  # fmt: skip
 
 
-def _gpu_block(case, rng, bf16_operands: bool):
+def _gpu_block(case, rng, bf16_operands: bool, layout: str = "nchw"):
     n, c_in, h, w, c_out, k, stride, groups = case
+    fmt = LAYOUTS[layout]
     block = _Block(c_in // groups, c_out, k, rng)  # weight (C_out, C_in / groups, k, k)
     operand = torch.bfloat16 if bf16_operands else torch.float32
     params = [p.detach().cuda() for p in block.parameters()]
-    params[0] = params[0].to(operand)
+    params[0] = params[0].to(operand).contiguous(memory_format=fmt)
     params = [p.requires_grad_() for p in params]
-    x = torch.rand(n, c_in, h, w, generator=rng).cuda().to(operand).requires_grad_(True)
+    x = torch.rand(n, c_in, h, w, generator=rng).cuda().to(operand).contiguous(memory_format=fmt).requires_grad_(True)
     grad = torch.randn(n, c_out, (h - 1) // stride + 1, (w - 1) // stride + 1, generator=rng).cuda().to(operand)
-    return x, params, grad, dict(stride=stride, groups=groups)
+    return x, params, grad.contiguous(memory_format=fmt), dict(stride=stride, groups=groups)
 
 
 @needs_cuda
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize(("precision", "layout"), PRECISION_LAYOUTS, ids=PL_IDS)
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
-def test_conv_bn_lrelu_op_forward(benchmark, case, impl, precision, rng):
-    x, params, _, kw = _gpu_block(case, rng, bf16_operands=precision == "bf16" and impl == "triton")
+def test_conv_bn_lrelu_op_forward(benchmark, case, impl, precision, layout, rng):
+    x, params, _, kw = _gpu_block(case, rng, bf16_operands=precision == "bf16" and impl == "triton", layout=layout)
     op = IMPLS[impl]
     if impl == "triton":
         assert dipfast.kernels.conv_bn_lrelu_path(x) == "triton"
@@ -142,11 +148,11 @@ def test_conv_bn_lrelu_op_forward(benchmark, case, impl, precision, rng):
 
 
 @needs_cuda
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize(("precision", "layout"), PRECISION_LAYOUTS, ids=PL_IDS)
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
-def test_conv_bn_lrelu_op_full(benchmark, case, impl, precision, rng):
-    x, params, grad, kw = _gpu_block(case, rng, bf16_operands=precision == "bf16" and impl == "triton")
+def test_conv_bn_lrelu_op_full(benchmark, case, impl, precision, layout, rng):
+    x, params, grad, kw = _gpu_block(case, rng, bf16_operands=precision == "bf16" and impl == "triton", layout=layout)
     op = IMPLS[impl]
     benchmark.extra_info["flop"] = 3 * conv_flop(*case)
 
