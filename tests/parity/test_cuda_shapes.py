@@ -20,6 +20,8 @@ to 1.2e-3; at its own pattern the same gradients are within 3.4e-7 and 4.7e-6
 (bench/results/2026-12-02-cpu-epyc-4c8fb3fa7b/). The H100 run that failed fp32 here (dx 1.4e-2 with eager at
 2.7e-7, dgamma 2.6-2.8x eager; bench/results/2026-11-26-h100-f6a7824f76/) held both sides to float64's pattern.
 fp32-tf32x3: the fp32 kernels with FP32_DOT = 'tf32x3' (kernels/conv_bn_lrelu.py), held to the fp32 bar.
+bf16-cl: bf16 with the kernels' 4-d inputs channels_last, the triton backend's bf16 layout on CUDA (their loads are
+vectors and pipelined only there), held to the bf16 bar; the eager yardstick as for bf16.
 """
 
 import contextlib
@@ -40,7 +42,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: real shapes are hours in the interpreter"),
 ]
 
-PRECISIONS = ["fp32", "fp32-tf32x3", "tf32", "bf16"]
+PRECISIONS = ["fp32", "fp32-tf32x3", "tf32", "bf16", "bf16-cl"]
 FLOOR = {"fp32": 4 * 2**-24, "tf32": 4 * 2**-11, "bf16": 2**-8}  # a few ulps of each format's mantissa
 FLOOR["fp32-tf32x3"] = FLOOR["fp32"]
 DEVICE = "cuda"
@@ -83,6 +85,9 @@ def _check_within_eager_error(kernel_fn, twin, named, precision, seed, bf16_oper
     sum |dL/dy| instead. kink: the op ends in LeakyReLU (the twin takes slope=), whose pattern each side's gradients
     are compared at.
     """
+    channels_last = precision.endswith("-cl")
+    precision = precision.removesuffix("-cl")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     names, tensors = ["out", *(f"d{name}" for name in named)], list(named.values())
     bf16_operands = [list(named).index(n) for n in bf16_operands]
     vanishing = [names.index(n) for n in vanishing]
@@ -92,7 +97,11 @@ def _check_within_eager_error(kernel_fn, twin, named, precision, seed, bf16_oper
     kernel_dtypes = [
         torch.bfloat16 if precision == "bf16" and i in bf16_operands else None for i in range(len(tensors))
     ]
-    kernel_leaves = [t.detach().to(d or t.dtype).requires_grad_(True) for t, d in zip(tensors, kernel_dtypes)]
+    kernel_leaves = [
+        t.detach().to(d or t.dtype).contiguous(memory_format=layout if t.dim() == 4 else torch.contiguous_format)
+        for t, d in zip(tensors, kernel_dtypes, strict=True)
+    ]
+    kernel_leaves = [t.requires_grad_(True) for t in kernel_leaves]
     leaves64 = [t.detach().double().requires_grad_(True) for t in tensors]
     eager32 = [t.detach().float().requires_grad_(True) for t in tensors]
     context = {"fp32": ieee_fp32, "fp32-tf32x3": ieee_fp32, "tf32": _tf32, "bf16": ieee_fp32}[precision]
