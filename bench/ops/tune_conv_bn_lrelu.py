@@ -74,11 +74,15 @@ class Block:
     c_skip: int = 0
 
     def inputs(self, precision: str, device: torch.device) -> tuple[list[torch.Tensor], dict]:
+        """The block's operands in the layout the triton backend runs `precision` in on CUDA: channels_last for bf16
+        (Backend.channels_last_bf16), NCHW otherwise; so a tuned entry is for that layout (TileKey has none)."""
         gen = torch.Generator(device).manual_seed(0)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        layout = torch.channels_last if precision == "bf16" else torch.contiguous_format
 
         def rand(*shape, scale=1.0, shift=0.0):
-            return torch.rand(*shape, generator=gen, device=device) * scale + shift
+            t = torch.rand(*shape, generator=gen, device=device) * scale + shift
+            return t.contiguous(memory_format=layout) if t.dim() == 4 else t
 
         c_in = self.c_in + self.c_skip
         weight = rand(self.c_out, c_in, self.k, self.k, scale=2, shift=-1) * (c_in * self.k**2) ** -0.5
@@ -133,7 +137,7 @@ def _launcher(block: Block, family: str, precision: str, tensors, kw):
     if family == "conv":
         return lambda: fwd(*args)
     grad = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device)
-    grad = grad.to(out.dtype)
+    grad = grad.to(out.dtype).contiguous(memory_format=conv_bn_lrelu_module.memory_format(out))
     return lambda: bwd(grad, *bwd_args)
 
 
