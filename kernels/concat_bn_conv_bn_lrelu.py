@@ -31,13 +31,15 @@ The op boundary, and what is fused:
        (in channels_last the deeper branch's come in vectors through the pipeline whatever Cs is).
     3. conv_bn_lrelu's _bn_lrelu_kernel after the same Chan finalize. Materialised: y and out, as in
        conv_bn_lrelu (the block's own output is the next op's input).
-  Backward (ten launches, nine for k = 1; no atomics, deterministic):
+  Backward (eleven launches, ten for k = 1; no atomics, deterministic):
     4-5. conv_bn_lrelu's _bn_lrelu_bwd_kernel (APPLY False, True): dbeta, dgamma, dy, dbias.
     6. _merge_wgrad_kernel: conv_bn_lrelu's wgrad (a tap and a block of one source's channels per program) with
        the same two-source normalise-on-load gather.
-    7-8. conv_bn_lrelu's _conv_dgrad_kernel and _reflect_fold_kernel (k > 1): d(merged) = the gradient of the
-       normalised merge, (N, G * (Cs + Cd), H, W), fp32. Materialised: the merge BN's backward needs two
-       per-channel sums of it before any d(skip) element can be formed, so it is written once and read twice.
+    7-8. conv_bn_lrelu's _conv_dgrad_kernel, once per source (its weight part into its channels: one launch over
+       all Cs + Cd would tile 4 + 128 channels as two 128-wide tiles), and _reflect_fold_kernel (k > 1): d(merged)
+       = the gradient of the normalised merge, (N, G * (Cs + Cd), H, W), fp32. Materialised: the merge BN's
+       backward needs two per-channel sums of it before any d(skip) element can be formed, so it is written once
+       and read twice.
     9-10. _merge_bn_bwd_kernel, launched once per source for each step. 9 (APPLY False): partial sums of
        d(merged) and d(merged) * xhat, i.e. d(merge_beta) and d(merge_gamma). 10 (APPLY True): d(source) =
        merge_gamma * rstd * (g - dbeta / M - xhat * dgamma / M), written straight into d(skip) and d(deeper), so
@@ -76,7 +78,9 @@ if _HAS_TRITON:
         _reflect,
         _split_range,
         bn_lrelu_backward,
+        group_stride,
         memory_format,
+        padded_gradient,
         reflect_fold,
         weight_rows,
     )
@@ -526,15 +530,18 @@ def _concat_bn_conv_bn_lrelu_bwd(
     # 7-8. dgrad to the padded normalised merge (group-major channels), then the adjoint of the reflection pad
     # (conv_bn_lrelu's kernels)
     hp, wp = h + 2 * pad, w + 2 * pad
-    dxp = _alloc((n, groups * c_in, hp, wp), dev, memory_format=layout)
+    dxp = padded_gradient((n, groups * c_in, hp, wp), dev, torch.float32, layout)
     dw = _conv_bn_lrelu_module.sum_splits(dw, weight, config.split_k).permute(0, 3, 1, 2)
-    config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "dgrad", skip, tf32, n * hp * wp, c_in, cout_g, shape)
-    rows, w_row = weight_rows(weight)  # rows of 132 channels padded to 144: aligned, so the loads are vectors
-    _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(c_in, config.block_n), groups)](
-        dy, rows, dxp, n * hp * wp, hp, wp, h, w, c_in, cout_g, w_row, *dy.stride(), *dxp.stride(), STRIDE=1, K=k,
-        **launch,
-    )  # fmt: skip
-    dmerged = dxp if pad == 0 else reflect_fold(dxp, (n, groups * c_in, h, w), torch.float32, pad)
+    # One launch per source, each on its own weight part and into its channels of dxp: the merged 132 channels in one
+    # launch took two 128-wide tiles, the second with 4 channels in it, doubling the step's largest GEMM.
+    for c0, c_part in ((0, cs), (cs, cd)):
+        rows, w_row = weight_rows(weight[:, c0 : c0 + c_part])
+        config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "dgrad", skip, tf32, n * hp * wp, c_part, cout_g, shape)
+        _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(c_part, config.block_n), groups)](
+            dy, rows, dxp[:, c0:], n * hp * wp, hp, wp, h, w, c_part, cout_g, w_row, *dy.stride(), *dxp.stride(),
+            group_stride(groups, c_in, dxp), STRIDE=1, K=k, **launch,
+        )  # fmt: skip
+    dmerged = dxp if pad == 0 else reflect_fold(dxp, (n, groups * c_in, h, w), torch.float32, pad, layout)
     # 9-10. merge BN backward, per source, straight into d(skip) and d(deeper)
     tile = _source_tiles(skip.dtype, layout)
     passes = dict(BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps)

@@ -13,7 +13,7 @@ operand tile is loaded in 16-byte vectors by asynchronous copies that the softwa
 In NCHW the reflection index hides the rows' contiguity from the compiler, and each activation load is one element
 (the forward's sm_90 code at 128 x 128 x 64 in bf16, by bench/sm90_codegen.py: NCHW with the weight read NCHW, as
 before, 576 one-element load instructions, 255 registers, 236 bytes spilled, no cp.async; channels_last: no
-one-element loads, 149 registers, no spills, both operands through 3 cp.async stages;
+one-element loads, 151 registers, no spills, both operands through 3 cp.async stages;
 bench/results/2026-12-04-cpu-sm90-gemm-codegen/).
 Precisions (x and weight share the compute dtype; bias, gamma and beta are that dtype or fp32):
   fp32: fp32 dots, TF32 or FP32_DOT's ('ieee' or 'tf32x3'; tl.dot's input_precision) as
@@ -381,6 +381,7 @@ if _HAS_TRITON:
         so_c,
         so_h,
         so_w,
+        so_g,  # dxp's offset between groups' channels: cin_g * so_c, or wider where dxp holds more than this op's
         STRIDE: tl.constexpr,
         K: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -427,39 +428,41 @@ if _HAS_TRITON:
                 other=0.0,
             )
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        ci = g * cin_g + offs_n
         tl.store(
-            dxp_ptr + (nb * so_n + hh * so_h + ww * so_w)[:, None] + ci[None, :] * so_c,
+            dxp_ptr + (nb * so_n + hh * so_h + ww * so_w + g * so_g)[:, None] + offs_n[None, :] * so_c,
             acc,
             mask=mask_m[:, None] & mask_n[None, :],
         )
 
     @triton.jit
     def _reflect_fold_kernel(
-        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD) fp32, dense in dx's layout
-        dx_ptr,  # (N, C_in, H, W) compute dtype, NCHW or channels_last
+        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD) fp32, strides sp_*
+        dx_ptr,  # (N, C_in, H, W) compute dtype, dense: NCHW or channels_last
         total,  # N * C_in * H * W
         channels,
         in_h,
         in_w,
+        sp_n,
+        sp_c,
+        sp_h,
+        sp_w,
         PAD: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr,  # dx's layout
         BLOCK: tl.constexpr,
     ):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # dx's elements in memory order
         mask = offs < total
         hw = in_h * in_w
-        pw_ = in_w + 2 * PAD
         if CHANNELS_LAST:
+            c = offs % channels
             pix = offs // channels
-            step = channels  # between neighbouring pixels
-            base = (pix // hw) * (in_h + 2 * PAD) * pw_ * channels + offs % channels
         else:
-            pix = offs
-            step = 1
-            base = (offs // hw) * (in_h + 2 * PAD) * pw_
+            c = (offs // hw) % channels
+            pix = (offs // (hw * channels)) * hw + offs % hw
+        base = (pix // hw) * sp_n + c * sp_c
         h = (pix % hw) // in_w
         w = pix % in_w
+        step = sp_w
         # pre-images of h in the padded axis: h + PAD itself, PAD - h (top mirror), 2H - 2 - h + PAD (bottom)
         r0 = h + PAD
         r1 = PAD - h
@@ -471,9 +474,9 @@ if _HAS_TRITON:
         c2 = (2 * in_w - 2 - w + PAD) * step
         u1 = (w >= 1) & (w <= PAD)
         u2 = (w >= in_w - 1 - PAD) & (w <= in_w - 2)
-        row0 = base + r0 * pw_ * step
-        row1 = base + r1 * pw_ * step
-        row2 = base + r2 * pw_ * step
+        row0 = base + r0 * sp_h
+        row1 = base + r1 * sp_h
+        row2 = base + r2 * sp_h
         m1 = mask & v1
         m2 = mask & v2
         acc = tl.load(dxp_ptr + row0 + c0, mask=mask, other=0.0)
@@ -680,15 +683,15 @@ def _conv_bn_lrelu_bwd(
         **launch,
     )  # fmt: skip
     hp, wp = h + 2 * pad, w + 2 * pad
-    dxp = _alloc((n, c_in, hp, wp), dev, torch.float32 if pad else x.dtype, layout)  # the fold sums in fp32
+    dxp = padded_gradient((n, c_in, hp, wp), dev, torch.float32 if pad else x.dtype, layout)  # the fold sums in fp32
     # dW[co, tap, ci] is the weight's channels_last layout; handed back in the weight's own
     dw = sum_splits(dw, weight, config.split_k).permute(0, 3, 1, 2).contiguous(memory_format=memory_format(weight))
     config, launch = gemm_launch(OP, "dgrad", x, tf32, n * hp * wp, cin_g, cout_g, shape)
     _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(cin_g, config.block_n), groups)](
-        dy, rows, dxp, n * hp * wp, hp, wp, p, q, cin_g, cout_g, w_row, *dy.stride(), *dxp.stride(), STRIDE=stride,
-        K=k, **launch,
+        dy, rows, dxp, n * hp * wp, hp, wp, p, q, cin_g, cout_g, w_row, *dy.stride(), *dxp.stride(),
+        group_stride(groups, cin_g, dxp), STRIDE=stride, K=k, **launch,
     )  # fmt: skip
-    dx = dxp if pad == 0 else reflect_fold(dxp, x.shape, x.dtype, pad)
+    dx = dxp.contiguous(memory_format=layout) if pad == 0 else reflect_fold(dxp, x.shape, x.dtype, pad, layout)
     return dx, dw, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
 
 
@@ -721,17 +724,34 @@ def bn_lrelu_backward(
     return dy, pb.sum(0), dgamma, dbeta
 
 
-def reflect_fold(dxp: torch.Tensor, shape: torch.Size, dtype: torch.dtype, pad: int) -> torch.Tensor:
-    """The adjoint of the reflection pad by `pad`: d(input) of `shape` and `dtype` in dxp's layout from d(padded
-    input) dxp."""
-    layout = memory_format(dxp)
+def reflect_fold(
+    dxp: torch.Tensor, shape: torch.Size, dtype: torch.dtype, pad: int, layout: torch.memory_format
+) -> torch.Tensor:
+    """The adjoint of the reflection pad by `pad`: d(input) of `shape`, `dtype` and `layout` from d(padded input) dxp
+    (any strides: padded_gradient's, say)."""
     dx = _alloc(shape, dxp.device, dtype, layout)
     tile = pass_tiles(dtype)
     _reflect_fold_kernel[(triton.cdiv(dx.numel(), tile.block),)](
-        dxp, dx, dx.numel(), shape[1], shape[2], shape[3], PAD=pad, CHANNELS_LAST=layout == torch.channels_last,
-        BLOCK=tile.block, num_warps=tile.num_warps,
+        dxp, dx, dx.numel(), shape[1], shape[2], shape[3], *dxp.stride(), PAD=pad,
+        CHANNELS_LAST=layout == torch.channels_last, BLOCK=tile.block, num_warps=tile.num_warps,
     )  # fmt: skip
     return dx
+
+
+def group_stride(groups: int, channels: int, t: torch.Tensor) -> int:
+    """The offset between groups of `channels` channels of t; 0 for one group, whose multiple of 16 lets Triton prove
+    the stores aligned (132 * the channel stride would not, though group 0 never adds it)."""
+    return 0 if groups == 1 else channels * t.stride(1)
+
+
+def padded_gradient(shape: tuple[int, int, int, int], device, dtype, layout: torch.memory_format) -> torch.Tensor:
+    """The dgrad's output buffer of `shape` in `layout`; in channels_last a view into one with its channels padded to
+    a multiple of 16, so each pixel's channels start aligned and the dgrad's stores are vectors (132 channels of
+    fp32 spilled 212 bytes of registers in the merge's dgrad, bench/sm90_codegen.py)."""
+    if layout != torch.channels_last or shape[1] % 16 == 0:
+        return _alloc(shape, device, dtype, layout)
+    n, c, h, w = shape
+    return _alloc((n, -(-c // 16) * 16, h, w), device, dtype, layout)[:, :c]
 
 
 @_conv_bn_lrelu_bwd.register_fake

@@ -25,10 +25,11 @@ def forward_backward(op: Callable, tensors, grad: torch.Tensor, **kw) -> list[to
     return [out, *torch.autograd.grad(out, [t for t in ins if t is not None], grad)]
 
 
-def assert_tf32_follows_the_cudnn_flag(monkeypatch, run: Callable[[], list[torch.Tensor]]) -> None:
+def assert_tf32_follows_the_cudnn_flag(monkeypatch, run: Callable[[], list[torch.Tensor]], launches: int = 3) -> None:
     """run() (a forward_backward in fp32) uses TF32 dots exactly where torch.backends.cudnn.allow_tf32 is set: the
-    forward's GEMM, then the backward's wgrad and dgrad. The interpreter computes TF32 and IEEE dots alike (exact
-    fp32 products), so there the two runs agree bit for bit; test_cuda_shapes.py bounds TF32's error on a GPU."""
+    forward's GEMM, then the backward's wgrad and dgrad (`launches` GEMM launches in all: the merge's dgrad is two).
+    The interpreter computes TF32 and IEEE dots alike (exact fp32 products), so there the two runs agree bit for
+    bit; test_cuda_shapes.py bounds TF32's error on a GPU."""
     seen = []
     options_of = conv_bn_lrelu_module._dot_options
 
@@ -42,7 +43,7 @@ def assert_tf32_follows_the_cudnn_flag(monkeypatch, run: Callable[[], list[torch
     for allow_tf32 in (False, True):
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow_tf32):
             runs[allow_tf32] = run()
-    assert seen == ["ieee"] * 3 + ["tf32"] * 3  # each flag: the forward's GEMM, then the backward's wgrad and dgrad
+    assert seen == ["ieee"] * launches + ["tf32"] * launches  # each flag: forward GEMM, the backward's wgrad, dgrad
     if conv_bn_lrelu_module._INTERPRET:
         for ieee, tf32 in zip(runs[False], runs[True], strict=True):
             assert torch.equal(ieee, tf32)
