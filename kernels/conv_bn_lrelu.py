@@ -7,7 +7,8 @@ batch statistics (biased variance) per output channel, so groups stay independen
 
 Layout: the activations (x, y, the output and their gradients) NCHW or channels_last: the op computes in x's
 (memory_format(x)) and returns each result in its input's layout. The kernels take every activation's strides, and
-read the weight in channels_last, (C_out, k, k, C_in / groups) in memory, copied to it once per call where it is not.
+read the weight as rows, (C_out, k, k, row): a tap's input channels zero-padded to a multiple of 16 (weight_rows),
+copied to it once per call.
 channels_last is the fast one on a GPU: a pixel's channels, the GEMMs' reduction axis, are contiguous, so every
 operand tile is loaded in 16-byte vectors by asynchronous copies that the software pipeline overlaps with the dots.
 In NCHW the reflection index hides the rows' contiguity from the compiler, and each activation load is one element
@@ -381,7 +382,7 @@ if _HAS_TRITON:
         so_c,
         so_h,
         so_w,
-        so_g,  # dxp's offset between groups' channels: cin_g * so_c, or wider where dxp holds more than this op's
+        so_g,  # dxp's offset between groups' channels (group_stride: 0 for one group)
         STRIDE: tl.constexpr,
         K: tl.constexpr,
         BLOCK_M: tl.constexpr,
