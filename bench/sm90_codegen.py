@@ -5,12 +5,13 @@
 The triton backend ran 0.38x compile's speed on an H100 (bench/results/2026-11-26-h100-f6a7824f76/) and its conv
 kernels were never profiled there. This records the launches of one conv_bn_lrelu forward + backward (the default
 net's 128 -> 128 3x3 conv at --size) and one merge (concat_bn_conv_bn_lrelu: 4 + 128 -> 128, 3x3) in bf16, in NCHW
-and in channels_last, under Triton's interpreter without running them (bench/triton_specializations.py's recorder),
-then compiles each GEMM kernel as the GPU would specialize that launch (an int equal to 1 a constant, an int
-divisible by 16 and each 16-byte-aligned pointer marked so; the launch's warps, stages and constexprs, with bf16 dot
-operands where the interpreter feeds fp32 ones) for sm_90 with Triton's PTX backend, and assembles it with its ptxas
--v. Per kernel and layout: registers, bytes spilled, shared memory, global loads issued one element at a time,
-asynchronous copies (cp.async: what the software pipeline overlaps with the dots) and wgmma instructions.
+and in channels_last, under Triton's interpreter without running them (as bench/triton_specializations.py records
+a step's launches), then compiles each GEMM kernel as the GPU would specialize that launch (an int equal to 1 a
+constant, an int divisible by 16 and each 16-byte-aligned pointer marked so, do_not_specialize respected; the
+launch's warps, stages and constexprs, with bf16 dot operands where the interpreter feeds fp32 ones) for sm_90 with
+Triton's PTX backend, and assembles it with its ptxas -v. Per kernel and layout: registers, bytes spilled, shared
+memory, global loads issued one element at a time, asynchronous copies (cp.async: what the software pipeline
+overlaps with the dots) and wgmma instructions.
 
 No timing: a spill, a scalar load or a missing pipeline is a fact of the code, and these are the ones that need no
 GPU to see. Writes sm90_codegen.json and sm90_codegen.md in --out.
@@ -40,15 +41,16 @@ GEMM_KERNELS = ("_conv_bn_lrelu_fwd_kernel", "_conv_wgrad_kernel", "_conv_dgrad_
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _argument(value) -> dict:
-    """A launch argument as the compile needs it: its Triton type and its specialization."""
+def _argument(value, specialize: bool = True) -> dict:
+    """A launch argument as the compile needs it: its Triton type and its specialization (none for an int in the
+    kernel's do_not_specialize)."""
     if isinstance(value, torch.Tensor):
         dtype = {torch.bfloat16: "bf16", torch.float32: "fp32"}[value.dtype]
         return {"type": f"*{dtype}", "aligned": value.data_ptr() % 16 == 0}
     if isinstance(value, bool):
         return {"type": "i1"}
     if isinstance(value, int):
-        return {"type": "i32", "one": value == 1, "div16": value % 16 == 0}
+        return {"type": "i32", "one": specialize and value == 1, "div16": specialize and value % 16 == 0}
     return {"type": "fp32"}
 
 
@@ -72,9 +74,12 @@ def record(size: int, layout: str) -> dict[tuple[str, str], dict]:
             params = list(inspect.signature(self.fn).parameters.values())
             values = {**dict(zip([p.name for p in params], args, strict=False)), **kwargs}
             constexpr = {p.name for p in params if "constexpr" in str(p.annotation)}
+            fixed = {params[n].name if isinstance(n, int) else n for n in self.kwargs.get("do_not_specialize") or ()}
             launches[op, name] = {
                 "module": self.fn.__module__,
-                "args": {p.name: _argument(values[p.name]) for p in params if p.name not in constexpr},
+                "args": {
+                    p.name: _argument(values[p.name], p.name not in fixed) for p in params if p.name not in constexpr
+                },
                 "constexprs": {p.name: _constexpr(values[p.name]) for p in params if p.name in constexpr},
                 "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs},
             }  # fmt: skip

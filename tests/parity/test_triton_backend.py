@@ -83,12 +83,11 @@ def test_triton_backend_fits_super_resolution_with_the_fused_loss_as_the_referen
 
 def test_triton_backend_in_channels_last_fits_as_in_nchw(monkeypatch):
     """bf16 on CUDA runs the triton backend's activations and weights channels_last (Backend.channels_last_bf16):
-    forced here on this device too, every fused conv block takes channels_last operands, and the fit follows the
-    NCHW one's (the same kernels with other strides; only the BatchNorm backward's tiles differ): the first loss to
-    1e-6 relative (measured: equal), the PSNR after four iterations to 0.02 dB (measured 0.005: the backward's sums
-    in another order, through Adam's sign-like first updates).
-    Without the input perturbation: its normal_ fills the buffer in memory order, so the two layouts draw the same
-    numbers into other pixels."""
+    forced here on this device too, every fused conv block's forward takes channels_last operands, and the fit
+    follows the NCHW one's (the same kernels with other strides; only the BatchNorm backward's tiles differ): the
+    first loss to 1e-6 relative (measured: equal), the PSNR after four iterations to 0.02 dB (measured 0.005: the
+    backward's sums in another order, through Adam's sign-like first updates). Without the input perturbation: its
+    normal_ fills the buffer in memory order, so the two layouts draw the same numbers into other pixels."""
     module = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
     preset = dataclasses.replace(PRESET, reg_noise_std=0.0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,19 +96,19 @@ def test_triton_backend_in_channels_last_fits_as_in_nchw(monkeypatch):
     problem = engine.Problem((4, 16, 12), None, (16, 12), 3, y=y, target=target)
     layouts = []
     real = module._conv_bn_lrelu_fwd
-    spy = lambda x, *a: layouts.append(module.memory_format(x)) or real(x, *a)  # noqa: E731
+
+    def spy(x, *args):  # the layout each fused conv block's forward computes in
+        layouts.append(module.memory_format(x))
+        return real(x, *args)
+
     monkeypatch.setattr(module, "_conv_bn_lrelu_fwd", spy)
     fits = {}
     for name, where in (("nchw", frozenset()), ("channels_last", frozenset({device.type}))):
         with backends.variant("triton", channels_last_bf16=where):
             plan = dataclasses.replace(backends.resolve("triton", "bf16", device), compile=False, cuda_graph=False)
             assert plan.channels_last(device) == bool(where)
-            fits[name] = [
-                engine.fit(
-                    problem, dataclasses.replace(preset, iterations=i), device=device, seed=4, progress=False, plan=plan
-                )  # fmt: skip
-                for i in (1, 4)
-            ]
+            presets = [dataclasses.replace(preset, iterations=i) for i in (1, 4)]
+            fits[name] = [engine.fit(problem, p, device=device, seed=4, progress=False, plan=plan) for p in presets]
         expected = torch.channels_last if where else torch.contiguous_format
         assert layouts and set(layouts) == {expected}, name
         layouts.clear()
