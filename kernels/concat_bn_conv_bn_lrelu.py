@@ -135,10 +135,26 @@ if _HAS_TRITON:
         tl.store(pm2_ptr + pid * c_total + cm, tl.sum(dev * dev, axis=1), mask=mask_c)
 
     @triton.jit
-    def _normalised(v, ch, ch_valid, pix_valid, g, c_in, mean_ptr, rstd_ptr, mg_ptr, mb_ptr):
-        """The merge BN of v (pixels x channels), the merged tensor's values at merged channels ch of group g; 0
-        where a channel or a pixel is not valid."""
-        cm = g * c_in + ch
+    def _merged_tile(
+        s_ptr, d_ptr, s_rows, d_rows, ss_c, sd_c, offs_s, offs_d, mask_s, mask_d, pix_valid, g, c_skip, c_deep,
+        mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+    ):  # fmt: skip
+        """The normalised merged input at (pixels) x (one chunk's channels), 0 where masked: s_rows and d_rows are the
+        pixels' offsets in skip and deeper; the chunk is skip's channels offs_s where mask_s, else deeper's offs_d
+        where mask_d (a chunk lies in one source)."""
+        v = tl.load(
+            s_ptr + s_rows[:, None] + (g * c_skip + offs_s)[None, :] * ss_c,
+            mask=pix_valid[:, None] & mask_s[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        v += tl.load(
+            d_ptr + d_rows[:, None] + (g * c_deep + offs_d)[None, :] * sd_c,
+            mask=pix_valid[:, None] & mask_d[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        ch = tl.where(mask_s, offs_s, c_skip + offs_d)
+        ch_valid = mask_s | mask_d
+        cm = g * (c_skip + c_deep) + ch
         mean = tl.load(mean_ptr + cm, mask=ch_valid, other=0.0)[None, :]
         rstd = tl.load(rstd_ptr + cm, mask=ch_valid, other=0.0)[None, :]
         mg = tl.load(mg_ptr + cm, mask=ch_valid, other=0.0).to(tl.float32)[None, :]
@@ -213,18 +229,10 @@ if _HAS_TRITON:
             offs_d = (j - chunks_s) * BLOCK_K + tl.arange(0, BLOCK_K)  # deeper channels (a skip chunk: < 0)
             mask_s = offs_s < c_skip
             mask_d = (offs_d >= 0) & (offs_d < c_deep)
-            v = tl.load(
-                s_ptr + (nb * ss_n + ih * ss_h + iw * ss_w)[:, None] + (g * c_skip + offs_s)[None, :] * ss_c,
-                mask=mask_m[:, None] & mask_s[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            v += tl.load(
-                d_ptr + (nb * sd_n + ih * sd_h + iw * sd_w)[:, None] + (g * c_deep + offs_d)[None, :] * sd_c,
-                mask=mask_m[:, None] & mask_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            ch = tl.where(mask_s, offs_s, c_skip + offs_d)
-            a = _normalised(v, ch, mask_s | mask_d, mask_m, g, c_skip + c_deep, mean_ptr, rstd_ptr, mg_ptr, mb_ptr)
+            a = _merged_tile(
+                s_ptr, d_ptr, nb * ss_n + ih * ss_h + iw * ss_w, nb * sd_n + ih * sd_h + iw * sd_w, ss_c, sd_c,
+                offs_s, offs_d, mask_s, mask_d, mask_m, g, c_skip, c_deep, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+            )  # fmt: skip
             b = tl.load(
                 ws_ptr + co[None, :] * (K * K * c_skip) + tap * c_skip + offs_s[:, None],
                 mask=mask_s[:, None] & mask_n[None, :],
@@ -310,17 +318,10 @@ if _HAS_TRITON:
             )
             ih = _reflect(oh + tap // K - PAD, in_h)
             iw = _reflect(ow + tap % K - PAD, in_w)
-            v = tl.load(
-                s_ptr + (nb * ss_n + ih * ss_h + iw * ss_w)[:, None] + (g * c_skip + offs_s)[None, :] * ss_c,
-                mask=mask_k[:, None] & mask_s[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            v += tl.load(
-                d_ptr + (nb * sd_n + ih * sd_h + iw * sd_w)[:, None] + (g * c_deep + offs_d)[None, :] * sd_c,
-                mask=mask_k[:, None] & mask_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            b = _normalised(v, ch, mask_s | mask_d, mask_k, g, c_skip + c_deep, mean_ptr, rstd_ptr, mg_ptr, mb_ptr)
+            b = _merged_tile(
+                s_ptr, d_ptr, nb * ss_n + ih * ss_h + iw * ss_w, nb * sd_n + ih * sd_h + iw * sd_w, ss_c, sd_c,
+                offs_s, offs_d, mask_s, mask_d, mask_k, g, c_skip, c_deep, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+            )  # fmt: skip
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
         c_in = c_skip + c_deep
         dw_offs = (tl.program_id(2) % SPLIT_K) * c_out * K * K * c_in + co[:, None] * (K * K * c_in) + tap * c_in
