@@ -81,6 +81,7 @@ if _HAS_TRITON:
         group_stride,
         memory_format,
         padded_gradient,
+        plane_strides,
         reflect_fold,
         weight_rows,
     )
@@ -169,8 +170,8 @@ if _HAS_TRITON:
         rstd_ptr,
         mg_ptr,
         mb_ptr,
-        ws_ptr,  # (C_out, K, K, Cs) compute dtype, contiguous: the weight's skip channels, channels_last
-        wd_ptr,  # (C_out, K, K, Cd) compute dtype, contiguous: its deeper channels
+        ws_ptr,  # (C_out, K, K, ws_row) compute dtype: the weight's skip channels as rows (weight_rows)
+        wd_ptr,  # (C_out, K, K, wd_row) compute dtype: its deeper channels as rows
         b_ptr,  # (C_out,) compute dtype or fp32, read only when HAS_BIAS
         y_ptr,  # (N, C_out, H, W) compute dtype, strides sy_*: the conv output
         psum_ptr,  # (tiles_m, C_out) fp32: per-tile sum of y
@@ -182,6 +183,8 @@ if _HAS_TRITON:
         cout_g,
         in_h,
         in_w,
+        ws_row,  # >= c_skip, the rows' lengths
+        wd_row,  # >= c_deep
         ss_n,
         ss_c,
         ss_h,
@@ -234,13 +237,13 @@ if _HAS_TRITON:
                 offs_s, offs_d, mask_s, mask_d, mask_m, g, c_skip, c_deep, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
             )  # fmt: skip
             b = tl.load(
-                ws_ptr + co[None, :] * (K * K * c_skip) + tap * c_skip + offs_s[:, None],
-                mask=mask_s[:, None] & mask_n[None, :],
+                ws_ptr + co[None, :] * (K * K * ws_row) + tap * ws_row + offs_s[:, None],
+                mask=(offs_s < ws_row)[:, None] & mask_n[None, :],  # the rows' zero padding, as conv_bn_lrelu's
                 other=0.0,
             )
             b += tl.load(
-                wd_ptr + co[None, :] * (K * K * c_deep) + tap * c_deep + offs_d[:, None],
-                mask=mask_d[:, None] & mask_n[None, :],
+                wd_ptr + co[None, :] * (K * K * wd_row) + tap * wd_row + offs_d[:, None],
+                mask=((offs_d >= 0) & (offs_d < wd_row))[:, None] & mask_n[None, :],
                 other=0.0,
             )
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
@@ -424,7 +427,7 @@ def _concat_bn_conv_bn_lrelu_fwd(
     psum, pm2 = _alloc((tiles_p, groups * c_in), dev), _alloc((tiles_p, groups * c_in), dev)
     for src, c_src, off in ((skip, cs, 0), (deeper, cd, cs)):
         _merge_stats_kernel[(tiles_p, triton.cdiv(groups * c_src, tile.block_c))](
-            src, psum, pm2, n_pix, c_src, c_in, off, groups, h * w, *_plane_strides(src),
+            src, psum, pm2, n_pix, c_src, c_in, off, groups, h * w, *plane_strides(src),
             BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps,
         )  # fmt: skip
     mmean, mrstd = chan_finalize(psum, pm2, n_pix, tile.block, eps)
@@ -434,10 +437,10 @@ def _concat_bn_conv_bn_lrelu_fwd(
     tiles_m = triton.cdiv(n_pix, config.block_m)
     y = _alloc((n, c_out, h, w), dev, skip.dtype, layout)
     ysum, ym2 = _alloc((tiles_m, c_out), dev), _alloc((tiles_m, c_out), dev)
+    (ws, ws_row), (wd, wd_row) = weight_rows(weight[:, :cs]), weight_rows(weight[:, cs:])
     _merge_conv_fwd_kernel[(tiles_m, triton.cdiv(cout_g, config.block_n), groups)](
-        skip, deeper, mmean, mrstd, mg, mb, *_weight_parts(weight, cs),
-        bias.contiguous() if bias is not None else weight, y, ysum, ym2,
-        n_pix, cs, cd, c_out, cout_g, h, w, *skip.stride(), *deeper.stride(), *y.stride(),
+        skip, deeper, mmean, mrstd, mg, mb, ws, wd, bias.contiguous() if bias is not None else weight, y, ysum, ym2,
+        n_pix, cs, cd, c_out, cout_g, h, w, ws_row, wd_row, *skip.stride(), *deeper.stride(), *y.stride(),
         K=k, PAD=(k - 1) // 2, HAS_BIAS=bias is not None, **launch,
     )  # fmt: skip
     mean, rstd = chan_finalize(ysum, ym2, n_pix, config.block_m, eps)
@@ -454,18 +457,6 @@ def _concat_bn_conv_bn_lrelu_fwd(
 def _source_tiles(dtype: torch.dtype, layout: torch.memory_format):
     """The per-channel passes' tiles over the sources and d(merged): along the channels in channels_last."""
     return pass_tiles(dtype, channels_last=layout == torch.channels_last)
-
-
-def _plane_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """A dense (N, C, H, W) t's strides of an image, a channel and a pixel (H and W flattened)."""
-    return t.stride(0), t.stride(1), t.stride(3)
-
-
-def _weight_parts(weight: torch.Tensor, c_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight's skip and deeper input channels, each channels_last and contiguous: (C_out, k, k, C) in memory, so
-    a chunk of either part's channels is contiguous and starts aligned."""
-    cl = torch.channels_last
-    return weight[:, :c_skip].contiguous(memory_format=cl), weight[:, c_skip:].contiguous(memory_format=cl)
 
 
 @_concat_bn_conv_bn_lrelu_fwd.register_fake
@@ -552,7 +543,7 @@ def _concat_bn_conv_bn_lrelu_bwd(
     for src, c_src, off in sources:
         _merge_bn_bwd_kernel[(tiles_p, triton.cdiv(groups * c_src, tile.block_c))](
             dmerged, src, merge_mean, merge_rstd, mg, mg, mg, src, q1, q2, n_pix, 1.0 / n_pix, c_src, c_in, off,
-            groups, hw, *_plane_strides(src), *_plane_strides(dmerged), APPLY=False, **passes,
+            groups, hw, *plane_strides(src), *plane_strides(dmerged), APPLY=False, **passes,
         )  # fmt: skip
     dmb, dmg = column_sums(q1, q2)
     dsrc = []
@@ -560,7 +551,7 @@ def _concat_bn_conv_bn_lrelu_bwd(
         dx = _alloc(src.shape, dev, src.dtype, layout)
         _merge_bn_bwd_kernel[(tiles_p, triton.cdiv(groups * c_src, tile.block_c))](
             dmerged, src, merge_mean, merge_rstd, mg, dmb, dmg, dx, q1, q2, n_pix, 1.0 / n_pix, c_src, c_in, off,
-            groups, hw, *_plane_strides(src), *_plane_strides(dmerged), APPLY=True, **passes,
+            groups, hw, *plane_strides(src), *plane_strides(dmerged), APPLY=True, **passes,
         )  # fmt: skip
         dsrc.append(dx)
     dmg, dmb = dmg.to(merge_gamma.dtype), dmb.to(merge_beta.dtype)
@@ -600,7 +591,7 @@ def _fwd_setup(ctx, inputs, output):
 
 def _fwd_backward(ctx, grad, *_internal_grads):
     ds, dd, dmg, dmb, dw, db, dgamma, dbeta = _concat_bn_conv_bn_lrelu_bwd(
-        grad.contiguous(), *ctx.saved_tensors, ctx.groups, ctx.slope, ctx.tf32
+        grad, *ctx.saved_tensors, ctx.groups, ctx.slope, ctx.tf32
     )
     db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
     return ds, dd, dmg, dmb, dw, db, dgamma, dbeta, None, None, None, None

@@ -716,7 +716,7 @@ def bn_lrelu_backward(
     tiles_p = triton.cdiv(n_pix, tile.block)
     grid = (tiles_p, triton.cdiv(c, tile.block_c))
     args = (grad, y, mean, rstd, gamma, beta)
-    sizes = (n_pix, 1.0 / n_pix, c, p * q, y.stride(0), y.stride(1), y.stride(3), slope)
+    sizes = (n_pix, 1.0 / n_pix, c, p * q, *plane_strides(y), slope)
     p1, p2 = _alloc((tiles_p, c), dev), _alloc((tiles_p, c), dev)
     _bn_lrelu_bwd_kernel[grid](*args, y, y, y, p1, p2, *sizes, APPLY=False, **passes)
     dbeta, dgamma = column_sums(p1, p2)
@@ -737,6 +737,11 @@ def reflect_fold(
         CHANNELS_LAST=layout == torch.channels_last, BLOCK=tile.block, num_warps=tile.num_warps,
     )  # fmt: skip
     return dx
+
+
+def plane_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """A dense (N, C, H, W) t's strides of an image, a channel and a pixel (H and W flattened), in either layout."""
+    return t.stride(0), t.stride(1), t.stride(3)
 
 
 def group_stride(groups: int, channels: int, t: torch.Tensor) -> int:
