@@ -61,7 +61,8 @@ def _constexpr(value):
 
 def record(size: int, layout: str) -> dict[tuple[str, str], dict]:
     """{(op, kernel): its last launch's arguments} for one forward + backward of each op ('conv': conv_bn_lrelu,
-    'merge': concat_bn_conv_bn_lrelu, which runs conv_bn_lrelu's dgrad too), bf16, in `layout`."""
+    'conv-s2': the same at stride 2, 'merge': concat_bn_conv_bn_lrelu, which runs conv_bn_lrelu's dgrad too), bf16,
+    in `layout`."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launches: dict[tuple[str, str], dict] = {}
@@ -97,6 +98,10 @@ def record(size: int, layout: str) -> dict[tuple[str, str], dict]:
             # unwritten outputs may upset what follows a launch: each op's launches are recorded by then
             with contextlib.suppress(Exception):
                 out = dipfast.kernels.conv_bn_lrelu(x, weight, None, ones, ones)
+                out.backward(torch.zeros_like(out))
+            op = "conv-s2"  # the level's downsampling conv: its dgrad loops over each phase's taps
+            with contextlib.suppress(Exception):
+                out = dipfast.kernels.conv_bn_lrelu(x, weight, None, ones, ones, stride=2)
                 out.backward(torch.zeros_like(out))
             op = "merge"
             with contextlib.suppress(Exception):

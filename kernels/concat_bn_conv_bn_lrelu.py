@@ -73,12 +73,11 @@ if _HAS_TRITON:
 
     from dipfast.kernels.conv_bn_lrelu import (
         _bn_lrelu_kernel,
-        _conv_dgrad_kernel,
         _conv_epilogue,
         _reflect,
         _split_range,
         bn_lrelu_backward,
-        group_stride,
+        dgrad,
         memory_format,
         padded_gradient,
         plane_strides,
@@ -527,12 +526,7 @@ def _concat_bn_conv_bn_lrelu_bwd(
     # One launch per source, each on its own weight part and into its channels of dxp: the merged 132 channels in one
     # launch took two 128-wide tiles, the second with 4 channels in it, doubling the step's largest GEMM.
     for c0, c_part in ((0, cs), (cs, cd)):
-        rows, w_row = weight_rows(weight[:, c0 : c0 + c_part])
-        config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "dgrad", skip, tf32, n * hp * wp, c_part, cout_g, shape)
-        _conv_dgrad_kernel[(triton.cdiv(n * hp * wp, config.block_m), triton.cdiv(c_part, config.block_n), groups)](
-            dy, rows, dxp[:, c0:], n * hp * wp, hp, wp, h, w, c_part, cout_g, w_row, *dy.stride(), *dxp.stride(),
-            group_stride(groups, c_in, dxp), STRIDE=1, K=k, **launch,
-        )  # fmt: skip
+        dgrad(dy, weight[:, c0 : c0 + c_part], dxp[:, c0:], groups, c_in, 1, OP, shape, tf32)
     dmerged = dxp if pad == 0 else reflect_fold(dxp, (n, groups * c_in, h, w), torch.float32, pad, layout)
     # 9-10. merge BN backward, per source, straight into d(skip) and d(deeper)
     tile = _source_tiles(skip.dtype, layout)
