@@ -26,15 +26,17 @@ The op boundary, and what is fused:
     2. _merge_conv_fwd_kernel: conv_bn_lrelu's implicit GEMM whose input load gathers from the two sources at the
        reflect-folded index and applies (v - mean) * rstd * merge_gamma + merge_beta on the fly (exact under
        reflection padding: the pad copies normalised values); epilogue: bias, store y, per-tile statistics of y.
-       Its K loop runs over (tap, chunk) with each chunk in one source: the skip's channels, then the deeper
-       branch's, against the weight split the same way, so a chunk's loads start aligned in their own tensors
-       (in channels_last the deeper branch's come in vectors through the pipeline whatever Cs is).
+       Its K runs over the skip's share, then the deeper branch's, each against its part of the weight, so a
+       chunk's loads start aligned in their own tensors (in channels_last the deeper branch's come in vectors
+       through the pipeline whatever Cs is). A source narrower than a chunk (the skip's 4 channels) takes its
+       (tap, channel) pairs flattened, 36 columns in one 64-wide chunk; one chunk per tap, as a wider source
+       takes, was 9 of the 27 K steps at 4 + 128 channels with 60 of each one's 64 columns masked (19 steps now).
     3. conv_bn_lrelu's _bn_lrelu_kernel after the same Chan finalize. Materialised: y and out, as in
        conv_bn_lrelu (the block's own output is the next op's input).
   Backward (eleven launches, ten for k = 1; no atomics, deterministic):
     4-5. conv_bn_lrelu's _bn_lrelu_bwd_kernel (APPLY False, True): dbeta, dgamma, dy, dbias.
-    6. _merge_wgrad_kernel: conv_bn_lrelu's wgrad (a tap and a block of one source's channels per program) with
-       the same two-source normalise-on-load gather.
+    6. _merge_wgrad_kernel: conv_bn_lrelu's wgrad (a tap and a block of one source's channels per program, or for
+       a narrow skip a block of its flattened (tap, channel) columns, as in the forward) normalising on load.
     7-8. conv_bn_lrelu's _conv_dgrad_kernel, once per source (its weight part into its channels: one launch over
        all Cs + Cd would tile 4 + 128 channels as two 128-wide tiles), and _reflect_fold_kernel (k > 1): d(merged)
        = the gradient of the normalised merge, (N, G * (Cs + Cd), H, W), fp32. Materialised: the merge BN's
@@ -135,31 +137,70 @@ if _HAS_TRITON:
         tl.store(pm2_ptr + pid * c_total + cm, tl.sum(dev * dev, axis=1), mask=mask_c)
 
     @triton.jit
-    def _merged_tile(
-        s_ptr, d_ptr, s_rows, d_rows, ss_c, sd_c, offs_s, offs_d, mask_s, mask_d, pix_valid, g, c_skip, c_deep,
-        mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+    def _normalised_load(x_ptr, offs, mask, cm, mask_c, mean_ptr, rstd_ptr, mg_ptr, mb_ptr):
+        """The merge BN's output at x_ptr + offs (a tile of one source), 0 where masked: cm, mask_c are the tile's
+        merged channels per column (group-major) and which columns are channels at all."""
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + cm, mask=mask_c, other=0.0)[None, :]
+        rstd = tl.load(rstd_ptr + cm, mask=mask_c, other=0.0)[None, :]
+        mg = tl.load(mg_ptr + cm, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        mb = tl.load(mb_ptr + cm, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        return tl.where(mask, (v - mean) * rstd * mg + mb, 0.0)
+
+    @triton.jit
+    def _flat_columns(t, c_src, K: tl.constexpr, PAD: tl.constexpr, BLOCK: tl.constexpr):
+        """Chunk t of a narrow source's (tap, channel) pairs, flattened: column kk = tap * c_src + channel, so the
+        skip's 4 channels x 9 taps fill one 64-wide chunk where one chunk per tap left 60 of 64 columns masked. ->
+        (the columns' row and column offsets of the tap, channel, tap, valid)."""
+        kk = t * BLOCK + tl.arange(0, BLOCK)
+        tap = kk // c_src
+        return tap // K - PAD, tap % K - PAD, kk % c_src, tap, kk < K * K * c_src
+
+    @triton.jit
+    def _source_conv(
+        acc, x_ptr, w_ptr, w_row, nb, oh, ow, mask_m, co, mask_n, g, c_src, c_off, c_in, in_h, in_w, s_n, s_c, s_h,
+        s_w, mean_ptr, rstd_ptr, mg_ptr, mb_ptr, FLAT: tl.constexpr, K: tl.constexpr, PAD: tl.constexpr,
+        BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """The normalised merged input at (pixels) x (one chunk's channels), 0 where masked: s_rows and d_rows are the
-        pixels' offsets in skip and deeper; the chunk is skip's channels offs_s where mask_s, else deeper's offs_d
-        where mask_d (a chunk lies in one source)."""
-        v = tl.load(
-            s_ptr + s_rows[:, None] + (g * c_skip + offs_s)[None, :] * ss_c,
-            mask=pix_valid[:, None] & mask_s[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        v += tl.load(
-            d_ptr + d_rows[:, None] + (g * c_deep + offs_d)[None, :] * sd_c,
-            mask=pix_valid[:, None] & mask_d[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        ch = tl.where(mask_s, offs_s, c_skip + offs_d)
-        ch_valid = mask_s | mask_d
-        cm = g * (c_skip + c_deep) + ch
-        mean = tl.load(mean_ptr + cm, mask=ch_valid, other=0.0)[None, :]
-        rstd = tl.load(rstd_ptr + cm, mask=ch_valid, other=0.0)[None, :]
-        mg = tl.load(mg_ptr + cm, mask=ch_valid, other=0.0).to(tl.float32)[None, :]
-        mb = tl.load(mb_ptr + cm, mask=ch_valid, other=0.0).to(tl.float32)[None, :]
-        return tl.where(pix_valid[:, None] & ch_valid[None, :], (v - mean) * rstd * mg + mb, 0.0)
+        """acc += one source's share of the merge conv: its normalised channels against its weight part (rows of
+        w_row). FLAT: chunks of (tap, channel) pairs (_flat_columns), for a source narrower than a chunk; else one
+        loop over (tap, channel chunk), each chunk contiguous and aligned in the source and in its weight rows."""
+        if FLAT:
+            for t in range(tl.cdiv(K * K * c_src, BLOCK_K)):
+                off_h, off_w, c, tap, mask_c = _flat_columns(t, c_src, K, PAD, BLOCK_K)
+                ih = _reflect(oh[:, None] + off_h[None, :], in_h)  # reflection pad folded into the index
+                iw = _reflect(ow[:, None] + off_w[None, :], in_w)
+                offs = nb[:, None] * s_n + ih * s_h + iw * s_w + (g * c_src + c)[None, :] * s_c
+                a = _normalised_load(
+                    x_ptr, offs, mask_m[:, None] & mask_c[None, :], g * c_in + c_off + c, mask_c,
+                    mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+                )  # fmt: skip
+                b = tl.load(
+                    w_ptr + co[None, :] * (K * K * w_row) + (tap * w_row + c)[:, None],
+                    mask=mask_c[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        else:
+            chunks = tl.cdiv(c_src, BLOCK_K)
+            for t in range(K * K * chunks):  # one loop over (tap, chunk): see conv_bn_lrelu's forward
+                tap = t // chunks
+                ih = _reflect(oh + tap // K - PAD, in_h)
+                iw = _reflect(ow + tap % K - PAD, in_w)
+                offs_c = (t % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+                mask_c = offs_c < c_src
+                a = _normalised_load(
+                    x_ptr, (nb * s_n + ih * s_h + iw * s_w)[:, None] + (g * c_src + offs_c)[None, :] * s_c,
+                    mask_m[:, None] & mask_c[None, :], g * c_in + c_off + offs_c, mask_c,
+                    mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+                )  # fmt: skip
+                b = tl.load(
+                    w_ptr + co[None, :] * (K * K * w_row) + tap * w_row + offs_c[:, None],
+                    mask=(offs_c < w_row)[:, None] & mask_n[None, :],  # the rows' zero padding, as conv_bn_lrelu's
+                    other=0.0,
+                )
+                acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        return acc
 
     @triton.jit
     def _merge_conv_fwd_kernel(
@@ -199,15 +240,16 @@ if _HAS_TRITON:
         K: tl.constexpr,
         PAD: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        SKIP_FLAT: tl.constexpr,  # c_skip < BLOCK_K: the skip's K in (tap, channel) chunks (_source_conv)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         DOT_DTYPE: tl.constexpr,  # conv_bn_lrelu._dot_options
         PRECISION: tl.constexpr,
     ):
-        """conv_bn_lrelu's forward GEMM on the merged input, normalised as it is loaded. Each K step reads one
-        source: a tap's channel chunks are the skip's, then the deeper branch's, so a chunk's channels are
-        contiguous and aligned in its own source (and weight part) whatever the other's width."""
+        """conv_bn_lrelu's forward GEMM on the merged input, normalised as it is loaded: the skip's K steps, then the
+        deeper branch's, each reading one source (and its weight part) so that its chunks start aligned whatever
+        the other's width."""
         pid_m = tl.program_id(0)
         g = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -219,37 +261,68 @@ if _HAS_TRITON:
         nb = offs_m // hw
         oh = (offs_m % hw) // in_w
         ow = offs_m % in_w
-        chunks_s = tl.cdiv(c_skip, BLOCK_K)
-        chunks = chunks_s + tl.cdiv(c_deep, BLOCK_K)
+        c_in = c_skip + c_deep
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for t in range(K * K * chunks):  # one loop over (tap, source chunk): see conv_bn_lrelu's forward
-            tap = t // chunks
-            j = t % chunks
-            ih = _reflect(oh + tap // K - PAD, in_h)  # reflection pad folded into the index
-            iw = _reflect(ow + tap % K - PAD, in_w)
-            offs_s = j * BLOCK_K + tl.arange(0, BLOCK_K)  # skip channels (a deeper chunk: past c_skip, masked)
-            offs_d = (j - chunks_s) * BLOCK_K + tl.arange(0, BLOCK_K)  # deeper channels (a skip chunk: < 0)
-            mask_s = offs_s < c_skip
-            mask_d = (offs_d >= 0) & (offs_d < c_deep)
-            a = _merged_tile(
-                s_ptr, d_ptr, nb * ss_n + ih * ss_h + iw * ss_w, nb * sd_n + ih * sd_h + iw * sd_w, ss_c, sd_c,
-                offs_s, offs_d, mask_s, mask_d, mask_m, g, c_skip, c_deep, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
-            )  # fmt: skip
-            b = tl.load(
-                ws_ptr + co[None, :] * (K * K * ws_row) + tap * ws_row + offs_s[:, None],
-                mask=(offs_s < ws_row)[:, None] & mask_n[None, :],  # the rows' zero padding, as conv_bn_lrelu's
-                other=0.0,
-            )
-            b += tl.load(
-                wd_ptr + co[None, :] * (K * K * wd_row) + tap * wd_row + offs_d[:, None],
-                mask=((offs_d >= 0) & (offs_d < wd_row))[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = _source_conv(
+            acc, s_ptr, ws_ptr, ws_row, nb, oh, ow, mask_m, co, mask_n, g, c_skip, 0, c_in, in_h, in_w,
+            ss_n, ss_c, ss_h, ss_w, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+            SKIP_FLAT, K, PAD, BLOCK_K, DOT_DTYPE, PRECISION,
+        )  # fmt: skip
+        acc = _source_conv(
+            acc, d_ptr, wd_ptr, wd_row, nb, oh, ow, mask_m, co, mask_n, g, c_deep, c_skip, c_in, in_h, in_w,
+            sd_n, sd_c, sd_h, sd_w, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+            False, K, PAD, BLOCK_K, DOT_DTYPE, PRECISION,
+        )  # fmt: skip
         y_offs = (nb * sy_n + oh * sy_h + ow * sy_w)[:, None] + co[None, :] * sy_c
         _conv_epilogue(
             acc, b_ptr, y_ptr, y_offs, psum_ptr, pm2_ptr, co, mask_m, mask_n, pid_m, n_pix, c_out, HAS_BIAS, BLOCK_M
         )
+
+    @triton.jit
+    def _source_wgrad(
+        dw_ptr, dy_ptr, x_ptr, block, co, mask_co, g, c_src, c_off, c_in, n_pix, k_lo, k_hi, in_h, in_w,
+        sy_n, sy_c, sy_h, sy_w, s_n, s_c, s_h, s_w, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+        FLAT: tl.constexpr, K: tl.constexpr, PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """dW[co, tap, c_off + c] (at dw_ptr: this split's (C_out, K, K, c_in)) for one block of a source's columns:
+        FLAT, block of its (tap, channel) pairs (_flat_columns); else a tap and a block of its channels, as
+        conv_bn_lrelu's wgrad picks a tap and a block of input channels."""
+        if FLAT:
+            off_h, off_w, c, tap, mask_c = _flat_columns(block, c_src, K, PAD, BLOCK_N)
+        else:
+            chunks = tl.cdiv(c_src, BLOCK_N)
+            tap = block // chunks
+            off_h = tap // K - PAD
+            off_w = tap % K - PAD
+            c = (block % chunks) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_c = c < c_src
+        hw = in_h * in_w
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for m0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = m0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < n_pix
+            nb = offs_k // hw
+            oh = (offs_k % hw) // in_w
+            ow = offs_k % in_w
+            a = tl.load(
+                dy_ptr + (nb * sy_n + oh * sy_h + ow * sy_w)[None, :] + co[:, None] * sy_c,
+                mask=mask_co[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            if FLAT:
+                ih = _reflect(oh[:, None] + off_h[None, :], in_h)
+                iw = _reflect(ow[:, None] + off_w[None, :], in_w)
+                offs = nb[:, None] * s_n + ih * s_h + iw * s_w
+            else:
+                offs = (nb * s_n + _reflect(oh + off_h, in_h) * s_h + _reflect(ow + off_w, in_w) * s_w)[:, None]
+            b = _normalised_load(
+                x_ptr, offs + (g * c_src + c)[None, :] * s_c, mask_k[:, None] & mask_c[None, :], g * c_in + c_off + c,
+                mask_c, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+            )  # fmt: skip
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        offs = co[:, None] * (K * K * c_in) + (tap * c_in + c_off + c)[None, :]
+        tl.store(dw_ptr + offs, acc, mask=mask_co[:, None] & mask_c[None, :])
 
     @triton.jit
     def _merge_wgrad_kernel(
@@ -282,6 +355,7 @@ if _HAS_TRITON:
         sd_w,
         K: tl.constexpr,
         PAD: tl.constexpr,
+        SKIP_FLAT: tl.constexpr,  # c_skip < BLOCK_N: the skip's columns are (tap, channel) pairs (_source_wgrad)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -289,45 +363,32 @@ if _HAS_TRITON:
         DOT_DTYPE: tl.constexpr,  # conv_bn_lrelu._dot_options
         PRECISION: tl.constexpr,
     ):
-        """dW[co, tap, merged channel]: program_id(1) picks a tap and a block of one source's channels (the skip's
-        blocks, then the deeper branch's), as conv_bn_lrelu's wgrad picks a tap and a block of input channels."""
+        """dW[co, tap, merged channel]: program_id(1) picks a block of the skip's columns (skip_blocks of them), else
+        a tap and a block of the deeper branch's channels."""
         g = tl.program_id(2) // SPLIT_K
         k_lo, k_hi = _split_range(tl.program_id(2) % SPLIT_K, n_pix, SPLIT_K, BLOCK_K)
-        chunks_s = tl.cdiv(c_skip, BLOCK_N)
-        chunks = chunks_s + tl.cdiv(c_deep, BLOCK_N)
-        tap = tl.program_id(1) // chunks
-        j = tl.program_id(1) % chunks
-        offs_s = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = (j - chunks_s) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_s = offs_s < c_skip
-        mask_d = (offs_d >= 0) & (offs_d < c_deep)
-        ch = tl.where(mask_s, offs_s, c_skip + offs_d)
         offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         co = g * cout_g + offs_co
         mask_co = offs_co < cout_g
-        hw = in_h * in_w
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for m0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = m0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < n_pix
-            nb = offs_k // hw
-            oh = (offs_k % hw) // in_w
-            ow = offs_k % in_w
-            a = tl.load(
-                dy_ptr + (nb * sy_n + oh * sy_h + ow * sy_w)[None, :] + co[:, None] * sy_c,
-                mask=mask_co[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            ih = _reflect(oh + tap // K - PAD, in_h)
-            iw = _reflect(ow + tap % K - PAD, in_w)
-            b = _merged_tile(
-                s_ptr, d_ptr, nb * ss_n + ih * ss_h + iw * ss_w, nb * sd_n + ih * sd_h + iw * sd_w, ss_c, sd_c,
-                offs_s, offs_d, mask_s, mask_d, mask_k, g, c_skip, c_deep, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
-            )  # fmt: skip
-            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
         c_in = c_skip + c_deep
-        dw_offs = (tl.program_id(2) % SPLIT_K) * c_out * K * K * c_in + co[:, None] * (K * K * c_in) + tap * c_in
-        tl.store(dw_ptr + dw_offs + ch[None, :], acc, mask=mask_co[:, None] & (mask_s | mask_d)[None, :])
+        dw_ptr += (tl.program_id(2) % SPLIT_K) * c_out * K * K * c_in
+        if SKIP_FLAT:
+            skip_blocks = tl.cdiv(K * K * c_skip, BLOCK_N)
+        else:
+            skip_blocks = K * K * tl.cdiv(c_skip, BLOCK_N)
+        block = tl.program_id(1)
+        if block < skip_blocks:
+            _source_wgrad(
+                dw_ptr, dy_ptr, s_ptr, block, co, mask_co, g, c_skip, 0, c_in, n_pix, k_lo, k_hi, in_h, in_w,
+                sy_n, sy_c, sy_h, sy_w, ss_n, ss_c, ss_h, ss_w, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+                SKIP_FLAT, K, PAD, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION,
+            )  # fmt: skip
+        else:
+            _source_wgrad(
+                dw_ptr, dy_ptr, d_ptr, block - skip_blocks, co, mask_co, g, c_deep, c_skip, c_in, n_pix, k_lo, k_hi,
+                in_h, in_w, sy_n, sy_c, sy_h, sy_w, sd_n, sd_c, sd_h, sd_w, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+                False, K, PAD, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION,
+            )  # fmt: skip
 
     @triton.jit
     def _merge_bn_bwd_kernel(
@@ -440,7 +501,7 @@ def _concat_bn_conv_bn_lrelu_fwd(
     _merge_conv_fwd_kernel[(tiles_m, triton.cdiv(cout_g, config.block_n), groups)](
         skip, deeper, mmean, mrstd, mg, mb, ws, wd, bias.contiguous() if bias is not None else weight, y, ysum, ym2,
         n_pix, cs, cd, c_out, cout_g, h, w, ws_row, wd_row, *skip.stride(), *deeper.stride(), *y.stride(),
-        K=k, PAD=(k - 1) // 2, HAS_BIAS=bias is not None, **launch,
+        K=k, PAD=(k - 1) // 2, HAS_BIAS=bias is not None, SKIP_FLAT=cs < config.block_k, **launch,
     )  # fmt: skip
     mean, rstd = chan_finalize(ysum, ym2, n_pix, config.block_m, eps)
     # 3. normalise + LeakyReLU
@@ -512,11 +573,13 @@ def _concat_bn_conv_bn_lrelu_bwd(
     shape = merge_shape(skip, deeper, weight, groups)
     config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "wgrad", skip, tf32, cout_g, c_in, n_pix, shape)
     dw = _conv_bn_lrelu_module.wgrad_output((c_out, k, k, c_in), weight, config.split_k)
-    blocks = triton.cdiv(cs, config.block_n) + triton.cdiv(cd, config.block_n)  # per tap: the skip's, the deeper's
-    grid = (triton.cdiv(cout_g, config.block_m), k * k * blocks, groups * config.split_k)
+    flat = cs < config.block_n  # the skip's columns as (tap, channel) pairs (_source_wgrad)
+    skip_blocks = triton.cdiv(k * k * cs, config.block_n) if flat else k * k * triton.cdiv(cs, config.block_n)
+    grid = (triton.cdiv(cout_g, config.block_m), skip_blocks + k * k * triton.cdiv(cd, config.block_n),
+            groups * config.split_k)  # fmt: skip
     _merge_wgrad_kernel[grid](
         dy, skip, deeper, merge_mean, merge_rstd, mg, mb, dw, n_pix, cs, cd, c_out, cout_g, h, w,
-        *dy.stride(), *skip.stride(), *deeper.stride(), K=k, PAD=pad, **launch,
+        *dy.stride(), *skip.stride(), *deeper.stride(), K=k, PAD=pad, SKIP_FLAT=flat, **launch,
     )  # fmt: skip
     # 7-8. dgrad to the padded normalised merge (group-major channels), then the adjoint of the reflection pad
     # (conv_bn_lrelu's kernels)

@@ -57,7 +57,7 @@ def test_channels_last_conv_kernels_load_vectors_through_the_pipeline_and_do_not
 @pytest.mark.parametrize("kernel", ("_merge_conv_fwd_kernel", "_merge_wgrad_kernel"))
 def test_channels_last_merge_kernels_pipeline_the_deeper_branch_and_do_not_spill(rows, kernel):
     """The merge's K chunks each read one source: the deeper branch's 128 channels come through the pipeline; the
-    skip's 4 channels (8 bytes a pixel) stay one-element loads."""
+    skip's 4 channels (8 bytes a pixel), gathered as flattened (tap, channel) columns, stay one-element loads."""
     cl = rows["merge", kernel, "channels_last"]
     assert cl["cp_async"] > 0 and cl["spill_bytes"] == 0, cl
 

@@ -32,6 +32,10 @@ CASES += [
     (1, 2, 3, 4, 5, 3, 7, True, 1),  # k = 7 on 4 x 5: pad 3 = H - 1, every row mirrored in both pads
     (1, 2, 3, 7, 9, 6, 3, True, 3),  # three networks of [2 skip, 3 deeper] -> 2 side by side (vmap's folding)
     (2, 4, 16, 5, 6, 8, 1, False, 2),  # two networks, 1x1, batch 2, no bias
+    # the skip's K: narrower than a 16-wide chunk, (tap, channel) pairs flattened (above: 4 x 9 = 36 columns, three
+    # chunks); as wide, one chunk loop per tap
+    (1, 5, 16, 6, 7, 8, 5, True, 2),  # 5 x 25 = 125 flat columns: eight chunks, the last of 13; two networks
+    (1, 18, 5, 7, 6, 4, 3, True, 1),  # 18 skip channels: per-tap chunks of 16 and 2
 ]
 IDS = [
     f"n{n}-cs{cs}-cd{cd}-{h}x{w}-co{co}-k{k}{'' if bias else '-nobias'}{f'-g{g}' if g > 1 else ''}"
