@@ -4,7 +4,8 @@ TritonBlocks is a dipfast.nets.blocks.BlockOps (install it with use_block_ops(ne
     conv_bn_act(m, x)       -> dipfast.kernels.conv_bn_lrelu            for an eligible ConvBNAct
     merge(level, parts)     -> dipfast.kernels.concat_bn_conv_bn_lrelu  concat + merge_bn + level.up, when the level
                                                                         has a skip branch and level.up is eligible
-    upsample                   inherited: the reference nn.Upsample
+    upsample(m, x)          -> dipfast.kernels.upsample_bilinear2x_fast for a bilinear x2 nn.Upsample (the
+                               others: the reference module)
 A ConvBNAct is eligible when the kernel computes exactly what its modules do: reflection padding by (k - 1) // 2
 (or a 1x1 conv, which has no pad), no downsampler module after the conv, a square kernel in KERNEL_SIZES, stride
 1 or 2, no dilation, a BatchNorm2d with affine parameters normalising with the batch statistics, an nn.LeakyReLU,
@@ -46,6 +47,7 @@ from dipfast.kernels.batch_norm_act import batch_norm_act, concat_batch_norm, la
 from dipfast.kernels.bilinear_x2 import upsample_bilinear2x_fast
 from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
 from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
+from dipfast.nets.bilinear_x2 import is_bilinear_x2
 from dipfast.nets.blocks import BlockOps
 from dipfast.nets.fusable import batch_norm_reason
 from dipfast.nets.layers import ConvBNAct, crop_to_smallest
@@ -162,6 +164,13 @@ class TritonBlocks(BlockOps):
             eps=up.bn.eps,
             slope=up.act.negative_slope,
         )
+
+    def upsample(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # Under torch.compile the module's backward is four zero-filled input-sized buffers, each scattered into
+        # by an index_put with accumulation (atomics on a GPU); the Triton transpose is one deterministic gather.
+        if not is_bilinear_x2(m) or x.dim() != 4:
+            return super().upsample(m, x)
+        return upsample_bilinear2x_fast(x)
 
 
 class PaddedBlocks(PaddedWrites):

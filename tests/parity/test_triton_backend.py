@@ -45,8 +45,8 @@ def test_triton_backend_matches_the_reference(compiled, monkeypatch):
     for iterations in (1, 4):
         preset = dataclasses.replace(PRESET, iterations=iterations)
         ref = engine.fit(problem, preset, device=device, seed=2, progress=False)
-        with monkeypatch.context() as m:  # every block of the tiny net is one the kernels fuse
-            for name in ("conv_bn_act", "merge"):
+        with monkeypatch.context() as m:  # every block of the tiny net is one the kernels fuse, every upsample theirs
+            for name in ("conv_bn_act", "merge", "upsample"):
                 m.setattr(BlockOps, name, _unexpected(name))
             fast = engine.fit(problem, preset, device=device, seed=2, progress=False, plan=plan)
         if iterations == 1:
@@ -85,9 +85,12 @@ def test_triton_backend_in_channels_last_fits_as_in_nchw(monkeypatch):
     """bf16 on CUDA runs the triton backend's activations and weights channels_last (Backend.channels_last_bf16):
     forced here on this device too, every fused conv block's forward takes channels_last operands, and the fit
     follows the NCHW one's (the same kernels with other strides; only the BatchNorm backward's tiles differ): the
-    first loss to 1e-6 relative (measured: equal), the PSNR after four iterations to 0.02 dB (measured 0.005: the
-    backward's sums in another order, through Adam's sign-like first updates). Without the input perturbation: its
-    normal_ fills the buffer in memory order, so the two layouts draw the same numbers into other pixels."""
+    first loss to 1e-6 relative (measured: equal), the PSNR after four iterations to 0.1 dB. The backward's bf16
+    sums in another order move near-zero gradients' signs, which Adam's first updates (about lr x sign) turn into
+    lr-sized steps: over seven draws of data and seed the PSNRs after four iterations differed by 0.003 to 0.043 dB
+    (0.043 here; the output up to 0.14 apart at a pixel). A layout error misplaces values, far beyond that; the ops' own
+    parity tests hold each op to the bf16 bar in both layouts. Without the input perturbation: its normal_ fills
+    the buffer in memory order, so the two layouts draw the same numbers into other pixels."""
     module = importlib.import_module("dipfast.kernels.conv_bn_lrelu")
     preset = dataclasses.replace(PRESET, reg_noise_std=0.0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,4 +117,4 @@ def test_triton_backend_in_channels_last_fits_as_in_nchw(monkeypatch):
         layouts.clear()
     nchw, cl = fits["nchw"], fits["channels_last"]
     assert cl[0].history[0].loss == pytest.approx(nchw[0].history[0].loss, rel=1e-6)
-    assert cl[1].history[-1].psnr == pytest.approx(nchw[1].history[-1].psnr, abs=0.02)
+    assert cl[1].history[-1].psnr == pytest.approx(nchw[1].history[-1].psnr, abs=0.1)
