@@ -26,7 +26,6 @@ Writes conv_layouts.json and conv_layouts.md in --out.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from torch import nn
 
 from dipfast import backends, nets
 from dipfast.bench import runs
+from dipfast.bench.report import save_and_print
 from dipfast.nets.aligned_channels import aligned_conv2d, channel_multiple
 
 VARIANTS = ("nchw", "nchw-aligned", "cl", "cl-aligned")
@@ -211,12 +211,7 @@ def write_report(suite: str, args: argparse.Namespace, device: torch.device, row
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     report = {"suite": suite, "machine": machine, "torch": torch.__version__,
               "settings": {**vars(args), "device": str(device)}, "rows": rows}  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{suite}.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(report)
-    (out / f"{suite}.md").write_text(text)
-    print(text)
+    save_and_print(Path(args.out), suite, report, markdown(report))
 
 
 def main(argv=None) -> int:

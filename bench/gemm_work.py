@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are built
 import torch  # noqa: E402
 
 import dipfast.kernels  # noqa: E402  (built for the interpreter)
+from dipfast.bench.report import save_and_print  # noqa: E402
 from dipfast.kernels import configs  # noqa: E402
 
 KERNELS = ("_conv_bn_lrelu_fwd_kernel", "_conv_wgrad_kernel", "_conv_dgrad_kernel", "_merge_conv_fwd_kernel",
@@ -123,10 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     rows = measure(args.size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gemm_work.json").write_text(json.dumps({"size": args.size, "rows": rows}, indent=1))
-    (args.out / "gemm_work.md").write_text(markdown(rows, args.size))
-    print(markdown(rows, args.size))
+    save_and_print(args.out, "gemm_work", {"size": args.size, "rows": rows}, markdown(rows, args.size))
     return 0
 
 

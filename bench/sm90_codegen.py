@@ -34,6 +34,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels record their launc
 import torch  # noqa: E402
 
 import dipfast.kernels  # noqa: E402  (built for the interpreter)
+from dipfast.bench.report import save_and_print  # noqa: E402
 from dipfast.kernels import configs  # noqa: E402
 
 GEMM_KERNELS = ("_conv_bn_lrelu_fwd_kernel", "_conv_wgrad_kernel", "_conv_dgrad_kernel",
@@ -209,10 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     rows = codegen(args.size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sm90_codegen.json").write_text(json.dumps({"size": args.size, "rows": rows}, indent=1))
-    (args.out / "sm90_codegen.md").write_text(markdown(rows, args.size))
-    print(markdown(rows, args.size))
+    save_and_print(args.out, "sm90_codegen", {"size": args.size, "rows": rows}, markdown(rows, args.size))
     return 0
 
 

@@ -22,7 +22,6 @@ import collections
 import contextlib
 import dataclasses
 import inspect
-import json
 import os
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 import dipfast.kernels  # noqa: E402, F401  (built for the interpreter)
 from dipfast import backends  # noqa: E402
 from dipfast.bench.data import throughput_case  # noqa: E402
+from dipfast.bench.report import save_and_print  # noqa: E402
 from dipfast.bench.throughput import restore_in_blocks  # noqa: E402
 from dipfast.errors import NumericalError  # noqa: E402
 from dipfast.kernels import configs  # noqa: E402
@@ -149,10 +149,7 @@ def main(argv=None) -> int:
     kernels = count(args.size, args.precision, args.net, args.iters)
     settings = {"size": args.size, "precision": args.precision, "net": args.net, "iters": args.iters}
     report = {"settings": settings, "total": sum(k["specializations"] for k in kernels.values()), "kernels": kernels}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "triton_specializations.json").write_text(json.dumps(report, indent=1))
-    (args.out / "triton_specializations.md").write_text(markdown(report))
-    print(markdown(report))
+    save_and_print(args.out, "triton_specializations", report, markdown(report))
     return 0
 
 

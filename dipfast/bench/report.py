@@ -68,6 +68,14 @@ def write(report: dict, out: Path, markdown: str) -> dict[str, Path]:
     return paths
 
 
+def save_and_print(out: Path, stem: str, report: dict, markdown: str) -> None:
+    """A bench/ script's report: <stem>.json and <stem>.md in out (made if absent), the markdown printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(_clean(report), indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
 def _f(x, fmt="{:.2f}", none="-") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return none
