@@ -18,7 +18,18 @@ def _listed(values: torch.Tensor, limit: int = 12) -> str:
     return str(values[:limit])[:-1] + (f", ... ({len(values)} in all)]" if len(values) > limit else "]")
 
 
-def describe_dx_errors(bad: torch.Tensor, err: torch.Tensor, pad: int, block_m: int, block_n: int, groups: int) -> str:
+def _dgrad_program(nb, hh, ww, n: int, hp: int, wp: int, stride: int, block_m: int):
+    """program_id(0) of the dgrad program that writes padded pixel (nb, hh, ww): the pixels of one phase (hh % stride,
+    ww % stride) in row-major order, block_m a program, the phases one after another (_conv_dgrad_kernel)."""
+    rows, cols = -(-hp // stride), -(-wp // stride)
+    tiles = -(-n * rows * cols // block_m)
+    phase = (hh % stride) * stride + ww % stride
+    return phase * tiles + (nb * rows * cols + (hh // stride) * cols + ww // stride) // block_m
+
+
+def describe_dx_errors(
+    bad: torch.Tensor, err: torch.Tensor, pad: int, block_m: int, block_n: int, groups: int, stride: int = 1
+) -> str:
     """bad: (N, C, H, W) bool, the elements over the bar; err: the same shape, each element's error (relative to
     the max). Says where the bad elements lie; '' when there are none."""
     if not bad.any():
@@ -27,8 +38,7 @@ def describe_dx_errors(bad: torch.Tensor, err: torch.Tensor, pad: int, block_m: 
     nb, ch, row, col = bad.nonzero(as_tuple=True)
     border_row = (row <= pad) | (row >= h - 1 - pad)
     border_col = (col <= pad) | (col >= w - 1 - pad)
-    hp, wp = h + 2 * pad, w + 2 * pad
-    pixel_tile = (nb * hp * wp + (row + pad) * wp + (col + pad)) // block_m  # the dgrad program owning dxp[h+pad]
+    pixel_tile = _dgrad_program(nb, row + pad, col + pad, n, h + 2 * pad, w + 2 * pad, stride, block_m)
     channel_tile = (ch % (c // groups)) // block_n
     interior = int((~border_row & ~border_col).sum())
     worst = int(err.flatten().argmax())

@@ -208,8 +208,9 @@ def test_conv_bn_lrelu_fp32_dx_error_map(n, c_in, hw, c_out, k, stride, groups, 
         err[side] = (d.double() - expected).abs() / expected.abs().max()
     bar = 2 * err["eager"].max().item() + FLOOR["fp32"]
     bad = err["kernel"] > bar
-    fitted = configs.fitted(config, n * (hw + k - 1) ** 2, c_in // groups, c_out // groups)
-    where = describe_dx_errors(bad, err["kernel"], (k - 1) // 2, fitted.block_m, fitted.block_n, groups)
+    phase_pixels = n * ((hw + k - 1 + stride - 1) // stride) ** 2  # the dgrad's M: one phase of the padded input
+    fitted = configs.fitted(config, phase_pixels, c_in // groups, c_out // groups)
+    where = describe_dx_errors(bad, err["kernel"], (k - 1) // 2, fitted.block_m, fitted.block_n, groups, stride)
     assert not where, f"dgrad {fitted}, eager's worst {err['eager'].max().item():.2e}: {where}"
 
 

@@ -24,6 +24,16 @@ def test_description_names_rows_columns_borders_channels_and_tiles():
     assert describe_dx_errors(torch.zeros_like(bad), err, 1, 16, 2, 1) == ""
 
 
+def test_stride_2_tiles_count_within_each_phase():
+    """The stride-2 dgrad's programs take one phase (row and column parity of the padded pixel) each: 8 x 9 padded
+    pixels make phases of 4 x 5 at most, 20 pixels in 2 tiles of 16, phase-major."""
+    bad = torch.zeros(1, 1, 6, 7, dtype=torch.bool)
+    bad[0, 0, 0, 0] = True  # padded (1, 1): phase 3, its pixel 0 -> tile 3 * 2 + 0
+    bad[0, 0, 5, 6] = True  # padded (6, 7): phase 1, its pixel 3 * 5 + 3 = 18 -> tile 1 * 2 + 1
+    text = describe_dx_errors(bad, bad.double(), pad=1, block_m=16, block_n=16, groups=1, stride=2)
+    assert "dgrad pixel tiles of 16: [3, 6]" in text
+
+
 def test_long_lists_are_cut_with_their_count():
     bad = torch.zeros(1, 1, 20, 3, dtype=torch.bool)
     bad[0, 0, :, 1] = True
