@@ -572,11 +572,13 @@ def _concat_bn_conv_bn_lrelu_bwd(
     # 6. wgrad, normalising the merged input on load: dW[co, tap, merged channel]
     shape = merge_shape(skip, deeper, weight, groups)
     config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "wgrad", skip, tf32, cout_g, c_in, n_pix, shape)
-    dw = _conv_bn_lrelu_module.wgrad_output((c_out, k, k, c_in), weight, config.split_k)
     flat = cs < config.block_n  # the skip's columns as (tap, channel) pairs (_source_wgrad)
     skip_blocks = triton.cdiv(k * k * cs, config.block_n) if flat else k * k * triton.cdiv(cs, config.block_n)
-    grid = (triton.cdiv(cout_g, config.block_m), skip_blocks + k * k * triton.cdiv(cd, config.block_n),
-            groups * config.split_k)  # fmt: skip
+    tiles_n = skip_blocks + k * k * triton.cdiv(cd, config.block_n)
+    config, grid = _conv_bn_lrelu_module.wgrad_grid(
+        config, launch, triton.cdiv(cout_g, config.block_m), tiles_n, groups, n_pix, dev
+    )
+    dw = _conv_bn_lrelu_module.wgrad_output((c_out, k, k, c_in), weight, config.split_k)
     _merge_wgrad_kernel[grid](
         dy, skip, deeper, merge_mean, merge_rstd, mg, mb, dw, n_pix, cs, cd, c_out, cout_g, h, w,
         *dy.stride(), *skip.stride(), *deeper.stride(), K=k, PAD=pad, SKIP_FLAT=flat, **launch,

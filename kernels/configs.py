@@ -14,8 +14,9 @@ section 2.2). Two tables:
     fp32 and TF32 (4 bytes an element): (128, 128, 32, 3, 8), Inductor's (128, 128, 32, 2, 8) with a third stage,
       the same 96 KiB.
     wgrad, every precision: (64, 64, BLOCK_K, 3, 4), BLOCK_K 64 (bf16) or 32. Its GEMM is C_out x C_in k k (128 x
-      1152) reduced over every pixel: 64 x 64 tiles make 36 output tiles at 128 channels, fewer than the 132 SMs,
-      so split_k=1 here leaves SMs idle (split_k below; a TUNED entry may set it).
+      1152) reduced over every pixel: 64 x 64 tiles make 36 output tiles at 128 channels, a quarter of an H100's
+      132 SMs, so its split_k is FILL_SMS: as many splits as give the launch two programs per SM (wgrad_splits;
+      a TUNED entry sets its own).
     elementwise passes (normalise + LeakyReLU, the pad adjoint, Lanczos2): 1024 elements, 4 warps; per-channel
       reductions (BN backward, the merge's statistics): 4 channels x 1024 pixels, 4 warps, or over channels_last
       activations 64 channels x 64 pixels (a pixel's channels are contiguous there).
@@ -38,7 +39,9 @@ configs, so a 4-channel skip conv does not run 128-wide tiles that are 97% maske
 
 split_k (wgrad only): the weight gradient's reduction over every output pixel split into that many programs per
 output tile, each writing an fp32 partial dW that a torch sum adds in a fixed order (deterministic, no atomics), so
-the 36 output tiles of a 128-channel 3x3 wgrad can fill an H100's 132 SMs.
+the 36 output tiles of a 128-channel 3x3 wgrad can fill an H100's 132 SMs. FILL_SMS leaves the count to the launch
+(wgrad_splits: the GPU's SMs, the grid's tiles and the reduction's length), so the same table fits a 512 px level
+and a 16 px one; the choice depends on the GPU model and the shape only, so results stay deterministic on a GPU.
 """
 
 from __future__ import annotations
@@ -91,6 +94,12 @@ class PlaneTiles:
     num_warps: int
 
 
+FILL_SMS = 0  # GemmTiles.split_k: the launch picks the splits that fill the GPU (wgrad_splits)
+HOPPER_SMS = 132  # an H100 SXM's and an H200's SMs: where the HOPPER table runs on no GPU (tools under the interpreter)
+FILL_PROGRAMS_PER_SM = 2  # a 64 x 64 wgrad program uses 48 KiB of shared memory: 4 fit on an SM with 227
+MIN_CHUNKS_PER_SPLIT = 8  # BLOCK_K chunks each split reduces at least, so its pipeline has steps to overlap
+MAX_SPLITS = 16  # the fp32 partials (split_k x dW) and their sum grow with the count
+
 _FP32_CONV = GemmTiles(128, 128, 32, 3, 8)
 _BF16_CONV = GemmTiles(128, 128, 64, 3, 8)
 _HOPPER_PASS = PassTiles(1024, 4, 4)
@@ -101,9 +110,9 @@ HOPPER = {
     ("dgrad", "fp32"): _FP32_CONV,
     ("dgrad", "tf32"): _FP32_CONV,
     ("dgrad", "bf16"): _BF16_CONV,
-    ("wgrad", "fp32"): GemmTiles(64, 64, 32, 3, 4),  # and the merge's wgrad
-    ("wgrad", "tf32"): GemmTiles(64, 64, 32, 3, 4),
-    ("wgrad", "bf16"): GemmTiles(64, 64, 64, 3, 4),
+    ("wgrad", "fp32"): GemmTiles(64, 64, 32, 3, 4, FILL_SMS),  # and the merge's wgrad
+    ("wgrad", "tf32"): GemmTiles(64, 64, 32, 3, 4, FILL_SMS),
+    ("wgrad", "bf16"): GemmTiles(64, 64, 64, 3, 4, FILL_SMS),
     **{("pass", p): _HOPPER_PASS for p in PRECISIONS},
     # a per-channel pass over channels_last (N, C, H, W): the tile's channels along the contiguous axis
     **{("pass-cl", p): PassTiles(64, 64, 4) for p in PRECISIONS},
@@ -219,12 +228,19 @@ def _fit(block: int, size: int) -> int:
 
 def fitted(config: GemmTiles, m: int, n: int, k: int) -> GemmTiles:
     """config with each block shrunk to the problem's m, n or k where the problem is smaller, and split_k to at most
-    one split per BLOCK_K chunk of k."""
+    one split per BLOCK_K chunk of k (FILL_SMS stays for wgrad_splits)."""
     block_k = _fit(config.block_k, k)
+    split_k = config.split_k if config.split_k == FILL_SMS else max(1, min(config.split_k, -(-k // block_k)))
     return replace(
-        config,
-        block_m=_fit(config.block_m, m),
-        block_n=_fit(config.block_n, n),
-        block_k=block_k,
-        split_k=max(1, min(config.split_k, -(-k // block_k))),
+        config, block_m=_fit(config.block_m, m), block_n=_fit(config.block_n, n), block_k=block_k, split_k=split_k
     )
+
+
+def wgrad_splits(config: GemmTiles, tiles: int, k: int, sms: int) -> int:
+    """The split_k of a (fitted) wgrad launch of `tiles` output tiles reducing over k pixels on a GPU of `sms` SMs:
+    config's own, or for FILL_SMS the fewest splits that give FILL_PROGRAMS_PER_SM programs per SM, each split
+    reducing at least MIN_CHUNKS_PER_SPLIT chunks, at most MAX_SPLITS (1 where the grid fills the GPU already)."""
+    if config.split_k != FILL_SMS:
+        return config.split_k
+    wanted = -(-FILL_PROGRAMS_PER_SM * sms // tiles)
+    return max(1, min(wanted, -(-k // config.block_k) // MIN_CHUNKS_PER_SPLIT, MAX_SPLITS))

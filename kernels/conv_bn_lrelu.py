@@ -43,8 +43,9 @@ Backward (five launches of four kernels, no atomics, deterministic):
   4. _bn_lrelu_bwd_kernel (APPLY=True): dy = gamma * rstd * (dz - dbeta / M - xhat * dgamma / M), stored, with
      per-tile partials of sum(dy) (= dbias; zero up to rounding, since the bias cancels under training BN).
   5. _conv_wgrad_kernel: dW[co, (i, j), ci] = sum over N*P*Q of dy * R(x) gathered with the same reflect index,
-     each program one tap and BLOCK_N input channels; with split_k > 1 (configs.py) each output tile's sum is
-     split into that many programs writing fp32 partials, summed in torch in a fixed order (sum_splits).
+     each program one tap and BLOCK_N input channels; with split_k > 1 (configs.py: on a GPU by default as many as
+     give every SM two programs) each output tile's sum is split into that many programs writing fp32 partials,
+     summed in torch in a fixed order (sum_splits).
   6. _conv_dgrad_kernel: the gradient of the padded input, a gather over taps in one (tap, chunk) loop as the
      forward's, written to an (N, C_in, H + 2 pad, W + 2 pad) buffer in x's layout. At stride 2 each program takes
      the padded pixels of one phase (row and column parity), which only that phase's taps reach: 9 tap products
@@ -69,13 +70,24 @@ wgrad, dgrad, pad adjoint) is a Triton kernel; only the C-sized statistic merges
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import replace
 
 import torch
 
 from dipfast import reference
 from dipfast.kernels.channel_sums import chan_finalize, column_sums
-from dipfast.kernels.configs import GemmTiles, fitted, gemm_tiles, pass_tiles, precision_of, shape_key
+from dipfast.kernels.configs import (
+    HOPPER_SMS,
+    GemmTiles,
+    fitted,
+    gemm_tiles,
+    pass_tiles,
+    precision_of,
+    shape_key,
+    wgrad_splits,
+)
 from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into_rows, unfold_channels, unfold_rows
 
 try:
@@ -549,14 +561,32 @@ def gemm_launch(
     op: str, family: str, x: torch.Tensor, tf32: bool, m: int, n: int, k: int, shape: str
 ) -> tuple[GemmTiles, dict]:
     """A GEMM kernel's tiles (configs.gemm_tiles for op, family and shape on x's device, fitted to its m x n x k)
-    and its launch keywords: blocks, warps, stages, SPLIT_K for wgrad, and the dot options for x's dtype."""
+    and its launch keywords: blocks, warps, stages and the dot options for x's dtype (a wgrad's SPLIT_K: wgrad_grid)."""
     precision = precision_of(x.dtype == torch.bfloat16, tf32)
     config = fitted(gemm_tiles(op, family, precision, shape, x.device), m, n, k)
     launch = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-    if family == "wgrad":
-        launch["SPLIT_K"] = config.split_k
     launch.update(num_warps=config.num_warps, num_stages=config.num_stages, **_dot_options(x.dtype, tf32))
     return config, launch
+
+
+def wgrad_grid(
+    config: GemmTiles, launch: dict, tiles_m: int, tiles_n: int, groups: int, n_pix: int, device: torch.device
+) -> tuple[GemmTiles, tuple[int, int, int]]:
+    """A wgrad launch's split_k (configs.wgrad_splits for its tiles_m x tiles_n x groups output tiles on `device`),
+    set in config and in launch's SPLIT_K, and its grid: (tiles_m, tiles_n, groups * split_k)."""
+    split_k = wgrad_splits(config, tiles_m * tiles_n * groups, n_pix, sm_count(device))
+    launch["SPLIT_K"] = split_k
+    return replace(config, split_k=split_k), (tiles_m, tiles_n, groups * split_k)
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """device's SMs; off a GPU (the interpreter running the GPU's tiles, as bench/sm90_codegen.py does) an H100's."""
+    return _cuda_sms(device.index or 0) if device.type == "cuda" else HOPPER_SMS
 
 
 def wgrad_output(shape: tuple[int, ...], weight: torch.Tensor, split_k: int) -> torch.Tensor:
@@ -682,12 +712,9 @@ def _conv_bn_lrelu_bwd(
     pad = (k - 1) // 2
     shape = conv_shape(x, weight, stride, groups)
     config, launch = gemm_launch(OP, "wgrad", x, tf32, cout_g, cin_g, n_pix, shape)
+    tiles_n = k * k * triton.cdiv(cin_g, config.block_n)  # a tap and BLOCK_N input channels per program
+    config, grid = wgrad_grid(config, launch, triton.cdiv(cout_g, config.block_m), tiles_n, groups, n_pix, dev)
     dw = wgrad_output((c_out, k, k, cin_g), weight, config.split_k)
-    grid = (
-        triton.cdiv(cout_g, config.block_m),
-        k * k * triton.cdiv(cin_g, config.block_n),  # a tap and BLOCK_N input channels per program
-        groups * config.split_k,
-    )
     _conv_wgrad_kernel[grid](
         dy, x, dw, n_pix, c_out, h, w, p, q, cin_g, cout_g, *dy.stride(), *x.stride(), STRIDE=stride, K=k, PAD=pad,
         **launch,

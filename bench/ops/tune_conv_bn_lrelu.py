@@ -44,8 +44,8 @@ MIN_GAIN = 0.03  # a tuned entry must be at least this much faster than the defa
 
 def candidates(family: str, precision: str) -> list[configs.GemmTiles]:
     """The configs tried for a family in a precision: Inductor's conv template configs and a few smaller ones
-    (notes/kernels.md, section 1.1), the table's default first, those over shared memory left out; wgrad with
-    split_k 1, 2, 4 and 8."""
+    (notes/kernels.md, section 1.1), the table's default first (wgrad's with FILL_SMS splits), those over shared
+    memory left out; wgrad with split_k 1, 2, 4 and 8 too."""
     block_k = (32, 64) if precision == "bf16" else (16, 32)
     shapes = [(128, 128), (64, 128), (128, 64), (64, 64), (256, 64), (64, 256), (32, 64)]
     found = [configs.HOPPER[family, precision]]

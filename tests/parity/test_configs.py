@@ -1,5 +1,7 @@
 """dipfast.kernels.configs: every kernel family has a config in every precision, and each config is launchable."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -51,6 +53,20 @@ def test_fitted_caps_split_k_at_one_split_per_chunk():
     assert configs.fitted(wgrad, 128, 1188, 512 * 512).split_k == 8
     assert configs.fitted(wgrad, 128, 1188, 100).split_k == 4  # 100 pixels: 4 chunks of 32
     assert configs.fitted(wgrad, 128, 1188, 3).split_k == 1
+
+
+def test_fill_sms_splits_a_small_wgrad_grid_until_every_sm_has_two_programs():
+    fill = configs.GemmTiles(64, 64, 64, 3, 4, configs.FILL_SMS)
+    assert configs.fitted(fill, 128, 1152, 512 * 512).split_k == configs.FILL_SMS  # left to the launch
+    # 128 -> 128 3x3: 2 x 18 = 36 output tiles; 2 x 132 programs want 8 splits, 4096 chunks of 64 pixels allow them
+    assert configs.wgrad_splits(fill, 36, 512 * 512, 132) == 8
+    assert configs.wgrad_splits(fill, 264, 512 * 512, 132) == 1  # the grid fills the GPU already
+    assert configs.wgrad_splits(fill, 1, 512 * 512, 132) == configs.MAX_SPLITS
+    # 16 x 16 pixels: 4 chunks, fewer than one split's MIN_CHUNKS_PER_SPLIT
+    assert configs.wgrad_splits(fill, 36, 16 * 16, 132) == 1
+    assert configs.wgrad_splits(fill, 36, 64 * 64, 132) == 8  # 64 chunks: 8 per split
+    assert configs.wgrad_splits(fill, 36, 32 * 32, 132) == 2  # 16 chunks
+    assert configs.wgrad_splits(replace(fill, split_k=3), 36, 512 * 512, 132) == 3  # a table's or tuned count
 
 
 H100 = "NVIDIA H100 80GB HBM3"
