@@ -491,7 +491,7 @@ def _concat_bn_conv_bn_lrelu_fwd(
             BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps,
         )  # fmt: skip
     mmean, mrstd = chan_finalize(psum, pm2, n_pix, tile.block, eps)
-    # 2. conv with the normalise-on-load two-source gather, statistics of y in the epilogue
+    # 2. conv normalising each source as it is loaded (the skip's K, then the deeper's), statistics of y in the epilogue
     shape = merge_shape(skip, deeper, weight, groups)
     config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "conv", skip, tf32, n_pix, cout_g, c_in, shape)
     tiles_m = triton.cdiv(n_pix, config.block_m)

@@ -70,7 +70,7 @@ class GemmTiles:
     block_k: int
     num_stages: int
     num_warps: int
-    split_k: int = 1  # wgrad: programs sharing one output tile's reduction (1 for the other families)
+    split_k: int = 1  # wgrad: programs sharing one output tile's reduction, or FILL_SMS (1 for the other families)
 
 
 @dataclass(frozen=True)
