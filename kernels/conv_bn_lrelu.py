@@ -60,12 +60,13 @@ points; never autotuned at run time). The block's output is materialised: normal
 own, not folded into the next conv's load. Under
 torch.func.vmap a rule folds the vmapped networks into groups: one launch for all of them (vmap_fold.py).
 
-Ops: dipfast::conv_bn_lrelu_fwd, dipfast::conv_bn_lrelu_bwd (torch.library.custom_op with register_fake and
-register_autograd, so torch.compile(fullgraph=True) traces through; no double backward). Reference twin:
-dipfast.reference.conv_bn_lrelu. Without CUDA (and without TRITON_INTERPRET=1 when this module was imported),
-without triton, or for dtypes other than fp32 and bf16, the public function calls the twin; conv_bn_lrelu_path(x) says
-which path a tensor takes. On the Triton path every part (conv, statistics, normalise, BN/LeakyReLU backward,
-wgrad, dgrad, pad adjoint) is a Triton kernel; only the C-sized statistic merges run in torch.
+Ops: dipfast::conv_bn_lrelu_fwd, dipfast::conv_bn_lrelu_bwd, and dipfast::conv_bn_lrelu_bwd_params, the backward
+of a conv whose input needs no gradient (the net's input z), without steps 6 and 7 (torch.library.custom_op with
+register_fake and register_autograd, so torch.compile(fullgraph=True) traces through; no double backward).
+Reference twin: dipfast.reference.conv_bn_lrelu. Without CUDA (and without TRITON_INTERPRET=1 when this module was
+imported), without triton, or for dtypes other than fp32 and bf16, the public function calls the twin;
+conv_bn_lrelu_path(x) says which path a tensor takes. On the Triton path every part (conv, statistics, normalise,
+BN/LeakyReLU backward, wgrad, dgrad, pad adjoint) is a Triton kernel; only the C-sized statistic merges run in torch.
 """
 
 from __future__ import annotations
@@ -699,6 +700,33 @@ def _conv_bn_lrelu_bwd(
     tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dweight, dbias, dgamma, dbeta), each in its tensor's dtype (dbias fp32), for the incoming gradient."""
+    return _backward(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, input_grad=True)
+
+
+# An op of its own, not a flag on conv_bn_lrelu_bwd: Inductor's caches key a compiled backward on the forward graph,
+# so a cached graph would go on calling the old schema of an op whose arguments changed.
+@torch.library.custom_op("dipfast::conv_bn_lrelu_bwd_params", mutates_args=())
+def _conv_bn_lrelu_bwd_params(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    stride: int,
+    groups: int,
+    slope: float,
+    tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dweight, dbias, dgamma, dbeta) as conv_bn_lrelu_bwd's, for an x that needs no gradient (a conv reading
+    the net's input z): no dgrad, no fold."""
+    return _backward(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, input_grad=False)
+
+
+def _backward(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, input_grad):
+    """conv_bn_lrelu_bwd's results, dx first where input_grad."""
     layout = memory_format(x)
     grad, x, y = (t.contiguous(memory_format=layout) for t in (grad, x, y))
     gamma, beta = gamma.contiguous(), beta.contiguous()
@@ -719,13 +747,16 @@ def _conv_bn_lrelu_bwd(
         dy, x, dw, n_pix, c_out, h, w, p, q, cin_g, cout_g, *dy.stride(), *x.stride(), STRIDE=stride, K=k, PAD=pad,
         **launch,
     )  # fmt: skip
-    hp, wp = h + 2 * pad, w + 2 * pad
-    dxp = padded_gradient((n, c_in, hp, wp), dev, torch.float32 if pad else x.dtype, layout)  # the fold sums in fp32
     # dW[co, tap, ci] is the weight's channels_last layout; handed back in the weight's own
     dw = sum_splits(dw, weight, config.split_k).permute(0, 3, 1, 2).contiguous(memory_format=memory_format(weight))
+    dparams = dw, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
+    if not input_grad:
+        return dparams
+    hp, wp = h + 2 * pad, w + 2 * pad
+    dxp = padded_gradient((n, c_in, hp, wp), dev, torch.float32 if pad else x.dtype, layout)  # the fold sums in fp32
     dgrad(dy, weight, dxp, groups, cin_g, stride, OP, shape, tf32)
     dx = dxp.contiguous(memory_format=layout) if pad == 0 else reflect_fold(dxp, x.shape, x.dtype, pad, layout)
-    return dx, dw, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
+    return dx, *dparams
 
 
 def dgrad(
@@ -820,15 +851,20 @@ def padded_gradient(shape: tuple[int, int, int, int], device, dtype, layout: tor
     return _alloc((n, -(-c // 16) * 16, h, w), device, dtype, layout)[:, :c]
 
 
-@_conv_bn_lrelu_bwd.register_fake
-def _(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32):
+@_conv_bn_lrelu_bwd_params.register_fake
+def _params_fake(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32):
     return (
-        torch.empty_like(x, memory_format=memory_format(x)),
         torch.empty_like(weight, memory_format=memory_format(weight)),
         gamma.new_empty(gamma.shape, dtype=torch.float32),
         gamma.new_empty(gamma.shape),
         beta.new_empty(beta.shape),
     )
+
+
+@_conv_bn_lrelu_bwd.register_fake
+def _(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32):
+    dparams = _params_fake(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32)
+    return torch.empty_like(x, memory_format=memory_format(x)), *dparams
 
 
 def _fwd_setup(ctx, inputs, output):
@@ -843,10 +879,11 @@ def _fwd_setup(ctx, inputs, output):
 
 
 def _fwd_backward(ctx, grad, _grad_y, _grad_mean, _grad_rstd):
-    x, weight, y, mean, rstd, gamma, beta = ctx.saved_tensors
-    dx, dw, db, dgamma, dbeta = _conv_bn_lrelu_bwd(
-        grad, x, weight, y, mean, rstd, gamma, beta, ctx.stride, ctx.groups, ctx.slope, ctx.tf32
-    )
+    args = (grad, *ctx.saved_tensors, ctx.stride, ctx.groups, ctx.slope, ctx.tf32)
+    if ctx.needs_input_grad[0]:
+        dx, dw, db, dgamma, dbeta = _conv_bn_lrelu_bwd(*args)
+    else:  # x is a constant: the net's input z
+        dx, (dw, db, dgamma, dbeta) = None, _conv_bn_lrelu_bwd_params(*args)
     db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
     return dx, dw, db, dgamma, dbeta, None, None, None, None, None
 
@@ -866,16 +903,22 @@ def _(info, in_dims, x, weight, bias, gamma, beta, stride, groups, eps, slope, t
     return (unfold_channels(out, b), unfold_channels(y, b), unfold_rows(mean, b), unfold_rows(rstd, b)), (1, 1, 0, 0)
 
 
-@_conv_bn_lrelu_bwd.register_vmap
-def _(info, in_dims, grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32):
+def _folded_backward(op, info, in_dims, grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32):
+    """A backward op's vmap rule: the B networks as B * groups groups, one launch; dx (if op returns one) then the
+    parameters' gradients."""
     b = info.batch_size
     grad, x, y = (fold_into_channels(batch_first(t, in_dims[i], b)) for i, t in ((0, grad), (1, x), (3, y)))
     weight, mean, rstd, gamma, beta = (
         fold_into_rows(batch_first(t, in_dims[i], b))
         for i, t in ((2, weight), (4, mean), (5, rstd), (6, gamma), (7, beta))
     )
-    dx, *rest = _conv_bn_lrelu_bwd(grad, x, weight, y, mean, rstd, gamma, beta, stride, b * groups, slope, tf32)
-    return (unfold_channels(dx, b), *(unfold_rows(t, b) for t in rest)), (1, 0, 0, 0, 0)
+    *dx, dw, db, dgamma, dbeta = op(grad, x, weight, y, mean, rstd, gamma, beta, stride, b * groups, slope, tf32)
+    dparams = tuple(unfold_rows(t, b) for t in (dw, db, dgamma, dbeta))
+    return (*(unfold_channels(t, b) for t in dx), *dparams), (1,) * len(dx) + (0, 0, 0, 0)
+
+
+_conv_bn_lrelu_bwd.register_vmap(functools.partial(_folded_backward, _conv_bn_lrelu_bwd))
+_conv_bn_lrelu_bwd_params.register_vmap(functools.partial(_folded_backward, _conv_bn_lrelu_bwd_params))
 
 
 def conv_bn_lrelu_path(x: torch.Tensor) -> str:

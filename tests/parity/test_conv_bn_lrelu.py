@@ -216,6 +216,24 @@ def test_opcheck(layout, rng, device):
     g = torch.randn(out.shape, generator=rng).to(device)
     bwd_args = (g, x.detach(), weight.detach(), y, mean, rstd, gamma.detach(), beta.detach(), 1, 1, 0.2, False)
     torch.library.opcheck(conv_bn_lrelu_module._conv_bn_lrelu_bwd, bwd_args)
+    torch.library.opcheck(conv_bn_lrelu_module._conv_bn_lrelu_bwd_params, bwd_args)
+
+
+def test_an_input_without_grad_runs_no_dgrad(rng, device, monkeypatch):
+    """A conv reading the net's input z (no grad) skips its input gradient, and the parameters' gradients are those
+    of a run that computes it (the same kernels: equal)."""
+    tensors, kw = _inputs((1, 5, 9, 8, 6, 3, 2, 1, True), rng, device)
+    x, *params = leaves(tensors, torch.float32)
+    g = torch.randn(1, 6, 5, 4, generator=rng).to(device)
+    expected = torch.autograd.grad(dipfast.kernels.conv_bn_lrelu(x, *params, **kw), params, g)
+
+    def no_dgrad(*args, **kwargs):
+        raise AssertionError("the dgrad ran for an input that needs no gradient")
+
+    monkeypatch.setattr(conv_bn_lrelu_module, "dgrad", no_dgrad)
+    actual = torch.autograd.grad(dipfast.kernels.conv_bn_lrelu(x.detach(), *params, **kw), params, g)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
 def test_conv_bn_lrelu_compiles(rng, device, tol):

@@ -122,12 +122,11 @@ def test_backward_op_rules_match_a_loop(rng, tol):
     x, weight, _, gamma, beta = args
     y, mean, rstd = (torch.stack([s[j] for s in saved]) for j in (1, 2, 3))
     batched = (grad, x, weight, y, mean, rstd, gamma, beta)
-    results = vmap(lambda *a: conv_bn_lrelu_module._conv_bn_lrelu_bwd(*a, 1, 2, 0.2, False))(*batched)
-    for i in range(B):
-        for actual, expected in zip(
-            results, conv_bn_lrelu_module._conv_bn_lrelu_bwd(*(a[i] for a in batched), 1, 2, 0.2, False), strict=True
-        ):
-            _assert_same(actual[i], expected, tol)
+    for bwd in (conv_bn_lrelu_module._conv_bn_lrelu_bwd, conv_bn_lrelu_module._conv_bn_lrelu_bwd_params):
+        results = vmap(lambda *a, op=bwd: op(*a, 1, 2, 0.2, False))(*batched)
+        for i in range(B):
+            for actual, expected in zip(results, bwd(*(a[i] for a in batched), 1, 2, 0.2, False), strict=True):
+                _assert_same(actual[i], expected, tol)
 
     grad_lr = torch.randn(B, 1, 3, 4, 3, generator=rng, device=rng.device)
     results = vmap(lambda g: lanczos2_module._lanczos2_downsample_bwd(g, 4, 16, 12))(grad_lr)
