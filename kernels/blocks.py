@@ -47,8 +47,7 @@ from dipfast.kernels.batch_norm_act import batch_norm_act, concat_batch_norm, la
 from dipfast.kernels.bilinear_x2 import upsample_bilinear2x_fast
 from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
 from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
-from dipfast.nets.bilinear_x2 import is_bilinear_x2
-from dipfast.nets.blocks import BlockOps
+from dipfast.nets.bilinear_x2 import BilinearX2Upsample
 from dipfast.nets.fusable import batch_norm_reason
 from dipfast.nets.layers import ConvBNAct, crop_to_smallest
 from dipfast.nets.padded_writes import PaddedWrites
@@ -125,7 +124,7 @@ def _merge_unfused_reason(level: SkipLevel, parts: list[torch.Tensor]) -> str | 
     return _dtype_reason(dtype, [_compute_dtype(p) for p in parts], (merge_bn.weight, merge_bn.bias), parts[0].device)
 
 
-class TritonBlocks(BlockOps):
+class TritonBlocks(BilinearX2Upsample):
     """ConvBNAct blocks and skip-level merges by the fused Triton kernels, the reference blocks elsewhere."""
 
     name = "triton"
@@ -165,11 +164,9 @@ class TritonBlocks(BlockOps):
             slope=up.act.negative_slope,
         )
 
-    def upsample(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def bilinear_x2(self, x: torch.Tensor) -> torch.Tensor:
         # Under torch.compile the module's backward is four zero-filled input-sized buffers, each scattered into
         # by an index_put with accumulation (atomics on a GPU); the Triton transpose is one deterministic gather.
-        if not is_bilinear_x2(m) or x.dim() != 4:
-            return super().upsample(m, x)
         return upsample_bilinear2x_fast(x)
 
 

@@ -18,6 +18,8 @@ cache and writes dx once, accumulating in fp32. The CPU's C++ op (dipfast.native
     upsample_bilinear2x(x)      F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False) in x's
                                 dtype, with the gather backward; takes vmap (the vectorised step's networks)
     is_bilinear_x2(m)           whether a module is that upsample (the fast block ops' test)
+    BilinearX2Upsample          block ops whose upsample is an op of their own (bilinear_x2) where the module is
+                                that upsample
 """
 
 from __future__ import annotations
@@ -27,9 +29,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from dipfast.native._tensors import layout  # the layout rule from strides, which vmap keeps per example
-from dipfast.nets.blocks import autocast_off
+from dipfast.nets.blocks import BlockOps, autocast_off
 
 _TAPS = (0.25, 0.75, 0.75, 0.25)  # exact in bf16 and fp32
+
+
+class BilinearX2Upsample(BlockOps):
+    """Subclass and implement bilinear_x2(x), x (N, C, H, W) -> (N, C, 2H, 2W) in x's dtype: upsample runs it for
+    every module is_bilinear_x2 accepts and a 4-D input, the reference module otherwise."""
+
+    def bilinear_x2(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def upsample(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not is_bilinear_x2(m) or x.dim() != 4:
+            return super().upsample(m, x)
+        return self.bilinear_x2(x)
 
 
 def is_bilinear_x2(m: nn.Module) -> bool:

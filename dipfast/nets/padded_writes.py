@@ -16,7 +16,7 @@ which result is written padded for which conv, and every fallback to the referen
                       with no pad op of its own
     merge             concat_bn straight into the padded buffer level.up's conv reads (bn_act with slope 1.0
                       for a level with no skip)
-    upsample          bilinear_x2 for the upsample it computes (dipfast.nets.bilinear_x2.is_bilinear_x2)
+    upsample          bilinear_x2 for the upsample it computes (dipfast.nets.bilinear_x2.BilinearX2Upsample)
 
 A conv whose BatchNorm bn_act computes runs without its bias, which that BatchNorm cancels exactly
 (dipfast.nets.fusable.conv_bias_cancels).
@@ -27,13 +27,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dipfast.nets.bilinear_x2 import is_bilinear_x2
-from dipfast.nets.blocks import BlockOps
+from dipfast.nets.bilinear_x2 import BilinearX2Upsample
 from dipfast.nets.fusable import batch_norm_reason, conv_bias_cancels, leaky_relu_slope, takes_padded_input
 from dipfast.nets.layers import crop_to_smallest
 
 
-class PaddedWrites(BlockOps):
+class PaddedWrites(BilinearX2Upsample):
     """Subclass and implement bn_act, concat_bn and bilinear_x2; the blocks they cannot compute take the reference
     ops."""
 
@@ -42,14 +41,6 @@ class PaddedWrites(BlockOps):
 
     def concat_bn(self, skip: torch.Tensor, deeper: torch.Tensor, bn: nn.BatchNorm2d, pad: int) -> torch.Tensor:
         raise NotImplementedError
-
-    def bilinear_x2(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def upsample(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not is_bilinear_x2(m) or x.dim() != 4:
-            return super().upsample(m, x)
-        return self.bilinear_x2(x)
 
     def conv(self, m: nn.Module, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """m's PadConv on an input nobody wrote padded (a level's input): the module's own pad."""
