@@ -59,21 +59,23 @@ def finish(report: dict, device) -> dict:
 
 
 def write(report: dict, out: Path, markdown: str) -> dict[str, Path]:
-    """Write <stem>.json and <stem>.md into out; returns the paths."""
+    """Write the suite's <stem>.json and <stem>.md into out; returns the paths."""
+    return _write_files(out, STEMS[report["suite"]], report, markdown)
+
+
+def save_and_print(out: Path, stem: str, report: dict, markdown: str) -> None:
+    """A bench/ script's report: <stem>.json and <stem>.md in out, the markdown printed too."""
+    _write_files(out, stem, report, markdown)
+    print(markdown)
+
+
+def _write_files(out: Path, stem: str, report: dict, markdown: str) -> dict[str, Path]:
+    """<stem>.json (the report, JSON-safe) and <stem>.md in out, made if absent; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = STEMS[report["suite"]]
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}
     paths["json"].write_text(json.dumps(_clean(report), indent=1, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown)
     return paths
-
-
-def save_and_print(out: Path, stem: str, report: dict, markdown: str) -> None:
-    """A bench/ script's report: <stem>.json and <stem>.md in out (made if absent), the markdown printed too."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(_clean(report), indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown)
-    print(markdown)
 
 
 def _f(x, fmt="{:.2f}", none="-") -> str:
