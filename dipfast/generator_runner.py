@@ -20,22 +20,18 @@ inside vmap, so the vectorised path casts its convolutions' operands itself (vma
 from __future__ import annotations
 
 import contextlib
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from dipfast.backends import Plan
+from dipfast.compile_cache import compile_settings
 from dipfast.flat_parameters import FlatParameters, ModuleSlots
 from dipfast.nets.aligned_channels import align_conv_channels
 from dipfast.nets.blocks import use_block_ops
 from dipfast.nets.layers import centre_crop
 from dipfast.vmap_autocast import bf16_convolutions
-
-RECOMPILE_LIMIT = 64  # Dynamo variants per code object: a benchmark process compiles dozens of fits
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dipfast" / "inductor"
 
 
 def channels_last_stacked(t: torch.Tensor) -> torch.Tensor:
@@ -76,7 +72,7 @@ class GeneratorRunner:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         in_vmap = bf16_convolutions() if self.vectorised and self.plan.precision == "bf16" else contextlib.nullcontext()
-        with self.plan.autocast(self.device), in_vmap, _compile_settings(self.plan.compile):
+        with self.plan.autocast(self.device), in_vmap, compile_settings(self.plan.compile):
             out = self._generate(self.flat.buffers, self.buffers, z)
         return centre_crop(out[:, 0].float(), self.out_size)
 
@@ -94,23 +90,3 @@ class GeneratorRunner:
     def _generate_many(self, flat, buffers, z):
         params = self.flat.stacked(flat)
         return vmap(lambda p, b, x: functional_call(self.module, (p, b), (x,)))(params, buffers, z)
-
-
-@contextlib.contextmanager
-def _compile_settings(compiled: bool):
-    """Dynamo's recompile limit raised and Inductor's cache kept across processes (not in /tmp, its
-    default), for the compiled call only: the process's own settings are restored afterwards."""
-    if not compiled:
-        yield
-        return
-    had_dir = "TORCHINDUCTOR_CACHE_DIR" in os.environ
-    previous_dir = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
-    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    try:
-        with torch._dynamo.config.patch(recompile_limit=limit):
-            yield
-    finally:
-        if had_dir:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous_dir
-        else:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)

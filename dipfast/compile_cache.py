@@ -1,0 +1,68 @@
+"""The settings of dipfast's compiled calls: a cache that outlives /tmp and cannot serve a stale backward.
+
+Inductor's caches (the FX graph cache and AOTAutograd's, which holds a forward with its backward) key on
+the traced graph. A dipfast op appears in that graph by name and schema only: its autograd rule, which
+decides the backward graph, is not part of the key. After an upgrade that changes a rule, or an op's
+backward, the cache would hand back the backward compiled for the old one. The key's tag
+(torch.compiler.config.cache_key_tag) therefore carries a hash of the files that define dipfast's ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+RECOMPILE_LIMIT = 64  # Dynamo variants per code object: a benchmark process compiles dozens of fits
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dipfast" / "inductor"
+
+
+def op_sources() -> list[Path]:
+    """The files whose contents define dipfast's torch ops: the Triton ops' modules, the native ops'
+    Python side (fakes, vmap rules) and the compiled library with their C++ autograd."""
+    import dipfast
+    import dipfast.kernels
+    import dipfast.native
+
+    folders = [Path(dipfast.kernels.__file__).parent, Path(dipfast.native.__file__).parent]
+    files = [f for folder in folders for f in folder.glob("*.py")]
+    files += Path(dipfast.__file__).parent.glob("_native*.so")
+    return sorted(files)
+
+
+@functools.cache
+def ops_tag() -> str:
+    """'dipfast-' and a short hash of op_sources()' contents: it changes whenever one of them does."""
+    digest = hashlib.sha256()
+    for path in op_sources():
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return "dipfast-" + digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def compile_settings(compiled: bool):
+    """For a compiled call only: Inductor's cache kept across processes (not in /tmp, its default), its
+    key tagged with ops_tag() (after any tag of the user's), Dynamo's recompile limit raised. The
+    process's own settings are restored afterwards."""
+    if not compiled:
+        yield
+        return
+    had_dir = "TORCHINDUCTOR_CACHE_DIR" in os.environ
+    previous_dir = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    tag = torch.compiler.config.cache_key_tag
+    if ops_tag() not in tag:  # once, in nested compiled calls
+        tag = "-".join(t for t in (tag, ops_tag()) if t)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=limit), torch.compiler.config.patch(cache_key_tag=tag):
+            yield
+    finally:
+        if had_dir:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous_dir
+        else:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)

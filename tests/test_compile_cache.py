@@ -1,0 +1,80 @@
+"""compile_cache: a compiled call's cache key carries the hash of dipfast's op sources, so a changed op
+(its autograd rule above all, which the traced graph does not show) never gets a stale compiled backward."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import dipfast
+import dipfast.kernels
+from dipfast import compile_cache
+
+
+def _fit_step(x, w):
+    return (x.sin() * w).sum()
+
+
+def _compile_and_backward() -> dict:
+    """One compiled forward and backward from a cold Dynamo; AOTAutograd's cache counters after it."""
+    torch._dynamo.reset()
+    w = torch.randn(8, requires_grad=True)
+    with compile_cache.compile_settings(True):
+        torch.compile(_fit_step)(torch.randn(8), w).backward()
+    assert w.grad is not None
+    return dict(counters["aot_autograd"])
+
+
+def test_another_ops_tag_misses_the_cache_the_same_tag_hits(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    counters.clear()
+    first = _compile_and_backward()
+    assert first.get("autograd_cache_saved") == 1
+    again = _compile_and_backward()
+    assert again.get("autograd_cache_hit") == 1, "the cache did not serve an unchanged compile"
+    monkeypatch.setattr(compile_cache, "ops_tag", lambda: "dipfast-changed")
+    changed = _compile_and_backward()
+    assert changed.get("autograd_cache_hit") == 1, "a changed op source was served from the cache"
+    assert changed.get("autograd_cache_miss") == 2
+
+
+def test_ops_tag_changes_with_an_op_source(tmp_path, monkeypatch):
+    source = tmp_path / "op.py"
+    source.write_text("def rule(): return 1\n")
+    monkeypatch.setattr(compile_cache, "op_sources", lambda: [source])
+    compile_cache.ops_tag.cache_clear()
+    try:
+        before = compile_cache.ops_tag()
+        source.write_text("def rule(): return 2\n")
+        compile_cache.ops_tag.cache_clear()
+        assert compile_cache.ops_tag() != before
+    finally:
+        compile_cache.ops_tag.cache_clear()
+
+
+def test_every_module_that_registers_a_dipfast_op_is_hashed():
+    folders = {Path(dipfast.__file__).parent, Path(dipfast.kernels.__file__).parent}
+    registering = {
+        f
+        for folder in folders
+        for f in folder.rglob("*.py")
+        if re.search(r"\"dipfast(_native)?::", f.read_text())
+    }
+    assert registering, "no op registrations found: the search is wrong"
+    assert registering <= set(compile_cache.op_sources())
+    assert any(f.suffix == ".so" for f in compile_cache.op_sources()), "the native library's C++ autograd"
+
+
+@pytest.mark.parametrize("users_tag", ["", "mine"])
+def test_compile_settings_tag_once_and_restore(users_tag, monkeypatch):
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", users_tag)
+    with compile_cache.compile_settings(True):
+        tag = torch.compiler.config.cache_key_tag
+        with compile_cache.compile_settings(True):
+            assert torch.compiler.config.cache_key_tag == tag
+    assert tag.startswith(users_tag) and tag.endswith(compile_cache.ops_tag())
+    assert torch.compiler.config.cache_key_tag == users_tag
+    with compile_cache.compile_settings(False):
+        assert torch.compiler.config.cache_key_tag == users_tag
