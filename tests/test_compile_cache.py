@@ -57,10 +57,7 @@ def test_ops_tag_changes_with_an_op_source(tmp_path, monkeypatch):
 def test_every_module_that_registers_a_dipfast_op_is_hashed():
     folders = {Path(dipfast.__file__).parent, Path(dipfast.kernels.__file__).parent}
     registering = {
-        f
-        for folder in folders
-        for f in folder.rglob("*.py")
-        if re.search(r"\"dipfast(_native)?::", f.read_text())
+        f for folder in folders for f in folder.rglob("*.py") if re.search(r"\"dipfast(_native)?::", f.read_text())
     }
     assert registering, "no op registrations found: the search is wrong"
     assert registering <= set(compile_cache.op_sources())
