@@ -592,7 +592,10 @@ def _concat_bn_conv_bn_lrelu_bwd(
     # launch took two 128-wide tiles, the second with 4 channels in it, doubling the step's largest GEMM.
     for c0, c_part in ((0, cs), (cs, cd)):
         dgrad(dy, weight[:, c0 : c0 + c_part], dxp[:, c0:], groups, c_in, 1, OP, shape, tf32)
-    dmerged = dxp if pad == 0 else reflect_fold(dxp, (n, groups * c_in, h, w), torch.float32, pad, layout)
+    dmerged = dxp
+    if pad:
+        dmerged = padded_gradient((n, groups * c_in, h, w), dev, torch.float32, layout)
+        reflect_fold(dxp, dmerged, pad)
     # 9-10. merge BN backward, per source, straight into d(skip) and d(deeper)
     tile = _source_tiles(skip.dtype, layout)
     passes = dict(BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps)

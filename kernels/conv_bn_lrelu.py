@@ -23,7 +23,8 @@ Precisions (x and weight share the compute dtype; bias, gamma and beta are that 
   bf16: bf16 dot operands with fp32 accumulation; every other load is converted to fp32 at once and all
     elementwise maths and the BN statistics are fp32 (taken from the fp32 accumulator, not the rounded y).
     Stored in bf16: y and the output (the op returns x's dtype, as autocast's conv + BatchNorm do), dy (an operand
-    of the backward dots), dx and dweight; in fp32: the statistics and the padded dgrad buffer the fold sums.
+    of the backward dots), dx and dweight; in fp32: the statistics, and in NCHW the padded dgrad buffer the fold
+    sums (channels_last's holds only the pad and the frame, in bf16, summed in fp32).
     In the interpreter, whose bf16 tl.dot is wrong, the dots get the same bf16 values as fp32 (_dot_options).
   Gradients come back in their tensors' dtypes.
 
@@ -49,9 +50,14 @@ Backward (five launches of four kernels, no atomics, deterministic):
   6. _conv_dgrad_kernel: the gradient of the padded input, a gather over taps in one (tap, chunk) loop as the
      forward's, written to an (N, C_in, H + 2 pad, W + 2 pad) buffer in x's layout. At stride 2 each program takes
      the padded pixels of one phase (row and column parity), which only that phase's taps reach: 9 tap products
-     per 4 pixels at k = 3, where gathering every tap and masking by divisibility computed 36.
-  7. _reflect_fold_kernel: the adjoint of R. Each input pixel sums its <= 3 pre-images per axis (itself and
-     its mirrors in the top/left and bottom/right pads), 9 masked loads, no atomics. Skipped for k = 1.
+     per 4 pixels at k = 3, where gathering every tap and masking by divisibility computed 36. In channels_last
+     the pixels more than pad + 1 from every edge (off the frame, frame_bounds), which no pad mirrors, go
+     straight into dx: the buffer, in x's dtype, gets only the pad and the frame (at 256 x 256 and k = 3, 3% of
+     the pixels).
+  7. _reflect_fold_kernel: the adjoint of R on the frame (channels_last) or on every pixel (NCHW). Each pixel sums
+     its <= 3 pre-images per axis (itself and its mirrors in the top/left and bottom/right pads) in fp32, 9 masked
+     loads, no atomics. Skipped for k = 1. In bf16 at 256 x 256 this moves 2 bytes an element of dx where the
+     fp32 buffer folded whole moved 10.
 Every launch's programs write disjoint elements and read only what earlier launches wrote (checked under the
 interpreter with its programs reordered and every access recorded: tests/parity/test_program_order.py).
 See ../shared/notes/kernels.md, sections 1.3 and 1.4. Tiles come from configs.py per kernel family and precision
@@ -380,7 +386,8 @@ if _HAS_TRITON:
     def _conv_dgrad_kernel(
         dy_ptr,  # (N, C_out, P, Q) compute dtype, strides sd_*
         w_ptr,  # (C_out, K, K, w_row) compute dtype: the weight's rows (weight_rows)
-        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD), strides so_*: fp32 (compute dtype when PAD = 0), d(padded input)
+        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD), strides so_*: d(padded input), on the pad and frame if DIRECT
+        dx_ptr,  # (N, C_in, H, W), strides sx_*: d(input) off the frame, where it is d(padded input) (DIRECT)
         n_class,  # N * cdiv(H + 2 PAD, STRIDE) * cdiv(W + 2 PAD, STRIDE): the pixels of one phase class, at most
         pad_h,  # H + 2 PAD
         pad_w,
@@ -398,8 +405,15 @@ if _HAS_TRITON:
         so_h,
         so_w,
         so_g,  # dxp's offset between groups' channels (group_stride: 0 for one group)
+        sx_n,
+        sx_c,
+        sx_h,
+        sx_w,
+        sx_g,  # dx's
         STRIDE: tl.constexpr,
         K: tl.constexpr,
+        PAD: tl.constexpr,
+        DIRECT: tl.constexpr,  # the pixels off the frame into dx (dx and dxp of one dtype), else every pixel into dxp
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -410,7 +424,10 @@ if _HAS_TRITON:
         STRIDE ow + kw of dy[oh, ow] W[kh, kw]. A padded pixel's phase (hh % STRIDE, ww % STRIDE) fixes which taps
         reach it (kh = hh mod STRIDE, + STRIDE, ...), so each program takes pixels of one phase and loops only over
         that phase's taps: at stride 2 and k = 3, 4, 2, 2 and 1 taps instead of all 9 masked (a quarter of the
-        work). Stride 1 has the one phase, every tap."""
+        work). Stride 1 has the one phase, every tap.
+        DIRECT: a pixel of the input off the frame (frame_bounds: more than PAD + 1 from every edge, so no pad
+        mirrors it) has the one pre-image, its padded gradient is its gradient: stored straight into dx. The pad and
+        the frame go to dxp, for reflect_fold to sum."""
         pid_m = tl.program_id(0)
         ry = 0  # the phase
         rx = 0
@@ -452,40 +469,59 @@ if _HAS_TRITON:
                 other=0.0,
             )
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        tl.store(
-            dxp_ptr + (nb * so_n + hh * so_h + ww * so_w + g * so_g)[:, None] + offs_n[None, :] * so_c,
-            acc,
-            mask=mask_m[:, None] & mask_n[None, :],
-        )
+        mask = mask_m[:, None] & mask_n[None, :]
+        h = hh - PAD
+        w = ww - PAD
+        inner = (h > PAD) & (h < pad_h - 3 * PAD - 1) & (w > PAD) & (w < pad_w - 3 * PAD - 1)  # off the frame
+        to = dxp_ptr + (nb * so_n + hh * so_h + ww * so_w + g * so_g)[:, None] + offs_n[None, :] * so_c
+        if DIRECT:  # one store through either pointer: two stores took 34 more registers for fp32 (sm90_codegen)
+            to_dx = dx_ptr + (nb * sx_n + h * sx_h + w * sx_w + g * sx_g)[:, None] + offs_n[None, :] * sx_c
+            to = tl.where(inner[:, None], to_dx, to)
+        tl.store(to, acc, mask=mask)
 
     @triton.jit
     def _reflect_fold_kernel(
-        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD) fp32, strides sp_*
-        dx_ptr,  # (N, C_in, H, W) compute dtype, dense: NCHW or channels_last
-        total,  # N * C_in * H * W
+        dxp_ptr,  # (N, C_in, H + 2 PAD, W + 2 PAD) fp32 or dx's dtype, strides sp_*: summed in fp32
+        dx_ptr,  # (N, C_in, H, W) any dtype, strides sx_*: the frame (top, bottom, left, right) written here
+        total,  # N * C_in * the frame's pixels
         channels,
         in_h,
         in_w,
+        top,  # the frame: rows [0, top) and [bottom, H) whole, the rows between at columns [0, left) and [right, W)
+        bottom,
+        left,
+        right,
         sp_n,
         sp_c,
         sp_h,
         sp_w,
+        sx_n,
+        sx_c,
+        sx_h,
+        sx_w,
         PAD: tl.constexpr,
         CHANNELS_LAST: tl.constexpr,  # dx's layout
         BLOCK: tl.constexpr,
     ):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # dx's elements in memory order
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # the frame's elements in dx's layout's order
         mask = offs < total
-        hw = in_h * in_w
+        edge_rows = (top + in_h - bottom) * in_w  # the frame's pixels in whole rows, then the sides'
+        sides = left + in_w - right  # pixels a row between
+        frame = edge_rows + (bottom - top) * sides
         if CHANNELS_LAST:
             c = offs % channels
-            pix = offs // channels
+            f = (offs // channels) % frame
         else:
-            c = (offs // hw) % channels
-            pix = (offs // (hw * channels)) * hw + offs % hw
-        base = (pix // hw) * sp_n + c * sp_c
-        h = (pix % hw) // in_w
-        w = pix % in_w
+            f = offs % frame
+            c = (offs // frame) % channels
+        nb = offs // (frame * channels)
+        in_rows = f < edge_rows
+        r = f // in_w
+        side = tl.maximum(f - edge_rows, 0)
+        col = side % tl.maximum(sides, 1)  # no rows between when the frame is the whole image (sides 0)
+        h = tl.where(in_rows, tl.where(r < top, r, bottom + r - top), top + side // tl.maximum(sides, 1))
+        w = tl.where(in_rows, f % in_w, tl.where(col < left, col, right + col - left))
+        base = nb * sp_n + c * sp_c
         step = sp_w
         # pre-images of h in the padded axis: h + PAD itself, PAD - h (top mirror), 2H - 2 - h + PAD (bottom)
         r0 = h + PAD
@@ -503,16 +539,16 @@ if _HAS_TRITON:
         row2 = base + r2 * sp_h
         m1 = mask & v1
         m2 = mask & v2
-        acc = tl.load(dxp_ptr + row0 + c0, mask=mask, other=0.0)
-        acc += tl.load(dxp_ptr + row0 + c1, mask=mask & u1, other=0.0)
-        acc += tl.load(dxp_ptr + row0 + c2, mask=mask & u2, other=0.0)
-        acc += tl.load(dxp_ptr + row1 + c0, mask=m1, other=0.0)
-        acc += tl.load(dxp_ptr + row1 + c1, mask=m1 & u1, other=0.0)
-        acc += tl.load(dxp_ptr + row1 + c2, mask=m1 & u2, other=0.0)
-        acc += tl.load(dxp_ptr + row2 + c0, mask=m2, other=0.0)
-        acc += tl.load(dxp_ptr + row2 + c1, mask=m2 & u1, other=0.0)
-        acc += tl.load(dxp_ptr + row2 + c2, mask=m2 & u2, other=0.0)
-        tl.store(dx_ptr + offs, acc, mask=mask)
+        acc = tl.load(dxp_ptr + row0 + c0, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(dxp_ptr + row0 + c1, mask=mask & u1, other=0.0).to(tl.float32)
+        acc += tl.load(dxp_ptr + row0 + c2, mask=mask & u2, other=0.0).to(tl.float32)
+        acc += tl.load(dxp_ptr + row1 + c0, mask=m1, other=0.0).to(tl.float32)
+        acc += tl.load(dxp_ptr + row1 + c1, mask=m1 & u1, other=0.0).to(tl.float32)
+        acc += tl.load(dxp_ptr + row1 + c2, mask=m1 & u2, other=0.0).to(tl.float32)
+        acc += tl.load(dxp_ptr + row2 + c0, mask=m2, other=0.0).to(tl.float32)
+        acc += tl.load(dxp_ptr + row2 + c1, mask=m2 & u1, other=0.0).to(tl.float32)
+        acc += tl.load(dxp_ptr + row2 + c2, mask=m2 & u2, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + nb * sx_n + c * sx_c + h * sx_h + w * sx_w, acc, mask=mask)
 
 
 def _alloc(shape, device, dtype=torch.float32, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -752,10 +788,19 @@ def _backward(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope
     dparams = dw, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
     if not input_grad:
         return dparams
-    hp, wp = h + 2 * pad, w + 2 * pad
-    dxp = padded_gradient((n, c_in, hp, wp), dev, torch.float32 if pad else x.dtype, layout)  # the fold sums in fp32
-    dgrad(dy, weight, dxp, groups, cin_g, stride, OP, shape, tf32)
-    dx = dxp.contiguous(memory_format=layout) if pad == 0 else reflect_fold(dxp, x.shape, x.dtype, pad, layout)
+    if pad == 0:
+        dx = padded_gradient(x.shape, dev, x.dtype, layout)
+        dgrad(dy, weight, dx, groups, cin_g, stride, OP, shape, tf32)
+        return dx.contiguous(memory_format=layout), *dparams
+    # In channels_last the pixels off the frame go straight to dx: the padded gradient, in x's dtype, holds the pad
+    # and the frame alone, and the fold sums only those (8 bytes an element fewer in bf16 than an fp32 padded
+    # gradient folded whole). NCHW keeps the whole fp32 fold: its dgrad spills 316-1200 bytes with the choice of
+    # pointer, against 196-264 without (bench/sm90_codegen.py).
+    direct = layout == torch.channels_last
+    dxp = padded_gradient((n, c_in, h + 2 * pad, w + 2 * pad), dev, x.dtype if direct else torch.float32, layout)
+    dx = _alloc(x.shape, dev, x.dtype, layout)
+    dgrad(dy, weight, dxp, groups, cin_g, stride, OP, shape, tf32, dx=dx if direct else None)
+    reflect_fold(dxp, dx, pad, frame_only=direct)
     return dx, *dparams
 
 
@@ -769,21 +814,29 @@ def dgrad(
     op: str,
     shape: str,
     tf32: bool,
+    dx: torch.Tensor | None = None,
 ) -> None:
     """dxp = the gradient of the padded input of the conv of weight (C_out, C_in / groups, k, k) at stride, for its
     output gradient dy; dxp (N, groups * group_channels, H + 2 pad, W + 2 pad) in any strides, its first C_in /
-    groups channels of each group written (the merge fills its sources' channels one launch each). Tiles: op's
-    dgrad config for shape."""
+    groups channels of each group written (the merge fills its sources' channels one launch each). With dx (N,
+    groups * group_channels, H, W), of dxp's dtype, any strides, and pad > 0: the pixels off dx's frame
+    (frame_bounds) go straight into dx, and dxp gets only the pad and the frame, for reflect_fold(frame_only=True).
+    Tiles: op's dgrad config for shape."""
     rows, w_row = weight_rows(weight)
     n, _, hp, wp = dxp.shape
     cin_g, k = weight.shape[1], weight.shape[-1]
+    pad = (k - 1) // 2
+    if dx is not None and (pad == 0 or dx.dtype != dxp.dtype or dx.shape[-2:] != (hp - 2 * pad, wp - 2 * pad)):
+        raise ValueError(f"dgrad: dx {tuple(dx.shape)} {dx.dtype} does not fit dxp {tuple(dxp.shape)} {dxp.dtype}")
     cout_g = dy.shape[1] // groups
     n_class = n * triton.cdiv(hp, stride) * triton.cdiv(wp, stride)  # a phase's pixels (_conv_dgrad_kernel)
     config, launch = gemm_launch(op, "dgrad", dy, tf32, n_class, cin_g, cout_g, shape)
     grid = (stride * stride * triton.cdiv(n_class, config.block_m), triton.cdiv(cin_g, config.block_n), groups)
+    direct = dxp if dx is None else dx  # unread without dx
     _conv_dgrad_kernel[grid](
-        dy, rows, dxp, n_class, hp, wp, *dy.shape[-2:], cin_g, cout_g, w_row, *dy.stride(), *dxp.stride(),
-        group_stride(groups, group_channels, dxp), STRIDE=stride, K=k, **launch,
+        dy, rows, dxp, direct, n_class, hp, wp, *dy.shape[-2:], cin_g, cout_g, w_row, *dy.stride(), *dxp.stride(),
+        group_stride(groups, group_channels, dxp), *direct.stride(), group_stride(groups, group_channels, direct),
+        STRIDE=stride, K=k, PAD=pad, DIRECT=dx is not None, **launch,
     )  # fmt: skip
 
 
@@ -816,18 +869,27 @@ def bn_lrelu_backward(
     return dy, pb.sum(0), dgamma, dbeta
 
 
-def reflect_fold(
-    dxp: torch.Tensor, shape: torch.Size, dtype: torch.dtype, pad: int, layout: torch.memory_format
-) -> torch.Tensor:
-    """The adjoint of the reflection pad by `pad`: d(input) of `shape`, `dtype` and `layout` from d(padded input) dxp
-    (any strides: padded_gradient's, say)."""
-    dx = _alloc(shape, dxp.device, dtype, layout)
-    tile = pass_tiles(dtype)
-    _reflect_fold_kernel[(triton.cdiv(dx.numel(), tile.block),)](
-        dxp, dx, dx.numel(), shape[1], shape[2], shape[3], *dxp.stride(), PAD=pad,
-        CHANNELS_LAST=layout == torch.channels_last, BLOCK=tile.block, num_warps=tile.num_warps,
+def frame_bounds(height: int, width: int, pad: int) -> tuple[int, int, int, int]:
+    """The frame of an input reflection-padded by pad > 0: its pixels within pad + 1 of an edge, which hold every
+    pixel that a pad mirrors (h in [1, pad] or [H - 1 - pad, H - 2]). As (top, bottom, left, right): rows [0, top)
+    and [bottom, H) whole, the rows between at columns [0, left) and [right, W)."""
+    frame = pad + 1
+    top, left = min(frame, height), min(frame, width)
+    return top, max(height - frame, top), left, max(width - frame, left)
+
+
+def reflect_fold(dxp: torch.Tensor, dx: torch.Tensor, pad: int, frame_only: bool = False) -> None:
+    """The adjoint of the reflection pad by pad > 0: each pixel of dx (any strides, dtype and layout) gets the sum of
+    its pre-images in the padded gradient dxp (any strides), or only those of dx's frame (frame_bounds), where dgrad
+    wrote the rest of dx directly."""
+    n, c, h, w = dx.shape
+    top, bottom, left, right = frame_bounds(h, w, pad) if frame_only else (h, h, 0, w)
+    total = n * c * ((top + h - bottom) * w + (bottom - top) * (left + w - right))
+    tile = pass_tiles(dx.dtype)
+    _reflect_fold_kernel[(triton.cdiv(total, tile.block),)](
+        dxp, dx, total, c, h, w, top, bottom, left, right, *dxp.stride(), *dx.stride(), PAD=pad,
+        CHANNELS_LAST=dx.stride(1) == 1, BLOCK=tile.block, num_warps=tile.num_warps,
     )  # fmt: skip
-    return dx
 
 
 def plane_strides(t: torch.Tensor) -> tuple[int, int, int]:

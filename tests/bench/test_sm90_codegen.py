@@ -68,6 +68,14 @@ def test_the_merge_input_gradient_compiles_as_the_conv_s_dgrad(rows):
     deeper launch loads and stores in vectors like the plain conv's dgrad (before: 32 one-element loads, then 212
     bytes spilled on the 132-channel stores)."""
     merge = rows["merge", "_conv_dgrad_kernel", "channels_last"]
-    conv = rows["conv", "_conv_dgrad_kernel", "channels_last"]
     assert merge["scalar_loads"] == 0 and merge["cp_async"] > 0 and merge["spill_bytes"] == 0, merge
-    assert merge["registers"] == conv["registers"], (merge, conv)
+
+
+@pytest.mark.parametrize("op", ("conv", "conv-s2", "merge"))
+def test_channels_last_dgrad_leaves_room_for_two_programs_an_sm(rows, op):
+    """At most 128 registers a thread: two programs of 8 warps fit an SM's 65536. The conv's dgrad stores each pixel
+    off the frame straight into dx, the rest into the padded gradient, through one pointer chosen per pixel: the
+    two masked stores that did it first took 255 registers in bf16 and 162 in fp32. The merge's dgrad stores every
+    pixel into its padded gradient."""
+    row = rows[op, "_conv_dgrad_kernel", "channels_last"]
+    assert row["registers"] * 32 * row["options"]["num_warps"] * 2 <= 65536, row

@@ -27,6 +27,7 @@ CASES = [  # (N, C_in, H, W, C_out, k, stride, groups, bias)
     (1, 3, 8, 9, 4, 7, 2, 1, True),  # k = 7, stride 2, odd W
     (1, 3, 4, 5, 4, 7, 2, 1, True),  # pad 3 = H - 1: every row has a mirror pre-image in both pads
     (1, 20, 9, 10, 20, 3, 1, 1, True),  # 20 channels: two channel tiles and two K chunks; two pixel tiles to merge
+    (1, 3, 11, 12, 4, 7, 1, 1, True),  # k = 7 with pixels off the frame (3 x 4 of them), which dgrad writes directly
 ]
 IDS = [
     "k3-7x9-n2",
@@ -38,6 +39,7 @@ IDS = [
     "k7-s2-8x9",
     "k7-s2-4x5-pad-h-1",
     "k3-9x10-c20",
+    "k7-11x12-inner",
 ]
 # Measured on the CPU interpreter against the float64 twin, worst over these cases and 3 seeds x 4 draws, relative
 # to the expected tensor's max: out 1.5e-6, dx 1.0e-6, dweight 2.8e-6, dgamma 2.2e-6, dbeta 2.2e-7 (dbias: see
