@@ -38,10 +38,12 @@ The op boundary, and what is fused:
     6. _merge_wgrad_kernel: conv_bn_lrelu's wgrad (a tap and a block of one source's channels per program, or for
        a narrow skip a block of its flattened (tap, channel) columns, as in the forward) normalising on load.
     7-8. conv_bn_lrelu's _conv_dgrad_kernel, once per source (its weight part into its channels: one launch over
-       all Cs + Cd would tile 4 + 128 channels as two 128-wide tiles), and _reflect_fold_kernel (k > 1): d(merged)
-       = the gradient of the normalised merge, (N, G * (Cs + Cd), H, W), fp32. Materialised: the merge BN's
-       backward needs two per-channel sums of it before any d(skip) element can be formed, so it is written once
-       and read twice.
+       all Cs + Cd would tile 4 + 128 channels as two 128-wide tiles), into the padded gradient (fp32), and
+       _reflect_fold_kernel (k > 1) on its frame, in place: d(merged), the gradient of the normalised merge,
+       (N, G * (Cs + Cd), H, W), is the padded gradient's interior, whose pixels off the frame
+       (conv_bn_lrelu.frame_bounds) have no pre-image in the pad (a whole fold into a buffer of its own wrote and
+       read 8 more bytes an element). Materialised: the merge BN's backward needs two per-channel sums of it before
+       any d(skip) element can be formed, so it is written once and read twice.
     9-10. _merge_bn_bwd_kernel, launched once per source for each step. 9 (APPLY False): partial sums of
        d(merged) and d(merged) * xhat, i.e. d(merge_beta) and d(merge_gamma). 10 (APPLY True): d(source) =
        merge_gamma * rstd * (g - dbeta / M - xhat * dgamma / M), written straight into d(skip) and d(deeper), so
@@ -392,7 +394,7 @@ if _HAS_TRITON:
 
     @triton.jit
     def _merge_bn_bwd_kernel(
-        g_ptr,  # (N, groups * C_in, H, W) fp32: gradient of the normalised merge, group-major, strides sg_*
+        g_ptr,  # (N, groups * C_in, H, W) fp32: gradient of the normalised merge, group-major, strides sg_* (a view)
         x_ptr,  # (N, groups * C_src, H, W) compute dtype: source (skip or deeper), strides s_*
         mean_ptr,  # (groups * C_in,) fp32
         rstd_ptr,  # (groups * C_in,) fp32
@@ -409,12 +411,14 @@ if _HAS_TRITON:
         c_off,  # merged channel (within a group) of this source's channel 0
         groups,
         hw,
+        width,
         s_n,  # the source's strides: image, channel, pixel (H and W flattened)
         s_c,
         s_pix,
-        sg_n,  # g's
+        sg_n,  # g's: image, channel, row, column (the padded gradient's interior: rows apart)
         sg_c,
-        sg_pix,
+        sg_h,
+        sg_w,
         APPLY: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -433,7 +437,8 @@ if _HAS_TRITON:
         rstd = tl.load(rstd_ptr + cm, mask=mask_c, other=0.0)[:, None]
         mean = tl.load(mean_ptr + cm, mask=mask_c, other=0.0)[:, None]
         xhat = (tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-        g = tl.load(g_ptr + (nb * sg_n + s * sg_pix)[None, :] + (cm * sg_c)[:, None], mask=mask, other=0.0)
+        g_pix = nb * sg_n + (s // width) * sg_h + (s % width) * sg_w
+        g = tl.load(g_ptr + g_pix[None, :] + (cm * sg_c)[:, None], mask=mask, other=0.0)
         if APPLY:
             db = tl.load(dbeta_ptr + cm, mask=mask_c, other=0.0)[:, None] * inv_m
             dg = tl.load(dgamma_ptr + cm, mask=mask_c, other=0.0)[:, None] * inv_m
@@ -592,10 +597,11 @@ def _concat_bn_conv_bn_lrelu_bwd(
     # launch took two 128-wide tiles, the second with 4 channels in it, doubling the step's largest GEMM.
     for c0, c_part in ((0, cs), (cs, cd)):
         dgrad(dy, weight[:, c0 : c0 + c_part], dxp[:, c0:], groups, c_in, 1, OP, shape, tf32)
-    dmerged = dxp
+    # d(merged) is dxp's interior, completed in place: only its frame has pre-images in the pad (reflect_fold), so
+    # the fold reads and writes no pixel but the frame's, and no merge-sized buffer is written a second time
+    dmerged = dxp[:, :, pad : pad + h, pad : pad + w]
     if pad:
-        dmerged = padded_gradient((n, groups * c_in, h, w), dev, torch.float32, layout)
-        reflect_fold(dxp, dmerged, pad)
+        reflect_fold(dxp, dmerged, pad, frame_only=True)
     # 9-10. merge BN backward, per source, straight into d(skip) and d(deeper)
     tile = _source_tiles(skip.dtype, layout)
     passes = dict(BLOCK_C=tile.block_c, BLOCK=tile.block, num_warps=tile.num_warps)
@@ -605,7 +611,7 @@ def _concat_bn_conv_bn_lrelu_bwd(
     for src, c_src, off in sources:
         _merge_bn_bwd_kernel[(tiles_p, triton.cdiv(groups * c_src, tile.block_c))](
             dmerged, src, merge_mean, merge_rstd, mg, mg, mg, src, q1, q2, n_pix, 1.0 / n_pix, c_src, c_in, off,
-            groups, hw, *plane_strides(src), *plane_strides(dmerged), APPLY=False, **passes,
+            groups, hw, w, *plane_strides(src), *dmerged.stride(), APPLY=False, **passes,
         )  # fmt: skip
     dmb, dmg = column_sums(q1, q2)
     dsrc = []
@@ -613,7 +619,7 @@ def _concat_bn_conv_bn_lrelu_bwd(
         dx = _alloc(src.shape, dev, src.dtype, layout)
         _merge_bn_bwd_kernel[(tiles_p, triton.cdiv(groups * c_src, tile.block_c))](
             dmerged, src, merge_mean, merge_rstd, mg, dmb, dmg, dx, q1, q2, n_pix, 1.0 / n_pix, c_src, c_in, off,
-            groups, hw, *plane_strides(src), *plane_strides(dmerged), APPLY=True, **passes,
+            groups, hw, w, *plane_strides(src), *dmerged.stride(), APPLY=True, **passes,
         )  # fmt: skip
         dsrc.append(dx)
     dmg, dmb = dmg.to(merge_gamma.dtype), dmb.to(merge_beta.dtype)

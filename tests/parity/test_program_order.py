@@ -94,9 +94,9 @@ def test_conflict_detector_flags_programs_that_share_memory(monkeypatch):
         assert total.item() == 5
 
 
-def _conv_inputs(rng, n, c_in, h, w, c_out, k, groups):
+def _conv_inputs(rng, n, c_in, h, w, c_out, k, groups, layout=torch.contiguous_format):
     return [
-        torch.rand(n, c_in, h, w, generator=rng) + 0.1,
+        (torch.rand(n, c_in, h, w, generator=rng) + 0.1).contiguous(memory_format=layout),
         torch.randn(c_out, c_in // groups, k, k, generator=rng) * (c_in // groups * k * k) ** -0.5,
         torch.randn(c_out, generator=rng),
         torch.rand(c_out, generator=rng) + 0.5,
@@ -123,6 +123,10 @@ CASES = {
     # 60 pixels: 4 pixel tiles, 2 channel tiles, 2 K chunks; wgrad's 3 splits of 4 chunks: 2, 2 and an empty one
     "conv-k3-2x17x6x5-to18": (dipfast.kernels.conv_bn_lrelu, reference.conv_bn_lrelu,
                               dict(n=2, c_in=17, h=6, w=5, c_out=18, k=3, groups=1), dict(stride=1), (2,)),
+    # channels_last: the dgrad stores the pixels off the frame (rows 2-3, column 2) into dx, the rest for the fold
+    "conv-k3-cl-2x17x6x5-to18": (dipfast.kernels.conv_bn_lrelu, reference.conv_bn_lrelu,
+                                 dict(n=2, c_in=17, h=6, w=5, c_out=18, k=3, groups=1, layout=torch.channels_last),
+                                 dict(stride=1), (2,)),
     # two groups on grid axis 2 (times the splits), pads of 2 with stride 2
     "conv-k5-s2-g2-6x7x6-to4": (dipfast.kernels.conv_bn_lrelu, reference.conv_bn_lrelu,
                                 dict(n=1, c_in=6, h=7, w=6, c_out=4, k=5, groups=2), dict(stride=2), (2,)),
