@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -24,13 +25,13 @@ CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "di
 def op_sources() -> list[Path]:
     """The files whose contents define dipfast's torch ops: the Triton ops' modules, the native ops'
     Python side (fakes, vmap rules) and the compiled library with their C++ autograd."""
-    import dipfast
-    import dipfast.kernels
-    import dipfast.native
-
-    folders = [Path(dipfast.kernels.__file__).parent, Path(dipfast.native.__file__).parent]
+    package = Path(__file__).parent
+    # found, not imported (an import here would close a cycle through the package); an editable install
+    # maps dipfast.kernels to the repository's kernels/
+    kernels = importlib.util.find_spec("dipfast.kernels").submodule_search_locations
+    folders = [*map(Path, kernels), package / "native"]
     files = [f for folder in folders for f in folder.glob("*.py")]
-    files += Path(dipfast.__file__).parent.glob("_native*.so")
+    files += package.glob("_native*.so")
     return sorted(files)
 
 
