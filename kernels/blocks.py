@@ -32,7 +32,9 @@ running statistics, no affine parameters) or whose next conv does not pad by ref
 computation, by the rules NativeBlocks follows too (dipfast.nets.fusable). Off the Triton path
 (batch_norm_act_path) every op is its eager twin.
 
-As BlockOps says, fused blocks do not update BatchNorm's running statistics (DIP never reads them).
+As BlockOps says, fused blocks do not update BatchNorm's running statistics (DIP never reads them). A fused block's
+conv runs without its bias, which its BatchNorm cancels exactly (dipfast.nets.fusable.conv_bias_cancels): the bias
+gets no gradient and keeps its value, and the output is the reference's.
 """
 
 from __future__ import annotations
@@ -48,12 +50,18 @@ from dipfast.kernels.bilinear_x2 import upsample_bilinear2x_fast
 from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
 from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
 from dipfast.nets.bilinear_x2 import BilinearX2Upsample
-from dipfast.nets.fusable import batch_norm_reason
+from dipfast.nets.fusable import batch_norm_reason, conv_bias_cancels
 from dipfast.nets.layers import ConvBNAct, crop_to_smallest
 from dipfast.nets.padded_writes import PaddedWrites
 
 if TYPE_CHECKING:
     from dipfast.nets.skip import SkipLevel
+
+
+def _kept_bias(m: ConvBNAct) -> torch.Tensor | None:
+    """m's conv bias, or None where the fused op's training-mode BatchNorm cancels it exactly (as PaddedWrites leaves
+    it out): no add in the forward, no sum of dy for its gradient in the backward (a reduction launch per conv)."""
+    return None if conv_bias_cancels(m) else m.conv.conv2d.bias
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -136,7 +144,7 @@ class TritonBlocks(BilinearX2Upsample):
         return conv_bn_lrelu(
             _cast(x),
             _cast(conv.weight),
-            conv.bias,
+            _kept_bias(m),
             bn.weight,
             bn.bias,
             stride=conv.stride[0],
@@ -157,7 +165,7 @@ class TritonBlocks(BilinearX2Upsample):
             merge_bn.weight,
             merge_bn.bias,
             _cast(conv.weight),
-            conv.bias,
+            _kept_bias(up),
             up.bn.weight,
             up.bn.bias,
             eps=up.bn.eps,

@@ -558,11 +558,12 @@ def _concat_bn_conv_bn_lrelu_bwd(
     groups: int,
     slope: float,
     tf32: bool,
+    bias_grad: bool,
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     """-> (dskip, ddeeper, dmerge_gamma, dmerge_beta, dweight, dbias, dgamma, dbeta), each in its tensor's dtype
-    (dbias fp32) and layout."""
+    (dbias fp32; empty unless bias_grad) and layout."""
     layout = memory_format(deeper)
     grad, skip, deeper, y = (t.contiguous(memory_format=layout) for t in (grad, skip, deeper, y))
     mg, mb, gamma, beta = (t.contiguous() for t in (merge_gamma, merge_beta, gamma, beta))
@@ -573,7 +574,7 @@ def _concat_bn_conv_bn_lrelu_bwd(
     pad = (k - 1) // 2
     n_pix, hw, dev = n * h * w, h * w, skip.device
     # 4-5. output BN + LeakyReLU backward (conv_bn_lrelu's)
-    dy, dbias, dgamma, dbeta = bn_lrelu_backward(grad, y, mean, rstd, gamma, beta, slope)
+    dy, dbias, dgamma, dbeta = bn_lrelu_backward(grad, y, mean, rstd, gamma, beta, slope, bias_grad)
     # 6. wgrad, normalising the merged input on load: dW[co, tap, merged channel]
     shape = merge_shape(skip, deeper, weight, groups)
     config, launch = _conv_bn_lrelu_module.gemm_launch(OP, "wgrad", skip, tf32, cout_g, c_in, n_pix, shape)
@@ -629,7 +630,23 @@ def _concat_bn_conv_bn_lrelu_bwd(
 
 @_concat_bn_conv_bn_lrelu_bwd.register_fake
 def _(
-    grad, skip, deeper, merge_gamma, merge_beta, weight, y, mean, rstd, gamma, beta, mmean, mrstd, groups, slope, tf32
+    grad,
+    skip,
+    deeper,
+    merge_gamma,
+    merge_beta,
+    weight,
+    y,
+    mean,
+    rstd,
+    gamma,
+    beta,
+    mmean,
+    mrstd,
+    groups,
+    slope,
+    tf32,
+    bias_grad,
 ):
     def like(t, dtype=None):
         return t.new_empty(t.shape, dtype=dtype or t.dtype)
@@ -640,7 +657,7 @@ def _(
         like(merge_gamma),
         like(merge_beta),
         torch.empty_like(weight, memory_format=memory_format(weight)),
-        like(gamma, torch.float32),
+        gamma.new_empty(gamma.shape if bias_grad else (0,), dtype=torch.float32),
         like(gamma),
         like(beta),
     )
@@ -658,10 +675,11 @@ def _fwd_setup(ctx, inputs, output):
 
 
 def _fwd_backward(ctx, grad, *_internal_grads):
+    bias_grad = ctx.needs_input_grad[5]  # no sum of dy for a bias left out (TritonBlocks) or frozen
     ds, dd, dmg, dmb, dw, db, dgamma, dbeta = _concat_bn_conv_bn_lrelu_bwd(
-        grad, *ctx.saved_tensors, ctx.groups, ctx.slope, ctx.tf32
+        grad, *ctx.saved_tensors, ctx.groups, ctx.slope, ctx.tf32, bias_grad
     )
-    db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    db = db.to(ctx.bias_dtype) if bias_grad else None
     return ds, dd, dmg, dmb, dw, db, dgamma, dbeta, None, None, None, None
 
 
@@ -682,7 +700,8 @@ def _(info, in_dims, skip, deeper, merge_gamma, merge_beta, weight, bias, gamma,
 @_concat_bn_conv_bn_lrelu_bwd.register_vmap
 def _(info, in_dims, grad, skip, deeper, *rest):
     b = info.batch_size
-    *tensors, groups, slope, tf32 = rest  # merge_gamma, merge_beta, weight, y, mean, rstd, gamma, beta, merge stats
+    # merge_gamma, merge_beta, weight, y, mean, rstd, gamma, beta, the merge's mean and rstd
+    *tensors, groups, slope, tf32, bias_grad = rest
     grad, skip, deeper = (
         fold_into_channels(batch_first(t, d, b)) for t, d in zip((grad, skip, deeper), in_dims[:3], strict=True)
     )
@@ -691,7 +710,8 @@ def _(info, in_dims, grad, skip, deeper, *rest):
         fold_into_channels(batch_first(t, d, b)) if i == y_index else fold_into_rows(batch_first(t, d, b))
         for i, (t, d) in enumerate(zip(tensors, in_dims[3:13], strict=True))
     ]
-    dskip, ddeeper, *dparams = _concat_bn_conv_bn_lrelu_bwd(grad, skip, deeper, *tensors, b * groups, slope, tf32)
+    args = (grad, skip, deeper, *tensors, b * groups, slope, tf32, bias_grad)
+    dskip, ddeeper, *dparams = _concat_bn_conv_bn_lrelu_bwd(*args)
     outputs = (unfold_channels(dskip, b), unfold_channels(ddeeper, b), *(unfold_rows(t, b) for t in dparams))
     return outputs, (1, 1, 0, 0, 0, 0, 0, 0)
 

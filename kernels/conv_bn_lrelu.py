@@ -276,7 +276,7 @@ if _HAS_TRITON:
         dbeta_ptr,  # (C,) fp32 sum(dz), read only when APPLY
         dgamma_ptr,  # (C,) fp32 sum(dz * xhat), read only when APPLY
         dy_ptr,  # (N, C, P, Q) compute dtype: gradient of the conv output, written only when APPLY
-        p1_ptr,  # (tiles, C) fp32: partial sum(dz), or sum(dy) when APPLY
+        p1_ptr,  # (tiles, C) fp32: partial sum(dz), or sum(dy) when APPLY and BIAS_SUMS
         p2_ptr,  # (tiles, C) fp32: partial sum(dz * xhat), written only when not APPLY
         n_pix,  # N * P * Q, the BN reduction size
         inv_m,  # 1 / n_pix
@@ -287,6 +287,7 @@ if _HAS_TRITON:
         s_pix,
         slope,
         APPLY: tl.constexpr,
+        BIAS_SUMS: tl.constexpr,  # with APPLY: sum(dy), the conv bias's gradient (zero up to rounding)
         BLOCK_C: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -309,7 +310,8 @@ if _HAS_TRITON:
             dgamma = tl.load(dgamma_ptr + c, mask=mask_c, other=0.0)[:, None]
             dy = gamma * rstd * (dz - dbeta * inv_m - xhat * (dgamma * inv_m))
             tl.store(dy_ptr + idx, dy, mask=mask)
-            tl.store(p1_ptr + pid * channels + c, tl.sum(tl.where(mask, dy, 0.0), axis=1), mask=mask_c)
+            if BIAS_SUMS:
+                tl.store(p1_ptr + pid * channels + c, tl.sum(tl.where(mask, dy, 0.0), axis=1), mask=mask_c)
         else:
             tl.store(p1_ptr + pid * channels + c, tl.sum(tl.where(mask, dz, 0.0), axis=1), mask=mask_c)
             tl.store(p2_ptr + pid * channels + c, tl.sum(tl.where(mask, dz * xhat, 0.0), axis=1), mask=mask_c)
@@ -734,9 +736,12 @@ def _conv_bn_lrelu_bwd(
     groups: int,
     slope: float,
     tf32: bool,
+    bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dx, dweight, dbias, dgamma, dbeta), each in its tensor's dtype (dbias fp32), for the incoming gradient."""
-    return _backward(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, input_grad=True)
+    """-> (dx, dweight, dbias, dgamma, dbeta), each in its tensor's dtype (dbias fp32; empty unless bias_grad), for
+    the incoming gradient."""
+    args = (grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, bias_grad)
+    return _backward(*args, input_grad=True)
 
 
 # An op of its own, not a flag on conv_bn_lrelu_bwd: Inductor's caches key a compiled backward on the forward graph,
@@ -755,13 +760,15 @@ def _conv_bn_lrelu_bwd_params(
     groups: int,
     slope: float,
     tf32: bool,
+    bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dweight, dbias, dgamma, dbeta) as conv_bn_lrelu_bwd's, for an x that needs no gradient (a conv reading
     the net's input z): no dgrad, no fold."""
-    return _backward(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, input_grad=False)
+    args = (grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, bias_grad)
+    return _backward(*args, input_grad=False)
 
 
-def _backward(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, input_grad):
+def _backward(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, bias_grad, input_grad):
     """conv_bn_lrelu_bwd's results, dx first where input_grad."""
     layout = memory_format(x)
     grad, x, y = (t.contiguous(memory_format=layout) for t in (grad, x, y))
@@ -772,7 +779,7 @@ def _backward(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope
     p, q = y.shape[-2:]
     n_pix = n * p * q
     dev = x.device
-    dy, dbias, dgamma, dbeta = bn_lrelu_backward(grad, y, mean, rstd, gamma, beta, slope)
+    dy, dbias, dgamma, dbeta = bn_lrelu_backward(grad, y, mean, rstd, gamma, beta, slope, bias_grad)
     pad = (k - 1) // 2
     shape = conv_shape(x, weight, stride, groups)
     config, launch = gemm_launch(OP, "wgrad", x, tf32, cout_g, cin_g, n_pix, shape)
@@ -848,10 +855,11 @@ def bn_lrelu_backward(
     gamma: torch.Tensor,
     beta: torch.Tensor,
     slope: float,
+    bias_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward of out = leaky_relu(batch_norm(y)) for grad and y of one dense layout: (dy in y's layout and
-    dtype, dbias = sum(dy) in fp32 (zero up to rounding), dgamma and dbeta in fp32). Two passes of
-    _bn_lrelu_bwd_kernel, its tiles along the layout's contiguous axis (configs.pass_tiles)."""
+    dtype, dbias = sum(dy) in fp32 (zero up to rounding; an empty tensor unless bias_grad), dgamma and dbeta in
+    fp32). Two passes of _bn_lrelu_bwd_kernel, its tiles along the layout's contiguous axis (configs.pass_tiles)."""
     n, c, p, q = y.shape
     n_pix, dev = n * p * q, y.device
     layout = memory_format(y)
@@ -862,11 +870,12 @@ def bn_lrelu_backward(
     args = (grad, y, mean, rstd, gamma, beta)
     sizes = (n_pix, 1.0 / n_pix, c, p * q, *plane_strides(y), slope)
     p1, p2 = _alloc((tiles_p, c), dev), _alloc((tiles_p, c), dev)
-    _bn_lrelu_bwd_kernel[grid](*args, y, y, y, p1, p2, *sizes, APPLY=False, **passes)
+    _bn_lrelu_bwd_kernel[grid](*args, y, y, y, p1, p2, *sizes, APPLY=False, BIAS_SUMS=False, **passes)
     dbeta, dgamma = column_sums(p1, p2)
-    dy, pb = _alloc(y.shape, dev, y.dtype, layout), _alloc((tiles_p, c), dev)  # dy: an operand of the GEMMs
-    _bn_lrelu_bwd_kernel[grid](*args, dbeta, dgamma, dy, pb, pb, *sizes, APPLY=True, **passes)
-    return dy, pb.sum(0), dgamma, dbeta
+    dy = _alloc(y.shape, dev, y.dtype, layout)  # an operand of the GEMMs
+    pb = _alloc((tiles_p, c) if bias_grad else (0,), dev)
+    _bn_lrelu_bwd_kernel[grid](*args, dbeta, dgamma, dy, pb, pb, *sizes, APPLY=True, BIAS_SUMS=bias_grad, **passes)
+    return dy, pb.sum(0) if bias_grad else pb, dgamma, dbeta
 
 
 def frame_bounds(height: int, width: int, pad: int) -> tuple[int, int, int, int]:
@@ -914,18 +923,18 @@ def padded_gradient(shape: tuple[int, int, int, int], device, dtype, layout: tor
 
 
 @_conv_bn_lrelu_bwd_params.register_fake
-def _params_fake(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32):
+def _params_fake(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, bias_grad):
     return (
         torch.empty_like(weight, memory_format=memory_format(weight)),
-        gamma.new_empty(gamma.shape, dtype=torch.float32),
+        gamma.new_empty(gamma.shape if bias_grad else (0,), dtype=torch.float32),
         gamma.new_empty(gamma.shape),
         beta.new_empty(beta.shape),
     )
 
 
 @_conv_bn_lrelu_bwd.register_fake
-def _(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32):
-    dparams = _params_fake(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32)
+def _(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, bias_grad):
+    dparams = _params_fake(grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, bias_grad)
     return torch.empty_like(x, memory_format=memory_format(x)), *dparams
 
 
@@ -941,12 +950,13 @@ def _fwd_setup(ctx, inputs, output):
 
 
 def _fwd_backward(ctx, grad, _grad_y, _grad_mean, _grad_rstd):
-    args = (grad, *ctx.saved_tensors, ctx.stride, ctx.groups, ctx.slope, ctx.tf32)
+    bias_grad = ctx.needs_input_grad[2]  # no sum of dy for a bias left out (TritonBlocks) or frozen
+    args = (grad, *ctx.saved_tensors, ctx.stride, ctx.groups, ctx.slope, ctx.tf32, bias_grad)
     if ctx.needs_input_grad[0]:
         dx, dw, db, dgamma, dbeta = _conv_bn_lrelu_bwd(*args)
     else:  # x is a constant: the net's input z
         dx, (dw, db, dgamma, dbeta) = None, _conv_bn_lrelu_bwd_params(*args)
-    db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    db = db.to(ctx.bias_dtype) if bias_grad else None
     return dx, dw, db, dgamma, dbeta, None, None, None, None, None
 
 
@@ -965,7 +975,9 @@ def _(info, in_dims, x, weight, bias, gamma, beta, stride, groups, eps, slope, t
     return (unfold_channels(out, b), unfold_channels(y, b), unfold_rows(mean, b), unfold_rows(rstd, b)), (1, 1, 0, 0)
 
 
-def _folded_backward(op, info, in_dims, grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32):
+def _folded_backward(
+    op, info, in_dims, grad, x, weight, y, mean, rstd, gamma, beta, stride, groups, slope, tf32, bias_grad
+):
     """A backward op's vmap rule: the B networks as B * groups groups, one launch; dx (if op returns one) then the
     parameters' gradients."""
     b = info.batch_size
@@ -974,7 +986,8 @@ def _folded_backward(op, info, in_dims, grad, x, weight, y, mean, rstd, gamma, b
         fold_into_rows(batch_first(t, in_dims[i], b))
         for i, t in ((2, weight), (4, mean), (5, rstd), (6, gamma), (7, beta))
     )
-    *dx, dw, db, dgamma, dbeta = op(grad, x, weight, y, mean, rstd, gamma, beta, stride, b * groups, slope, tf32)
+    args = (grad, x, weight, y, mean, rstd, gamma, beta, stride, b * groups, slope, tf32, bias_grad)
+    *dx, dw, db, dgamma, dbeta = op(*args)
     dparams = tuple(unfold_rows(t, b) for t in (dw, db, dgamma, dbeta))
     return (*(unfold_channels(t, b) for t in dx), *dparams), (1,) * len(dx) + (0, 0, 0, 0)
 

@@ -47,4 +47,4 @@ def fold_into_rows(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def unfold_rows(t: torch.Tensor, size: int) -> torch.Tensor:
     """(B * R, ...) -> (B, R, ...), a view whose vmapped axis is 0."""
-    return t.view(size, -1, *t.shape[1:])
+    return t.view(size, t.shape[0] // size, *t.shape[1:])  # not -1: an empty t (a gradient not asked for) too

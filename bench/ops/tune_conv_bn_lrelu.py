@@ -124,7 +124,7 @@ def _launcher(block: Block, family: str, precision: str, tensors, kw):
         args = (x, weight, bias, gamma, beta, kw["stride"], 1, 1e-5, 0.2, tf32)
         fwd, bwd = conv_bn_lrelu_module._conv_bn_lrelu_fwd, conv_bn_lrelu_module._conv_bn_lrelu_bwd
         out, *saved = fwd(*args)  # y, mean, rstd
-        bwd_args = (x, weight, *saved, gamma, beta, kw["stride"], 1, 0.2, tf32)
+        bwd_args = (x, weight, *saved, gamma, beta, kw["stride"], 1, 0.2, tf32, True)
     else:
         skip, deeper, mg, mb, weight, bias, gamma, beta = tensors
         args = (skip, deeper, mg, mb, weight, bias, gamma, beta, 1, 1e-5, 0.2, tf32)
@@ -133,7 +133,7 @@ def _launcher(block: Block, family: str, precision: str, tensors, kw):
             concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_bwd,
         )
         out, y, mean, rstd, mmean, mrstd = fwd(*args)
-        bwd_args = (skip, deeper, mg, mb, weight, y, mean, rstd, gamma, beta, mmean, mrstd, 1, 0.2, tf32)
+        bwd_args = (skip, deeper, mg, mb, weight, y, mean, rstd, gamma, beta, mmean, mrstd, 1, 0.2, tf32, True)
     if family == "conv":
         return lambda: fwd(*args)
     grad = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device)

@@ -213,7 +213,8 @@ def test_opcheck(layout, rng, device):
     skip, deeper, mg, mb, weight, _, gamma, beta = (t.detach() if t is not None else None for t in ins)
     g = torch.randn(out.shape, generator=rng).to(device)
     bwd_args = (g, skip, deeper, mg, mb, weight, y, mean, rstd, gamma, beta, mmean, mrstd, 2, 0.2, False)
-    torch.library.opcheck(concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_bwd, bwd_args)
+    for bias_grad in (True, False):  # False: an empty dbias, for a bias left out or not trained
+        torch.library.opcheck(concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_bwd, (*bwd_args, bias_grad))
 
 
 def test_concat_bn_conv_bn_lrelu_compiles(rng, device, tol):

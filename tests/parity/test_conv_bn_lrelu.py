@@ -217,8 +217,9 @@ def test_opcheck(layout, rng, device):
         out, y, mean, rstd = conv_bn_lrelu_module._conv_bn_lrelu_fwd(*args)
     g = torch.randn(out.shape, generator=rng).to(device)
     bwd_args = (g, x.detach(), weight.detach(), y, mean, rstd, gamma.detach(), beta.detach(), 1, 1, 0.2, False)
-    torch.library.opcheck(conv_bn_lrelu_module._conv_bn_lrelu_bwd, bwd_args)
-    torch.library.opcheck(conv_bn_lrelu_module._conv_bn_lrelu_bwd_params, bwd_args)
+    for bias_grad in (True, False):  # False: an empty dbias, for a bias left out or not trained
+        torch.library.opcheck(conv_bn_lrelu_module._conv_bn_lrelu_bwd, (*bwd_args, bias_grad))
+        torch.library.opcheck(conv_bn_lrelu_module._conv_bn_lrelu_bwd_params, (*bwd_args, bias_grad))
 
 
 def test_an_input_without_grad_runs_no_dgrad(rng, device, monkeypatch):

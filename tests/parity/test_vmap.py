@@ -4,6 +4,7 @@ calls, forward and gradients (autograd outside the vmap, as the engine runs it);
 vmap inside torch.compile(fullgraph=True)."""
 
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -42,6 +43,9 @@ def _poison(monkeypatch):
 def _assert_same(actual, expected, tol, scale=None):
     """actual == expected at the fp32 row, relative to `scale` (default: expected's largest magnitude)."""
     atol, rtol = tol[torch.float32]
+    if expected.numel() == 0:  # a gradient not asked for
+        assert actual.shape == expected.shape, (actual.shape, expected.shape)
+        return
     assert not torch.isnan(actual).any(), "NaN: an element was never written"
     scale = expected.abs().max().item() if scale is None else scale
     torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol)
@@ -122,11 +126,15 @@ def test_backward_op_rules_match_a_loop(rng, tol):
     x, weight, _, gamma, beta = args
     y, mean, rstd = (torch.stack([s[j] for s in saved]) for j in (1, 2, 3))
     batched = (grad, x, weight, y, mean, rstd, gamma, beta)
-    for bwd in (conv_bn_lrelu_module._conv_bn_lrelu_bwd, conv_bn_lrelu_module._conv_bn_lrelu_bwd_params):
-        results = vmap(lambda *a, op=bwd: op(*a, 1, 2, 0.2, False))(*batched)
+    for bwd, bias_grad in itertools.product(
+        (conv_bn_lrelu_module._conv_bn_lrelu_bwd, conv_bn_lrelu_module._conv_bn_lrelu_bwd_params), (True, False)
+    ):
+        results = vmap(lambda *a, op=bwd, db=bias_grad: op(*a, 1, 2, 0.2, False, db))(*batched)
         for i in range(B):
-            for actual, expected in zip(results, bwd(*(a[i] for a in batched), 1, 2, 0.2, False), strict=True):
-                _assert_same(actual[i], expected, tol)
+            expected = bwd(*(a[i] for a in batched), 1, 2, 0.2, False, bias_grad)
+            assert (expected[-3].numel() > 0) == bias_grad  # dbias: empty unless asked for
+            for actual, e in zip(results, expected, strict=True):
+                _assert_same(actual[i], e, tol)
 
     grad_lr = torch.randn(B, 1, 3, 4, 3, generator=rng, device=rng.device)
     results = vmap(lambda g: lanczos2_module._lanczos2_downsample_bwd(g, 4, 16, 12))(grad_lr)
@@ -157,11 +165,14 @@ def test_merge_backward_op_rule_matches_a_loop(rng, tol):
     y, mean, rstd, mmean, mrstd = (torch.stack([s[j] for s in saved]) for j in range(1, 6))
     grad = torch.randn(B, 1, 4, 5, 6, generator=rng, device=rng.device)
     batched = (grad, skip_, deeper, merge_gamma, merge_beta, weight, y, mean, rstd, gamma, beta, mmean, mrstd)
-    results = vmap(lambda *a: concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_bwd(*a, 1, 0.2, False))(*batched)
-    for i in range(B):
-        expected = concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_bwd(*(a[i] for a in batched), 1, 0.2, False)
-        for actual, e in zip(results, expected, strict=True):
-            _assert_same(actual[i], e, tol)
+    bwd = concat_bn_conv_bn_lrelu_module._concat_bn_conv_bn_lrelu_bwd
+    for bias_grad in (True, False):
+        results = vmap(lambda *a, db=bias_grad: bwd(*a, 1, 0.2, False, db))(*batched)
+        for i in range(B):
+            expected = bwd(*(a[i] for a in batched), 1, 0.2, False, bias_grad)
+            assert (expected[5].numel() > 0) == bias_grad  # dbias: empty unless asked for
+            for actual, e in zip(results, expected, strict=True):
+                _assert_same(actual[i], e, tol)
 
 
 def test_stacked_nets_match_a_loop(rng, tol):
@@ -174,10 +185,10 @@ def test_stacked_nets_match_a_loop(rng, tol):
     z = torch.rand(B, 1, 4, 8, 8, generator=rng, device=rng.device)
     out = vmap(lambda p, b, x: functional_call(nets[0], (p, b), (x,)))(params, buffers, z)
     g = torch.randn(out.shape, generator=rng, device=rng.device)
-    grads = torch.autograd.grad(out, list(params.values()), g)
+    grads = torch.autograd.grad(out, list(params.values()), g, materialize_grads=True)  # biases left out: 0
     for i, net in enumerate(nets):
         out_i = net(z[i])
-        grads_i = torch.autograd.grad(out_i, list(net.parameters()), g[i])
+        grads_i = torch.autograd.grad(out_i, list(net.parameters()), g[i], materialize_grads=True)
         _assert_same(out[i], out_i, tol)
         # relative to the network's largest gradient: the conv biases' gradients, zero in exact arithmetic under
         # training BN, are rounding noise at that scale on both sides
