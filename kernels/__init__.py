@@ -6,6 +6,11 @@ torch.func.vmap rule (vmap_fold.py), runs in fp32 (IEEE or TF32 dots) or on bf16
 from configs.py. TritonBlocks (blocks.py) is the triton backend's dipfast.nets.blocks.BlockOps; PaddedBlocks
 (blocks.py) the native and compile backends' on CUDA (cuDNN convs, the BatchNorm + activation of batch_norm_act.py
 written reflection-padded for the next conv).
+
+Under your own torch.compile: Inductor's caches key a compiled backward on the traced forward graph, which names these
+ops but not their autograd rules. dipfast's compiled calls tag the key with a hash of the ops' sources
+(dipfast.compile_cache.compile_settings); compile inside `with compile_settings(True):` too, or clear Inductor's cache
+after upgrading dipfast, or a cached backward may call an op as an older dipfast defined it.
 """
 
 from dipfast.kernels.batch_norm_act import batch_norm_act, batch_norm_act_path, concat_batch_norm
