@@ -42,7 +42,8 @@ Backward (five launches of four kernels, no atomics, deterministic):
   3. _bn_lrelu_bwd_kernel (APPLY=False): dz = g * leaky'(z); per-tile partials of sum(dz) (= dbeta) and
      sum(dz * xhat) (= dgamma), summed on the host side.
   4. _bn_lrelu_bwd_kernel (APPLY=True): dy = gamma * rstd * (dz - dbeta / M - xhat * dgamma / M), stored, with
-     per-tile partials of sum(dy) (= dbias; zero up to rounding, since the bias cancels under training BN).
+     per-tile partials of sum(dy) (= dbias; zero up to rounding, since the bias cancels under training BN) where the
+     bias takes a gradient (BIAS_SUMS; TritonBlocks leaves such biases out).
   5. _conv_wgrad_kernel: dW[co, (i, j), ci] = sum over N*P*Q of dy * R(x) gathered with the same reflect index,
      each program one tap and BLOCK_N input channels; with split_k > 1 (configs.py: on a GPU by default as many as
      give every SM two programs) each output tile's sum is split into that many programs writing fp32 partials,
@@ -471,15 +472,15 @@ if _HAS_TRITON:
                 other=0.0,
             )
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        mask = mask_m[:, None] & mask_n[None, :]
-        h = hh - PAD
-        w = ww - PAD
-        inner = (h > PAD) & (h < pad_h - 3 * PAD - 1) & (w > PAD) & (w < pad_w - 3 * PAD - 1)  # off the frame
         to = dxp_ptr + (nb * so_n + hh * so_h + ww * so_w + g * so_g)[:, None] + offs_n[None, :] * so_c
         if DIRECT:  # one store through either pointer: two masked stores took 255 registers in bf16, this 103
+            h = hh - PAD
+            w = ww - PAD
+            # off the frame (frame_bounds' rule): more than PAD + 1 from every edge of the H x W input
+            inner = (h > PAD) & (h < pad_h - 3 * PAD - 1) & (w > PAD) & (w < pad_w - 3 * PAD - 1)
             to_dx = dx_ptr + (nb * sx_n + h * sx_h + w * sx_w + g * sx_g)[:, None] + offs_n[None, :] * sx_c
             to = tl.where(inner[:, None], to_dx, to)
-        tl.store(to, acc, mask=mask)
+        tl.store(to, acc, mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _reflect_fold_kernel(
@@ -744,8 +745,8 @@ def _conv_bn_lrelu_bwd(
     return _backward(*args, input_grad=True)
 
 
-# An op of its own, not a flag on conv_bn_lrelu_bwd: Inductor's caches key a compiled backward on the forward graph,
-# so a cached graph would go on calling the old schema of an op whose arguments changed.
+# An op of its own, whose outputs hold no dx. (It began so, not as a flag, because Inductor's caches had served a
+# changed schema a stale backward; dipfast's compiled calls now tag the key with the ops' sources: compile_cache.)
 @torch.library.custom_op("dipfast::conv_bn_lrelu_bwd_params", mutates_args=())
 def _conv_bn_lrelu_bwd_params(
     grad: torch.Tensor,
@@ -839,10 +840,10 @@ def dgrad(
     n_class = n * triton.cdiv(hp, stride) * triton.cdiv(wp, stride)  # a phase's pixels (_conv_dgrad_kernel)
     config, launch = gemm_launch(op, "dgrad", dy, tf32, n_class, cin_g, cout_g, shape)
     grid = (stride * stride * triton.cdiv(n_class, config.block_m), triton.cdiv(cin_g, config.block_n), groups)
-    direct = dxp if dx is None else dx  # unread without dx
+    dx_arg = dxp if dx is None else dx  # without dx, a placeholder the kernel never touches (DIRECT off)
     _conv_dgrad_kernel[grid](
-        dy, rows, dxp, direct, n_class, hp, wp, *dy.shape[-2:], cin_g, cout_g, w_row, *dy.stride(), *dxp.stride(),
-        group_stride(groups, group_channels, dxp), *direct.stride(), group_stride(groups, group_channels, direct),
+        dy, rows, dxp, dx_arg, n_class, hp, wp, *dy.shape[-2:], cin_g, cout_g, w_row, *dy.stride(), *dxp.stride(),
+        group_stride(groups, group_channels, dxp), *dx_arg.stride(), group_stride(groups, group_channels, dx_arg),
         STRIDE=stride, K=k, PAD=pad, DIRECT=dx is not None, **launch,
     )  # fmt: skip
 
