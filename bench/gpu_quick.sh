@@ -33,6 +33,13 @@
 #                 (the flat buffer's conv weights 8 bytes off 16 before): which calls ran the legacy kernels, and
 #                 whether the aligned weights took them away. (Each conv
 #                 alone in four layouts, bench/conv_layouts.py, ran no legacy kernel on the H200.)      60
+#   cudnn         bench/cudnn_fusion.py: cuDNN's graph API on the four costliest convs: conv + BatchNorm statistics
+#                 in the epilogue, BatchNorm + LeakyReLU in the prologue, the gradients with the same, each checked
+#                 against torch in fp32 and timed beside ATen's conv: whether the fused engines take LeakyReLU in
+#                 bf16 on Hopper and pay (gpu-step.md's fix 5). Needs the `cudnn` module: installed from a
+#                 nvidia-cudnn-frontend wheel in .gpu-data/wheels where absent (no network on the device:
+#                 pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#                   --platform manylinux_2_28_x86_64 nvidia-cudnn-frontend==1.16.0 -d .gpu-data/wheels)     90
 #   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           35
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
 #                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  160
@@ -108,7 +115,7 @@ ARCHIVE=$DEST/gpu-quick.tar.gz
 PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-ALL_STEPS="install environment throughput profile convs batch time-to-psnr tests tasks parity ops triton early-stop large"
+ALL_STEPS="install environment throughput profile convs cudnn batch time-to-psnr tests tasks parity ops triton early-stop large"
 STEPS=" ${DIPFAST_GPU_QUICK_STEPS:-$ALL_STEPS} "
 for name in $STEPS; do
     [[ " $ALL_STEPS " == *" $name "* ]] || { echo "gpu_quick: unknown step '$name'; valid: $ALL_STEPS" >&2; exit 2; }
@@ -130,11 +137,12 @@ if [ "$TINY" = 1 ]; then
     TRITON_ENV=(TRITON_INTERPRET=1 TORCHDYNAMO_DISABLE=1)
     TTP=(--net tiny --size 32 --iters 6 --report-every 2)
     CONVS=(--device cpu --net tiny --size 16 --precision bf16 --repeats 2)
+    CUDNN=(--device cpu --net tiny --size 16 --top 1 --repeats 2)  # its aten rows; the cuDNN ones say "needs CUDA"
     TESTS=(tests/test_backends.py -k "resolve")  # a few CPU cases: the step's plumbing
     EARLY_STOP=(--net tiny --size 32 --iters 120 --limit 2 --cost 16)
     LARGE=(--device cpu --megapixels 0.01 --iters 6 --stop iterations --report-every 2)
     # the budget is all there is on a CPU: the limits only catch a hang
-    declare -A LIMIT=([install]=120 [environment]=60 [throughput]=240 [profile]=120 [convs]=120 [batch]=120 [tasks]=240
+    declare -A LIMIT=([install]=120 [environment]=60 [throughput]=240 [profile]=120 [convs]=120 [cudnn]=120 [batch]=120 [tasks]=240
                       [parity]=120 [ops]=120 [triton]=240 [time-to-psnr]=240 [tests]=120 [early-stop]=240 [large]=120)
 else
     BUDGET=${DIPFAST_GPU_QUICK_BUDGET:-480}
@@ -154,17 +162,19 @@ else
     TRITON_ENV=()
     TTP=(--iters 1800 --report-every 10)
     CONVS=(--device cuda --net default --size 512 --precision bf16 --repeats 10)
+    CUDNN=(--device cuda --net default --size 512 --top 4 --repeats 10)
     TESTS=(tests/test_cuda_restore.py tests/test_backends.py tests/test_early_stop_wiring.py tests/test_group_invariance.py
            tests/test_noise_level.py tests/test_vmap_autocast.py tests/test_bilinear_x2.py tests/test_aligned_channels.py
            tests/bench --ignore=tests/bench/test_gpu_quick.py)
     EARLY_STOP=(--size 256 --iters 2000 --cost 512)
     LARGE=(--device cuda --megapixels 12 --stop auto --report-every 25)
-    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=300 [profile]=90 [convs]=90 [batch]=90 [tasks]=120
+    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=300 [profile]=90 [convs]=90 [cudnn]=120 [batch]=90
+                      [tasks]=120
                       [parity]=120 [ops]=90 [triton]=180 [time-to-psnr]=200 [tests]=150 [early-stop]=240
                       [large]=590)
 fi
 # the smallest slice of the budget that a step is started with
-declare -A MIN=([install]=30 [environment]=5 [throughput]=60 [profile]=30 [convs]=20 [batch]=30 [tasks]=30 [parity]=30
+declare -A MIN=([install]=30 [environment]=5 [throughput]=60 [profile]=30 [convs]=20 [cudnn]=30 [batch]=30 [tasks]=30 [parity]=30
                 [ops]=20 [triton]=40 [time-to-psnr]=60 [tests]=30 [early-stop]=120 [large]=120)
 
 has() { [[ " $BACKENDS " == *" $1 "* ]]; }
@@ -278,6 +288,15 @@ convs() {  # the step's conv calls: native (parameters aligned), channels_last (
     done
     return $status
 }
+cudnn() {  # the frontend from a carried wheel where it is not installed (the device machine has no network)
+    local wheel
+    if ! "$PY" -c "import cudnn" 2> /dev/null; then
+        for wheel in "$ROOT"/.gpu-data/wheels/nvidia_cudnn_frontend-*.whl; do
+            [ -f "$wheel" ] && "$PY" -m pip install -q --no-deps --no-index "$wheel"
+        done
+    fi
+    "$PY" "$ROOT/bench/cudnn_fusion.py" "${CUDNN[@]}" --out "$WORK/cudnn"
+}
 batch() {
     # shellcheck disable=SC2046
     bench throughput "${DEVICE[@]}" "${BATCH[@]}" --batch 1 4 --quiet --out "$WORK/batch" \
@@ -352,6 +371,7 @@ wants environment && step environment environment
 wants throughput && step throughput throughput
 wants profile && step profile profile
 wants convs && step convs convs
+wants cudnn && step cudnn cudnn
 wants batch && step batch batch
 wants time-to-psnr && step_with_data time-to-psnr time_to_psnr
 wants tests && step tests suite_tests

@@ -24,6 +24,7 @@ OUTPUTS = {  # in the script's order of priority
         "convs/native-cl/step_convs.json",
         "convs/native-packed-parameters/step_convs.json",
     ],  # fmt: skip
+    "cudnn": ["cudnn/cudnn_fusion.json", "cudnn/cudnn_fusion.md"],
     "batch": ["batch/throughput.json"],
     "time-to-psnr": ["time-to-psnr/time_to_psnr.json"],
     "tests": ["tests/junit.xml"],
@@ -87,6 +88,8 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         tasks = [json.loads(line) for line in tar.extractfile("./tasks/tasks.jsonl").read().decode().splitlines()]
         assert {c["task"] for c in tasks} == {"sr", "inpaint", "denoise", "jpeg", "restore", "enhance", "flash"}
         assert all(c["status"] == "ok" for c in tasks)
+        probes = loaded("cudnn/cudnn_fusion.json")["rows"][0]["probes"]
+        assert probes["aten-cl"]["ok"] and probes["fprop"]["reason"] == "the cuDNN graph API needs CUDA"
         assert {r["method"] for r in loaded("triton/throughput.json")["rows"]} == {"triton"}
         ttp_runs = loaded("time-to-psnr/time_to_psnr.json")["cases"][0]["runs"]
         assert [r["method"] for r in ttp_runs][0] == "original-loop" and all(r["mode"] == "cold" for r in ttp_runs)
