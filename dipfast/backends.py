@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -212,6 +213,8 @@ def resolve(backend: str, precision: str, device: torch.device) -> Plan:
                 f"the reference backend is the IEEE fp32 oracle; for precision={precision!r} use backend='native'"
             )
         return REFERENCE_PLAN
+    if backend == "triton":
+        _check_triton_runs(device)
     unverified = _triton_fp32_unverified(device) if backend == "triton" else None
     if precision == "auto":
         # where the Triton kernels' fp32 path is unverified, their tensor-core precision
@@ -224,6 +227,23 @@ def resolve(backend: str, precision: str, device: torch.device) -> Plan:
             "use precision='tf32' or 'bf16', or backend='native'"
         )
     return Plan(backend, precision, compile=BACKEND_TABLE[backend].compile, cuda_graph=device.type == "cuda")
+
+
+def _check_triton_runs(device: torch.device) -> None:
+    """backend='triton' where its kernels do not run would be the compile backend in disguise (its blocks falling
+    back to torch's ops): refused, with what runs instead."""
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise InputError("backend='triton' needs the triton package (pip install triton); or use backend='native'")
+        return
+    from dipfast.kernels.conv_bn_lrelu import kernels_take
+
+    if kernels_take(torch.float32, device):
+        return
+    raise InputError(
+        f"backend='triton' runs its kernels on a CUDA GPU, not on device {device.type!r} (a CPU runs them only in "
+        "Triton's interpreter, for tests: TRITON_INTERPRET=1 before dipfast is imported); use backend='native'"
+    )
 
 
 def _triton_fp32_unverified(device: torch.device) -> str | None:

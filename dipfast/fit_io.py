@@ -142,7 +142,8 @@ def problem_of(
             raise InputError(f"{name}= applies to task {' or '.join(map(repr, takes))}, not {task.name!r}")
     if "mask" in task.inputs and mask is None:
         raise InputError(
-            f"task {task.name!r} needs mask= (nonzero = known pixel); dipfast.operators.bernoulli_mask makes one"
+            f"task {task.name!r} needs mask= (--mask FILE on the command; nonzero or white = a known pixel); "
+            "dipfast.operators.bernoulli_mask makes a random one"
         )
     m = None
     if mask is not None:
@@ -157,7 +158,7 @@ def problem_of(
 
     if preset.input == "guide":
         if guide is None:
-            raise InputError(f"task {task.name!r} needs guide= (the flash image)")
+            raise InputError(f"task {task.name!r} needs guide= (--guide FILE on the command: the flash image)")
         g, _, _ = images.to_tensor(guide, "guide")
         if g.shape[-2:] != out_size:
             raise InputError(

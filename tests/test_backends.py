@@ -17,6 +17,8 @@ Tolerances (fp32 IEEE on the CPU):
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import math
 
 import numpy as np
@@ -81,6 +83,24 @@ def test_resolve_refuses_with_one_line(backend, precision, message):
     with pytest.raises(InputError, match=message) as e:
         backends.resolve(backend, precision, CPU)
     assert "\n" not in str(e.value) and ("valid" in str(e.value) or "use backend=" in str(e.value))
+
+
+def test_triton_is_refused_where_its_kernels_would_not_run(monkeypatch):
+    """On a CPU the kernels run only in the interpreter (this suite's, conftest.py); without it backend='triton' would
+    be the compile backend on torch's ops, minutes of compiling for nothing it names: refused in one line, as on a GPU
+    without the triton package."""
+    conv_bn_lrelu = importlib.import_module("dipfast.kernels.conv_bn_lrelu")  # the module; the package exports the op
+
+    assert backends.resolve("triton", "fp32", CPU).backend == "triton"  # the interpreter's
+    monkeypatch.setattr(conv_bn_lrelu, "_INTERPRET", False)
+    with pytest.raises(InputError, match=r"^backend='triton' runs its kernels on a CUDA GPU, not on device 'cpu' .*"
+                       r"use backend='native'$"):  # fmt: skip
+        backends.resolve("triton", "auto", CPU)
+    assert backends.resolve("compile", "auto", CPU).backend == "compile"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    with pytest.raises(InputError, match=r"^backend='triton' needs the triton package \(pip install triton\)"):
+        backends.resolve("triton", "bf16", torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize("capability, refused", [((9, 0), True), ((8, 0), False)], ids=["hopper", "ampere"])

@@ -343,8 +343,8 @@ def _bad_cases():
         "missing mask file": args(
             "--task", "inpaint", "--mask", "no-such-mask.png", fragments=["mask file", "does not exist"]
         ),
-        "inpaint without mask": args("--task", "inpaint", fragments=["needs mask="]),
-        "flash without guide": args("--task", "flash", fragments=["needs guide="]),
+        "inpaint without mask": args("--task", "inpaint", fragments=["needs mask=", "--mask FILE"]),
+        "flash without guide": args("--task", "flash", fragments=["needs guide=", "--guide FILE"]),
         "target of another size": target_size,
         "sr scale 3": args("--task", "sr", "--scale", "3", fragments=["scale must be one of [2, 4, 8]"]),
         "sr without scale": args("--task", "sr", fragments=["needs scale="]),
