@@ -222,6 +222,7 @@ def expand_inputs(inputs, exclude: Path | None = None) -> list[Source]:
         raise InputError("no inputs given; name image files, folders or globs")
     skip = Path(exclude).resolve() if exclude is not None else None
     found: dict[str, Source] = {}
+    skipped = 0  # images left out as inside the output folder
     for given in inputs:
         text = os.fspath(given)
         if _is_glob(text):
@@ -236,6 +237,7 @@ def expand_inputs(inputs, exclude: Path | None = None) -> list[Source]:
             candidates = [(Path(text), Path(Path(text).name))]
         for path, rel in candidates:
             if skip is not None and path.exists() and path.resolve().is_relative_to(skip):
+                skipped += 1
                 continue
             key = rel.as_posix()
             if key in found and found[key].path != path:
@@ -244,6 +246,11 @@ def expand_inputs(inputs, exclude: Path | None = None) -> list[Source]:
                     "restore them in separate runs, or name their common parent folder"
                 )
             found[key] = Source(path, key)
+    if not found and skipped:
+        raise InputError(
+            f"every image found ({skipped}) is inside the output folder {os.fspath(exclude)!r}, and outputs never "
+            "become inputs; choose an output folder outside the inputs"
+        )
     if not found:
         raise InputError(f"no image files found in {[os.fspath(i) for i in inputs]}; suffixes: {list(IMAGE_SUFFIXES)}")
     return [found[k] for k in sorted(found)]

@@ -206,6 +206,9 @@ def test_inputs_expand_files_folders_and_globs(tmp_path, np_rng):
         batch.expand_inputs([tmp_path / "in" / "img0.png", tmp_path / "other" / "img0.png"])
     with pytest.raises(InputError, match="no image files found"):
         batch.expand_inputs([str(tmp_path / "in" / "*.tif")])
+    # the output folder named as the input: every image is an output, and the error says so
+    with pytest.raises(InputError, match=rf"^every image found \({len(keys)}\) is inside the output folder .*outside"):
+        batch.expand_inputs([tmp_path / "in"], exclude=tmp_path / "in")
 
 
 def test_outputs_inside_the_input_folder_never_become_inputs(tmp_path, np_rng):
