@@ -27,6 +27,7 @@ convolutions:
     concat_bn               concat_batch_norm over (skip, deeper) straight into the buffer level.up's conv reads
     bilinear_x2             bilinear x2 and its transpose as Triton gathers (bilinear_x2.py: no atomics,
                             deterministic)
+    conv                    a level's input (no BatchNorm writes it padded) padded by reflection_pad.py's gathers
 A block whose BatchNorm or activation the ops do not compute (another activation, BatchNorm in eval mode with
 running statistics, no affine parameters) or whose next conv does not pad by reflection takes the reference
 computation, by the rules NativeBlocks follows too (dipfast.nets.fusable). Off the Triton path
@@ -42,13 +43,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dipfast.kernels.batch_norm_act import batch_norm_act, concat_batch_norm, layout
+from dipfast.kernels.batch_norm_act import batch_norm_act, concat_batch_norm
 from dipfast.kernels.bilinear_x2 import upsample_bilinear2x_fast
 from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
 from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
+from dipfast.kernels.reflection_pad import reflection_pad
 from dipfast.nets.bilinear_x2 import BilinearX2Upsample
 from dipfast.nets.fusable import batch_norm_reason, conv_bias_cancels
 from dipfast.nets.layers import ConvBNAct, crop_to_smallest
@@ -194,10 +195,9 @@ class PaddedBlocks(PaddedWrites):
         return upsample_bilinear2x_fast(x)
 
     def conv(self, m: ConvBNAct, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """A level's input, which no BatchNorm wrote padded: reflection_pad.py's gathers, not torch's CUDA pad (NCHW
+        only, an atomic scatter backward), in the input's layout as the padded writes."""
         pad_conv = m.conv
-        if not pad_conv.reflection_pad or layout(x) != torch.channels_last:
+        if not pad_conv.reflection_pad:
             return pad_conv(x, bias)
-        # torch's CUDA reflection pad writes NCHW whatever its input (ReflectionPad.cu calls contiguous(), the
-        # H200 run's one parity failure): the conv reads the input's layout, as it does the padded writes
-        padded = F.pad(x, (pad_conv.reflection_pad,) * 4, mode="reflect").contiguous(memory_format=torch.channels_last)
-        return pad_conv.from_padded(padded, bias)
+        return pad_conv.from_padded(reflection_pad(x, pad_conv.reflection_pad), bias)

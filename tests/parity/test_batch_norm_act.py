@@ -302,16 +302,17 @@ def test_bad_arguments_raise(shape, pad, match):
 
 
 class _CountPads(TorchDispatchMode):
-    """Counts aten reflection_pad2d calls (F.pad(mode="reflect") and nn.ReflectionPad2d), and records whether each
-    convolution's input is channels_last."""
+    """Counts reflection pads (aten's, F.pad(mode="reflect") and nn.ReflectionPad2d, and dipfast.kernels'
+    reflection_pad: kernel_pads), and records whether each convolution's input is channels_last."""
 
     def __init__(self):
         super().__init__()
-        self.pads = 0
+        self.pads = self.kernel_pads = 0
         self.conv_inputs_channels_last = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.pads += func.overloadpacket == torch.ops.aten.reflection_pad2d
+        self.pads += func.overloadpacket in (torch.ops.aten.reflection_pad2d, torch.ops.dipfast.reflection_pad_fwd)
+        self.kernel_pads += func.overloadpacket == torch.ops.dipfast.reflection_pad_fwd
         if func.overloadpacket == torch.ops.aten.convolution:
             self.conv_inputs_channels_last.append(args[0].is_contiguous(memory_format=torch.channels_last))
         return func(*args, **(kwargs or {}))
@@ -325,20 +326,22 @@ def test_net_on_padded_blocks_matches_float64_reference(rng, device, tol):
     _assert_net_parity(net, z, rng, {}, tol, ops=PaddedBlocks())
 
 
-@pytest.mark.parametrize("nchw_pad", [False, True], ids=["pad-keeps-layout", "pad-writes-nchw"])
-def test_padded_blocks_run_no_pad_before_the_convs_they_feed(rng, device, monkeypatch, nchw_pad):
+@pytest.mark.parametrize("pad_op", ["kernels", "torch-keeps-layout", "torch-writes-nchw"])
+def test_padded_blocks_run_no_pad_before_the_convs_they_feed(rng, device, monkeypatch, pad_op):
     """The reference net pads before each of its six 3x3 convs (test_nets.py counts them); PaddedBlocks only before
-    the two strided down convs, whose input the 1x1 skip conv reads unpadded. Every conv reads channels_last, also
-    where the reflection pad writes NCHW whatever its input, as CUDA's does (emulated here on any device: two of
-    the convs read NCHW on an H200)."""
-    if nchw_pad:
+    the two strided down convs, whose input the 1x1 skip conv reads unpadded: by the kernels' reflection_pad where
+    they run, else by torch's. Every conv reads channels_last, also where torch's reflection pad writes NCHW whatever
+    its input, as CUDA's does (emulated here on any device: two of the convs read NCHW on an H200)."""
+    if pad_op != "kernels":
+        monkeypatch.setattr(importlib.import_module("dipfast.kernels.reflection_pad"), "kernels_take", lambda *a: False)
+    if pad_op == "torch-writes-nchw":
         pad = torch.nn.functional.pad
         monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: pad(*a, **k).contiguous())
     net = use_block_ops(_net(rng).to(device).to(memory_format=torch.channels_last), PaddedBlocks())
     z = torch.rand(1, 4, 9, 9, generator=rng).to(device).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), _CountPads() as mode:
         net(z)
-    assert mode.pads == 2
+    assert mode.pads == 2 and mode.kernel_pads == (2 if pad_op == "kernels" else 0)
     layouts = mode.conv_inputs_channels_last
     assert len(layouts) == 11 and all(layouts)  # per level skip, down, conv, up, up1x1; the head
 
