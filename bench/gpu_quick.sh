@@ -60,7 +60,7 @@
 #                 stop='auto') until the step's time runs out, with the rate and the projected end-to-end
 #                 time (bench/large_photo.py); end to end it needs a call of its own:
 #                 DIPFAST_GPU_QUICK_STEPS=large DIPFAST_GPU_QUICK_BUDGET=560                  300+
-# That is about 27 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
+# That is about 30 minutes in all: DIPFAST_GPU_QUICK_BUDGET (default 480 s) stops starting steps that
 # could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
 # (e.g. DIPFAST_GPU_QUICK_STEPS="environment tasks parity ops triton"). Each step's limit is its own or
 # the budget left, whichever is less. headline.md compares the figures with issue 12's targets and sets each variant
