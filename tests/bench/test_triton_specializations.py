@@ -14,7 +14,7 @@ import pytest
 from dipfast.kernels.batch_norm_act import _HAS_TRITON, _INTERPRET
 
 ROOT = Path(__file__).resolve().parents[2]
-STRIDE = re.compile(r"^(s|d|g|o|ds|dd)_s[nchw]$|^s[xogd][nchw]$")  # the kernels' stride arguments
+STRIDE = re.compile(r"^(s|d|g|o|ds|dd)_s[nchw]$|^s[xogdp]_?[nchw]$")  # the kernels' stride arguments
 
 pytestmark = pytest.mark.skipif(
     not (_HAS_TRITON and _INTERPRET), reason="records launches in Triton's interpreter (a CPU session's build)"
@@ -37,17 +37,22 @@ def tool():
 
 def test_default_net_step_compiles_each_kernel_once_per_pad_and_alignment(tool, tmp_path):
     """The default net at 256 px: every kernel of the native CUDA step is launched, and its compilations differ only
-    in what sets addresses (strides' alignment, the pad): no size, count or per-level tile makes another one."""
+    in what sets addresses (strides' alignment, the pad) or in a pointer's dtype (the level inputs' pad: the net's
+    input z is fp32, the deeper levels' bf16): no size, count or per-level tile makes another one."""
     assert tool.main(["--size", "256", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "triton_specializations.json").read_text())
     kernels = report["kernels"]
     assert {"_batch_norm_stats_kernel", "_batch_norm_act_pad_kernel", "_batch_norm_act_bwd_sums_kernel",
             "_batch_norm_act_bwd_apply_kernel", "_chan_finalize_kernel", "_column_sums_kernel", "_upsample_kernel",
-            "_transpose_kernel"} == set(kernels)  # fmt: skip
+            "_transpose_kernel", "_reflection_pad_kernel", "_reflect_fold_kernel"} == set(kernels)  # fmt: skip
     for name, k in kernels.items():
         assert k["launches"] >= k["specializations"] >= 1
-        assert all(a == "PAD" or STRIDE.match(a) for a in k["varying"]), f"{name}: {k['varying']}"
-    assert report["total"] <= 24  # measured 20; 91 with the sizes specialised and a tile width per level
+        varying = k["varying"]
+        assert all(a == "PAD" or STRIDE.match(a) or a.endswith("_ptr") for a in varying), f"{name}: {varying}"
+        pointers = {a: v for a, v in varying.items() if a.endswith("_ptr")}
+        assert all(len({t.split("/")[0] for t in v}) == len(v) for v in pointers.values()), f"{name}: {varying}"
+    assert report["total"] <= 24  # measured 23 (20 before the level inputs' pad kernels); 91 with the sizes
+    # specialised and a tile width per level
     assert "| _batch_norm_act_pad_kernel |" in (tmp_path / "triton_specializations.md").read_text()
 
 
