@@ -6,10 +6,30 @@ figures mean.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench_script(name: str) -> ModuleType:
+    """bench/<name>.py as a module, loaded with bench/ on sys.path as running the script puts it (its neighbours:
+    conv_layouts, step_convs)."""
+    folder = str(ROOT / "bench")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
 
 # compile and triton compile the net (tens of seconds on this CPU): tests/test_backends.py covers them
 METHODS = ["reference", "native", "native-eager", "original-loop"]

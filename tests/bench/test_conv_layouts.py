@@ -3,24 +3,18 @@ agrees with the floor model's trace, and each variant computes the same conv (it
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from dipfast.bench import floor
 from dipfast.nets import SkipSpec
 
-ROOT = Path(__file__).resolve().parents[2]
+from ._suites import bench_script
 
 
 @pytest.fixture(scope="module")
 def conv_layouts():
-    spec = importlib.util.spec_from_file_location("conv_layouts", ROOT / "bench/conv_layouts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("conv_layouts")
 
 
 def test_the_convs_listed_are_the_floor_models_convs(conv_layouts):

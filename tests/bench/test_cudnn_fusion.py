@@ -4,29 +4,21 @@ against float64."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[2]
+from ._suites import bench_script
+
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def fusion():
-    sys.path.insert(0, str(ROOT / "bench"))  # its neighbour conv_layouts, as running the script puts it
-    try:
-        spec = importlib.util.spec_from_file_location("cudnn_fusion", ROOT / "bench/cudnn_fusion.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return module
+    return bench_script("cudnn_fusion")
 
 
 ROW = {"c_in": 6, "c_out": 5, "kernel": 3, "stride": 2, "h": 11, "w": 9}  # odd sizes, stride 2: the ambiguous shape

@@ -3,16 +3,15 @@ outputs are in the one archive, so that the script cannot rot between GPU window
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import tarfile
-from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
+from ._suites import ROOT, bench_script
+
 # each step and the files it must leave in the archive
 OUTPUTS = {  # in the script's order of priority
     "environment": ["environment/environment.json", "environment/environment.txt"],
@@ -98,10 +97,7 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
 def test_the_headline_sets_each_variant_beside_its_backend():
     """The throughput step's decisions (native-reference-blocks, compile-nchw, compile-forced-layout against their
     backend): a ratio per variant measured in the same run, none for a variant whose backend did not run."""
-    spec = importlib.util.spec_from_file_location("gpu_quick_steps", ROOT / "bench" / "gpu_quick_steps.py")
-    steps = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(steps)
-    variants = steps.variants
+    variants = bench_script("gpu_quick_steps").variants
 
     def row(method, precision, ms):
         return {"method": method, "precision": precision, "batch": 1, "ms_per_iter": ms}

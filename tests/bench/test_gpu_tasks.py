@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from ._suites import bench_script
 
 
 def _gpu_tasks():
-    spec = importlib.util.spec_from_file_location("gpu_tasks", ROOT / "bench/gpu_tasks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("gpu_tasks")
 
 
 def test_a_failed_capture_is_described_by_the_error_inside_it():

@@ -4,27 +4,17 @@ alone with operands of exactly the recorded shapes, strides and pointer alignmen
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from ._suites import bench_script
+
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def step_convs():
-    sys.path.insert(0, str(ROOT / "bench"))  # its neighbour conv_layouts, as running the script puts it
-    try:
-        spec = importlib.util.spec_from_file_location("step_convs", ROOT / "bench/step_convs.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return module
+    return bench_script("step_convs")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -3,17 +3,15 @@ the GPU's tile table, recorded on the CPU under the interpreter."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
 from dipfast.kernels.batch_norm_act import _HAS_TRITON, _INTERPRET
 
-ROOT = Path(__file__).resolve().parents[2]
+from ._suites import bench_script
+
 STRIDE = re.compile(r"^(s|d|g|o|ds|dd)_s[nchw]$|^s[xogdp]_?[nchw]$")  # the kernels' stride arguments
 
 pytestmark = pytest.mark.skipif(
@@ -23,16 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tool():
-    sys.path.insert(0, str(ROOT / "bench"))  # its neighbour step_convs, as running the script puts it
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "triton_specializations", ROOT / "bench/triton_specializations.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return module
+    return bench_script("triton_specializations")
 
 
 def test_default_net_step_compiles_each_kernel_once_per_pad_and_alignment(tool, tmp_path):
