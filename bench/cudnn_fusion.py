@@ -77,7 +77,7 @@ class Operands:
         w_out = (row["w"] - k) // self.stride + 1
         self.dy = draw(1, c_out, h_out, w_out)
         f = {name: getattr(self, name).float() for name in ("x", "w", "scale", "bias", "pre", "dy")}
-        with _ieee_fp32():
+        with backends.conv_precision(tf32=False, cudnn_benchmark=False):  # the references in IEEE fp32
             self.act = F.leaky_relu(f["x"] * f["scale"] + f["bias"], SLOPE)
             self.y_ref = F.conv2d(f["x"], f["w"], stride=self.stride)
             self.y_sba_ref = F.conv2d(self.act, f["w"], stride=self.stride)
@@ -91,10 +91,6 @@ class Operands:
             dy, x, w, None, [self.stride] * 2, [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
         )
         return dx, dw
-
-
-def _ieee_fp32():
-    return backends.conv_precision(tf32=False, cudnn_benchmark=False)
 
 
 def _stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,10 +260,9 @@ def cudnn_state(device: torch.device):
 
 
 def forward_gflop(row: dict) -> float:
-    """One pass of the conv: 2 FLOP a multiply-add (the input and the weight gradient cost the same each)."""
-    h_out = (row["h"] - row["kernel"]) // row["stride"] + 1
-    w_out = (row["w"] - row["kernel"]) // row["stride"] + 1
-    return 2 * row["c_in"] * row["c_out"] * row["kernel"] ** 2 * h_out * w_out / 1e9
+    """One pass of the conv: conv_layouts' GFLOP counts the forward, the weight gradient and (where it runs) the
+    input gradient, each the same multiply-adds."""
+    return row["gflop"] / (3 if row["input_grad"] else 2)
 
 
 def markdown(report: dict) -> str:

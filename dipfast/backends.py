@@ -213,9 +213,10 @@ def resolve(backend: str, precision: str, device: torch.device) -> Plan:
                 f"the reference backend is the IEEE fp32 oracle; for precision={precision!r} use backend='native'"
             )
         return REFERENCE_PLAN
+    unverified = None
     if backend == "triton":
         _check_triton_runs(device)
-    unverified = _triton_fp32_unverified(device) if backend == "triton" else None
+        unverified = _triton_fp32_unverified(device)
     if precision == "auto":
         # where the Triton kernels' fp32 path is unverified, their tensor-core precision
         precision = "bf16" if unverified else auto_precision(device)

@@ -24,7 +24,7 @@ import torch
 
 from dipfast.kernels.batch_norm_act import layout
 from dipfast.kernels.conv_bn_lrelu import kernels_take
-from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, unfold_channels
+from dipfast.kernels.vmap_fold import channel_folding_rule
 from dipfast.nets.bilinear_x2 import upsample_bilinear2x
 
 try:
@@ -151,18 +151,8 @@ def _backward_of_fwd(ctx, grad):
 _bilinear_x2_fwd.register_autograd(_backward_of_fwd)
 
 
-def _channel_folding_rule(op):
-    """op's vmap rule: B networks as B * C channels (vmap_fold.py), one launch; both maps are per channel."""
-
-    def rule(info, in_dims, t):
-        b = info.batch_size
-        return unfold_channels(op(fold_into_channels(batch_first(t, in_dims[0], b))), b), 1
-
-    return rule
-
-
-for _op in (_bilinear_x2_fwd, _bilinear_x2_bwd):
-    _op.register_vmap(_channel_folding_rule(_op))
+for _op in (_bilinear_x2_fwd, _bilinear_x2_bwd):  # both maps are per channel
+    _op.register_vmap(channel_folding_rule(_op))
 
 
 def bilinear_x2_path(x: torch.Tensor) -> str:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dipfast.kernels.batch_norm_act import layout
 from dipfast.kernels.configs import pass_tiles
 from dipfast.kernels.conv_bn_lrelu import kernels_take, reflect_fold
-from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, unfold_channels
+from dipfast.kernels.vmap_fold import channel_folding_rule
 
 try:
     import triton
@@ -132,18 +132,8 @@ def _backward_of_fwd(ctx, grad):
 _reflection_pad_fwd.register_autograd(_backward_of_fwd, setup_context=_setup)
 
 
-def _channel_folding_rule(op):
-    """op's vmap rule: B networks as B * C channels (vmap_fold.py), one launch; the pad is per channel."""
-
-    def rule(info, in_dims, t, pad):
-        b = info.batch_size
-        return unfold_channels(op(fold_into_channels(batch_first(t, in_dims[0], b)), pad), b), 1
-
-    return rule
-
-
-for _op in (_reflection_pad_fwd, _reflection_pad_bwd):
-    _op.register_vmap(_channel_folding_rule(_op))
+for _op in (_reflection_pad_fwd, _reflection_pad_bwd):  # the pad is per channel
+    _op.register_vmap(channel_folding_rule(_op))
 
 
 def reflection_pad_path(x: torch.Tensor, pad: int) -> str:

@@ -48,3 +48,14 @@ def fold_into_rows(t: torch.Tensor | None) -> torch.Tensor | None:
 def unfold_rows(t: torch.Tensor, size: int) -> torch.Tensor:
     """(B * R, ...) -> (B, R, ...), a view whose vmapped axis is 0."""
     return t.view(size, t.shape[0] // size, *t.shape[1:])  # not -1: an empty t (a gradient not asked for) too
+
+
+def channel_folding_rule(op):
+    """The vmap rule of an op of one (N, C, H, W) tensor that maps each channel on its own (an upsample, a pad), its
+    other arguments not vmapped: the B networks as B * C channels, one launch."""
+
+    def rule(info, in_dims, t, *args):
+        b = info.batch_size
+        return unfold_channels(op(fold_into_channels(batch_first(t, in_dims[0], b)), *args), b), 1
+
+    return rule

@@ -63,11 +63,16 @@ def test_the_aten_probes_compute_what_their_references_say(fusion, name):
     run()  # rerunnable: the timing loop's call
 
 
-def test_forward_gflop_is_one_third_of_conv_layouts_forward_and_gradients(fusion):
+def test_forward_gflop_counts_one_pass_of_the_conv(fusion):
     rows = fusion.net_convs("default", 512)
     merge = rows[0]
     assert (merge["c_in"], merge["c_out"], merge["h"], merge["input_grad"]) == (132, 128, 514, True)
-    assert fusion.forward_gflop(merge) == pytest.approx(merge["gflop"] / 3)
+    assert fusion.forward_gflop(merge) == pytest.approx(2 * 132 * 128 * 9 * 512 * 512 / 1e9)  # 2 FLOP a MAC
+    first = next(r for r in rows if not r["input_grad"])  # a conv reading z: no dgrad
+    h_out = (first["h"] - first["kernel"]) // first["stride"] + 1
+    w_out = (first["w"] - first["kernel"]) // first["stride"] + 1
+    macs = first["c_in"] * first["c_out"] * first["kernel"] ** 2 * h_out * w_out
+    assert fusion.forward_gflop(first) == pytest.approx(2 * macs / 1e9)
 
 
 def test_without_the_cudnn_module_the_reason_names_the_package(fusion, monkeypatch):
