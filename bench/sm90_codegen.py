@@ -1,6 +1,7 @@
-"""What Hopper's compiler makes of the triton backend's GEMM kernels, on a machine with no GPU.
+"""What Hopper's compiler makes of dipfast's Triton kernels, on a machine with no GPU.
 
-    python bench/sm90_codegen.py --size 512 --out DIR
+    python bench/sm90_codegen.py --size 512 --out DIR          the triton backend's GEMM kernels
+    python bench/sm90_codegen.py --step --size 512 --out DIR   every Triton kernel of the native CUDA step
 
 The triton backend ran 0.38x compile's speed on an H100 (bench/results/2026-11-26-h100-f6a7824f76/) and its conv
 kernels were never profiled there. This records the launches of one conv_bn_lrelu forward + backward (the default
@@ -13,13 +14,21 @@ Triton's PTX backend, and assembles it with its ptxas -v. Per kernel and layout:
 memory, global loads issued one element at a time, asynchronous copies (cp.async: what the software pipeline
 overlaps with the dots) and wgmma instructions.
 
+--step does the same for the native backend's CUDA step (PaddedBlocks: the BatchNorm + LeakyReLU kernels that write
+the next conv's pad, their statistics and backward, the level inputs' pad, the upsample), NCHW, --precision: each
+kernel specialization that one iteration of the throughput input's fit launches, compiled as above, with its
+launches per iteration, its global loads and stores by width (an elementwise kernel wants 16-byte vectors: 8 bf16)
+and its tile-wide layout conversions (a round trip through shared memory, where a load's thread layout is not its
+store's).
+
 No timing: a spill, a scalar load or a missing pipeline is a fact of the code, and these are the ones that need no
-GPU to see. Writes sm90_codegen.json and sm90_codegen.md in --out.
+GPU to see. Writes sm90_codegen.json and sm90_codegen.md (--step: sm90_step_codegen.*) in --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import inspect
 import json
@@ -51,13 +60,35 @@ def _argument(value, specialize: bool = True) -> dict:
     if isinstance(value, bool):
         return {"type": "i1"}
     if isinstance(value, int):
-        return {"type": "i32", "one": specialize and value == 1, "div16": specialize and value % 16 == 0}
+        return {"type": "i32", "one": specialize and value == 1, "div16": specialize and value % 16 == 0,
+                "specialized": specialize}  # fmt: skip
     return {"type": "fp32"}
 
 
 def _constexpr(value):
     """A constexpr as JSON: numbers and bools as they are, a dtype (DOT_DTYPE) or a string by its name."""
     return value if isinstance(value, (bool, int, float)) else str(value)
+
+
+def _launch(jit, args: tuple, kwargs: dict) -> dict:
+    """One launch of an interpreted kernel `jit` as the sm_90 compile needs it: its module and name, each argument's
+    specialization, its constexprs and its warps and stages."""
+    params = list(inspect.signature(jit.fn).parameters.values())
+    values = {**dict(zip([p.name for p in params], args, strict=False)), **kwargs}
+    constexpr = {p.name for p in params if "constexpr" in str(p.annotation)}
+    fixed = _not_specialized(jit)
+    return {
+        "module": jit.fn.__module__,
+        "name": jit.fn.__name__,
+        "args": {p.name: _argument(values[p.name], p.name not in fixed) for p in params if p.name not in constexpr},
+        "constexprs": {p.name: _constexpr(values[p.name]) for p in params if p.name in constexpr},
+        "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs},
+    }
+
+
+def _not_specialized(jit) -> set[str]:
+    params = list(inspect.signature(jit.fn).parameters)
+    return {params[n] if isinstance(n, int) else n for n in jit.kwargs.get("do_not_specialize") or ()}
 
 
 def record(size: int, layout: str) -> dict[tuple[str, str], dict]:
@@ -71,20 +102,8 @@ def record(size: int, layout: str) -> dict[tuple[str, str], dict]:
     run = InterpretedFunction.run
 
     def capture(self, *args, grid, warmup, **kwargs):
-        name = self.fn.__name__
-        if name in GEMM_KERNELS:  # the last launch of each (the merge's dgrad: the skip's part, then the deeper's)
-            params = list(inspect.signature(self.fn).parameters.values())
-            values = {**dict(zip([p.name for p in params], args, strict=False)), **kwargs}
-            constexpr = {p.name for p in params if "constexpr" in str(p.annotation)}
-            fixed = {params[n].name if isinstance(n, int) else n for n in self.kwargs.get("do_not_specialize") or ()}
-            launches[op, name] = {
-                "module": self.fn.__module__,
-                "args": {
-                    p.name: _argument(values[p.name], p.name not in fixed) for p in params if p.name not in constexpr
-                },
-                "constexprs": {p.name: _constexpr(values[p.name]) for p in params if p.name in constexpr},
-                "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs},
-            }  # fmt: skip
+        if self.fn.__name__ in GEMM_KERNELS:  # the last launch of each (the merge's dgrad: the skip's part, then the
+            launches[op, self.fn.__name__] = _launch(self, args, kwargs)  # deeper's)
 
     fmt = LAYOUTS[layout]
     bf16 = dict(dtype=torch.bfloat16)
@@ -149,7 +168,13 @@ _COMPILE = textwrap.dedent(
             f.write(ptx)
         verbose = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name", "sm_90a", f.name,
                                   "-o", "/dev/null"], capture_output=True, text=True).stderr
-        loads = re.findall(r"ld\\.global[\\w.]*", ptx)
+        loads = re.findall(r"ld\\.global[\\w.:]*", ptx)
+
+        def widths(ops):  # {bytes an instruction moves: instructions}, e.g. ld.global.v4.b32: 16
+            sizes = [int((re.search(r"\\.v(\\d)", op) or [0, 1])[1]) * int(re.search(r"(\\d+)$", op)[1]) // 8
+                     for op in ops]
+            return {str(b): sizes.count(b) for b in sorted(set(sizes))}
+
         out[key] = {
             "registers": int(re.search(r"Used (\\d+) registers", verbose).group(1)),
             "spill_bytes": int(re.search(r"(\\d+) bytes spill stores", verbose).group(1)),
@@ -157,6 +182,10 @@ _COMPILE = textwrap.dedent(
             "scalar_loads": sum(1 for op in loads if not re.search(r"\\.v[248]", op)),
             "cp_async": len(re.findall(r"cp\\.async\\.c[ag]", ptx)),
             "wgmma": ptx.count("wgmma.mma_async"),
+            "load_bytes": widths(loads),
+            "store_bytes": widths(re.findall(r"st\\.global[\\w.:]*", ptx)),
+            # a tile changing thread layout (2-D or more: a per-channel vector's are a few registers)
+            "tile_conversions": len(re.findall(r"ttg\\.convert_layout [^:]*: tensor<\\d+x\\d+", kernel.asm["ttgir"])),
             "tiles": {k: launch["constexprs"].get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
             "options": launch["options"],
         }
@@ -185,6 +214,90 @@ def codegen(size: int) -> list[dict]:
     return [{**keys[key], **stats[key]} for key in launches]
 
 
+def record_step(size: int, precision: str) -> dict[str, dict]:
+    """{key: launch} for each kernel specialization one iteration of the native CUDA step launches (PaddedBlocks,
+    NCHW, Hopper's tiles; the first, up to its read-back: no final output), with its launch count. The kernels
+    record their launches under the interpreter and run none of them."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from step_convs import eager_step
+    from triton_specializations import launch_key, padded_blocks_on_cpu
+
+    from dipfast.bench.data import throughput_case
+    from dipfast.bench.throughput import restore_in_blocks
+    from dipfast.errors import NumericalError
+
+    launches: dict[tuple, dict] = {}
+    counts: collections.Counter = collections.Counter()
+    recording = [True]
+
+    def capture(self, *args, grid, warmup, **kwargs):
+        if recording[0]:
+            key = (self.fn.__name__, launch_key(self.fn, args, kwargs, _not_specialized(self)))
+            counts[key] += 1
+            launches.setdefault(key, _launch(self, args, kwargs))
+
+    def on_block() -> None:  # the first read-back
+        recording[0] = False
+
+    run = InterpretedFunction.run
+    InterpretedFunction.run = capture
+    try:
+        # unwritten outputs can make the loss NaN, which the read-back refuses (after the recorded launches)
+        with padded_blocks_on_cpu(), eager_step(), configs.forced_tiles(configs.HOPPER), \
+                contextlib.suppress(NumericalError):  # fmt: skip
+            restore_in_blocks(throughput_case(size), "native", precision, blocks=1, iters=1, net="default",
+                              device=torch.device("cpu"), seed=0, on_block=on_block)  # fmt: skip
+    finally:
+        InterpretedFunction.run = run
+    return {f"{name}/{i}": {**launches[name, k], "launches": counts[name, k]} for i, (name, k) in enumerate(launches)}
+
+
+def step_codegen(size: int, precision: str) -> list[dict]:
+    launches = record_step(size, precision)
+    stats = compile_sm90(launches)
+    return [{"kernel": launch["name"], **launch, **stats[key]} for key, launch in launches.items()]
+
+
+def _specialization(row: dict) -> str:
+    """What tells a kernel's specializations apart: its constexprs but the tiles, its tensors' dtypes, and the
+    arguments Triton cannot take as 16-aligned (pointers, and the ints it specializes: a row's stride, the width)."""
+    tiles = {"BLOCK", "BLOCK_W", "BLOCK_C", "BLOCK_T"}
+    parts = [f"{k}={v}" for k, v in row["constexprs"].items() if k not in tiles]
+    dtypes = sorted({a["type"].lstrip("*") for a in row["args"].values() if a["type"].startswith("*")})
+    unaligned = [
+        name
+        for name, a in row["args"].items()
+        if (a["type"].startswith("*") and not a["aligned"]) or (a.get("specialized") and not (a["one"] or a["div16"]))
+    ]
+    return ", ".join(parts + ["/".join(dtypes)] + ([f"not 16-aligned: {' '.join(unaligned)}"] if unaligned else []))
+
+
+def _widths(histogram: dict) -> str:
+    return ", ".join(f"{n} x {b} B" for b, n in sorted(histogram.items(), key=lambda kv: -int(kv[0]))) or "-"
+
+
+def step_markdown(rows: list[dict], size: int, precision: str) -> str:
+    lines = [
+        f"## sm_90 code of the native CUDA step's Triton kernels (default net, {size} px, {precision}, NCHW)",
+        "",
+        "Per kernel specialization: launches in one iteration, and the global memory instructions of its code (bytes "
+        "each moves x count; 16 B is a vector of 8 bf16 or 4 fp32).",
+        "",
+        "| kernel | specialization | launches | tiles, warps | registers | global loads | global stores | "
+        "tile layout conversions |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tiles = " x ".join(str(v) for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
+        lines.append(
+            f"| {r['kernel']} | {_specialization(r)} | {r['launches']} | {tiles}, {r['options'].get('num_warps', 4)} | "
+            f"{r['registers']} | {_widths(r['load_bytes'])} | {_widths(r['store_bytes'])} | {r['tile_conversions']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict], size: int) -> str:
     lines = [
         f"## sm_90 code of the triton backend's GEMM kernels (bf16, 128 -> 128 3x3 at {size} px; merge 4 + 128 -> 128)",
@@ -207,8 +320,17 @@ def markdown(rows: list[dict], size: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--step", action="store_true", help="the native CUDA step's kernels, not the GEMM kernels")
+    parser.add_argument("--precision", default="bf16", help="--step's precision (default bf16)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.precision != "bf16" and not args.step:
+        parser.error("--precision applies to --step (the GEMM kernels are compiled in bf16)")
+    if args.step:
+        rows = step_codegen(args.size, args.precision)
+        report = {"size": args.size, "precision": args.precision, "rows": rows}
+        save_and_print(args.out, "sm90_step_codegen", report, step_markdown(rows, args.size, args.precision))
+        return 0
     rows = codegen(args.size)
     save_and_print(args.out, "sm90_codegen", {"size": args.size, "rows": rows}, markdown(rows, args.size))
     return 0

@@ -1,7 +1,8 @@
-"""bench/sm90_codegen.py: the triton backend's GEMM kernels compiled for Hopper here, with no GPU. In channels_last
-(the backend's bf16 layout on CUDA) every operand tile of the conv_bn_lrelu kernels is loaded in vectors by
-asynchronous copies and nothing spills; NCHW still issues one-element loads (the reflection index hides its rows'
-contiguity), which is what the layout change was for."""
+"""bench/sm90_codegen.py: dipfast's Triton kernels compiled for Hopper here, with no GPU. The triton backend's GEMM
+kernels: in channels_last (the backend's bf16 layout on CUDA) every operand tile of the conv_bn_lrelu kernels is
+loaded in vectors by asynchronous copies and nothing spills; NCHW still issues one-element loads (the reflection
+index hides its rows' contiguity), which is what the layout change was for. --step, the native CUDA step's kernels:
+the BatchNorm passes move aligned planes in 16-byte vectors, with one thread layout per tile."""
 
 from __future__ import annotations
 
@@ -79,3 +80,50 @@ def test_channels_last_dgrad_leaves_room_for_two_programs_an_sm(rows, op):
     pixel into its padded gradient."""
     row = rows[op, "_conv_dgrad_kernel", "channels_last"]
     assert row["registers"] * 32 * row["options"]["num_warps"] * 2 <= 65536, row
+
+
+# ---- --step: every Triton kernel of the native CUDA step ---------------------------------------------------------
+
+BATCH_NORM = ("_batch_norm_stats_kernel", "_batch_norm_act_pad_kernel", "_batch_norm_act_bwd_sums_kernel",
+              "_batch_norm_act_bwd_apply_kernel")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def step_rows(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("step-codegen")
+    # 64 px: levels of 64 to 2 pixels, so planes whose rows are 16-aligned and planes whose rows are not
+    done = subprocess.run([sys.executable, str(ROOT / "bench/sm90_codegen.py"), "--step", "--size", "64", "--out",
+                           str(out)], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "sm90_step_codegen.json").read_text())
+    lines = (out / "sm90_step_codegen.md").read_text().splitlines()
+    assert sum(line.startswith("| _") for line in lines) == len(report["rows"])
+    return report["rows"]
+
+
+def _aligned(row: dict) -> bool:
+    """Every pointer 16-byte aligned and every int Triton specializes a multiple of 16 (or 1)."""
+    return all(
+        a["aligned"] if a["type"].startswith("*") else a.get("one") or a.get("div16") or not a.get("specialized")
+        for a in row["args"].values()
+    )
+
+
+def test_step_records_every_triton_kernel_of_the_native_cuda_step(step_rows):
+    kernels = {r["kernel"] for r in step_rows}
+    assert kernels == {*BATCH_NORM, "_chan_finalize_kernel", "_column_sums_kernel", "_upsample_kernel",
+                       "_transpose_kernel", "_reflection_pad_kernel", "_reflect_fold_kernel"}  # fmt: skip
+    for row in step_rows:
+        assert row["launches"] >= 1 and row["registers"] > 0 and row["load_bytes"], row
+    # the default net's 30 BatchNorms, each one statistics pass forward and one gradient-sums pass backward
+    for kernel in ("_batch_norm_stats_kernel", "_batch_norm_act_bwd_sums_kernel"):
+        assert sum(r["launches"] for r in step_rows if r["kernel"] == kernel) == 30
+
+
+def test_the_tool_counts_one_element_accesses_where_alignment_is_not_provable(step_rows):
+    """A padded row starts one column off its source's alignment, and a level 8 pixels wide has unaligned rows:
+    both still move 2-byte elements, and the counts say so."""
+    padded = [r for r in step_rows if r["kernel"] == "_batch_norm_act_pad_kernel" and r["constexprs"]["PAD"] == 1]
+    assert padded and all(r["store_bytes"].get("2", 0) > 0 for r in padded)
+    narrow = [r for r in step_rows if r["kernel"] == "_batch_norm_stats_kernel" and not _aligned(r)]
+    assert narrow and all(r["load_bytes"].get("2", 0) > 0 for r in narrow)
