@@ -21,8 +21,12 @@ Forward (three launches, no atomics, deterministic):
   1. _batch_norm_stats_kernel: each program walks some rows of some channels, merging each tile's (count, mean,
      M2) into its own with Chan's formula; one finalize launch merges the programs' partials the same way
      (channel_sums.chan_finalize: no E[x^2] - mean^2 cancellation), rstd = 1 / sqrt(var + eps).
-  2. _batch_norm_act_pad_kernel: one program per output row (padded rows included) and tile: each output element
-     gathers its source pixel (i < 0 -> -i, i >= H -> 2H - 2 - i), normalises, applies act, stores.
+  2. _batch_norm_act_pad_kernel: one program per output row (padded rows included) and tile: the row's source
+     (i < 0 -> -i, i >= H -> 2H - 2 - i) read in column order, each pad column's mirror one (BLOCK_C,) load by the
+     tiles that hold it; normalises, applies act, stores. Read in order, a tile's loads coalesce, and an unpadded
+     NCHW one moves 16-byte vectors (a reflected index per element hid the order from Triton, whose code then read
+     one element a thread across channels and moved the tile through shared memory to store it:
+     `python bench/sm90_codegen.py --step`).
   Saved for backward: x (or skip and deeper), weight, bias, mean, rstd; xhat and z are recomputed.
 Backward (three launches, no atomics, deterministic; the gradient of the padded output, any strides):
   3. _batch_norm_act_bwd_sums_kernel: the reflection pad's adjoint as a gather, g(i, j) = the sum of the incoming
@@ -69,8 +73,10 @@ POISON_OUTPUTS = False
 # of its int arguments' divisibility by 16 (and == 1). With them specialised, and a tile width per level, one
 # default-net step at 512 px made 77 compilations of its 8 kernels with Hopper's tiles, 11 without (each 0.06-0.2 s
 # for sm_90 on a Xeon core with a cold cache: bench/results/2026-12-04-cpu-triton-specializations/). Strides stay
-# specialised: they set the addresses, whose alignment lets loads vectorise.
-_SIZES = ["height", "width", "channels", "cs", "cd"]
+# specialised: they set the addresses, whose alignment lets loads vectorise. So does the width: the tiles' masks
+# along W are only as uniform as Triton can prove it a multiple of 16, and a vector needs its whole mask uniform; in
+# NCHW a row's stride is the width, already specialised, so this adds no compilation there.
+_SIZES = ["height", "channels", "cs", "cd"]
 _SIZES_AND_ROWS = ["n_rows", "rows_per_program", *_SIZES]
 
 if _HAS_TRITON:
@@ -109,44 +115,59 @@ if _HAS_TRITON:
         return tl.where(in_skip[None, :], a.to(tl.float32), b.to(tl.float32))
 
     @triton.jit
-    def _row_pre_images(base, row, col0, col1, col2, mask, left, right, near_left, near_right):
-        """One padded row's share of the adjoint: the column itself, and its mirrors where the tile reaches them."""
-        acc = tl.load(base + row + col0, mask=mask, other=0.0).to(tl.float32)
+    def _merged_column(
+        skip_ptr, deeper_ptr, n, h, col, c, channels, cs, cd, s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+    ):  # fmt: skip
+        """One pixel's channels c of the merged input, (BLOCK_C,) fp32: a pad column's source."""
+        in_skip, c_skip, in_deeper, c_deeper = _channels(c, cs, cd)
+        mask = c < channels
+        a = tl.load(skip_ptr + n * s_sn + h * s_sh + col * s_sw + c_skip * s_sc, mask=mask & in_skip, other=0.0)
+        b = tl.load(deeper_ptr + n * d_sn + h * d_sh + col * d_sw + c_deeper * d_sc, mask=mask & in_deeper, other=0.0)
+        return tl.where(in_skip, a.to(tl.float32), b.to(tl.float32))
+
+    @triton.jit
+    def _row_pre_images(
+        base_c, row, w, col0, mask, mask_c, width, g_sw, near_left, near_right, PAD: tl.constexpr
+    ):  # fmt: skip
+        """One padded row's share of the adjoint: each column itself, then the pad columns that mirror onto it, each
+        one (BLOCK_C,) load by the tiles that reach them (a gather tile-wide would need a layout of its own)."""
+        acc = tl.load(base_c[None, :] + row + col0, mask=mask, other=0.0).to(tl.float32)
         if near_left:
-            acc += tl.load(base + row + col1, mask=mask & left, other=0.0).to(tl.float32)
+            for j in tl.static_range(PAD):  # pad column j mirrors column PAD - j
+                g = tl.load(base_c + row + j * g_sw, mask=mask_c, other=0.0).to(tl.float32)
+                acc += tl.where((w == PAD - j)[:, None], g[None, :], 0.0)
         if near_right:
-            acc += tl.load(base + row + col2, mask=mask & right, other=0.0).to(tl.float32)
+            for j in tl.static_range(PAD):  # pad column width + PAD + j mirrors column width - 2 - j
+                g = tl.load(base_c + row + (width + PAD + j) * g_sw, mask=mask_c, other=0.0).to(tl.float32)
+                acc += tl.where((w == width - 2 - j)[:, None], g[None, :], 0.0)
         return acc
 
     @triton.jit
     def _folded_grad(
-        g_ptr, n, h, w0, w, c, mask, height, width, g_sn, g_sc, g_sh, g_sw, PAD: tl.constexpr, BLOCK_W: tl.constexpr
+        g_ptr, n, h, w0, w, c, mask, mask_c, height, width, g_sn, g_sc, g_sh, g_sw,
+        PAD: tl.constexpr, BLOCK_W: tl.constexpr,
     ):  # fmt: skip
         """The reflection pad's adjoint at (n, h, w, c), w = w0 + arange(BLOCK_W): the padded gradient summed over
         the pixel's pre-images, itself and its mirrors in the top/left and bottom/right pads (<= 3 per axis), in
         fp32. The mirror rows and columns are read only by the tiles next to an edge (uniform branches)."""
-        base = g_ptr + n * g_sn + c[None, :] * g_sc
+        base_c = g_ptr + n * g_sn + c * g_sc
         col0 = ((w + PAD) * g_sw)[:, None]
         row0 = (h + PAD) * g_sh
         if PAD > 0:
-            left = ((w >= 1) & (w <= PAD))[:, None]
-            right = ((w >= width - 1 - PAD) & (w <= width - 2))[:, None]
             near_left = w0 <= PAD
             near_right = w0 + BLOCK_W > width - 1 - PAD
-            col1 = ((PAD - w) * g_sw)[:, None]
-            col2 = ((2 * width - 2 - w + PAD) * g_sw)[:, None]
-            acc = _row_pre_images(base, row0, col0, col1, col2, mask, left, right, near_left, near_right)
+            acc = _row_pre_images(base_c, row0, w, col0, mask, mask_c, width, g_sw, near_left, near_right, PAD)
             if (h >= 1) & (h <= PAD):  # h mirrored into the top pad, row PAD - h
                 acc += _row_pre_images(
-                    base, (PAD - h) * g_sh, col0, col1, col2, mask, left, right, near_left, near_right
+                    base_c, (PAD - h) * g_sh, w, col0, mask, mask_c, width, g_sw, near_left, near_right, PAD
                 )  # fmt: skip
             if (h >= height - 1 - PAD) & (h <= height - 2):  # and into the bottom pad
                 acc += _row_pre_images(
-                    base, (2 * height - 2 - h + PAD) * g_sh, col0, col1, col2, mask, left, right, near_left,
-                    near_right,
+                    base_c, (2 * height - 2 - h + PAD) * g_sh, w, col0, mask, mask_c, width, g_sw, near_left,
+                    near_right, PAD,
                 )  # fmt: skip
         else:
-            acc = tl.load(base + row0 + col0, mask=mask, other=0.0).to(tl.float32)
+            acc = tl.load(base_c[None, :] + row0 + col0, mask=mask, other=0.0).to(tl.float32)
         return acc
 
     @triton.jit(do_not_specialize=_SIZES_AND_ROWS)
@@ -221,14 +242,34 @@ if _HAS_TRITON:
         row = tl.program_id(0)  # over N * (H + 2 PAD): padded rows too
         n = row // (height + 2 * PAD)
         hp = row % (height + 2 * PAD)
-        wp = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        w0 = tl.program_id(1) * BLOCK_W
+        wp = w0 + tl.arange(0, BLOCK_W)
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_w = wp < width + 2 * PAD
         mask_c = c < channels
+        h = _reflect(hp - PAD, height)  # a scalar: the program's row
+        w = wp - PAD
+        # the source columns in order, so the loads coalesce (and, unpadded, vectorise); the pad columns are each one
+        # (BLOCK_C,) load by the tiles that hold them (a reflected index tile-wide hides the order from Triton)
         v = _load_merged(
-            skip_ptr, deeper_ptr, n, _reflect(hp - PAD, height), _reflect(wp - PAD, width), c, channels, cs, cd,
-            mask_w, s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+            skip_ptr, deeper_ptr, n, h, w, c, channels, cs, cd, mask_w & (w >= 0) & (w < width),
+            s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
         )  # fmt: skip
+        if PAD > 0:
+            if w0 < PAD:  # pad column j mirrors column PAD - j
+                for j in tl.static_range(PAD):
+                    m = _merged_column(
+                        skip_ptr, deeper_ptr, n, h, PAD - j, c, channels, cs, cd,
+                        s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+                    )  # fmt: skip
+                    v = tl.where((wp == j)[:, None], m[None, :], v)
+            if w0 + BLOCK_W > width + PAD:  # pad column width + PAD + j mirrors column width - 2 - j
+                for j in tl.static_range(PAD):
+                    m = _merged_column(
+                        skip_ptr, deeper_ptr, n, h, width - 2 - j, c, channels, cs, cd,
+                        s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+                    )  # fmt: skip
+                    v = tl.where((wp == width + PAD + j)[:, None], m[None, :], v)
         mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0)
         scale = tl.load(rstd_ptr + c, mask=mask_c, other=0.0) * tl.load(weight_ptr + c, mask=mask_c, other=0.0)
         z = (v - mean[None, :]) * scale[None, :] + tl.load(bias_ptr + c, mask=mask_c, other=0.0)[None, :]
@@ -254,7 +295,9 @@ if _HAS_TRITON:
         gamma = tl.load(weight_ptr + c, mask=mask_c, other=0.0)
         xhat = (v - tl.load(mean_ptr + c, mask=mask_c, other=0.0)[None, :]) * rstd[None, :]
         z = xhat * gamma[None, :] + tl.load(bias_ptr + c, mask=mask_c, other=0.0)[None, :]
-        g = _folded_grad(grad_ptr, n, h, w0, w, c, mask, height, width, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W)
+        g = _folded_grad(
+            grad_ptr, n, h, w0, w, c, mask, mask_c, height, width, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W
+        )  # fmt: skip
         dz = tl.where(mask, tl.where(z > 0, g, g * negative_slope), 0.0)  # leaky_relu_backward: self > 0
         return tl.where(mask, xhat, 0.0), dz, gamma * rstd
 

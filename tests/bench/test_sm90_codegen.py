@@ -120,6 +120,28 @@ def test_step_records_every_triton_kernel_of_the_native_cuda_step(step_rows):
         assert sum(r["launches"] for r in step_rows if r["kernel"] == kernel) == 30
 
 
+@pytest.mark.parametrize("kernel", BATCH_NORM)
+def test_batch_norm_kernels_move_an_aligned_unpadded_plane_in_16_byte_vectors(step_rows, kernel):
+    """An NCHW plane whose rows are 16-aligned, read (and, unpadded, written) in vectors of 8 bf16. Before, the
+    width was left unspecialised, so Triton could not prove a tile's mask uniform over 8 columns: every element
+    was its own 2-byte load; and the forward's reflected index read the tile one element a thread across channels,
+    then moved it through shared memory to store it."""
+    rows = [r for r in step_rows if r["kernel"] == kernel and r["constexprs"].get("PAD", 0) == 0 and _aligned(r)]
+    assert rows, kernel
+    for row in rows:
+        assert "2" not in row["load_bytes"] and row["load_bytes"].get("16", 0) >= 1, row
+        if kernel in ("_batch_norm_act_pad_kernel", "_batch_norm_act_bwd_apply_kernel"):
+            assert set(row["store_bytes"]) == {"16"}, row
+
+
+def test_batch_norm_kernels_keep_one_thread_layout_for_their_tiles(step_rows):
+    """Padded too: the pad columns are (BLOCK_C,) loads by the tiles that hold them, not tile-wide gathers in a
+    layout of their own (before: one conversion in the forward, five and six in the backward's two passes)."""
+    rows = [r for r in step_rows if r["kernel"] in BATCH_NORM]
+    assert any(r["constexprs"]["PAD"] == 1 for r in rows if "PAD" in r["constexprs"])
+    assert all(r["tile_conversions"] == 0 for r in rows), [r for r in rows if r["tile_conversions"]]
+
+
 def test_the_tool_counts_one_element_accesses_where_alignment_is_not_provable(step_rows):
     """A padded row starts one column off its source's alignment, and a level 8 pixels wide has unaligned rows:
     both still move 2-byte elements, and the counts say so."""

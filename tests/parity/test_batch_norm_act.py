@@ -29,8 +29,9 @@ CASES = [  # (N, C, H, W, pad, negative_slope)
     (2, 3, 7, 9, 1, 0.2),  # odd H/W, RGB width, batch 2, a 3x3 conv's pad
     (1, 20, 5, 11, 2, 0.2),  # two channel tiles, two W chunks (interpreter tiles), a 5x5 conv's pad = H - 3
     (1, 4, 9, 6, 0, 1.0),  # the skip width, unpadded, BatchNorm alone (a merge without skip)
+    (1, 5, 3, 3, 2, 0.2),  # pad = size - 1: a pixel mirrored into both pads of an axis, one tile holding both
 ]
-IDS = ["c3-7x9-p1-n2", "c20-5x11-p2", "c4-9x6-p0-no-act"]
+IDS = ["c3-7x9-p1-n2", "c20-5x11-p2", "c4-9x6-p0-no-act", "c5-3x3-p2"]
 # Measured on the CPU interpreter against the float64 twin, worst over pads 0-2, 3 and 20 channels and both layouts
 # (one seed), relative to the expected tensor's max: out 1.4e-7, dx 1.6e-7, dweight 1.6e-7, dbias 1.8e-7; merge
 # <= 2.0e-7. All under the fp32 row of conftest.TOL.
