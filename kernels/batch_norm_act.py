@@ -126,6 +126,38 @@ if _HAS_TRITON:
         return tl.where(in_skip, a.to(tl.float32), b.to(tl.float32))
 
     @triton.jit
+    def _padded_row(
+        skip_ptr, deeper_ptr, n, hp, w0, wp, c, mask_w, height, width, channels, cs, cd,
+        s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, PAD: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):  # fmt: skip
+        """The (BLOCK_W, BLOCK_C) tile at padded row hp, columns wp = w0 + arange(BLOCK_W) of the merged input
+        reflection-padded by PAD, in fp32. The source columns are read in order, so the loads coalesce (and, where
+        nothing is padded, vectorise); each pad column is one (BLOCK_C,) load by the tiles that hold it (a reflected
+        index tile-wide hides the columns' order from Triton)."""
+        h = _reflect(hp - PAD, height)  # a scalar: the program's row
+        w = wp - PAD
+        v = _load_merged(
+            skip_ptr, deeper_ptr, n, h, w, c, channels, cs, cd, mask_w & (w >= 0) & (w < width),
+            s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+        )  # fmt: skip
+        if PAD > 0:
+            if w0 < PAD:  # pad column j mirrors column PAD - j
+                for j in tl.static_range(PAD):
+                    m = _merged_column(
+                        skip_ptr, deeper_ptr, n, h, PAD - j, c, channels, cs, cd,
+                        s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+                    )  # fmt: skip
+                    v = tl.where((wp == j)[:, None], m[None, :], v)
+            if w0 + BLOCK_W > width + PAD:  # pad column width + PAD + j mirrors column width - 2 - j
+                for j in tl.static_range(PAD):
+                    m = _merged_column(
+                        skip_ptr, deeper_ptr, n, h, width - 2 - j, c, channels, cs, cd,
+                        s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+                    )  # fmt: skip
+                    v = tl.where((wp == width + PAD + j)[:, None], m[None, :], v)
+        return v
+
+    @triton.jit
     def _row_pre_images(
         base_c, row, w, col0, mask, mask_c, width, g_sw, near_left, near_right, PAD: tl.constexpr
     ):  # fmt: skip
@@ -247,29 +279,10 @@ if _HAS_TRITON:
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_w = wp < width + 2 * PAD
         mask_c = c < channels
-        h = _reflect(hp - PAD, height)  # a scalar: the program's row
-        w = wp - PAD
-        # the source columns in order, so the loads coalesce (and, unpadded, vectorise); the pad columns are each one
-        # (BLOCK_C,) load by the tiles that hold them (a reflected index tile-wide hides the order from Triton)
-        v = _load_merged(
-            skip_ptr, deeper_ptr, n, h, w, c, channels, cs, cd, mask_w & (w >= 0) & (w < width),
-            s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+        v = _padded_row(
+            skip_ptr, deeper_ptr, n, hp, w0, wp, c, mask_w, height, width, channels, cs, cd,
+            s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, PAD, BLOCK_W,
         )  # fmt: skip
-        if PAD > 0:
-            if w0 < PAD:  # pad column j mirrors column PAD - j
-                for j in tl.static_range(PAD):
-                    m = _merged_column(
-                        skip_ptr, deeper_ptr, n, h, PAD - j, c, channels, cs, cd,
-                        s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
-                    )  # fmt: skip
-                    v = tl.where((wp == j)[:, None], m[None, :], v)
-            if w0 + BLOCK_W > width + PAD:  # pad column width + PAD + j mirrors column width - 2 - j
-                for j in tl.static_range(PAD):
-                    m = _merged_column(
-                        skip_ptr, deeper_ptr, n, h, width - 2 - j, c, channels, cs, cd,
-                        s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
-                    )  # fmt: skip
-                    v = tl.where((wp == width + PAD + j)[:, None], m[None, :], v)
         mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0)
         scale = tl.load(rstd_ptr + c, mask=mask_c, other=0.0) * tl.load(weight_ptr + c, mask=mask_c, other=0.0)
         z = (v - mean[None, :]) * scale[None, :] + tl.load(bias_ptr + c, mask=mask_c, other=0.0)[None, :]

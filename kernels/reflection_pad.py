@@ -7,12 +7,14 @@ level inputs are the only activations no BatchNorm writes padded for the conv th
 channels_last (14 + 14, conversions around them: bench/results/2026-12-04-h200-222367b4a8/call1/profile). Here:
 
     forward    out[hp, wp] = x[reflect(hp - pad), reflect(wp - pad)]: one gather, every element written once
-    backward   dx = conv_bn_lrelu.reflect_fold(grad): each pixel sums its pre-images in fp32, no atomics, no zero fill
+    backward   dx[h, w] = the sum of grad over (h, w)'s pre-images, in fp32: no atomics, no zero fill
 
-both in the input's layout (batch_norm_act's rule), any strides in. Ops dipfast::reflection_pad_fwd / _bwd with fake
-kernels, autograd and vmap rules (the pad is per channel: the vmapped networks fold into the channels). Where the
-kernels do not run (kernels_take: no CUDA and no interpreter, no triton, float64), reflection_pad is F.pad's, its
-result copied to the input's layout.
+both in the input's layout (batch_norm_act's rule), any strides in. They are batch_norm_act's padded write and
+padded gradient without the normalisation, on its tiles and its helpers (_padded_row, _folded_grad): one program per
+row and (BLOCK_W, BLOCK_C) tile, no per-element index division, the source's columns read in order. Ops
+dipfast::reflection_pad_fwd / _bwd with fake kernels, autograd and vmap rules (the pad is per channel: the vmapped
+networks fold into the channels). Where the kernels do not run (kernels_take: no CUDA and no interpreter, no triton,
+float64), reflection_pad is F.pad's, its result copied to the input's layout.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dipfast.kernels.batch_norm_act import layout
-from dipfast.kernels.configs import pass_tiles
-from dipfast.kernels.conv_bn_lrelu import kernels_take, reflect_fold
+from dipfast.kernels.batch_norm_act import _plane, layout
+from dipfast.kernels.conv_bn_lrelu import kernels_take
 from dipfast.kernels.vmap_fold import channel_folding_rule
 
 try:
@@ -33,44 +34,75 @@ try:
 except ImportError:
     _HAS_TRITON = False
 
-_SIZES = ["total", "channels", "in_h", "in_w"]  # unspecialised: one compilation for every level (batch_norm_act.py)
+_SIZES = ["height", "channels"]  # unspecialised: one compilation for every level (batch_norm_act.py's _SIZES)
 # Tests set this to allocate outputs filled with NaN, so an element a kernel never writes fails parity.
 POISON_OUTPUTS = False
 
 if _HAS_TRITON:
-    from dipfast.kernels.batch_norm_act import _reflect
+    from dipfast.kernels.batch_norm_act import _folded_grad, _padded_row
 
     @triton.jit(do_not_specialize=_SIZES)
     def _reflection_pad_kernel(
         x_ptr,  # (N, C, H, W) any strides
-        out_ptr,  # (N, C, H + 2 PAD, W + 2 PAD), NCHW or channels_last
-        total,  # out's elements
+        out_ptr,  # (N, C, H + 2 PAD, W + 2 PAD), x's layout
+        height,
+        width,
         channels,
-        in_h,
-        in_w,
         sx_n, sx_c, sx_h, sx_w,
         so_n, so_c, so_h, so_w,
         PAD: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr,  # out's layout: the elements are enumerated in its memory order
-        BLOCK: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < total
-        out_w = in_w + 2 * PAD
-        out_h = in_h + 2 * PAD
-        if CHANNELS_LAST:
-            c = offs % channels
-            wp = (offs // channels) % out_w
-            hp = (offs // (channels * out_w)) % out_h
-        else:
-            wp = offs % out_w
-            hp = (offs // out_w) % out_h
-            c = (offs // (out_w * out_h)) % channels
-        n = offs // (channels * out_w * out_h)
-        h = _reflect(hp - PAD, in_h)
-        w = _reflect(wp - PAD, in_w)
-        v = tl.load(x_ptr + n * sx_n + c * sx_c + h * sx_h + w * sx_w, mask=mask)
-        tl.store(out_ptr + n * so_n + c * so_c + hp * so_h + wp * so_w, v, mask=mask)
+        row = tl.program_id(0)  # over N * (H + 2 PAD)
+        n = row // (height + 2 * PAD)
+        hp = row % (height + 2 * PAD)
+        w0 = tl.program_id(1) * BLOCK_W
+        wp = w0 + tl.arange(0, BLOCK_W)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_w = wp < width + 2 * PAD
+        # x as a merge's deeper part, with no skip part (0 channels)
+        v = _padded_row(
+            x_ptr, x_ptr, n, hp, w0, wp, c, mask_w, height, width, channels, 0, channels,
+            sx_n, sx_c, sx_h, sx_w, sx_n, sx_c, sx_h, sx_w, PAD, BLOCK_W,
+        )  # fmt: skip
+        mask = mask_w[:, None] & (c < channels)[None, :]
+        tl.store(out_ptr + n * so_n + hp * so_h + (wp * so_w)[:, None] + (c * so_c)[None, :], v, mask=mask)
+
+    @triton.jit(do_not_specialize=_SIZES)
+    def _reflection_fold_kernel(
+        g_ptr,  # (N, C, H + 2 PAD, W + 2 PAD) any strides
+        dx_ptr,  # (N, C, H, W), g's layout
+        height,
+        width,
+        channels,
+        g_sn, g_sc, g_sh, g_sw,
+        sx_n, sx_c, sx_h, sx_w,
+        PAD: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)  # over N * H
+        n = row // height
+        h = row % height
+        w0 = tl.program_id(1) * BLOCK_W
+        w = w0 + tl.arange(0, BLOCK_W)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = c < channels
+        mask = (w < width)[:, None] & mask_c[None, :]
+        acc = _folded_grad(g_ptr, n, h, w0, w, c, mask, mask_c, height, width, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W)
+        tl.store(dx_ptr + n * sx_n + h * sx_h + (w * sx_w)[:, None] + (c * sx_c)[None, :], acc, mask=mask)
+
+
+def _launch(kernel, src: torch.Tensor, dst: torch.Tensor, pad: int, rows: int) -> None:
+    """kernel over `rows` rows of (N, C, H, W) planes (H, W the unpadded sizes), on batch_norm_act's tiles for the
+    layout."""
+    n, c, h, w = src.shape if kernel is _reflection_pad_kernel else dst.shape
+    block_w, block_c, c_tiles, *_, config = _plane(layout(dst), dst.dtype, rows, dst.shape[3], c)
+    kernel[(rows, triton.cdiv(dst.shape[3], block_w), c_tiles)](
+        src, dst, h, w, c, *src.stride(), *dst.stride(), PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c,
+        num_warps=config.num_warps,
+    )  # fmt: skip
 
 
 def _padded_empty(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -87,11 +119,7 @@ def _reflection_pad_fwd(x: torch.Tensor, pad: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, H + 2 pad, W + 2 pad), reflected, in x's dtype and layout."""
     out = _poisoned(_padded_empty(x, pad))
     if out.numel():
-        tile = pass_tiles(x.dtype)
-        _reflection_pad_kernel[(triton.cdiv(out.numel(), tile.block),)](
-            x, out, out.numel(), x.shape[1], x.shape[2], x.shape[3], *x.stride(), *out.stride(), PAD=pad,
-            CHANNELS_LAST=layout(x) == torch.channels_last, BLOCK=tile.block, num_warps=tile.num_warps,
-        )  # fmt: skip
+        _launch(_reflection_pad_kernel, x, out, pad, rows=out.shape[0] * out.shape[2])
     return out
 
 
@@ -112,7 +140,7 @@ def _reflection_pad_bwd(grad: torch.Tensor, pad: int) -> torch.Tensor:
     grad's dtype and layout."""
     dx = _poisoned(_unpadded_empty(grad, pad))
     if dx.numel():
-        reflect_fold(grad, dx, pad)
+        _launch(_reflection_fold_kernel, grad, dx, pad, rows=dx.shape[0] * dx.shape[2])
     return dx
 
 

@@ -56,7 +56,7 @@ _PATTERNS = [
     ("layout", r"nchwToNhwc|nhwcToNchw|nchw_to_nhwc|nhwc_to_nchw"),
     ("conv", r"^_(conv_bn_lrelu_fwd|conv_wgrad|conv_dgrad|merge_conv_fwd|merge_wgrad)_kernel"),  # dipfast.kernels
     ("batch_norm", r"batch_norm|bn_fw|bn_bw|welford|_bn_lrelu|_merge_stats|_merge_bn"),
-    ("pad", r"reflection_pad|replication_pad|reflect_fold|constant_pad"),
+    ("pad", r"reflection_pad|replication_pad|reflect_fold|reflection_fold|constant_pad"),
     ("upsample", r"upsample"),
     ("concat", r"CatArrayBatchedCopy|(^|_)cat(_|$)|slice_backward"),
     ("activation", r"leaky_relu|sigmoid|threshold|(^|[^a-z])relu|(^|[^a-z])elu"),

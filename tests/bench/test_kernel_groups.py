@@ -63,6 +63,8 @@ KERNELS = {
     "_merge_stats_kernel": "batch_norm",
     "_merge_bn_bwd_kernel": "batch_norm",
     "_reflect_fold_kernel": "pad",
+    "_reflection_pad_kernel": "pad",
+    "_reflection_fold_kernel": "pad",
     "_lanczos2_fwd_kernel": "loss",
     # Inductor: a fused kernel counts in its first group in the patterns' order
     "triton_red_fused__native_batch_norm_legit_functional_0": "batch_norm",

@@ -27,21 +27,22 @@ def tool():
 def test_default_net_step_compiles_each_kernel_once_per_pad_and_alignment(tool, tmp_path):
     """The default net at 256 px: every kernel of the native CUDA step is launched, and its compilations differ only
     in what sets addresses (strides' alignment, the pad), in a pointer's dtype (the level inputs' pad: the net's
-    input z is fp32, the deeper levels' bf16) or in the BatchNorm kernels' width, which their masks need to move
-    vectors and which in NCHW is a row's stride (so it varies with one): no other size, count or per-level tile
-    makes another one."""
+    input z is fp32, the deeper levels' bf16) or in the BatchNorm and pad kernels' width, which their masks need to
+    move vectors and which in NCHW is a row's stride (so it varies with one): no other size, count or per-level
+    tile makes another one."""
     assert tool.main(["--size", "256", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "triton_specializations.json").read_text())
     kernels = report["kernels"]
     assert {"_batch_norm_stats_kernel", "_batch_norm_act_pad_kernel", "_batch_norm_act_bwd_sums_kernel",
             "_batch_norm_act_bwd_apply_kernel", "_chan_finalize_kernel", "_column_sums_kernel", "_upsample_kernel",
-            "_transpose_kernel", "_reflection_pad_kernel", "_reflect_fold_kernel"} == set(kernels)  # fmt: skip
+            "_transpose_kernel", "_reflection_pad_kernel", "_reflection_fold_kernel"} == set(kernels)  # fmt: skip
     for name, k in kernels.items():
         assert k["launches"] >= k["specializations"] >= 1
         varying = k["varying"]
         assert all(a == "PAD" or STRIDE.match(a) or a.endswith("_ptr") for a in varying if a != "width"), varying
-        if "width" in varying:  # batch_norm_act's kernels: with the input's row stride, no compilation of its own
-            assert name.startswith("_batch_norm") and varying["width"] == varying.get("s_sh", varying.get("d_sh"))
+        if "width" in varying:  # batch_norm_act's and the pad's kernels: with a row stride, no compilation of its own
+            rows = [varying.get(a) for a in ("s_sh", "d_sh", "sx_h", "g_sh")]
+            assert name.startswith(("_batch_norm", "_reflection")) and varying["width"] in rows, f"{name}: {varying}"
         pointers = {a: v for a, v in varying.items() if a.endswith("_ptr")}
         assert all(len({t.split("/")[0] for t in v}) == len(v) for v in pointers.values()), f"{name}: {varying}"
     assert report["total"] <= 24  # measured 23 (20 before the level inputs' pad kernels); 91 with the sizes
