@@ -94,10 +94,11 @@ if _HAS_TRITON:
         tl.store(dx_ptr + n * sx_n + h * sx_h + (w * sx_w)[:, None] + (c * sx_c)[None, :], acc, mask=mask)
 
 
-def _launch(kernel, src: torch.Tensor, dst: torch.Tensor, pad: int, rows: int) -> None:
-    """kernel over `rows` rows of (N, C, H, W) planes (H, W the unpadded sizes), on batch_norm_act's tiles for the
-    layout."""
-    n, c, h, w = src.shape if kernel is _reflection_pad_kernel else dst.shape
+def _launch(kernel, src: torch.Tensor, dst: torch.Tensor, pad: int, unpadded: torch.Tensor) -> None:
+    """kernel with one program per row of dst and tile, on batch_norm_act's tiles for dst's layout; the sizes it
+    takes are those of the unpadded one of src and dst."""
+    _, c, h, w = unpadded.shape
+    rows = dst.shape[0] * dst.shape[2]
     block_w, block_c, c_tiles, *_, config = _plane(layout(dst), dst.dtype, rows, dst.shape[3], c)
     kernel[(rows, triton.cdiv(dst.shape[3], block_w), c_tiles)](
         src, dst, h, w, c, *src.stride(), *dst.stride(), PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c,
@@ -119,7 +120,7 @@ def _reflection_pad_fwd(x: torch.Tensor, pad: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, H + 2 pad, W + 2 pad), reflected, in x's dtype and layout."""
     out = _poisoned(_padded_empty(x, pad))
     if out.numel():
-        _launch(_reflection_pad_kernel, x, out, pad, rows=out.shape[0] * out.shape[2])
+        _launch(_reflection_pad_kernel, x, out, pad, unpadded=x)
     return out
 
 
@@ -140,7 +141,7 @@ def _reflection_pad_bwd(grad: torch.Tensor, pad: int) -> torch.Tensor:
     grad's dtype and layout."""
     dx = _poisoned(_unpadded_empty(grad, pad))
     if dx.numel():
-        _launch(_reflection_fold_kernel, grad, dx, pad, rows=dx.shape[0] * dx.shape[2])
+        _launch(_reflection_fold_kernel, grad, dx, pad, unpadded=dx)
     return dx
 
 
