@@ -35,8 +35,12 @@ try:
 except ImportError:
     _HAS_TRITON = False
 
-_BLOCK_W = 128
-_SIZES = ["C", "H", "W"]  # unspecialised: one compilation for every level (batch_norm_act.py's _SIZES)
+# One program per row of the result and tile of its columns, 4 columns a thread (8-byte stores in bf16): the forward's
+# rows are 2W wide, the transpose's W.
+_UPSAMPLE_TILE, _UPSAMPLE_WARPS = 512, 4
+_TRANSPOSE_TILE, _TRANSPOSE_WARPS = 256, 2
+_SIZES = ["C", "H"]  # unspecialised: one compilation for every level (batch_norm_act.py's _SIZES); W is a row's
+# stride in NCHW, specialised anyway, and with it Triton can prove a tile's mask uniform over a vector
 
 
 if _HAS_TRITON:
@@ -105,8 +109,10 @@ def _upsample(x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     out = torch.empty((n, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=layout(x))
     if out.numel():
-        grid = (n * c * 2 * h, triton.cdiv(2 * w, _BLOCK_W))
-        _upsample_kernel[grid](x, out, c, h, w, *x.stride(), *out.stride(), BLOCK_W=_BLOCK_W)
+        grid = (n * c * 2 * h, triton.cdiv(2 * w, _UPSAMPLE_TILE))
+        _upsample_kernel[grid](
+            x, out, c, h, w, *x.stride(), *out.stride(), BLOCK_W=_UPSAMPLE_TILE, num_warps=_UPSAMPLE_WARPS
+        )  # fmt: skip
     return out
 
 
@@ -115,8 +121,10 @@ def _transpose(grad: torch.Tensor) -> torch.Tensor:
     h, w = h2 // 2, w2 // 2
     dx = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=layout(grad))
     if dx.numel():
-        grid = (n * c * h, triton.cdiv(w, _BLOCK_W))
-        _transpose_kernel[grid](grad, dx, c, h, w, *grad.stride(), *dx.stride(), BLOCK_W=_BLOCK_W)
+        grid = (n * c * h, triton.cdiv(w, _TRANSPOSE_TILE))
+        _transpose_kernel[grid](
+            grad, dx, c, h, w, *grad.stride(), *dx.stride(), BLOCK_W=_TRANSPOSE_TILE, num_warps=_TRANSPOSE_WARPS
+        )  # fmt: skip
     return dx
 
 

@@ -149,3 +149,12 @@ def test_the_tool_counts_one_element_accesses_where_alignment_is_not_provable(st
     assert padded and all(r["store_bytes"].get("2", 0) > 0 for r in padded)
     narrow = [r for r in step_rows if r["kernel"] == "_batch_norm_stats_kernel" and not _aligned(r)]
     assert narrow and all(r["load_bytes"].get("2", 0) > 0 for r in narrow)
+
+
+@pytest.mark.parametrize("kernel", ("_upsample_kernel", "_transpose_kernel"))
+def test_the_upsample_stores_aligned_rows_four_columns_at_a_time(step_rows, kernel):
+    """Its loads are gathers (2-byte in bf16); its stores run along the row. Before: one column a thread, W
+    unspecialised, so every store moved one element."""
+    rows = [r for r in step_rows if r["kernel"] == kernel and _aligned(r)]
+    assert rows, kernel
+    assert all(set(r["store_bytes"]) == {"8"} for r in rows), rows

@@ -13,6 +13,8 @@ from dipfast.kernels.batch_norm_act import _HAS_TRITON, _INTERPRET
 from ._suites import bench_script
 
 STRIDE = re.compile(r"^(s|d|g|o|ds|dd)_s[nchw]$|^s[xogdp]_?[nchw]$")  # the kernels' stride arguments
+ROW_STRIDE = re.compile(r"^(s|d|g|o|ds|dd)_sh$|^s[xogdp]_?h$")
+WIDTH = {"width", "W"}  # the sizes a kernel specialises so its masks can be proven uniform over a vector
 
 pytestmark = pytest.mark.skipif(
     not (_HAS_TRITON and _INTERPRET), reason="records launches in Triton's interpreter (a CPU session's build)"
@@ -27,9 +29,8 @@ def tool():
 def test_default_net_step_compiles_each_kernel_once_per_pad_and_alignment(tool, tmp_path):
     """The default net at 256 px: every kernel of the native CUDA step is launched, and its compilations differ only
     in what sets addresses (strides' alignment, the pad), in a pointer's dtype (the level inputs' pad: the net's
-    input z is fp32, the deeper levels' bf16) or in the BatchNorm and pad kernels' width, which their masks need to
-    move vectors and which in NCHW is a row's stride (so it varies with one): no other size, count or per-level
-    tile makes another one."""
+    input z is fp32, the deeper levels' bf16) or in a width, which the kernels' masks need to move vectors and which
+    in NCHW is a row's stride (so it varies with one): no other size, count or per-level tile makes another one."""
     assert tool.main(["--size", "256", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "triton_specializations.json").read_text())
     kernels = report["kernels"]
@@ -39,10 +40,9 @@ def test_default_net_step_compiles_each_kernel_once_per_pad_and_alignment(tool, 
     for name, k in kernels.items():
         assert k["launches"] >= k["specializations"] >= 1
         varying = k["varying"]
-        assert all(a == "PAD" or STRIDE.match(a) or a.endswith("_ptr") for a in varying if a != "width"), varying
-        if "width" in varying:  # batch_norm_act's and the pad's kernels: with a row stride, no compilation of its own
-            rows = [varying.get(a) for a in ("s_sh", "d_sh", "sx_h", "g_sh")]
-            assert name.startswith(("_batch_norm", "_reflection")) and varying["width"] in rows, f"{name}: {varying}"
+        assert all(a == "PAD" or STRIDE.match(a) or a.endswith("_ptr") for a in varying if a not in WIDTH), varying
+        for width in WIDTH & set(varying):  # specialised for vectors: with a row stride, no compilation of its own
+            assert varying[width] in [v for a, v in varying.items() if ROW_STRIDE.match(a)], f"{name}: {varying}"
         pointers = {a: v for a, v in varying.items() if a.endswith("_ptr")}
         assert all(len({t.split("/")[0] for t in v}) == len(v) for v in pointers.values()), f"{name}: {varying}"
     assert report["total"] <= 24  # measured 23 (20 before the level inputs' pad kernels); 91 with the sizes
