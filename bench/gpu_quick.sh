@@ -51,7 +51,8 @@
 #   parity        issue 13: the CUDA parity tests, the real shapes first in a run of their own (junit XML,
 #                 no -x)                                                                          90+
 #   ops           issue 13: the op micro-benchmarks (bench/ops), forward + backward, fused op against
-#                 cuDNN + eager, each timed as a CUDA graph replay (the step pays no launch cost)   90+
+#                 cuDNN + eager, each timed as a CUDA graph replay (the step pays no launch cost); then the
+#                 native step's BatchNorm kernels (bf16, NCHW) against torch's eager ops, in GB/s   90+
 #   triton        issue 13: the triton backend's throughput in bf16 (channels_last, and NCHW as before: the
 #                 triton-nchw variant), tf32 and fp32, and the profile of its bf16 step against the floor  160
 #   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
@@ -132,6 +133,7 @@ if [ "$TINY" = 1 ]; then
     TASKS=(--size 16 --iters 2 --precision fp32 --device cpu)
     PARITY=(tests/parity/test_configs.py)  # after the real shapes, which skip here (CUDA only): one quick file
     OPS=(--benchmark-max-time=0.01 --benchmark-min-rounds=1 --benchmark-warmup=off)  # the CPU cases once
+    BN_OPS=("${OPS[@]}")
     TRITON_TP=(--net tiny --size 16 --iters 1 --repeats 1 --warmup 1)
     TRITON_CONFIGS=(triton:fp32)  # the interpreter computes tf32 as IEEE fp32: one of the two is enough
     TRITON_ENV=(TRITON_INTERPRET=1 TORCHDYNAMO_DISABLE=1)
@@ -157,6 +159,7 @@ else
     # forward + backward (the targets' measure; the forward-only cases used the H200 window's whole step), each
     # timed as a CUDA graph's replay, as the step runs them (bench/ops/cuda_timing.py)
     OPS=(-k op_full --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
+    BN_OPS=("${OPS[@]}" -k "op_full and bf16 and nchw")  # the native step's: bf16, NCHW (the last -k wins)
     TRITON_TP=("${TP[@]}")
     TRITON_CONFIGS=(triton:bf16 triton-nchw:bf16 triton:tf32 triton:fp32)
     TRITON_ENV=()
@@ -317,9 +320,15 @@ parity() {  # the real shapes first, in a run of their own: xdist's workers woul
 }
 ops() {
     mkdir -p "$WORK/ops"
+    local status=0
     "$PY" -m pytest bench/ops/bench_conv_bn_lrelu.py bench/ops/bench_lanczos2.py -q -p no:cacheprovider \
-        "${OPS[@]}" --benchmark-json="$WORK/ops/benchmarks.json" --junitxml="$WORK/ops/junit.xml" || return 1
-    "$PY" "$ROOT/bench/gpu_quick_steps.py" ops "$WORK/ops/benchmarks.json" "$WORK/ops/ops.md"
+        "${OPS[@]}" --benchmark-json="$WORK/ops/benchmarks.json" --junitxml="$WORK/ops/junit.xml" || status=1
+    # the native step's BatchNorm kernels against torch's eager BatchNorm + LeakyReLU + pad, in GB/s
+    "$PY" -m pytest bench/ops/bench_batch_norm_act.py -q -p no:cacheprovider "${BN_OPS[@]}" \
+        --benchmark-json="$WORK/ops/batch_norm.json" --junitxml="$WORK/ops/junit-batch-norm.xml" || status=1
+    "$PY" "$ROOT/bench/gpu_quick_steps.py" ops "$WORK/ops/benchmarks.json" "$WORK/ops/batch_norm.json" \
+        --out "$WORK/ops/ops.md" || status=1
+    return $status
 }
 triton_backend() {
     env "${TRITON_ENV[@]}" "$PY" -m dipfast.bench throughput "${DEVICE[@]}" "${TRITON_TP[@]}" --batch 1 --quiet \

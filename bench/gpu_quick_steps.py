@@ -3,7 +3,7 @@ fastest paths from the throughput table, the op micro-benchmarks' table and the 
 
     python bench/gpu_quick_steps.py environment DIR
     python bench/gpu_quick_steps.py fastest THROUGHPUT_JSON N [--batched] [--fallback METHOD:PRECISION ...]
-    python bench/gpu_quick_steps.py ops BENCHMARK_JSON OUT_MD
+    python bench/gpu_quick_steps.py ops BENCHMARK_JSON [BENCHMARK_JSON ...] --out OUT_MD
     python bench/gpu_quick_steps.py headline WORK
 
 The targets (issue 12) are read off the step outputs under WORK (throughput/, batch/, time-to-psnr/); a figure
@@ -92,16 +92,22 @@ def _ops_figures(bench: dict) -> tuple[float, str]:
         return ms, f"{extra['flop'] / (ms * 1e-3) / 1e12:.1f} TFLOP/s"
     if extra.get("bytes"):
         return ms, f"{extra['bytes'] / (ms * 1e-3) / 1e9:.0f} GB/s"
+    if extra.get("GB/s"):  # bench_batch_norm_act's: the bytes the op must move over the median
+        return ms, f"{extra['GB/s']:.0f} GB/s"
     return ms, "-"
 
 
-def ops(path: Path, out: Path) -> int:
-    """ops.md: each op micro-benchmark's median ms and TFLOP/s (or GB/s), the fused op beside its reference twin."""
-    data = json.loads(path.read_text())
+def ops(paths: list[Path], out: Path) -> int:
+    """ops.md: each op micro-benchmark's median ms and TFLOP/s (or GB/s), the fused op beside its reference twin,
+    from pytest-benchmark's JSON files (a missing one, from a run its step's limit cut, is said so)."""
+    reports = [json.loads(p.read_text()) for p in paths if p.exists()]
+    data = {"machine_info": reports[0].get("machine_info", {}) if reports else {}}
+    data["benchmarks"] = [b for report in reports for b in report.get("benchmarks", [])]
     lines = [
         "## Op micro-benchmarks (pytest-benchmark medians)\n",
         f"Machine: {data.get('machine_info', {}).get('node', '?')}; "
         f"{data.get('machine_info', {}).get('cpu', {}).get('brand_raw', '')}\n",
+        *(f"Missing: {p.name} (its run did not finish)\n" for p in paths if not p.exists()),
         "| benchmark | median ms | rate | rounds | timed |",
         "|---|---|---|---|---|",
     ]
@@ -246,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--batched", action="store_true", help="only methods that train N images in one step")
     f.add_argument("--fallback", nargs="*", default=[], metavar="METHOD:PRECISION")
     o = sub.add_parser("ops")
-    o.add_argument("json", type=Path)
-    o.add_argument("out", type=Path)
+    o.add_argument("json", type=Path, nargs="+")
+    o.add_argument("--out", type=Path, required=True)
     sub.add_parser("headline").add_argument("work", type=Path)
     args = p.parse_args(argv)
     if args.command == "environment":

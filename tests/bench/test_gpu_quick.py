@@ -29,7 +29,7 @@ OUTPUTS = {  # in the script's order of priority
     "tests": ["tests/junit.xml"],
     "tasks": ["tasks/tasks.jsonl", "tasks/tasks.md"],
     "parity": ["parity/cuda_shapes.xml", "parity/junit.xml"],
-    "ops": ["ops/benchmarks.json", "ops/ops.md", "ops/junit.xml"],
+    "ops": ["ops/benchmarks.json", "ops/batch_norm.json", "ops/ops.md", "ops/junit.xml", "ops/junit-batch-norm.xml"],
     "triton": ["triton/throughput.json"],
     "early-stop": ["early-stop/early_stop.json", "early-stop/early_stop.md"],
     "large": ["large/large_photo.json"],
@@ -89,6 +89,8 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         assert all(c["status"] == "ok" for c in tasks)
         probes = loaded("cudnn/cudnn_fusion.json")["rows"][0]["probes"]
         assert probes["aten-cl"]["ok"] and probes["fprop"]["reason"] == "the cuDNN graph API needs CUDA"
+        ops_md = tar.extractfile("./ops/ops.md").read().decode()
+        assert "test_conv_bn_lrelu_" in ops_md and "test_batch_norm_act_twin_full" in ops_md  # both runs' rows
         assert {r["method"] for r in loaded("triton/throughput.json")["rows"]} == {"triton"}
         ttp_runs = loaded("time-to-psnr/time_to_psnr.json")["cases"][0]["runs"]
         assert [r["method"] for r in ttp_runs][0] == "original-loop" and all(r["mode"] == "cold" for r in ttp_runs)
@@ -109,3 +111,18 @@ def test_the_headline_sets_each_variant_beside_its_backend():
     assert "| compile-forced-layout bf16 | 15.00 ms | compile 12.00 ms | 0.80x slower |" in lines
     assert not any("tf32" in line for line in lines)  # native tf32 not measured: no ratio
     assert variants([row("native", "bf16", 10.0)]) == []
+
+
+def test_the_ops_table_joins_its_runs_and_says_which_did_not_finish(tmp_path):
+    ops = bench_script("gpu_quick_steps").ops
+    bench = {
+        "fullname": "bench_batch_norm_act.py::test_batch_norm_act_op_full[nchw-bf16-triton-c128-512px]",
+        "stats": {"median": 0.0005, "rounds": 5},
+        "extra_info": {"GB/s": 2100.0, "timing": "cuda-graph"},
+    }
+    (tmp_path / "batch_norm.json").write_text(json.dumps({"machine_info": {"node": "gpu"}, "benchmarks": [bench]}))
+    out = tmp_path / "ops.md"
+    assert ops([tmp_path / "benchmarks.json", tmp_path / "batch_norm.json"], out) == 0
+    text = out.read_text()
+    assert "Missing: benchmarks.json" in text
+    assert "| test_batch_norm_act_op_full[nchw-bf16-triton-c128-512px] | 0.500 | 2100 GB/s | 5 | cuda-graph |" in text

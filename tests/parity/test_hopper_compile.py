@@ -16,13 +16,13 @@ pytestmark = pytest.mark.parity
 
 # (module, kernel, pointer arguments -> Triton type, float arguments, constexprs: values or the module's attribute
 # names)
-_W = {"BLOCK_W": "_BLOCK_W"}
+_UPSAMPLE, _TRANSPOSE = {"BLOCK_W": "_UPSAMPLE_TILE"}, {"BLOCK_W": "_TRANSPOSE_TILE"}
 _TC = {"BLOCK_T": "_BLOCK_T", "BLOCK_C": "_BLOCK_C"}
 _FP32 = "*fp32"
 KERNELS = {}
 for _t in ("fp32", "bf16"):
-    KERNELS[f"upsample-{_t}"] = ("bilinear_x2", "_upsample_kernel", {"x": f"*{_t}", "out": f"*{_t}"}, (), _W)
-    KERNELS[f"transpose-{_t}"] = ("bilinear_x2", "_transpose_kernel", {"g": f"*{_t}", "dx": f"*{_t}"}, (), _W)
+    KERNELS[f"upsample-{_t}"] = ("bilinear_x2", "_upsample_kernel", {"x": f"*{_t}", "out": f"*{_t}"}, (), _UPSAMPLE)
+    KERNELS[f"transpose-{_t}"] = ("bilinear_x2", "_transpose_kernel", {"g": f"*{_t}", "dx": f"*{_t}"}, (), _TRANSPOSE)
 _STATS = dict.fromkeys(("psum", "pm2", "mean_out", "rstd_out"), _FP32)
 KERNELS["chan-finalize"] = ("channel_sums", "_chan_finalize_kernel", _STATS, ("eps",), _TC)
 KERNELS["column-sums"] = (
@@ -42,8 +42,12 @@ for _k, _act in (
 ):
     _consts = {k: v for k, v in _BN.items() if k != "PAD" or _k != "_batch_norm_stats_kernel"}
     KERNELS[_k.strip("_")] = ("batch_norm_act", _k, dict.fromkeys(_act, "*bf16"), ("negative_slope", "inv_m"), _consts)
+# the level inputs' pad and its adjoint, on the same tiles
+for _name, _k, _act in (("reflection-pad", "_reflection_pad_kernel", ("x_ptr", "out_ptr")),
+                        ("reflection-fold", "_reflection_fold_kernel", ("g_ptr", "dx_ptr"))):  # fmt: skip
+    KERNELS[_name] = ("reflection_pad", _k, dict.fromkeys(_act, "*bf16"), (), _BN)
 # the check can fail: a channel count passed as a pointer has no modulo
-KERNELS["broken"] = ("bilinear_x2", "_upsample_kernel", {"x": _FP32, "out": _FP32, "C": _FP32}, (), _W)
+KERNELS["broken"] = ("bilinear_x2", "_upsample_kernel", {"x": _FP32, "out": _FP32, "C": _FP32}, (), _UPSAMPLE)
 
 _SCRIPT = textwrap.dedent(
     """
