@@ -159,7 +159,7 @@ else
     # forward + backward (the targets' measure; the forward-only cases used the H200 window's whole step), each
     # timed as a CUDA graph's replay, as the step runs them (bench/ops/cuda_timing.py)
     OPS=(-k op_full --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
-    BN_OPS=("${OPS[@]}" -k "op_full and bf16 and nchw")  # the native step's: bf16, NCHW (the last -k wins)
+    BN_OPS=("${OPS[@]}" -k "op_full and nchw and not fp32")  # the native step's: bf16, NCHW (the last -k wins)
     TRITON_TP=("${TP[@]}")
     TRITON_CONFIGS=(triton:bf16 triton-nchw:bf16 triton:tf32 triton:fp32)
     TRITON_ENV=()

@@ -64,12 +64,13 @@ def test_batch_norm_act_twin_full(benchmark, shape, rng):
 
 GPU_CASES = [  # (N, C, H, W, pad)
     (1, 128, 512, 512, 1),  # level 0 of the default net at 512 px: the memory-bound case
+    (1, 128, 512, 512, 0),  # level 0's unpadded BatchNorms (before a 1x1 conv): 16-byte vectors in NCHW
     (1, 128, 256, 256, 1),  # level 1
     (1, 128, 64, 64, 1),  # level 3: launch-bound
     (1, 4, 512, 512, 0),  # a skip branch's BN + LeakyReLU, unpadded (its 1x1 conv pads nothing)
     (4, 128, 128, 128, 1),  # batch 4
 ]
-GPU_IDS = ["c128-512px", "c128-256px", "c128-64px", "c4-512px-p0", "n4-c128-128px"]
+GPU_IDS = ["c128-512px", "c128-512px-p0", "c128-256px", "c128-64px", "c4-512px-p0", "n4-c128-128px"]
 IMPLS = {"triton": dipfast.kernels.batch_norm_act, "eager": reference.batch_norm_act}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
