@@ -87,6 +87,15 @@ if _HAS_TRITON:
         return tl.where(i >= size, 2 * size - 2 - i, i)
 
     @triton.jit
+    def _row_tile(rows_per_image, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """A row-tiled pass's program (grid: N x rows_per_image rows, column tiles, channel tiles) -> (n, row,
+        w0, w0 + arange(BLOCK_W), its BLOCK_C channels)."""
+        row = tl.program_id(0)
+        w0 = tl.program_id(1) * BLOCK_W
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        return row // rows_per_image, row % rows_per_image, w0, w0 + tl.arange(0, BLOCK_W), c
+
+    @triton.jit
     def _channels(c, cs, cd):
         """Merged channel c -> where it lives: [skip_g, deeper_g] for each group g of cs + cd channels."""
         width = cs + cd
@@ -271,12 +280,7 @@ if _HAS_TRITON:
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0)  # over N * (H + 2 PAD): padded rows too
-        n = row // (height + 2 * PAD)
-        hp = row % (height + 2 * PAD)
-        w0 = tl.program_id(1) * BLOCK_W
-        wp = w0 + tl.arange(0, BLOCK_W)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        n, hp, w0, wp, c = _row_tile(height + 2 * PAD, BLOCK_W, BLOCK_C)  # padded rows too
         mask_w = wp < width + 2 * PAD
         mask_c = c < channels
         v = _padded_row(
@@ -390,12 +394,7 @@ if _HAS_TRITON:
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0)  # over N * H
-        n = row // height
-        h = row % height
-        w0 = tl.program_id(1) * BLOCK_W
-        w = w0 + tl.arange(0, BLOCK_W)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        n, h, w0, w, c = _row_tile(height, BLOCK_W, BLOCK_C)
         mask_w = w < width
         mask_c = c < channels
         xhat, dz, scale = _normalised_and_grad(

@@ -39,7 +39,7 @@ _SIZES = ["height", "channels"]  # unspecialised: one compilation for every leve
 POISON_OUTPUTS = False
 
 if _HAS_TRITON:
-    from dipfast.kernels.batch_norm_act import _folded_grad, _padded_row
+    from dipfast.kernels.batch_norm_act import _folded_grad, _padded_row, _row_tile
 
     @triton.jit(do_not_specialize=_SIZES)
     def _reflection_pad_kernel(
@@ -54,12 +54,7 @@ if _HAS_TRITON:
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0)  # over N * (H + 2 PAD)
-        n = row // (height + 2 * PAD)
-        hp = row % (height + 2 * PAD)
-        w0 = tl.program_id(1) * BLOCK_W
-        wp = w0 + tl.arange(0, BLOCK_W)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        n, hp, w0, wp, c = _row_tile(height + 2 * PAD, BLOCK_W, BLOCK_C)  # padded rows too
         mask_w = wp < width + 2 * PAD
         # x as a merge's deeper part, with no skip part (0 channels)
         v = _padded_row(
@@ -82,12 +77,7 @@ if _HAS_TRITON:
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0)  # over N * H
-        n = row // height
-        h = row % height
-        w0 = tl.program_id(1) * BLOCK_W
-        w = w0 + tl.arange(0, BLOCK_W)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        n, h, w0, w, c = _row_tile(height, BLOCK_W, BLOCK_C)
         mask_c = c < channels
         mask = (w < width)[:, None] & mask_c[None, :]
         acc = _folded_grad(g_ptr, n, h, w0, w, c, mask, mask_c, height, width, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W)
