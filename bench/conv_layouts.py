@@ -198,6 +198,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def conv_parser(description: str) -> argparse.ArgumentParser:
+    """The flags the conv scripts share (this one, step_convs.py, cudnn_fusion.py); each adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--net", default="default", help="'default', 'tiny' or a preset's name")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default="bench-out")
+    return parser
+
+
 def cuda_missing(suite: str, device: torch.device) -> bool:
     """Whether --device asks for CUDA on a machine without it (said on stderr, under the suite's name)."""
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -215,13 +226,8 @@ def write_report(suite: str, args: argparse.Namespace, device: torch.device, row
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, default=512)
+    parser = conv_parser(__doc__.splitlines()[0])
     parser.add_argument("--precision", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--net", default="default", help="'default', 'tiny' or a preset's name")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if cuda_missing("conv_layouts", device):

@@ -31,7 +31,6 @@ carried in .gpu-data/wheels) likewise. Writes cudnn_fusion.json and cudnn_fusion
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conv_layouts beside this file
 
-from conv_layouts import cuda_missing, net_convs, time_call, write_report  # noqa: E402
+from conv_layouts import conv_parser, cuda_missing, net_convs, time_call, write_report  # noqa: E402
 
 from dipfast import backends  # noqa: E402
 
@@ -293,13 +292,8 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--net", default="default", help="'default', 'tiny' or a preset's name")
+    parser = conv_parser(__doc__.splitlines()[0])
     parser.add_argument("--top", type=int, default=4, help="the convs costing the most in the step (GFLOP x count)")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if cuda_missing("cudnn_fusion", device):

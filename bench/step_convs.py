@@ -25,7 +25,6 @@ Writes step_convs.json and step_convs.md in --out.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -38,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conv_layouts beside this file
 
-from conv_layouts import cuda_missing, time_call, write_report  # noqa: E402
+from conv_layouts import conv_parser, cuda_missing, time_call, write_report  # noqa: E402
 
 from dipfast import backends  # noqa: E402
 from dipfast.bench.data import throughput_case  # noqa: E402
@@ -189,15 +188,10 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = conv_parser(__doc__.splitlines()[0])
     parser.add_argument("--method", default="native", help="a restore() backend or a harness variant")
     parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--net", default="default", help="'default', 'tiny' or a preset's name")
     parser.add_argument("--iters", type=int, default=2, help="recorded iterations")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if cuda_missing("step_convs", device):
