@@ -321,7 +321,7 @@ parity() {  # the real shapes first, in a run of their own: xdist's workers woul
 ops() {
     mkdir -p "$WORK/ops"
     local status=0
-    # first (12 short cases): the native step's BatchNorm kernels against torch's eager BatchNorm + LeakyReLU + pad,
+    # first (14 short cases): the native step's BatchNorm kernels against torch's eager BatchNorm + LeakyReLU + pad,
     # in GB/s; then the fused conv ops, whose cold Triton compilations take most of the step's limit
     "$PY" -m pytest bench/ops/bench_batch_norm_act.py -q -p no:cacheprovider "${BN_OPS[@]}" \
         --benchmark-json="$WORK/ops/batch_norm.json" --junitxml="$WORK/ops/junit-batch-norm.xml" || status=1
