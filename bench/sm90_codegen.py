@@ -46,6 +46,9 @@ import dipfast.kernels  # noqa: E402  (built for the interpreter)
 from dipfast.bench.report import save_and_print  # noqa: E402
 from dipfast.kernels import configs  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts beside this file
+from triton_specializations import intercepted, launch_key, native_step_launches, not_specialized  # noqa: E402
+
 GEMM_KERNELS = ("_conv_bn_lrelu_fwd_kernel", "_conv_wgrad_kernel", "_conv_dgrad_kernel",
                 "_merge_conv_fwd_kernel", "_merge_wgrad_kernel")  # fmt: skip
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -76,7 +79,7 @@ def _launch(jit, args: tuple, kwargs: dict) -> dict:
     params = list(inspect.signature(jit.fn).parameters.values())
     values = {**dict(zip([p.name for p in params], args, strict=False)), **kwargs}
     constexpr = {p.name for p in params if "constexpr" in str(p.annotation)}
-    fixed = _not_specialized(jit)
+    fixed = not_specialized(jit)
     return {
         "module": jit.fn.__module__,
         "name": jit.fn.__name__,
@@ -86,24 +89,16 @@ def _launch(jit, args: tuple, kwargs: dict) -> dict:
     }
 
 
-def _not_specialized(jit) -> set[str]:
-    params = list(inspect.signature(jit.fn).parameters)
-    return {params[n] if isinstance(n, int) else n for n in jit.kwargs.get("do_not_specialize") or ()}
-
-
 def record(size: int, layout: str) -> dict[tuple[str, str], dict]:
     """{(op, kernel): its last launch's arguments} for one forward + backward of each op ('conv': conv_bn_lrelu,
     'conv-s2': the same at stride 2, 'merge': concat_bn_conv_bn_lrelu, which runs conv_bn_lrelu's dgrad too), bf16,
     in `layout`."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     launches: dict[tuple[str, str], dict] = {}
     op = "conv"
-    run = InterpretedFunction.run
 
-    def capture(self, *args, grid, warmup, **kwargs):
-        if self.fn.__name__ in GEMM_KERNELS:  # the last launch of each (the merge's dgrad: the skip's part, then the
-            launches[op, self.fn.__name__] = _launch(self, args, kwargs)  # deeper's)
+    def capture(jit, args, kwargs) -> None:
+        if jit.fn.__name__ in GEMM_KERNELS:  # the last launch of each (the merge's dgrad: the skip's part, then the
+            launches[op, jit.fn.__name__] = _launch(jit, args, kwargs)  # deeper's)
 
     fmt = LAYOUTS[layout]
     bf16 = dict(dtype=torch.bfloat16)
@@ -112,24 +107,20 @@ def record(size: int, layout: str) -> dict[tuple[str, str], dict]:
     weight = torch.zeros(128, 128, 3, 3, **bf16).contiguous(memory_format=fmt).requires_grad_(True)
     merge_weight = torch.zeros(128, 132, 3, 3, **bf16).contiguous(memory_format=fmt).requires_grad_(True)
     ones, ones_merge = torch.ones(128, requires_grad=True), torch.ones(132, requires_grad=True)
-    InterpretedFunction.run = capture
-    try:
-        with configs.forced_tiles(configs.HOPPER):  # the GPU's tiles, not the interpreter's
-            # unwritten outputs may upset what follows a launch: each op's launches are recorded by then
-            with contextlib.suppress(Exception):
-                out = dipfast.kernels.conv_bn_lrelu(x, weight, None, ones, ones)
-                out.backward(torch.zeros_like(out))
-            op = "conv-s2"  # the level's downsampling conv: its dgrad loops over each phase's taps
-            with contextlib.suppress(Exception):
-                out = dipfast.kernels.conv_bn_lrelu(x, weight, None, ones, ones, stride=2)
-                out.backward(torch.zeros_like(out))
-            op = "merge"
-            with contextlib.suppress(Exception):
-                out = dipfast.kernels.concat_bn_conv_bn_lrelu(skip, x, ones_merge, ones_merge, merge_weight, None,
-                                                              ones, ones)  # fmt: skip
-                out.backward(torch.zeros_like(out))
-    finally:
-        InterpretedFunction.run = run
+    with intercepted(capture), configs.forced_tiles(configs.HOPPER):  # the GPU's tiles, not the interpreter's
+        # unwritten outputs may upset what follows a launch: each op's launches are recorded by then
+        with contextlib.suppress(Exception):
+            out = dipfast.kernels.conv_bn_lrelu(x, weight, None, ones, ones)
+            out.backward(torch.zeros_like(out))
+        op = "conv-s2"  # the level's downsampling conv: its dgrad loops over each phase's taps
+        with contextlib.suppress(Exception):
+            out = dipfast.kernels.conv_bn_lrelu(x, weight, None, ones, ones, stride=2)
+            out.backward(torch.zeros_like(out))
+        op = "merge"
+        with contextlib.suppress(Exception):
+            out = dipfast.kernels.concat_bn_conv_bn_lrelu(skip, x, ones_merge, ones_merge, merge_weight, None,
+                                                          ones, ones)  # fmt: skip
+            out.backward(torch.zeros_like(out))
     return launches
 
 
@@ -218,39 +209,20 @@ def record_step(size: int, precision: str) -> dict[str, dict]:
     """{key: launch} for each kernel specialization one iteration of the native CUDA step launches (PaddedBlocks,
     NCHW, Hopper's tiles; the first, up to its read-back: no final output), with its launch count. The kernels
     record their launches under the interpreter and run none of them."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from step_convs import eager_step
-    from triton_specializations import launch_key, padded_blocks_on_cpu
-
-    from dipfast.bench.data import throughput_case
-    from dipfast.bench.throughput import restore_in_blocks
-    from dipfast.errors import NumericalError
-
     launches: dict[tuple, dict] = {}
     counts: collections.Counter = collections.Counter()
     recording = [True]
 
-    def capture(self, *args, grid, warmup, **kwargs):
+    def capture(jit, args, kwargs) -> None:
         if recording[0]:
-            key = (self.fn.__name__, launch_key(self.fn, args, kwargs, _not_specialized(self)))
+            key = (jit.fn.__name__, launch_key(jit.fn, args, kwargs, not_specialized(jit)))
             counts[key] += 1
-            launches.setdefault(key, _launch(self, args, kwargs))
+            launches.setdefault(key, _launch(jit, args, kwargs))
 
     def on_block() -> None:  # the first read-back
         recording[0] = False
 
-    run = InterpretedFunction.run
-    InterpretedFunction.run = capture
-    try:
-        # unwritten outputs can make the loss NaN, which the read-back refuses (after the recorded launches)
-        with padded_blocks_on_cpu(), eager_step(), configs.forced_tiles(configs.HOPPER), \
-                contextlib.suppress(NumericalError):  # fmt: skip
-            restore_in_blocks(throughput_case(size), "native", precision, blocks=1, iters=1, net="default",
-                              device=torch.device("cpu"), seed=0, on_block=on_block)  # fmt: skip
-    finally:
-        InterpretedFunction.run = run
+    native_step_launches(size, precision, "default", 1, capture, on_block)
     return {f"{name}/{i}": {**launches[name, k], "launches": counts[name, k]} for i, (name, k) in enumerate(launches)}
 
 

@@ -72,21 +72,25 @@ def launch_key(fn, args, kwargs, do_not_specialize) -> tuple:
     return tuple(key)
 
 
+def not_specialized(jit) -> set[str]:
+    """The argument names a @triton.jit kernel leaves unspecialised (its do_not_specialize, by name or index)."""
+    params = list(inspect.signature(jit.fn).parameters)
+    return {params[n] if isinstance(n, int) else n for n in jit.kwargs.get("do_not_specialize") or ()}
+
+
 @contextlib.contextmanager
-def recording(keys: dict):
-    """Every interpreted kernel launch adds its key to keys[kernel name] instead of running."""
+def intercepted(launch):
+    """Every interpreted kernel launch calls launch(jit, args, kwargs) instead of running."""
     from triton.runtime.interpreter import InterpretedFunction
 
     run = InterpretedFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        names = self.kwargs.get("do_not_specialize") or ()
-        do_not = {n if isinstance(n, str) else list(inspect.signature(self.fn).parameters)[n] for n in names}
-        keys.setdefault(self.fn.__name__, collections.Counter())[launch_key(self.fn, args, kwargs, do_not)] += 1
+        launch(self, args, kwargs)
 
     InterpretedFunction.run = record
     try:
-        yield keys
+        yield
     finally:
         InterpretedFunction.run = run
 
@@ -104,14 +108,26 @@ def padded_blocks_on_cpu():
         backends.BACKEND_TABLE["native"] = spec
 
 
+def native_step_launches(size: int, precision: str, net: str, iters: int, launch, on_block=lambda: None) -> None:
+    """`iters` iterations of the throughput input's fit with the native step's CUDA block ops (PaddedBlocks, NCHW)
+    on the CPU and the GPU's tiles (BLOCK_W, BLOCK_C), not the interpreter's: every Triton launch calls
+    launch(jit, args, kwargs) instead of running; on_block at the read-back after them."""
+    hopper = configs.forced_tiles(configs.HOPPER)
+    with padded_blocks_on_cpu(), eager_step(), hopper, intercepted(launch), contextlib.suppress(NumericalError):
+        # unwritten outputs can make the loss NaN, which the read-back after the recorded iterations refuses
+        restore_in_blocks(throughput_case(size), "native", precision, blocks=1, iters=iters, net=net,
+                          device=torch.device("cpu"), seed=0, on_block=on_block)  # fmt: skip
+
+
 def count(size: int, precision: str, net: str = "default", iters: int = 2) -> dict[str, dict]:
     """{kernel: {"specializations": k, "launches": n, "varying": {argument: [keys]}}} for `iters` iterations."""
     keys: dict[str, collections.Counter] = {}
-    hopper = configs.forced_tiles(configs.HOPPER)  # the GPU's tiles (BLOCK_W, BLOCK_C), not the interpreter's
-    with padded_blocks_on_cpu(), eager_step(), hopper, recording(keys), contextlib.suppress(NumericalError):
-        # unwritten outputs can make the loss NaN, which the read-back after the recorded iterations refuses
-        restore_in_blocks(throughput_case(size), "native", precision, blocks=1, iters=iters, net=net,
-                          device=torch.device("cpu"), seed=0, on_block=lambda: None)  # fmt: skip
+
+    def record(jit, args, kwargs) -> None:
+        key = launch_key(jit.fn, args, kwargs, not_specialized(jit))
+        keys.setdefault(jit.fn.__name__, collections.Counter())[key] += 1
+
+    native_step_launches(size, precision, net, iters, record)
     out = {}
     for name, launches in sorted(keys.items()):
         distinct = list(launches)
