@@ -22,9 +22,44 @@ from pathlib import Path
 ORIGINAL_ITERATION = 1800  # time-to-PSNR target: the PSNR the original loop reaches at this iteration
 
 
+# What any PyTorch program pays before its first kernel, each timed after the last in a fresh process: the cold
+# start a restore() call cannot shorten, measured apart from the start-up's parts it times itself (its Result's
+# extras, dipfast.fit_io.START_UP_PARTS)
+_FIRST_USE = """
+import json, time
+t = time.perf_counter()
+def lap():
+    global t
+    now = time.perf_counter(); seconds, t = now - t, now
+    return seconds
+import torch
+out = {"import torch": lap()}
+import dipfast, dipfast.kernels
+out["import dipfast"] = lap()
+if torch.cuda.is_available():
+    x = torch.ones(1, device="cuda"); torch.cuda.synchronize()
+    out["CUDA context"] = lap()
+    x = torch.randn(1, 64, 64, 64, device="cuda", dtype=torch.bfloat16)
+    torch.nn.functional.conv2d(x, torch.randn(64, 64, 3, 3, device="cuda", dtype=x.dtype)); torch.cuda.synchronize()
+    out["first cuDNN conv"] = lap()
+    (x.flatten(1) @ x.flatten(1).T).sum().item()
+    out["first cuBLAS matmul"] = lap()
+print(json.dumps(out))
+"""
+
+
+def first_use_seconds() -> dict:
+    """_FIRST_USE's laps in seconds, from a fresh interpreter (an error's last line where it failed)."""
+    done = subprocess.run([sys.executable, "-c", _FIRST_USE], capture_output=True, text=True, check=False)
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(done.stdout)
+
+
 def environment(out: Path) -> int:
-    """environment.json (dipfast.bench.machine's record, the native ops, the kernels) and environment.txt
-    (the same, then nvidia-smi)."""
+    """environment.json (dipfast.bench.machine's record, the native ops, the kernels, the first-use costs) and
+    environment.txt (the same, then nvidia-smi)."""
+    first_use = first_use_seconds()  # before this process touches the GPU: the machine's, not a warm driver's
     import torch
 
     import dipfast
@@ -46,6 +81,7 @@ def environment(out: Path) -> int:
         info["kernels_path"] = dipfast.kernels.__file__
     except Exception as e:  # noqa: BLE001
         info["kernels_path"] = f"{type(e).__name__}: {e}"
+    info["first_use_seconds"] = first_use
     smi = shutil.which("nvidia-smi")
     text = "\n".join(f"{k}: {v}" for k, v in info.items()) + "\n"
     if smi:
@@ -187,6 +223,8 @@ def variants(rows: list[dict]) -> list[str]:
 
 def headline(work: Path) -> int:
     """headline.md: issue 12's targets against what the steps measured."""
+    from dipfast.bench.report import start_up
+
     rows = _ok_rows(work / "throughput" / "throughput.json")
     batch = _ok_rows(work / "batch" / "throughput.json")
     where = f"net '{rows[0]['net']}', {rows[0]['size']} x {rows[0]['size']}" if rows else "no throughput figures"
@@ -235,6 +273,9 @@ def headline(work: Path) -> int:
             f"| {key} {level:.2f} dB (original loop, iteration {ORIGINAL_ITERATION}) reached in <= 1/10 of its time "
             f"| {measured}{f' = {share:.3f}' if share else ''} | {verdict} |"
         )
+    for case in ttp.get("cases", []):  # where a cold run's time went before its first iteration
+        for r in case["runs"]:
+            lines.append(f"| start-up, cold: {r['method']} {r['precision']} (first step: parts) | {start_up(r)} | |")
     lines += variants(rows)
     text = "\n".join(lines) + "\n"
     (work / "headline.md").write_text(text)

@@ -7,6 +7,7 @@ that names the argument, what was expected and what came; the engine holds no ch
 from __future__ import annotations
 
 import numbers
+import time
 from collections.abc import Callable
 
 import torch
@@ -94,6 +95,7 @@ def restore(
     >>> r.image.shape, r.image.dtype, r.iterations
     ((32, 32, 3), dtype('float32'), 2)
     """
+    called = time.perf_counter()
     task = task_named(task)
     preset_obj = _settings(task, preset, scale, iters, overrides)
     stop_rule = stop_rule_of(task, stop, early_stop, preset_obj.iterations)
@@ -122,7 +124,9 @@ def restore(
         from dipfast.tiled_restore import restore_all
 
         common = (task, preset_obj, plan, dev, seed, scale, restarts, progress, callback, report_every)
+        prepared = time.perf_counter() - called
         results = restore_all(inputs, batch, tiling, masks, guides, targets, *common, early_stop=stop_rule)
+        results = _with_prepare(results, prepared)
         return results if batch else results[0]
     observed, problems = [], []
     for k, img in enumerate(inputs):
@@ -138,6 +142,7 @@ def restore(
         key = (problem.input_shape, problem.out_size, problem.n_channels)
         buckets.setdefault(key, []).extend((k, r) for r in range(restarts))
     fits: dict[tuple[int, int], engine.Fit] = {}
+    prepared = time.perf_counter() - called
     for (input_shape, _, n_channels), members in buckets.items():
         n_networks = len(members) if plan.fast else 1
         memory.check_fits(
@@ -169,7 +174,16 @@ def restore(
         result_of(task, preset_obj, plan, dev, seed, observed[k], problems[k], [fits[k, r] for r in range(restarts)])
         for k in range(len(inputs))
     ]
+    results = _with_prepare(results, prepared)
     return results if batch else results[0]
+
+
+def _with_prepare(results: list[Result], seconds: float) -> list[Result]:
+    """Each result with the seconds from the call to its first fit: the checks, the conversions, the tile and
+    memory choice (the start-up's first part; Fit's set-up, warm-up and capture follow)."""
+    for result in results:
+        result.extras["prepare_seconds"] = seconds
+    return results
 
 
 def _per_image(name: str, value, n: int, batch: bool) -> list:

@@ -40,13 +40,19 @@ class GraphedStep:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captures = 0  # one per fit, unless something re-records
+        # the eager calls, from the first's start to the end of their GPU work: lazy initialisation, cuDNN's
+        # algorithm search, the Triton kernels' compilation (or their load from its cache), torch.compile
+        self.warmup_seconds = 0.0
         self.capture_seconds = 0.0
+        self._first_call = 0.0
 
     def __call__(self) -> None:
         self.calls += 1
         if self.graph is not None:
             self.graph.replay()
         elif self.calls <= WARMUP:
+            if self.calls == 1:
+                self._first_call = time.perf_counter()
             current = torch.cuda.current_stream(self.device)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
@@ -60,6 +66,7 @@ class GraphedStep:
     def _capture(self) -> None:
         torch.cuda.synchronize(self.device)
         start = time.perf_counter()
+        self.warmup_seconds = start - self._first_call
         graph = torch.cuda.CUDAGraph()
         for generator in self.generators:
             graph.register_generator_state(generator)

@@ -127,6 +127,10 @@ class Fit:
     gate_opened: bool | None = None
     noise_sigma: float | None = None
     first_step_seconds: float = 0.0  # set-up and the first iteration: where compilation happens
+    # the start-up's parts: the networks built and the step made (on CUDA the first copies to the device), the
+    # eager iterations before the CUDA graph capture (cuDNN's search, the Triton kernels' compilation), the capture
+    setup_seconds: float = 0.0
+    warmup_seconds: float = 0.0
     capture_seconds: float = 0.0  # the CUDA graph capture (CUDA, fast backends)
 
 
@@ -163,7 +167,7 @@ class ReferenceStep(step_rules.AfterBackward):
         self.iteration = torch.zeros((), dtype=torch.int64, device=device)
         self.metrics = step_rules.metrics_buffer(report_every, 1, device)
         self.calls = 0
-        self.capture_seconds = 0.0
+        self.warmup_seconds = self.capture_seconds = 0.0  # no CUDA graph
         self.backtracking = preset.backtracking
         if self.backtracking is not None:
             self.saved = [p.detach().clone() for p in net.parameters()]
@@ -284,6 +288,7 @@ def _run(problems, preset, device, seeds, progress, callback, report_every, plan
     else:
         net = built[0].to(device)
         step = ReferenceStep(net, zs[0], problems[0], preset, device, seeds[0], report_every, early_stop)
+    setup = time.perf_counter() - start
     results = [Fit(image=None, ema_image=None) for _ in problems]
     bar = tqdm(total=preset.iterations, disable=not progress, unit="it", leave=False, dynamic_ncols=True)
     loop_start = time.perf_counter()
@@ -313,8 +318,8 @@ def _run(problems, preset, device, seeds, progress, callback, report_every, plan
             raise KeyboardInterrupt  # interrupted before the first step finished: nothing to return
         images, detected = _outputs(step)
         for k, result in enumerate(results):
-            result.first_step_seconds = first_step
-            result.capture_seconds = step.capture_seconds
+            result.first_step_seconds, result.setup_seconds = first_step, setup
+            result.warmup_seconds, result.capture_seconds = step.warmup_seconds, step.capture_seconds
             result.loop_seconds = loop_seconds
             result.iterations = result.history[-1].iteration if result.early_stopped else done
             result.stop_iteration = detected[k]

@@ -108,6 +108,10 @@ class FastStep(step_rules.AfterBackward):
             self.graphed = GraphedStep(self._step, device, self.input_noise.generators, prepare)
 
     @property
+    def warmup_seconds(self) -> float:
+        return self.graphed.warmup_seconds if self.graphed is not None else 0.0
+
+    @property
     def capture_seconds(self) -> float:
         return self.graphed.capture_seconds if self.graphed is not None else 0.0
 

@@ -16,6 +16,18 @@ from dipfast.metrics import ssim as ssim_metric
 from dipfast.presets import TaskPreset
 from dipfast.tasks import IMAGE_INPUTS, Observation, Task, tasks_taking
 
+# The start-up's parts in a Result's extras, in the order they happen, each where it happened: restore()'s
+# checks, conversions, tile and memory choice before the first fit (api.restore); the fit's networks built and
+# moved and its step made; on CUDA the eager iterations before the graph (cuDNN's search, the Triton kernels'
+# compilation or cache load) and the graph's capture (engine.Fit). first_step_seconds spans the set-up and the
+# first iteration.
+START_UP_PARTS = {
+    "prepare": "prepare_seconds",
+    "set-up": "setup_seconds",
+    "warm-up": "warmup_seconds",
+    "capture": "capture_seconds",
+}
+
 
 @dataclass
 class Result:
@@ -73,8 +85,10 @@ def result_of(task, preset_obj, plan, dev, seed, observed, problem, fits: list[e
     out = torch.stack([f.image[0].cpu() for f in fits]).mean(0)
     ema = torch.stack([f.ema_image[0].cpu() for f in fits]).mean(0)
     first = fits[0]
-    extras = {"first_step_seconds": first.first_step_seconds}  # set-up + first iteration: the cold-start cost
-    if first.capture_seconds:
+    # the cold-start cost: set-up + first iteration, and its parts (START_UP_PARTS)
+    extras = {"first_step_seconds": first.first_step_seconds, "setup_seconds": first.setup_seconds}
+    if first.capture_seconds:  # a CUDA graph: its eager warm-up and its capture
+        extras["warmup_seconds"] = first.warmup_seconds
         extras["capture_seconds"] = first.capture_seconds
     if len(fits) > 1:
         extras["restarts"] = [

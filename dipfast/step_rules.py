@@ -41,6 +41,7 @@ class Step(Protocol):
     metrics: torch.Tensor  # (K, N, len(METRICS)) float64 ring buffer; iteration i writes row i % K
     out: torch.Tensor  # (N, C, H, W): the latest raw outputs
     ema: torch.Tensor  # (N, C, H, W)
+    warmup_seconds: float  # the eager iterations before a CUDA graph's capture (0 where there is none)
     capture_seconds: float  # time spent capturing a CUDA graph (0 where there is none)
 
     def __call__(self) -> None: ...

@@ -158,7 +158,8 @@ def restore_tiled(
     emas = [Blend(out_grid, c) for _ in range(restarts)]
     fitted: dict[tuple[int, int], tuple[engine.Fit, float]] = {}
     stop_reason = "iterations"
-    loop_seconds = capture_seconds = 0.0  # summed over the steps (chunks), which run one after another
+    # summed over the steps (chunks), which run one after another, each set up, warmed up and captured anew
+    loop_seconds = setup_seconds = warmup_seconds = capture_seconds = 0.0
     bar = tqdm(
         total=len(networks) * preset.iterations, disable=not progress, unit="tile-it", leave=False, dynamic_ncols=True
     )
@@ -189,6 +190,8 @@ def restore_tiled(
                 stop_reason = "interrupted"
                 break
             loop_seconds += fits[0].loop_seconds
+            setup_seconds += fits[0].setup_seconds
+            warmup_seconds += fits[0].warmup_seconds
             capture_seconds += fits[0].capture_seconds
             for (k, r), fit in zip(chunk, fits):
                 outs[r].add(k, fit.image[0])
@@ -231,6 +234,8 @@ def restore_tiled(
                 stop_reason=stop_reason,
                 stop_iteration=max(detected, default=None),
                 first_step_seconds=fits_r[0].first_step_seconds if fits_r else 0.0,
+                setup_seconds=setup_seconds,
+                warmup_seconds=warmup_seconds,
                 capture_seconds=capture_seconds,
             )
         )

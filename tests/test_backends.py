@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import time
 
 import numpy as np
 import pytest
@@ -445,6 +446,7 @@ def test_cuda_graph_is_captured_once_and_replays_the_eager_step(precision):
             eager()
     torch.cuda.synchronize()
     assert step.graphed.captures == 1 and step.graphed.graph is not None
+    assert step.warmup_seconds > 0 and step.capture_seconds > 0
     # the same kernels in the same order, replayed: equal up to cuDNN's choice of algorithm
     tol = 1e-4 if precision == "fp32" else 2e-2
     torch.testing.assert_close(step.metrics[:, 0, 0], eager.metrics[:, 0, 0], rtol=tol, atol=0)
@@ -452,9 +454,14 @@ def test_cuda_graph_is_captured_once_and_replays_the_eager_step(precision):
 
 
 def test_the_result_reports_the_cold_start(np_rng):
-    r = dipfast.restore(random_image(np_rng, 8, 8), iters=3, backend="native", precision="fp32", **FAST)
-    assert 0 < r.extras["first_step_seconds"] <= r.seconds
-    assert "capture_seconds" not in r.extras  # no CUDA graph on the CPU
+    image = random_image(np_rng, 8, 8)
+    start = time.perf_counter()
+    r = dipfast.restore(image, iters=3, backend="native", precision="fp32", **FAST)
+    wall = time.perf_counter() - start
+    # its parts in order: restore()'s preparation, then the fit's set-up, which its first step includes
+    assert 0 < r.extras["setup_seconds"] < r.extras["first_step_seconds"] <= r.seconds
+    assert 0 < r.extras["prepare_seconds"] and r.extras["prepare_seconds"] + r.seconds <= wall
+    assert "warmup_seconds" not in r.extras and "capture_seconds" not in r.extras  # no CUDA graph on the CPU
 
 
 @pytest.mark.parametrize("precision", ["tf32", "fp32"])

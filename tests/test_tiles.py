@@ -136,6 +136,8 @@ def test_each_tile_is_the_separate_fit_of_its_crop_whatever_shares_its_step(np_r
     monkeypatch.setattr(tile_choice, "_most_per_step", lambda *args: 2)
     paired = dipfast.restore(image, seed=5, tile=10, overlap=3, **kwargs)
     assert paired.extras["tiling"]["per_step"] == 2
+    # each step sets itself up: the set-ups summed over the steps, after one preparation of the call
+    assert paired.extras["setup_seconds"] > 0 and paired.extras["prepare_seconds"] > 0
     np.testing.assert_array_equal(paired.image, whole.image)
     np.testing.assert_array_equal(paired.ema_image, whole.ema_image)
 

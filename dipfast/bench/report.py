@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dipfast.bench.machine import machine_info, machine_label
+from dipfast.fit_io import START_UP_PARTS
 
 SCHEMA = "dipfast-bench/1"
 STEMS = {
@@ -261,7 +262,7 @@ def time_to_psnr_markdown(report: dict) -> str:
                     if not r["resolution_iters"]
                     else f"{r['resolution_iters']} it"
                     + (f", {r['resolution_seconds']:.3f} s" if r["resolution_seconds"] else ""),
-                    _first_step(r),
+                    start_up(r),
                 ]
             )
         text += table(headers, rows)
@@ -272,13 +273,15 @@ def time_to_psnr_markdown(report: dict) -> str:
     return text
 
 
-def _first_step(r: dict) -> str:
-    """Start-up: set-up + the first iteration, with the CUDA graph capture's share where there was one."""
+def start_up(r: dict) -> str:
+    """Start-up: set-up + the first iteration, then its parts where restore() timed them (the warm-up's
+    iterations and the capture come after the first: a part can exceed the first step)."""
     seconds = r.get("first_step_seconds")
     if seconds is None:
         return "-"
-    capture = (r.get("extras") or {}).get("capture_seconds")
-    return f"{seconds:.2f} s" + (f" (capture {capture:.2f} s)" if capture else "")
+    extras = r.get("extras") or {}
+    parts = [f"{name} {extras[key]:.2f}" for name, key in START_UP_PARTS.items() if extras.get(key) is not None]
+    return f"{seconds:.2f} s" + (f" ({' / '.join(parts)})" if parts else "")
 
 
 def case_slug(case: str) -> str:

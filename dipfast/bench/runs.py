@@ -24,6 +24,7 @@ import torch
 from dipfast import api, backends, native
 from dipfast.bench import baselines
 from dipfast.bench.data import Case, numpy_psnr
+from dipfast.fit_io import START_UP_PARTS
 from dipfast.nets import SkipSpec
 from dipfast.presets import PRESETS, apply_overrides
 from dipfast.tasks import preset_for
@@ -281,9 +282,9 @@ def run_dip(
             "loop_its": result.its,
             "restore_psnr": result.psnr,
             "restore_ema_psnr": result.ema_psnr,
-            # set-up + the first iteration (compilation, autotune, the graph capture), and the capture alone
+            # set-up + the first iteration, and the start-up's parts: compilation, autotune, the graph capture
             "first_step_seconds": result.extras.get("first_step_seconds"),
-            "capture_seconds": result.extras.get("capture_seconds", 0.0),
+            **{key: result.extras[key] for key in START_UP_PARTS.values() if key in result.extras},
         },
     )
     return _final(

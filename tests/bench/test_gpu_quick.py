@@ -75,6 +75,8 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         def loaded(name: str) -> dict:
             return json.load(tar.extractfile(f"./{name}"))
 
+        first_use = loaded("environment/environment.json")["first_use_seconds"]
+        assert list(first_use) == ["import torch", "import dipfast"] and all(v > 0 for v in first_use.values())
         rows = loaded("throughput/throughput.json")["rows"]
         paths = {(r["method"], r["precision"]) for r in rows}
         assert {("native", "tf32"), ("native-reference-blocks", "bf16"), ("original-loop-tf32", "tf32")} <= paths
@@ -94,6 +96,9 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         assert {r["method"] for r in loaded("triton/throughput.json")["rows"]} == {"triton"}
         ttp_runs = loaded("time-to-psnr/time_to_psnr.json")["cases"][0]["runs"]
         assert [r["method"] for r in ttp_runs][0] == "original-loop" and all(r["mode"] == "cold" for r in ttp_runs)
+        assert all(r["extras"]["setup_seconds"] > 0 for r in ttp_runs[1:])  # restore()'s start-up parts, cold
+        headline = tar.extractfile("./headline.md").read().decode()
+        assert f"| start-up, cold: {ttp_runs[1]['method']} " in headline and " s (prepare " in headline
 
 
 def test_the_headline_sets_each_variant_beside_its_backend():

@@ -70,11 +70,15 @@ def test_time_to_psnr_json_schema_markdown_and_plots(ttp_report):
                 assert 0 < r["first_step_seconds"] <= traj["seconds"][0]
                 if r["method"] == "original-loop":
                     assert r["first_step_seconds"] == traj["seconds"][0]
+                else:  # restore()'s start-up parts, for the table
+                    assert 0 < r["extras"]["setup_seconds"] < r["first_step_seconds"]
+                    assert 0 < r["extras"]["prepare_seconds"] < traj["seconds"][0]
             else:
                 assert r["first_step_seconds"] is None  # a classical baseline: one point, no iterations
         assert is_png(out / f"psnr_vs_time_{c['case'].replace('/', '_')}.png")
     md = (out / "time_to_psnr.md").read_text()
     assert "### denoise/astronaut" in md and "to 40.00 dB" in md and "not reached" in md and "| first step |" in md
+    assert " s (prepare " in md and " / set-up " in md  # restore()'s start-up parts beside its first step
 
 
 def test_time_to_psnr_is_the_first_crossing_and_monotone_in_the_target(ttp_report):
