@@ -22,9 +22,9 @@
 #                 what the padded kernels are worth), native-packed-parameters bf16 (the conv weights off
 #                 16-byte alignment, as before: what aligning them is worth), native-cl bf16 (channels_last:
 #                 its 14 legacy dgrad calls may have been the same misaligned weights, and NHWC would save
-#                 cuDNN's 1.1 ms of layout conversions), compile bf16 channels_last and NCHW (each compiles
-#                 for about a minute; last, so that a time limit cuts nothing else: each row is written as it
-#                 ends). The 222367b4a8 run found aligned channels worth nothing; 15 configs ran 300 s  270
+#                 cuDNN's 1.1 ms of layout conversions); each row is written as it ends. The compiled paths
+#                 are the `compile` step's (a minute of compiling each: in the 222367b4a8 run they ran last
+#                 here, and the step's limit cut compile-nchw and what came after)                    150
 #   profile       dipfast bench profile of the two fastest paths of `throughput`                 30
 #   convs         bench/step_convs.py: the step's own conv calls (native bf16, one eager step, as the dispatcher
 #                 sees them below vmap and autocast), each replayed alone with operands of the recorded
@@ -55,6 +55,8 @@
 #                 the native step's BatchNorm kernels (bf16, NCHW) against torch's eager ops, in GB/s   110
 #   triton        issue 13: the triton backend's throughput in bf16 (channels_last, and NCHW as before: the
 #                 triton-nchw variant), tf32 and fp32, and the profile of its bf16 step against the floor  160
+#   compile       the compile backend's throughput, bf16 in channels_last and NCHW (compile-nchw, the layout
+#                 that made native 2.74x faster), each compiling for about a minute                  150
 #   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
 #                 recorded, the calibrated rules replayed, and the criterion's cost at 512 px    240
 #   large         issue 17: a 12 MP photo (a mosaic of the paper's images, sigma 25) through restore(tile='auto',
@@ -116,7 +118,8 @@ ARCHIVE=$DEST/gpu-quick.tar.gz
 PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-ALL_STEPS="install environment throughput profile convs cudnn batch time-to-psnr tests tasks parity ops triton early-stop large"
+ALL_STEPS="install environment throughput profile convs cudnn batch time-to-psnr tests tasks parity ops triton compile"
+ALL_STEPS+=" early-stop large"
 STEPS=" ${DIPFAST_GPU_QUICK_STEPS:-$ALL_STEPS} "
 for name in $STEPS; do
     [[ " $ALL_STEPS " == *" $name "* ]] || { echo "gpu_quick: unknown step '$name'; valid: $ALL_STEPS" >&2; exit 2; }
@@ -137,6 +140,7 @@ if [ "$TINY" = 1 ]; then
     TRITON_TP=(--net tiny --size 16 --iters 1 --repeats 1 --warmup 1)
     TRITON_CONFIGS=(triton:fp32)  # the interpreter computes tf32 as IEEE fp32: one of the two is enough
     TRITON_ENV=(TRITON_INTERPRET=1 TORCHDYNAMO_DISABLE=1)
+    COMPILE_ENV=(TORCHDYNAMO_DISABLE=1)  # the step's plumbing: compiling takes minutes on a CPU
     TTP=(--net tiny --size 32 --iters 6 --report-every 2)
     CONVS=(--device cpu --net tiny --size 16 --precision bf16 --repeats 2)
     CUDNN=(--device cpu --net tiny --size 16 --top 1 --repeats 2)  # its aten rows; the cuDNN ones say "needs CUDA"
@@ -145,7 +149,8 @@ if [ "$TINY" = 1 ]; then
     LARGE=(--device cpu --megapixels 0.01 --iters 6 --stop iterations --report-every 2)
     # the budget is all there is on a CPU: the limits only catch a hang
     declare -A LIMIT=([install]=120 [environment]=60 [throughput]=240 [profile]=120 [convs]=120 [cudnn]=120 [batch]=120 [tasks]=240
-                      [parity]=120 [ops]=120 [triton]=240 [time-to-psnr]=240 [tests]=120 [early-stop]=240 [large]=120)
+                      [parity]=120 [ops]=120 [triton]=240 [compile]=120 [time-to-psnr]=240 [tests]=120 [early-stop]=240
+                      [large]=120)
 else
     BUDGET=${DIPFAST_GPU_QUICK_BUDGET:-480}
     BACKENDS=${DIPFAST_GPU_QUICK_BACKENDS:-native compile triton}
@@ -163,6 +168,7 @@ else
     TRITON_TP=("${TP[@]}")
     TRITON_CONFIGS=(triton:bf16 triton-nchw:bf16 triton:tf32 triton:fp32)
     TRITON_ENV=()
+    COMPILE_ENV=()
     TTP=(--iters 1800 --report-every 10)
     CONVS=(--device cuda --net default --size 512 --precision bf16 --repeats 10)
     CUDNN=(--device cuda --net default --size 512 --top 4 --repeats 10)
@@ -171,14 +177,13 @@ else
            tests/bench --ignore=tests/bench/test_gpu_quick.py)
     EARLY_STOP=(--size 256 --iters 2000 --cost 512)
     LARGE=(--device cuda --megapixels 12 --stop auto --report-every 25)
-    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=300 [profile]=90 [convs]=90 [cudnn]=120 [batch]=90
-                      [tasks]=120
-                      [parity]=120 [ops]=110 [triton]=180 [time-to-psnr]=200 [tests]=150 [early-stop]=240
-                      [large]=590)
+    declare -A LIMIT=([install]=90 [environment]=30 [throughput]=240 [profile]=90 [convs]=90 [cudnn]=120 [batch]=90
+                      [tasks]=120 [parity]=120 [ops]=110 [triton]=180 [compile]=180 [time-to-psnr]=200 [tests]=150
+                      [early-stop]=240 [large]=590)
 fi
 # the smallest slice of the budget that a step is started with
 declare -A MIN=([install]=30 [environment]=5 [throughput]=60 [profile]=30 [convs]=20 [cudnn]=30 [batch]=30 [tasks]=30 [parity]=30
-                [ops]=20 [triton]=40 [time-to-psnr]=60 [tests]=30 [early-stop]=120 [large]=120)
+                [ops]=20 [triton]=40 [compile]=60 [time-to-psnr]=60 [tests]=30 [early-stop]=120 [large]=120)
 
 has() { [[ " $BACKENDS " == *" $1 "* ]]; }
 wants() { [[ $STEPS == *" $1 "* ]]; }
@@ -269,12 +274,11 @@ environment() {
 }
 throughput() {
     # in the order of what decides most (each row is written as it ends): auto's path and the baselines, then
-    # bf16's variants, tf32's and fp32's, the compiled paths last (a minute of compiling each)
+    # bf16's variants, tf32's and fp32's (the compiled paths are the compile step's)
     # shellcheck disable=SC2046  # configs prints a list of words
     bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs $(configs \
         native:bf16 original-loop:fp32 original-loop-tf32:tf32 native-reference-blocks:bf16 \
-        native-packed-parameters:bf16 native-cl:bf16 native:tf32 native-reference-blocks:tf32 native:fp32 compile:bf16 \
-        compile-nchw:bf16)
+        native-packed-parameters:bf16 native-cl:bf16 native:tf32 native-reference-blocks:tf32 native:fp32)
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \
@@ -338,6 +342,10 @@ triton_backend() {
     [ "$TINY" = 1 ] || bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/triton/profile" \
         --configs triton:bf16
 }
+compile_backend() {  # as the throughput step's rows, the layout variant beside its backend
+    env "${COMPILE_ENV[@]}" "$PY" -m dipfast.bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet \
+        --out "$WORK/compile" --configs compile:bf16 compile-nchw:bf16
+}
 time_to_psnr() {
     # cold: a fresh process and empty compile caches, as a user's first image
     # shellcheck disable=SC2046
@@ -389,11 +397,12 @@ wants tasks && step tasks tasks
 wants parity && step parity parity
 wants ops && step ops ops
 wants triton && step triton triton_backend
+wants compile && step compile compile_backend
 wants early-stop && step_with_data early-stop early_stop
 wants large && step large large
 
 "$PY" "$ROOT/bench/gpu_quick_steps.py" headline "$WORK" > /dev/null 2>&1
-for folder in throughput profile batch triton time-to-psnr; do
+for folder in throughput profile batch triton compile time-to-psnr; do
     [ -d "$WORK/$folder" ] && { echo "### $folder"; "$PY" -m dipfast.bench summary "$WORK/$folder"; }
 done > "$WORK/summary.md" 2>&1
 pack

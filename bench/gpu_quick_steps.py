@@ -200,13 +200,14 @@ def _time_to_original(ttp: dict) -> list[tuple[str, float | None, float | None, 
     return found
 
 
-def variants(rows: list[dict]) -> list[str]:
+def variants(*tables: list[dict]) -> list[str]:
     """Markdown lines: each variant of a backend (runs.VARIANT_BACKEND) against that backend at the same
-    precision and batch, measured in the same run: the decisions the throughput step exists for."""
+    precision and batch, measured in the same run (one table of rows): the decisions the throughput step, and the
+    triton and compile steps, exist for."""
     from dipfast.bench import runs
 
     found = []
-    for r in rows:
+    for rows, r in ((rows, r) for rows in tables for r in rows):
         base = runs.VARIANT_BACKEND.get(r["method"])
         plain = base and _row(rows, base, r["precision"], r["batch"])
         if plain:
@@ -276,7 +277,7 @@ def headline(work: Path) -> int:
     for case in ttp.get("cases", []):  # where a cold run's time went before its first iteration
         for r in case["runs"]:
             lines.append(f"| start-up, cold: {r['method']} {r['precision']} (first step: parts) | {start_up(r)} | |")
-    lines += variants(rows)
+    lines += variants(*(_ok_rows(work / step / "throughput.json") for step in ("throughput", "triton", "compile")))
     text = "\n".join(lines) + "\n"
     (work / "headline.md").write_text(text)
     print(text)

@@ -31,6 +31,7 @@ OUTPUTS = {  # in the script's order of priority
     "parity": ["parity/cuda_shapes.xml", "parity/junit.xml"],
     "ops": ["ops/benchmarks.json", "ops/batch_norm.json", "ops/ops.md", "ops/junit.xml", "ops/junit-batch-norm.xml"],
     "triton": ["triton/throughput.json"],
+    "compile": ["compile/throughput.json"],
     "early-stop": ["early-stop/early_stop.json", "early-stop/early_stop.md"],
     "large": ["large/large_photo.json"],
 }
@@ -94,6 +95,9 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         ops_md = tar.extractfile("./ops/ops.md").read().decode()
         assert "test_conv_bn_lrelu_" in ops_md and "test_batch_norm_act_twin_full" in ops_md  # both runs' rows
         assert {r["method"] for r in loaded("triton/throughput.json")["rows"]} == {"triton"}
+        compiled = loaded("compile/throughput.json")["rows"]
+        assert {r["method"] for r in compiled} == {"compile", "compile-nchw"}
+        assert all(r["status"] == "ok" for r in compiled)
         ttp_runs = loaded("time-to-psnr/time_to_psnr.json")["cases"][0]["runs"]
         assert [r["method"] for r in ttp_runs][0] == "original-loop" and all(r["mode"] == "cold" for r in ttp_runs)
         assert all(r["extras"]["setup_seconds"] > 0 for r in ttp_runs[1:])  # restore()'s start-up parts, cold
@@ -116,6 +120,11 @@ def test_the_headline_sets_each_variant_beside_its_backend():
     assert "| compile-forced-layout bf16 | 15.00 ms | compile 12.00 ms | 0.80x slower |" in lines
     assert not any("tf32" in line for line in lines)  # native tf32 not measured: no ratio
     assert variants([row("native", "bf16", 10.0)]) == []
+    # several runs (the throughput, triton and compile steps): a variant is set beside its backend's own run only
+    split = variants([row("native", "bf16", 10.0)], [row("native-aligned", "bf16", 8.0)], [])
+    assert split == []
+    both = variants([row("native", "bf16", 10.0)], [row("compile", "bf16", 12.0), row("compile-nchw", "bf16", 6.0)])
+    assert both[-1] == "| compile-nchw bf16 | 6.00 ms | compile 12.00 ms | 2.00x faster |" and len(both) == 4
 
 
 def test_the_ops_table_joins_its_runs_and_says_which_did_not_finish(tmp_path):
