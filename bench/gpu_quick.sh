@@ -11,9 +11,11 @@
 # (DIPFAST_GPU_QUICK_WORK, default a new temporary one) and packed from there.
 #
 # Steps (name: what; expected seconds on an H200, cold):
-#   install       pip install --no-deps --no-build-isolation -e . (the C++ CPU ops built against the
-#                 machine's torch; where their build fails, setup.py goes on without them; where the
-#                 install itself fails, again with DIPFAST_NO_NATIVE=1; PYTHONPATH as well)       25-40
+#   install       pip install --no-deps --no-build-isolation -e . without the C++ CPU ops: the whole run sets
+#                 DIPFAST_NO_NATIVE=1 (no CUDA path calls them, and their build took 36 and 42 s of the
+#                 H200's two calls; the CPU cases of the tests and parity steps run their eager twins).
+#                 With DIPFAST_GPU_QUICK_NATIVE=1 they are built against the machine's torch, and where the
+#                 install fails so, it runs again without them; PYTHONPATH as well                   5
 #   environment   GPU, driver, torch/CUDA/cuDNN/triton versions, commit, native ops, nvidia-smi     5
 #   throughput    512 x 512, batch 1, default net, in one harness run: native bf16 / tf32 / fp32 (on CUDA
 #                 its BatchNorm + LeakyReLU by the Triton kernels that write the next conv's pad), the
@@ -86,6 +88,8 @@
 #   DIPFAST_GPU_QUICK_WORK      the results folder (default: a new temporary one)
 #   DIPFAST_GPU_QUICK_BACKENDS  the fast backends (default "native compile triton"; --tiny "native")
 #   DIPFAST_GPU_QUICK_INSTALL   1 to pip install the working tree first (default 1; --tiny 0)
+#   DIPFAST_GPU_QUICK_NATIVE    1 to build and load the C++ CPU ops (default 0, DIPFAST_NO_NATIVE=1: no CUDA path calls
+#                               them; --tiny leaves them as they are)
 #   DIPFAST_GPU_QUICK_PYTEST    extra pytest arguments for the parity and tests steps
 #   DIPFAST_BENCH_COMMIT        the commit to record where the copy has no .git
 #   PYTHON                      the interpreter (default python3)
@@ -155,6 +159,8 @@ else
     BUDGET=${DIPFAST_GPU_QUICK_BUDGET:-480}
     BACKENDS=${DIPFAST_GPU_QUICK_BACKENDS:-native compile triton}
     INSTALL=${DIPFAST_GPU_QUICK_INSTALL:-1}
+    # the C++ CPU ops neither built nor loaded (nor built on first use: dipfast.native's JIT path), unless asked for
+    [ "${DIPFAST_GPU_QUICK_NATIVE:-0}" = 1 ] || export DIPFAST_NO_NATIVE=1
     DEVICE=(--device cuda)
     TP=(--net default --size 512 --iters 10 --repeats 3 --warmup 10)
     PROFILE=(--net default --size 512 --iters 5 --warmup 10)
@@ -181,9 +187,10 @@ else
                       [tasks]=120 [parity]=120 [ops]=110 [triton]=180 [compile]=180 [time-to-psnr]=200 [tests]=150
                       [early-stop]=240 [large]=590)
 fi
-# the smallest slice of the budget that a step is started with
-declare -A MIN=([install]=30 [environment]=5 [throughput]=60 [profile]=30 [convs]=20 [cudnn]=30 [batch]=30 [tasks]=30 [parity]=30
-                [ops]=20 [triton]=40 [compile]=60 [time-to-psnr]=60 [tests]=30 [early-stop]=120 [large]=120)
+# the smallest slice of the budget that a step is started with: time-to-psnr's first result comes at its end (the
+# original loop alone runs 105 s on an H200), so with less it leaves the budget to the steps after it
+declare -A MIN=([install]=5 [environment]=5 [throughput]=60 [profile]=30 [convs]=20 [cudnn]=30 [batch]=30 [tasks]=30 [parity]=30
+                [ops]=20 [triton]=40 [compile]=60 [time-to-psnr]=150 [tests]=30 [early-stop]=120 [large]=120)
 
 has() { [[ " $BACKENDS " == *" $1 "* ]]; }
 wants() { [[ $STEPS == *" $1 "* ]]; }
@@ -251,7 +258,7 @@ configs() {  # the METHOD:PRECISION arguments whose backend is among BACKENDS (o
     echo "${out[@]}"
 }
 
-install() {
+install() {  # without the C++ CPU ops where DIPFAST_NO_NATIVE=1 (set above)
     local status=0
     if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"; then
         echo "gpu_quick: the install failed; again without the native CPU ops (DIPFAST_NO_NATIVE=1)"
