@@ -55,9 +55,10 @@ _PATTERNS = [
     ("copy", r"^mem(set|cpy)"),  # the runtime's memset and memcpy (device to device) rows
     ("layout", r"nchwToNhwc|nhwcToNchw|nchw_to_nhwc|nhwc_to_nchw"),
     ("conv", r"^_(conv_bn_lrelu_fwd|conv_wgrad|conv_dgrad|merge_conv_fwd|merge_wgrad)_kernel"),  # dipfast.kernels
-    ("batch_norm", r"batch_norm|bn_fw|bn_bw|welford|_bn_lrelu|_merge_stats|_merge_bn"),
+    # dipfast.kernels' per-channel finalize of the BatchNorm partials (channel_sums.py) included
+    ("batch_norm", r"batch_norm|bn_fw|bn_bw|welford|_bn_lrelu|_merge_stats|_merge_bn|^_chan_finalize|^_column_sums"),
     ("pad", r"reflection_pad|replication_pad|reflect_fold|reflection_fold|constant_pad"),
-    ("upsample", r"upsample"),
+    ("upsample", r"upsample|^_transpose_kernel"),  # bilinear_x2.py's backward: the upsample's transpose
     ("concat", r"CatArrayBatchedCopy|(^|_)cat(_|$)|slice_backward"),
     ("activation", r"leaky_relu|sigmoid|threshold|(^|[^a-z])relu|(^|[^a-z])elu"),
     ("loss", r"mse_|lanczos"),
@@ -75,12 +76,30 @@ def kernel_group(name: str) -> str:
 
 
 def group_times(kernels: list[tuple[str, float]]) -> dict[str, float]:
-    """[(kernel name, time)] -> {group: summed time}, in PROFILE_GROUPS order, groups with no kernel left out."""
+    """[(kernel name, time)] -> {group: summed time}, in PROFILE_GROUPS order, groups with no kernel left out (any
+    per-kernel quantity sums so: launch counts too)."""
     sums: dict[str, float] = {}
     for name, t in kernels:
         group = kernel_group(name)
         sums[group] = sums.get(group, 0.0) + t
     return {g: sums[g] for g in PROFILE_GROUPS if g in sums}
+
+
+# A kernel whose launches average less than this is launch-bound: a CUDA graph still spends a few microseconds of
+# the stream on each (its launch, ramp and drain), so such kernels cost by their count, not their bytes or FLOPs
+SHORT_KERNEL_US = 5.0
+
+
+def launch_summary(kernels: list[tuple[str, float, float]]) -> dict:
+    """[(kernel name, launches per iteration, ms per iteration)] -> the launches per iteration in all and per group
+    (PROFILE_GROUPS order), and those of the kernels averaging under SHORT_KERNEL_US with their summed ms."""
+    short = [(calls, ms) for _, calls, ms in kernels if calls and 1e3 * ms / calls < SHORT_KERNEL_US]
+    return {
+        "launches_per_iter": sum(calls for _, calls, _ in kernels),
+        "short_launches_per_iter": sum(calls for calls, _ in short),
+        "short_ms_per_iter": sum(ms for _, ms in short),
+        "launches_by_group": group_times([(name, calls) for name, calls, _ in kernels]),
+    }
 
 
 def floor_ratios(measured_ms: dict[str, float], floor_ms: dict[str, float]) -> list[dict]:

@@ -98,7 +98,13 @@ def profile_one(method: str, precision: str, *, size: int, batch: int, net: str,
         kernels = [(e.key, t / 1e3 / per_iter) for e, t in zip(events, on_device) if t > 0]
         name = torch.cuda.get_device_name(device)
         gpu, by_group = floor_ratio_rows(kernels, name, net=net, size=size, precision=precision)
-        groups = {"floor_gpu": gpu, "groups": by_group}
+        launches = kernel_groups.launch_summary(
+            [(e.key, e.count / per_iter, t / 1e3 / per_iter) for e, t in zip(events, on_device) if t > 0]
+        )
+        for row in by_group:  # each group's launches beside its time: the total's are all of them
+            row["launches_per_iter"] = launches["launches_by_group"].get(row["group"], 0.0)
+        by_group[-1]["launches_per_iter"] = launches["launches_per_iter"]
+        groups = {"floor_gpu": gpu, "groups": by_group, **launches}
     return {
         **groups,
         "wall_ms_per_iter": 1e3 * (stamps[1] - stamps[0]) / per_iter,

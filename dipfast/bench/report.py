@@ -20,6 +20,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dipfast.bench.kernel_groups import SHORT_KERNEL_US
 from dipfast.bench.machine import machine_info, machine_label
 from dipfast.fit_io import START_UP_PARTS
 
@@ -413,26 +414,37 @@ def profile_markdown(report: dict) -> str:
         rows = [[op["name"], *(_f(op[k], fmt) for k, fmt in _PROFILE_CELLS)] for op in e["ops"]]
         parts.append(
             title
-            + f"{e['time_kind']}: {e['total_ms_per_iter']:.2f} ms per iteration in all; the profiled block's wall "
-            f"time {e['wall_ms_per_iter']:.2f} ms per iteration.\n\n"
+            + f"{e['time_kind']}: {e['total_ms_per_iter']:.2f} ms per iteration in all{_launches(e)}; the profiled "
+            f"block's wall time {e['wall_ms_per_iter']:.2f} ms per iteration.\n\n"
             + table(["op", "calls", "ms", "CPU ms", "share"], rows)
             + _floor_ratio_table(e)
         )
     return parts[0] + "\n".join(parts[1:])
 
 
+def _launches(entry: dict) -> str:
+    """', N kernel launches (M of them launch-bound, averaging under 5 us: X ms)' (CUDA profiles only)."""
+    if "launches_per_iter" not in entry:
+        return ""
+    return (
+        f", {entry['launches_per_iter']:.0f} kernel launches ({entry['short_launches_per_iter']:.0f} of them averaging "
+        f"under {SHORT_KERNEL_US:g} us, {entry['short_ms_per_iter']:.2f} ms)"
+    )
+
+
 def _floor_ratio_table(entry: dict) -> str:
-    """The kernel time of each op group beside its floor (CUDA profiles only)."""
+    """The kernel time and launches of each op group beside its floor (CUDA profiles only)."""
     if "groups" not in entry:
         return ""
     gpu = entry["floor_gpu"]
     where = f"the floor model on {gpu}" if gpu else "no floor: this GPU is not in dipfast.bench.floor.GPUS"
     rows = [
-        [g["group"], _f(g["ms_per_iter"], "{:.3f}"), _f(g["floor_ms"], "{:.3f}"), _f(g["ratio"], "{:.1f}x")]
+        [g["group"], _f(g["ms_per_iter"], "{:.3f}"), _f(g["floor_ms"], "{:.3f}"), _f(g["ratio"], "{:.1f}x"),
+         _f(g.get("launches_per_iter"), "{:.0f}")]  # fmt: skip
         for g in entry["groups"]
     ]
     return f"\nKernel time by op group against {where} (ms per iteration):\n\n" + table(
-        ["group", "ms", "floor ms", "ratio"], rows
+        ["group", "ms", "floor ms", "ratio", "launches"], rows
     )
 
 

@@ -277,6 +277,16 @@ def test_profile_markdown_prints_floor_ratios_only_when_measured_on_cuda():
     assert "against the floor model on h100" in cuda
     assert "| conv | 0.500 | 0.125 | 4.0x |" in cuda and "| layout | 0.250 | - | - |" in cuda
     assert "| total | 0.750 | 0.250 | 3.0x |" in cuda and "| pad | 0.000 | 0.125 | 0.0x |" in cuda
+    assert "kernel launches" not in cuda  # a profile from before the launches were counted
+    # the launches: in all and launch-bound in the sentence, per group in the table
+    launches = kernel_groups.launch_summary([("sm90_xmma_fprop", 2.0, 0.5), ("nchwToNhwcKernel", 60.0, 0.12)])
+    counted = [{**g, "launches_per_iter": launches["launches_by_group"].get(g["group"], 0.0)} for g in groups]
+    counted[-1]["launches_per_iter"] = launches["launches_per_iter"]
+    entry = {**entry, "floor_gpu": "h100", "groups": counted, **launches}
+    cuda = profile_markdown({**report, "entries": [entry]})
+    assert "1.00 ms per iteration in all, 62 kernel launches (60 of them averaging under 5 us, 0.12 ms)" in cuda
+    assert "| conv | 0.500 | 0.125 | 4.0x | 2 |" in cuda and "| layout | 0.250 | - | - | 60 |" in cuda
+    assert "| total | 0.750 | 0.250 | 3.0x | 62 |" in cuda
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: kernel names and their times need a GPU")
@@ -287,5 +297,6 @@ def test_profile_on_cuda_puts_the_kernels_in_groups_beside_their_floor(tmp_path)
     groups = {g["group"]: g for g in entry["groups"]}
     assert groups["conv"]["ms_per_iter"] > 0 and groups["batch_norm"]["ms_per_iter"] > 0
     assert math.isclose(groups["total"]["ms_per_iter"], entry["total_ms_per_iter"], rel_tol=1e-6)
+    assert groups["total"]["launches_per_iter"] == entry["launches_per_iter"] >= entry["short_launches_per_iter"] > 0
     if entry["floor_gpu"] is not None:
         assert groups["conv"]["ratio"] > 1  # nothing beats the hardware's peak

@@ -7,6 +7,8 @@ where a template argument list is long; the part that decides is kept).
 # ruff: noqa: E501  (the kernel names as the profiler prints them)
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dipfast.bench import floor
@@ -16,8 +18,11 @@ from dipfast.bench.kernel_groups import (
     floor_ratios,
     group_times,
     kernel_group,
+    launch_summary,
     profile_floor_ms,
 )
+
+from ._suites import ROOT
 
 KERNELS = {
     # cuDNN and CUTLASS convolutions, and cuDNN's layout transposes
@@ -97,6 +102,29 @@ def test_group_times_sum_the_kernels_of_each_group_in_order():
     times = group_times(kernels)
     assert times == {"conv": 0.75, "batch_norm": 1.0, "copy": 0.125, "other": 2.0}
     assert list(times) == [g for g in PROFILE_GROUPS if g in times]
+
+
+def test_every_kernel_of_dipfast_kernels_has_a_group():
+    """Each Triton kernel the package launches (a @triton.jit function named *_kernel) is counted in a group, not
+    'other': the finalize of the BatchNorm partials and the upsample's transpose were 'other' until this test."""
+    source = "\n".join(p.read_text() for p in sorted((ROOT / "kernels").glob("*.py")))
+    names = set(re.findall(r"@triton\.jit[^\n]*\n\s*def (_\w+_kernel)\(", source))
+    assert {"_chan_finalize_kernel", "_transpose_kernel", "_batch_norm_stats_kernel"} <= names
+    assert {name: kernel_group(name) for name in names if kernel_group(name) == "other"} == {}
+
+
+def test_launch_summary_counts_launches_per_group_and_the_launch_bound_ones():
+    kernels = [
+        ("sm90_xmma_fprop_implicit_gemm_bf16_cudnn", 2.0, 0.5),  # 250 us a launch
+        ("_chan_finalize_kernel", 30.0, 0.06),  # 2 us a launch: launch-bound
+        ("_column_sums_kernel", 30.0, 0.15),  # exactly 5 us: not under the line
+        ("void at::native::vectorized_elementwise_kernel<4, FillFunctor>", 39.0, 0.078),  # 2 us
+    ]
+    summary = launch_summary(kernels)
+    assert summary["launches_per_iter"] == 101.0
+    assert summary["short_launches_per_iter"] == 69.0 and summary["short_ms_per_iter"] == pytest.approx(0.138)
+    assert summary["launches_by_group"] == {"conv": 2.0, "batch_norm": 60.0, "copy": 39.0}
+    assert launch_summary([])["launches_per_iter"] == 0
 
 
 def test_floor_ratios_put_each_group_beside_its_floor():
