@@ -124,8 +124,10 @@ class FastStep(step_rules.AfterBackward):
     def _losses(self, out: torch.Tensor) -> torch.Tensor:
         """(N,): each network's data term (engine.Problem.data_term: the custom loss of a single problem,
         or the MSE of the operator's output against the observation; the SR one fused where the plan says)."""
-        pairs = zip(self.problems, self.y)
-        return torch.stack([self._data_term(p, out[i : i + 1], y) for i, (p, y) in enumerate(pairs)])
+        # each network's (1, C, H, W): split's backward is one cat, where out[i : i + 1]'s zero-filled all of out for
+        # each network; one network takes out itself
+        pieces = (out,) if self.n == 1 else out.split(1)
+        return torch.stack([self._data_term(p, piece, y) for p, piece, y in zip(self.problems, pieces, self.y)])
 
     def _data_term(self, problem, out: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.lanczos2_mse is not None and isinstance(problem.operator, Lanczos2Decimation):

@@ -9,6 +9,9 @@ Here each of those is one op on a buffer, and every step the generator gets view
     buffer (N, P) fp32  --to(bf16), only the conv group-->  unbind(0) per network, or vmap's (N, ...)
                         --split(sizes + gaps + padding)--> view(shape) [permuted channels_last]  -->  functional_call
 
+The parameters the forward never reads (the conv biases a BatchNorm cancels, which the fast block ops leave out)
+sit last in each row, in one piece with its tail: the split's backward fills one zero gradient for them all.
+
 The buffers are the leaves that Adam updates. Each row is its network's parameters, each starting
 SLOT_ALIGN_BYTES-aligned in the dtype the forward reads it in, then zero padding up to a multiple of
 ROW_ALIGN elements, so that an elementwise kernel cuts every row alike, whatever the row's index and N:
@@ -67,38 +70,53 @@ class _Slot:
 
 
 class _Group:
-    """One buffer: its slots in order, and the dtype its parameters are cast to in the forward (or None)."""
+    """One buffer: its slots in order, and the dtype its parameters are cast to in the forward (or None).
+
+    unread: the names of parameters the forward never reads (FlatParameters'): they go last, in one piece with
+    the row's tail, so that the split's backward fills one zero gradient for all of them, not one each."""
 
     def __init__(self, slots: list[_Slot], stacked: dict[str, torch.Tensor], cast: torch.dtype | None, device,
-                 aligned: bool):  # fmt: skip
-        self.slots, self.dtype = slots, cast
+                 aligned: bool, unread: frozenset[str] = frozenset()):  # fmt: skip
+        self.slots = [s for s in slots if s.name not in unread] + [s for s in slots if s.name in unread]
+        self.dtype = cast
         itemsize = torch.empty((), dtype=cast or torch.float32).element_size()
         slot_align = SLOT_ALIGN_BYTES // itemsize if aligned else 1
-        self.sizes = [s.numel for s in slots]
-        self.used = sum(self.sizes)  # a row's parameters; the rest of the row is padding
-        # the row cut into pieces: each slot's, a gap of zeros where the next slot's start would be unaligned,
-        # and the tail to ROW_ALIGN; _slot_pieces[i] is slot i's piece
-        self._pieces, self._slot_pieces = [], []
-        for i, size in enumerate(self.sizes):
-            self._slot_pieces.append(len(self._pieces))
-            self._pieces.append(size)
-            gap = -size % slot_align if i + 1 < len(self.sizes) else 0
-            if gap:
-                self._pieces.append(gap)
-        tail = -sum(self._pieces) % ROW_ALIGN
-        if tail:
-            self._pieces.append(tail)
-        self.padding = sum(self._pieces) - self.used  # the zeros of a row, between the slots and after them
+        self.used = sum(s.numel for s in self.slots)  # a row's parameters; the rest of the row is padding
+        # Each slot's start in the row: aligned, after a gap of zeros where the last slot ended unaligned. The
+        # row is cut into pieces: each read slot's, each gap after one, and the rest: the unread slots, their
+        # gaps and the tail to ROW_ALIGN. _where[i]: slot i's piece, and its offset in that piece.
+        self._pieces: list[int] = []
+        self._where: list[tuple[int, int]] = []
+        end = 0
+        for slot in self.slots:
+            start = end + -end % slot_align
+            if slot.name not in unread:
+                if start > end:
+                    self._pieces.append(start - end)
+                self._where.append((len(self._pieces), 0))
+                self._pieces.append(slot.numel)
+            else:
+                rest = sum(self._pieces)
+                self._where.append((len(self._pieces), start - rest))
+            end = start + slot.numel
+        row = end + -end % ROW_ALIGN
+        if row > sum(self._pieces):
+            self._pieces.append(row - sum(self._pieces))
+        self.padding = row - self.used  # the zeros of a row, between the slots and after them
         n = next(iter(stacked.values())).shape[0]
         self.buffer = torch.zeros(n, self.used + self.padding, device=device)
         with torch.no_grad():
-            for slot, piece in zip(slots, self._slot_views(self.buffer)):
+            for slot, piece in zip(self.slots, self._slot_views(self.buffer)):
                 slot.view(piece).copy_(stacked[slot.name])
         self.buffer.requires_grad_()
 
     def _slot_views(self, rows: torch.Tensor) -> list[torch.Tensor]:
         pieces = rows.split(self._pieces, dim=-1)
-        return [pieces[i] for i in self._slot_pieces]
+        # a read slot is its piece (narrowing it would put a zero-filling slice backward on every parameter)
+        return [
+            pieces[i] if pieces[i].shape[-1] == slot.numel else pieces[i].narrow(-1, offset, slot.numel)
+            for slot, (i, offset) in zip(self.slots, self._where)
+        ]
 
     @property
     def padding_mask(self) -> torch.Tensor:
@@ -132,7 +150,10 @@ class FlatParameters:
 
     cast: autocast's lower precision (torch.bfloat16) or None; channels_last: store 4-D weights NHWC;
     aligned: each parameter's first element SLOT_ALIGN_BYTES-aligned in its forward dtype (False packs them, the
-    harness's native-packed-parameters).
+    harness's native-packed-parameters). unread: the names of the parameters the forward never reads (the conv
+    biases a BatchNorm cancels, which the fast block ops leave out: BlockOps.unread_parameters); each row keeps
+    them after the others, in the one piece with its tail, whose zero gradient is one fill (one each, they were
+    30 of the default net's step's launches).
     """
 
     def __init__(
@@ -143,11 +164,12 @@ class FlatParameters:
         cast: torch.dtype | None = None,
         channels_last: bool = False,
         aligned: bool = True,
+        unread: frozenset[str] = frozenset(),
     ):
         slots = [_Slot(name, tuple(t.shape[1:]), channels_last and t.dim() == 5) for name, t in stacked.items()]
         lowered = _cast_by_autocast(module) if cast is not None else set()
         grouped = [([s for s in slots if s.name in lowered], cast), ([s for s in slots if s.name not in lowered], None)]
-        self.groups = [_Group(group, stacked, dtype, device, aligned) for group, dtype in grouped if group]
+        self.groups = [_Group(group, stacked, dtype, device, aligned, unread) for group, dtype in grouped if group]
         self.n = next(iter(stacked.values())).shape[0]
 
     @property

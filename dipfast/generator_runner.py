@@ -51,12 +51,14 @@ class GeneratorRunner:
         params, buffers = stack_module_state(networks)
         self.channels_last = plan.channels_last(device) and not vectorised  # grouped convs stay NCHW
         cast = torch.bfloat16 if plan.precision == "bf16" else None  # autocast's, done once per step
+        ops = plan.block_ops(device)
         self.flat = FlatParameters(
-            params, networks[0], device, cast, self.channels_last, plan.aligned_parameters(device)
-        )
+            params, networks[0], device, cast, self.channels_last, plan.aligned_parameters(device),
+            ops.unread_parameters(networks[0]),
+        )  # fmt: skip
         self.buffers = {k: v.to(device) for k, v in buffers.items()}
         # the structure; each call brings the weights in
-        self.module = use_block_ops(networks[0].to(device), plan.block_ops(device))
+        self.module = use_block_ops(networks[0].to(device), ops)
         align_conv_channels(self.module, plan.channel_multiple(device))
         # eager: the module's own tensor slots take each step's parameters (it is this runner's alone)
         self.slots = None if plan.compile else ModuleSlots(self.module)
@@ -74,7 +76,7 @@ class GeneratorRunner:
         in_vmap = bf16_convolutions() if self.vectorised and self.plan.precision == "bf16" else contextlib.nullcontext()
         with self.plan.autocast(self.device), in_vmap, compile_settings(self.plan.compile):
             out = self._generate(self.flat.buffers, self.buffers, z)
-        return centre_crop(out[:, 0].float(), self.out_size)
+        return centre_crop(out.squeeze(1).float(), self.out_size)  # squeeze: a view both ways; [:, 0]'s backward fills
 
     def _generate_each(self, flat, buffers, z):
         outs = []

@@ -51,7 +51,7 @@ from dipfast.kernels.concat_bn_conv_bn_lrelu import concat_bn_conv_bn_lrelu
 from dipfast.kernels.conv_bn_lrelu import KERNEL_SIZES, STRIDES, conv_bn_lrelu, kernels_take
 from dipfast.kernels.reflection_pad import reflection_pad
 from dipfast.nets.bilinear_x2 import BilinearX2Upsample
-from dipfast.nets.fusable import batch_norm_reason, conv_bias_cancels
+from dipfast.nets.fusable import batch_norm_reason, cancelled_conv_biases, conv_bias_cancels
 from dipfast.nets.layers import ConvBNAct, crop_to_smallest
 from dipfast.nets.padded_writes import PaddedWrites
 
@@ -137,6 +137,11 @@ class TritonBlocks(BilinearX2Upsample):
     """ConvBNAct blocks and skip-level merges by the fused Triton kernels, the reference blocks elsewhere."""
 
     name = "triton"
+
+    def unread_parameters(self, net: nn.Module) -> frozenset[str]:
+        # the fused kernels leave these out; a block that falls back to the reference reads its bias all the same,
+        # and its gradient still reaches the flat buffer (through the view: a fill more, not a wrong value)
+        return cancelled_conv_biases(net)
 
     def conv_bn_act(self, m: ConvBNAct, x: torch.Tensor) -> torch.Tensor:
         if unfused_reason(m, x) is not None:

@@ -439,8 +439,13 @@ def _floor_ratio_table(entry: dict) -> str:
     gpu = entry["floor_gpu"]
     where = f"the floor model on {gpu}" if gpu else "no floor: this GPU is not in dipfast.bench.floor.GPUS"
     rows = [
-        [g["group"], _f(g["ms_per_iter"], "{:.3f}"), _f(g["floor_ms"], "{:.3f}"), _f(g["ratio"], "{:.1f}x"),
-         _f(g.get("launches_per_iter"), "{:.0f}")]  # fmt: skip
+        [
+            g["group"],
+            _f(g["ms_per_iter"], "{:.3f}"),
+            _f(g["floor_ms"], "{:.3f}"),
+            _f(g["ratio"], "{:.1f}x"),
+            _f(g.get("launches_per_iter"), "{:.0f}"),
+        ]
         for g in entry["groups"]
     ]
     return f"\nKernel time by op group against {where} (ms per iteration):\n\n" + table(

@@ -43,6 +43,11 @@ class BlockOps:
     def merge(self, level: nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
         return level.up(level.merge_bn(level.concat(parts)))
 
+    def unread_parameters(self, net: nn.Module) -> frozenset[str]:
+        """The names of net's parameters these ops never read (the reference reads them all): the flat parameter
+        buffers keep them apart (dipfast.flat_parameters), so that their zero gradients cost one fill."""
+        return frozenset()
+
     def upsample(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # In x's dtype: CUDA's autocast runs upsample_bilinear2d in fp32, and with it every op of the merge
         # after it (concat, BatchNorm, LeakyReLU, pad) and casts both ways: over 1.5 of the 11.9 ms of a bf16

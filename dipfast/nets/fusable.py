@@ -55,6 +55,12 @@ def conv_bias_cancels(m: nn.Module) -> bool:
     )
 
 
+def cancelled_conv_biases(net: nn.Module) -> frozenset[str]:
+    """The names of net's conv biases that conv_bias_cancels leaves out: what a fast block op never reads."""
+    cancelled = {id(m.conv.conv2d.bias) for m in net.modules() if conv_bias_cancels(m)}
+    return frozenset(name for name, p in net.named_parameters() if id(p) in cancelled)
+
+
 def takes_padded_input(m: nn.Module, y: torch.Tensor) -> bool:
     """Whether m's conv can read y written reflection-padded by the op that produces it.
 

@@ -127,8 +127,11 @@ class ConvBNAct(nn.Module):
 
 
 def centre_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """x[..., H, W] cropped to size (h, w) at offset ((H - h) // 2, (W - w) // 2): the original's crops."""
+    """x[..., H, W] cropped to size (h, w) at offset ((H - h) // 2, (W - w) // 2): the original's crops. x itself where
+    it has that size: a slice, even of everything, has a backward that zero-fills x's shape and copies into it."""
     h, w = size
+    if tuple(x.shape[-2:]) == (h, w):
+        return x
     dh, dw = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
     return x[..., dh : dh + h, dw : dw + w]
 

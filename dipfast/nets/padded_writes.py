@@ -28,7 +28,13 @@ import torch
 from torch import nn
 
 from dipfast.nets.bilinear_x2 import BilinearX2Upsample
-from dipfast.nets.fusable import batch_norm_reason, conv_bias_cancels, leaky_relu_slope, takes_padded_input
+from dipfast.nets.fusable import (
+    batch_norm_reason,
+    cancelled_conv_biases,
+    conv_bias_cancels,
+    leaky_relu_slope,
+    takes_padded_input,
+)
 from dipfast.nets.layers import crop_to_smallest
 
 
@@ -45,6 +51,9 @@ class PaddedWrites(BilinearX2Upsample):
     def conv(self, m: nn.Module, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """m's PadConv on an input nobody wrote padded (a level's input): the module's own pad."""
         return m.conv(x, bias)
+
+    def unread_parameters(self, net: nn.Module) -> frozenset[str]:
+        return cancelled_conv_biases(net)
 
     def conv_bn_act(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._bn_act(m, self.conv(m, x, not conv_bias_cancels(m)))
