@@ -1,0 +1,123 @@
+"""What one iteration of the native CUDA step launches: its Triton kernels and the ATen ops that run kernels, counted.
+
+    python bench/step_launches.py --size 512 --precision bf16 --out DIR
+
+A step of a few milliseconds is bounded by its launches as much as by its bytes: even replayed as a CUDA graph each
+kernel holds the stream a few microseconds, and the H200's native step ran some 900 a 512 px iteration
+(bench/results/2026-12-04-h200-222367b4a8/call1/profile: its top 25 kernels alone 560-650). This runs the throughput
+input's fit on the CPU with the native step's CUDA block ops (PaddedBlocks, Hopper's tiles, under Triton's
+interpreter, nothing run: triton_specializations.native_step_launches) and its CUDA graph's branches (no host
+reads: graph_safe_step) inside a dispatch mode, and counts per
+iteration (the difference of two runs, so set-up and the first iteration's lazy work cancel out):
+
+- each Triton kernel's launches;
+- each ATen op that runs a kernel: views, metadata and profiler marks left out, and the dipfast ops, whose kernels
+  are the Triton rows. One op is not always one kernel (cuDNN's convolution and its backward run several, with
+  layout conversions; a CPU op may be a no-op on CUDA), so this is a census of the step's structure, not the
+  profiler's count: the zero fills, casts and small elementwise ops it lists are the ones to fuse or remove.
+
+Writes step_launches.json and .md in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_specializations beside this file
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from triton_specializations import native_step_launches  # noqa: E402  (sets TRITON_INTERPRET before the kernels)
+
+from dipfast import fast_step  # noqa: E402
+from dipfast.bench.report import save_and_print  # noqa: E402
+
+UNLAUNCHED = {"_record_function_enter_new", "_record_function_exit", "lift_fresh", "_to_copy_view"}
+FILLS = {"zeros", "zeros_like", "zero_", "fill_", "full", "full_like", "new_zeros", "ones", "ones_like"}
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the ATen ops that run a kernel, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if func.namespace == "aten" and not func.is_view and name not in UNLAUNCHED:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def graph_safe_step():
+    """FastStep with the CUDA graph's branches inside (backtracking and the freeze without host reads), as CUDA runs
+    it, where the CPU would take its own (fast_step.FastStep's graph_safe)."""
+    init = fast_step.FastStep.__init__
+
+    def graph_safe(self, *args, **kwargs):
+        init(self, *args, **{"graph_safe": True, **kwargs})
+
+    fast_step.FastStep.__init__ = graph_safe
+    try:
+        yield
+    finally:
+        fast_step.FastStep.__init__ = init
+
+
+def _run(size: int, precision: str, net: str, iters: int) -> tuple[collections.Counter, collections.Counter]:
+    triton = collections.Counter()
+    with graph_safe_step(), _Ops() as mode:
+        native_step_launches(size, precision, net, iters, lambda jit, args, kwargs: triton.update([jit.fn.__name__]))
+    return triton, mode.ops
+
+
+def count(size: int, precision: str, net: str = "default") -> dict:
+    """{"triton": {kernel: launches}, "aten": {op: calls}} per iteration, most first, and their totals."""
+    _run(size, precision, net, 1)  # lazy work of a first call anywhere in the process (caches, imports)
+    runs = [_run(size, precision, net, iters) for iters in (2, 4)]
+    per_iteration = {}
+    for k, kind in enumerate(("triton", "aten")):
+        short, long = runs[0][k], runs[1][k]
+        counts = {name: (long[name] - short[name]) / 2 for name in long | short}
+        per_iteration[kind] = dict(sorted(((n, c) for n, c in counts.items() if c), key=lambda nc: (-nc[1], nc[0])))
+    return {
+        **per_iteration,
+        "triton_launches": sum(per_iteration["triton"].values()),
+        "aten_ops": sum(per_iteration["aten"].values()),
+        "fills": sum(c for n, c in per_iteration["aten"].items() if n in FILLS),
+    }
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    rows = lambda counts: "".join(f"| {name} | {c:g} |\n" for name, c in counts.items())  # noqa: E731
+    return (
+        f"## One iteration of the native CUDA step: launches ({s['net']} net, {s['size']} px, {s['precision']}, "
+        f"PaddedBlocks)\n\n{report['triton_launches']:g} Triton launches and {report['aten_ops']:g} ATen ops that run "
+        f"kernels ({report['fills']:g} of them fills) per iteration; an ATen op may run more than one kernel "
+        "(cuDNN's conv and its backward) or none on CUDA.\n\n| Triton kernel | launches |\n|---|---|\n"
+        + rows(report["triton"])
+        + "\n| ATen op | calls |\n|---|---|\n"
+        + rows(report["aten"])
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--net", default="default", help="'default', 'tiny' or a preset's name")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    report = {"settings": {"size": args.size, "precision": args.precision, "net": args.net},
+              **count(args.size, args.precision, args.net)}  # fmt: skip
+    save_and_print(args.out, "step_launches", report, markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

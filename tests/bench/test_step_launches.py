@@ -1,0 +1,38 @@
+"""bench/step_launches.py: what one iteration of the native CUDA step launches, counted on the CPU (PaddedBlocks
+under Triton's interpreter, nothing run, the CUDA graph's branches)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dipfast.kernels.batch_norm_act import _HAS_TRITON, _INTERPRET
+
+from ._suites import bench_script
+
+pytestmark = pytest.mark.skipif(
+    not (_HAS_TRITON and _INTERPRET), reason="records launches in Triton's interpreter (a CPU session's build)"
+)
+
+
+def test_one_iteration_of_the_default_net_launches_no_zero_filled_gradient(tmp_path):
+    """Six Triton launches per BatchNorm (30), the level inputs' pads and the upsamples; one conv and one conv backward
+    per conv (26). And no fill but the backward's seed and a zero gradient per flat parameter buffer: the conv biases
+    a BatchNorm cancels each had one (25), the output's crop and its per-network slice a zero-filled copy each."""
+    tool = bench_script("step_launches")
+    assert tool.main(["--size", "64", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "step_launches.json").read_text())
+    triton, aten = report["triton"], report["aten"]
+    forward = ("_batch_norm_stats_kernel", "_chan_finalize_kernel", "_batch_norm_act_pad_kernel")
+    backward = ("_batch_norm_act_bwd_sums_kernel", "_column_sums_kernel", "_batch_norm_act_bwd_apply_kernel")
+    batch_norm = forward + backward
+    assert {name: triton[name] for name in batch_norm} == dict.fromkeys(batch_norm, 30)
+    assert triton["_upsample_kernel"] == triton["_transpose_kernel"] == triton["_reflection_pad_kernel"] == 5
+    assert report["triton_launches"] == sum(triton.values()) <= 199  # measured 199
+    assert aten["convolution"] == aten["convolution_backward"] == 26
+    assert aten["zeros"] <= 2 and report["fills"] <= 3  # a tail per buffer (fp32, bf16); the backward's ones_like
+    assert not {"slice_backward", "select_backward"} & set(aten)
+    assert report["aten_ops"] == sum(aten.values()) <= 129  # measured 129 (161 before the fills went)
+    md = (tmp_path / "step_launches.md").read_text()
+    assert "| _batch_norm_stats_kernel | 30 |" in md and "| convolution_backward | 26 |" in md
