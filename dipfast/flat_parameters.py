@@ -151,9 +151,10 @@ class FlatParameters:
     cast: autocast's lower precision (torch.bfloat16) or None; channels_last: store 4-D weights NHWC;
     aligned: each parameter's first element SLOT_ALIGN_BYTES-aligned in its forward dtype (False packs them, the
     harness's native-packed-parameters). unread: the names of the parameters the forward never reads (the conv
-    biases a BatchNorm cancels, which the fast block ops leave out: BlockOps.unread_parameters); each row keeps
-    them after the others, in the one piece with its tail, whose zero gradient is one fill (one each, they were
-    30 of the default net's step's launches).
+    biases a BatchNorm cancels, which the fast block ops leave out: BlockOps.unread_parameters); each aligned row
+    keeps them after the others, in the one piece with its tail, whose zero gradient is one fill (one each, they
+    and the gaps after the skip biases were 30 of the default net's step's launches). A packed row keeps the
+    module's order: the old layout, which put 18 of the default net's conv weights 8 bytes off in bf16.
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class FlatParameters:
         slots = [_Slot(name, tuple(t.shape[1:]), channels_last and t.dim() == 5) for name, t in stacked.items()]
         lowered = _cast_by_autocast(module) if cast is not None else set()
         grouped = [([s for s in slots if s.name in lowered], cast), ([s for s in slots if s.name not in lowered], None)]
+        unread = unread if aligned else frozenset()  # packed: the layout before either, in the module's order
         self.groups = [_Group(group, stacked, dtype, device, aligned, unread) for group, dtype in grouped if group]
         self.n = next(iter(stacked.values())).shape[0]
 

@@ -99,6 +99,9 @@ def test_parameters_the_forward_never_reads_share_one_zero_gradient(cast):
                 assert (view[1].data_ptr() - g.buffer.data_ptr()) % (4 * step) == 0
             assert not _padding(g).any()
     assert fills[frozenset()] >= 2 * len(unread) and fills[unread] <= 2 * len(flat.groups)  # 2 networks
+    # packed (the harness's native-packed-parameters) is the old layout, unread parameters in the module's order
+    packed = [FlatParameters(stacked, built[0], CPU, cast, aligned=False, unread=u) for u in (unread, frozenset())]
+    assert all(torch.equal(a, b) for a, b in zip(packed[0].buffers, packed[1].buffers, strict=True))
     for name, grad in grads[unread].items():
         torch.testing.assert_close(grad, grads[frozenset()][name], rtol=0, atol=0)
         assert grad.abs().sum() == 0 if name in unread else grad.abs().sum() > 0, name
