@@ -156,7 +156,7 @@ class ReferenceStep(step_rules.AfterBackward):
         self.net, self.problem, self.preset = net, problem, preset
         self.z = z.to(device)
         self.y = problem.y.to(device) if problem.y is not None else None
-        self.target = problem.target.to(device) if problem.target is not None else None
+        self.target = problem.target.to(device, torch.float64) if problem.target is not None else None  # as FastStep
         self.optimizer = torch.optim.Adam(net.parameters(), lr=preset.lr)
         self.generator = torch.Generator(device).manual_seed(seed)
         self.noise = torch.empty_like(self.z)

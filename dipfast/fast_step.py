@@ -82,7 +82,8 @@ class FastStep(step_rules.AfterBackward):
 
             self.lanczos2_mse = lanczos2_mse
         targets = [p.target for p in problems]
-        self.target = torch.cat(targets).to(device) if all(t is not None for t in targets) else None
+        # in float64 once: the metrics' PSNRs (metrics.psnr) would cast it twice every iteration
+        self.target = torch.cat(targets).to(device, torch.float64) if all(t is not None for t in targets) else None
 
         kind = {"fused": True} if plan.fused_adam else {"foreach": True}
         self.optimizer = torch.optim.Adam(self.flat.buffers, lr=preset.lr, capturable=plan.cuda_graph, **kind)
