@@ -86,7 +86,7 @@
 #                               machine: `cp -r ../shared/data/dip .gpu-data/dip` (git-ignored: never
 #                               committed) and name .gpu-data in the run's carry.
 #   DIPFAST_GPU_QUICK_WORK      the results folder (default: a new temporary one)
-#   DIPFAST_GPU_QUICK_BACKENDS  the fast backends (default "native compile triton"; --tiny "native")
+#   DIPFAST_GPU_QUICK_BACKENDS  the fast backends the tasks step runs (default "native compile triton"; --tiny "native")
 #   DIPFAST_GPU_QUICK_INSTALL   1 to pip install the working tree first (default 1; --tiny 0)
 #   DIPFAST_GPU_QUICK_NATIVE    1 to build and load the C++ CPU ops (default 0, DIPFAST_NO_NATIVE=1: no CUDA path calls
 #                               them; --tiny leaves them as they are)
@@ -192,7 +192,6 @@ fi
 declare -A MIN=([install]=5 [environment]=5 [throughput]=60 [profile]=30 [convs]=20 [cudnn]=30 [batch]=30 [tasks]=30 [parity]=30
                 [ops]=20 [triton]=40 [compile]=60 [time-to-psnr]=150 [tests]=30 [early-stop]=120 [large]=120)
 
-has() { [[ " $BACKENDS " == *" $1 "* ]]; }
 wants() { [[ $STEPS == *" $1 "* ]]; }
 PYTEST_PLUGINS=()
 if "$PY" -c "import pytest_timeout" 2> /dev/null; then PYTEST_PLUGINS+=(--timeout 90); fi
@@ -246,17 +245,6 @@ step_with_data() {  # step_with_data NAME FUNCTION: the step where --data has th
     fi
 }
 bench() { "$PY" -m dipfast.bench "$@"; }
-configs() {  # the METHOD:PRECISION arguments whose backend is among BACKENDS (original loops always)
-    local c out=()
-    for c in "$@"; do
-        case ${c%%:*} in
-            original-loop*|native*) out+=("$c") ;;
-            compile-*) has compile && out+=("$c") ;;  # compile's variants
-            *) has "${c%%:*}" && out+=("$c") ;;
-        esac
-    done
-    echo "${out[@]}"
-}
 
 install() {  # without the C++ CPU ops where DIPFAST_NO_NATIVE=1 (set above)
     local status=0
@@ -282,10 +270,9 @@ environment() {
 throughput() {
     # in the order of what decides most (each row is written as it ends): auto's path and the baselines, then
     # bf16's variants, tf32's and fp32's (the compiled paths are the compile step's)
-    # shellcheck disable=SC2046  # configs prints a list of words
-    bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs $(configs \
+    bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs \
         native:bf16 original-loop:fp32 original-loop-tf32:tf32 native-reference-blocks:bf16 \
-        native-packed-parameters:bf16 native-cl:bf16 native:tf32 native-reference-blocks:tf32 native:fp32)
+        native-packed-parameters:bf16 native-cl:bf16 native:tf32 native-reference-blocks:tf32 native:fp32
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \

@@ -207,15 +207,16 @@ def variants(*tables: list[dict]) -> list[str]:
     from dipfast.bench import runs
 
     found = []
-    for rows, r in ((rows, r) for rows in tables for r in rows):
-        base = runs.VARIANT_BACKEND.get(r["method"])
-        plain = base and _row(rows, base, r["precision"], r["batch"])
-        if plain:
-            ratio = plain["ms_per_iter"] / r["ms_per_iter"]
-            found.append(
-                f"| {r['method']} {r['precision']} | {r['ms_per_iter']:.2f} ms | {base} {plain['ms_per_iter']:.2f} ms "
-                f"| {ratio:.2f}x {'faster' if ratio > 1 else 'slower'} |"
-            )
+    for rows in tables:
+        for r in rows:
+            base = runs.VARIANT_BACKEND.get(r["method"])
+            plain = base and _row(rows, base, r["precision"], r["batch"])
+            if plain:
+                ratio = plain["ms_per_iter"] / r["ms_per_iter"]
+                found.append(
+                    f"| {r['method']} {r['precision']} | {r['ms_per_iter']:.2f} ms | {base} "
+                    f"{plain['ms_per_iter']:.2f} ms | {ratio:.2f}x {'faster' if ratio > 1 else 'slower'} |"
+                )
     if not found:
         return []
     title = "\n## Variants against their backend (same run, same precision)\n"
