@@ -58,7 +58,8 @@ def _argument(value, specialize: bool = True) -> dict:
     """A launch argument as the compile needs it: its Triton type and its specialization (none for an int in the
     kernel's do_not_specialize)."""
     if isinstance(value, torch.Tensor):
-        dtype = {torch.bfloat16: "bf16", torch.float32: "fp32"}[value.dtype]
+        dtype = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64", torch.int64: "i64",
+                 torch.bool: "i1"}[value.dtype]  # fmt: skip
         return {"type": f"*{dtype}", "aligned": value.data_ptr() % 16 == 0}
     if isinstance(value, bool):
         return {"type": "i1"}

@@ -97,11 +97,14 @@ def intercepted(launch):
 
 @contextlib.contextmanager
 def padded_blocks_on_cpu():
-    """The native backend with its CUDA block ops (PaddedBlocks) and NCHW on the CPU: the step CUDA runs."""
+    """The native backend with its CUDA block ops (PaddedBlocks), NCHW and its rules after the backward (fused or not)
+    on the CPU: the step CUDA runs."""
     spec = backends.BACKEND_TABLE["native"]
+    rules = spec.fused_rules | {"cpu"} if "cuda" in spec.fused_rules else spec.fused_rules - {"cpu"}
     backends.BACKEND_TABLE["native"] = dataclasses.replace(
-        spec, blocks={**spec.blocks, "cpu": spec.blocks["cuda"]}, channels_last_bf16=frozenset(), noise={}
-    )
+        spec, blocks={**spec.blocks, "cpu": spec.blocks["cuda"]}, channels_last_bf16=frozenset(), noise={},
+        fused_rules=rules,
+    )  # fmt: skip
     try:
         yield
     finally:

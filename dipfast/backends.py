@@ -56,6 +56,9 @@ class Backend:
     # the device types where the flat parameter buffers pack each parameter right after the last one
     # (FlatParameters' aligned=False): the layout before the conv weights started 16-byte aligned
     packed_parameters: frozenset[str] = frozenset()
+    # the device types where the fast step's rules after the backward (output copy, EMA, backtracking, metrics row)
+    # run as two Triton launches (dipfast.kernels.fused_rules) instead of some 45 small torch kernels
+    fused_rules: frozenset[str] = frozenset({"cuda"})
 
 
 BACKEND_TABLE: dict[str, Backend] = {
@@ -146,6 +149,14 @@ class Plan:
         """Whether the step computes the super-resolution loss mse(Lanczos2 decimation(out), y) in one Triton
         pass (dipfast.kernels.lanczos2_mse): where the blocks are the Triton kernels."""
         return self.spec.blocks[device.type] == "triton"
+
+    def fused_rules(self, device: torch.device) -> bool:
+        """Whether the fast step runs its rules after the backward fused (dipfast.kernels.fused_rules) on `device`."""
+        if device.type not in self.spec.fused_rules:
+            return False
+        from dipfast.kernels import fused_rules
+
+        return fused_rules.available(device)
 
     def step_math(self):
         """The context of every generator call, the step's backward included: tf32's TF32 switches, else

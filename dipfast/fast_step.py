@@ -34,6 +34,7 @@ from dipfast.early_stop import EarlyStop, EarlyStopSpec, gate_variance
 from dipfast.errors import InputError
 from dipfast.generator_runner import GeneratorRunner
 from dipfast.input_noise import InputNoise
+from dipfast.nvtx_ranges import phase
 from dipfast.operators import Lanczos2Decimation
 from dipfast.presets import TaskPreset
 
@@ -42,9 +43,11 @@ class FastStep(step_rules.AfterBackward):
     """N fits of one preset on same-size problems, as one step (step_rules.Step).
 
     vectorised: run the N networks with vmap (default: on CUDA, when N > 1). graph_safe: backtracking
-    and the freeze of stopped networks without host reads (default: where the step is graph-captured);
-    both are parameters so the CPU can test the GPU's branches. early_stop: the rule of stop='auto'
-    (None: the preset's fixed count, and nothing of early stopping in the step).
+    and the freeze of stopped networks without host reads (default: where the step is graph-captured).
+    fused_rules: the rules after the backward in two Triton launches (dipfast.kernels.fused_rules; default:
+    where the plan says, CUDA), without early stopping. All three are parameters so the CPU can test the
+    GPU's branches. early_stop: the rule of stop='auto' (None: the preset's fixed count, and nothing of
+    early stopping in the step).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class FastStep(step_rules.AfterBackward):
         plan: Plan,
         vectorised: bool | None = None,
         graph_safe: bool | None = None,
+        fused_rules: bool | None = None,
         early_stop: EarlyStopSpec | None = None,
     ):
         self.n = len(networks)
@@ -103,6 +107,11 @@ class FastStep(step_rules.AfterBackward):
             self.freeze = step_rules.Freeze(self.graph_safe)
         else:
             self.no_criterion = step_rules.no_criterion(self.n, device)
+        self.fused = None
+        if (plan.fused_rules(device) if fused_rules is None else fused_rules) and early_stop is None:
+            from dipfast.kernels.fused_rules import FusedRules
+
+            self.fused = FusedRules(self.n, self.out[0].numel(), device)
         self.graphed = None
         if plan.cuda_graph:
             prepare = lambda: self.optimizer.zero_grad(set_to_none=True)  # noqa: E731  (grads from the graph's pool)
@@ -145,6 +154,25 @@ class FastStep(step_rules.AfterBackward):
             self.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
         self.after_backward(out, losses.detach())
+
+    def after_backward(self, out: torch.Tensor, losses: torch.Tensor) -> None:
+        """step_rules.AfterBackward's rules, fused where self.fused is set: out's copy, the EMA and the PSNRs' sums
+        in one pass, then the backtracking decision, the metrics row and the iteration count in one program, the
+        row before the optimizer step (it reads nothing the step changes)."""
+        if self.fused is None:
+            return super().after_backward(out, losses)
+        with phase("backtracking"), torch.no_grad():
+            self.fused.outputs(out, self.out, self.ema, self.target, self.iteration, self.preset.ema)
+            state = self.backtracking_state if self.backtracking is not None else None
+            criterion = self.no_criterion
+            has_target = self.target is not None
+            decision = self.fused.record(
+                losses, has_target, state, self.backtracking, *criterion, self.metrics, self.iteration
+            )  # fmt: skip
+            if decision is not None:
+                step_rules.apply_backtracking(self.flat.buffers, self.saved, *decision, self.graph_safe)
+        with phase("optimizer"):
+            self.optimizer.step()
 
     def _held(self) -> list[torch.Tensor]:
         """What a stopped network keeps still: its parameters and Adam moments, (N, ...) each."""

@@ -65,7 +65,8 @@ _PATTERNS = [
     ("adam", r"adam|multi_tensor_apply"),
     ("conv", r"conv|xmma|cutlass|gemm|cudnn|wgrad|dgrad|fprop|splitK|scalePackedTensor|computeOffsets"),
     ("copy", r"copy|(^|[^a-z])fill"),
-    ("elementwise", r"elementwise|reduce_kernel|^triton_|distribution|normal|philox|where|index"),
+    # ^_rules_: the fast step's rules after the backward, fused (dipfast.kernels.fused_rules)
+    ("elementwise", r"elementwise|reduce_kernel|^triton_|distribution|normal|philox|where|index|^_rules_"),
 ]
 _COMPILED = [(group, re.compile(pattern, re.IGNORECASE)) for group, pattern in _PATTERNS]
 

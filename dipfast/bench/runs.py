@@ -50,6 +50,8 @@ NATIVE_EAGER = "native-eager"
 #   native-packed-parameters  the flat parameter buffers packed, each parameter right after the last, as before
 #                          the conv weights started 16-byte aligned (dipfast.flat_parameters.SLOT_ALIGN_BYTES):
 #                          18 of the default net's 26 bf16 weights 8 bytes off, the suspect for cuDNN's legacy kernels
+#   native-unfused-rules   the rules after the backward (output copy, EMA, backtracking, metrics row) as some 45 torch
+#                          ops, where native runs them in two Triton launches on CUDA (dipfast.kernels.fused_rules)
 #   compile-forced-layout  Inductor's layout optimisation forced on every graph (Backend.force_layout): its own
 #                          rule leaves the backward graph NCHW while the forward runs channels_last
 #   compile-nchw           compile with NCHW activations under bf16, the layout that made native 2.74x faster on
@@ -62,6 +64,7 @@ FIELD_VARIANTS = {
     "native-reference-blocks": ("native", lambda b: {"blocks": {**b.blocks, "cuda": "reference"}}),
     "native-aligned": ("native", lambda b: {"align_channels": frozenset({"cpu", "cuda"})}),
     "native-packed-parameters": ("native", lambda b: {"packed_parameters": frozenset({"cpu", "cuda"})}),
+    "native-unfused-rules": ("native", lambda b: {"fused_rules": frozenset()}),
     "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
     "compile-nchw": ("compile", lambda b: {"channels_last_bf16": frozenset()}),
     "triton-nchw": ("triton", lambda b: {"channels_last_bf16": frozenset()}),
@@ -89,8 +92,8 @@ def dip_methods() -> list[str]:
 # What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
 # on a CPU, compile (and its variants) and triton spend minutes compiling in every cold run (Triton runs there
 # only in its interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones,
-# native-cl and native-reference-blocks are native itself there, and native-aligned and native-packed-parameters
-# are about CUDA's tensor cores.
+# native-cl, native-reference-blocks and native-unfused-rules are native itself there, and native-aligned and
+# native-packed-parameters are about CUDA's tensor cores.
 NOT_BY_DEFAULT = {
     "cpu": {
         "methods": (
@@ -102,6 +105,7 @@ NOT_BY_DEFAULT = {
             "native-reference-blocks",
             "native-aligned",
             "native-packed-parameters",
+            "native-unfused-rules",
         ),
         "precisions": ("tf32",),
     }

@@ -1,0 +1,180 @@
+"""dipfast.kernels.fused_rules (the fast step's rules after the backward in two Triton launches) against step_rules'
+torch ops (on the CPU in Triton's interpreter, on CUDA compiled).
+
+Tolerances: the output's copy, the EMA, the backtracking decision and its state, and the metrics row's loss,
+fell_back, criterion and stopped columns bit for bit; the two PSNRs (float64, summed in another order) to 1e-13
+relative. Inputs are fresh random draws: odd sizes, one network and several (more than one tile of networks), the
+first iteration and a later one, with and without a target, frozen networks and backtracking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from _helpers import TINY_NET
+
+from dipfast import backends, engine, fast_step, step_rules
+from dipfast.early_stop import EarlyStopSpec
+from dipfast.kernels import fused_rules
+from dipfast.presets import PRESETS, Backtracking
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.parity
+PSNR_RTOL = 1e-13
+
+
+def _outputs(rng, n, shape, dtype, device):
+    out = torch.rand((n, *shape), generator=rng).to(device, dtype)
+    ema = torch.rand((n, *shape), generator=rng).to(device)
+    target = torch.rand((n, *shape), generator=rng, dtype=torch.float64).to(device)
+    return out, ema, target
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("iteration", [0, 7])
+@pytest.mark.parametrize("frozen", [False, True], ids=["running", "frozen"])
+def test_outputs_copy_and_ema_bit_for_bit(rng, device, n, dtype, iteration, frozen):
+    out, ema, target = _outputs(rng, n, (3, 17, 13), dtype, device)
+    mask = (torch.arange(n) % 2 == 0).to(device) if frozen else None
+    step = torch.tensor(iteration, device=device)
+    expected_copy, expected_ema = out.float(), ema.clone()
+    step_rules.ema_update(expected_ema, expected_copy, step == 0, 0.99, mask)
+
+    rules = fused_rules.FusedRules(n, out[0].numel(), torch.device(device))
+    copy = torch.full_like(ema, math.nan)
+    rules.outputs(out, copy, ema, target, step, 0.99, mask)
+    assert torch.equal(copy, expected_copy)
+    assert torch.equal(ema, expected_ema)
+    assert step.item() == iteration  # the pixel pass reads the count; the scalar program advances it
+
+
+def _state(last_loss, accepted):
+    return step_rules.BacktrackingState(last_loss.clone(), torch.tensor(accepted, dtype=torch.int64,
+                                        device=last_loss.device))  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [1, 4, 130], ids=["one", "four", "two-tiles-of-networks"])
+@pytest.mark.parametrize("on_period", [False, True])
+@pytest.mark.parametrize("has_target", [True, False], ids=["target", "no-target"])
+def test_record_decides_and_writes_the_metrics_row_as_step_rules(rng, device, n, on_period, has_target):
+    shape = (3, 9, 7) if n > 100 else (3, 40, 30)  # 3600 elements: several programs of partial sums
+    out, ema, target = _outputs(rng, n, shape, torch.float32, device)
+    target = target if has_target else None
+    rule = Backtracking(period=4, on_period=on_period)
+    step = torch.tensor(5, device=device)
+    # every other network's loss above factor x its last accepted one, the others exactly at it (not above: a tie)
+    last_loss = (torch.rand(n, generator=rng) + 0.01).to(device)
+    at_the_bar = rule.factor * last_loss  # the fp32 product the rule compares with
+    losses = torch.where((torch.arange(n) % 2 == 0).to(device), at_the_bar * 2, at_the_bar)
+    # checked and unchecked networks (accepted a multiple of the period or not), above the bar and below, in each group
+    accepted = [(0, 4, 1, 2)[k % 4] + 8 * (k // 4) for k in range(n)]
+    criterion = torch.where(torch.rand(n, generator=rng) < 0.5, torch.rand(n, generator=rng), math.nan).to(device)
+    stopped = (torch.rand(n, generator=rng) < 0.5).to(device)
+    rows = 6
+    dev = torch.device(device)
+
+    expected_state = _state(last_loss, accepted)
+    keep, bad = expected_state.decide(losses, rule)
+    expected_copy, expected_ema = out.clone(), ema.clone()
+    step_rules.ema_update(expected_ema, expected_copy, step == 0, 0.99)
+    expected = step_rules.metrics_buffer(rows, n, dev)
+    row = step_rules.metrics_row(losses, expected_copy, expected_ema, target, bad, criterion, stopped)
+    expected.index_copy_(0, (step % rows).view(1), row[None])
+
+    rules = fused_rules.FusedRules(n, out[0].numel(), dev)
+    state = _state(last_loss, accepted)
+    metrics = step_rules.metrics_buffer(rows, n, dev)
+    rules.outputs(out, torch.empty_like(ema), ema, target, step, 0.99)
+    decision = rules.record(losses, has_target, state, rule, criterion, stopped, metrics, step)
+    assert n == 1 or (bad.any() and keep.any() and (~bad & ~keep).any())  # every outcome
+    assert torch.equal(decision[0], keep) and torch.equal(decision[1], bad)
+    assert torch.equal(state.last_loss, expected_state.last_loss)
+    assert torch.equal(state.accepted, expected_state.accepted)
+    assert step.item() == 6
+    exact = [step_rules.COLUMN[c] for c in ("loss", "fell_back", "criterion", "stopped")]
+    torch.testing.assert_close(metrics[..., exact], expected[..., exact], rtol=0, atol=0, equal_nan=True)
+    psnrs = [step_rules.COLUMN[c] for c in ("psnr", "ema_psnr")]
+    torch.testing.assert_close(metrics[..., psnrs], expected[..., psnrs], rtol=PSNR_RTOL, atol=0, equal_nan=True)
+    assert metrics[:5].isnan().all()  # only row 5 % 6 written
+
+
+def test_record_without_backtracking_writes_no_fallback(rng, device, monkeypatch):
+    """No backtracking: no decision, a zero fell_back column. The pixel pass in programs of 64 elements, summed by a
+    scalar program that loads 4 partials at a time: its loop over them runs many times."""
+    monkeypatch.setattr(fused_rules, "_BLOCK", 64)
+    monkeypatch.setattr(fused_rules, "_BLOCK_P", 1)
+    dev = torch.device(device)
+    out, ema, target = _outputs(rng, 3, (3, 19, 11), torch.float32, device)
+    rules = fused_rules.FusedRules(3, out[0].numel(), dev)
+    assert rules.programs == 10
+    step, metrics = torch.tensor(0, device=device), step_rules.metrics_buffer(2, 3, dev)
+    rules.outputs(out, torch.empty_like(ema), ema, target, step, 0.9)
+    losses = torch.rand(3, generator=rng).to(device)
+    assert rules.record(losses, True, None, None, *step_rules.no_criterion(3, dev), metrics, step) is None
+    expected = step_rules.metrics_row(losses, out, ema, target, torch.zeros(3, dtype=torch.bool, device=device),
+                                      *step_rules.no_criterion(3, dev))  # fmt: skip
+    torch.testing.assert_close(metrics[0], expected, rtol=PSNR_RTOL, atol=0, equal_nan=True)
+    assert (metrics[0, :, step_rules.COLUMN["fell_back"]] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the step, on the CPU (on CUDA its convs are not bit for bit reproducible)
+
+on_the_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="bit for bit: the CPU step (tests/test_cuda_restore)")
+PRESET = dataclasses.replace(PRESETS["denoise"], net=TINY_NET, input_depth=4)
+
+
+def _fit(rng_seed: int, fused: bool, graph_safe: bool, precision: str, iters: int = 6, target: bool = True):
+    rng = torch.Generator().manual_seed(rng_seed)
+    problems = []
+    for _ in range(2):
+        y, t = torch.rand(1, 3, 15, 13, generator=rng), torch.rand(1, 3, 15, 13, generator=rng)
+        problems.append(engine.Problem(input_shape=(4, 15, 13), z=None, out_size=(15, 13), n_channels=3, y=y,
+                                       target=t if target else None))  # fmt: skip
+    built, zs = fast_step.build_nets(problems, PRESET, [1, 2])
+    plan = backends.resolve("native", precision, CPU)
+    step = fast_step.FastStep(built, zs, problems, PRESET, CPU, [1, 2], 4, plan, graph_safe=graph_safe,
+                              fused_rules=fused)  # fmt: skip
+    assert (step.fused is not None) == fused
+    for _ in range(iters):
+        step()
+    return step
+
+
+@on_the_cpu
+@pytest.mark.parametrize("graph_safe", [False, True], ids=["cpu-branch", "graph-branch"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("target", [True, False], ids=["target", "no-target"])
+def test_a_fused_step_fits_as_the_torch_rules_do(graph_safe, precision, target):
+    """Six iterations of two networks (backtracking checks on): parameters, Adam's state, outputs, EMA and the
+    iteration count bit for bit; the metrics as above."""
+    plain, fused = (_fit(11, f, graph_safe, precision, target=target) for f in (False, True))
+    for a, b in zip(plain.flat.buffers, fused.flat.buffers):
+        assert torch.equal(a, b)
+    for a, b in zip(step_rules.adam_moments(plain.optimizer, plain.flat.buffers),
+                    step_rules.adam_moments(fused.optimizer, fused.flat.buffers)):  # fmt: skip
+        assert torch.equal(a, b)
+    assert torch.equal(plain.out, fused.out) and torch.equal(plain.ema, fused.ema)
+    assert plain.iteration.item() == fused.iteration.item() == 6
+    assert torch.equal(plain.backtracking_state.accepted, fused.backtracking_state.accepted)
+    torch.testing.assert_close(fused.metrics, plain.metrics, rtol=PSNR_RTOL, atol=0, equal_nan=True)
+    assert fused.metrics[..., step_rules.COLUMN["psnr"]].isfinite().all() == target
+
+
+@on_the_cpu
+def test_the_step_fuses_its_rules_where_the_plan_says_and_not_with_early_stopping():
+    plan = backends.resolve("native", "fp32", CPU)
+    assert not plan.fused_rules(CPU)  # CUDA's: the CPU runs torch's ops
+    with backends.variant("native", fused_rules=frozenset({"cpu", "cuda"})):
+        assert backends.resolve("native", "fp32", CPU).fused_rules(CPU)
+    rng = torch.Generator().manual_seed(0)
+    y = torch.rand(1, 3, 12, 12, generator=rng)
+    problem = engine.Problem(input_shape=(4, 12, 12), z=None, out_size=(12, 12), n_channels=3, y=y, target=None)
+    built, zs = fast_step.build_nets([problem], PRESET, [0])
+    spec = EarlyStopSpec(window=2, patience=2)
+    step = fast_step.FastStep(built, zs, [problem], PRESET, CPU, [0], 4, plan, fused_rules=True, early_stop=spec)
+    assert step.fused is None  # the criterion's rules stay torch's
