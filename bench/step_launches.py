@@ -1,14 +1,15 @@
 """What one iteration of the native CUDA step launches: its Triton kernels and the ATen ops that run kernels, counted.
 
-    python bench/step_launches.py --size 512 --precision bf16 --out DIR
+    python bench/step_launches.py --size 512 --precision bf16 [--stop auto] --out DIR
 
 A step of a few milliseconds is bounded by its launches as much as by its bytes: even replayed as a CUDA graph each
 kernel holds the stream a few microseconds, and the H200's native step ran some 900 a 512 px iteration
 (bench/results/2026-12-04-h200-222367b4a8/call1/profile: its top 25 kernels alone 560-650). This runs the throughput
 input's fit on the CPU with the native step's CUDA block ops (PaddedBlocks, Hopper's tiles, under Triton's
 interpreter, nothing run: triton_specializations.native_step_launches) and its CUDA graph's branches (no host
-reads: graph_safe_step) inside a dispatch mode, and counts per
-iteration (the difference of two runs, so set-up and the first iteration's lazy work cancel out):
+reads: graph_safe_step) inside a dispatch mode, with the fixed count or (--stop auto) denoising's early stopping,
+restore()'s default there, and counts per iteration (the difference of two runs, so set-up and the first
+iteration's lazy work cancel out):
 
 - each Triton kernel's launches;
 - each ATen op that runs a kernel: views, metadata and profiler marks left out, and the dipfast ops, whose kernels
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_specializatio
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton_specializations import native_step_launches  # noqa: E402  (sets TRITON_INTERPRET before the kernels)
 
-from dipfast import fast_step  # noqa: E402
+from dipfast import early_stop, fast_step  # noqa: E402
 from dipfast.bench.report import save_and_print  # noqa: E402
 
 UNLAUNCHED = {"_record_function_enter_new", "_record_function_exit", "lift_fresh", "_to_copy_view"}
@@ -68,17 +70,26 @@ def graph_safe_step():
         fast_step.FastStep.__init__ = init
 
 
-def _run(size: int, precision: str, net: str, iters: int) -> tuple[collections.Counter, collections.Counter]:
+def census_rule(stop: str):
+    """The early-stopping rule a census fits with: denoising's (stop='auto', restore()'s default there) with a
+    window the census's few iterations fill and a patience they never reach, or None (the fixed count)."""
+    if stop == "iterations":
+        return None
+    return dataclasses.replace(early_stop.calibrated("denoise"), window=1, patience=1000)
+
+
+def _run(size: int, precision: str, net: str, iters: int, stop: str) -> tuple[collections.Counter, collections.Counter]:
     triton = collections.Counter()
     with graph_safe_step(), _Ops() as mode:
-        native_step_launches(size, precision, net, iters, lambda jit, args, kwargs: triton.update([jit.fn.__name__]))
+        native_step_launches(size, precision, net, iters, lambda jit, args, kwargs: triton.update([jit.fn.__name__]),
+                             early_stop=census_rule(stop))  # fmt: skip
     return triton, mode.ops
 
 
-def count(size: int, precision: str, net: str = "default") -> dict:
+def count(size: int, precision: str, net: str = "default", stop: str = "iterations") -> dict:
     """{"triton": {kernel: launches}, "aten": {op: calls}} per iteration, most first, and their totals."""
-    _run(size, precision, net, 1)  # lazy work of a first call anywhere in the process (caches, imports)
-    runs = [_run(size, precision, net, iters) for iters in (2, 4)]
+    _run(size, precision, net, 1, stop)  # lazy work of a first call anywhere in the process (caches, imports)
+    runs = [_run(size, precision, net, iters, stop) for iters in (2, 4)]
     per_iteration = {}
     for k, kind in enumerate(("triton", "aten")):
         short, long = runs[0][k], runs[1][k]
@@ -97,9 +108,10 @@ def markdown(report: dict) -> str:
     rows = lambda counts: "".join(f"| {name} | {c:g} |\n" for name, c in counts.items())  # noqa: E731
     return (
         f"## One iteration of the native CUDA step: launches ({s['net']} net, {s['size']} px, {s['precision']}, "
-        f"PaddedBlocks)\n\n{report['triton_launches']:g} Triton launches and {report['aten_ops']:g} ATen ops that run "
-        f"kernels ({report['fills']:g} of them fills) per iteration; an ATen op may run more than one kernel "
-        "(cuDNN's conv and its backward) or none on CUDA.\n\n| Triton kernel | launches |\n|---|---|\n"
+        f"stop={s.get('stop', 'iterations')}, PaddedBlocks)\n\n{report['triton_launches']:g} Triton launches and "
+        f"{report['aten_ops']:g} ATen ops that run kernels ({report['fills']:g} of them fills) per iteration; an ATen "
+        "op may run more than one kernel (cuDNN's conv and its backward) or none on CUDA.\n\n"
+        "| Triton kernel | launches |\n|---|---|\n"
         + rows(report["triton"])
         + "\n| ATen op | calls |\n|---|---|\n"
         + rows(report["aten"])
@@ -111,10 +123,16 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--net", default="default", help="'default', 'tiny' or a preset's name")
+    parser.add_argument(
+        "--stop",
+        choices=early_stop.STOPS,
+        default="iterations",
+        help="'auto': with denoising's early stopping (restore()'s default there), its window 1",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    report = {"settings": {"size": args.size, "precision": args.precision, "net": args.net},
-              **count(args.size, args.precision, args.net)}  # fmt: skip
+    settings = {"size": args.size, "precision": args.precision, "net": args.net, "stop": args.stop}
+    report = {"settings": settings, **count(args.size, args.precision, args.net, args.stop)}
     save_and_print(args.out, "step_launches", report, markdown(report))
     return 0
 

@@ -111,15 +111,18 @@ def padded_blocks_on_cpu():
         backends.BACKEND_TABLE["native"] = spec
 
 
-def native_step_launches(size: int, precision: str, net: str, iters: int, launch, on_block=lambda: None) -> None:
+def native_step_launches(
+    size: int, precision: str, net: str, iters: int, launch, on_block=lambda: None, early_stop=None
+) -> None:  # fmt: skip
     """`iters` iterations of the throughput input's fit with the native step's CUDA block ops (PaddedBlocks, NCHW)
     on the CPU and the GPU's tiles (BLOCK_W, BLOCK_C), not the interpreter's: every Triton launch calls
-    launch(jit, args, kwargs) instead of running; on_block at the read-back after them."""
+    launch(jit, args, kwargs) instead of running; on_block at the read-back after them. early_stop: an
+    EarlyStopSpec to fit with (stop='auto') instead of the fixed count."""
     hopper = configs.forced_tiles(configs.HOPPER)
     with padded_blocks_on_cpu(), eager_step(), hopper, intercepted(launch), contextlib.suppress(NumericalError):
         # unwritten outputs can make the loss NaN, which the read-back after the recorded iterations refuses
         restore_in_blocks(throughput_case(size), "native", precision, blocks=1, iters=iters, net=net,
-                          device=torch.device("cpu"), seed=0, on_block=on_block)  # fmt: skip
+                          device=torch.device("cpu"), seed=0, on_block=on_block, early_stop=early_stop)  # fmt: skip
 
 
 def count(size: int, precision: str, net: str = "default", iters: int = 2) -> dict[str, dict]:

@@ -33,9 +33,11 @@ the gate keeps the rule from stopping there. A network whose gate never opens ru
 where the data term is ||x - y||^2 itself (gate_variance: elsewhere the gate is open from the start).
 
 The update is pure tensor ops with fixed shapes: no host sync, no branch on a value, so it runs
-inside the step's CUDA graph. The window sums are kept in float64, so the variance
-Q/W - (S/W)^2 of values in [0, 1] keeps its precision over any number of iterations (the buffer
-holds exactly what was added, so removing it subtracts the same value).
+inside the step's CUDA graph (on CUDA the fast step runs ES-WMV's at full size as Triton kernels,
+dipfast.kernels.fused_rules: the same values, three launches for some 60 small ones). The window
+sums are kept in float64, so the variance Q/W - (S/W)^2 of values in [0, 1] keeps its precision
+over any number of iterations (the buffer holds exactly what was added, so removing it subtracts
+the same value).
 
 Calibrated per task on the paper's images: CALIBRATED (the rule) and DEFAULT_STOP ('auto' or
 'iterations', the preset's fixed count); the numbers are in bench/results/2026-12-02-cpu-early-stop/,

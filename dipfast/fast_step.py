@@ -44,10 +44,11 @@ class FastStep(step_rules.AfterBackward):
 
     vectorised: run the N networks with vmap (default: on CUDA, when N > 1). graph_safe: backtracking
     and the freeze of stopped networks without host reads (default: where the step is graph-captured).
-    fused_rules: the rules after the backward in two Triton launches (dipfast.kernels.fused_rules; default:
-    where the plan says, CUDA), without early stopping. All three are parameters so the CPU can test the
-    GPU's branches. early_stop: the rule of stop='auto' (None: the preset's fixed count, and nothing of
-    early stopping in the step).
+    fused_rules: the rules after the backward, early stopping's update included where it is ES-WMV on
+    full-size outputs (the calibrated rules), in two to four Triton launches (dipfast.kernels.fused_rules;
+    default: where the plan says, CUDA). All three are parameters so the CPU can test the GPU's branches.
+    early_stop: the rule of stop='auto' (None: the preset's fixed count, and nothing of early stopping in
+    the step).
     """
 
     def __init__(
@@ -108,10 +109,11 @@ class FastStep(step_rules.AfterBackward):
         else:
             self.no_criterion = step_rules.no_criterion(self.n, device)
         self.fused = None
-        if (plan.fused_rules(device) if fused_rules is None else fused_rules) and early_stop is None:
-            from dipfast.kernels.fused_rules import FusedRules
+        if plan.fused_rules(device) if fused_rules is None else fused_rules:
+            from dipfast.kernels import fused_rules as rules
 
-            self.fused = FusedRules(self.n, self.out[0].numel(), device)
+            if self.early_stop is None or rules.takes(self.early_stop):
+                self.fused = rules.FusedRules(self.n, self.out[0].numel(), device)
         self.graphed = None
         if plan.cuda_graph:
             prepare = lambda: self.optimizer.zero_grad(set_to_none=True)  # noqa: E731  (grads from the graph's pool)
@@ -156,15 +158,19 @@ class FastStep(step_rules.AfterBackward):
         self.after_backward(out, losses.detach())
 
     def after_backward(self, out: torch.Tensor, losses: torch.Tensor) -> None:
-        """step_rules.AfterBackward's rules, fused where self.fused is set: out's copy, the EMA and the PSNRs' sums
-        in one pass, then the backtracking decision, the metrics row and the iteration count in one program, the
-        row before the optimizer step (it reads nothing the step changes)."""
+        """step_rules.AfterBackward's rules, fused where self.fused is set: out's copy, the early-stop window, the EMA
+        and the PSNRs' sums in passes over the outputs, the criterion's decisions, then backtracking's, the metrics
+        row and the iteration count in one program each; the row before the optimizer step (it reads nothing the
+        step changes)."""
         if self.fused is None:
             return super().after_backward(out, losses)
+        es = self.early_stop
         with phase("backtracking"), torch.no_grad():
-            self.fused.outputs(out, self.out, self.ema, self.target, self.iteration, self.preset.ema)
+            self.fused.outputs(out, self.out, self.ema, self.target, self.iteration, self.preset.ema, es, losses)
+            if es is not None:
+                self.freeze.save(self._held(), es.stopped)
+            criterion = (es.criterion, es.stopped) if es is not None else self.no_criterion
             state = self.backtracking_state if self.backtracking is not None else None
-            criterion = self.no_criterion
             has_target = self.target is not None
             decision = self.fused.record(
                 losses, has_target, state, self.backtracking, *criterion, self.metrics, self.iteration
@@ -173,6 +179,9 @@ class FastStep(step_rules.AfterBackward):
                 step_rules.apply_backtracking(self.flat.buffers, self.saved, *decision, self.graph_safe)
         with phase("optimizer"):
             self.optimizer.step()
+        if es is not None:
+            with torch.no_grad():
+                self.freeze.restore(self._held(), es.stopped)
 
     def _held(self) -> list[torch.Tensor]:
         """What a stopped network keeps still: its parameters and Adam moments, (N, ...) each."""

@@ -4,7 +4,8 @@ engine.ReferenceStep (one network) and fast_step.FastStep (N networks) both run 
 order, through AfterBackward.after_backward on per-network (N,)-shaped state; the reference is the
 case N = 1. Every function here is tensor ops on the device with no host sync, so a step that
 calls them can be captured in a CUDA graph (`apply_backtracking`'s `graph_safe=False` branch is
-the one exception, for the CPU, and says so).
+the one exception, for the CPU, and says so). On CUDA the fast step runs their twins in a few
+Triton launches instead (dipfast.kernels.fused_rules, tested against these).
 
     EMA           ema = out at the first iteration, then ema * w + out * (1 - w)
     backtracking  on a checked iteration (Backtracking's period rule, counting accepted

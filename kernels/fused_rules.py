@@ -1,23 +1,35 @@
-"""The step's rules after the backward (dipfast.step_rules) in two Triton launches: the fast step's epilogue on CUDA.
+"""The step's rules after the backward (dipfast.step_rules, early_stop.EarlyStop.update) in two to four Triton
+launches: the fast step's epilogue on CUDA.
 
 Written as torch ops, the rules that follow each backward (the output's copy, the EMA, the backtracking decision,
 the metrics row with its two PSNRs in float64, the iteration count) are some 45 small kernels an iteration, each
 holding a CUDA graph's stream a few microseconds, and the PSNRs' float64 casts and squares move about 14 full-size
-float64 tensors (bench/step_launches.py's census: 129 ATen ops an iteration besides the 199 Triton launches). Here:
+float64 tensors; early stopping's update (ES-WMV: the window's ring and float64 sums, the criterion, its decisions,
+the kept output) is some 60 more, over full-size float64 tensors too (bench/step_launches.py's census: 127 and 203
+ATen ops an iteration at 64 px, without and with it, besides 199 Triton launches). Here:
 
-    _rules_pixels_kernel   one pass over the N outputs: out's copy (cast to fp32), the EMA
-                           (ema <- out at the first iteration, else ema * w + out * (1 - w); networks `frozen`
-                           keep theirs), and per program the float64 sums of (out - target)^2 and (ema - target)^2
-    _rules_scalars_kernel  one program: the PSNRs from those sums, the backtracking decision (keep, bad) with its
-                           state advanced, the metrics row written at iteration % K, iteration += 1
+    _rules_pixels_kernel         one pass over the N outputs: out's copy (cast to fp32), per program the float64 sum
+                                 of (out - target)^2, and either the EMA (ema <- out at the first iteration, else
+                                 ema * w + out * (1 - w)) with the sum of (ema - target)^2, or with early stopping
+                                 the window: the output enters the bf16 ring, the oldest leaves, the float64 sums
+                                 follow, and per program the sum of the per-pixel variances (VAR's terms)
+    _early_stop_scalars_kernel   one program, with early stopping: the noise gate, VAR, the new minimum, the output
+                                 kept, the stop (EarlyStop.update's decisions, on its state)
+    _early_stop_outputs_kernel   with early stopping, one pass: the kept output (the window's mean or the output)
+                                 stored where kept, the EMA (the stopped networks' held), the sum of (ema - target)^2
+    _rules_scalars_kernel        one program: the PSNRs from the sums, the backtracking decision (keep, bad) with its
+                                 state advanced, the metrics row written at iteration % K, iteration += 1
 
-Same values as step_rules: the EMA bit for bit (the launch turns off Triton's fusion of a multiply and an add
-into an FMA, so each product rounds as torch's separate kernels round it), the decision exactly (the same fp32
-product and comparison), the PSNRs to float64 rounding (a fixed summation order of their own). The metrics row
-is written before the optimizer step: it reads nothing the step changes. Deterministic: no atomics.
+Same values as step_rules and early_stop: the EMA, the window and the kept outputs bit for bit (the launches turn off
+Triton's fusion of a multiply and an add into an FMA, so each product rounds as torch's separate kernels round it;
+the bf16 ring is rounded to nearest even by hand, as torch casts, where Triton's interpreter truncates), the
+decisions exactly (the same fp32 products and comparisons; tests include exact ties), the PSNRs to float64 rounding
+and VAR to its float64 mean's (each a fixed summation order of its own, VAR then cast to fp32: the same fp32 value
+but where the float64 mean sits within an ulp of an fp32 rounding boundary). The metrics row is written before the
+optimizer step: it reads nothing the step changes. Deterministic: no atomics.
 
-Without triton, or for CPU tensors outside Triton's interpreter, `available` is False and the step runs
-step_rules' torch ops.
+Without triton, or for CPU tensors outside Triton's interpreter, `available` is False and the step runs the torch
+ops; other early-stopping rules (ES-EMV, a downsampled window: takes()) run early_stop's.
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from dipfast.early_stop import GATE_SMOOTHING
 
 try:
     import triton
@@ -41,22 +55,52 @@ _BLOCK_P = 128  # partial sums per load of the scalar program
 _NO_FMA = {"enable_fp_fusion": False}  # each product rounded as torch rounds it (the EMA bit for bit)
 
 if _HAS_TRITON:
+
+    @triton.jit
+    def _squared_errors(x, target_ptr, at, mask):
+        """The float64 sum of (x - target)^2 over a block's unmasked elements (metrics.psnr's terms)."""
+        d = tl.where(mask, x.to(tl.float64) - tl.load(target_ptr + at, mask=mask, other=0.0), 0.0)
+        return tl.sum(d * d, axis=0)
+
+    @triton.jit
+    def _ema_update(out, ema_ptr, at, mask, first, frozen, weight, one_minus_weight):
+        """step_rules.ema_update on a block: out where `first`, else ema * w + out * (1 - w), ema where `frozen`;
+        stored, and returned."""
+        ema = tl.load(ema_ptr + at, mask=mask, other=0.0)
+        new = tl.where(first, out, ema * weight + out * one_minus_weight)
+        new = tl.where(frozen, ema, new)
+        tl.store(ema_ptr + at, new, mask=mask)
+        return new
+
+    @triton.jit
+    def _bf16_bits(x):
+        """fp32 -> bf16 rounded to nearest even, as int16 bits (torch's cast; the interpreter's .to() truncates)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+
+    @triton.jit
+    def _from_bf16_bits(bits):
+        return (bits.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
     # per_network specialised: its divisibility by 16 lets the loads and stores move 16-byte vectors (one value a run)
-    @triton.jit(do_not_specialize=["programs"])
+    @triton.jit(do_not_specialize=["programs", "window"])
     def _rules_pixels_kernel(
         out_ptr,  # (N, C, H, W) contiguous, the step's output in its dtype
         copy_ptr,  # (N, C, H, W) fp32: the step's copy of it
-        ema_ptr,  # (N, C, H, W) fp32, updated in place
+        ema_ptr,  # (N, C, H, W) fp32, updated in place (not with WINDOW: _early_stop_outputs_kernel's then)
         target_ptr,  # (N, C, H, W) fp64 (out_ptr when there is none)
-        frozen_ptr,  # (N,) bool: the networks whose EMA keeps its value (out_ptr when there is none)
         iteration_ptr,  # 0-dim int64: the steps done before this one
-        partials_ptr,  # (N, programs, 2) fp64: each program's sums of (out - target)^2 and (ema - target)^2
+        partials_ptr,  # (N, programs, 3) fp64: each program's sums of (out - target)^2, (ema - target)^2, VAR terms
+        ring_ptr,  # (window, N, C, H, W) int16: the early-stop window's bf16 outputs, as bits (WINDOW)
+        sum_ptr,  # (N, C, H, W) fp64: the window's sum, updated (WINDOW)
+        squares_ptr,  # (N, C, H, W) fp64: the window's sum of squares, updated (WINDOW)
         per_network,  # C * H * W
         programs,
+        window,
         weight,
         one_minus_weight,
         HAS_TARGET: tl.constexpr,
-        HAS_FROZEN: tl.constexpr,
+        WINDOW: tl.constexpr,  # early stopping's window (early_stop.EarlyStop._window) instead of the EMA
         BLOCK: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
@@ -66,24 +110,148 @@ if _HAS_TRITON:
         at = net.to(tl.int64) * per_network + offsets
         out = tl.load(out_ptr + at, mask=mask, other=0.0).to(tl.float32)
         tl.store(copy_ptr + at, out, mask=mask)
-        ema = tl.load(ema_ptr + at, mask=mask, other=0.0)
-        first = tl.load(iteration_ptr) == 0
-        new = tl.where(first, out, ema * weight + out * one_minus_weight)
-        if HAS_FROZEN:
-            new = tl.where(tl.load(frozen_ptr + net) != 0, ema, new)
-        tl.store(ema_ptr + at, new, mask=mask)
+        row = partials_ptr + (net * programs + pid) * 3
         if HAS_TARGET:
-            target = tl.load(target_ptr + at, mask=mask, other=0.0)
-            d_out = tl.where(mask, out.to(tl.float64) - target, 0.0)
-            d_ema = tl.where(mask, new.to(tl.float64) - target, 0.0)
-            row = partials_ptr + (net * programs + pid) * 2
-            tl.store(row, tl.sum(d_out * d_out, axis=0))
-            tl.store(row + 1, tl.sum(d_ema * d_ema, axis=0))
+            tl.store(row, _squared_errors(out, target_ptr, at, mask))
+        iteration = tl.load(iteration_ptr)
+        if WINDOW:
+            # the oldest output leaves the window and this one enters, in bf16: the sums in float64 of exactly the
+            # values the ring holds, so what leaves is what came in
+            slot = ring_ptr + (iteration % window) * tl.num_programs(1) * per_network + at
+            old = _from_bf16_bits(tl.load(slot, mask=mask, other=0)).to(tl.float64)
+            bits = _bf16_bits(out)
+            tl.store(slot, bits, mask=mask)
+            new = _from_bf16_bits(bits).to(tl.float64)
+            total = tl.load(sum_ptr + at, mask=mask, other=0.0) + (new - old)
+            squares = tl.load(squares_ptr + at, mask=mask, other=0.0) + (new * new - old * old)
+            tl.store(sum_ptr + at, total, mask=mask)
+            tl.store(squares_ptr + at, squares, mask=mask)
+            mean = total / window
+            variance = tl.maximum(squares / window - mean * mean, 0.0)
+            tl.store(row + 2, tl.sum(tl.where(mask, variance, 0.0), axis=0))
+        else:
+            ema = _ema_update(out, ema_ptr, at, mask, iteration == 0, False, weight, one_minus_weight)
+            if HAS_TARGET:
+                tl.store(row + 1, _squared_errors(ema, target_ptr, at, mask))
+
+    @triton.jit(do_not_specialize=["programs", "window"])
+    def _early_stop_outputs_kernel(
+        copy_ptr,  # (N, C, H, W) fp32: this iteration's outputs
+        ema_ptr,  # (N, C, H, W) fp32, updated in place
+        target_ptr,  # (N, C, H, W) fp64 (copy_ptr when there is none)
+        stopped_ptr,  # (N,) bool: the networks stopped (this iteration's decision included): their EMA is held
+        keep_ptr,  # (N,) bool: the networks whose output is kept this iteration
+        best_ptr,  # (N, C, H, W) fp32: the kept outputs, updated
+        sum_ptr,  # (N, C, H, W) fp64: the window's sum (its mean is the output kept with WINDOW_MEAN)
+        iteration_ptr,  # 0-dim int64
+        partials_ptr,  # (N, programs, 3) fp64: the EMA's squared errors go to the second of each program's three
+        per_network,
+        programs,
+        window,
+        weight,
+        one_minus_weight,
+        HAS_TARGET: tl.constexpr,
+        WINDOW_MEAN: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        net = tl.program_id(1)
+        offsets = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < per_network
+        at = net.to(tl.int64) * per_network + offsets
+        out = tl.load(copy_ptr + at, mask=mask, other=0.0)
+        if tl.load(keep_ptr + net) != 0:
+            if WINDOW_MEAN:
+                kept = (tl.load(sum_ptr + at, mask=mask, other=0.0) / window).to(tl.float32)
+            else:
+                kept = out
+            tl.store(best_ptr + at, kept, mask=mask)
+        first = tl.load(iteration_ptr) == 0
+        frozen = tl.load(stopped_ptr + net) != 0
+        ema = _ema_update(out, ema_ptr, at, mask, first, frozen, weight, one_minus_weight)
+        if HAS_TARGET:
+            tl.store(partials_ptr + (net * programs + pid) * 3 + 1, _squared_errors(ema, target_ptr, at, mask))
+
+    @triton.jit
+    def _partial_sums(partials_ptr, net, mask, programs, part, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+        """(BLOCK_N,) float64: networks net's partial sums number `part`, added in program order."""
+        total = tl.zeros([BLOCK_N], dtype=tl.float64)
+        for p0 in range(0, programs, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            both = mask[:, None] & (p < programs)[None, :]
+            total += tl.sum(tl.load(partials_ptr + (net[:, None] * programs + p[None, :]) * 3 + part, mask=both,
+                                    other=0.0), axis=1)  # fmt: skip
+        return total
+
+    @triton.jit(do_not_specialize=["n", "per_network", "programs", "first_valid", "patience"])
+    def _early_stop_scalars_kernel(
+        losses_ptr,  # (N,) fp32: the data terms (the noise gate's)
+        partials_ptr,  # (N, programs, 3) fp64: the third of each program's sums, VAR's terms
+        iteration_ptr,  # 0-dim int64: the steps before this one (t = iteration + 1)
+        criterion_ptr,  # (N,) fp32, updated: EarlyStop's state, as early_stop.EarlyStop.update leaves it
+        minimum_ptr,  # (N,) fp32
+        minimum_iteration_ptr,  # (N,) int64
+        best_iteration_ptr,  # (N,) int64
+        stopped_ptr,  # (N,) bool
+        stop_iteration_ptr,  # (N,) int64
+        gate_open_ptr,  # (N,) bool
+        loss_average_ptr,  # (N,) fp32 (HAS_GATE)
+        gate_level_ptr,  # (N,) fp32 (HAS_GATE)
+        keep_ptr,  # (N,) bool out: the networks whose output is kept this iteration
+        n,
+        per_network,
+        programs,
+        first_valid,
+        patience,
+        one_minus_threshold,
+        one_plus_tolerance,
+        smoothing,
+        HAS_GATE: tl.constexpr,
+        HAS_TOLERANCE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.load(iteration_ptr) + 1
+        for n0 in range(0, n, BLOCK_N):
+            net = n0 + tl.arange(0, BLOCK_N)
+            mask = net < n
+            running = tl.load(stopped_ptr + net, mask=mask, other=1) == 0
+            gate_open = tl.load(gate_open_ptr + net, mask=mask, other=0) != 0
+            if HAS_GATE:  # the loss's moving average, and the gate opened for good once within the level
+                loss = tl.load(losses_ptr + net, mask=mask, other=0.0)
+                average = tl.load(loss_average_ptr + net, mask=mask, other=0.0)
+                moved = tl.where(t == 1, loss, average + smoothing * (loss - average))
+                average = tl.where(running, moved, average)
+                tl.store(loss_average_ptr + net, average, mask=mask)
+                gate_open = gate_open | (running & (average <= tl.load(gate_level_ptr + net, mask=mask, other=0.0)))
+                tl.store(gate_open_ptr + net, gate_open, mask=mask)
+            variance = _partial_sums(partials_ptr, net, mask, programs, 2, BLOCK_N, BLOCK_P)
+            crit = (variance / per_network.to(tl.float64)).to(tl.float32)
+            valid = (t >= first_valid) & gate_open
+            crit = tl.where(valid, crit, float("nan"))
+            minimum = tl.load(minimum_ptr + net, mask=mask, other=0.0)
+            new_min = running & (crit < minimum * one_minus_threshold)  # NaN compares False
+            keep = new_min
+            if HAS_TOLERANCE:
+                keep = new_min | (running & (crit <= minimum * one_plus_tolerance))
+            criterion = tl.load(criterion_ptr + net, mask=mask, other=0.0)
+            tl.store(criterion_ptr + net, tl.where(running, crit, criterion), mask=mask)
+            tl.store(minimum_ptr + net, tl.where(new_min, crit, minimum), mask=mask)
+            minimum_iteration = tl.load(minimum_iteration_ptr + net, mask=mask, other=0)
+            minimum_iteration = tl.where(new_min, t, minimum_iteration)
+            tl.store(minimum_iteration_ptr + net, minimum_iteration, mask=mask)
+            best_iteration = tl.load(best_iteration_ptr + net, mask=mask, other=0)
+            tl.store(best_iteration_ptr + net, tl.where(keep, t, best_iteration), mask=mask)
+            tl.store(keep_ptr + net, keep, mask=mask)
+            stop = running & valid & (minimum_iteration > 0) & (t - minimum_iteration >= patience)
+            stop_iteration = tl.load(stop_iteration_ptr + net, mask=mask, other=0)
+            tl.store(stop_iteration_ptr + net, tl.where(stop, t, stop_iteration), mask=mask)
+            tl.store(stopped_ptr + net, (running == 0) | stop, mask=mask)
 
     @triton.jit(do_not_specialize=["n", "per_network", "programs", "rows", "period"])
     def _rules_scalars_kernel(
         losses_ptr,  # (N,) fp32
-        partials_ptr,  # (N, programs, 2) fp64 (losses_ptr when there is no target)
+        partials_ptr,  # (N, programs, 3) fp64: the first two of each program's sums (losses_ptr without a target)
         last_loss_ptr,  # (N,) fp32, backtracking's last accepted loss, updated (losses_ptr without backtracking)
         accepted_ptr,  # (N,) int64, its accepted iterations, updated (losses_ptr without backtracking)
         keep_ptr,  # (N,) bool out: a checked iteration's accepted loss (save the parameters)
@@ -111,14 +279,8 @@ if _HAS_TRITON:
             mask = net < n
             losses = tl.load(losses_ptr + net, mask=mask, other=0.0)
             if HAS_TARGET:
-                sums_out = tl.zeros([BLOCK_N], dtype=tl.float64)
-                sums_ema = tl.zeros([BLOCK_N], dtype=tl.float64)
-                for p0 in range(0, programs, BLOCK_P):
-                    p = p0 + tl.arange(0, BLOCK_P)
-                    at = partials_ptr + (net[:, None] * programs + p[None, :]) * 2
-                    both = mask[:, None] & (p < programs)[None, :]
-                    sums_out += tl.sum(tl.load(at, mask=both, other=0.0), axis=1)
-                    sums_ema += tl.sum(tl.load(at + 1, mask=both, other=0.0), axis=1)
+                sums_out = _partial_sums(partials_ptr, net, mask, programs, 0, BLOCK_N, BLOCK_P)
+                sums_ema = _partial_sums(partials_ptr, net, mask, programs, 1, BLOCK_N, BLOCK_P)
                 count = per_network.to(tl.float64)
                 # 10 log10(1 / mse), data range 1, as -10 ln(mse) / ln(10) in float64 (a Python float in a kernel
                 # is an fp32 constant; the interpreter has no log10)
@@ -153,15 +315,27 @@ if _HAS_TRITON:
         tl.store(iteration_ptr, iteration + 1)
 
 
+def _block_p(block_n: int) -> int:
+    """Partial sums a scalar program loads per network at a time: about 16 x _BLOCK_P in all."""
+    return max(1, _BLOCK_P * 16 // block_n)
+
+
 def available(device: torch.device) -> bool:
     """Whether the rules run fused on `device`: CUDA with triton, or the CPU under Triton's interpreter (tests)."""
     return _HAS_TRITON and (device.type == "cuda" or _INTERPRET)
 
 
+def takes(early_stop) -> bool:
+    """Whether FusedRules runs this early_stop.EarlyStop's update: ES-WMV on the full-size outputs in a bf16 window
+    (the calibrated rules'); other rules stay early_stop's torch ops."""
+    spec = early_stop.spec
+    return spec.method == "wmv" and spec.downsample == 1 and early_stop.dtype == torch.bfloat16
+
+
 @dataclass
 class FusedRules:
     """The rules after the backward for N networks with outputs of `per_network` elements each, on `device`: the
-    pixel pass's partial sums live here from set-up on (a CUDA graph replays them in place)."""
+    pixel passes' partial sums live here from set-up on (a CUDA graph replays them in place)."""
 
     n: int
     per_network: int
@@ -169,12 +343,14 @@ class FusedRules:
 
     def __post_init__(self):
         self.programs = triton.cdiv(self.per_network, _BLOCK)
-        self.partials = torch.empty((self.n, self.programs, 2), dtype=torch.float64, device=self.device)
+        self.partials = torch.zeros((self.n, self.programs, 3), dtype=torch.float64, device=self.device)
         self.keep = torch.zeros(self.n, dtype=torch.bool, device=self.device)
         self.bad = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        self.kept = torch.zeros(self.n, dtype=torch.bool, device=self.device)  # early stopping's output kept
 
-    def outputs(self, out, copy, ema, target, iteration, weight: float, frozen=None) -> None:
-        """copy <- out (as fp32); ema <- its update (step_rules.ema_update's); the squared errors against target
+    def outputs(self, out, copy, ema, target, iteration, weight: float, early_stop=None, losses=None) -> None:
+        """copy <- out (as fp32); early_stop.update(copy, iteration, losses) where an EarlyStop is given (takes());
+        ema <- its update (step_rules.ema_update's, the stopped networks' held); the squared errors against target
         (float64, or None) summed per program for record()."""
         out = out.contiguous()
         for t in (copy, ema):
@@ -182,10 +358,37 @@ class FusedRules:
                 raise ValueError(f"copy and ema must be contiguous fp32 of out's shape {tuple(out.shape)}")
         if target is not None and (target.shape != out.shape or target.dtype != torch.float64):
             raise ValueError(f"target must be float64 of out's shape {tuple(out.shape)}; got {tuple(target.shape)}")
-        _rules_pixels_kernel[(self.programs, self.n)](
-            out, copy, ema, target.contiguous() if target is not None else out, frozen if frozen is not None else out,
-            iteration, self.partials, self.per_network, self.programs, weight, 1 - weight,
-            HAS_TARGET=target is not None, HAS_FROZEN=frozen is not None, BLOCK=_BLOCK, **_NO_FMA,
+        if early_stop is not None and not takes(early_stop):
+            raise ValueError(f"FusedRules runs ES-WMV on full-size outputs in a bf16 window; got {early_stop.spec}")
+        has_target = target is not None
+        target = target.contiguous() if has_target else out
+        grid = (self.programs, self.n)
+        blocks = dict(HAS_TARGET=has_target, BLOCK=_BLOCK, **_NO_FMA)
+        if early_stop is None:
+            _rules_pixels_kernel[grid](
+                out, copy, ema, target, iteration, self.partials, out, out, out, self.per_network, self.programs, 1,
+                weight, 1 - weight, WINDOW=False, **blocks,
+            )  # fmt: skip
+            return
+        es, spec = early_stop, early_stop.spec
+        _rules_pixels_kernel[grid](
+            out, copy, ema, target, iteration, self.partials, es.buffer.view(torch.int16), es.sum, es.sum_squares,
+            self.per_network, self.programs, spec.window, weight, 1 - weight, WINDOW=True, **blocks,
+        )  # fmt: skip
+        gate = spec.noise_gate > 0
+        block_n = min(triton.next_power_of_2(self.n), 128)
+        _early_stop_scalars_kernel[(1,)](
+            losses.float().contiguous(), self.partials, iteration, es.criterion, es.minimum, es.minimum_iteration,
+            es.best_iteration, es.stopped, es.stop_iteration, es.gate_open,
+            es.loss_average if gate else es.minimum, es.gate_level if gate else es.minimum, self.kept,
+            self.n, self.per_network, self.programs, spec.first_valid(), spec.patience, 1 - spec.threshold,
+            1 + spec.tolerance, GATE_SMOOTHING, HAS_GATE=gate, HAS_TOLERANCE=spec.tolerance > 0, BLOCK_N=block_n,
+            BLOCK_P=_block_p(block_n), **_NO_FMA,
+        )  # fmt: skip
+        _early_stop_outputs_kernel[grid](
+            copy, ema, target if has_target else copy, es.stopped, self.kept, es.best_output, es.sum, iteration,
+            self.partials, self.per_network, self.programs, spec.window, weight, 1 - weight,
+            WINDOW_MEAN=spec.returns == "window-mean", **blocks,
         )  # fmt: skip
 
     def record(self, losses, has_target: bool, backtracking, rule, criterion, stopped, metrics, iteration):
@@ -201,6 +404,6 @@ class FusedRules:
             metrics, iteration, self.n, self.per_network, self.programs, metrics.shape[0],
             rule.period if rule is not None else 1, rule.factor if rule is not None else 0.0,
             ON_PERIOD=bool(rule.on_period) if rule is not None else True, HAS_TARGET=has_target,
-            HAS_BACKTRACKING=backtracking is not None, BLOCK_N=block_n, BLOCK_P=max(1, _BLOCK_P * 16 // block_n),
+            HAS_BACKTRACKING=backtracking is not None, BLOCK_N=block_n, BLOCK_P=_block_p(block_n),
         )  # fmt: skip
         return (self.keep, self.bad) if backtracking is not None else None

@@ -58,10 +58,13 @@ def batch_mode(method: str, batch: int) -> str:
 
 
 def restore_in_blocks(
-    case: Case, method: str, precision: str, *, blocks: int, iters: int, net, device, seed, on_block, images: int = 1
-) -> None:
+    case: Case, method: str, precision: str, *, blocks: int, iters: int, net, device, seed, on_block, images: int = 1,
+    early_stop=None,
+) -> None:  # fmt: skip
     """One restore() of `images` copies of the case for `blocks` x `iters` iterations, calling on_block() at
-    each K-iteration read-back (after torch.cuda.synchronize on CUDA): the clock of every block-timed suite."""
+    each K-iteration read-back (after torch.cuda.synchronize on CUDA): the clock of every block-timed suite.
+    early_stop: an EarlyStopSpec to run (stop='auto') instead of the case's fixed count."""
+    stop = {"stop": "auto", "early_stop": early_stop} if early_stop is not None else {}
 
     def callback(_progress) -> None:
         runs.cuda_sync(device)
@@ -70,7 +73,7 @@ def restore_in_blocks(
     with runs.method_context(method):
         api.restore(
             case.observed if images == 1 else [case.observed] * images,
-            **case.restore_kwargs(),
+            **{**case.restore_kwargs(), **stop},
             iters=blocks * iters,
             seed=seed,
             device=device,

@@ -44,3 +44,22 @@ def test_one_iteration_of_the_default_net_launches_no_zero_filled_gradient(tmp_p
     assert report["aten_ops"] == sum(aten.values()) <= 83
     md = (tmp_path / "step_launches.md").read_text()
     assert "| _batch_norm_stats_kernel | 30 |" in md and "| convolution_backward | 26 |" in md
+
+
+def test_with_early_stopping_the_criterion_adds_two_launches_and_no_aten_op(tmp_path):
+    """stop='auto' (denoising's default): ES-WMV's window, criterion and kept output in two more Triton launches
+    (some 60 ATen ops before); the freeze of stopped networks stays six masked copies before the optimizer step and
+    six after (parameters and Adam's moments of the two flat buffers)."""
+    tool = bench_script("step_launches")
+    assert tool.main(["--size", "64", "--stop", "auto", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "step_launches.json").read_text())
+    triton, aten = report["triton"], report["aten"]
+    assert report["settings"]["stop"] == "auto"
+    fused = ("_rules_pixels_kernel", "_early_stop_scalars_kernel", "_early_stop_outputs_kernel",
+             "_rules_scalars_kernel")  # fmt: skip
+    assert {name: triton[name] for name in fused} == dict.fromkeys(fused, 1)
+    criterion = {"avg_pool2d", "index_select", "index_copy_", "logical_or_", "clamp_min", "div", "pow", "mean", "lt"}
+    assert not criterion & set(aten), criterion & set(aten)
+    assert aten["where"] == 16  # the freeze's 12 and backtracking's 4
+    assert report["aten_ops"] == sum(aten.values()) <= 95  # measured 95 (203 with the criterion's torch ops)
+    assert "stop=auto" in (tmp_path / "step_launches.md").read_text()

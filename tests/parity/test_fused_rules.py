@@ -17,7 +17,7 @@ import torch
 from _helpers import TINY_NET
 
 from dipfast import backends, engine, fast_step, step_rules
-from dipfast.early_stop import EarlyStopSpec
+from dipfast.early_stop import EarlyStop, EarlyStopSpec
 from dipfast.kernels import fused_rules
 from dipfast.presets import PRESETS, Backtracking
 
@@ -36,17 +36,15 @@ def _outputs(rng, n, shape, dtype, device):
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("iteration", [0, 7])
-@pytest.mark.parametrize("frozen", [False, True], ids=["running", "frozen"])
-def test_outputs_copy_and_ema_bit_for_bit(rng, device, n, dtype, iteration, frozen):
+def test_outputs_copy_and_ema_bit_for_bit(rng, device, n, dtype, iteration):
     out, ema, target = _outputs(rng, n, (3, 17, 13), dtype, device)
-    mask = (torch.arange(n) % 2 == 0).to(device) if frozen else None
     step = torch.tensor(iteration, device=device)
     expected_copy, expected_ema = out.float(), ema.clone()
-    step_rules.ema_update(expected_ema, expected_copy, step == 0, 0.99, mask)
+    step_rules.ema_update(expected_ema, expected_copy, step == 0, 0.99)
 
     rules = fused_rules.FusedRules(n, out[0].numel(), torch.device(device))
     copy = torch.full_like(ema, math.nan)
-    rules.outputs(out, copy, ema, target, step, 0.99, mask)
+    rules.outputs(out, copy, ema, target, step, 0.99)
     assert torch.equal(copy, expected_copy)
     assert torch.equal(ema, expected_ema)
     assert step.item() == iteration  # the pixel pass reads the count; the scalar program advances it
@@ -166,7 +164,11 @@ def test_a_fused_step_fits_as_the_torch_rules_do(graph_safe, precision, target):
 
 
 @on_the_cpu
-def test_the_step_fuses_its_rules_where_the_plan_says_and_not_with_early_stopping():
+@pytest.mark.parametrize(("spec", "fused"), [(EarlyStopSpec(window=2, patience=2), True),
+                                             (EarlyStopSpec("emv", patience=2), False),
+                                             (EarlyStopSpec(window=2, patience=2, downsample=2), False)],
+                         ids=["wmv", "emv", "downsampled"])  # fmt: skip
+def test_the_step_fuses_its_rules_where_the_plan_says_and_early_stopping_where_it_is_the_calibrated_kind(spec, fused):
     plan = backends.resolve("native", "fp32", CPU)
     assert not plan.fused_rules(CPU)  # CUDA's: the CPU runs torch's ops
     with backends.variant("native", fused_rules=frozenset({"cpu", "cuda"})):
@@ -175,6 +177,105 @@ def test_the_step_fuses_its_rules_where_the_plan_says_and_not_with_early_stoppin
     y = torch.rand(1, 3, 12, 12, generator=rng)
     problem = engine.Problem(input_shape=(4, 12, 12), z=None, out_size=(12, 12), n_channels=3, y=y, target=None)
     built, zs = fast_step.build_nets([problem], PRESET, [0])
-    spec = EarlyStopSpec(window=2, patience=2)
     step = fast_step.FastStep(built, zs, [problem], PRESET, CPU, [0], 4, plan, fused_rules=True, early_stop=spec)
-    assert step.fused is None  # the criterion's rules stay torch's
+    assert (step.fused is not None) == fused  # the others' rules stay early_stop's torch ops
+
+
+# ---------------------------------------------------------------------------------------------
+# early stopping (ES-WMV on full-size outputs, the calibrated rules' kind)
+
+
+def _settle_then_wander(rng, shape, iters, device):
+    """Three networks' outputs: two settle and then wander from iterations 3 and 6 (VAR's minimum, and the stop, at
+    their own iterations), the third settles throughout (it never stops); and losses that fall, so that a noise gate
+    opens on the way."""
+    base = torch.rand((3, *shape), generator=rng)
+    frames = []
+    for t in range(iters):
+        scale = torch.tensor([abs(t - 3) + 0.1, abs(t - 6) + 0.1, 3 / (t + 1)])[:, None, None, None]
+        frames.append((base + 0.02 * scale * torch.randn((3, *shape), generator=rng)).clamp(0, 1).to(device))
+    losses = [torch.tensor([0.05 / (t + 1) + 0.001 * k for k in range(3)], device=device) for t in range(iters)]
+    return frames, losses
+
+
+def _same(actual, expected, what):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+STATE = ("buffer", "sum", "sum_squares", "criterion", "minimum", "minimum_iteration", "best_iteration", "best_output",
+         "stopped", "stop_iteration", "gate_open")  # fmt: skip
+
+
+@pytest.mark.parametrize("returns", ["window-mean", "output"])
+@pytest.mark.parametrize("tolerance", [0.0, 0.4])
+@pytest.mark.parametrize("gate", [0.0, 1.05], ids=["no-gate", "gate"])
+def test_early_stopping_updates_as_early_stop_does(rng, device, returns, tolerance, gate):
+    """Twelve iterations of three networks through EarlyStop.update + the EMA held for stopped networks, and through
+    FusedRules.outputs: every state tensor bit for bit (the window's bf16 ring and float64 sums, the criterion, the
+    minimum and its iteration, the kept output, the stops, the gate; the criterion too, whose float64 mean sums in
+    another order: the same fp32 value here), the EMA too; the networks stop at different
+    iterations (the gate moves the second's from 10 to 12), the third not at all."""
+    n, shape, iters = 3, (3, 11, 9), 12
+    spec = EarlyStopSpec("wmv", window=3, patience=2, returns=returns, tolerance=tolerance, noise_gate=gate)
+    dev = torch.device(device)
+    noise = torch.tensor([0.05, 0.025, 0.5], device=device)  # the second network's gate opens late
+    frames, losses = _settle_then_wander(rng, shape, iters, device)
+    expected, fused = (EarlyStop(spec, n, shape, dev, noise_variance=noise if gate else None) for _ in range(2))
+    assert fused_rules.takes(fused)
+    expected_ema, ema = torch.zeros((n, *shape), device=device), torch.zeros((n, *shape), device=device)
+    rules = fused_rules.FusedRules(n, frames[0][0].numel(), dev)
+    copy = torch.empty_like(ema)
+    step, target = torch.tensor(0, device=device), torch.rand((n, *shape), generator=rng, dtype=torch.float64)
+    for t in range(iters):
+        expected.update(frames[t], step, losses[t])
+        step_rules.ema_update(expected_ema, frames[t], step == 0, 0.9, expected.stopped)
+        rules.outputs(frames[t], copy, ema, target.to(device), step, 0.9, fused, losses[t])
+        assert torch.equal(copy, frames[t])
+        for name in (*STATE, "loss_average") if gate else STATE:
+            _same(getattr(fused, name), getattr(expected, name), f"{name} at iteration {t + 1}")
+        assert torch.equal(ema, expected_ema), t
+        step += 1
+    assert expected.stop_iteration.tolist() == [7, 12 if gate else 10, 0]
+
+
+def test_early_stopping_refuses_the_kinds_it_does_not_run(device):
+    dev = torch.device(device)
+    rules = fused_rules.FusedRules(1, 12, dev)
+    out = torch.rand(1, 3, 2, 2, device=device)
+    for spec in (EarlyStopSpec("emv"), EarlyStopSpec(downsample=2)):
+        es = EarlyStop(spec, 1, (3, 2, 2), dev)
+        assert not fused_rules.takes(es)
+        with pytest.raises(ValueError, match="ES-WMV"):
+            rules.outputs(out, out.clone(), out.clone(), None, torch.tensor(0, device=device), 0.9, es, None)
+
+
+@on_the_cpu
+@pytest.mark.parametrize("graph_safe", [False, True], ids=["cpu-branch", "graph-branch"])
+def test_a_fused_step_stops_early_as_the_torch_rules_do(graph_safe):
+    """Two networks with the calibrated kind of rule (a short window and patience, so they stop within the run): the
+    parameters, Adam's state, the EMA, the early-stop state and the metrics as above; the frozen networks held."""
+    spec = EarlyStopSpec("wmv", window=3, patience=3, returns="window-mean", tolerance=0.4, noise_gate=1.05)
+    steps = []
+    for fused in (False, True):
+        rng = torch.Generator().manual_seed(5)
+        problems = []
+        for _ in range(2):
+            y, t = torch.rand(1, 3, 15, 13, generator=rng), torch.rand(1, 3, 15, 13, generator=rng)
+            problems.append(engine.Problem(input_shape=(4, 15, 13), z=None, out_size=(15, 13), n_channels=3, y=y,
+                                           target=t))  # fmt: skip
+        built, zs = fast_step.build_nets(problems, PRESET, [1, 2])
+        plan = backends.resolve("native", "fp32", CPU)
+        step = fast_step.FastStep(built, zs, problems, PRESET, CPU, [1, 2], 4, plan, graph_safe=graph_safe,
+                                  fused_rules=fused, early_stop=spec)  # fmt: skip
+        assert (step.fused is not None) == fused
+        for _ in range(14):
+            step()
+        steps.append(step)
+    plain, fused = steps
+    for a, b in zip(plain._held(), fused._held()):
+        assert torch.equal(a, b)
+    assert torch.equal(plain.ema, fused.ema) and torch.equal(plain.out, fused.out)
+    for name in (*STATE, "loss_average"):
+        _same(getattr(fused.early_stop, name), getattr(plain.early_stop, name), name)
+    torch.testing.assert_close(fused.metrics, plain.metrics, rtol=PSNR_RTOL, atol=0, equal_nan=True)
+    assert plain.early_stop.stopped.any()  # the run froze a network: the freeze's branch ran

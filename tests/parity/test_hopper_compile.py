@@ -47,15 +47,26 @@ for _name, _k, _act in (("reflection-pad", "_reflection_pad_kernel", ("x_ptr", "
                         ("reflection-fold", "_reflection_fold_kernel", ("g_ptr", "dx_ptr"))):  # fmt: skip
     KERNELS[_name] = ("reflection_pad", _k, dict.fromkeys(_act, "*bf16"), (), _BN)
 # the fast step's rules after the backward: float64 sums and logs, bool masks, an int64 counter
-_RULES_PIXELS = {"out_ptr": "*bf16", "target_ptr": "*fp64", "frozen_ptr": "*i1", "iteration_ptr": "*i64",
-                 "partials_ptr": "*fp64"}  # fmt: skip
+_RULES_PIXELS = {"out_ptr": "*bf16", "target_ptr": "*fp64", "iteration_ptr": "*i64", "partials_ptr": "*fp64",
+                 "ring_ptr": "*i16", "sum_ptr": "*fp64", "squares_ptr": "*fp64"}  # fmt: skip
 KERNELS["rules-pixels"] = ("fused_rules", "_rules_pixels_kernel", _RULES_PIXELS, ("weight", "one_minus_weight"),
-                           {"HAS_TARGET": True, "HAS_FROZEN": True, "BLOCK": "_BLOCK"})  # fmt: skip
+                           {"HAS_TARGET": True, "WINDOW": True, "BLOCK": "_BLOCK"})  # fmt: skip
 _RULES_SCALARS = {"partials_ptr": "*fp64", "accepted_ptr": "*i64", "keep_ptr": "*i1", "bad_ptr": "*i1",
                   "stopped_ptr": "*i1", "metrics_ptr": "*fp64", "iteration_ptr": "*i64"}  # fmt: skip
 KERNELS["rules-scalars"] = ("fused_rules", "_rules_scalars_kernel", _RULES_SCALARS, ("factor",),
                             {"ON_PERIOD": False, "HAS_TARGET": True, "HAS_BACKTRACKING": True, "BLOCK_N": 4,
                              "BLOCK_P": 512})  # fmt: skip
+_ES_OUTPUTS = {"target_ptr": "*fp64", "stopped_ptr": "*i1", "keep_ptr": "*i1", "sum_ptr": "*fp64",
+               "iteration_ptr": "*i64", "partials_ptr": "*fp64"}  # fmt: skip
+KERNELS["early-stop-outputs"] = ("fused_rules", "_early_stop_outputs_kernel", _ES_OUTPUTS,
+                                 ("weight", "one_minus_weight"), {"HAS_TARGET": True, "WINDOW_MEAN": True,
+                                                                  "BLOCK": "_BLOCK"})  # fmt: skip
+_ES_SCALARS = {"partials_ptr": "*fp64", "iteration_ptr": "*i64", "minimum_iteration_ptr": "*i64",
+               "best_iteration_ptr": "*i64", "stopped_ptr": "*i1", "stop_iteration_ptr": "*i64",
+               "gate_open_ptr": "*i1", "keep_ptr": "*i1"}  # fmt: skip
+KERNELS["early-stop-scalars"] = ("fused_rules", "_early_stop_scalars_kernel", _ES_SCALARS,
+                                 ("one_minus_threshold", "one_plus_tolerance", "smoothing"),
+                                 {"HAS_GATE": True, "HAS_TOLERANCE": True, "BLOCK_N": 4, "BLOCK_P": 512})  # fmt: skip
 # the check can fail: a channel count passed as a pointer has no modulo
 KERNELS["broken"] = ("bilinear_x2", "_upsample_kernel", {"x": _FP32, "out": _FP32, "C": _FP32}, (), _UPSAMPLE)
 
