@@ -167,21 +167,24 @@ class FastStep(step_rules.AfterBackward):
         es = self.early_stop
         with phase("backtracking"), torch.no_grad():
             self.fused.outputs(out, self.out, self.ema, self.target, self.iteration, self.preset.ema, es, losses)
-            if es is not None:
-                self.freeze.save(self._held(), es.stopped)
+            if es is not None:  # Freeze.save's copies, moving only the stopped networks' rows
+                held = self._held()
+                self.fused.copy_rows([(h, t, es.stopped) for t, h in zip(held, self.freeze.track(held))])
             criterion = (es.criterion, es.stopped) if es is not None else self.no_criterion
             state = self.backtracking_state if self.backtracking is not None else None
             has_target = self.target is not None
             decision = self.fused.record(
                 losses, has_target, state, self.backtracking, *criterion, self.metrics, self.iteration
             )  # fmt: skip
-            if decision is not None:
-                step_rules.apply_backtracking(self.flat.buffers, self.saved, *decision, self.graph_safe)
+            if decision is not None:  # apply_backtracking's copies (keep and bad never both hold for a network)
+                keep, bad = decision
+                pairs = list(zip(self.flat.buffers, self.saved))
+                self.fused.copy_rows([(s, p, keep) for p, s in pairs] + [(p, s, bad) for p, s in pairs])
         with phase("optimizer"):
             self.optimizer.step()
-        if es is not None:
+        if es is not None:  # Freeze.restore's
             with torch.no_grad():
-                self.freeze.restore(self._held(), es.stopped)
+                self.fused.copy_rows([(t, h, es.stopped) for t, h in zip(self._held(), self.freeze.held)])
 
     def _held(self) -> list[torch.Tensor]:
         """What a stopped network keeps still: its parameters and Adam moments, (N, ...) each."""

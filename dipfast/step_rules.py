@@ -197,10 +197,16 @@ class Freeze:
         self.held: list[torch.Tensor] = []
         self._rows: list[int] = []
 
+    def track(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The held copies of `tensors`, each made when first seen (the first call, and Adam's moments once they
+        exist): for save and restore, or a fused step's own copies (dipfast.kernels.fused_rules)."""
+        for t in tensors[len(self.held) :]:
+            self.held.append(t.detach().clone())
+        return self.held
+
     @torch.no_grad()
     def save(self, tensors: list[torch.Tensor], stopped: torch.Tensor) -> None:
-        for t in tensors[len(self.held) :]:  # the first call, and Adam's moments once they exist
-            self.held.append(t.detach().clone())
+        self.track(tensors)
         if self.graph_safe:
             for t, h in zip(tensors, self.held):
                 torch.where(_per_network(stopped, t), t, h, out=h)

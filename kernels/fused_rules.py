@@ -52,6 +52,8 @@ except ImportError:
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as the other kernels: read when they are built
 _BLOCK = 1024  # output elements per program of the pixel pass
 _BLOCK_P = 128  # partial sums per load of the scalar program
+_ROW_BLOCK = 4096  # elements per program of copy_rows
+_PAIRS = 6  # copies per copy_rows launch: the freeze's parameters and Adam's two moments of two flat buffers
 _NO_FMA = {"enable_fp_fusion": False}  # each product rounded as torch rounds it (the EMA bit for bit)
 
 if _HAS_TRITON:
@@ -315,6 +317,59 @@ if _HAS_TRITON:
         tl.store(iteration_ptr, iteration + 1)
 
 
+if _HAS_TRITON:
+
+    @triton.jit
+    def _copy_row(dst_ptr, src_ptr, mask_ptr, width, net, pid, BLOCK: tl.constexpr):
+        if tl.load(mask_ptr + net) != 0:  # a network not in the mask moves nothing
+            offsets = pid * BLOCK + tl.arange(0, BLOCK)
+            inside = offsets < width
+            at = net.to(tl.int64) * width + offsets
+            tl.store(dst_ptr + at, tl.load(src_ptr + at, mask=inside), mask=inside)
+
+    @triton.jit
+    def _copy_rows_kernel(
+        d0, s0, m0, w0, d1, s1, m1, w1, d2, s2, m2, w2, d3, s3, m3, w3, d4, s4, m4, w4, d5, s5, m5, w5,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """Up to six (dst, src, mask, width) row copies, (N, width) each: dst[n] = src[n] where mask[n] (grid: blocks of
+        the widest row, N, the pairs given; the unused ones repeat the first)."""
+        pid = tl.program_id(0)
+        net = tl.program_id(1)
+        pair = tl.program_id(2)
+        if pair == 0:
+            _copy_row(d0, s0, m0, w0, net, pid, BLOCK)
+        elif pair == 1:
+            _copy_row(d1, s1, m1, w1, net, pid, BLOCK)
+        elif pair == 2:
+            _copy_row(d2, s2, m2, w2, net, pid, BLOCK)
+        elif pair == 3:
+            _copy_row(d3, s3, m3, w3, net, pid, BLOCK)
+        elif pair == 4:
+            _copy_row(d4, s4, m4, w4, net, pid, BLOCK)
+        else:
+            _copy_row(d5, s5, m5, w5, net, pid, BLOCK)
+
+
+def copy_rows(copies: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """dst[n] = src[n] for each (dst, src, mask) and each network n with mask[n]: contiguous (N, ...) tensors of one
+    shape per copy, mask (N,) bool; six copies a launch. torch.where(mask, src, dst, out=dst) (step_rules' graph-safe
+    branches) reads and writes every row each iteration; this moves only the rows of the networks in the mask (the
+    freeze of stopped networks: none until one stops), the same values (a copy)."""
+    for dst, src, mask in copies:
+        if dst.shape != src.shape or dst.dtype != src.dtype or not (dst.is_contiguous() and src.is_contiguous()):
+            raise ValueError(f"copy_rows needs contiguous tensors of one shape and dtype; got {dst.shape}, {src.shape}")
+    if len({dst.shape[0] for dst, _, _ in copies}) > 1:
+        raise ValueError("copy_rows copies rows of one count of networks")
+    for first in range(0, len(copies), _PAIRS):
+        group = copies[first : first + _PAIRS]
+        n = group[0][0].shape[0]
+        widths = [dst[0].numel() for dst, _, _ in group]
+        args = [a for dst, src, mask in group for a in (dst, src, mask, dst[0].numel())]
+        args += args[:4] * (_PAIRS - len(group))
+        _copy_rows_kernel[(triton.cdiv(max(widths), _ROW_BLOCK), n, len(group))](*args, BLOCK=_ROW_BLOCK)
+
+
 def _block_p(block_n: int) -> int:
     """Partial sums a scalar program loads per network at a time: about 16 x _BLOCK_P in all."""
     return max(1, _BLOCK_P * 16 // block_n)
@@ -390,6 +445,8 @@ class FusedRules:
             self.partials, self.per_network, self.programs, spec.window, weight, 1 - weight,
             WINDOW_MEAN=spec.returns == "window-mean", **blocks,
         )  # fmt: skip
+
+    copy_rows = staticmethod(copy_rows)
 
     def record(self, losses, has_target: bool, backtracking, rule, criterion, stopped, metrics, iteration):
         """The backtracking decision (keep, bad: (N,) bool, this object's; None without backtracking) with

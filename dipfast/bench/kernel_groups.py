@@ -64,9 +64,11 @@ _PATTERNS = [
     ("loss", r"mse_|lanczos"),
     ("adam", r"adam|multi_tensor_apply"),
     ("conv", r"conv|xmma|cutlass|gemm|cudnn|wgrad|dgrad|fprop|splitK|scalePackedTensor|computeOffsets"),
+    # the fast step's rules after the backward, fused (dipfast.kernels.fused_rules): the EMA, metrics, early stopping,
+    # backtracking's and the freeze's row copies
+    ("elementwise", r"^_(rules|early_stop|copy_rows)_"),
     ("copy", r"copy|(^|[^a-z])fill"),
-    # ^_rules_: the fast step's rules after the backward, fused (dipfast.kernels.fused_rules)
-    ("elementwise", r"elementwise|reduce_kernel|^triton_|distribution|normal|philox|where|index|^_rules_"),
+    ("elementwise", r"elementwise|reduce_kernel|^triton_|distribution|normal|philox|where|index"),
 ]
 _COMPILED = [(group, re.compile(pattern, re.IGNORECASE)) for group, pattern in _PATTERNS]
 

@@ -71,6 +71,9 @@ KERNELS = {
     "_reflection_pad_kernel": "pad",
     "_reflection_fold_kernel": "pad",
     "_lanczos2_fwd_kernel": "loss",
+    "_rules_pixels_kernel": "elementwise",  # the EMA, the metrics, early stopping: the floor's elementwise groups
+    "_early_stop_scalars_kernel": "elementwise",
+    "_copy_rows_kernel": "elementwise",  # backtracking's and the freeze's copies, not a cast
     # Inductor: a fused kernel counts in its first group in the patterns' order
     "triton_red_fused__native_batch_norm_legit_functional_0": "batch_norm",
     "triton_poi_fused__native_batch_norm_legit_functional_leaky_relu_reflection_pad2d_1": "batch_norm",

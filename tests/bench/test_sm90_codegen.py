@@ -113,7 +113,7 @@ def test_step_records_every_triton_kernel_of_the_native_cuda_step(step_rows):
     kernels = {r["kernel"] for r in step_rows}
     assert kernels == {*BATCH_NORM, "_chan_finalize_kernel", "_column_sums_kernel", "_upsample_kernel",
                        "_transpose_kernel", "_reflection_pad_kernel", "_reflection_fold_kernel",
-                       "_rules_pixels_kernel", "_rules_scalars_kernel"}  # fmt: skip
+                       "_rules_pixels_kernel", "_rules_scalars_kernel", "_copy_rows_kernel"}  # fmt: skip
     for row in step_rows:
         assert row["launches"] >= 1 and row["registers"] > 0 and row["load_bytes"], row
     # the default net's 30 BatchNorms, each one statistics pass forward and one gradient-sums pass backward

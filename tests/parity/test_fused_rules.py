@@ -126,16 +126,17 @@ on_the_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="bit for bit: 
 PRESET = dataclasses.replace(PRESETS["denoise"], net=TINY_NET, input_depth=4)
 
 
-def _fit(rng_seed: int, fused: bool, graph_safe: bool, precision: str, iters: int = 6, target: bool = True):
+def _fit(rng_seed: int, fused: bool, graph_safe: bool, precision: str, iters: int = 6, target: bool = True,
+         preset=PRESET):  # fmt: skip
     rng = torch.Generator().manual_seed(rng_seed)
     problems = []
     for _ in range(2):
         y, t = torch.rand(1, 3, 15, 13, generator=rng), torch.rand(1, 3, 15, 13, generator=rng)
         problems.append(engine.Problem(input_shape=(4, 15, 13), z=None, out_size=(15, 13), n_channels=3, y=y,
                                        target=t if target else None))  # fmt: skip
-    built, zs = fast_step.build_nets(problems, PRESET, [1, 2])
+    built, zs = fast_step.build_nets(problems, preset, [1, 2])
     plan = backends.resolve("native", precision, CPU)
-    step = fast_step.FastStep(built, zs, problems, PRESET, CPU, [1, 2], 4, plan, graph_safe=graph_safe,
+    step = fast_step.FastStep(built, zs, problems, preset, CPU, [1, 2], 4, plan, graph_safe=graph_safe,
                               fused_rules=fused)  # fmt: skip
     assert (step.fused is not None) == fused
     for _ in range(iters):
@@ -161,6 +162,44 @@ def test_a_fused_step_fits_as_the_torch_rules_do(graph_safe, precision, target):
     assert torch.equal(plain.backtracking_state.accepted, fused.backtracking_state.accepted)
     torch.testing.assert_close(fused.metrics, plain.metrics, rtol=PSNR_RTOL, atol=0, equal_nan=True)
     assert fused.metrics[..., step_rules.COLUMN["psnr"]].isfinite().all() == target
+
+
+@on_the_cpu
+def test_a_fused_step_falls_back_as_the_torch_rules_do():
+    """A rule that falls back whenever a checked loss rises at all: the networks restore their saved parameters on
+    some iterations and save new ones on others, each on its own; the fused step's copies do the same."""
+    strict = dataclasses.replace(PRESET, backtracking=Backtracking(period=3, on_period=False, factor=1.0))
+    plain, fused = (_fit(3, f, True, "fp32", iters=12, preset=strict) for f in (False, True))
+    fell_back = plain.metrics[..., step_rules.COLUMN["fell_back"]]
+    assert fell_back.sum() >= 2 and (fell_back == 0).any()  # the run fell back, and not every iteration
+    for a, b in zip(plain.flat.buffers + plain.saved, fused.flat.buffers + fused.saved):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(fused.metrics, plain.metrics, rtol=PSNR_RTOL, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_copy_rows_moves_the_masked_networks_rows_only(rng, device, n):
+    """Seven copies (two launches) of rows of odd widths, each with its own mask: dst = where(mask, src, dst)."""
+    copies, expected = [], []
+    for width in (7, 5000, 1, 33, 4097, 12, 9):
+        dst = torch.randn(n, width, generator=rng).to(device)
+        src = torch.randn(n, width, generator=rng).to(device)
+        mask = (torch.rand(n, generator=rng) < 0.5).to(device)
+        expected.append(torch.where(mask[:, None], src, dst))
+        copies.append((dst, src, mask))
+    fused_rules.copy_rows(copies)
+    for (dst, _, _), want in zip(copies, expected):
+        assert torch.equal(dst, want)
+
+
+def test_copy_rows_refuses_tensors_it_cannot_copy_by_rows(device):
+    a, mask = torch.zeros(2, 8, device=device), torch.ones(2, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        fused_rules.copy_rows([(a, torch.zeros(2, 9, device=device), mask)])
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        fused_rules.copy_rows([(a, torch.zeros(8, 2, device=device).t(), mask)])
+    with pytest.raises(ValueError, match="one count of networks"):
+        fused_rules.copy_rows([(a, a.clone(), mask), (torch.zeros(3, 8, device=device), torch.zeros(3, 8), mask)])
 
 
 @on_the_cpu

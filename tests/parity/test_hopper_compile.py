@@ -67,6 +67,8 @@ _ES_SCALARS = {"partials_ptr": "*fp64", "iteration_ptr": "*i64", "minimum_iterat
 KERNELS["early-stop-scalars"] = ("fused_rules", "_early_stop_scalars_kernel", _ES_SCALARS,
                                  ("one_minus_threshold", "one_plus_tolerance", "smoothing"),
                                  {"HAS_GATE": True, "HAS_TOLERANCE": True, "BLOCK_N": 4, "BLOCK_P": 512})  # fmt: skip
+_COPY_ROWS = {f"{kind}{k}": "*i1" if kind == "m" else _FP32 for kind in "dsm" for k in range(6)}
+KERNELS["copy-rows"] = ("fused_rules", "_copy_rows_kernel", _COPY_ROWS, (), {"BLOCK": "_ROW_BLOCK"})
 # the check can fail: a channel count passed as a pointer has no modulo
 KERNELS["broken"] = ("bilinear_x2", "_upsample_kernel", {"x": _FP32, "out": _FP32, "C": _FP32}, (), _UPSAMPLE)
 
