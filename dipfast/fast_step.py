@@ -78,7 +78,11 @@ class FastStep(step_rules.AfterBackward):
 
         self.z = self.runner.layout(torch.stack([z.to(device) for z in zs]))  # (N, 1, D, H', W')
         self.noise = torch.empty_like(self.z)  # z's layout: z + noise is one vectorised pass
-        self.net_input = self.z.clone()
+        # the generator's input in the dtype its convs read it in: under bf16 autocast each conv that reads it casts
+        # it (the default net's skip and down convs of level 0: two full-size casts an iteration); cast once here
+        # instead, into the sum z + noise itself: the same bf16 values (the sum rounds to fp32, then to bf16)
+        convolved = plan.precision == "bf16" and nets.input_only_convolved(preset.net)
+        self.net_input = self.z.to(torch.bfloat16 if convolved else self.z.dtype, copy=True)
         self.input_noise = InputNoise(plan.noise(device), seeds, device)
         self.y = [p.y.to(device) if p.y is not None else None for p in problems]
         self.lanczos2_mse = None  # the fused decimation + MSE, where the plan runs the Triton kernels

@@ -28,7 +28,7 @@ import torch
 from _helpers import FAST, TINY_NET, random_image
 
 import dipfast
-from dipfast import backends, engine, fast_step, memory
+from dipfast import backends, engine, fast_step, memory, nets
 from dipfast.backends import Plan
 from dipfast.errors import InputError, NumericalError
 from dipfast.presets import PRESETS
@@ -254,6 +254,31 @@ def test_the_vectorised_batch_equals_separate_runs(rng):
         losses = [h.loss for h in alone.history]
         assert step.metrics[:, k, 0].tolist() == pytest.approx(losses, rel=1e-5)
         torch.testing.assert_close(step.ema[k : k + 1], alone.ema_image, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("vectorised", [False, True], ids=["each", "vectorised"])
+def test_a_bf16_step_feeds_its_net_input_in_bf16_with_the_same_results(rng, monkeypatch, vectorised):
+    """Under bf16 the net's input is z + noise rounded to bf16 once (its convs read it in bf16 anyway: autocast cast it
+    for each of them): five iterations of two networks bit for bit as with the fp32 input; fp32 keeps fp32."""
+    problems = [_problem(rng) for _ in range(2)]
+    steps = []
+    for cast in (True, False):
+        monkeypatch.setattr(nets, "input_only_convolved", lambda spec, cast=cast: cast)
+        built, zs = fast_step.build_nets(problems, PRESET, [3, 4])
+        step = fast_step.FastStep(built, zs, problems, PRESET, CPU, [3, 4], 5, _plan("native", "bf16"),
+                                  vectorised=vectorised)  # fmt: skip
+        assert step.net_input.dtype == (torch.bfloat16 if cast else torch.float32)
+        for _ in range(5):
+            step()
+        steps.append(step)
+    assert torch.equal(steps[0].out, steps[1].out) and torch.equal(steps[0].ema, steps[1].ema)
+    for a, b in zip(steps[0].flat.buffers, steps[1].flat.buffers):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    assert nets.input_only_convolved(PRESET.net)  # the Skip net's input reaches its skip and down convs alone
+    built, zs = fast_step.build_nets(problems, PRESET, [3, 4])
+    fp32 = fast_step.FastStep(built, zs, problems, PRESET, CPU, [3, 4], 5, _plan("native", "fp32"))
+    assert fp32.net_input.dtype == torch.float32
 
 
 @pytest.mark.parametrize("graph_safe", [False, True], ids=["cpu-branch", "graph-branch"])

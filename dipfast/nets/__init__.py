@@ -29,6 +29,7 @@ __all__ = [
     "UNetSpec",
     "build",
     "hourglass",
+    "input_only_convolved",
     "load_original_state_dict",
     "meshgrid_input",
     "noise_input",
@@ -42,6 +43,12 @@ def hourglass(input_depth: int, n_channels: int = 3, **kwargs) -> Skip:
     """skip() without skip connections: channels_skip all 0."""
     depth = len(kwargs.get("channels_down", kwargs.get("num_channels_down", SkipSpec.channels_down)))
     return skip(input_depth, n_channels, channels_skip=(0,) * depth, **kwargs)
+
+
+def input_only_convolved(spec: NetSpec) -> bool:
+    """Whether the net reads its input only as convolutions' input (so under autocast only in autocast's dtype):
+    Skip's first level feeds it to its skip and down convs alone."""
+    return isinstance(spec, SkipSpec)
 
 
 def build(spec: NetSpec, input_depth: int, n_channels: int) -> nn.Module:
