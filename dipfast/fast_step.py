@@ -143,7 +143,8 @@ class FastStep(step_rules.AfterBackward):
         # each network's (1, C, H, W): split's backward is one cat, where out[i : i + 1]'s zero-filled all of out for
         # each network; one network takes out itself
         pieces = (out,) if self.n == 1 else out.split(1)
-        return torch.stack([self._data_term(p, piece, y) for p, piece, y in zip(self.problems, pieces, self.y)])
+        losses = [self._data_term(p, piece, y) for p, piece, y in zip(self.problems, pieces, self.y)]
+        return losses[0][None] if self.n == 1 else torch.stack(losses)
 
     def _data_term(self, problem, out: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.lanczos2_mse is not None and isinstance(problem.operator, Lanczos2Decimation):

@@ -87,7 +87,7 @@ class GeneratorRunner:
             else:
                 self.slots.load(*one)
                 outs.append(self.module(z[i]))
-        return torch.stack(outs)
+        return outs[0][None] if len(outs) == 1 else torch.stack(outs)  # one network: a view, not stack's copy
 
     def _generate_many(self, flat, buffers, z):
         params = self.flat.stacked(flat)

@@ -43,8 +43,9 @@ def test_one_iteration_of_the_default_net_launches_no_zero_filled_gradient(tmp_p
     # the bf16 weights' cast, the output's to fp32, and their backward's: no float64 copy, and no cast of the net's
     # input by each of the two convs that read it (it is fed in bf16)
     assert aten["_to_copy"] <= 4
-    # measured 77 (161 before the fills went, 127 before the rules were fused, 79 before the input came in bf16)
-    assert report["aten_ops"] == sum(aten.values()) <= 77
+    assert "stack" not in aten  # one network: its output and loss are views, not stacks of one
+    # measured 75 (161 before the fills went, 127 before the rules were fused, 79 before the input came in bf16)
+    assert report["aten_ops"] == sum(aten.values()) <= 75
     md = (tmp_path / "step_launches.md").read_text()
     assert "| _batch_norm_stats_kernel | 30 |" in md and "| convolution_backward | 26 |" in md
 
@@ -65,5 +66,5 @@ def test_with_early_stopping_the_criterion_adds_two_launches_and_no_aten_op(tmp_
     criterion = {"avg_pool2d", "index_select", "index_copy_", "logical_or_", "clamp_min", "div", "pow", "mean", "lt"}
     assert not criterion & set(aten), criterion & set(aten)
     assert "where" not in aten  # the freeze's 12 and backtracking's 4 before
-    assert report["aten_ops"] == sum(aten.values()) <= 77  # measured 77 (203 with the criterion's torch ops)
+    assert report["aten_ops"] == sum(aten.values()) <= 75  # measured 75 (203 with the criterion's torch ops)
     assert "stop=auto" in (tmp_path / "step_launches.md").read_text()
