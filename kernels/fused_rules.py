@@ -59,6 +59,15 @@ _NO_FMA = {"enable_fp_fusion": False}  # each product rounded as torch rounds it
 if _HAS_TRITON:
 
     @triton.jit
+    def _network_block(per_network, BLOCK: tl.constexpr):
+        """A pixel pass's program (grid: blocks of a network's elements, networks) -> (network, block, the block's
+        offsets in the (N, ...) tensors, their mask)."""
+        pid = tl.program_id(0)
+        net = tl.program_id(1)
+        offsets = pid * BLOCK + tl.arange(0, BLOCK)
+        return net, pid, net.to(tl.int64) * per_network + offsets, offsets < per_network
+
+    @triton.jit
     def _squared_errors(x, target_ptr, at, mask):
         """The float64 sum of (x - target)^2 over a block's unmasked elements (metrics.psnr's terms)."""
         d = tl.where(mask, x.to(tl.float64) - tl.load(target_ptr + at, mask=mask, other=0.0), 0.0)
@@ -105,11 +114,7 @@ if _HAS_TRITON:
         WINDOW: tl.constexpr,  # early stopping's window (early_stop.EarlyStop._window) instead of the EMA
         BLOCK: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        net = tl.program_id(1)
-        offsets = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < per_network
-        at = net.to(tl.int64) * per_network + offsets
+        net, pid, at, mask = _network_block(per_network, BLOCK)
         out = tl.load(out_ptr + at, mask=mask, other=0.0).to(tl.float32)
         tl.store(copy_ptr + at, out, mask=mask)
         row = partials_ptr + (net * programs + pid) * 3
@@ -156,11 +161,7 @@ if _HAS_TRITON:
         WINDOW_MEAN: tl.constexpr,
         BLOCK: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        net = tl.program_id(1)
-        offsets = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < per_network
-        at = net.to(tl.int64) * per_network + offsets
+        net, pid, at, mask = _network_block(per_network, BLOCK)
         out = tl.load(copy_ptr + at, mask=mask, other=0.0)
         if tl.load(keep_ptr + net) != 0:
             if WINDOW_MEAN:
