@@ -23,7 +23,7 @@
 #                 convolutions), native-reference-blocks bf16 / tf32 (the reference blocks' separate ops:
 #                 what the padded kernels are worth), native-packed-parameters bf16 (the conv weights off
 #                 16-byte alignment, as before: what aligning them is worth), native-unfused-rules bf16 (the
-#                 rules after the backward as some 45 torch ops: what fusing them is worth), native-cl bf16 (channels_last:
+#                 rules after the backward as some 48 torch ops: what fusing them is worth), native-cl bf16 (channels_last:
 #                 its 14 legacy dgrad calls may have been the same misaligned weights, and NHWC would save
 #                 cuDNN's 1.1 ms of layout conversions); each row is written as it ends. The compiled paths
 #                 are the `compile` step's (a minute of compiling each: in the 222367b4a8 run they ran last

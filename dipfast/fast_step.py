@@ -45,7 +45,7 @@ class FastStep(step_rules.AfterBackward):
     vectorised: run the N networks with vmap (default: on CUDA, when N > 1). graph_safe: backtracking
     and the freeze of stopped networks without host reads (default: where the step is graph-captured).
     fused_rules: the rules after the backward, early stopping's update included where it is ES-WMV on
-    full-size outputs (the calibrated rules), in two to four Triton launches (dipfast.kernels.fused_rules;
+    full-size outputs (the calibrated rules), in 3 to 7 Triton launches (dipfast.kernels.fused_rules;
     default: where the plan says, CUDA). All three are parameters so the CPU can test the GPU's branches.
     early_stop: the rule of stop='auto' (None: the preset's fixed count, and nothing of early stopping in
     the step).

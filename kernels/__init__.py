@@ -6,7 +6,7 @@ torch.func.vmap rule (vmap_fold.py), runs in fp32 (IEEE or TF32 dots) or on bf16
 from configs.py. TritonBlocks (blocks.py) is the triton backend's dipfast.nets.blocks.BlockOps; PaddedBlocks
 (blocks.py) the native and compile backends' on CUDA (cuDNN convs, the BatchNorm + activation of batch_norm_act.py
 written reflection-padded for the next conv, and a level's input padded by reflection_pad.py's gathers). FusedRules
-(fused_rules.py) runs the fast step's rules after the backward in two launches on CUDA.
+(fused_rules.py) runs the fast step's rules after the backward (early stopping's included) in a few launches on CUDA.
 
 Under your own torch.compile: Inductor's caches key a compiled backward on the traced forward graph, which names these
 ops but not their autograd rules. dipfast's compiled calls tag the key with a hash of the ops' sources

@@ -50,8 +50,9 @@ NATIVE_EAGER = "native-eager"
 #   native-packed-parameters  the flat parameter buffers packed, each parameter right after the last, as before
 #                          the conv weights started 16-byte aligned (dipfast.flat_parameters.SLOT_ALIGN_BYTES):
 #                          18 of the default net's 26 bf16 weights 8 bytes off, the suspect for cuDNN's legacy kernels
-#   native-unfused-rules   the rules after the backward (output copy, EMA, backtracking, metrics row) as some 45 torch
-#                          ops, where native runs them in two Triton launches on CUDA (dipfast.kernels.fused_rules)
+#   native-unfused-rules   the rules after the backward (output copy, EMA, backtracking, metrics row, early stopping)
+#                          as some 48 torch ops (124 with early stopping), where native runs them in 3 Triton launches
+#                          (7) on CUDA (dipfast.kernels.fused_rules)
 #   compile-forced-layout  Inductor's layout optimisation forced on every graph (Backend.force_layout): its own
 #                          rule leaves the backward graph NCHW while the forward runs channels_last
 #   compile-nchw           compile with NCHW activations under bf16, the layout that made native 2.74x faster on

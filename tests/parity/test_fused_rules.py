@@ -1,5 +1,5 @@
-"""dipfast.kernels.fused_rules (the fast step's rules after the backward in two Triton launches) against step_rules'
-torch ops (on the CPU in Triton's interpreter, on CUDA compiled).
+"""dipfast.kernels.fused_rules (the fast step's rules after the backward in a few Triton launches) against step_rules'
+and early_stop's torch ops (on the CPU in Triton's interpreter, on CUDA compiled).
 
 Tolerances: the output's copy, the EMA, the backtracking decision and its state, and the metrics row's loss,
 fell_back, criterion and stopped columns bit for bit; the two PSNRs (float64, summed in another order) to 1e-13
