@@ -1,10 +1,12 @@
 """dipfast.kernels.fused_rules (the fast step's rules after the backward in a few Triton launches) against step_rules'
 and early_stop's torch ops (on the CPU in Triton's interpreter, on CUDA compiled).
 
-Tolerances: the output's copy, the EMA, the backtracking decision and its state, and the metrics row's loss,
-fell_back, criterion and stopped columns bit for bit; the two PSNRs (float64, summed in another order) to 1e-13
-relative. Inputs are fresh random draws: odd sizes, one network and several (more than one tile of networks), the
-first iteration and a later one, with and without a target, frozen networks and backtracking.
+Tolerances: the output's copy, the EMA, the backtracking decision and its state, early stopping's state (its bf16
+window, float64 sums, criterion, decisions and kept output), the row copies, and the metrics row's loss, fell_back,
+criterion and stopped columns bit for bit; the two PSNRs (float64, summed in another order) to 1e-13 relative. Inputs
+are fresh random draws: odd sizes, one network and several (more than one tile of networks), the first iteration and
+a later one, with and without a target, exact ties of backtracking's bar, networks that stop at different iterations
+(or not) with and without a noise gate and a tolerance, and whole steps against the torch rules.
 """
 
 from __future__ import annotations
