@@ -6,7 +6,12 @@ timed on the real step's tensors against the step itself, in one process, interl
 The default net (the denoise preset), one network, the native backend; the rule has the calibrated
 form (W = 100, the window's mean) and a patience that never runs out, so every step pays the update.
 Both freeze branches are timed: the CPU's (host-read mask) and the CUDA graph's (masked where over
-every parameter and Adam moment). Prints one JSON line: medians in ms and the ratios to the step.
+every parameter and Adam moment); where the step runs its rules fused (CUDA, or --fused under
+TRITON_INTERPRET=1), the fused kernels' update and freeze too (dipfast.kernels.fused_rules: what the
+step runs there), against the fused EMA alone. Prints one JSON line: medians in ms and the ratios to
+the step.
+
+    python bench/early_stop_cost.py --size 512 --device cuda       # the GPU's figure, fused
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--fused", action="store_true", help="the fused rules on the CPU (under TRITON_INTERPRET=1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -41,8 +47,19 @@ def main() -> None:
     plan = backends.resolve("native", "auto", device)
     spec = EarlyStopSpec("wmv", window=100, patience=10**9, returns="window-mean")
     built, zs = fast_step.build_nets([problem], preset, [0])
-    step = fast_step.FastStep(built, zs, [problem], preset, device, [0], 25, plan, early_stop=spec)
+    fused = True if args.fused else None
+    step = fast_step.FastStep(built, zs, [problem], preset, device, [0], 25, plan, fused_rules=fused, early_stop=spec)
     freezes = {"cpu": step_rules.Freeze(graph_safe=False), "graph_safe": step_rules.Freeze(graph_safe=True)}
+    losses, scratch = torch.zeros(1, device=device), torch.empty_like(step.out)
+
+    def added_fused():  # FastStep.after_backward's early-stopping share, fused: the update, the freeze's two copies
+        es, held, rules = step.early_stop, step._held(), step.fused
+        rules.outputs(step.out, scratch, step.ema, None, step.iteration, preset.ema, es, losses)
+        rules.copy_rows([(h, t, es.stopped) for t, h in zip(held, step.freeze.track(held))])
+        rules.copy_rows([(t, h, es.stopped) for t, h in zip(held, step.freeze.held)])
+
+    def ema_alone_fused():
+        step.fused.outputs(step.out, scratch, step.ema, None, step.iteration, preset.ema)
 
     def added(freeze):
         es, held = step.early_stop, step._held()
@@ -66,12 +83,20 @@ def main() -> None:
         for _ in range(4):  # past the CUDA graph's warm-up and capture, Adam's state made
             step()
         rows = {"step": [], "ema_alone": [], "cpu": [], "graph_safe": []}
+        if step.fused is not None:
+            rows |= {"fused": [], "ema_alone_fused": []}
         for _ in range(args.rounds):
             rows["step"].append(timed(step, 4))
             rows["ema_alone"].append(timed(ema_alone, 40))
             for name, freeze in freezes.items():
                 rows[name].append(timed(lambda f=freeze: added(f), 40))
+            if step.fused is not None:
+                rows["fused"].append(timed(added_fused, 40))
+                rows["ema_alone_fused"].append(timed(ema_alone_fused, 40))
     ms = {k: statistics.median(v) for k, v in rows.items()}
+    added_ms = {k: ms[k] - ms["ema_alone"] for k in freezes}
+    if step.fused is not None:
+        added_ms["fused"] = ms["fused"] - ms["ema_alone_fused"]
     report = {
         "size": args.size,
         "device": str(device),
@@ -79,8 +104,8 @@ def main() -> None:
         "threads": args.threads,
         "params": sum(b.numel() for b in step.flat.buffers),
         "step_ms": ms["step"],
-        **{f"added_ms_{k}": ms[k] - ms["ema_alone"] for k in freezes},
-        **{f"ratio_{k}": (ms[k] - ms["ema_alone"]) / ms["step"] for k in freezes},
+        **{f"added_ms_{k}": v for k, v in added_ms.items()},
+        **{f"ratio_{k}": v / ms["step"] for k, v in added_ms.items()},
     }
     print(json.dumps(report))
 

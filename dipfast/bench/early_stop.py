@@ -532,7 +532,8 @@ def markdown(rep: dict) -> str:
         )
         cost_rows = [
             [
-                f"{r['spec']['method']} W={r['spec']['window']} r={r['spec']['downsample']}",
+                f"{r['spec']['method']} W={r['spec']['window']} r={r['spec']['downsample']}"
+                + (" (fused)" if r.get("fused") else ""),
                 report._f(r["update_ms"], "{:.3f}"),
                 report._f(100 * r["fraction_of_step"], "{:.2f}%"),
                 f"{r['bytes'] / 2**20:.1f}",
@@ -699,6 +700,18 @@ def calibrate(cases: list[Case], records: dict[str, Record], fixed_iterations: i
     return out
 
 
+def _per_call_ms(call, iteration: torch.Tensor, calls: int, sync) -> float:
+    """Milliseconds per call(), after one warm-up call, the iteration advanced before each."""
+    call()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        iteration += 1
+        call()
+    sync()
+    return 1e3 * (time.perf_counter() - start) / calls
+
+
 def criterion_cost(
     size: int,
     specs,
@@ -713,10 +726,12 @@ def criterion_cost(
     """The criterion's time per update against the fit's time per step, default net, one size x size image.
 
     The step: the loop time of restore() over `steps` iterations less that of one iteration (its set-up and
-    first step, which compiles or captures). The update: EarlyStop.update on the step's output shape, the mean
-    of `updates` calls after one warm-up call, synchronised on CUDA. overrides: restore()'s (net=...).
+    first step, which compiles or captures). The update: what the step runs, the mean of `updates` calls after
+    one warm-up call, synchronised on CUDA: EarlyStop.update on the step's output shape, or where the backend's
+    plan fuses its rules and the rule is the fused kind (dipfast.kernels.fused_rules, CUDA), the fused pass with
+    the update less the same pass without it (row "fused": True). overrides: restore()'s (net=...).
     """
-    from dipfast import api
+    from dipfast import api, backends
     from dipfast.early_stop import EarlyStop
 
     dev = api.resolve_device(device)
@@ -732,21 +747,26 @@ def criterion_cost(
     out = torch.rand(1, 3, size, size, device=dev)
     loss = torch.rand(1, device=dev)  # the noise gate's input: the step has it anyway
     variance = torch.full((1,), 0.01, device=dev)
+    fused_plan = backends.resolve(backend, loops[1].precision, dev).fused_rules(dev)
     rows = []
     for spec in specs:
         stopper = EarlyStop(spec, 1, (3, size, size), dev, noise_variance=variance)
         iteration = torch.zeros((), dtype=torch.int64, device=dev)
-        stopper.update(out, iteration, loss)
-        sync()
-        start = time.perf_counter()
-        for _ in range(updates):
-            iteration += 1
-            stopper.update(out, iteration, loss)
-        sync()
-        update_ms = 1e3 * (time.perf_counter() - start) / updates
+        update, alone = lambda: stopper.update(out, iteration, loss), None
+        if fused_plan:
+            from dipfast.kernels import fused_rules
+
+            if fused_rules.takes(stopper):  # the step's pass over its outputs, with the update and without
+                rules, copy, ema = fused_rules.FusedRules(1, out.numel(), dev), torch.empty_like(out), out.clone()
+                update = lambda: rules.outputs(out, copy, ema, None, iteration, 0.99, stopper, loss)  # noqa: E731
+                alone = lambda: rules.outputs(out, copy, ema, None, iteration, 0.99)  # noqa: E731
+        update_ms = _per_call_ms(update, iteration, updates, sync)
+        if alone is not None:
+            update_ms -= _per_call_ms(alone, iteration, updates, sync)
         rows.append(
             {
                 "spec": _spec_dict(spec),
+                "fused": alone is not None,
                 "update_ms": update_ms,
                 "fraction_of_step": update_ms / step_ms,
                 "bytes": stopper.bytes(),

@@ -4,6 +4,7 @@ the files. Timings are never asserted; what the figures mean is."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -262,6 +263,24 @@ def test_criterion_cost_times_the_update_against_the_step():
     for r in cost["criterion"]:
         assert r["update_ms"] > 0 and r["fraction_of_step"] == pytest.approx(r["update_ms"] / cost["step_ms"])
     assert cost["criterion"][0]["bytes"] > cost["criterion"][1]["bytes"]  # the window's buffer
+
+
+def test_criterion_cost_times_the_fused_update_where_the_step_runs_it(monkeypatch):
+    """Where the plan fuses the rules (CUDA; here forced, the kernels in Triton's interpreter), the calibrated kind
+    of rule is timed as the step runs it, the fused pass with the update less the pass without; ES-EMV as before."""
+    from _helpers import TINY
+
+    from dipfast import backends
+    from dipfast.kernels import fused_rules
+
+    if not fused_rules.available(torch.device("cpu")):
+        pytest.skip("the fused rules run on the CPU only in Triton's interpreter")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton's lazy imports read it at launch (tests/parity/conftest.py)
+    specs = [EarlyStopSpec(window=3), EarlyStopSpec("emv")]
+    with backends.variant("native", fused_rules=frozenset({"cpu", "cuda"})):
+        cost = early_stop.criterion_cost(16, specs, device="cpu", steps=3, updates=3, **TINY)
+    assert [r["fused"] for r in cost["criterion"]] == [True, False]
+    assert all(math.isfinite(r["update_ms"]) for r in cost["criterion"])
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 0.05, 0.4])
