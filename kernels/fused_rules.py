@@ -1,12 +1,14 @@
-"""The step's rules after the backward (dipfast.step_rules, early_stop.EarlyStop.update) in two to four Triton
-launches: the fast step's epilogue on CUDA.
+"""The step's rules after the backward (dipfast.step_rules, early_stop.EarlyStop.update) in 3 Triton launches, 7 with
+early stopping: the fast step's epilogue on CUDA.
 
-Written as torch ops, the rules that follow each backward (the output's copy, the EMA, the backtracking decision,
-the metrics row with its two PSNRs in float64, the iteration count) are some 45 small kernels an iteration, each
-holding a CUDA graph's stream a few microseconds, and the PSNRs' float64 casts and squares move about 14 full-size
-float64 tensors; early stopping's update (ES-WMV: the window's ring and float64 sums, the criterion, its decisions,
-the kept output) is some 60 more, over full-size float64 tensors too (bench/step_launches.py's census: 127 and 203
-ATen ops an iteration at 64 px, without and with it, besides 199 Triton launches). Here:
+Written as torch ops, the rules that follow each backward (the output's copy, the EMA, backtracking's decision and
+masked copies, the metrics row with its two PSNRs in float64, the iteration count) are some 48 small kernels an
+iteration, each holding a CUDA graph's stream a few microseconds, and the PSNRs' float64 casts and squares move
+about 14 full-size float64 tensors; early stopping's update (ES-WMV: the window's ring and float64 sums, the
+criterion, its decisions, the kept output) is some 60 more, over full-size float64 tensors too, and the freeze of
+stopped networks 12 masked copies of the whole optimizer state (bench/step_launches.py's census: 127 and 203 ATen ops
+an iteration, without and with early stopping, besides 199 Triton launches; bench/results/2026-12-05-cpu-fused-rules/).
+Here:
 
     _rules_pixels_kernel         one pass over the N outputs: out's copy (cast to fp32), per program the float64 sum
                                  of (out - target)^2, and either the EMA (ema <- out at the first iteration, else
@@ -19,6 +21,8 @@ ATen ops an iteration at 64 px, without and with it, besides 199 Triton launches
                                  stored where kept, the EMA (the stopped networks' held), the sum of (ema - target)^2
     _rules_scalars_kernel        one program: the PSNRs from the sums, the backtracking decision (keep, bad) with its
                                  state advanced, the metrics row written at iteration % K, iteration += 1
+    _copy_rows_kernel            copy_rows: up to six masked row copies, a network's rows moved only where its mask
+                                 holds (backtracking's save and restore; the freeze's, before and after Adam's step)
 
 Same values as step_rules and early_stop: the EMA, the window and the kept outputs bit for bit (the launches turn off
 Triton's fusion of a multiply and an add into an FMA, so each product rounds as torch's separate kernels round it;

@@ -20,7 +20,7 @@ def test_one_iteration_of_the_default_net_launches_no_zero_filled_gradient(tmp_p
     """Six Triton launches per BatchNorm (30), the level inputs' pads and the upsamples; one conv and one conv backward
     per conv (26). No fill but the backward's seed and a zero gradient per flat parameter buffer: the conv biases
     a BatchNorm cancels each had one (25), the output's crop and its per-network slice a zero-filled copy each. The
-    rules after the backward in three launches (dipfast.kernels.fused_rules): some 45 ATen ops before, Adam's two
+    rules after the backward in three launches (dipfast.kernels.fused_rules): some 48 ATen ops before, Adam's two
     left (backtracking's four masked copies of the parameters are one launch now), none of the metrics' float64
     casts."""
     tool = bench_script("step_launches")
