@@ -53,10 +53,10 @@ def main() -> None:
     losses, scratch = torch.zeros(1, device=device), torch.empty_like(step.out)
 
     def added_fused():  # FastStep.after_backward's early-stopping share, fused: the update, the freeze's two copies
-        es, held, rules = step.early_stop, step._held(), step.fused
-        rules.outputs(step.out, scratch, step.ema, None, step.iteration, preset.ema, es, losses)
-        rules.copy_rows([(h, t, es.stopped) for t, h in zip(held, step.freeze.track(held))])
-        rules.copy_rows([(t, h, es.stopped) for t, h in zip(held, step.freeze.held)])
+        es, held = step.early_stop, step._held()
+        step.fused.outputs(step.out, scratch, step.ema, None, step.iteration, preset.ema, es, losses)
+        step.freeze.save(held, es.stopped)  # the step's Freeze: the fused row copies
+        step.freeze.restore(held, es.stopped)
 
     def ema_alone_fused():
         step.fused.outputs(step.out, scratch, step.ema, None, step.iteration, preset.ema)

@@ -109,7 +109,6 @@ class FastStep(step_rules.AfterBackward):
         if early_stop is not None:
             noise = gate_variance(problems, device) if early_stop.noise_gate > 0 else None
             self.early_stop = EarlyStop(early_stop, self.n, n_out[1:], device, noise_variance=noise)
-            self.freeze = step_rules.Freeze(self.graph_safe)
         else:
             self.no_criterion = step_rules.no_criterion(self.n, device)
         self.fused = None
@@ -118,6 +117,10 @@ class FastStep(step_rules.AfterBackward):
 
             if self.early_stop is None or rules.takes(self.early_stop):
                 self.fused = rules.FusedRules(self.n, self.out[0].numel(), device)
+        # the fused step's masked copies move only the rows that change, without a host read
+        self.copy_rows = self.fused.copy_rows if self.fused is not None else None
+        if self.early_stop is not None:
+            self.freeze = step_rules.Freeze(self.graph_safe, self.copy_rows)
         self.graphed = None
         if plan.cuda_graph:
             prepare = lambda: self.optimizer.zero_grad(set_to_none=True)  # noqa: E731  (grads from the graph's pool)
@@ -172,24 +175,20 @@ class FastStep(step_rules.AfterBackward):
         es = self.early_stop
         with phase("backtracking"), torch.no_grad():
             self.fused.outputs(out, self.out, self.ema, self.target, self.iteration, self.preset.ema, es, losses)
-            if es is not None:  # Freeze.save's copies, moving only the stopped networks' rows
-                held = self._held()
-                self.fused.copy_rows([(h, t, es.stopped) for t, h in zip(held, self.freeze.track(held))])
+            if es is not None:
+                self.freeze.save(self._held(), es.stopped)
             criterion = (es.criterion, es.stopped) if es is not None else self.no_criterion
             state = self.backtracking_state if self.backtracking is not None else None
             has_target = self.target is not None
             decision = self.fused.record(
                 losses, has_target, state, self.backtracking, *criterion, self.metrics, self.iteration
             )  # fmt: skip
-            if decision is not None:  # apply_backtracking's copies (keep and bad never both hold for a network)
-                keep, bad = decision
-                pairs = list(zip(self.flat.buffers, self.saved))
-                self.fused.copy_rows([(s, p, keep) for p, s in pairs] + [(p, s, bad) for p, s in pairs])
+            if decision is not None:
+                step_rules.apply_backtracking(self.flat.buffers, self.saved, *decision, self.graph_safe, self.copy_rows)
         with phase("optimizer"):
             self.optimizer.step()
-        if es is not None:  # Freeze.restore's
-            with torch.no_grad():
-                self.fused.copy_rows([(t, h, es.stopped) for t, h in zip(self._held(), self.freeze.held)])
+        if es is not None:
+            self.freeze.restore(self._held(), es.stopped)
 
     def _held(self) -> list[torch.Tensor]:
         """What a stopped network keeps still: its parameters and Adam moments, (N, ...) each."""
@@ -198,7 +197,7 @@ class FastStep(step_rules.AfterBackward):
     def _backtrack(self, losses: torch.Tensor) -> torch.Tensor:
         """The notebook's rule for each network (step_rules); returns `bad`, (N,) bool."""
         keep, bad = self.backtracking_state.decide(losses, self.backtracking)
-        step_rules.apply_backtracking(self.flat.buffers, self.saved, keep, bad, self.graph_safe)
+        step_rules.apply_backtracking(self.flat.buffers, self.saved, keep, bad, self.graph_safe, self.copy_rows)
         return bad
 
     def final_output(self) -> torch.Tensor:

@@ -21,6 +21,7 @@ Triton launches instead (dipfast.kernels.fused_rules, tested against these).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -156,15 +157,22 @@ def apply_backtracking(
     keep: torch.Tensor,
     bad: torch.Tensor,
     graph_safe: bool,
+    copy_rows: Callable | None = None,
 ) -> None:
     """Save (keep) or restore (bad) each network's parameters, in place.
 
     params, saved: matching lists of (N, ...) tensors (a network's parameters are row n of each);
     keep, bad: (N,) bool. graph_safe: masked torch.where over every element (no host sync, what a
     CUDA graph needs); otherwise the masks are read on the host and only the rows that change are
-    copied (the CPU's way: no graph to keep whole, and most iterations change nothing).
+    copied (the CPU's way: no graph to keep whole, and most iterations change nothing). copy_rows:
+    a masked row copy on the device (dipfast.kernels.fused_rules.copy_rows: no host sync, and only the
+    rows that change move), taken over either branch where given.
     """
     with torch.no_grad():
+        if copy_rows is not None:  # one launch: keep and bad never both hold for a network
+            pairs = list(zip(params, saved))
+            copy_rows([(s, p, keep) for p, s in pairs] + [(p, s, bad) for p, s in pairs])
+            return
         if graph_safe:
             for p, s in zip(params, saved):
                 torch.where(_per_network(keep, p), p, s, out=s)  # elementwise: in place is safe
@@ -189,24 +197,23 @@ class Freeze:
     stacked tensor, shared by the N networks; it only scales updates that a stopped network discards.
     graph_safe: masked torch.where over every element (no host sync, for a CUDA graph); otherwise the
     mask is read once in save and only the stopped networks' rows are copied (the CPU's way, as
-    apply_backtracking).
+    apply_backtracking). copy_rows: as apply_backtracking's, taken over either branch where given (none
+    of a running network's rows move).
     """
 
-    def __init__(self, graph_safe: bool):
+    def __init__(self, graph_safe: bool, copy_rows: Callable | None = None):
         self.graph_safe = graph_safe
+        self.copy_rows = copy_rows
         self.held: list[torch.Tensor] = []
         self._rows: list[int] = []
 
-    def track(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The held copies of `tensors`, each made when first seen (the first call, and Adam's moments once they
-        exist): for save and restore, or a fused step's own copies (dipfast.kernels.fused_rules)."""
-        for t in tensors[len(self.held) :]:
-            self.held.append(t.detach().clone())
-        return self.held
-
     @torch.no_grad()
     def save(self, tensors: list[torch.Tensor], stopped: torch.Tensor) -> None:
-        self.track(tensors)
+        for t in tensors[len(self.held) :]:  # the first call, and Adam's moments once they exist
+            self.held.append(t.detach().clone())
+        if self.copy_rows is not None:
+            self.copy_rows([(h, t, stopped) for t, h in zip(tensors, self.held)])
+            return
         if self.graph_safe:
             for t, h in zip(tensors, self.held):
                 torch.where(_per_network(stopped, t), t, h, out=h)
@@ -218,6 +225,9 @@ class Freeze:
 
     @torch.no_grad()
     def restore(self, tensors: list[torch.Tensor], stopped: torch.Tensor) -> None:
+        if self.copy_rows is not None:
+            self.copy_rows([(t, h, stopped) for t, h in zip(tensors, self.held)])
+            return
         if self.graph_safe:
             for t, h in zip(tensors, self.held):
                 torch.where(_per_network(stopped, t), h, t, out=t)
