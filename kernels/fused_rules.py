@@ -325,11 +325,9 @@ if _HAS_TRITON:
 if _HAS_TRITON:
 
     @triton.jit
-    def _copy_row(dst_ptr, src_ptr, mask_ptr, width, net, pid, BLOCK: tl.constexpr):
+    def _copy_row(dst_ptr, src_ptr, mask_ptr, width, BLOCK: tl.constexpr):
+        net, _, at, inside = _network_block(width, BLOCK)
         if tl.load(mask_ptr + net) != 0:  # a network not in the mask moves nothing
-            offsets = pid * BLOCK + tl.arange(0, BLOCK)
-            inside = offsets < width
-            at = net.to(tl.int64) * width + offsets
             tl.store(dst_ptr + at, tl.load(src_ptr + at, mask=inside), mask=inside)
 
     @triton.jit
@@ -339,21 +337,19 @@ if _HAS_TRITON:
     ):  # fmt: skip
         """Up to six (dst, src, mask, width) row copies, (N, width) each: dst[n] = src[n] where mask[n] (grid: blocks of
         the widest row, N, the pairs given; the unused ones repeat the first)."""
-        pid = tl.program_id(0)
-        net = tl.program_id(1)
         pair = tl.program_id(2)
         if pair == 0:
-            _copy_row(d0, s0, m0, w0, net, pid, BLOCK)
+            _copy_row(d0, s0, m0, w0, BLOCK)
         elif pair == 1:
-            _copy_row(d1, s1, m1, w1, net, pid, BLOCK)
+            _copy_row(d1, s1, m1, w1, BLOCK)
         elif pair == 2:
-            _copy_row(d2, s2, m2, w2, net, pid, BLOCK)
+            _copy_row(d2, s2, m2, w2, BLOCK)
         elif pair == 3:
-            _copy_row(d3, s3, m3, w3, net, pid, BLOCK)
+            _copy_row(d3, s3, m3, w3, BLOCK)
         elif pair == 4:
-            _copy_row(d4, s4, m4, w4, net, pid, BLOCK)
+            _copy_row(d4, s4, m4, w4, BLOCK)
         else:
-            _copy_row(d5, s5, m5, w5, net, pid, BLOCK)
+            _copy_row(d5, s5, m5, w5, BLOCK)
 
 
 def copy_rows(copies: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
@@ -373,11 +369,6 @@ def copy_rows(copies: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> 
         args = [a for dst, src, mask in group for a in (dst, src, mask, dst[0].numel())]
         args += args[:4] * (_PAIRS - len(group))
         _copy_rows_kernel[(triton.cdiv(max(widths), _ROW_BLOCK), n, len(group))](*args, BLOCK=_ROW_BLOCK)
-
-
-def _block_p(block_n: int) -> int:
-    """Partial sums a scalar program loads per network at a time: about 16 x _BLOCK_P in all."""
-    return max(1, _BLOCK_P * 16 // block_n)
 
 
 def available(device: torch.device) -> bool:
@@ -403,6 +394,8 @@ class FusedRules:
 
     def __post_init__(self):
         self.programs = triton.cdiv(self.per_network, _BLOCK)
+        self.block_n = min(triton.next_power_of_2(self.n), 128)  # the scalar programs' networks at a time
+        self.block_p = max(1, _BLOCK_P * 16 // self.block_n)  # and partial sums per network: ~16 x _BLOCK_P in all
         self.partials = torch.zeros((self.n, self.programs, 3), dtype=torch.float64, device=self.device)
         self.keep = torch.zeros(self.n, dtype=torch.bool, device=self.device)
         self.bad = torch.zeros(self.n, dtype=torch.bool, device=self.device)
@@ -436,17 +429,16 @@ class FusedRules:
             self.per_network, self.programs, spec.window, weight, 1 - weight, WINDOW=True, **blocks,
         )  # fmt: skip
         gate = spec.noise_gate > 0
-        block_n = min(triton.next_power_of_2(self.n), 128)
         _early_stop_scalars_kernel[(1,)](
             losses.float().contiguous(), self.partials, iteration, es.criterion, es.minimum, es.minimum_iteration,
             es.best_iteration, es.stopped, es.stop_iteration, es.gate_open,
             es.loss_average if gate else es.minimum, es.gate_level if gate else es.minimum, self.kept,
             self.n, self.per_network, self.programs, spec.first_valid(), spec.patience, 1 - spec.threshold,
-            1 + spec.tolerance, GATE_SMOOTHING, HAS_GATE=gate, HAS_TOLERANCE=spec.tolerance > 0, BLOCK_N=block_n,
-            BLOCK_P=_block_p(block_n), **_NO_FMA,
+            1 + spec.tolerance, GATE_SMOOTHING, HAS_GATE=gate, HAS_TOLERANCE=spec.tolerance > 0,
+            BLOCK_N=self.block_n, BLOCK_P=self.block_p, **_NO_FMA,
         )  # fmt: skip
         _early_stop_outputs_kernel[grid](
-            copy, ema, target if has_target else copy, es.stopped, self.kept, es.best_output, es.sum, iteration,
+            copy, ema, target, es.stopped, self.kept, es.best_output, es.sum, iteration,
             self.partials, self.per_network, self.programs, spec.window, weight, 1 - weight,
             WINDOW_MEAN=spec.returns == "window-mean", **blocks,
         )  # fmt: skip
@@ -460,12 +452,11 @@ class FusedRules:
         iteration % rows; iteration += 1."""
         losses = losses.float().contiguous()
         state = (backtracking.last_loss, backtracking.accepted) if backtracking is not None else (losses, losses)
-        block_n = min(triton.next_power_of_2(self.n), 128)
         _rules_scalars_kernel[(1,)](
             losses, self.partials if has_target else losses, *state, self.keep, self.bad, criterion, stopped,
             metrics, iteration, self.n, self.per_network, self.programs, metrics.shape[0],
             rule.period if rule is not None else 1, rule.factor if rule is not None else 0.0,
             ON_PERIOD=bool(rule.on_period) if rule is not None else True, HAS_TARGET=has_target,
-            HAS_BACKTRACKING=backtracking is not None, BLOCK_N=block_n, BLOCK_P=_block_p(block_n),
+            HAS_BACKTRACKING=backtracking is not None, BLOCK_N=self.block_n, BLOCK_P=self.block_p,
         )  # fmt: skip
         return (self.keep, self.bad) if backtracking is not None else None
