@@ -129,7 +129,7 @@ PRESET = dataclasses.replace(PRESETS["denoise"], net=TINY_NET, input_depth=4)
 
 
 def _fit(rng_seed: int, fused: bool, graph_safe: bool, precision: str, iters: int = 6, target: bool = True,
-         preset=PRESET):  # fmt: skip
+         preset=PRESET, early_stop=None):  # fmt: skip
     rng = torch.Generator().manual_seed(rng_seed)
     problems = []
     for _ in range(2):
@@ -139,7 +139,7 @@ def _fit(rng_seed: int, fused: bool, graph_safe: bool, precision: str, iters: in
     built, zs = fast_step.build_nets(problems, preset, [1, 2])
     plan = backends.resolve("native", precision, CPU)
     step = fast_step.FastStep(built, zs, problems, preset, CPU, [1, 2], 4, plan, graph_safe=graph_safe,
-                              fused_rules=fused)  # fmt: skip
+                              fused_rules=fused, early_stop=early_stop)  # fmt: skip
     assert (step.fused is not None) == fused
     for _ in range(iters):
         step()
@@ -296,23 +296,7 @@ def test_a_fused_step_stops_early_as_the_torch_rules_do(graph_safe):
     """Two networks with the calibrated kind of rule (a short window and patience, so they stop within the run): the
     parameters, Adam's state, the EMA, the early-stop state and the metrics as above; the frozen networks held."""
     spec = EarlyStopSpec("wmv", window=3, patience=3, returns="window-mean", tolerance=0.4, noise_gate=1.05)
-    steps = []
-    for fused in (False, True):
-        rng = torch.Generator().manual_seed(5)
-        problems = []
-        for _ in range(2):
-            y, t = torch.rand(1, 3, 15, 13, generator=rng), torch.rand(1, 3, 15, 13, generator=rng)
-            problems.append(engine.Problem(input_shape=(4, 15, 13), z=None, out_size=(15, 13), n_channels=3, y=y,
-                                           target=t))  # fmt: skip
-        built, zs = fast_step.build_nets(problems, PRESET, [1, 2])
-        plan = backends.resolve("native", "fp32", CPU)
-        step = fast_step.FastStep(built, zs, problems, PRESET, CPU, [1, 2], 4, plan, graph_safe=graph_safe,
-                                  fused_rules=fused, early_stop=spec)  # fmt: skip
-        assert (step.fused is not None) == fused
-        for _ in range(14):
-            step()
-        steps.append(step)
-    plain, fused = steps
+    plain, fused = (_fit(5, f, graph_safe, "fp32", iters=14, early_stop=spec) for f in (False, True))
     for a, b in zip(plain._held(), fused._held()):
         assert torch.equal(a, b)
     assert torch.equal(plain.ema, fused.ema) and torch.equal(plain.out, fused.out)
