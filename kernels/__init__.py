@@ -7,6 +7,8 @@ from configs.py. TritonBlocks (blocks.py) is the triton backend's dipfast.nets.b
 (blocks.py) the native and compile backends' on CUDA (cuDNN convs, the BatchNorm + activation of batch_norm_act.py
 written reflection-padded for the next conv, and a level's input padded by reflection_pad.py's gathers). FusedRules
 (fused_rules.py) runs the fast step's rules after the backward (early stopping's included) in a few launches on CUDA.
+The native step's kernels can launch as programmatic dependent launches on Hopper (dependent_launch.py: each waits at
+its first instruction for the kernel before it).
 
 Under your own torch.compile: Inductor's caches key a compiled backward on the traced forward graph, which names these
 ops but not their autograd rules. dipfast's compiled calls tag the key with a hash of the ops' sources

@@ -54,6 +54,7 @@ from dipfast.errors import InputError
 from dipfast.kernels.channel_sums import chan_finalize, column_sums
 from dipfast.kernels.configs import PlaneTiles, precision_of, tiles
 from dipfast.kernels.conv_bn_lrelu import kernels_take
+from dipfast.kernels.dependent_launch import launch_options, wait_for_previous_kernel
 from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into_rows, unfold_channels, unfold_rows
 
 try:
@@ -228,7 +229,9 @@ if _HAS_TRITON:
         d_sn, d_sc, d_sh, d_sw,  # deeper's strides
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         pid = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = c < channels
@@ -279,7 +282,9 @@ if _HAS_TRITON:
         PAD: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         n, hp, w0, wp, c = _row_tile(height + 2 * PAD, BLOCK_W, BLOCK_C)  # padded rows too
         mask_w = wp < width + 2 * PAD
         mask_c = c < channels
@@ -343,7 +348,9 @@ if _HAS_TRITON:
         PAD: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         pid = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -393,7 +400,9 @@ if _HAS_TRITON:
         PAD: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         n, h, w0, w, c = _row_tile(height, BLOCK_W, BLOCK_C)
         mask_w = w < width
         mask_c = c < channels
@@ -466,7 +475,7 @@ def _forward(skip, deeper, weight, bias, groups, eps, negative_slope, pad):
     dev = deeper.device
     psum, pm2 = _empty((programs, c), torch.float32, dev), _empty((programs, c), torch.float32, dev)
     strides = (*first.stride(), *deeper.stride())
-    blocks = dict(BLOCK_W=block_w, BLOCK_C=block_c, num_warps=config.num_warps)
+    blocks = dict(BLOCK_W=block_w, BLOCK_C=block_c, num_warps=config.num_warps, **launch_options(deeper))
     _batch_norm_stats_kernel[(programs, c_tiles)](
         first, deeper, psum, pm2, n * h, rows, h, w, c, cs, cd, *strides, **blocks
     )  # fmt: skip
@@ -488,7 +497,7 @@ def _backward(grad, skip, deeper, weight, bias, mean, rstd, groups, negative_slo
     gamma, beta = weight.float().contiguous(), bias.float().contiguous()
     pdz, pdzx = _empty((programs, c), torch.float32, dev), _empty((programs, c), torch.float32, dev)
     strides = (*first.stride(), *deeper.stride(), *grad.stride())
-    blocks = dict(PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=config.num_warps)
+    blocks = dict(PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=config.num_warps, **launch_options(deeper))
     args = (grad, first, deeper, mean, rstd, gamma, beta)
     _batch_norm_act_bwd_sums_kernel[(programs, c_tiles)](
         *args, pdz, pdzx, n * h, rows, h, w, c, cs, cd, negative_slope, *strides, **blocks

@@ -24,6 +24,7 @@ import torch
 
 from dipfast.kernels.batch_norm_act import layout
 from dipfast.kernels.conv_bn_lrelu import kernels_take
+from dipfast.kernels.dependent_launch import launch_options, wait_for_previous_kernel
 from dipfast.kernels.vmap_fold import channel_folding_rule
 from dipfast.nets.bilinear_x2 import upsample_bilinear2x
 
@@ -55,7 +56,10 @@ if _HAS_TRITON:
         return i0.to(tl.int64), i1.to(tl.int64), 1.0 - l1, l1
 
     @triton.jit(do_not_specialize=_SIZES)
-    def _upsample_kernel(x, out, C, H, W, sxn, sxc, sxh, sxw, son, soc, soh, sow, BLOCK_W: tl.constexpr):
+    def _upsample_kernel(
+        x, out, C, H, W, sxn, sxc, sxh, sxw, son, soc, soh, sow, BLOCK_W: tl.constexpr, PDL: tl.constexpr
+    ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         row = tl.program_id(0)  # over N * C * 2H output rows
         oh = row % (2 * H)
         c = (row // (2 * H)) % C
@@ -87,7 +91,10 @@ if _HAS_TRITON:
         return 0.25 * g0 + 0.75 * g1 + 0.75 * g2 + 0.25 * g3
 
     @triton.jit(do_not_specialize=_SIZES)
-    def _transpose_kernel(g, dx, C, H, W, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw, BLOCK_W: tl.constexpr):
+    def _transpose_kernel(
+        g, dx, C, H, W, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw, BLOCK_W: tl.constexpr, PDL: tl.constexpr
+    ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         row = tl.program_id(0)  # over N * C * H rows of dx
         i = row % H
         c = (row // H) % C
@@ -111,7 +118,8 @@ def _upsample(x: torch.Tensor) -> torch.Tensor:
     if out.numel():
         grid = (n * c * 2 * h, triton.cdiv(2 * w, _UPSAMPLE_TILE))
         _upsample_kernel[grid](
-            x, out, c, h, w, *x.stride(), *out.stride(), BLOCK_W=_UPSAMPLE_TILE, num_warps=_UPSAMPLE_WARPS
+            x, out, c, h, w, *x.stride(), *out.stride(), BLOCK_W=_UPSAMPLE_TILE, num_warps=_UPSAMPLE_WARPS,
+            **launch_options(x),
         )  # fmt: skip
     return out
 
@@ -123,7 +131,8 @@ def _transpose(grad: torch.Tensor) -> torch.Tensor:
     if dx.numel():
         grid = (n * c * h, triton.cdiv(w, _TRANSPOSE_TILE))
         _transpose_kernel[grid](
-            grad, dx, c, h, w, *grad.stride(), *dx.stride(), BLOCK_W=_TRANSPOSE_TILE, num_warps=_TRANSPOSE_WARPS
+            grad, dx, c, h, w, *grad.stride(), *dx.stride(), BLOCK_W=_TRANSPOSE_TILE, num_warps=_TRANSPOSE_WARPS,
+            **launch_options(grad),
         )  # fmt: skip
     return dx
 

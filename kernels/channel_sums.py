@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from dipfast.kernels.dependent_launch import launch_options, wait_for_previous_kernel
+
 try:
     import triton
     import triton.language as tl
@@ -42,7 +44,8 @@ if _HAS_TRITON:
 
     @triton.jit(do_not_specialize=[*_COUNTS, "n", "block"])
     def _chan_finalize_kernel(psum, pm2, mean_out, rstd_out, n_tiles, C, n, block, eps,
-                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = c < C
         total = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -65,7 +68,10 @@ if _HAS_TRITON:
         tl.store(rstd_out + c, tl.rsqrt(m2 / n + eps), mask=c_mask)
 
     @triton.jit(do_not_specialize=_COUNTS)
-    def _column_sums_kernel(a, b, a_out, b_out, n_tiles, C, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _column_sums_kernel(
+        a, b, a_out, b_out, n_tiles, C, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr
+    ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = c < C
         sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -105,7 +111,8 @@ def chan_finalize(psum: torch.Tensor, pm2: torch.Tensor, n: int, block: int, eps
     mean = torch.empty(channels, device=psum.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     _chan_finalize_kernel[(triton.cdiv(channels, _BLOCK_C),)](
-        psum, pm2, mean, rstd, n_tiles, channels, n, block, eps, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C
+        psum, pm2, mean, rstd, n_tiles, channels, n, block, eps, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C,
+        **launch_options(psum),
     )  # fmt: skip
     return mean, rstd
 
@@ -119,6 +126,6 @@ def column_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
     a_out = torch.empty(channels, device=a.device, dtype=torch.float32)
     b_out = torch.empty_like(a_out)
     _column_sums_kernel[(triton.cdiv(channels, _BLOCK_C),)](
-        a, b, a_out, b_out, n_tiles, channels, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C
+        a, b, a_out, b_out, n_tiles, channels, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, **launch_options(a)
     )  # fmt: skip
     return a_out, b_out

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from dipfast.early_stop import GATE_SMOOTHING
+from dipfast.kernels.dependent_launch import launch_options, wait_for_previous_kernel
 
 try:
     import triton
@@ -117,7 +118,9 @@ if _HAS_TRITON:
         HAS_TARGET: tl.constexpr,
         WINDOW: tl.constexpr,  # early stopping's window (early_stop.EarlyStop._window) instead of the EMA
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         net, pid, at, mask = _network_block(per_network, BLOCK)
         out = tl.load(out_ptr + at, mask=mask, other=0.0).to(tl.float32)
         tl.store(copy_ptr + at, out, mask=mask)
@@ -164,7 +167,9 @@ if _HAS_TRITON:
         HAS_TARGET: tl.constexpr,
         WINDOW_MEAN: tl.constexpr,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         net, pid, at, mask = _network_block(per_network, BLOCK)
         out = tl.load(copy_ptr + at, mask=mask, other=0.0)
         if tl.load(keep_ptr + net) != 0:
@@ -217,7 +222,9 @@ if _HAS_TRITON:
         HAS_TOLERANCE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_P: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         t = tl.load(iteration_ptr) + 1
         for n0 in range(0, n, BLOCK_N):
             net = n0 + tl.arange(0, BLOCK_N)
@@ -278,7 +285,9 @@ if _HAS_TRITON:
         HAS_BACKTRACKING: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_P: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         iteration = tl.load(iteration_ptr)
         row = metrics_ptr + (iteration % rows) * n * 6
         for n0 in range(0, n, BLOCK_N):
@@ -334,9 +343,11 @@ if _HAS_TRITON:
     def _copy_rows_kernel(
         d0, s0, m0, w0, d1, s1, m1, w1, d2, s2, m2, w2, d3, s3, m3, w3, d4, s4, m4, w4, d5, s5, m5, w5,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """Up to six (dst, src, mask, width) row copies, (N, width) each: dst[n] = src[n] where mask[n] (grid: blocks of
         the widest row, N, the pairs given; the unused ones repeat the first)."""
+        wait_for_previous_kernel(PDL)
         pair = tl.program_id(2)
         if pair == 0:
             _copy_row(d0, s0, m0, w0, BLOCK)
@@ -368,7 +379,9 @@ def copy_rows(copies: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> 
         widths = [dst[0].numel() for dst, _, _ in group]
         args = [a for dst, src, mask in group for a in (dst, src, mask, dst[0].numel())]
         args += args[:4] * (_PAIRS - len(group))
-        _copy_rows_kernel[(triton.cdiv(max(widths), _ROW_BLOCK), n, len(group))](*args, BLOCK=_ROW_BLOCK)
+        _copy_rows_kernel[(triton.cdiv(max(widths), _ROW_BLOCK), n, len(group))](
+            *args, BLOCK=_ROW_BLOCK, **launch_options(group[0][0])
+        )  # fmt: skip
 
 
 def available(device: torch.device) -> bool:
@@ -416,7 +429,7 @@ class FusedRules:
         has_target = target is not None
         target = target.contiguous() if has_target else out
         grid = (self.programs, self.n)
-        blocks = dict(HAS_TARGET=has_target, BLOCK=_BLOCK, **_NO_FMA)
+        blocks = dict(HAS_TARGET=has_target, BLOCK=_BLOCK, **_NO_FMA, **launch_options(out))
         if early_stop is None:
             _rules_pixels_kernel[grid](
                 out, copy, ema, target, iteration, self.partials, out, out, out, self.per_network, self.programs, 1,
@@ -435,7 +448,7 @@ class FusedRules:
             es.loss_average if gate else es.minimum, es.gate_level if gate else es.minimum, self.kept,
             self.n, self.per_network, self.programs, spec.first_valid(), spec.patience, 1 - spec.threshold,
             1 + spec.tolerance, GATE_SMOOTHING, HAS_GATE=gate, HAS_TOLERANCE=spec.tolerance > 0,
-            BLOCK_N=self.block_n, BLOCK_P=self.block_p, **_NO_FMA,
+            BLOCK_N=self.block_n, BLOCK_P=self.block_p, **_NO_FMA, **launch_options(losses),
         )  # fmt: skip
         _early_stop_outputs_kernel[grid](
             copy, ema, target, es.stopped, self.kept, es.best_output, es.sum, iteration,
@@ -458,5 +471,6 @@ class FusedRules:
             rule.period if rule is not None else 1, rule.factor if rule is not None else 0.0,
             ON_PERIOD=bool(rule.on_period) if rule is not None else True, HAS_TARGET=has_target,
             HAS_BACKTRACKING=backtracking is not None, BLOCK_N=self.block_n, BLOCK_P=self.block_p,
+            **launch_options(losses),
         )  # fmt: skip
         return (self.keep, self.bad) if backtracking is not None else None

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from dipfast.kernels.batch_norm_act import _plane, layout
 from dipfast.kernels.conv_bn_lrelu import kernels_take
+from dipfast.kernels.dependent_launch import launch_options, wait_for_previous_kernel
 from dipfast.kernels.vmap_fold import channel_folding_rule
 
 try:
@@ -53,7 +54,9 @@ if _HAS_TRITON:
         PAD: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         n, hp, w0, wp, c = _row_tile(height + 2 * PAD, BLOCK_W, BLOCK_C)  # padded rows too
         mask_w = wp < width + 2 * PAD
         # x as a merge's deeper part, with no skip part (0 channels)
@@ -76,7 +79,9 @@ if _HAS_TRITON:
         PAD: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_previous_kernel(PDL)
         n, h, w0, w, c = _row_tile(height, BLOCK_W, BLOCK_C)
         mask_c = c < channels
         mask = (w < width)[:, None] & mask_c[None, :]
@@ -92,7 +97,7 @@ def _launch(kernel, src: torch.Tensor, dst: torch.Tensor, pad: int, unpadded: to
     block_w, block_c, c_tiles, *_, config = _plane(layout(dst), dst.dtype, rows, dst.shape[3], c)
     kernel[(rows, triton.cdiv(dst.shape[3], block_w), c_tiles)](
         src, dst, h, w, c, *src.stride(), *dst.stride(), PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c,
-        num_warps=config.num_warps,
+        num_warps=config.num_warps, **launch_options(src),
     )  # fmt: skip
 
 

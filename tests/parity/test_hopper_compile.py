@@ -89,10 +89,27 @@ _SCRIPT = textwrap.dedent(
             return pointers.get(name, "*fp32" if name.endswith("_ptr") else "fp32" if name in floats else "i32")
 
         signature = {p.name: "constexpr" if p.is_constexpr else kind(p.name) for p in fn.params}
+        takes_pdl = "PDL" in signature
+
+        def build(pdl):
+            pdl_constant = {"PDL": pdl} if takes_pdl else {}
+            source = ASTSource(fn=fn, signature=signature, constexprs={**constants, **pdl_constant})
+            return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": pdl})
+
+        def memory_first(ptx):  # where the first global load, store or atomic is, and where the wait is
+            found = (ptx.find(op) for op in ("ld.global", "st.global", "atom.global", "red.global"))
+            return min((at for at in found if at >= 0), default=len(ptx)), ptx.find("griddepcontrol.wait")
+
         try:
-            asm = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
-                                 target=GPUTarget("cuda", 90, 32)).asm
-            results[name] = {"ok": bool(asm["cubin"]), "sm90": ".target sm_90" in asm["ptx"]}
+            asm = build(False).asm
+            results[name] = {"ok": bool(asm["cubin"]), "sm90": ".target sm_90" in asm["ptx"], "takes_pdl": takes_pdl,
+                             "waits_without_pdl": asm["ptx"].count("griddepcontrol")}
+            if takes_pdl:
+                dependent = build(True)
+                first_memory, wait = memory_first(dependent.asm["ptx"])
+                results[name].update(waits=dependent.asm["ptx"].count("griddepcontrol.wait"),
+                                     wait_before_memory=0 <= wait < first_memory,
+                                     launch_pdl=dependent.metadata.launch_pdl)
         except Exception as error:
             results[name] = {"ok": False, "error": (str(error).splitlines() or [type(error).__name__])[0][:300]}
     print(json.dumps(results))
@@ -118,6 +135,17 @@ def compiled() -> dict:
 def test_each_kernel_compiles_for_sm90(compiled, name):
     result = compiled[name]
     assert result["ok"] and result["sm90"], result
+
+
+@pytest.mark.parametrize("name", [k for k in KERNELS if k != "broken"])
+def test_each_kernel_waits_for_the_kernel_before_it_ahead_of_any_memory_access(compiled, name):
+    """Under programmatic dependent launch (dipfast.kernels.dependent_launch) a kernel may start before the one before
+    it has finished: its one griddepcontrol.wait must come before its first global load, store or atomic, where the
+    launch carries the attribute, and be absent otherwise."""
+    result = compiled[name]
+    assert result["takes_pdl"], f"{name} takes no PDL constexpr"
+    assert result["waits"] == 1 and result["wait_before_memory"] and result["launch_pdl"], result
+    assert result["waits_without_pdl"] == 0, result
 
 
 def test_a_kernel_the_gpu_compiler_refuses_fails_here(compiled):
