@@ -23,7 +23,9 @@
 #                 convolutions), native-reference-blocks bf16 / tf32 (the reference blocks' separate ops:
 #                 what the padded kernels are worth), native-packed-parameters bf16 (the conv weights off
 #                 16-byte alignment, as before: what aligning them is worth), native-unfused-rules bf16 (the
-#                 rules after the backward as some 48 torch ops: what fusing them is worth), native-cl bf16 (channels_last:
+#                 rules after the backward as some 48 torch ops: what fusing them is worth), native-pdl bf16 (the
+#                 Triton kernels as programmatic dependent launches: what overlapping ~200 launches is worth),
+#                 native-cl bf16 (channels_last:
 #                 its 14 legacy dgrad calls may have been the same misaligned weights, and NHWC would save
 #                 cuDNN's 1.1 ms of layout conversions); each row is written as it ends. The compiled paths
 #                 are the `compile` step's (a minute of compiling each: in the 222367b4a8 run they ran last
@@ -273,8 +275,8 @@ throughput() {
     # bf16's variants, tf32's and fp32's (the compiled paths are the compile step's)
     bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs \
         native:bf16 original-loop:fp32 original-loop-tf32:tf32 native-reference-blocks:bf16 \
-        native-packed-parameters:bf16 native-unfused-rules:bf16 native-cl:bf16 native:tf32 native-reference-blocks:tf32 \
-        native:fp32
+        native-packed-parameters:bf16 native-unfused-rules:bf16 native-pdl:bf16 native-cl:bf16 native:tf32 \
+        native-reference-blocks:tf32 native:fp32
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \

@@ -60,6 +60,9 @@ class Backend:
     # early stopping's update and freeze) run as 3 Triton launches, 7 with early stopping (dipfast.kernels.fused_rules),
     # instead of some 48 small torch kernels, 124 with early stopping
     fused_rules: frozenset[str] = frozenset({"cuda"})
+    # the device types where the step's Triton kernels launch as programmatic dependent launches (Hopper and later:
+    # each scheduled while the kernel before it drains, dipfast.kernels.dependent_launch): off until measured
+    dependent_launch: frozenset[str] = frozenset()
 
 
 BACKEND_TABLE: dict[str, Backend] = {
@@ -158,6 +161,15 @@ class Plan:
         from dipfast.kernels import fused_rules
 
         return fused_rules.available(device)
+
+    def dependent_launch(self, device: torch.device) -> bool:
+        """Whether the fast step's Triton kernels launch as programmatic dependent launches on `device`
+        (dipfast.kernels.dependent_launch): where the backend says and the GPU can."""
+        if device.type not in self.spec.dependent_launch:
+            return False
+        from dipfast.kernels import dependent_launch
+
+        return dependent_launch.supported(device)
 
     def step_math(self):
         """The context of every generator call, the step's backward included: tf32's TF32 switches, else

@@ -24,6 +24,8 @@ each network stops on its own, and the others run on.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -117,6 +119,13 @@ class FastStep(step_rules.AfterBackward):
 
             if self.early_stop is None or rules.takes(self.early_stop):
                 self.fused = rules.FusedRules(self.n, self.out[0].numel(), device)
+        # the step's Triton kernels as programmatic dependent launches, where the plan says (eager calls, the warm-up
+        # and the capture alike; the backward's kernels too, launched while step() waits in backward())
+        self.kernel_launches = contextlib.nullcontext
+        if plan.dependent_launch(device):
+            from dipfast.kernels.dependent_launch import dependent_launches
+
+            self.kernel_launches = dependent_launches
         # the fused step's masked copies move only the rows that change, without a host read
         self.copy_rows = self.fused.copy_rows if self.fused is not None else None
         if self.early_stop is not None:
@@ -155,15 +164,16 @@ class FastStep(step_rules.AfterBackward):
         return problem.data_term(out, y)
 
     def _step(self) -> None:
-        if self.preset.reg_noise_std > 0:
-            self.input_noise.draw_(self.noise, self.iteration, self.preset.reg_noise_std)
-            torch.add(self.z, self.noise, out=self.net_input)  # z + (n * std), the reference's rounding
-        with self.plan.step_math():
-            out = self.runner(self.net_input)
-            losses = self._losses(out)
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-        self.after_backward(out, losses.detach())
+        with self.kernel_launches():
+            if self.preset.reg_noise_std > 0:
+                self.input_noise.draw_(self.noise, self.iteration, self.preset.reg_noise_std)
+                torch.add(self.z, self.noise, out=self.net_input)  # z + (n * std), the reference's rounding
+            with self.plan.step_math():
+                out = self.runner(self.net_input)
+                losses = self._losses(out)
+                self.optimizer.zero_grad(set_to_none=True)
+                losses.sum().backward()
+            self.after_backward(out, losses.detach())
 
     def after_backward(self, out: torch.Tensor, losses: torch.Tensor) -> None:
         """step_rules.AfterBackward's rules, fused where self.fused is set: out's copy, the early-stop window, the EMA

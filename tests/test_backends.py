@@ -138,6 +138,26 @@ def test_a_variant_changes_a_backend_inside_its_block_only():
     assert type(backends.resolve("native", "fp32", cuda).block_ops(cuda)).__name__ == "PaddedBlocks"
 
 
+def test_dependent_launches_are_off_by_default_and_never_on_a_cpu():
+    """Programmatic dependent launch (dipfast.kernels.dependent_launch) waits for the measurement that would make it
+    native's choice (the harness's native-pdl); where asked for, a CPU launch (Triton's interpreter, which cannot run
+    the wait) still goes without it, and the switch is restored after its block, also when the block raises."""
+    from dipfast.kernels import dependent_launch
+
+    cuda, x = torch.device("cuda"), torch.ones(3)
+    assert not backends.resolve("native", "fp32", cuda).dependent_launch(cuda)
+    with backends.variant("native", dependent_launch=frozenset({"cpu", "cuda"})):
+        assert not backends.resolve("native", "bf16", CPU).dependent_launch(CPU)
+    off = {"PDL": False, "launch_pdl": False}
+    assert dependent_launch.launch_options(x) == off
+    with dependent_launch.dependent_launches(True):
+        assert dependent_launch.launch_options(x) == off
+        with pytest.raises(RuntimeError), dependent_launch.dependent_launches(False):
+            raise RuntimeError
+        assert dependent_launch._enabled
+    assert not dependent_launch._enabled
+
+
 def test_restore_reports_the_plan_it_ran(np_rng):
     r = dipfast.restore(random_image(np_rng, 12, 12), iters=2, backend="native", precision="bf16", **FAST)
     assert (r.backend, r.precision) == ("native", "bf16")
@@ -476,6 +496,36 @@ def test_cuda_graph_is_captured_once_and_replays_the_eager_step(precision):
     tol = 1e-4 if precision == "fp32" else 2e-2
     torch.testing.assert_close(step.metrics[:, 0, 0], eager.metrics[:, 0, 0], rtol=tol, atol=0)
     torch.testing.assert_close(step.ema, eager.ema, rtol=0, atol=tol)
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+    reason="CUDA on Hopper or later: programmatic dependent launch",
+)
+def test_dependent_launches_replay_in_the_cuda_graph_as_the_plain_step():
+    """native-pdl's kernels, each waiting at its first instruction for the kernel before it, captured in the step's
+    CUDA graph: the same fit as native's step (only the launches overlap)."""
+    cuda = torch.device("cuda")
+    rng = torch.Generator().manual_seed(0)
+    problem = _problem(rng, 64, 64)
+    preset = dataclasses.replace(PRESET, iterations=12, reg_noise_std=0.0)
+    steps = []
+    for pdl in (False, True):
+        with backends.variant("native", dependent_launch=frozenset({"cuda"} if pdl else ())):
+            plan = backends.resolve("native", "bf16", cuda)
+        assert plan.dependent_launch(cuda) == pdl
+        built, zs = fast_step.build_nets([problem], preset, [0])
+        steps.append(fast_step.FastStep(built, zs, [problem], preset, cuda, [0], 12, plan))
+    with engine.ieee_fp32():
+        for _ in range(12):
+            for step in steps:
+                step()
+    torch.cuda.synchronize()
+    plain, dependent = steps
+    assert dependent.graphed.captures == 1 and dependent.graphed.graph is not None
+    # the same kernels in the same order: equal up to cuDNN's choice of algorithm (the replay test's bound)
+    torch.testing.assert_close(dependent.metrics[:, 0, 0], plain.metrics[:, 0, 0], rtol=2e-2, atol=0)
+    torch.testing.assert_close(dependent.ema, plain.ema, rtol=0, atol=2e-2)
 
 
 def test_the_result_reports_the_cold_start(np_rng):

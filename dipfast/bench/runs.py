@@ -53,6 +53,8 @@ NATIVE_EAGER = "native-eager"
 #   native-unfused-rules   the rules after the backward (output copy, EMA, backtracking, metrics row, early stopping)
 #                          as some 48 torch ops (124 with early stopping), where native runs them in 3 Triton launches
 #                          (7) on CUDA (dipfast.kernels.fused_rules)
+#   native-pdl             the step's Triton kernels as programmatic dependent launches (Hopper and later: each
+#                          scheduled while the one before it drains, dipfast.kernels.dependent_launch)
 #   compile-forced-layout  Inductor's layout optimisation forced on every graph (Backend.force_layout): its own
 #                          rule leaves the backward graph NCHW while the forward runs channels_last
 #   compile-nchw           compile with NCHW activations under bf16, the layout that made native 2.74x faster on
@@ -66,6 +68,7 @@ FIELD_VARIANTS = {
     "native-aligned": ("native", lambda b: {"align_channels": frozenset({"cpu", "cuda"})}),
     "native-packed-parameters": ("native", lambda b: {"packed_parameters": frozenset({"cpu", "cuda"})}),
     "native-unfused-rules": ("native", lambda b: {"fused_rules": frozenset()}),
+    "native-pdl": ("native", lambda b: {"dependent_launch": frozenset({"cuda"})}),
     "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
     "compile-nchw": ("compile", lambda b: {"channels_last_bf16": frozenset()}),
     "triton-nchw": ("triton", lambda b: {"channels_last_bf16": frozenset()}),
@@ -93,8 +96,8 @@ def dip_methods() -> list[str]:
 # What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
 # on a CPU, compile (and its variants) and triton spend minutes compiling in every cold run (Triton runs there
 # only in its interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones,
-# native-cl, native-reference-blocks and native-unfused-rules are native itself there, and native-aligned and
-# native-packed-parameters are about CUDA's tensor cores.
+# native-cl, native-reference-blocks, native-unfused-rules and native-pdl are native itself there, and native-aligned
+# and native-packed-parameters are about CUDA's tensor cores.
 NOT_BY_DEFAULT = {
     "cpu": {
         "methods": (
@@ -107,6 +110,7 @@ NOT_BY_DEFAULT = {
             "native-aligned",
             "native-packed-parameters",
             "native-unfused-rules",
+            "native-pdl",
         ),
         "precisions": ("tf32",),
     }

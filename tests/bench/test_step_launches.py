@@ -68,3 +68,29 @@ def test_with_early_stopping_the_criterion_adds_two_launches_and_no_aten_op(tmp_
     assert "where" not in aten  # the freeze's 12 and backtracking's 4 before
     assert report["aten_ops"] == sum(aten.values()) <= 75  # measured 75 (203 with the criterion's torch ops)
     assert "stop=auto" in (tmp_path / "step_launches.md").read_text()
+
+
+@pytest.mark.parametrize("variant", ["native", "native-pdl"])
+def test_every_launch_of_the_step_is_a_dependent_launch_where_the_plan_says(monkeypatch, variant):
+    """native-pdl: every Triton launch of the native CUDA step (the forward's, the backward's, which autograd's device
+    thread makes on CUDA, and the rules' after it, early stopping's included) passes the kernels' PDL and Triton's
+    launch_pdl; native: none does. The GPU's support is faked: the launches are recorded, not run."""
+    from dipfast import backends
+    from dipfast.bench import runs
+    from dipfast.kernels import dependent_launch
+
+    tool = bench_script("step_launches")
+    monkeypatch.setattr(dependent_launch, "supported", lambda device: True)
+    launches = []
+    record = lambda jit, args, kwargs: launches.append((jit.fn.__name__, kwargs["PDL"], kwargs["launch_pdl"]))  # noqa: E731
+    fields = runs.FIELD_VARIANTS[variant][1](backends.BACKEND_TABLE["native"]) if variant != "native" else {}
+    cpu_too = {k: v | {"cpu"} for k, v in fields.items()}  # the variant's CUDA choice, on this CPU
+    with backends.variant("native", **cpu_too), tool.graph_safe_step():
+        tool.native_step_launches(64, "bf16", "default", 2, record, early_stop=tool.census_rule("auto"))
+    kernels = {name for name, *_ in launches}
+    assert {"_batch_norm_stats_kernel", "_batch_norm_act_bwd_apply_kernel", "_column_sums_kernel", "_transpose_kernel",
+            "_reflection_fold_kernel", "_rules_pixels_kernel", "_early_stop_scalars_kernel",
+            "_early_stop_outputs_kernel", "_rules_scalars_kernel", "_copy_rows_kernel"} <= kernels  # fmt: skip
+    on = variant == "native-pdl"
+    assert {(pdl, launch) for _, pdl, launch in launches} == {(on, on)}
+    assert not dependent_launch._enabled  # off again after the step
