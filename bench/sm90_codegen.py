@@ -2,6 +2,7 @@
 
     python bench/sm90_codegen.py --size 512 --out DIR          the triton backend's GEMM kernels
     python bench/sm90_codegen.py --step --size 512 --out DIR   every Triton kernel of the native CUDA step
+    python bench/sm90_codegen.py --step --channels-last ...     the same step with NHWC activations (native-cl)
 
 The triton backend ran 0.38x compile's speed on an H100 (bench/results/2026-11-26-h100-f6a7824f76/) and its conv
 kernels were never profiled there. This records the launches of one conv_bn_lrelu forward + backward (the default
@@ -15,7 +16,8 @@ memory, global loads issued one element at a time, asynchronous copies (cp.async
 overlaps with the dots) and wgmma instructions.
 
 --step does the same for the native backend's CUDA step (PaddedBlocks: the BatchNorm + LeakyReLU kernels that write
-the next conv's pad, their statistics and backward, the level inputs' pad, the upsample), NCHW, --precision: each
+the next conv's pad, their statistics and backward, the level inputs' pad, the upsample), NCHW (--channels-last:
+NHWC, the harness's native-cl), --precision: each
 kernel specialization that one iteration of the throughput input's fit launches, compiled as above, with its
 launches per iteration, its global loads and stores by width (an elementwise kernel wants 16-byte vectors: 8 bf16)
 and its tile-wide layout conversions (a round trip through shared memory, where a load's thread layout is not its
@@ -206,10 +208,10 @@ def codegen(size: int) -> list[dict]:
     return [{**keys[key], **stats[key]} for key in launches]
 
 
-def record_step(size: int, precision: str) -> dict[str, dict]:
+def record_step(size: int, precision: str, channels_last: bool = False) -> dict[str, dict]:
     """{key: launch} for each kernel specialization one iteration of the native CUDA step launches (PaddedBlocks,
-    NCHW, Hopper's tiles; the first, up to its read-back: no final output), with its launch count. The kernels
-    record their launches under the interpreter and run none of them."""
+    NCHW or channels_last, Hopper's tiles; the first, up to its read-back: no final output), with its launch count.
+    The kernels record their launches under the interpreter and run none of them."""
     launches: dict[tuple, dict] = {}
     counts: collections.Counter = collections.Counter()
     recording = [True]
@@ -223,12 +225,12 @@ def record_step(size: int, precision: str) -> dict[str, dict]:
     def on_block() -> None:  # the first read-back
         recording[0] = False
 
-    native_step_launches(size, precision, "default", 1, capture, on_block)
+    native_step_launches(size, precision, "default", 1, capture, on_block, channels_last=channels_last)
     return {f"{name}/{i}": {**launches[name, k], "launches": counts[name, k]} for i, (name, k) in enumerate(launches)}
 
 
-def step_codegen(size: int, precision: str) -> list[dict]:
-    launches = record_step(size, precision)
+def step_codegen(size: int, precision: str, channels_last: bool = False) -> list[dict]:
+    launches = record_step(size, precision, channels_last)
     stats = compile_sm90(launches)
     return [{"kernel": launch["name"], **launch, **stats[key]} for key, launch in launches.items()]
 
@@ -251,9 +253,9 @@ def _widths(histogram: dict) -> str:
     return ", ".join(f"{n} x {b} B" for b, n in sorted(histogram.items(), key=lambda kv: -int(kv[0]))) or "-"
 
 
-def step_markdown(rows: list[dict], size: int, precision: str) -> str:
+def step_markdown(rows: list[dict], size: int, precision: str, layout: str = "NCHW") -> str:
     lines = [
-        f"## sm_90 code of the native CUDA step's Triton kernels (default net, {size} px, {precision}, NCHW)",
+        f"## sm_90 code of the native CUDA step's Triton kernels (default net, {size} px, {precision}, {layout})",
         "",
         "Per kernel specialization: launches in one iteration, and the global memory instructions of its code (bytes "
         "each moves x count; 16 B is a vector of 8 bf16 or 4 fp32).",
@@ -295,14 +297,18 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--step", action="store_true", help="the native CUDA step's kernels, not the GEMM kernels")
     parser.add_argument("--precision", default="bf16", help="--step's precision (default bf16)")
+    parser.add_argument("--channels-last", action="store_true", help="--step with NHWC activations (native-cl)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.precision != "bf16" and not args.step:
         parser.error("--precision applies to --step (the GEMM kernels are compiled in bf16)")
+    if args.channels_last and not (args.step and args.precision == "bf16"):
+        parser.error("--channels-last applies to --step in bf16 (the precision that runs NHWC activations)")
     if args.step:
-        rows = step_codegen(args.size, args.precision)
-        report = {"size": args.size, "precision": args.precision, "rows": rows}
-        save_and_print(args.out, "sm90_step_codegen", report, step_markdown(rows, args.size, args.precision))
+        rows = step_codegen(args.size, args.precision, args.channels_last)
+        layout = "channels_last" if args.channels_last else "NCHW"
+        report = {"size": args.size, "precision": args.precision, "layout": layout, "rows": rows}
+        save_and_print(args.out, "sm90_step_codegen", report, step_markdown(rows, args.size, args.precision, layout))
         return 0
     rows = codegen(args.size)
     save_and_print(args.out, "sm90_codegen", {"size": args.size, "rows": rows}, markdown(rows, args.size))

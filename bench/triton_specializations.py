@@ -96,14 +96,14 @@ def intercepted(launch):
 
 
 @contextlib.contextmanager
-def padded_blocks_on_cpu():
-    """The native backend with its CUDA block ops (PaddedBlocks), NCHW and its rules after the backward (fused or not)
-    on the CPU: the step CUDA runs."""
+def padded_blocks_on_cpu(channels_last: bool = False):
+    """The native backend with its CUDA block ops (PaddedBlocks), NCHW (channels_last: NHWC under bf16, the harness's
+    native-cl) and its rules after the backward (fused or not) on the CPU: the step CUDA runs."""
     spec = backends.BACKEND_TABLE["native"]
     rules = spec.fused_rules | {"cpu"} if "cuda" in spec.fused_rules else spec.fused_rules - {"cpu"}
     backends.BACKEND_TABLE["native"] = dataclasses.replace(
-        spec, blocks={**spec.blocks, "cpu": spec.blocks["cuda"]}, channels_last_bf16=frozenset(), noise={},
-        fused_rules=rules,
+        spec, blocks={**spec.blocks, "cpu": spec.blocks["cuda"]}, noise={}, fused_rules=rules,
+        channels_last_bf16=frozenset({"cpu"}) if channels_last else frozenset(),
     )  # fmt: skip
     try:
         yield
@@ -112,14 +112,16 @@ def padded_blocks_on_cpu():
 
 
 def native_step_launches(
-    size: int, precision: str, net: str, iters: int, launch, on_block=lambda: None, early_stop=None
+    size: int, precision: str, net: str, iters: int, launch, on_block=lambda: None, early_stop=None,
+    channels_last: bool = False,
 ) -> None:  # fmt: skip
-    """`iters` iterations of the throughput input's fit with the native step's CUDA block ops (PaddedBlocks, NCHW)
-    on the CPU and the GPU's tiles (BLOCK_W, BLOCK_C), not the interpreter's: every Triton launch calls
-    launch(jit, args, kwargs) instead of running; on_block at the read-back after them. early_stop: an
-    EarlyStopSpec to fit with (stop='auto') instead of the fixed count."""
+    """`iters` iterations of the throughput input's fit with the native step's CUDA block ops (PaddedBlocks, NCHW;
+    channels_last: NHWC under bf16) on the CPU and the GPU's tiles (BLOCK_W, BLOCK_C), not the interpreter's: every
+    Triton launch calls launch(jit, args, kwargs) instead of running; on_block at the read-back after them.
+    early_stop: an EarlyStopSpec to fit with (stop='auto') instead of the fixed count."""
     hopper = configs.forced_tiles(configs.HOPPER)
-    with padded_blocks_on_cpu(), eager_step(), hopper, intercepted(launch), contextlib.suppress(NumericalError):
+    blocks = padded_blocks_on_cpu(channels_last)
+    with blocks, eager_step(), hopper, intercepted(launch), contextlib.suppress(NumericalError):
         # unwritten outputs can make the loss NaN, which the read-back after the recorded iterations refuses
         restore_in_blocks(throughput_case(size), "native", precision, blocks=1, iters=iters, net=net,
                           device=torch.device("cpu"), seed=0, on_block=on_block, early_stop=early_stop)  # fmt: skip

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from dipfast.kernels.batch_norm_act import _INTERPRET
 from dipfast.kernels.conv_bn_lrelu import _HAS_TRITON
+
+from ._suites import bench_script
 
 ROOT = Path(__file__).resolve().parents[2]
 CONV_KERNELS = ("_conv_bn_lrelu_fwd_kernel", "_conv_wgrad_kernel", "_conv_dgrad_kernel")
@@ -159,3 +162,18 @@ def test_the_upsample_stores_aligned_rows_four_columns_at_a_time(step_rows, kern
     rows = [r for r in step_rows if r["kernel"] == kernel and _aligned(r)]
     assert rows, kernel
     assert all(set(r["store_bytes"]) == {"8"} for r in rows), rows
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="records launches in Triton's interpreter (a CPU session's build)")
+def test_step_channels_last_records_the_nhwc_step():
+    """--channels-last: the step of the harness's native-cl, whose BatchNorm tiles run along the channels (128 of
+    them at once on a 128-channel plane) where NCHW's run along each row (256 columns at every level)."""
+    tool = bench_script("sm90_codegen")
+
+    def tiles(launches: dict) -> set[tuple[int, int]]:
+        return {(launch["constexprs"]["BLOCK_W"], launch["constexprs"]["BLOCK_C"])
+                for launch in launches.values() if launch["name"] == "_batch_norm_stats_kernel"}  # fmt: skip
+
+    nchw, nhwc = tiles(tool.record_step(64, "bf16")), tiles(tool.record_step(64, "bf16", channels_last=True))
+    assert {w for w, _ in nchw} == {256}
+    assert (8, 128) in nhwc and all(c >= w for w, c in nhwc if c > 4)
