@@ -30,7 +30,10 @@
 #                 cuDNN's 1.1 ms of layout conversions); each row is written as it ends. The compiled paths
 #                 are the `compile` step's (a minute of compiling each: in the 222367b4a8 run they ran last
 #                 here, and the step's limit cut compile-nchw and what came after)                    150
-#   profile       dipfast bench profile of the two fastest paths of `throughput`                 30
+#   profile       dipfast bench profile of the two fastest paths of `throughput`; then bench/launch_gap.py:
+#                 what one launch costs in a CUDA graph (chains of 200 one-program and GPU-filling Triton
+#                 launches, with and without programmatic dependent launch, and ATen's add_), and that the
+#                 dependent ones keep their order: the price of the step's ~280 launches   30
 #   convs         bench/step_convs.py: the step's own conv calls (native bf16, one eager step, as the dispatcher
 #                 sees them below vmap and autocast), each replayed alone with operands of the recorded
 #                 strides and pointer alignment, its kernels listed, cuDNN's legacy ones flagged; then the same
@@ -139,6 +142,7 @@ if [ "$TINY" = 1 ]; then
     DEVICE=(--device cpu)
     TP=(--net tiny --size 16 --iters 1 --repeats 2 --warmup 1)
     PROFILE=(--net tiny --size 16 --iters 2 --warmup 1)
+    LAUNCH_GAP=(--launches 3 --repeats 1)
     BATCH=(--net tiny --size 16 --iters 1 --repeats 2 --warmup 1)
     TASKS=(--size 16 --iters 2 --precision fp32 --device cpu)
     PARITY=(tests/parity/test_configs.py)  # after the real shapes, which skip here (CUDA only): one quick file
@@ -167,6 +171,7 @@ else
     DEVICE=(--device cuda)
     TP=(--net default --size 512 --iters 10 --repeats 3 --warmup 10)
     PROFILE=(--net default --size 512 --iters 5 --warmup 10)
+    LAUNCH_GAP=(--launches 200 --repeats 20)
     BATCH=(--net default --size 256 --iters 10 --repeats 3 --warmup 10)
     TASKS=(--size 64 --iters 4 --precision bf16 --device cuda)
     PARITY=(tests/parity --ignore=tests/parity/test_cuda_shapes.py)  # after the real shapes (parity())
@@ -282,9 +287,12 @@ fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step
     "$PY" "$ROOT/bench/gpu_quick_steps.py" fastest "$WORK/throughput/throughput.json" "$@" \
         --fallback native:bf16 native:tf32 native:fp32  # auto's path first, where a call has no throughput step
 }
-profile() {  # the two fastest
+profile() {  # the two fastest, then the price of a launch
+    local status=0
     # shellcheck disable=SC2046  # fastest prints a list of words
-    bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/profile" --configs $(fastest 2)
+    bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/profile" --configs $(fastest 2) || status=1
+    "$PY" "$ROOT/bench/launch_gap.py" "${DEVICE[@]}" "${LAUNCH_GAP[@]}" --out "$WORK/profile/launch_gap" || status=1
+    return $status
 }
 convs() {  # the step's conv calls: native (parameters aligned), channels_last (14 legacy dgrad calls on 2026-12-04),
     local status=0 method  # the parameters packed as before alignment
