@@ -97,6 +97,17 @@ if _HAS_TRITON:
         return row // rows_per_image, row % rows_per_image, w0, w0 + tl.arange(0, BLOCK_W), c
 
     @triton.jit
+    def _channel_mask(c, channels, EVEN_C: tl.constexpr):
+        """c < channels: all true where the channel tiles divide the channels (EVEN_C), in a form Triton sees as
+        uniform, so that a tile whose channels run at unit stride (channels_last) moves them in vectors (with the
+        unspecialised count in the mask, every channels_last access moved one element)."""
+        if EVEN_C:
+            mask = tl.full(c.shape, True, tl.int1)
+        else:
+            mask = c < channels
+        return mask
+
+    @triton.jit
     def _channels(c, cs, cd):
         """Merged channel c -> where it lives: [skip_g, deeper_g] for each group g of cs + cd channels."""
         width = cs + cd
@@ -106,38 +117,50 @@ if _HAS_TRITON:
 
     @triton.jit
     def _load_merged(
-        skip_ptr, deeper_ptr, n, h, w, c, channels, cs, cd, mask_w,
+        skip_ptr, deeper_ptr, n, h, w, c, mask_c, cs, cd, mask_w,
         s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
     ):  # fmt: skip
         """The (BLOCK_W, BLOCK_C) tile of the merged input at image n, row h, columns w, channels c, in fp32."""
-        in_skip, c_skip, in_deeper, c_deeper = _channels(c, cs, cd)
-        mask = mask_w[:, None] & (c < channels)[None, :]
-        a = tl.load(
-            skip_ptr + n * s_sn + h * s_sh + w[:, None] * s_sw + c_skip[None, :] * s_sc,
-            mask=mask & in_skip[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            deeper_ptr + n * d_sn + h * d_sh + w[:, None] * d_sw + c_deeper[None, :] * d_sc,
-            mask=mask & in_deeper[None, :],
-            other=0.0,
-        )
-        return tl.where(in_skip[None, :], a.to(tl.float32), b.to(tl.float32))
+        mask = mask_w[:, None] & mask_c[None, :]
+        if cs == 0:  # one source: its channels are c itself, whose contiguity the merge's mapping would hide
+            v = tl.load(
+                deeper_ptr + n * d_sn + h * d_sh + w[:, None] * d_sw + c[None, :] * d_sc, mask=mask, other=0.0
+            ).to(tl.float32)
+        else:
+            in_skip, c_skip, in_deeper, c_deeper = _channels(c, cs, cd)
+            a = tl.load(
+                skip_ptr + n * s_sn + h * s_sh + w[:, None] * s_sw + c_skip[None, :] * s_sc,
+                mask=mask & in_skip[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                deeper_ptr + n * d_sn + h * d_sh + w[:, None] * d_sw + c_deeper[None, :] * d_sc,
+                mask=mask & in_deeper[None, :],
+                other=0.0,
+            )
+            v = tl.where(in_skip[None, :], a.to(tl.float32), b.to(tl.float32))
+        return v
 
     @triton.jit
     def _merged_column(
-        skip_ptr, deeper_ptr, n, h, col, c, channels, cs, cd, s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
+        skip_ptr, deeper_ptr, n, h, col, c, mask_c, cs, cd, s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
     ):  # fmt: skip
         """One pixel's channels c of the merged input, (BLOCK_C,) fp32: a pad column's source."""
-        in_skip, c_skip, in_deeper, c_deeper = _channels(c, cs, cd)
-        mask = c < channels
-        a = tl.load(skip_ptr + n * s_sn + h * s_sh + col * s_sw + c_skip * s_sc, mask=mask & in_skip, other=0.0)
-        b = tl.load(deeper_ptr + n * d_sn + h * d_sh + col * d_sw + c_deeper * d_sc, mask=mask & in_deeper, other=0.0)
-        return tl.where(in_skip, a.to(tl.float32), b.to(tl.float32))
+        if cs == 0:  # one source (_load_merged's)
+            v = tl.load(deeper_ptr + n * d_sn + h * d_sh + col * d_sw + c * d_sc, mask=mask_c, other=0.0)
+            v = v.to(tl.float32)
+        else:
+            in_skip, c_skip, in_deeper, c_deeper = _channels(c, cs, cd)
+            a = tl.load(skip_ptr + n * s_sn + h * s_sh + col * s_sw + c_skip * s_sc, mask=mask_c & in_skip, other=0.0)
+            b = tl.load(
+                deeper_ptr + n * d_sn + h * d_sh + col * d_sw + c_deeper * d_sc, mask=mask_c & in_deeper, other=0.0
+            )  # fmt: skip
+            v = tl.where(in_skip, a.to(tl.float32), b.to(tl.float32))
+        return v
 
     @triton.jit
     def _padded_row(
-        skip_ptr, deeper_ptr, n, hp, w0, wp, c, mask_w, height, width, channels, cs, cd,
+        skip_ptr, deeper_ptr, n, hp, w0, wp, c, mask_w, height, width, mask_c, cs, cd,
         s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, PAD: tl.constexpr, BLOCK_W: tl.constexpr,
     ):  # fmt: skip
         """The (BLOCK_W, BLOCK_C) tile at padded row hp, columns wp = w0 + arange(BLOCK_W) of the merged input
@@ -147,21 +170,21 @@ if _HAS_TRITON:
         h = _reflect(hp - PAD, height)  # a scalar: the program's row
         w = wp - PAD
         v = _load_merged(
-            skip_ptr, deeper_ptr, n, h, w, c, channels, cs, cd, mask_w & (w >= 0) & (w < width),
+            skip_ptr, deeper_ptr, n, h, w, c, mask_c, cs, cd, mask_w & (w >= 0) & (w < width),
             s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
         )  # fmt: skip
         if PAD > 0:
             if w0 < PAD:  # pad column j mirrors column PAD - j
                 for j in tl.static_range(PAD):
                     m = _merged_column(
-                        skip_ptr, deeper_ptr, n, h, PAD - j, c, channels, cs, cd,
+                        skip_ptr, deeper_ptr, n, h, PAD - j, c, mask_c, cs, cd,
                         s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
                     )  # fmt: skip
                     v = tl.where((wp == j)[:, None], m[None, :], v)
             if w0 + BLOCK_W > width + PAD:  # pad column width + PAD + j mirrors column width - 2 - j
                 for j in tl.static_range(PAD):
                     m = _merged_column(
-                        skip_ptr, deeper_ptr, n, h, width - 2 - j, c, channels, cs, cd,
+                        skip_ptr, deeper_ptr, n, h, width - 2 - j, c, mask_c, cs, cd,
                         s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
                     )  # fmt: skip
                     v = tl.where((wp == width + PAD + j)[:, None], m[None, :], v)
@@ -229,12 +252,13 @@ if _HAS_TRITON:
         d_sn, d_sc, d_sh, d_sw,  # deeper's strides
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        EVEN_C: tl.constexpr,  # BLOCK_C divides the channels: no tile runs past them
         PDL: tl.constexpr,
     ):  # fmt: skip
         wait_for_previous_kernel(PDL)
         pid = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_c = c < channels
+        mask_c = _channel_mask(c, channels, EVEN_C)
         count = tl.zeros([BLOCK_C], dtype=tl.float32)  # the same for every channel
         mean = tl.zeros([BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -246,7 +270,7 @@ if _HAS_TRITON:
                 w = w0 + tl.arange(0, BLOCK_W)
                 mask_w = (w < width) & (row < n_rows)
                 v = _load_merged(
-                    skip_ptr, deeper_ptr, n, h, w, c, channels, cs, cd, mask_w,
+                    skip_ptr, deeper_ptr, n, h, w, c, mask_c, cs, cd, mask_w,
                     s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
                 )  # fmt: skip
                 tile_count = tl.sum(mask_w.to(tl.float32), axis=0)
@@ -282,14 +306,15 @@ if _HAS_TRITON:
         PAD: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        EVEN_C: tl.constexpr,  # BLOCK_C divides the channels: no tile runs past them
         PDL: tl.constexpr,
     ):  # fmt: skip
         wait_for_previous_kernel(PDL)
         n, hp, w0, wp, c = _row_tile(height + 2 * PAD, BLOCK_W, BLOCK_C)  # padded rows too
         mask_w = wp < width + 2 * PAD
-        mask_c = c < channels
+        mask_c = _channel_mask(c, channels, EVEN_C)
         v = _padded_row(
-            skip_ptr, deeper_ptr, n, hp, w0, wp, c, mask_w, height, width, channels, cs, cd,
+            skip_ptr, deeper_ptr, n, hp, w0, wp, c, mask_w, height, width, mask_c, cs, cd,
             s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, PAD, BLOCK_W,
         )  # fmt: skip
         mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0)
@@ -302,15 +327,14 @@ if _HAS_TRITON:
     @triton.jit
     def _normalised_and_grad(
         grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w0, w, c, mask_w,
-        height, width, channels, cs, cd, negative_slope,
+        height, width, mask_c, cs, cd, negative_slope,
         s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw,
         PAD: tl.constexpr, BLOCK_W: tl.constexpr,
     ):  # fmt: skip
         """(xhat, dz, gamma * rstd) on a tile: dz = the folded gradient times act'(z), zero off the tile."""
-        mask_c = c < channels
         mask = mask_w[:, None] & mask_c[None, :]
         v = _load_merged(
-            skip_ptr, deeper_ptr, n, h, w, c, channels, cs, cd, mask_w,
+            skip_ptr, deeper_ptr, n, h, w, c, mask_c, cs, cd, mask_w,
             s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw,
         )  # fmt: skip
         rstd = tl.load(rstd_ptr + c, mask=mask_c, other=0.0)
@@ -348,11 +372,13 @@ if _HAS_TRITON:
         PAD: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        EVEN_C: tl.constexpr,  # BLOCK_C divides the channels: no tile runs past them
         PDL: tl.constexpr,
     ):  # fmt: skip
         wait_for_previous_kernel(PDL)
         pid = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = _channel_mask(c, channels, EVEN_C)
         sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
         sum_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
         for r in range(0, rows_per_program):
@@ -363,12 +389,11 @@ if _HAS_TRITON:
                 w = w0 + tl.arange(0, BLOCK_W)
                 xhat, dz, _ = _normalised_and_grad(
                     grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w0, w, c,
-                    (w < width) & (row < n_rows), height, width, channels, cs, cd, negative_slope,
+                    (w < width) & (row < n_rows), height, width, mask_c, cs, cd, negative_slope,
                     s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W,
                 )  # fmt: skip
                 sum_dz += tl.sum(dz, axis=0)
                 sum_dzx += tl.sum(dz * xhat, axis=0)
-        mask_c = c < channels
         tl.store(pdz_ptr + pid * channels + c, sum_dz, mask=mask_c)
         tl.store(pdzx_ptr + pid * channels + c, sum_dzx, mask=mask_c)
 
@@ -400,32 +425,36 @@ if _HAS_TRITON:
         PAD: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        EVEN_C: tl.constexpr,  # BLOCK_C divides the channels: no tile runs past them
         PDL: tl.constexpr,
     ):  # fmt: skip
         wait_for_previous_kernel(PDL)
         n, h, w0, w, c = _row_tile(height, BLOCK_W, BLOCK_C)
         mask_w = w < width
-        mask_c = c < channels
+        mask_c = _channel_mask(c, channels, EVEN_C)
         xhat, dz, scale = _normalised_and_grad(
             grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w0, w, c, mask_w,
-            height, width, channels, cs, cd, negative_slope,
+            height, width, mask_c, cs, cd, negative_slope,
             s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W,
         )  # fmt: skip
         mean_dz = tl.load(dbias_ptr + c, mask=mask_c, other=0.0) * inv_m
         mean_dzx = tl.load(dweight_ptr + c, mask=mask_c, other=0.0) * inv_m
         dx = scale[None, :] * (dz - mean_dz[None, :] - xhat * mean_dzx[None, :])
-        in_skip, c_skip, in_deeper, c_deeper = _channels(c, cs, cd)
         mask = mask_w[:, None] & mask_c[None, :]
-        tl.store(
-            dskip_ptr + n * ds_sn + h * ds_sh + (w * ds_sw)[:, None] + (c_skip * ds_sc)[None, :],
-            dx,
-            mask=mask & in_skip[None, :],
-        )
-        tl.store(
-            ddeeper_ptr + n * dd_sn + h * dd_sh + (w * dd_sw)[:, None] + (c_deeper * dd_sc)[None, :],
-            dx,
-            mask=mask & in_deeper[None, :],
-        )
+        if cs == 0:  # one source (_load_merged's)
+            tl.store(ddeeper_ptr + n * dd_sn + h * dd_sh + (w * dd_sw)[:, None] + (c * dd_sc)[None, :], dx, mask=mask)
+        else:
+            in_skip, c_skip, in_deeper, c_deeper = _channels(c, cs, cd)
+            tl.store(
+                dskip_ptr + n * ds_sn + h * ds_sh + (w * ds_sw)[:, None] + (c_skip * ds_sc)[None, :],
+                dx,
+                mask=mask & in_skip[None, :],
+            )
+            tl.store(
+                ddeeper_ptr + n * dd_sn + h * dd_sh + (w * dd_sw)[:, None] + (c_deeper * dd_sc)[None, :],
+                dx,
+                mask=mask & in_deeper[None, :],
+            )
 
 
 def layout(t: torch.Tensor) -> torch.memory_format:
@@ -475,7 +504,8 @@ def _forward(skip, deeper, weight, bias, groups, eps, negative_slope, pad):
     dev = deeper.device
     psum, pm2 = _empty((programs, c), torch.float32, dev), _empty((programs, c), torch.float32, dev)
     strides = (*first.stride(), *deeper.stride())
-    blocks = dict(BLOCK_W=block_w, BLOCK_C=block_c, num_warps=config.num_warps, **launch_options(deeper))
+    blocks = dict(BLOCK_W=block_w, BLOCK_C=block_c, EVEN_C=c % block_c == 0, num_warps=config.num_warps)
+    blocks.update(launch_options(deeper))
     _batch_norm_stats_kernel[(programs, c_tiles)](
         first, deeper, psum, pm2, n * h, rows, h, w, c, cs, cd, *strides, **blocks
     )  # fmt: skip
@@ -497,7 +527,8 @@ def _backward(grad, skip, deeper, weight, bias, mean, rstd, groups, negative_slo
     gamma, beta = weight.float().contiguous(), bias.float().contiguous()
     pdz, pdzx = _empty((programs, c), torch.float32, dev), _empty((programs, c), torch.float32, dev)
     strides = (*first.stride(), *deeper.stride(), *grad.stride())
-    blocks = dict(PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=config.num_warps, **launch_options(deeper))
+    blocks = dict(PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c, EVEN_C=c % block_c == 0, num_warps=config.num_warps)
+    blocks.update(launch_options(deeper))
     args = (grad, first, deeper, mean, rstd, gamma, beta)
     _batch_norm_act_bwd_sums_kernel[(programs, c_tiles)](
         *args, pdz, pdzx, n * h, rows, h, w, c, cs, cd, negative_slope, *strides, **blocks

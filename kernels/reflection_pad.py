@@ -40,7 +40,7 @@ _SIZES = ["height", "channels"]  # unspecialised: one compilation for every leve
 POISON_OUTPUTS = False
 
 if _HAS_TRITON:
-    from dipfast.kernels.batch_norm_act import _folded_grad, _padded_row, _row_tile
+    from dipfast.kernels.batch_norm_act import _channel_mask, _folded_grad, _padded_row, _row_tile
 
     @triton.jit(do_not_specialize=_SIZES)
     def _reflection_pad_kernel(
@@ -54,17 +54,19 @@ if _HAS_TRITON:
         PAD: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        EVEN_C: tl.constexpr,  # BLOCK_C divides the channels (batch_norm_act's _channel_mask)
         PDL: tl.constexpr,
     ):  # fmt: skip
         wait_for_previous_kernel(PDL)
         n, hp, w0, wp, c = _row_tile(height + 2 * PAD, BLOCK_W, BLOCK_C)  # padded rows too
         mask_w = wp < width + 2 * PAD
+        mask_c = _channel_mask(c, channels, EVEN_C)
         # x as a merge's deeper part, with no skip part (0 channels)
         v = _padded_row(
-            x_ptr, x_ptr, n, hp, w0, wp, c, mask_w, height, width, channels, 0, channels,
+            x_ptr, x_ptr, n, hp, w0, wp, c, mask_w, height, width, mask_c, 0, channels,
             sx_n, sx_c, sx_h, sx_w, sx_n, sx_c, sx_h, sx_w, PAD, BLOCK_W,
         )  # fmt: skip
-        mask = mask_w[:, None] & (c < channels)[None, :]
+        mask = mask_w[:, None] & mask_c[None, :]
         tl.store(out_ptr + n * so_n + hp * so_h + (wp * so_w)[:, None] + (c * so_c)[None, :], v, mask=mask)
 
     @triton.jit(do_not_specialize=_SIZES)
@@ -79,11 +81,12 @@ if _HAS_TRITON:
         PAD: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        EVEN_C: tl.constexpr,  # BLOCK_C divides the channels (batch_norm_act's _channel_mask)
         PDL: tl.constexpr,
     ):  # fmt: skip
         wait_for_previous_kernel(PDL)
         n, h, w0, w, c = _row_tile(height, BLOCK_W, BLOCK_C)
-        mask_c = c < channels
+        mask_c = _channel_mask(c, channels, EVEN_C)
         mask = (w < width)[:, None] & mask_c[None, :]
         acc = _folded_grad(g_ptr, n, h, w0, w, c, mask, mask_c, height, width, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W)
         tl.store(dx_ptr + n * sx_n + h * sx_h + (w * sx_w)[:, None] + (c * sx_c)[None, :], acc, mask=mask)
@@ -97,7 +100,7 @@ def _launch(kernel, src: torch.Tensor, dst: torch.Tensor, pad: int, unpadded: to
     block_w, block_c, c_tiles, *_, config = _plane(layout(dst), dst.dtype, rows, dst.shape[3], c)
     kernel[(rows, triton.cdiv(dst.shape[3], block_w), c_tiles)](
         src, dst, h, w, c, *src.stride(), *dst.stride(), PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c,
-        num_warps=config.num_warps, **launch_options(src),
+        EVEN_C=c % block_c == 0, num_warps=config.num_warps, **launch_options(src),
     )  # fmt: skip
 
 

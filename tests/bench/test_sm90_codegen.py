@@ -164,6 +164,35 @@ def test_the_upsample_stores_aligned_rows_four_columns_at_a_time(step_rows, kern
     assert all(set(r["store_bytes"]) == {"8"} for r in rows), rows
 
 
+@pytest.fixture(scope="module")
+def channels_last_rows(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("step-codegen-cl")
+    done = subprocess.run([sys.executable, str(ROOT / "bench/sm90_codegen.py"), "--step", "--channels-last", "--size",
+                           "64", "--out", str(out)], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((out / "sm90_step_codegen.json").read_text())["rows"]
+
+
+@pytest.mark.parametrize("kernel", BATCH_NORM)
+def test_channels_last_single_source_planes_move_16_byte_vectors(channels_last_rows, kernel):
+    """native-cl's BatchNorm passes on 128-channel planes: the channels run at unit stride, and with the tile whole
+    along them (EVEN_C) and no merge mapping on a single source, their loads and stores move 8 bf16 at a time.
+    Before, the channel mask's unspecialised count left every access 2-byte (bench/results/2026-12-05-cpu-channels-
+    last-codegen/); the merges' branch still is, so the counts hold both."""
+
+    def whole_aligned_plane(r: dict) -> bool:
+        return r["constexprs"]["EVEN_C"] and r["constexprs"]["BLOCK_C"] == 128 and _aligned(r)
+
+    rows = [r for r in channels_last_rows if r["kernel"] == kernel and whole_aligned_plane(r)]
+    assert rows, kernel
+    for row in rows:
+        assert row["load_bytes"].get("16", 0) >= 1, row
+        if kernel in ("_batch_norm_act_pad_kernel", "_batch_norm_act_bwd_apply_kernel"):
+            assert row["store_bytes"].get("16", 0) >= 1, row
+        if kernel == "_batch_norm_act_bwd_sums_kernel" and row["constexprs"]["PAD"] == 0:
+            assert row["registers"] <= 128, row  # 168 before: 3 programs an SM, 5 now
+
+
 @pytest.mark.skipif(not _INTERPRET, reason="records launches in Triton's interpreter (a CPU session's build)")
 def test_step_channels_last_records_the_nhwc_step():
     """--channels-last: the step of the harness's native-cl, whose BatchNorm tiles run along the channels (128 of

@@ -33,7 +33,7 @@ KERNELS["column-sums"] = (
     _TC,
 )
 # the padded BatchNorm kernels on the native step's path, bf16 activations, a 3x3 conv's pad, an NCHW plane's tiles
-_BN = {"PAD": 1, "BLOCK_W": 256, "BLOCK_C": 4}  # Hopper's plane tile, every level's since
+_BN = {"PAD": 1, "BLOCK_W": 256, "BLOCK_C": 4, "EVEN_C": True}  # Hopper's plane tile, every level's since
 for _k, _act in (
     ("_batch_norm_stats_kernel", ("skip_ptr", "deeper_ptr")),
     ("_batch_norm_act_pad_kernel", ("skip_ptr", "deeper_ptr", "out_ptr")),
