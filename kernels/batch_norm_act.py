@@ -13,7 +13,9 @@ Layout: any strides in, x's memory format out. The inputs may be views (a centre
 output, mean and rstd, and the gradients are new dense tensors: out and dx channels_last where the input keeps its
 channels innermost (stride 1 along C, not along W), NCHW contiguous otherwise (dipfast.native._tensors.layout's
 rule, so either backend hands the next conv the same layout). Tiles are one image row by BLOCK_W x BLOCK_C with
-the long side along the layout's unit-stride axis, so loads and stores coalesce in either format (configs.py).
+the long side along the layout's unit-stride axis, so loads and stores coalesce in either format (configs.py); where
+the channel tiles divide the channels (EVEN_C) and one source is read (not a merge), a channels_last tile moves its
+channels in 16-byte vectors too (bench/results/2026-12-05-cpu-channels-last-codegen/).
 Precisions: x fp32 or bf16 (the output and dx in x's dtype); weight and bias any float dtype, used in fp32 (their
 gradients come back in their dtypes); statistics, normalisation and every sum in fp32.
 
