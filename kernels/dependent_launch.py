@@ -23,6 +23,7 @@ Measured: not yet (the harness's `native-pdl` variant, gpu_quick's throughput st
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -54,8 +55,10 @@ def dependent_launches(enabled: bool = True):
         _enabled = saved
 
 
+@functools.cache
 def supported(device: torch.device) -> bool:
-    """Whether `device` can launch dependent kernels: CUDA, compute capability 9.0 or later, a Triton with the wait."""
+    """Whether `device` can launch dependent kernels: CUDA, compute capability 9.0 or later, a Triton with the wait.
+    (Cached: launch_options asks it at every launch of an eager step.)"""
     return _HAS_WAIT and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 

@@ -37,3 +37,21 @@ def test_a_lost_launch_fails_the_run(tool, tmp_path, monkeypatch):
     monkeypatch.setattr(tool, "_chain", lambda kind, x, launches, pdl: chain(kind, x, launches - 1, pdl))
     assert tool.main(["--device", "cpu", "--launches", "3", "--repeats", "1", "--out", str(tmp_path)]) == 1
     assert "**no**" in (tmp_path / "launch_gap.md").read_text()
+
+
+def test_a_chain_that_fails_is_a_row_and_the_others_still_run(tool, tmp_path, monkeypatch):
+    """A GPU whose driver cannot capture a dependent launch must not cost the other rows of the window's step."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    measure = tool.measure
+
+    def aten_fails(kind, *args):
+        if kind == "aten":
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        return measure(kind, *args)
+
+    monkeypatch.setattr(tool, "measure", aten_fails)
+    assert tool.main(["--device", "cpu", "--launches", "2", "--repeats", "1", "--out", str(tmp_path)]) == 1
+    rows = json.loads((tmp_path / "launch_gap.json").read_text())["rows"]
+    assert [r.get("every_launch_counted") for r in rows] == [True, True, None]
+    assert rows[-1]["error"] == "operation not permitted when stream is capturing"
+    assert "| aten | 4 | no | failed: operation not permitted" in (tmp_path / "launch_gap.md").read_text()
