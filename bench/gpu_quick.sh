@@ -48,7 +48,9 @@
 #                 nvidia-cudnn-frontend wheel in .gpu-data/wheels where absent (no network on the device:
 #                 pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                   --platform manylinux_2_28_x86_64 nvidia-cudnn-frontend==1.16.0 -d .gpu-data/wheels)     90
-#   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches           35
+#   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches, and native-per-network
+#                 at its precision (the 4 networks one after another in the graph, not vmapped into grouped
+#                 convs): what vmap is worth, the batch and tiles targets' lever (Backend.vectorised)   50
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
 #                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  160
 #   tests         the rest of the suite's CUDA tests (test_cuda_restore: restore() on the GPU;
@@ -311,9 +313,10 @@ cudnn() {  # the frontend from a carried wheel where it is not installed (the de
     "$PY" "$ROOT/bench/cudnn_fusion.py" "${CUDNN[@]}" --out "$WORK/cudnn"
 }
 batch() {
-    # shellcheck disable=SC2046
+    local best
+    best=$(fastest 1 --batched)
     bench throughput "${DEVICE[@]}" "${BATCH[@]}" --batch 1 4 --quiet --out "$WORK/batch" \
-        --configs $(fastest 1 --batched)
+        --configs "$best" "native-per-network:${best#*:}"
 }
 tasks() {
     # shellcheck disable=SC2086  # BACKENDS is a list of words

@@ -63,6 +63,10 @@ class Backend:
     # the device types where the step's Triton kernels launch as programmatic dependent launches (Hopper and later:
     # each scheduled while the kernel before it drains, dipfast.kernels.dependent_launch): off until measured
     dependent_launch: frozenset[str] = frozenset()
+    # the device types where a fast step of N > 1 networks runs them as one vmapped network (grouped convs, one
+    # launch a layer: generator_runner), not one after another (N launches a layer; the CPU's way, where grouped
+    # convs are slower, and the one whose fits are the same bits in any group: tests/test_group_invariance.py)
+    vectorised: frozenset[str] = frozenset({"cuda"})
 
 
 BACKEND_TABLE: dict[str, Backend] = {
@@ -170,6 +174,10 @@ class Plan:
         from dipfast.kernels import dependent_launch
 
         return dependent_launch.supported(device)
+
+    def vectorised(self, device: torch.device) -> bool:
+        """Whether a fast step of several networks runs them vmapped on `device` (else one after another)."""
+        return device.type in self.spec.vectorised
 
     def step_math(self):
         """The context of every generator call, the step's backward included: tf32's TF32 switches, else

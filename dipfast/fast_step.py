@@ -44,8 +44,8 @@ from dipfast.presets import TaskPreset
 class FastStep(step_rules.AfterBackward):
     """N fits of one preset on same-size problems, as one step (step_rules.Step).
 
-    vectorised: run the N networks with vmap (default: on CUDA, when N > 1). graph_safe: backtracking
-    and the freeze of stopped networks without host reads (default: where the step is graph-captured).
+    vectorised: run the N networks with vmap when N > 1 (default: where the plan says, CUDA). graph_safe:
+    backtracking and the freeze of stopped networks without host reads (default: where the step is graph-captured).
     fused_rules: the rules after the backward, early stopping's update included where it is ES-WMV on
     full-size outputs (the calibrated rules), in 3 to 7 Triton launches (dipfast.kernels.fused_rules;
     default: where the plan says, CUDA). All three are parameters so the CPU can test the GPU's branches.
@@ -73,7 +73,7 @@ class FastStep(step_rules.AfterBackward):
         if any(p.loss is not None for p in problems) and self.n > 1:
             raise InputError("a custom loss= runs one image at a time; give one image, or an operator= instead")
         if vectorised is None:
-            vectorised = device.type == "cuda"
+            vectorised = plan.vectorised(device)
         self.runner = GeneratorRunner(networks, problems[0].out_size, plan, device, vectorised and self.n > 1)
         self.flat = self.runner.flat
         self.graph_safe = plan.cuda_graph if graph_safe is None else graph_safe

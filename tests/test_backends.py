@@ -276,6 +276,29 @@ def test_the_vectorised_batch_equals_separate_runs(rng):
         torch.testing.assert_close(step.ema[k : k + 1], alone.ema_image, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize(("method", "devices"), [("native", {"cuda"}), ("native-per-network", set())])
+def test_the_plan_says_where_a_batch_is_vmapped(method, devices):
+    """Backend.vectorised: native vmaps a step of N > 1 networks on CUDA alone; the harness's native-per-network
+    nowhere (one network after another: what vmapping a batch is worth)."""
+    from dipfast.bench import runs
+
+    with runs.method_context(method):
+        plan = backends.Plan("native", "fp32", compile=False, cuda_graph=False)
+        for device in ("cpu", "cuda"):
+            assert plan.vectorised(torch.device(device)) == (device in devices)
+
+
+@pytest.mark.parametrize("where", [frozenset(), frozenset({"cpu"})], ids=["cuda", "cpu-too"])
+def test_the_fast_step_vmaps_a_batch_where_the_plan_says(rng, where):
+    problems = [_problem(rng) for _ in range(2)]
+    with backends.variant("native", vectorised=where):
+        plan = _plan("native")
+        for n in (2, 1):  # one network is never vmapped
+            built, zs = fast_step.build_nets(problems[:n], PRESET, [3, 4][:n])
+            step = fast_step.FastStep(built, zs, problems[:n], PRESET, CPU, [3, 4][:n], 5, plan)
+            assert step.runner.vectorised == (n > 1 and "cpu" in where)
+
+
 @pytest.mark.parametrize("vectorised", [False, True], ids=["each", "vectorised"])
 def test_a_bf16_step_feeds_its_net_input_in_bf16_with_the_same_results(rng, monkeypatch, vectorised):
     """Under bf16 the net's input is z + noise rounded to bf16 once (its convs read it in bf16 anyway: autocast cast it

@@ -55,6 +55,9 @@ NATIVE_EAGER = "native-eager"
 #                          (7) on CUDA (dipfast.kernels.fused_rules)
 #   native-pdl             the step's Triton kernels as programmatic dependent launches (Hopper and later: each
 #                          scheduled while the one before it drains, dipfast.kernels.dependent_launch)
+#   native-per-network     a step of N > 1 networks runs them one after another (N launches a layer), where native
+#                          vmaps them on CUDA (grouped convs, one launch a layer; Backend.vectorised): what batching
+#                          is worth there; at batch 1 and on a CPU it is native itself
 #   compile-forced-layout  Inductor's layout optimisation forced on every graph (Backend.force_layout): its own
 #                          rule leaves the backward graph NCHW while the forward runs channels_last
 #   compile-nchw           compile with NCHW activations under bf16, the layout that made native 2.74x faster on
@@ -69,6 +72,7 @@ FIELD_VARIANTS = {
     "native-packed-parameters": ("native", lambda b: {"packed_parameters": frozenset({"cpu", "cuda"})}),
     "native-unfused-rules": ("native", lambda b: {"fused_rules": frozenset()}),
     "native-pdl": ("native", lambda b: {"dependent_launch": frozenset({"cuda"})}),
+    "native-per-network": ("native", lambda b: {"vectorised": frozenset()}),
     "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
     "compile-nchw": ("compile", lambda b: {"channels_last_bf16": frozenset()}),
     "triton-nchw": ("triton", lambda b: {"channels_last_bf16": frozenset()}),
@@ -96,8 +100,8 @@ def dip_methods() -> list[str]:
 # What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
 # on a CPU, compile (and its variants) and triton spend minutes compiling in every cold run (Triton runs there
 # only in its interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones,
-# native-cl, native-reference-blocks, native-unfused-rules and native-pdl are native itself there, and native-aligned
-# and native-packed-parameters are about CUDA's tensor cores.
+# native-cl, native-reference-blocks, native-unfused-rules, native-pdl and native-per-network are native itself there,
+# and native-aligned and native-packed-parameters are about CUDA's tensor cores.
 NOT_BY_DEFAULT = {
     "cpu": {
         "methods": (
@@ -111,6 +115,7 @@ NOT_BY_DEFAULT = {
             "native-packed-parameters",
             "native-unfused-rules",
             "native-pdl",
+            "native-per-network",
         ),
         "precisions": ("tf32",),
     }

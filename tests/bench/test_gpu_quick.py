@@ -86,7 +86,13 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         fastest = max((r for r in rows if not r["method"].startswith("original")), key=lambda r: r["its_median"])
         profiled = [(e["method"], e["precision"]) for e in loaded("profile/profile.json")["entries"]]
         assert len(profiled) == 2 and profiled[0] == (fastest["method"], fastest["precision"])
-        assert {r["batch"] for r in loaded("batch/throughput.json")["rows"]} == {1, 4}
+        batched = loaded("batch/throughput.json")["rows"]
+        assert {r["batch"] for r in batched} == {1, 4} and all(r["status"] == "ok" for r in batched)
+        best = max((r for r in rows if r["method"].startswith("native")), key=lambda r: r["its_median"])
+        assert {(r["method"], r["precision"]) for r in batched} == {
+            (best["method"], best["precision"]),
+            ("native-per-network", best["precision"]),
+        }
         tasks = [json.loads(line) for line in tar.extractfile("./tasks/tasks.jsonl").read().decode().splitlines()]
         assert {c["task"] for c in tasks} == {"sr", "inpaint", "denoise", "jpeg", "restore", "enhance", "flash"}
         assert all(c["status"] == "ok" for c in tasks)
@@ -125,6 +131,26 @@ def test_the_headline_sets_each_variant_beside_its_backend():
     assert split == []
     both = variants([row("native", "bf16", 10.0)], [row("compile", "bf16", 12.0), row("compile-nchw", "bf16", 6.0)])
     assert both[-1] == "| compile-nchw bf16 | 6.00 ms | compile 12.00 ms | 2.00x faster |" and len(both) == 4
+
+
+def test_the_headline_takes_the_batch_target_from_the_best_of_each_batch_size(tmp_path):
+    """The batch step runs the fastest path and native-per-network beside it: batch 4's best against batch 1's
+    best (at batch 1 the two are the same code), and each batch-4 variant beside its backend."""
+    steps = bench_script("gpu_quick_steps")
+
+    def row(method, batch, its):
+        ms = batch * 1e3 / its
+        return {"method": method, "precision": "bf16", "batch": batch, "its_median": its, "ms_per_iter": ms,
+                "status": "ok"}  # fmt: skip
+
+    rows = [row("native", 1, 200.0), row("native-per-network", 1, 210.0), row("native", 4, 300.0),
+            row("native-per-network", 4, 450.0)]  # fmt: skip
+    (tmp_path / "batch").mkdir()
+    (tmp_path / "batch" / "throughput.json").write_text(json.dumps({"rows": rows}))
+    assert steps.headline(tmp_path) == 0
+    text = (tmp_path / "headline.md").read_text()
+    assert "| 256 x 256: batch 4 >= 2x the images/s of batch 1 | 2.14x (native-per-network bf16) | met |" in text
+    assert "| native-per-network bf16, batch 4 | 8.89 ms | native 13.33 ms | 1.50x faster |" in text
 
 
 def test_the_ops_table_joins_its_runs_and_says_which_did_not_finish(tmp_path):
