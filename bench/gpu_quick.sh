@@ -25,7 +25,8 @@
 #                 16-byte alignment, as before: what aligning them is worth), native-unfused-rules bf16 (the
 #                 rules after the backward as some 48 torch ops: what fusing them is worth), native-pdl bf16 (the
 #                 Triton kernels as programmatic dependent launches: what overlapping ~200 launches is worth),
-#                 native-cl bf16 (channels_last:
+#                 native-folded-finalize bf16 (each BatchNorm's finalize in its reduction's last program: 60
+#                 launches fewer), native-cl bf16 (channels_last:
 #                 its 14 legacy dgrad calls may have been the same misaligned weights, and NHWC would save
 #                 cuDNN's 1.1 ms of layout conversions); each row is written as it ends. The compiled paths
 #                 are the `compile` step's (a minute of compiling each: in the 222367b4a8 run they ran last
@@ -282,7 +283,8 @@ throughput() {
     # bf16's variants, tf32's and fp32's (the compiled paths are the compile step's)
     bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet --out "$WORK/throughput" --configs \
         native:bf16 original-loop:fp32 original-loop-tf32:tf32 native-reference-blocks:bf16 \
-        native-packed-parameters:bf16 native-unfused-rules:bf16 native-pdl:bf16 native-cl:bf16 native:tf32 \
+        native-packed-parameters:bf16 native-unfused-rules:bf16 native-pdl:bf16 native-folded-finalize:bf16 \
+        native-cl:bf16 native:tf32 \
         native-reference-blocks:tf32 native:fp32
 }
 fastest() {  # fastest N [--batched]: the N fastest paths of the throughput step, native's where it has none

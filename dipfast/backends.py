@@ -63,6 +63,10 @@ class Backend:
     # the device types where the step's Triton kernels launch as programmatic dependent launches (Hopper and later:
     # each scheduled while the kernel before it drains, dipfast.kernels.dependent_launch): off until measured
     dependent_launch: frozenset[str] = frozenset()
+    # the device types where the padded BatchNorm kernels finalize in their reduction's last program instead of a
+    # launch of their own (dipfast.kernels.channel_sums.folded_finalize: 60 of the step's ~200 launches): off until
+    # measured
+    folded_finalize: frozenset[str] = frozenset()
     # the device types where a fast step of N > 1 networks runs them as one vmapped network (grouped convs, one
     # launch a layer: generator_runner), not one after another (N launches a layer; the CPU's way, where grouped
     # convs are slower, and the one whose fits are the same bits in any group: tests/test_group_invariance.py)
@@ -174,6 +178,10 @@ class Plan:
         from dipfast.kernels import dependent_launch
 
         return dependent_launch.supported(device)
+
+    def folded_finalize(self, device: torch.device) -> bool:
+        """Whether the padded BatchNorm kernels finalize in their last program on `device` (where the backend says)."""
+        return device.type in self.spec.folded_finalize
 
     def vectorised(self, device: torch.device) -> bool:
         """Whether a fast step of several networks runs them vmapped on `device` (else one after another)."""

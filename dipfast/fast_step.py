@@ -119,13 +119,18 @@ class FastStep(step_rules.AfterBackward):
 
             if self.early_stop is None or rules.takes(self.early_stop):
                 self.fused = rules.FusedRules(self.n, self.out[0].numel(), device)
-        # the step's Triton kernels as programmatic dependent launches, where the plan says (eager calls, the warm-up
-        # and the capture alike; the backward's kernels too, launched while step() waits in backward())
-        self.kernel_launches = contextlib.nullcontext
+        # how the step's Triton kernels launch, where the plan says: as programmatic dependent launches, the BatchNorm
+        # finalize folded into the last program (eager calls, the warm-up and the capture alike; the backward's kernels
+        # too, launched while step() waits in backward())
+        self.launch_switches = []
         if plan.dependent_launch(device):
             from dipfast.kernels.dependent_launch import dependent_launches
 
-            self.kernel_launches = dependent_launches
+            self.launch_switches.append(dependent_launches)
+        if plan.folded_finalize(device):
+            from dipfast.kernels.channel_sums import folded_finalize
+
+            self.launch_switches.append(folded_finalize)
         # the fused step's masked copies move only the rows that change, without a host read
         self.copy_rows = self.fused.copy_rows if self.fused is not None else None
         if self.early_stop is not None:
@@ -164,7 +169,9 @@ class FastStep(step_rules.AfterBackward):
         return problem.data_term(out, y)
 
     def _step(self) -> None:
-        with self.kernel_launches():
+        with contextlib.ExitStack() as launches:
+            for switch in self.launch_switches:
+                launches.enter_context(switch(True))
             if self.preset.reg_noise_std > 0:
                 self.input_noise.draw_(self.noise, self.iteration, self.preset.reg_noise_std)
                 torch.add(self.z, self.noise, out=self.net_input)  # z + (n * std), the reference's rounding

@@ -19,10 +19,12 @@ channels in 16-byte vectors too (bench/results/2026-12-05-cpu-channels-last-code
 Precisions: x fp32 or bf16 (the output and dx in x's dtype); weight and bias any float dtype, used in fp32 (their
 gradients come back in their dtypes); statistics, normalisation and every sum in fp32.
 
-Forward (three launches, no atomics, deterministic):
+Forward (three launches, deterministic):
   1. _batch_norm_stats_kernel: each program walks some rows of some channels, merging each tile's (count, mean,
      M2) into its own with Chan's formula; one finalize launch merges the programs' partials the same way
-     (channel_sums.chan_finalize: no E[x^2] - mean^2 cancellation), rstd = 1 / sqrt(var + eps).
+     (channel_sums.chan_finalize: no E[x^2] - mean^2 cancellation), rstd = 1 / sqrt(var + eps). Inside
+     channel_sums.folded_finalize(True) the last program of each channel tile to finish does it instead (an atomic
+     arrival count: channel_sums.last_to_arrive), in the same order: one launch fewer.
   2. _batch_norm_act_pad_kernel: one program per output row (padded rows included) and tile: the row's source
      (i < 0 -> -i, i >= H -> 2H - 2 - i) read in column order, each pad column's mirror one (BLOCK_C,) load by the
      tiles that hold it; normalises, applies act, stores. Read in order, a tile's loads coalesce, and an unpadded
@@ -30,10 +32,11 @@ Forward (three launches, no atomics, deterministic):
      one element a thread across channels and moved the tile through shared memory to store it:
      `python bench/sm90_codegen.py --step`).
   Saved for backward: x (or skip and deeper), weight, bias, mean, rstd; xhat and z are recomputed.
-Backward (three launches, no atomics, deterministic; the gradient of the padded output, any strides):
+Backward (three launches, deterministic; the gradient of the padded output, any strides):
   3. _batch_norm_act_bwd_sums_kernel: the reflection pad's adjoint as a gather, g(i, j) = the sum of the incoming
      gradient over i's <= 3 pre-images per axis (9 masked loads), dz = g * act'(z), and per-program partial sums
-     of dz (= dbias) and dz * xhat (= dweight), summed by one launch (channel_sums.column_sums).
+     of dz (= dbias) and dz * xhat (= dweight), summed by one launch (channel_sums.column_sums), or folded in
+     the last program as the forward's.
   4. _batch_norm_act_bwd_apply_kernel: the same gather and dz, dx = weight * rstd * (dz - dbias / M -
      xhat * dweight / M), stored in x's layout (d(skip) and d(deeper) for the merge).
 Under torch.func.vmap a rule folds the vmapped networks into the channels (groups for the merge: vmap_fold.py):
@@ -53,7 +56,7 @@ import torch
 
 from dipfast import reference
 from dipfast.errors import InputError
-from dipfast.kernels.channel_sums import chan_finalize, column_sums
+from dipfast.kernels.channel_sums import arrival_counters, chan_finalize, column_sums, finalize_folded
 from dipfast.kernels.configs import PlaneTiles, precision_of, tiles
 from dipfast.kernels.conv_bn_lrelu import kernels_take
 from dipfast.kernels.dependent_launch import launch_options, wait_for_previous_kernel
@@ -62,6 +65,8 @@ from dipfast.kernels.vmap_fold import batch_first, fold_into_channels, fold_into
 try:
     import triton
     import triton.language as tl
+
+    from dipfast.kernels.channel_sums import PARTIAL_ROWS, chan_merge, column_sum, last_to_arrive
 
     _HAS_TRITON = True
 except ImportError:  # the package always works: the public functions fall back to dipfast.reference
@@ -243,6 +248,9 @@ if _HAS_TRITON:
         deeper_ptr,  # (N, G * Cd, H, W) x's dtype, any strides
         psum_ptr,  # (programs, C) fp32: each program's sum
         pm2_ptr,  # (programs, C) fp32: each program's sum of squared deviations from its own mean
+        mean_ptr,  # (C,) fp32, written under FINALIZE
+        rstd_ptr,  # (C,) fp32, written under FINALIZE
+        counters_ptr,  # (channel tiles,) int32 at zero, under FINALIZE (channel_sums.arrival_counters)
         n_rows,  # N * H
         rows_per_program,
         height,
@@ -250,11 +258,13 @@ if _HAS_TRITON:
         channels,  # C = G * (Cs + Cd)
         cs,
         cd,
+        eps,
         s_sn, s_sc, s_sh, s_sw,  # skip's strides
         d_sn, d_sc, d_sh, d_sw,  # deeper's strides
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
         EVEN_C: tl.constexpr,  # BLOCK_C divides the channels: no tile runs past them
+        FINALIZE: tl.constexpr,  # the last program of each channel tile writes mean and rstd (no finalize launch)
         PDL: tl.constexpr,
     ):  # fmt: skip
         wait_for_previous_kernel(PDL)
@@ -286,6 +296,13 @@ if _HAS_TRITON:
                 count = total
         tl.store(psum_ptr + pid * channels + c, mean * count, mask=mask_c)
         tl.store(pm2_ptr + pid * channels + c, m2, mask=mask_c)
+        if FINALIZE:
+            programs = tl.num_programs(0)
+            if last_to_arrive(counters_ptr + tl.program_id(1), programs):
+                mean, rstd = chan_merge(psum_ptr, pm2_ptr, c, mask_c, programs, channels, n_rows * width,
+                                        rows_per_program * width, eps, PARTIAL_ROWS, BLOCK_C)  # fmt: skip
+                tl.store(mean_ptr + c, mean, mask=mask_c)
+                tl.store(rstd_ptr + c, rstd, mask=mask_c)
 
     @triton.jit(do_not_specialize=_SIZES)
     def _batch_norm_act_pad_kernel(
@@ -360,6 +377,9 @@ if _HAS_TRITON:
         bias_ptr,  # (C,) fp32
         pdz_ptr,  # (programs, C) fp32: partial sums of dz
         pdzx_ptr,  # (programs, C) fp32: partial sums of dz * xhat
+        dbias_ptr,  # (C,) fp32: the sum of dz, written under FINALIZE
+        dweight_ptr,  # (C,) fp32: the sum of dz * xhat, written under FINALIZE
+        counters_ptr,  # (channel tiles,) int32 at zero, under FINALIZE
         n_rows,  # N * H
         rows_per_program,
         height,
@@ -375,6 +395,7 @@ if _HAS_TRITON:
         BLOCK_W: tl.constexpr,
         BLOCK_C: tl.constexpr,
         EVEN_C: tl.constexpr,  # BLOCK_C divides the channels: no tile runs past them
+        FINALIZE: tl.constexpr,  # the last program of each channel tile writes dbias and dweight
         PDL: tl.constexpr,
     ):  # fmt: skip
         wait_for_previous_kernel(PDL)
@@ -398,6 +419,13 @@ if _HAS_TRITON:
                 sum_dzx += tl.sum(dz * xhat, axis=0)
         tl.store(pdz_ptr + pid * channels + c, sum_dz, mask=mask_c)
         tl.store(pdzx_ptr + pid * channels + c, sum_dzx, mask=mask_c)
+        if FINALIZE:
+            programs = tl.num_programs(0)
+            if last_to_arrive(counters_ptr + tl.program_id(1), programs):
+                dbias = column_sum(pdz_ptr, c, mask_c, programs, channels, PARTIAL_ROWS, BLOCK_C)
+                tl.store(dbias_ptr + c, dbias, mask=mask_c)
+                tl.store(dweight_ptr + c, column_sum(pdzx_ptr, c, mask_c, programs, channels, PARTIAL_ROWS, BLOCK_C),
+                         mask=mask_c)  # fmt: skip
 
     @triton.jit(do_not_specialize=_SIZES)
     def _batch_norm_act_bwd_apply_kernel(
@@ -508,10 +536,15 @@ def _forward(skip, deeper, weight, bias, groups, eps, negative_slope, pad):
     strides = (*first.stride(), *deeper.stride())
     blocks = dict(BLOCK_W=block_w, BLOCK_C=block_c, EVEN_C=c % block_c == 0, num_warps=config.num_warps)
     blocks.update(launch_options(deeper))
+    folded = finalize_folded(deeper, block_c)
+    mean, rstd = (_empty((c,), torch.float32, dev) for _ in range(2)) if folded else (psum, pm2)
+    counters = arrival_counters(deeper, c_tiles) if folded else psum
     _batch_norm_stats_kernel[(programs, c_tiles)](
-        first, deeper, psum, pm2, n * h, rows, h, w, c, cs, cd, *strides, **blocks
+        first, deeper, psum, pm2, mean, rstd, counters, n * h, rows, h, w, c, cs, cd, eps, *strides,
+        FINALIZE=folded, **blocks,
     )  # fmt: skip
-    mean, rstd = chan_finalize(psum, pm2, n * h * w, rows * w, eps)
+    if not folded:
+        mean, rstd = chan_finalize(psum, pm2, n * h * w, rows * w, eps)
     out = _empty((n, c, h + 2 * pad, w + 2 * pad), deeper.dtype, dev, fmt)
     _batch_norm_act_pad_kernel[(n * (h + 2 * pad), triton.cdiv(w + 2 * pad, block_w), c_tiles)](
         first, deeper, mean, rstd, weight.float().contiguous(), bias.float().contiguous(), out,
@@ -532,10 +565,15 @@ def _backward(grad, skip, deeper, weight, bias, mean, rstd, groups, negative_slo
     blocks = dict(PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c, EVEN_C=c % block_c == 0, num_warps=config.num_warps)
     blocks.update(launch_options(deeper))
     args = (grad, first, deeper, mean, rstd, gamma, beta)
+    folded = finalize_folded(deeper, block_c)
+    dbias, dweight = (_empty((c,), torch.float32, dev) for _ in range(2)) if folded else (pdz, pdzx)
+    counters = arrival_counters(deeper, c_tiles) if folded else pdz
     _batch_norm_act_bwd_sums_kernel[(programs, c_tiles)](
-        *args, pdz, pdzx, n * h, rows, h, w, c, cs, cd, negative_slope, *strides, **blocks
+        *args, pdz, pdzx, dbias, dweight, counters, n * h, rows, h, w, c, cs, cd, negative_slope, *strides,
+        FINALIZE=folded, **blocks,
     )  # fmt: skip
-    dbias, dweight = column_sums(pdz, pdzx)
+    if not folded:
+        dbias, dweight = column_sums(pdz, pdzx)
     ddeeper = _empty(deeper.shape, deeper.dtype, dev, layout(deeper))
     dskip = _empty(skip.shape, skip.dtype, dev, layout(skip)) if skip is not None else None
     dfirst = dskip if dskip is not None else ddeeper

@@ -14,10 +14,16 @@ every program summing its channels' partials in a fixed order (deterministic, fp
     column_sums(a, b)                         (a.sum(0), b.sum(0)) of two (programs, C) partials
 
 Without triton, or for CPU tensors outside Triton's interpreter, both are their torch expressions.
+
+Folded (folded_finalize(True), the harness's native-folded-finalize): the padded BatchNorm kernels finalize in the
+last of their reduction's programs to finish, with the same sums in the same order (chan_merge, column_sum), found
+by an atomic arrival count that the last program returns to zero (last_to_arrive, arrival_counters): two launches
+fewer per BatchNorm, one forward and one backward, at the price of that program's serial tail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -41,18 +47,18 @@ _BLOCK_T, _BLOCK_C = 32, 32  # partial rows x channels per load: the partials ar
 _COUNTS = ["n_tiles", "C"]
 
 if _HAS_TRITON:
+    PARTIAL_ROWS = tl.constexpr(_BLOCK_T)  # for kernels that finalize their own partials (last_to_arrive)
 
-    @triton.jit(do_not_specialize=[*_COUNTS, "n", "block"])
-    def _chan_finalize_kernel(psum, pm2, mean_out, rstd_out, n_tiles, C, n, block, eps,
-                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-        wait_for_previous_kernel(PDL)
-        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = c < C
+    @triton.jit
+    def chan_merge(psum, pm2, c, c_mask, n_tiles, C, n, block, eps, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """(mean, rstd) of channels c from per-tile (sum, M2) partials, (n_tiles, C) fp32, of `block` elements each
+        (the last tile n's rest): Chan's merge, partial rows summed in a fixed order. Loads bypass L1 (.cg): where a
+        kernel's last program finalizes, the partials were written by other SMs during the kernel."""
         total = tl.zeros([BLOCK_C], dtype=tl.float32)
         for t0 in range(0, n_tiles, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             mask = (t[:, None] < n_tiles) & c_mask[None, :]
-            total += tl.sum(tl.load(psum + t[:, None] * C + c[None, :], mask=mask, other=0.0), axis=0)
+            total += tl.sum(tl.load(psum + t[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg"), 0)
         mean = total / n
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
         for t0 in range(0, n_tiles, BLOCK_T):
@@ -60,12 +66,45 @@ if _HAS_TRITON:
             mask = (t[:, None] < n_tiles) & c_mask[None, :]
             count = tl.minimum(n - t * block, block).to(tl.float32)
             count = tl.where(t < n_tiles, count, 1.0)[:, None]
-            tile_sum = tl.load(psum + t[:, None] * C + c[None, :], mask=mask, other=0.0)
-            tile_m2 = tl.load(pm2 + t[:, None] * C + c[None, :], mask=mask, other=0.0)
+            tile_sum = tl.load(psum + t[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            tile_m2 = tl.load(pm2 + t[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg")
             shift = tile_sum / count - mean[None, :]
             m2 += tl.sum(tl.where(mask, tile_m2 + count * shift * shift, 0.0), axis=0)
+        return mean, tl.rsqrt(m2 / n + eps)
+
+    @triton.jit
+    def column_sum(a, c, c_mask, n_tiles, C, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """a[:, c].sum(0) of (n_tiles, C) fp32 partials, rows in a fixed order (loads past L1, as chan_merge's)."""
+        total = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            mask = (t[:, None] < n_tiles) & c_mask[None, :]
+            total += tl.sum(tl.load(a + t[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg"), 0)
+        return total
+
+    @triton.jit
+    def last_to_arrive(counter_ptr, programs):
+        """Whether this program is the last of `programs` to reach this point (each program calls it once, after
+        storing its partials); the last returns the counter to zero for the next launch. The barrier makes every
+        thread's stores precede the one thread's release (the atomic), whose acquire side makes the others' stores
+        visible to the last program: CUDA's last-block reduction (threadFenceReduction), as cooperative groups'
+        grid sync orders a block (a barrier, then one thread's gpu-scope fence and atomic)."""
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+        last = arrived == programs - 1
+        if last:
+            tl.store(counter_ptr, 0)
+        return last
+
+    @triton.jit(do_not_specialize=[*_COUNTS, "n", "block"])
+    def _chan_finalize_kernel(psum, pm2, mean_out, rstd_out, n_tiles, C, n, block, eps,
+                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        wait_for_previous_kernel(PDL)
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        mean, rstd = chan_merge(psum, pm2, c, c_mask, n_tiles, C, n, block, eps, BLOCK_T, BLOCK_C)
         tl.store(mean_out + c, mean, mask=c_mask)
-        tl.store(rstd_out + c, tl.rsqrt(m2 / n + eps), mask=c_mask)
+        tl.store(rstd_out + c, rstd, mask=c_mask)
 
     @triton.jit(do_not_specialize=_COUNTS)
     def _column_sums_kernel(
@@ -74,16 +113,8 @@ if _HAS_TRITON:
         wait_for_previous_kernel(PDL)
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = c < C
-        sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)
-        sum_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for t0 in range(0, n_tiles, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            mask = (t[:, None] < n_tiles) & c_mask[None, :]
-            offsets = t[:, None] * C + c[None, :]
-            sum_a += tl.sum(tl.load(a + offsets, mask=mask, other=0.0), axis=0)
-            sum_b += tl.sum(tl.load(b + offsets, mask=mask, other=0.0), axis=0)
-        tl.store(a_out + c, sum_a, mask=c_mask)
-        tl.store(b_out + c, sum_b, mask=c_mask)
+        tl.store(a_out + c, column_sum(a, c, c_mask, n_tiles, C, BLOCK_T, BLOCK_C), mask=c_mask)
+        tl.store(b_out + c, column_sum(b, c, c_mask, n_tiles, C, BLOCK_T, BLOCK_C), mask=c_mask)
 
 
 def _check(*partials: torch.Tensor) -> None:
@@ -96,6 +127,47 @@ def _check(*partials: torch.Tensor) -> None:
 
 def _in_triton(t: torch.Tensor) -> bool:
     return _HAS_TRITON and (t.is_cuda or _INTERPRET)
+
+
+_folded = False
+
+
+@contextlib.contextmanager
+def folded_finalize(enabled: bool = True):
+    """Within the block, the padded BatchNorm kernels (batch_norm_act.py) finalize in their reduction's last program
+    (last_to_arrive), not in a launch of their own: two launches fewer per BatchNorm, forward and backward. A
+    process-wide switch, as dependent_launch's: the backward's ops run on autograd's device thread."""
+    global _folded
+    saved, _folded = _folded, enabled
+    try:
+        yield
+    finally:
+        _folded = saved
+
+
+def finalize_folded(t: torch.Tensor, block_c: int) -> bool:
+    """Whether a kernel reducing t in tiles of block_c channels finalizes in its last program: inside
+    folded_finalize(True), in Triton, and for tiles no wider than the finalize launch's own (channels_last's 128-wide
+    tiles would hold 32 x 128 partials at once, 48 -> 168 registers for every program of the statistics kernel on
+    sm_90, and leave one program to merge the partials of all 128 channels)."""
+    return _folded and _in_triton(t) and block_c <= _BLOCK_C
+
+
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_MIN_COUNTERS = 1024  # a default-net BatchNorm has at most 66 channel tiles; vmap multiplies them by the networks
+
+
+def arrival_counters(t: torch.Tensor, n: int) -> torch.Tensor:
+    """n int32 counters at zero on t's device for a kernel launched on the current stream (last_to_arrive: each
+    launch leaves them at zero). One buffer per stream: kernels on one stream run one after another, and with
+    programmatic dependent launch each waits for the one before before its first atomic; kernels on two streams may
+    run at once. Made at the first call (inside a CUDA graph's capture: from the graph's pool, its zeroing a node)."""
+    stream = torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+    counters = _COUNTERS.get((t.device, stream))
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=t.device)
+        _COUNTERS[(t.device, stream)] = counters
+    return counters
 
 
 def chan_finalize(psum: torch.Tensor, pm2: torch.Tensor, n: int, block: int, eps: float):

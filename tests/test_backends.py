@@ -288,6 +288,17 @@ def test_the_plan_says_where_a_batch_is_vmapped(method, devices):
             assert plan.vectorised(torch.device(device)) == (device in devices)
 
 
+@pytest.mark.parametrize(("method", "devices"), [("native", set()), ("native-folded-finalize", {"cuda"})])
+def test_the_plan_says_where_the_batch_norm_finalize_is_folded(method, devices):
+    """Backend.folded_finalize: off in native until a GPU measures it; the harness's native-folded-finalize on CUDA."""
+    from dipfast.bench import runs
+
+    with runs.method_context(method):
+        plan = backends.Plan("native", "bf16", compile=False, cuda_graph=False)
+        for device in ("cpu", "cuda"):
+            assert plan.folded_finalize(torch.device(device)) == (device in devices)
+
+
 @pytest.mark.parametrize("where", [frozenset(), frozenset({"cpu"})], ids=["cuda", "cpu-too"])
 def test_the_fast_step_vmaps_a_batch_where_the_plan_says(rng, where):
     problems = [_problem(rng) for _ in range(2)]

@@ -45,15 +45,16 @@ def _common(p: argparse.ArgumentParser) -> None:
         "'native-aligned' (native with conv channels padded for tensor cores), 'native-packed-parameters' (native "
         "with its parameters packed, not 16-byte aligned), 'native-unfused-rules' (native with the rules after the "
         "backward as torch ops on CUDA, not fused), 'native-pdl' (native with its Triton kernels as programmatic "
-        "dependent launches on Hopper), 'native-per-network' (native with the networks of a batch one after another, "
-        "not vmapped, on CUDA), 'compile-forced-layout' (compile "
-        "with Inductor's layout optimisation on the backward graph too), 'compile-nchw' (compile with NCHW "
+        "dependent launches on Hopper), 'native-folded-finalize' (native with the BatchNorm kernels' finalize in "
+        "their last program, not a launch of its own), 'native-per-network' (native with the networks of a batch one "
+        "after another, not vmapped, on CUDA), 'compile-forced-layout' (compile with Inductor's layout optimisation "
+        "on the backward graph too), 'compile-nchw' (compile with NCHW "
         "activations), 'triton-nchw' (triton with NCHW activations), 'original-loop' (the notebooks' loop in IEEE "
         "fp32, as the paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 "
         "convolutions), or 'all'. "
         "Default: all on CUDA; on a CPU all but compile, triton and their variants, original-loop-tf32, native-cl, "
-        "native-reference-blocks, native-aligned, native-packed-parameters, native-unfused-rules, native-pdl and "
-        "native-per-network (said when left out)",
+        "native-reference-blocks, native-aligned, native-packed-parameters, native-unfused-rules, native-pdl, "
+        "native-folded-finalize and native-per-network (said when left out)",
     )
     p.add_argument(
         "--precision",
@@ -358,8 +359,8 @@ def methods_and_precisions(args, device_type: str) -> tuple[list[str], list[str]
     )
     line = (
         f"on {device_type}, left out: {', '.join(left)} (torch.compile takes minutes a run here; on a CPU tf32 is "
-        "fp32, native-cl, native-reference-blocks, native-unfused-rules, native-pdl and native-per-network are "
-        "native, and the aligned and packed variants are about CUDA's tensor cores); "
+        "fp32, native-cl, native-reference-blocks, native-unfused-rules, native-pdl, native-folded-finalize and "
+        "native-per-network are native, and the aligned and packed variants are about CUDA's tensor cores); "
         f"add {flags} to run them, or name them"
     )
     return methods, precisions, line

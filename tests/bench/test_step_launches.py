@@ -94,3 +94,25 @@ def test_every_launch_of_the_step_is_a_dependent_launch_where_the_plan_says(monk
     on = variant == "native-pdl"
     assert {(pdl, launch) for _, pdl, launch in launches} == {(on, on)}
     assert not dependent_launch._enabled  # off again after the step
+
+
+def test_with_the_finalize_folded_each_batch_norm_launches_four_kernels(monkeypatch):
+    """native-folded-finalize: each BatchNorm's statistics and gradient sums finalize in their last program, so neither
+    finalize kernel launches (60 launches an iteration fewer), and every reduction launch says FINALIZE."""
+    from dipfast import backends
+    from dipfast.kernels import channel_sums
+
+    tool = bench_script("step_launches")
+    launches = []
+    record = lambda jit, args, kwargs: launches.append((jit.fn.__name__, kwargs.get("FINALIZE")))  # noqa: E731
+    with backends.variant("native", folded_finalize=frozenset({"cpu", "cuda"})), tool.graph_safe_step():
+        tool.native_step_launches(64, "bf16", "default", 1, record)
+    names = [name for name, _ in launches]
+    assert "_chan_finalize_kernel" not in names and "_column_sums_kernel" not in names
+    reductions = [finalize for name, finalize in launches if name in REDUCTIONS]
+    assert len(reductions) == 60 and all(reductions)  # 30 BatchNorms, forward and backward
+    assert len(launches) <= 202 - 60
+    assert not channel_sums._folded  # off again after the step
+
+
+REDUCTIONS = ("_batch_norm_stats_kernel", "_batch_norm_act_bwd_sums_kernel")

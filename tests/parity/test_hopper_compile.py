@@ -34,6 +34,7 @@ KERNELS["column-sums"] = (
 )
 # the padded BatchNorm kernels on the native step's path, bf16 activations, a 3x3 conv's pad, an NCHW plane's tiles
 _BN = {"PAD": 1, "BLOCK_W": 256, "BLOCK_C": 4, "EVEN_C": True}  # Hopper's plane tile, every level's since
+_REDUCTIONS = ("_batch_norm_stats_kernel", "_batch_norm_act_bwd_sums_kernel")  # with a FINALIZE constexpr
 for _k, _act in (
     ("_batch_norm_stats_kernel", ("skip_ptr", "deeper_ptr")),
     ("_batch_norm_act_pad_kernel", ("skip_ptr", "deeper_ptr", "out_ptr")),
@@ -41,7 +42,12 @@ for _k, _act in (
     ("_batch_norm_act_bwd_apply_kernel", ("grad_ptr", "skip_ptr", "deeper_ptr", "dskip_ptr", "ddeeper_ptr")),
 ):
     _consts = {k: v for k, v in _BN.items() if k != "PAD" or _k != "_batch_norm_stats_kernel"}
-    KERNELS[_k.strip("_")] = ("batch_norm_act", _k, dict.fromkeys(_act, "*bf16"), ("negative_slope", "inv_m"), _consts)
+    _floats = ("negative_slope", "inv_m", "eps")
+    _pointers = {**dict.fromkeys(_act, "*bf16"), "counters_ptr": "*i32"}
+    for _folded in (False, True) if _k in _REDUCTIONS else (None,):
+        _name = _k.strip("_") + ("-folded-finalize" if _folded else "")
+        _finalize = {} if _folded is None else {"FINALIZE": _folded}
+        KERNELS[_name] = ("batch_norm_act", _k, _pointers, _floats, {**_consts, **_finalize})
 # the level inputs' pad and its adjoint, on the same tiles
 for _name, _k, _act in (("reflection-pad", "_reflection_pad_kernel", ("x_ptr", "out_ptr")),
                         ("reflection-fold", "_reflection_fold_kernel", ("g_ptr", "dx_ptr"))):  # fmt: skip
@@ -100,10 +106,17 @@ _SCRIPT = textwrap.dedent(
             found = (ptx.find(op) for op in ("ld.global", "st.global", "atom.global", "red.global"))
             return min((at for at in found if at >= 0), default=len(ptx)), ptx.find("griddepcontrol.wait")
 
+        def arrival(ptx):  # the atomics, and whether a barrier separates the first from the stores before it
+            atom = ptx.find("atom.global")
+            line = ptx[atom : ptx.find(";", atom)]
+            barrier = ptx.rfind("bar.sync", 0, atom)
+            return {"atomics": ptx.count("atom.global"), "acq_rel_gpu": ".acq_rel" in line and ".gpu" in line,
+                    "barrier_after_stores": ptx.rfind("st.global", 0, atom) < barrier}
+
         try:
             asm = build(False).asm
             results[name] = {"ok": bool(asm["cubin"]), "sm90": ".target sm_90" in asm["ptx"], "takes_pdl": takes_pdl,
-                             "waits_without_pdl": asm["ptx"].count("griddepcontrol")}
+                             "waits_without_pdl": asm["ptx"].count("griddepcontrol"), **arrival(asm["ptx"])}
             if takes_pdl:
                 dependent = build(True)
                 first_memory, wait = memory_first(dependent.asm["ptx"])
@@ -146,6 +159,18 @@ def test_each_kernel_waits_for_the_kernel_before_it_ahead_of_any_memory_access(c
     assert result["takes_pdl"], f"{name} takes no PDL constexpr"
     assert result["waits"] == 1 and result["wait_before_memory"] and result["launch_pdl"], result
     assert result["waits_without_pdl"] == 0, result
+
+
+@pytest.mark.parametrize("name", [k for k in KERNELS if "batch_norm" in k])
+def test_a_folded_finalize_counts_arrivals_after_a_barrier(compiled, name):
+    """With the finalize folded (channel_sums.last_to_arrive), each program's one atomic increment, acq_rel at GPU
+    scope, comes after a barrier that follows its partial stores: one thread's release then covers every thread's
+    stores (Triton puts no barrier before a scalar atomic). Without it, no atomic at all."""
+    result = compiled[name]
+    if name.endswith("-folded-finalize"):
+        assert result["atomics"] == 1 and result["acq_rel_gpu"] and result["barrier_after_stores"], result
+    else:
+        assert result["atomics"] == 0, result
 
 
 def test_a_kernel_the_gpu_compiler_refuses_fails_here(compiled):
