@@ -532,34 +532,44 @@ def test_cuda_graph_is_captured_once_and_replays_the_eager_step(precision):
     torch.testing.assert_close(step.ema, eager.ema, rtol=0, atol=tol)
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
-    reason="CUDA on Hopper or later: programmatic dependent launch",
-)
-def test_dependent_launches_replay_in_the_cuda_graph_as_the_plain_step():
-    """native-pdl's kernels, each waiting at its first instruction for the kernel before it, captured in the step's
-    CUDA graph: the same fit as native's step (only the launches overlap)."""
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+LAUNCH_VARIANTS = [  # (Backend field, what it needs)
+    pytest.param("dependent_launch", marks=pytest.mark.skipif(not _hopper(), reason="CUDA on Hopper or later: PDL")),
+    pytest.param("folded_finalize", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")),
+]
+
+
+@pytest.mark.parametrize("field", LAUNCH_VARIANTS)
+def test_a_launch_variant_replays_in_the_cuda_graph_as_the_plain_step(field):
+    """native-pdl's kernels, each waiting at its first instruction for the kernel before it, and
+    native-folded-finalize's, each BatchNorm finalized by its reduction's last program (an atomic count, read and
+    reset inside the graph at every replay), captured in the step's CUDA graph: the same fit as native's step."""
     cuda = torch.device("cuda")
     rng = torch.Generator().manual_seed(0)
     problem = _problem(rng, 64, 64)
     preset = dataclasses.replace(PRESET, iterations=12, reg_noise_std=0.0)
     steps = []
-    for pdl in (False, True):
-        with backends.variant("native", dependent_launch=frozenset({"cuda"} if pdl else ())):
+    for on in (False, True):
+        # the plan reads the backend's table when asked: the step is built inside the variant
+        with backends.variant("native", **{field: frozenset({"cuda"} if on else ())}):
             plan = backends.resolve("native", "bf16", cuda)
-        assert plan.dependent_launch(cuda) == pdl
-        built, zs = fast_step.build_nets([problem], preset, [0])
-        steps.append(fast_step.FastStep(built, zs, [problem], preset, cuda, [0], 12, plan))
+            assert getattr(plan, field)(cuda) == on
+            built, zs = fast_step.build_nets([problem], preset, [0])
+            steps.append(fast_step.FastStep(built, zs, [problem], preset, cuda, [0], 12, plan))
+    assert len(steps[1].launch_switches) == 1 and not steps[0].launch_switches
     with engine.ieee_fp32():
         for _ in range(12):
             for step in steps:
                 step()
     torch.cuda.synchronize()
-    plain, dependent = steps
-    assert dependent.graphed.captures == 1 and dependent.graphed.graph is not None
+    plain, variant = steps
+    assert variant.graphed.captures == 1 and variant.graphed.graph is not None
     # the same kernels in the same order: equal up to cuDNN's choice of algorithm (the replay test's bound)
-    torch.testing.assert_close(dependent.metrics[:, 0, 0], plain.metrics[:, 0, 0], rtol=2e-2, atol=0)
-    torch.testing.assert_close(dependent.ema, plain.ema, rtol=0, atol=2e-2)
+    torch.testing.assert_close(variant.metrics[:, 0, 0], plain.metrics[:, 0, 0], rtol=2e-2, atol=0)
+    torch.testing.assert_close(variant.ema, plain.ema, rtol=0, atol=2e-2)
 
 
 def test_the_result_reports_the_cold_start(np_rng):
