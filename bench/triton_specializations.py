@@ -95,14 +95,23 @@ def intercepted(launch):
         InterpretedFunction.run = run
 
 
+# the Backend fields that name device types, other than the layout's (channels_last below)
+_DEVICE_SETS = ("fused_rules", "dependent_launch", "folded_finalize", "vectorised", "align_channels",
+                "packed_parameters")  # fmt: skip
+
+
 @contextlib.contextmanager
 def padded_blocks_on_cpu(channels_last: bool = False):
-    """The native backend with its CUDA block ops (PaddedBlocks), NCHW (channels_last: NHWC under bf16, the harness's
-    native-cl) and its rules after the backward (fused or not) on the CPU: the step CUDA runs."""
+    """The native backend as it stands (a harness variant's, inside runs.method_context) with every CUDA choice on the
+    CPU too: its CUDA block ops (PaddedBlocks), NCHW (channels_last: NHWC under bf16, the harness's native-cl), its
+    rules after the backward (fused or not), a batch vmapped or not, and the rest: the step CUDA runs."""
     spec = backends.BACKEND_TABLE["native"]
-    rules = spec.fused_rules | {"cpu"} if "cuda" in spec.fused_rules else spec.fused_rules - {"cpu"}
+    mirrored = {}
+    for field in _DEVICE_SETS:
+        where = getattr(spec, field)
+        mirrored[field] = where | {"cpu"} if "cuda" in where else where - {"cpu"}
     backends.BACKEND_TABLE["native"] = dataclasses.replace(
-        spec, blocks={**spec.blocks, "cpu": spec.blocks["cuda"]}, noise={}, fused_rules=rules,
+        spec, blocks={**spec.blocks, "cpu": spec.blocks["cuda"]}, noise={}, **mirrored,
         channels_last_bf16=frozenset({"cpu"}) if channels_last else frozenset(),
     )  # fmt: skip
     try:
@@ -113,18 +122,20 @@ def padded_blocks_on_cpu(channels_last: bool = False):
 
 def native_step_launches(
     size: int, precision: str, net: str, iters: int, launch, on_block=lambda: None, early_stop=None,
-    channels_last: bool = False,
+    channels_last: bool = False, images: int = 1,
 ) -> None:  # fmt: skip
     """`iters` iterations of the throughput input's fit with the native step's CUDA block ops (PaddedBlocks, NCHW;
     channels_last: NHWC under bf16) on the CPU and the GPU's tiles (BLOCK_W, BLOCK_C), not the interpreter's: every
     Triton launch calls launch(jit, args, kwargs) instead of running; on_block at the read-back after them.
-    early_stop: an EarlyStopSpec to fit with (stop='auto') instead of the fixed count."""
+    early_stop: an EarlyStopSpec to fit with (stop='auto') instead of the fixed count. images: that many copies of the
+    input fitted in one step."""
     hopper = configs.forced_tiles(configs.HOPPER)
     blocks = padded_blocks_on_cpu(channels_last)
     with blocks, eager_step(), hopper, intercepted(launch), contextlib.suppress(NumericalError):
         # unwritten outputs can make the loss NaN, which the read-back after the recorded iterations refuses
         restore_in_blocks(throughput_case(size), "native", precision, blocks=1, iters=iters, net=net,
-                          device=torch.device("cpu"), seed=0, on_block=on_block, early_stop=early_stop)  # fmt: skip
+                          device=torch.device("cpu"), seed=0, on_block=on_block, early_stop=early_stop,
+                          images=images)  # fmt: skip
 
 
 def count(size: int, precision: str, net: str = "default", iters: int = 2) -> dict[str, dict]:

@@ -96,23 +96,35 @@ def test_every_launch_of_the_step_is_a_dependent_launch_where_the_plan_says(monk
     assert not dependent_launch._enabled  # off again after the step
 
 
-def test_with_the_finalize_folded_each_batch_norm_launches_four_kernels(monkeypatch):
+def _census(tmp_path, *argv) -> dict:
+    tool = bench_script("step_launches")
+    assert tool.main(["--size", "64", *argv, "--out", str(tmp_path)]) == 0
+    return json.loads((tmp_path / "step_launches.json").read_text())
+
+
+def test_with_the_finalize_folded_each_batch_norm_launches_four_kernels(tmp_path):
     """native-folded-finalize: each BatchNorm's statistics and gradient sums finalize in their last program, so neither
-    finalize kernel launches (60 launches an iteration fewer), and every reduction launch says FINALIZE."""
-    from dipfast import backends
+    finalize kernel launches: 60 launches an iteration fewer, the ATen ops as native's."""
     from dipfast.kernels import channel_sums
 
-    tool = bench_script("step_launches")
-    launches = []
-    record = lambda jit, args, kwargs: launches.append((jit.fn.__name__, kwargs.get("FINALIZE")))  # noqa: E731
-    with backends.variant("native", folded_finalize=frozenset({"cpu", "cuda"})), tool.graph_safe_step():
-        tool.native_step_launches(64, "bf16", "default", 1, record)
-    names = [name for name, _ in launches]
-    assert "_chan_finalize_kernel" not in names and "_column_sums_kernel" not in names
-    reductions = [finalize for name, finalize in launches if name in REDUCTIONS]
-    assert len(reductions) == 60 and all(reductions)  # 30 BatchNorms, forward and backward
-    assert len(launches) <= 202 - 60
+    report = _census(tmp_path, "--method", "native-folded-finalize")
+    triton = report["triton"]
+    assert report["settings"]["method"] == "native-folded-finalize"
+    assert "_chan_finalize_kernel" not in triton and "_column_sums_kernel" not in triton
+    assert triton["_batch_norm_stats_kernel"] == triton["_batch_norm_act_bwd_sums_kernel"] == 30
+    assert report["triton_launches"] <= 202 - 60 and report["aten_ops"] <= 75  # measured 142 and 75
     assert not channel_sums._folded  # off again after the step
+    assert "native-folded-finalize, 1 image(s)" in (tmp_path / "step_launches.md").read_text()
 
 
-REDUCTIONS = ("_batch_norm_stats_kernel", "_batch_norm_act_bwd_sums_kernel")
+def test_a_batch_launches_once_a_layer_vmapped_and_once_a_network_one_after_another(tmp_path):
+    """Two images in one step, as CUDA runs them (vmapped: one grouped conv and one BatchNorm launch set a layer, a
+    copy of each of the 86 weights and BatchNorm parameters the batching rules reshape) and as native-per-network
+    runs them (each network's launches in turn: twice the convs and the Triton kernels, no copies)."""
+    vmapped = _census(tmp_path / "vmapped", "--images", "2")
+    each = _census(tmp_path / "each", "--images", "2", "--method", "native-per-network")
+    assert vmapped["aten"]["convolution"] == vmapped["aten"]["convolution_backward"] == 26
+    assert each["aten"]["convolution"] == each["aten"]["convolution_backward"] == 52
+    assert vmapped["aten"]["clone"] == 86 and "clone" not in each["aten"]
+    assert vmapped["triton"]["_batch_norm_stats_kernel"] == 30 and each["triton"]["_batch_norm_stats_kernel"] == 60
+    assert vmapped["triton_launches"] <= 202 < 2 * 202 - 10 <= each["triton_launches"]  # the rules once a step
