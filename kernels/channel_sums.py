@@ -161,7 +161,9 @@ def arrival_counters(t: torch.Tensor, n: int) -> torch.Tensor:
     """n int32 counters at zero on t's device for a kernel launched on the current stream (last_to_arrive: each
     launch leaves them at zero). One buffer per stream: kernels on one stream run one after another, and with
     programmatic dependent launch each waits for the one before before its first atomic; kernels on two streams may
-    run at once. Made at the first call (inside a CUDA graph's capture: from the graph's pool, its zeroing a node)."""
+    run at once. Made at the first call (inside a CUDA graph's capture: from the graph's pool, its zeroing a node).
+    A graph keeps the buffer of the stream it was captured on: two graphs captured on one stream (torch.cuda.graph's
+    default) share it, so they must not replay at once on two streams (dipfast's steps replay one at a time)."""
     stream = torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
     counters = _COUNTERS.get((t.device, stream))
     if counters is None or counters.numel() < n:
