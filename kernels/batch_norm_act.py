@@ -299,9 +299,9 @@ if _HAS_TRITON:
         if FINALIZE:
             programs = tl.num_programs(0)
             if last_to_arrive(counters_ptr + tl.program_id(1), programs):
-                mean, rstd = chan_merge(psum_ptr, pm2_ptr, c, mask_c, programs, channels, n_rows * width,
-                                        rows_per_program * width, eps, PARTIAL_ROWS, BLOCK_C)  # fmt: skip
-                tl.store(mean_ptr + c, mean, mask=mask_c)
+                batch_mean, rstd = chan_merge(psum_ptr, pm2_ptr, c, mask_c, programs, channels, n_rows * width,
+                                              rows_per_program * width, eps, PARTIAL_ROWS, BLOCK_C)  # fmt: skip
+                tl.store(mean_ptr + c, batch_mean, mask=mask_c)
                 tl.store(rstd_ptr + c, rstd, mask=mask_c)
 
     @triton.jit(do_not_specialize=_SIZES)
@@ -537,6 +537,7 @@ def _forward(skip, deeper, weight, bias, groups, eps, negative_slope, pad):
     blocks = dict(BLOCK_W=block_w, BLOCK_C=block_c, EVEN_C=c % block_c == 0, num_warps=config.num_warps)
     blocks.update(launch_options(deeper))
     folded = finalize_folded(deeper, block_c)
+    # folded, the kernel writes mean and rstd; else those pointers (and the counters') go unread and a launch finalizes
     mean, rstd = (_empty((c,), torch.float32, dev) for _ in range(2)) if folded else (psum, pm2)
     counters = arrival_counters(deeper, c_tiles) if folded else psum
     _batch_norm_stats_kernel[(programs, c_tiles)](
@@ -565,7 +566,7 @@ def _backward(grad, skip, deeper, weight, bias, mean, rstd, groups, negative_slo
     blocks = dict(PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c, EVEN_C=c % block_c == 0, num_warps=config.num_warps)
     blocks.update(launch_options(deeper))
     args = (grad, first, deeper, mean, rstd, gamma, beta)
-    folded = finalize_folded(deeper, block_c)
+    folded = finalize_folded(deeper, block_c)  # as the forward's
     dbias, dweight = (_empty((c,), torch.float32, dev) for _ in range(2)) if folded else (pdz, pdzx)
     counters = arrival_counters(deeper, c_tiles) if folded else pdz
     _batch_norm_act_bwd_sums_kernel[(programs, c_tiles)](

@@ -154,7 +154,8 @@ def finalize_folded(t: torch.Tensor, block_c: int) -> bool:
 
 
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-_MIN_COUNTERS = 1024  # a default-net BatchNorm has at most 66 channel tiles; vmap multiplies them by the networks
+_OUTGROWN: list[torch.Tensor] = []  # buffers replaced by larger ones, kept: a captured graph may still count in them
+_MIN_COUNTERS = 1024  # a default-net BatchNorm has a few dozen channel tiles; vmap multiplies them by the networks
 
 
 def arrival_counters(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -167,8 +168,10 @@ def arrival_counters(t: torch.Tensor, n: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
     counters = _COUNTERS.get((t.device, stream))
     if counters is None or counters.numel() < n:
-        counters = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=t.device)
-        _COUNTERS[(t.device, stream)] = counters
+        size = max(n, _MIN_COUNTERS if counters is None else 2 * counters.numel())
+        if counters is not None:
+            _OUTGROWN.append(counters)
+        counters = _COUNTERS[(t.device, stream)] = torch.zeros(size, dtype=torch.int32, device=t.device)
     return counters
 
 

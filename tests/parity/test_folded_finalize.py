@@ -108,3 +108,17 @@ def test_wide_channel_tiles_keep_the_finalize_launch(rng, device, monkeypatch):
     assert launched == [1, 1]
     for actual, expected in zip(folded, separate, strict=True):
         assert torch.equal(actual, expected)
+
+
+def test_the_counters_grow_and_keep_the_buffer_they_replace(device, monkeypatch):
+    """A launch with more channel tiles than the stream's buffer holds gets a larger one at zero; the smaller one is
+    kept, since a CUDA graph captured with it still counts in it at every replay."""
+    monkeypatch.setattr(channel_sums, "_COUNTERS", {})
+    monkeypatch.setattr(channel_sums, "_OUTGROWN", [])
+    x = torch.ones(1, device=device)
+    small = channel_sums.arrival_counters(x, 3)
+    assert small.dtype == torch.int32 and small.numel() >= 3 and int(small.abs().sum()) == 0
+    assert channel_sums.arrival_counters(x, small.numel()) is small
+    large = channel_sums.arrival_counters(x, small.numel() + 1)
+    assert large.numel() > small.numel() and int(large.abs().sum()) == 0
+    assert channel_sums._OUTGROWN == [small] and channel_sums.arrival_counters(x, 5) is large
