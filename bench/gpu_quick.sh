@@ -49,9 +49,9 @@
 #                 nvidia-cudnn-frontend wheel in .gpu-data/wheels where absent (no network on the device:
 #                 pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                   --platform manylinux_2_28_x86_64 nvidia-cudnn-frontend==1.16.0 -d .gpu-data/wheels)     90
-#   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches, and native-per-network
-#                 at its precision (the 4 networks one after another in the graph, not vmapped into grouped
-#                 convs): what vmap is worth, the batch and tiles targets' lever (Backend.vectorised)   50
+#   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches, and native and
+#                 native-per-network at its precision (the 4 networks one after another in the graph, not vmapped
+#                 into grouped convs): what vmap is worth, the batch and tiles targets' lever (Backend.vectorised) 60
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
 #                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  160
 #   tests         the rest of the suite's CUDA tests (test_cuda_restore: restore() on the GPU;
@@ -63,7 +63,8 @@
 #                 no -x)                                                                          90+
 #   ops           issue 13: the op micro-benchmarks (bench/ops), forward + backward, fused op against
 #                 cuDNN + eager, each timed as a CUDA graph replay (the step pays no launch cost), after
-#                 the native step's BatchNorm kernels (bf16, NCHW) against torch's eager ops, in GB/s   110
+#                 the native step's BatchNorm kernels (bf16, NCHW) against torch's eager ops, in GB/s, with
+#                 and without their finalize launches (triton-folded: the last program finalizes)       120
 #   triton        issue 13: the triton backend's throughput in bf16 (channels_last, and NCHW as before: the
 #                 triton-nchw variant), tf32 and fp32, and the profile of its bf16 step against the floor  160
 #   compile       the compile backend's throughput, bf16 in channels_last and NCHW (compile-nchw, the layout
@@ -195,7 +196,7 @@ else
     EARLY_STOP=(--size 256 --iters 2000 --cost 512)
     LARGE=(--device cuda --megapixels 12 --stop auto --report-every 25)
     declare -A LIMIT=([install]=90 [environment]=30 [throughput]=240 [profile]=90 [convs]=90 [cudnn]=120 [batch]=90
-                      [tasks]=120 [parity]=120 [ops]=110 [triton]=180 [compile]=180 [time-to-psnr]=200 [tests]=150
+                      [tasks]=120 [parity]=120 [ops]=140 [triton]=180 [compile]=180 [time-to-psnr]=200 [tests]=150
                       [early-stop]=240 [large]=590)
 fi
 # the smallest slice of the budget that a step is started with: time-to-psnr's first result comes at its end (the
@@ -314,11 +315,12 @@ cudnn() {  # the frontend from a carried wheel where it is not installed (the de
     fi
     "$PY" "$ROOT/bench/cudnn_fusion.py" "${CUDNN[@]}" --out "$WORK/cudnn"
 }
-batch() {
+batch() {  # the fastest path that batches, and native and native-per-network at its precision (what vmap is worth)
     local best
     best=$(fastest 1 --batched)
-    bench throughput "${DEVICE[@]}" "${BATCH[@]}" --batch 1 4 --quiet --out "$WORK/batch" \
-        --configs "$best" "native-per-network:${best#*:}"
+    # shellcheck disable=SC2046  # a list of words, each once
+    bench throughput "${DEVICE[@]}" "${BATCH[@]}" --batch 1 4 --quiet --out "$WORK/batch" --configs \
+        $(printf '%s\n' "$best" "native:${best#*:}" "native-per-network:${best#*:}" | awk '!seen[$0]++')
 }
 tasks() {
     # shellcheck disable=SC2086  # BACKENDS is a list of words

@@ -1,9 +1,10 @@
 """BatchNorm (training statistics) + LeakyReLU(0.2) written reflection-padded, the input of the next conv:
 dipfast.reference.batch_norm_act (eager F.batch_norm + F.leaky_relu + F.pad reflect), forward and forward +
 backward on the CPU; on CUDA, the Triton op (dipfast.kernels.batch_norm_act, and concat_batch_norm for a merge)
-against the eager twin in fp32 and bf16, NCHW and channels_last, with the achieved bandwidth in extra_info["GB/s"]:
-the bytes the op must move at least (forward: x read twice, statistics then normalise, and the padded output
-written once; backward: x and the gradient read twice, dx written once) over the median time."""
+against the eager twin in fp32 and bf16, NCHW and channels_last (and triton-folded: the op with its finalizes in the
+reductions' last programs, dipfast.kernels.channel_sums.folded_finalize), with the achieved bandwidth in
+extra_info["GB/s"]: the bytes the op must move at least (forward: x read twice, statistics then normalise, and the
+padded output written once; backward: x and the gradient read twice, dx written once) over the median time."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from cuda_timing import graphed, needs_cuda
 
 import dipfast.kernels
 from dipfast import reference
+from dipfast.kernels.channel_sums import folded_finalize
 
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
@@ -71,8 +73,14 @@ GPU_CASES = [  # (N, C, H, W, pad)
     (4, 128, 128, 128, 1),  # batch 4
 ]
 GPU_IDS = ["c128-512px", "c128-512px-p0", "c128-256px", "c128-64px", "c4-512px-p0", "n4-c128-128px"]
-IMPLS = {"triton": dipfast.kernels.batch_norm_act, "eager": reference.batch_norm_act}
+IMPLS = {"triton": dipfast.kernels.batch_norm_act, "triton-folded": dipfast.kernels.batch_norm_act,
+         "eager": reference.batch_norm_act}  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _launches(impl: str):
+    """The context an implementation's launches are made (and captured) in: triton-folded's finalize switch."""
+    return folded_finalize(impl.endswith("-folded"))
 
 
 @needs_cuda
@@ -83,10 +91,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def test_batch_norm_act_op_forward(benchmark, case, impl, dtype, layout, rng):
     *shape, pad = case
     x, weight, bias = _inputs(shape, rng, "cuda", DTYPES[dtype], LAYOUTS[layout])
-    if impl == "triton":
+    if impl != "eager":
         assert dipfast.kernels.batch_norm_act_path(x) == "triton"
+
+    def forward():
+        with _launches(impl):
+            return IMPLS[impl](x, weight, bias, pad=pad)
+
     with torch.no_grad():
-        out = benchmark(graphed(benchmark, lambda: IMPLS[impl](x, weight, bias, pad=pad)))
+        out = benchmark(graphed(benchmark, forward))
     _record_bandwidth(benchmark, _bytes(x, pad, backward=False))
     assert out.shape[-1] == shape[-1] + 2 * pad
 
@@ -104,14 +117,16 @@ def test_batch_norm_act_op_full(benchmark, case, impl, dtype, layout, rng):
     grad = grad.contiguous(memory_format=LAYOUTS[layout])
 
     def step():
-        return torch.autograd.grad(IMPLS[impl](x, weight, bias, pad=pad), [x, weight, bias], grad)
+        with _launches(impl):
+            return torch.autograd.grad(IMPLS[impl](x, weight, bias, pad=pad), [x, weight, bias], grad)
 
     grads = benchmark(graphed(benchmark, step))
     _record_bandwidth(benchmark, _bytes(x, pad, backward=True))
     assert grads[0].shape == x.shape
 
 
-MERGE_IMPLS = {"triton": dipfast.kernels.concat_batch_norm, "eager": reference.concat_batch_norm}
+MERGE_IMPLS = {"triton": dipfast.kernels.concat_batch_norm, "triton-folded": dipfast.kernels.concat_batch_norm,
+               "eager": reference.concat_batch_norm}  # fmt: skip
 
 
 @needs_cuda
@@ -126,8 +141,9 @@ def test_concat_batch_norm_op_full(benchmark, impl, layout, rng):
     grad = grad.contiguous(memory_format=LAYOUTS[layout])
 
     def step():
-        out = MERGE_IMPLS[impl](skip, deeper, weight, bias, pad=1)
-        return torch.autograd.grad(out, [skip, deeper, weight, bias], grad)
+        with _launches(impl):
+            out = MERGE_IMPLS[impl](skip, deeper, weight, bias, pad=1)
+            return torch.autograd.grad(out, [skip, deeper, weight, bias], grad)
 
     grads = benchmark(graphed(benchmark, step))
     merged = torch.empty(1, 132, 512, 512, dtype=torch.bfloat16, device="meta")
