@@ -87,8 +87,9 @@ if _HAS_TRITON:
         """Whether this program is the last of `programs` to reach this point (each program calls it once, after
         storing its partials); the last returns the counter to zero for the next launch. The barrier makes every
         thread's stores precede the one thread's release (the atomic), whose acquire side makes the others' stores
-        visible to the last program: CUDA's last-block reduction (threadFenceReduction), as cooperative groups'
-        grid sync orders a block (a barrier, then one thread's gpu-scope fence and atomic)."""
+        visible to the last program: CUDA's last-block reduction (threadFenceReduction), ordered as Inductor's grid
+        barrier for its cooperative reductions orders it (torch/_inductor/runtime/triton_helpers.py, x_grid_barrier:
+        tl.debug_barrier, then one atomic_add with release semantics)."""
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
         last = arrived == programs - 1
