@@ -526,6 +526,16 @@ def _sources(skip: torch.Tensor | None, deeper: torch.Tensor, groups: int):
     return (skip if skip is not None else deeper), cs, cd, groups * (cs + cd)
 
 
+def _finalize_args(x: torch.Tensor, block_c: int, c_tiles: int, *partials: torch.Tensor):
+    """(FINALIZE, the two (C,) outputs, the arrival counters) of a reduction launch with (programs, C) partials: where
+    its last program finalizes (channel_sums.finalize_folded), fresh outputs and the stream's counters; else those
+    pointers go unread (the partials stand in) and a launch of its own finalizes."""
+    if not finalize_folded(x, block_c):
+        return False, *partials, partials[0]
+    channels = partials[0].shape[1]
+    return True, *(_empty((channels,), torch.float32, x.device) for _ in partials), arrival_counters(x, c_tiles)
+
+
 def _forward(skip, deeper, weight, bias, groups, eps, negative_slope, pad):
     n, _, h, w = deeper.shape
     first, cs, cd, c = _sources(skip, deeper, groups)
@@ -536,10 +546,7 @@ def _forward(skip, deeper, weight, bias, groups, eps, negative_slope, pad):
     strides = (*first.stride(), *deeper.stride())
     blocks = dict(BLOCK_W=block_w, BLOCK_C=block_c, EVEN_C=c % block_c == 0, num_warps=config.num_warps)
     blocks.update(launch_options(deeper))
-    folded = finalize_folded(deeper, block_c)
-    # folded, the kernel writes mean and rstd; else those pointers (and the counters') go unread and a launch finalizes
-    mean, rstd = (_empty((c,), torch.float32, dev) for _ in range(2)) if folded else (psum, pm2)
-    counters = arrival_counters(deeper, c_tiles) if folded else psum
+    folded, mean, rstd, counters = _finalize_args(deeper, block_c, c_tiles, psum, pm2)
     _batch_norm_stats_kernel[(programs, c_tiles)](
         first, deeper, psum, pm2, mean, rstd, counters, n * h, rows, h, w, c, cs, cd, eps, *strides,
         FINALIZE=folded, **blocks,
@@ -566,9 +573,7 @@ def _backward(grad, skip, deeper, weight, bias, mean, rstd, groups, negative_slo
     blocks = dict(PAD=pad, BLOCK_W=block_w, BLOCK_C=block_c, EVEN_C=c % block_c == 0, num_warps=config.num_warps)
     blocks.update(launch_options(deeper))
     args = (grad, first, deeper, mean, rstd, gamma, beta)
-    folded = finalize_folded(deeper, block_c)  # as the forward's
-    dbias, dweight = (_empty((c,), torch.float32, dev) for _ in range(2)) if folded else (pdz, pdzx)
-    counters = arrival_counters(deeper, c_tiles) if folded else pdz
+    folded, dbias, dweight, counters = _finalize_args(deeper, block_c, c_tiles, pdz, pdzx)
     _batch_norm_act_bwd_sums_kernel[(programs, c_tiles)](
         *args, pdz, pdzx, dbias, dweight, counters, n * h, rows, h, w, c, cs, cd, negative_slope, *strides,
         FINALIZE=folded, **blocks,
