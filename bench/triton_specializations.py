@@ -95,11 +95,6 @@ def intercepted(launch):
         InterpretedFunction.run = run
 
 
-# the Backend fields that name device types, other than the layout's (channels_last below)
-_DEVICE_SETS = ("fused_rules", "dependent_launch", "folded_finalize", "vectorised", "align_channels",
-                "packed_parameters")  # fmt: skip
-
-
 @contextlib.contextmanager
 def padded_blocks_on_cpu(channels_last: bool = False):
     """The native backend as it stands (a harness variant's, inside runs.method_context) with every CUDA choice on the
@@ -107,9 +102,10 @@ def padded_blocks_on_cpu(channels_last: bool = False):
     rules after the backward (fused or not), a batch vmapped or not, and the rest: the step CUDA runs."""
     spec = backends.BACKEND_TABLE["native"]
     mirrored = {}
-    for field in _DEVICE_SETS:
-        where = getattr(spec, field)
-        mirrored[field] = where | {"cpu"} if "cuda" in where else where - {"cpu"}
+    for field in dataclasses.fields(spec):  # the fields that name device types, but the layout's (below)
+        where = getattr(spec, field.name)
+        if isinstance(where, frozenset) and field.name != "channels_last_bf16":
+            mirrored[field.name] = where | {"cpu"} if "cuda" in where else where - {"cpu"}
     backends.BACKEND_TABLE["native"] = dataclasses.replace(
         spec, blocks={**spec.blocks, "cpu": spec.blocks["cuda"]}, noise={}, **mirrored,
         channels_last_bf16=frozenset({"cpu"}) if channels_last else frozenset(),
