@@ -276,27 +276,23 @@ def test_the_vectorised_batch_equals_separate_runs(rng):
         torch.testing.assert_close(step.ema[k : k + 1], alone.ema_image, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize(("method", "devices"), [("native", {"cuda"}), ("native-per-network", set())])
-def test_the_plan_says_where_a_batch_is_vmapped(method, devices):
-    """Backend.vectorised: native vmaps a step of N > 1 networks on CUDA alone; the harness's native-per-network
-    nowhere (one network after another: what vmapping a batch is worth)."""
-    from dipfast.bench import runs
-
-    with runs.method_context(method):
-        plan = backends.Plan("native", "fp32", compile=False, cuda_graph=False)
-        for device in ("cpu", "cuda"):
-            assert plan.vectorised(torch.device(device)) == (device in devices)
-
-
-@pytest.mark.parametrize(("method", "devices"), [("native", set()), ("native-folded-finalize", {"cuda"})])
-def test_the_plan_says_where_the_batch_norm_finalize_is_folded(method, devices):
-    """Backend.folded_finalize: off in native until a GPU measures it; the harness's native-folded-finalize on CUDA."""
+@pytest.mark.parametrize(
+    ("query", "method", "devices"),
+    [
+        ("vectorised", "native", {"cuda"}),  # native vmaps a step of N > 1 networks on CUDA alone
+        ("vectorised", "native-per-network", set()),  # one network after another: what vmapping a batch is worth
+        ("folded_finalize", "native", set()),  # off in native until a GPU measures it
+        ("folded_finalize", "native-folded-finalize", {"cuda"}),
+    ],
+)
+def test_the_plan_says_where_a_launch_choice_holds(query, method, devices):
+    """Backend.vectorised and Backend.folded_finalize, as native and the harness's variants set them."""
     from dipfast.bench import runs
 
     with runs.method_context(method):
         plan = backends.Plan("native", "bf16", compile=False, cuda_graph=False)
         for device in ("cpu", "cuda"):
-            assert plan.folded_finalize(torch.device(device)) == (device in devices)
+            assert getattr(plan, query)(torch.device(device)) == (device in devices)
 
 
 @pytest.mark.parametrize("where", [frozenset(), frozenset({"cpu"})], ids=["cuda", "cpu-too"])
