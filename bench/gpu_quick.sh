@@ -79,8 +79,8 @@
 # could not finish in time, and summary.tsv marks them 'skipped (budget)': run those in a second call
 # (e.g. DIPFAST_GPU_QUICK_STEPS="environment tasks parity ops triton"). Each step's limit is its own or
 # the budget left, whichever is less. headline.md compares the figures with issue 12's targets and sets each variant
-# (native-reference-blocks, compile-nchw) beside its backend; summary.md is the
-# short table of every JSON.
+# (native-pdl, native-per-network, compile-nchw, ...) beside its backend, with the Backend field its figure says to
+# set (more than 2 % faster in the same run); summary.md is the short table of every JSON.
 #
 # --tiny: the same steps on a CPU at toy sizes (tiny net, 16-32 px, 1-6 iterations), so that the script
 # cannot rot (tests/bench/test_gpu_quick.py): the fast backends are native alone (compile and triton

@@ -204,10 +204,38 @@ def _time_to_original(ttp: dict) -> list[tuple[str, float | None, float | None, 
     return found
 
 
+# a variant is a decision where it beats its backend by more than this in the same run: the H200's CUDA-graph steps
+# repeated within 0.15 % (bench/results/2026-12-04-h200-222367b4a8/), a run's drift within a few minutes less than 2 %
+DECISIVE_SPEEDUP = 1.02
+
+
+def _field_value(value) -> str:
+    if isinstance(value, frozenset):
+        return "{" + ", ".join(sorted(value)) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(value.items())) + "}"
+    return str(value)
+
+
+def _decision(method: str, base: str, ratio: float, batch: int) -> str:
+    """What the side-by-side figure says to do with the Backend table (runs.variant_fields)."""
+    from dipfast.bench import runs
+
+    fields = runs.variant_fields(method)
+    if batch == 1 and fields and set(fields) <= runs.BATCH_FIELDS:
+        return "the backend itself at batch 1"
+    if ratio < DECISIVE_SPEEDUP:
+        return "keep the backend" if ratio <= 1 / DECISIVE_SPEEDUP else "keep the backend (within noise)"
+    if not fields:
+        return "faster, no Backend field to set"
+    setting = "; ".join(f"{base}.{name} = {_field_value(v)}" for name, v in fields.items())
+    return f"set {setting} (its CUDA tests passing)"
+
+
 def variants(*tables: list[dict]) -> list[str]:
     """Markdown lines: each variant of a backend (runs.VARIANT_BACKEND) against that backend at the same
-    precision and batch, measured in the same run (one table of rows): the decisions the throughput step, and the
-    triton and compile steps, exist for."""
+    precision and batch, measured in the same run (one table of rows), and the Backend field its figure says to set:
+    the decisions the throughput step, and the batch, triton and compile steps, exist for."""
     from dipfast.bench import runs
 
     found = []
@@ -220,12 +248,13 @@ def variants(*tables: list[dict]) -> list[str]:
                 batch = f", batch {r['batch']}" if r["batch"] != 1 else ""
                 found.append(
                     f"| {r['method']} {r['precision']}{batch} | {r['ms_per_iter']:.2f} ms | {base} "
-                    f"{plain['ms_per_iter']:.2f} ms | {ratio:.2f}x {'faster' if ratio > 1 else 'slower'} |"
+                    f"{plain['ms_per_iter']:.2f} ms | {ratio:.2f}x {'faster' if ratio > 1 else 'slower'} "
+                    f"| {_decision(r['method'], base, ratio, r['batch'])} |"
                 )
     if not found:
         return []
     title = "\n## Variants against their backend (same run, same precision)\n"
-    return [title, "| variant | ms/iteration | the backend | speed-up |", "|---|---|---|---|", *found]
+    return [title, "| variant | ms/iteration | the backend | speed-up | decision |", "|---|---|---|---|---|", *found]
 
 
 def headline(work: Path) -> int:

@@ -153,6 +153,20 @@ def backend_of(method: str) -> str:
     return VARIANT_BACKEND.get(method, method)
 
 
+# Backend fields that change only a step of N > 1 networks: at batch 1 their variants run the backend itself
+BATCH_FIELDS = frozenset({"vectorised"})
+
+
+def variant_fields(method: str) -> dict:
+    """The Backend fields a variant of FIELD_VARIANTS runs with that differ from its backend's as they stand: what
+    adopting the variant would set (empty for anything else)."""
+    if method not in FIELD_VARIANTS:
+        return {}
+    backend, changes = FIELD_VARIANTS[method]
+    spec = backends.BACKEND_TABLE[backend]
+    return {name: value for name, value in changes(spec).items() if getattr(spec, name) != value}
+
+
 def method_context(method: str):
     """The context a method's restore() call runs in: native-eager switches the C++ ops off, a variant of
     FIELD_VARIANTS changes its backend's fields, anything else runs as it is."""

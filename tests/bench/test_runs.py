@@ -63,6 +63,23 @@ def test_each_field_variant_changes_its_backend_inside_and_restores_it(method):
     assert backends.BACKEND_TABLE[backend] is before
 
 
+@pytest.mark.parametrize("method", sorted(runs.FIELD_VARIANTS))
+def test_a_variants_fields_are_those_it_runs_that_differ_from_its_backend(method):
+    """What adopting a variant would set (gpu_quick's headline names it): each field as the variant runs it, none
+    that its backend already has."""
+    from dipfast import backends
+
+    fields = runs.variant_fields(method)
+    backend = runs.backend_of(method)
+    before = backends.BACKEND_TABLE[backend]
+    assert fields and all(getattr(before, name) != value for name, value in fields.items())
+    with runs.method_context(method):
+        assert all(getattr(backends.BACKEND_TABLE[backend], name) == value for name, value in fields.items())
+    assert runs.variant_fields("native") == runs.variant_fields("native-eager") == {}
+    if method == "native-pdl":
+        assert fields == {"dependent_launch": frozenset({"cuda"})}
+
+
 def test_native_runs_the_padded_blocks_on_cuda_and_its_variants_the_rest():
     """The H200 run's choices: native on CUDA runs the padded BatchNorm kernels, NCHW under bf16, unaligned
     channels; the variants time each choice's alternative (resolving needs no GPU)."""
