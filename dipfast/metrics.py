@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from skimage.metrics import structural_similarity
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0, dim=None) -> torch.Tensor:
@@ -59,6 +58,8 @@ def ssim(x, ref) -> float:
     win = min(7, small if small % 2 else small - 1)
     if win < 3:
         raise ValueError(f"ssim needs images of at least 3 x 3 pixels; got {x.shape[0]} x {x.shape[1]}")
+    from skimage.metrics import structural_similarity  # scikit-image brings SciPy: 0.25 s that every start paid
+
     return float(structural_similarity(x, ref, data_range=1.0, channel_axis=2, win_size=win))
 
 
