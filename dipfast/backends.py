@@ -71,6 +71,10 @@ class Backend:
     # launch a layer: generator_runner), not one after another (N launches a layer; the CPU's way, where grouped
     # convs are slower, and the one whose fits are the same bits in any group: tests/test_group_invariance.py)
     vectorised: frozenset[str] = frozenset({"cuda"})
+    # the device types where a fast step compiles its Triton kernels side by side, in a pass of its generator before its
+    # first call (dipfast.kernels.parallel_compile), not one at a time at their first launches: a cold process's
+    # start-up; off until measured
+    parallel_compile: frozenset[str] = frozenset()
 
 
 BACKEND_TABLE: dict[str, Backend] = {
@@ -182,6 +186,15 @@ class Plan:
     def folded_finalize(self, device: torch.device) -> bool:
         """Whether the padded BatchNorm kernels finalize in their last program on `device` (where the backend says)."""
         return device.type in self.spec.folded_finalize
+
+    def parallel_compile(self, device: torch.device) -> bool:
+        """Whether a fast step compiles its Triton kernels side by side before its first call on `device`: where the
+        backend says and Triton can (triton.AsyncCompileMode)."""
+        if device.type not in self.spec.parallel_compile:
+            return False
+        from dipfast.kernels import parallel_compile
+
+        return parallel_compile.available()
 
     def vectorised(self, device: torch.device) -> bool:
         """Whether a fast step of several networks runs them vmapped on `device` (else one after another)."""

@@ -26,7 +26,8 @@ class GraphedStep:
     """Call it as the step: the first WARMUP calls run `step` eagerly, the next captures it, later ones replay.
 
     `before_capture` runs right before the capture (e.g. the optimiser's zero_grad(set_to_none=True), so
-    the gradients are allocated from the graph's memory pool).
+    the gradients are allocated from the graph's memory pool); `before_first`, where given, at the start of the first
+    warm-up call, on its stream (e.g. the step's Triton kernels compiled side by side), its time the warm-up's.
     """
 
     def __init__(
@@ -35,8 +36,10 @@ class GraphedStep:
         device: torch.device,
         generators: Sequence[torch.Generator] = (),
         before_capture: Callable[[], None] = lambda: None,
+        before_first: Callable[[], None] | None = None,
     ):
         self.step, self.device, self.generators, self.before_capture = step, device, list(generators), before_capture
+        self.before_first = before_first
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captures = 0  # one per fit, unless something re-records
@@ -57,6 +60,8 @@ class GraphedStep:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
             with torch.cuda.stream(side), _cudnn_benchmark():
+                if self.calls == 1 and self.before_first is not None:
+                    self.before_first()
                 self.step()
             current.wait_stream(side)
         else:

@@ -135,10 +135,13 @@ class FastStep(step_rules.AfterBackward):
         self.copy_rows = self.fused.copy_rows if self.fused is not None else None
         if self.early_stop is not None:
             self.freeze = step_rules.Freeze(self.graph_safe, self.copy_rows)
+        # a cold process compiles the step's Triton kernels side by side before its first call, where the plan says
+        self.compile_first = self._compile_kernels if plan.parallel_compile(device) else None
         self.graphed = None
         if plan.cuda_graph:
             prepare = lambda: self.optimizer.zero_grad(set_to_none=True)  # noqa: E731  (grads from the graph's pool)
-            self.graphed = GraphedStep(self._step, device, self.input_noise.generators, prepare)
+            self.graphed = GraphedStep(self._step, device, self.input_noise.generators, prepare, self.compile_first)
+            self.compile_first = None  # the graph's first warm-up call runs it (its time is the warm-up's)
 
     @property
     def warmup_seconds(self) -> float:
@@ -149,10 +152,36 @@ class FastStep(step_rules.AfterBackward):
         return self.graphed.capture_seconds if self.graphed is not None else 0.0
 
     def __call__(self) -> None:
+        if self.compile_first is not None:
+            compile_first, self.compile_first = self.compile_first, None
+            compile_first()
         if self.graphed is not None:
             self.graphed()
         else:
             self._step()
+
+    def _launch_switches(self) -> contextlib.ExitStack:
+        """How the step's Triton kernels launch (self.launch_switches), entered."""
+        switches = contextlib.ExitStack()
+        for switch in self.launch_switches:
+            switches.enter_context(switch(True))
+        return switches
+
+    def _compile_kernels(self) -> None:
+        """The generator's forward and backward once, each Triton launch compiling its kernel side by side with the
+        others instead of running (dipfast.kernels.parallel_compile), with the step's launch switches: the first
+        step's launches find them compiled. Their outputs are never written, so nothing of this call is kept: no
+        noise is drawn, no parameter moves, the gradients are dropped and the buffers (the reference blocks'
+        BatchNorm running statistics) put back. The rules after the backward compile at their first launch."""
+        from dipfast.kernels.parallel_compile import compiling_in_parallel
+
+        buffers = {name: b.clone() for name, b in self.runner.buffers.items()}
+        with self._launch_switches(), compiling_in_parallel(), self.plan.step_math():
+            self._losses(self.runner(self.net_input)).sum().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, b in self.runner.buffers.items():
+                b.copy_(buffers[name])
 
     def _losses(self, out: torch.Tensor) -> torch.Tensor:
         """(N,): each network's data term (engine.Problem.data_term: the custom loss of a single problem,
@@ -169,9 +198,7 @@ class FastStep(step_rules.AfterBackward):
         return problem.data_term(out, y)
 
     def _step(self) -> None:
-        with contextlib.ExitStack() as launches:
-            for switch in self.launch_switches:
-                launches.enter_context(switch(True))
+        with self._launch_switches():
             if self.preset.reg_noise_std > 0:
                 self.input_noise.draw_(self.noise, self.iteration, self.preset.reg_noise_std)
                 torch.add(self.z, self.noise, out=self.net_input)  # z + (n * std), the reference's rounding

@@ -283,10 +283,12 @@ def test_the_vectorised_batch_equals_separate_runs(rng):
         ("vectorised", "native-per-network", set()),  # one network after another: what vmapping a batch is worth
         ("folded_finalize", "native", set()),  # off in native until a GPU measures it
         ("folded_finalize", "native-folded-finalize", {"cuda"}),
+        ("parallel_compile", "native", set()),  # off in native until a cold start measures it
+        ("parallel_compile", "native-parallel-compile", {"cuda"}),
     ],
 )
 def test_the_plan_says_where_a_launch_choice_holds(query, method, devices):
-    """Backend.vectorised and Backend.folded_finalize, as native and the harness's variants set them."""
+    """Backend.vectorised, folded_finalize and parallel_compile, as native and the harness's variants set them."""
     from dipfast.bench import runs
 
     with runs.method_context(method):

@@ -46,7 +46,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "with its parameters packed, not 16-byte aligned), 'native-unfused-rules' (native with the rules after the "
         "backward as torch ops on CUDA, not fused), 'native-pdl' (native with its Triton kernels as programmatic "
         "dependent launches on Hopper), 'native-folded-finalize' (native with the BatchNorm kernels' finalize in "
-        "their last program, not a launch of its own), 'native-per-network' (native with the networks of a batch one "
+        "their last program, not a launch of its own), 'native-parallel-compile' (native with its Triton kernels "
+        "compiled side by side before the first step), 'native-per-network' (native with the networks of a batch one "
         "after another, not vmapped, on CUDA), 'compile-forced-layout' (compile with Inductor's layout optimisation "
         "on the backward graph too), 'compile-nchw' (compile with NCHW "
         "activations), 'triton-nchw' (triton with NCHW activations), 'original-loop' (the notebooks' loop in IEEE "
@@ -54,7 +55,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "convolutions), or 'all'. "
         "Default: all on CUDA; on a CPU all but compile, triton and their variants, original-loop-tf32, native-cl, "
         "native-reference-blocks, native-aligned, native-packed-parameters, native-unfused-rules, native-pdl, "
-        "native-folded-finalize and native-per-network (said when left out)",
+        "native-folded-finalize, native-parallel-compile and native-per-network (said when left out)",
     )
     p.add_argument(
         "--precision",
@@ -359,8 +360,9 @@ def methods_and_precisions(args, device_type: str) -> tuple[list[str], list[str]
     )
     line = (
         f"on {device_type}, left out: {', '.join(left)} (torch.compile takes minutes a run here; on a CPU tf32 is "
-        "fp32, native-cl, native-reference-blocks, native-unfused-rules, native-pdl, native-folded-finalize and "
-        "native-per-network are native, and the aligned and packed variants are about CUDA's tensor cores); "
+        "fp32, native-cl, native-reference-blocks, native-unfused-rules, native-pdl, native-folded-finalize, "
+        "native-parallel-compile and native-per-network are native, and the aligned and packed variants are about "
+        "CUDA's tensor cores); "
         f"add {flags} to run them, or name them"
     )
     return methods, precisions, line

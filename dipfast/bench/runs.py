@@ -57,6 +57,9 @@ NATIVE_EAGER = "native-eager"
 #                          scheduled while the one before it drains, dipfast.kernels.dependent_launch)
 #   native-folded-finalize the BatchNorm kernels' finalize in the last program of their reduction, not a launch of
 #                          its own (dipfast.kernels.channel_sums.folded_finalize): 60 launches fewer an iteration
+#   native-parallel-compile  the step's Triton kernels compiled side by side in a pass before its first call
+#                          (dipfast.kernels.parallel_compile), not one at a time at their first launches: a cold
+#                          start's warm-up (bench/cold_start.py); the same step after it
 #   native-per-network     a step of N > 1 networks runs them one after another (N launches a layer), where native
 #                          vmaps them on CUDA (grouped convs, one launch a layer; Backend.vectorised): what batching
 #                          is worth there; at batch 1 and on a CPU it is native itself
@@ -75,6 +78,7 @@ FIELD_VARIANTS = {
     "native-unfused-rules": ("native", lambda b: {"fused_rules": frozenset()}),
     "native-pdl": ("native", lambda b: {"dependent_launch": frozenset({"cuda"})}),
     "native-folded-finalize": ("native", lambda b: {"folded_finalize": frozenset({"cuda"})}),
+    "native-parallel-compile": ("native", lambda b: {"parallel_compile": frozenset({"cuda"})}),
     "native-per-network": ("native", lambda b: {"vectorised": frozenset()}),
     "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
     "compile-nchw": ("compile", lambda b: {"channels_last_bf16": frozenset()}),
@@ -103,8 +107,9 @@ def dip_methods() -> list[str]:
 # What a suite leaves out on a device unless asked for by name (--backend, --precision, --configs) or by 'all':
 # on a CPU, compile (and its variants) and triton spend minutes compiling in every cold run (Triton runs there
 # only in its interpreter), tf32 computes IEEE fp32 (a CPU has no TF32), so its runs would repeat the fp32 ones,
-# native-cl, native-reference-blocks, native-unfused-rules, native-pdl, native-folded-finalize and native-per-network
-# are native itself there, and native-aligned and native-packed-parameters are about CUDA's tensor cores.
+# native-cl, native-reference-blocks, native-unfused-rules, native-pdl, native-folded-finalize,
+# native-parallel-compile and native-per-network are native itself there, and native-aligned and
+# native-packed-parameters are about CUDA's tensor cores.
 NOT_BY_DEFAULT = {
     "cpu": {
         "methods": (
@@ -119,6 +124,7 @@ NOT_BY_DEFAULT = {
             "native-unfused-rules",
             "native-pdl",
             "native-folded-finalize",
+            "native-parallel-compile",
             "native-per-network",
         ),
         "precisions": ("tf32",),

@@ -38,10 +38,12 @@ def test_a_cpu_suite_leaves_out_compile_triton_and_tf32_and_says_so(monkeypatch,
     assert len(planned) == 9  # 4 backends x 2 precisions, and the original loop in fp32
     assert err == [
         "dipfast bench: on cpu, left out: compile, triton, native-cl, native-reference-blocks, native-aligned, "
-        "native-packed-parameters, native-unfused-rules, native-pdl, native-folded-finalize, native-per-network, "
+        "native-packed-parameters, native-unfused-rules, native-pdl, native-folded-finalize, "
+        "native-parallel-compile, native-per-network, "
         "compile-forced-layout, compile-nchw, triton-nchw, original-loop-tf32, precision tf32 "
         "(torch.compile takes minutes a run here; on a CPU tf32 is fp32, native-cl, native-reference-blocks, "
-        "native-unfused-rules, native-pdl, native-folded-finalize and native-per-network are native, and the aligned "
+        "native-unfused-rules, native-pdl, native-folded-finalize, native-parallel-compile and native-per-network "
+        "are native, and the aligned "
         "and packed variants are about CUDA's tensor cores); add "
         "--backend all --precision all to run them, or name them",
         "dipfast bench: error: stopped before the first run",
