@@ -52,12 +52,17 @@
 #   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches, and native and
 #                 native-per-network at its precision (the 4 networks one after another in the graph, not vmapped
 #                 into grouped convs): what vmap is worth, the batch and tiles targets' lever (Backend.vectorised) 60
+#   start-up      bench/cold_start.py: a cold start in parts (the process, restore()'s preparation and set-up, the
+#                 CUDA graph's warm-up and capture, the first step), each fit in a fresh process with empty Triton
+#                 and Inductor caches: native against native-parallel-compile (the step's Triton kernels compiled
+#                 side by side before its first call, not one at a time at their first launches), 2 rounds   45
 #   time-to-psnr  F16 denoising (sigma 25) from --data, cold (fresh process and compile caches):
 #                 the original loop against the fastest path, 1800 iterations: `auto`'s quality  160
 #   tests         the rest of the suite's CUDA tests (test_cuda_restore: restore() on the GPU;
 #                 test_backends, test_early_stop_wiring (the criterion in the CUDA graph),
 #                 test_group_invariance, test_vmap_autocast, test_bilinear_x2 (its capture),
-#                 test_aligned_channels, tests/bench)                                            120
+#                 test_aligned_channels, test_parallel_compile (the first step finds its kernels compiled),
+#                 tests/bench)                                                                      120
 #   tasks         every task through restore() on each fast backend, tiny net (bench/gpu_tasks.py) 110
 #   parity        issue 13: the CUDA parity tests, the real shapes first in a run of their own (junit XML,
 #                 no -x)                                                                          90+
@@ -132,7 +137,8 @@ ARCHIVE=$DEST/gpu-quick.tar.gz
 PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-ALL_STEPS="install environment throughput profile convs cudnn batch time-to-psnr tests tasks parity ops triton compile"
+ALL_STEPS="install environment throughput profile convs cudnn batch start-up time-to-psnr tests tasks parity ops triton"
+ALL_STEPS+=" compile"
 ALL_STEPS+=" early-stop large"
 STEPS=" ${DIPFAST_GPU_QUICK_STEPS:-$ALL_STEPS} "
 for name in $STEPS; do
@@ -159,13 +165,14 @@ if [ "$TINY" = 1 ]; then
     TTP=(--net tiny --size 32 --iters 6 --report-every 2)
     CONVS=(--device cpu --net tiny --size 16 --precision bf16 --repeats 2)
     CUDNN=(--device cpu --net tiny --size 16 --top 1 --repeats 2)  # its aten rows; the cuDNN ones say "needs CUDA"
+    COLD_START=(--device cpu --net tiny --size 16 --iters 2 --rounds 1)
     TESTS=(tests/test_backends.py -k "resolve")  # a few CPU cases: the step's plumbing
     EARLY_STOP=(--net tiny --size 32 --iters 120 --limit 2 --cost 16)
     LARGE=(--device cpu --megapixels 0.01 --iters 6 --stop iterations --report-every 2)
     # the budget is all there is on a CPU: the limits only catch a hang
-    declare -A LIMIT=([install]=120 [environment]=60 [throughput]=240 [profile]=120 [convs]=120 [cudnn]=120 [batch]=120 [tasks]=240
-                      [parity]=120 [ops]=120 [triton]=240 [compile]=120 [time-to-psnr]=240 [tests]=120 [early-stop]=240
-                      [large]=120)
+    declare -A LIMIT=([install]=120 [environment]=60 [throughput]=240 [profile]=120 [convs]=120 [cudnn]=120 [batch]=120
+                      [start-up]=120 [tasks]=240 [parity]=120 [ops]=120 [triton]=240 [compile]=120 [time-to-psnr]=240
+                      [tests]=120 [early-stop]=240 [large]=120)
 else
     BUDGET=${DIPFAST_GPU_QUICK_BUDGET:-480}
     BACKENDS=${DIPFAST_GPU_QUICK_BACKENDS:-native compile triton}
@@ -190,19 +197,22 @@ else
     TTP=(--iters 1800 --report-every 10)
     CONVS=(--device cuda --net default --size 512 --precision bf16 --repeats 10)
     CUDNN=(--device cuda --net default --size 512 --top 4 --repeats 10)
+    COLD_START=(--device cuda --net default --size 512 --precision bf16 --iters 10 --rounds 2)
     TESTS=(tests/test_cuda_restore.py tests/test_backends.py tests/test_early_stop_wiring.py tests/test_group_invariance.py
            tests/test_noise_level.py tests/test_vmap_autocast.py tests/test_bilinear_x2.py tests/test_aligned_channels.py
+           tests/test_parallel_compile.py
            tests/bench --ignore=tests/bench/test_gpu_quick.py)
     EARLY_STOP=(--size 256 --iters 2000 --cost 512)
     LARGE=(--device cuda --megapixels 12 --stop auto --report-every 25)
     declare -A LIMIT=([install]=90 [environment]=30 [throughput]=240 [profile]=90 [convs]=90 [cudnn]=120 [batch]=90
-                      [tasks]=120 [parity]=120 [ops]=140 [triton]=180 [compile]=180 [time-to-psnr]=200 [tests]=150
-                      [early-stop]=240 [large]=590)
+                      [start-up]=90 [tasks]=120 [parity]=120 [ops]=140 [triton]=180 [compile]=180 [time-to-psnr]=200
+                      [tests]=150 [early-stop]=240 [large]=590)
 fi
 # the smallest slice of the budget that a step is started with: time-to-psnr's first result comes at its end (the
 # original loop alone runs 105 s on an H200), so with less it leaves the budget to the steps after it
-declare -A MIN=([install]=5 [environment]=5 [throughput]=60 [profile]=30 [convs]=20 [cudnn]=30 [batch]=30 [tasks]=30 [parity]=30
-                [ops]=20 [triton]=40 [compile]=60 [time-to-psnr]=150 [tests]=30 [early-stop]=120 [large]=120)
+declare -A MIN=([install]=5 [environment]=5 [throughput]=60 [profile]=30 [convs]=20 [cudnn]=30 [batch]=30 [start-up]=40
+                [tasks]=30 [parity]=30 [ops]=20 [triton]=40 [compile]=60 [time-to-psnr]=150 [tests]=30 [early-stop]=120
+                [large]=120)
 
 wants() { [[ $STEPS == *" $1 "* ]]; }
 PYTEST_PLUGINS=()
@@ -322,6 +332,9 @@ batch() {  # the fastest path that batches, and native and native-per-network at
     bench throughput "${DEVICE[@]}" "${BATCH[@]}" --batch 1 4 --quiet --out "$WORK/batch" --configs \
         $(printf '%s\n' "$best" "native:${best#*:}" "native-per-network:${best#*:}" | awk '!seen[$0]++')
 }
+start_up() {  # a cold start in parts: native against native-parallel-compile, each fit a fresh process
+    "$PY" "$ROOT/bench/cold_start.py" "${COLD_START[@]}" --out "$WORK/start-up"
+}
 tasks() {
     # shellcheck disable=SC2086  # BACKENDS is a list of words
     "$PY" "$ROOT/bench/gpu_tasks.py" --out "$WORK/tasks" --backends $BACKENDS "${TASKS[@]}"
@@ -404,6 +417,7 @@ wants profile && step profile profile
 wants convs && step convs convs
 wants cudnn && step cudnn cudnn
 wants batch && step batch batch
+wants start-up && step start-up start_up
 wants time-to-psnr && step_with_data time-to-psnr time_to_psnr
 wants tests && step tests suite_tests
 wants tasks && step tasks tasks

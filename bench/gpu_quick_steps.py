@@ -314,6 +314,9 @@ def headline(work: Path) -> int:
             lines.append(f"| start-up, cold: {r['method']} {r['precision']} (first step: parts) | {start_up(r)} | |")
     steps = ("throughput", "batch", "triton", "compile")
     lines += variants(*(_ok_rows(work / step / "throughput.json") for step in steps))
+    cold = work / "start-up" / "cold_start.md"  # the start-up step's parts, native against its parallel compile
+    if cold.is_file():
+        lines += ["", cold.read_text().replace("## ", "## Start-up step: ", 1).rstrip()]
     text = "\n".join(lines) + "\n"
     (work / "headline.md").write_text(text)
     print(text)

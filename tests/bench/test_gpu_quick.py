@@ -25,6 +25,7 @@ OUTPUTS = {  # in the script's order of priority
     ],  # fmt: skip
     "cudnn": ["cudnn/cudnn_fusion.json", "cudnn/cudnn_fusion.md"],
     "batch": ["batch/throughput.json"],
+    "start-up": ["start-up/cold_start.json", "start-up/cold_start.md"],
     "time-to-psnr": ["time-to-psnr/time_to_psnr.json"],
     "tests": ["tests/junit.xml"],
     "tasks": ["tasks/tasks.jsonl", "tasks/tasks.md"],
@@ -96,6 +97,9 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         assert all(c["status"] == "ok" for c in tasks)
         probes = loaded("cudnn/cudnn_fusion.json")["rows"][0]["probes"]
         assert probes["aten-cl"]["ok"] and probes["fprop"]["reason"] == "the cuDNN graph API needs CUDA"
+        cold = loaded("start-up/cold_start.json")["rows"]
+        assert [r["method"] for r in cold] == ["native", "native-parallel-compile"]  # each a fresh process
+        assert all(r["process_seconds"] > 0 and r["prepare_seconds"] > 0 for r in cold)
         ops_md = tar.extractfile("./ops/ops.md").read().decode()
         assert "test_conv_bn_lrelu_" in ops_md and "test_batch_norm_act_twin_full" in ops_md  # both runs' rows
         assert {r["method"] for r in loaded("triton/throughput.json")["rows"]} == {"triton"}
@@ -107,6 +111,7 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         assert all(r["extras"]["setup_seconds"] > 0 for r in ttp_runs[1:])  # restore()'s start-up parts, cold
         headline = tar.extractfile("./headline.md").read().decode()
         assert f"| start-up, cold: {ttp_runs[1]['method']} " in headline and " s (prepare " in headline
+        assert "## Start-up step: Cold start by part" in headline and "| native-parallel-compile | " in headline
 
 
 def test_the_headline_sets_each_variant_beside_its_backend():
