@@ -48,7 +48,10 @@ def cold_run(method: str, precision: str, *, size: int, net: str, iters: int, de
             wall = time.perf_counter() - start
         finally:
             for name, value in saved.items():
-                os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
     parts = {key: run.extras.get(key) for key in PARTS.values() if key in run.extras}
     # the process's own cost: its wall time less the fit, which restore()'s seconds cover
     return {"method": method, "precision": precision, "seconds": run.seconds, "process_seconds": wall - run.seconds,

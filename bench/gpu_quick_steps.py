@@ -205,7 +205,8 @@ def _time_to_original(ttp: dict) -> list[tuple[str, float | None, float | None, 
 
 
 # a variant is a decision where it beats its backend by more than this in the same run: the H200's CUDA-graph steps
-# repeated within 0.15 % (bench/results/2026-12-04-h200-222367b4a8/), a run's drift within a few minutes less than 2 %
+# repeated within 0.15 % (bench/results/2026-12-04-h200-222367b4a8/); the rest is room for drift between
+# configurations timed minutes apart
 DECISIVE_SPEEDUP = 1.02
 
 
