@@ -51,16 +51,24 @@ def compiling_in_parallel(workers: int | None = None):
     if not available():
         yield
         return
+    from triton.runtime import _async_compile
+
     launch = JITFunction.run
     launched: dict[int, JITFunction] = {}  # by identity (a JITFunction hashes its source)
-
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        launched[id(self)] = self
-        return launch(self, *args, grid=grid, warmup=True, **kwargs)
-
     try:
         with ThreadPoolExecutor(max_workers=workers or _cpus(), thread_name_prefix="triton-compile") as pool:
-            with triton.AsyncCompileMode(pool, ignore_errors=True):
+            with triton.AsyncCompileMode(pool, ignore_errors=True) as mode:
+
+                def compile_only(self, *args, grid, warmup, **kwargs):
+                    launched[id(self)] = self
+                    # Triton reads the mode from a context variable, which autograd's device thread (where a CUDA
+                    # backward's launches run) does not inherit: set it in whichever thread launches
+                    token = _async_compile.active_mode.set(mode)
+                    try:
+                        return launch(self, *args, grid=grid, warmup=True, **kwargs)
+                    finally:
+                        _async_compile.active_mode.reset(token)
+
                 JITFunction.run = compile_only
                 try:
                     yield

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from concurrent.futures import Future
 
 import pytest
@@ -34,16 +35,26 @@ needs_async_compile = pytest.mark.skipif(not parallel_compile.available(), reaso
 
 @needs_async_compile
 def test_inside_a_launch_compiles_on_the_pool_instead_of_running(monkeypatch):
+    """From any thread: autograd runs a CUDA backward's launches on a thread of its own, which does not inherit the
+    caller's context variables (where Triton looks for the async mode)."""
     calls = []
-    monkeypatch.setattr(JITFunction, "run", lambda self, *a, grid, warmup, **k: calls.append((self, a, warmup, k)))
+
+    def run(self, *args, grid, warmup, **kwargs):
+        calls.append((self, args, warmup, kwargs, _async_compile.active_mode.get()))
+
+    monkeypatch.setattr(JITFunction, "run", run)
     kernel = type("Kernel", (), {"device_caches": {}})()  # what the context reads of a launched kernel
     with parallel_compile.compiling_in_parallel(workers=2):
-        assert _async_compile.active_mode.get() is not None
+        mode = _async_compile.active_mode.get()
+        assert mode is not None
         JITFunction.run(kernel, 7, grid=(1,), warmup=False, num_warps=4)
-    assert calls == [(kernel, (7,), True, {"num_warps": 4})]
+        elsewhere = threading.Thread(target=lambda: JITFunction.run(kernel, 8, grid=(1,), warmup=False))
+        elsewhere.start()
+        elsewhere.join()
+    assert calls == [(kernel, (7,), True, {"num_warps": 4}, mode), (kernel, (8,), True, {}, mode)]
     assert _async_compile.active_mode.get() is None
     JITFunction.run(kernel, 7, grid=(1,), warmup=False)  # the launch is the launch again
-    assert calls[-1][2] is False
+    assert calls[-1][2] is False and calls[-1][4] is None
 
 
 def _future(result=None, error=None) -> Future:
@@ -130,8 +141,9 @@ _CUDA_SCRIPT = textwrap.dedent(
     do_compile = JITFunction._do_compile
 
     def counted(self, *args, **kwargs):
-        compiled[phase[0]].append(self.fn.__module__ + "." + self.fn.__name__)
-        return do_compile(self, *args, **kwargs)
+        kernel = do_compile(self, *args, **kwargs)
+        compiled[phase[0]].append((self.fn.__module__ + "." + self.fn.__name__, type(kernel).__name__))
+        return kernel
 
     JITFunction._do_compile = counted
     compile_kernels = fast_step.FastStep._compile_kernels
@@ -162,8 +174,10 @@ def test_on_cuda_the_first_step_finds_the_generators_kernels_compiled(tmp_path):
     done = subprocess.run([sys.executable, "-c", _CUDA_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = eval(done.stdout.strip().splitlines()[-1])  # a dict literal printed by the script
-    generator = [name for name in compiled["pass"] if "batch_norm_act" in name or "reflection_pad" in name]
-    assert generator, compiled
-    after = compiled.get("after", [])
-    assert not set(after) & set(compiled["pass"]), compiled  # a kernel compiled again: another specialization
+    # each compile of the pass went to the pool (a FutureKernel), the backward's too (autograd's own thread)
+    assert compiled["pass"] and all(kind == "FutureKernel" for _, kind in compiled["pass"]), compiled
+    passed = [name for name, _ in compiled["pass"]]
+    assert any("_bwd_" in name for name in passed) and any("batch_norm_act" in name for name in passed), passed
+    after = [name for name, _ in compiled.get("after", [])]
+    assert not set(after) & set(passed), compiled  # a kernel compiled again: another specialization
     assert not any("batch_norm_act" in name or "reflection_pad" in name or "bilinear" in name for name in after)
