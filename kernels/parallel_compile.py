@@ -10,7 +10,8 @@ pool of threads (triton.AsyncCompileMode, Triton's own API for this) and returns
 and sits in the kernel's cache, where the real launches that follow find it. The caller runs the step's launches
 once inside (their outputs are never written: nothing computed there may be kept), then the step itself. A compile
 that fails inside is dropped: the real launch compiles again and raises where the error belongs. Kernels under
-Triton's interpreter (TRITON_INTERPRET=1) are not @triton.jit launches and run as usual.
+Triton's interpreter (TRITON_INTERPRET=1) are not @triton.jit launches and run as usual. The switch is process-wide
+(a CUDA backward launches from autograd's own thread): another thread's launches meanwhile would not run either.
 
 Compiled on 1, 4, 8 and 16 threads, those 16 specializations' sm_90 PTX and cubins came out the same bytes (this CPU,
 triton 3.7.1).
