@@ -9,6 +9,7 @@ empty Triton cache: after the pass, the first step compiles none of the generato
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -95,7 +96,8 @@ def _step(precision: str, reference_blocks: bool) -> fast_step.FastStep:
 
 def _state(step: fast_step.FastStep) -> list[torch.Tensor]:
     adam = [t for s in step.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    return [t.clone() for t in (*step.flat.buffers, *step.runner.buffers.values(), *adam, step.net_input, step.ema)]
+    values = (*step.flat.buffers, *step.runner.buffers.values(), *adam, step.net_input, step.out, step.ema)
+    return [t.clone() for t in (*values, step.metrics, step.iteration)]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -133,7 +135,7 @@ def test_a_fit_with_the_compile_pass_is_the_same_fit(monkeypatch):
 
 _CUDA_SCRIPT = textwrap.dedent(
     """
-    import collections, dipfast, torch
+    import collections, json, dipfast, torch
     from triton.runtime.jit import JITFunction
     from dipfast import backends, fast_step
 
@@ -159,7 +161,7 @@ _CUDA_SCRIPT = textwrap.dedent(
         r = dipfast.restore(image, task="denoise", iters=6, device="cuda", precision="bf16", progress=False,
                             stop="iterations")
     assert torch.isfinite(torch.as_tensor(r.image)).all()
-    print(dict(compiled))
+    print(json.dumps(compiled))
     """
 )
 
@@ -173,7 +175,7 @@ def test_on_cuda_the_first_step_finds_the_generators_kernels_compiled(tmp_path):
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")}
     done = subprocess.run([sys.executable, "-c", _CUDA_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    compiled = eval(done.stdout.strip().splitlines()[-1])  # a dict literal printed by the script
+    compiled = json.loads(done.stdout.strip().splitlines()[-1])
     # each compile of the pass went to the pool (a FutureKernel), the backward's too (autograd's own thread)
     assert compiled["pass"] and all(kind == "FutureKernel" for _, kind in compiled["pass"]), compiled
     passed = [name for name, _ in compiled["pass"]]
