@@ -113,7 +113,9 @@ def test_the_steps_compile_pass_leaves_nothing_behind(precision, reference_block
     step._compile_kernels()
     after = _state(step)
     assert all(p.grad is None for p in step.flat.buffers)
-    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+    assert len(after) == len(before)
+    for a, b in zip(after, before):  # the metrics rows not yet written hold NaN
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 @needs_async_compile
