@@ -28,8 +28,13 @@ from triton.runtime.jit import JITFunction
 
 
 def available() -> bool:
-    """Whether this Triton compiles asynchronously (triton.AsyncCompileMode, Triton 3.4 and later)."""
-    return hasattr(triton, "AsyncCompileMode")
+    """Whether this Triton compiles asynchronously (triton.AsyncCompileMode, Triton 3.4 and later: triton-lang/triton
+    PR 7306), with the context variable it reads the mode from."""
+    try:
+        from triton.runtime import _async_compile
+    except ImportError:
+        return False
+    return hasattr(triton, "AsyncCompileMode") and hasattr(_async_compile, "active_mode")
 
 
 def _cpus() -> int:
@@ -41,7 +46,8 @@ def _drop_failed(kernels) -> None:
     for kernel in kernels:
         for kernel_cache, *_ in kernel.device_caches.values():
             for key, compiled in list(kernel_cache.items()):
-                if isinstance(compiled, triton.FutureKernel) and compiled.kernel is None:
+                # vars(): a FutureKernel's attribute lookups go to its result, which re-raises a failed compile
+                if isinstance(compiled, triton.FutureKernel) and vars(compiled).get("kernel") is None:
                     del kernel_cache[key]
 
 
