@@ -137,9 +137,8 @@ ARCHIVE=$DEST/gpu-quick.tar.gz
 PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-ALL_STEPS="install environment throughput profile convs cudnn batch start-up time-to-psnr tests tasks parity ops triton"
-ALL_STEPS+=" compile"
-ALL_STEPS+=" early-stop large"
+ALL_STEPS="install environment throughput profile convs cudnn batch start-up time-to-psnr"
+ALL_STEPS+=" tests tasks parity ops triton compile early-stop large"
 STEPS=" ${DIPFAST_GPU_QUICK_STEPS:-$ALL_STEPS} "
 for name in $STEPS; do
     [[ " $ALL_STEPS " == *" $name "* ]] || { echo "gpu_quick: unknown step '$name'; valid: $ALL_STEPS" >&2; exit 2; }
