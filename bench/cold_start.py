@@ -37,14 +37,14 @@ CACHES = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
 
 def cold_run(method: str, precision: str, *, size: int, net: str, iters: int, device: str) -> dict:
     """One fit of `method` in a fresh process with empty compile caches: its start-up parts, seconds each."""
+    case = throughput_case(size)
     saved = {name: os.environ.get(name) for name in CACHES}
     with tempfile.TemporaryDirectory(prefix="dipfast-cold-start-") as caches:
         for name in CACHES:
             os.environ[name] = str(Path(caches) / name.lower())
         try:
             start = time.perf_counter()
-            run = run_cold(throughput_case(size), method, precision, iters=iters, net=net, device=device,
-                           report_every=iters)  # fmt: skip
+            run = run_cold(case, method, precision, iters=iters, net=net, device=device, report_every=iters)
             wall = time.perf_counter() - start
         finally:
             for name, value in saved.items():
