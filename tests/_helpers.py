@@ -8,17 +8,29 @@ per task. Presets keep all their other settings (reg_noise_std, lr, backtracking
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import zlib
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dipfast import engine
 from dipfast.nets import SkipSpec
+from dipfast.presets import PRESETS
 
 TINY_NET = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
 TINY = {"net": TINY_NET, "input_depth": 4}  # restore() overrides
 FAST = {"progress": False, **TINY}  # restore(x, iters=3, **FAST)
+TINY_PRESET = dataclasses.replace(PRESETS["denoise"], **TINY)  # the steps' tests: denoising on the tiny net
+
+
+def random_problem(rng: torch.Generator, h: int = 16, w: int = 12) -> engine.Problem:
+    """An engine problem for the steps' tests: a random (1, 3, h, w) observation and target, no operator."""
+    y, target = torch.rand(1, 3, h, w, generator=rng), torch.rand(1, 3, h, w, generator=rng)
+    return engine.Problem(input_shape=(4, h, w), z=None, out_size=(h, w), n_channels=3, y=y, target=target)
+
+
 # CUDA's reflection-pad and bilinear-upsample backward kernels add with atomics (PyTorch lists both as
 # nondeterministic), so two runs of one fit differ in their last bits there (H200,
 # bench/results/2026-12-04-h200-504226cc86/). The tiny net without them, under deterministic_algorithms(),

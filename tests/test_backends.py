@@ -25,7 +25,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from _helpers import FAST, TINY_NET, random_image
+from _helpers import FAST, TINY_NET, TINY_PRESET, random_image, random_problem
 
 import dipfast
 from dipfast import backends, engine, fast_step, memory, nets
@@ -34,12 +34,7 @@ from dipfast.errors import InputError, NumericalError
 from dipfast.presets import PRESETS
 
 CPU = torch.device("cpu")
-PRESET = dataclasses.replace(PRESETS["denoise"], net=TINY_NET, input_depth=4)
-
-
-def _problem(rng: torch.Generator, h=16, w=12) -> engine.Problem:
-    y, target = torch.rand(1, 3, h, w, generator=rng), torch.rand(1, 3, h, w, generator=rng)
-    return engine.Problem(input_shape=(4, h, w), z=None, out_size=(h, w), n_channels=3, y=y, target=target)
+PRESET = TINY_PRESET
 
 
 def _plan(backend: str, precision: str = "fp32") -> Plan:
@@ -178,7 +173,7 @@ def _fits(plan: Plan, problems, seeds, iterations=20, report_every=7):
 def test_fast_step_with_the_reference_blocks_is_the_reference_bit_for_bit(rng):
     """The fast step's machinery (stacked parameters, device-side EMA, backtracking and metrics, foreach
     Adam) changes no bit: with the reference blocks and no compile it is the reference."""
-    problem = _problem(rng)
+    problem = random_problem(rng)
     ref = engine.fit(problem, dataclasses.replace(PRESET, iterations=20), device=CPU, seed=3, progress=False)
     # FastStep with the reference blocks, eager, and the reference's Adam arithmetic
     plain = dataclasses.replace(_plan("compile"), compile=False, fused_adam=False)
@@ -199,7 +194,7 @@ def test_native_fp32_follows_the_reference_for_50_steps_with_input_noise(rng, mo
     drift to a few 1e-3 by step 50 (measured 8e-3 without noise), held to 2e-2, the final PSNR to 0.05 dB."""
     native = backends.BACKEND_TABLE["native"]
     monkeypatch.setitem(backends.BACKEND_TABLE, "native", dataclasses.replace(native, noise={}))
-    problem = _problem(rng)
+    problem = random_problem(rng)
     preset = dataclasses.replace(PRESET, iterations=50)
     assert preset.reg_noise_std > 0
     ref = engine.fit(problem, preset, device=CPU, seed=3, progress=False)
@@ -215,7 +210,7 @@ def test_native_bf16_is_within_twice_the_eager_bf16_error_for_50_steps(rng):
     eager bf16 (the same step with the reference blocks under autocast): per-step losses (the worst step)
     and the final PSNRs. No input noise: channels_last draws fill another element order than the
     oracle's contiguous draw. The PSNR bound has a 0.02 dB floor: the eager gap can be ~0 by chance."""
-    problem = _problem(rng)
+    problem = random_problem(rng)
     quiet = dataclasses.replace(PRESET, iterations=50, reg_noise_std=0.0)
     ref = engine.fit(problem, quiet, device=CPU, seed=3, progress=False)
     (native,) = _fits(_plan("native", "bf16"), [problem], [3], iterations=50)
@@ -228,7 +223,7 @@ def test_native_bf16_is_within_twice_the_eager_bf16_error_for_50_steps(rng):
 
 
 def test_compile_step_and_short_run_match_the_reference(rng):
-    problem = _problem(rng)
+    problem = random_problem(rng)
     plan = _plan("compile")
     one_ref = engine.fit(problem, dataclasses.replace(PRESET, iterations=1), device=CPU, seed=5, progress=False)
     (one,) = _fits(plan, [problem], [5], iterations=1)
@@ -246,7 +241,7 @@ def test_compile_step_and_short_run_match_the_reference(rng):
 
 
 def test_a_batch_equals_separate_runs_with_the_same_seeds(rng):
-    problems = [_problem(rng) for _ in range(3)]
+    problems = [random_problem(rng) for _ in range(3)]
     plan = _plan("native")
     batch = _fits(plan, problems, [3, 4, 5], iterations=12)
     for problem, seed, together in zip(problems, [3, 4, 5], batch):
@@ -261,7 +256,7 @@ def test_a_batch_equals_separate_runs_with_the_same_seeds(rng):
 def test_the_vectorised_batch_equals_separate_runs(rng):
     """The CUDA batch path (vmap over the stacked networks: grouped convs), run on the CPU with the
     reference blocks: the same 12 iterations as separate runs, to the tolerance above."""
-    problems = [_problem(rng) for _ in range(3)]
+    problems = [random_problem(rng) for _ in range(3)]
     plan = dataclasses.replace(_plan("compile"), compile=False)  # FastStep with the reference blocks, eager
     preset = dataclasses.replace(PRESET, iterations=12)
     built, zs = fast_step.build_nets(problems, preset, [3, 4, 5])
@@ -299,7 +294,7 @@ def test_the_plan_says_where_a_launch_choice_holds(query, method, devices):
 
 @pytest.mark.parametrize("where", [frozenset(), frozenset({"cpu"})], ids=["cuda", "cpu-too"])
 def test_the_fast_step_vmaps_a_batch_where_the_plan_says(rng, where):
-    problems = [_problem(rng) for _ in range(2)]
+    problems = [random_problem(rng) for _ in range(2)]
     with backends.variant("native", vectorised=where):
         plan = _plan("native")
         for n in (2, 1):  # one network is never vmapped
@@ -312,7 +307,7 @@ def test_the_fast_step_vmaps_a_batch_where_the_plan_says(rng, where):
 def test_a_bf16_step_feeds_its_net_input_in_bf16_with_the_same_results(rng, monkeypatch, vectorised):
     """Under bf16 the net's input is z + noise rounded to bf16 once (its convs read it in bf16 anyway: autocast cast it
     for each of them): five iterations of two networks bit for bit as with the fp32 input; fp32 keeps fp32."""
-    problems = [_problem(rng) for _ in range(2)]
+    problems = [random_problem(rng) for _ in range(2)]
     steps = []
     for cast in (True, False):
         monkeypatch.setattr(nets, "input_only_convolved", lambda spec, cast=cast: cast)
@@ -338,7 +333,7 @@ def test_batch_backtracking_falls_back_per_network(rng, graph_safe):
     """Network 0's loss jumps past sqrt(10) x its last accepted loss, network 1's does not: only
     network 0's parameters return to its saved point, and only network 1 saves new ones. Both ways of
     copying (host-read masks on the CPU, masked where in a CUDA graph) run here."""
-    problems = [_problem(rng) for _ in range(2)]
+    problems = [random_problem(rng) for _ in range(2)]
     built, zs = fast_step.build_nets(problems, PRESET, [1, 2])
     step = fast_step.FastStep(built, zs, problems, PRESET, CPU, [1, 2], 4, _plan("native"), graph_safe=graph_safe)
     params = step.flat.params
@@ -508,7 +503,7 @@ def test_a_fit_that_cannot_fit_is_refused_before_it_starts(np_rng, monkeypatch):
 def test_cuda_graph_is_captured_once_and_replays_the_eager_step(precision):
     cuda = torch.device("cuda")
     rng = torch.Generator().manual_seed(0)
-    problem = _problem(rng, 64, 64)
+    problem = random_problem(rng, 64, 64)
     # no input noise: graph-replayed and eager draws need not be one stream (the rest must agree)
     preset = dataclasses.replace(PRESET, iterations=12, reg_noise_std=0.0)
     plan = backends.resolve("native", precision, cuda)
@@ -547,7 +542,7 @@ def test_a_launch_variant_replays_in_the_cuda_graph_as_the_plain_step(field):
     reset inside the graph at every replay), captured in the step's CUDA graph: the same fit as native's step."""
     cuda = torch.device("cuda")
     rng = torch.Generator().manual_seed(0)
-    problem = _problem(rng, 64, 64)
+    problem = random_problem(rng, 64, 64)
     preset = dataclasses.replace(PRESET, iterations=12, reg_noise_std=0.0)
     steps = []
     for on in (False, True):

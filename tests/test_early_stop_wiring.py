@@ -12,17 +12,24 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from _helpers import DETERMINISTIC_NET, FAST, TINY_NET, deterministic_algorithms, random_image, smooth_image
+from _helpers import (
+    DETERMINISTIC_NET,
+    FAST,
+    TINY_PRESET,
+    deterministic_algorithms,
+    random_image,
+    random_problem,
+    smooth_image,
+)
 
 import dipfast
 from dipfast import api, backends, engine, fast_step, memory, step_rules
 from dipfast.early_stop import CALIBRATED, CALIBRATED_RULE, EarlyStopSpec
 from dipfast.errors import InputError, InputTypeError
 from dipfast.operators import Identity
-from dipfast.presets import PRESETS
 
 CPU = torch.device("cpu")
-PRESET = dataclasses.replace(PRESETS["denoise"], net=TINY_NET, input_depth=4)
+PRESET = TINY_PRESET
 SPEC = EarlyStopSpec("wmv", window=4, patience=4)
 BOUND = 300  # the upper bound of iterations: far above where SPEC stops on these images
 
@@ -33,11 +40,6 @@ def _noisy(np_rng, h=16, w=16):
     clean = smooth_image(np_rng, h, w)
     noisy = np.clip(clean + np_rng.normal(scale=0.1, size=clean.shape), 0, 1).astype(np.float32)
     return noisy, clean
-
-
-def _problem(rng: torch.Generator, h=16, w=12) -> engine.Problem:
-    y, target = torch.rand(1, 3, h, w, generator=rng), torch.rand(1, 3, h, w, generator=rng)
-    return engine.Problem(input_shape=(4, h, w), z=None, out_size=(h, w), n_channels=3, y=y, target=target)
 
 
 def _plan(backend: str):
@@ -85,7 +87,7 @@ def test_auto_stops_early_and_returns_the_output_of_its_detected_point(np_rng):
 def test_reference_and_fast_step_stop_at_the_same_iteration_with_the_same_bits(rng):
     """FastStep with the reference blocks, eager, N = 1, and the reference's Adam: bit for bit the
     reference (test_backends' parity rule), early stopping included."""
-    problem = _problem(rng)
+    problem = random_problem(rng)
     preset = dataclasses.replace(PRESET, iterations=BOUND)
     ref = engine.fit(problem, preset, device=CPU, seed=3, progress=False, report_every=5, early_stop=SPEC)
     plain = dataclasses.replace(_plan("compile"), compile=False, fused_adam=False)
@@ -164,7 +166,7 @@ def test_the_result_says_what_the_noise_gate_saw(np_rng):
 def test_a_stopped_network_stays_frozen_while_the_other_runs(rng, graph_safe):
     """Two networks in one step stop at different iterations; from its stop on, the first one's parameters,
     Adam moments, EMA and kept output do not change by a bit while the other's still do."""
-    problems = [_problem(rng), _problem(rng)]
+    problems = [random_problem(rng), random_problem(rng)]
     seeds = [1, 2]
     built, zs = fast_step.build_nets(problems, PRESET, seeds)
     step = fast_step.FastStep(
@@ -354,7 +356,7 @@ def test_auto_runs_inside_the_cuda_graph_as_the_eager_step(spec):
     two runs part in their last bits and stop at 26 and 24 (H200)."""
     cuda = torch.device("cuda")
     rng = torch.Generator().manual_seed(0)
-    problems = [_problem(rng, 64, 64), _problem(rng, 64, 64)]
+    problems = [random_problem(rng, 64, 64), random_problem(rng, 64, 64)]
     problems = [dataclasses.replace(p, operator=Identity().A) for p in problems]  # the gate reads their noise
     preset = dataclasses.replace(PRESET, reg_noise_std=0.0, net=DETERMINISTIC_NET)
     plan = backends.resolve("native", "fp32", cuda)

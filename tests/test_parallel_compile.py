@@ -8,7 +8,6 @@ empty Triton cache: after the pass, the first step compiles none of the generato
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -20,17 +19,16 @@ from concurrent.futures import Future
 import pytest
 import torch
 import triton
-from _helpers import FAST, TINY_NET
+from _helpers import FAST, TINY_PRESET, random_problem
 from triton.runtime import _async_compile
 from triton.runtime.jit import JITFunction
 
 import dipfast
-from dipfast import backends, engine, fast_step
+from dipfast import backends, fast_step
 from dipfast.kernels import parallel_compile
-from dipfast.presets import PRESETS
 
 CPU = torch.device("cpu")
-PRESET = dataclasses.replace(PRESETS["denoise"], net=TINY_NET, input_depth=4)
+PRESET = TINY_PRESET
 needs_async_compile = pytest.mark.skipif(not parallel_compile.available(), reason="Triton without AsyncCompileMode")
 
 
@@ -81,11 +79,7 @@ def test_a_failed_compile_leaves_the_cache_for_the_launch_to_compile_again():
 
 def _step(precision: str, reference_blocks: bool) -> fast_step.FastStep:
     rng = torch.Generator().manual_seed(0)
-    problems = [
-        engine.Problem(input_shape=(4, 16, 12), z=None, out_size=(16, 12), n_channels=3,
-                       y=torch.rand(1, 3, 16, 12, generator=rng), target=torch.rand(1, 3, 16, 12, generator=rng))
-        for _ in range(2)
-    ]  # fmt: skip
+    problems = [random_problem(rng) for _ in range(2)]
     # the reference blocks: torch's BatchNorm, whose running statistics each forward moves
     blocks = {"cpu": "reference", "cuda": "reference"} if reference_blocks else backends.BACKEND_TABLE["native"].blocks
     with backends.variant("native", blocks=blocks):

@@ -16,12 +16,12 @@ import math
 
 import pytest
 import torch
-from _helpers import TINY_NET
+from _helpers import TINY_PRESET
 
 from dipfast import backends, engine, fast_step, step_rules
 from dipfast.early_stop import EarlyStop, EarlyStopSpec
 from dipfast.kernels import fused_rules
-from dipfast.presets import PRESETS, Backtracking
+from dipfast.presets import Backtracking
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.parity
@@ -125,7 +125,7 @@ def test_record_without_backtracking_writes_no_fallback(rng, device, monkeypatch
 # the step, on the CPU (on CUDA its convs are not bit for bit reproducible)
 
 on_the_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="bit for bit: the CPU step (tests/test_cuda_restore)")
-PRESET = dataclasses.replace(PRESETS["denoise"], net=TINY_NET, input_depth=4)
+PRESET = TINY_PRESET
 
 
 def _fit(rng_seed: int, fused: bool, graph_safe: bool, precision: str, iters: int = 6, target: bool = True,
