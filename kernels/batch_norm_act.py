@@ -423,9 +423,9 @@ if _HAS_TRITON:
             programs = tl.num_programs(0)
             if last_to_arrive(counters_ptr + tl.program_id(1), programs):
                 dbias = column_sum(pdz_ptr, c, mask_c, programs, channels, PARTIAL_ROWS, BLOCK_C)
+                dweight = column_sum(pdzx_ptr, c, mask_c, programs, channels, PARTIAL_ROWS, BLOCK_C)
                 tl.store(dbias_ptr + c, dbias, mask=mask_c)
-                tl.store(dweight_ptr + c, column_sum(pdzx_ptr, c, mask_c, programs, channels, PARTIAL_ROWS, BLOCK_C),
-                         mask=mask_c)  # fmt: skip
+                tl.store(dweight_ptr + c, dweight, mask=mask_c)
 
     @triton.jit(do_not_specialize=_SIZES)
     def _batch_norm_act_bwd_apply_kernel(
