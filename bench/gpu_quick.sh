@@ -70,8 +70,9 @@
 #                 cuDNN + eager, each timed as a CUDA graph replay (the step pays no launch cost), after
 #                 the native step's BatchNorm kernels (bf16, NCHW) against torch's eager ops, in GB/s, with
 #                 and without their finalize launches (triton-folded: the last program finalizes)       120
-#   triton        issue 13: the triton backend's throughput in bf16 (channels_last, and NCHW as before: the
-#                 triton-nchw variant), tf32 and fp32, and the profile of its bf16 step against the floor  160
+#   triton        issue 13: the triton backend's throughput in bf16 (channels_last; without torch.compile: the
+#                 triton-eager variant; NCHW as before: triton-nchw), tf32 and fp32, and the profile of its eager
+#                 bf16 step against the floor                                                       160
 #   compile       the compile backend's throughput, bf16 in channels_last and NCHW (compile-nchw, the layout
 #                 that made native 2.74x faster), each compiling for about a minute                  150
 #   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
@@ -158,7 +159,7 @@ if [ "$TINY" = 1 ]; then
     OPS=(--benchmark-max-time=0.01 --benchmark-min-rounds=1 --benchmark-warmup=off)  # the CPU cases once
     BN_OPS=("${OPS[@]}")
     TRITON_TP=(--net tiny --size 16 --iters 1 --repeats 1 --warmup 1)
-    TRITON_CONFIGS=(triton:fp32)  # the interpreter computes tf32 as IEEE fp32: one of the two is enough
+    TRITON_CONFIGS=(triton:fp32 triton-eager:fp32)  # the interpreter computes tf32 as IEEE fp32: one is enough
     TRITON_ENV=(TRITON_INTERPRET=1 TORCHDYNAMO_DISABLE=1)
     COMPILE_ENV=(TORCHDYNAMO_DISABLE=1)  # the step's plumbing: compiling takes minutes on a CPU
     TTP=(--net tiny --size 32 --iters 6 --report-every 2)
@@ -190,7 +191,7 @@ else
     OPS=(-k op_full --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
     BN_OPS=("${OPS[@]}" -k "op_full and nchw and not fp32")  # the native step's: bf16, NCHW (the last -k wins)
     TRITON_TP=("${TP[@]}")
-    TRITON_CONFIGS=(triton:bf16 triton-nchw:bf16 triton:tf32 triton:fp32)
+    TRITON_CONFIGS=(triton:bf16 triton-eager:bf16 triton-nchw:bf16 triton:tf32 triton:fp32)
     TRITON_ENV=()
     COMPILE_ENV=()
     TTP=(--iters 1800 --report-every 10)
@@ -363,9 +364,10 @@ ops() {
 triton_backend() {
     env "${TRITON_ENV[@]}" "$PY" -m dipfast.bench throughput "${DEVICE[@]}" "${TRITON_TP[@]}" --batch 1 --quiet \
         --out "$WORK/triton" --configs "${TRITON_CONFIGS[@]}" || return 1
-    # where its 77 ms go (the H200 run had no profile of it); the interpreter's would say nothing of a GPU
+    # where its 77 ms go (the H200 run had no profile of it); the interpreter's would say nothing of a GPU. The
+    # eager step's: the same Triton kernels, without a minute of compiling again in the profile's process
     [ "$TINY" = 1 ] || bench profile "${DEVICE[@]}" "${PROFILE[@]}" --quiet --out "$WORK/triton/profile" \
-        --configs triton:bf16
+        --configs triton-eager:bf16
 }
 compile_backend() {  # as the throughput step's rows, the layout variant beside its backend
     env "${COMPILE_ENV[@]}" "$PY" -m dipfast.bench throughput "${DEVICE[@]}" "${TP[@]}" --batch 1 --quiet \

@@ -225,11 +225,15 @@ def _decision(method: str, base: str, ratio: float, batch: int) -> str:
     fields = runs.variant_fields(method)
     if batch == 1 and fields and set(fields) <= runs.BATCH_FIELDS:
         return "the backend itself at batch 1"
+    setting = "; ".join(f"{base}.{name} = {_field_value(v)}" for name, v in fields.items())
+    if ratio <= 1 / DECISIVE_SPEEDUP:
+        return "keep the backend"
     if ratio < DECISIVE_SPEEDUP:
-        return "keep the backend" if ratio <= 1 / DECISIVE_SPEEDUP else "keep the backend (within noise)"
+        if fields and fields.items() <= runs.QUICKER_START.items():
+            return f"set {setting}: as fast, and a cold start skips its work (its CUDA tests passing)"
+        return "keep the backend (within noise)"
     if not fields:
         return "faster, no Backend field to set"
-    setting = "; ".join(f"{base}.{name} = {_field_value(v)}" for name, v in fields.items())
     return f"set {setting} (its CUDA tests passing)"
 
 

@@ -49,8 +49,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "their last program, not a launch of its own), 'native-parallel-compile' (native with its Triton kernels "
         "compiled side by side before the first step), 'native-per-network' (native with the networks of a batch one "
         "after another, not vmapped, on CUDA), 'compile-forced-layout' (compile with Inductor's layout optimisation "
-        "on the backward graph too), 'compile-nchw' (compile with NCHW "
-        "activations), 'triton-nchw' (triton with NCHW activations), 'original-loop' (the notebooks' loop in IEEE "
+        "on the backward graph too), 'compile-nchw' (compile with NCHW activations), 'triton-nchw' (triton with NCHW "
+        "activations), 'triton-eager' (triton without torch.compile), 'original-loop' (the notebooks' loop in IEEE "
         "fp32, as the paper ran it), 'original-loop-tf32' (the same under today's PyTorch default, TF32 "
         "convolutions), or 'all'. "
         "Default: all on CUDA; on a CPU all but compile, triton and their variants, original-loop-tf32, native-cl, "
@@ -359,10 +359,10 @@ def methods_and_precisions(args, device_type: str) -> tuple[list[str], list[str]
         f for f, given in (("--backend all", args.backend), ("--precision all", args.precision)) if not given
     )
     line = (
-        f"on {device_type}, left out: {', '.join(left)} (torch.compile takes minutes a run here; on a CPU tf32 is "
-        "fp32, native-cl, native-reference-blocks, native-unfused-rules, native-pdl, native-folded-finalize, "
-        "native-parallel-compile and native-per-network are native, and the aligned and packed variants are about "
-        "CUDA's tensor cores); "
+        f"on {device_type}, left out: {', '.join(left)} (torch.compile and Triton's interpreter take minutes a run "
+        "here; on a CPU tf32 is fp32, native-cl, native-reference-blocks, native-unfused-rules, native-pdl, "
+        "native-folded-finalize, native-parallel-compile and native-per-network are native, and the aligned and "
+        "packed variants are about CUDA's tensor cores); "
         f"add {flags} to run them, or name them"
     )
     return methods, precisions, line

@@ -69,6 +69,9 @@ NATIVE_EAGER = "native-eager"
 #                          the H200 (compile ran channels_last there: 27.7 ms against native NCHW's 12.0)
 #   triton-nchw            the triton backend with NCHW activations under bf16 (its layout before channels_last),
 #                          whose conv kernels load one element at a time (sm_90 codegen): what the layout is worth
+#   triton-eager           the triton backend without torch.compile: native's eager step, in its CUDA graph, with the
+#                          fused Triton blocks. Inside the graph Inductor can only fuse the glue between the blocks'
+#                          custom ops, and its compile costs a cold start a minute: as fast, the eager step is the one
 FIELD_VARIANTS = {
     "native-nchw": ("native", lambda b: {"channels_last_bf16": frozenset()}),
     "native-cl": ("native", lambda b: {"channels_last_bf16": frozenset({"cpu", "cuda"})}),
@@ -83,6 +86,7 @@ FIELD_VARIANTS = {
     "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
     "compile-nchw": ("compile", lambda b: {"channels_last_bf16": frozenset()}),
     "triton-nchw": ("triton", lambda b: {"channels_last_bf16": frozenset()}),
+    "triton-eager": ("triton", lambda b: {"compile": False}),
 }
 COMPILE_FORCED_LAYOUT = "compile-forced-layout"  # tests/test_inductor_layout.py runs it by name
 VARIANT_BACKEND = {NATIVE_EAGER: "native", **{name: backend for name, (backend, _) in FIELD_VARIANTS.items()}}
@@ -161,6 +165,9 @@ def backend_of(method: str) -> str:
 
 # Backend fields that change only a step of N > 1 networks: at batch 1 their variants run the backend itself
 BATCH_FIELDS = frozenset({"vectorised"})
+# Backend field values that leave work out of a cold start (torch.compile's minute): a variant setting only these is
+# worth adopting where it runs as fast as its backend, within noise, not only where it runs faster
+QUICKER_START = {"compile": False}
 
 
 def variant_fields(method: str) -> dict:
