@@ -73,7 +73,7 @@ def markdown(report: dict) -> str:
     first, *others = s["methods"]
     for method in others:  # each against the first: what its start-up saves
         saved = medians[first]["seconds"] - medians[method]["seconds"]
-        lines.append(f"\n{method}: restore() {saved:+.2f} s against {first} ({'faster' if saved > 0 else 'slower'}).")
+        lines.append(f"\n{method}: restore() {abs(saved):.2f} s {'faster' if saved > 0 else 'slower'} than {first}.")
     return "\n".join(lines) + "\n"
 
 
