@@ -3,7 +3,11 @@
 PyTorch's whole-network capture recipe (torch.cuda.graphs, "Whole-network capture"): the warm-up
 calls run on a side stream, so lazy initialisation, torch.compile's compilation and cuDNN's
 algorithm search happen before the capture; the capture records one call; every later call replays
-it. The warm-up and the capture run with cudnn.benchmark on: cuDNN times its candidate algorithms
+it. The warm-up calls and the capture share one side stream: a parameter's AccumulateGrad node runs on
+the stream it was made on, and it outlives a call (the eager step's module keeps the last call's
+parameter views: ModuleSlots), so with a fresh stream per call autograd synced the two streams and warned
+of the mismatch ("may break CUDA graph capture": the H200 runs' throughput logs).
+The warm-up and the capture run with cudnn.benchmark on: cuDNN times its candidate algorithms
 (which syncs, so it must happen before the capture, PyTorch PR #91032) and the graph keeps the
 fastest; the caller's flags are restored afterwards. Random generators registered with the graph
 draw fresh numbers on every replay.
@@ -48,6 +52,7 @@ class GraphedStep:
         self.warmup_seconds = 0.0
         self.capture_seconds = 0.0
         self._first_call = 0.0
+        self.stream: torch.cuda.Stream | None = None  # the warm-up's and the capture's, made at the first call
 
     def __call__(self) -> None:
         self.calls += 1
@@ -56,14 +61,14 @@ class GraphedStep:
         elif self.calls <= WARMUP:
             if self.calls == 1:
                 self._first_call = time.perf_counter()
+                self.stream = torch.cuda.Stream(self.device)
             current = torch.cuda.current_stream(self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side), _cudnn_benchmark():
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream), _cudnn_benchmark():
                 if self.calls == 1 and self.before_first is not None:
                     self.before_first()
                 self.step()
-            current.wait_stream(side)
+            current.wait_stream(self.stream)
         else:
             self._capture()
             self.graph.replay()  # the capture only records: this call's iteration runs now
@@ -77,7 +82,7 @@ class GraphedStep:
             graph.register_generator_state(generator)
         self.before_capture()
         try:
-            with torch.cuda.graph(graph), _cudnn_benchmark():
+            with torch.cuda.graph(graph, stream=self.stream), _cudnn_benchmark():
                 self.step()
         except RuntimeError as error:  # torch.AcceleratorError too
             raise GraphCaptureError(first_cause(error)) from error

@@ -1,6 +1,9 @@
 """restore() on CUDA, through the public call: what the CPU suites (tests/test_api.py, which pin device='auto'
 to the CPU) cannot show. Each needs a GPU; bench/gpu_quick.sh's `tests` step runs them."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +64,20 @@ def test_a_loss_that_reads_the_host_is_a_one_line_error(np_rng):
     r = dipfast.restore(random_image(np_rng, 10, 10, 3), "custom", loss=loss, iters=5, device="cuda",
                         backend="reference", **FAST)  # fmt: skip
     assert np.isfinite(r.image).all()
+
+
+def test_a_fit_warns_of_no_stream_mismatch_in_its_cuda_graph():
+    """The CUDA graph's warm-up calls and its capture run on one stream: on a fresh stream per warm-up call autograd
+    found the parameters' AccumulateGrad nodes, kept alive by the module's last views, on another call's stream, and
+    warned (once a process, so in a fresh one) of a mismatch that 'may break CUDA graph capture'."""
+    code = (
+        "import numpy as np, dipfast\n"
+        "from dipfast.nets import SkipSpec\n"
+        "net = SkipSpec(channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))\n"
+        "x = np.random.default_rng(0).random((24, 24, 3), dtype=np.float32)\n"
+        "r = dipfast.restore(x, iters=8, device='cuda', backend='native', net=net, input_depth=4, progress=False)\n"
+        "assert r.extras['capture_seconds'] > 0, r.extras\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "AccumulateGrad" not in run.stderr, run.stderr[-2000:]
