@@ -70,9 +70,9 @@
 #                 cuDNN + eager, each timed as a CUDA graph replay (the step pays no launch cost), after
 #                 the native step's BatchNorm kernels (bf16, NCHW) against torch's eager ops, in GB/s, with
 #                 and without their finalize launches (triton-folded: the last program finalizes)       120
-#   triton        issue 13: the triton backend's throughput in bf16 (channels_last; without torch.compile: the
-#                 triton-eager variant; NCHW as before: triton-nchw), tf32 and fp32, and the profile of its eager
-#                 bf16 step against the floor                                                       160
+#   triton        issue 13: the triton backend's throughput in bf16 (without torch.compile: the triton-eager
+#                 variant, first; native beside it; channels_last; NCHW as before: triton-nchw), tf32 and fp32,
+#                 and the profile of its eager bf16 step against the floor                          160
 #   compile       the compile backend's throughput, bf16 in channels_last and NCHW (compile-nchw, the layout
 #                 that made native 2.74x faster), each compiling for about a minute                  150
 #   early-stop    issue 14: the 9 paper images from --data at 256 x 256, side by side, 2000 iterations
@@ -159,7 +159,7 @@ if [ "$TINY" = 1 ]; then
     OPS=(--benchmark-max-time=0.01 --benchmark-min-rounds=1 --benchmark-warmup=off)  # the CPU cases once
     BN_OPS=("${OPS[@]}")
     TRITON_TP=(--net tiny --size 16 --iters 1 --repeats 1 --warmup 1)
-    TRITON_CONFIGS=(triton:fp32 triton-eager:fp32)  # the interpreter computes tf32 as IEEE fp32: one is enough
+    TRITON_CONFIGS=(triton:fp32 triton-eager:fp32 native:fp32)  # the interpreter's tf32 is IEEE fp32
     TRITON_ENV=(TRITON_INTERPRET=1 TORCHDYNAMO_DISABLE=1)
     COMPILE_ENV=(TORCHDYNAMO_DISABLE=1)  # the step's plumbing: compiling takes minutes on a CPU
     TTP=(--net tiny --size 32 --iters 6 --report-every 2)
@@ -191,7 +191,9 @@ else
     OPS=(-k op_full --benchmark-warmup=on --benchmark-warmup-iterations=3 --benchmark-max-time=0.1 --benchmark-min-rounds=5)
     BN_OPS=("${OPS[@]}" -k "op_full and nchw and not fp32")  # the native step's: bf16, NCHW (the last -k wins)
     TRITON_TP=("${TP[@]}")
-    TRITON_CONFIGS=(triton:bf16 triton-eager:bf16 triton-nchw:bf16 triton:tf32 triton:fp32)
+    # the eager step first (its Triton kernels compile in seconds, Inductor's graph in a minute), then native beside
+    # it (issue 13's target: no slower than the fastest other backend, in the same run), then torch.compile's
+    TRITON_CONFIGS=(triton-eager:bf16 native:bf16 triton:bf16 triton-nchw:bf16 triton:tf32 triton:fp32)
     TRITON_ENV=()
     COMPILE_ENV=()
     TTP=(--iters 1800 --report-every 10)

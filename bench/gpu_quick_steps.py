@@ -262,6 +262,26 @@ def variants(*tables: list[dict]) -> list[str]:
     return [title, "| variant | ms/iteration | the backend | speed-up | decision |", "|---|---|---|---|---|", *found]
 
 
+def _triton_against_the_rest(rows: list[dict]) -> str:
+    """Issue 13's target for the whole step, as a headline row: the triton backend's fastest bf16 path (itself or a
+    variant) against the fastest other backend's, both from the triton step's one run."""
+    from dipfast.bench import runs
+
+    bf16 = [r for r in rows if r["precision"] == "bf16" and r["batch"] == 1]
+    triton = max((r for r in bf16 if runs.backend_of(r["method"]) == "triton"), key=_speed, default=None)
+    other = max((r for r in bf16 if runs.backend_of(r["method"]) != "triton"), key=_speed, default=None)
+    ratio = triton["ms_per_iter"] / other["ms_per_iter"] if triton and other else None
+    measured = (
+        f"{triton['method']} {triton['ms_per_iter']:.2f} ms, {other['method']} {other['ms_per_iter']:.2f} ms"
+        if ratio
+        else "-"
+    )
+    return (
+        f"| issue 13: the triton backend's bf16 step no slower than the fastest other backend (triton step) "
+        f"| {measured}{f' = {ratio:.2f}x its time' if ratio else ''} | {_verdict(ratio, 1.0, False)} |"
+    )
+
+
 def headline(work: Path) -> int:
     """headline.md: issue 12's targets against what the steps measured."""
     from dipfast.bench.report import start_up
@@ -317,6 +337,7 @@ def headline(work: Path) -> int:
     for case in ttp.get("cases", []):  # where a cold run's time went before its first iteration
         for r in case["runs"]:
             lines.append(f"| start-up, cold: {r['method']} {r['precision']} (first step: parts) | {start_up(r)} | |")
+    lines.append(_triton_against_the_rest(_ok_rows(work / "triton" / "throughput.json")))
     steps = ("throughput", "batch", "triton", "compile")
     lines += variants(*(_ok_rows(work / step / "throughput.json") for step in steps))
     cold = work / "start-up" / "cold_start.md"  # the start-up step's parts, native against its parallel compile

@@ -103,7 +103,7 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         ops_md = tar.extractfile("./ops/ops.md").read().decode()
         assert "test_conv_bn_lrelu_" in ops_md and "test_batch_norm_act_twin_full" in ops_md  # both runs' rows
         triton = loaded("triton/throughput.json")["rows"]
-        assert {r["method"] for r in triton} == {"triton", "triton-eager"}
+        assert {r["method"] for r in triton} == {"triton", "triton-eager", "native"}
         assert all(r["status"] == "ok" for r in triton)
         compiled = loaded("compile/throughput.json")["rows"]
         assert {r["method"] for r in compiled} == {"compile", "compile-nchw"}
@@ -156,6 +156,30 @@ def test_the_headline_adopts_a_variant_that_starts_quicker_where_it_runs_as_fast
     assert slower.endswith("| keep the backend |")
     (noise,) = variants([row("triton", 10.0), row("triton-nchw", 9.9)])[3:]
     assert noise.endswith("| keep the backend (within noise) |")
+
+
+def test_the_headline_sets_the_triton_backend_against_the_fastest_other_one(tmp_path):
+    """Issue 13's whole-step target from the triton step's one run: the fastest triton path in bf16 (a variant
+    counts) against the fastest other backend's; not measured without both."""
+    steps = bench_script("gpu_quick_steps")
+
+    def row(method, precision, ms):
+        return {"method": method, "precision": precision, "batch": 1, "ms_per_iter": ms, "its_median": 1e3 / ms,
+                "status": "ok"}  # fmt: skip
+
+    (tmp_path / "triton").mkdir()
+    found = tmp_path / "triton" / "throughput.json"
+    target = "| issue 13: the triton backend's bf16 step no slower than the fastest other backend (triton step) | "
+    for rows, expected in (
+        ([row("triton-eager", "bf16", 12.0), row("triton", "bf16", 13.0), row("native", "bf16", 10.0),
+          row("triton", "tf32", 9.0)], "triton-eager 12.00 ms, native 10.00 ms = 1.20x its time | missed |"),
+        ([row("triton", "bf16", 8.0), row("native", "bf16", 10.0)],
+         "triton 8.00 ms, native 10.00 ms = 0.80x its time | met |"),
+        ([row("triton", "bf16", 8.0)], "- | not measured |"),
+    ):  # fmt: skip
+        found.write_text(json.dumps({"rows": rows}))
+        assert steps.headline(tmp_path) == 0
+        assert target + expected in (tmp_path / "headline.md").read_text()
 
 
 def test_the_headline_takes_the_batch_target_from_the_best_of_each_batch_size(tmp_path):
