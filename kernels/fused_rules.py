@@ -90,9 +90,11 @@ if _HAS_TRITON:
 
     @triton.jit
     def _bf16_bits(x):
-        """fp32 -> bf16 rounded to nearest even, as int16 bits (torch's cast; the interpreter's .to() truncates)."""
+        """fp32 -> bf16 rounded to nearest even, as int16 bits (torch's cast; the interpreter's .to() truncates).
+        A NaN stays a NaN, as torch's 0x7FC0: the rounding carry would turn a GPU's NaN, 0x7FFFFFFF, into -0.0."""
         bits = x.to(tl.uint32, bitcast=True)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
 
     @triton.jit
     def _from_bf16_bits(bits):
@@ -141,7 +143,9 @@ if _HAS_TRITON:
             tl.store(sum_ptr + at, total, mask=mask)
             tl.store(squares_ptr + at, squares, mask=mask)
             mean = total / window
-            variance = tl.maximum(squares / window - mean * mean, 0.0)
+            variance = squares / window - mean * mean
+            # clamp_min(0) as the twin's, which keeps a NaN: a GPU's max returns the operand that is not NaN
+            variance = tl.where(variance < 0.0, 0.0, variance)
             tl.store(row + 2, tl.sum(tl.where(mask, variance, 0.0), axis=0))
         else:
             ema = _ema_update(out, ema_ptr, at, mask, iteration == 0, False, weight, one_minus_weight)

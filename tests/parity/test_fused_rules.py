@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from _helpers import TINY_PRESET
@@ -277,6 +278,42 @@ def test_early_stopping_updates_as_early_stop_does(rng, device, returns, toleran
         assert torch.equal(ema, expected_ema), t
         step += 1
     assert expected.stop_iteration.tolist() == [7, 12 if gate else 10, 0]
+
+
+@pytest.fixture
+def gpu_max(device, monkeypatch):
+    """Triton's maximum as a GPU computes it: tl.maximum lowers to a max that returns the operand that is not NaN,
+    where the interpreter's np.maximum returns the NaN."""
+    if device == "cpu":
+        from triton.runtime import interpreter
+
+        builder = interpreter.interpreter_builder
+        monkeypatch.setattr(builder, "create_maxnumf", lambda a, b: builder.binary_op(a, b, np.fmax))
+
+
+def test_early_stopping_holds_a_diverged_network_as_early_stop_does(rng, device, gpu_max):
+    """A network whose outputs turn NaN, as a GPU writes one (0x7FFFFFFF, where the CPU's is 0x7FC00000): the window,
+    criterion and decisions stay the twin's bit for bit. The bf16 rounding's carry made that NaN -0.0 in the window,
+    and a GPU's max made the NaN variance 0, each a new minimum that kept the diverged output; the twin keeps the
+    network's last output before it, and stops it after its patience."""
+    n, shape, iters = 3, (3, 11, 9), 12
+    spec = EarlyStopSpec("wmv", window=3, patience=2, returns="window-mean", tolerance=0.4)
+    dev = torch.device(device)
+    frames, losses = _settle_then_wander(rng, shape, iters, device)
+    gpu_nan = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    for frame in frames[4:]:
+        frame[1] = gpu_nan.to(device)
+    expected, fused = (EarlyStop(spec, n, shape, dev) for _ in range(2))
+    ema = torch.zeros((n, *shape), device=device)
+    rules = fused_rules.FusedRules(n, frames[0][0].numel(), dev)
+    copy, step = torch.empty_like(ema), torch.tensor(0, device=device)
+    for t in range(iters):
+        expected.update(frames[t], step, losses[t])
+        rules.outputs(frames[t], copy, ema, None, step, 0.9, fused, losses[t])
+        for name in STATE:
+            _same(getattr(fused, name), getattr(expected, name), f"{name} at iteration {t + 1}")
+        step += 1
+    assert fused.stopped[1] and fused.best_output[1].isfinite().all()
 
 
 def test_early_stopping_refuses_the_kinds_it_does_not_run(device):
