@@ -81,10 +81,13 @@ class GraphedStep:
         for generator in self.generators:
             graph.register_generator_state(generator)
         self.before_capture()
+        caller = torch.cuda.current_stream(self.device)
         try:
             with torch.cuda.graph(graph, stream=self.stream), _cudnn_benchmark():
                 self.step()
         except RuntimeError as error:  # torch.AcceleratorError too
+            # a capture that fails to end leaves torch.cuda.graph's stream context entered: the caller's comes back
+            torch.cuda.set_stream(caller)
             raise GraphCaptureError(first_cause(error)) from error
         torch.cuda.synchronize(self.device)
         self.graph = graph

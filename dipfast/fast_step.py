@@ -25,6 +25,9 @@ each network stops on its own, and the others run on.
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -139,8 +142,13 @@ class FastStep(step_rules.AfterBackward):
         self.compile_first = self._compile_kernels if plan.parallel_compile(device) else None
         self.graphed = None
         if plan.cuda_graph:
-            prepare = lambda: self.optimizer.zero_grad(set_to_none=True)  # noqa: E731  (grads from the graph's pool)
-            self.graphed = GraphedStep(self._step, device, self.input_noise.generators, prepare, self.compile_first)
+            # The graph calls back into this step through weak references: strong ones would make the step and its
+            # graph a reference cycle, which outlives the fit (and with it the graph's memory pool, a whole step's
+            # activations, and every state tensor) until a full garbage collection: a tiled restore, which sizes
+            # its chunks of tiles to the free memory, would find it taken by the chunks before.
+            zero_grad = functools.partial(self.optimizer.zero_grad, set_to_none=True)  # grads from the graph's pool
+            first = _weakly(self.compile_first) if self.compile_first is not None else None
+            self.graphed = GraphedStep(_weakly(self._step), device, self.input_noise.generators, zero_grad, first)
             self.compile_first = None  # the graph's first warm-up call runs it (its time is the warm-up's)
 
     @property
@@ -248,6 +256,12 @@ class FastStep(step_rules.AfterBackward):
         # with grad mode on, as in the step: a no_grad call would be one more compiled variant
         with self.plan.step_math():
             return self.runner(self.net_input).detach()
+
+
+def _weakly(method) -> Callable[[], None]:
+    """A call of `method` through a weak reference to its object (which owns whatever holds the call)."""
+    ref = weakref.WeakMethod(method)
+    return lambda: ref()()
 
 
 def build_nets(problems, preset: TaskPreset, seeds) -> tuple[list[nn.Module], list[torch.Tensor]]:

@@ -17,10 +17,12 @@ Tolerances (fp32 IEEE on the CPU):
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib
 import importlib.util
 import math
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -523,6 +525,28 @@ def test_cuda_graph_is_captured_once_and_replays_the_eager_step(precision):
     tol = 1e-4 if precision == "fp32" else 2e-2
     torch.testing.assert_close(step.metrics[:, 0, 0], eager.metrics[:, 0, 0], rtol=tol, atol=0)
     torch.testing.assert_close(step.ema, eager.ema, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("parallel_compile", [False, True], ids=["plain", "compiling-first"])
+def test_a_step_and_its_cuda_graph_go_with_the_steps_last_reference(rng, parallel_compile):
+    """The graph calls back into its step through weak references: strong ones made the two a reference cycle, which
+    kept a finished fit's graph, its memory pool and the step's state until a full garbage collection. Built with the
+    CUDA plan on the CPU (GraphedStep's constructor touches no device), the garbage collector off."""
+    problem = random_problem(rng)
+    plan = dataclasses.replace(_plan("native"), cuda_graph=True)
+    with backends.variant("native", parallel_compile=frozenset({"cpu"} if parallel_compile else ())):
+        built, zs = fast_step.build_nets([problem], PRESET, [0])
+        step = fast_step.FastStep(built, zs, [problem], PRESET, CPU, [0], 4, plan)
+    assert step.graphed is not None and (step.graphed.before_first is not None) == parallel_compile
+    gone = weakref.ref(step)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del step
+        assert gone() is None
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _hopper() -> bool:

@@ -61,6 +61,8 @@ def test_a_loss_that_reads_the_host_is_a_one_line_error(np_rng):
     with pytest.raises(dipfast.InputError, match="pure tensor function") as info:
         dipfast.restore(random_image(np_rng, 10, 10, 3), "custom", loss=loss, iters=5, device="cuda", **FAST)
     assert "\n" not in str(info.value) and "backend='reference'" in str(info.value)
+    # the failed capture's side stream is not left current: the rerun the message suggests runs on the caller's
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
     r = dipfast.restore(random_image(np_rng, 10, 10, 3), "custom", loss=loss, iters=5, device="cuda",
                         backend="reference", **FAST)  # fmt: skip
     assert np.isfinite(r.image).all()
