@@ -404,7 +404,9 @@ if _HAS_TRITON:
         mask_c = _channel_mask(c, channels, EVEN_C)
         sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
         sum_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for r in range(0, rows_per_program):
+        # the last program's rows may run out first: none past them is visited (the pad columns' loads of
+        # _row_pre_images are masked by channel alone, and read past the gradient there)
+        for r in range(0, tl.minimum(rows_per_program, n_rows - pid * rows_per_program)):
             row = pid * rows_per_program + r
             n = row // height
             h = row % height
@@ -412,7 +414,7 @@ if _HAS_TRITON:
                 w = w0 + tl.arange(0, BLOCK_W)
                 xhat, dz, _ = _normalised_and_grad(
                     grad_ptr, skip_ptr, deeper_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, h, w0, w, c,
-                    (w < width) & (row < n_rows), height, width, mask_c, cs, cd, negative_slope,
+                    w < width, height, width, mask_c, cs, cd, negative_slope,
                     s_sn, s_sc, s_sh, s_sw, d_sn, d_sc, d_sh, d_sw, g_sn, g_sc, g_sh, g_sw, PAD, BLOCK_W,
                 )  # fmt: skip
                 sum_dz += tl.sum(dz, axis=0)

@@ -1,0 +1,51 @@
+"""The native CUDA step's Triton kernels touch no memory outside their tensors (tests/parity/_memory_bounds.py).
+
+A whole step as CUDA runs it (the padded BatchNorm kernels, the upsample's gathers, the fused rules with early
+stopping, two networks vmapped into groups), in Triton's interpreter with every access checked against the launch's
+tensors, at odd sizes, so that the reductions' last programs have rows to spare. Reads past a tensor's end compute
+nothing wrong (a mask discards them), so parity tests cannot see them; on a GPU they fault where they reach unmapped
+memory, and compute-sanitizer flags each.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from _helpers import TINY_PRESET
+from _memory_bounds import memory_bounds
+
+from dipfast import backends, engine, fast_step
+from dipfast.early_stop import EarlyStopSpec
+
+pytestmark = [
+    pytest.mark.parity,
+    pytest.mark.skipif(torch.cuda.is_available(), reason="an instrument of Triton's interpreter: the CPU"),
+]
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["finalize-launch", "folded-finalize"])
+def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded):
+    rng = torch.Generator().manual_seed(0)
+    problems = [
+        engine.Problem(input_shape=(4, 9, 7), z=None, out_size=(9, 7), n_channels=3,
+                       y=torch.rand(1, 3, 9, 7, generator=rng), target=torch.rand(1, 3, 9, 7, generator=rng))
+        for _ in range(2)
+    ]  # fmt: skip
+    cuda_choices = dict(
+        blocks={"cpu": "padded", "cuda": "padded"},
+        channels_last_bf16=frozenset(),
+        fused_rules=frozenset({"cpu", "cuda"}),
+        folded_finalize=frozenset({"cpu"} if folded else ()),
+        vectorised=frozenset({"cpu", "cuda"}),
+    )
+    preset = dataclasses.replace(TINY_PRESET, iterations=4)
+    with backends.variant("native", **cuda_choices):
+        plan = backends.resolve("native", "bf16", CPU)  # CUDA's auto
+        built, zs = fast_step.build_nets(problems, preset, [1, 2])
+        step = fast_step.FastStep(built, zs, problems, preset, CPU, [1, 2], 2, plan,
+                                  early_stop=EarlyStopSpec(window=2, patience=2))  # fmt: skip
+        assert step.fused is not None and step.runner.vectorised
+        with memory_bounds(monkeypatch):
+            step()
+            step()  # the window's second slot, the EMA past its first iteration
