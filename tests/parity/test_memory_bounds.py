@@ -49,3 +49,23 @@ def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded):
         with memory_bounds(monkeypatch):
             step()
             step()  # the window's second slot, the EMA past its first iteration
+
+
+def test_the_triton_backends_kernels_stay_inside_their_tensors(monkeypatch):
+    """The triton backend's eager step as CUDA runs it in bf16 (channels_last): the fused conv blocks' GEMMs, the
+    merges, the folds of the input gradients. (Measured too, not kept, for the time they take in the interpreter:
+    NCHW, fp32, two networks vmapped, and super-resolution's fused Lanczos2 loss, all inside.)"""
+    rng = torch.Generator().manual_seed(0)
+    problems = [
+        engine.Problem(input_shape=(4, 9, 7), z=None, out_size=(9, 7), n_channels=3,
+                       y=torch.rand(1, 3, 9, 7, generator=rng), target=torch.rand(1, 3, 9, 7, generator=rng))
+        for _ in range(2)
+    ]  # fmt: skip
+    with backends.variant("triton", channels_last_bf16=frozenset({"cpu", "cuda"}), vectorised=frozenset()):
+        plan = dataclasses.replace(backends.resolve("triton", "bf16", CPU), compile=False)
+        built, zs = fast_step.build_nets(problems, TINY_PRESET, [1, 2])
+        step = fast_step.FastStep(built, zs, problems, TINY_PRESET, CPU, [1, 2], 2, plan)
+        assert step.runner.channels_last
+        with memory_bounds(monkeypatch):
+            step()
+            step()
