@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -29,33 +30,56 @@ FIXED = {"cpu": 256 * 2**20, "cuda": 512 * 2**20}
 # fully convolutional net's saved activations grow with the area: they are measured at a size of
 # the same shape and this area, and scaled.
 PROBE_AREA = 1024 * 1024
+# The GPU kernels (Triton's) compute their offsets in 32 bits: on CUDA a step's largest tensor, in which vmap folds its
+# N networks' activations into one, stays under this many elements. An H200's memory holds steps past it (a 12 MP
+# photo in tiles of 1024 px, 19 a step: 2.6e9 elements in the top merge's padded input).
+INDEX_LIMIT = 2**31
+
+
+class Probe(NamedTuple):
+    """One network's forward at a working size, measured on the meta device."""
+
+    saved: int  # bytes autograd saves for the backward
+    params: int  # bytes of the parameters in fp32
+    largest: int  # elements of the largest tensor saved (a conv's padded input, as a rule)
 
 
 @functools.lru_cache(maxsize=64)
-def _activation_and_param_bytes(spec: nets.NetSpec, input_depth: int, n_channels: int, h: int, w: int):
+def _activation_and_param_bytes(spec: nets.NetSpec, input_depth: int, n_channels: int, h: int, w: int) -> Probe:
     with torch.device("meta"):
         net = nets.build(spec, input_depth, n_channels)
         z = torch.empty(1, input_depth, h, w)
-    saved = 0
+    saved = largest = 0
 
     def pack(t: torch.Tensor):
-        nonlocal saved
+        nonlocal saved, largest
         saved += t.numel() * t.element_size()
+        largest = max(largest, t.numel())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         net(z)
     params = sum(p.numel() for p in net.parameters()) * 4
-    return saved, params
+    return Probe(saved, params, largest)
 
 
-def _scaled_activation_and_param_bytes(spec, input_depth: int, n_channels: int, h: int, w: int):
+def _scaled_activation_and_param_bytes(spec, input_depth: int, n_channels: int, h: int, w: int) -> Probe:
     if h * w <= PROBE_AREA:
         return _activation_and_param_bytes(spec, input_depth, n_channels, h, w)
     shrink = math.sqrt(PROBE_AREA / (h * w))
     ph, pw = (max(64, round(side * shrink / 64) * 64) for side in (h, w))
-    saved, params = _activation_and_param_bytes(spec, input_depth, n_channels, ph, pw)
-    return int(saved * (h * w) / (ph * pw)), params
+    saved, params, largest = _activation_and_param_bytes(spec, input_depth, n_channels, ph, pw)
+    scale = (h * w) / (ph * pw)
+    return Probe(int(saved * scale), params, math.ceil(largest * scale))
+
+
+def most_networks_indexed(spec, input_depth: int, n_channels: int, size: tuple[int, int], device) -> int | None:
+    """The most networks one step at working size `size` holds on `device`'s type with its largest tensor under
+    INDEX_LIMIT elements (0: not even one); None off CUDA, where no kernel has the limit."""
+    if torch.device(device).type != "cuda":
+        return None
+    largest = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size).largest
+    return (INDEX_LIMIT - 1) // largest
 
 
 def estimate_bytes(
@@ -71,7 +95,7 @@ def estimate_bytes(
     """Peak bytes of a fit of `n_networks` networks at working size `size` (H', W') on `device`'s type;
     early_stop: the fit's EarlyStopSpec (stop='auto'), whose state is counted at the working size (an upper
     bound of the output's)."""
-    activations, params = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size)
+    activations, params, _ = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size)
     if precision == "bf16":  # conv inputs and outputs saved in bf16, BatchNorm's in fp32: about 0.6
         activations = int(activations * 0.6)
     criterion = 0
@@ -100,7 +124,16 @@ def available_bytes(device: torch.device) -> int | None:
 def check_fits(
     spec, input_depth, n_channels, size, n_networks: int, precision: str, device: torch.device, early_stop=None
 ) -> int:
-    """Raise InputError naming the estimate and the options when the fit would not fit; return the estimate."""
+    """Raise InputError naming the estimate and the options when the fit would not fit, or would pass the GPU kernels'
+    INDEX_LIMIT; return the estimate."""
+    most = most_networks_indexed(spec, input_depth, n_channels, size, device)
+    if most is not None and n_networks > most:
+        largest = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size).largest
+        fewer = f"at most {most} images or restarts per call, or " if most else ""
+        raise InputError(
+            f"{n_networks} network(s) at {size[0]} x {size[1]} make a tensor of {n_networks * largest:.3g} elements, "
+            f"more than the 2^31 that dipfast's GPU kernels address; try {fewer}tiles (tile='auto', or a smaller tile=)"
+        )
     need = estimate_bytes(spec, input_depth, n_channels, size, n_networks, precision, device, early_stop)
     free = available_bytes(device)
     if free is not None and need > free:

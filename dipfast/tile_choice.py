@@ -65,9 +65,12 @@ def _need(preset: TaskPreset, channels: int, out_h: int, out_w: int, n: int, pre
 
 
 def _most_per_step(preset, channels, side, factor, limit, precision, device, free, early_stop=None) -> int:
+    size = _working_size(preset, side * factor, side * factor)
+    indexed = memory.most_networks_indexed(preset.net, preset.input_depth, channels, size, device)
+    limit = limit if indexed is None else min(limit, indexed)
     one = _need(preset, channels, side * factor, side * factor, 1, precision, device, early_stop)
     if free is None:
-        return limit
+        return max(1, limit)
     fixed = memory.FIXED[device.type]
     per_network = max(one - fixed, 1)
     return max(1, min(limit, (free - fixed) // per_network))
@@ -134,15 +137,21 @@ def _tiles(shape, tile: int, overlap: int) -> int:
 
 
 def _auto(known, preset, plan, device, factor, overlap, restarts, early_stop) -> TileChoice | None:
-    """Tiles when some image's fit alone would not fit and some tile side smaller than it does."""
+    """Tiles when some image's fit alone would not fit (in the free memory, or under the GPU kernels' INDEX_LIMIT)
+    and some tile side smaller than it does."""
     free = memory.available_bytes(device)
     if free is None or not known:
         return None
-    too_large = [
-        s
-        for s in known
-        if _need(preset, s[0], s[1] * factor, s[2] * factor, restarts, plan.precision, device, early_stop) > free
-    ]
+
+    def exceeds(s) -> bool:
+        h, w = s[1] * factor, s[2] * factor
+        indexed = memory.most_networks_indexed(
+            preset.net, preset.input_depth, s[0], _working_size(preset, h, w), device
+        )
+        over_index = indexed is not None and restarts > indexed
+        return over_index or _need(preset, s[0], h, w, restarts, plan.precision, device, early_stop) > free
+
+    too_large = [s for s in known if exceeds(s)]
     if not too_large:
         return None
     c = max(s[0] for s in too_large)
@@ -160,12 +169,12 @@ def _auto(known, preset, plan, device, factor, overlap, restarts, early_stop) ->
         per_step = per_step if plan.fast else 1
         h, w = too_large[0][1:]
         _log.warning(
-            "dipfast: a %d x %d fit needs more than the %.1f GiB free on %s: tiles of %d px overlapping by %d, "
-            "%d per step (tile=None refuses instead)",
+            "dipfast: a %d x %d fit is more than one step holds on %s (%.1f GiB free; on a GPU, tensors under 2^31 "
+            "elements): tiles of %d px overlapping by %d, %d per step (tile=None refuses instead)",
             h,
             w,
-            free / memory.GIB,
             device,
+            free / memory.GIB,
             side,
             lap,
             per_step,

@@ -387,7 +387,7 @@ def test_the_memory_estimate_counts_the_criterion():
     spec = EarlyStopSpec(window=30)
     without = memory.estimate_bytes(net, 4, 3, (64, 48), 2, "fp32")
     with_criterion = memory.estimate_bytes(net, 4, 3, (64, 48), 2, "fp32", early_stop=spec)
-    _, param_bytes = memory._activation_and_param_bytes(net, 4, 3, 64, 48)
+    param_bytes = memory._activation_and_param_bytes(net, 4, 3, 64, 48).params
     freeze = 3 * param_bytes * 2  # step_rules.Freeze: each network's parameters and both Adam moments
     assert EarlyStop.estimate_bytes(spec, 2, (3, 64, 48)) > 30 * 2 * 3 * 64 * 48 * 2
     assert with_criterion - without == EarlyStop.estimate_bytes(spec, 2, (3, 64, 48)) + freeze

@@ -363,14 +363,41 @@ def test_auto_tiles_only_what_would_not_fit(np_rng, monkeypatch, caplog):
     assert "tiling" not in small.extras
 
 
+def test_on_a_gpu_a_step_keeps_its_largest_tensor_under_the_kernels_32_bit_offsets(monkeypatch):
+    """The GPU kernels address a tensor with 32-bit offsets, and vmap folds a step's networks into one tensor: on CUDA
+    a step holds no more networks than keep its largest tensor (the top merge's padded input, 132 x 1026 x 1026 at
+    1024 px) under 2^31 elements, whatever the free memory (a GPU with a petabyte free here); a CPU has no limit."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**50)
+    preset = dipfast.presets.PRESETS["denoise"]
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    plan = dipfast.backends.Plan("native", "bf16", compile=False, cuda_graph=True)
+    probe = (preset.net, preset.input_depth, 3, (1024, 1024))
+    assert memory._scaled_activation_and_param_bytes(*probe[:3], 1024, 1024).largest == 132 * 1026 * 1026
+    assert memory.most_networks_indexed(*probe, cuda) == 15 and memory.most_networks_indexed(*probe, cpu) is None
+    memory.check_fits(*probe, 15, "bf16", cuda)
+    memory.check_fits(*probe, 16, "bf16", cpu)
+    with pytest.raises(InputError, match=r"^16 network\(s\) at 1024 x 1024 make a tensor of 2.22e\+09 elements") as e:
+        memory.check_fits(*probe, 16, "bf16", cuda)
+    assert "at most 15 images or restarts per call" in _one_line(e)
+    # tiles: as many per step as the offsets allow; a whole image past them is tiled though it fits the memory
+    assert tile_choice._most_per_step(preset, 3, 1024, 1, 40, "bf16", cuda, 2**50) == 15
+    assert tile_choice._most_per_step(preset, 3, 1024, 1, 40, "bf16", cpu, 2**50) == 40
+    photo = np.zeros((4000, 4500, 3), dtype=np.uint8)  # 132 x 4002 x 4502 = 2.4e9 elements whole
+    task = dipfast.tasks.task_named("denoise")
+    choice = tile_choice.choose([photo], task, preset, plan, cuda, "auto", None, 1, None, False)
+    assert choice is not None and choice.tile < 4000
+    assert tile_choice.choose([photo], task, preset, plan, cpu, "auto", None, 1, None, False) is None
+
+
 def test_large_sizes_are_estimated_from_a_smaller_probe_of_the_same_shape():
     from dipfast.memory import PROBE_AREA, _activation_and_param_bytes, _scaled_activation_and_param_bytes
 
     h, w = 1280, 1100
     assert h * w > PROBE_AREA
-    exact, params = _activation_and_param_bytes(TINY_NET, 4, 3, h, w)
-    scaled, same = _scaled_activation_and_param_bytes(TINY_NET, 4, 3, h, w)
-    assert same == params and abs(scaled / exact - 1) < 0.01, (scaled, exact)
+    exact = _activation_and_param_bytes(TINY_NET, 4, 3, h, w)
+    scaled = _scaled_activation_and_param_bytes(TINY_NET, 4, 3, h, w)
+    assert scaled.params == exact.params and abs(scaled.saved / exact.saved - 1) < 0.01, (scaled, exact)
+    assert abs(scaled.largest / exact.largest - 1) < 0.01, (scaled, exact)
 
 
 # ---------------------------------------------------------------------------------------------
