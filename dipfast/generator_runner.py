@@ -13,8 +13,9 @@ backtracking and the bf16 cast are one op each, not one per tensor). The generat
   where grouped convs are slower than separate ones.
 
 optionally under torch.compile. precision='bf16' runs it under autocast with the conv weights cast to
-bf16 once per step (in FlatParameters); the cropped output comes back in fp32. Autocast never acts
-inside vmap, so the vectorised path casts its convolutions' operands itself (vmap_autocast).
+bf16 once per step (in FlatParameters); the cropped output comes back in fp32. Autocast does not reach a
+convolution's batching rule inside vmap, so the vectorised path casts its convolutions' operands itself
+(vmap_autocast).
 """
 
 from __future__ import annotations

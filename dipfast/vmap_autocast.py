@@ -1,14 +1,15 @@
-"""Autocast's bf16 rule for the convolutions inside torch.func.vmap, where autocast itself never acts.
+"""Autocast's bf16 rule for the convolutions inside torch.func.vmap, whose batching rule autocast does not reach.
 
-torch.autocast casts at its own dispatch key, and functorch's batching rules run above it: inside vmap
-every op computes in its inputs' dtypes. The generator's vectorised step (N networks as grouped convs)
-casts its conv weights to bf16 once per step, so under autocast alone a conv there met an fp32 input
-and raised "Input type (float) and bias type (c10::BFloat16) should be the same" (H200,
-bench/results/2026-12-04-h200-504226cc86/). Under `bf16_convolutions()` each convolution gets bf16
-operands, as autocast's lower-precision list gives it, and BatchNorm normalises in fp32, the dtype of
-its statistics: vmap's batching rule hands the CPU's kernel bf16 activations beside fp32 running
-statistics, which it refuses ("expected scalar type BFloat16 but found Float"). Every other op keeps
-its inputs' dtype.
+Inside vmap an op meets functorch's batching key first, above autocast's: a composite op runs on the batched
+tensors, and autocast acts only on the plain ops the batching rules call, where the device's autocast lists name
+them (CUDA's names aten::convolution, the CPU's only aten::conv2d). F.conv2d's own check that the bias has the
+input's dtype runs at the batched level, so the vectorised step (N networks as grouped convs), whose conv weights
+and biases are cast to bf16 once per step, met it with fp32 activations and raised "Input type (float) and bias type
+(c10::BFloat16) should be the same" (H200, bench/results/2026-12-04-h200-504226cc86/). Under `bf16_convolutions()`
+each convolution gets bf16 operands, as autocast's lower-precision list gives it, and BatchNorm normalises in fp32,
+the dtype of its statistics: vmap's batching rule hands the CPU's kernel bf16 activations beside fp32 running
+statistics, which it refuses ("expected scalar type BFloat16 but found Float"). The other ops are left to autocast
+where it reaches them, and keep their inputs' dtype where it does not.
 """
 
 from __future__ import annotations

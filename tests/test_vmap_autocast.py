@@ -1,5 +1,5 @@
 """bf16 inside vmap: the vectorised generator (CUDA's default for N > 1 networks) computes its convolutions
-in bf16, as autocast does for one network, where autocast itself never acts (dipfast.vmap_autocast)."""
+in bf16, as autocast does for one network, where autocast does not reach them (dipfast.vmap_autocast)."""
 
 import dataclasses
 
@@ -18,11 +18,20 @@ PRESET = dataclasses.replace(PRESETS["denoise"], net=TINY_NET, input_depth=4, re
 BF16_FORWARD = 0.05  # bf16's rounding through the tiny net at init: ~1.3e-2 measured, against an output in (0, 1)
 
 
-def test_autocast_does_not_reach_inside_vmap():
-    """Why the module exists: if this starts failing, torch's autocast has learnt vmap and the mode can go."""
-    x, w = torch.randn(2, 1, 4, 7, 9), torch.randn(2, 6, 4, 3, 3)
+def test_autocast_does_not_reach_a_convolutions_batching_rule():
+    """Why the module exists. Autocast acts inside vmap on the plain ops the batching rules call (a vmapped mm comes
+    back bf16), but conv2d checks its bias's dtype against the input's above it, at the batched level, on every
+    device: bf16 weights and bias beside an fp32 input raise there, as on the H200. (And below it, which plain
+    convolution autocast casts differs by device: CUDA's list names aten::convolution, the CPU's does not.) If the
+    raise stops, torch's conv2d has learnt to wait for autocast inside vmap and the mode can go."""
+    x, w, b = torch.randn(2, 1, 4, 7, 9), torch.randn(2, 6, 4, 3, 3), torch.randn(2, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert vmap(F.conv2d)(x, w).dtype == torch.float32
+        assert vmap(torch.mm)(torch.randn(2, 3, 4), torch.randn(2, 4, 5)).dtype == torch.bfloat16
+        assert F.conv2d(x[0], w[0].bfloat16(), b[0].bfloat16()).dtype == torch.bfloat16  # one network: autocast's
+        with pytest.raises(RuntimeError, match=r"Input type \(float\) and bias type \(c10::BFloat16\)"):
+            vmap(F.conv2d)(x, w.bfloat16(), b.bfloat16())
+    registered = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert registered("aten::convolution", "AutocastCUDA") and not registered("aten::convolution", "AutocastCPU")
 
 
 @pytest.mark.parametrize("groups, stride", [(1, 1), (2, 2)])
