@@ -15,60 +15,33 @@ import contextlib
 import traceback
 
 import numpy as np
-import torch
+from _program_order import hooked_accesses
 from triton.runtime import interpreter
 
 
 @contextlib.contextmanager
 def memory_bounds(monkeypatch):
-    builder = interpreter.interpreter_builder
-    launch = {"kernel": None, "ranges": [], "outside": []}
+    launch = {"ranges": [], "outside": []}
 
-    def inside(ptrs, mask, nbytes: int):
-        """The mask of the lanes that are active and inside a tensor; the others recorded."""
+    def inside(kind, ptrs, mask):
+        """The mask of the lanes active and inside a tensor; the others recorded."""
         addresses = np.asarray(ptrs.data, dtype=np.uint64)
+        end = addresses + np.uint64(max(1, ptrs.get_element_ty().primitive_bitwidth // 8))
         ok = np.zeros(addresses.shape, bool)
         for lo, hi in launch["ranges"]:
-            ok |= (addresses >= lo) & (addresses + np.uint64(nbytes) <= hi)
+            ok |= (addresses >= lo) & (end <= hi)
         active = np.broadcast_to(mask.data if mask is not None else True, addresses.shape).astype(bool)
         if (active & ~ok).any():
             lines = [f"{f.name}:{f.lineno}" for f in traceback.extract_stack()[:-2] if "kernels" in f.filename]
-            launch["outside"].append((int((active & ~ok).sum()), lines[-3:]))
+            launch["outside"].append((kind, int((active & ~ok).sum()), lines[-3:]))
         return interpreter.TensorHandle(np.asarray(active & ok), interpreter.tl.int1)
 
-    def nbytes(ptrs) -> int:
-        return max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
-
-    load, store = builder.create_masked_load, builder.create_masked_store
-    rmw, cas = builder.create_atomic_rmw, builder.create_atomic_cas
-    run = interpreter.GridExecutor.__call__
-
-    def checked_run(self, *args, **kwargs):
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    def checked(kernel, tensors, run):
         storages = [t.untyped_storage() for t in tensors]
-        launch.update(kernel=self.fn.__name__, outside=[],
-                      ranges=[(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages])  # fmt: skip
-        result = run(self, *args, **kwargs)
-        assert not launch["outside"], f"{launch['kernel']}: accesses outside its tensors: {launch['outside'][:4]}"
+        launch.update(outside=[], ranges=[(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages])
+        result = run()
+        assert not launch["outside"], f"{kernel}: accesses outside its tensors: {launch['outside'][:4]}"
         return result
 
-    def checked_load(ptrs, mask, other, *args):
-        return load(ptrs, inside(ptrs, mask, nbytes(ptrs)), other, *args)
-
-    def checked_store(ptrs, value, mask, *args):
-        return store(ptrs, value, inside(ptrs, mask, nbytes(ptrs)), *args)
-
-    def checked_rmw(op, ptrs, value, mask, *args):
-        return rmw(op, ptrs, value, inside(ptrs, mask, nbytes(ptrs)), *args)
-
-    def checked_cas(ptrs, compare, value, *args):  # unmasked: recorded, not masked
-        inside(ptrs, None, nbytes(ptrs))
-        return cas(ptrs, compare, value, *args)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(builder, "create_masked_load", checked_load)
-        patch.setattr(builder, "create_masked_store", checked_store)
-        patch.setattr(builder, "create_atomic_rmw", checked_rmw)
-        patch.setattr(builder, "create_atomic_cas", checked_cas)
-        patch.setattr(interpreter.GridExecutor, "__call__", checked_run)
+    with hooked_accesses(monkeypatch, inside, checked):
         yield

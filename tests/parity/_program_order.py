@@ -1,4 +1,4 @@
-"""Two interpreter instruments for races between the programs of one Triton launch.
+"""Two interpreter instruments for races between the programs of one Triton launch, and the hook they share.
 
 The interpreter runs a launch's programs one after another, x-major (triton/runtime/interpreter.py,
 GridExecutor.__call__), so a kernel that reads what another program of the same launch writes, or whose programs
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+import torch
 from triton.runtime import interpreter
 
 ORDERS = ("reversed", "shuffled")
@@ -116,49 +117,61 @@ def _cross_program(addresses, programs, w_addresses, w_programs) -> list[tuple[i
 
 
 @contextlib.contextmanager
+def hooked_accesses(monkeypatch, on_access, on_launch):
+    """Within the block, every load, store and atomic update of an interpreted launch (the builder's create_masked_load,
+    create_masked_store, create_atomic_*; unmasked loads and stores go through the masked ones) first calls
+    on_access(kind, ptrs, mask), kind 'load', 'store' or 'atomic', and runs with the mask it returns; and every launch
+    runs as on_launch(kernel name, tensors among its arguments, run), run() being the launch itself."""
+    builder = interpreter.interpreter_builder
+    load, store = builder.create_masked_load, builder.create_masked_store
+    rmw, cas = builder.create_atomic_rmw, builder.create_atomic_cas
+    launch = interpreter.GridExecutor.__call__
+
+    def hooked_load(ptrs, mask, *args):
+        return load(ptrs, on_access("load", ptrs, mask), *args)
+
+    def hooked_store(ptrs, value, mask, *args):
+        return store(ptrs, value, on_access("store", ptrs, mask), *args)
+
+    def hooked_rmw(op, ptrs, value, mask, *args):
+        return rmw(op, ptrs, value, on_access("atomic", ptrs, mask), *args)
+
+    def hooked_cas(ptrs, compare, value, *args):  # unmasked: seen, not masked
+        on_access("atomic", ptrs, None)
+        return cas(ptrs, compare, value, *args)
+
+    def hooked_launch(self, *args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        return on_launch(self.fn.__name__, tensors, lambda: launch(self, *args, **kwargs))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builder, "create_masked_load", hooked_load)
+        patch.setattr(builder, "create_masked_store", hooked_store)
+        patch.setattr(builder, "create_atomic_rmw", hooked_rmw)
+        patch.setattr(builder, "create_atomic_cas", hooked_cas)
+        patch.setattr(interpreter.GridExecutor, "__call__", hooked_launch)
+        yield
+
+
+@contextlib.contextmanager
 def memory_conflicts(monkeypatch):
     """Within the block, every interpreted launch fails with AssertionError if its programs' accesses conflict."""
     builder = interpreter.interpreter_builder
     launches: list[_Launch] = []
 
-    def program() -> int:
+    def recorded(kind, ptrs, mask):
         x, y, z = builder.grid_idx
         _, ny, nz = builder.grid_dim
-        return (x * ny + y) * nz + z
+        launches[-1].record(kind, ptrs, mask, (x * ny + y) * nz + z)
+        return mask
 
-    load, store = builder.create_masked_load, builder.create_masked_store
-    atomic_rmw, atomic_cas = builder.create_atomic_rmw, builder.create_atomic_cas
-
-    def recorded_load(ptrs, mask, *args):
-        launches[-1].record("load", ptrs, mask, program())
-        return load(ptrs, mask, *args)
-
-    def recorded_store(ptrs, value, mask, *args):
-        launches[-1].record("store", ptrs, mask, program())
-        return store(ptrs, value, mask, *args)
-
-    def recorded_rmw(op, ptr, val, mask, *args):
-        launches[-1].record("atomic", ptr, mask, program())
-        return atomic_rmw(op, ptr, val, mask, *args)
-
-    def recorded_cas(ptr, cmp, val, *args):
-        launches[-1].record("atomic", ptr, None, program())
-        return atomic_cas(ptr, cmp, val, *args)
-
-    run = interpreter.GridExecutor.__call__
-
-    def checked_run(self, *args, **kwargs):
-        launches.append(_Launch(self.fn.__name__))
-        result = run(self, *args, **kwargs)
+    def checked(kernel, tensors, run):
+        launches.append(_Launch(kernel))
+        result = run()
         problems = launches[-1].conflicts()
         launches[-1].accesses.clear()  # checked: keep the kernel's name only
-        assert not problems, f"{self.fn.__name__}: programs of one launch conflict: " + "; ".join(problems)
+        assert not problems, f"{kernel}: programs of one launch conflict: " + "; ".join(problems)
         return result
 
-    with monkeypatch.context() as patch:
-        patch.setattr(builder, "create_masked_load", recorded_load)
-        patch.setattr(builder, "create_masked_store", recorded_store)
-        patch.setattr(builder, "create_atomic_rmw", recorded_rmw)
-        patch.setattr(builder, "create_atomic_cas", recorded_cas)
-        patch.setattr(interpreter.GridExecutor, "__call__", checked_run)
+    with hooked_accesses(monkeypatch, recorded, checked):
         yield launches

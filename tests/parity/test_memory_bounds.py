@@ -8,6 +8,7 @@ memory, and compute-sanitizer flags each.
 """
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -24,14 +25,44 @@ pytestmark = [
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("folded", [False, True], ids=["finalize-launch", "folded-finalize"])
-def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded):
+def _two_problems() -> list[engine.Problem]:
+    """Denoising at 9 x 7: odd, so that the reductions' last programs have rows to spare."""
     rng = torch.Generator().manual_seed(0)
-    problems = [
+    return [
         engine.Problem(input_shape=(4, 9, 7), z=None, out_size=(9, 7), n_channels=3,
                        y=torch.rand(1, 3, 9, 7, generator=rng), target=torch.rand(1, 3, 9, 7, generator=rng))
         for _ in range(2)
     ]  # fmt: skip
+
+
+@functools.cache
+def _past_the_end():
+    """A kernel whose unmasked load reads BLOCK elements of an x that may be shorter (built on first use, when the
+    parity conftest has TRITON_INTERPRET set)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def past_the_end(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs), mask=offs < n)
+
+    return past_the_end
+
+
+def test_the_instrument_flags_an_access_past_a_tensor(monkeypatch):
+    x, out = torch.rand(5), torch.zeros(5)
+    with memory_bounds(monkeypatch):
+        with pytest.raises(AssertionError, match=r"past_the_end: accesses outside its tensors: \[\('load', 3, "):
+            _past_the_end()[(1,)](x, out, 5, BLOCK=8)
+        longer = torch.rand(8)
+        _past_the_end()[(1,)](longer, out, 5, BLOCK=8)  # inside: an x of 8 elements
+    assert torch.equal(out, longer[:5])
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["finalize-launch", "folded-finalize"])
+def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded):
+    problems = _two_problems()
     cuda_choices = dict(
         blocks={"cpu": "padded", "cuda": "padded"},
         channels_last_bf16=frozenset(),
@@ -55,12 +86,7 @@ def test_the_triton_backends_kernels_stay_inside_their_tensors(monkeypatch):
     """The triton backend's eager step as CUDA runs it in bf16 (channels_last): the fused conv blocks' GEMMs, the
     merges, the folds of the input gradients. (Measured too, not kept, for the time they take in the interpreter:
     NCHW, fp32, two networks vmapped, and super-resolution's fused Lanczos2 loss, all inside.)"""
-    rng = torch.Generator().manual_seed(0)
-    problems = [
-        engine.Problem(input_shape=(4, 9, 7), z=None, out_size=(9, 7), n_channels=3,
-                       y=torch.rand(1, 3, 9, 7, generator=rng), target=torch.rand(1, 3, 9, 7, generator=rng))
-        for _ in range(2)
-    ]  # fmt: skip
+    problems = _two_problems()
     with backends.variant("triton", channels_last_bf16=frozenset({"cpu", "cuda"}), vectorised=frozenset()):
         plan = dataclasses.replace(backends.resolve("triton", "bf16", CPU), compile=False)
         built, zs = fast_step.build_nets(problems, TINY_PRESET, [1, 2])
