@@ -1,4 +1,5 @@
-"""Two interpreter instruments for races between the programs of one Triton launch, and the hook they share.
+"""Two interpreter instruments for races between the programs of one Triton launch, and the hook on the interpreter's
+memory accesses that memory_conflicts shares with _memory_bounds.py's instrument (hooked_accesses).
 
 The interpreter runs a launch's programs one after another, x-major (triton/runtime/interpreter.py,
 GridExecutor.__call__), so a kernel that reads what another program of the same launch writes, or whose programs
