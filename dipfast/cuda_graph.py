@@ -10,12 +10,16 @@ of the mismatch ("may break CUDA graph capture": the H200 runs' throughput logs)
 The warm-up and the capture run with cudnn.benchmark on: cuDNN times its candidate algorithms
 (which syncs, so it must happen before the capture, PyTorch PR #91032) and the graph keeps the
 fastest; the caller's flags are restored afterwards. Random generators registered with the graph
-draw fresh numbers on every replay.
+draw fresh numbers on every replay. No automatic garbage collection runs during the capture: since torch 2.9,
+torch.cuda.graph no longer collects before capturing, and a collection inside the capture that frees an
+unreachable CUDAGraph (another fit's, in a reference cycle) destroys it while the stream captures, which CUDA
+refuses and the capture's end reports as its own failure (PyTorch PR #161037).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable, Sequence
 
@@ -83,7 +87,7 @@ class GraphedStep:
         self.before_capture()
         caller = torch.cuda.current_stream(self.device)
         try:
-            with torch.cuda.graph(graph, stream=self.stream), _cudnn_benchmark():
+            with _no_automatic_gc(), torch.cuda.graph(graph, stream=self.stream), _cudnn_benchmark():
                 self.step()
         except RuntimeError as error:  # torch.AcceleratorError too
             # a capture that fails to end leaves torch.cuda.graph's stream context entered: the caller's comes back
@@ -101,6 +105,20 @@ def first_cause(error: BaseException) -> BaseException:
     while error.__context__ is not None:
         error = error.__context__
     return error
+
+
+@contextlib.contextmanager
+def _no_automatic_gc():
+    """Dead cycles collected first, while nothing captures; then no automatic collection inside, the caller's
+    setting restored on exit."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager
