@@ -95,7 +95,7 @@
 # 16 px with torch.compile off (TORCHDYNAMO_DISABLE=1); the CUDA-only parity tests skip; no install.
 #
 # Environment:
-#   DIPFAST_GPU_QUICK_STEPS     the steps to run, in the order above (default: all)
+#   DIPFAST_GPU_QUICK_STEPS     the steps to run, in the order given (default: all, in the order above)
 #   DIPFAST_GPU_QUICK_BUDGET    seconds for the whole run (default 480; --tiny 600)
 #   DIPFAST_GPU_QUICK_DATA      the paper's images (default ../shared/data/dip beside the repository, else
 #                               .gpu-data/dip inside it); --data too. Only the repository travels to a device
@@ -216,7 +216,6 @@ declare -A MIN=([install]=5 [environment]=5 [throughput]=60 [profile]=30 [convs]
                 [tasks]=30 [parity]=30 [ops]=20 [triton]=40 [compile]=60 [time-to-psnr]=150 [tests]=30 [early-stop]=120
                 [large]=120)
 
-wants() { [[ $STEPS == *" $1 "* ]]; }
 PYTEST_PLUGINS=()
 if "$PY" -c "import pytest_timeout" 2> /dev/null; then PYTEST_PLUGINS+=(--timeout 90); fi
 if [ "$TINY" = 0 ] && "$PY" -c "import xdist" 2> /dev/null; then PYTEST_PLUGINS+=(-n 4); fi
@@ -401,6 +400,9 @@ early_stop() {
 }
 
 if [ -n "$RUN_STEP" ]; then
+    # the time limit's SIGINT: pytest and the harness catch it, write what they have and return normally, and bash
+    # would go on to the function's next command until the SIGKILL 15 s later. It ends the step there instead
+    trap 'exit 124' INT
     "$RUN_STEP"
     exit $?
 fi
@@ -411,25 +413,18 @@ FAILED=0
 printf 'step\tstatus\tseconds\tlimit\tnote\n' > "$WORK/summary.tsv"
 
 echo "gpu_quick: results in $WORK, packed into $ARCHIVE after every step (budget ${BUDGET} s)"
-if wants install; then
-    if [ "$INSTALL" = 1 ]; then step install install; else record install "skipped" 0 0 "DIPFAST_GPU_QUICK_INSTALL=0"; fi
-fi
-wants environment && step environment environment
-wants throughput && step throughput throughput
-wants profile && step profile profile
-wants convs && step convs convs
-wants cudnn && step cudnn cudnn
-wants batch && step batch batch
-wants start-up && step start-up start_up
-wants time-to-psnr && step_with_data time-to-psnr time_to_psnr
-wants tests && step tests suite_tests
-wants tasks && step tasks tasks
-wants parity && step parity parity
-wants ops && step ops ops
-wants triton && step triton triton_backend
-wants compile && step compile compile_backend
-wants early-stop && step_with_data early-stop early_stop
-wants large && step large large
+declare -A FUNCTION=([install]=install [environment]=environment [throughput]=throughput [profile]=profile
+                    [convs]=convs [cudnn]=cudnn [batch]=batch [start-up]=start_up [time-to-psnr]=time_to_psnr
+                    [tests]=suite_tests [tasks]=tasks [parity]=parity [ops]=ops [triton]=triton_backend
+                    [compile]=compile_backend [early-stop]=early_stop [large]=large)
+for name in $STEPS; do  # in the order given: a second call puts first what the first call did not reach
+    case $name in
+        install) if [ "$INSTALL" = 1 ]; then step install install
+                 else record install "skipped" 0 0 "DIPFAST_GPU_QUICK_INSTALL=0"; fi ;;
+        time-to-psnr|early-stop) step_with_data "$name" "${FUNCTION[$name]}" ;;
+        *) step "$name" "${FUNCTION[$name]}" ;;
+    esac
+done
 
 "$PY" "$ROOT/bench/gpu_quick_steps.py" headline "$WORK" > /dev/null 2>&1
 for folder in throughput profile batch triton compile time-to-psnr; do

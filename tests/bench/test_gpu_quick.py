@@ -28,7 +28,7 @@ OUTPUTS = {  # in the script's order of priority
     "start-up": ["start-up/cold_start.json", "start-up/cold_start.md"],
     "time-to-psnr": ["time-to-psnr/time_to_psnr.json"],
     "tests": ["tests/junit.xml"],
-    "tasks": ["tasks/tasks.jsonl", "tasks/tasks.md"],
+    "tasks": ["tasks/tasks.jsonl", "tasks/tasks.md", "tasks/native.stderr.log"],
     "parity": ["parity/cuda_shapes.xml", "parity/junit.xml"],
     "ops": ["ops/benchmarks.json", "ops/batch_norm.json", "ops/ops.md", "ops/junit.xml", "ops/junit-batch-norm.xml"],
     "triton": ["triton/throughput.json"],
@@ -219,3 +219,44 @@ def test_the_ops_table_joins_its_runs_and_says_which_did_not_finish(tmp_path):
     text = out.read_text()
     assert "Missing: benchmarks.json" in text
     assert "| test_batch_norm_act_op_full[nchw-bf16-triton-c128-512px] | 0.500 | 2100 GB/s | 5 | cuda-graph |" in text
+
+
+def test_gpu_quick_runs_the_steps_in_the_order_given_and_a_cut_step_ends_at_its_limit(tmp_path):
+    """A second call puts first what the first did not reach, so the steps run in the order DIPFAST_GPU_QUICK_STEPS
+    gives them. A step cut by its time limit gets SIGINT, which pytest and the harness catch to write what they have
+    and return normally: the step ends there, recorded as timed out at its limit, where the function's next command
+    ran on until the SIGKILL 15 s later ('exit 137'). Here the convs step's first script returns on SIGINT past the
+    21 s budget, and its next one would sleep through it."""
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        'case $1 in *step_convs.py) exec python3 -c "\n'
+        "import signal, sys, time\n"
+        "if '--method' in sys.argv and sys.argv[sys.argv.index('--method') + 1] != 'native':\n"
+        "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted: what it has written, and it returns')\n"
+        '" "$@";; esac\n'
+        'exec python3 "$@"\n'
+    )
+    python.chmod(0o755)
+    env = {
+        **os.environ,
+        "PYTHON": str(python),
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "DIPFAST_GPU_QUICK_WORK": str(tmp_path / "work"),
+        "DIPFAST_GPU_QUICK_STEPS": "convs install",
+        "DIPFAST_GPU_QUICK_BUDGET": "21",
+    }
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu_quick.sh"), "--tiny", str(tmp_path / "dest")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = [line.split("\t") for line in (tmp_path / "dest/summary.tsv").read_text().splitlines()[1:]]
+    assert [row[0] for row in rows] == ["convs", "install"]
+    name, status, seconds, limit, note = rows[0]
+    assert (status, note) == ("failed", "timed out") and int(seconds) <= int(limit) + 3, rows[0]
