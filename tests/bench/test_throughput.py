@@ -118,9 +118,34 @@ def test_throughput_hands_over_each_partial_report():
     assert partials[-1]["rows"] == rep["rows"] and rep["settings"]["pairs"] == [list(p) for p in pairs]
 
 
+def test_a_configuration_that_fails_is_a_row_and_the_next_one_runs(monkeypatch):
+    """A Triton kernel that fails to compile raises no RuntimeError (triton.CompilationError, OutOfResources): it
+    ended the whole run, every later configuration left 'pending'."""
+    from dipfast.bench import throughput
+
+    class KernelError(Exception):  # as triton.errors.TritonError: an Exception, not a RuntimeError
+        pass
+
+    measure = throughput.measure
+
+    def failing(config, *args, **kwargs):
+        if config.method == "native":
+            raise KernelError("out of resources: shared memory, required: 262144, hardware limit: 232448")
+        return measure(config, *args, **kwargs)
+
+    monkeypatch.setattr(throughput, "measure", failing)
+    pairs = [("native", "fp32"), ("original-loop", "fp32")]
+    rep = run_throughput([], [], [1], [16], pairs=pairs, net="tiny", iters=1, repeats=1, warmup=1, device="cpu",
+                         progress=False)  # fmt: skip
+    assert [(r["method"], r["status"]) for r in rep["rows"]] == [("native", "error"), ("original-loop", "ok")]
+    assert rep["rows"][0]["reason"].startswith("KernelError: out of resources")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the harness's CUDA clock and memory path")
 def test_throughput_on_cuda_reads_cuda_memory_and_names_the_gpu(tmp_path):
-    args = ["--net", "tiny", "--size", "32", "--quiet", "--device", "cuda", "--batch", "1", "2"]
+    # named configurations: without them the harness runs every method and precision it has, compiled ones included
+    configs = ["--configs", "native:bf16", "native:fp32", "original-loop:fp32"]
+    args = ["--net", "tiny", "--size", "32", "--quiet", "--device", "cuda", "--batch", "1", "2", *configs]
     assert main(["throughput", *args, "--iters", "2", "--repeats", "2", "--warmup", "2", "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "throughput.json").read_text())
     assert rep["machine"]["device"].startswith("cuda") and rep["machine"]["gpu"]
