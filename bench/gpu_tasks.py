@@ -12,7 +12,8 @@ inpainting had never run there).
 Each backend runs in its own process, so that a CUDA error that poisons the context (an illegal
 address, a broken capture) fails that backend's remaining cases and not the other backends'. Every
 case is recorded as it ends, pass or fail with its error's first line, and the run never stops at a
-failure: DIR/tasks.jsonl (one JSON object per case) and DIR/tasks.md. Exit status 0 when every case
+failure: DIR/tasks.jsonl (one JSON object per case), DIR/tasks.md, and each backend's stderr in
+DIR/BACKEND.stderr.log. Exit status 0 when every case
 passed, else 1.
 """
 
@@ -147,7 +148,8 @@ def markdown(cases: list[dict]) -> str:
             f"| {(c.get('error') or '').replace('|', '/')} |"
         )
     passed = sum(c["status"] == "ok" for c in cases)
-    return "\n".join(lines) + f"\n\n{passed} of {len(cases)} cases passed.\n"
+    logs = "Each backend's process wrote its stderr (CUDA's warnings among it) to BACKEND.stderr.log beside this file."
+    return "\n".join(lines) + f"\n\n{passed} of {len(cases)} cases passed. {logs}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,12 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--out", str(out), "--jsonl", str(jsonl), "--backends", backend,
                "--tasks", *args.tasks, "--precision", args.precision, "--size", str(args.size),
                "--iters", str(args.iters), "--device", args.device]  # fmt: skip
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        # the child's stderr kept whole: CUDA's own warnings go there and nowhere else (a graph destroyed during
+        # another's capture says so only there, before the capture's end fails with an error of its own)
+        log = out / f"{backend}.stderr.log"
+        with open(log, "w") as stderr:
+            proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=stderr, text=True)
         sys.stdout.write(proc.stdout)
         done = {c["task"] for c in map(json.loads, jsonl.read_text().splitlines()) if c["backend"] == backend}
         died = [t for t in args.tasks if t not in done]
         if died:  # the process died (a crash, not an exception): its remaining cases say so
-            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+            last = (log.read_text().strip().splitlines() or [""])[-1]
             with open(jsonl, "a") as f:
                 for task in died:
                     error = f"the {backend} process died (exit {proc.returncode}) before this case: {last}"
