@@ -13,8 +13,7 @@ Each backend runs in its own process, so that a CUDA error that poisons the cont
 address, a broken capture) fails that backend's remaining cases and not the other backends'. Every
 case is recorded as it ends, pass or fail with its error's first line, and the run never stops at a
 failure: DIR/tasks.jsonl (one JSON object per case), DIR/tasks.md, and each backend's stderr in
-DIR/BACKEND.stderr.log. Exit status 0 when every case
-passed, else 1.
+DIR/BACKEND.stderr.log. Exit status 0 when every case passed, else 1.
 """
 
 from __future__ import annotations
