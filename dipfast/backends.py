@@ -46,10 +46,11 @@ class Backend:
     # the native step ran 2.74x faster in NCHW (H200, bench/results/2026-12-04-h200-504226cc86/)
     channels_last_bf16: frozenset[str]
     noise: dict[str, str]  # device type -> the input-noise draw: 'generator' (torch's) or 'philox' (counter-based)
-    # Inductor's layout optimisation forced on every compiled graph (torch.compile's options). Its own rule
-    # looks for aten.convolution nodes, which a backward graph has none of (convolution_backward), so the
-    # backward is lowered without it while the forward runs channels_last (tests/test_inductor_layout.py).
-    force_layout: bool = False
+    # Inductor's layout optimisation (channels_last convolutions inside a compiled graph, whatever the layout of its
+    # inputs): None, its own rule, which looks for aten.convolution nodes, so the forward gets it (the default net at
+    # batch 1, on a CPU and, by its heuristics, on CUDA) and the backward, whose convs are convolution_backward, does
+    # not (tests/test_inductor_layout.py); True, forced on every graph; False, off on every graph.
+    layout_optimization: bool | None = None
     # the device types where convs run with channel counts padded for tensor cores under tf32 and bf16
     # (dipfast.nets.aligned_channels): off, as measured (H200: 1.00x in bf16 and tf32, on either block ops)
     align_channels: frozenset[str] = frozenset()
@@ -138,9 +139,15 @@ class Plan:
         """Whether the flat parameter buffers start each parameter 16-byte aligned on `device` (FlatParameters)."""
         return device.type not in self.spec.packed_parameters
 
-    @property
-    def force_layout(self) -> bool:
-        return self.compile and self.spec.force_layout
+    def inductor_options(self) -> dict | None:
+        """torch.compile's options for the generator: Inductor's layout optimisation as Backend.layout_optimization
+        says (options, not an ambient config patch: they reach the backward graph too, which AOTAutograd compiles at
+        the first backward, outside any context of the call)."""
+        if not self.compile or self.spec.layout_optimization is None:
+            return None
+        if self.spec.layout_optimization:
+            return {"force_layout_optimization": True}
+        return {"layout_optimization": False}
 
     def noise(self, device: torch.device) -> str:
         return self.spec.noise.get(device.type, "generator")

@@ -64,9 +64,7 @@ class GeneratorRunner:
         # eager: the module's own tensor slots take each step's parameters (it is this runner's alone)
         self.slots = None if plan.compile else ModuleSlots(self.module)
         generate = self._generate_many if vectorised else self._generate_each
-        # options, not an ambient config patch: they reach the backward graph too, which AOTAutograd
-        # compiles at the first backward, outside any context of this call
-        options = {"force_layout_optimization": True} if plan.force_layout else None
+        options = plan.inductor_options()
         self._generate = torch.compile(generate, dynamic=False, options=options) if plan.compile else generate
 
     def layout(self, t: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Inductor's layout optimisation and the compile backend: its own rule (GraphLowering.decide_layout_opt)
 counts aten.convolution nodes, and a backward graph has none (its convs are convolution_backward), so the
 backward of the generator is lowered without layout optimisation while the forward gets it. The
-harness's compile-forced-layout (backends.Backend.force_layout) forces it on both; these tests pin
-both facts, so that a PyTorch upgrade that changes either shows here."""
+harness's compile-forced-layout (backends.Backend.layout_optimization) forces it on both, and compile-nchw
+turns it off on both; these tests pin those facts, so that a PyTorch upgrade that changes one shows here."""
 
 from __future__ import annotations
 
@@ -56,11 +56,23 @@ def test_inductor_lowers_the_backward_without_layout_optimisation_unless_forced(
     lowered.clear()
     torch._dynamo.reset()
     with runs.method_context(runs.COMPILE_FORCED_LAYOUT):
-        assert backends.resolve("compile", "fp32", torch.device("cpu")).force_layout
+        assert backends.resolve("compile", "fp32", torch.device("cpu")).inductor_options()
         forced = _compiled_fit(image)
     assert lowered and {layout for _, layout in lowered} == {True}
     assert {backward for backward, _ in lowered} == {False, True}
     np.testing.assert_allclose(forced.image, plain.image, rtol=0, atol=1e-4)
 
     assert not inductor_config.force_layout_optimization  # the process's settings untouched
-    assert not backends.resolve("compile", "fp32", torch.device("cpu")).force_layout
+    assert backends.resolve("compile", "fp32", torch.device("cpu")).inductor_options() is None
+
+
+def test_compile_nchw_lowers_every_graph_without_layout_optimisation(np_rng, lowered):
+    """compile-nchw measures NCHW convolutions: with NCHW inputs alone, Inductor's own rule still ran the forward's
+    convs channels_last (on CUDA too, by its heuristics for the default net at batch 1), so the variant was NCHW at
+    the graph's edge and NHWC inside."""
+    with runs.method_context("compile-nchw"):
+        result = dipfast.restore(random_image(np_rng, 16, 16), iters=2, backend="compile", precision="bf16", **FAST)
+    assert result.iterations == 2
+    assert lowered and {layout for _, layout in lowered} == {False}
+    assert {backward for backward, _ in lowered} == {False, True}
+    assert inductor_config.layout_optimization  # the process's settings untouched

@@ -63,10 +63,12 @@ NATIVE_EAGER = "native-eager"
 #   native-per-network     a step of N > 1 networks runs them one after another (N launches a layer), where native
 #                          vmaps them on CUDA (grouped convs, one launch a layer; Backend.vectorised): what batching
 #                          is worth there; at batch 1 and on a CPU it is native itself
-#   compile-forced-layout  Inductor's layout optimisation forced on every graph (Backend.force_layout): its own
-#                          rule leaves the backward graph NCHW while the forward runs channels_last
-#   compile-nchw           compile with NCHW activations under bf16, the layout that made native 2.74x faster on
-#                          the H200 (compile ran channels_last there: 27.7 ms against native NCHW's 12.0)
+#   compile-forced-layout  Inductor's layout optimisation forced on every graph (Backend.layout_optimization):
+#                          its own rule leaves the backward graph NCHW while the forward runs channels_last
+#   compile-nchw           compile with NCHW activations under bf16 and Inductor's layout optimisation off (its own
+#                          rule runs the forward's convs channels_last whatever the inputs' layout, on CUDA too), the
+#                          layout that made native 2.74x faster on the H200 (compile ran channels_last there: 27.7
+#                          ms against native NCHW's 12.0)
 #   triton-nchw            the triton backend with NCHW activations under bf16 (its layout before channels_last),
 #                          whose conv kernels load one element at a time (sm_90 codegen): what the layout is worth
 #   triton-eager           the triton backend without torch.compile: native's eager step, in its CUDA graph, with the
@@ -83,8 +85,8 @@ FIELD_VARIANTS = {
     "native-folded-finalize": ("native", lambda b: {"folded_finalize": frozenset({"cuda"})}),
     "native-parallel-compile": ("native", lambda b: {"parallel_compile": frozenset({"cuda"})}),
     "native-per-network": ("native", lambda b: {"vectorised": frozenset()}),
-    "compile-forced-layout": ("compile", lambda b: {"force_layout": True}),
-    "compile-nchw": ("compile", lambda b: {"channels_last_bf16": frozenset()}),
+    "compile-forced-layout": ("compile", lambda b: {"layout_optimization": True}),
+    "compile-nchw": ("compile", lambda b: {"channels_last_bf16": frozenset(), "layout_optimization": False}),
     "triton-nchw": ("triton", lambda b: {"channels_last_bf16": frozenset()}),
     "triton-eager": ("triton", lambda b: {"compile": False}),
 }
