@@ -207,11 +207,17 @@ class Plan:
         """Whether a fast step of several networks runs them vmapped on `device` (else one after another)."""
         return device.type in self.spec.vectorised
 
+    @contextlib.contextmanager
     def step_math(self):
-        """The context of every generator call, the step's backward included: tf32's TF32 switches, else
-        nothing. (Around the forward alone, the backward's convolutions ran IEEE fp32: 5.5 of the 16.7 ms of
-        an H200's tf32 step in cuDNN's FFMA dgrad kernel, bench/results/2026-12-04-h200-504226cc86/profile.)"""
-        return conv_precision(tf32=True, cudnn_benchmark=None) if self.precision == "tf32" else contextlib.nullcontext()
+        """The context of every generator call, the step's backward included: tf32's TF32 switches (around the
+        forward alone, the backward's convolutions ran IEEE fp32: 5.5 of the 16.7 ms of an H200's tf32 step in cuDNN's
+        FFMA dgrad kernel, bench/results/2026-12-04-h200-504226cc86/profile), and a compiled generator's cache
+        settings (AOTAutograd compiles the backward at its first call, and saves both graphs after it)."""
+        from dipfast.compile_cache import compile_settings
+
+        tf32 = conv_precision(tf32=True, cudnn_benchmark=None) if self.precision == "tf32" else contextlib.nullcontext()
+        with tf32, compile_settings(self.compile):
+            yield
 
     def autocast(self, device: torch.device):
         """The forward's context: bf16 autocast, else nothing (tf32's switches are step_math's)."""

@@ -49,12 +49,18 @@ def ops_tag() -> str:
 def compile_settings(compiled: bool):
     """For a compiled call only: Inductor's cache kept across processes (not in /tmp, its default), its
     key tagged with ops_tag() (after any tag of the user's), Dynamo's recompile limit raised. The
-    process's own settings are restored afterwards."""
+    process's own settings are restored afterwards.
+
+    The cache folder is CACHE_DIR unless the user chose one (TORCHINDUCTOR_CACHE_DIR): torch sets that variable
+    to its /tmp default on first use, as importing torch._dynamo does, so its default counts as no choice."""
     if not compiled:
         yield
         return
-    had_dir = "TORCHINDUCTOR_CACHE_DIR" in os.environ
-    previous_dir = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # Inductor's import: a compiled call's
+
+    previous_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if previous_dir in (None, default_cache_dir()):  # torch's own default is no choice of the user's
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(CACHE_DIR)
     limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     tag = torch.compiler.config.cache_key_tag
     if ops_tag() not in tag:  # once, in nested compiled calls
@@ -63,7 +69,7 @@ def compile_settings(compiled: bool):
         with torch._dynamo.config.patch(recompile_limit=limit), torch.compiler.config.patch(cache_key_tag=tag):
             yield
     finally:
-        if had_dir:
+        if previous_dir is not None:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous_dir
         else:
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)

@@ -1,6 +1,7 @@
 """compile_cache: a compiled call's cache key carries the hash of dipfast's op sources, so a changed op
 (its autograd rule above all, which the traced graph does not show) never gets a stale compiled backward."""
 
+import os
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from torch._dynamo.utils import counters
 
 import dipfast
 import dipfast.kernels
-from dipfast import compile_cache
+from dipfast import backends, compile_cache
 
 
 def _fit_step(x, w):
@@ -75,3 +76,26 @@ def test_compile_settings_tag_once_and_restore(users_tag, monkeypatch):
     assert torch.compiler.config.cache_key_tag == users_tag
     with compile_cache.compile_settings(False):
         assert torch.compiler.config.cache_key_tag == users_tag
+
+
+def test_the_cache_goes_to_dipfasts_folder_unless_the_user_chose_one(tmp_path, monkeypatch):
+    """torch sets TORCHINDUCTOR_CACHE_DIR to its /tmp default on first use (importing torch._dynamo does), which left
+    dipfast's folder unused: every compiled fit's cache went to /tmp, and a cleaned /tmp cost the next fit a minute of
+    compiling. The step's backward, where AOTAutograd compiles the backward graph and saves both, is inside too."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    ours = tmp_path / "dipfast"
+    monkeypatch.setattr(compile_cache, "CACHE_DIR", ours)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    counters.clear()
+    assert _compile_and_backward().get("autograd_cache_saved") == 1
+    assert any((ours / "aotautograd").iterdir())
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()  # restored
+    with backends.resolve("compile", "fp32", torch.device("cpu")).step_math():
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(ours)
+    with backends.resolve("native", "fp32", torch.device("cpu")).step_math():
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()
+    users = tmp_path / "users"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(users))
+    with compile_cache.compile_settings(True):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(users)
