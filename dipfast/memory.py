@@ -32,8 +32,9 @@ FIXED = {"cpu": 256 * 2**20, "cuda": 512 * 2**20}
 PROBE_AREA = 1024 * 1024
 # The GPU kernels (Triton's) compute their offsets in 32 bits: on CUDA a step's largest tensor, in which vmap folds its
 # N networks' activations into one, stays under this many elements. An H200's memory holds steps past it (a 12 MP
-# photo in tiles of 1024 px, 19 a step: 2.6e9 elements in the top merge's padded input).
-INDEX_LIMIT = 2**31
+# photo in tiles of 1024 px, 19 a step: 2.6e9 elements in the top merge's padded input). A margin below 2^31: a 1-D
+# kernel's last block computes offsets up to a block past the tensor's end, and one wrapped negative passes its mask.
+INDEX_LIMIT = 2**31 - 2**16
 
 
 class Probe(NamedTuple):
@@ -108,8 +109,14 @@ def estimate_bytes(
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory on the device: the GPU's free memory, or the host's MemAvailable (None if unknown)."""
+    """Free memory on the device: the GPU's free memory, or the host's MemAvailable (None if unknown).
+
+    On CUDA the caching allocator's cached blocks are handed back first: the GPU counts them as used, and after a fit
+    they hold everything it reserved, its CUDA graph's memory pool included, which the next fit's allocations reuse.
+    Read without that, a call's second image size, a batch's next group or a notebook's second call were checked
+    against the memory less the last fit's."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(device)
         return free
     try:

@@ -137,19 +137,22 @@ def _tiles(shape, tile: int, overlap: int) -> int:
 
 
 def _auto(known, preset, plan, device, factor, overlap, restarts, early_stop) -> TileChoice | None:
-    """Tiles when some image's fit alone would not fit (in the free memory, or under the GPU kernels' INDEX_LIMIT)
-    and some tile side smaller than it does."""
+    """Tiles when some step of the untiled fits would not fit (in the free memory, or under the GPU kernels'
+    INDEX_LIMIT) and some tile side smaller than it does. A fast plan's step holds every same-size image's networks
+    (_check_whole's count): four 12 MP photos of a batch group, each of which an H200 holds alone, were left untiled
+    and then refused together."""
     free = memory.available_bytes(device)
     if free is None or not known:
         return None
 
     def exceeds(s) -> bool:
         h, w = s[1] * factor, s[2] * factor
+        n_networks = known.count(s) * restarts if plan.fast else 1
         indexed = memory.most_networks_indexed(
             preset.net, preset.input_depth, s[0], _working_size(preset, h, w), device
         )
-        over_index = indexed is not None and restarts > indexed
-        return over_index or _need(preset, s[0], h, w, restarts, plan.precision, device, early_stop) > free
+        over_index = indexed is not None and n_networks > indexed
+        return over_index or _need(preset, s[0], h, w, n_networks, plan.precision, device, early_stop) > free
 
     too_large = [s for s in known if exceeds(s)]
     if not too_large:

@@ -363,6 +363,30 @@ def test_auto_tiles_only_what_would_not_fit(np_rng, monkeypatch, caplog):
     assert "tiling" not in small.extras
 
 
+def test_auto_judges_a_step_by_every_same_size_image_it_holds(monkeypatch):
+    """A fast plan fits same-size images side by side in one step (dipfast batch's group of 4 on CUDA). A 12 MP photo
+    alone fits an H200 (139 GiB free, one network under 2^31 elements) and four together do not: 'auto' tiles them,
+    where it judged each photo alone, left them whole, and the step was then refused ('try ... tiles')."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 139 * memory.GIB)
+    preset = dipfast.presets.PRESETS["denoise"]
+    plan = dipfast.backends.Plan("native", "bf16", compile=False, cuda_graph=True)
+    task, cuda = dipfast.tasks.task_named("denoise"), torch.device("cuda")
+    photo = np.zeros((3000, 4000, 3), dtype=np.uint8)
+    assert tile_choice.choose([photo], task, preset, plan, cuda, "auto", None, 1, None, False) is None
+    choice = tile_choice.choose([photo] * 4, task, preset, plan, cuda, "auto", None, 1, None, False)
+    assert choice is not None and choice.tile < 3000
+
+
+def test_free_gpu_memory_counts_what_the_caching_allocator_holds(monkeypatch):
+    """After a fit the caching allocator keeps what it reserved, its CUDA graph's pool included, and the GPU counts it
+    used: the next size of a call, a batch's next group or a notebook's next call were checked against the memory
+    less the last fit's. The cache is handed back before the GPU is asked."""
+    cached = {"bytes": 30 * memory.GIB}
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: cached.update(bytes=0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * memory.GIB - cached["bytes"], 0))
+    assert memory.available_bytes(torch.device("cuda")) == 100 * memory.GIB
+
+
 def test_on_a_gpu_a_step_keeps_its_largest_tensor_under_the_kernels_32_bit_offsets(monkeypatch):
     """The GPU kernels address a tensor with 32-bit offsets, and vmap folds a step's networks into one tensor: on CUDA
     a step holds no more networks than keep its largest tensor (the top merge's padded input, 132 x 1026 x 1026 at
