@@ -77,6 +77,11 @@ class GraphedStep:
             self._capture()
             self.graph.replay()  # the capture only records: this call's iteration runs now
 
+    def release(self) -> None:
+        """The graph and its memory pool let go (a fit's loop is over): the pool holds a whole step's activations,
+        which eager work after the loop (the final forward) cannot allocate from while the graph lives."""
+        self.graph = None
+
     def _capture(self) -> None:
         torch.cuda.synchronize(self.device)
         start = time.perf_counter()

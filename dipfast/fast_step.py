@@ -253,8 +253,14 @@ class FastStep(step_rules.AfterBackward):
         return bad
 
     def final_output(self) -> torch.Tensor:
-        # with grad mode on, as in the step: a no_grad call would be one more compiled variant
-        with self.plan.step_math():
+        """The generator's output once the loop is over. The CUDA graph goes first: its pool would stay beside this
+        forward's memory, which the memory estimate does not count twice. A compiled generator runs with grad mode on,
+        as in the step (grad mode is one of its guards: no_grad would compile one more variant); an eager one saves
+        nothing for a backward that never comes."""
+        if self.graphed is not None:
+            self.graphed.release()
+        grad_mode = torch.enable_grad() if self.plan.compile else torch.no_grad()
+        with grad_mode, self.plan.step_math():
             return self.runner(self.net_input).detach()
 
 

@@ -549,6 +549,28 @@ def test_a_step_and_its_cuda_graph_go_with_the_steps_last_reference(rng, paralle
             gc.enable()
 
 
+def test_the_final_forward_lets_the_cuda_graph_go_and_saves_nothing(rng):
+    """After the loop the graph's memory pool (a whole step's activations) would sit beside the final forward's memory,
+    which the estimate does not count twice: the graph goes first. An eager generator runs it under no_grad (nothing
+    saved for a backward that never comes), with the same output. Built with the CUDA plan on the CPU."""
+    problem = random_problem(rng)
+    plan = dataclasses.replace(_plan("native"), cuda_graph=True)
+    built, zs = fast_step.build_nets([problem], PRESET, [0])
+    step = fast_step.FastStep(built, zs, [problem], PRESET, CPU, [0], 4, plan)
+    step.graphed.graph = "captured"  # as after the capture
+    runner, grad_modes = step.runner, []
+
+    def recording(z):
+        grad_modes.append(torch.is_grad_enabled())
+        return runner(z)
+
+    step.runner = recording
+    out = step.final_output()
+    assert step.graphed.graph is None and grad_modes == [False]
+    with torch.enable_grad():
+        assert torch.equal(out, runner(step.net_input).detach())
+
+
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
