@@ -21,7 +21,7 @@ Precisions (x and weight share the compute dtype; bias, gamma and beta are that 
     torch.backends.cudnn.allow_tf32 says when the op is called (tf32_enabled: the flag of the cuDNN conv this
     replaces; dipfast.engine.ieee_fp32 clears it).
   bf16: bf16 dot operands with fp32 accumulation; every other load is converted to fp32 at once and all
-    elementwise maths and the BN statistics are fp32 (taken from the fp32 accumulator, not the rounded y).
+    elementwise maths and the BN statistics are fp32 (of the rounded y, as autocast's BatchNorm takes them).
     Stored in bf16: y and the output (the op returns x's dtype, as autocast's conv + BatchNorm do), dy (an operand
     of the backward dots), dx and dweight; in fp32: the statistics, and in NCHW the padded dgrad buffer the fold
     sums (channels_last's holds only the pad and the frame, in bf16, summed in fp32).
@@ -154,12 +154,17 @@ if _HAS_TRITON:
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr,
     ):
-        """Add the bias, store y (in y's dtype), and write this M-tile's BN partials from the fp32 accumulator:
-        sum(y), sum((y - tile mean)^2)."""
+        """Add the bias, store y (in y's dtype), and write this M-tile's BN partials of the y stored: sum(y),
+        sum((y - tile mean)^2), in fp32. Of the y stored, not the fp32 accumulator: the normalisation reads the stored
+        y, and autocast's BatchNorm takes its statistics from the conv's rounded output too. (From the accumulator, a
+        bf16 level of a few pixels per channel normalised its rounded y by another mean: 2x eager bf16's error at
+        2 x 2, in the interpreter rounding as the GPU.)"""
         if HAS_BIAS:
             acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
-        tl.store(y_ptr + y_offs, acc, mask=mask)
+        y = acc.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + y_offs, y, mask=mask)
+        acc = y.to(tl.float32)
         count = tl.minimum(n_pix - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         tsum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
         dev = tl.where(mask, acc - (tsum / count)[None, :], 0.0)

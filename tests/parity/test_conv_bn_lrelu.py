@@ -189,6 +189,23 @@ def test_bf16_matches_float64_twin(case, layout, rng, device, assert_parity, tol
         assert ((actual.double() - expected).abs() <= tol[torch.bfloat16][0] * scale).all()
 
 
+@pytest.mark.parametrize("case", BF16_CASES, ids=BF16_IDS)
+def test_bf16_statistics_are_those_of_the_y_it_stores(case, rng, device):
+    """The normalisation reads the stored (rounded) y, so the statistics are its own, as autocast's BatchNorm takes
+    them from the conv's rounded output: taken from the fp32 accumulator, a level of a few pixels per channel was
+    normalised by another mean (2x eager bf16's error at 2 x 2). Held to fp32's summation error."""
+    tensors, kw = _dip_like(case, rng, device)
+    x, weight, bias, gamma, beta = tensors
+    _, y, mean, rstd = torch.ops.dipfast.conv_bn_lrelu_fwd(x, weight, bias, gamma, beta, kw["stride"], kw["groups"],
+                                                           1e-5, 0.2, False)  # fmt: skip
+    assert y.dtype == torch.bfloat16
+    y64 = y.double()
+    scale = y64.abs().amax((0, 2, 3))
+    assert ((mean.double() - y64.mean((0, 2, 3))).abs() <= 1e-6 * scale).all()
+    var = rstd.double() ** -2 - 1e-5
+    assert ((var - y64.var((0, 2, 3), unbiased=False)).abs() <= 1e-5 * scale**2).all()
+
+
 def test_tf32_follows_the_cudnn_flag(rng, device, monkeypatch):
     """fp32 inputs use TF32 dots where torch.backends.cudnn.allow_tf32 is set, the flag of the cuDNN convolution the
     kernel replaces (_kernel_checks.assert_tf32_follows_the_cudnn_flag)."""
