@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import pytest
 import torch
 from _helpers import TINY_PRESET
@@ -280,22 +279,12 @@ def test_early_stopping_updates_as_early_stop_does(rng, device, returns, toleran
     assert expected.stop_iteration.tolist() == [7, 12 if gate else 10, 0]
 
 
-@pytest.fixture
-def gpu_max(device, monkeypatch):
-    """Triton's maximum as a GPU computes it: tl.maximum lowers to a max that returns the operand that is not NaN,
-    where the interpreter's np.maximum returns the NaN."""
-    if device == "cpu":
-        from triton.runtime import interpreter
-
-        builder = interpreter.interpreter_builder
-        monkeypatch.setattr(builder, "create_maxnumf", lambda a, b: builder.binary_op(a, b, np.fmax))
-
-
-def test_early_stopping_holds_a_diverged_network_as_early_stop_does(rng, device, gpu_max):
+def test_early_stopping_holds_a_diverged_network_as_early_stop_does(rng, device):
     """A network whose outputs turn NaN, as a GPU writes one (0x7FFFFFFF, where the CPU's is 0x7FC00000): the window,
     criterion and decisions stay the twin's bit for bit. The bf16 rounding's carry made that NaN -0.0 in the window,
-    and a GPU's max made the NaN variance 0, each a new minimum that kept the diverged output; the twin keeps the
-    network's last output before it, and stops it after its patience."""
+    and a GPU's max (the interpreter's too in the parity suite: _gpu_arithmetic.py) made the NaN variance 0, each a
+    new minimum that kept the diverged output; the twin keeps the network's last output before it, and stops it after
+    its patience."""
     n, shape, iters = 3, (3, 11, 9), 12
     spec = EarlyStopSpec("wmv", window=3, patience=2, returns="window-mean", tolerance=0.4)
     dev = torch.device(device)
