@@ -108,11 +108,13 @@ def choose(
         if overlap >= tile:
             raise InputError(f"overlap={overlap} must be smaller than tile={tile}; the default is tile // 8")
         c = max((s[0] for s in known), default=3)
-        size = (tile * factor,) * 2
+        # tiles are clipped to their image: a tile larger than every image is the image (checked at its side)
+        side = min(tile, max((max(s[1], s[2]) for s in known), default=tile))
+        size = (side * factor,) * 2
         memory.check_fits(preset.net, preset.input_depth, c, size, 1, plan.precision, device, early_stop)
         n_networks = restarts * max((_tiles(s, tile, overlap) for s in known), default=1)
         free = memory.available_bytes(device)
-        per_step = _most_per_step(preset, c, tile, factor, n_networks, plan.precision, device, free, early_stop)
+        per_step = _most_per_step(preset, c, side, factor, n_networks, plan.precision, device, free, early_stop)
         return TileChoice(tile, overlap, per_step if plan.fast else 1)
     if tile == "auto" and not custom and task.name != "custom":
         choice = _auto(known, preset, plan, device, factor, overlap, restarts, early_stop)

@@ -377,6 +377,18 @@ def test_auto_judges_a_step_by_every_same_size_image_it_holds(monkeypatch):
     assert choice is not None and choice.tile < 3000
 
 
+def test_a_tile_larger_than_the_image_is_checked_at_the_image(monkeypatch):
+    """Tiles are clipped to their image, so tile=6000 on a 1500 x 2000 photo is one tile, the photo: checked at
+    6000 x 6000 on CUDA it was refused (4.8e9 elements, past the kernels' 2^31)."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 139 * memory.GIB)
+    preset = dipfast.presets.PRESETS["denoise"]
+    plan = dipfast.backends.Plan("native", "bf16", compile=False, cuda_graph=True)
+    task, cuda = dipfast.tasks.task_named("denoise"), torch.device("cuda")
+    photo = np.zeros((1500, 2000, 3), dtype=np.uint8)
+    choice = tile_choice.choose([photo], task, preset, plan, cuda, 6000, None, 1, None, False)
+    assert choice.tile == 6000 and choice.per_step >= 1
+
+
 def test_free_gpu_memory_counts_what_the_caching_allocator_holds(monkeypatch):
     """After a fit the caching allocator keeps what it reserved, its CUDA graph's pool included, and the GPU counts it
     used: the next size of a call, a batch's next group or a notebook's next call were checked against the memory
