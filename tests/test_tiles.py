@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import tracemalloc
+import weakref
 
 import numpy as np
 import pytest
@@ -284,6 +285,23 @@ def test_restarts_in_tiles_average_the_tiled_fits_of_each_seed(np_rng):
     both = _tiled(image, restarts=2, seed=3)
     first, second = _tiled(image, seed=3), _tiled(image, seed=4)
     np.testing.assert_allclose(both.image, (first.image + second.image) / 2, atol=1e-6, rtol=0)
+
+
+def test_a_steps_tile_outputs_go_once_blended(np_rng, monkeypatch):
+    """The blend is on the host: a step's tile outputs (on a GPU, 25 MB a 1024 px tile) are not kept until the last
+    step, beside the later steps that the free memory was measured for."""
+    monkeypatch.setattr(tile_choice, "_most_per_step", lambda *args: 3)
+    fit_many, held = dipfast.engine.fit_many, []
+
+    def recording(*args, **kwargs):
+        assert all(ref() is None for ref in held), "an earlier step's tile outputs are still held"
+        fits = fit_many(*args, **kwargs)
+        held.extend(weakref.ref(t) for fit in fits for t in (fit.image, fit.ema_image))
+        return fits
+
+    monkeypatch.setattr(dipfast.engine, "fit_many", recording)
+    r = dipfast.restore(random_image(np_rng, 20, 20), iters=2, tile=8, overlap=2, progress=False, **TINY)
+    assert r.extras["tiling"]["per_step"] == 3 and len(held) == 2 * len(r.extras["tiling"]["boxes"])
 
 
 # ---------------------------------------------------------------------------------------------
