@@ -7,7 +7,8 @@ A tiny net, a few iterations, synthetic images (a smooth random field, its noisy
 guide): what is checked is that each (task, backend) fit runs to its last iteration and returns a
 finite image of the right size, not its quality. On CUDA the fast backends capture the whole step in
 a CUDA graph, which crashes on any host-to-device copy inside the step (super-resolution and
-inpainting had never run there).
+inpainting had never run there). 'tiles' is denoising in tiles of half the image, overlapping by an
+eighth: restore()'s tiled path, its tiles trained side by side, and the blend.
 
 Each backend runs in its own process, so that a CUDA error that poisons the context (an illegal
 address, a broken capture) fails that backend's remaining cases and not the other backends'. Every
@@ -28,8 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-TASKS = ("sr", "inpaint", "denoise", "jpeg", "restore", "enhance", "flash")  # the never-run-on-CUDA ones first
-PRESET = {"sr": "sr4", "inpaint": "inpaint", "restore": "restore", "flash": "flash"}  # others: the task's name
+# the never-run-on-CUDA ones first; 'tiles': denoising in tiles of half the image (tiled_restore: its step of tiles
+# side by side, the blend), never run on CUDA either
+TASKS = ("sr", "inpaint", "tiles", "denoise", "jpeg", "restore", "enhance", "flash")
+PRESET = {"sr": "sr4", "inpaint": "inpaint", "restore": "restore", "flash": "flash", "tiles": "denoise"}  # else: own
+RESTORE_TASK = {"tiles": "denoise"}  # restore()'s task for a case that is not one
 
 
 def _images(size: int, rng: np.random.Generator) -> dict:
@@ -66,6 +70,8 @@ def _arguments(task: str, size: int, rng: np.random.Generator) -> tuple[np.ndarr
         return im["target"] * im["mask"][..., None], kwargs, (size, size, 3)
     if task == "flash":
         kwargs["guide"] = im["guide"]
+    if task == "tiles":
+        kwargs.update(tile=size // 2, overlap=size // 8)
     return im["noisy"], kwargs, (size, size, 3)
 
 
@@ -81,7 +87,7 @@ def run_case(task: str, backend: str, precision: str, *, size: int, iters: int, 
     try:
         result = dipfast.restore(
             image,
-            task,
+            RESTORE_TASK.get(task, task),
             iters=iters,
             stop="iterations",
             report_every=max(1, iters // 2),
@@ -100,6 +106,8 @@ def run_case(task: str, backend: str, precision: str, *, size: int, iters: int, 
             problems.append(f"image {out.shape}, expected {shape}")
         if not np.isfinite(out).all():
             problems.append("image not finite")
+        if "tile" in kwargs and "tiling" not in result.extras:
+            problems.append("not tiled")
         case.update(
             status="failed" if problems else "ok",
             error="; ".join(problems) or None,

@@ -93,7 +93,8 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         expected = {(m, best["precision"]) for m in (best["method"], "native", "native-per-network")}
         assert {(r["method"], r["precision"]) for r in batched} == expected
         tasks = [json.loads(line) for line in tar.extractfile("./tasks/tasks.jsonl").read().decode().splitlines()]
-        assert {c["task"] for c in tasks} == {"sr", "inpaint", "denoise", "jpeg", "restore", "enhance", "flash"}
+        every = {"sr", "inpaint", "tiles", "denoise", "jpeg", "restore", "enhance", "flash"}
+        assert {c["task"] for c in tasks} == every
         assert all(c["status"] == "ok" for c in tasks)
         probes = loaded("cudnn/cudnn_fusion.json")["rows"][0]["probes"]
         assert probes["aten-cl"]["ok"] and probes["fprop"]["reason"] == "the cuDNN graph API needs CUDA"
