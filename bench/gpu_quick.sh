@@ -64,8 +64,8 @@
 #                 test_aligned_channels, test_parallel_compile (the first step finds its kernels compiled),
 #                 tests/bench)                                                                      120
 #   tasks         every task through restore() on each fast backend, tiny net (bench/gpu_tasks.py) 110
-#   parity        issue 13: the CUDA parity tests, the real shapes first in a run of their own (junit XML,
-#                 no -x)                                                                          90+
+#   parity        issue 13: the CUDA parity tests, the real shapes first in runs of their own, the fp32 dx
+#                 error map of the 132 -> 128 conv at 512 px before them (junit XML, no -x)       90+
 #   ops           issue 13: the op micro-benchmarks (bench/ops), forward + backward, fused op against
 #                 cuDNN + eager, each timed as a CUDA graph replay (the step pays no launch cost), after
 #                 the native step's BatchNorm kernels (bf16, NCHW) against torch's eager ops, in GB/s, with
@@ -342,9 +342,13 @@ tasks() {
 }
 parity() {  # the real shapes first, in a run of their own: xdist's workers would take them in any order
     mkdir -p "$WORK/parity"
-    local status=0
-    "$PY" -m pytest tests/parity/test_cuda_shapes.py -q -rfE -p no:cacheprovider "${PYTEST_PLUGINS[@]}" \
-        "${PYTEST_EXTRA[@]}" --junitxml="$WORK/parity/cuda_shapes.xml" || status=1
+    local status=0 dx_map="error_map and 132-512"
+    # first the fp32 dx error map at the 132 -> 128 conv at 512 px (the H100's fp32 failure: one kink flip, or wrong
+    # by tile?), which the file's order puts 26th of 52 cases: the 12-04 step finished 2 in its limit
+    "$PY" -m pytest tests/parity/test_cuda_shapes.py -k "$dx_map" -q -rfE -p no:cacheprovider "${PYTEST_PLUGINS[@]}" \
+        "${PYTEST_EXTRA[@]}" --junitxml="$WORK/parity/cuda_shapes_dx_map.xml" || status=1
+    "$PY" -m pytest tests/parity/test_cuda_shapes.py -k "not ($dx_map)" -q -rfE -p no:cacheprovider \
+        "${PYTEST_PLUGINS[@]}" "${PYTEST_EXTRA[@]}" --junitxml="$WORK/parity/cuda_shapes.xml" || status=1
     "$PY" -m pytest "${PARITY[@]}" -q -rfE -p no:cacheprovider "${PYTEST_PLUGINS[@]}" "${PYTEST_EXTRA[@]}" \
         --junitxml="$WORK/parity/junit.xml" || status=1
     return $status

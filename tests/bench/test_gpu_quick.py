@@ -29,7 +29,7 @@ OUTPUTS = {  # in the script's order of priority
     "time-to-psnr": ["time-to-psnr/time_to_psnr.json"],
     "tests": ["tests/junit.xml"],
     "tasks": ["tasks/tasks.jsonl", "tasks/tasks.md", "tasks/native.stderr.log"],
-    "parity": ["parity/cuda_shapes.xml", "parity/junit.xml"],
+    "parity": ["parity/cuda_shapes_dx_map.xml", "parity/cuda_shapes.xml", "parity/junit.xml"],
     "ops": ["ops/benchmarks.json", "ops/batch_norm.json", "ops/ops.md", "ops/junit.xml", "ops/junit-batch-norm.xml"],
     "triton": ["triton/throughput.json"],
     "compile": ["compile/throughput.json"],
