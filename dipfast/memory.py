@@ -35,6 +35,10 @@ PROBE_AREA = 1024 * 1024
 # photo in tiles of 1024 px, 19 a step: 2.6e9 elements in the top merge's padded input). A margin below 2^31: a 1-D
 # kernel's last block computes offsets up to a block past the tensor's end, and one wrapped negative passes its mask.
 INDEX_LIMIT = 2**31 - 2**16
+# CUDA's grid takes at most 65535 programs on its axes 1 and 2, where the BatchNorm and pad kernels put a step's
+# channels (vmap folds its N networks' into one tensor), at least 2 a program (kernels/batch_norm_act.py's _plane).
+GRID_LIMIT = 65535
+FEWEST_CHANNELS_A_PROGRAM = 2
 
 
 class Probe(NamedTuple):
@@ -43,6 +47,7 @@ class Probe(NamedTuple):
     saved: int  # bytes autograd saves for the backward
     params: int  # bytes of the parameters in fp32
     largest: int  # elements of the largest tensor saved (a conv's padded input, as a rule)
+    channels: int  # the most channels of a saved activation (a merge's, as a rule)
 
 
 @functools.lru_cache(maxsize=64)
@@ -50,18 +55,19 @@ def _activation_and_param_bytes(spec: nets.NetSpec, input_depth: int, n_channels
     with torch.device("meta"):
         net = nets.build(spec, input_depth, n_channels)
         z = torch.empty(1, input_depth, h, w)
-    saved = largest = 0
+    saved = largest = channels = 0
 
     def pack(t: torch.Tensor):
-        nonlocal saved, largest
+        nonlocal saved, largest, channels
         saved += t.numel() * t.element_size()
         largest = max(largest, t.numel())
+        channels = max(channels, t.shape[1] if t.dim() == 4 else 0)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         net(z)
     params = sum(p.numel() for p in net.parameters()) * 4
-    return Probe(saved, params, largest)
+    return Probe(saved, params, largest, channels)
 
 
 def _scaled_activation_and_param_bytes(spec, input_depth: int, n_channels: int, h: int, w: int) -> Probe:
@@ -69,18 +75,19 @@ def _scaled_activation_and_param_bytes(spec, input_depth: int, n_channels: int, 
         return _activation_and_param_bytes(spec, input_depth, n_channels, h, w)
     shrink = math.sqrt(PROBE_AREA / (h * w))
     ph, pw = (max(64, round(side * shrink / 64) * 64) for side in (h, w))
-    saved, params, largest = _activation_and_param_bytes(spec, input_depth, n_channels, ph, pw)
+    saved, params, largest, channels = _activation_and_param_bytes(spec, input_depth, n_channels, ph, pw)
     scale = (h * w) / (ph * pw)
-    return Probe(int(saved * scale), params, math.ceil(largest * scale))
+    return Probe(int(saved * scale), params, math.ceil(largest * scale), channels)
 
 
 def most_networks_indexed(spec, input_depth: int, n_channels: int, size: tuple[int, int], device) -> int | None:
     """The most networks one step at working size `size` holds on `device`'s type with its largest tensor under
-    INDEX_LIMIT elements (0: not even one); None off CUDA, where no kernel has the limit."""
+    INDEX_LIMIT elements and its channels within CUDA's grid (0: not even one); None off CUDA, where no kernel has
+    either limit."""
     if torch.device(device).type != "cuda":
         return None
-    largest = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size).largest
-    return (INDEX_LIMIT - 1) // largest
+    probe = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size)
+    return min((INDEX_LIMIT - 1) // probe.largest, GRID_LIMIT * FEWEST_CHANNELS_A_PROGRAM // probe.channels)
 
 
 def estimate_bytes(
@@ -96,7 +103,7 @@ def estimate_bytes(
     """Peak bytes of a fit of `n_networks` networks at working size `size` (H', W') on `device`'s type;
     early_stop: the fit's EarlyStopSpec (stop='auto'), whose state is counted at the working size (an upper
     bound of the output's)."""
-    activations, params, _ = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size)
+    activations, params, *_ = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size)
     if precision == "bf16":  # conv inputs and outputs saved in bf16, BatchNorm's in fp32: about 0.6
         activations = int(activations * 0.6)
     criterion = 0
@@ -135,12 +142,15 @@ def check_fits(
     INDEX_LIMIT; return the estimate."""
     most = most_networks_indexed(spec, input_depth, n_channels, size, device)
     if most is not None and n_networks > most:
-        largest = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size).largest
+        probe = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size)
         fewer = f"at most {most} images or restarts per call, or " if most else ""
-        raise InputError(
-            f"{n_networks} network(s) at {size[0]} x {size[1]} make a tensor of {n_networks * largest:.3g} elements, "
-            f"more than the 2^31 that dipfast's GPU kernels address; try {fewer}tiles (tile='auto', or a smaller tile=)"
-        )
+        if n_networks * probe.largest > INDEX_LIMIT - 1:
+            past = f"make a tensor of {n_networks * probe.largest:.3g} elements, more than the 2^31 that dipfast's GPU "
+            past += f"kernels address; try {fewer}tiles (tile='auto', or a smaller tile=)"
+        else:
+            past = f"fold {n_networks * probe.channels} channels into one kernel launch, more than CUDA's grid holds; "
+            past += f"try {fewer}larger tiles"
+        raise InputError(f"{n_networks} network(s) at {size[0]} x {size[1]} {past}")
     need = estimate_bytes(spec, input_depth, n_channels, size, n_networks, precision, device, early_stop)
     free = available_bytes(device)
     if free is not None and need > free:

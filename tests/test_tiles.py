@@ -395,6 +395,22 @@ def test_auto_judges_a_step_by_every_same_size_image_it_holds(monkeypatch):
     assert choice is not None and choice.tile < 3000
 
 
+def test_on_a_gpu_a_steps_channels_stay_within_cudas_grid(monkeypatch):
+    """The BatchNorm and pad kernels put a step's channels (N networks' folded into one tensor) on a grid axis that CUDA
+    caps at 65535 programs, at least 2 channels a program: with small tiles that, not the 2^31 offsets, bounds a step
+    (992 networks of the default net's 132-channel merges at 64 px; an H200 holds ~1400 by memory, a B200 more)."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**50)
+    preset = dipfast.presets.PRESETS["denoise"]
+    cuda = torch.device("cuda")
+    probe = (preset.net, preset.input_depth, 3, (64, 64))
+    assert memory._scaled_activation_and_param_bytes(*probe[:3], 64, 64).channels == 132
+    assert memory.most_networks_indexed(*probe, cuda) == 65535 * 2 // 132 == 992
+    memory.check_fits(*probe, 992, "bf16", cuda)
+    with pytest.raises(InputError, match=r"^993 network\(s\) at 64 x 64 fold 131076 channels into one kernel launch"):
+        memory.check_fits(*probe, 993, "bf16", cuda)
+    assert tile_choice._most_per_step(preset, 3, 64, 1, 10**6, "bf16", cuda, 2**50) == 992
+
+
 def test_a_tile_larger_than_the_image_is_checked_at_the_image(monkeypatch):
     """Tiles are clipped to their image, so tile=6000 on a 1500 x 2000 photo is one tile, the photo: checked at
     6000 x 6000 on CUDA it was refused (4.8e9 elements, past the kernels' 2^31)."""
