@@ -139,7 +139,7 @@ def check_fits(
     spec, input_depth, n_channels, size, n_networks: int, precision: str, device: torch.device, early_stop=None
 ) -> int:
     """Raise InputError naming the estimate and the options when the fit would not fit, or would pass the GPU kernels'
-    INDEX_LIMIT; return the estimate."""
+    limits (INDEX_LIMIT's offsets, GRID_LIMIT's programs: most_networks_indexed); return the estimate."""
     most = most_networks_indexed(spec, input_depth, n_channels, size, device)
     if most is not None and n_networks > most:
         probe = _scaled_activation_and_param_bytes(spec, input_depth, n_channels, *size)

@@ -139,10 +139,10 @@ def _tiles(shape, tile: int, overlap: int) -> int:
 
 
 def _auto(known, preset, plan, device, factor, overlap, restarts, early_stop) -> TileChoice | None:
-    """Tiles when some step of the untiled fits would not fit (in the free memory, or under the GPU kernels'
-    INDEX_LIMIT) and some tile side smaller than it does. A fast plan's step holds every same-size image's networks
-    (_check_whole's count): four 12 MP photos of a batch group, each of which an H200 holds alone, were left untiled
-    and then refused together."""
+    """Tiles when some step of the untiled fits would not fit (in the free memory, or within the GPU kernels' limits:
+    memory.most_networks_indexed) and some tile side smaller than it does. A fast plan's step holds every same-size
+    image's networks (_check_whole's count): four 12 MP photos of a batch group, each of which an H200 holds alone,
+    were left untiled and then refused together."""
     free = memory.available_bytes(device)
     if free is None or not known:
         return None
