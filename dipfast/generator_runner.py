@@ -27,7 +27,6 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from dipfast.backends import Plan
-from dipfast.compile_cache import compile_settings
 from dipfast.flat_parameters import FlatParameters, ModuleSlots
 from dipfast.nets.aligned_channels import align_conv_channels
 from dipfast.nets.blocks import use_block_ops
@@ -73,7 +72,8 @@ class GeneratorRunner:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         in_vmap = bf16_convolutions() if self.vectorised and self.plan.precision == "bf16" else contextlib.nullcontext()
-        with self.plan.autocast(self.device), in_vmap, compile_settings(self.plan.compile):
+        # a compiled generator's cache settings are its caller's: Plan.step_math wraps every call, backward included
+        with self.plan.autocast(self.device), in_vmap:
             out = self._generate(self.flat.buffers, self.buffers, z)
         return centre_crop(out.squeeze(1).float(), self.out_size)  # squeeze: a view both ways; [:, 0]'s backward fills
 

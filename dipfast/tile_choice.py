@@ -149,7 +149,7 @@ def _auto(known, preset, plan, device, factor, overlap, restarts, early_stop) ->
 
     def exceeds(s) -> bool:
         h, w = s[1] * factor, s[2] * factor
-        n_networks = known.count(s) * restarts if plan.fast else 1
+        n_networks = _networks_in_step(known.count(s), restarts, plan)
         indexed = memory.most_networks_indexed(
             preset.net, preset.input_depth, s[0], _working_size(preset, h, w), device
         )
@@ -188,6 +188,11 @@ def _auto(known, preset, plan, device, factor, overlap, restarts, early_stop) ->
     return None
 
 
+def _networks_in_step(same_size: int, restarts: int, plan) -> int:
+    """The networks of one untiled step: a fast plan's holds every same-size image's restarts, the reference one."""
+    return same_size * restarts if plan.fast else 1
+
+
 def _check_whole(shapes, preset, plan, device, factor, restarts, early_stop) -> None:
     """The untiled fits' memory check from the shapes alone: same-size images share a step."""
     counts: dict[tuple[int, int, int], int] = {}
@@ -196,5 +201,5 @@ def _check_whole(shapes, preset, plan, device, factor, restarts, early_stop) -> 
             counts[s] = counts.get(s, 0) + 1
     for (c, h, w), n in counts.items():
         size = _working_size(preset, h * factor, w * factor)
-        n_networks = n * restarts if plan.fast else 1
+        n_networks = _networks_in_step(n, restarts, plan)
         memory.check_fits(preset.net, preset.input_depth, c, size, n_networks, plan.precision, device, early_stop)
