@@ -1,6 +1,7 @@
 """Tiled restore (dipfast.tiles, tile_choice, tiled_restore): the grid and its blending weights, tiles
 that are exactly the separate fits of their crops, no seams, every local task through tiles, the
-memory refusal before any conversion, and the one-line errors."""
+memory refusal before any conversion, and the one-line errors. Fits run on the CPU, on a GPU machine too: the tiles
+equal their crops' separate fits bit for bit there (tests/test_cuda_restore.py checks the tiles on CUDA)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from dipfast import memory, tile_choice
 from dipfast.early_stop import CALIBRATED, EarlyStopSpec
 from dipfast.errors import InputError
 from dipfast.tiles import Blend, TileGrid, axis_positions, largest_empty_square, tile_seed
+
+pytestmark = pytest.mark.usefixtures("auto_device_is_the_cpu")
 
 
 @pytest.fixture(autouse=True)
