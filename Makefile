@@ -1,6 +1,8 @@
 # The README's two commands for a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
+# the suite's processes (pytest-xdist): one per core; TEST_WORKERS=0 runs it in this one process
+TEST_WORKERS ?= auto
 
 .PHONY: install demo test
 
@@ -15,4 +17,4 @@ demo: install
 test: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS)

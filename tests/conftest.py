@@ -14,6 +14,12 @@ import pytest
 import torch
 from _helpers import make_rng, torch_threads
 
+# `make test` runs the suite in one process per core (pytest-xdist): each takes its share of the cores, not all
+# of them, so that torch's threads do not contend (tests that need more threads set them themselves)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # cuBLAS needs a fixed workspace for the CUDA tests under deterministic_algorithms() (_helpers.py)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 

@@ -38,19 +38,24 @@ OUTPUTS = {  # in the script's order of priority
 }
 
 
+def _script_env(tmp_path, **settings: str) -> dict[str, str]:
+    """The script's environment as on a GPU machine's shell: no $OUT (the device tool's), and none of pytest-xdist's
+    worker variables, with which pytest-benchmark would turn off the timing of the script's op benchmarks."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT" and not k.startswith("PYTEST_XDIST_")}
+    return {
+        **env,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "DIPFAST_GPU_QUICK_WORK": str(tmp_path / "work"),
+        **settings,
+    }
+
+
 def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path):
     from skimage import data as skdata
 
     (tmp_path / "dip/denoising").mkdir(parents=True)
     Image.fromarray(skdata.astronaut()[200:232, 200:232]).save(tmp_path / "dip/denoising/F16_GT.png")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "DIPFAST_GPU_QUICK_WORK": str(tmp_path / "work"),
-        "DIPFAST_BENCH_COMMIT": "0123456789abcdef",
-    }
-    env.pop("OUT", None)
+    env = _script_env(tmp_path, OMP_NUM_THREADS="1", DIPFAST_BENCH_COMMIT="0123456789abcdef")
     proc = subprocess.run(
         ["bash", str(ROOT / "bench/gpu_quick.sh"), "--tiny", "--data", str(tmp_path / "dip"), str(tmp_path / "dest")],
         cwd=tmp_path,
@@ -243,15 +248,8 @@ def test_gpu_quick_runs_the_steps_in_the_order_given_and_a_cut_step_ends_at_its_
         'exec python3 "$@"\n'
     )
     python.chmod(0o755)
-    env = {
-        **os.environ,
-        "PYTHON": str(python),
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "DIPFAST_GPU_QUICK_WORK": str(tmp_path / "work"),
-        "DIPFAST_GPU_QUICK_STEPS": "convs install",
-        "DIPFAST_GPU_QUICK_BUDGET": "21",
-    }
-    env.pop("OUT", None)
+    steps = {"DIPFAST_GPU_QUICK_STEPS": "convs install", "DIPFAST_GPU_QUICK_BUDGET": "21"}
+    env = _script_env(tmp_path, PYTHON=str(python), **steps)
     proc = subprocess.run(
         ["bash", str(ROOT / "bench/gpu_quick.sh"), "--tiny", str(tmp_path / "dest")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
