@@ -7,6 +7,7 @@ nothing wrong (a mask discards them), so parity tests cannot see them; on a GPU 
 memory, and compute-sanitizer flags each.
 """
 
+import contextlib
 import dataclasses
 import functools
 
@@ -17,6 +18,7 @@ from _memory_bounds import memory_bounds
 
 from dipfast import backends, engine, fast_step
 from dipfast.early_stop import EarlyStopSpec
+from dipfast.kernels import configs
 
 pytestmark = [
     pytest.mark.parity,
@@ -25,13 +27,13 @@ pytestmark = [
 CPU = torch.device("cpu")
 
 
-def _two_problems() -> list[engine.Problem]:
+def _problems(n: int = 2) -> list[engine.Problem]:
     """Denoising at 9 x 7: odd, so that the reductions' last programs have rows to spare."""
     rng = torch.Generator().manual_seed(0)
     return [
         engine.Problem(input_shape=(4, 9, 7), z=None, out_size=(9, 7), n_channels=3,
                        y=torch.rand(1, 3, 9, 7, generator=rng), target=torch.rand(1, 3, 9, 7, generator=rng))
-        for _ in range(2)
+        for _ in range(n)
     ]  # fmt: skip
 
 
@@ -60,9 +62,17 @@ def test_the_instrument_flags_an_access_past_a_tensor(monkeypatch):
     assert torch.equal(out, longer[:5])
 
 
-@pytest.mark.parametrize("folded", [False, True], ids=["finalize-launch", "folded-finalize"])
-def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded):
-    problems = _two_problems()
+@pytest.mark.parametrize(
+    "folded, as_captured", [(False, False), (True, False), (False, True)],
+    ids=["finalize-launch", "folded-finalize", "gpu-tiles-captured"],
+)  # fmt: skip
+def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded, as_captured):
+    """gpu-tiles-captured: the tiles a GPU runs (configs.HOPPER: planes of BLOCK_W 256 x BLOCK_C 4, not the
+    interpreter's 8 x 16: other last programs, other masked tails), the captured step's graph-safe branches, three
+    networks, and the final forward after the loop."""
+    n = 3 if as_captured else 2
+    problems = _problems(n)
+    tiles = configs.forced_tiles(configs.HOPPER) if as_captured else contextlib.nullcontext()
     cuda_choices = dict(
         blocks={"cpu": "padded", "cuda": "padded"},
         channels_last_bf16=frozenset(),
@@ -71,22 +81,25 @@ def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded):
         vectorised=frozenset({"cpu", "cuda"}),
     )
     preset = dataclasses.replace(TINY_PRESET, iterations=4)
-    with backends.variant("native", **cuda_choices):
+    with tiles, backends.variant("native", **cuda_choices):
         plan = backends.resolve("native", "bf16", CPU)  # CUDA's auto
-        built, zs = fast_step.build_nets(problems, preset, [1, 2])
-        step = fast_step.FastStep(built, zs, problems, preset, CPU, [1, 2], 2, plan,
+        seeds = list(range(1, n + 1))
+        built, zs = fast_step.build_nets(problems, preset, seeds)
+        step = fast_step.FastStep(built, zs, problems, preset, CPU, seeds, 2, plan, graph_safe=as_captured,
                                   early_stop=EarlyStopSpec(window=2, patience=2))  # fmt: skip
         assert step.fused is not None and step.runner.vectorised
         with memory_bounds(monkeypatch):
             step()
             step()  # the window's second slot, the EMA past its first iteration
+            if as_captured:
+                assert torch.isfinite(step.final_output()).all()
 
 
 def test_the_triton_backends_kernels_stay_inside_their_tensors(monkeypatch):
     """The triton backend's eager step as CUDA runs it in bf16 (channels_last): the fused conv blocks' GEMMs, the
     merges, the folds of the input gradients. (Measured too, not kept, for the time they take in the interpreter:
     NCHW, fp32, two networks vmapped, and super-resolution's fused Lanczos2 loss, all inside.)"""
-    problems = _two_problems()
+    problems = _problems()
     with backends.variant("triton", channels_last_bf16=frozenset({"cpu", "cuda"}), vectorised=frozenset()):
         plan = dataclasses.replace(backends.resolve("triton", "bf16", CPU), compile=False)
         built, zs = fast_step.build_nets(problems, TINY_PRESET, [1, 2])
