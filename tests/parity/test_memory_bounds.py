@@ -95,16 +95,26 @@ def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded, a
                 assert torch.isfinite(step.final_output()).all()
 
 
-def test_the_triton_backends_kernels_stay_inside_their_tensors(monkeypatch):
-    """The triton backend's eager step as CUDA runs it in bf16 (channels_last): the fused conv blocks' GEMMs, the
-    merges, the folds of the input gradients. (Measured too, not kept, for the time they take in the interpreter:
-    NCHW, fp32, two networks vmapped, and super-resolution's fused Lanczos2 loss, all inside.)"""
+@pytest.mark.parametrize(
+    "precision, as_captured", [("bf16", False), ("bf16", True), ("tf32", True)],
+    ids=["bf16-channels-last", "bf16-gpu-tiles-captured", "tf32-gpu-tiles-captured"],
+)  # fmt: skip
+def test_the_triton_backends_kernels_stay_inside_their_tensors(monkeypatch, precision, as_captured):
+    """The triton backend's eager step as CUDA runs it: the fused conv blocks' GEMMs, the merges, the folds of the
+    input gradients. bf16-channels-last: one network at a time, channels_last. *-gpu-tiles-captured: the tiles a GPU
+    runs (configs.HOPPER: 128 x 128 GEMM tiles, not the interpreter's 64 x 16), two networks vmapped (NCHW, as
+    grouped convolutions stay), the captured step's graph-safe branches and the final forward. (Measured too, not
+    kept, for the time they take in the interpreter: fp32, and super-resolution's fused Lanczos2 loss, all inside.)"""
     problems = _problems()
-    with backends.variant("triton", channels_last_bf16=frozenset({"cpu", "cuda"}), vectorised=frozenset()):
-        plan = dataclasses.replace(backends.resolve("triton", "bf16", CPU), compile=False)
+    tiles = configs.forced_tiles(configs.HOPPER) if as_captured else contextlib.nullcontext()
+    vectorised = frozenset({"cpu", "cuda"} if as_captured else ())
+    with tiles, backends.variant("triton", channels_last_bf16=frozenset({"cpu", "cuda"}), vectorised=vectorised):
+        plan = dataclasses.replace(backends.resolve("triton", precision, CPU), compile=False)
         built, zs = fast_step.build_nets(problems, TINY_PRESET, [1, 2])
-        step = fast_step.FastStep(built, zs, problems, TINY_PRESET, CPU, [1, 2], 2, plan)
-        assert step.runner.channels_last
+        step = fast_step.FastStep(built, zs, problems, TINY_PRESET, CPU, [1, 2], 2, plan, graph_safe=as_captured)
+        assert step.runner.vectorised == as_captured and step.runner.channels_last == (not as_captured)
         with memory_bounds(monkeypatch):
             step()
             step()
+            if as_captured:
+                assert torch.isfinite(step.final_output()).all()
