@@ -282,6 +282,27 @@ def _triton_against_the_rest(rows: list[dict]) -> str:
     )
 
 
+def memory_against_estimate(tables: dict[str, list[dict]]) -> list[str]:
+    """restore()'s memory estimate of each step measured (by the harness step that measured it) beside its peaks:
+    after the warm-up (what the fit holds: parameters, Adam's state, the CUDA graph's pool) and over the whole fit
+    (with cuDNN's algorithm search, which takes what workspace the allocator gives it): the figures to hold
+    memory.py's MARGIN and FIXED against. On a CPU the peaks are the process's resident set."""
+    rows = [(step, r) for step, table in tables.items() for r in table
+            if r.get("memory_estimate_mib") and r.get("steady_peak_memory_mib")]  # fmt: skip
+    if not rows:
+        return []
+    lines = ["\n## Memory: restore()'s estimate against the measured peaks (MiB)\n"]
+    lines += ["| step | path | estimate | peak after warm-up | peak of the fit | after warm-up / estimate |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for step, r in rows:
+        steady, estimate = r["steady_peak_memory_mib"], r["memory_estimate_mib"]
+        lines.append(
+            f"| {step} | {r['method']} {r['precision']}, {r['size']} px, batch {r['batch']} | {estimate:.0f} "
+            f"| {steady:.0f} | {r['peak_memory_mib']:.0f} | {steady / estimate:.2f} |"
+        )
+    return lines
+
+
 def headline(work: Path) -> int:
     """headline.md: issue 12's targets against what the steps measured."""
     from dipfast.bench.report import start_up
@@ -340,6 +361,7 @@ def headline(work: Path) -> int:
     lines.append(_triton_against_the_rest(_ok_rows(work / "triton" / "throughput.json")))
     steps = ("throughput", "batch", "triton", "compile")
     lines += variants(*(_ok_rows(work / step / "throughput.json") for step in steps))
+    lines += memory_against_estimate({step: _ok_rows(work / step / "throughput.json") for step in steps})
     cold = work / "start-up" / "cold_start.md"  # the start-up step's parts, native against its parallel compile
     if cold.is_file():
         lines += ["", cold.read_text().replace("## ", "## Start-up step: ", 1).rstrip()]

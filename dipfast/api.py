@@ -142,12 +142,14 @@ def restore(
         key = (problem.input_shape, problem.out_size, problem.n_channels)
         buckets.setdefault(key, []).extend((k, r) for r in range(restarts))
     fits: dict[tuple[int, int], engine.Fit] = {}
+    estimates: dict[int, int] = {}  # image -> bytes, memory's estimate of the step (all its networks) that fits it
     prepared = time.perf_counter() - called
     for (input_shape, _, n_channels), members in buckets.items():
         n_networks = len(members) if plan.fast else 1
-        memory.check_fits(
+        need = memory.check_fits(
             preset_obj.net, input_shape[0], n_channels, input_shape[1:], n_networks, plan.precision, dev, stop_rule
         )
+        estimates.update((k, need) for k, _ in members)
         try:
             done = engine.fit_many(
                 [problems[k] for k, _ in members],
@@ -175,6 +177,8 @@ def restore(
         for k in range(len(inputs))
     ]
     results = _with_prepare(results, prepared)
+    for k, result in enumerate(results):  # beside the peak a GPU measures (dipfast bench throughput)
+        result.extras["memory_estimate_mib"] = estimates[k] / memory.MIB
     return results if batch else results[0]
 
 

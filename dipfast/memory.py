@@ -21,6 +21,7 @@ from dipfast import nets
 from dipfast.errors import InputError
 
 GIB = 2**30
+MIB = 2**20
 MARGIN = 1.5  # allocator slack, workspaces, the final output's forward
 # Once per process, whatever the size: on the CPU oneDNN's primitive caches and thread pools and the native
 # ops (above the 155 MiB that the growth at 64, 96 and 192 px puts them at); on CUDA an allowance for the

@@ -16,6 +16,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import dipfast
+from dipfast import memory
 from dipfast.backends import AUTO
 from dipfast.cuda_graph import first_cause
 from dipfast.errors import GraphCaptureError
@@ -603,3 +604,14 @@ def test_a_bad_input_leaves_the_rng_alone(np_rng):
     with pytest.raises(dipfast.InputError):
         dipfast.restore(random_image(np_rng, 8, 8, 3), "inpaint", mask=np.ones((3, 3), bool), iters=1, **FAST)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_each_result_names_the_memory_estimate_of_the_step_that_fitted_it(np_rng):
+    """Two same-size images and one of another size: two steps, the first of two networks (beside the peak that
+    dipfast bench throughput measures)."""
+    images = [random_image(np_rng, 16, 16), random_image(np_rng, 16, 16), random_image(np_rng, 24, 16)]
+    results = dipfast.restore(images, iters=1, backend="native", precision="fp32", **FAST)
+    pair, single = (memory.estimate_bytes(TINY_NET, 4, 3, size, n, "fp32") / memory.MIB for size, n in
+                    (((16, 16), 2), ((24, 16), 1)))  # fmt: skip
+    assert [r.extras["memory_estimate_mib"] for r in results] == [pair, pair, single]
+    assert pair > single

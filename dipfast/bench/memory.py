@@ -7,6 +7,10 @@
   peak minus the RSS before the block; memory the allocator kept from earlier blocks is
   reused, so the growth can understate a block's working set, never overstate it.
 - elsewhere: resource.getrusage ru_maxrss, the peak of the whole process so far, labelled so.
+
+steady() marks the end of a fit's warm-up: the peak from there on is reported beside the block's
+("steady_peak_mib": CUDA and Linux only), without the warm-up's transients (cuDNN's algorithm search
+takes whatever workspace the allocator will give it, and hands it back).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self.kind = None
         self.before = self.peak = None
+        self.warm_peak = self.steady_peak = None  # the peak up to steady(), and from it on
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -60,17 +65,32 @@ class PeakMemory:
             self.before = None
         return self
 
-    def __exit__(self, *exc):
+    def _resettable_peak(self) -> int | None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.before is not None:
-            self.peak = _status_kib("VmHWM") * 1024
+            return torch.cuda.max_memory_allocated(self.device)
+        return _status_kib("VmHWM") * 1024 if self.before is not None else None
+
+    def steady(self) -> None:
+        """The warm-up ends here: what follows is also measured alone."""
+        self.warm_peak = self._resettable_peak()
+        if self.warm_peak is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            _reset_hwm()
+
+    def __exit__(self, *exc):
+        self.peak = self._resettable_peak()
+        if self.peak is None:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             self.peak = rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+        elif self.warm_peak is not None:
+            self.steady_peak, self.peak = self.peak, max(self.peak, self.warm_peak)
         return False
 
     def result(self) -> dict:
         growth = None if self.before is None else max(self.peak - self.before, 0) / MIB
-        return {"kind": self.kind, "peak_mib": self.peak / MIB, "growth_mib": growth}
+        steady = None if self.steady_peak is None else self.steady_peak / MIB
+        return {"kind": self.kind, "peak_mib": self.peak / MIB, "growth_mib": growth, "steady_peak_mib": steady}

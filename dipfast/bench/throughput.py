@@ -60,10 +60,11 @@ def batch_mode(method: str, batch: int) -> str:
 def restore_in_blocks(
     case: Case, method: str, precision: str, *, blocks: int, iters: int, net, device, seed, on_block, images: int = 1,
     early_stop=None,
-) -> None:  # fmt: skip
+):  # fmt: skip
     """One restore() of `images` copies of the case for `blocks` x `iters` iterations, calling on_block() at
     each K-iteration read-back (after torch.cuda.synchronize on CUDA): the clock of every block-timed suite.
-    early_stop: an EarlyStopSpec to run (stop='auto') instead of the case's fixed count."""
+    early_stop: an EarlyStopSpec to run (stop='auto') instead of the case's fixed count. Returns restore()'s
+    Result (a list of them for images > 1)."""
     stop = {"stop": "auto", "early_stop": early_stop} if early_stop is not None else {}
 
     def callback(_progress) -> None:
@@ -71,7 +72,7 @@ def restore_in_blocks(
         on_block()
 
     with runs.method_context(method):
-        api.restore(
+        return api.restore(
             case.observed if images == 1 else [case.observed] * images,
             **{**case.restore_kwargs(), **stop},
             iters=blocks * iters,
@@ -87,11 +88,18 @@ def restore_in_blocks(
 
 
 def _blocks_reference(
-    case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed, images: int = 1
-) -> list[float]:
-    """Block durations (s) of one restore() call (of `images` copies of the case in one step)."""
+    case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed, images: int = 1, on_warm=None
+) -> tuple[list[float], float]:
+    """Block durations (s) of one restore() call (of `images` copies of the case in one step), and restore()'s
+    memory estimate of its step (MiB). on_warm() at the end of the warm-up blocks."""
     stamps = []
-    restore_in_blocks(
+
+    def on_block() -> None:
+        if on_warm is not None and len(stamps) == warm_blocks - 1:  # the warm-up ends with this block; untimed
+            on_warm()
+        stamps.append(time.perf_counter())
+
+    result = restore_in_blocks(
         case,
         config.method,
         config.precision,
@@ -101,12 +109,16 @@ def _blocks_reference(
         device=device,
         seed=seed,
         images=images,
-        on_block=lambda: stamps.append(time.perf_counter()),
+        on_block=on_block,
     )
-    return [b - a for a, b in zip(stamps[warm_blocks - 1 :], stamps[warm_blocks:])]
+    first = result[0] if isinstance(result, list) else result
+    return [b - a for a, b in zip(stamps[warm_blocks - 1 :], stamps[warm_blocks:])], first.extras["memory_estimate_mib"]
 
 
-def _blocks_original(case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed) -> list[float]:
+def _blocks_original(
+    case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed, on_warm=None
+) -> tuple[list[float], None]:
+    """Block durations (s) of the original loop (no memory estimate: it is not restore()'s step)."""
     from dipfast.bench.original_loop import OriginalLoop
 
     if not runs.applies(config.method, config.precision):
@@ -129,29 +141,35 @@ def _blocks_original(case: Case, config: Config, *, iters, warm_blocks, repeats,
     def on_step(done: int) -> bool:
         if done % iters == 0:
             runs.cuda_sync(device)
+            if on_warm is not None and len(stamps) == warm_blocks - 1:  # as in _blocks_reference
+                on_warm()
             stamps.append(time.perf_counter())
         return False
 
     loop.run((warm_blocks + repeats) * iters, on_step)
     loop.close()
-    return [b - a for a, b in zip(stamps[warm_blocks - 1 :], stamps[warm_blocks:])]
+    return [b - a for a, b in zip(stamps[warm_blocks - 1 :], stamps[warm_blocks:])], None
 
 
 def measure(
     config: Config, case: Case, *, iters: int, repeats: int, warmup: int, net: str, device, seed: int = 0
 ) -> dict:
-    """Samples (image-iterations/s, one per repeat) and the peak memory of one configuration."""
+    """Samples (image-iterations/s, one per repeat), the peak memory of one configuration (of the whole fit, and
+    after its warm-up where one fit runs) and restore()'s estimate of it."""
     warm_blocks = max(1, math.ceil(warmup / iters))
     common = dict(iters=iters, warm_blocks=warm_blocks, repeats=repeats, net=net, device=device)
+    mode = batch_mode(config.method, config.batch)
     with PeakMemory(device) as mem:
-        if batch_mode(config.method, config.batch) == "batched":  # one restore() of N images
-            one = _blocks_reference(case, config, seed=seed, images=config.batch, **common)
+        on_warm = mem.steady if mode != "sequential" else None  # N fits in turn: each warms up after the first
+        if mode == "batched":  # one restore() of N images
+            one, estimate = _blocks_reference(case, config, seed=seed, images=config.batch, on_warm=on_warm, **common)
             samples = [config.batch * iters / t for t in one]
         else:  # one fit, or N fits one after another
             blocks = _blocks_original if config.method in runs.ORIGINAL_LOOPS else _blocks_reference
-            per_fit = [blocks(case, config, seed=seed + k, **common) for k in range(config.batch)]
-            samples = [config.batch * iters / sum(fit[r] for fit in per_fit) for r in range(repeats)]
-    return {"samples": samples, "memory": mem.result()}
+            fits = [blocks(case, config, seed=seed + k, on_warm=on_warm, **common) for k in range(config.batch)]
+            samples = [config.batch * iters / sum(fit[r] for fit, _ in fits) for r in range(repeats)]
+            estimate = fits[0][1]
+    return {"samples": samples, "memory": {**mem.result(), "estimate_mib": estimate}}
 
 
 def _summary(samples: list[float]) -> dict:
@@ -270,6 +288,7 @@ def _report(configs, samples, memory, failed, done, net, settings) -> dict:
             row.update(_summary(samples[c]))
             mem = memory[c]
             row.update(peak_memory_mib=mem["peak_mib"], memory_growth_mib=mem["growth_mib"], memory_kind=mem["kind"])
+            row.update(steady_peak_memory_mib=mem["steady_peak_mib"], memory_estimate_mib=mem["estimate_mib"])
         rows.append(row)
     for row in rows:  # the headline: each method against each original loop at the same size and batch
         for loop, key in (

@@ -120,6 +120,7 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         headline = tar.extractfile("./headline.md").read().decode()
         assert f"| start-up, cold: {ttp_runs[1]['method']} " in headline and " s (prepare " in headline
         assert "## Start-up step: Cold start by part" in headline and "| native-parallel-compile | " in headline
+        assert "## Memory: restore()'s estimate against the measured peaks (MiB)" in headline
 
 
 def test_the_headline_sets_each_variant_beside_its_backend():
@@ -225,6 +226,21 @@ def test_the_ops_table_joins_its_runs_and_says_which_did_not_finish(tmp_path):
     text = out.read_text()
     assert "Missing: benchmarks.json" in text
     assert "| test_batch_norm_act_op_full[nchw-bf16-triton-c128-512px] | 0.500 | 2100 GB/s | 5 | cuda-graph |" in text
+
+
+def test_the_headline_sets_the_memory_estimate_beside_the_peaks():
+    """Rows without an estimate (the original loops) or without a peak after the warm-up (fits in turn) are left
+    out; the ratio is the steady peak's to the estimate."""
+    table = bench_script("gpu_quick_steps").memory_against_estimate
+
+    def row(method, estimate, steady, peak, batch=1):
+        return {"method": method, "precision": "bf16", "size": 512, "batch": batch, "memory_estimate_mib": estimate,
+                "steady_peak_memory_mib": steady, "peak_memory_mib": peak}  # fmt: skip
+
+    lines = table({"throughput": [row("native", 3500.0, 2800.0, 9300.0), row("original-loop", None, 900.0, 950.0)],
+                   "batch": [row("native", 9000.0, None, 20000.0, batch=4)]})  # fmt: skip
+    assert lines[-1] == "| throughput | native bf16, 512 px, batch 1 | 3500 | 2800 | 9300 | 0.80 |" and len(lines) == 4
+    assert table({"throughput": [row("original-loop", None, 900.0, 950.0)]}) == []
 
 
 def test_gpu_quick_runs_the_steps_in_the_order_given_and_a_cut_step_ends_at_its_limit(tmp_path):

@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from dipfast import memory
 from dipfast.bench import runs
 from dipfast.bench.cli import main
 from dipfast.bench.throughput import run_throughput
@@ -53,6 +54,18 @@ def test_throughput_json_schema_markdown_and_plot(throughput_report):
         batched = runs.backend_of(r["method"]) in runs.api.BATCHED_BACKENDS  # native-eager: native's step
         mode = "single" if r["batch"] == 1 else "batched" if batched else "sequential"
         assert r["batch_mode"] == mode
+        # the peak after the warm-up where one fit runs, within the fit's; restore()'s estimate beside it
+        if mode == "sequential":
+            assert r["steady_peak_memory_mib"] is None
+        else:
+            assert 0 < r["steady_peak_memory_mib"] <= r["peak_memory_mib"]
+        if r["method"] in runs.ORIGINAL_LOOPS:
+            assert r["memory_estimate_mib"] is None
+        else:
+            networks = r["batch"] if mode == "batched" else 1
+            assert r["memory_estimate_mib"] == pytest.approx(
+                memory.estimate_bytes(runs.TINY_NET, 4, 3, (32, 32), networks, r["precision"]) / memory.MIB
+            )
         base = next(
             b for b in rows if b["method"] == "original-loop" and b["batch"] == r["batch"] and b["status"] == "ok"
         )
@@ -152,3 +165,5 @@ def test_throughput_on_cuda_reads_cuda_memory_and_names_the_gpu(tmp_path):
     for r in rep["rows"]:
         assert r["status"] == "ok" and r["its_median"] > 0
         assert r["memory_kind"] == "cuda max_memory_allocated" and r["peak_memory_mib"] > 0
+        assert 0 < r["steady_peak_memory_mib"] <= r["peak_memory_mib"]
+        assert (r["memory_estimate_mib"] is None) == (r["method"] == "original-loop")
