@@ -19,6 +19,7 @@ from _memory_bounds import memory_bounds
 from dipfast import backends, engine, fast_step
 from dipfast.early_stop import EarlyStopSpec
 from dipfast.kernels import configs
+from dipfast.operators import Lanczos2Decimation
 
 pytestmark = [
     pytest.mark.parity,
@@ -27,9 +28,16 @@ pytestmark = [
 CPU = torch.device("cpu")
 
 
-def _problems(n: int = 2) -> list[engine.Problem]:
-    """Denoising at 9 x 7: odd, so that the reductions' last programs have rows to spare."""
+def _problems(n: int = 2, sr: bool = False) -> list[engine.Problem]:
+    """Denoising at 9 x 7: odd, so that the reductions' last programs have rows to spare. sr: super-resolution x4
+    of 5 x 3 to 20 x 12 (the Lanczos2 decimation's loss)."""
     rng = torch.Generator().manual_seed(0)
+    if sr:
+        return [
+            engine.Problem(input_shape=(4, 20, 12), z=None, out_size=(20, 12), n_channels=3,
+                           y=torch.rand(1, 3, 5, 3, generator=rng), operator=Lanczos2Decimation(4))
+            for _ in range(n)
+        ]  # fmt: skip
     return [
         engine.Problem(input_shape=(4, 9, 7), z=None, out_size=(9, 7), n_channels=3,
                        y=torch.rand(1, 3, 9, 7, generator=rng), target=torch.rand(1, 3, 9, 7, generator=rng))
@@ -96,16 +104,18 @@ def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded, a
 
 
 @pytest.mark.parametrize(
-    "precision, as_captured", [("bf16", False), ("bf16", True), ("tf32", True)],
-    ids=["bf16-channels-last", "bf16-gpu-tiles-captured", "tf32-gpu-tiles-captured"],
+    "precision, as_captured, sr", [("bf16", False, False), ("bf16", True, False), ("tf32", True, False),
+                                   ("bf16", True, True)],
+    ids=["bf16-channels-last", "bf16-gpu-tiles-captured", "tf32-gpu-tiles-captured", "sr-bf16-gpu-tiles-captured"],
 )  # fmt: skip
-def test_the_triton_backends_kernels_stay_inside_their_tensors(monkeypatch, precision, as_captured):
+def test_the_triton_backends_kernels_stay_inside_their_tensors(monkeypatch, precision, as_captured, sr):
     """The triton backend's eager step as CUDA runs it: the fused conv blocks' GEMMs, the merges, the folds of the
     input gradients. bf16-channels-last: one network at a time, channels_last. *-gpu-tiles-captured: the tiles a GPU
     runs (configs.HOPPER: 128 x 128 GEMM tiles, not the interpreter's 64 x 16), two networks vmapped (NCHW, as
-    grouped convolutions stay), the captured step's graph-safe branches and the final forward. (Measured too, not
-    kept, for the time they take in the interpreter: fp32, and super-resolution's fused Lanczos2 loss, all inside.)"""
-    problems = _problems()
+    grouped convolutions stay), the captured step's graph-safe branches and the final forward; sr-*: with
+    super-resolution's fused Lanczos2 decimation + MSE loss, which no GPU has run. (Measured too, not kept, for the
+    time it takes in the interpreter: fp32, inside.)"""
+    problems = _problems(sr=sr)
     tiles = configs.forced_tiles(configs.HOPPER) if as_captured else contextlib.nullcontext()
     vectorised = frozenset({"cpu", "cuda"} if as_captured else ())
     with tiles, backends.variant("triton", channels_last_bf16=frozenset({"cpu", "cuda"}), vectorised=vectorised):
@@ -113,6 +123,7 @@ def test_the_triton_backends_kernels_stay_inside_their_tensors(monkeypatch, prec
         built, zs = fast_step.build_nets(problems, TINY_PRESET, [1, 2])
         step = fast_step.FastStep(built, zs, problems, TINY_PRESET, CPU, [1, 2], 2, plan, graph_safe=as_captured)
         assert step.runner.vectorised == as_captured and step.runner.channels_last == (not as_captured)
+        assert (step.lanczos2_mse is not None) == sr
         with memory_bounds(monkeypatch):
             step()
             step()
