@@ -165,5 +165,6 @@ def test_throughput_on_cuda_reads_cuda_memory_and_names_the_gpu(tmp_path):
     for r in rep["rows"]:
         assert r["status"] == "ok" and r["its_median"] > 0
         assert r["memory_kind"] == "cuda max_memory_allocated" and r["peak_memory_mib"] > 0
-        assert 0 < r["steady_peak_memory_mib"] <= r["peak_memory_mib"]
+        if r["batch_mode"] != "sequential":  # one fit: its peak after the warm-up
+            assert 0 < r["steady_peak_memory_mib"] <= r["peak_memory_mib"]
         assert (r["memory_estimate_mib"] is None) == (r["method"] == "original-loop")
