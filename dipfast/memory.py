@@ -27,7 +27,7 @@ MARGIN = 1.5  # allocator slack, workspaces, the final output's forward
 # ops (above the 155 MiB that the growth at 64, 96 and 192 px puts them at); on CUDA an allowance for the
 # cuDNN/cuBLAS workspaces and the CUDA graph's pool, not yet measured: the GPU window's headline.md sets each
 # throughput row's estimate beside its peaks (dipfast bench throughput's steady_peak_memory_mib).
-FIXED = {"cpu": 256 * 2**20, "cuda": 512 * 2**20}
+FIXED = {"cpu": 256 * MIB, "cuda": 512 * MIB}
 # Above this many pixels the shape-only forward itself gets slow (minutes at 30000 x 30000), and a
 # fully convolutional net's saved activations grow with the area: they are measured at a size of
 # the same shape and this area, and scaled.

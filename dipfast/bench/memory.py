@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-MIB = 2**20
+from dipfast.memory import MIB
 
 
 def _status_kib(field: str) -> int | None:
