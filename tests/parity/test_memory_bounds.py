@@ -33,17 +33,20 @@ def _problems(n: int = 2, sr: bool = False) -> list[engine.Problem]:
     """Denoising at 9 x 7: odd, so that the reductions' last programs have rows to spare. sr: super-resolution x4
     of 5 x 3 to 20 x 12 (the Lanczos2 decimation's loss)."""
     rng = torch.Generator().manual_seed(0)
-    if sr:
-        return [
-            engine.Problem(input_shape=(4, 20, 12), z=None, out_size=(20, 12), n_channels=3,
-                           y=torch.rand(1, 3, 5, 3, generator=rng), operator=Lanczos2Decimation(4))
-            for _ in range(n)
-        ]  # fmt: skip
-    return [
-        engine.Problem(input_shape=(4, 9, 7), z=None, out_size=(9, 7), n_channels=3,
-                       y=torch.rand(1, 3, 9, 7, generator=rng), target=torch.rand(1, 3, 9, 7, generator=rng))
-        for _ in range(n)
-    ]  # fmt: skip
+    (h, w), scale = ((20, 12), 4) if sr else ((9, 7), 1)
+
+    def problem() -> engine.Problem:
+        y = torch.rand(1, 3, h // scale, w // scale, generator=rng)
+        if sr:
+            return engine.Problem((4, h, w), None, (h, w), 3, y=y, operator=Lanczos2Decimation(scale))
+        return engine.Problem((4, h, w), None, (h, w), 3, y=y, target=torch.rand(1, 3, h, w, generator=rng))
+
+    return [problem() for _ in range(n)]
+
+
+def _tiles(as_on_a_gpu: bool):
+    """The tiles a GPU runs (configs.HOPPER) forced over the interpreter's, or the interpreter's."""
+    return configs.forced_tiles(configs.HOPPER) if as_on_a_gpu else contextlib.nullcontext()
 
 
 @functools.cache
@@ -81,7 +84,6 @@ def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded, a
     networks, and the final forward after the loop."""
     n = 3 if as_captured else 2
     problems = _problems(n)
-    tiles = configs.forced_tiles(configs.HOPPER) if as_captured else contextlib.nullcontext()
     cuda_choices = dict(
         blocks={"cpu": "padded", "cuda": "padded"},
         channels_last_bf16=frozenset(),
@@ -90,7 +92,7 @@ def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded, a
         vectorised=frozenset({"cpu", "cuda"}),
     )
     preset = dataclasses.replace(TINY_PRESET, iterations=4)
-    with tiles, backends.variant("native", **cuda_choices):
+    with _tiles(as_captured), backends.variant("native", **cuda_choices):
         plan = backends.resolve("native", "bf16", CPU)  # CUDA's auto
         seeds = list(range(1, n + 1))
         built, zs = fast_step.build_nets(problems, preset, seeds)
@@ -117,9 +119,9 @@ def test_the_triton_backends_kernels_stay_inside_their_tensors(monkeypatch, prec
     super-resolution's fused Lanczos2 decimation + MSE loss, which no GPU has run. (Measured too, not kept, for the
     time it takes in the interpreter: fp32, inside.)"""
     problems = _problems(sr=sr)
-    tiles = configs.forced_tiles(configs.HOPPER) if as_captured else contextlib.nullcontext()
     vectorised = frozenset({"cpu", "cuda"} if as_captured else ())
-    with tiles, backends.variant("triton", channels_last_bf16=frozenset({"cpu", "cuda"}), vectorised=vectorised):
+    choices = dict(channels_last_bf16=frozenset({"cpu", "cuda"}), vectorised=vectorised)
+    with _tiles(as_captured), backends.variant("triton", **choices):
         plan = dataclasses.replace(backends.resolve("triton", precision, CPU), compile=False)
         built, zs = fast_step.build_nets(problems, TINY_PRESET, [1, 2])
         step = fast_step.FastStep(built, zs, problems, TINY_PRESET, CPU, [1, 2], 2, plan, graph_safe=as_captured)
