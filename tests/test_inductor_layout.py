@@ -32,10 +32,11 @@ def lowered(monkeypatch):
         seen.append((bool(kwargs.get("is_backward")), bool(self.layout_opt)))
 
     monkeypatch.setattr(inductor_graph.GraphLowering, "__init__", recording_init)
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    # torch's own patch(), not monkeypatch: pytest 9.2's undo deletes an attribute the module's __dict__ lacked,
+    # and deleting a torch config entry hides it for the rest of the process
     torch._dynamo.reset()
-    yield seen
+    with inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield seen
     torch._dynamo.reset()
 
 
