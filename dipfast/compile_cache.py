@@ -24,14 +24,20 @@ CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "di
 
 def op_sources() -> list[Path]:
     """The files whose contents define dipfast's torch ops: the Triton ops' modules, the native ops'
-    Python side (fakes, vmap rules) and the compiled library with their C++ autograd."""
+    Python side (fakes, vmap rules), and their C++ autograd: the ahead-of-time library where setup.py built
+    one, the C++ sources where they are installed (the per-user build compiles those)."""
+    from dipfast.native import loader
+
     package = Path(__file__).parent
     # found, not imported (an import here would close a cycle through the package); an editable install
     # maps dipfast.kernels to the repository's kernels/
     kernels = importlib.util.find_spec("dipfast.kernels").submodule_search_locations
     folders = [*map(Path, kernels), package / "native"]
     files = [f for folder in folders for f in folder.glob("*.py")]
-    files += package.glob("_native*.so")
+    if (library := loader.aot_library()) is not None:
+        files.append(Path(library))
+    if (cpp := loader.source_dir()) is not None:
+        files += [f for f in cpp.iterdir() if f.suffix in (".cpp", ".h")]
     return sorted(files)
 
 

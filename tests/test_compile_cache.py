@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 import dipfast
 import dipfast.kernels
 from dipfast import backends, compile_cache
+from dipfast.native import loader
 
 
 def _fit_step(x, w):
@@ -63,7 +64,16 @@ def test_every_module_that_registers_a_dipfast_op_is_hashed():
     assert registering, "no op registrations found: the search is wrong"
     assert registering <= set(compile_cache.op_sources())
 
-    assert any(f.suffix == ".so" for f in compile_cache.op_sources()), "the native library's C++ autograd"
+
+def test_the_native_ops_cpp_autograd_is_hashed_however_it_was_built():
+    """The C++ autograd decides the native ops' backward: the ahead-of-time library where setup.py built one,
+    the sources the per-user build compiles otherwise (a CUDA torch with DIPFAST_NO_NATIVE=1, as on a GPU box)."""
+    hashed = set(compile_cache.op_sources())
+    library, sources = loader.aot_library(), loader.source_dir()
+    assert library is not None or sources is not None, "neither the library nor the C++ sources were found"
+    assert library is None or Path(library) in hashed
+    assert sources is None or {sources / "autograd.cpp", sources / "common.h"} <= hashed
+
 
 @pytest.mark.parametrize("users_tag", ["", "mine"])
 def test_compile_settings_tag_once_and_restore(users_tag):
