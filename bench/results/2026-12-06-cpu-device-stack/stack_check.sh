@@ -18,8 +18,9 @@ python -m venv "$venv"
 "$venv/bin/pip" freeze | grep -iE "^(torch|triton|pytest)==" > "$out/versions.txt"
 (cd "$clone" && PATH=$venv/bin:$PATH python -m pytest -q -n 2 -p no:cacheprovider -rfE > "$out/suite.txt" 2>&1)
 echo "suite: $(tail -1 "$out/suite.txt")"
+here=$(python -c "import triton; print(triton.__version__)")  # this machine's
 for mode in "" --step; do  # the triton backend's GEMM kernels, then the native CUDA step's kernels
     name=${mode:+step}; name=${name:-gemm}
     (cd "$clone" && "$venv/bin/python" bench/sm90_codegen.py $mode --size 512 --out "$out/$name-triton-$triton")
-    (cd "$repo" && python bench/sm90_codegen.py $mode --size 512 --out "$out/$name-here")
+    (cd "$repo" && python bench/sm90_codegen.py $mode --size 512 --out "$out/$name-triton-$here")
 done > "$out/codegen.log" 2>&1
