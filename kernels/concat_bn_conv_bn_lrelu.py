@@ -168,6 +168,7 @@ if _HAS_TRITON:
         w_row). FLAT: chunks of (tap, channel) pairs (_flat_columns), for a source narrower than a chunk; else one
         loop over (tap, channel chunk), each chunk contiguous and aligned in the source and in its weight rows."""
         if FLAT:
+            # one trip for DIP's 4-channel skip: pipelined, it held three stages of gather indices (spills, triton 3.6)
             for t in tl.range(tl.cdiv(K * K * c_src, BLOCK_K), num_stages=1):
                 off_h, off_w, c, tap, mask_c = _flat_columns(t, c_src, K, PAD, BLOCK_K)
                 ih = _reflect(oh[:, None] + off_h[None, :], in_h)  # reflection pad folded into the index
