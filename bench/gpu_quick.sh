@@ -16,7 +16,7 @@
 #                 H200's two calls; the CPU cases of the tests and parity steps run their eager twins).
 #                 With DIPFAST_GPU_QUICK_NATIVE=1 they are built against the machine's torch, and where the
 #                 install fails so, it runs again without them; PYTHONPATH as well                   5
-#   environment   GPU, driver, torch/CUDA/cuDNN/triton versions, commit, native ops, nvidia-smi     5
+#   environment   GPU, driver, torch/CUDA/cuDNN/triton and test tools' versions, commit, native ops, nvidia-smi  5
 #   throughput    512 x 512, batch 1, default net, in one harness run: native bf16 / tf32 / fp32 (on CUDA
 #                 its BatchNorm + LeakyReLU by the Triton kernels that write the next conv's pad), the
 #                 original loop as the paper ran it (IEEE fp32) and under today's PyTorch default (TF32

@@ -56,6 +56,25 @@ def first_use_seconds() -> dict:
     return json.loads(done.stdout)
 
 
+# the packages a window's runs use beside torch and triton (machine_info records those), so that stack_check.sh
+# can rebuild the machine's stack on a CPU (bench/results/2026-12-06-cpu-device-stack/: pytest 9.2 broke
+# pytest-benchmark before 5.3.1)
+TOOLS = ("numpy", "pytest", "pytest-benchmark", "pytest-xdist", "pytest-timeout", "hypothesis", "nvidia-cudnn-frontend")
+
+
+def tool_versions() -> dict[str, str | None]:
+    """{distribution: its installed version, or None}."""
+    from importlib import metadata
+
+    versions = {}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def environment(out: Path) -> int:
     """environment.json (dipfast.bench.machine's record, the native ops, the kernels, the first-use costs) and
     environment.txt (the same, then nvidia-smi)."""
@@ -82,6 +101,7 @@ def environment(out: Path) -> int:
     except Exception as e:  # noqa: BLE001
         info["kernels_path"] = f"{type(e).__name__}: {e}"
     info["first_use_seconds"] = first_use
+    info["tools"] = tool_versions()
     smi = shutil.which("nvidia-smi")
     text = "\n".join(f"{k}: {v}" for k, v in info.items()) + "\n"
     if smi:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import tarfile
 
+import pytest
 from PIL import Image
 
 from ._suites import ROOT, bench_script
@@ -82,8 +83,10 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         def loaded(name: str) -> dict:
             return json.load(tar.extractfile(f"./{name}"))
 
-        first_use = loaded("environment/environment.json")["first_use_seconds"]
+        environment = loaded("environment/environment.json")
+        first_use = environment["first_use_seconds"]
         assert list(first_use) == ["import torch", "import dipfast"] and all(v > 0 for v in first_use.values())
+        assert environment["tools"]["pytest"] == pytest.__version__  # this test's own, the script ran its pytest
         rows = loaded("throughput/throughput.json")["rows"]
         paths = {(r["method"], r["precision"]) for r in rows}
         assert {("native", "tf32"), ("native-reference-blocks", "bf16"), ("original-loop-tf32", "tf32")} <= paths
