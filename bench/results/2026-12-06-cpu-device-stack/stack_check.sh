@@ -9,13 +9,13 @@ out=$(realpath -m "$1") torch=${2:-2.11.0} triton=${3:-3.6.0}
 repo=$(git rev-parse --show-toplevel)
 venv=$out/venv clone=$out/clone
 mkdir -p "$out"
-"${PYTHON:-python}" -m venv "$venv"
+"${PYTHON:-python}" -m venv "$venv" || exit 1
 {
     "$venv/bin/pip" install -q "torch==$torch" "triton==$triton" setuptools wheel numpy pillow scikit-image tqdm \
-        matplotlib ninja nvtx ray pytest pytest-benchmark pytest-xdist hypothesis
-    git clone -q "$repo" "$clone"
+        matplotlib ninja nvtx ray pytest pytest-benchmark pytest-xdist hypothesis &&
+    git clone -q "$repo" "$clone" &&
     (cd "$clone" && DIPFAST_NO_NATIVE=1 "$venv/bin/pip" install -q --no-deps --no-build-isolation -e .)
-} > "$out/install.log" 2>&1
+} > "$out/install.log" 2>&1 || { echo "the install failed: $out/install.log"; exit 1; }
 { "$venv/bin/python" --version; "$venv/bin/pip" freeze | grep -iE "^(torch|triton|pytest|numpy)=="; } > "$out/versions.txt"
 (cd "$clone" && PATH=$venv/bin:$PATH python -m pytest -q -n 2 -p no:cacheprovider -rfE > "$out/suite.txt" 2>&1)
 echo "suite: $(tail -1 "$out/suite.txt")"
