@@ -176,6 +176,9 @@ _COMPILE = textwrap.dedent(
             "scalar_loads": sum(1 for op in loads if not re.search(r"\\.v[248]", op)),
             "cp_async": len(re.findall(r"cp\\.async\\.c[ag]", ptx)),
             "wgmma": ptx.count("wgmma.mma_async"),
+            # ptxas's C7515: it waits for each wgmma before the next (non-wgmma code defines their accumulator in a
+            # pipeline stage), so the tensor cores idle while the loads and the conversions run
+            "wgmma_serialized": "C7515" in verbose,
             "load_bytes": widths(loads),
             "store_bytes": widths(re.findall(r"st\\.global[\\w.:]*", ptx)),
             # a tile changing thread layout (2-D or more: a per-channel vector's are a few registers)
@@ -278,8 +281,8 @@ def markdown(rows: list[dict], size: int) -> str:
         f"## sm_90 code of the triton backend's GEMM kernels (bf16, 128 -> 128 3x3 at {size} px; merge 4 + 128 -> 128)",
         "",
         "| op | kernel | layout | tiles (M, N, K), warps, stages | registers | spilled bytes | shared KiB | "
-        "one-element global loads | cp.async | wgmma |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "one-element global loads | cp.async | wgmma | wgmma serialized |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t, o = r["tiles"], r["options"]
@@ -287,7 +290,8 @@ def markdown(rows: list[dict], size: int) -> str:
             f"| {r['op']} | {r['kernel']} | {r['layout']} | "
             f"{t.get('BLOCK_M')} x {t.get('BLOCK_N')} x {t.get('BLOCK_K')}, "
             f"{o.get('num_warps')}, {o.get('num_stages')} | {r['registers']} | {r['spill_bytes']} | "
-            f"{r['shared_bytes'] / 1024:g} | {r['scalar_loads']} | {r['cp_async']} | {r['wgmma']} |"
+            f"{r['shared_bytes'] / 1024:g} | {r['scalar_loads']} | {r['cp_async']} | {r['wgmma']} | "
+            f"{'yes' if r['wgmma_serialized'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 

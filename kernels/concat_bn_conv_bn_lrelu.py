@@ -250,8 +250,8 @@ if _HAS_TRITON:
         DOT_DTYPE: tl.constexpr,  # conv_bn_lrelu._dot_options
         PRECISION: tl.constexpr,
     ):
-        """conv_bn_lrelu's forward GEMM on the merged input, normalised as it is loaded: the skip's K steps, then the
-        deeper branch's, each reading one source (and its weight part) so that its chunks start aligned whatever
+        """conv_bn_lrelu's forward GEMM on the merged input, normalised as it is loaded: the deeper branch's K steps,
+        then the skip's, each reading one source (and its weight part) so that its chunks start aligned whatever
         the other's width."""
         pid_m = tl.program_id(0)
         g = tl.program_id(2)
@@ -266,15 +266,17 @@ if _HAS_TRITON:
         ow = offs_m % in_w
         c_in = c_skip + c_deep
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc = _source_conv(
-            acc, s_ptr, ws_ptr, ws_row, nb, oh, ow, mask_m, co, mask_n, g, c_skip, 0, c_in, in_h, in_w,
-            ss_n, ss_c, ss_h, ss_w, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
-            SKIP_FLAT, K, PAD, BLOCK_K, DOT_DTYPE, PRECISION,
-        )  # fmt: skip
+        # the deeper branch's pipelined loop first, on a fresh accumulator: after the skip's dots, ptxas serialized
+        # its wgmmas (each waited for before the next: bench/results/2026-12-06-cpu-device-stack/)
         acc = _source_conv(
             acc, d_ptr, wd_ptr, wd_row, nb, oh, ow, mask_m, co, mask_n, g, c_deep, c_skip, c_in, in_h, in_w,
             sd_n, sd_c, sd_h, sd_w, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
             False, K, PAD, BLOCK_K, DOT_DTYPE, PRECISION,
+        )  # fmt: skip
+        acc = _source_conv(
+            acc, s_ptr, ws_ptr, ws_row, nb, oh, ow, mask_m, co, mask_n, g, c_skip, 0, c_in, in_h, in_w,
+            ss_n, ss_c, ss_h, ss_w, mean_ptr, rstd_ptr, mg_ptr, mb_ptr,
+            SKIP_FLAT, K, PAD, BLOCK_K, DOT_DTYPE, PRECISION,
         )  # fmt: skip
         y_offs = (nb * sy_n + oh * sy_h + ow * sy_w)[:, None] + co[None, :] * sy_c
         _conv_epilogue(

@@ -66,6 +66,14 @@ def test_channels_last_merge_kernels_pipeline_the_deeper_branch_and_do_not_spill
     assert cl["cp_async"] > 0 and cl["spill_bytes"] == 0, cl
 
 
+def test_no_gemm_kernel_serializes_its_wgmma(rows):
+    """ptxas's C7515: each wgmma waited for before the next, the tensor cores idle through the loads. It took the
+    merge forward in both layouts (and under triton 3.6 too) while the skip's dots ran before the deeper branch's
+    pipelined loop on the same accumulator."""
+    serialized = [key for key, row in rows.items() if row["wgmma_serialized"]]
+    assert not serialized, serialized
+
+
 def test_the_merge_input_gradient_compiles_as_the_conv_s_dgrad(rows):
     """conv_bn_lrelu's dgrad on the merge's 4 + 128 channels, one launch per source: the weight's rows padded to 16
     channels (weight_rows) and d(merged)'s channels too (padded_gradient), the group offset 0 for one group, so its
