@@ -56,23 +56,10 @@ def first_use_seconds() -> dict:
     return json.loads(done.stdout)
 
 
-# the packages a window's runs use beside torch and triton (machine_info records those), so that stack_check.sh
-# can rebuild the machine's stack on a CPU (bench/results/2026-12-06-cpu-device-stack/: pytest 9.2 broke
-# pytest-benchmark before 5.3.1)
-TOOLS = ("numpy", "pytest", "pytest-benchmark", "pytest-xdist", "pytest-timeout", "hypothesis", "nvidia-cudnn-frontend")
-
-
-def tool_versions() -> dict[str, str | None]:
-    """{distribution: its installed version, or None}."""
-    from importlib import metadata
-
-    versions = {}
-    for name in TOOLS:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+# the packages a window's runs use beside torch, triton and numpy (machine_info records those), so that
+# stack_check.sh can rebuild the machine's stack on a CPU (bench/results/2026-12-06-cpu-device-stack/: pytest 9.2
+# broke pytest-benchmark before 5.3.1)
+TOOLS = ("pytest", "pytest-benchmark", "pytest-xdist", "pytest-timeout", "hypothesis", "nvidia-cudnn-frontend")
 
 
 def environment(out: Path) -> int:
@@ -82,7 +69,7 @@ def environment(out: Path) -> int:
     import torch
 
     import dipfast
-    from dipfast.bench.machine import machine_info
+    from dipfast.bench.machine import machine_info, package_version
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = machine_info(device)
@@ -101,7 +88,7 @@ def environment(out: Path) -> int:
     except Exception as e:  # noqa: BLE001
         info["kernels_path"] = f"{type(e).__name__}: {e}"
     info["first_use_seconds"] = first_use
-    info["tools"] = tool_versions()
+    info["tools"] = {name: package_version(name) for name in TOOLS}
     smi = shutil.which("nvidia-smi")
     text = "\n".join(f"{k}: {v}" for k, v in info.items()) + "\n"
     if smi:

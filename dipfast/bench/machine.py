@@ -16,7 +16,8 @@ import torch
 COMMIT_ENV = "DIPFAST_BENCH_COMMIT"  # set by a caller whose copy of the tree has no .git (the GPU machine)
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """The installed version of a distribution, or None."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -66,10 +67,10 @@ def machine_info(device) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "numpy": _version("numpy"),
-        "scikit-image": _version("scikit-image"),
-        "pillow": _version("pillow"),
+        "triton": package_version("triton"),
+        "numpy": package_version("numpy"),
+        "scikit-image": package_version("scikit-image"),
+        "pillow": package_version("pillow"),
         "dipfast": dipfast.__version__,
         "cuda": torch.version.cuda,
         "gpu": None,

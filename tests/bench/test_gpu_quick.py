@@ -86,7 +86,7 @@ def test_gpu_quick_runs_every_step_on_a_cpu_and_packs_each_ones_outputs(tmp_path
         environment = loaded("environment/environment.json")
         first_use = environment["first_use_seconds"]
         assert list(first_use) == ["import torch", "import dipfast"] and all(v > 0 for v in first_use.values())
-        assert environment["tools"]["pytest"] == pytest.__version__  # this test's own, the script ran its pytest
+        assert environment["tools"]["pytest"] == pytest.__version__  # the script runs this test's Python
         rows = loaded("throughput/throughput.json")["rows"]
         paths = {(r["method"], r["precision"]) for r in rows}
         assert {("native", "tf32"), ("native-reference-blocks", "bf16"), ("original-loop-tf32", "tf32")} <= paths
