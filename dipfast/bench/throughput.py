@@ -87,18 +87,30 @@ def restore_in_blocks(
         )
 
 
+class _BlockClock:
+    """Called at the end of each block: its time. on_warm() runs at the warm-up's last block, before that block's
+    time is taken, so it is in no timed block."""
+
+    def __init__(self, warm_blocks: int, on_warm=None):
+        self.warm_blocks, self.on_warm, self.stamps = warm_blocks, on_warm, []
+
+    def __call__(self) -> None:
+        if self.on_warm is not None and len(self.stamps) == self.warm_blocks - 1:
+            self.on_warm()
+        self.stamps.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        """The blocks after the warm-up, in seconds."""
+        timed = self.stamps[self.warm_blocks - 1 :]
+        return [b - a for a, b in zip(timed, timed[1:])]
+
+
 def _blocks_reference(
     case: Case, config: Config, *, iters, warm_blocks, repeats, net, device, seed, images: int = 1, on_warm=None
 ) -> tuple[list[float], float]:
     """Block durations (s) of one restore() call (of `images` copies of the case in one step), and restore()'s
     memory estimate of its step (MiB). on_warm() at the end of the warm-up blocks."""
-    stamps = []
-
-    def on_block() -> None:
-        if on_warm is not None and len(stamps) == warm_blocks - 1:  # the warm-up ends with this block; untimed
-            on_warm()
-        stamps.append(time.perf_counter())
-
+    clock = _BlockClock(warm_blocks, on_warm)
     result = restore_in_blocks(
         case,
         config.method,
@@ -109,10 +121,10 @@ def _blocks_reference(
         device=device,
         seed=seed,
         images=images,
-        on_block=on_block,
+        on_block=clock,
     )
     first = result[0] if isinstance(result, list) else result
-    return [b - a for a, b in zip(stamps[warm_blocks - 1 :], stamps[warm_blocks:])], first.extras["memory_estimate_mib"]
+    return clock.durations(), first.extras["memory_estimate_mib"]
 
 
 def _blocks_original(
@@ -136,19 +148,17 @@ def _blocks_original(
         seed=seed,
         tf32=config.method == runs.ORIGINAL_LOOP_TF32,
     )
-    stamps = []
+    clock = _BlockClock(warm_blocks, on_warm)
 
     def on_step(done: int) -> bool:
         if done % iters == 0:
             runs.cuda_sync(device)
-            if on_warm is not None and len(stamps) == warm_blocks - 1:  # as in _blocks_reference
-                on_warm()
-            stamps.append(time.perf_counter())
+            clock()
         return False
 
     loop.run((warm_blocks + repeats) * iters, on_step)
     loop.close()
-    return [b - a for a, b in zip(stamps[warm_blocks - 1 :], stamps[warm_blocks:])], None
+    return clock.durations(), None
 
 
 def measure(
