@@ -28,7 +28,9 @@
 #                 native-folded-finalize bf16 (each BatchNorm's finalize in its reduction's last program: 60
 #                 launches fewer), native-cl bf16 (channels_last:
 #                 its 14 legacy dgrad calls may have been the same misaligned weights, and NHWC would save
-#                 cuDNN's 1.1 ms of layout conversions); each row is written as it ends. The compiled paths
+#                 cuDNN's 1.1 ms of layout conversions); each row is written as it ends, and after a CUDA error
+#                 that loses the context (one new kernel's illegal address) the rest run in a fresh process, the
+#                 original loops included (dipfast/bench/lost_context.py). The compiled paths
 #                 are the `compile` step's (a minute of compiling each: in the 222367b4a8 run they ran last
 #                 here, and the step's limit cut compile-nchw and what came after)                    150
 #   profile       dipfast bench profile of the two fastest paths of `throughput`; then bench/launch_gap.py:

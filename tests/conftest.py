@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from _cuda_worker import pytest_runtest_teardown  # noqa: F401  (a hook: see _cuda_worker.py)
 from _helpers import make_rng, torch_threads
 
 # `make test` runs the suite in one process per core (pytest-xdist): each takes its share of the cores, not all

@@ -19,6 +19,8 @@ Configurations: methods x precisions (the pairs no method runs left out: each or
 precision), or given (method, precision) pairs, so that one run puts side by side exactly the paths a
 GPU window has time for. on_partial(report) after each configuration hands over the report so far
 (the rows not yet measured say 'pending'), so that a run cut short by a time limit leaves its figures.
+A configuration that fails is a row with its error; where the error leaves the process's CUDA context
+unusable, the configurations after it run in a fresh process (dipfast.bench.lost_context).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, field
 
 from dipfast import api
-from dipfast.bench import runs
+from dipfast.bench import lost_context, runs
 from dipfast.bench.data import Case, throughput_case
 from dipfast.bench.memory import PeakMemory
 from dipfast.errors import InputError
@@ -222,10 +224,6 @@ def run_throughput(
         pairs = [(m, p) for p in precisions for m in methods]
     pairs = list(pairs)
     configs = [Config(m, p, b, s) for s in sizes for b in batches for m, p in pairs]
-    samples = {c: [] for c in configs}
-    memory = {c: None for c in configs}
-    failed: dict[Config, tuple[str, str]] = {}
-    cases = {s: throughput_case(s, seed) for s in sizes}
     settings = {
         "task": "denoise",
         "net": net,
@@ -245,38 +243,95 @@ def run_throughput(
         "batch_note": "batch > 1 with batch_mode 'sequential': restore() takes one image, so N fits "
         "run one after another and the figure is N x K / (sum of their K-iteration blocks)",
     }
-    done: set[Config] = set()
-    with tqdm(total=rounds * len(configs), disable=not progress, desc="throughput", unit="config") as bar:
-        for _ in range(rounds):
-            for c in configs:
-                bar.set_postfix_str(f"{c.method} {c.precision} b{c.batch} {c.size}px")
-                if c not in failed:
-                    try:
-                        m = measure(
-                            c,
-                            cases[c.size],
-                            iters=iters,
-                            repeats=repeats,
-                            warmup=warmup,
-                            net=net,
-                            device=dev,
-                            seed=seed,
-                        )
-                        samples[c] += m["samples"]
-                        if memory[c] is None or m["memory"]["peak_mib"] > memory[c]["peak_mib"]:
-                            memory[c] = m["memory"]
-                    except InputError as e:  # restore() refused the combination: a row says so
-                        failed[c] = ("unsupported", str(e))
-                    except Exception as e:  # noqa: BLE001  (out of memory, a Triton kernel that fails to compile: a row)
-                        failed[c] = ("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                done.add(c)
-                bar.update(1)
-                if on_partial is not None:
-                    on_partial(_report(configs, samples, memory, failed, done, net, settings))
-    return _report(configs, samples, memory, failed, done, net, settings)
+    schedule = [c for _ in range(rounds) for c in configs]
+    with tqdm(total=len(schedule), disable=not progress, desc="throughput", unit="config") as bar:
+
+        def on_config(measured: Measured, finished: int) -> None:
+            bar.update(finished)
+            if on_partial is not None:
+                on_partial(_report(configs, measured, net, settings))
+
+        measured = measure_schedule(
+            schedule, Measured(), iters=iters, repeats=repeats, warmup=warmup, net=net, device=dev, seed=seed,
+            on_config=on_config,
+        )  # fmt: skip
+    return _report(configs, measured, net, settings)
 
 
-def _report(configs, samples, memory, failed, done, net, settings) -> dict:
+@dataclass
+class Measured:
+    """What a run has measured so far, by configuration: a fresh process takes it over whole, and hands it back."""
+
+    samples: dict[Config, list[float]] = field(default_factory=dict)  # image-iterations/s, one per repeat
+    memory: dict[Config, dict] = field(default_factory=dict)  # of the round with the highest peak
+    failed: dict[Config, tuple[str, str]] = field(default_factory=dict)  # (status, reason): never measured again
+    done: set[Config] = field(default_factory=set)
+
+    def to_json(self) -> list[dict]:
+        return [
+            {
+                "config": astuple(c),
+                "samples": self.samples.get(c, []),
+                "memory": self.memory.get(c),
+                "failed": self.failed.get(c),
+                "done": c in self.done,
+            }
+            for c in {**self.samples, **self.memory, **self.failed, **dict.fromkeys(self.done)}
+        ]
+
+    @classmethod
+    def from_json(cls, entries: list[dict]) -> Measured:
+        measured = cls()
+        for e in entries:
+            c = Config(*e["config"])
+            if e["samples"]:
+                measured.samples[c] = e["samples"]
+            if e["memory"] is not None:
+                measured.memory[c] = e["memory"]
+            if e["failed"] is not None:
+                measured.failed[c] = tuple(e["failed"])
+            if e["done"]:
+                measured.done.add(c)
+        return measured
+
+
+def measure_schedule(
+    schedule: list[Config], measured: Measured, *, iters, repeats, warmup, net, device, seed, on_config
+) -> Measured:
+    """Measure each configuration of the schedule in turn, adding to `measured`; on_config(measured, 1) after each.
+    A CUDA error that leaves this process's context unusable (an illegal address: every CUDA call after it fails the
+    same way) is that configuration's row, and the rest of the schedule runs in a fresh process."""
+    cases = {}
+    for position, c in enumerate(schedule):
+        if c not in measured.failed:
+            try:
+                if c.size not in cases:
+                    cases[c.size] = throughput_case(c.size, seed)
+                m = measure(
+                    c, cases[c.size], iters=iters, repeats=repeats, warmup=warmup, net=net, device=device, seed=seed
+                )
+                measured.samples.setdefault(c, []).extend(m["samples"])
+                if c not in measured.memory or m["memory"]["peak_mib"] > measured.memory[c]["peak_mib"]:
+                    measured.memory[c] = m["memory"]
+            except InputError as e:  # restore() refused the combination: a row says so
+                measured.failed[c] = ("unsupported", str(e))
+            except Exception as e:  # noqa: BLE001  (out of memory, a Triton kernel that fails to compile: a row)
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                lost = lost_context.context_lost(device)
+                measured.failed[c] = ("error", reason + (f" ({lost_context.NOTE})" if lost else ""))
+                if lost:
+                    measured.done.add(c)
+                    on_config(measured, 1)
+                    job = {"iters": iters, "repeats": repeats, "warmup": warmup, "net": net, "seed": seed}
+                    return lost_context.measure_in_fresh_process(
+                        schedule[position + 1 :], measured, job={**job, "device": str(device)}, on_config=on_config
+                    )
+        measured.done.add(c)
+        on_config(measured, 1)
+    return measured
+
+
+def _report(configs, measured: Measured, net, settings) -> dict:
     """The report of the configurations measured so far; the rest are rows with status 'pending'."""
     rows = []
     for c in configs:
@@ -290,13 +345,13 @@ def _report(configs, samples, memory, failed, done, net, settings) -> dict:
             "status": "ok",
             "reason": None,
         }
-        if c in failed:
-            row["status"], row["reason"] = failed[c]
-        elif c not in done or not samples[c]:
+        if c in measured.failed:
+            row["status"], row["reason"] = measured.failed[c]
+        elif c not in measured.done or not measured.samples.get(c):
             row["status"], row["reason"] = "pending", "not measured yet"
         else:
-            row.update(_summary(samples[c]))
-            mem = memory[c]
+            row.update(_summary(measured.samples[c]))
+            mem = measured.memory[c]
             row.update(peak_memory_mib=mem["peak_mib"], memory_growth_mib=mem["growth_mib"], memory_kind=mem["kind"])
             row.update(steady_peak_memory_mib=mem["steady_peak_mib"], memory_estimate_mib=mem["estimate_mib"])
         rows.append(row)
