@@ -232,7 +232,10 @@ def _restore(args) -> int:
         _save(result.ema_image, Path(args.ema_output))
     quality = f", PSNR {result.psnr:.2f} dB (EMA {result.ema_psnr:.2f} dB)" if result.psnr is not None else ""
     tiling = result.extras.get("tiling")
-    tiles = f", {len(tiling['boxes'])} tiles of {tiling['tile']} px" if tiling else ""
+    tiles = ""
+    if tiling:  # the tiles are of one size: the tile side, clipped to the image
+        n, (_, _, h, w) = len(tiling["boxes"]), tiling["boxes"][0]
+        tiles = f", {n} tile{'s' * (n != 1)} of {f'{h} px' if h == w else f'{h} x {w} px'}"
     if result.stop_reason == "early-stop" and tiling:
         stops = [t for t in tiling["stop_iterations"][0] if t is not None]
         tiles += f", each stopped early: its output of iteration {min(stops)} to {max(stops)}"

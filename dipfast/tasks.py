@@ -98,7 +98,9 @@ def preset_for(task: str, preset: str | None = None, scale: int | None = None) -
     if preset is None:
         if entry.scale == "preset":
             if scale not in SR_SCALES or isinstance(scale, bool):
-                raise InputError(f"task {task!r} needs scale= one of {list(SR_SCALES)}; got {scale!r}")
+                raise InputError(
+                    f"task {task!r} needs scale= one of {list(SR_SCALES)} (--scale on the command); got {scale!r}"
+                )
             preset = f"{task}{scale}"
         else:
             preset = entry.presets[0]

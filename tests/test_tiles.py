@@ -500,6 +500,8 @@ def test_command_takes_tile_and_overlap(np_rng, tmp_path, capsys):
     args = ["restore", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--iters", "1", "--quiet"]
     assert main([*args, "--tile", "34", "--overlap", "4", "--precision", "fp32"]) == 0
     assert "2 tiles of 34 px" in capsys.readouterr().out
+    assert main([*args, "--tile", "64", "--precision", "fp32", "--force"]) == 0  # a tile is clipped to the image
+    assert "1 tile of 34 x 40 px" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main([*args, "--tile", "-3"])
     assert e.value.code == 2 and "expected 'auto', 'none' or a positive integer" in capsys.readouterr().err
