@@ -6,6 +6,7 @@ One idea per module: data (the inputs), original_loop (the notebooks' loop, the 
 every speed-up), runs (one fit of any method, timed), baselines (bicubic, NLM, BM3D),
 throughput, time_to_psnr, quality, profile (the measuring suites), floor (the cost model of one
 iteration) and kernel_groups (CUDA kernel names -> its op groups), memory, machine, report (JSON,
-Markdown, plots), worker (cold runs in a fresh process) and cli. NVTX ranges live in
+Markdown, plots), worker (cold runs in a fresh process), lost_context (a run that goes on in a fresh
+process after a sticky CUDA error) and cli. NVTX ranges live in
 dipfast.nvtx_ranges. Importing this package imports nothing heavy.
 """

@@ -1,4 +1,4 @@
-"""The rest of a throughput run in a fresh process, after a CUDA error has made this one's context unusable.
+"""A run that goes on in a fresh process after a CUDA error has made its own context unusable.
 
 An illegal address, a misaligned access or a kernel that fails to launch is sticky: every CUDA call after it in
 the same process fails with the same error. In one harness process that turned one broken configuration into a
@@ -6,11 +6,11 @@ run of error rows, the original loops and every other variant included, and a GP
 whole step. Out of memory, a Triton kernel that fails to compile and restore()'s refusals are not sticky: the run
 goes on in its own process after them.
 
-measure_in_fresh_process() hands what was measured so far and the schedule's remaining configurations to
-``python -m dipfast.bench.lost_context JOB``, which measures them with the same settings and writes what it has
-after each one; the parent reads it as it comes (so its partial reports keep up, and a time limit's SIGINT,
-which reaches both processes, loses nothing that finished) and takes it over when the process ends. A process
-that dies without writing leaves its remaining configurations as error rows that say so.
+continue_in_fresh_process(module, job, ...) runs ``python -m MODULE JOB``: the module's own entry point takes the
+job (what was measured so far and what is left, as JSON) and calls write_state() after each piece of work; the
+parent reads the state as it comes (so that its partial reports keep up, and a time limit's SIGINT, which reaches
+both processes, loses nothing that finished). This module knows nothing of what is measured: the throughput suite
+is its user (dipfast.bench.throughput).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import astuple
 from pathlib import Path
 
 import torch
@@ -43,88 +42,45 @@ def context_lost(device) -> bool:
     return False
 
 
-def _command(job: Path) -> list[str]:
-    return [sys.executable, "-m", "dipfast.bench.lost_context", str(job)]
+def _command(module: str, job: Path) -> list[str]:
+    return [sys.executable, "-m", module, str(job)]
 
 
-def measure_in_fresh_process(schedule, measured, *, job: dict, on_config):
-    """Measure `schedule` (throughput.Config, in order) in a fresh process that continues `measured`
-    (throughput.Measured); job: measure_schedule()'s settings. on_config(measured, n) each time it has finished n
-    more of the schedule. Returns the Measured it handed back."""
-    from dipfast import nvtx_ranges
-    from dipfast.bench.throughput import Measured
-
+def continue_in_fresh_process(module: str, job: dict, on_state) -> tuple[int, int]:
+    """Run ``python -m MODULE JOBFILE`` with `job` (JSON) and its "state" path added; on_state(state, n) each time
+    the process has written a state with n more pieces of work finished. Returns (pieces finished, exit status)."""
     finished = 0
-    with tempfile.TemporaryDirectory(prefix="dipfast-throughput-") as tmp:
-        job_path, state = Path(tmp) / "job.json", Path(tmp) / "measured.json"
-        job = {
-            **job,
-            "schedule": [astuple(c) for c in schedule],
-            "measured": measured.to_json(),
-            "threads": torch.get_num_threads(),
-            "nvtx": nvtx_ranges.enabled(),
-            "state": str(state),
-        }
-        job_path.write_text(json.dumps(job))
+    with tempfile.TemporaryDirectory(prefix="dipfast-fresh-") as tmp:
+        job_path, state_path = Path(tmp) / "job.json", Path(tmp) / "state.json"
+        job_path.write_text(json.dumps({**job, "state": str(state_path)}))
 
-        def take_over() -> None:
-            nonlocal measured, finished
-            if not state.exists():
-                return
-            written = json.loads(state.read_text())
-            if written["finished"] > finished:
-                measured = Measured.from_json(written["measured"])
-                on_config(measured, written["finished"] - finished)
-                finished = written["finished"]
+        def read() -> None:
+            nonlocal finished
+            if state_path.exists():
+                state = json.loads(state_path.read_text())
+                if state["finished"] > finished:
+                    on_state(state, state["finished"] - finished)
+                    finished = state["finished"]
 
-        proc = subprocess.Popen(_command(job_path))
+        proc = subprocess.Popen(_command(module, job_path))
         try:
             while proc.poll() is None:
                 time.sleep(POLL_SECONDS)
-                take_over()
+                read()
         except KeyboardInterrupt:  # the SIGINT reached the fresh process too: it stops after writing what it has
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            take_over()
+            read()
             raise
-        take_over()
-    if finished < len(schedule):  # it died without finishing: the rest are rows that say so
-        reason = f"the fresh process after a lost CUDA context ended (exit {proc.returncode}) before measuring it"
-        for c in schedule[finished:]:
-            measured.failed.setdefault(c, ("error", reason))
-            measured.done.add(c)
-        on_config(measured, len(schedule) - finished)
-    return measured
+        read()
+    return finished, proc.returncode
 
 
-def main(argv: list[str]) -> int:
-    from dipfast import nvtx_ranges
-    from dipfast.bench.throughput import Config, Measured, measure_schedule
-
-    job = json.loads(Path(argv[0]).read_text())
-    torch.set_num_threads(job["threads"])
-    nvtx_ranges.enable(job["nvtx"])
-    state = Path(job["state"])
-    finished = 0
-
-    def write(measured: Measured, n: int) -> None:  # whole, or not at all: the parent reads it at any time
-        nonlocal finished
-        finished += n
-        part = state.with_suffix(".part")
-        part.write_text(json.dumps({"finished": finished, "measured": measured.to_json()}))
-        os.replace(part, state)
-
-    settings = {k: job[k] for k in ("iters", "repeats", "warmup", "net", "device", "seed")}
-    measure_schedule(
-        [Config(*c) for c in job["schedule"]], Measured.from_json(job["measured"]), on_config=write, **settings
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:  # what it measured is written already
-        sys.exit(130)
+def write_state(path: str | Path, finished: int, **state) -> None:
+    """The fresh process's state, whole or not at all (the parent reads it at any time)."""
+    path = Path(path)
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps({"finished": finished, **state}))
+    os.replace(part, path)

@@ -25,10 +25,15 @@ unusable, the configurations after it run in a fresh process (dipfast.bench.lost
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import astuple, dataclass, field
+from pathlib import Path
+
+import torch
 
 from dipfast import api
 from dipfast.bench import lost_context, runs
@@ -246,11 +251,18 @@ def run_throughput(
     schedule = [c for _ in range(rounds) for c in configs]
     with tqdm(total=len(schedule), disable=not progress, desc="throughput", unit="config") as bar:
 
+        def show_next() -> None:
+            if bar.n < len(schedule):
+                c = schedule[bar.n]
+                bar.set_postfix_str(f"{c.method} {c.precision} b{c.batch} {c.size}px")
+
         def on_config(measured: Measured, finished: int) -> None:
             bar.update(finished)
+            show_next()
             if on_partial is not None:
                 on_partial(_report(configs, measured, net, settings))
 
+        show_next()
         measured = measure_schedule(
             schedule, Measured(), iters=iters, repeats=repeats, warmup=warmup, net=net, device=dev, seed=seed,
             on_config=on_config,
@@ -322,13 +334,59 @@ def measure_schedule(
                 if lost:
                     measured.done.add(c)
                     on_config(measured, 1)
-                    job = {"iters": iters, "repeats": repeats, "warmup": warmup, "net": net, "seed": seed}
-                    return lost_context.measure_in_fresh_process(
-                        schedule[position + 1 :], measured, job={**job, "device": str(device)}, on_config=on_config
+                    settings = {"iters": iters, "repeats": repeats, "warmup": warmup, "net": net, "seed": seed}
+                    return _measure_in_fresh_process(
+                        schedule[position + 1 :], measured, {**settings, "device": str(device)}, on_config
                     )
         measured.done.add(c)
         on_config(measured, 1)
     return measured
+
+
+def _measure_in_fresh_process(schedule: list[Config], measured: Measured, settings: dict, on_config) -> Measured:
+    """measure_schedule() of the rest in a fresh process (main() below), which continues `measured`."""
+    from dipfast import nvtx_ranges
+
+    job = {
+        "settings": settings,
+        "schedule": [astuple(c) for c in schedule],
+        "measured": measured.to_json(),
+        "threads": torch.get_num_threads(),
+        "nvtx": nvtx_ranges.enabled(),
+    }
+
+    def on_state(state: dict, finished: int) -> None:
+        nonlocal measured
+        measured = Measured.from_json(state["measured"])
+        on_config(measured, finished)
+
+    finished, status = lost_context.continue_in_fresh_process("dipfast.bench.throughput", job, on_state)
+    if finished < len(schedule):  # it died before the end: the rest are rows that say so
+        reason = f"the fresh process after a lost CUDA context ended (exit {status}) before measuring it"
+        for c in schedule[finished:]:
+            measured.failed.setdefault(c, ("error", reason))
+            measured.done.add(c)
+        on_config(measured, len(schedule) - finished)
+    return measured
+
+
+def main(argv: list[str]) -> int:
+    """python -m dipfast.bench.throughput JOB: the rest of a run whose process lost its CUDA context."""
+    from dipfast import nvtx_ranges
+
+    job = json.loads(Path(argv[0]).read_text())
+    torch.set_num_threads(job["threads"])
+    nvtx_ranges.enable(job["nvtx"])
+    finished = 0
+
+    def on_config(measured: Measured, n: int) -> None:
+        nonlocal finished
+        finished += n
+        lost_context.write_state(job["state"], finished, measured=measured.to_json())
+
+    schedule = [Config(*c) for c in job["schedule"]]
+    measure_schedule(schedule, Measured.from_json(job["measured"]), on_config=on_config, **job["settings"])
+    return 0
 
 
 def _report(configs, measured: Measured, net, settings) -> dict:
@@ -374,3 +432,10 @@ def _report(configs, measured: Measured, net, settings) -> dict:
             ok = row["status"] == "ok" and base is not None
             row[key] = row["its_median"] / base["its_median"] if ok else None
     return {"suite": "throughput", "settings": settings, "rows": rows}
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # what it measured is written already
+        sys.exit(130)

@@ -59,7 +59,7 @@ def test_after_a_lost_context_the_rest_run_in_a_fresh_process(monkeypatch):
 
 def test_a_fresh_process_that_dies_leaves_rows_that_say_so(monkeypatch):
     _broken_first(monkeypatch)
-    monkeypatch.setattr(lost_context, "_command", lambda job: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    monkeypatch.setattr(lost_context, "_command", lambda module, job: [sys.executable, "-c", "import sys; sys.exit(3)"])
     rep = run_throughput([], [], [1], [16], pairs=PAIRS, **TINY)
     assert [r["status"] for r in rep["rows"]] == ["error"] * 3
     for r in rep["rows"][1:]:
