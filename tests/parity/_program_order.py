@@ -68,7 +68,9 @@ class _Launch:
         self.accesses = {"load": [], "store": [], "atomic": []}
 
     def record(self, kind: str, ptrs, mask, program: int) -> None:
-        mask = np.broadcast_to(mask.data if mask is not None else True, ptrs.data.shape)
+        # as bool: the interpreter holds some int1 tensors as int32 (tl.full(..., True, tl.int1), and an `&` with one),
+        # which as an index would pick rows 0 and 1 instead of the active lanes
+        mask = np.broadcast_to(np.asarray(mask.data, dtype=bool) if mask is not None else True, ptrs.data.shape)
         addresses = np.asarray(ptrs.data, dtype=np.uint64)[mask]
         self.accesses[kind].append((np.unique(addresses), program))
 
@@ -81,29 +83,47 @@ class _Launch:
         unique = np.unique(np.stack([addresses, programs.astype(np.uint64)]), axis=1)  # (address, program) pairs
         return unique[0], unique[1].astype(np.int64)
 
-    def conflicts(self) -> list[str]:
+    def conflicts(self, tensors: list[torch.Tensor]) -> list[str]:
+        """What conflicts, each with the launch's tensor arguments (by position) that hold the addresses."""
         found = []
         stored, writers = self._flat("store")
         shared, counts = np.unique(stored, return_counts=True)
         if (counts > 1).any():
             bad = shared[counts > 1]
             programs = sorted(set(writers[np.isin(stored, bad)].tolist()))[:8]
-            found.append(f"{bad.size} addresses stored by more than one program (programs {programs}, ...)")
+            found.append(
+                f"{bad.size} addresses stored by more than one program (programs {programs}, ...; "
+                f"tensors {_holders(bad, tensors)})"
+            )
         updated, updaters = self._flat("atomic")
         for kind, (addresses, programs), (w_addresses, w_programs) in (
             ("load", self._flat("load"), (np.concatenate([stored, updated]), np.concatenate([writers, updaters]))),
             ("atomic update", (updated, updaters), (stored, writers)),
         ):
-            pairs = _cross_program(addresses, programs, w_addresses, w_programs)
+            pairs, bad = _cross_program(addresses, programs, w_addresses, w_programs)
             if pairs:
-                found.append(f"{len(pairs)} {kind}s of addresses another program writes (reader, writer: {pairs[:8]})")
+                found.append(
+                    f"{len(pairs)} {kind}s of addresses another program writes (reader, writer: {pairs[:8]}; "
+                    f"tensors {_holders(bad, tensors)})"
+                )
         return found
 
 
-def _cross_program(addresses, programs, w_addresses, w_programs) -> list[tuple[int, int]]:
-    """(program, another program writing that address) for each access of `addresses` some other program writes."""
+def _holders(addresses: np.ndarray, tensors: list[torch.Tensor]) -> list[int]:
+    """The positions, among the launch's tensor arguments, of those whose storage holds any of the addresses."""
+    held = []
+    for i, t in enumerate(tensors):
+        lo = t.untyped_storage().data_ptr()
+        if ((addresses >= lo) & (addresses < lo + t.untyped_storage().nbytes())).any():
+            held.append(i)
+    return held
+
+
+def _cross_program(addresses, programs, w_addresses, w_programs) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """(program, another program writing that address) for each access of `addresses` some other program writes, and
+    those addresses."""
     if not addresses.size or not w_addresses.size:
-        return []
+        return [], np.empty(0, np.uint64)
     order = np.argsort(w_addresses, kind="stable")
     w_addresses, w_programs = w_addresses[order], w_programs[order]
     unique, first = np.unique(w_addresses, return_index=True)
@@ -114,7 +134,7 @@ def _cross_program(addresses, programs, w_addresses, w_programs) -> list[tuple[i
     readers = programs[hit]
     other = (lowest[where] != readers) | (highest[where] != readers)
     writer = np.where(lowest[where] != readers, lowest[where], highest[where])
-    return sorted(set(zip(readers[other].tolist(), writer[other].tolist())))
+    return sorted(set(zip(readers[other].tolist(), writer[other].tolist()))), addresses[hit][other]
 
 
 @contextlib.contextmanager
@@ -169,7 +189,7 @@ def memory_conflicts(monkeypatch):
     def checked(kernel, tensors, run):
         launches.append(_Launch(kernel))
         result = run()
-        problems = launches[-1].conflicts()
+        problems = launches[-1].conflicts(tensors)
         launches[-1].accesses.clear()  # checked: keep the kernel's name only
         assert not problems, f"{kernel}: programs of one launch conflict: " + "; ".join(problems)
         return result

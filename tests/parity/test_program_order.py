@@ -62,7 +62,16 @@ def _toy_kernels():
     def count(out_ptr):
         tl.atomic_add(out_ptr, 1.0)
 
-    return read_neighbour, store_one, count
+    @triton.jit
+    def overlapping_blocks(out_ptr, programs, ACTIVE: tl.constexpr):
+        """Each program stores 8 elements from pid * 4 on, its lanes from ACTIVE on masked off. The mask is a vector
+        condition & a scalar one, as batch_norm_act's (w < width) & (row < n_rows), which the interpreter holds as
+        int32."""
+        lanes = tl.arange(0, 8)
+        pid = tl.program_id(0)
+        tl.store(out_ptr + pid * 4 + lanes, 1.0, mask=(lanes < ACTIVE) & (pid < programs))
+
+    return read_neighbour, store_one, count, overlapping_blocks
 
 
 def test_reordering_changes_an_order_dependent_kernel(monkeypatch):
@@ -83,7 +92,7 @@ def test_reordering_changes_an_order_dependent_kernel(monkeypatch):
 
 
 def test_conflict_detector_flags_programs_that_share_memory(monkeypatch):
-    read_neighbour, store_one, count = _toy_kernels()
+    read_neighbour, store_one, count, overlapping_blocks = _toy_kernels()
     with memory_conflicts(monkeypatch):
         with pytest.raises(AssertionError, match="read_neighbour: .* loads of addresses another program writes"):
             read_neighbour[(8,)](torch.zeros(64), torch.zeros(64), BLOCK=8)
@@ -92,6 +101,11 @@ def test_conflict_detector_flags_programs_that_share_memory(monkeypatch):
         total = torch.zeros(1)
         count[(5,)](total)  # atomics from many programs to one address: allowed
         assert total.item() == 5
+        # an int32 mask reads as the lanes it enables, not as indices: all 8 lanes overlap the next program's, the first
+        # 4 do not
+        with pytest.raises(AssertionError, match="overlapping_blocks: .* 4 addresses stored by more than one program"):
+            overlapping_blocks[(2,)](torch.zeros(12), 2, ACTIVE=8)
+        overlapping_blocks[(2,)](torch.zeros(12), 2, ACTIVE=4)
 
 
 def _conv_inputs(rng, n, c_in, h, w, c_out, k, groups, layout=torch.contiguous_format):
