@@ -4,7 +4,10 @@ A whole step as CUDA runs it (the padded BatchNorm kernels, the upsample's gathe
 stopping, two networks vmapped into groups), in Triton's interpreter with every access checked against the launch's
 tensors, at odd sizes, so that the reductions' last programs have rows to spare. Reads past a tensor's end compute
 nothing wrong (a mask discards them), so parity tests cannot see them; on a GPU they fault where they reach unmapped
-memory, and compute-sanitizer flags each.
+memory, and compute-sanitizer flags each. The same runs hold the native step's launches to no conflict between their
+programs (_program_order.memory_conflicts: the interpreter runs them one after another, the GPU concurrently), but
+where the finalize is folded into the last program, which reads what the others wrote by design (an arrival count
+orders it: tests/parity/test_folded_finalize.py).
 """
 
 import contextlib
@@ -13,40 +16,18 @@ import functools
 
 import pytest
 import torch
+from _cuda_step import CPU, gpu_tiles, native_cuda_steps, problems_at_odd_sizes
 from _helpers import TINY_PRESET
 from _memory_bounds import memory_bounds
+from _program_order import memory_conflicts
 
-from dipfast import backends, engine, fast_step
-from dipfast.early_stop import EarlyStopSpec
-from dipfast.kernels import configs
+from dipfast import backends, fast_step
 from dipfast.kernels import lanczos2 as lanczos2_module
-from dipfast.operators import Lanczos2Decimation
 
 pytestmark = [
     pytest.mark.parity,
     pytest.mark.skipif(torch.cuda.is_available(), reason="an instrument of Triton's interpreter: the CPU"),
 ]
-CPU = torch.device("cpu")
-
-
-def _problems(n: int = 2, sr: bool = False) -> list[engine.Problem]:
-    """Denoising at 9 x 7: odd, so that the reductions' last programs have rows to spare. sr: super-resolution x4
-    of 5 x 3 to 20 x 12 (the Lanczos2 decimation's loss)."""
-    rng = torch.Generator().manual_seed(0)
-    (h, w), scale = ((20, 12), 4) if sr else ((9, 7), 1)
-
-    def problem() -> engine.Problem:
-        y = torch.rand(1, 3, h // scale, w // scale, generator=rng)
-        if sr:
-            return engine.Problem((4, h, w), None, (h, w), 3, y=y, operator=Lanczos2Decimation(scale))
-        return engine.Problem((4, h, w), None, (h, w), 3, y=y, target=torch.rand(1, 3, h, w, generator=rng))
-
-    return [problem() for _ in range(n)]
-
-
-def _tiles(as_on_a_gpu: bool):
-    """The tiles a GPU runs (configs.HOPPER) forced over the interpreter's, or the interpreter's."""
-    return configs.forced_tiles(configs.HOPPER) if as_on_a_gpu else contextlib.nullcontext()
 
 
 @functools.cache
@@ -82,28 +63,15 @@ def test_the_cuda_steps_kernels_stay_inside_their_tensors(monkeypatch, folded, a
     """gpu-tiles-captured: the tiles a GPU runs (configs.HOPPER: planes of BLOCK_W 256 x BLOCK_C 4, not the
     interpreter's 8 x 16: other last programs, other masked tails), the captured step's graph-safe branches, three
     networks, and the final forward after the loop."""
-    n = 3 if as_captured else 2
-    problems = _problems(n)
-    cuda_choices = dict(
-        blocks={"cpu": "padded", "cuda": "padded"},
-        channels_last_bf16=frozenset(),
-        fused_rules=frozenset({"cpu", "cuda"}),
-        folded_finalize=frozenset({"cpu"} if folded else ()),
-        vectorised=frozenset({"cpu", "cuda"}),
-    )
-    preset = dataclasses.replace(TINY_PRESET, iterations=4)
-    with _tiles(as_captured), backends.variant("native", **cuda_choices):
-        plan = backends.resolve("native", "bf16", CPU)  # CUDA's auto
-        seeds = list(range(1, n + 1))
-        built, zs = fast_step.build_nets(problems, preset, seeds)
-        step = fast_step.FastStep(built, zs, problems, preset, CPU, seeds, 2, plan, graph_safe=as_captured,
-                                  early_stop=EarlyStopSpec(window=2, patience=2))  # fmt: skip
-        assert step.fused is not None and step.runner.vectorised
-        with memory_bounds(monkeypatch):
+    conflicts = contextlib.nullcontext([]) if folded else memory_conflicts(monkeypatch)
+    with native_cuda_steps(3 if as_captured else 2, folded=folded, as_captured=as_captured) as make:
+        step = make()
+        with memory_bounds(monkeypatch), conflicts as launches:
             step()
             step()  # the window's second slot, the EMA past its first iteration
             if as_captured:
                 assert torch.isfinite(step.final_output()).all()
+    assert folded or len({launch.kernel for launch in launches}) >= 8  # BatchNorm passes, upsample, fused rules
 
 
 @pytest.mark.parametrize(
@@ -118,10 +86,10 @@ def test_the_triton_backends_kernels_stay_inside_their_tensors(monkeypatch, prec
     grouped convolutions stay), the captured step's graph-safe branches and the final forward; sr-*: with
     super-resolution's fused Lanczos2 decimation + MSE loss, which no GPU has run. (Measured too, not kept, for the
     time it takes in the interpreter: fp32, inside.)"""
-    problems = _problems(sr=sr)
+    problems = problems_at_odd_sizes(sr=sr)
     vectorised = frozenset({"cpu", "cuda"} if as_captured else ())
     choices = dict(channels_last_bf16=frozenset({"cpu", "cuda"}), vectorised=vectorised)
-    with _tiles(as_captured), backends.variant("triton", **choices):
+    with gpu_tiles(as_captured), backends.variant("triton", **choices):
         plan = dataclasses.replace(backends.resolve("triton", precision, CPU), compile=False)
         built, zs = fast_step.build_nets(problems, TINY_PRESET, [1, 2])
         step = fast_step.FastStep(built, zs, problems, TINY_PRESET, CPU, [1, 2], 2, plan, graph_safe=as_captured)
