@@ -4,10 +4,10 @@ A whole step as CUDA runs it (the padded BatchNorm kernels, the upsample's gathe
 stopping, two networks vmapped into groups), in Triton's interpreter with every access checked against the launch's
 tensors, at odd sizes, so that the reductions' last programs have rows to spare. Reads past a tensor's end compute
 nothing wrong (a mask discards them), so parity tests cannot see them; on a GPU they fault where they reach unmapped
-memory, and compute-sanitizer flags each. The same runs hold the native step's launches to no conflict between their
-programs (_program_order.memory_conflicts: the interpreter runs them one after another, the GPU concurrently), but
-where the finalize is folded into the last program, which reads what the others wrote by design (an arrival count
-orders it: tests/parity/test_folded_finalize.py).
+memory, and compute-sanitizer flags each. The same runs, and those of the triton backend's step, hold every launch to
+no conflict between its programs (_program_order.memory_conflicts: the interpreter runs them one after another, the
+GPU concurrently), but where the finalize is folded into the last program, which reads what the others wrote by
+design (an arrival count orders it: tests/parity/test_folded_finalize.py).
 """
 
 import contextlib
@@ -97,9 +97,10 @@ def test_the_triton_backends_kernels_stay_inside_their_tensors(monkeypatch, prec
         fused_losses = []
         real = lanczos2_module._lanczos2_mse_fwd
         monkeypatch.setattr(lanczos2_module, "_lanczos2_mse_fwd", lambda *a: fused_losses.append(1) or real(*a))
-        with memory_bounds(monkeypatch):
+        with memory_bounds(monkeypatch), memory_conflicts(monkeypatch) as launches:
             step()
             step()
             if as_captured:
                 assert torch.isfinite(step.final_output()).all()
         assert bool(fused_losses) == sr
+    assert {"_conv_dgrad_kernel", "_bn_lrelu_bwd_kernel"} <= {launch.kernel for launch in launches}
