@@ -52,7 +52,13 @@ def test_the_instrument_flags_an_access_past_a_tensor(monkeypatch):
             _past_the_end()[(1,)](x, out, 5, BLOCK=8)
         longer = torch.rand(8)
         _past_the_end()[(1,)](longer, out, 5, BLOCK=8)  # inside: an x of 8 elements
-    assert torch.equal(out, longer[:5])
+        assert torch.equal(out, longer[:5])
+        # past x into the launch's other tensor: x and out are views of one storage, so every lane is inside it
+        buffer = torch.rand(10)
+        with pytest.raises(
+            AssertionError, match=r"past_the_end: accesses outside its tensors: \[\('load across tensors', 8, "
+        ):
+            _past_the_end()[(1,)](buffer[:5], buffer[5:], 5, BLOCK=8)
 
 
 @pytest.mark.parametrize(
