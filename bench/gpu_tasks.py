@@ -10,11 +10,12 @@ a CUDA graph, which crashes on any host-to-device copy inside the step (super-re
 inpainting had never run there). 'tiles' is denoising in tiles of half the image, overlapping by an
 eighth: restore()'s tiled path, its tiles trained side by side, and the blend.
 
-Each backend runs in its own process, so that a CUDA error that poisons the context (an illegal
-address, a broken capture) fails that backend's remaining cases and not the other backends'. Every
-case is recorded as it ends, pass or fail with its error's first line, and the run never stops at a
-failure: DIR/tasks.jsonl (one JSON object per case), DIR/tasks.md, and each backend's stderr in
-DIR/BACKEND.stderr.log. Exit status 0 when every case passed, else 1.
+Each backend runs in its own process, and after a case whose CUDA error poisons the context (an
+illegal address, a sticky launch failure: dipfast.bench.lost_context) the backend's remaining cases
+run in a fresh one, so that one broken case fails alone. Every case is recorded as it ends, pass or
+fail with its error's first line, and the run never stops at a failure: DIR/tasks.jsonl (one JSON
+object per case), DIR/tasks.md, and each backend's stderr in DIR/BACKEND.stderr.log. Exit status 0
+when every case passed, else 1.
 """
 
 from __future__ import annotations
@@ -132,14 +133,26 @@ def _described(e: BaseException) -> str:
     return f"{type(e).__name__}: {first} ({where})"
 
 
+LOST_CONTEXT = 3  # a child's exit status: a case left the CUDA context unusable, the rest want a fresh process
+
+
 def _child(args) -> int:
-    """Run one backend's cases in this process, appending each to the JSON lines file as it ends."""
+    """Run one backend's cases in this process, appending each to the JSON lines file as it ends. After a failure
+    that leaves the CUDA context unusable (dipfast.bench.lost_context), it stops: exit status LOST_CONTEXT."""
+    from dipfast.api import resolve_device
+    from dipfast.bench import lost_context
+
     for task in args.tasks:
         case = run_case(task, args.backends[0], args.precision, size=args.size, iters=args.iters, device=args.device)
+        lost = case["status"] == "failed" and lost_context.context_lost(resolve_device(args.device))
+        if lost:
+            case["error"] += f" ({lost_context.NOTE.replace('configurations', 'cases')})"
         with open(args.jsonl, "a") as f:
             f.write(json.dumps(case) + "\n")
         print(f"{case['backend']:<8} {task:<8} {case['status']:<6} {case['seconds']:6.1f}s {case['error'] or ''}")
         sys.stdout.flush()
+        if lost:
+            return LOST_CONTEXT
     return 0
 
 
@@ -157,6 +170,40 @@ def markdown(cases: list[dict]) -> str:
     passed = sum(c["status"] == "ok" for c in cases)
     logs = "Each backend's process wrote its stderr (CUDA's warnings among it) to BACKEND.stderr.log beside this file."
     return "\n".join(lines) + f"\n\n{passed} of {len(cases)} cases passed. {logs}\n"
+
+
+def _child_command(backend: str, tasks: list[str], args, out: Path, jsonl: Path) -> list[str]:
+    return [sys.executable, __file__, "--out", str(out), "--jsonl", str(jsonl), "--backends", backend,
+            "--tasks", *tasks, "--precision", args.precision, "--size", str(args.size), "--iters", str(args.iters),
+            "--device", args.device]  # fmt: skip
+
+
+def run_backend(backend: str, args, out: Path, jsonl: Path) -> None:
+    """One backend's cases in a process of their own (a fresh one for the cases after one that lost the CUDA
+    context), each appended to jsonl; the cases a process left when it died recorded as such."""
+    # the child's stderr kept whole: CUDA's own warnings go there and nowhere else (a graph destroyed during
+    # another's capture says so only there, before the capture's end fails with an error of its own)
+    log = out / f"{backend}.stderr.log"
+    log.write_text("")
+    left = list(args.tasks)
+    while left:
+        with open(log, "a") as stderr:
+            proc = subprocess.run(_child_command(backend, left, args, out, jsonl), check=False,
+                                  stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
+        sys.stdout.write(proc.stdout)
+        done = {c["task"] for c in map(json.loads, jsonl.read_text().splitlines()) if c["backend"] == backend}
+        still = [t for t in left if t not in done]
+        got_through, left = len(still) < len(left), still
+        if proc.returncode != LOST_CONTEXT or not got_through:  # finished, or died
+            break
+    if left:  # the process died (a crash, not an exception): its remaining cases say so
+        last = (log.read_text().strip().splitlines() or [""])[-1]
+        with open(jsonl, "a") as f:
+            for task in left:
+                error = f"the {backend} process died (exit {proc.returncode}) before this case: {last}"
+                case = {"task": task, "backend": backend, "precision": args.precision, "status": "failed",
+                        "error": error}  # fmt: skip
+                f.write(json.dumps(case) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,25 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     jsonl = out / "tasks.jsonl"
     jsonl.write_text("")
     for backend in args.backends:
-        cmd = [sys.executable, __file__, "--out", str(out), "--jsonl", str(jsonl), "--backends", backend,
-               "--tasks", *args.tasks, "--precision", args.precision, "--size", str(args.size),
-               "--iters", str(args.iters), "--device", args.device]  # fmt: skip
-        # the child's stderr kept whole: CUDA's own warnings go there and nowhere else (a graph destroyed during
-        # another's capture says so only there, before the capture's end fails with an error of its own)
-        log = out / f"{backend}.stderr.log"
-        with open(log, "w") as stderr:
-            proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        sys.stdout.write(proc.stdout)
-        done = {c["task"] for c in map(json.loads, jsonl.read_text().splitlines()) if c["backend"] == backend}
-        died = [t for t in args.tasks if t not in done]
-        if died:  # the process died (a crash, not an exception): its remaining cases say so
-            last = (log.read_text().strip().splitlines() or [""])[-1]
-            with open(jsonl, "a") as f:
-                for task in died:
-                    error = f"the {backend} process died (exit {proc.returncode}) before this case: {last}"
-                    case = {"task": task, "backend": backend, "precision": args.precision, "status": "failed",
-                            "error": error}  # fmt: skip
-                    f.write(json.dumps(case) + "\n")
+        run_backend(backend, args, out, jsonl)
         cases = [json.loads(line) for line in jsonl.read_text().splitlines()]
         (out / "tasks.md").write_text(markdown(cases))
     cases = [json.loads(line) for line in jsonl.read_text().splitlines()]
