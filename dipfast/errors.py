@@ -4,6 +4,8 @@ InputError is a ValueError, so callers that expect ValueError keep working; the 
 prints its message alone, never a traceback.
 """
 
+import torch
+
 
 class InputError(ValueError):
     """Bad input to restore() or the command: the message says what is wrong and what to do."""
@@ -11,6 +13,11 @@ class InputError(ValueError):
 
 class InputTypeError(InputError, TypeError):
     """An argument of the wrong type."""
+
+
+class DeviceMemoryError(InputError, torch.OutOfMemoryError):
+    """The fit ran out of the device's memory after the estimate let it start: the message names the estimate and the
+    options. Still a torch.OutOfMemoryError, for callers that catch that."""
 
 
 class NumericalError(RuntimeError):

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from dipfast import nets
-from dipfast.errors import InputError
+from dipfast.errors import DeviceMemoryError, InputError
 
 GIB = 2**30
 MIB = 2**20
@@ -135,6 +136,26 @@ def available_bytes(device: torch.device) -> int | None:
     except OSError:
         return None
     return None
+
+
+def ran_out(
+    error: BaseException, need: int, n_networks: int, size, precision: str, device, tile: int | None = None
+) -> DeviceMemoryError:
+    """The one-line error for a fit that ran out of memory (torch.OutOfMemoryError) though check_fits' estimate, `need`
+    bytes, let it start: cuDNN's algorithm search (its workspaces: fp32's most) and the allocator's fragments are what
+    the estimate does not see."""
+    asked = re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", str(error))
+    options = []
+    if n_networks > 1 and tile is None:
+        options.append("fewer images or restarts per call")
+    if precision != "bf16":
+        options.append("precision='bf16'")
+    options.append(f"a smaller tile= (this fit's: {tile})" if tile is not None else "tiles (a tile= smaller than the image)")
+    return DeviceMemoryError(
+        f"this fit ran out of memory on {device}{f' ({asked[0]})' if asked else ''} though the estimate, "
+        f"{need / GIB:.1f} GiB for {n_networks} network(s) at {size[0]} x {size[1]} in {precision}, let it start; "
+        f"try {', or '.join(options)}"
+    )
 
 
 def check_fits(

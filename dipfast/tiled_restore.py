@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dipfast import engine, images
+from dipfast import engine, images, memory
 from dipfast.early_stop import EarlyStopSpec
-from dipfast.errors import InputError
+from dipfast.errors import GraphCaptureError, InputError
 from dipfast.fit_io import load_mask, problem_of, result_of
 from dipfast.tasks import Task
 from dipfast.tile_choice import TileChoice
@@ -189,6 +189,14 @@ def restore_tiled(
             except KeyboardInterrupt:
                 stop_reason = "interrupted"
                 break
+            except (torch.OutOfMemoryError, GraphCaptureError) as error:
+                cause = error.cause if isinstance(error, GraphCaptureError) else error
+                if not isinstance(cause, torch.OutOfMemoryError):
+                    raise
+                size = problems[0].input_shape[1:]
+                need = memory.estimate_bytes(preset.net, preset.input_depth, c, size, len(chunk), plan.precision,
+                                             device, early_stop)  # fmt: skip
+                raise memory.ran_out(cause, need, len(chunk), size, plan.precision, device, choice.tile) from error
             loop_seconds += fits[0].loop_seconds
             setup_seconds += fits[0].setup_seconds
             warmup_seconds += fits[0].warmup_seconds

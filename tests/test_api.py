@@ -246,6 +246,32 @@ def test_a_step_the_cuda_graph_cannot_capture_is_one_line(np_rng, monkeypatch, c
     assert ("pure tensor function" in message) == bool(custom)
 
 
+OUT_OF_MEMORY = torch.OutOfMemoryError(  # the first line of CUDA's message, as torch raises it
+    "CUDA out of memory. Tried to allocate 2.25 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is "
+    "free. Of the allocated memory 74.1 GiB is allocated by PyTorch\nIf reserved but unallocated memory is large ..."
+)
+
+
+@pytest.mark.parametrize("inside_the_capture", [False, True], ids=["eager", "captured"])
+@pytest.mark.parametrize("tile", [None, 16], ids=["whole", "tiles"])
+def test_running_out_of_device_memory_is_one_line_with_the_options(np_rng, monkeypatch, tile, inside_the_capture):
+    """The estimate let the fit start and the device ran out (cuDNN's search takes what it can): one line naming the
+    allocation, the estimate and what to change, still a torch.OutOfMemoryError. The engine raises what CUDA raises."""
+
+    def fit_many(*args, **kwargs):
+        raise GraphCaptureError(OUT_OF_MEMORY) if inside_the_capture else OUT_OF_MEMORY
+
+    monkeypatch.setattr(dipfast.engine, "fit_many", fit_many)
+    with pytest.raises(dipfast.InputError) as info:
+        dipfast.restore(random_image(np_rng, 24, 24, 3), "denoise", iters=2, precision="fp32", tile=tile, **FAST)
+    message = str(info.value)
+    assert isinstance(info.value, torch.OutOfMemoryError) and "\n" not in message
+    assert message.startswith("this fit ran out of memory on cpu (Tried to allocate 2.25 GiB) though the estimate, ")
+    assert "precision='bf16'" in message
+    assert ("a smaller tile= (this fit's: 16)" in message) == (tile is not None)
+    assert ("tiles (a tile= smaller than the image)" in message) == (tile is None)
+
+
 def test_a_capture_error_keeps_the_first_error_raised_inside_the_capture():
     """torch.cuda.graph's exit raises its own error over the one raised inside (the first is its context)."""
     assert first_cause(CAPTURE_FAILED) is CAPTURE_FAILED

@@ -498,3 +498,18 @@ def test_input_unchanged_when_output_is_input(capsys, tmp_path, in_png):
         rc, _, err = run_main(capsys, "restore", in_png, "-o", in_png, "--iters", "1", "--quiet", *extra)
         assert_one_error_line(rc, err, "is the input file")
         assert in_png.read_bytes() == before
+
+
+def test_running_out_of_device_memory_is_one_line_and_writes_nothing(capsys, tmp_path, in_png, monkeypatch):
+    """The device runs out after the estimate let the fit start: one line with the options, no output written."""
+    import dipfast.engine
+
+    def fit_many(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has a total capacity")
+
+    monkeypatch.setattr(dipfast.engine, "fit_many", fit_many)
+    snapshot = _tree(tmp_path)
+    argv = ["restore", in_png, "-o", tmp_path / "out.png", "--iters", "2", "--precision", "fp32"]
+    rc, out, err = run_main(capsys, *argv)
+    assert_one_error_line(rc, err, "ran out of memory", "Tried to allocate 512.00 MiB", "precision='bf16'", "tile=")
+    assert out == "" and _tree(tmp_path) == snapshot
