@@ -22,11 +22,16 @@ tiles not fitted, tile_iterations (the iterations of all tiles together) and, wi
 stopping, stop_iterations[r][k] (restart r, tile k: its detected point) and, with the noise gate,
 noise_sigmas[k] (tile k's noise estimate).
 Ctrl-C or a callback's True stops the run: tiles not fitted yet keep the observation itself
-(super-resolution: its bicubic upsampling), listed in extras['tiling']['unfitted'].
+(super-resolution: its bicubic upsampling), listed in extras['tiling']['unfitted']. A step of tiles that
+runs out of the device's memory all the same (the estimate chose how many share it) runs again with half
+as many, down to one, with a notice (the same fits: their seeds are the tiles'; a callback sees the failed
+step's iterations too); a single tile that runs out raises DeviceMemoryError.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 import time
 
@@ -42,6 +47,8 @@ from dipfast.fit_io import load_mask, problem_of, result_of
 from dipfast.tasks import Task
 from dipfast.tile_choice import TileChoice
 from dipfast.tiles import Blend, TileGrid, largest_empty_square, tile_seed
+
+_log = logging.getLogger("dipfast")
 
 
 def _whole(value, name: str, shape: tuple[int, ...], what: str) -> torch.Tensor | None:
@@ -163,9 +170,15 @@ def restore_tiled(
     bar = tqdm(
         total=len(networks) * preset.iterations, disable=not progress, unit="tile-it", leave=False, dynamic_ncols=True
     )
+    per_step, first, ran_out = choice.per_step, 0, False
     with bar:
-        for first in range(0, len(networks), choice.per_step):
-            chunk = networks[first : first + choice.per_step]
+        while first < len(networks):
+            if ran_out:  # the failed step's tensors went with its error: hand their cached blocks back first
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                ran_out = False
+            chunk = networks[first : first + per_step]
             offset = time.perf_counter() - start
             seen = {"done": 0}
 
@@ -193,10 +206,18 @@ def restore_tiled(
                 cause = error.cause if isinstance(error, GraphCaptureError) else error
                 if not isinstance(cause, torch.OutOfMemoryError):
                     raise
+                if len(chunk) > 1:  # the estimate let more tiles share a step than fit: fewer, the same fits
+                    per_step, ran_out = len(chunk) // 2, True
+                    bar.update(-seen["done"] * len(chunk))
+                    _log.warning(
+                        "dipfast: %d tiles in one step ran out of memory on %s; %d per step from here",
+                        len(chunk), device, per_step,
+                    )  # fmt: skip
+                    continue
                 size = problems[0].input_shape[1:]
-                need = memory.estimate_bytes(preset.net, preset.input_depth, c, size, len(chunk), plan.precision,
-                                             device, early_stop)  # fmt: skip
-                raise memory.ran_out(cause, need, len(chunk), size, plan.precision, device, choice.tile) from error
+                need = memory.estimate_bytes(preset.net, preset.input_depth, c, size, 1, plan.precision, device,
+                                             early_stop)  # fmt: skip
+                raise memory.ran_out(cause, need, 1, size, plan.precision, device, choice.tile) from error
             loop_seconds += fits[0].loop_seconds
             setup_seconds += fits[0].setup_seconds
             warmup_seconds += fits[0].warmup_seconds
@@ -213,6 +234,7 @@ def restore_tiled(
                 stop_reason = ended[0]
                 break
             bar.update((preset.iterations - seen["done"]) * len(chunk))  # a step that stopped early: its rest
+            first += len(chunk)
     if stop_reason == "iterations" and fitted and all(fit.early_stopped for fit, _ in fitted.values()):
         stop_reason = "early-stop"
     if not fitted:
@@ -257,7 +279,7 @@ def restore_tiled(
         "tile": choice.tile,
         "overlap": choice.overlap,
         "grid": (len(grid.rows), len(grid.cols)),
-        "per_step": choice.per_step,
+        "per_step": per_step,  # choice.per_step, or fewer where a step of them ran out of memory
         "boxes": [(b.y, b.x, b.h, b.w) for b in boxes],
         "seeds": [tile_seed(seed, k) for k in range(len(grid))],  # restart r: tile_seed(seed + r, k)
         "unfitted": unfitted,

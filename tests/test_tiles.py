@@ -505,3 +505,29 @@ def test_command_takes_tile_and_overlap(np_rng, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*args, "--tile", "-3"])
     assert e.value.code == 2 and "expected 'auto', 'none' or a positive integer" in capsys.readouterr().err
+
+
+def test_a_step_of_tiles_that_runs_out_of_memory_runs_again_with_fewer(np_rng, monkeypatch, caplog):
+    """The estimate chose how many tiles share a step, and the device ran out all the same (CUDA raises
+    torch.OutOfMemoryError; here the engine does, for steps of more than one tile): the step runs again with half as
+    many, down to one, with a notice, and the result is the same bits (each tile's seed is its own)."""
+    image = random_image(np_rng, 24, 24)
+    kwargs = dict(iters=2, tile=16, overlap=4, seed=3, precision="fp32", **FAST)
+    whole = dipfast.restore(image, **kwargs)
+    assert whole.extras["tiling"]["per_step"] == 4
+    real, steps = dipfast.engine.fit_many, []
+
+    def fit_many(problems, *args, **kwargs):
+        steps.append(len(problems))
+        if len(problems) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB.")
+        return real(problems, *args, **kwargs)
+
+    monkeypatch.setattr(dipfast.engine, "fit_many", fit_many)
+    with caplog.at_level(logging.WARNING, logger="dipfast"):
+        fewer = dipfast.restore(image, **kwargs)
+    assert steps == [4, 2, 1, 1, 1, 1]
+    assert "4 tiles in one step ran out of memory on cpu; 2 per step from here" in caplog.text
+    assert fewer.extras["tiling"]["per_step"] == 1
+    np.testing.assert_array_equal(fewer.image, whole.image)
+    np.testing.assert_array_equal(fewer.ema_image, whole.ema_image)
