@@ -150,7 +150,7 @@ def ran_out(
         options.append("fewer images or restarts per call")
     if precision != "bf16":
         options.append("precision='bf16'")
-    options.append(f"a smaller tile= (this fit's: {tile})" if tile is not None else "tiles (a tile= smaller than the image)")
+    options.append(f"a smaller tile= (this fit's: {tile})" if tile else "tiles (a tile= smaller than the image)")
     return DeviceMemoryError(
         f"this fit ran out of memory on {device}{f' ({asked[0]})' if asked else ''} though the estimate, "
         f"{need / GIB:.1f} GiB for {n_networks} network(s) at {size[0]} x {size[1]} in {precision}, let it start; "
