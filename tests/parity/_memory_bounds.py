@@ -31,6 +31,11 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
+def _kernel_lines() -> list[str]:
+    """The kernel source lines (function:line) of the access being checked, innermost last."""
+    return [f"{f.name}:{f.lineno}" for f in traceback.extract_stack()[:-3] if "kernels" in f.filename][-3:]
+
+
 @contextlib.contextmanager
 def memory_bounds(monkeypatch):
     launch = {"ranges": [], "outside": []}
@@ -39,17 +44,15 @@ def memory_bounds(monkeypatch):
         """The mask of the lanes active and inside a tensor; the others recorded."""
         addresses = np.asarray(ptrs.data, dtype=np.uint64)
         end = addresses + np.uint64(max(1, ptrs.get_element_ty().primitive_bitwidth // 8))
+        # (tensors, lanes): which tensor's extent holds each lane (no tensor argument: none)
         within = np.stack([(addresses >= lo) & (end <= hi) for lo, hi in launch["ranges"]] or [addresses < 0])
         ok = within.any(axis=0)
         active = np.broadcast_to(mask.data if mask is not None else True, addresses.shape).astype(bool)
-        lines = None
-        if (active & ~ok).any():
-            lines = [f"{f.name}:{f.lineno}" for f in traceback.extract_stack()[:-2] if "kernels" in f.filename]
-            launch["outside"].append((kind, int((active & ~ok).sum()), lines[-3:]))
         live = active & ok
-        if live.any() and not within[:, live].all(axis=1).any():  # inside tensors, but no one tensor holds them all
-            lines = lines or [f"{f.name}:{f.lineno}" for f in traceback.extract_stack()[:-2] if "kernels" in f.filename]
-            launch["outside"].append((f"{kind} across tensors", int(live.sum()), lines[-3:]))
+        if (active & ~ok).any():
+            launch["outside"].append((kind, int((active & ~ok).sum()), _kernel_lines()))
+        elif live.any() and not within[:, live].all(axis=1).any():  # inside tensors, but no one tensor holds them all
+            launch["outside"].append((f"{kind} across tensors", int(live.sum()), _kernel_lines()))
         return interpreter.TensorHandle(np.asarray(live), interpreter.tl.int1)
 
     def checked(kernel, tensors, run):

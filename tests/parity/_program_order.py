@@ -68,8 +68,8 @@ class _Launch:
         self.accesses = {"load": [], "store": [], "atomic": []}
 
     def record(self, kind: str, ptrs, mask, program: int) -> None:
-        # as bool: the interpreter holds some int1 tensors as int32 (tl.full(..., True, tl.int1), and an `&` with one),
-        # which as an index would pick rows 0 and 1 instead of the active lanes
+        # as bool: the interpreter holds a vector condition & a scalar one (batch_norm_act's (w < width) &
+        # (row < n_rows)) as int32, which as an index would pick rows 0 and 1 instead of the active lanes
         mask = np.broadcast_to(np.asarray(mask.data, dtype=bool) if mask is not None else True, ptrs.data.shape)
         addresses = np.asarray(ptrs.data, dtype=np.uint64)[mask]
         self.accesses[kind].append((np.unique(addresses), program))
