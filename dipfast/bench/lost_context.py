@@ -9,8 +9,8 @@ goes on in its own process after them.
 continue_in_fresh_process(module, job, ...) runs ``python -m MODULE JOB``: the module's own entry point takes the
 job (what was measured so far and what is left, as JSON) and calls write_state() after each piece of work; the
 parent reads the state as it comes (so that its partial reports keep up, and a time limit's SIGINT, which reaches
-both processes, loses nothing that finished). This module knows nothing of what is measured: the throughput suite
-is its user (dipfast.bench.throughput).
+both processes, loses nothing that finished). This module knows nothing of what is measured: the throughput and
+profile suites are its users (dipfast.bench.throughput, dipfast.bench.profile).
 """
 
 from __future__ import annotations

@@ -16,15 +16,18 @@ precision) and their ratio, so one profile says which op group is how far from t
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from dipfast import api
-from dipfast.bench import floor, kernel_groups, runs
+from dipfast.bench import floor, kernel_groups, lost_context, runs
 from dipfast.bench.data import throughput_case
 from dipfast.bench.throughput import restore_in_blocks
 from dipfast.errors import InputError
@@ -137,25 +140,76 @@ def run_profile(
     seed: int = 0,
     progress: bool = True,
     pairs=None,
+    on_entry=None,
 ) -> dict:
     """Profile every method x precision, or the given (method, precision) pairs; failures (a refused combination,
-    out of memory) become rows that say so."""
+    out of memory) become entries that say so, and after one that leaves the CUDA context unusable the rest are
+    profiled in a fresh process (dipfast.bench.lost_context). on_entry(entries): after each pair."""
     pairs = list(pairs) if pairs is not None else [(m, p) for m in methods for p in precisions]
     if any(m in runs.ORIGINAL_LOOPS for m, _ in pairs):
         raise InputError("profile runs restore()'s methods; the original loop is the throughput table's baseline")
     dev = api.resolve_device(device)
+    settings = {"size": size, "batch": batch, "net": net, "iters": iters, "warmup": warmup, "rows": rows}
     entries = []
-    for method, precision in pairs:
+    for position, (method, precision) in enumerate(pairs):
         if progress:
             print(f"profile: {method} {precision} b{batch} {size}px", flush=True)
         entry = {"method": method, "precision": precision, "status": "ok", "reason": None}
+        lost = False
         try:
-            entry.update(profile_one(method, precision, size=size, batch=batch, net=net, iters=iters,
-                                     warmup=warmup, device=dev, seed=seed, rows=rows))  # fmt: skip
+            entry.update(profile_one(method, precision, device=dev, seed=seed, **settings))
         except InputError as e:
             entry.update(status="unsupported", reason=str(e))
         except Exception as e:  # noqa: BLE001  (out of memory, a Triton kernel that fails to compile: an entry)
-            entry.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            lost = lost_context.context_lost(dev)
+            entry.update(status="error", reason=reason + (f" ({lost_context.NOTE})" if lost else ""))
         entries.append(entry)
-    settings = {"size": size, "batch": batch, "net": net, "iters": iters, "warmup": warmup, "rows": rows}
+        if on_entry is not None:
+            on_entry(entries)
+        if lost:
+            rest = pairs[position + 1 :]
+            entries = _profile_in_fresh_process(rest, entries, {**settings, "device": str(dev), "seed": seed}, on_entry)
+            break
     return {"suite": "profile", "settings": settings, "entries": entries}
+
+
+def _profile_in_fresh_process(pairs: list, entries: list[dict], settings: dict, on_entry) -> list[dict]:
+    """run_profile() of the rest in a fresh process (main() below); `entries` and what it profiled."""
+    from dipfast import nvtx_ranges
+
+    job = {"pairs": pairs, "settings": settings, "threads": torch.get_num_threads(), "nvtx": nvtx_ranges.enabled()}
+    theirs: list[dict] = []
+
+    def on_state(state: dict, _finished: int) -> None:
+        theirs[:] = state["entries"]
+        if on_entry is not None:
+            on_entry(entries + theirs)
+
+    _, status = lost_context.continue_in_fresh_process("dipfast.bench.profile", job, on_state)
+    for method, precision in pairs[len(theirs) :]:  # it died before the end: the rest are entries that say so
+        reason = f"the fresh process after a lost CUDA context ended (exit {status}) before profiling it"
+        theirs.append({"method": method, "precision": precision, "status": "error", "reason": reason})
+    return entries + theirs
+
+
+def main(argv: list[str]) -> int:
+    """python -m dipfast.bench.profile JOB: the rest of a profile run whose process lost its CUDA context."""
+    from dipfast import nvtx_ranges
+
+    job = json.loads(Path(argv[0]).read_text())
+    torch.set_num_threads(job["threads"])
+    nvtx_ranges.enable(job["nvtx"])
+
+    def on_entry(entries: list[dict]) -> None:
+        lost_context.write_state(job["state"], len(entries), entries=entries)
+
+    run_profile([], [], pairs=[tuple(p) for p in job["pairs"]], progress=False, on_entry=on_entry, **job["settings"])
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # what it profiled is written already
+        sys.exit(130)

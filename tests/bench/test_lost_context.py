@@ -125,3 +125,45 @@ def test_an_xdist_worker_whose_cuda_context_is_lost_is_replaced(tmp_path):
     out = proc.stdout + proc.stderr
     assert "worker 'gw0' crashed while running 'test_sticky.py::test_breaks_the_context'" in out, out[-3000:]
     assert "PASSED test_sticky.py::test_after_it" in out, out[-3000:]
+
+
+def test_profile_after_a_lost_context_profiles_the_rest_in_a_fresh_process(monkeypatch):
+    from dipfast.bench import profile
+
+    profiled_here = []
+    profile_one = profile.profile_one
+
+    def failing(method, precision, **kwargs):
+        profiled_here.append((method, precision))
+        if (method, precision) == ("native", "fp32"):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return profile_one(method, precision, **kwargs)
+
+    monkeypatch.setattr(profile, "profile_one", failing)
+    monkeypatch.setattr(lost_context, "context_lost", lambda device: True)
+    seen = []
+    pairs = [("native", "fp32"), ("reference", "fp32"), ("native", "bf16")]
+    rep = profile.run_profile([], [], pairs=pairs, size=16, net="tiny", iters=2, warmup=1, device="cpu",
+                              progress=False, on_entry=lambda entries: seen.append(len(entries)))  # fmt: skip
+    assert profiled_here == [("native", "fp32")]
+    assert [(e["method"], e["precision"], e["status"]) for e in rep["entries"]] == [
+        (*p, s) for p, s in zip(pairs, ["error", "ok", "ok"])
+    ]
+    assert lost_context.NOTE in rep["entries"][0]["reason"]
+    assert all(e["ops"] and e["total_ms_per_iter"] > 0 for e in rep["entries"][1:])
+    assert seen[0] == 1 and seen[-1] == 3 and seen == sorted(seen)
+
+
+def test_profile_whose_fresh_process_dies_says_so(monkeypatch):
+    from dipfast.bench import profile
+
+    def failing(method, precision, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(profile, "profile_one", failing)
+    monkeypatch.setattr(lost_context, "context_lost", lambda device: True)
+    monkeypatch.setattr(lost_context, "_command", lambda module, job: [sys.executable, "-c", "import sys; sys.exit(4)"])
+    rep = profile.run_profile([], [], pairs=[("native", "fp32"), ("reference", "fp32")], size=16, net="tiny",
+                              iters=2, warmup=1, device="cpu", progress=False)  # fmt: skip
+    assert [e["status"] for e in rep["entries"]] == ["error", "error"]
+    assert "fresh process after a lost CUDA context ended (exit 4)" in rep["entries"][1]["reason"]
