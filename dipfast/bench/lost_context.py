@@ -34,9 +34,10 @@ def context_lost(device) -> bool:
     device = torch.device(device)
     if device.type != "cuda":
         return False
-    try:
+    try:  # no host copy: a sync-debug mode that forbids one is no lost context
         torch.cuda.synchronize(device)
-        torch.ones(1, device=device).add_(1).cpu()
+        torch.ones(1, device=device).add_(1)
+        torch.cuda.synchronize(device)
     except RuntimeError:  # torch.AcceleratorError ("CUDA error: an illegal memory access ...") is one
         return True
     return False
