@@ -165,8 +165,6 @@ def restore(
         except torch.OutOfMemoryError as error:
             raise memory.ran_out(error, need, n_networks, input_shape[1:], plan.precision, dev) from error
         except GraphCaptureError as error:
-            if isinstance(error.cause, torch.OutOfMemoryError):  # out of memory inside the capture
-                raise memory.ran_out(error.cause, need, n_networks, input_shape[1:], plan.precision, dev) from error
             if not custom:
                 raise
             raise InputError(

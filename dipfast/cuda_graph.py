@@ -97,7 +97,10 @@ class GraphedStep:
         except RuntimeError as error:  # torch.AcceleratorError too
             # a capture that fails to end leaves torch.cuda.graph's stream context entered: the caller's comes back
             torch.cuda.set_stream(caller)
-            raise GraphCaptureError(first_cause(error)) from error
+            cause = first_cause(error)
+            if isinstance(cause, torch.OutOfMemoryError):  # the memory's, not the capture's: as an eager step raises it
+                raise cause from None
+            raise GraphCaptureError(cause) from error
         torch.cuda.synchronize(self.device)
         self.graph = graph
         self.captures += 1

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from dipfast import engine, images, memory
 from dipfast.early_stop import EarlyStopSpec
-from dipfast.errors import GraphCaptureError, InputError
+from dipfast.errors import InputError
 from dipfast.fit_io import load_mask, problem_of, result_of
 from dipfast.tasks import Task
 from dipfast.tile_choice import TileChoice
@@ -202,10 +202,7 @@ def restore_tiled(
             except KeyboardInterrupt:
                 stop_reason = "interrupted"
                 break
-            except (torch.OutOfMemoryError, GraphCaptureError) as error:
-                cause = error.cause if isinstance(error, GraphCaptureError) else error
-                if not isinstance(cause, torch.OutOfMemoryError):
-                    raise
+            except torch.OutOfMemoryError as error:  # eager or inside the capture (cuda_graph raises it as is)
                 if len(chunk) > 1:  # the estimate let more tiles share a step than fit: fewer, the same fits
                     per_step, ran_out = len(chunk) // 2, True
                     bar.update(-seen["done"] * len(chunk))
@@ -217,7 +214,7 @@ def restore_tiled(
                 size = problems[0].input_shape[1:]
                 need = memory.estimate_bytes(preset.net, preset.input_depth, c, size, 1, plan.precision, device,
                                              early_stop)  # fmt: skip
-                raise memory.ran_out(cause, need, 1, size, plan.precision, device, choice.tile) from error
+                raise memory.ran_out(error, need, 1, size, plan.precision, device, choice.tile) from error
             loop_seconds += fits[0].loop_seconds
             setup_seconds += fits[0].setup_seconds
             warmup_seconds += fits[0].warmup_seconds

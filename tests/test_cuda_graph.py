@@ -69,3 +69,18 @@ def test_no_automatic_garbage_collection_runs_inside_a_capture(capturing, fails)
             gc.enable()
     assert capturing.count("begin") == 2
     assert capturing.count("replay") == (0 if fails else 2)
+
+
+def test_out_of_memory_inside_the_capture_is_raised_as_the_memory_error_it_is(capturing):
+    """Not a GraphCaptureError ('backend=reference runs without one' would be the wrong advice): the step's own
+    torch.OutOfMemoryError, as an eager step raises it, for restore() to turn into its one-line DeviceMemoryError;
+    the caller's stream back."""
+    out_of_memory = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    def step():
+        raise out_of_memory
+
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        _captured(step)()
+    assert info.value is out_of_memory and not isinstance(info.value, GraphCaptureError)
+    assert capturing[-1] == "set caller's stream"
