@@ -146,7 +146,7 @@ def _child(args) -> int:
         case = run_case(task, args.backends[0], args.precision, size=args.size, iters=args.iters, device=args.device)
         lost = case["status"] == "failed" and lost_context.context_lost(resolve_device(args.device))
         if lost:
-            case["error"] += f" ({lost_context.NOTE.replace('configurations', 'cases')})"
+            case["error"] += f" ({lost_context.NOTE})"
         with open(args.jsonl, "a") as f:
             f.write(json.dumps(case) + "\n")
         print(f"{case['backend']:<8} {task:<8} {case['status']:<6} {case['seconds']:6.1f}s {case['error'] or ''}")

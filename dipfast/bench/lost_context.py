@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-NOTE = "the CUDA context was lost with it: the configurations after it ran in a fresh process"
+NOTE = "the CUDA context was lost with it: what came after it ran in a fresh process"  # a failure's note
 POLL_SECONDS = 0.5
 
 
@@ -48,12 +48,16 @@ def _command(module: str, job: Path) -> list[str]:
 
 
 def continue_in_fresh_process(module: str, job: dict, on_state) -> tuple[int, int]:
-    """Run ``python -m MODULE JOBFILE`` with `job` (JSON) and its "state" path added; on_state(state, n) each time
-    the process has written a state with n more pieces of work finished. Returns (pieces finished, exit status)."""
+    """Run ``python -m MODULE JOBFILE`` with `job` (JSON), its "state" path and this process's torch threads and NVTX
+    switch added (read_job() applies them there); on_state(state, n) each time the process has written a state with
+    n more pieces of work finished. Returns (pieces finished, exit status)."""
+    from dipfast import nvtx_ranges
+
     finished = 0
     with tempfile.TemporaryDirectory(prefix="dipfast-fresh-") as tmp:
         job_path, state_path = Path(tmp) / "job.json", Path(tmp) / "state.json"
-        job_path.write_text(json.dumps({**job, "state": str(state_path)}))
+        carried = {"threads": torch.get_num_threads(), "nvtx": nvtx_ranges.enabled(), "state": str(state_path)}
+        job_path.write_text(json.dumps({**job, **carried}))
 
         def read() -> None:
             nonlocal finished
@@ -77,6 +81,16 @@ def continue_in_fresh_process(module: str, job: dict, on_state) -> tuple[int, in
             raise
         read()
     return finished, proc.returncode
+
+
+def read_job(path: str | Path) -> dict:
+    """The fresh process's job, with the parent's torch threads and NVTX switch applied to this process."""
+    from dipfast import nvtx_ranges
+
+    job = json.loads(Path(path).read_text())
+    torch.set_num_threads(job["threads"])
+    nvtx_ranges.enable(job["nvtx"])
+    return job
 
 
 def write_state(path: str | Path, finished: int, **state) -> None:

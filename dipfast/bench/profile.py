@@ -16,11 +16,9 @@ precision) and their ratio, so one profile says which op group is how far from t
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
@@ -176,9 +174,7 @@ def run_profile(
 
 def _profile_in_fresh_process(pairs: list, entries: list[dict], settings: dict, on_entry) -> list[dict]:
     """run_profile() of the rest in a fresh process (main() below); `entries` and what it profiled."""
-    from dipfast import nvtx_ranges
-
-    job = {"pairs": pairs, "settings": settings, "threads": torch.get_num_threads(), "nvtx": nvtx_ranges.enabled()}
+    job = {"pairs": pairs, "settings": settings}
     theirs: list[dict] = []
 
     def on_state(state: dict, _finished: int) -> None:
@@ -195,11 +191,7 @@ def _profile_in_fresh_process(pairs: list, entries: list[dict], settings: dict, 
 
 def main(argv: list[str]) -> int:
     """python -m dipfast.bench.profile JOB: the rest of a profile run whose process lost its CUDA context."""
-    from dipfast import nvtx_ranges
-
-    job = json.loads(Path(argv[0]).read_text())
-    torch.set_num_threads(job["threads"])
-    nvtx_ranges.enable(job["nvtx"])
+    job = lost_context.read_job(argv[0])
 
     def on_entry(entries: list[dict]) -> None:
         lost_context.write_state(job["state"], len(entries), entries=entries)

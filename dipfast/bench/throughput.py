@@ -25,15 +25,11 @@ unusable, the configurations after it run in a fresh process (dipfast.bench.lost
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
 import time
 from dataclasses import astuple, dataclass, field
-from pathlib import Path
-
-import torch
 
 from dipfast import api
 from dipfast.bench import lost_context, runs
@@ -345,15 +341,7 @@ def measure_schedule(
 
 def _measure_in_fresh_process(schedule: list[Config], measured: Measured, settings: dict, on_config) -> Measured:
     """measure_schedule() of the rest in a fresh process (main() below), which continues `measured`."""
-    from dipfast import nvtx_ranges
-
-    job = {
-        "settings": settings,
-        "schedule": [astuple(c) for c in schedule],
-        "measured": measured.to_json(),
-        "threads": torch.get_num_threads(),
-        "nvtx": nvtx_ranges.enabled(),
-    }
+    job = {"settings": settings, "schedule": [astuple(c) for c in schedule], "measured": measured.to_json()}
 
     def on_state(state: dict, finished: int) -> None:
         nonlocal measured
@@ -372,11 +360,7 @@ def _measure_in_fresh_process(schedule: list[Config], measured: Measured, settin
 
 def main(argv: list[str]) -> int:
     """python -m dipfast.bench.throughput JOB: the rest of a run whose process lost its CUDA context."""
-    from dipfast import nvtx_ranges
-
-    job = json.loads(Path(argv[0]).read_text())
-    torch.set_num_threads(job["threads"])
-    nvtx_ranges.enable(job["nvtx"])
+    job = lost_context.read_job(argv[0])
     finished = 0
 
     def on_config(measured: Measured, n: int) -> None:
