@@ -249,15 +249,18 @@ def test_the_headline_sets_the_memory_estimate_beside_the_peaks():
 def test_gpu_quick_runs_the_steps_in_the_order_given_and_a_cut_step_ends_at_its_limit(tmp_path):
     """A second call puts first what the first did not reach, so the steps run in the order DIPFAST_GPU_QUICK_STEPS
     gives them. A step cut by its time limit gets SIGINT, which pytest and the harness catch to write what they have
-    and return normally: the step ends there, recorded as timed out at its limit, where the function's next command
-    ran on until the SIGKILL 15 s later ('exit 137'). Here the convs step's first script returns on SIGINT past the
-    21 s budget, and its next one would sleep through it."""
-    python = tmp_path / "python"
+    and return normally: the step ends there, recorded as timed out (124), where the function's next command ran on
+    until the SIGKILL 15 s later ('exit 137'). Here the convs step's first script returns on SIGINT past the 21 s
+    budget, and its next one would leave a mark and sleep through it. What is asserted is what ran, not how long it
+    took: the step's seconds include the machine's load (a loaded CI machine recorded 41 s against this 21 s limit).
+    """
+    python, mark = tmp_path / "python", tmp_path / "next-command-ran"
     python.write_text(
         "#!/usr/bin/env bash\n"
         'case $1 in *step_convs.py) exec python3 -c "\n'
         "import signal, sys, time\n"
         "if '--method' in sys.argv and sys.argv[sys.argv.index('--method') + 1] != 'native':\n"
+        f"    open('{mark}', 'w').close()\n"
         "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
         "try:\n"
         "    time.sleep(60)\n"
@@ -276,5 +279,5 @@ def test_gpu_quick_runs_the_steps_in_the_order_given_and_a_cut_step_ends_at_its_
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = [line.split("\t") for line in (tmp_path / "dest/summary.tsv").read_text().splitlines()[1:]]
     assert [row[0] for row in rows] == ["convs", "install"]
-    name, status, seconds, limit, note = rows[0]
-    assert (status, note) == ("failed", "timed out") and int(seconds) <= int(limit) + 3, rows[0]
+    status, note = rows[0][1], rows[0][4]
+    assert (status, note) == ("failed", "timed out") and not mark.exists(), rows[0]
