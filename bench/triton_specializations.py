@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import dataclasses
 import inspect
 import os
 import sys
@@ -95,25 +94,12 @@ def intercepted(launch):
         InterpretedFunction.run = run
 
 
-@contextlib.contextmanager
 def padded_blocks_on_cpu(channels_last: bool = False):
     """The native backend as it stands (a harness variant's, inside runs.method_context) with every CUDA choice on the
     CPU too: its CUDA block ops (PaddedBlocks), NCHW (channels_last: NHWC under bf16, the harness's native-cl), its
     rules after the backward (fused or not), a batch vmapped or not, and the rest: the step CUDA runs."""
-    spec = backends.BACKEND_TABLE["native"]
-    mirrored = {}
-    for field in dataclasses.fields(spec):  # the fields that name device types, but the layout's (below)
-        where = getattr(spec, field.name)
-        if isinstance(where, frozenset) and field.name != "channels_last_bf16":
-            mirrored[field.name] = where | {"cpu"} if "cuda" in where else where - {"cpu"}
-    backends.BACKEND_TABLE["native"] = dataclasses.replace(
-        spec, blocks={**spec.blocks, "cpu": spec.blocks["cuda"]}, noise={}, **mirrored,
-        channels_last_bf16=frozenset({"cpu"}) if channels_last else frozenset(),
-    )  # fmt: skip
-    try:
-        yield
-    finally:
-        backends.BACKEND_TABLE["native"] = spec
+    layout = frozenset({"cpu"}) if channels_last else frozenset()
+    return backends.variant("native", **{**backends.cuda_choices_on_cpu("native"), "channels_last_bf16": layout})
 
 
 def native_step_launches(

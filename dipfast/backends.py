@@ -240,6 +240,22 @@ def variant(name: str, **changes):
         BACKEND_TABLE[name] = saved
 
 
+def cuda_choices_on_cpu(name: str) -> dict:
+    """Backend `name`'s per-device fields with CUDA's choice made for the CPU as well: variant(name, **these) runs on
+    a CPU the step that CUDA runs (its block ops, layout, noise draw, rules, launches), for the Triton interpreter's
+    instruments and the launch census, which follow the table as the GPU's measurements change it."""
+    spec, changes = BACKEND_TABLE[name], {}
+    for field in dataclasses.fields(spec):
+        where = getattr(spec, field.name)
+        if isinstance(where, frozenset):  # the device types where a choice is on
+            changes[field.name] = where | {"cpu"} if "cuda" in where else where - {"cpu"}
+        elif isinstance(where, dict):  # device type -> a choice; a device type left out takes the default
+            changes[field.name] = {k: v for k, v in where.items() if k != "cpu"}
+            if "cuda" in where:
+                changes[field.name]["cpu"] = where["cuda"]
+    return changes
+
+
 REFERENCE_PLAN = Plan("reference", "fp32", compile=False, cuda_graph=False, fused_adam=False)
 
 

@@ -135,6 +135,33 @@ def test_a_variant_changes_a_backend_inside_its_block_only():
     assert type(backends.resolve("native", "fp32", cuda).block_ops(cuda)).__name__ == "PaddedBlocks"
 
 
+@pytest.mark.parametrize("name", list(backends.BACKEND_TABLE))
+def test_cuda_choices_on_cpu_make_the_cpu_plan_choose_what_cuda_runs(name):
+    """The CPU's stand-in for the CUDA step (the interpreter's instruments, the launch census): inside the variant a
+    CPU plan decides every per-device question as the CUDA plan does outside it, whichever choices the table holds."""
+    cuda = torch.device("cuda", 0)
+    decisions = ("channels_last", "channel_multiple", "aligned_parameters", "noise", "fused_loss", "folded_finalize",
+                 "vectorised")  # fmt: skip
+    # the choices themselves, not whether this machine could run them (fused_rules.available and the like)
+    switches = ("fused_rules", "dependent_launch", "parallel_compile")
+
+    def asked(device: torch.device, plan: Plan) -> tuple:
+        return (type(plan.block_ops(device)).__name__, *(getattr(plan, d)(device) for d in decisions),
+                *(device.type in getattr(plan.spec, s) for s in switches))  # fmt: skip
+
+    for precision in ("fp32", "tf32", "bf16"):  # the plan as resolve() would make it on either device
+        plan = dataclasses.replace(backends.resolve(name, "fp32", CPU), precision=precision)
+        on_cuda = asked(cuda, plan)
+        with backends.variant(name, **backends.cuda_choices_on_cpu(name)):
+            assert asked(CPU, plan) == on_cuda, precision
+            assert asked(cuda, plan) == on_cuda, precision
+    table = {"cpu": "native", "cuda": "padded"}
+    with backends.variant(name, blocks=table, vectorised=frozenset({"cpu"}), noise={"cpu": "philox"}):
+        assert backends.cuda_choices_on_cpu(name)["blocks"] == {"cpu": "padded", "cuda": "padded"}
+        assert backends.cuda_choices_on_cpu(name)["vectorised"] == frozenset()
+        assert backends.cuda_choices_on_cpu(name)["noise"] == {}
+
+
 def test_dependent_launches_are_off_by_default_and_never_on_a_cpu():
     """Programmatic dependent launch (dipfast.kernels.dependent_launch) waits for the measurement that would make it
     native's choice (the harness's native-pdl); where asked for, a CPU launch (Triton's interpreter, which cannot run

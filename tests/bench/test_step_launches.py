@@ -84,8 +84,7 @@ def test_every_launch_of_the_step_is_a_dependent_launch_where_the_plan_says(monk
     launches = []
     record = lambda jit, args, kwargs: launches.append((jit.fn.__name__, kwargs["PDL"], kwargs["launch_pdl"]))  # noqa: E731
     fields = runs.FIELD_VARIANTS[variant][1](backends.BACKEND_TABLE["native"]) if variant != "native" else {}
-    cpu_too = {k: v | {"cpu"} for k, v in fields.items()}  # the variant's CUDA choice, on this CPU
-    with backends.variant("native", **cpu_too), tool.graph_safe_step():
+    with backends.variant("native", **fields), tool.graph_safe_step():  # on the CPU as on CUDA: native_step_launches
         tool.native_step_launches(64, "bf16", "default", 2, record, early_stop=tool.census_rule("auto"))
     kernels = {name for name, *_ in launches}
     assert {"_batch_norm_stats_kernel", "_batch_norm_act_bwd_apply_kernel", "_column_sums_kernel", "_transpose_kernel",

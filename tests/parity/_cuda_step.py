@@ -38,17 +38,11 @@ def gpu_tiles(as_on_a_gpu: bool):
 
 @contextlib.contextmanager
 def native_cuda_steps(n: int, *, folded: bool = False, as_captured: bool = False):
-    """Within the block, make() builds a fresh native bf16 step of n networks (seeds 1..n) with CUDA's choices:
-    the padded blocks, the fused rules, vmapped networks, early stopping (a window of 2); folded: each BatchNorm's
-    finalize in its reduction's last program; as_captured: the tiles a GPU runs and the captured step's graph-safe
-    branches."""
-    choices = dict(
-        blocks={"cpu": "padded", "cuda": "padded"},
-        channels_last_bf16=frozenset(),
-        fused_rules=frozenset({"cpu", "cuda"}),
-        folded_finalize=frozenset({"cpu"} if folded else ()),
-        vectorised=frozenset({"cpu", "cuda"}),
-    )
+    """Within the block, make() builds a fresh native bf16 step of n networks (seeds 1..n) with CUDA's choices (the
+    padded blocks, the fused rules, vmapped networks, as the table has them) and early stopping (a window of 2);
+    folded: each BatchNorm's finalize in its reduction's last program, or not, whatever the table says; as_captured:
+    the tiles a GPU runs and the captured step's graph-safe branches."""
+    choices = {**backends.cuda_choices_on_cpu("native"), "folded_finalize": frozenset({"cpu"} if folded else ())}
     preset = dataclasses.replace(TINY_PRESET, iterations=4)
     seeds = list(range(1, n + 1))
 

@@ -48,15 +48,9 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# each backend's CUDA fields, on the CPU (backends.BACKEND_TABLE): native's padded blocks in NCHW, torch's generator
-# for the input noise; triton's channels_last bf16 (NCHW where vmapped); both with the fused rules
-ON_CUDA = {
-    "native": dict(blocks={"cpu": "padded"}, channels_last_bf16=frozenset(), noise={}, fused_rules=frozenset({"cpu"})),
-    "triton": dict(channels_last_bf16=frozenset({"cpu"}), fused_rules=frozenset({"cpu"})),
-}
 CASES = {
     # backend, precision, preset (denoise's and restore's backtrack), super-resolution, early stopping, networks
-    # (vmapped where 2), fields changed from ON_CUDA's
+    # (vmapped where 2), fields changed from CUDA's (backends.cuda_choices_on_cpu)
     "native-denoise-early-stop": ("native", "bf16", "denoise", False, True, 2, {}),
     "native-unfused-rules-restore": ("native", "tf32", "restore", False, True, 1, dict(fused_rules=frozenset())),
     "native-sr4": ("native", "bf16", "sr4", True, False, 1, {}),
@@ -69,7 +63,7 @@ CASES = {
 def test_the_captured_step_reads_nothing_back(case):
     backend, precision, preset_name, sr, early_stop, n, changed = CASES[case]
     preset = dataclasses.replace(PRESETS[preset_name], **TINY, iterations=4)
-    with backends.variant(backend, vectorised=frozenset({"cpu"}), **{**ON_CUDA[backend], **changed}):
+    with backends.variant(backend, **{**backends.cuda_choices_on_cpu(backend), **changed}):
         plan = dataclasses.replace(backends.resolve(backend, precision, CPU), compile=False)  # triton-eager
         problems, seeds = problems_at_odd_sizes(n, sr=sr), list(range(1, n + 1))
         built, zs = fast_step.build_nets(problems, preset, seeds)
