@@ -372,6 +372,18 @@ def _bad_cases():
         "output write fails": output_write_fails,
         "ema output equals output": ema_same_as_output,
         "unknown command": lambda tmp, inp, np_rng: (["bogus"], ["bogus"]),
+        "task as restore()'s positional": lambda tmp, inp, np_rng: (
+            ["restore", inp, "sr", "-o", tmp / "out.png"],
+            ["unrecognized arguments: sr", "'sr' is a value of --task: write --task sr"],
+        ),
+        "bench suite's option value alone": lambda tmp, inp, np_rng: (
+            ["bench", "early-stop", "--out", tmp / "es", "inpaint"],
+            ["unrecognized arguments: inpaint", "'inpaint' is a value of --tasks: write --tasks inpaint"],
+        ),
+        "a word no option takes": lambda tmp, inp, np_rng: (
+            ["restore", inp, "blurry", "-o", tmp / "out.png"],
+            ["unrecognized arguments: blurry"],
+        ),
         "unknown stop": lambda tmp, inp, np_rng: (
             ["restore", inp, "-o", tmp / "out.png", "--stop", "soon"],
             ["--stop", "invalid choice: 'soon'"],
