@@ -49,8 +49,7 @@
 #                 against torch in fp32 and timed beside ATen's conv: whether the fused engines take LeakyReLU in
 #                 bf16 on Hopper and pay (gpu-step.md's fix 5). Needs the `cudnn` module: installed from a
 #                 nvidia-cudnn-frontend wheel in .gpu-data/wheels where absent (no network on the device:
-#                 pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#                   --platform manylinux_2_28_x86_64 nvidia-cudnn-frontend==1.16.0 -d .gpu-data/wheels)     90
+#                 bench/gpu_prepare.sh downloads it here)                                                   90
 #   batch         256 x 256, batch 1 against batch 4, on the fastest path that batches, and native and
 #                 native-per-network at its precision (the 4 networks one after another in the graph, not vmapped
 #                 into grouped convs): what vmap is worth, the batch and tiles targets' lever (Backend.vectorised) 60
@@ -101,8 +100,8 @@
 #   DIPFAST_GPU_QUICK_BUDGET    seconds for the whole run (default 480; --tiny 600)
 #   DIPFAST_GPU_QUICK_DATA      the paper's images (default ../shared/data/dip beside the repository, else
 #                               .gpu-data/dip inside it); --data too. Only the repository travels to a device
-#                               machine: `cp -r ../shared/data/dip .gpu-data/dip` (git-ignored: never
-#                               committed) and name .gpu-data in the run's carry.
+#                               machine: bench/gpu_prepare.sh copies the images into .gpu-data/dip (git-ignored:
+#                               never committed) with the cudnn step's wheel; name .gpu-data in the run's carry.
 #   DIPFAST_GPU_QUICK_WORK      the results folder (default: a new temporary one)
 #   DIPFAST_GPU_QUICK_BACKENDS  the fast backends the tasks step runs (default "native compile triton"; --tiny "native")
 #   DIPFAST_GPU_QUICK_INSTALL   1 to pip install the working tree first (default 1; --tiny 0)
