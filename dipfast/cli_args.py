@@ -40,7 +40,7 @@ def tile_option(text: str) -> int | str | None:
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr like every other bad input (no usage dump), and a word left
     over that is a value of one of the command's options says which (`dipfast restore lr.png sr`, as one would call
-    restore("lr.png", "sr"): "... (a value of --task: write --task sr)")."""
+    restore("lr.png", "sr"): "... ('sr' is a value of --task: write --task sr)")."""
 
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
