@@ -40,7 +40,7 @@ def _repo(tmp_path):
 def _prepare(repo, python, *argv):
     env = {k: v for k, v in os.environ.items() if k != "DIPFAST_GPU_DATA"} | {"PYTHON": str(python)}
     proc = subprocess.run(["bash", str(repo / "bench/gpu_prepare.sh"), *argv], env=env, capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
+                          text=True, timeout=120, check=False)  # fmt: skip
     return proc.returncode, proc.stdout, proc.stderr
 
 
