@@ -72,7 +72,8 @@ The window (device tool: 'status' first; every call carries ["$carried"]):
   call 1  timeout_s 540:
     $env bash bench/gpu_quick.sh
   call 2  on the warm machine, only where 'status' leaves 240 s or more (LEFT = its budget_left_s), timeout_s LEFT - 10:
-    $env DIPFAST_GPU_QUICK_STEPS="install environment triton parity tasks tests" DIPFAST_GPU_QUICK_BUDGET=\$((LEFT - 110)) bash bench/gpu_quick.sh; timeout 90 python bench/ops/tune_conv_bn_lrelu.py --blocks L0-merge --families conv --precisions bf16 --record \$OUT/tune-merge.jsonl --table \$OUT/tuned_tiles.json
+    $env DIPFAST_GPU_QUICK_STEPS="install environment triton parity tasks tests" DIPFAST_GPU_QUICK_BUDGET=\$((LEFT - 110)) bash bench/gpu_quick.sh; cp kernels/tuned_tiles.json \$OUT/; timeout 90 python3 bench/ops/tune_conv_bn_lrelu.py --blocks L0-merge --families conv --precisions bf16 --record \$OUT/tune-merge.jsonl --table \$OUT/tuned_tiles.json
+  (the returned tuned_tiles.json is the whole table, the merge's entries merged in: kernels/tuned_tiles.json)
   then give_back, and here:
     python bench/gpu_results.py CALL1/gpu-quick.tar.gz CALL2/gpu-quick.tar.gz --command "..." --command "..."
   a window of its own for issue 17's 12 MP photo:
