@@ -52,8 +52,10 @@ def test_it_fills_the_carry_once_and_prints_the_calls_with_the_commit(tmp_path):
     assert (repo / ".gpu-data/dip/denoising/F16_GT.png").read_bytes() == b"an image"
     assert len(list((repo / ".gpu-data/wheels").glob("nvidia_cudnn_frontend-*.whl"))) == 1
     assert 'carries [".gpu-data"]' in out and f"DIPFAST_BENCH_COMMIT={commit.strip()} bash bench/gpu_quick.sh" in out
-    rc, out, err = _prepare(repo, python)  # again: nothing copied or downloaded twice
+    assert "gpu_prepare.sh --left" in out and out.count("_BUDGET=") == 1  # call 2 waits for the seconds left
+    rc, out, err = _prepare(repo, python, "--left", "400")  # again: nothing copied or downloaded twice
     assert rc == 0 and f"images: {repo / '.gpu-data/dip'} is there" in out
+    assert "timeout_s 390" in out and "DIPFAST_GPU_QUICK_BUDGET=290 bash bench/gpu_quick.sh" in out
     assert (tmp_path / "pip-calls").read_text() == "call\n"
 
 
