@@ -144,9 +144,9 @@ def _child(args) -> int:
 
     for task in args.tasks:
         case = run_case(task, args.backends[0], args.precision, size=args.size, iters=args.iters, device=args.device)
-        lost = case["status"] == "failed" and lost_context.context_lost(resolve_device(args.device))
-        if lost:
-            case["error"] += f" ({lost_context.NOTE})"
+        lost = False
+        if case["status"] == "failed":
+            case["error"], lost = lost_context.noted(case["error"], resolve_device(args.device))
         with open(args.jsonl, "a") as f:
             f.write(json.dumps(case) + "\n")
         print(f"{case['backend']:<8} {task:<8} {case['status']:<6} {case['seconds']:6.1f}s {case['error'] or ''}")

@@ -43,6 +43,13 @@ def context_lost(device) -> bool:
     return False
 
 
+def noted(reason: str, device) -> tuple[str, bool]:
+    """A failure's reason, with NOTE added where it left the CUDA context unusable, and whether it did (the caller
+    then goes on in a fresh process)."""
+    lost = context_lost(device)
+    return (f"{reason} ({NOTE})" if lost else reason), lost
+
+
 def _command(module: str, job: Path) -> list[str]:
     return [sys.executable, "-m", module, str(job)]
 

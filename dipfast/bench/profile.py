@@ -159,9 +159,8 @@ def run_profile(
         except InputError as e:
             entry.update(status="unsupported", reason=str(e))
         except Exception as e:  # noqa: BLE001  (out of memory, a Triton kernel that fails to compile: an entry)
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            lost = lost_context.context_lost(dev)
-            entry.update(status="error", reason=reason + (f" ({lost_context.NOTE})" if lost else ""))
+            reason, lost = lost_context.noted(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", dev)
+            entry.update(status="error", reason=reason)
         entries.append(entry)
         if on_entry is not None:
             on_entry(entries)

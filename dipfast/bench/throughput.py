@@ -324,9 +324,9 @@ def measure_schedule(
             except InputError as e:  # restore() refused the combination: a row says so
                 measured.failed[c] = ("unsupported", str(e))
             except Exception as e:  # noqa: BLE001  (out of memory, a Triton kernel that fails to compile: a row)
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                lost = lost_context.context_lost(device)
-                measured.failed[c] = ("error", reason + (f" ({lost_context.NOTE})" if lost else ""))
+                first = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                reason, lost = lost_context.noted(first, device)
+                measured.failed[c] = ("error", reason)
                 if lost:
                     measured.done.add(c)
                     on_config(measured, 1)
